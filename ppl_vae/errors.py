@@ -1,0 +1,32 @@
+"""Errors that the command line reports as one clear line."""
+
+from __future__ import annotations
+
+
+class PplVaeError(Exception):
+    """Base class of the errors a user can cause and fix."""
+
+
+class DataError(PplVaeError, ValueError):
+    """Data missing, malformed or unsuited to the chosen likelihood."""
+
+
+class ConfigError(PplVaeError, ValueError):
+    """An option that does not exist or has an impossible value."""
+
+
+class CheckpointError(PplVaeError):
+    """A checkpoint that is missing, corrupted or does not match the model."""
+
+
+class NotReparameterizableError(PplVaeError, ValueError):
+    """A guide site without a pathwise sampler under the reparameterised estimator."""
+
+
+class TrainingDiverged(PplVaeError, FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    def __init__(self, message: str, *, step: int, site: str | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.site = site

@@ -1,0 +1,68 @@
+"""Find the parameters a plain-function model and guide use, without a global store.
+
+A model written as a plain function closes over its networks. ``fit`` runs
+the guide and the model once while a forward pre-hook records every
+``nn.Module`` they call; their parameters, those of a model or guide that is
+itself a module (or a bound method of one), and any ``pyro.param`` sites are
+the parameters to train. Nothing is registered anywhere, so two models built
+in one process never share parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from pyro import poutine
+from torch import nn
+
+__all__ = ["Discovered", "discover"]
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """The modules and the trainable parameters (in a stable order) of a model and guide."""
+
+    modules: tuple[nn.Module, ...]
+    params: tuple[torch.Tensor, ...]
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules:
+            m.train(mode)
+
+
+def _owner(fn: object) -> nn.Module | None:
+    if isinstance(fn, nn.Module):
+        return fn
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def discover(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    args: tuple[torch.Tensor, ...],
+    modules: Iterable[nn.Module] = (),
+) -> Discovered:
+    """Run ``guide(*args)`` and ``model(*args)`` once and collect what they use."""
+    seen: list[nn.Module] = [*modules, *(m for m in (_owner(model), _owner(guide)) if m is not None)]
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda module, inputs: seen.append(module))
+    try:
+        with torch.no_grad(), poutine.block(), poutine.trace(param_only=True) as param_tr:
+            guide_tr = poutine.trace(guide).get_trace(*args)
+            poutine.replay(model, trace=guide_tr)(*args)
+    finally:
+        handle.remove()
+    unique_modules = list({id(m): m for m in seen}.values())
+    params: dict[int, torch.Tensor] = {}
+    for m in unique_modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                params.setdefault(id(p), p)
+    for site in param_tr.trace.nodes.values():
+        value = site["value"]
+        value = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if value.requires_grad:
+            params.setdefault(id(value), value)
+    return Discovered(tuple(unique_modules), tuple(params.values()))

@@ -1,0 +1,128 @@
+"""Observation distributions p(x | decoder output).
+
+A likelihood is a callable ``decoder_output -> distribution`` with one event
+dimension (the pixels). Changing the likelihood never touches the model code.
+Likelihoods with learnable parameters are ``nn.Module`` so that ``fit`` finds
+and trains them like any network the model calls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError, DataError
+
+__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS"]
+
+
+class Bernoulli(nn.Module):
+    """Bernoulli with the decoder output as logits; for binary data."""
+
+    support = "binary"
+
+    def forward(self, logits: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Bernoulli(logits=logits).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out)
+
+
+class Gaussian(nn.Module):
+    """Gaussian with the decoder output as mean; scale fixed or learned.
+
+    Parameters
+    ----------
+    scale : float
+        The (initial) standard deviation.
+    learn_scale : bool
+        Learn one scale per output dimension.
+    dim : int
+        Output dimension (needed when ``learn_scale``).
+    """
+
+    support = "real"
+
+    def __init__(self, scale: float = 1.0, learn_scale: bool = False, dim: int = 1) -> None:
+        super().__init__()
+        if not scale > 0:
+            raise ConfigError(f"Gaussian scale must be positive, got {scale}")
+        init = torch.full((dim if learn_scale else 1,), math.log(scale))
+        if learn_scale:
+            self.log_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("log_scale", init)
+
+    def forward(self, loc: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Normal(loc, self.log_scale.exp().expand_as(loc)).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+class ContinuousBernoulli(nn.Module):
+    """Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) with logits; intensities in [0, 1]."""
+
+    support = "unit"
+
+    def forward(self, logits: torch.Tensor) -> dist.TorchDistribution:
+        return dist.ContinuousBernoulli(logits=logits).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.distributions.ContinuousBernoulli(logits=out).mean
+
+
+class Beta(nn.Module):
+    """Beta with mean ``sigmoid(out)`` and a learned concentration; intensities in (0, 1).
+
+    Exact 0 and 1 have zero density: use :class:`ContinuousBernoulli` for data
+    that contain them.
+    """
+
+    support = "open_unit"
+
+    def __init__(self, concentration: float = 10.0) -> None:
+        super().__init__()
+        self.log_concentration = nn.Parameter(torch.tensor(math.log(concentration)))
+
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        mean = torch.sigmoid(out).clamp(1e-4, 1 - 1e-4)
+        k = self.log_concentration.exp()
+        return dist.Beta(mean * k, (1 - mean) * k).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out)
+
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli", "beta")
+
+
+def get_likelihood(name: str, *, dim: int = 1, scale: float = 1.0) -> nn.Module:
+    """A likelihood by name: one of :data:`LIKELIHOODS`."""
+    if name == "bernoulli":
+        return Bernoulli()
+    if name == "gaussian":
+        return Gaussian(scale)
+    if name == "gaussian-learned":
+        return Gaussian(scale, learn_scale=True, dim=dim)
+    if name == "continuous-bernoulli":
+        return ContinuousBernoulli()
+    if name == "beta":
+        return Beta()
+    raise ConfigError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
+
+
+def check_support(x: torch.Tensor, likelihood: nn.Module, what: str = "data") -> None:
+    """Raise :class:`DataError` if ``x`` lies outside the likelihood's support."""
+    support = getattr(likelihood, "support", "real")
+    name = type(likelihood).__name__
+    if support == "binary" and not bool(((x == 0) | (x == 1)).all()):
+        raise DataError(f"{what} is not binary but the likelihood is {name}; binarise it or choose continuous-bernoulli")
+    if support == "unit" and not bool(((x >= 0) & (x <= 1)).all()):
+        raise DataError(f"{what} has values outside [0, 1] but the likelihood is {name}")
+    if support == "open_unit" and not bool(((x > 0) & (x < 1)).all()):
+        raise DataError(f"{what} has values outside the open interval (0, 1) but the likelihood is {name}; use continuous-bernoulli")
