@@ -54,7 +54,7 @@ def elbo_curves(history: Any, objective: str = "ELBO") -> Figure:
     cols = [c for c in ("train_elbo", "val_elbo") if c in history]
     long = history.melt(id_vars="epoch", value_vars=cols, var_name="split", value_name="elbo")
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    sns.lineplot(data=long, x="epoch", y="elbo", hue="split", marker="o", ax=ax)
+    sns.lineplot(data=long, x="epoch", y="elbo", hue="split", marker="o" if len(history) <= 30 else None, ax=ax)
     ax.set_ylabel(f"{objective} (nats / datapoint)")
     fig.tight_layout()
     return fig
@@ -78,7 +78,9 @@ def latent_scatter(z: torch.Tensor, labels: torch.Tensor | None) -> Figure:
     if labels is not None:
         df["label"] = labels.numpy().astype(str)
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    sns.scatterplot(data=df, x=names[0], y="_y", hue="label" if labels is not None else None, s=12, ax=ax, palette="tab10" if labels is not None else None)
+    hue = "label" if labels is not None else None
+    order = sorted(df["label"].unique(), key=int) if hue else None
+    sns.scatterplot(data=df, x=names[0], y="_y", hue=hue, hue_order=order, s=12, ax=ax, palette="tab10" if hue else None)
     ax.set_ylabel(names[1])
     ax.set_title("latent means of the test set")
     fig.tight_layout()
