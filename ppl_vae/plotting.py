@@ -94,8 +94,11 @@ def run_figures(built: Built, splits: dict[str, Dataset], history: Any, out: str
     plt = _plt()
     out = Path(out)
     test = splits["test"]
+    # a seeded random subset: some test files (binarised MNIST) are sorted by class
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(built.config.seed))
+    tx, ty = test.x[pick], (test.y[pick] if test.y is not None else None)
     shape, n = test.image_shape, min(16, len(test))
-    x, y = test.x[:n], (test.y[:n] if test.y is not None else None)
+    x, y = tx[:n], (ty[:n] if ty is not None else None)
     figs: dict[str, Any] = {}
     figs["reconstructions.png"] = image_grid(torch.cat([x, built.reconstruct(x, y)]), shape, n, "inputs (top) and reconstructions (bottom)")
     gen = torch.Generator().manual_seed(built.config.seed)
@@ -111,7 +114,8 @@ def run_figures(built: Built, splits: dict[str, Dataset], history: Any, out: str
         figs["prior_samples.png"] = image_grid(samples, shape, 8, "decoded z ~ N(0, I)")
     figs["elbo.png"] = elbo_curves(history, objective_name(built.config))
     m = min(len(test), 2000)
-    figs["latent.png"] = latent_scatter(built.latent_mean(test.x[:m], test.y[:m] if test.y is not None else None), test.y[:m] if test.y is not None else None)
+    ym = ty[:m] if ty is not None else None
+    figs["latent.png"] = latent_scatter(built.latent_mean(tx[:m], ym), ym)
     paths = []
     for name, fig in figs.items():
         paths.append(io.save_figure(fig, out / name, dpi=110))
