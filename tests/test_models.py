@@ -14,7 +14,7 @@ from ppl_vae import fit
 from ppl_vae.data import load
 from ppl_vae.errors import ConfigError, DataError
 from ppl_vae.guides import amortized_guide, delta_guide, masking_noise
-from ppl_vae.inference import discover, elbo_per_datapoint, evaluate_elbo, get_estimator
+from ppl_vae.inference import discover, elbo_per_datapoint, evaluate_elbo, get_estimator, traces
 from ppl_vae.models import PPCA, autoencoder, cvae, decode_prior, get_likelihood, one_hot, vae
 from ppl_vae.models.likelihoods import check_support
 from ppl_vae.nn import MLP, Concat, ConvDecoder, ConvEncoder, GaussianEncoder
@@ -179,9 +179,8 @@ def test_two_models_never_share_parameters(digits):
 
 def _kl(model, guide, x):
     """Monte Carlo KL(q || p(z)) per datapoint: E_q[log q(z|x) - log p(z)]."""
-    with torch.no_grad(), poutine.block():
-        g = poutine.trace(guide).get_trace(x)
-        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x)
+    with torch.no_grad():
+        m, g = traces(model, guide, x)
         return g.nodes["z"]["fn"].log_prob(g.nodes["z"]["value"]) - m.nodes["z"]["fn"].log_prob(m.nodes["z"]["value"])
 
 

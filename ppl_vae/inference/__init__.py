@@ -1,6 +1,6 @@
 """Inference: ``fit`` (SVI), gradient estimators, per-datapoint ELBO."""
 
-from .elbo import elbo_per_datapoint, evaluate_elbo, log_weights
+from .elbo import elbo_per_datapoint, evaluate_elbo, log_weights, traces
 from .estimators import ESTIMATORS, AnalyticKL, Estimator, Reparameterized, ScoreFunction, get_estimator
 from .params import Discovered, discover
 from .svi import FitResult, fit
@@ -19,4 +19,5 @@ __all__ = [
     "fit",
     "get_estimator",
     "log_weights",
+    "traces",
 ]

@@ -17,11 +17,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from pyro import poutine
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import ConfigError
 
-__all__ = ["log_weights", "elbo_per_datapoint", "evaluate_elbo"]
+__all__ = ["traces", "log_weights", "elbo_per_datapoint", "evaluate_elbo"]
 
 
 def _per_datapoint(site: dict, plate: str) -> torch.Tensor:
@@ -36,14 +37,23 @@ def _per_datapoint(site: dict, plate: str) -> torch.Tensor:
     return lp.sum(other) if other else lp
 
 
+def traces(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor) -> tuple[Trace, Trace]:
+    """``(model_trace, guide_trace)``: the guide run on ``args``, the model replayed on its draws.
+
+    Blocked from outer handlers, so it can run inside another inference.
+    """
+    with poutine.block():
+        guide_tr = poutine.trace(guide).get_trace(*args)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+    return model_tr, guide_tr
+
+
 def log_weights(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor, plate: str = "data") -> torch.Tensor:
     """One importance log-weight ``log p(x, z) - log q(z | x)`` per datapoint, ``z ~ q``.
 
     Returns a tensor of shape ``[N]``; its mean over draws is the ELBO.
     """
-    with poutine.block():
-        guide_tr = poutine.trace(guide).get_trace(*args)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+    model_tr, guide_tr = traces(model, guide, *args)
     total: torch.Tensor | int = 0
     for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
         for site in tr.nodes.values():

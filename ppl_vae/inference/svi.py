@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .. import io
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from .elbo import evaluate_elbo
+from .elbo import evaluate_elbo, traces
 from .estimators import Estimator, get_estimator, is_latent
 from .params import discover
 
@@ -120,9 +120,8 @@ def _bad_site(model: Callable[..., object], guide: Callable[..., object], batch:
         if not bool(torch.isfinite(p).all()):
             return f"parameter #{i} {tuple(p.shape)}"
     try:
-        with torch.no_grad(), poutine.block(), pyro.validation_enabled(False):
-            guide_tr = poutine.trace(guide).get_trace(*batch)
-            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*batch)
+        with torch.no_grad(), pyro.validation_enabled(False):
+            model_tr, guide_tr = traces(model, guide, *batch)
         for tr in (guide_tr, model_tr):
             for name, site in tr.nodes.items():
                 if site["type"] == "sample" and not bool(torch.isfinite(site["fn"].log_prob(site["value"])).all()):
@@ -273,8 +272,6 @@ def fit(
                 ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["best_epoch"], ckpt["bad_epochs"], ckpt["wall_time"],
             )
             best_params = ckpt.get("best_params")
-        except CheckpointError:
-            raise
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
 
