@@ -12,6 +12,21 @@ r"""Gradient estimators of the ELBO, chosen by argument; model and guide stay th
 * :class:`AnalyticKL`: pathwise reconstruction term, closed-form
   :math:`\mathrm{KL}(q \,\|\, p)` where one is registered (Pyro's
   ``TraceMeanField_ELBO``).
+* :class:`ScoreFunction` with a ``baseline`` (``"average"``, ``"nvil"``,
+  ``"loo"``): the learning signal :math:`f - b` with a baseline :math:`b` that
+  does not depend on the sample it multiplies, so the gradient stays unbiased
+  and its variance drops (Mnih & Gregor 2014; Kool, van Hoof & Welling 2019).
+* :class:`IWAE`: the importance-weighted bound
+  :math:`\log \frac1K \sum_k w_k` per datapoint (Burda et al. 2016), with
+  VIMCO's leave-one-out signal for discrete sites (Mnih & Rezende 2016).
+* :class:`Relaxed`: straight-through Gumbel-softmax / relaxed Bernoulli
+  samples for discrete guide sites with the analytic discrete KL (Jang, Gu &
+  Poole 2017; Maddison et al. 2017).
+* :class:`Enumerated`: model-side discrete sites marked
+  ``infer={"enumerate": "parallel"}`` summed out (Pyro's ``TraceEnum_ELBO``).
+
+Every estimator here returns a loss whose *value* is the negative objective
+(ELBO, or IWAE bound) and whose *gradient* is the estimator's.
 
 Pyro decides per sample site by ``fn.has_rsample``. The score-function mode
 makes every guide site non-reparameterised by swapping the class of the
@@ -25,23 +40,39 @@ References
 Williams (1992), Simple statistical gradient-following algorithms for
 connectionist reinforcement learning. Kingma & Welling (2014), Auto-Encoding
 Variational Bayes. Mohamed et al. (2020), Monte Carlo Gradient Estimation in
-Machine Learning.
+Machine Learning. Mnih & Gregor (2014), Neural Variational Inference and
+Learning in Belief Networks. Burda, Grosse & Salakhutdinov (2016), Importance
+Weighted Autoencoders. Mnih & Rezende (2016), Variational Inference for Monte
+Carlo Objectives. Jang, Gu & Poole (2017), Categorical Reparameterization
+with Gumbel-Softmax. Kool, van Hoof & Welling (2019), Buy 4 REINFORCE Samples,
+Get a Baseline for Free!
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import pyro.distributions as dist
 import pyro.infer
 import torch
+from pyro.distributions.util import is_identically_zero
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from torch import nn
 
 from ..errors import ConfigError, NotReparameterizableError
 
-__all__ = ["Estimator", "Reparameterized", "ScoreFunction", "AnalyticKL", "get_estimator", "ESTIMATORS"]
+__all__ = [
+    "Estimator", "EstimatorLoss", "Reparameterized", "ScoreFunction", "AnalyticKL", "IWAE", "Relaxed", "Enumerated",
+    "ParticleTerms", "particle_terms", "get_estimator", "ESTIMATORS", "BASELINES",
+]
+
+PARTICLES = "num_particles_vectorized"  # the name of Pyro's vectorised-particle plate
+BASELINES = ("average", "nvil", "loo")
 
 
 _SCORE_CLASSES: dict[type, type] = {}
@@ -85,6 +116,26 @@ class _RequireRsample(Messenger):
             )
 
 
+class EstimatorLoss:
+    """``loss(*args)`` of an estimator, and the networks it trains itself (NVIL's baseline).
+
+    ``parameters(*example)`` builds those networks for data like ``example``
+    (they are built once) and returns their trainable parameters; ``fit``
+    adds them to the optimiser after the model's and guide's own.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], build: Callable[..., list[nn.Module]] | None = None) -> None:
+        self.fn, self._build, self.modules = fn, build, ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.fn(*args, **kwargs)
+
+    def parameters(self, *example: torch.Tensor) -> list[torch.Tensor]:
+        if self._build is not None and not self.modules:
+            self.modules = tuple(self._build(*example))
+        return [p for m in self.modules for p in m.parameters() if p.requires_grad]
+
+
 @dataclass(frozen=True)
 class Estimator:
     """Base of the estimators: a Pyro ELBO plus a handler applied to the guide."""
@@ -97,15 +148,24 @@ class Estimator:
     def guide_handler(self) -> Messenger:
         return _RequireRsample()
 
-    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1) -> Callable[..., torch.Tensor]:
-        """``loss(*args)``: a differentiable negative ELBO whose gradient is this estimator's."""
-        elbo, handler = self.elbo(num_particles), self.guide_handler()
+    def validate(self, num_particles: int) -> None:
+        """Raise :class:`ConfigError` if the estimator cannot run with ``num_particles``."""
+
+    def handled(self, guide: Callable[..., object]) -> Callable[..., object]:
+        """``guide`` run under this estimator's guide handler."""
+        handler = self.guide_handler()
 
         def handled_guide(*args: Any, **kwargs: Any) -> object:
             with handler:
                 return guide(*args, **kwargs)
 
-        return lambda *args, **kwargs: elbo.differentiable_loss(model, handled_guide, *args, **kwargs)
+        return handled_guide
+
+    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1) -> EstimatorLoss:
+        """``loss(*args)``: a differentiable negative ELBO whose gradient is this estimator's."""
+        self.validate(num_particles)
+        elbo, handled_guide = self.elbo(num_particles), self.handled(guide)
+        return EstimatorLoss(lambda *args, **kwargs: elbo.differentiable_loss(model, handled_guide, *args, **kwargs))
 
 
 @dataclass(frozen=True)
@@ -115,14 +175,195 @@ class Reparameterized(Estimator):
     name: ClassVar[str] = "reparam"
 
 
+# ---------------------------------------------------------------------------
+# per-particle, per-datapoint terms on Pyro's vectorised traces
+
+
+@dataclass(frozen=True)
+class ParticleTerms:
+    r"""Per-particle, per-datapoint pieces of one (vectorised) ELBO draw, each ``[K, N]``.
+
+    ``log_weight`` is :math:`\sum_\text{model} s \log p - \sum_\text{guide} s \log q`
+    with the sites' scales :math:`s` (minibatch, beta) and all pathwise
+    gradients; ``pathwise`` is the same with Pyro's entropy term in place of
+    :math:`\log q` (zero for a non-reparameterised site); ``score`` is the
+    unscaled :math:`\sum \log q(z)` of the non-reparameterised guide sites
+    (their score-function term). ``scale`` is the one scale shared by every
+    site, or None.
+    """
+
+    log_weight: torch.Tensor
+    pathwise: torch.Tensor
+    score: torch.Tensor
+    has_score: bool
+    scale: float | None
+
+
+def _reduce(lp: Any, site: dict[str, Any], plate: str) -> torch.Tensor:
+    """Sum a site's log-density over everything but the particle and ``plate`` dims: ``[K or 1, N]``."""
+    dims = {f.name: f.dim for f in site["cond_indep_stack"]}
+    if plate not in dims:
+        raise ConfigError(f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint estimators need every site inside it")
+    lp = torch.as_tensor(lp)
+    keep = [d for d in (dims.get(PARTICLES), dims[plate]) if d is not None]
+    ndim = max(lp.dim(), -min(keep))
+    lp = lp.reshape((1,) * (ndim - lp.dim()) + lp.shape)
+    other = [i for i in range(ndim) if i - ndim not in keep]
+    lp = lp.sum(other) if other else lp
+    return lp if PARTICLES in dims else lp.unsqueeze(0)
+
+
+def _common_scale(sites: list[dict[str, Any]]) -> float | None:
+    scales = set()
+    for site in sites:
+        sc = site["scale"]
+        if torch.is_tensor(sc):
+            if sc.numel() != 1:
+                return None
+            sc = sc.item()
+        scales.add(float(sc))
+    return scales.pop() if len(scales) == 1 else None
+
+
+def particle_terms(
+    elbo: pyro.infer.ELBO, model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict, plate: str = "data"
+) -> ParticleTerms:
+    """One draw of ``elbo``'s (vectorised) traces cut into :class:`ParticleTerms`."""
+    model_tr, guide_tr = next(iter(elbo._get_traces(model, guide, args, kwargs)))
+    zero = torch.zeros(())
+    log_p, log_q, entropy, score, has_score = zero, zero, zero, zero, False
+    sites = []
+    for site in model_tr.nodes.values():
+        if site["type"] == "sample":
+            sites.append(site)
+            log_p = log_p + _reduce(site["log_prob"], site, plate)
+    for site in guide_tr.nodes.values():
+        if site["type"] == "sample":
+            sites.append(site)
+            log_q = log_q + _reduce(site["log_prob"], site, plate)
+            parts = site["score_parts"]
+            if not is_identically_zero(parts.entropy_term):
+                entropy = entropy + _reduce(parts.entropy_term, site, plate)
+            if not is_identically_zero(parts.score_function):
+                score, has_score = score + _reduce(parts.score_function, site, plate), True
+    return ParticleTerms(log_p - log_q, log_p - entropy, score, has_score, _common_scale(sites))
+
+
+def _value_preserving(objective: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A tensor with the value of ``value`` and the gradient of ``objective``."""
+    return objective - objective.detach() + value.detach()
+
+
+class _Running:
+    """Bias-corrected exponential moving averages of the mean and variance of ``f`` (Adam-style)."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay, self.steps, self.m1, self.m2 = decay, 0, 0.0, 0.0
+
+    def mean_sd(self) -> tuple[float, float]:
+        if self.steps == 0:
+            return 0.0, 1.0
+        c = 1 - self.decay**self.steps
+        mean, sq = self.m1 / c, self.m2 / c
+        return mean, math.sqrt(max(sq - mean * mean, 0.0)) + 1e-6
+
+    def update(self, f: torch.Tensor) -> None:
+        self.steps += 1
+        self.m1 = self.decay * self.m1 + (1 - self.decay) * f.mean().item()
+        self.m2 = self.decay * self.m2 + (1 - self.decay) * (f * f).mean().item()
+
+
+def _nvil_net(x: torch.Tensor, hidden: int) -> nn.Module:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), hidden), nn.Tanh(), nn.Linear(hidden, 1))
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    return net
+
+
 @dataclass(frozen=True)
 class ScoreFunction(Estimator):
-    """Score-function (REINFORCE) gradients for every guide site, no baseline."""
+    r"""Score-function (REINFORCE) gradients for every guide site, optionally with a baseline.
 
-    name: ClassVar[str] = "score"
+    .. math::
+
+        \nabla_\phi \mathcal{L} \approx \frac1K \sum_{k=1}^K
+            (f_k - b_k)\, \nabla_\phi \log q_\phi(z_k \mid x),
+        \qquad f_k = \log p(x, z_k) - \log q_\phi(z_k \mid x)
+
+    plus the pathwise gradient of :math:`\log p_\theta` for the model's
+    parameters. Per datapoint, with :math:`K` = ``num_particles``:
+
+    * ``baseline=None``: :math:`b = 0`, Pyro's ``Trace_ELBO`` as is.
+    * ``"average"``: :math:`b` = a bias-corrected exponential moving average
+      (``decay``) of :math:`f` over past steps (Pyro's decaying-average
+      baseline, Williams 1992).
+    * ``"nvil"``: :math:`b(x) = \bar f + \hat\sigma_f\, B_\psi(x)`, the moving
+      average plus a learned input-dependent network :math:`B_\psi` (an MLP,
+      ``hidden`` units) trained by least squares on the standardised signal
+      (Mnih & Gregor 2014). Its parameters are trained by ``fit``.
+    * ``"loo"``: :math:`b_k = \frac{1}{K-1} \sum_{j \ne k} f_j`, the
+      leave-one-out mean of the other particles (REINFORCE-LOO, Kool et al.
+      2019); needs ``num_particles >= 2``.
+
+    No baseline depends on the sample it multiplies, so every estimator is
+    unbiased. The loss's value is the negative ELBO; the moving averages live
+    in the loss object ``fit`` makes (a resumed run re-warms them).
+    """
+
+    baseline: str | None = None
+    decay: float = 0.9
+    hidden: int = 100
+
+    def __post_init__(self) -> None:
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ConfigError(f"unknown baseline {self.baseline!r}; choose one of {', '.join(BASELINES)} or None")
+        if not 0 <= self.decay < 1:
+            raise ConfigError(f"baseline decay must be in [0, 1), got {self.decay}")
+
+    @property  # type: ignore[override]
+    def name(self) -> str:  # type: ignore[override]
+        return "score" if self.baseline is None else f"score+{self.baseline}"
 
     def guide_handler(self) -> Messenger:
         return _DetachGuideSamples()
+
+    def validate(self, num_particles: int) -> None:
+        if self.baseline == "loo" and num_particles < 2:
+            raise ConfigError(f"the leave-one-out baseline needs --num-particles >= 2, got {num_particles}")
+
+    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1) -> EstimatorLoss:
+        if self.baseline is None:
+            return super().loss(model, guide, num_particles)
+        self.validate(num_particles)
+        elbo, handled_guide = self.elbo(num_particles), self.handled(guide)
+        running, baseline = _Running(self.decay), self.baseline
+        holder = EstimatorLoss(lambda: None)
+
+        def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
+            t = particle_terms(elbo, model, handled_guide, args, kwargs)
+            f = t.log_weight.detach()
+            extra = torch.zeros(())
+            if baseline == "loo":
+                b = (f.sum(0, keepdim=True) - f) / (f.shape[0] - 1)
+            else:
+                mean, sd = running.mean_sd()
+                b = torch.full_like(f[:1], mean)
+                if baseline == "nvil":
+                    if not holder.modules:
+                        holder.parameters(*args)
+                    (net,) = holder.modules
+                    out = net(args[0]).squeeze(-1)
+                    b = b + sd * out.detach()
+                    mse = ((((f - mean) / sd) - out) ** 2).mean()
+                    extra = mse - mse.detach()  # trains the network, adds nothing to the value
+                running.update(f)
+            objective = (t.pathwise + (f - b) * t.score).mean(0).sum()
+            return -_value_preserving(objective, t.log_weight.detach().mean(0).sum()) + extra
+
+        holder.fn = fn
+        if baseline == "nvil":
+            holder._build = lambda x, *rest: [_nvil_net(x, self.hidden)]
+        return holder
 
 
 @dataclass(frozen=True)
@@ -135,13 +376,156 @@ class AnalyticKL(Estimator):
         return pyro.infer.TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
 
 
-ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (Reparameterized, ScoreFunction, AnalyticKL)}
+@dataclass(frozen=True)
+class IWAE(Estimator):
+    r"""The importance-weighted bound with ``K = num_particles`` samples per datapoint.
+
+    .. math::
+
+        \mathcal{L}_K(x) = \mathbb{E}\Big[\log \frac1K \sum_{k=1}^K
+            \frac{p(x, z_k)}{q(z_k \mid x)}\Big] \le \log p(x)
+
+    (Burda et al. 2016): the ELBO for ``K = 1``, tighter as ``K`` grows; Pyro's
+    ``RenyiELBO(alpha=0)`` computes it for the whole batch at once, this one
+    per datapoint, so minibatches are scaled correctly. Reparameterised sites
+    get pathwise gradients; a non-reparameterised (discrete) site gets the
+    score function with VIMCO's leave-one-out signal
+    :math:`\hat{\mathcal L} - \hat{\mathcal L}_{-k}` where the :math:`k`-th
+    log-weight is replaced by the mean of the others (Mnih & Rezende 2016).
+    The loss value is the negative bound; beta-weighting does not apply.
+    """
+
+    name: ClassVar[str] = "iwae"
+
+    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1) -> EstimatorLoss:
+        elbo = self.elbo(num_particles)
+
+        def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
+            t = particle_terms(elbo, model, guide, args, kwargs)
+            if t.scale is None:
+                raise ConfigError("iwae needs one scale on every site (beta-weighting is not defined for the IWAE bound)")
+            lw = t.log_weight / t.scale
+            k = lw.shape[0]
+            bound = torch.logsumexp(lw, 0) - math.log(k)
+            objective = bound.sum()
+            if t.has_score:
+                d = lw.detach()
+                if k > 1:
+                    loo = d.unsqueeze(0).repeat(k, 1, 1)  # [K (left out), K, N]
+                    idx = torch.arange(k)
+                    loo[idx, idx] = (d.sum(0, keepdim=True) - d) / (k - 1)
+                    signal = bound.detach() - (torch.logsumexp(loo, 1) - math.log(k))
+                else:
+                    signal = bound.detach().unsqueeze(0)
+                objective = objective + (signal * (t.score - t.score.detach())).sum()
+            return -t.scale * objective
+
+        return EstimatorLoss(fn)
+
+
+# ---------------------------------------------------------------------------
+# straight-through relaxation of discrete guide sites
+
+
+def _straight_through_class(cls: type, temperature: float) -> type:
+    key = (cls, temperature)
+    if key not in _SCORE_CLASSES:
+        relaxed = dist.RelaxedBernoulliStraightThrough if issubclass(cls, torch.distributions.Bernoulli) else dist.RelaxedOneHotCategoricalStraightThrough
+
+        def rsample(self: Any, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+            return relaxed(torch.tensor(temperature, device=self.logits.device), logits=self.logits).rsample(sample_shape)
+
+        _SCORE_CLASSES[key] = type(  # type: ignore[index]
+            f"StraightThrough{cls.__name__}", (cls,),
+            {"has_rsample": True, "temperature": temperature, "rsample": rsample, "__module__": __name__},
+        )
+    return _SCORE_CLASSES[key]  # type: ignore[index]
+
+
+class _StraightThrough(_RequireRsample):
+    """Relax Bernoulli / one-hot categorical latent sites, then require every site to be pathwise."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if is_latent(msg) and not msg["infer"].get("enumerate"):
+            leaf = msg["fn"]
+            while hasattr(leaf, "base_dist"):
+                leaf = leaf.base_dist
+            if isinstance(leaf, (torch.distributions.Bernoulli, torch.distributions.OneHotCategorical)):
+                leaf.__class__ = _straight_through_class(type(leaf), self.temperature)
+        super()._process_message(msg)
+
+
+@dataclass(frozen=True)
+class Relaxed(Estimator):
+    r"""Straight-through Gumbel-softmax gradients for Bernoulli and one-hot categorical guide sites.
+
+    The guide draws an exact discrete sample :math:`z = \mathrm{hard}(y)` of
+    the relaxed :math:`y \sim \mathrm{Concrete}(\text{logits}, \tau)` and
+    back-propagates through :math:`y` (straight-through); the KL term of the
+    discrete distributions is analytic (Pyro's ``TraceMeanField_ELBO``), as
+    in Jang, Gu & Poole (2017). The ELBO's *value* is that of the discrete
+    model; the gradient is biased, with less bias as ``temperature`` -> 0
+    and more variance. Other sites are pathwise.
+    """
+
+    temperature: float = 1.0
+    name: ClassVar[str] = "relaxed"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"relaxation temperature must be positive and finite, got {self.temperature}")
+
+    def elbo(self, num_particles: int) -> pyro.infer.ELBO:
+        return pyro.infer.TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+
+    def guide_handler(self) -> Messenger:
+        return _StraightThrough(float(self.temperature))
+
+
+@dataclass(frozen=True)
+class Enumerated(Estimator):
+    """Sum out model sites marked ``infer={"enumerate": "parallel"}`` exactly (``TraceEnum_ELBO``); pathwise elsewhere."""
+
+    name: ClassVar[str] = "enum"
+
+    def elbo(self, num_particles: int) -> pyro.infer.ELBO:
+        return pyro.infer.TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+
+
+ESTIMATORS: dict[str, Callable[[], Estimator]] = {
+    "reparam": Reparameterized,
+    "score": ScoreFunction,
+    **{f"score+{b}": functools.partial(ScoreFunction, baseline=b) for b in BASELINES},
+    "analytic-kl": AnalyticKL,
+    "iwae": IWAE,
+    "relaxed": Relaxed,
+    "enum": Enumerated,
+}
 
 
 def get_estimator(estimator: str | Estimator) -> Estimator:
-    """An :class:`Estimator` from itself or its name (``reparam``, ``score``, ``analytic-kl``)."""
+    """An :class:`Estimator` from itself or its name.
+
+    Names: ``reparam``, ``score``, ``score+average``, ``score+nvil``,
+    ``score+loo``, ``analytic-kl``, ``iwae``, ``relaxed`` (temperature 1) or
+    ``relaxed:T``, ``enum``.
+    """
     if isinstance(estimator, Estimator):
         return estimator
     if estimator in ESTIMATORS:
         return ESTIMATORS[estimator]()
+    name, _, arg = str(estimator).partition(":")
+    if name == "relaxed" and arg:
+        try:
+            temperature = float(arg)
+        except ValueError:
+            raise ConfigError(f"relaxation temperature must be a number, got {arg!r}") from None
+        return Relaxed(temperature)
+    head, plus, tail = name.partition("+")
+    if plus and head in ESTIMATORS and head != "score":
+        raise ConfigError(f"a baseline ({tail!r}) applies to the score-function estimator only, not {head!r}; use score+{tail}")
     raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")

@@ -1,0 +1,288 @@
+r"""Gradient diagnostics: mean, variance and signal-to-noise ratio of each estimator's gradient.
+
+At fixed parameters, draw the gradient of the per-datapoint negative ELBO
+(or bound) ``repeats`` times on the same data and summarise each parameter
+group :math:`g \in \mathbb{R}^P`:
+
+.. math::
+
+    \mu = \hat{\mathbb{E}}[g], \qquad
+    \mathrm{variance} = \sum_{p=1}^{P} \widehat{\mathrm{Var}}[g_p], \qquad
+    \mathrm{SNR} = \frac1P \sum_{p=1}^{P} \frac{|\mu_p|}{\widehat{\mathrm{sd}}[g_p]}
+
+(the per-parameter SNR of Rainforth et al. 2018, averaged over the group).
+:func:`gradient_course` repeats this at chosen epochs while training.
+
+References
+----------
+Rainforth, Kosiorek, Le, Maddison, Igl, Wood & Teh (2018), Tighter Variational
+Bounds are Not Necessarily Better. Mohamed et al. (2020), Monte Carlo
+Gradient Estimation in Machine Learning.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .estimators import Estimator, get_estimator
+from .params import discover
+from .svi import as_tensors, fit
+
+__all__ = ["GradientStats", "gradient_stats", "gradient_course", "grad_variance_report", "parameter_groups", "plot_gradient_stats"]
+
+
+@dataclass(frozen=True)
+class GradientStats:
+    """One row per (estimator, parameter group[, epoch]): ``mean_norm``, ``variance``, ``snr`` and sizes."""
+
+    rows: tuple[dict[str, Any], ...]
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(list(self.rows))
+
+
+def parameter_groups(
+    model: Callable[..., object], guide: Callable[..., object], example: Sequence[torch.Tensor]
+) -> dict[str, list[torch.Tensor]]:
+    """The parameters of each outermost module the model and guide call, named ``"i:Class"``."""
+    found = discover(model, guide, tuple(example))
+    inner = {id(sub) for m in found.modules for sub in m.modules() if sub is not m}
+    groups = {}
+    for i, m in enumerate(m for m in found.modules if id(m) not in inner):
+        params = [p for p in m.parameters() if p.requires_grad]
+        if params:
+            groups[f"{i}:{type(m).__name__}"] = params
+    return groups
+
+
+def _warm(loss: Any, data: tuple[torch.Tensor, ...], steps: int, lr: float) -> None:
+    """Train the estimator's own state (moving averages, NVIL's network) with the model held fixed."""
+    own = loss.parameters(*data) if hasattr(loss, "parameters") else []
+    optim = torch.optim.Adam(own, lr=lr) if own else None
+    for _ in range(steps):
+        value = loss(*data)
+        if optim is not None:
+            optim.zero_grad(set_to_none=True)
+            value.backward(inputs=own)
+            optim.step()
+
+
+def gradient_stats(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    data: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    estimators: Sequence[str | Estimator],
+    repeats: int = 100,
+    groups: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    num_particles: int = 1,
+    warmup: int = 50,
+    warmup_lr: float = 1e-2,
+    seed: int = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> GradientStats:
+    r"""Mean, variance (trace) and SNR of each estimator's gradient per parameter group.
+
+    Parameters
+    ----------
+    model, guide : callable
+        As for :func:`ppl_vae.inference.fit`; their parameters are not changed.
+    data : tensor or tuple of tensors
+        The batch every draw uses; gradients are of the *mean* per-datapoint
+        negative objective over it.
+    estimators : sequence of str or Estimator
+        E.g. ``["reparam", "score", "score+average", "score+nvil"]``.
+    repeats : int
+        Gradient draws per estimator (R); variance has relative standard
+        error about :math:`\sqrt{2/(R-1)}` for Gaussian gradients.
+    groups : mapping, optional
+        Name -> parameters; by default one group per outermost module
+        (:func:`parameter_groups`).
+    num_particles : int
+        Samples per datapoint per draw (``score+loo`` needs >= 2).
+    warmup : int
+        Draws that only train the estimator's own state (the decaying
+        average, NVIL's network; Adam at ``warmup_lr``) before measuring.
+    seed : int
+        Seeds every estimator's draws identically.
+    extra : mapping, optional
+        Columns added to every row (e.g. the epoch).
+
+    Returns
+    -------
+    GradientStats
+    """
+    tensors = as_tensors(data)
+    if not isinstance(repeats, int) or repeats < 2:
+        raise ConfigError(f"repeats must be an integer >= 2, got {repeats!r}")
+    if not estimators:
+        raise ConfigError("no estimators given")
+    ests = [get_estimator(e) for e in estimators]
+    for est in ests:
+        est.validate(num_particles)
+    groups = dict(groups) if groups is not None else parameter_groups(model, guide, tensors)
+    n = tensors[0].shape[0]
+    rows: list[dict[str, Any]] = []
+    for est in ests:
+        pyro.set_rng_seed(seed)
+        loss = est.loss(model, guide, num_particles)
+        if getattr(est, "baseline", None) in ("average", "nvil"):  # stateful baselines
+            _warm(loss, tensors, warmup, warmup_lr)
+        flat = {name: [p for p in ps] for name, ps in groups.items()}
+        total = {name: torch.zeros(sum(p.numel() for p in ps), dtype=torch.float64) for name, ps in flat.items()}
+        total_sq = {name: torch.zeros_like(t) for name, t in total.items()}
+        every = [p for ps in flat.values() for p in ps]
+        for _ in range(repeats):
+            grads = torch.autograd.grad(loss(*tensors) / n, every, allow_unused=True)
+            it = iter(grads)
+            for name, ps in flat.items():
+                g = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for p, gr in zip(ps, it)]).double()
+                total[name] += g
+                total_sq[name] += g * g
+        for name in flat:
+            mean = total[name] / repeats
+            var = ((total_sq[name] - repeats * mean * mean) / (repeats - 1)).clamp_min(0)
+            sd = var.sqrt()
+            snr = torch.where(sd > 0, mean.abs() / sd, torch.zeros_like(sd))
+            rows.append({
+                **(extra or {}), "estimator": est.name, "group": name, "num_params": mean.numel(),
+                "mean_norm": mean.norm().item(), "variance": var.sum().item(), "snr": snr.mean().item(),
+                "repeats": repeats, "num_particles": num_particles, "batch_size": n,
+            })
+    return GradientStats(tuple(rows))
+
+
+def gradient_course(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    data: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    train_estimator: str | Estimator,
+    estimators: Sequence[str | Estimator],
+    epochs: Sequence[int],
+    probe: Sequence[torch.Tensor] | None = None,
+    groups: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    repeats: int = 100,
+    num_particles: int = 1,
+    seed: int = 0,
+    **fit_options: Any,
+) -> GradientStats:
+    """:func:`gradient_stats` at each of ``epochs`` (0 = initialisation) of one training run.
+
+    Trains with ``fit(model, guide, data, estimator=train_estimator, ...)``
+    in chunks, resuming bit for bit from a temporary checkpoint, and measures
+    the gradients on ``probe`` (default: the first 100 rows of ``data``)
+    after each chunk. The rows carry an ``epoch`` column.
+    """
+    tensors = as_tensors(data)
+    marks = sorted(set(int(e) for e in epochs))
+    if not marks or marks[0] < 0:
+        raise ConfigError(f"epochs must be non-negative integers, got {list(epochs)}")
+    probe_t = tuple(probe) if probe is not None else tuple(t[:100] for t in tensors)
+    rows: list[dict[str, Any]] = []
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="ppl-vae-course-") as tmp:
+        for mark in marks:
+            if mark > done:
+                fit(model, guide, tensors, estimator=train_estimator, num_particles=num_particles, epochs=mark,
+                    seed=seed, out=tmp, resume=done > 0, progress=False, **fit_options)
+                done = mark
+            stats = gradient_stats(model, guide, probe_t, estimators=estimators, repeats=repeats, groups=groups,
+                                   num_particles=num_particles, seed=seed, extra={"epoch": mark})
+            rows.extend(stats.rows)
+    return GradientStats(tuple(rows))
+
+
+def plot_gradient_stats(stats: GradientStats) -> Any:
+    """A seaborn figure: variance (log scale) and SNR per estimator and group; over epochs if tracked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    df = stats.to_dataframe()
+    over_time = "epoch" in df and df["epoch"].nunique() > 1
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, column, title in ((axes[0], "variance", "gradient variance (trace)"), (axes[1], "snr", "mean per-parameter SNR")):
+        if over_time:
+            sns.lineplot(data=df, x="epoch", y=column, hue="estimator", style="group", marker="o", ax=ax)
+        else:
+            sns.barplot(data=df, x="group", y=column, hue="estimator", ax=ax)
+        ax.set_yscale("log")
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+
+def grad_variance_report(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    estimators: Sequence[str],
+    repeats: int = 100,
+    batch_size: int = 100,
+    num_particles: int = 1,
+    track_epochs: Sequence[int] | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> tuple[GradientStats, Path]:
+    """``ppl-vae grad-variance``: gradient statistics of a run directory's model, written to ``out``.
+
+    Without ``track_epochs`` the statistics are taken at the run's trained
+    parameters; with it the run's config is trained afresh (its estimator,
+    batch size, learning rate and seed) and measured at each listed epoch.
+    The probe batch is a seeded random subset of ``batch_size`` training
+    rows. Writes ``grad_variance.csv`` and ``grad_variance.png``; every input
+    is checked (and every statistic computed) before anything is written.
+    """
+    import pandas as pd
+
+    from .. import io
+    from ..experiment import build, load_run
+
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"output directory {out} already exists and is not empty; pass --force to overwrite it")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+    for e in estimators:
+        get_estimator(e).validate(num_particles)
+    built, splits = load_run(run_dir)
+    cfg, train = built.config, splits["train"]
+    tensors = train.tensors(with_labels=cfg.model == "cvae")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:batch_size]
+    probe = tuple(t[pick] for t in tensors)
+    if track_epochs:
+        built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
+    named = {"encoder": built.encoder, "decoder": built.decoder, "likelihood": built.likelihood}
+    groups = {k: [p for p in m.parameters() if p.requires_grad] for k, m in named.items() if isinstance(m, nn.Module)}
+    groups = {k: v for k, v in groups.items() if v} or None
+    common = dict(estimators=list(estimators), repeats=repeats, groups=groups, num_particles=num_particles, seed=seed)
+    if track_epochs:
+        stats = gradient_course(built.model, built.guide, tensors, train_estimator=cfg.estimator, epochs=track_epochs,
+                                probe=probe, batch_size=cfg.batch_size, lr=cfg.lr, **common)
+    else:
+        history = Path(run_dir) / "history.csv"
+        epoch = len(pd.read_csv(history)) if history.is_file() else cfg.epochs
+        stats = gradient_stats(built.model, built.guide, probe, extra={"epoch": epoch}, **common)
+    io.prepare_run_dir(out, force=force)
+    io.write_csv(out / "grad_variance.csv", stats.rows)
+    fig = plot_gradient_stats(stats)
+    io.save_figure(fig, out / "grad_variance.png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return stats, out
