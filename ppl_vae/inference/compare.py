@@ -1,0 +1,428 @@
+r"""VI against MCMC: variational draws, ArviZ conversion and comparison metrics.
+
+VI draws come from an amortised guide (:func:`vi_draws_amortized`), from any
+distribution over the latent of every datapoint, e.g. a locally optimised
+:math:`q^*` (:func:`vi_draws_latent`), or from a Pyro autoguide trained on a
+general model (:func:`vi_draws_autoguide`). They are :class:`~ppl_vae.inference.mcmc.Draws`
+like the MCMC output, with the same variable names and dims, so both become
+ArviZ ``InferenceData`` through ``az.from_dict``.
+
+:func:`compare` treats the MCMC draws as the truth and reports, per datapoint
+``n`` and latent dimension ``k`` (:math:`m, s`: mean and sd; ``p``: MCMC,
+``q``: VI):
+
+* standardised mean error :math:`(m_q - m_p) / s_p` and sd ratio
+  :math:`s_q / s_p` (and its log);
+* the 1-Wasserstein distance of the marginals (``scipy.stats.wasserstein_distance``),
+  raw and divided by :math:`s_p`;
+* coverage: the fraction of MCMC draws inside the VI central 50% and 90%
+  intervals (0.5 and 0.9 when the marginals agree; lower: VI under-dispersed);
+
+and per datapoint:
+
+* the energy distance (Székely & Rizzo 2013) between the joint draws, in
+  coordinates standardised by :math:`s_p`,
+
+  .. math:: E = 2\,\mathbb{E}\lVert X - Y\rVert - \mathbb{E}\lVert X - X'\rVert - \mathbb{E}\lVert Y - Y'\rVert,
+
+* a **Gaussian-moment** KL estimate :math:`KL(N(m_q, S_q) \,\Vert\, N(m_p, S_p))`
+  from the draws' means and covariances (exact when both are Gaussian; a
+  moment summary otherwise);
+* the PSIS Pareto :math:`\hat k` of VI as an importance proposal for the
+  posterior (``arviz.psislw`` on :math:`\log p(x, z) - \log q(z)` of the VI
+  draws): :math:`\hat k > 0.7` means the importance weights are unreliable,
+  typically because q is narrower than the posterior;
+* MCMC diagnostics from ArviZ: the largest R-hat, the smallest bulk and
+  tail ESS, and the number of divergent transitions.
+
+References
+----------
+Yao, Vehtari, Simpson & Gelman (2018), Yes, but did it work?: Evaluating
+variational inference. ICML.
+Vehtari et al. (2024), Pareto smoothed importance sampling. JMLR 25(72).
+Székely & Rizzo (2013), Energy statistics. J. Stat. Plan. Inference 143.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+
+from .. import io
+from ..errors import ConfigError
+from .mcmc import Draws, _latent_sites, _max_plate_nesting, _seeded, _sum_but_first, latent_log_joint
+
+__all__ = [
+    "Comparison",
+    "AUTOGUIDES",
+    "compare",
+    "vi_draws_latent",
+    "vi_draws_amortized",
+    "vi_draws_autoguide",
+    "FLAG_THRESHOLDS",
+]
+
+#: autoguide family name -> class name in ``pyro.infer.autoguide``
+AUTOGUIDES = {"normal": "AutoNormal", "mvn": "AutoMultivariateNormal", "iaf": "AutoIAFNormal"}
+
+#: a dimension (datapoint) is flagged when any of these is exceeded
+FLAG_THRESHOLDS = {"abs_std_mean_error": 0.3, "abs_log_sd_ratio": math.log(1.25), "coverage_90_below": 0.8, "pareto_k": 0.7}
+
+
+# --------------------------------------------------------------------------- VI draws
+
+
+def _latent_layout(site: str, n: int, event: tuple[int, ...]) -> tuple[dict[str, list[str]], dict[str, list[Any]]]:
+    names = [f"{site}_dim_{i}" for i in range(len(event))]
+    dims = {site: ["point", *names], "log_weight": ["point"]}
+    coords = {"point": list(range(n)), **{nm: list(range(e)) for nm, e in zip(names, event)}}
+    return dims, coords
+
+
+def vi_draws_latent(
+    model: Callable[..., object],
+    q: torch.distributions.Distribution,
+    *args: torch.Tensor,
+    site: str = "z",
+    num_samples: int = 1000,
+    seed: int = 0,
+    method: str = "vi",
+) -> Draws:
+    r"""Draws from ``q`` (batch shape ``[N]``, the latent's event shape) with their importance log-weights.
+
+    ``sample_stats["log_weight"]`` holds :math:`\log p(x_n, z) - \log q(z)`
+    per draw and datapoint (model evaluated by
+    :func:`~ppl_vae.inference.mcmc.latent_log_joint`). Output layout:
+    ``samples[site]`` ``[1, S, N, *event]``, as :func:`~ppl_vae.inference.mcmc.hmc_latent`.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"number of VI draws must be a positive integer, got {num_samples!r}")
+    n = args[0].shape[0]
+    if tuple(q.batch_shape) != (n,):
+        raise ConfigError(f"q must have batch shape [{n}] (one distribution per datapoint), got {tuple(q.batch_shape)}")
+    with torch.no_grad(), _seeded(seed):
+        z = q.sample((num_samples,))  # [S, N, *event]
+        lw = latent_log_joint(model, *args, site=site)(z) - q.log_prob(z)
+    dims, coords = _latent_layout(site, n, tuple(q.event_shape))
+    return Draws({site: z[None].numpy()}, {"log_weight": lw[None].numpy()}, dims, coords, method)
+
+
+def vi_draws_amortized(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *args: torch.Tensor,
+    site: str = "z",
+    num_samples: int = 1000,
+    seed: int = 0,
+) -> Draws:
+    """Draws of the amortised guide's :math:`q(z \\mid x_n)` for every row of ``args`` (see :func:`vi_draws_latent`)."""
+    with torch.no_grad(), poutine.block():
+        tr = poutine.trace(guide).get_trace(*args)
+    if site not in tr.nodes:
+        raise ConfigError(f"the guide has no site {site!r}")
+    q = tr.nodes[site]["fn"]
+    return vi_draws_latent(model, q, *args, site=site, num_samples=num_samples, seed=seed, method="vi-amortized")
+
+
+def _autoguide(model: Callable[..., object], family: str, options: dict[str, Any]) -> Any:
+    from pyro.infer import autoguide
+
+    if family not in AUTOGUIDES:
+        raise ConfigError(f"unknown autoguide family {family!r}; choose one of {', '.join(AUTOGUIDES)}")
+    return getattr(autoguide, AUTOGUIDES[family])(model, **options)
+
+
+def vi_draws_autoguide(
+    model: Callable[..., object],
+    *args: Any,
+    family: str = "normal",
+    num_steps: int = 2000,
+    lr: float = 0.01,
+    lr_decay: float = 0.01,
+    num_particles: int = 4,
+    num_samples: int = 1000,
+    seed: int = 0,
+    guide_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Draws:
+    r"""Fit a Pyro autoguide to any model by SVI and draw from it.
+
+    ``family`` is ``"normal"`` (:class:`~pyro.infer.autoguide.AutoNormal`,
+    mean-field), ``"mvn"`` (``AutoMultivariateNormal``) or ``"iaf"``
+    (``AutoIAFNormal``), built with ``guide_options`` (e.g. ``init_scale``). The guide's parameters live in the guide module
+    (``module_local_params``), never in Pyro's global param store; it is
+    trained by ``torch.optim.Adam`` on ``Trace_ELBO`` with ``num_particles``
+    vectorised particles, the learning rate decaying exponentially from ``lr``
+    to ``lr * lr_decay`` over ``num_steps``. Draws are taken under a vectorised particle plate;
+    ``sample_stats["log_weight"]`` (``[1, S]``) holds
+    :math:`\log p(x, z) - \log q(z)` per draw.
+
+    Returns
+    -------
+    Draws
+        ``samples[name]`` ``[1, S, *site_shape]`` for every latent site of the model.
+    """
+    from pyro.infer import Trace_ELBO
+
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"number of VI draws must be a positive integer, got {num_samples!r}")
+    plain, latent = _latent_sites(model, args, kwargs)
+    dim = -(_max_plate_nesting(plain) + 1)
+    with pyro.settings.context(module_local_params=True), _seeded(seed):
+        guide = _autoguide(model, family, dict(guide_options or {}))
+        guide(*args, **kwargs)  # creates the parameters
+        opt = torch.optim.Adam(guide.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay ** (1 / max(num_steps, 1)))
+        elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=-dim - 1)
+        for _ in range(num_steps):
+            opt.zero_grad()
+            loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+        def particles(fn: Callable[..., object]) -> Callable[..., object]:
+            def run(*a: Any, **kw: Any) -> object:
+                with pyro.plate("_particles", num_samples, dim=dim):
+                    return fn(*a, **kw)
+
+            return run
+
+        with torch.no_grad(), poutine.block():
+            guide_tr = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+            model_tr = poutine.trace(poutine.replay(particles(model), trace=guide_tr)).get_trace(*args, **kwargs)
+            lw = torch.zeros(num_samples)
+            for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
+                tr.compute_log_prob(site_filter=lambda name, s: not site_is_subsample(s))
+                for s in tr.nodes.values():
+                    if s["type"] == "sample" and "log_prob" in s:
+                        lw = lw + sign * _sum_but_first(s["log_prob"], num_samples)
+    samples = {}
+    for name in latent:
+        shape = tuple(plain.nodes[name]["value"].shape)
+        samples[name] = model_tr.nodes[name]["value"].reshape(1, num_samples, *shape).numpy()
+    dims = {name: [f"{name}_dim_{i}" for i in range(v.ndim - 2)] for name, v in samples.items() if v.ndim > 2}
+    return Draws(samples, {"log_weight": lw[None].numpy()}, dims, {}, f"vi-{AUTOGUIDES[family]}")
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _matrix(draws: Draws, names: Sequence[str]) -> tuple[np.ndarray, list[str], bool]:
+    """``[chain, draw, P, K]``: per-datapoint latents if the draws have a ``point`` dim, else all variables as P = 1."""
+    if len(names) == 1 and "point" in draws.dims.get(names[0], []):
+        v = draws.samples[names[0]]
+        k = int(np.prod(v.shape[3:]))
+        labels = [f"{names[0]}[{i}]" for i in range(k)] if v.ndim > 3 else [names[0]]
+        return v.reshape(*v.shape[:3], k), labels, True
+    cols, labels = [], []
+    for name in names:
+        v = draws.samples[name]
+        flat = v.reshape(*v.shape[:2], -1)
+        cols.append(flat)
+        idx = list(np.ndindex(*v.shape[2:]))
+        labels += [name if not v.shape[2:] else f"{name}[{','.join(map(str, i))}]" for i in idx]
+    return np.concatenate(cols, axis=-1)[:, :, None, :], labels, False
+
+
+def _energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    tx, ty = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    return float(2 * torch.cdist(tx, ty).mean() - torch.cdist(tx, tx).mean() - torch.cdist(ty, ty).mean())
+
+
+def _gaussian_kl(x_q: np.ndarray, x_p: np.ndarray) -> float:
+    """KL(N(m_q, S_q) || N(m_p, S_p)) from draws (rows)."""
+    k = x_q.shape[1]
+    mq, mp = x_q.mean(0), x_p.mean(0)
+    sq, sp = np.atleast_2d(np.cov(x_q, rowvar=False)), np.atleast_2d(np.cov(x_p, rowvar=False))
+    try:
+        lp = np.linalg.cholesky(sp)
+        _, logdet_q = np.linalg.slogdet(sq)
+    except np.linalg.LinAlgError:
+        return float("nan")
+    sp_inv_sq = np.linalg.solve(sp, sq)
+    diff = mp - mq
+    maha = diff @ np.linalg.solve(sp, diff)
+    return float(0.5 * (np.trace(sp_inv_sq) + maha - k + 2 * np.log(np.diag(lp)).sum() - logdet_q))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """VI-vs-MCMC metrics per datapoint (``point``) and latent dimension (``dim``).
+
+    ``per_dim`` maps metric names to ``[P, K]`` arrays, ``per_point`` to
+    ``[P]`` arrays (see the module docstring for the definitions).
+    """
+
+    points: tuple[Any, ...]
+    dims: tuple[str, ...]
+    per_dim: dict[str, np.ndarray]
+    per_point: dict[str, np.ndarray]
+    mcmc_method: str
+    vi_method: str
+
+    def to_dataframe(self, level: str = "dim") -> Any:
+        """Long table: one row per (point, dim) with the point's metrics repeated; ``level="point"``: one row per point."""
+        import pandas as pd
+
+        points = pd.DataFrame({"point": list(self.points), **self.per_point})
+        if level == "point":
+            return points
+        if level != "dim":
+            raise ConfigError(f"level must be 'dim' or 'point', got {level!r}")
+        p, k = len(self.points), len(self.dims)
+        rows = pd.DataFrame({
+            "point": np.repeat(list(self.points), k),
+            "dim": np.tile(list(self.dims), p),
+            **{name: v.reshape(-1) for name, v in self.per_dim.items()},
+        })
+        return rows.merge(points, on="point")
+
+    def flagged(self, thresholds: dict[str, float] | None = None) -> Any:
+        """The rows of :meth:`to_dataframe` where VI disagrees with MCMC beyond ``thresholds`` (:data:`FLAG_THRESHOLDS`)."""
+        t = {**FLAG_THRESHOLDS, **(thresholds or {})}
+        df = self.to_dataframe()
+        bad = (
+            (df["std_mean_error"].abs() > t["abs_std_mean_error"])
+            | (df["log_sd_ratio"].abs() > t["abs_log_sd_ratio"])
+            | (df["coverage_90"] < t["coverage_90_below"])
+            | (df["pareto_k"] > t["pareto_k"])
+        )
+        return df[bad]
+
+    def summary(self) -> dict[str, float]:
+        """Worst cases over all points and dims (JSON-ready)."""
+        d, p = self.per_dim, self.per_point
+
+        def worst(x: np.ndarray, fn: Callable[[np.ndarray], Any]) -> float:
+            x = np.asarray(x, dtype=float)
+            return float(fn(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
+
+        return {
+            "max_abs_std_mean_error": worst(np.abs(d["std_mean_error"]), np.max),
+            "min_sd_ratio": worst(d["sd_ratio"], np.min),
+            "max_sd_ratio": worst(d["sd_ratio"], np.max),
+            "mean_coverage_50": worst(d["coverage_50"], np.mean),
+            "mean_coverage_90": worst(d["coverage_90"], np.mean),
+            "mean_energy_distance": worst(p["energy_distance"], np.mean),
+            "mean_kl_gaussian": worst(p["kl_gaussian"], np.mean),
+            "max_pareto_k": worst(p["pareto_k"], np.max),
+            "mcmc_max_rhat": worst(p["mcmc_max_rhat"], np.max),
+            "mcmc_min_ess_bulk": worst(p["mcmc_min_ess_bulk"], np.min),
+            "mcmc_divergences": float(np.sum(p["mcmc_divergences"])),
+            "num_flagged_dims": float(len(self.flagged())),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mcmc_method": self.mcmc_method,
+            "vi_method": self.vi_method,
+            "summary": self.summary(),
+            "points": self.to_dataframe("point").to_dict(orient="records"),
+            "dims": self.to_dataframe("dim").to_dict(orient="records"),
+        }
+
+    def save(self, out: str | Path, prefix: str = "comparison") -> list[Path]:
+        """Write ``PREFIX.csv`` (per point and dim) and ``PREFIX.json`` (summary, points, dims) atomically."""
+        out = Path(out)
+        df = self.to_dataframe()
+        return [io.write_csv(out / f"{prefix}.csv", df.to_dict(orient="records")), io.write_json(out / f"{prefix}.json", self.to_dict())]
+
+
+def compare(
+    mcmc: Draws,
+    vi: Draws,
+    *,
+    var_names: Sequence[str] | None = None,
+    max_energy_draws: int = 1000,
+    seed: int = 0,
+) -> Comparison:
+    """Compare VI draws with MCMC draws of the same variables (see the module docstring).
+
+    Parameters
+    ----------
+    mcmc, vi : Draws
+        E.g. from :func:`~ppl_vae.inference.mcmc.hmc_latent` and
+        :func:`vi_draws_amortized` (latent posteriors: one row per
+        datapoint) or :func:`~ppl_vae.inference.mcmc.nuts` and
+        :func:`vi_draws_autoguide` (a whole model: one row).
+    var_names : sequence of str, optional
+        Variables to compare; default: those both have.
+    max_energy_draws : int
+        Draws of each side (a seeded random subset) in the energy distance.
+    """
+    import arviz as az
+
+    names = list(var_names) if var_names is not None else [n for n in mcmc.samples if n in vi.samples]
+    missing = [n for n in names if n not in mcmc.samples or n not in vi.samples]
+    if not names or missing:
+        raise ConfigError(f"no common variables to compare (MCMC: {', '.join(mcmc.samples)}; VI: {', '.join(vi.samples)})")
+    xm, labels, latent = _matrix(mcmc, names)
+    xv, _, _ = _matrix(vi, names)
+    if xm.shape[2:] != xv.shape[2:]:
+        raise ConfigError(f"MCMC and VI draws have different shapes: {xm.shape[2:]} vs {xv.shape[2:]}")
+    p_count = xm.shape[2]
+    pm, pv = xm.reshape(-1, *xm.shape[2:]), xv.reshape(-1, *xv.shape[2:])  # [S, P, K]
+    m_mean, m_sd = pm.mean(0), pm.std(0, ddof=1)
+    v_mean, v_sd = pv.mean(0), pv.std(0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_dim: dict[str, np.ndarray] = {
+            "mcmc_mean": m_mean, "mcmc_sd": m_sd, "vi_mean": v_mean, "vi_sd": v_sd,
+            "std_mean_error": (v_mean - m_mean) / m_sd,
+            "sd_ratio": v_sd / m_sd,
+            "log_sd_ratio": np.log(v_sd / m_sd),
+        }
+    from scipy.stats import wasserstein_distance
+
+    w1 = np.array([[wasserstein_distance(pm[:, i, j], pv[:, i, j]) for j in range(pm.shape[2])] for i in range(p_count)])
+    per_dim["wasserstein"] = w1
+    per_dim["wasserstein_std"] = w1 / m_sd
+    for level in (50, 90):
+        lo, hi = np.quantile(pv, [(1 - level / 100) / 2, (1 + level / 100) / 2], axis=0)
+        per_dim[f"coverage_{level}"] = ((pm >= lo) & (pm <= hi)).mean(0)
+    ds = az.convert_to_dataset({"x": xm})
+    per_dim["mcmc_ess_bulk"] = az.ess(ds, method="bulk")["x"].values.reshape(p_count, -1)
+    per_dim["mcmc_ess_tail"] = az.ess(ds, method="tail")["x"].values.reshape(p_count, -1)
+    per_dim["mcmc_rhat"] = az.rhat(ds)["x"].values.reshape(p_count, -1) if xm.shape[0] > 1 else np.full_like(m_mean, np.nan)
+
+    rng = np.random.default_rng(seed)
+    energy, kl = np.zeros(p_count), np.zeros(p_count)
+    for i in range(p_count):
+        a = pm[rng.permutation(len(pm))[:max_energy_draws], i] / m_sd[i]
+        b = pv[rng.permutation(len(pv))[:max_energy_draws], i] / m_sd[i]
+        energy[i] = _energy_distance(a, b)
+        kl[i] = _gaussian_kl(pv[:, i], pm[:, i])
+    lw = vi.sample_stats.get("log_weight")
+    if lw is not None:
+        lw = np.asarray(lw).reshape(-1, p_count).T  # [P, S]
+        with warnings.catch_warnings():  # arviz warns about k-hat > 0.7, which is the very diagnostic reported here
+            warnings.simplefilter("ignore")
+            _, khat = az.psislw(lw)
+        khat = np.atleast_1d(np.asarray(khat, dtype=float))
+    else:
+        khat = np.full(p_count, np.nan)
+    div = mcmc.sample_stats.get("diverging")
+    divs = np.asarray(div).reshape(*np.asarray(div).shape[:2], -1).sum((0, 1)) if div is not None else np.zeros(p_count)
+    if divs.shape[0] != p_count:
+        divs = np.full(p_count, divs.sum())
+    per_point = {
+        "energy_distance": energy,
+        "kl_gaussian": kl,
+        "pareto_k": khat,
+        "mcmc_max_rhat": per_dim["mcmc_rhat"].max(1),
+        "mcmc_min_ess_bulk": per_dim["mcmc_ess_bulk"].min(1),
+        "mcmc_min_ess_tail": per_dim["mcmc_ess_tail"].min(1),
+        "mcmc_divergences": divs.astype(int),
+    }
+    points = tuple(mcmc.coords.get("point", range(p_count))) if latent else (0,)
+    return Comparison(points, tuple(labels), per_dim, per_point, mcmc.method, vi.method)

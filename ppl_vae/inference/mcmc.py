@@ -1,0 +1,785 @@
+r"""MCMC for latent posteriors and for any Pyro model: batched HMC and Pyro's NUTS.
+
+Two samplers, one output type (:class:`Draws`, convertible to ArviZ):
+
+* :func:`hmc_latent` / :func:`hmc` -- **batched HMC**: every chain of every
+  datapoint advances together in one tensor program. Given a trained
+  decoder the posteriors :math:`p(z_n \mid x_n)` of different datapoints are
+  independent, so ``C`` chains for each of ``N`` datapoints are one
+  ``[C, N, d]`` tensor and each leapfrog step is one batched decoder
+  evaluation. Each datapoint (a *group* of ``C`` chains) has its own step
+  size, tuned by dual averaging (Hoffman & Gelman 2014) to a target
+  acceptance rate, and its own diagonal mass matrix, estimated in Stan's
+  windowed warmup schedule from the pooled draws of its chains. The sampler is
+  **HMC with a jittered trajectory length**, not NUTS: every transition
+  integrates for a time :math:`T \sim U(0, 2 T_0)` in the units of the
+  adapted mass matrix (whitened coordinates), i.e.
+  :math:`L = \lceil T / \epsilon_n \rceil` leapfrog steps per chain, with
+  per-chain masking so that chains with short trajectories stop early. The
+  jitter avoids the resonances of a fixed trajectory length (Neal 2011,
+  section 5.4.2.3). A transition whose energy error exceeds
+  ``max_energy_error`` (or is not finite) is *divergent*: it is rejected and
+  recorded in ``sample_stats["diverging"]``.
+
+* :func:`nuts` / :func:`nuts_latent` -- Pyro's :class:`~pyro.infer.mcmc.NUTS`
+  on any Pyro model (chains run one after another), or on the latent
+  posterior of one datapoint at a time: the baseline against which the
+  batched sampler is checked and benchmarked.
+
+The log density of the latent posterior of a model written the ppl-vae way
+is the model's joint log density with its latent site conditioned on ``z``:
+
+.. math::
+
+    \log p(x_n, z) = \log p(z) + \log p_\theta(x_n \mid z),
+
+computed by tracing the model on the data repeated ``C`` times (one copy per
+chain) and summing every site's log-density over all dimensions except the
+``"data"`` plate; the gradient in ``z`` comes from autograd. The model's
+network parameters are frozen while sampling (``requires_grad`` is switched
+off and restored afterwards); only ``z`` is differentiated.
+
+References
+----------
+Neal (2011), MCMC using Hamiltonian dynamics. Handbook of MCMC.
+Hoffman & Gelman (2014), The No-U-Turn Sampler. JMLR 15.
+Stan Reference Manual, "HMC algorithm parameters" (warmup windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.ops.dual_averaging import DualAveraging
+from pyro.ops.welford import WelfordCovariance
+from pyro.poutine.util import site_is_subsample
+
+from ..errors import ConfigError
+from .elbo import _per_datapoint
+from .params import discover
+
+__all__ = ["Draws", "hmc_latent", "hmc", "nuts", "nuts_latent", "latent_log_joint", "frozen_parameters"]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Draws of one inference method, in ArviZ's ``(chain, draw, ...)`` layout.
+
+    Attributes
+    ----------
+    samples : dict of str to ndarray
+        Each variable as ``[chain, draw, *shape]``.
+    sample_stats : dict of str to ndarray
+        Per-transition statistics (``diverging``, ``acceptance_rate``,
+        ``n_steps``, ``log_weight`` for VI draws ...), ``[chain, draw, ...]``.
+    dims, coords : dict
+        ArviZ dimension names (beyond ``chain`` and ``draw``) and coordinates.
+    method : str
+        ``"batched-hmc"``, ``"pyro-nuts"``, ``"vi-amortized"`` ...
+    wall_time : float
+        Seconds spent sampling (warmup included).
+    """
+
+    samples: dict[str, np.ndarray]
+    sample_stats: dict[str, np.ndarray] = field(default_factory=dict)
+    dims: dict[str, list[str]] = field(default_factory=dict)
+    coords: dict[str, list[Any]] = field(default_factory=dict)
+    method: str = ""
+    wall_time: float = float("nan")
+
+    @property
+    def num_chains(self) -> int:
+        return next(iter(self.samples.values())).shape[0]
+
+    @property
+    def num_draws(self) -> int:
+        return next(iter(self.samples.values())).shape[1]
+
+    @property
+    def num_divergences(self) -> int:
+        """Divergent post-warmup transitions (0 if the method has none)."""
+        div = self.sample_stats.get("diverging")
+        return 0 if div is None else int(np.asarray(div).sum())
+
+    def to_inference_data(self) -> Any:
+        """An ArviZ ``InferenceData`` built with ``az.from_dict`` (not ``from_pyro``)."""
+        import arviz as az
+
+        return az.from_dict(
+            posterior=self.samples,
+            sample_stats=self.sample_stats or None,
+            dims=self.dims,
+            coords=self.coords,
+            attrs={"method": self.method, "wall_time_s": self.wall_time},
+        )
+
+    def diagnostics(self) -> Any:
+        """ArviZ R-hat, bulk and tail ESS and MCSE per scalar element (a DataFrame)."""
+        import arviz as az
+
+        return az.summary(self.to_inference_data(), kind="diagnostics")
+
+    def to_dataframe(self) -> Any:
+        """Same as :meth:`diagnostics`."""
+        return self.diagnostics()
+
+    def min_ess_per_point(self, method: str = "bulk") -> np.ndarray:
+        """Minimum ESS over latent dimensions, one value per ``point`` (latent draws only)."""
+        import arviz as az
+
+        ess = az.ess(self.to_inference_data(), method=method, var_names=["z"])["z"]
+        return ess.min(dim=[d for d in ess.dims if d != "point"]).values
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def frozen_parameters(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Switch ``requires_grad`` off for ``params`` inside the block, restore it after."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def _freeze(model: Callable[..., object], args: tuple[torch.Tensor, ...]) -> contextlib.AbstractContextManager[None]:
+    found = discover(model, lambda *a: None, tuple(a[:1] for a in args))
+    return frozen_parameters(found.params)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG inside the block without changing it outside."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_counts(num_samples: int, warmup_steps: int, num_chains: int) -> None:
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"number of draws must be a positive integer, got {num_samples!r}")
+    if not isinstance(num_chains, int) or num_chains < 1:
+        raise ConfigError(f"number of chains must be a positive integer, got {num_chains!r}")
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ConfigError(f"warmup steps must be a non-negative integer, got {warmup_steps!r}")
+
+
+def _latent_sites(model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
+    with poutine.block(), torch.no_grad():
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    latent = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+    if not latent:
+        raise ConfigError("the model has no latent sample sites: nothing to sample")
+    return tr, latent
+
+
+def _sum_but_first(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum over all dimensions but the leading (chain) one, of size ``n``."""
+    return t.expand(n) if t.dim() == 0 else t.reshape(n, -1).sum(1)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class _Target:
+    """A batched log density over unconstrained ``[C, G, K]`` and how to read draws off it."""
+
+    log_density: Callable[[torch.Tensor], torch.Tensor]  # [C, G, K] -> [C, G]
+    init: torch.Tensor  # [C, G, K]
+    to_samples: Callable[[torch.Tensor], dict[str, np.ndarray]]  # [C, S, G, K] -> arrays
+    dims: dict[str, list[str]]
+    coords: dict[str, list[Any]]
+    group_dim: str | None  # the ArviZ dim of the groups (None: one group)
+
+
+def latent_log_joint(
+    model: Callable[..., object], *args: torch.Tensor, site: str = "z", plate: str = "data"
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    r"""``f(z) -> log p(x_n, z_{c,n})`` for ``z`` of shape ``[C, N, *event]``: shape ``[C, N]``.
+
+    The model runs once on ``args`` repeated ``C`` times along their first
+    dimension, with ``site`` conditioned on the flattened ``z``; every site's
+    log-density is summed over all dimensions but the ``plate`` one.
+    """
+    n = args[0].shape[0]
+
+    def log_joint(z: torch.Tensor) -> torch.Tensor:
+        c = z.shape[0]
+        tiled = tuple(a.repeat(c, *([1] * (a.dim() - 1))) for a in args)
+        flat = z.reshape(c * n, *z.shape[2:])
+        with poutine.block(), pyro.validation_enabled(False):
+            tr = poutine.trace(poutine.condition(model, data={site: flat})).get_trace(*tiled)
+            total: torch.Tensor | int = 0
+            for s in tr.nodes.values():
+                if s["type"] == "sample" and not site_is_subsample(s):
+                    if not s["is_observed"] and s["name"] != site:
+                        raise ConfigError(f"latent site {s['name']!r} is not {site!r}: latent-posterior MCMC needs one latent site; use hmc() or nuts() on the whole model")
+                    total = total + _per_datapoint(s, plate)
+        assert not isinstance(total, int)
+        return total.reshape(c, n)
+
+    return log_joint
+
+
+def _latent_target(
+    model: Callable[..., object], args: tuple[torch.Tensor, ...], site: str, num_chains: int, init: Any, generator: torch.Generator
+) -> _Target:
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 1 or args[0].shape[0] < 1:
+        raise ConfigError("latent-posterior MCMC needs at least one datapoint (a tensor with rows)")
+    tr, latent = _latent_sites(model, args, {})
+    if site not in latent:
+        raise ConfigError(f"the model has no latent site {site!r}; its latent sites are {', '.join(latent)}")
+    others = [s for s in latent if s != site]
+    if others:
+        raise ConfigError(f"latent-posterior MCMC needs one latent site, the model also has {', '.join(others)}; use hmc() or nuts() on the whole model")
+    node = tr.nodes[site]
+    n = args[0].shape[0]
+    value = node["value"]
+    if value.dim() < 1 or value.shape[0] != n:
+        raise ConfigError(f"site {site!r} must have one row per datapoint (shape [{n}, ...]), got {tuple(value.shape)}")
+    event = tuple(value.shape[1:])
+    k = math.prod(event)
+    transform = biject_to(node["fn"].support)
+    log_joint = latent_log_joint(model, *args, site=site)
+
+    def constrain(u: torch.Tensor) -> torch.Tensor:  # [C, N, K] -> [C, N, *event]
+        return transform(u.reshape(*u.shape[:2], *event))
+
+    def log_density(u: torch.Tensor) -> torch.Tensor:
+        z = constrain(u)
+        ladj = transform.log_abs_det_jacobian(u.reshape(z.shape), z)
+        return log_joint(z) + ladj.reshape(*u.shape[:2], -1).sum(-1)
+
+    dtype = value.dtype
+    if isinstance(init, torch.Tensor):
+        z0 = init.to(dtype).expand(num_chains, n, *event) if init.dim() == len(event) + 1 else init.to(dtype)
+        if tuple(z0.shape) != (num_chains, n, *event):
+            raise ConfigError(f"init must have shape [{n}, ...] or [{num_chains}, {n}, ...], got {tuple(init.shape)}")
+        u0 = transform.inv(z0).reshape(num_chains, n, k).clone()
+    elif callable(init):  # a guide: one draw per chain
+        tiled = tuple(a.repeat(num_chains, *([1] * (a.dim() - 1))) for a in args)
+        with poutine.block(), torch.no_grad():
+            z0 = poutine.trace(init).get_trace(*tiled).nodes[site]["value"]
+        u0 = transform.inv(z0).reshape(num_chains, n, k)
+    elif init == "uniform":  # as Pyro's init_to_uniform: U(-2, 2) in unconstrained space
+        u0 = torch.rand(num_chains, n, k, generator=generator, dtype=dtype) * 4 - 2
+    else:
+        raise ConfigError(f"init must be 'uniform', a guide or a tensor, got {init!r}")
+
+    def to_samples(u: torch.Tensor) -> dict[str, np.ndarray]:  # [C, S, N, K]
+        c, s = u.shape[:2]
+        z = constrain(u.reshape(c * s, n, k)).reshape(c, s, n, *event)
+        return {site: z.numpy()}
+
+    names = [f"{site}_dim_{i}" for i in range(len(event))]
+    return _Target(
+        log_density, u0, to_samples,
+        dims={site: ["point", *names], "diverging": ["point"], "acceptance_rate": ["point"], "n_steps": ["point"], "step_size": ["point"]},
+        coords={"point": list(range(n)), **{nm: list(range(e)) for nm, e in zip(names, event)}},
+        group_dim="point",
+    )
+
+
+def _max_plate_nesting(tr: Any) -> int:
+    dims = [-f.dim for s in tr.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None]
+    return max(dims, default=0)
+
+
+def _model_target(
+    model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any], num_chains: int, generator: torch.Generator
+) -> _Target:
+    plain, latent = _latent_sites(model, args, kwargs)
+    dim = -(_max_plate_nesting(plain) + 1)
+    c = num_chains
+
+    def vectorized(size: int) -> Callable[..., Any]:
+        def run(*a: Any, **kw: Any) -> Any:
+            with pyro.plate("_chains", size, dim=dim):
+                return model(*a, **kw)
+
+        return run
+
+    with poutine.block(), torch.no_grad():
+        proto = poutine.trace(vectorized(c)).get_trace(*args, **kwargs)
+    shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
+    vshapes = {name: tuple(proto.nodes[name]["value"].shape) for name in latent}
+    for name in latent:
+        if vshapes[name][0] != c or math.prod(vshapes[name]) != c * math.prod(shapes[name]):
+            raise ConfigError(f"site {name!r} does not broadcast over chains; is max_plate_nesting respected?")
+    transforms = {name: biject_to(plain.nodes[name]["fn"].support) for name in latent}
+    sizes = [math.prod(shapes[name]) for name in latent]
+
+    def unpack(u: torch.Tensor) -> dict[str, torch.Tensor]:  # [B, K] -> constrained values [B, *vshape[1:]]
+        out = {}
+        for name, chunk in zip(latent, u.split(sizes, dim=-1)):
+            out[name] = chunk.reshape(u.shape[0], *vshapes[name][1:])
+        return out
+
+    def log_density(u: torch.Tensor) -> torch.Tensor:  # [C, 1, K] -> [C, 1]
+        n = u.shape[0]
+        raw = unpack(u[:, 0])
+        values = {name: transforms[name](v) for name, v in raw.items()}
+        total = sum(_sum_but_first(transforms[k].log_abs_det_jacobian(raw[k], values[k]), n) for k in latent)
+        with poutine.block(), pyro.validation_enabled(False):
+            tr = poutine.trace(poutine.condition(vectorized(n), data=values)).get_trace(*args, **kwargs)
+            tr.compute_log_prob(site_filter=lambda name, s: not site_is_subsample(s))
+            for s in tr.nodes.values():
+                if s["type"] == "sample" and "log_prob" in s:
+                    if s["log_prob"].dim() > -dim:  # a batch dimension left of the chains plate
+                        raise ConfigError(f"site {s['name']!r} has batch shape {tuple(s['log_prob'].shape)}: the model does not broadcast over a leading chains plate; use nuts()")
+                    total = total + _sum_but_first(s["log_prob"], n)
+        return total.unsqueeze(1)
+
+    dtype = torch.get_default_dtype()
+    u0 = torch.rand(c, 1, sum(sizes), generator=generator, dtype=dtype) * 4 - 2
+    with torch.no_grad():
+        together, alone = log_density(u0), torch.cat([log_density(u0[i : i + 1]) for i in range(c)])
+    if not torch.allclose(together, alone, rtol=1e-4, atol=1e-3):
+        raise ConfigError("the model's log density changes when chains are batched: it does not broadcast over a leading chains plate; use nuts()")
+
+    def to_samples(u: torch.Tensor) -> dict[str, np.ndarray]:  # [C, S, 1, K]
+        cc, s = u.shape[:2]
+        flat = u.reshape(cc * s, -1)
+        out = {}
+        for name, chunk in zip(latent, flat.split(sizes, dim=-1)):
+            out[name] = transforms[name](chunk.reshape(cc * s, *shapes[name])).reshape(cc, s, *shapes[name]).numpy()
+        return out
+
+    dims = {name: [f"{name}_dim_{i}" for i in range(len(shape))] for name, shape in shapes.items() if shape}
+    return _Target(log_density, u0, to_samples, dims=dims, coords={}, group_dim=None)
+
+
+# --------------------------------------------------------------------------- batched HMC
+
+
+def _value_and_grad(f: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        x = u.detach().requires_grad_(True)
+        lp = f(x)
+        (g,) = torch.autograd.grad(lp.sum(), x)
+    return lp.detach(), g
+
+
+def _optimize_init(f: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, steps: int, lr: float = 0.1) -> torch.Tensor:
+    """Move each chain's initial point uphill with ``steps`` Adam steps (learning rate decaying 100-fold).
+
+    Far from the posterior mass the energies are so large that float32 round-off
+    alone rejects every HMC proposal; a short ascent avoids that without
+    pulling the chains onto one point (they stop in the bulk, not at the mode).
+    """
+    if steps <= 0:
+        return u0
+    u = u0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([u], lr=lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.01 ** (1 / steps))
+    best = u0.detach().clone()
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            lp = f(u)
+            if not torch.isfinite(lp).all():
+                break
+            best = u.detach().clone()
+            (-lp.sum()).backward()
+            opt.step()
+            sched.step()
+    return best
+
+
+def _adaptation_windows(warmup: int, start: int = 75, end: int = 50, init_window: int = 25) -> list[tuple[int, int]]:
+    """Stan's slow-adaptation windows (start, end inclusive) for the mass matrix."""
+    if warmup < 20:
+        return []
+    if start + end + init_window > warmup:
+        start, end = int(0.15 * warmup), int(0.1 * warmup)
+        init_window = warmup - start - end
+    windows, cur, size, last = [], start, init_window, warmup - end
+    while cur < last:
+        nxt_size = 2 * size if 3 * size <= last - cur else size
+        if 3 * size > last - cur:
+            size = last - cur
+        windows.append((cur, cur + size - 1))
+        cur, size = cur + size, nxt_size
+    return windows
+
+
+_EARLY_CAP = 16
+
+
+class _Sampler:
+    """State and transitions of batched HMC over ``[C, G, K]`` unconstrained values."""
+
+    def __init__(self, target: _Target, *, target_accept: float, trajectory_length: float, max_leapfrog: int,
+                 max_energy_error: float, generator: torch.Generator) -> None:
+        self.f = target.log_density
+        self.target_accept = target_accept
+        self.T = trajectory_length
+        self.max_leapfrog = max_leapfrog
+        self.max_energy_error = max_energy_error
+        self.gen = generator
+        u = target.init
+        self.C, self.G, self.K = u.shape
+        self.u = u
+        self.lp, self.g = _value_and_grad(self.f, u)
+        self.inv_mass = torch.ones(self.G, self.K, dtype=u.dtype)
+        self.eps = torch.ones(self.G, dtype=u.dtype)
+        # before the first mass-matrix estimate the units of T are unknown: short trajectories
+        self.cap = min(max_leapfrog, _EARLY_CAP)
+
+    def _kinetic(self, r: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (r * r * self.inv_mass).sum(-1)
+
+    def transition(self, eps: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One HMC transition with ``steps[c, g]`` leapfrog steps; returns (accept_prob, diverging)."""
+        u0, lp0, g0 = self.u, self.lp, self.g
+        r = torch.randn(u0.shape, generator=self.gen, dtype=u0.dtype) / self.inv_mass.sqrt()
+        h0 = -lp0 + self._kinetic(r)
+        e = eps[None, :, None]
+        z, lp, g = u0, lp0, g0
+        r = r + 0.5 * e * g
+        diverging = torch.zeros(self.C, self.G, dtype=torch.bool)
+        for step in range(int(steps.max())):
+            act = (step < steps) & ~diverging
+            if not act.any():
+                break
+            a = act[..., None]
+            z = torch.where(a, z + e * self.inv_mass * r, z)
+            lp_new, g_new = _value_and_grad(self.f, z)
+            lp = torch.where(act, lp_new, lp)
+            g = torch.where(a, g_new, g)
+            coef = torch.where((step == steps - 1)[..., None], 0.5 * e, e)
+            r = torch.where(a, r + coef * g, r)
+            h = -lp + self._kinetic(r)
+            bad = act & (~torch.isfinite(h) | (h - h0 > self.max_energy_error))
+            if bad.any():  # stop and park the divergent chains where they started
+                diverging |= bad
+                z = torch.where(bad[..., None], u0, z)
+                lp = torch.where(bad, lp0, lp)
+                g = torch.where(bad[..., None], g0, g)
+        delta = (-lp + self._kinetic(r)) - h0
+        delta = torch.where(torch.isfinite(delta) & ~diverging, delta, torch.full_like(delta, math.inf))
+        accept_prob = torch.exp(-delta.clamp(min=0))
+        accept = torch.rand(accept_prob.shape, generator=self.gen, dtype=accept_prob.dtype) < accept_prob
+        self.u = torch.where(accept[..., None], z, u0)
+        self.lp = torch.where(accept, lp, lp0)
+        self.g = torch.where(accept[..., None], g, g0)
+        return accept_prob, diverging
+
+    def steps(self, eps: torch.Tensor) -> torch.Tensor:
+        """Jittered number of leapfrog steps per chain: ``ceil(U(0, 2T) / eps)``."""
+        t = 2 * self.T * torch.rand(self.C, self.G, generator=self.gen, dtype=eps.dtype)
+        return torch.ceil(t / eps[None, :]).clamp(1, self.cap).long()
+
+    def reasonable_step_size(self) -> None:
+        """Hoffman & Gelman's heuristic per group: double or halve until one step crosses acceptance 0.8."""
+        eps = self.eps.clone()
+        one = torch.ones(self.C, self.G, dtype=torch.long)
+        state = (self.u, self.lp, self.g)
+
+        def accept_rate(e: torch.Tensor) -> torch.Tensor:
+            prob, _ = self.transition(e, one)
+            self.u, self.lp, self.g = state  # probe only
+            return prob.mean(0)
+
+        direction = torch.where(accept_rate(eps) > self.target_accept, 1.0, -1.0).to(eps.dtype)
+        active = torch.ones(self.G, dtype=torch.bool)
+        for _ in range(40):
+            new = eps * 2.0**direction
+            crossed = (direction > 0) & (accept_rate(new) < self.target_accept) | (direction < 0) & (accept_rate(new) > self.target_accept)
+            eps = torch.where(active, new, eps)
+            active &= ~crossed
+            if not active.any():
+                break
+        self.eps = eps
+
+
+def _run_batched(
+    target: _Target,
+    *,
+    num_samples: int,
+    warmup_steps: int,
+    target_accept: float,
+    trajectory_length: float,
+    max_leapfrog: int,
+    max_energy_error: float,
+    generator: torch.Generator,
+    progress: bool,
+    method: str,
+    init_steps: int,
+) -> Draws:
+    t0 = time.perf_counter()
+    target.init = _optimize_init(target.log_density, target.init, init_steps)
+    s = _Sampler(target, target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
+                 max_energy_error=max_energy_error, generator=generator)
+    if not torch.isfinite(s.lp).all():
+        raise ConfigError("the log density is not finite at the initial point of some chains")
+    s.reasonable_step_size()
+    windows = _adaptation_windows(warmup_steps)
+    ends = {end for _, end in windows}
+    da = DualAveraging(prox_center=torch.log(10 * s.eps))
+    welford = WelfordCovariance(diagonal=True)
+    it = range(warmup_steps + num_samples)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=method)
+    keep_u, keep_acc, keep_div, keep_steps = [], [], [], []
+    for t in it:
+        warm = t < warmup_steps
+        steps = s.steps(s.eps)
+        acc, div = s.transition(s.eps, steps)
+        if warm:
+            da.step(target_accept - acc.mean(0))
+            x_t, x_avg = da.get_state()
+            s.eps = torch.exp(x_t)
+            if any(a <= t <= b for a, b in windows):
+                for c in range(s.C):
+                    welford.update(s.u[c])
+            if t in ends:
+                s.inv_mass = welford.get_covariance(regularize=True)
+                s.cap = s.max_leapfrog
+                welford.reset()
+                s.reasonable_step_size()
+                da = DualAveraging(prox_center=torch.log(10 * s.eps))
+            if t == warmup_steps - 1:
+                s.eps = torch.exp(x_avg) if t not in ends else s.eps
+        else:
+            keep_u.append(s.u)
+            keep_acc.append(acc)
+            keep_div.append(div)
+            keep_steps.append(steps)
+    wall = time.perf_counter() - t0
+    u = torch.stack(keep_u, 1)  # [C, S, G, K]
+    stats = {
+        "diverging": torch.stack(keep_div, 1).numpy(),
+        "acceptance_rate": torch.stack(keep_acc, 1).numpy(),
+        "n_steps": torch.stack(keep_steps, 1).numpy(),
+        "step_size": s.eps.expand(s.C, num_samples, s.G).numpy().copy(),
+    }
+    if target.group_dim is None:
+        stats = {k: v[..., 0] for k, v in stats.items()}
+    return Draws(target.to_samples(u), stats, target.dims, target.coords, method, wall)
+
+
+def _batched(make_target: Callable[[torch.Generator], _Target], freeze: contextlib.AbstractContextManager[None],
+             num_samples: int, warmup_steps: int, seed: int, tuning: dict[str, Any]) -> Draws:
+    gen = torch.Generator().manual_seed(seed)
+    with freeze, _seeded(seed):
+        return _run_batched(make_target(gen), num_samples=num_samples, warmup_steps=warmup_steps, generator=gen, method="batched-hmc", **tuning)
+
+
+_HMC_DOC_PARAMS = """
+    num_samples, warmup_steps, num_chains : int
+        Kept draws per chain, warmup (adaptation) transitions, chains.
+    seed : int
+        Seeds a private generator; the global RNG is left as it was.
+    target_accept : float
+        Dual-averaging target of the mean acceptance probability.
+    trajectory_length : float
+        :math:`T_0`: the integration time is drawn from :math:`U(0, 2T_0)` per
+        transition and chain, in whitened units (after mass adaptation).
+    max_leapfrog : int
+        Cap on leapfrog steps per transition.
+    max_energy_error : float
+        Energy error beyond which a transition is divergent (as Stan: 1000).
+    init_steps : int
+        Adam steps that move the initial points uphill before warmup (0: none).
+"""
+
+
+def hmc_latent(
+    model: Callable[..., object],
+    *args: torch.Tensor,
+    site: str = "z",
+    num_samples: int = 1000,
+    warmup_steps: int = 1000,
+    num_chains: int = 4,
+    seed: int = 0,
+    init: str | Callable[..., object] | torch.Tensor = "uniform",
+    target_accept: float = 0.8,
+    trajectory_length: float = 2.0,
+    max_leapfrog: int = 256,
+    max_energy_error: float = 1000.0,
+    init_steps: int = 100,
+    progress: bool = False,
+) -> Draws:
+    r"""Batched HMC on the latent posteriors :math:`p(z \mid x_n)` of every row of ``args``.
+
+    Parameters
+    ----------
+    model : callable
+        A ppl-vae model ``model(x, ...)`` with a ``"data"`` plate and one
+        latent site ``site``; its networks are frozen while sampling.
+    *args : torch.Tensor
+        The model's arguments for the chosen datapoints (rows).
+    site : str
+        The latent site.
+    init : "uniform", a guide, or a tensor
+        Initial points: :math:`U(-2, 2)` in unconstrained space (as Pyro's
+        ``init_to_uniform``), one draw of a guide per chain, or ``z``
+        (``[N, d]`` or ``[C, N, d]``).
+    """ + _HMC_DOC_PARAMS + r"""
+    Returns
+    -------
+    Draws
+        ``samples[site]`` of shape ``[C, S, N, *event]`` (dims ``point``,
+        ``z_dim_0``); ``sample_stats`` ``diverging``, ``acceptance_rate``,
+        ``n_steps``, ``step_size``, each ``[C, S, N]``.
+
+    Examples
+    --------
+    >>> draws = hmc_latent(built.model, x[:100], num_samples=500, num_chains=4)  # doctest: +SKIP
+    >>> az.summary(draws.to_inference_data())  # doctest: +SKIP
+    """
+    _check_counts(num_samples, warmup_steps, num_chains)
+    tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
+                  max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
+    return _batched(lambda gen: _latent_target(model, args, site, num_chains, init, gen), _freeze(model, args), num_samples, warmup_steps, seed, tuning)
+
+
+def hmc(
+    model: Callable[..., object],
+    *args: Any,
+    num_samples: int = 1000,
+    warmup_steps: int = 1000,
+    num_chains: int = 4,
+    seed: int = 0,
+    target_accept: float = 0.8,
+    trajectory_length: float = 2.0,
+    max_leapfrog: int = 256,
+    max_energy_error: float = 1000.0,
+    init_steps: int = 100,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Draws:
+    r"""Batched HMC on the posterior of any Pyro model: all chains advance as one batch.
+
+    The model is run under an extra ``pyro.plate`` of size ``num_chains`` to
+    the left of its own plates (as Pyro's vectorised particles), with every
+    latent site conditioned on its constrained value (``biject_to`` of its
+    support, Jacobian included). The chains share one step size and one
+    diagonal mass matrix, adapted from their pooled draws.
+
+    Parameters
+    ----------
+    model : callable
+        Any Pyro model; ``*args`` and ``**kwargs`` are passed to it.
+    """ + _HMC_DOC_PARAMS + """
+    Returns
+    -------
+    Draws
+        ``samples[name]`` of shape ``[C, S, *site_shape]`` per latent site.
+    """
+    _check_counts(num_samples, warmup_steps, num_chains)
+    tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
+                  max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
+    freeze = _freeze(lambda *a, **k: model(*args, **kwargs), ())
+    return _batched(lambda gen: _model_target(model, args, kwargs, num_chains, gen), freeze, num_samples, warmup_steps, seed, tuning)
+
+
+# --------------------------------------------------------------------------- Pyro NUTS
+
+
+def nuts(
+    model: Callable[..., object],
+    *args: Any,
+    num_samples: int = 1000,
+    warmup_steps: int = 1000,
+    num_chains: int = 4,
+    seed: int = 0,
+    target_accept: float = 0.8,
+    max_tree_depth: int = 10,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Draws:
+    """Pyro's NUTS (diagonal mass adaptation) on any Pyro model; chains run one after another.
+
+    Chain ``c`` is seeded with ``seed + c`` inside a forked RNG (the global
+    RNG is unchanged). Divergent post-warmup transitions are recorded in
+    ``sample_stats["diverging"]``.
+
+    Returns
+    -------
+    Draws
+        ``samples[name]`` ``[C, S, *site_shape]``, ``sample_stats``
+        ``diverging`` ``[C, S]`` and ``step_size`` ``[C, S]``.
+    """
+    from pyro.infer.mcmc import MCMC, NUTS
+
+    _check_counts(num_samples, warmup_steps, num_chains)
+    plain, latent = _latent_sites(model, args, kwargs)
+    t0 = time.perf_counter()
+    chains: list[dict[str, torch.Tensor]] = []
+    diverging = np.zeros((num_chains, num_samples), dtype=bool)
+    step_size = np.zeros((num_chains, num_samples))
+    with _freeze(lambda *a, **k: model(*args, **kwargs), ()):
+        for c in range(num_chains):
+            with _seeded(seed + c):
+                kernel = NUTS(model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, jit_compile=False)
+                mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1, disable_progbar=not progress)
+                mcmc.run(*args, **kwargs)
+            chains.append(mcmc.get_samples())
+            idx = [i for i in mcmc.diagnostics()["divergences"]["chain 0"] if 0 <= i < num_samples]
+            diverging[c, idx] = True
+            step_size[c] = float(kernel.step_size)
+    wall = time.perf_counter() - t0
+    samples = {name: torch.stack([ch[name] for ch in chains]).numpy() for name in latent}
+    shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
+    dims = {name: [f"{name}_dim_{i}" for i in range(len(shape))] for name, shape in shapes.items() if shape}
+    return Draws(samples, {"diverging": diverging, "step_size": step_size}, dims, {}, "pyro-nuts", wall)
+
+
+def nuts_latent(
+    model: Callable[..., object],
+    *args: torch.Tensor,
+    site: str = "z",
+    num_samples: int = 1000,
+    warmup_steps: int = 1000,
+    num_chains: int = 4,
+    seed: int = 0,
+    target_accept: float = 0.8,
+    max_tree_depth: int = 10,
+    progress: bool = False,
+) -> Draws:
+    r"""Pyro's NUTS on :math:`p(z \mid x_n)` for each row of ``args``, one datapoint at a time.
+
+    The reference (and benchmark baseline) for :func:`hmc_latent`; same
+    output layout: ``samples[site]`` ``[C, S, N, *event]``, ``diverging``
+    ``[C, S, N]``. Datapoint ``n`` uses seeds ``seed + 1000 n + c``.
+    """
+    _check_counts(num_samples, warmup_steps, num_chains)
+    if not args or args[0].dim() < 1 or args[0].shape[0] < 1:
+        raise ConfigError("latent-posterior MCMC needs at least one datapoint (a tensor with rows)")
+    _, latent = _latent_sites(model, tuple(a[:1] for a in args), {})
+    if site not in latent or len(latent) > 1:
+        raise ConfigError(f"latent-posterior MCMC needs exactly one latent site {site!r}; the model has {', '.join(latent)}")
+    runs = [
+        nuts(model, *(a[i : i + 1] for a in args), num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+             seed=seed + 1000 * i, target_accept=target_accept, max_tree_depth=max_tree_depth, progress=progress)
+        for i in range(args[0].shape[0])
+    ]
+    z = np.concatenate([r.samples[site] for r in runs], axis=2)  # [C, S, 1, ...] -> [C, S, N, ...]
+    stats = {k: np.stack([r.sample_stats[k] for r in runs], axis=-1) for k in ("diverging", "step_size")}
+    names = [f"{site}_dim_{i}" for i in range(z.ndim - 3)]
+    dims = {site: ["point", *names], "diverging": ["point"], "step_size": ["point"]}
+    coords = {"point": list(range(z.shape[2])), **{nm: list(range(e)) for nm, e in zip(names, z.shape[3:])}}
+    return Draws({site: z}, stats, dims, coords, "pyro-nuts", sum(r.wall_time for r in runs))

@@ -1,0 +1,181 @@
+"""MCMC: batched HMC and Pyro's NUTS against exact and gold-standard posteriors.
+
+Tolerances are Monte Carlo errors from ArviZ (``az.mcse`` of the mean and of
+the sd, ESS-based): a moment passes when it is within 4 combined standard
+errors of the reference (the reference's own MCSE included), so each check
+fails by chance with probability < 1e-4.
+"""
+
+from __future__ import annotations
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from ppl_vae.errors import ConfigError
+from ppl_vae.inference.mcmc import Draws, hmc, hmc_latent, nuts, nuts_latent
+from ppl_vae.models import PPCA, Gaussian, vae
+from ppl_vae.models.classic import (
+    eight_schools_noncentered,
+    linear_regression,
+    load_posteriordb_data,
+    load_posteriordb_draws,
+)
+from ppl_vae.nn import MLP
+
+Z = 4.0  # standard errors
+
+
+def moments(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, sd and their ArviZ MCSEs of ``[chain, draw, ...]`` draws."""
+    ds = az.convert_to_dataset({"x": draws})
+    mean, sd = draws.mean((0, 1)), draws.std((0, 1), ddof=1)
+    return mean, sd, az.mcse(ds, method="mean")["x"].values, az.mcse(ds, method="sd")["x"].values
+
+
+def assert_moments_agree(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    ma, sa, ea, esa = moments(a)
+    mb, sb, eb, esb = moments(b)
+    np.testing.assert_array_less(np.abs(ma - mb), Z * np.hypot(ea, eb), err_msg=f"{what}: means")
+    np.testing.assert_array_less(np.abs(sa - sb), Z * np.hypot(esa, esb), err_msg=f"{what}: sds")
+
+
+def small_vae(seed: int = 0) -> tuple[object, torch.Tensor, torch.nn.Module]:
+    torch.manual_seed(seed)
+    decoder = MLP(2, [16], 8)
+    model = vae(decoder, Gaussian(scale=0.5), 2)
+    x = torch.randn(3, 8)
+    return model, x, decoder
+
+
+def test_batched_hmc_matches_exact_ppca_posterior():
+    torch.manual_seed(1)
+    ppca = PPCA(8, 3, sigma=0.5)
+    x = ppca.sample(10)
+    before = [p.detach().clone() for p in ppca.parameters()]
+    draws = hmc_latent(ppca, x, num_samples=300, warmup_steps=300, num_chains=4, seed=0)
+    z = draws.samples["z"]
+    assert z.shape == (4, 300, 10, 3)
+    post = ppca.posterior(x)
+    mean, sd = post.mean.detach().numpy(), post.stddev.detach().numpy()
+    m, s, e, es = moments(z)
+    np.testing.assert_array_less(np.abs(m - mean), Z * e)
+    np.testing.assert_array_less(np.abs(s - sd), Z * es)
+    assert draws.num_divergences == 0
+    assert float(az.rhat(draws.to_inference_data())["z"].max()) < 1.05
+    # the model's parameters are frozen while sampling and restored after
+    assert all(torch.equal(p, b) and p.requires_grad for p, b in zip(ppca.parameters(), before))
+    assert all(p.grad is None for p in ppca.parameters())
+    # one step size per datapoint, shared by its chains
+    assert draws.sample_stats["step_size"].shape == (4, 300, 10)
+    assert len(np.unique(draws.sample_stats["step_size"][:, 0, 0])) == 1
+
+
+def test_batched_hmc_agrees_with_pyro_nuts_on_vae_latents():
+    model, x, decoder = small_vae()
+    batched = hmc_latent(model, x[:2], num_samples=400, warmup_steps=200, num_chains=4, seed=0)
+    pyro_nuts = nuts_latent(model, x[:2], num_samples=200, warmup_steps=150, num_chains=2, seed=0)
+    assert pyro_nuts.samples["z"].shape == (2, 200, 2, 2)
+    assert pyro_nuts.method == "pyro-nuts" and batched.method == "batched-hmc"
+    assert_moments_agree(batched.samples["z"], pyro_nuts.samples["z"], "batched HMC vs Pyro NUTS")
+    assert all(p.requires_grad for p in decoder.parameters())
+
+
+def test_inference_data_has_chain_draw_and_diagnostics():
+    model, x, _ = small_vae()
+    draws = hmc_latent(model, x, num_samples=50, warmup_steps=30, num_chains=2, seed=0)
+    idata = draws.to_inference_data()
+    assert dict(idata.posterior["z"].sizes) == {"chain": 2, "draw": 50, "point": 3, "z_dim_0": 2}
+    assert dict(idata.sample_stats["diverging"].sizes) == {"chain": 2, "draw": 50, "point": 3}
+    table = draws.diagnostics()
+    assert {"ess_bulk", "ess_tail", "r_hat"} <= set(table.columns) and len(table) == 6
+    assert draws.min_ess_per_point().shape == (3,)
+
+
+def test_divergences_are_reported():
+    """A step size far too large for a narrow Gaussian: every transition diverges and is counted."""
+
+    def narrow(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(1), 1e-3).to_event(1))
+
+    draws = hmc_latent(narrow, torch.zeros(2, 1), num_samples=20, warmup_steps=0, num_chains=2, seed=0,
+                       max_energy_error=1e-6, init_steps=0)
+    assert draws.num_divergences > 0
+    assert draws.num_divergences == int(draws.to_inference_data().sample_stats["diverging"].sum())
+
+
+def posteriordb(name):
+    data = load_posteriordb_data(name)
+    args = (data["sigma"], data["y"]) if "sigma" in data else (data["X"], data["y"])
+    return args, load_posteriordb_draws(name)
+
+
+def with_theta(draws: Draws) -> dict[str, np.ndarray]:
+    s = dict(draws.samples)
+    s["theta"] = s["mu"][..., None] + s["tau"][..., None] * s["theta_trans"]
+    return s
+
+
+def test_batched_hmc_recovers_eight_schools_reference():
+    args, ref = posteriordb("eight_schools-eight_schools_noncentered")
+    draws = hmc(eight_schools_noncentered, *args, num_samples=500, warmup_steps=300, num_chains=4, seed=0)
+    ours = with_theta(draws)
+    for name in ("mu", "tau", "theta"):
+        assert_moments_agree(ours[name], ref[name], f"eight schools {name}")
+
+
+def test_pyro_nuts_recovers_eight_schools_reference():
+    args, ref = posteriordb("eight_schools-eight_schools_noncentered")
+    draws = nuts(eight_schools_noncentered, *args, num_samples=200, warmup_steps=200, num_chains=2, seed=0)
+    assert draws.samples["tau"].shape == (2, 200)
+    ours = with_theta(draws)
+    for name in ("mu", "tau"):
+        assert_moments_agree(ours[name], ref[name], f"eight schools {name} (Pyro NUTS)")
+
+
+def test_batched_hmc_recovers_linear_regression_reference():
+    args, ref = posteriordb("sblrc-blr")
+    draws = hmc(linear_regression, *args, num_samples=250, warmup_steps=250, num_chains=4, seed=0)
+    for name in ("beta", "sigma"):
+        assert_moments_agree(draws.samples[name], ref[name], f"regression {name}")
+    assert draws.num_divergences == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"num_samples": 0}, "number of draws"),
+        ({"num_chains": 0}, "number of chains"),
+        ({"warmup_steps": -1}, "warmup"),
+    ],
+)
+def test_bad_counts(kwargs, fragment):
+    model, x, _ = small_vae()
+    with pytest.raises(ConfigError, match=fragment):
+        hmc_latent(model, x, **kwargs)
+    with pytest.raises(ConfigError, match=fragment):
+        nuts(eight_schools_noncentered, torch.ones(8), **kwargs)
+
+
+def test_model_without_latent_sites_is_refused():
+    def observed_only(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    for run in (hmc_latent, hmc, nuts):
+        with pytest.raises(ConfigError, match="no latent sample sites"):
+            run(observed_only, torch.zeros(3))
+
+
+def test_model_that_does_not_broadcast_over_chains_is_refused():
+    def bad(X, y):  # beta.unsqueeze(-2) puts the chains on the wrong dimension
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("rows", X.shape[0]):
+            pyro.sample("y", dist.Normal((X * beta.unsqueeze(-2)).sum(-1), 1.0), obs=y)
+
+    with pytest.raises(ConfigError, match="broadcast over a leading chains plate"):
+        hmc(bad, torch.ones(5, 2), torch.ones(5), num_samples=5, warmup_steps=0, num_chains=3)
