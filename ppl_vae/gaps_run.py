@@ -1,0 +1,153 @@
+"""``ppl-vae gaps``: the gap decomposition of one or more trained runs, written to a folder.
+
+Every input is checked (runs, split, number of points, options) before the
+output folder is created; outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import json
+
+import pandas as pd
+import torch
+
+from . import io
+from .errors import ConfigError
+from .inference import GapReport, decompose
+from .inference.gaps import GAPS_CSV, GAPS_JSON
+
+__all__ = ["gaps_run", "merge_gaps", "load_reports", "table_markdown", "GAPS_PNG", "TABLE_MD"]
+
+GAPS_PNG, TABLE_MD = "gaps.png", "table.md"
+
+
+def table_markdown(reports: Sequence[GapReport]) -> str:
+    """Cremer et al.'s Table 2 layout: rows are bounds and gaps, columns are models (mean ± SE, nats)."""
+    families = list(dict.fromkeys(f for r in reports for f in r.elbo_local))
+    rows = [("log p̂(x)", "log_px")] + [(f"L[q*] ({f})", f"elbo_qstar_{f}") for f in families] + [("L[q]", "elbo_q")]
+    rows += [("approximation gap", "approximation_gap"), ("amortisation gap", "amortisation_gap"), ("inference gap", "inference_gap")]
+    sums = [r.summary() for r in reports]
+    lines = ["| | " + " | ".join(f"{r.name} (q* {r.family})" for r in reports) + " |", "|---|" + "---|" * len(reports)]
+    for label, key in rows:
+        cells = [f"{s[key]:.2f} ± {s[key + '_se']:.2f}" if key in s else "" for s in sums]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    est = "; ".join(f"{r.name}: {r.logpx_estimator}" for r in reports)
+    lines.append("")
+    lines.append(f"{len(reports[0].index)} datapoints; ELBOs from {reports[0].num_samples} draws each (the IWAE proposal's from K); log p̂(x): {est}. ± is the standard error of the mean over datapoints.")
+    return "\n".join(lines) + "\n"
+
+
+def _points(n_split: int, num_points: int, seed: int) -> torch.Tensor:
+    if not isinstance(num_points, int) or num_points < 1:
+        raise ConfigError(f"--num-points must be a positive integer, got {num_points!r}")
+    if num_points > n_split:
+        raise ConfigError(f"--num-points {num_points} is more than the split has ({n_split})")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_split, generator=g)[:num_points].sort().values
+
+
+def gaps_run(
+    runs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    split: str = "test",
+    num_points: int = 100,
+    logpx: str = "iwae",
+    num_samples: int = 5000,
+    elbo_samples: int = 1000,
+    families: Sequence[str] | None = None,
+    local_options: dict[str, Any] | None = None,
+    ais_options: dict[str, Any] | None = None,
+    seed: int = 0,
+    force: bool = False,
+    figures: bool = True,
+) -> list[GapReport]:
+    """Decompose the gaps of each run on the same ``num_points`` random rows of ``split``; write CSV, JSON, table, figure."""
+    from .experiment import load_run
+
+    if split not in ("train", "valid", "test"):
+        raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
+    if logpx not in ("iwae", "ais"):
+        raise ConfigError(f"unknown --logpx {logpx!r}; choose iwae or ais")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"--K must be a positive integer, got {num_samples}")
+    if not runs:
+        raise ConfigError("give at least one --run")
+    loaded = [load_run(r) for r in runs]  # every run is checked before anything is written
+    names = [Path(r).name or str(r) for r in runs]
+    if len(set(names)) != len(names):  # the same folder name twice: number them
+        names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
+    for (built, _), r in zip(loaded, runs):
+        if built.conditional:
+            raise ConfigError(f"{r}: gap decomposition of the conditional VAE is not supported (its guide needs labels)")
+        if built.config.model in ("ae", "dae"):
+            raise ConfigError(f"{r}: an autoencoder has a point-estimate encoder; it has no ELBO gaps to decompose")
+    sizes = {len(s[split]) for _, s in loaded}
+    idx = _points(min(sizes), num_points, seed)
+    out = io.prepare_run_dir(out, force=force)
+    reports = []
+    for (built, splits), name in zip(loaded, names):
+        x = splits[split].x[idx]
+        reports.append(
+            decompose(built.model, built.guide, x, logpx=logpx, num_samples=num_samples, elbo_samples=elbo_samples, families=tuple(families or ()),
+                      local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed)
+        )
+    rows = [dict(run=r.name, **row) for r in reports for row in r.to_dataframe().to_dict("records")]
+    io.write_csv(out / GAPS_CSV, rows)
+    io.write_json(out / GAPS_JSON, {"split": split, "runs": [str(r) for r in runs], "summaries": [r.summary() for r in reports],
+                                    "options": {"num_points": num_points, "logpx": logpx, "K": num_samples, "elbo_samples": elbo_samples, "families": list(families or ()),
+                                                "local": local_options or {}, "ais": ais_options or {}, "seed": seed}})
+    io.write_text(out / TABLE_MD, table_markdown(reports))
+    if figures:
+        _figure(reports, out)
+    return reports
+
+
+def load_reports(folder: str | Path) -> list[GapReport]:
+    """The :class:`GapReport` objects a ``ppl-vae gaps`` output folder holds (from its CSV and JSON)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / GAPS_JSON).read_text())
+        df = pd.read_csv(folder / GAPS_CSV)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder} is not a ppl-vae gaps folder ({type(exc).__name__})") from None
+    reports = []
+    for summary in meta["summaries"]:
+        rows = df[df["run"] == summary["name"]]
+
+        def col(c: str) -> torch.Tensor:
+            return torch.tensor(rows[c].to_numpy(), dtype=torch.float64)
+
+        fams = [c[len("elbo_qstar_") :] for c in rows.columns if c.startswith("elbo_qstar_") and not c.endswith("_se") and rows[c].notna().all()]
+        reports.append(GapReport(
+            torch.tensor(rows["index"].to_numpy()), col("log_px"), col("log_px_se"), col("elbo_q"), col("elbo_q_se"),
+            {f: col(f"elbo_qstar_{f}") for f in fams}, {f: col(f"elbo_qstar_{f}_se") for f in fams},
+            summary["qstar_family"], summary["logpx_estimator"], summary["num_samples"], summary["local_steps_mean"], summary["name"],
+        ))
+    return reports
+
+
+def merge_gaps(folders: Sequence[str | Path], out: str | Path, *, force: bool = False) -> list[GapReport]:
+    """One table and figure from several ``ppl-vae gaps`` folders (e.g. runs analysed in parallel)."""
+    reports = [r for f in folders for r in load_reports(f)]
+    out = io.prepare_run_dir(out, force=force)
+    rows = [dict(run=r.name, **row) for r in reports for row in r.to_dataframe().to_dict("records")]
+    io.write_csv(out / GAPS_CSV, rows)
+    io.write_json(out / GAPS_JSON, {"merged_from": [str(f) for f in folders], "summaries": [r.summary() for r in reports]})
+    io.write_text(out / TABLE_MD, table_markdown(reports))
+    _figure(reports, out)
+    return reports
+
+
+def _figure(reports: Sequence[GapReport], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from .plotting import gap_figure
+
+    fig = gap_figure(reports)
+    io.save_figure(fig, out / GAPS_PNG, dpi=120)
+    plt.close(fig)

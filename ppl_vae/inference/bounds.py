@@ -1,0 +1,160 @@
+r"""Per-datapoint ELBO and IWAE bounds from one stream of importance draws.
+
+For draws :math:`z_k \sim q(\cdot \mid x)`, :math:`k = 1..K`, and log-weights
+:math:`\ell_k = \log p(x, z_k) - \log q(z_k \mid x)`:
+
+.. math::
+
+    \hat{\mathcal{L}}_{\mathrm{ELBO}} = \frac{1}{K} \sum_k \ell_k, \qquad
+    \hat{\mathcal{L}}_K = \log \frac{1}{K} \sum_k e^{\ell_k}
+    \;\le\; \log p(x) \text{ in expectation.}
+
+Both come from the same draws. The draws are taken in chunks of data rows and
+of samples, so memory stays bounded for any ``K``: per data chunk only running
+sums are kept (in float64): :math:`\sum \ell`, :math:`\sum \ell^2`, and the
+running log-sum-exps of :math:`\ell` and :math:`2\ell`.
+
+The standard error of the IWAE estimate is the delta-method one,
+:math:`\operatorname{sd}(w) / (\sqrt{K}\,\bar w)`, computed from those
+log-sum-exps without leaving log space.
+
+References
+----------
+Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from ..errors import ConfigError
+from .elbo import log_weights, plate_nesting
+
+__all__ = ["Bounds", "importance_bounds", "restrict", "seeded", "chunks"]
+
+#: how many decoder outputs (samples x rows x data width) one chunk may hold
+MAX_ELEMENTS = 20_000_000
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """ELBO and IWAE bound per datapoint (``[N]`` tensors, nats) with Monte Carlo standard errors."""
+
+    elbo: torch.Tensor
+    elbo_se: torch.Tensor
+    iwae: torch.Tensor
+    iwae_se: torch.Tensor
+    num_samples: int
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame({k: getattr(self, k).numpy() for k in ("elbo", "elbo_se", "iwae", "iwae_se")})
+
+
+class seeded:
+    """Context: seed torch's global RNG (used by Pyro) inside, restore the outer stream after."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        self._fork.__exit__(*exc)
+
+
+def restrict(guide: Callable[..., object], rows: slice | torch.Tensor) -> Callable[..., object]:
+    """The guide for a subset of rows: a per-datapoint guide (one with ``select``) is cut, others kept."""
+    select = getattr(guide, "select", None)
+    return select(rows) if callable(select) else guide
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))
+
+
+def _check_data(data: tuple[torch.Tensor, ...]) -> int:
+    if not data or not all(isinstance(t, torch.Tensor) for t in data):
+        raise ConfigError("bounds need the model's data as tensors")
+    n = data[0].shape[0]
+    if n == 0 or any(t.shape[0] != n for t in data):
+        raise ConfigError(f"data tensors must share a non-zero first dimension, got {[tuple(t.shape) for t in data]}")
+    return n
+
+
+def importance_bounds(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *data: torch.Tensor,
+    num_samples: int = 5000,
+    batch_size: int = 100,
+    sample_batch: int | None = None,
+    seed: int | None = None,
+) -> Bounds:
+    r"""ELBO and IWAE (:math:`K` = ``num_samples``) per datapoint, with standard errors.
+
+    Parameters
+    ----------
+    model, guide : callable
+        Written the ppl-vae way (a ``"data"`` plate over the rows of
+        ``data``). A per-datapoint guide such as
+        :class:`~ppl_vae.inference.local.LocalPosterior` is cut to each chunk.
+    *data : torch.Tensor
+        The model's arguments, rows in the first dimension.
+    num_samples : int
+        Importance samples :math:`K` per datapoint.
+    batch_size : int
+        Data rows per chunk.
+    sample_batch : int, optional
+        Samples per chunk (default: as many as fit in ``MAX_ELEMENTS``).
+    seed : int, optional
+        Seeds the draws; the caller's random stream is left as it was.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"the number of importance samples K must be a positive integer, got {num_samples!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    n = _check_data(data)
+    width = max(1, math.prod(data[0].shape[1:]))
+    k_chunk = sample_batch or max(1, min(num_samples, MAX_ELEMENTS // (min(batch_size, n) * width)))
+    out = {k: torch.empty(n, dtype=torch.float64) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}
+    K = num_samples
+    with seeded(seed), torch.no_grad():
+        nesting = plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data))
+        for rows in chunks(n, batch_size):
+            args = tuple(t[rows] for t in data)
+            g = restrict(guide, rows)
+            shift = s1 = s2 = lse1 = lse2 = None
+            for ks in chunks(K, k_chunk):
+                lw = log_weights(model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting).double()
+                if shift is None:
+                    shift = lw.mean(0)
+                    s1 = torch.zeros_like(shift)
+                    s2 = torch.zeros_like(shift)
+                    lse1 = torch.full_like(shift, -math.inf)
+                    lse2 = torch.full_like(shift, -math.inf)
+                c = lw - shift
+                s1 += c.sum(0)
+                s2 += (c * c).sum(0)
+                lse1 = torch.logaddexp(lse1, torch.logsumexp(lw, 0))
+                lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
+            mean_c = s1 / K
+            out["elbo"][rows] = shift + mean_c
+            var = (s2 / K - mean_c**2).clamp_min(0) * K / max(K - 1, 1)
+            out["elbo_se"][rows] = (var / K).sqrt() if K > 1 else torch.full_like(mean_c, math.nan)
+            out["iwae"][rows] = lse1 - math.log(K)
+            # var(w) / mean(w)^2 = mean(w^2) / mean(w)^2 - 1, in log space
+            rel = (lse2 - math.log(K) - 2 * (lse1 - math.log(K))).exp() - 1
+            out["iwae_se"][rows] = (rel.clamp_min(0) / max(K - 1, 1)).sqrt() if K > 1 else torch.full_like(rel, math.nan)
+    if not torch.isfinite(out["elbo"]).all():
+        raise ConfigError("some log-weights are not finite: the guide puts mass where the model has none")
+    return Bounds(num_samples=K, **out)

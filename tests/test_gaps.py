@@ -1,0 +1,207 @@
+"""Local q*, the flow guide and the gap decomposition, against PPCA's closed forms; the ``gaps`` command.
+
+Tolerances: ``tol_opt`` is the local optimisation's stopping tolerance (how
+far from the optimum it may stop), plus 4 Monte Carlo standard errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ppl_vae.cli import main
+from ppl_vae.guides import IAFEncoder, amortized_guide
+from ppl_vae.inference import decompose, fit, importance_bounds, optimize_local
+from ppl_vae.inference.local import LocalPosterior, guide_distribution
+from ppl_vae.models import PPCA
+from ppl_vae.nn import MLP, GaussianEncoder
+
+from test_bounds import frozen_ppca
+from test_cli import BINARY
+
+
+def mean_field_kl(m: PPCA, x: torch.Tensor) -> float:
+    """KL(q*_MF || p(z|x)) for the optimal mean-field Gaussian: 0.5 (sum_i log Lambda_ii - log det Lambda)."""
+    lam = torch.linalg.inv(m.posterior(x[:1]).covariance_matrix[0])
+    return 0.5 * (lam.diagonal().log().sum() - torch.logdet(lam)).item()
+
+
+def se_of_mean(se: torch.Tensor) -> float:
+    return (se.pow(2).sum().sqrt() / len(se)).item()
+
+
+@pytest.mark.parametrize("family", ["diagonal", "full"])
+def test_local_qstar_gap_matches_closed_form(family):
+    m = frozen_ppca(D=6, d=3, sigma=0.5)
+    x = m.sample(10)
+    fit_ = optimize_local(m, x, family=family, init="prior", lr=0.01, num_samples=30, tol=0.002, max_steps=3000, check_every=50, seed=0)
+    assert fit_.converged.all()
+    b = importance_bounds(m, fit_.posterior, x, num_samples=2000, seed=1)
+    gap = (m.log_marginal(x) - b.elbo).mean().item()
+    expected = mean_field_kl(m, x) if family == "diagonal" else 0.0
+    if family == "diagonal":
+        assert expected > 0.1  # a clearly correlated posterior
+    assert abs(gap - expected) < 0.01 + 4 * se_of_mean(b.elbo_se), (gap, expected)
+    if family == "diagonal":  # and the optimum itself: exact means, variances 1/Lambda_ii
+        post = m.posterior(x)
+        q = fit_.posterior.distribution()
+        lam = torch.linalg.inv(post.covariance_matrix[0])
+        sd = lam.diagonal().rsqrt()
+        # Adam at a constant lr jitters around the optimum (the ELBO is flat there: 0.1 sd costs ~0.005 nats)
+        assert ((q.mean.double() - post.mean).abs() / sd < 0.4).all()
+        assert ((q.stddev.double() / sd).log().abs() < 0.15).all()
+
+
+def test_local_flow_copied_from_an_amortised_iaf_is_that_distribution():
+    torch.manual_seed(0)
+    enc = IAFEncoder(MLP(6, [], 8), 8, 3, num_flows=2, flow_hidden=6)
+    for flow in enc.flows:  # a non-trivial flow (the encoder starts at the identity)
+        nn.init.normal_(flow.nn.layers[-1].weight, std=0.3)
+        nn.init.normal_(flow.nn.layers[-1].bias, std=0.3)
+    x = torch.randn(5, 6)
+    q = guide_distribution(amortized_guide(enc), x)
+    local = LocalPosterior.initial("flow", q)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        z = q.rsample((4,))
+        lq = q.log_prob(z)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        qs = local.distribution()
+        z_star = qs.rsample((4,))
+        lqs = qs.log_prob(z_star)
+    assert torch.allclose(z, z_star, atol=1e-5)
+    assert torch.allclose(lq, lqs, atol=1e-4)
+    assert not torch.allclose(z, q.base_dist.sample((4,)), atol=1e-2)  # the flow does move the draws
+
+
+def test_batched_local_optimisation_equals_one_datapoint_at_a_time():
+    m = frozen_ppca(D=6, d=3, sigma=0.5)
+    x = m.sample(6)
+    kw = dict(family="diagonal", init="prior", lr=0.01, num_samples=30, tol=0.002, max_steps=3000, check_every=50)
+    batched = optimize_local(m, x, seed=0, **kw).posterior.distribution()
+    sd = torch.linalg.inv(m.posterior(x[:1]).covariance_matrix[0]).diagonal().rsqrt()
+    for i in range(3):
+        alone = optimize_local(m, x[i : i + 1], seed=10 + i, **kw).posterior.distribution()
+        # equal up to Adam's jitter around the optimum (other random draws): well under a posterior sd
+        assert ((batched.mean[i] - alone.mean[0]).abs() / sd < 0.4).all()
+        assert ((batched.stddev[i] / alone.stddev[0]).log().abs() < 0.15).all()
+
+
+def _encoder_fit(m: PPCA, x: torch.Tensor, body: nn.Module, width: int, epochs: int) -> amortized_guide:
+    enc = GaussianEncoder(body, width, m.latent_dim).double()
+    guide = amortized_guide(enc)
+    fit(m, guide, (x,), epochs=epochs, batch_size=100, lr=0.02, lr_schedule="cosine", seed=0, progress=False)
+    return guide
+
+
+def test_amortisation_gap_is_zero_for_a_linear_encoder_and_positive_for_a_bottleneck():
+    m = frozen_ppca(D=6, d=3, sigma=0.5)
+    x = m.sample(400)
+    test = m.sample(20)
+    local = {"lr": 0.01, "num_samples": 30, "tol": 0.002, "max_steps": 3000, "check_every": 50}
+    linear = _encoder_fit(m, x, nn.Identity(), 6, epochs=150)  # the optimal mean-field q is linear in x
+    crippled = _encoder_fit(m, x, nn.Linear(6, 1), 1, epochs=150)  # its means lie on a line
+    reports = {name: decompose(m, g, test, num_samples=2000, elbo_samples=2000, local_options=local, seed=0)
+               for name, g in (("linear", linear), ("bottleneck", crippled))}
+    kl = mean_field_kl(m, test)
+    lin, bot = reports["linear"], reports["bottleneck"]
+    assert lin.family == "diagonal" and "IWAE K=2000" in lin.logpx_estimator
+    assert abs(lin.amortisation_gap.mean().item()) < 0.03, lin.summary()
+    assert bot.amortisation_gap.mean().item() > 0.3, bot.summary()
+    for r in reports.values():  # the approximation gap is the mean-field KL whatever the encoder
+        assert abs(r.approximation_gap.mean().item() - kl) < 0.03
+        # never negative beyond its standard errors, per datapoint
+        se_amort = (r.elbo_local_se["diagonal"] ** 2 + r.elbo_q_se**2).sqrt()
+        se_approx = (r.log_px_se**2 + r.elbo_local_se["diagonal"] ** 2).sqrt()
+        assert (r.amortisation_gap >= -4 * se_amort - 0.01).all()
+        assert (r.approximation_gap >= -4 * se_approx - 0.01).all()
+        assert torch.allclose(r.inference_gap, r.approximation_gap + r.amortisation_gap)
+    df = bot.to_dataframe()
+    assert len(df) == 20 and {"log_px", "elbo_q", "elbo_qstar_diagonal", "amortisation_gap"} <= set(df.columns)
+
+
+def test_iaf_guide_trains_and_beats_its_gaussian_start():
+    torch.manual_seed(0)
+    m = frozen_ppca(D=6, d=3, sigma=0.5)
+    x = m.sample(300)
+    enc = IAFEncoder(MLP(6, [16], 16), 16, 3, num_flows=2).double()
+    guide = amortized_guide(enc)
+    before = importance_bounds(m, guide, x[:50], num_samples=200, seed=0).elbo.mean().item()
+    fit(m, guide, (x,), epochs=40, batch_size=100, lr=0.01, seed=0, progress=False)
+    after = importance_bounds(m, guide, x[:50], num_samples=200, seed=0).elbo.mean().item()
+    assert after > before + 1.0
+    # a flow can correlate the latents, so it beats the mean-field optimum's gap
+    gap = (m.log_marginal(x[:50]).mean() - after).item()
+    assert gap < mean_field_kl(m, x)
+
+
+# ---------------------------------------------------------------- the `gaps` command
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "vae"
+    assert main(["fit", "--out", str(run), *BINARY]) == 0
+    return run
+
+
+GAPS_FAST = ["--num-points", "6", "--K", "50", "--elbo-samples", "20", "--local-steps", "200", "--families", "full"]
+
+
+def test_gaps_command_writes_table_csv_json_and_figure(tiny_run, tmp_path, capsys):
+    out = tmp_path / "gaps"
+    assert main(["gaps", "--run", str(tiny_run), "--run", str(tiny_run), "--out", str(out), *GAPS_FAST]) == 0
+    assert "amortisation gap" in capsys.readouterr().out
+    summary = json.loads((out / "gaps.json").read_text())
+    assert len(summary["summaries"]) == 2 and summary["options"]["K"] == 50
+    s = summary["summaries"][0]
+    assert math.isclose(s["inference_gap"], s["approximation_gap"] + s["amortisation_gap"], abs_tol=1e-9)
+    assert (out / "gaps.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "gaps.csv").read_text().count("\n") == 1 + 2 * 6
+    assert "L[q*] (full)" in (out / "table.md").read_text()
+    # merging gaps folders (e.g. runs analysed in parallel) rebuilds the same table
+    merged = tmp_path / "merged"
+    assert main(["gaps", "--merge", str(out), "--out", str(merged)]) == 0
+    assert (merged / "table.md").read_text().splitlines()[:9] == (out / "table.md").read_text().splitlines()[:9]
+    assert main(["gaps", "--merge", str(out), "--run", str(tiny_run), "--out", str(tmp_path / "m2")]) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--K", "0"], "--K must be a positive integer"),
+        (["--num-points", "100000"], "more than the split has"),
+        (["--logpx", "exact"], "unknown --logpx"),
+        (["--split", "nope"], "unknown split"),
+    ],
+)
+def test_gaps_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path, capsys, args, message):
+    out = tmp_path / "gaps"
+    assert main(["gaps", "--run", str(tiny_run), "--out", str(out), *GAPS_FAST, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_gaps_on_a_run_without_checkpoint(tiny_run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_run / "config.json").read_text())
+    assert main(["gaps", "--run", str(broken), "--out", str(tmp_path / "g"), *GAPS_FAST]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
+def test_gaps_refuses_to_overwrite_without_force(tiny_run, tmp_path, capsys):
+    out = tmp_path / "gaps"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["gaps", "--run", str(tiny_run), "--out", str(out), *GAPS_FAST]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
