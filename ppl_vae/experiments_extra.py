@@ -1,0 +1,371 @@
+"""Experiment drivers of the model family: quadrant completion (SO-CVAE), semi-supervised M2, and ``fit --model`` builders.
+
+* :func:`cvae_quadrants` -- the deterministic baseline and the structured-output
+  CVAE on binarised MNIST for 1, 2 and 3 visible quadrants; test negative
+  conditional log-likelihood by importance sampling.
+* :func:`m2_semisupervised` -- M2 on the labelled MNIST test set split into
+  train and test, for several label budgets and random label draws.
+* :func:`build_family` -- networks, model and guide of the ``hvae``,
+  ``mog-vae``, ``vampprior``, ``vqvae`` and ``sparse-ae`` options of
+  ``ppl-vae fit`` (called by :func:`ppl_vae.experiment.build`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from . import io
+from .data import load
+from .errors import ConfigError, DataError
+from .inference import fit
+from .nn import MLP, GaussianEncoder
+
+if TYPE_CHECKING:
+    from .experiment import Built, Config
+
+__all__ = [
+    "FAMILY_MODELS",
+    "TUTORIAL_NLL",
+    "M2_REFERENCES",
+    "TableResult",
+    "build_family",
+    "cvae_quadrants",
+    "m2_semisupervised",
+]
+
+FAMILY_MODELS = ("hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae")
+MIXTURE_COMPONENTS, PSEUDO_INPUTS, SPARSE_L1 = 10, 50, 0.1
+VQ_LATENTS, VQ_CODES = 8, 64
+
+#: Pyro's CVAE tutorial, test negative ELBO per image: {visible quadrants: (baseline, CVAE)}.
+TUTORIAL_NLL = {1: (100.4, 71.8), 2: (61.9, 51.0), 3: (25.4, 24.2)}
+#: Test accuracy at 100 labels: Kingma et al. (2014) M2 (11.97 % error) and Pyro's SS-VAE tutorial.
+M2_REFERENCES = {"Kingma et al. 2014 M2 (60k MNIST, 100 labels)": 0.8803, "Pyro SS-VAE tutorial (60k MNIST, 100 labels)": 0.9319}
+
+
+@dataclass(frozen=True)
+class TableResult:
+    """Rows of an experiment table (one dict per row) and where they were written."""
+
+    rows: tuple[dict[str, Any], ...]
+    out: str
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(list(self.rows))
+
+
+def _positive(**values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+
+def _seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm if k is None else perm[: min(k, n)]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    p = io.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return p
+
+
+# --- structured-output CVAE ------------------------------------------------------
+
+
+def cvae_quadrants(
+    out: str | Path,
+    *,
+    quadrants: Sequence[int] = (1, 2, 3),
+    data_dir: str | Path | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    hidden: tuple[int, int] = (500, 500),
+    latent_dim: int = 200,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    num_samples: int = 100,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = False,
+) -> TableResult:
+    """Train the baseline and the SO-CVAE per number of visible quadrants; write the table and completions.
+
+    Networks follow Pyro's tutorial (two hidden layers of 500, ``z`` of 200).
+    Training uses a seeded random ``train_limit`` rows (all by default) of the
+    binarised-MNIST training split; the test score is on a seeded random ``test_limit`` rows
+    of the test split (all by default). Writes ``results.csv``,
+    ``results.json``, ``table.md`` and ``completions_q{n}.png`` into ``out``.
+    """
+    from . import plotting
+    from .models.cvae_so import baseline_model, conditional_nll, empty_guide, mask_quadrants, predict, so_cvae, so_cvae_guide, visible_mask
+
+    for q in quadrants:
+        visible_mask(q)
+    _positive(epochs=epochs, num_samples=num_samples, batch_size=batch_size, latent_dim=latent_dim)
+    train_all = load("binarized-mnist", "train", data_dir=data_dir)
+    test_all = load("binarized-mnist", "test", data_dir=data_dir)
+    out = io.prepare_run_dir(out, force=force)
+    xtr = train_all.x[_seeded_subset(len(train_all), train_limit, seed)]
+    xte = test_all.x[_seeded_subset(len(test_all), test_limit, seed + 1)]
+    d, h1, h2 = xtr.shape[1], *hidden
+    rows: list[dict[str, Any]] = []
+    opts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    for q in quadrants:
+        xin, xin_te = mask_quadrants(xtr, q), mask_quadrants(xte, q)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        base = MLP(d, [h1, h2], d)
+        fit(baseline_model(base), empty_guide, (xin, xtr), **opts)
+        base.requires_grad_(False)
+        prior_net = GaussianEncoder(MLP(d, [h1], h2), h2, latent_dim)
+        recognition = GaussianEncoder(MLP(d, [h1], h2), h2, latent_dim)
+        generation = MLP(latent_dim, [h1, h2], d)
+        model, guide = so_cvae(prior_net, generation, baseline=base), so_cvae_guide(recognition)
+        fit(model, guide, (xin, xtr), **opts)
+        train_s = time.perf_counter() - t0
+        b_nll, _ = conditional_nll(baseline_model(base), empty_guide, xin_te, xte, num_samples=1, seed=seed)
+        c_nll, c_nelbo = conditional_nll(model, guide, xin_te, xte, num_samples=num_samples, seed=seed)
+        se = lambda v: (v.std() / math.sqrt(len(v))).item()  # noqa: E731
+        rows.append({
+            "visible_quadrants": q, "baseline_nll": b_nll.mean().item(), "baseline_nll_se": se(b_nll),
+            "cvae_nll_is": c_nll.mean().item(), "cvae_nll_is_se": se(c_nll), "cvae_neg_elbo": c_nelbo.mean().item(),
+            "tutorial_baseline": TUTORIAL_NLL[q][0], "tutorial_cvae": TUTORIAL_NLL[q][1],
+            "num_train": len(xtr), "num_test": len(xte), "epochs": epochs, "is_samples": num_samples, "train_s": train_s,
+        })
+        n = 8
+        shown = torch.cat([
+            xin_te[:n].clamp(min=0) + 0.5 * (xin_te[:n] == -1), xte[:n], predict(baseline_model(base), xin_te[:n])[0],
+            predict(model, xin_te[:n], num_samples=3, seed=seed).reshape(-1, d),
+        ])
+        fig = plotting.image_grid(shown, (1, 28, 28), n, f"{q} visible: input|truth|baseline|3 CVAE")
+        _save(fig, out / f"completions_q{q}.png")
+    io.write_csv(out / "results.csv", rows)
+    io.write_json(out / "results.json", rows)
+    io.write_text(out / "table.md", quadrant_table(rows))
+    return TableResult(tuple(rows), str(out))
+
+
+def quadrant_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`cvae_quadrants` rows."""
+    lines = [
+        "| visible quadrants | baseline NLL (exact) | CVAE NLL (IS) | CVAE neg. ELBO | tutorial baseline | tutorial CVAE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['visible_quadrants']} | {r['baseline_nll']:.1f} ± {r['baseline_nll_se']:.1f} | "
+            f"{r['cvae_nll_is']:.1f} ± {r['cvae_nll_is_se']:.1f} | {r['cvae_neg_elbo']:.1f} | "
+            f"{r['tutorial_baseline']} | {r['tutorial_cvae']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --- M2 ------------------------------------------------------------------------
+
+
+def _balanced_labels(y: torch.Tensor, num_labels: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    per_class = num_labels // num_classes
+    picks = []
+    for c in range(num_classes):
+        idx = (y == c).nonzero().flatten()
+        if len(idx) < per_class:
+            raise DataError(f"class {c} has only {len(idx)} rows; cannot draw {per_class} labels per class")
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    return torch.cat(picks)
+
+
+def m2_semisupervised(
+    out: str | Path,
+    *,
+    labels: Sequence[int] = (100, 1000),
+    draws: int = 3,
+    data_dir: str | Path | None = None,
+    num_test: int = 2000,
+    latent_dim: int = 50,
+    hidden: int = 500,
+    alpha: float = 50.0,
+    labelled_share: float = 0.1,
+    epochs: int = 10,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = False,
+) -> TableResult:
+    """M2 on MNIST's labelled 10,000-image test set: split into train and ``num_test`` test rows.
+
+    For every label budget and draw, ``budget / 10`` labels per class are
+    drawn at random from the training part; the other training rows are
+    unlabelled. Labelled rows are repeated so that they make up about
+    ``labelled_share`` of each epoch (the paper's auxiliary-loss schedule
+    needs them seen often). Pixels are binarised by one seeded Bernoulli
+    draw. Also reported: the same classifier trained on the labelled rows
+    alone. Writes ``results.csv``, ``results.json``, ``table.md``.
+    """
+    from .models import get_likelihood
+    from .models.m2 import classify, m2, m2_guide
+    from .models.cvae_so import empty_guide
+
+    if any(n < 10 or n % 10 for n in labels):
+        raise ConfigError(f"label budgets must be positive multiples of 10 (equal labels per class), got {list(labels)}")
+    _positive(draws=draws, epochs=epochs, batch_size=batch_size, latent_dim=latent_dim)
+    ds = load("mnist", "test", data_dir=data_dir, binarize="sample", seed=seed)
+    assert ds.y is not None
+    if not 0 < num_test < len(ds) - max(labels):
+        raise ConfigError(f"num_test must leave room for the labels (have {len(ds)} rows)")
+    out = io.prepare_run_dir(out, force=force)
+    perm = _seeded_subset(len(ds), None, seed)
+    test_idx, train_idx = perm[:num_test], perm[num_test:]
+    xtr, ytr, xte, yte = ds.x[train_idx], ds.y[train_idx], ds.x[test_idx], ds.y[test_idx]
+    d, c = xtr.shape[1], 10
+    rows: list[dict[str, Any]] = []
+    for n_lab in labels:
+        for draw in range(draws):
+            gen = torch.Generator().manual_seed(1000 * seed + 17 * n_lab + draw)
+            lab = _balanced_labels(ytr, n_lab, c, gen)
+            y_semi = torch.full_like(ytr, -1)
+            y_semi[lab] = ytr[lab]
+            repeats = max(1, round(labelled_share * len(xtr) / n_lab))
+            x_fit = torch.cat([xtr[y_semi < 0], xtr[lab].repeat(repeats, 1)])
+            y_fit = torch.cat([y_semi[y_semi < 0], ytr[lab].repeat(repeats)])
+            torch.manual_seed(seed + draw)
+            clf = MLP(d, [hidden], c)
+            enc = GaussianEncoder(MLP(d + c, [], hidden), hidden, latent_dim)
+            dec = MLP(latent_dim + c, [hidden], d)
+            model, guide = m2(dec, get_likelihood("bernoulli"), clf, latent_dim, c, alpha=alpha), m2_guide(enc, clf, c)
+            t0 = time.perf_counter()
+            fit(model, guide, (x_fit, y_fit), estimator="enum", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + draw, progress=progress)
+            m2_s = time.perf_counter() - t0
+            acc = (classify(clf, xte) == yte).double().mean().item()
+            sup = MLP(d, [hidden], c)
+            fit(_supervised(sup), empty_guide, (xtr[lab].repeat(repeats, 1), ytr[lab].repeat(repeats)),
+                epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + draw, progress=False)
+            sup_acc = (classify(sup, xte) == yte).double().mean().item()
+            rows.append({
+                "labels": n_lab, "draw": draw, "m2_accuracy": acc, "m2_error_pct": 100 * (1 - acc),
+                "supervised_only_accuracy": sup_acc, "num_train": len(xtr), "num_test": len(xte),
+                "epochs": epochs, "alpha": alpha, "labelled_repeats": repeats, "m2_train_s": m2_s,
+            })
+    io.write_csv(out / "results.csv", rows)
+    io.write_json(out / "results.json", rows)
+    io.write_text(out / "table.md", m2_table(rows))
+    return TableResult(tuple(rows), str(out))
+
+
+def _supervised(classifier: nn.Module) -> Any:
+    """The classifier alone as a Pyro model ``(x, y)``: the supervised-only reference."""
+    import pyro
+    import pyro.distributions as dist
+
+    def model(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Categorical(logits=classifier(x)), obs=y)
+
+    return model
+
+
+def m2_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown summary (mean ± sd over draws) of :func:`m2_semisupervised` rows."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(rows))
+    lines = [
+        "| labels | draws | M2 test accuracy | M2 error % | classifier on labels only | train / test rows |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, g in df.groupby("labels"):
+        sd = lambda s: s.std(ddof=1) if len(s) > 1 else float("nan")  # noqa: E731
+        lines.append(
+            f"| {n} | {len(g)} | {g.m2_accuracy.mean():.4f} ± {sd(g.m2_accuracy):.4f} | {g.m2_error_pct.mean():.2f} | "
+            f"{g.supervised_only_accuracy.mean():.4f} ± {sd(g.supervised_only_accuracy):.4f} | "
+            f"{g.num_train.iloc[0]} / {g.num_test.iloc[0]} |"
+        )
+    lines.append("")
+    lines += [f"Reference, {k}: accuracy {v:.4f}" for k, v in M2_REFERENCES.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- ``ppl-vae fit --model`` builders ------------------------------------------------
+
+
+def build_family(cfg: Config, data_dim: int) -> Built:
+    """Networks, model and guide of a :data:`FAMILY_MODELS` config (MLP networks).
+
+    ``Built.encoder`` / ``Built.decoder`` are the views the pictures use: the
+    top latent of the hierarchical VAE, the quantised decoder of the VQ-VAE.
+    ``Built.extra["sample_prior"](n, generator)`` draws decoded samples from
+    the model's own prior.
+    """
+    from .experiment import Built
+    from .guides import amortized_guide, delta_guide
+    from .models import get_likelihood
+    from .models.autoencoders import sparse_autoencoder
+    from .models.hierarchical import TopDecoder, TopEncoder, hierarchical_guide, hierarchical_vae
+    from .models import GaussianMixturePrior
+    from .models.priors import VampPrior, vae_with_prior
+    from .models.vqvae import Codebook, CodePrior, QuantizedDecoder, vqvae
+
+    if cfg.arch != "mlp":
+        raise ConfigError(f"--arch {cfg.arch} is not available for {cfg.model}")
+    if cfg.model in ("vqvae", "sparse-ae") and cfg.estimator != "reparam":
+        raise ConfigError(f"{cfg.model} has a point-estimate encoder: only --estimator reparam applies")
+    torch.manual_seed(cfg.seed)
+    d, hidden = cfg.latent_dim, list(cfg.hidden)
+    likelihood = get_likelihood(cfg.likelihood, dim=data_dim)
+    body = MLP(data_dim, hidden[:-1], hidden[-1])
+    extra: dict[str, Any] = {}
+
+    def decoded(dec: nn.Module, draw: Any) -> Any:
+        return lambda n, generator=None: likelihood.mean(dec(draw(n, generator))).detach()
+
+    if cfg.model == "hvae":
+        d1 = 2 * d
+        enc1, enc2 = GaussianEncoder(body, hidden[-1], d1), GaussianEncoder(MLP(d1, [], hidden[-1]), hidden[-1], d)
+        dec1, dec2 = MLP(d1, hidden[::-1], data_dim), GaussianEncoder(MLP(d, [], hidden[-1]), hidden[-1], d1)
+        model, guide = hierarchical_vae(dec1, dec2, likelihood, d), hierarchical_guide(enc1, enc2)
+        return Built(cfg, model, guide, TopDecoder(dec1, dec2), TopEncoder(enc1, enc2), likelihood)
+    if cfg.model in ("mog-vae", "vampprior"):
+        encoder = GaussianEncoder(body, hidden[-1], d, cfg.guide)
+        decoder = MLP(d, hidden[::-1], data_dim)
+        if cfg.model == "mog-vae":
+            prior: Any = GaussianMixturePrior(MIXTURE_COMPONENTS, d).marginal
+        else:
+            prior = VampPrior(encoder, torch.rand(PSEUDO_INPUTS, data_dim, generator=torch.Generator().manual_seed(cfg.seed)))
+        extra["sample_prior"] = decoded(decoder, lambda n, g: _sample_with(prior().sample, (n,), g))
+        return Built(cfg, vae_with_prior(decoder, likelihood, prior), amortized_guide(encoder), decoder, encoder, likelihood, extra=extra)
+    if cfg.model == "vqvae":
+        codebook, code_prior = Codebook(VQ_CODES, d, seed=cfg.seed), CodePrior(VQ_LATENTS, VQ_CODES)
+        encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], VQ_LATENTS * d))
+        decoder = MLP(VQ_LATENTS * d, hidden[::-1], data_dim)
+        model = vqvae(decoder, likelihood, codebook, code_prior, VQ_LATENTS)
+        extra["sample_prior"] = decoded(decoder, lambda n, g: codebook.embedding[code_prior.sample_codes(n, generator=g)].flatten(-2))
+        extra["codebook"], extra["code_prior"] = codebook, code_prior
+        return Built(cfg, model, delta_guide(encoder), QuantizedDecoder(codebook, decoder), encoder, likelihood, extra=extra)
+    if cfg.model == "sparse-ae":
+        encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
+        decoder = MLP(d, hidden[::-1], data_dim)
+        return Built(cfg, sparse_autoencoder(decoder, likelihood, d, l1=SPARSE_L1), delta_guide(encoder), decoder, encoder, likelihood)
+    raise ConfigError(f"unknown model {cfg.model!r}")
+
+
+def _sample_with(sample: Any, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """``sample(shape)`` under a torch RNG seeded from ``generator`` (distributions take no generator)."""
+    with torch.random.fork_rng():
+        if generator is not None:
+            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        return sample(shape).detach()

@@ -1,0 +1,174 @@
+"""The model family: hierarchical VAE, mixture and VampPrior, VQ-VAE, sparse and linear autoencoders.
+
+Each trains a few epochs on the embedded 8x8 digits (1437 rows) with ``fit`` and
+must improve its objective on held-out rows by far more than its Monte Carlo
+standard error (the mean over 180 rows of a single-sample ELBO has an SE well
+under 1 nat here; the thresholds are >= 5 nats).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ppl_vae import fit
+from ppl_vae.data import load
+from ppl_vae.guides import amortized_guide, delta_guide
+from ppl_vae.inference import elbo_per_datapoint
+from ppl_vae.models import get_likelihood
+from ppl_vae.models.autoencoders import principal_angles_to_pca, sparse_autoencoder
+from ppl_vae.models.hierarchical import hierarchical_guide, hierarchical_vae
+from ppl_vae.models import GaussianMixturePrior
+from ppl_vae.models.priors import VampPrior, vae_with_prior
+from ppl_vae.models.vqvae import Codebook, CodePrior, QuantizedDecoder, perplexity, vqvae
+from ppl_vae.nn import MLP, GaussianEncoder
+
+D, H = 64, 32
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load("digits", "train", binarize="threshold").x, load("digits", "test", binarize="threshold").x
+
+
+def held_out_elbo(model, guide, x, particles=4):
+    mean, se = elbo_per_datapoint(model, guide, x, num_particles=particles)
+    return mean.mean().item(), (mean.std() / math.sqrt(len(mean))).item()
+
+
+def build_hvae():
+    enc, top_enc = GaussianEncoder(MLP(D, [], H), H, 8), GaussianEncoder(MLP(8, [], 16), 16, 2)
+    dec, top_dec = MLP(8, [H], D), GaussianEncoder(MLP(2, [], 16), 16, 8)
+    return hierarchical_vae(dec, top_dec, get_likelihood("bernoulli"), 2), hierarchical_guide(enc, top_enc)
+
+
+def build_mog():
+    enc = GaussianEncoder(MLP(D, [], H), H, 2)
+    return vae_with_prior(MLP(2, [H], D), get_likelihood("bernoulli"), GaussianMixturePrior(5, 2).marginal), amortized_guide(enc)
+
+
+def build_vamp(train):
+    enc = GaussianEncoder(MLP(D, [], H), H, 2)
+    prior = VampPrior(enc, train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:10]])
+    return vae_with_prior(MLP(2, [H], D), get_likelihood("bernoulli"), prior), amortized_guide(enc)
+
+
+def build_vq(num_latents=4, code_dim=2, num_codes=16):
+    enc = MLP(D, [H], num_latents * code_dim)
+    codebook, prior = Codebook(num_codes, code_dim), CodePrior(num_latents, num_codes)
+    dec = MLP(num_latents * code_dim, [H], D)
+    model = vqvae(dec, get_likelihood("bernoulli"), codebook, prior, num_latents)
+    return model, delta_guide(enc), (enc, dec, codebook, prior)
+
+
+def build_sparse(l1):
+    enc = MLP(D, [H], 8)
+    return sparse_autoencoder(MLP(8, [H], D), get_likelihood("bernoulli"), 8, l1=l1), delta_guide(enc), enc
+
+
+@pytest.mark.parametrize("name", ["hvae", "mog", "vamp", "vqvae", "sparse"])
+def test_model_trains_and_improves_held_out_objective(name, digits):
+    train, test = digits
+    model, guide = {
+        "hvae": build_hvae, "mog": build_mog, "vamp": lambda: build_vamp(train),
+        "vqvae": lambda: build_vq()[:2], "sparse": lambda: build_sparse(0.1)[:2],
+    }[name]()
+    before, se0 = held_out_elbo(model, guide, test)
+    result = fit(model, guide, train, epochs=8, batch_size=64, lr=3e-3, seed=0, progress=False)
+    after, se1 = held_out_elbo(model, guide, test)
+    assert math.isfinite(result.train_elbo)
+    assert after - before > max(5.0, 10 * (se0 + se1)), (before, after)
+
+
+def test_vamp_prior_components_are_the_guide_at_pseudo_inputs():
+    enc = GaussianEncoder(MLP(D, [], H), H, 3)
+    u = torch.rand(4, D)
+    p = VampPrior(enc, u)()
+    loc, scale = enc(u)
+    z = torch.randn(5, 3)
+    expected = torch.logsumexp(torch.distributions.Normal(loc, scale).log_prob(z[:, None]).sum(-1), -1) - math.log(4)
+    assert torch.allclose(p.log_prob(z), expected, atol=1e-5)
+
+
+def test_vqvae_uses_its_codebook_and_samples_from_the_code_prior(digits):
+    train, test = digits
+    model, guide, (enc, dec, codebook, prior) = build_vq()
+    fit(model, guide, train, epochs=8, batch_size=64, lr=3e-3, seed=0, progress=False)
+    with torch.no_grad():
+        codes, _ = codebook(enc(test).reshape(len(test), 4, 2))
+    assert perplexity(codes, 16) > 2.0
+    # the code prior was fitted to the code frequencies (maximum likelihood): it puts more mass on used codes
+    used = torch.bincount(codes.reshape(-1), minlength=16) > 0
+    probs = torch.softmax(prior.logits, -1).mean(0)
+    assert probs[used].sum() > 0.8
+    draws = prior.sample_codes(50, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (50, 4) and int(draws.max()) < 16
+    with torch.no_grad():
+        images = torch.sigmoid(dec(codebook.embedding[draws].flatten(-2)))
+        quantised = QuantizedDecoder(codebook, dec)(codebook.embedding[draws].flatten(-2))
+    assert images.shape == (50, D)
+    assert torch.allclose(torch.sigmoid(quantised), images)  # a code vector is its own quantisation
+
+
+def test_perplexity_bounds():
+    assert perplexity(torch.zeros(10, dtype=torch.long), 8) == pytest.approx(1.0)
+    assert perplexity(torch.arange(8).repeat(3), 8) == pytest.approx(8.0)
+
+
+def test_sparse_penalty_makes_codes_sparser(digits):
+    train, _ = digits
+    mean_abs = {}
+    for l1 in (0.0, 1.0):
+        model, guide, enc = build_sparse(l1)
+        fit(model, guide, train, epochs=8, batch_size=64, lr=3e-3, seed=0, progress=False)
+        with torch.no_grad():
+            mean_abs[l1] = enc(train).abs().mean().item()
+    assert mean_abs[1.0] < 0.5 * mean_abs[0.0], mean_abs
+
+
+def test_linear_autoencoder_spans_the_pca_subspace():
+    """Baldi & Hornik (1989): the optimum of a linear AE with squared error spans the top principal subspace."""
+    gen = torch.Generator().manual_seed(0)
+    n, d_data, d = 500, 10, 2
+    basis = torch.linalg.qr(torch.randn(d_data, d_data, generator=gen))[0]
+    scales = torch.tensor([3.0, 2.0, 0.5, 0.4, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1])
+    x = (torch.randn(n, d_data, generator=gen) * scales) @ basis.T + 1.0
+    enc, dec = MLP(d_data, [], d), MLP(d, [], d_data)
+    from ppl_vae.models import autoencoder
+
+    model = autoencoder(dec, get_likelihood("gaussian"), d)
+    fit(model, delta_guide(enc), x, epochs=150, batch_size=100, lr=1e-2, seed=0, progress=False)
+    angles = principal_angles_to_pca(dec[0].weight, x)
+    assert angles.max() < 0.05, angles  # radians; a random 2-plane in R^10 is at ~1 rad
+    random_angles = principal_angles_to_pca(torch.randn(d_data, d, generator=gen), x)
+    assert random_angles.max() > 0.3
+
+
+@pytest.mark.parametrize("model", ["hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae"])
+def test_cli_fit_and_reload(model, tmp_path):
+    """``ppl-vae fit --model ...`` trains, writes its figures (prior samples from the model's own prior) and reloads."""
+    from ppl_vae.cli import main
+    from ppl_vae.experiment import load_run
+
+    out = tmp_path / model
+    argv = ["fit", "--model", model, "--dataset", "digits", "--binarize", "threshold", "--limit", "60",
+            "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert (out / "prior_samples.png").stat().st_size > 1000
+    built, splits = load_run(out)
+    x = splits["test"].x[:5]
+    assert built.reconstruct(x).shape == x.shape
+    assert built.latent_mean(x).shape[0] == 5
+
+
+def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
+    from ppl_vae.cli import main
+
+    for extra, fragment in ((["--model", "hvae", "--arch", "conv"], "--arch conv"), (["--model", "vqvae", "--estimator", "score"], "point-estimate")):
+        out = tmp_path / "x"
+        assert main(["fit", "--dataset", "digits", "--limit", "60", "--binarize", "threshold", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert not out.exists()
