@@ -130,8 +130,12 @@ def compare_run(
     if guide == "local":
         _local_fit()
     built, splits = load_run(run_dir)
-    if built.config.model in ("ae", "dae"):
+    if built.config.model in ("ae", "dae", "sparse-ae", "vqvae"):
         raise ConfigError(f"a {built.config.model} has no proper latent posterior (flat prior, point-mass encoder): nothing to compare")
+    from .models import DISCRETE_MODELS
+
+    if built.config.model in DISCRETE_MODELS:
+        raise ConfigError(f"{built.config.model} has discrete latents: HMC needs one continuous latent site")
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(splits)}")
     data = splits[split]

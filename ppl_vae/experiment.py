@@ -23,17 +23,20 @@ from torch import nn
 from . import io
 from .data import Dataset, load
 from .errors import CheckpointError, ConfigError
-from .guides import amortized_guide, delta_guide, masking_noise
+from .experiments_extra import FAMILY_MODELS, build_family
+from .guides import IAFEncoder, amortized_guide, delta_guide, masking_noise
 from .inference import discover, elbo_per_datapoint, fit
-from .inference.estimators import ESTIMATORS
+from .inference.estimators import get_estimator
 from .inference.svi import CHECKPOINT, as_tensors
-from .models import LIKELIHOODS, PPCA, autoencoder, cvae, get_likelihood, one_hot, vae
+from .models import DISCRETE_MODELS, LIKELIHOODS, PPCA, autoencoder, cvae, get_likelihood, one_hot, vae
+from .models.discrete import discrete_vae
 from .models.likelihoods import check_support
 from .nn import MLP, Concat, ConvDecoder, ConvEncoder, GaussianEncoder
 
 __all__ = ["Config", "Built", "MODELS", "build", "run", "load_run", "read_config", "CONFIG", "METRICS"]
 
-MODELS = ("vae", "beta-vae", "cvae", "ae", "dae", "ppca")
+MODELS = ("vae", "beta-vae", "cvae", "ae", "dae", "ppca", *DISCRETE_MODELS, *FAMILY_MODELS)
+GUIDES = ("diagonal", "full", "iaf")
 CONFIG, METRICS = "config.json", "metrics.json"
 
 
@@ -52,6 +55,7 @@ class Config:
     arch: str = "mlp"
     likelihood: str = "bernoulli"
     guide: str = "diagonal"
+    flows: int = 2
     estimator: str = "reparam"
     num_particles: int = 1
     beta: float = 1.0
@@ -70,10 +74,21 @@ class Config:
             raise ConfigError(f"latent dimension must be a positive integer, got {self.latent_dim!r}")
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
-        if self.estimator not in ESTIMATORS:
-            raise ConfigError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if self.guide not in ("diagonal", "full"):
-            raise ConfigError(f"unknown guide {self.guide!r}; choose diagonal or full")
+        get_estimator(self.estimator).validate(self.num_particles)  # ConfigError for unknown names, bad options
+        if self.model in DISCRETE_MODELS and self.estimator in ("reparam", "analytic-kl"):
+            raise ConfigError(f"{self.model} has discrete latents: use --estimator score, score+average, score+nvil, score+loo, iwae or relaxed")
+        if self.guide not in GUIDES:
+            raise ConfigError(f"unknown guide {self.guide!r}; choose one of {', '.join(GUIDES)}")
+        if self.guide == "iaf" and self.estimator.startswith("score"):
+            raise ConfigError("--guide iaf needs a pathwise estimator (reparam or iwae): its cached flow log-density gives the score function no gradient")
+        if self.estimator.split(":")[0] == "iwae" and self.beta != 1.0:
+            raise ConfigError("--estimator iwae is not defined with --beta != 1 (the bound is not a sum of per-site terms)")
+        if self.model in DISCRETE_MODELS and self.estimator == "enum":
+            raise ConfigError(f"{self.model} has no enumerable latents in its guide: use --estimator score, score+average, score+nvil, score+loo, iwae or relaxed")
+        if self.guide == "iaf" and self.model not in ("vae", "beta-vae"):
+            raise ConfigError(f"--guide iaf is available for vae and beta-vae, not {self.model}")
+        if self.guide == "iaf" and (self.flows < 1 or self.latent_dim < 2):
+            raise ConfigError(f"--guide iaf needs --flows >= 1 and --latent-dim >= 2, got {self.flows} and {self.latent_dim}")
         if self.arch not in ("mlp", "conv"):
             raise ConfigError(f"unknown arch {self.arch!r}; choose mlp or conv")
         if self.arch == "conv" and self.model in ("cvae", "ppca"):
@@ -136,11 +151,16 @@ class Built:
 
     @torch.no_grad()
     def latent_mean(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The guide's mean of ``z`` per row of ``x`` (the exact posterior mean for PPCA)."""
+        """The guide's mean of ``z`` per row of ``x`` (the exact posterior mean for PPCA; for a flow, the base mean pushed through it)."""
         if self.ppca is not None:
             return self.ppca.posterior(x).mean
         assert self.encoder is not None
         out = self.encoder(*self.encoder_inputs(x, y))
+        if isinstance(out, torch.distributions.TransformedDistribution):  # a flow: push the base mean through it
+            z = out.base_dist.mean
+            for t in out.transforms:
+                z = t(z)
+            return z
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -163,6 +183,11 @@ def build(cfg: Config, data_dim: int, image_shape: tuple[int, int, int], num_cla
         encoder = GaussianEncoder(MLP(data_dim, [], hidden[-1]), hidden[-1], d, cfg.guide)
         return Built(cfg, ppca, amortized_guide(encoder), None, encoder, None, ppca=ppca)
     likelihood = get_likelihood(cfg.likelihood, dim=data_dim)
+    if cfg.model in FAMILY_MODELS:  # hierarchical, mixture/Vamp prior, VQ-VAE, sparse AE
+        return build_family(cfg, data_dim)
+    if cfg.model in DISCRETE_MODELS:  # latent_dim Bernoulli latents, or latent_dim categoricals of 10 classes
+        model, guide, decoder, means = discrete_vae(cfg.model, data_dim, d, hidden, likelihood)
+        return Built(cfg, model, guide, decoder, means, likelihood)
     if cfg.model == "cvae":
         if num_classes is None:
             raise ConfigError(f"cvae needs labels; dataset {cfg.dataset!r} has none")
@@ -177,7 +202,10 @@ def build(cfg: Config, data_dim: int, image_shape: tuple[int, int, int], num_cla
         encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
         corruption = masking_noise(cfg.noise) if cfg.model == "dae" else None
         return Built(cfg, autoencoder(decoder, likelihood, d), delta_guide(encoder, corruption=corruption), decoder, encoder, likelihood)
-    encoder = GaussianEncoder(body, hidden[-1], d, cfg.guide)
+    if cfg.guide == "iaf":
+        encoder = IAFEncoder(body, hidden[-1], d, num_flows=cfg.flows)
+    else:
+        encoder = GaussianEncoder(body, hidden[-1], d, cfg.guide)
     return Built(cfg, vae(decoder, likelihood, d), amortized_guide(encoder), decoder, encoder, likelihood)
 
 
@@ -198,6 +226,8 @@ def _check(cfg: Config, built: Built, splits: dict[str, Dataset]) -> None:
 
 
 def objective_name(cfg: Config) -> str:
+    if cfg.model in ("vqvae", "sparse-ae"):
+        return "reconstruction log-likelihood minus penalties (not a bound)"
     return "reconstruction log-likelihood (not a bound)" if cfg.model in ("ae", "dae") else "ELBO"
 
 
@@ -270,7 +300,8 @@ def load_run(run_dir: str | Path) -> tuple[Built, dict[str, Dataset]]:
     built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
     found = discover(built.model, built.guide, tuple(t[:2] for t in _tensors(cfg, train)))
     saved = ckpt.get("params") if isinstance(ckpt, dict) else None
-    if saved is None or len(saved) != len(found.params) or any(s.shape != p.shape for s, p in zip(saved, found.params)):
+    # an estimator's own networks (NVIL's baseline) are saved after the model's and guide's parameters
+    if saved is None or len(saved) < len(found.params) or any(s.shape != p.shape for s, p in zip(saved, found.params)):
         raise CheckpointError(f"checkpoint in {run_dir} does not match its config")
     with torch.no_grad():
         for p, s in zip(found.params, saved):

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pyro
 import pytest
+
+
+# the posteriordb reference posteriors the tests use ship with the tests (tests/data/posteriordb)
+os.environ.setdefault("PPL_VAE_POSTERIORDB", str(Path(__file__).parent / "data" / "posteriordb"))
 
 
 @pytest.fixture(autouse=True)

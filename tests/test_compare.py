@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae import io
 from ppl_vae.cli import main
 from ppl_vae.compare_run import demo_comparison
 from ppl_vae.errors import ConfigError
@@ -191,4 +190,3 @@ def test_demo_hook_and_amortized_draws(tiny_run, tmp_path):
     info = demo_comparison(built, splits, tmp_path, seed=0, num_points=2)
     assert len(info["indices"]) == 2 and math.isfinite(info["summary"]["max_abs_std_mean_error"])
     assert all((tmp_path / "compare" / name).is_file() for name in FILES)
-    assert io  # atomic writer module used by the hook

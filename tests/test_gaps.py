@@ -205,3 +205,10 @@ def test_gaps_refuses_to_overwrite_without_force(tiny_run, tmp_path, capsys):
     assert main(["gaps", "--run", str(tiny_run), "--out", str(out), *GAPS_FAST]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_score_function_refuses_a_caching_flow_guide(tmp_path, capsys):
+    """Pyro's IAF caches its gradient-free inverse, so log q(z) would give the score function no signal."""
+    assert main(["fit", "--out", str(tmp_path / "r"), *BINARY, "--guide", "iaf", "--estimator", "score"]) == 2
+    assert "--guide iaf needs a pathwise estimator" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -14,7 +14,10 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-__all__ = ["amortized_guide", "delta_guide", "gaussian_from_params", "masking_noise"]
+from .discrete import bernoulli_guide, categorical_guide
+from .flows import IAFEncoder
+
+__all__ = ["IAFEncoder", "bernoulli_guide", "categorical_guide", "amortized_guide", "delta_guide", "gaussian_from_params", "masking_noise"]
 
 Guide = Callable[..., None]
 

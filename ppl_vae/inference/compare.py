@@ -237,7 +237,12 @@ def _matrix(draws: Draws, names: Sequence[str]) -> tuple[np.ndarray, list[str], 
 
 def _energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     tx, ty = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    return float(2 * torch.cdist(tx, ty).mean() - torch.cdist(tx, tx).mean() - torch.cdist(ty, ty).mean())
+    n, m = len(tx), len(ty)  # within-sample terms as U-statistics (the zero diagonal excluded): unbiased
+
+    def within(t: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.cdist(t, t).sum() / (k * (k - 1))
+
+    return float(2 * torch.cdist(tx, ty).mean() - within(tx, n) - within(ty, m))
 
 
 def _gaussian_kl(x_q: np.ndarray, x_p: np.ndarray) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
@@ -22,38 +23,86 @@ from pyro.poutine.util import site_is_subsample
 
 from ..errors import ConfigError
 
-__all__ = ["traces", "log_weights", "elbo_per_datapoint", "evaluate_elbo"]
+__all__ = ["SAMPLES", "traces", "plate_nesting", "log_weights", "elbo_per_datapoint", "evaluate_elbo"]
+
+
+SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
+
+
+def _keep_dim(lp: torch.Tensor, site: dict, name: str) -> int | None:
+    dims = [f.dim for f in site["cond_indep_stack"] if f.name == name]
+    if not dims:
+        return None
+    return lp.dim() + dims[0] if dims[0] < 0 else dims[0]
 
 
 def _per_datapoint(site: dict, plate: str) -> torch.Tensor:
+    """A site's log-density summed over everything but the data plate (and the draws plate, if any)."""
     lp = site["fn"].log_prob(site["value"])
     if site.get("mask") is not None:
         lp = lp * site["mask"]
-    dims = [f.dim for f in site["cond_indep_stack"] if f.name == plate]
-    if not dims:
+    keep_data = _keep_dim(lp, site, plate)
+    if keep_data is None:
         raise ConfigError(f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint bounds need every site inside it")
-    keep = lp.dim() + dims[0] if dims[0] < 0 else dims[0]
-    other = [d for d in range(lp.dim()) if d != keep]
+    keep = [d for d in (_keep_dim(lp, site, SAMPLES), keep_data) if d is not None]
+    other = [d for d in range(lp.dim()) if d not in keep]
     return lp.sum(other) if other else lp
 
 
-def traces(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor) -> tuple[Trace, Trace]:
+def plate_nesting(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor) -> int:
+    """How many plates deep the model and guide go (Pyro's ``max_plate_nesting``), from one traced run."""
+    model_tr, guide_tr = traces(model, guide, *args)
+    depth = [
+        -f.dim
+        for tr in (model_tr, guide_tr)
+        for site in tr.nodes.values()
+        if site["type"] == "sample"
+        for f in site["cond_indep_stack"]
+        if f.vectorized and f.dim is not None
+    ]
+    return max(depth, default=0)
+
+
+def traces(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *args: torch.Tensor,
+    num_samples: int | None = None,
+    nesting: int | None = None,
+) -> tuple[Trace, Trace]:
     """``(model_trace, guide_trace)``: the guide run on ``args``, the model replayed on its draws.
 
-    Blocked from outer handlers, so it can run inside another inference.
+    With ``num_samples=S`` both run inside a plate of ``S`` vectorised draws
+    (to the left of ``nesting`` plates, found by :func:`plate_nesting` if not
+    given), as Pyro's ``vectorize_particles`` does. Blocked from outer
+    handlers, so it can run inside another inference.
     """
     with poutine.block():
-        guide_tr = poutine.trace(guide).get_trace(*args)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+        if num_samples is None:
+            guide_tr = poutine.trace(guide).get_trace(*args)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+            return model_tr, guide_tr
+        depth = plate_nesting(model, guide, *args) if nesting is None else nesting
+        with pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
+            guide_tr = poutine.trace(guide).get_trace(*args)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
     return model_tr, guide_tr
 
 
-def log_weights(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor, plate: str = "data") -> torch.Tensor:
-    """One importance log-weight ``log p(x, z) - log q(z | x)`` per datapoint, ``z ~ q``.
+def log_weights(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *args: torch.Tensor,
+    plate: str = "data",
+    num_samples: int | None = None,
+    nesting: int | None = None,
+) -> torch.Tensor:
+    """Importance log-weights ``log p(x, z) - log q(z | x)`` per datapoint, ``z ~ q``.
 
-    Returns a tensor of shape ``[N]``; its mean over draws is the ELBO.
+    Returns shape ``[N]`` (one draw each), or ``[S, N]`` with ``num_samples=S``
+    vectorised draws; their mean over draws is the ELBO.
     """
-    model_tr, guide_tr = traces(model, guide, *args)
+    model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples, nesting=nesting)
     total: torch.Tensor | int = 0
     for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
         for site in tr.nodes.values():
@@ -61,6 +110,8 @@ def log_weights(model: Callable[..., object], guide: Callable[..., object], *arg
                 total = total + sign * _per_datapoint(site, plate)
     if isinstance(total, int):
         raise ConfigError("the model has no sample sites")
+    if num_samples is not None and total.dim() == 1:  # nothing depended on the draws
+        total = total.expand(num_samples, -1)
     return total
 
 

@@ -102,6 +102,9 @@ def is_latent(msg: dict[str, Any]) -> bool:
 class _DetachGuideSamples(Messenger):
     def _process_message(self, msg: dict[str, Any]) -> None:
         if is_latent(msg):
+            if isinstance(msg["fn"], torch.distributions.TransformedDistribution) and any(getattr(t, "_cache_size", 0) for t in msg["fn"].transforms):
+                # log q(z) of a draw would reuse the transforms' cached, gradient-free inverse: no score signal at all
+                raise ConfigError(f"site {msg['name']!r} is a flow with cached transforms; the score-function estimators cannot differentiate its log-density: use --estimator reparam")
             msg["fn"] = detach_sampling(msg["fn"])
 
 

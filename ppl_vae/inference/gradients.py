@@ -126,6 +126,8 @@ def gradient_stats(
     tensors = as_tensors(data)
     if not isinstance(repeats, int) or repeats < 2:
         raise ConfigError(f"repeats must be an integer >= 2, got {repeats!r}")
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ConfigError(f"num-particles must be an integer >= 1, got {num_particles!r}")
     if not estimators:
         raise ConfigError("no estimators given")
     ests = [get_estimator(e) for e in estimators]

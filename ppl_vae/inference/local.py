@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .bounds import seeded
+from .bounds import importance_bounds, seeded
 from .elbo import log_weights, plate_nesting
 
 __all__ = ["FAMILIES", "BatchedMADE", "LocalPosterior", "LocalFit", "optimize_local", "guide_distribution", "family_of"]
@@ -261,7 +261,7 @@ class LocalFit:
     steps: torch.Tensor  # [N] Adam steps taken by each datapoint
     converged: torch.Tensor  # [N] bool: stopped by its own test (else by max_steps)
     initial_elbo: torch.Tensor  # [N] window-mean ELBO of the first check window
-    final_elbo: torch.Tensor  # [N] window-mean ELBO of the last check window
+    final_elbo: torch.Tensor  # [N] ELBO estimate of the kept (best) parameters: start or a check window's mean
     options: dict = field(default_factory=dict)
 
 
@@ -300,7 +300,10 @@ def optimize_local(
     max_steps, check_every, tol : int, int, float
         Each datapoint stops when the mean of its ELBO estimates over the last
         ``check_every`` steps improved by less than ``tol`` nats on the window
-        before, or at ``max_steps``.
+        before, or at ``max_steps``. It keeps the parameters with the best
+        estimate seen: its start (estimated with ``num_samples *
+        check_every`` draws, at most 1000) or the end of a check window, so
+        that a stochastic optimisation never leaves it worse than it began.
     num_flows, flow_hidden : int
         The flow family's steps and MADE width (when not copied from ``init``).
     seed : int, optional
@@ -332,6 +335,8 @@ def optimize_local(
         opt = torch.optim.Adam(params, lr=lr)
         nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))
         frozen = [p.detach().clone() for p in params]
+        best = [p.detach().clone() for p in params]  # each datapoint's best parameters seen at a check
+        best_mean = importance_bounds(model, posterior, *data, num_samples=min(num_samples * check_every, 1000), seed=None).elbo
         active = torch.ones(n, dtype=torch.bool)
         steps = torch.zeros(n, dtype=torch.long)
         window = torch.zeros(n, dtype=torch.float64)
@@ -357,15 +362,22 @@ def optimize_local(
                     first = torch.where(torch.isnan(first), mean, first)
                     done = active & (mean - previous < tol)
                     previous = torch.where(active, mean, previous)
+                    improved = active & (mean > best_mean)
+                    best_mean = torch.where(improved, mean, best_mean)
                     window.zero_()
-                    for p, f in zip(params, frozen):
-                        f[done] = p[done]
+                    for p, f, b in zip(params, frozen, best):
+                        b[improved] = p[improved]
+                        p[done] = b[done]  # a datapoint stops at its best parameters, never worse than its start
+                        f[done] = b[done]
                     active &= ~done
                     if not active.any():
                         break
+        with torch.no_grad():
+            for p, b in zip(params, best):  # those stopped by max_steps, too
+                p[active] = b[active]
         for p in params:
             p.grad = None
             p.requires_grad_(False)
     converged = ~active
     options = dict(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol)
-    return LocalFit(posterior, steps, converged, first.float(), previous.float(), options)
+    return LocalFit(posterior, steps, converged, first.float(), best_mean.float(), options)

@@ -504,7 +504,8 @@ class _Sampler:
         active = torch.ones(self.G, dtype=torch.bool)
         for _ in range(40):
             new = eps * 2.0**direction
-            crossed = (direction > 0) & (accept_rate(new) < self.target_accept) | (direction < 0) & (accept_rate(new) > self.target_accept)
+            rate = accept_rate(new)
+            crossed = (direction > 0) & (rate < self.target_accept) | (direction < 0) & (rate > self.target_accept)
             eps = torch.where(active, new, eps)
             active &= ~crossed
             if not active.any():
@@ -537,6 +538,8 @@ def _run_batched(
     ends = {end for _, end in windows}
     da = DualAveraging(prox_center=torch.log(10 * s.eps))
     welford = WelfordCovariance(diagonal=True)
+    if warmup_steps == 0:
+        s.cap = s.max_leapfrog
     it = range(warmup_steps + num_samples)
     if progress:
         from tqdm.auto import tqdm
@@ -562,6 +565,7 @@ def _run_batched(
                 da = DualAveraging(prox_center=torch.log(10 * s.eps))
             if t == warmup_steps - 1:
                 s.eps = torch.exp(x_avg) if t not in ends else s.eps
+                s.cap = s.max_leapfrog  # short warmups have no mass-matrix window to lift the early cap
         else:
             keep_u.append(s.u)
             keep_acc.append(acc)

@@ -239,14 +239,18 @@ def fit(
     }
     pyro.set_rng_seed(seed)
     shuffle = torch.Generator().manual_seed(seed)
-    found = discover(model, guide, tuple(t[: min(n, batch_size)] for t in tensors), modules)
-    params = list(found.params)
+    example = tuple(t[: min(n, batch_size)] for t in tensors)
+    found = discover(model, guide, example, modules)
+    loss_fn = est.loss(model, guide, num_particles)
+    # networks the estimator trains itself (NVIL's baseline) come last, so the model's and guide's keep their order
+    own = {id(p) for p in found.params}
+    extra = loss_fn.parameters(*example) if hasattr(loss_fn, "parameters") else []
+    params = list(found.params) + [p for p in extra if id(p) not in own]
     if not params:
         raise ConfigError("the model and guide use no trainable parameters")
     optim = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
     sched = _schedule(optim, lr_schedule, epochs)
 
-    loss_fn = est.loss(model, guide, num_particles)
     scale_latents = _ScaleLatents(beta) if beta != 1.0 else None
     history: list[dict[str, float]] = []
     start_epoch, step, best, best_epoch, bad_epochs, wall = 0, 0, -math.inf, 0, 0, 0.0
