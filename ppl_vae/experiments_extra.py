@@ -117,6 +117,7 @@ def cvae_quadrants(
     for q in quadrants:
         visible_mask(q)
     _positive(epochs=epochs, num_samples=num_samples, batch_size=batch_size, latent_dim=latent_dim)
+    _positive(**{k: v for k, v in (("train_limit", train_limit), ("test_limit", test_limit)) if v is not None})
     train_all = load("binarized-mnist", "train", data_dir=data_dir)
     test_all = load("binarized-mnist", "test", data_dir=data_dir)
     out = io.prepare_run_dir(out, force=force)
@@ -224,6 +225,8 @@ def m2_semisupervised(
     if any(n < 10 or n % 10 for n in labels):
         raise ConfigError(f"label budgets must be positive multiples of 10 (equal labels per class), got {list(labels)}")
     _positive(draws=draws, epochs=epochs, batch_size=batch_size, latent_dim=latent_dim)
+    if not alpha >= 0:
+        raise ConfigError(f"alpha must be >= 0, got {alpha}")
     ds = load("mnist", "test", data_dir=data_dir, binarize="sample", seed=seed)
     assert ds.y is not None
     if not 0 < num_test < len(ds) - max(labels):
@@ -324,6 +327,8 @@ def build_family(cfg: Config, data_dim: int) -> Built:
         raise ConfigError(f"--arch {cfg.arch} is not available for {cfg.model}")
     if cfg.model in ("vqvae", "sparse-ae") and cfg.estimator != "reparam":
         raise ConfigError(f"{cfg.model} has a point-estimate encoder: only --estimator reparam applies")
+    if cfg.model == "hvae" and cfg.estimator.split(":")[0] == "analytic-kl":
+        raise ConfigError("hvae's guide q(z2 | z1) is not mean-field: --estimator analytic-kl would optimise the wrong objective")
     torch.manual_seed(cfg.seed)
     d, hidden = cfg.latent_dim, list(cfg.hidden)
     likelihood = get_likelihood(cfg.likelihood, dim=data_dim)

@@ -195,6 +195,8 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists; pass --force to overwrite it")
     loaded = [load_run(r) for r in runs]
+    if any(b.conditional for b, _ in loaded):
+        raise ConfigError("latent-space pictures need unconditional runs; a cvae's encoder needs labels")
     built, splits = loaded[0]
     test = splits["test"]
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))

@@ -172,3 +172,22 @@ def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and fragment in err[0], err
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--model", "hvae", "--estimator", "analytic-kl"], "not mean-field"),
+        (["--model", "vae", "--estimator", "iwae", "--num-particles", "2", "--beta", "2"], "iwae is not defined"),
+    ],
+)
+def test_wrong_objective_combinations_are_refused_before_anything_is_written(tmp_path, capsys, options, message):
+    from test_cli import BINARY
+
+    from ppl_vae.cli import main
+
+    out = tmp_path / "run"
+    assert main(["fit", "--out", str(out), *BINARY, *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
