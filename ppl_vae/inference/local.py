@@ -218,12 +218,17 @@ class LocalPosterior(nn.Module):
                 loc, tril = q.loc, q.scale_tril
             elif source == "diagonal":
                 loc, tril = q.mean, torch.diag_embed(q.stddev)
-            else:  # moment-match from draws
-                draws = q.sample((seed_draws,))
-                loc = draws.mean(0)
-                centred = draws - loc
-                cov = torch.einsum("snd,sne->nde", centred, centred) / (seed_draws - 1)
-                tril = torch.linalg.cholesky(cov + 1e-6 * torch.eye(loc.shape[-1]))
+            else:  # moment-match from draws, taken in chunks so memory stays bounded
+                total = second = None
+                for k in range(0, seed_draws, 100):
+                    raw = q.sample((min(100, seed_draws - k),))
+                    draws = raw.double()
+                    s1, s2 = draws.sum(0), torch.einsum("snd,sne->nde", draws, draws)
+                    total, second = (s1, s2) if total is None else (total + s1, second + s2)
+                loc = total / seed_draws
+                cov = (second - seed_draws * loc.unsqueeze(-1) * loc.unsqueeze(-2)) / (seed_draws - 1)
+                tril = torch.linalg.cholesky(cov + 1e-6 * torch.eye(loc.shape[-1], dtype=cov.dtype)).to(raw.dtype)
+                loc = loc.to(raw.dtype)
             scale = tril.diagonal(dim1=-2, dim2=-1) if family == "full" else (tril @ tril.mT).diagonal(dim1=-2, dim2=-1).sqrt()
             if family == "full":
                 return cls("full", loc, scale, site=site, scale_tril=tril)
