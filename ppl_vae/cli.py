@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue the run in --out (its config.json is used)")
     f.add_argument("--no-progress", action="store_true")
 
-    d = sub.add_parser("demo", help="the main job on the embedded digits: a 2-D VAE, in about a minute")
+    d = sub.add_parser("demo", help="the main job on the embedded digits: a 2-D VAE, its gaps and a VI-vs-MCMC check, in 1-2 minutes")
     d.add_argument("--out", default=DEMO_DIR, help=f"run directory (default {DEMO_DIR})")
     d.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     d.add_argument("--no-progress", action="store_true")
