@@ -21,6 +21,7 @@ import torch
 from . import io
 from .errors import ConfigError
 from .inference.compare import Comparison, compare, vi_draws_amortized, vi_draws_latent
+from .inference.local import family_of, guide_distribution, optimize_local
 from .inference.mcmc import Draws, hmc_latent
 
 __all__ = ["GUIDES", "compare_run", "compare_points", "demo_comparison", "pick_points"]
@@ -57,14 +58,6 @@ def _check(guide: str, draws: int, chains: int, warmup: int | None, vi_draws: in
     return warmup, vi_draws  # type: ignore[return-value]
 
 
-def _local_fit() -> Any:
-    try:
-        from .inference.local import optimize_local
-    except ImportError:
-        raise ConfigError("--guide local needs the local-optimisation module (ppl_vae.inference.local), which this installation lacks") from None
-    return optimize_local
-
-
 def compare_points(
     built: Any,
     args: tuple[torch.Tensor, ...],
@@ -79,14 +72,13 @@ def compare_points(
 ) -> tuple[Draws, Draws, Comparison]:
     """MCMC and VI draws of the rows ``args`` of a built model, and their :class:`Comparison`."""
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
-    optimize_local = _local_fit() if guide == "local" else None
     mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress)
-    if optimize_local is None:
+    if guide == "amortized":
         vi = vi_draws_amortized(built.model, built.guide, *args, num_samples=vi_draws, seed=seed)
-    else:
-        fit = optimize_local(built.model, *args, family="diagonal", init=built.guide, seed=seed)
-        q = fit.posterior.distribution() if hasattr(fit, "posterior") else fit.distribution()
-        vi = vi_draws_latent(built.model, q, *args, num_samples=vi_draws, seed=seed, method="vi-local")
+    else:  # q* of the guide's own family, started at the guide
+        q0 = guide_distribution(built.guide, *args)
+        fit = optimize_local(built.model, *args, family=family_of(q0) or "diagonal", init=q0, seed=seed)
+        vi = vi_draws_latent(built.model, fit.posterior.distribution(), *args, num_samples=vi_draws, seed=seed, method="vi-local")
     return mcmc, vi, compare(mcmc, vi, seed=seed)
 
 
@@ -127,8 +119,6 @@ def compare_run(
     from .experiment import load_run
 
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
-    if guide == "local":
-        _local_fit()
     built, splits = load_run(run_dir)
     if built.config.model in ("ae", "dae", "sparse-ae", "vqvae"):
         raise ConfigError(f"a {built.config.model} has no proper latent posterior (flat prior, point-mass encoder): nothing to compare")

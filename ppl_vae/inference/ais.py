@@ -44,7 +44,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import ConfigError
-from .bounds import seeded
+from .bounds import log_mean_exp, seeded
 from .elbo import SAMPLES, _per_datapoint, plate_nesting
 
 __all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "sigmoid_schedule"]
@@ -181,16 +181,16 @@ def _run(dens, z, log_q, betas, *, leapfrog_steps, step_size, target_accept, ada
     acc_total = torch.zeros(N, dtype=torch.float64)
     record = []
 
-    def log_target(zz, beta):
+    def ends(zz):
+        """``(log p0(z), log p(x, z))``: f_beta = log p0 + beta (log p(x, z) - log p0), one model run."""
         prior, lik = dens(zz)
-        if log_q is None:
-            return prior + beta * lik
-        return (1 - beta) * log_q(zz) + beta * (prior + lik)
+        return (prior, prior + lik) if log_q is None else (log_q(zz), prior + lik)
 
     def with_grad(beta):
         def logf(zz):
             zz = zz.detach().requires_grad_(True)
-            f = log_target(zz, beta)
+            base, target = ends(zz)
+            f = base + beta * (target - base)
             (g,) = torch.autograd.grad(f.sum(), zz)
             return f.detach(), g
 
@@ -201,7 +201,8 @@ def _run(dens, z, log_q, betas, *, leapfrog_steps, step_size, target_accept, ada
     for t in order:
         b_from, b_to = (betas[t - 1], betas[t]) if not reverse else (betas[t], betas[t - 1])
         with torch.no_grad():
-            lw += (log_target(z, float(b_to)) - log_target(z, float(b_from))).double()
+            base, target = ends(z)
+            lw += (float(b_to - b_from) * (target - base)).double()
         if eps_schedule is not None:
             eps = eps_schedule[t - 1 if not reverse else max(t - 2, 0)].to(z.dtype).expand(C, N).clone()
         record.append(eps.log().mean(0).exp())  # the step size this transition uses
@@ -213,12 +214,7 @@ def _run(dens, z, log_q, betas, *, leapfrog_steps, step_size, target_accept, ada
 
 
 def _logmeanexp_se(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    C = lw.shape[0]
-    lse1 = torch.logsumexp(lw, 0)
-    est = lse1 - math.log(C)
-    rel = (torch.logsumexp(2 * lw, 0) - math.log(C) - 2 * est).exp() - 1
-    se = (rel.clamp_min(0) / max(C - 1, 1)).sqrt() if C > 1 else torch.full_like(est, math.nan)
-    return est, se
+    return log_mean_exp(torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0), lw.shape[0])
 
 
 def _check(num_steps: int, num_chains: int, leapfrog_steps: int, step_size: float) -> None:

@@ -77,6 +77,14 @@ def restrict(guide: Callable[..., object], rows: slice | torch.Tensor) -> Callab
     return select(rows) if callable(select) else guide
 
 
+def log_mean_exp(lse1: torch.Tensor, lse2: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log mean w`` and its delta-method SE from ``logsumexp(log w)`` and ``logsumexp(2 log w)`` over ``K`` weights."""
+    est = lse1 - math.log(K)
+    rel = (lse2 - math.log(K) - 2 * est).exp() - 1  # var(w) / mean(w)^2 = mean(w^2) / mean(w)^2 - 1
+    se = (rel.clamp_min(0) / (K - 1)).sqrt() if K > 1 else torch.full_like(est, math.nan)
+    return est, se
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     for i in range(0, n, size):
         yield slice(i, min(i + size, n))
@@ -151,10 +159,7 @@ def importance_bounds(
             out["elbo"][rows] = shift + mean_c
             var = (s2 / K - mean_c**2).clamp_min(0) * K / max(K - 1, 1)
             out["elbo_se"][rows] = (var / K).sqrt() if K > 1 else torch.full_like(mean_c, math.nan)
-            out["iwae"][rows] = lse1 - math.log(K)
-            # var(w) / mean(w)^2 = mean(w^2) / mean(w)^2 - 1, in log space
-            rel = (lse2 - math.log(K) - 2 * (lse1 - math.log(K))).exp() - 1
-            out["iwae_se"][rows] = (rel.clamp_min(0) / max(K - 1, 1)).sqrt() if K > 1 else torch.full_like(rel, math.nan)
+            out["iwae"][rows], out["iwae_se"][rows] = log_mean_exp(lse1, lse2, K)
     if not torch.isfinite(out["elbo"]).all():
         raise ConfigError("some log-weights are not finite: the guide puts mass where the model has none")
     return Bounds(num_samples=K, **out)

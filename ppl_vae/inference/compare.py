@@ -60,7 +60,10 @@ from pyro.poutine.util import site_is_subsample
 
 from .. import io
 from ..errors import ConfigError
-from .mcmc import Draws, _latent_sites, _max_plate_nesting, _seeded, _sum_but_first, latent_log_joint
+from .local import guide_distribution
+from .bounds import seeded
+from .elbo import trace_nesting
+from .mcmc import Draws, _latent_sites, _sum_but_first, latent_log_joint
 
 __all__ = [
     "Comparison",
@@ -110,7 +113,7 @@ def vi_draws_latent(
     n = args[0].shape[0]
     if tuple(q.batch_shape) != (n,):
         raise ConfigError(f"q must have batch shape [{n}] (one distribution per datapoint), got {tuple(q.batch_shape)}")
-    with torch.no_grad(), _seeded(seed):
+    with torch.no_grad(), seeded(seed):
         z = q.sample((num_samples,))  # [S, N, *event]
         lw = latent_log_joint(model, *args, site=site)(z) - q.log_prob(z)
     dims, coords = _latent_layout(site, n, tuple(q.event_shape))
@@ -126,11 +129,7 @@ def vi_draws_amortized(
     seed: int = 0,
 ) -> Draws:
     """Draws of the amortised guide's :math:`q(z \\mid x_n)` for every row of ``args`` (see :func:`vi_draws_latent`)."""
-    with torch.no_grad(), poutine.block():
-        tr = poutine.trace(guide).get_trace(*args)
-    if site not in tr.nodes:
-        raise ConfigError(f"the guide has no site {site!r}")
-    q = tr.nodes[site]["fn"]
+    q = guide_distribution(guide, *args, site=site)
     return vi_draws_latent(model, q, *args, site=site, num_samples=num_samples, seed=seed, method="vi-amortized")
 
 
@@ -177,8 +176,8 @@ def vi_draws_autoguide(
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"number of VI draws must be a positive integer, got {num_samples!r}")
     plain, latent = _latent_sites(model, args, kwargs)
-    dim = -(_max_plate_nesting(plain) + 1)
-    with pyro.settings.context(module_local_params=True), _seeded(seed):
+    dim = -(trace_nesting(plain) + 1)
+    with pyro.settings.context(module_local_params=True), seeded(seed):
         guide = _autoguide(model, family, dict(guide_options or {}))
         guide(*args, **kwargs)  # creates the parameters
         opt = torch.optim.Adam(guide.parameters(), lr=lr)

@@ -49,18 +49,22 @@ def _per_datapoint(site: dict, plate: str) -> torch.Tensor:
     return lp.sum(other) if other else lp
 
 
-def plate_nesting(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor) -> int:
-    """How many plates deep the model and guide go (Pyro's ``max_plate_nesting``), from one traced run."""
-    model_tr, guide_tr = traces(model, guide, *args)
+def trace_nesting(*trs: Trace) -> int:
+    """How many vectorised plates deep the sample sites of ``trs`` go (Pyro's ``max_plate_nesting``)."""
     depth = [
         -f.dim
-        for tr in (model_tr, guide_tr)
+        for tr in trs
         for site in tr.nodes.values()
         if site["type"] == "sample"
         for f in site["cond_indep_stack"]
         if f.vectorized and f.dim is not None
     ]
     return max(depth, default=0)
+
+
+def plate_nesting(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor) -> int:
+    """How many plates deep the model and guide go (Pyro's ``max_plate_nesting``), from one traced run."""
+    return trace_nesting(*traces(model, guide, *args))
 
 
 def traces(

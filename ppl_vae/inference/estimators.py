@@ -84,11 +84,16 @@ def _score_class(cls: type) -> type:
     return _SCORE_CLASSES[cls]
 
 
+def _leaf(fn: Any) -> Any:
+    """The innermost distribution of ``fn`` (through ``Independent``, ``Expanded``, ...)."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
 def detach_sampling(fn: Any) -> Any:
     """Make ``fn`` (and whatever it wraps) non-reparameterised, in place; returns ``fn``."""
-    leaf = fn
-    while hasattr(leaf, "base_dist"):
-        leaf = leaf.base_dist
+    leaf = _leaf(fn)
     if leaf.has_rsample:
         leaf.__class__ = _score_class(type(leaf))
     return fn
@@ -454,9 +459,7 @@ class _StraightThrough(_RequireRsample):
 
     def _process_message(self, msg: dict[str, Any]) -> None:
         if is_latent(msg) and not msg["infer"].get("enumerate"):
-            leaf = msg["fn"]
-            while hasattr(leaf, "base_dist"):
-                leaf = leaf.base_dist
+            leaf = _leaf(msg["fn"])
             if isinstance(leaf, (torch.distributions.Bernoulli, torch.distributions.OneHotCategorical)):
                 leaf.__class__ = _straight_through_class(type(leaf), self.temperature)
         super()._process_message(msg)
@@ -482,8 +485,7 @@ class Relaxed(Estimator):
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"relaxation temperature must be positive and finite, got {self.temperature}")
 
-    def elbo(self, num_particles: int) -> pyro.infer.ELBO:
-        return pyro.infer.TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    elbo = AnalyticKL.elbo  # the discrete KL in closed form, the rest pathwise
 
     def guide_handler(self) -> Messenger:
         return _StraightThrough(float(self.temperature))

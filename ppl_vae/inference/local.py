@@ -358,8 +358,9 @@ def optimize_local(
                 p.grad = g
             opt.step()
             with torch.no_grad():
-                for p, f in zip(params, frozen):  # converged datapoints do not move (Adam's momentum would)
-                    p[~active] = f[~active]
+                if not active.all():
+                    for p, f in zip(params, frozen):  # converged datapoints do not move (Adam's momentum would)
+                        p[~active] = f[~active]
                 steps[idx] += 1
                 window[idx] += per_point.detach().double()
                 if step % check_every == 0:

@@ -65,7 +65,8 @@ from pyro.ops.welford import WelfordCovariance
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import ConfigError
-from .elbo import _per_datapoint
+from .bounds import seeded
+from .elbo import _per_datapoint, trace_nesting
 from .params import discover
 
 __all__ = ["Draws", "hmc_latent", "hmc", "nuts", "nuts_latent", "latent_log_joint", "frozen_parameters"]
@@ -163,14 +164,6 @@ def frozen_parameters(params: Sequence[torch.Tensor]) -> Iterator[None]:
 def _freeze(model: Callable[..., object], args: tuple[torch.Tensor, ...]) -> contextlib.AbstractContextManager[None]:
     found = discover(model, lambda *a: None, tuple(a[:1] for a in args))
     return frozen_parameters(found.params)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global RNG inside the block without changing it outside."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _check_counts(num_samples: int, warmup_steps: int, num_chains: int) -> None:
@@ -299,16 +292,11 @@ def _latent_target(
     )
 
 
-def _max_plate_nesting(tr: Any) -> int:
-    dims = [-f.dim for s in tr.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None]
-    return max(dims, default=0)
-
-
 def _model_target(
     model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any], num_chains: int, generator: torch.Generator
 ) -> _Target:
     plain, latent = _latent_sites(model, args, kwargs)
-    dim = -(_max_plate_nesting(plain) + 1)
+    dim = -(trace_nesting(plain) + 1)
     c = num_chains
 
     def vectorized(size: int) -> Callable[..., Any]:
@@ -587,7 +575,7 @@ def _run_batched(
 def _batched(make_target: Callable[[torch.Generator], _Target], freeze: contextlib.AbstractContextManager[None],
              num_samples: int, warmup_steps: int, seed: int, tuning: dict[str, Any]) -> Draws:
     gen = torch.Generator().manual_seed(seed)
-    with freeze, _seeded(seed):
+    with freeze, seeded(seed):
         return _run_batched(make_target(gen), num_samples=num_samples, warmup_steps=warmup_steps, generator=gen, method="batched-hmc", **tuning)
 
 
@@ -737,7 +725,7 @@ def nuts(
     step_size = np.zeros((num_chains, num_samples))
     with _freeze(lambda *a, **k: model(*args, **kwargs), ()):
         for c in range(num_chains):
-            with _seeded(seed + c):
+            with seeded(seed + c):
                 kernel = NUTS(model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, jit_compile=False)
                 mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1, disable_progbar=not progress)
                 mcmc.run(*args, **kwargs)

@@ -13,7 +13,6 @@ import math
 import pyro.distributions as dist
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..errors import ConfigError, DataError
 
