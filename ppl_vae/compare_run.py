@@ -20,8 +20,9 @@ import torch
 
 from . import io
 from .errors import ConfigError
-from .inference.compare import Comparison, compare, vi_draws_amortized, vi_draws_latent
-from .inference.local import family_of, guide_distribution, optimize_local
+from .inference.compare import Comparison, compare, vi_draws, vi_draws_amortized
+from .inference.latent import guide_in_latent_space, latent_of
+from .inference.local import family_of, optimize_local
 from .inference.mcmc import Draws, hmc_latent
 
 __all__ = ["GUIDES", "compare_run", "compare_points", "demo_comparison", "pick_points"]
@@ -50,7 +51,8 @@ def _check(guide: str, draws: int, chains: int, warmup: int | None, vi_draws: in
     """Validate the options; return ``(warmup, vi_draws)`` with their defaults filled in."""
     warmup = draws if warmup is None else warmup
     vi_draws = chains * draws if vi_draws is None and isinstance(chains, int) and isinstance(draws, int) else vi_draws
-    for name, value, low in (("draws", draws, 1), ("chains", chains, 1), ("warmup", warmup, 0), ("vi-draws", vi_draws, 1)):
+    # R-hat and ESS split each chain in halves and need a few draws per half: at least 4 draws per chain
+    for name, value, low in (("draws", draws, 4), ("chains", chains, 1), ("warmup", warmup, 0), ("vi-draws", vi_draws, 1)):
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"--{name} must be an integer >= {low}, got {value!r}")
     if guide not in GUIDES:
@@ -75,10 +77,11 @@ def compare_points(
     mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress)
     if guide == "amortized":
         vi = vi_draws_amortized(built.model, built.guide, *args, num_samples=vi_draws, seed=seed)
-    else:  # q* of the guide's own family, started at the guide
-        q0 = guide_distribution(built.guide, *args)
-        fit = optimize_local(built.model, *args, family=family_of(q0) or "diagonal", init=q0, seed=seed)
-        vi = vi_draws_latent(built.model, fit.posterior.distribution(), *args, num_samples=vi_draws, seed=seed, method="vi-local")
+    else:  # q* of the guide's own family (full covariance where the guide is in none), started at the guide
+        q0, _ = guide_in_latent_space(built.guide, latent_of(built.model, *args, guide=built.guide, analysis="compare"), *args)
+        family = (family_of(q0) if q0 is not None else None) or "full"
+        fit = optimize_local(built.model, *args, family=family, init=q0 if q0 is not None else built.guide, seed=seed)
+        vi = vi_draws(built.model, fit.posterior, *args, num_samples=vi_draws, seed=seed, method="vi-local")
     return mcmc, vi, compare(mcmc, vi, seed=seed)
 
 
@@ -94,6 +97,7 @@ def _write(out: Path, mcmc: Draws, vi: Draws, comparison: Comparison, info: dict
     return paths
 
 
+@io.releasing
 def compare_run(
     run_dir: str | Path,
     out: str | Path,
@@ -120,17 +124,15 @@ def compare_run(
 
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
     built, splits = load_run(run_dir)
-    if built.config.model in ("ae", "dae", "sparse-ae", "vqvae"):
-        raise ConfigError(f"a {built.config.model} has no proper latent posterior (flat prior, point-mass encoder): nothing to compare")
-    from .models import DISCRETE_MODELS
-
-    if built.config.model in DISCRETE_MODELS:
-        raise ConfigError(f"{built.config.model} has discrete latents: HMC needs one continuous latent site")
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(splits)}")
     data = splits[split]
     tensors = data.tensors(with_labels=built.conditional)
     picked = pick_points(len(data), num_points=num_points, indices=indices, seed=seed)
+    try:  # refuse what VI-vs-MCMC cannot handle (a discrete site, a point-mass guide), naming the site, before any work
+        latent_of(built.model, *(t[picked[:2]] for t in tensors), guide=built.guide, analysis="VI-vs-MCMC comparison")
+    except ConfigError as exc:
+        raise ConfigError(f"{run_dir} ({built.config.model}): {exc}") from None
     out = io.prepare_run_dir(out, force=force)
     args = tuple(t[picked] for t in tensors)
     t0 = time.perf_counter()
@@ -144,6 +146,7 @@ def compare_run(
     return info
 
 
+@io.releasing
 def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: int = 0, *, num_points: int = 4) -> dict[str, Any]:
     """VI vs batched HMC on ``num_points`` test datapoints of the demo run, written to ``out/compare/``.
 
@@ -154,7 +157,7 @@ def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: i
     picked = pick_points(len(data), num_points=min(num_points, len(data)), seed=seed)
     args = tuple(t[picked] for t in data.tensors(with_labels=built.conditional))
     target = Path(out) / "compare"
-    target.mkdir(parents=True, exist_ok=True)
+    io.prepare_run_dir(target, force=True)  # the demo owns its run directory: its compare folder is replaced
     t0 = time.perf_counter()
     mcmc, vi, comparison = compare_points(built, args, draws=300, warmup=300, chains=4, seed=seed)
     info = {

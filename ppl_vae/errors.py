@@ -30,3 +30,26 @@ class TrainingDiverged(PplVaeError, FloatingPointError):
         super().__init__(message)
         self.step = step
         self.site = site
+
+
+class RunDirectoryError(PplVaeError):
+    """An output directory that cannot be used: in use by another process, not creatable, or not writable."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says which checkpoint (if any) is kept.
+
+    A subclass of :class:`KeyboardInterrupt`, so code that catches that still does.
+    """
+
+    def __init__(self, message: str, *, epoch: int | None = None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+class NonFiniteError(PplVaeError, FloatingPointError):
+    """A per-datapoint bound that came out NaN or infinite; ``site`` names where."""
+
+    def __init__(self, message: str, *, site: str | None) -> None:
+        super().__init__(message)
+        self.site = site

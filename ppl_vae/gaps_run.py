@@ -18,7 +18,9 @@ import torch
 from . import io
 from .errors import ConfigError
 from .inference import GapReport, decompose
-from .inference.gaps import GAPS_CSV, GAPS_JSON
+from .inference.ais import check_options as check_ais_options
+from .inference.gaps import GAPS_CSV, GAPS_JSON, check_decomposable
+from .inference.local import check_options as check_local_options
 
 __all__ = ["gaps_run", "merge_gaps", "load_reports", "table_markdown", "GAPS_PNG", "TABLE_MD"]
 
@@ -31,7 +33,7 @@ def table_markdown(reports: Sequence[GapReport]) -> str:
     rows = [("log p̂(x)", "log_px")] + [(f"L[q*] ({f})", f"elbo_qstar_{f}") for f in families] + [("L[q]", "elbo_q")]
     rows += [("approximation gap", "approximation_gap"), ("amortisation gap", "amortisation_gap"), ("inference gap", "inference_gap")]
     sums = [r.summary() for r in reports]
-    lines = ["| | " + " | ".join(f"{r.name} (q* {r.family})" for r in reports) + " |", "|---|" + "---|" * len(reports)]
+    lines = ["| | " + " | ".join(f"{r.name} (q* {r.family}{'' if r.q_in_family else '; q is not in this family'})" for r in reports) + " |", "|---|" + "---|" * len(reports)]
     for label, key in rows:
         cells = [f"{s[key]:.2f} ± {s[key + '_se']:.2f}" if key in s else "" for s in sums]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -50,6 +52,7 @@ def _points(n_split: int, num_points: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_split, generator=g)[:num_points].sort().values
 
 
+@io.releasing
 def gaps_run(
     runs: Sequence[str | Path],
     out: str | Path,
@@ -81,19 +84,24 @@ def gaps_run(
     names = [Path(r).name or str(r) for r in runs]
     if len(set(names)) != len(names):  # the same folder name twice: number them
         names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
-    for (built, _), r in zip(loaded, runs):
-        if built.conditional:
-            raise ConfigError(f"{r}: gap decomposition of the conditional VAE is not supported (its guide needs labels)")
-        if built.config.model in ("ae", "dae"):
-            raise ConfigError(f"{r}: an autoencoder has a point-estimate encoder; it has no ELBO gaps to decompose")
+    if local_options:
+        check_local_options(**local_options)
+    if ais_options:
+        check_ais_options(**ais_options)
+    for (built, splits), r in zip(loaded, runs):  # refuse what decompose cannot handle, naming the site, before any work
+        probe = tuple(t[:2] for t in splits[split].tensors(with_labels=built.conditional))
+        try:
+            check_decomposable(built.model, built.guide, *probe, families=tuple(families or ()))
+        except ConfigError as exc:
+            raise ConfigError(f"{r} ({built.config.model}): {exc}") from None
     sizes = {len(s[split]) for _, s in loaded}
     idx = _points(min(sizes), num_points, seed)
     out = io.prepare_run_dir(out, force=force)
     reports = []
     for (built, splits), name in zip(loaded, names):
-        x = splits[split].x[idx]
+        data = tuple(t[idx] for t in splits[split].tensors(with_labels=built.conditional))
         reports.append(
-            decompose(built.model, built.guide, x, logpx=logpx, num_samples=num_samples, elbo_samples=elbo_samples, families=tuple(families or ()),
+            decompose(built.model, built.guide, *data, logpx=logpx, num_samples=num_samples, elbo_samples=elbo_samples, families=tuple(families or ()),
                       local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed)
         )
     rows = [dict(run=r.name, **row) for r in reports for row in r.to_dataframe().to_dict("records")]
@@ -131,6 +139,7 @@ def load_reports(folder: str | Path) -> list[GapReport]:
     return reports
 
 
+@io.releasing
 def merge_gaps(folders: Sequence[str | Path], out: str | Path, *, force: bool = False) -> list[GapReport]:
     """One table and figure from several ``ppl-vae gaps`` folders (e.g. runs analysed in parallel)."""
     reports = [r for f in folders for r in load_reports(f)]

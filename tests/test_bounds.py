@@ -1,7 +1,10 @@
-"""Per-datapoint bounds (ELBO, IWAE, AIS, BDMC) against PPCA's exact log p(x).
+r"""Per-datapoint bounds (ELBO, IWAE, AIS, BDMC) against PPCA's exact log p(x).
 
 PPCA is run in float64 with its parameters frozen; tolerances are stated in
-Monte Carlo standard errors (SE) of the quantity compared.
+Monte Carlo standard errors (SE) of the quantity compared (``Z`` of them: a
+check fails by chance with probability < 1e-4), plus, for log-mean-exp
+estimates (IWAE, AIS), their known bias: :math:`E[\log \bar w] \approx \log p
+- \mathrm{Var}(w) / (2 C \bar w^2) = \log p - SE^2 / 2` with the delta-method SE.
 """
 
 from __future__ import annotations
@@ -16,6 +19,25 @@ import torch
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference import ais, bdmc, importance_bounds, log_weights
 from ppl_vae.models import PPCA
+
+Z = 4.0
+
+
+def se_of_mean(se: torch.Tensor) -> float:
+    return (se.pow(2).sum().sqrt() / len(se)).item()
+
+
+def log_mean_exp_bias(se: torch.Tensor) -> float:
+    """The delta-method bias of a log-mean-exp estimate, averaged over datapoints: mean(SE^2) / 2."""
+    return (se.pow(2).mean() / 2).item()
+
+
+def kl_of_guide(m: PPCA, x: torch.Tensor, factor: float) -> torch.Tensor:
+    """KL(q || p(z | x)) of :func:`inflated_guide`: same means, covariance diag(marginal variances) * factor^2."""
+    cov_p = m.posterior(x).covariance_matrix
+    cov_q = torch.diag_embed(cov_p.diagonal(dim1=-2, dim2=-1)) * factor**2
+    k = cov_p.shape[-1]
+    return 0.5 * (torch.linalg.solve(cov_p, cov_q).diagonal(dim1=-2, dim2=-1).sum(-1) - k + torch.logdet(cov_p) - torch.logdet(cov_q))
 
 
 def frozen_ppca(D: int = 6, d: int = 2, sigma: float = 0.7, seed: int = 0) -> PPCA:
@@ -79,45 +101,55 @@ def test_iwae_rises_toward_exact_log_px_and_reaches_it_at_large_K():
         last = importance_bounds(m, guide, x, num_samples=K, seed=10 + i)
         means.append(last.iwae.mean().item())
     assert means == sorted(means), f"IWAE means should rise with K: {means}"
-    gap_k1 = exact.mean().item() - means[0]
-    assert gap_k1 > 0.2  # the loose guide leaves a clear ELBO gap (its KL)
+    # K = 1 is one ELBO draw per point: its mean is log p(x) - KL(q || p) (closed form); SE: the sd of the draws / sqrt(N)
+    k1 = importance_bounds(m, guide, x, num_samples=1, seed=10)
+    kl = kl_of_guide(m, x, 1.6)
+    assert kl.mean() > 0.2  # the loose guide leaves a clear ELBO gap
+    draws = exact - kl - k1.elbo  # zero-mean errors
+    assert abs(draws.mean().item()) < Z * draws.std().item() / math.sqrt(len(x))
     # at K = 5000: per datapoint within 4 SE (plus the O(1/K) bias, < 1e-3 here), and on average within 4 SE of the mean
     err = exact - last.iwae
     assert (err.abs() <= 4 * last.iwae_se + 1e-3).all(), err
     assert abs(err.mean().item()) <= 4 * (last.iwae_se.pow(2).sum().sqrt() / len(x)).item() + 1e-3
 
 
-def test_ais_recovers_exact_log_px_within_a_tenth_of_a_nat():
+@pytest.mark.slow
+def test_ais_recovers_exact_log_px():
     m = frozen_ppca(D=5, d=2, sigma=1.0)
     x = m.sample(12)
     exact = m.log_marginal(x)
     r = ais(m, x, num_steps=300, num_chains=16, seed=0)
     err = r.log_px - exact
-    se_mean = (r.log_px_se.pow(2).sum().sqrt() / len(x)).item()
-    assert abs(err.mean().item()) < 0.1
-    assert abs(err.mean().item()) < 4 * se_mean + 0.02
-    assert 0.3 < r.accept_rate.mean().item() < 0.95  # adaptation works
+    assert abs(err.mean().item()) < Z * se_of_mean(r.log_px_se) + log_mean_exp_bias(r.log_px_se)
+    # adaptation works: it aims at 0.65; a pilot run's multiplicative rule keeps the rate within (0.3, 0.95) on a Gaussian
+    assert 0.3 < r.accept_rate.mean().item() < 0.95
 
 
 def test_ais_from_the_guide_is_also_accurate():
     m = frozen_ppca(D=5, d=2, sigma=1.0)
     x = m.sample(8)
     r = ais(m, x, init=inflated_guide(m), num_steps=100, num_chains=8, seed=1)
-    assert abs((r.log_px - m.log_marginal(x)).mean().item()) < 0.1
+    err = (r.log_px - m.log_marginal(x)).mean().item()
+    assert abs(err) < Z * se_of_mean(r.log_px_se) + log_mean_exp_bias(r.log_px_se)
     assert r.init == "guide"
 
 
+@pytest.mark.slow
 def test_bdmc_brackets_exact_log_px():
     m = frozen_ppca(D=5, d=2, sigma=0.7)
     template = torch.zeros(12, 5, dtype=torch.float64)
     b = bdmc(m, template, num_steps=300, num_chains=4, seed=0)
     exact = m.log_marginal(b.x)
     assert not torch.equal(b.x, template)  # data were simulated
-    slack = 0.05
-    assert b.lower.mean() <= exact.mean() + slack
-    assert b.upper.mean() >= exact.mean() - slack
-    assert 0 <= b.width.mean() < 0.5
-    assert ((b.lower <= exact + 0.3) & (b.upper >= exact - 0.3)).float().mean() >= 0.9
+    # stochastic bounds: each side within Z SE of the mean of its side of the bracket
+    assert b.lower.mean() <= exact.mean() + Z * se_of_mean(b.lower_se)
+    assert b.upper.mean() >= exact.mean() - Z * se_of_mean(b.upper_se)
+    # the bracket is AIS's error bound on such data; with 300 steps on a 2-d Gaussian posterior it is a fraction of a nat
+    # (0.06 measured); 0.5 would mean the schedule or the HMC adaptation has broken
+    assert -Z * math.hypot(se_of_mean(b.lower_se), se_of_mean(b.upper_se)) <= b.width.mean() < 0.5
+    per_point = (b.lower <= exact + Z * b.lower_se) & (b.upper >= exact - Z * b.upper_se)
+    # at Z SE nearly every bracket holds; 10 % slack for points whose 4-chain delta-method SE understates heavy-tailed weights
+    assert per_point.float().mean() >= 0.9
 
 
 def test_bad_inputs_are_clear_errors():
@@ -132,7 +164,7 @@ def test_bad_inputs_are_clear_errors():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("w", dist.Normal(torch.zeros(x.shape[0], 2, dtype=x.dtype), 1.0).to_event(1))
 
-    with pytest.raises(ConfigError, match="the guide has no latent site 'z'"):
+    with pytest.raises(ConfigError, match="the guide has no site 'z', a latent site of the model"):
         from ppl_vae.inference import decompose
 
         decompose(m, other_guide, x)

@@ -18,12 +18,16 @@ import torch
 from ppl_vae.cli import main
 from ppl_vae.compare_run import demo_comparison
 from ppl_vae.errors import ConfigError
+from ppl_vae.inference import azcompat
 from ppl_vae.experiment import load_run
 from ppl_vae.inference.compare import compare, vi_draws_amortized, vi_draws_autoguide, vi_draws_latent
 from ppl_vae.inference.mcmc import Draws, hmc, hmc_latent
 from ppl_vae.models import PPCA
 from ppl_vae.models.classic import eight_schools_noncentered, load_posteriordb_data, load_posteriordb_draws
 
+pytestmark = pytest.mark.arviz
+
+Z = 4.0  # standard errors: a check fails by chance with probability < 1e-4
 TINY = ["--dataset", "digits", "--limit", "60", "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--binarize", "threshold", "--no-progress"]
 FILES = ("comparison.csv", "comparison.json", "mcmc_diagnostics.csv", "compare.json", "vi_mcmc_pairs.png", "vi_mcmc_marginals.png", "vi_mcmc_errors.png")
 
@@ -37,6 +41,7 @@ def ppca_case():
     return ppca, x, mcmc
 
 
+@pytest.mark.slow
 def test_exact_vi_passes_and_narrow_vi_is_flagged(ppca_case):
     ppca, x, mcmc = ppca_case
     post = ppca.posterior(x)
@@ -44,13 +49,15 @@ def test_exact_vi_passes_and_narrow_vi_is_flagged(ppca_case):
     ess = exact.per_dim["mcmc_ess_bulk"]
     assert np.all(np.abs(exact.per_dim["std_mean_error"]) < 4.5 * np.sqrt(1 / ess + 1 / 2000))
     assert np.all(np.abs(exact.per_dim["coverage_90"] - 0.9) < 4.5 * np.sqrt(0.09 / ess) + 0.01)
-    assert np.all(np.abs(exact.per_dim["sd_ratio"] - 1) < 0.12)
+    # an sd estimated from n draws has relative SE 1/sqrt(2 n) (Gaussian): n = ESS for MCMC, 2000 for VI
+    sd_ratio_se = np.sqrt(1 / (2 * ess) + 1 / (2 * 2000))
+    assert np.all(np.abs(exact.per_dim["sd_ratio"] - 1) < Z * sd_ratio_se)
     # exact q gives constant log-weights (up to float32 round-off): k-hat is not informative there
     assert exact.flagged({"pareto_k": math.inf}).empty
 
     narrow_q = torch.distributions.MultivariateNormal(post.loc, covariance_matrix=0.25 * post.covariance_matrix)
     narrow = compare(mcmc, vi_draws_latent(ppca, narrow_q, x, num_samples=2000, seed=1))
-    assert np.all(np.abs(narrow.per_dim["sd_ratio"] - 0.5) < 0.06)
+    assert np.all(np.abs(narrow.per_dim["sd_ratio"] - 0.5) < Z * 0.5 * sd_ratio_se)
     assert np.all(narrow.per_dim["coverage_90"] < 0.7)  # N(0,1) mass inside N(0, 0.5^2)'s 90% interval: 0.59
     # importance weights p/q with q narrower have infinite variance (k > 0.5); k-hat is noisy per point
     assert np.all(narrow.per_point["pareto_k"] > 0.5) and narrow.per_point["pareto_k"].mean() > 0.7
@@ -70,11 +77,12 @@ def test_comparison_tables_and_files(ppca_case, tmp_path):
     assert [p.name for p in paths] == ["comparison.csv", "comparison.json"]
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["summary"]["num_flagged_dims"] == 0 and len(saved["dims"]) == 10
-    idata = vi.to_inference_data()
-    assert dict(idata.posterior["z"].sizes) == {"chain": 1, "draw": 300, "point": 5, "z_dim_0": 2}
-    assert set(idata.posterior["z"].dims) == set(mcmc.to_inference_data().posterior["z"].dims)
+    posterior = azcompat.posterior_dataset(vi.to_inference_data())
+    assert dict(posterior["z"].sizes) == {"chain": 1, "draw": 300, "point": 5, "z_dim_0": 2}
+    assert set(posterior["z"].dims) == set(azcompat.posterior_dataset(mcmc.to_inference_data())["z"].dims)
 
 
+@pytest.mark.slow
 def test_mean_field_vi_underdisperses_tau_on_eight_schools():
     data = load_posteriordb_data("eight_schools-eight_schools_noncentered")
     args = (data["sigma"], data["y"])
@@ -87,10 +95,10 @@ def test_mean_field_vi_underdisperses_tau_on_eight_schools():
     # (MC sd of a coverage with ESS ~ 800: ~0.015), and tau is flagged
     assert row["sd_ratio"] < 1 and row["coverage_50"] < 0.42 and row["coverage_90"] < 0.82
     assert "tau" in set(c.flagged()["dim"])
-    # the standardised school effects are approximated well by the same guide
+    # the standardised school effects are approximated well by the same guide: none passes a flag threshold
+    # (FLAG_THRESHOLDS: |mean error| 0.3 sd, sd ratio off by 25 %, 90 % coverage below 0.8)
     theta = c.to_dataframe().set_index("dim").filter(like="theta_trans", axis=0)
-    assert (theta["std_mean_error"].abs() < 0.2).all() and ((theta["sd_ratio"] - 1).abs() < 0.15).all()
-    assert not set(theta.index) & set(c.flagged()["dim"])
+    assert len(theta) == 8 and not set(theta.index) & set(c.flagged()["dim"])
 
 
 def test_comparison_passes_on_regression_when_vi_matches():
@@ -148,7 +156,8 @@ def test_compare_command_writes_results(tiny_run, tmp_path, capsys):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     info = json.loads((out / "compare.json").read_text())
     assert info["indices"] == [0, 5] and info["mcmc_method"] == "batched-hmc"
-    assert info["divergences"] == int(info["summary"]["mcmc_divergences"])
+    table = json.loads((out / "comparison.json").read_text())
+    assert [p["point"] for p in table["points"]] == [0, 1] and len(table["dims"]) == 2 * 2
     assert (out / "vi_mcmc_pairs.png").read_bytes()[:4] == b"\x89PNG"
     # an existing output directory is not reused without --force
     assert main(["compare", "--run", str(tiny_run), "--indices", "0", "--draws", "5", "--chains", "1", "--out", str(out)]) == 2
@@ -182,6 +191,7 @@ def test_compare_run_without_checkpoint(tiny_run, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_demo_hook_and_amortized_draws(tiny_run, tmp_path):
     built, splits = load_run(tiny_run)
     x = splits["test"].x[:3]

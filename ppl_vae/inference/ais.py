@@ -45,9 +45,9 @@ from pyro.poutine.util import site_is_subsample
 
 from ..errors import ConfigError
 from .bounds import log_mean_exp, seeded
-from .elbo import SAMPLES, _per_datapoint, plate_nesting
+from .latent import Latent, guide_log_density, latent_draws, latent_of, log_joint
 
-__all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "sigmoid_schedule"]
+__all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_schedule"]
 
 
 #: chains of the pilot run that adapts the step sizes; the estimate's chains then run with them fixed
@@ -89,6 +89,8 @@ class BDMCResult:
     upper: torch.Tensor
     num_steps: int
     num_chains: int
+    lower_se: torch.Tensor | None = None
+    upper_se: torch.Tensor | None = None
 
     @property
     def width(self) -> torch.Tensor:
@@ -102,52 +104,13 @@ def _is_sample(s: dict) -> bool:
     return s["type"] == "sample" and not site_is_subsample(s)
 
 
-class _Densities:
-    """``log p(z)`` and ``log p(x | z)`` per chain and datapoint for ``z`` ``[C, N, d]`` at ``site``."""
-
-    def __init__(self, model: Callable[..., object], data: tuple[torch.Tensor, ...], site: str) -> None:
-        self.model, self.data, self.site = model, data, site
-        with poutine.block(), torch.no_grad():
-            tr = poutine.trace(model).get_trace(*data)
-        node = tr.nodes.get(site)
-        if node is None or node["type"] != "sample" or node["is_observed"]:
-            raise ConfigError(f"the model has no latent site {site!r}")
-        others = [n for n, s in tr.nodes.items() if _is_sample(s) and not s["is_observed"] and n != site]
-        if others:
-            raise ConfigError(f"AIS anneals one latent site ({site!r}); the model also samples {', '.join(others)}")
-        self.nesting = plate_nesting(model, lambda *a: None, *data)
-        self.event_shape = node["fn"].event_shape
-
-    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with poutine.block(), pyro.plate(SAMPLES, z.shape[0], dim=-(self.nesting + 1)):
-            tr = poutine.trace(poutine.condition(self.model, data={self.site: z})).get_trace(*self.data)
-        prior: torch.Tensor | int = 0
-        lik: torch.Tensor | int = 0
-        for name, s in tr.nodes.items():
-            if not _is_sample(s):
-                continue
-            lp = _per_datapoint(s, "data")
-            if name == self.site:
-                prior = prior + lp
-            else:
-                lik = lik + lp
-        return prior, lik  # type: ignore[return-value]
-
-
-def _start(model: Callable[..., object], init: object, data: tuple[torch.Tensor, ...], site: str, C: int, nesting: int):
-    """Initial draws ``[C, N, d]`` and ``log p0`` as a function of ``z``."""
+def _start(model: Callable[..., object], init: object, latent: Latent, data: tuple[torch.Tensor, ...], C: int):
+    """Initial draws of the joint latent ``u`` ``[C, N, K]`` and ``log p0(u)`` (``None``: the prior)."""
     if init == "prior":
-        with poutine.block(), torch.no_grad(), pyro.plate(SAMPLES, C, dim=-(nesting + 1)):
-            z = poutine.trace(model).get_trace(*data).nodes[site]["value"]
-        return z, None
+        return latent_draws(model, latent, *data, num_samples=C), None
     if not callable(init):
         raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
-    from .local import guide_distribution
-
-    q = guide_distribution(init, *data, site=site)
-    with torch.no_grad():
-        z = q.sample((C,))
-    return z, q
+    return latent_draws(model, latent, *data, guide=init, num_samples=C), guide_log_density(init, latent, *data)
 
 
 def _hmc(z, logf, eps, leapfrog_steps):
@@ -176,13 +139,13 @@ def _hmc(z, logf, eps, leapfrog_steps):
 def _run(dens, z, log_q, betas, *, leapfrog_steps, step_size, target_accept, adapt, eps_schedule=None, reverse=False):
     """Anneal ``z`` through ``betas`` (forward) or backwards; return log-weights ``[C, N]``, eps record, acceptance."""
     C, N = z.shape[:2]
-    eps = torch.full((C, N), step_size, dtype=z.dtype)
-    lw = torch.zeros(C, N, dtype=torch.float64)
-    acc_total = torch.zeros(N, dtype=torch.float64)
+    eps = z.new_full((C, N), step_size)
+    lw = z.new_zeros(C, N, dtype=torch.float64)
+    acc_total = z.new_zeros(N, dtype=torch.float64)
     record = []
 
     def ends(zz):
-        """``(log p0(z), log p(x, z))``: f_beta = log p0 + beta (log p(x, z) - log p0), one model run."""
+        """``(log p0(u), log p(x, u))``: f_beta = log p0 + beta (log p(x, u) - log p0), one model run (Jacobians included)."""
         prior, lik = dens(zz)
         return (prior, prior + lik) if log_q is None else (log_q(zz), prior + lik)
 
@@ -217,12 +180,26 @@ def _logmeanexp_se(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return log_mean_exp(torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0), lw.shape[0])
 
 
-def _check(num_steps: int, num_chains: int, leapfrog_steps: int, step_size: float) -> None:
+def _check(num_steps: int, num_chains: int, leapfrog_steps: int, step_size: float, target_accept: float = 0.65, batch_size: int | None = None) -> None:
     for name, v in (("num_steps", num_steps), ("num_chains", num_chains), ("leapfrog_steps", leapfrog_steps)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    if not step_size > 0:
-        raise ConfigError(f"step size must be positive, got {step_size}")
+    if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
+        raise ConfigError(f"step size must be a positive number, got {step_size!r}")
+    if not 0 < target_accept < 1:
+        raise ConfigError(f"target acceptance must be in (0, 1), got {target_accept!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
+def check_options(**options: object) -> None:
+    """Validate keyword options of :func:`ais` before any work (unknown names, bad values)."""
+    known = ("num_steps", "num_chains", "leapfrog_steps", "step_size", "target_accept", "batch_size")
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown AIS option {unknown[0]!r}; known: {', '.join(known)}")
+    defaults = {"num_steps": 1000, "num_chains": 16, "leapfrog_steps": 10, "step_size": 0.05, "target_accept": 0.65, "batch_size": None}
+    _check(**{**defaults, **options})  # type: ignore[arg-type]
 
 
 def ais(
@@ -234,7 +211,6 @@ def ais(
     leapfrog_steps: int = 10,
     step_size: float = 0.05,
     target_accept: float = 0.65,
-    site: str = "z",
     batch_size: int | None = None,
     seed: int | None = 0,
 ) -> AISResult:
@@ -243,7 +219,13 @@ def ais(
     Parameters
     ----------
     model : callable
-        A model written the ppl-vae way with one latent site ``site``.
+        A model written the ppl-vae way. AIS anneals its whole latent state:
+        every continuous latent site, concatenated in unconstrained space
+        (:func:`~ppl_vae.inference.latent.latent_of`; discrete sites and
+        global latents are refused before any work). With ``init="prior"``
+        the first density is the prior of all latent sites (a hierarchical
+        prior included) and the annealed factor is the likelihood of the
+        observed sites.
     init : "prior" or guide
         The start density :math:`p_0`: the prior, or a guide's ``q(z | x)``
         (its log-density at arbitrary ``z`` must be computable, as for
@@ -257,16 +239,19 @@ def ais(
     seed : int, optional
         Seeds every draw.
     """
-    _check(num_steps, num_chains, leapfrog_steps, step_size)
-    n = data[0].shape[0]
-    betas = sigmoid_schedule(num_steps)
+    _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept, batch_size)
+    guide = init if callable(init) else None
+    if guide is None and init != "prior":
+        raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
+    n = latent_of(model, *data, guide=guide, analysis="AIS").num_points
+    betas = sigmoid_schedule(num_steps).to(data[0].device)
     parts = {"log_px": [], "log_px_se": [], "accept_rate": [], "step_size": []}
     with seeded(seed):
         for i in range(0, n, batch_size or n):
             args = tuple(t[i : i + (batch_size or n)] for t in data)
-            dens = _Densities(model, args, site)
-            z, q = _start(model, init, args, site, num_chains + PILOT_CHAINS, dens.nesting)
-            log_q = None if q is None else q.log_prob
+            latent = latent_of(model, *args, guide=guide, analysis="AIS")
+            dens = log_joint(model, latent, *args, split=True)
+            z, log_q = _start(model, init, latent, args, num_chains + PILOT_CHAINS)
             kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
             _, record, _ = _run(dens, z[num_chains:], log_q, betas, adapt=True, **kw)  # pilot: adapts step sizes
             lw, _, acc = _run(dens, z[:num_chains], log_q, betas, adapt=False, eps_schedule=record, **kw)
@@ -285,7 +270,6 @@ def bdmc(
     leapfrog_steps: int = 10,
     step_size: float = 0.05,
     target_accept: float = 0.65,
-    site: str = "z",
     seed: int | None = 0,
 ) -> BDMCResult:
     """Bidirectional Monte Carlo on data simulated from ``model`` (shaped like ``template``).
@@ -293,24 +277,25 @@ def bdmc(
     Returns, per simulated datapoint, the forward-AIS lower bound and the
     reverse-AIS upper bound on ``log p(x)``, both from the prior.
     """
-    _check(num_steps, num_chains, leapfrog_steps, step_size)
-    betas = sigmoid_schedule(num_steps)
+    _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept)
     with seeded(seed):
         with poutine.block(), torch.no_grad():
             tr = poutine.trace(poutine.uncondition(model)).get_trace(*template)
-        observed = [s for n, s in tr.nodes.items() if _is_sample(s) and n != site]
-        if len(observed) != 1 or site not in tr.nodes:
-            raise ConfigError(f"BDMC simulates a model with latent {site!r} and one observed site")
+        latent = latent_of(model, *template, analysis="BDMC")
+        observed = [s for n, s in tr.nodes.items() if _is_sample(s) and n not in latent.names]
+        if len(observed) != 1:
+            raise ConfigError(f"BDMC simulates a model with one observed site; this one has {len(observed)}")
         x = observed[0]["value"].detach()
-        z_true = tr.nodes[site]["value"].detach()
+        u_true = latent.unconstrain({n: tr.nodes[n]["value"].detach() for n in latent.names})
         data = (x, *template[1:])
-        dens = _Densities(model, data, site)
-        z0, _ = _start(model, "prior", data, site, num_chains + PILOT_CHAINS, dens.nesting)
+        betas = sigmoid_schedule(num_steps).to(x.device)
+        dens = log_joint(model, latent, *data, split=True)
+        z0, _ = _start(model, "prior", latent, data, num_chains + PILOT_CHAINS)
         kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
         _, record, _ = _run(dens, z0[num_chains:], None, betas, adapt=True, **kw)
         lw_f, _, _ = _run(dens, z0[:num_chains], None, betas, adapt=False, eps_schedule=record, **kw)
-        zT = z_true.expand(num_chains, *z_true.shape).clone()
+        zT = u_true.expand(num_chains, *u_true.shape).clone()
         lw_r, _, _ = _run(dens, zT, None, betas, adapt=False, eps_schedule=record, reverse=True, **kw)
-    lower, _ = _logmeanexp_se(lw_f)
-    inv, _ = _logmeanexp_se(lw_r)
-    return BDMCResult(x=x, lower=lower, upper=-inv, num_steps=num_steps, num_chains=num_chains)
+    lower, lower_se = _logmeanexp_se(lw_f)
+    inv, upper_se = _logmeanexp_se(lw_r)
+    return BDMCResult(x=x, lower=lower, upper=-inv, num_steps=num_steps, num_chains=num_chains, lower_se=lower_se, upper_se=upper_se)

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from ..errors import ConfigError
-from .elbo import log_weights, plate_nesting
+from .elbo import log_weights, plate_nesting, probe
 
 __all__ = ["Bounds", "importance_bounds", "restrict", "seeded", "chunks"]
 
@@ -137,7 +137,7 @@ def importance_bounds(
     out = {k: torch.empty(n, dtype=torch.float64) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}
     K = num_samples
     with seeded(seed), torch.no_grad():
-        nesting = plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data))
+        nesting = probe("importance bounds", lambda: plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data)), data)
         for rows in chunks(n, batch_size):
             args = tuple(t[rows] for t in data)
             g = restrict(guide, rows)

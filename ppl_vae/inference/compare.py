@@ -5,7 +5,7 @@ distribution over the latent of every datapoint, e.g. a locally optimised
 :math:`q^*` (:func:`vi_draws_latent`), or from a Pyro autoguide trained on a
 general model (:func:`vi_draws_autoguide`). They are :class:`~ppl_vae.inference.mcmc.Draws`
 like the MCMC output, with the same variable names and dims, so both become
-ArviZ ``InferenceData`` through ``az.from_dict``.
+ArviZ objects through :mod:`ppl_vae.inference.azcompat` (the only module that calls ArviZ).
 
 :func:`compare` treats the MCMC draws as the truth and reports, per datapoint
 ``n`` and latent dimension ``k`` (:math:`m, s`: mean and sd; ``p``: MCMC,
@@ -29,7 +29,7 @@ and per datapoint:
   from the draws' means and covariances (exact when both are Gaussian; a
   moment summary otherwise);
 * the PSIS Pareto :math:`\hat k` of VI as an importance proposal for the
-  posterior (``arviz.psislw`` on :math:`\log p(x, z) - \log q(z)` of the VI
+  posterior (ArviZ's PSIS through :func:`.azcompat.pareto_khat` on :math:`\log p(x, z) - \log q(z)` of the VI
   draws): :math:`\hat k > 0.7` means the importance weights are unreliable,
   typically because q is narrower than the posterior;
 * MCMC diagnostics from ArviZ: the largest R-hat, the smallest bulk and
@@ -46,7 +46,6 @@ Székely & Rizzo (2013), Energy statistics. J. Stat. Plan. Inference 143.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,15 +59,17 @@ from pyro.poutine.util import site_is_subsample
 
 from .. import io
 from ..errors import ConfigError
-from .local import guide_distribution
+from . import azcompat
 from .bounds import seeded
-from .elbo import trace_nesting
-from .mcmc import Draws, _latent_sites, _sum_but_first, latent_log_joint
+from .elbo import log_weights_of, trace_nesting, traces
+from .latent import Latent, latent_of, log_joint
+from .mcmc import Draws, _latent_sites, _sum_but_first
 
 __all__ = [
     "Comparison",
     "AUTOGUIDES",
     "compare",
+    "vi_draws",
     "vi_draws_latent",
     "vi_draws_amortized",
     "vi_draws_autoguide",
@@ -85,52 +86,85 @@ FLAG_THRESHOLDS = {"abs_std_mean_error": 0.3, "abs_log_sd_ratio": math.log(1.25)
 # --------------------------------------------------------------------------- VI draws
 
 
-def _latent_layout(site: str, n: int, event: tuple[int, ...]) -> tuple[dict[str, list[str]], dict[str, list[Any]]]:
-    names = [f"{site}_dim_{i}" for i in range(len(event))]
-    dims = {site: ["point", *names], "log_weight": ["point"]}
-    coords = {"point": list(range(n)), **{nm: list(range(e)) for nm, e in zip(names, event)}}
-    return dims, coords
+def vi_draws(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *args: torch.Tensor,
+    num_samples: int = 1000,
+    seed: int = 0,
+    method: str = "vi",
+) -> Draws:
+    r"""Draws of a per-datapoint guide for every row of ``args``, with their importance log-weights.
+
+    Every latent site of the model is drawn (vectorised, ``num_samples`` per
+    datapoint); ``sample_stats["log_weight"]`` holds
+    :math:`\log p(x_n, z) - \log q(z \mid x_n)` per draw and datapoint.
+    Output layout as :func:`~ppl_vae.inference.mcmc.hmc_latent`:
+    ``samples[site]`` ``[1, S, N, *event]``.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"number of VI draws must be a positive integer, got {num_samples!r}")
+    latent = latent_of(model, *args, guide=guide, analysis="VI draws")
+    n = latent.num_points
+    with torch.no_grad(), seeded(seed):
+        model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples)
+        lw = log_weights_of(model_tr, guide_tr)
+    samples = {s.name: model_tr.nodes[s.name]["value"].reshape(1, num_samples, n, *s.shape).cpu().numpy() for s in latent.sites}
+    dims, coords = _layout(latent)
+    return Draws(samples, {"log_weight": lw.reshape(1, num_samples, n).cpu().numpy()}, dims, coords, method)
 
 
 def vi_draws_latent(
     model: Callable[..., object],
     q: torch.distributions.Distribution,
     *args: torch.Tensor,
-    site: str = "z",
     num_samples: int = 1000,
     seed: int = 0,
     method: str = "vi",
 ) -> Draws:
-    r"""Draws from ``q`` (batch shape ``[N]``, the latent's event shape) with their importance log-weights.
+    r"""Draws from ``q`` over the model's joint latent (batch ``[N]``, event ``[K]``), as :func:`vi_draws`.
 
-    ``sample_stats["log_weight"]`` holds :math:`\log p(x_n, z) - \log q(z)`
-    per draw and datapoint (model evaluated by
-    :func:`~ppl_vae.inference.mcmc.latent_log_joint`). Output layout:
-    ``samples[site]`` ``[1, S, N, *event]``, as :func:`~ppl_vae.inference.mcmc.hmc_latent`.
+    ``q`` is a batch of distributions over the unconstrained joint latent
+    (:class:`~ppl_vae.inference.latent.Latent`), e.g. a local :math:`q^*`'s
+    ``distribution()``; for a model with one real-valued latent site with a
+    1-d event, that site itself.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"number of VI draws must be a positive integer, got {num_samples!r}")
-    n = args[0].shape[0]
-    if tuple(q.batch_shape) != (n,):
-        raise ConfigError(f"q must have batch shape [{n}] (one distribution per datapoint), got {tuple(q.batch_shape)}")
+    latent = latent_of(model, *args, analysis="VI draws")
+    if tuple(q.batch_shape) != (latent.num_points,) or tuple(q.event_shape) != (latent.dim,):
+        raise ConfigError(
+            f"q must have batch shape ({latent.num_points},) and event shape ({latent.dim},) (the joint latent {latent.describe()}), "
+            f"got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
+        )
+    n = latent.num_points
     with torch.no_grad(), seeded(seed):
-        z = q.sample((num_samples,))  # [S, N, *event]
-        lw = latent_log_joint(model, *args, site=site)(z) - q.log_prob(z)
-    dims, coords = _latent_layout(site, n, tuple(q.event_shape))
-    return Draws({site: z[None].numpy()}, {"log_weight": lw[None].numpy()}, dims, coords, method)
+        u = q.sample((num_samples,))  # [S, N, K]
+        lw = log_joint(model, latent, *args)(u) - q.log_prob(u)
+        values, _ = latent.constrain(u)
+    samples = {name: v[None].cpu().numpy() for name, v in values.items()}
+    dims, coords = _layout(latent)
+    return Draws(samples, {"log_weight": lw[None].cpu().numpy()}, dims, coords, method)
+
+
+def _layout(latent: Latent) -> tuple[dict[str, list[str]], dict[str, list[Any]]]:
+    """ArviZ dims and coords of per-datapoint draws of every latent site (``point`` first)."""
+    dims: dict[str, list[str]] = {"log_weight": ["point"]}
+    coords: dict[str, list[Any]] = {"point": list(range(latent.num_points))}
+    for s in latent.sites:
+        names = [f"{s.name}_dim_{i}" for i in range(len(s.shape))]
+        dims[s.name] = ["point", *names]
+        coords |= {nm: list(range(e)) for nm, e in zip(names, s.shape)}
+    return dims, coords
 
 
 def vi_draws_amortized(
     model: Callable[..., object],
     guide: Callable[..., object],
     *args: torch.Tensor,
-    site: str = "z",
     num_samples: int = 1000,
     seed: int = 0,
 ) -> Draws:
-    """Draws of the amortised guide's :math:`q(z \\mid x_n)` for every row of ``args`` (see :func:`vi_draws_latent`)."""
-    q = guide_distribution(guide, *args, site=site)
-    return vi_draws_latent(model, q, *args, site=site, num_samples=num_samples, seed=seed, method="vi-amortized")
+    r"""Draws of the amortised guide's :math:`q(z \mid x_n)` for every row of ``args`` (see :func:`vi_draws`)."""
+    return vi_draws(model, guide, *args, num_samples=num_samples, seed=seed, method="vi-amortized")
 
 
 def _autoguide(model: Callable[..., object], family: str, options: dict[str, Any]) -> Any:
@@ -217,20 +251,29 @@ def vi_draws_autoguide(
 # --------------------------------------------------------------------------- comparison
 
 
+def _label(name: str, index: tuple[int, ...]) -> str:
+    return name if not index else f"{name}[{','.join(map(str, index))}]"
+
+
 def _matrix(draws: Draws, names: Sequence[str]) -> tuple[np.ndarray, list[str], bool]:
-    """``[chain, draw, P, K]``: per-datapoint latents if the draws have a ``point`` dim, else all variables as P = 1."""
-    if len(names) == 1 and "point" in draws.dims.get(names[0], []):
-        v = draws.samples[names[0]]
-        k = int(np.prod(v.shape[3:]))
-        labels = [f"{names[0]}[{i}]" for i in range(k)] if v.ndim > 3 else [names[0]]
-        return v.reshape(*v.shape[:3], k), labels, True
+    """``[chain, draw, P, K]``: per-datapoint latents (all variables with a ``point`` dim, concatenated) or all variables as P = 1."""
+    per_point = [n for n in names if "point" in draws.dims.get(n, [])]
+    if per_point and len(per_point) != len(names):
+        raise ConfigError(f"cannot compare per-datapoint variables ({', '.join(per_point)}) together with global ones")
+    if per_point:
+        cols, labels = [], []
+        for name in names:
+            v = draws.samples[name]
+            cols.append(v.reshape(*v.shape[:3], -1))
+            labels += [_label(name, i) for i in np.ndindex(*v.shape[3:])]
+        return np.concatenate(cols, axis=-1), labels, True
     cols, labels = [], []
     for name in names:
         v = draws.samples[name]
         flat = v.reshape(*v.shape[:2], -1)
         cols.append(flat)
         idx = list(np.ndindex(*v.shape[2:]))
-        labels += [name if not v.shape[2:] else f"{name}[{','.join(map(str, i))}]" for i in idx]
+        labels += [_label(name, i) for i in idx]
     return np.concatenate(cols, axis=-1)[:, :, None, :], labels, False
 
 
@@ -365,8 +408,6 @@ def compare(
     max_energy_draws : int
         Draws of each side (a seeded random subset) in the energy distance.
     """
-    import arviz as az
-
     names = list(var_names) if var_names is not None else [n for n in mcmc.samples if n in vi.samples]
     missing = [n for n in names if n not in mcmc.samples or n not in vi.samples]
     if not names or missing:
@@ -394,10 +435,9 @@ def compare(
     for level in (50, 90):
         lo, hi = np.quantile(pv, [(1 - level / 100) / 2, (1 + level / 100) / 2], axis=0)
         per_dim[f"coverage_{level}"] = ((pm >= lo) & (pm <= hi)).mean(0)
-    ds = az.convert_to_dataset({"x": xm})
-    per_dim["mcmc_ess_bulk"] = az.ess(ds, method="bulk")["x"].values.reshape(p_count, -1)
-    per_dim["mcmc_ess_tail"] = az.ess(ds, method="tail")["x"].values.reshape(p_count, -1)
-    per_dim["mcmc_rhat"] = az.rhat(ds)["x"].values.reshape(p_count, -1) if xm.shape[0] > 1 else np.full_like(m_mean, np.nan)
+    per_dim["mcmc_ess_bulk"] = azcompat.ess(xm, "bulk").reshape(p_count, -1)
+    per_dim["mcmc_ess_tail"] = azcompat.ess(xm, "tail").reshape(p_count, -1)
+    per_dim["mcmc_rhat"] = azcompat.rhat(xm).reshape(p_count, -1)
 
     rng = np.random.default_rng(seed)
     energy, kl = np.zeros(p_count), np.zeros(p_count)
@@ -408,11 +448,7 @@ def compare(
         kl[i] = _gaussian_kl(pv[:, i], pm[:, i])
     lw = vi.sample_stats.get("log_weight")
     if lw is not None:
-        lw = np.asarray(lw).reshape(-1, p_count).T  # [P, S]
-        with warnings.catch_warnings():  # arviz warns about k-hat > 0.7, which is the very diagnostic reported here
-            warnings.simplefilter("ignore")
-            _, khat = az.psislw(lw)
-        khat = np.atleast_1d(np.asarray(khat, dtype=float))
+        khat = np.atleast_1d(azcompat.pareto_khat(np.asarray(lw).reshape(-1, p_count).T))  # [P, S] -> [P]
     else:
         khat = np.full(p_count, np.nan)
     div = mcmc.sample_stats.get("diverging")

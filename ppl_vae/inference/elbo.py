@@ -21,9 +21,9 @@ from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError, NonFiniteError, PplVaeError
 
-__all__ = ["SAMPLES", "traces", "plate_nesting", "log_weights", "elbo_per_datapoint", "evaluate_elbo"]
+__all__ = ["SAMPLES", "traces", "plate_nesting", "log_weights", "log_weights_of", "check_pairs", "first_nonfinite_site", "elbo_per_datapoint", "evaluate_elbo"]
 
 
 SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
@@ -47,6 +47,18 @@ def _per_datapoint(site: dict, plate: str) -> torch.Tensor:
     keep = [d for d in (_keep_dim(lp, site, SAMPLES), keep_data) if d is not None]
     other = [d for d in range(lp.dim()) if d not in keep]
     return lp.sum(other) if other else lp
+
+
+def probe(what: str, run: Callable[[], object], data: Sequence[torch.Tensor]) -> object:
+    """``run()``; a shape or value error from inside the model or guide becomes one :class:`DataError` naming ``what`` and the data's shapes."""
+    try:
+        return run()
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        if isinstance(exc, PplVaeError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shapes = ", ".join(str(tuple(t.shape)) for t in data if isinstance(t, torch.Tensor))
+        raise DataError(f"{what}: the model or guide failed on the data of shape {shapes} ({first})") from None
 
 
 def trace_nesting(*trs: Trace) -> int:
@@ -107,6 +119,27 @@ def log_weights(
     vectorised draws; their mean over draws is the ELBO.
     """
     model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples, nesting=nesting)
+    total = log_weights_of(model_tr, guide_tr, plate)
+    if num_samples is not None and total.dim() == 1:  # nothing depended on the draws
+        total = total.expand(num_samples, -1)
+    return total
+
+
+def check_pairs(model_tr: Trace, guide_tr: Trace, what: str = "the ELBO") -> None:
+    """Refuse a guide that lacks a latent site of the model (it would be drawn from the prior) or samples one the model lacks."""
+    guide_sites = {n for n, s in guide_tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+    for name, site in model_tr.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site) and not site["is_observed"] and name not in guide_sites:
+            raise ConfigError(f"{what}: the guide has no site {name!r}, a latent site of the model (it would be drawn from the prior)")
+    model_sites = {n for n, s in model_tr.nodes.items() if s["type"] == "sample"}
+    for name in guide_sites:
+        if name not in model_sites and not guide_tr.nodes[name]["infer"].get("is_auxiliary"):
+            raise ConfigError(f"{what}: guide site {name!r} is not a latent site of the model")
+
+
+def log_weights_of(model_tr: Trace, guide_tr: Trace, plate: str = "data") -> torch.Tensor:
+    """``log p(x, z) - log q(z | x)`` per datapoint (and draw) from a guide trace and the model replayed on it."""
+    check_pairs(model_tr, guide_tr, "the importance weights")
     total: torch.Tensor | int = 0
     for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
         for site in tr.nodes.values():
@@ -114,9 +147,19 @@ def log_weights(
                 total = total + sign * _per_datapoint(site, plate)
     if isinstance(total, int):
         raise ConfigError("the model has no sample sites")
-    if num_samples is not None and total.dim() == 1:  # nothing depended on the draws
-        total = total.expand(num_samples, -1)
     return total
+
+
+def first_nonfinite_site(model_tr: Trace, guide_tr: Trace, plate: str = "data") -> tuple[str | None, str]:
+    """``(name, description)`` of the first guide or model site whose value or per-datapoint log-density is not finite (in the traces themselves)."""
+    for role, tr in (("guide", guide_tr), ("model", model_tr)):
+        for name, site in tr.nodes.items():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                if not bool(torch.isfinite(site["value"]).all()):
+                    return name, f"{role} site {name!r} has a non-finite value"
+                if not bool(torch.isfinite(_per_datapoint(site, plate)).all()):
+                    return name, f"{role} site {name!r} has a non-finite log-density"
+    return None, "no single site (the sum overflowed)"
 
 
 def elbo_per_datapoint(
@@ -129,13 +172,36 @@ def elbo_per_datapoint(
     """ELBO per datapoint and its Monte Carlo standard error, each ``[N]``.
 
     The standard error is zero-width (NaN) for a single particle.
+
+    Raises
+    ------
+    NonFiniteError
+        When some datapoint's estimate is not finite, naming the site (found in
+        the traces that produced it) or the invalid distribution parameter.
     """
     if num_particles < 1:
         raise ConfigError(f"num_particles must be >= 1, got {num_particles}")
+    draws = []
     with torch.no_grad():
-        draws = torch.stack([log_weights(model, guide, *args, plate=plate) for _ in range(num_particles)])
-    mean = draws.mean(0)
-    se = draws.std(0) / num_particles**0.5 if num_particles > 1 else torch.full_like(mean, float("nan"))
+        for _ in range(num_particles):
+            rng, invalid = torch.get_rng_state(), ""
+            try:
+                model_tr, guide_tr = traces(model, guide, *args)
+            except ValueError as exc:  # torch's argument validation meets an invalid parameter
+                if "Expected parameter" not in str(exc):
+                    raise
+                invalid = f"a distribution got an invalid parameter ({str(exc).splitlines()[0][:120]}); "
+                torch.set_rng_state(rng)  # the same draws again, unvalidated, to find the site
+                with pyro.validation_enabled(False):
+                    model_tr, guide_tr = traces(model, guide, *args)
+            lw = log_weights_of(model_tr, guide_tr, plate)
+            if invalid or not bool(torch.isfinite(lw).all()):
+                name, where = first_nonfinite_site(model_tr, guide_tr, plate)
+                raise NonFiniteError(f"{invalid}the ELBO of {int((~torch.isfinite(lw)).sum())} datapoint(s) is not finite: {where}", site=name)
+            draws.append(lw)
+    stacked = torch.stack(draws)
+    mean = stacked.mean(0)
+    se = stacked.std(0) / num_particles**0.5 if num_particles > 1 else torch.full_like(mean, float("nan"))
     return mean, se
 
 

@@ -36,9 +36,11 @@ from .. import io
 from ..errors import ConfigError
 from .ais import ais
 from .bounds import importance_bounds
-from .local import FAMILIES, family_of, guide_distribution, optimize_local
+from .ais import check_options as check_ais_options
+from .latent import guide_in_latent_space, latent_of
+from .local import FAMILIES, check_options as check_local_options, family_of, optimize_local
 
-__all__ = ["GapReport", "decompose", "GAPS_CSV", "GAPS_JSON"]
+__all__ = ["GapReport", "decompose", "check_decomposable", "GAPS_CSV", "GAPS_JSON"]
 
 GAPS_CSV, GAPS_JSON = "gaps.csv", "gaps.json"
 
@@ -64,6 +66,7 @@ class GapReport:
     num_samples: int
     local_steps: dict[str, float] = field(default_factory=dict)
     name: str = "model"
+    q_in_family: bool = True
 
     @property
     def elbo_qstar(self) -> torch.Tensor:
@@ -94,7 +97,7 @@ class GapReport:
         rows = {"log_px": self.log_px, "elbo_q": self.elbo_q}
         rows |= {f"elbo_qstar_{fam}": v for fam, v in self.elbo_local.items()}
         rows |= {"approximation_gap": self.approximation_gap, "amortisation_gap": self.amortisation_gap, "inference_gap": self.inference_gap}
-        out: dict[str, Any] = {"name": self.name, "num_points": len(self.index), "qstar_family": self.family, "logpx_estimator": self.logpx_estimator, "num_samples": self.num_samples, "local_steps_mean": self.local_steps}
+        out: dict[str, Any] = {"name": self.name, "num_points": len(self.index), "qstar_family": self.family, "q_in_family": self.q_in_family, "logpx_estimator": self.logpx_estimator, "num_samples": self.num_samples, "local_steps_mean": self.local_steps}
         for k, v in rows.items():
             m, se = _mean_se(v)
             out[k], out[f"{k}_se"] = m, se
@@ -107,6 +110,29 @@ class GapReport:
         io.write_json(out / GAPS_JSON, self.summary())
 
 
+def _families(model: Callable[..., object], guide: Callable[..., object], data: tuple[torch.Tensor, ...], families: tuple[str, ...] | None):
+    """The guide as a distribution over the joint latent (or None), its family (or None), and the families of q* to fit."""
+    latent = latent_of(model, *data, guide=guide, analysis="the gap decomposition")
+    q, why = guide_in_latent_space(guide, latent, *data)
+    own = family_of(q) if q is not None else None
+    if own is None and not families:
+        raise ConfigError(
+            f"the gap decomposition compares q with the best q* of q's own family, and the guide's q over {latent.describe()} "
+            f"is not in the diagonal, full or flow family ({why or 'not a Gaussian or IAF flow'}); pass families (CLI: --families) "
+            "to compare with q* of those families, whose amortisation gap then also contains the change of family"
+        )
+    chosen = tuple(dict.fromkeys(((own,) if own else ()) + tuple(families or ())))
+    unknown = [f for f in chosen if f not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+    return q, own, chosen
+
+
+def check_decomposable(model: Callable[..., object], guide: Callable[..., object], *data: torch.Tensor, families: tuple[str, ...] | None = None) -> str | None:
+    """Refuse (``ConfigError``, by site and reason) a model and guide :func:`decompose` cannot handle; return the guide's family (None: none)."""
+    return _families(model, guide, data, families)[1]
+
+
 def decompose(
     model: Callable[..., object],
     guide: Callable[..., object],
@@ -115,7 +141,6 @@ def decompose(
     num_samples: int = 5000,
     elbo_samples: int = 1000,
     families: tuple[str, ...] | None = None,
-    site: str = "z",
     local_options: dict[str, Any] | None = None,
     ais_options: dict[str, Any] | None = None,
     index: torch.Tensor | None = None,
@@ -128,7 +153,11 @@ def decompose(
     Parameters
     ----------
     model, guide : callable
-        A trained model and its amortised guide (one latent site ``site``).
+        A trained model and its amortised guide. The latent state is every
+        continuous latent site of the model, concatenated in unconstrained
+        space (:func:`~ppl_vae.inference.latent.latent_of`); a discrete
+        site, a global latent, a point-mass guide or a guide that does not
+        pair with the model's sites is refused before any work.
     *data : torch.Tensor
         The datapoints (rows) to analyse.
     logpx : {"iwae", "ais"}
@@ -142,7 +171,12 @@ def decompose(
     families : tuple of str, optional
         Families of :math:`q^*` to fit (default: the guide's own). The gaps
         use the guide's family; the others are reported alongside (as
-        Cremer et al.'s Table 2 reports both FFG and flow :math:`q^*`).
+        Cremer et al.'s Table 2 reports both FFG and flow :math:`q^*`). A
+        guide in none of the families (sites that depend on each other, or
+        not Gaussian in unconstrained space) is refused unless ``families``
+        is given; the gaps then use the best of them, and the report says
+        ``q_in_family=False``: its amortisation gap also contains the change
+        of family.
     local_options : dict, optional
         Passed to :func:`~ppl_vae.inference.optimize_local`.
     index : tensor, optional
@@ -155,19 +189,16 @@ def decompose(
     for label, k in (("importance samples K", num_samples), ("ELBO samples", elbo_samples)):
         if not isinstance(k, int) or k < 1:
             raise ConfigError(f"the number of {label} must be a positive integer, got {k!r}")
+    if local_options:
+        check_local_options(**local_options)
+    if ais_options:
+        check_ais_options(**ais_options)
+    q, own, families = _families(model, guide, data, families)
     n = data[0].shape[0]
-    q = guide_distribution(guide, *data, site=site)
-    own = family_of(q)
-    if own is None:
-        raise ConfigError(f"the guide's distribution at {site!r} ({type(q).__name__}) is not a diagonal or full Gaussian or an IAF flow")
-    families = tuple(dict.fromkeys((own, *(families or ()))))
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise ConfigError(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
     on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed)
     local, local_se, steps, proposals = {}, {}, {}, {}
     for i, fam in enumerate(families):
-        fit = optimize_local(model, *data, family=fam, init=q, site=site, seed=seed + 1 + i, **(local_options or {}))
+        fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, **(local_options or {}))
         b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i)
         local[fam], local_se[fam] = b.elbo, b.elbo_se
         steps[fam] = fit.steps.double().mean().item()
@@ -179,7 +210,8 @@ def decompose(
         local[best], local_se[best] = b.elbo, b.elbo_se  # the same family's ELBO, now from K draws
         estimator = f"IWAE K={num_samples} with the local {best} q* as proposal"
     else:
-        r = ais(model, *data, site=site, seed=seed + 1000, **(ais_options or {}))
+        r = ais(model, *data, seed=seed + 1000, **(ais_options or {}))
         log_px, log_px_se, estimator = r.log_px.double(), r.log_px_se.double(), r.description
     idx = index if index is not None else torch.arange(n)
-    return GapReport(idx, log_px, log_px_se, on_q.elbo, on_q.elbo_se, local, local_se, own, estimator, elbo_samples, steps, name)
+    family = own if own is not None else max(local, key=lambda f: local[f].mean().item())
+    return GapReport(idx, log_px, log_px_se, on_q.elbo, on_q.elbo_se, local, local_se, family, estimator, elbo_samples, steps, name, own is not None)

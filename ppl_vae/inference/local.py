@@ -48,24 +48,15 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from .bounds import importance_bounds, seeded
 from .elbo import log_weights, plate_nesting
+from .latent import Latent, LatentGuide, guide_in_latent_space, latent_draws, latent_of, moment_matched
 
-__all__ = ["FAMILIES", "BatchedMADE", "LocalPosterior", "LocalFit", "optimize_local", "guide_distribution", "family_of"]
+__all__ = ["FAMILIES", "BatchedMADE", "LocalPosterior", "LocalFit", "optimize_local", "check_options", "start_distribution", "family_of"]
 
 FAMILIES = ("diagonal", "full", "flow")
 
 
 def _inv_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
-
-
-def guide_distribution(guide: Callable[..., object], *data: torch.Tensor, site: str = "z") -> torch.distributions.Distribution:
-    """The distribution a guide draws latent ``site`` from, for the rows of ``data``."""
-    with poutine.block(), torch.no_grad():
-        tr = poutine.trace(guide).get_trace(*data)
-    if site not in tr.nodes or tr.nodes[site]["type"] != "sample":
-        raise ConfigError(f"the guide has no latent site {site!r}")
-    fn = tr.nodes[site]["fn"]
-    return fn
 
 
 def _flow_parts(q: torch.distributions.Distribution) -> tuple[torch.distributions.Distribution, list[AffineAutoregressive]] | None:
@@ -96,18 +87,19 @@ class BatchedMADE(nn.Module):
     order (``permutation``) means what it means in Pyro.
     """
 
-    def __init__(self, num_points: int, latent_dim: int, hidden: int, permutation: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(self, num_points: int, latent_dim: int, hidden: int, permutation: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None, *, like: torch.Tensor | None = None) -> None:
         super().__init__()
+        kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
         if masks is None:
-            masks = tuple(create_mask(latent_dim, 0, [hidden], permutation, 2)[0])
+            masks = tuple(m.to(**kw) for m in create_mask(latent_dim, 0, [hidden], permutation.cpu(), 2)[0])
         self.register_buffer("mask0", masks[0].clone())
         self.register_buffer("mask1", masks[1].clone())
         self.register_buffer("permutation", permutation)
         self.latent_dim = latent_dim
-        self.w0 = nn.Parameter(torch.randn(num_points, hidden, latent_dim) / math.sqrt(latent_dim))
-        self.b0 = nn.Parameter(torch.zeros(num_points, hidden))
-        self.w1 = nn.Parameter(torch.zeros(num_points, 2 * latent_dim, hidden))  # zero: starts at the identity
-        self.b1 = nn.Parameter(torch.zeros(num_points, 2 * latent_dim))
+        self.w0 = nn.Parameter(torch.randn(num_points, hidden, latent_dim, **kw) / math.sqrt(latent_dim))
+        self.b0 = nn.Parameter(torch.zeros(num_points, hidden, **kw))
+        self.w1 = nn.Parameter(torch.zeros(num_points, 2 * latent_dim, hidden, **kw))  # zero: starts at the identity
+        self.b1 = nn.Parameter(torch.zeros(num_points, 2 * latent_dim, **kw))
 
     def rows(self, idx: slice | torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """The network of the datapoints ``idx``, as the callable an ``AffineAutoregressive`` needs."""
@@ -137,7 +129,7 @@ class BatchedMADE(nn.Module):
         ctx = net.context_dim
         w = first.weight * first.mask
         masks = (first.mask[:, ctx:], last.mask)  # a conditional MADE's input degrees differ from an unconditional one's
-        new = cls(h.shape[0], net.input_dim, first.out_features, net.permutation.clone(), masks)
+        new = cls(h.shape[0], net.input_dim, first.out_features, net.permutation.clone(), masks, like=h)
         n = h.shape[0]
         with torch.no_grad():
             new.w0.copy_(w[:, ctx:].expand(n, -1, -1))
@@ -148,23 +140,27 @@ class BatchedMADE(nn.Module):
 
 
 class LocalPosterior(nn.Module):
-    """Per-datapoint variational parameters of one family for ``N`` datapoints; calling it is a guide.
+    """Per-datapoint variational parameters of one family over the latent ``u`` of ``N`` datapoints; calling it is a guide.
 
-    ``posterior(x)`` samples ``site`` for the rows of ``x`` (which must be the
-    ``N`` datapoints, in order); ``posterior.select(rows)`` is the guide of a
-    subset, which :func:`~ppl_vae.inference.importance_bounds` uses to chunk.
+    The family is a distribution over the model's whole latent state in
+    unconstrained space (:class:`~ppl_vae.inference.latent.Latent`);
+    ``posterior(x)`` emits the model's sites for the rows of ``x`` (which must
+    be the ``N`` datapoints, in order) through
+    :class:`~ppl_vae.inference.latent.LatentGuide`; ``posterior.select(rows)``
+    is the guide of a subset, which :func:`~ppl_vae.inference.importance_bounds`
+    uses to chunk.
     """
 
-    def __init__(self, family: str, loc: torch.Tensor, scale: torch.Tensor, *, site: str = "z", scale_tril: torch.Tensor | None = None, flows: list[BatchedMADE] | None = None, clamp: tuple[float, float] = (-5.0, 3.0)) -> None:
+    def __init__(self, family: str, latent: Latent, loc: torch.Tensor, scale: torch.Tensor, *, scale_tril: torch.Tensor | None = None, flows: list[BatchedMADE] | None = None, clamp: tuple[float, float] = (-5.0, 3.0)) -> None:
         super().__init__()
         if family not in FAMILIES:
             raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-        self.family, self.site, self.clamp = family, site, clamp
+        self.family, self.latent, self.clamp = family, latent, clamp
         self.loc = nn.Parameter(loc.detach().clone())
         if family == "full":
             tril = scale_tril if scale_tril is not None else torch.diag_embed(scale)
             d = loc.shape[-1]
-            self.register_buffer("_off", torch.tril_indices(d, d, offset=-1), persistent=False)
+            self.register_buffer("_off", torch.tril_indices(d, d, offset=-1, device=loc.device), persistent=False)
             self.raw_diag = nn.Parameter(_inv_softplus(tril.diagonal(dim1=-2, dim2=-1).detach().clamp_min(1e-6)))
             self.offdiag = nn.Parameter(tril[..., self._off[0], self._off[1]].detach().clone())
         else:
@@ -176,7 +172,7 @@ class LocalPosterior(nn.Module):
         return self.loc.shape[0]
 
     def distribution(self, rows: slice | torch.Tensor = slice(None)) -> torch.distributions.Distribution:
-        """``q*`` of the datapoints ``rows``: batch shape ``[len(rows)]``, event ``[d]``."""
+        """``q*`` of the datapoints ``rows`` over ``u``: batch shape ``[len(rows)]``, event ``[K]``."""
         loc = self.loc[rows]
         if self.family == "full":
             tril = torch.diag_embed(F.softplus(self.raw_diag[rows]) + 1e-6)
@@ -189,16 +185,16 @@ class LocalPosterior(nn.Module):
         steps = [AffineAutoregressive(f.rows(rows), log_scale_min_clip=lo, log_scale_max_clip=hi) for f in self.flows]
         return dist.TransformedDistribution(base, steps)
 
-    def select(self, rows: slice | torch.Tensor) -> _Rows:
+    def select(self, rows: slice | torch.Tensor) -> LatentGuide:
         """The guide of the datapoints ``rows`` only (itself cut further by ``select``)."""
-        return _Rows(self, torch.arange(self.num_points)[rows])
+        return LatentGuide(self.latent, self.distribution, torch.arange(self.num_points, device=self.loc.device)[rows])
 
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> None:
         self.select(slice(None))(x, *args)
 
     @classmethod
-    def initial(cls, family: str, q: torch.distributions.Distribution, *, site: str = "z", num_flows: int = 2, flow_hidden: int | None = None, seed_draws: int = 2000) -> LocalPosterior:
-        """Start ``q*`` of ``family`` at (or, across families, near) a batch of distributions ``q``.
+    def initial(cls, family: str, q: torch.distributions.Distribution, latent: Latent, *, num_flows: int = 2, flow_hidden: int | None = None, seed_draws: int = 2000) -> LocalPosterior:
+        """Start ``q*`` of ``family`` at (or, across families, near) a batch of distributions ``q`` over ``u``.
 
         Same family: copied exactly (a flow's MADEs included). Otherwise the
         Gaussian part is moment-matched (from draws when ``q`` is a flow) and
@@ -213,49 +209,25 @@ class LocalPosterior(nn.Module):
                 base, steps = parts
                 flows = [BatchedMADE.from_conditional(t) for t in steps]
                 clamp = (steps[0].log_scale_min_clip, steps[0].log_scale_max_clip)
-                return cls("flow", base.mean, base.stddev, site=site, flows=flows, clamp=clamp)
+                return cls("flow", latent, base.mean, base.stddev, flows=flows, clamp=clamp)
             if source == "full":
                 loc, tril = q.loc, q.scale_tril
             elif source == "diagonal":
                 loc, tril = q.mean, torch.diag_embed(q.stddev)
             else:  # moment-match from draws, taken in chunks so memory stays bounded
-                total = second = None
-                for k in range(0, seed_draws, 100):
-                    raw = q.sample((min(100, seed_draws - k),))
-                    draws = raw.double()
-                    s1, s2 = draws.sum(0), torch.einsum("snd,sne->nde", draws, draws)
-                    total, second = (s1, s2) if total is None else (total + s1, second + s2)
-                loc = total / seed_draws
-                cov = (second - seed_draws * loc.unsqueeze(-1) * loc.unsqueeze(-2)) / (seed_draws - 1)
-                tril = torch.linalg.cholesky(cov + 1e-6 * torch.eye(loc.shape[-1], dtype=cov.dtype)).to(raw.dtype)
-                loc = loc.to(raw.dtype)
+                mm = moment_matched(torch.cat([q.sample((min(100, seed_draws - k),)) for k in range(0, seed_draws, 100)]))
+                loc, tril = mm.loc, mm.scale_tril
             scale = tril.diagonal(dim1=-2, dim2=-1) if family == "full" else (tril @ tril.mT).diagonal(dim1=-2, dim2=-1).sqrt()
             if family == "full":
-                return cls("full", loc, scale, site=site, scale_tril=tril)
+                return cls("full", latent, loc, scale, scale_tril=tril)
             if family == "diagonal":
-                return cls("diagonal", loc, scale, site=site)
+                return cls("diagonal", latent, loc, scale)
             n, d = loc.shape
             hidden = flow_hidden if flow_hidden is not None else 2 * d
             if hidden < d or d < 2:
-                raise ConfigError(f"a local flow needs latent dim >= 2 and hidden width >= latent dim, got {d} and {hidden}")
-            flows = [BatchedMADE(n, d, hidden, torch.randperm(d)) for _ in range(num_flows)]
-            return cls("flow", loc, scale, site=site, flows=flows)
-
-
-class _Rows:
-    """The guide of some datapoints of a :class:`LocalPosterior`."""
-
-    def __init__(self, posterior: LocalPosterior, index: torch.Tensor) -> None:
-        self.posterior, self.index = posterior, index
-
-    def select(self, rows: slice | torch.Tensor) -> _Rows:
-        return _Rows(self.posterior, self.index[rows])
-
-    def __call__(self, x: torch.Tensor, *args: torch.Tensor) -> None:
-        if len(self.index) != x.shape[0]:
-            raise ConfigError(f"this local posterior covers {len(self.index)} datapoints, the guide got {x.shape[0]}")
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample(self.posterior.site, self.posterior.distribution(self.index))
+                raise ConfigError(f"a local flow needs a latent of size >= 2 and hidden width >= that size, got {d} and {hidden}")
+            flows = [BatchedMADE(n, d, hidden, torch.randperm(d, device=loc.device), like=loc) for _ in range(num_flows)]
+            return cls("flow", latent, loc, scale, flows=flows)
 
 
 @dataclass(frozen=True)
@@ -270,12 +242,53 @@ class LocalFit:
     options: dict = field(default_factory=dict)
 
 
+def check_options(
+    *, family: str = "diagonal", num_samples: int = 10, lr: float = 1e-2, max_steps: int = 3000, check_every: int = 100, tol: float = 0.05,
+    num_flows: int = 2, flow_hidden: int | None = None,
+) -> None:
+    """Validate the options of :func:`optimize_local` before any work (``ConfigError`` naming the option)."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    for name, value in (("num_samples", num_samples), ("max_steps", max_steps), ("check_every", check_every), ("num_flows", num_flows)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"the local learning rate must be a positive number, got {lr!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ConfigError(f"tol must be a non-negative number, got {tol!r}")
+    if flow_hidden is not None and (not isinstance(flow_hidden, int) or flow_hidden < 1):
+        raise ConfigError(f"flow-hidden must be a positive integer, got {flow_hidden!r}")
+
+
+def start_distribution(
+    model: Callable[..., object], latent: Latent, *data: torch.Tensor, init: Callable[..., object] | torch.distributions.Distribution | str = "prior", draws: int = 2000
+) -> torch.distributions.Distribution:
+    """A batch of distributions over the joint latent ``u`` (batch ``[N]``, event ``[K]``) to start ``q*`` from.
+
+    A distribution is returned as it is; a guide exactly where it is one
+    (:func:`~ppl_vae.inference.latent.guide_in_latent_space`), else the
+    Gaussian with the moments of ``draws`` of its draws; ``"prior"``: the
+    prior's Gaussian where the model has one Gaussian site, else the moments
+    of prior draws.
+    """
+    if isinstance(init, torch.distributions.Distribution):
+        return init
+    if init == "prior":
+        if latent.plain:
+            with poutine.block(), torch.no_grad():
+                fn = poutine.trace(model).get_trace(*data).nodes[latent.names[0]]["fn"]
+            if family_of(fn) in ("diagonal", "full"):
+                return fn
+        return moment_matched(latent_draws(model, latent, *data, num_samples=draws))
+    q, _ = guide_in_latent_space(init, latent, *data)  # type: ignore[arg-type]
+    return q if q is not None else moment_matched(latent_draws(model, latent, *data, guide=init, num_samples=draws))  # type: ignore[arg-type]
+
+
 def optimize_local(
     model: Callable[..., object],
     *data: torch.Tensor,
     family: str = "diagonal",
     init: Callable[..., object] | torch.distributions.Distribution | str = "prior",
-    site: str = "z",
     num_samples: int = 10,
     lr: float = 1e-2,
     max_steps: int = 3000,
@@ -290,14 +303,19 @@ def optimize_local(
     Parameters
     ----------
     model : callable
-        A model written the ppl-vae way; its parameters are not changed.
+        A model written the ppl-vae way; its parameters are not changed. Its
+        latent state is every continuous latent site, concatenated in
+        unconstrained space (:func:`~ppl_vae.inference.latent.latent_of`);
+        a discrete site, a global latent or a point-mass guide is refused.
     *data : torch.Tensor
         The model's arguments (rows = datapoints).
     family : {"diagonal", "full", "flow"}
-        The variational family of ``q*``.
+        The variational family of ``q*`` over that joint latent.
     init : guide, distribution or "prior"
-        Where to start: an amortised guide (its distribution for each row),
-        a batch of distributions, or the model's prior at ``site``.
+        Where to start: an amortised guide (exactly its distribution where it
+        is in a family over the joint latent, else the Gaussian with the
+        moments of its draws), a batch of distributions over the joint latent
+        (batch ``[N]``, event ``[K]``), or the model's prior.
     num_samples : int
         Reparameterised draws per datapoint and step.
     lr : float
@@ -314,39 +332,29 @@ def optimize_local(
     seed : int, optional
         Seeds the draws (and random flow initialisation).
     """
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    for name, value in (("num_samples", num_samples), ("max_steps", max_steps), ("check_every", check_every)):
-        if value < 1:
-            raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {value}")
-    n = data[0].shape[0]
+    check_options(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol, num_flows=num_flows)
+    if isinstance(init, str) and init != "prior":
+        raise ConfigError(f"init must be a guide, a distribution or 'prior', got {init!r}")
+    guide = init if callable(init) and not isinstance(init, torch.distributions.Distribution) else None
+    latent = latent_of(model, *data, guide=guide, analysis="the local optimisation (q*)")
+    n = latent.num_points
     with seeded(seed):
-        if isinstance(init, str):
-            if init != "prior":
-                raise ConfigError(f"init must be a guide, a distribution or 'prior', got {init!r}")
-            with poutine.block(), torch.no_grad():
-                prior = poutine.trace(model).get_trace(*data).nodes.get(site)
-            if prior is None or prior["type"] != "sample" or prior["is_observed"]:
-                raise ConfigError(f"the model has no latent site {site!r}")
-            q0 = dist.Normal(prior["fn"].mean, prior["fn"].stddev).to_event(1)
-        elif isinstance(init, torch.distributions.Distribution):
-            q0 = init
-        else:
-            q0 = guide_distribution(init, *data, site=site)
-        if q0.batch_shape != (n,):
-            raise ConfigError(f"the initial distribution has batch shape {tuple(q0.batch_shape)}, expected ({n},)")
-        posterior = LocalPosterior.initial(family, q0, site=site, num_flows=num_flows, flow_hidden=flow_hidden)
+        q0 = start_distribution(model, latent, *data, init=init)
+        if tuple(q0.batch_shape) != (n,) or tuple(q0.event_shape) != (latent.dim,):
+            raise ConfigError(f"the initial distribution must have batch shape ({n},) and event shape ({latent.dim},), got {tuple(q0.batch_shape)} and {tuple(q0.event_shape)}")
+        posterior = LocalPosterior.initial(family, q0, latent, num_flows=num_flows, flow_hidden=flow_hidden)
         params = list(posterior.parameters())
         opt = torch.optim.Adam(params, lr=lr)
         nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))
         frozen = [p.detach().clone() for p in params]
         best = [p.detach().clone() for p in params]  # each datapoint's best parameters seen at a check
         best_mean = importance_bounds(model, posterior, *data, num_samples=min(num_samples * check_every, 1000), seed=None).elbo
-        active = torch.ones(n, dtype=torch.bool)
-        steps = torch.zeros(n, dtype=torch.long)
-        window = torch.zeros(n, dtype=torch.float64)
-        previous = torch.full((n,), -math.inf, dtype=torch.float64)
-        first = torch.full((n,), math.nan, dtype=torch.float64)
+        like = posterior.loc
+        active = torch.ones(n, dtype=torch.bool, device=like.device)
+        steps = torch.zeros(n, dtype=torch.long, device=like.device)
+        window = like.new_zeros(n, dtype=torch.float64)
+        previous = like.new_full((n,), -math.inf, dtype=torch.float64)
+        first = like.new_full((n,), math.nan, dtype=torch.float64)
         for step in range(1, max_steps + 1):
             idx = active.nonzero().squeeze(-1)
             lw = log_weights(model, posterior.select(idx), *(t[idx] for t in data), num_samples=num_samples, nesting=nesting)

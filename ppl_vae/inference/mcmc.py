@@ -65,11 +65,13 @@ from pyro.ops.welford import WelfordCovariance
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import ConfigError
+from . import azcompat
 from .bounds import seeded
-from .elbo import _per_datapoint, trace_nesting
+from .elbo import trace_nesting
+from .latent import latent_draws, latent_of, log_joint
 from .params import discover
 
-__all__ = ["Draws", "hmc_latent", "hmc", "nuts", "nuts_latent", "latent_log_joint", "frozen_parameters"]
+__all__ = ["Draws", "hmc_latent", "hmc", "nuts", "nuts_latent", "frozen_parameters"]
 
 
 # --------------------------------------------------------------------------- results
@@ -116,33 +118,27 @@ class Draws:
         return 0 if div is None else int(np.asarray(div).sum())
 
     def to_inference_data(self) -> Any:
-        """An ArviZ ``InferenceData`` built with ``az.from_dict`` (not ``from_pyro``)."""
-        import arviz as az
-
-        return az.from_dict(
-            posterior=self.samples,
-            sample_stats=self.sample_stats or None,
-            dims=self.dims,
-            coords=self.coords,
+        """The installed ArviZ's container (``InferenceData`` for 0.x, ``DataTree`` for 1.x), via :mod:`.azcompat`."""
+        return azcompat.to_inference_data(
+            self.samples, sample_stats=self.sample_stats, dims=self.dims, coords=self.coords,
             attrs={"method": self.method, "wall_time_s": self.wall_time},
         )
 
     def diagnostics(self) -> Any:
-        """ArviZ R-hat, bulk and tail ESS and MCSE per scalar element (a DataFrame)."""
-        import arviz as az
-
-        return az.summary(self.to_inference_data(), kind="diagnostics")
+        """R-hat, bulk and tail ESS and MCSE per scalar element (a DataFrame; labels ``z[0, 1]``)."""
+        return azcompat.diagnostics(self.samples, self.dims, self.coords)
 
     def to_dataframe(self) -> Any:
         """Same as :meth:`diagnostics`."""
         return self.diagnostics()
 
     def min_ess_per_point(self, method: str = "bulk") -> np.ndarray:
-        """Minimum ESS over latent dimensions, one value per ``point`` (latent draws only)."""
-        import arviz as az
-
-        ess = az.ess(self.to_inference_data(), method=method, var_names=["z"])["z"]
-        return ess.min(dim=[d for d in ess.dims if d != "point"]).values
+        """Minimum ESS over every per-datapoint variable's dimensions, one value per ``point``."""
+        per_point = [n for n in self.samples if self.dims.get(n, [None])[0] == "point"]
+        if not per_point:
+            raise ConfigError("these draws have no per-datapoint (point) variables")
+        mins = [azcompat.ess(self.samples[n], method).reshape(self.samples[n].shape[2], -1).min(1) for n in per_point]  # type: ignore[arg-type]
+        return np.min(np.stack(mins), axis=0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -204,92 +200,47 @@ class _Target:
     group_dim: str | None  # the ArviZ dim of the groups (None: one group)
 
 
-def latent_log_joint(
-    model: Callable[..., object], *args: torch.Tensor, site: str = "z", plate: str = "data"
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    r"""``f(z) -> log p(x_n, z_{c,n})`` for ``z`` of shape ``[C, N, *event]``: shape ``[C, N]``.
-
-    The model runs once on ``args`` repeated ``C`` times along their first
-    dimension, with ``site`` conditioned on the flattened ``z``; every site's
-    log-density is summed over all dimensions but the ``plate`` one.
-    """
-    n = args[0].shape[0]
-
-    def log_joint(z: torch.Tensor) -> torch.Tensor:
-        c = z.shape[0]
-        tiled = tuple(a.repeat(c, *([1] * (a.dim() - 1))) for a in args)
-        flat = z.reshape(c * n, *z.shape[2:])
-        with poutine.block(), pyro.validation_enabled(False):
-            tr = poutine.trace(poutine.condition(model, data={site: flat})).get_trace(*tiled)
-            total: torch.Tensor | int = 0
-            for s in tr.nodes.values():
-                if s["type"] == "sample" and not site_is_subsample(s):
-                    if not s["is_observed"] and s["name"] != site:
-                        raise ConfigError(f"latent site {s['name']!r} is not {site!r}: latent-posterior MCMC needs one latent site; use hmc() or nuts() on the whole model")
-                    total = total + _per_datapoint(s, plate)
-        assert not isinstance(total, int)
-        return total.reshape(c, n)
-
-    return log_joint
-
-
 def _latent_target(
-    model: Callable[..., object], args: tuple[torch.Tensor, ...], site: str, num_chains: int, init: Any, generator: torch.Generator
+    model: Callable[..., object], args: tuple[torch.Tensor, ...], num_chains: int, init: Any, generator: torch.Generator
 ) -> _Target:
-    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 1 or args[0].shape[0] < 1:
-        raise ConfigError("latent-posterior MCMC needs at least one datapoint (a tensor with rows)")
-    tr, latent = _latent_sites(model, args, {})
-    if site not in latent:
-        raise ConfigError(f"the model has no latent site {site!r}; its latent sites are {', '.join(latent)}")
-    others = [s for s in latent if s != site]
-    if others:
-        raise ConfigError(f"latent-posterior MCMC needs one latent site, the model also has {', '.join(others)}; use hmc() or nuts() on the whole model")
-    node = tr.nodes[site]
-    n = args[0].shape[0]
-    value = node["value"]
-    if value.dim() < 1 or value.shape[0] != n:
-        raise ConfigError(f"site {site!r} must have one row per datapoint (shape [{n}, ...]), got {tuple(value.shape)}")
-    event = tuple(value.shape[1:])
-    k = math.prod(event)
-    transform = biject_to(node["fn"].support)
-    log_joint = latent_log_joint(model, *args, site=site)
-
-    def constrain(u: torch.Tensor) -> torch.Tensor:  # [C, N, K] -> [C, N, *event]
-        return transform(u.reshape(*u.shape[:2], *event))
-
-    def log_density(u: torch.Tensor) -> torch.Tensor:
-        z = constrain(u)
-        ladj = transform.log_abs_det_jacobian(u.reshape(z.shape), z)
-        return log_joint(z) + ladj.reshape(*u.shape[:2], -1).sum(-1)
-
-    dtype = value.dtype
-    if isinstance(init, torch.Tensor):
-        z0 = init.to(dtype).expand(num_chains, n, *event) if init.dim() == len(event) + 1 else init.to(dtype)
-        if tuple(z0.shape) != (num_chains, n, *event):
-            raise ConfigError(f"init must have shape [{n}, ...] or [{num_chains}, {n}, ...], got {tuple(init.shape)}")
-        u0 = transform.inv(z0).reshape(num_chains, n, k).clone()
+    latent = latent_of(model, *args, analysis="latent-posterior MCMC")
+    n, k = latent.num_points, latent.dim
+    log_density = log_joint(model, latent, *args)
+    like = args[0]
+    if isinstance(init, torch.Tensor) and latent.plain:
+        init = {latent.names[0]: init}
+    if isinstance(init, dict):
+        missing = [s for s in latent.names if s not in init]
+        if missing:
+            raise ConfigError(f"init has no value for latent site {missing[0]!r}")
+        values = {}
+        for s in latent.sites:
+            v = init[s.name].to(like.dtype)
+            if tuple(v.shape) == (n, *s.shape):
+                v = v.expand(num_chains, *v.shape)
+            if tuple(v.shape) != (num_chains, n, *s.shape):
+                raise ConfigError(f"init for site {s.name!r} must have shape [{n}, ...] or [{num_chains}, {n}, ...], got {tuple(init[s.name].shape)}")
+            values[s.name] = v
+        u0 = latent.unconstrain(values).clone()
     elif callable(init):  # a guide: one draw per chain
-        tiled = tuple(a.repeat(num_chains, *([1] * (a.dim() - 1))) for a in args)
-        with poutine.block(), torch.no_grad():
-            z0 = poutine.trace(init).get_trace(*tiled).nodes[site]["value"]
-        u0 = transform.inv(z0).reshape(num_chains, n, k)
-    elif init == "uniform":  # as Pyro's init_to_uniform: U(-2, 2) in unconstrained space
-        u0 = torch.rand(num_chains, n, k, generator=generator, dtype=dtype) * 4 - 2
+        latent_of(model, *args, guide=init, analysis="latent-posterior MCMC")
+        u0 = latent_draws(model, latent, *args, guide=init, num_samples=num_chains)
+    elif isinstance(init, str) and init == "uniform":  # as Pyro's init_to_uniform: U(-2, 2) in unconstrained space
+        u0 = torch.rand(num_chains, n, k, generator=generator, dtype=like.dtype, device=like.device) * 4 - 2
     else:
-        raise ConfigError(f"init must be 'uniform', a guide or a tensor, got {init!r}")
+        raise ConfigError(f"init must be 'uniform', a guide, a tensor (one latent site) or a dict of site values, got {type(init).__name__}")
 
     def to_samples(u: torch.Tensor) -> dict[str, np.ndarray]:  # [C, S, N, K]
-        c, s = u.shape[:2]
-        z = constrain(u.reshape(c * s, n, k)).reshape(c, s, n, *event)
-        return {site: z.numpy()}
+        values, _ = latent.constrain(u)
+        return {name: v.detach().cpu().numpy() for name, v in values.items()}
 
-    names = [f"{site}_dim_{i}" for i in range(len(event))]
-    return _Target(
-        log_density, u0, to_samples,
-        dims={site: ["point", *names], "diverging": ["point"], "acceptance_rate": ["point"], "n_steps": ["point"], "step_size": ["point"]},
-        coords={"point": list(range(n)), **{nm: list(range(e)) for nm, e in zip(names, event)}},
-        group_dim="point",
-    )
+    dims: dict[str, list[str]] = {"diverging": ["point"], "acceptance_rate": ["point"], "n_steps": ["point"], "step_size": ["point"]}
+    coords: dict[str, list[Any]] = {"point": list(range(n))}
+    for s in latent.sites:
+        names = [f"{s.name}_dim_{i}" for i in range(len(s.shape))]
+        dims[s.name] = ["point", *names]
+        coords |= {nm: list(range(e)) for nm, e in zip(names, s.shape)}
+    return _Target(log_density, u0, to_samples, dims=dims, coords=coords, group_dim="point")
 
 
 def _model_target(
@@ -601,7 +552,6 @@ _HMC_DOC_PARAMS = """
 def hmc_latent(
     model: Callable[..., object],
     *args: torch.Tensor,
-    site: str = "z",
     num_samples: int = 1000,
     warmup_steps: int = 1000,
     num_chains: int = 4,
@@ -619,33 +569,37 @@ def hmc_latent(
     Parameters
     ----------
     model : callable
-        A ppl-vae model ``model(x, ...)`` with a ``"data"`` plate and one
-        latent site ``site``; its networks are frozen while sampling.
+        A ppl-vae model ``model(x, ...)`` with a ``"data"`` plate; its
+        networks are frozen while sampling. The chains move in its whole
+        latent state: every continuous latent site, concatenated in
+        unconstrained space (:func:`~ppl_vae.inference.latent.latent_of`;
+        a discrete site or a global latent is refused before any work).
     *args : torch.Tensor
         The model's arguments for the chosen datapoints (rows).
-    site : str
-        The latent site.
-    init : "uniform", a guide, or a tensor
+    init : "uniform", a guide, a tensor or a dict
         Initial points: :math:`U(-2, 2)` in unconstrained space (as Pyro's
-        ``init_to_uniform``), one draw of a guide per chain, or ``z``
-        (``[N, d]`` or ``[C, N, d]``).
+        ``init_to_uniform``), one draw of a guide per chain, or site values
+        (``{site: [N, ...] or [C, N, ...]}``; a tensor for a model with one
+        latent site).
     """ + _HMC_DOC_PARAMS + r"""
     Returns
     -------
     Draws
-        ``samples[site]`` of shape ``[C, S, N, *event]`` (dims ``point``,
-        ``z_dim_0``); ``sample_stats`` ``diverging``, ``acceptance_rate``,
-        ``n_steps``, ``step_size``, each ``[C, S, N]``.
+        ``samples[site]`` of shape ``[C, S, N, *event]`` for every latent
+        site (dims ``point``, ``{site}_dim_0``, ...); ``sample_stats``
+        ``diverging``, ``acceptance_rate``, ``n_steps``, ``step_size``, each
+        ``[C, S, N]``.
 
     Examples
     --------
     >>> draws = hmc_latent(built.model, x[:100], num_samples=500, num_chains=4)  # doctest: +SKIP
-    >>> az.summary(draws.to_inference_data())  # doctest: +SKIP
+    >>> draws.diagnostics()  # doctest: +SKIP
     """
     _check_counts(num_samples, warmup_steps, num_chains)
     tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
                   max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
-    return _batched(lambda gen: _latent_target(model, args, site, num_chains, init, gen), _freeze(model, args), num_samples, warmup_steps, seed, tuning)
+    latent_of(model, *args, analysis="latent-posterior MCMC")  # refuse before any work
+    return _batched(lambda gen: _latent_target(model, args, num_chains, init, gen), _freeze(model, args), num_samples, warmup_steps, seed, tuning)
 
 
 def hmc(
@@ -743,7 +697,6 @@ def nuts(
 def nuts_latent(
     model: Callable[..., object],
     *args: torch.Tensor,
-    site: str = "z",
     num_samples: int = 1000,
     warmup_steps: int = 1000,
     num_chains: int = 4,
@@ -755,23 +708,23 @@ def nuts_latent(
     r"""Pyro's NUTS on :math:`p(z \mid x_n)` for each row of ``args``, one datapoint at a time.
 
     The reference (and benchmark baseline) for :func:`hmc_latent`; same
-    output layout: ``samples[site]`` ``[C, S, N, *event]``, ``diverging``
-    ``[C, S, N]``. Datapoint ``n`` uses seeds ``seed + 1000 n + c``.
+    output layout: ``samples[site]`` ``[C, S, N, *event]`` for every latent
+    site, ``diverging`` ``[C, S, N]``. Datapoint ``n`` uses seeds
+    ``seed + 1000 n + c``.
     """
     _check_counts(num_samples, warmup_steps, num_chains)
-    if not args or args[0].dim() < 1 or args[0].shape[0] < 1:
-        raise ConfigError("latent-posterior MCMC needs at least one datapoint (a tensor with rows)")
-    _, latent = _latent_sites(model, tuple(a[:1] for a in args), {})
-    if site not in latent or len(latent) > 1:
-        raise ConfigError(f"latent-posterior MCMC needs exactly one latent site {site!r}; the model has {', '.join(latent)}")
+    latent = latent_of(model, *args, analysis="latent-posterior MCMC")
     runs = [
         nuts(model, *(a[i : i + 1] for a in args), num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
              seed=seed + 1000 * i, target_accept=target_accept, max_tree_depth=max_tree_depth, progress=progress)
-        for i in range(args[0].shape[0])
+        for i in range(latent.num_points)
     ]
-    z = np.concatenate([r.samples[site] for r in runs], axis=2)  # [C, S, 1, ...] -> [C, S, N, ...]
+    samples = {s.name: np.concatenate([r.samples[s.name] for r in runs], axis=2) for s in latent.sites}  # [C, S, 1, ...] -> [C, S, N, ...]
     stats = {k: np.stack([r.sample_stats[k] for r in runs], axis=-1) for k in ("diverging", "step_size")}
-    names = [f"{site}_dim_{i}" for i in range(z.ndim - 3)]
-    dims = {site: ["point", *names], "diverging": ["point"], "step_size": ["point"]}
-    coords = {"point": list(range(z.shape[2])), **{nm: list(range(e)) for nm, e in zip(names, z.shape[3:])}}
-    return Draws({site: z}, stats, dims, coords, "pyro-nuts", sum(r.wall_time for r in runs))
+    dims: dict[str, list[str]] = {"diverging": ["point"], "step_size": ["point"]}
+    coords: dict[str, list[Any]] = {"point": list(range(latent.num_points))}
+    for s in latent.sites:
+        names = [f"{s.name}_dim_{i}" for i in range(len(s.shape))]
+        dims[s.name] = ["point", *names]
+        coords |= {nm: list(range(e)) for nm, e in zip(names, s.shape)}
+    return Draws(samples, stats, dims, coords, "pyro-nuts", sum(r.wall_time for r in runs))
