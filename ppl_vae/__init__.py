@@ -3,11 +3,31 @@
 >>> from ppl_vae import fit
 >>> from ppl_vae.models import vae, get_likelihood
 >>> from ppl_vae.guides import amortized_guide
+
+Importing the package is cheap: torch and Pyro are imported on first use of
+a name that needs them (PEP 562 ``__getattr__``), so the command line can
+turn a Ctrl-C during those imports into one line.
 """
 
-from . import guides, models, nn
-from .errors import CheckpointError, ConfigError, DataError, NotReparameterizableError, PplVaeError, TrainingDiverged
-from .inference import FitResult, elbo_per_datapoint, evaluate_elbo, fit
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Interrupted,
+    NotReparameterizableError,
+    PplVaeError,
+    RunDirectoryError,
+    TrainingDiverged,
+)
+
+if TYPE_CHECKING:
+    from . import guides, models, nn
+    from .inference import FitResult, elbo_per_datapoint, evaluate_elbo, fit
 
 __version__ = "0.1.0"
 
@@ -16,8 +36,10 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FitResult",
+    "Interrupted",
     "NotReparameterizableError",
     "PplVaeError",
+    "RunDirectoryError",
     "TrainingDiverged",
     "elbo_per_datapoint",
     "evaluate_elbo",
@@ -27,3 +49,20 @@ __all__ = [
     "nn",
     "__version__",
 ]
+
+_LAZY = {"FitResult": ".inference", "elbo_per_datapoint": ".inference", "evaluate_elbo": ".inference", "fit": ".inference"}
+_SUBMODULES = ("guides", "models", "nn")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

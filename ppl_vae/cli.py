@@ -1,19 +1,27 @@
 """``ppl-vae``: a thin argparse front that builds a config and calls the library.
 
-Errors a user can fix print one line and exit with status 2; nothing half
-written is left behind (files are written atomically, a run directory is not
-reused without ``--force``).
+Errors a user can fix (bad options, unreadable or unsafe files, an output
+directory in use, a full disk) print one line ``ppl-vae: error: ...`` and exit
+with status 2; nothing half written is left behind (files are written
+atomically; every option is checked before an output directory is made; a
+directory is locked while a command writes it and is not reused without
+``--force``, which replaces it as a whole). Ctrl-C prints one line and exits
+with 130. Only genuine bugs give ``internal error`` and status 1.
+
+This module and the package ``__init__`` import nothing heavy at import time,
+so a Ctrl-C while torch loads is caught too.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ConfigError, PplVaeError
+from .errors import ConfigError, Interrupted, PplVaeError
 
 DEMO_DIR = "runs/demo"
 
@@ -25,46 +33,58 @@ def _hidden(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"ppl-vae: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .data import DATASETS
-    from .experiment import MODELS
+    from .experiment import MODELS, RESUMABLE, Config
     from .inference.estimators import ESTIMATORS
     from .models import LIKELIHOODS
 
-    p = argparse.ArgumentParser(prog="ppl-vae", description="Latent-variable models as Pyro functions: fit, evaluate, plot.")
+    c = Config()  # fit's options default to None ("not given"): the defaults are Config's, and --resume keeps the run's own
+
+    p = _Parser(prog="ppl-vae", description="Latent-variable models as Pyro functions: fit, evaluate, plot.")
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fit", help="train a model and write a run directory")
-    f.add_argument("--model", default="vae", help=f"one of {', '.join(MODELS)} (default vae)")
-    f.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default digits)")
+    f.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default {c.model})")
+    f.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default {c.dataset})")
     f.add_argument("--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
-    f.add_argument("--download", action="store_true", help="download missing data files (needs a network)")
+    f.add_argument("--download", action="store_true", default=None, help="download missing data files (needs a network)")
     f.add_argument("--binarize", choices=("threshold", "sample"), default=None, help="binarise intensities (static)")
     f.add_argument("--limit", type=int, default=None, help="use only the first N rows of each split")
-    f.add_argument("--latent-dim", type=int, default=2)
-    f.add_argument("--hidden", type=_hidden, default=(200, 200), help="hidden widths, e.g. 200,200")
-    f.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
-    f.add_argument("--likelihood", default="bernoulli", help=f"one of {', '.join(LIKELIHOODS)}")
-    f.add_argument("--guide", default="diagonal", help="diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow)")
-    f.add_argument("--flows", type=int, default=2, help="number of IAF steps with --guide iaf (default 2)")
-    f.add_argument("--estimator", default="reparam", help=f"one of {', '.join(ESTIMATORS)}")
-    f.add_argument("--num-particles", type=int, default=1)
-    f.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE)")
-    f.add_argument("--noise", type=float, default=0.25, help="masking probability of the denoising autoencoder")
-    f.add_argument("--epochs", type=int, default=None, help="default 20 (with --resume: the total to reach)")
-    f.add_argument("--batch-size", type=int, default=100)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--lr-schedule", choices=("cosine", "exponential"), default=None)
+    f.add_argument("--latent-dim", type=int, default=None, help=f"default {c.latent_dim}")
+    f.add_argument("--hidden", type=_hidden, default=None, help=f"hidden widths (default {','.join(map(str, c.hidden))})")
+    f.add_argument("--arch", choices=("mlp", "conv"), default=None, help=f"default {c.arch}")
+    f.add_argument("--likelihood", default=None, help=f"one of {', '.join(LIKELIHOODS)} (default {c.likelihood})")
+    f.add_argument("--guide", default=None, help=f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}")
+    f.add_argument("--flows", type=int, default=None, help=f"number of IAF steps with --guide iaf (default {c.flows})")
+    f.add_argument("--estimator", default=None, help=f"one of {', '.join(ESTIMATORS)} (default {c.estimator})")
+    f.add_argument("--num-particles", type=int, default=None, help=f"default {c.num_particles}")
+    f.add_argument("--beta", type=float, default=None, help=f"KL weight (beta-VAE; default {c.beta:g})")
+    f.add_argument("--noise", type=float, default=None, help=f"masking probability of the denoising autoencoder (default {c.noise:g})")
+    f.add_argument("--epochs", type=int, default=None, help=f"default {c.epochs} (with --resume: the new total, at least the epochs done)")
+    f.add_argument("--batch-size", type=int, default=None, help=f"default {c.batch_size}")
+    f.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {c.lr:g})")
+    f.add_argument("--lr-schedule", choices=("cosine", "exponential"), default=None, help="a function of (epoch, --epochs): an extended run re-plans it")
     f.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without improvement")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=None, help=f"in [0, 2**32 - 1] (default {c.seed})")
     f.add_argument("--out", required=True, help="run directory")
-    f.add_argument("--force", action="store_true", help="overwrite an existing run directory")
-    f.add_argument("--resume", action="store_true", help="continue the run in --out (its config.json is used)")
+    f.add_argument("--force", action="store_true", help="replace an existing run directory as a whole")
+    f.add_argument(
+        "--resume", action="store_true",
+        help=f"continue the run in --out (its config.json is used; only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change)",
+    )
     f.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("demo", help="the main job on the embedded digits: a 2-D VAE, its gaps and a VI-vs-MCMC check, in 1-2 minutes")
     d.add_argument("--out", default=DEMO_DIR, help=f"run directory (default {DEMO_DIR})")
-    d.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    d.add_argument("--force", action="store_true", help="replace an existing run directory as a whole")
     d.add_argument("--no-progress", action="store_true")
 
     pl = sub.add_parser("plot", help="latent-space pictures of trained run(s)")
@@ -85,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         e.add_argument("--epochs", type=int, default=10)
         e.add_argument("--seed", type=int, default=0)
         e.add_argument("--out", required=True, help="output directory")
-        e.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+        e.add_argument("--force", action="store_true", help="replace an existing output directory as a whole")
         e.add_argument("--no-progress", action="store_true")
     cq.add_argument("--train-limit", type=int, default=None, help="training rows, a seeded random subset (default all 50,000)")
     cq.add_argument("--test-limit", type=int, default=None, help="test rows (default all 10,000)")
@@ -100,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     gv.add_argument("--track-epochs", type=_hidden, default=None, help="retrain the run's config and measure at these epochs, e.g. 0,1,5")
     gv.add_argument("--seed", type=int, default=0)
     gv.add_argument("--out", required=True, help="output directory")
-    gv.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    gv.add_argument("--force", action="store_true", help="replace an existing output directory as a whole")
 
     g = sub.add_parser("gaps", help="approximation and amortisation gaps of trained run(s) (Cremer et al. 2018)")
     g.add_argument("--run", action="append", default=[], help="run directory from ppl-vae fit (repeat to compare models)")
@@ -117,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    g.add_argument("--force", action="store_true", help="replace an existing output directory as a whole")
 
     cm = sub.add_parser("compare", help="VI vs MCMC (batched HMC) on latent posteriors of datapoints of a trained run")
     cm.add_argument("--run", required=True, help="run directory from ppl-vae fit")
@@ -131,23 +151,26 @@ def _parser() -> argparse.ArgumentParser:
     cm.add_argument("--vi-draws", type=int, default=None, help="VI draws per datapoint (default: chains x draws)")
     cm.add_argument("--seed", type=int, default=0)
     cm.add_argument("--out", required=True, help="output directory")
-    cm.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    cm.add_argument("--force", action="store_true", help="replace an existing output directory as a whole")
     cm.add_argument("--no-progress", action="store_true")
     return p
 
 
 def _fit(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .experiment import CONFIG, Config, read_config, run
 
+    given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None}
     if args.resume:
+        if args.force:
+            raise ConfigError("give either --force (start the run afresh) or --resume (continue it), not both")
         path = Path(args.out) / CONFIG
         if not path.is_file():
             raise ConfigError(f"cannot resume: no {CONFIG} in {args.out}")
-        cfg = read_config(path, **({"epochs": args.epochs} if args.epochs is not None else {}))
+        cfg = dataclasses.replace(read_config(path), **given)  # run() refuses what contradicts the run
     else:
-        fields = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
-        fields["epochs"] = 20 if args.epochs is None else args.epochs
-        cfg = Config(**fields)
+        cfg = Config(**given)
     metrics = run(cfg, args.out, force=args.force, resume=args.resume, progress=not args.no_progress)
     _report(metrics, args.out)
     return 0
@@ -185,11 +208,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(**options: float) -> None:
+    """One line for an option that must be a positive finite number."""
+    for name, value in options.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
+
+
 def _gaps(args: argparse.Namespace) -> int:
+    import json
+
     from .gaps_run import gaps_run, merge_gaps, table_markdown
+    from .inference.gaps import GAPS_CSV, GAPS_JSON
 
     if args.merge and args.run:
         raise ConfigError("give either --run (analyse runs) or --merge (combine gaps folders), not both")
+    _positive(local_lr=args.local_lr)  # the counts are checked by gaps_run, before any work
+    for folder in args.merge:
+        try:
+            meta = json.loads((Path(folder) / GAPS_JSON).read_text())
+            ok = (Path(folder) / GAPS_CSV).is_file() and isinstance(meta, dict) and isinstance(meta.get("summaries"), list) and meta["summaries"]
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"--merge {folder} is not the output of ppl-vae gaps (no readable {GAPS_JSON} with summaries and {GAPS_CSV})")
     if args.merge:
         reports = merge_gaps(args.merge, args.out, force=args.force)
         print(table_markdown(reports), end="")
@@ -261,20 +303,50 @@ def _grad_variance(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ppl-vae`` console script."""
-    args = _parser().parse_args(argv)
-    import logging
+COMMANDS = {
+    "fit": _fit, "demo": _demo, "plot": _plot, "cvae-quadrants": _family_experiment, "m2": _family_experiment,
+    "grad-variance": _grad_variance, "gaps": _gaps, "compare": _compare,
+}
 
-    logging.getLogger("pyro").setLevel(logging.WARNING)  # Pyro's "Guessed max_plate_nesting" INFO line would break one-line errors
-    try:
-        return {"fit": _fit, "demo": _demo, "plot": _plot, "cvae-quadrants": _family_experiment, "m2": _family_experiment, "grad-variance": _grad_variance, "gaps": _gaps, "compare": _compare}[args.command](args)
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _os_error(exc: OSError) -> str:
+    what = exc.strerror or type(exc).__name__
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{what}: {where}" if where else _one_line(str(exc)) or what
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ppl-vae`` console script.
+
+    Returns 0 on success, 2 for an error the user can fix (one line on
+    stderr), 130 after Ctrl-C (one line) and 1 for an internal error.
+    """
+    try:  # the heavy imports (torch, Pyro) happen in here, so Ctrl-C during them is one line too
+        import logging
+
+        parser = _parser()  # imports Pyro, which sets its logger's level: quieten it afterwards
+        logging.getLogger("pyro").setLevel(logging.WARNING)  # Pyro's "Guessed max_plate_nesting" INFO line would break one-line errors
+        args = parser.parse_args(argv)
+        from . import io
+
+        with io.holding():  # the output directories a command locks are released when it ends
+            return COMMANDS[args.command](args)
     except PplVaeError as exc:
-        print(f"ppl-vae: error: {exc}", file=sys.stderr)
+        print(f"ppl-vae: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ppl-vae: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"ppl-vae: {_one_line(str(exc)) if isinstance(exc, Interrupted) else 'interrupted'}", file=sys.stderr)
         return 130
+    except OSError as exc:  # permission denied, a full disk, a missing file: the user's to fix
+        print(f"ppl-vae: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("ppl-vae: error: out of memory; choose smaller options (--batch-size, --num-particles, --hidden, --latent-dim)", file=sys.stderr)
+        return 2
     except Exception as exc:  # one line, not a traceback from deep inside torch
         if os.environ.get("PPL_VAE_DEBUG"):
             raise

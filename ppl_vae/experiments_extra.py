@@ -70,6 +70,11 @@ def _positive(**values: int) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
 
 
+def _seed(seed: int) -> None:
+    if not (isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
+        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
+
+
 def _seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm if k is None else perm[: min(k, n)]
@@ -86,6 +91,7 @@ def _save(fig: Any, path: Path) -> Path:
 # --- structured-output CVAE ------------------------------------------------------
 
 
+@io.releasing
 def cvae_quadrants(
     out: str | Path,
     *,
@@ -117,6 +123,7 @@ def cvae_quadrants(
     for q in quadrants:
         visible_mask(q)
     _positive(epochs=epochs, num_samples=num_samples, batch_size=batch_size, latent_dim=latent_dim)
+    _seed(seed)
     _positive(**{k: v for k, v in (("train_limit", train_limit), ("test_limit", test_limit)) if v is not None})
     train_all = load("binarized-mnist", "train", data_dir=data_dir)
     test_all = load("binarized-mnist", "test", data_dir=data_dir)
@@ -190,6 +197,7 @@ def _balanced_labels(y: torch.Tensor, num_labels: int, num_classes: int, gen: to
     return torch.cat(picks)
 
 
+@io.releasing
 def m2_semisupervised(
     out: str | Path,
     *,
@@ -225,6 +233,7 @@ def m2_semisupervised(
     if any(n < 10 or n % 10 for n in labels):
         raise ConfigError(f"label budgets must be positive multiples of 10 (equal labels per class), got {list(labels)}")
     _positive(draws=draws, epochs=epochs, batch_size=batch_size, latent_dim=latent_dim)
+    _seed(seed)
     if not alpha >= 0:
         raise ConfigError(f"alpha must be >= 0, got {alpha}")
     ds = load("mnist", "test", data_dir=data_dir, binarize="sample", seed=seed)

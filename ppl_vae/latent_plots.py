@@ -181,7 +181,7 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
     CheckpointError
         A run directory without a usable config or checkpoint.
     """
-    from .experiment import METRICS, load_run
+    from .experiment import CONFIG, METRICS, load_run, read_config
 
     if kind not in KINDS:
         raise ConfigError(f"unknown plot kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -190,10 +190,21 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
     if (want == "exactly 2" and n != 2) or (want == "at least 2" and n < 2) or (want == "exactly 1" and n != 1):
         raise ConfigError(f"plot --kind {kind} takes {want} --run, got {n}")
     path = Path(out) if out is not None else Path(runs[0]) / f"{kind}.png"
+    if path.is_dir():
+        raise ConfigError(f"output {path} is a directory; give the path of a .png file")
     if path.suffix.lower() != ".png":
         raise ConfigError(f"output {path} must be a .png file")
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists; pass --force to overwrite it")
+    if n > 1:  # the same test images go through every run: refuse runs of different data before any work
+        data = {}
+        for r in runs:
+            if (Path(r) / CONFIG).is_file():
+                cfg = read_config(Path(r) / CONFIG)
+                data[str(r)] = (cfg.dataset, cfg.binarize)
+        if len(set(data.values())) > 1:
+            listed = ", ".join(f"{r}: {d}{f' ({b})' if b else ''}" for r, (d, b) in data.items())
+            raise ConfigError(f"plot --kind {kind} needs runs on the same dataset, got {listed}")
     loaded = [load_run(r) for r in runs]
     if any(b.conditional for b, _ in loaded):
         raise ConfigError("latent-space pictures need unconditional runs; a cvae's encoder needs labels")

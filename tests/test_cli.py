@@ -31,14 +31,7 @@ TINY = ["--dataset", "digits", "--limit", "60", "--hidden", "16", "--latent-dim"
 BINARY = [*TINY, "--binarize", "threshold"]
 
 
-@pytest.fixture(autouse=True)
-def _data_dir(tmp_path, monkeypatch):
-    """Point the default data folder at an empty temporary folder."""
-    data = tmp_path / "data-home"
-    data.mkdir()
-    monkeypatch.setenv("PPL_VAE_DATA", str(data))
-    monkeypatch.delenv("PPL_VAE_DEBUG", raising=False)
-    return data
+pytestmark = pytest.mark.usefixtures("empty_data_home")
 
 
 def fit(out: Path, *options: str, base: list[str] = BINARY) -> int:
@@ -241,16 +234,6 @@ def test_seeded_runs_are_reproducible(tmp_path, capsys):
 # --------------------------------------------------------------------------- bad input
 
 
-def _write_binarized_mnist(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    folder = root / "binarized_mnist"
-    folder.mkdir(parents=True)
-    for split in ("train", "valid", "test"):
-        rows = rng.integers(0, 2, size=(4, 784))
-        (folder / f"binarized_mnist_{split}.amat").write_text("\n".join(" ".join(map(str, r)) for r in rows) + "\n")
-    return root
-
-
 @pytest.mark.parametrize(
     ("options", "fragments"),
     [
@@ -291,8 +274,8 @@ def test_data_dir_without_files(tmp_path, capsys):
     assert list(empty.iterdir()) == []  # nothing downloaded, no folder made
 
 
-def test_cvae_needs_labels(tmp_path, capsys):
-    data, out = _write_binarized_mnist(tmp_path / "bm"), tmp_path / "run"
+def test_cvae_needs_labels(tmp_path, capsys, binarized_mnist):
+    data, out = binarized_mnist(tmp_path / "bm"), tmp_path / "run"
     before = snapshot(data / "binarized_mnist")
     assert fit(out, "--model", "cvae", "--dataset", "binarized-mnist", "--data-dir", str(data), "--binarize", "threshold") == 2
     assert_one_line_error(capsys, "cvae", "labels")

@@ -89,6 +89,8 @@ def _read_amat(path: Path) -> np.ndarray:
         return np.asarray(rows, dtype=np.float32)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a binarised-MNIST .amat file ({exc})") from None
+    except OSError as exc:  # permission denied, a directory, an I/O error
+        raise DataError(f"cannot read {path} ({exc.strerror or type(exc).__name__})") from None
 
 
 def _read_mat(path: Path) -> np.ndarray:
@@ -96,6 +98,8 @@ def _read_mat(path: Path) -> np.ndarray:
 
     try:
         mat = loadmat(path)
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror or type(exc).__name__})") from None
     except Exception as exc:  # scipy raises several types for a bad file
         raise DataError(f"{path}: not a readable MATLAB file ({type(exc).__name__})") from None
     if "X" not in mat:
@@ -162,6 +166,8 @@ def _torchvision_mnist(name: str, root: Path, split: str, download: bool) -> tup
     try:
         x = _read_idx(images, read_image_file).reshape(-1, 784).numpy() / 255.0
         y = _read_idx(labels, read_label_file).numpy()
+    except OSError as exc:
+        raise DataError(f"cannot read the IDX files in {images.parent} ({exc.strerror or type(exc).__name__})") from None
     except Exception as exc:
         raise DataError(f"{images.parent}: unreadable IDX files ({type(exc).__name__})") from None
     if len(x) != len(y):

@@ -130,10 +130,26 @@ class EstimatorLoss:
     ``parameters(*example)`` builds those networks for data like ``example``
     (they are built once) and returns their trainable parameters; ``fit``
     adds them to the optimiser after the model's and guide's own.
+    ``state_dict()`` / ``load_state_dict()`` save and restore the running
+    statistics an estimator keeps between steps (a moving-average baseline),
+    as plain numbers, so a resumed run continues bit for bit.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], build: Callable[..., list[nn.Module]] | None = None) -> None:
-        self.fn, self._build, self.modules = fn, build, ()
+    def __init__(
+        self, fn: Callable[..., torch.Tensor], build: Callable[..., list[nn.Module]] | None = None, state: Any = None
+    ) -> None:
+        self.fn, self._build, self.modules, self._state = fn, build, (), state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The estimator's running statistics (``{}`` for a stateless estimator)."""
+        return self._state.state_dict() if self._state is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if self._state is not None:
+            self._state.load_state_dict(state)
+        elif state:
+            raise ValueError(f"this estimator keeps no state, got {sorted(state)}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.fn(*args, **kwargs)
@@ -280,6 +296,14 @@ class _Running:
         self.m1 = self.decay * self.m1 + (1 - self.decay) * f.mean().item()
         self.m2 = self.decay * self.m2 + (1 - self.decay) * (f * f).mean().item()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "steps": self.steps, "m1": self.m1, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("decay") != self.decay:
+            raise ValueError(f"baseline decay {state.get('decay')!r} does not match this estimator's {self.decay}")
+        self.steps, self.m1, self.m2 = int(state["steps"]), float(state["m1"]), float(state["m2"])
+
 
 def _nvil_net(x: torch.Tensor, hidden: int) -> nn.Module:
     net = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), hidden), nn.Tanh(), nn.Linear(hidden, 1))
@@ -315,7 +339,8 @@ class ScoreFunction(Estimator):
 
     No baseline depends on the sample it multiplies, so every estimator is
     unbiased. The loss's value is the negative ELBO; the moving averages live
-    in the loss object ``fit`` makes (a resumed run re-warms them).
+    in the loss object ``fit`` makes, which checkpoints them
+    (:meth:`EstimatorLoss.state_dict`).
     """
 
     baseline: str | None = None
@@ -345,7 +370,7 @@ class ScoreFunction(Estimator):
         self.validate(num_particles)
         elbo, handled_guide = self.elbo(num_particles), self.handled(guide)
         running, baseline = _Running(self.decay), self.baseline
-        holder = EstimatorLoss(lambda: None)
+        holder = EstimatorLoss(lambda: None, state=running if baseline != "loo" else None)
 
         def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
             t = particle_terms(elbo, model, handled_guide, args, kwargs)

@@ -32,6 +32,7 @@ import pyro
 import torch
 from torch import nn
 
+from .. import io
 from ..errors import ConfigError
 from .estimators import Estimator, get_estimator
 from .params import discover
@@ -229,6 +230,7 @@ def plot_gradient_stats(stats: GradientStats) -> Any:
 
 
 
+@io.releasing
 def grad_variance_report(
     run_dir: str | Path,
     out: str | Path,
@@ -252,12 +254,11 @@ def grad_variance_report(
     """
     import pandas as pd
 
-    from .. import io
     from ..experiment import build, load_run
 
-    out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConfigError(f"output directory {out} already exists and is not empty; pass --force to overwrite it")
+    out = io.check_run_dir(out, force=force)
+    if not (isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
+        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
     for e in estimators:
