@@ -84,6 +84,7 @@ def test_single_particle_score_function_gradient_matches_hand_derivation():
     torch.testing.assert_close(g, -f * dlogq)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["reparam", "score", "analytic-kl"])
 def test_estimators_are_unbiased(estimator):
     guide = Guide()
@@ -100,6 +101,7 @@ def _variance_and_se(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sq.mean(0), sq.std(0) / math.sqrt(len(draws))
 
 
+@pytest.mark.slow
 def test_score_function_variance_exceeds_pathwise():
     guide = Guide()
     var_r, se_r = _variance_and_se(grad_draws("reparam", guide, 4000))

@@ -1,4 +1,7 @@
-"""``fit``: argument checks, divergence handling, early stopping, schedules, run reload."""
+"""``fit``: argument checks, divergence handling, early stopping, schedules, run reload.
+
+Data are drawn inside the tests from explicitly seeded generators, never at import time.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ import torch
 from torch import nn
 
 from ppl_vae import ConfigError, DataError, TrainingDiverged, fit
+from ppl_vae import io as ppl_io
 from ppl_vae.guides import amortized_guide
-from ppl_vae.inference.svi import CHECKPOINT
+from ppl_vae.inference import evaluate_elbo
+from ppl_vae.inference.svi import CHECKPOINT, lr_factor
 from ppl_vae.models import get_likelihood, vae
 from ppl_vae.nn import MLP, GaussianEncoder
 
@@ -22,7 +27,13 @@ def tiny():
     return vae(dec, get_likelihood("gaussian"), 2), amortized_guide(enc)
 
 
-X = torch.randn(60, 6)
+def data(rows: int, seed: int) -> torch.Tensor:
+    return torch.randn(rows, 6, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def X():
+    return data(60, seed=11)
 
 
 @pytest.mark.parametrize(
@@ -31,7 +42,7 @@ X = torch.randn(60, 6)
         (torch.empty(0, 6), DataError, "empty"),
         (torch.full((4, 6), float("nan")), DataError, "NaN or infinite"),
         (torch.ones(4, 6, dtype=torch.long), DataError, "floating-point"),
-        ((torch.randn(4, 6), torch.zeros(3)), DataError, "same number of rows"),
+        ((torch.zeros(4, 6), torch.zeros(3)), DataError, "same number of rows"),
         ("not a tensor", DataError, "tensor"),
     ],
 )
@@ -50,12 +61,16 @@ def test_bad_data_is_refused(data, error, match):
         ({"beta": 0.0}, "beta"),
         ({"beta": float("nan")}, "beta"),
         ({"patience": 0}, "patience"),
+        ({"lr": -0.1}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**70}, "seed"),
         ({"estimator": "nope"}, "unknown estimator"),
         ({"lr_schedule": "nope"}, "unknown lr_schedule"),
         ({"resume": True}, "resume needs"),
     ],
 )
-def test_bad_options_are_refused(kwargs, match):
+def test_bad_options_are_refused(X, kwargs, match):
     model, guide = tiny()
     with pytest.raises(ConfigError, match=match):
         fit(model, guide, X, progress=False, **{"epochs": 1, **kwargs})
@@ -76,48 +91,135 @@ class Saboteur(nn.Module):
         return h
 
 
-def test_non_finite_loss_stops_with_step_and_site_and_keeps_last_checkpoint(tmp_path):
+def sabotaged(wrapper: nn.Module):
+    """A Gaussian VAE (data width 6, latent 2) whose decoder output passes through ``wrapper``; returns (model, guide)."""
     dec, enc = MLP(2, [8], 6), GaussianEncoder(MLP(6, [], 8), 8, 2)
-    saboteur = Saboteur(after=7)  # 60 rows / batch 20 = 3 steps an epoch: fails in epoch 3
     lik = get_likelihood("gaussian")
 
     def model(x):
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-            pyro.sample("x", lik(saboteur(dec(z))), obs=x)
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", lik(wrapper(dec(z))), obs=x)
 
-    guide = amortized_guide(enc)
+    return model, amortized_guide(enc)
+
+
+def test_non_finite_loss_stops_with_step_and_site_and_keeps_last_checkpoint(tmp_path, X):
+    model, guide = sabotaged(Saboteur(after=7))  # 60 rows / batch 20 = 3 steps an epoch: fails in epoch 3
     with pytest.raises(TrainingDiverged) as info:
         fit(model, guide, X, epochs=5, batch_size=20, out=tmp_path, progress=False, validate_every_step=True)
     assert info.value.step == 7
-    assert info.value.site == "x"
-    assert "step 7" in str(info.value) and "site: x" in str(info.value)
-    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert info.value.site == "x"  # found from the failing step itself (replayed with its own draws), not a fresh run
+    assert "step 7" in str(info.value) and "model site 'x' has a non-finite log-density" in str(info.value)
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)  # a checkpoint holds tensors and plain containers only
     assert ckpt["epoch"] == 2
     assert all(torch.isfinite(p).all() for p in ckpt["params"])
 
 
-def test_early_stopping_restores_the_best_epoch():
+def test_an_impossible_elbo_stops_training_at_the_step_naming_the_site():
+    """Binary data: log p(x) <= 0, so an ELBO estimate of +1e20 is a divergence (here the full-covariance guide at lr 3)."""
+    from ppl_vae.data import load
+
+    x = load("digits", "train", binarize="threshold", limit=300).x
+    torch.manual_seed(0)
+    dec, enc = MLP(2, [32], 64), GaussianEncoder(MLP(64, [], 32), 32, 2, "full")
+    model, guide = vae(dec, get_likelihood("bernoulli"), 2), amortized_guide(enc)
+    with pytest.raises(TrainingDiverged, match="above what discrete data allow") as info:
+        fit(model, guide, x, epochs=8, lr=3.0, seed=0, progress=False)
+    assert info.value.step < 10 and info.value.site == "z"
+    assert "guide site 'z'" in str(info.value)
+
+
+class Amplifier(nn.Module):
+    """Identity for ``after`` gradient-carrying calls, then multiplies by 1e8: finite, but absurd."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after, self.calls = after, 0
+
+    def forward(self, h):
+        self.calls += torch.is_grad_enabled()
+        return h * 1e8 if self.calls > self.after else h
+
+
+def test_an_elbo_that_jumps_by_orders_of_magnitude_stops_training(X):
+    """A Gaussian likelihood has no upper bound on log p(x), so the watch is the ELBO's growth against its recent median."""
+    model, guide = sabotaged(Amplifier(after=4))
+    with pytest.raises(TrainingDiverged, match="jumped to") as info:
+        fit(model, guide, X, epochs=5, batch_size=20, progress=False)
+    assert info.value.step == 4 and info.value.site == "x"
+
+
+class EvalSaboteur(nn.Module):
+    """Identity in training mode, NaN in evaluation mode: the NaN first shows in the validation pass."""
+
+    def forward(self, h):
+        return h if self.training else h * float("nan")
+
+
+def test_a_non_finite_validation_elbo_is_reported_like_a_training_one(X):
+    model, guide = sabotaged(EvalSaboteur())
+    with pytest.raises(TrainingDiverged, match="validation ELBO after epoch 1 is not finite") as info:
+        fit(model, guide, X, validation=data(20, seed=3), epochs=3, batch_size=20, progress=False)
+    assert info.value.site == "x" and "model site 'x' has a non-finite log-density" in str(info.value)
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
     model, guide = tiny()
-    x, val = torch.randn(40, 6), torch.randn(40, 6)
-    result = fit(model, guide, x, validation=val, epochs=200, batch_size=40, lr=0.05, patience=3, progress=False)
+    x, val = data(40, seed=1), data(40, seed=2)
+    after_epoch: dict[int, list[torch.Tensor]] = {}  # the parameters each epoch ended with, as checkpointed
+    save = ppl_io.save_torch
+
+    def recording_save(path, state):
+        after_epoch[state["epoch"]] = [p.clone() for p in state["params"]]
+        return save(path, state)
+
+    monkeypatch.setattr(ppl_io, "save_torch", recording_save)
+    patience = 3
+    result = fit(model, guide, x, validation=val, epochs=200, batch_size=40, lr=0.05, patience=patience, out=tmp_path, progress=False)
     vals = [h["val_elbo"] for h in result.history]
     assert result.stopped_early and result.epochs < 200
     assert result.best_epoch == 1 + vals.index(max(vals))
-    assert all(v <= max(vals) for v in vals[result.best_epoch :])
-    # restored parameters give the best epoch's validation ELBO (up to Monte Carlo noise)
-    assert result.val_elbo > min(vals[result.best_epoch :]) - 1.0
+    assert result.epochs == result.best_epoch + patience  # stopped exactly `patience` epochs after the best one
+    assert sorted(after_epoch) == list(range(1, result.epochs + 1))
+    # the parameters fit leaves in the networks are the best epoch's, not the last epoch's
+    found = ppl_io.load_checkpoint(tmp_path / CHECKPOINT)
+    restored = [p.detach().clone() for p in _params(model, guide, x)]
+    assert len(restored) == len(after_epoch[result.best_epoch])
+    assert all(torch.equal(a, b) for a, b in zip(restored, after_epoch[result.best_epoch]))
+    assert not all(torch.equal(a, b) for a, b in zip(restored, after_epoch[result.epochs]))
+    # the checkpoint says so, and keeps the last epoch's state for a resumption
+    assert found["stopped_early"] and all(torch.equal(a, b) for a, b in zip(found["params"], after_epoch[result.epochs]))
 
 
-def test_cosine_schedule_decays_learning_rate():
+def _params(model, guide, x):
+    from ppl_vae.inference import discover
+
+    return discover(model, guide, (x[:2],)).params
+
+
+def test_cosine_schedule_decays_learning_rate(X):
     model, guide = tiny()
     result = fit(model, guide, X, epochs=4, lr=0.01, lr_schedule="cosine", progress=False)
     lrs = [h["lr"] for h in result.history]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.01 * 1e-6 + 1e-12
     assert math.isclose(lrs[0], 0.01 * (1 + math.cos(math.pi / 4)) / 2)
+    assert lrs == [0.01 * lr_factor("cosine", e, 4) for e in range(1, 5)]
 
 
-def test_seeded_runs_are_bitwise_identical():
+def test_resume_extends_a_schedule_to_the_new_total(tmp_path, X):
+    model, guide = tiny()
+    fit(model, guide, X, epochs=2, lr=0.01, lr_schedule="exponential", out=tmp_path, progress=False)
+    model, guide = tiny()
+    result = fit(model, guide, X, epochs=5, lr=0.01, lr_schedule="exponential", out=tmp_path, resume=True, progress=False)
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[:2] == [0.01 * lr_factor("exponential", e, 2) for e in (1, 2)]  # the first plan, as it ran
+    assert lrs[2:] == [0.01 * lr_factor("exponential", e, 5) for e in (3, 4, 5)]  # re-planned for 5 epochs
+    with pytest.raises(ConfigError, match="fewer than the 5 epochs"):
+        fit(model, guide, X, epochs=4, lr=0.01, lr_schedule="exponential", out=tmp_path, resume=True, progress=False)
+
+
+def test_seeded_runs_are_bitwise_identical(X):
     results, params = [], []
     for _ in range(2):
         torch.manual_seed(0)

@@ -158,6 +158,7 @@ def _variance_and_se(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sq.mean(0), sq.std(0) / math.sqrt(len(draws))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("estimator", "k"), [("score+average", 1), ("score+nvil", 1), ("score+loo", 2)])
 def test_baselines_reduce_variance(estimator, k):
     guide = Guide()

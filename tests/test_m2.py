@@ -38,6 +38,7 @@ def digits():
     return train.x, train.y, torch.cat([h.x for h in held]), torch.cat([h.y for h in held])
 
 
+@pytest.mark.slow
 def test_enumerated_loss_is_the_classifier_weighted_sum_of_labelled_bounds(digits):
     r"""Unlabelled rows: :math:`-\mathcal{U}(x) = -\sum_y q(y \mid x)\,[\mathcal{L}(x, y) - \log q(y \mid x)]`.
 

@@ -76,6 +76,7 @@ def test_importance_sampled_nll_is_below_the_negative_elbo(digits):
     assert bool((nll <= nelbo + 1e-4).all())  # log-mean-exp >= mean of the same draws
 
 
+@pytest.mark.slow
 def test_cvae_beats_the_baseline_on_a_small_run(digits):
     """One visible quadrant: the hidden three are multimodal, where a latent helps."""
     train, test = digits

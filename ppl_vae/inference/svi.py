@@ -5,6 +5,11 @@ the chosen estimator, a ``torch.optim`` optimiser over the parameters the
 model and guide use, validation each epoch, optional early stopping and
 learning-rate schedule, atomic checkpoints and bit-for-bit resumption.
 
+A checkpoint holds only tensors and plain containers (parameters, optimiser
+and schedule state, the torch RNG and shuffling-generator states, the
+estimator's running statistics, history and counters), so it is read back
+with ``torch.load(..., weights_only=True)`` and never executes code.
+
 .. math::
 
     \mathcal{L}(x_{1:N}) \approx \frac{N}{|B|} \sum_{n \in B} \mathcal{L}_n,
@@ -18,29 +23,29 @@ Hoffman, Blei, Wang & Paisley (2013), Stochastic Variational Inference.
 from __future__ import annotations
 
 import math
-import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 from tqdm.auto import tqdm
 
 from .. import io
-from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, DataError, Interrupted, NonFiniteError, RunDirectoryError, TrainingDiverged
 from .elbo import evaluate_elbo, traces
 from .estimators import Estimator, get_estimator, is_latent
-from .params import discover
+from .params import Discovered, discover
 
-__all__ = ["fit", "FitResult", "as_tensors", "CHECKPOINT", "HISTORY"]
+__all__ = ["fit", "FitResult", "as_tensors", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
@@ -103,32 +108,158 @@ def as_tensors(data: torch.Tensor | Sequence[torch.Tensor], what: str = "data") 
     return tensors
 
 
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(), "shuffle": gen.get_state()}
+def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    # Pyro and torch draw from torch's global generator only, so its state and the shuffling
+    # generator's are all a bit-for-bit resumption needs (Python's and numpy's are not used).
+    return {"torch": torch.get_rng_state(), "shuffle": gen.get_state()}
 
 
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
     gen.set_state(state["shuffle"])
 
 
-def _bad_site(model: Callable[..., object], guide: Callable[..., object], batch: tuple[torch.Tensor, ...], params: Iterable[torch.Tensor]) -> str | None:
-    """Name the first site (or parameter) with a non-finite log-density (value)."""
-    for i, p in enumerate(params):
-        if not bool(torch.isfinite(p).all()):
-            return f"parameter #{i} {tuple(p.shape)}"
-    try:
-        with torch.no_grad(), pyro.validation_enabled(False):
-            model_tr, guide_tr = traces(model, guide, *batch)
-        for tr in (guide_tr, model_tr):
-            for name, site in tr.nodes.items():
-                if site["type"] == "sample" and not bool(torch.isfinite(site["fn"].log_prob(site["value"])).all()):
-                    return name
-    except Exception as exc:  # a NaN parameter can make a distribution refuse its arguments
-        return f"(tracing failed: {str(exc).splitlines()[0][:120]})"
-    return None
+class _StepRecord(Messenger):
+    """Keep the sample sites of one step (guide and model), so a bad value is named from that step, not a re-run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[tuple[str, str, Any, torch.Tensor]] = []
+
+    def clear(self) -> None:
+        self.sites = []
+
+    def _postprocess_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample" and not site_is_subsample(msg):
+            seen = any(n == msg["name"] for _, n, _, _ in self.sites)
+            role = "model" if msg["is_observed"] or seen else "guide"
+            self.sites.append((role, msg["name"], msg["fn"], msg["value"]))
+
+
+def _named(found: Discovered, params: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    names = {id(p): f"{type(m).__name__}.{n}" for m in found.modules for n, p in m.named_parameters()}
+    return [(names.get(id(p), f"#{i}"), p) for i, p in enumerate(params)]
+
+
+def _culprit(record: _StepRecord, named: list[tuple[str, torch.Tensor]]) -> tuple[str | None, str]:
+    """``(site, description)`` of what went wrong in the recorded step: a non-finite parameter, a site's non-finite value or log-density, or the largest term."""
+    bad = [f"parameter {name} {tuple(p.shape)}" for name, p in named if not bool(torch.isfinite(p).all())]
+    params = f"; non-finite {bad[0]}" if bad else ""
+    largest, where = -1.0, (None, f"no site recorded{params}")
+    with torch.no_grad(), pyro.validation_enabled(False):
+        for role, name, fn, value in record.sites:
+            if not bool(torch.isfinite(value).all()):
+                return name, f"{role} site {name!r} has a non-finite value{params}"
+            try:
+                lp = fn.log_prob(value)
+            except Exception as exc:  # a distribution that cannot even score its own draw
+                return name, f"{role} site {name!r} cannot evaluate its log-density ({str(exc).splitlines()[0][:100]}){params}"
+            if not bool(torch.isfinite(lp).all()):
+                return name, f"{role} site {name!r} has a non-finite log-density{params}"
+            size = lp.abs().max().item()
+            if size > largest:
+                largest, where = size, (name, f"largest term: {role} site {name!r}, |log-density| {size:.3g}{params}")
+    return where
+
+
+def _step_loss(loss_fn: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, ...], n: int, scale_latents: Messenger | None, record: _StepRecord, *, validate: bool) -> torch.Tensor:
+    """The loss of one minibatch, scaled to the ``n`` datapoints, its sites recorded."""
+    record.clear()
+    with ExitStack() as stack:
+        stack.enter_context(poutine.scale(scale=n / batch[0].shape[0]))
+        if scale_latents is not None:
+            stack.enter_context(scale_latents)
+        stack.enter_context(pyro.validation_enabled(validate))
+        stack.enter_context(record)
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)  # Pyro's; fit reports it, naming the site
+        return loss_fn(*batch)
+
+
+class _DivergenceWatch:
+    r"""Stops training on an ELBO estimate that is impossible or that jumped by orders of magnitude.
+
+    * **Above the bound.** When every observed site is discrete, :math:`\log p(x) \le 0`, and by
+      Markov's inequality :math:`P(\log w > t) \le p(x)\, e^{-t} \le e^{-t}` for a weight
+      :math:`w = p(x, z) / q(z)` (also for an IWAE mean of weights; with a KL weight ``beta`` the
+      bound holds for :math:`t / \max(eta, 1)`). A minibatch mean above :math:`t = 50` nats per
+      datapoint therefore has probability below :math:`B e^{-50} pprox 10^{-20}` for a valid model
+      and guide: it means a distribution left its valid set or float round-off broke a density.
+    * **Growth.** An estimate whose magnitude is :data:`GROWTH` times the median magnitude of the
+      last :data:`WINDOW` steps (at least 1 nat).
+    """
+
+    BOUND_SLACK, GROWTH, WINDOW = 50.0, 1e4, 100
+
+    def __init__(self, bounded: bool, beta: float) -> None:
+        self.limit = self.BOUND_SLACK * max(beta, 1.0) if bounded else None
+        self.recent: list[float] = []
+
+    def check(self, elbo: float) -> str | None:
+        if self.limit is not None and elbo > self.limit:
+            return f"the ELBO estimate {elbo:.3g} nats per datapoint is above what discrete data allow (log p(x) <= 0; > {self.limit:g} has probability < 1e-20)"
+        if self.recent:
+            ref = max(float(torch.tensor(self.recent).abs().median()), 1.0)
+            if abs(elbo) > self.GROWTH * ref:
+                return f"the ELBO estimate jumped to {elbo:.3g} nats per datapoint from a recent median magnitude of {ref:.3g}"
+        self.recent = (self.recent + [elbo])[-self.WINDOW :]
+        return None
+
+
+def _inspect(model: Callable[..., object], guide: Callable[..., object], example: tuple[torch.Tensor, ...]) -> tuple[bool, list[str]]:
+    """Whether every observed site is discrete (then log p(x) <= 0 per datapoint), and the model's enumerated sites the guide lacks."""
+    with torch.no_grad(), pyro.validation_enabled(False):
+        model_tr, guide_tr = traces(model, guide, *example)
+    sites = [s for s in model_tr.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    observed = [s for s in sites if s["is_observed"]]
+    enumerated = [s["name"] for s in sites if not s["is_observed"] and s["infer"].get("enumerate") and s["name"] not in guide_tr.nodes]
+    return bool(observed) and all(s["fn"].support.is_discrete for s in observed), enumerated
+
+
+class _Evaluator:
+    """The mean per-datapoint ELBO after an epoch; a non-finite value stops training like a non-finite loss, naming the site.
+
+    A model whose discrete sites are summed out by the estimator (``enum``) cannot be scored by
+    sampling them (that would be a different, wrong number): its ELBO is the estimator's own
+    objective, which sums them out, averaged over the data.
+    """
+
+    def __init__(self, model: Callable[..., object], guide: Callable[..., object], loss_fn: Callable[..., torch.Tensor], enumerated: list[str], batch_size: int) -> None:
+        self.model, self.guide, self.loss_fn, self.enumerated, self.batch_size = model, guide, loss_fn, enumerated, batch_size
+
+    def __call__(self, data: tuple[torch.Tensor, ...], what: str) -> float:
+        try:
+            if not self.enumerated:
+                return evaluate_elbo(self.model, self.guide, data, batch_size=self.batch_size).mean().item()
+            n, total = data[0].shape[0], 0.0
+            for i in range(0, n, self.batch_size):  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
+                total -= self.loss_fn(*(t[i : i + self.batch_size] for t in data)).item()
+            if not math.isfinite(total):
+                raise NonFiniteError(f"the objective is {total}", site=None)
+            return total / n
+        except NonFiniteError as exc:
+            raise TrainingDiverged(f"training diverged: {what} is not finite: {exc}", step=-1, site=exc.site) from None
+
+
+SCHEDULES = ("cosine", "exponential")
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    r"""The learning rate of ``epoch`` (0-based) as a fraction of the initial one, over ``epochs`` in all.
+
+    A closed form of ``(epoch, epochs)``, so a resumed run continues the same
+    curve and a run extended to more epochs re-plans it for the new total:
+
+    .. math::
+
+        \text{cosine: } \tfrac12 (1 + \cos(\pi e / E)), \qquad \text{exponential: } 0.01^{e / E}
+    """
+    t = epoch / max(epochs, 1)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "exponential":
+        return 0.01**t
+    raise ConfigError(f"unknown lr_schedule {schedule!r}; choose {', '.join(SCHEDULES)} or pass a callable")
 
 
 def _schedule(optimizer: torch.optim.Optimizer, lr_schedule: str | Callable[..., Any] | None, epochs: int) -> Any:
@@ -136,11 +267,31 @@ def _schedule(optimizer: torch.optim.Optimizer, lr_schedule: str | Callable[...,
         return None
     if callable(lr_schedule):
         return lr_schedule(optimizer)
-    if lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    if lr_schedule == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.01 ** (1 / max(epochs, 1)))
-    raise ConfigError(f"unknown lr_schedule {lr_schedule!r}; choose cosine, exponential or pass a callable")
+    lr_factor(lr_schedule, 0, epochs)  # ConfigError for an unknown name
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(lr_schedule, e, epochs))
+
+
+def _replan(sched: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Set the learning rates a restored ``LambdaLR`` gives at its epoch (the same numbers, or a re-planned curve)."""
+    lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
+
+
+def _save(path: Path, state: dict[str, Any], history: list[dict[str, float]], previous: int | None) -> None:
+    """Write the checkpoint, then the history beside it; a failed write (a full disk) leaves the previous checkpoint intact."""
+    kept = f"the previous checkpoint (epoch {previous}) is intact" if previous else "no checkpoint was written"
+    try:
+        io.save_torch(path, state)
+    except OSError as exc:
+        raise RunDirectoryError(f"could not write the checkpoint of epoch {state['epoch']} to {path} ({exc.strerror or exc}); {kept}") from None
+    try:
+        io.write_csv(path.parent / HISTORY, history)
+    except OSError as exc:
+        raise RunDirectoryError(
+            f"could not write {path.parent / HISTORY} ({exc.strerror or exc}); the checkpoint of epoch {state['epoch']} in {path} is intact"
+        ) from None
 
 
 def fit(
@@ -186,7 +337,9 @@ def fit(
     optimizer : callable, optional
         ``params -> torch.optim.Optimizer``; Adam(lr) by default.
     lr_schedule : {"cosine", "exponential"} or callable, optional
-        Stepped once per epoch.
+        Stepped once per epoch; the named ones are :func:`lr_factor` of
+        (epoch, ``epochs``). Resuming with a larger ``epochs`` re-plans the
+        curve for the new total from the epoch reached on.
     validation : tensor or tuple of tensors, optional
         Held-out data: its ELBO is computed after every epoch.
     patience : int, optional
@@ -203,7 +356,10 @@ def fit(
         Directory for ``checkpoint.pt`` and ``history.csv``, written
         atomically after every epoch.
     resume : bool
-        Continue the run checkpointed in ``out`` up to ``epochs``.
+        Continue the run checkpointed in ``out`` up to ``epochs`` (at least
+        the epochs already done), bit for bit as if it had not stopped:
+        parameters, optimiser, schedule, RNG states and the estimator's
+        running statistics are restored.
     validate_every_step : bool
         Keep Pyro's and torch's argument validation on for every step;
         by default it is on for the first step only (it costs ~20 % per step).
@@ -215,8 +371,16 @@ def fit(
     Raises
     ------
     TrainingDiverged
-        When the loss is NaN or infinite; names the step and the site. The
-        checkpoint of the last completed epoch is kept.
+        When the loss is NaN or infinite, when an ELBO estimate is impossible
+        (above 0 by 50 nats under discrete observations) or jumped by four
+        orders of magnitude (:class:`_DivergenceWatch`), or when a validation
+        ELBO is not finite. Names the step and, from that step's own sites, the
+        non-finite parameter or site (or the largest term). The checkpoint of
+        the last completed epoch is kept.
+    RunDirectoryError
+        When a checkpoint cannot be written (a full disk): the previous one is intact.
+    Interrupted
+        On Ctrl-C (a :class:`KeyboardInterrupt`), saying which epoch the last checkpoint holds.
     """
     est = get_estimator(estimator)
     tensors = as_tensors(data)
@@ -226,6 +390,10 @@ def fit(
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if not (beta > 0 and math.isfinite(beta)):
         raise ConfigError(f"beta must be positive, got {beta}")
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+    if not (isinstance(seed, int) and 0 <= seed < 2**32):
+        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
     if patience is not None and patience < 1:
         raise ConfigError(f"patience must be >= 1, got {patience}")
     if resume and out is None:
@@ -252,14 +420,18 @@ def fit(
     sched = _schedule(optim, lr_schedule, epochs)
 
     scale_latents = _ScaleLatents(beta) if beta != 1.0 else None
+    record, named = _StepRecord(), _named(found, params)
+    bounded, enumerated = _inspect(model, guide, example)
+    watch, evaluate = _DivergenceWatch(bounded, beta), _Evaluator(model, guide, loss_fn, enumerated, eval_batch_size)
     history: list[dict[str, float]] = []
     start_epoch, step, best, best_epoch, bad_epochs, wall = 0, 0, -math.inf, 0, 0, 0.0
     best_params: list[torch.Tensor] | None = None
     ckpt_path = Path(out) / CHECKPOINT if out is not None else None
 
+    stopped_early, saved_epoch = False, None
     if resume:
         assert ckpt_path is not None
-        ckpt = io.load_torch(ckpt_path)
+        ckpt = io.load_checkpoint(ckpt_path)  # weights_only; finite parameters
         try:
             saved = ckpt["params"]
             if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params)):
@@ -270,7 +442,11 @@ def fit(
             optim.load_state_dict(ckpt["optimizer"])
             if sched is not None and ckpt.get("scheduler") is not None:
                 sched.load_state_dict(ckpt["scheduler"])
+                if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                    _replan(sched, optim)  # this run's total of epochs
             _set_rng_state(ckpt["rng"], shuffle)
+            if hasattr(loss_fn, "load_state_dict"):
+                loss_fn.load_state_dict(ckpt.get("estimator") or {})
             history = list(ckpt["history"])
             start_epoch, step, best, best_epoch, bad_epochs, wall = (
                 ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["best_epoch"], ckpt["bad_epochs"], ckpt["wall_time"],
@@ -278,9 +454,17 @@ def fit(
             best_params = ckpt.get("best_params")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
+        saved_epoch = start_epoch
+        if epochs < start_epoch:
+            raise ConfigError(f"epochs {epochs} is fewer than the {start_epoch} epochs the run in {out} has done")
+        stopped_early = bool(ckpt.get("stopped_early")) and patience is not None and bad_epochs >= patience
+        if stopped_early and epochs > start_epoch:
+            raise ConfigError(
+                f"the run in {out} stopped early at epoch {start_epoch} ({bad_epochs} epochs without improvement); "
+                f"resume it with a patience above {bad_epochs} to train on"
+            )
 
     num_batches = math.ceil(n / batch_size)
-    stopped_early = False
     bar = tqdm(total=(epochs - start_epoch) * num_batches, disable=not progress, desc="fit", unit="step", leave=False)
     t0 = time.perf_counter()
     try:
@@ -291,24 +475,23 @@ def fit(
             for b in range(num_batches):
                 idx = perm[b * batch_size : (b + 1) * batch_size]
                 batch = tuple(t[idx] for t in tensors)
-                with ExitStack() as stack:
-                    stack.enter_context(poutine.scale(scale=n / len(idx)))
-                    if scale_latents is not None:
-                        stack.enter_context(scale_latents)
-                    if step > 0 and not validate_every_step:
-                        stack.enter_context(pyro.validation_enabled(False))
-                    try:
-                        loss = loss_fn(*batch)
-                    except ValueError as exc:  # torch's argument validation meets a NaN parameter
-                        if "Expected parameter" not in str(exc):
-                            raise
-                        loss = torch.tensor(float("nan"))
-                if not bool(torch.isfinite(loss)):
-                    site = _bad_site(model, guide, batch, params)
-                    kept = f"; the last good checkpoint (epoch {epoch}) is kept in {out}" if out is not None and epoch > 0 else ""
+                rng = torch.get_rng_state()
+                try:
+                    loss = _step_loss(loss_fn, batch, n, scale_latents, record, validate=step == 0 or validate_every_step)
+                    invalid = ""
+                except ValueError as exc:  # torch's argument validation meets an invalid parameter
+                    if "Expected parameter" not in str(exc):
+                        raise
+                    invalid = f"a distribution got an invalid parameter ({str(exc).splitlines()[0][:120]}); "
+                    torch.set_rng_state(rng)  # the same step again, same draws, without validation: which site?
+                    loss = _step_loss(loss_fn, batch, n, scale_latents, record, validate=False)
+                elbo_step = -loss.item() / n
+                reason = f"loss is {loss.item()}" if not math.isfinite(elbo_step) else watch.check(elbo_step)
+                if reason is not None:
+                    site, culprit = _culprit(record, named)
+                    kept = f"; the last good checkpoint (epoch {saved_epoch}) is kept in {out}" if saved_epoch else ""
                     raise TrainingDiverged(
-                        f"training diverged at step {step} (epoch {epoch + 1}): loss is {loss.item()}, "
-                        f"first non-finite site: {site}{kept}",
+                        f"training diverged at step {step} (epoch {epoch + 1}): {reason}; {invalid}{culprit}{kept}; try a smaller --lr",
                         step=step, site=site,
                     )
                 optim.zero_grad(set_to_none=True)
@@ -324,7 +507,7 @@ def fit(
             found.train(False)
             row: dict[str, float] = {"epoch": epoch + 1, "step": step, "train_elbo": total / seen, "lr": optim.param_groups[0]["lr"]}
             if val is not None:
-                row["val_elbo"] = evaluate_elbo(model, guide, val, batch_size=eval_batch_size).mean().item()
+                row["val_elbo"] = evaluate(val, f"the validation ELBO after epoch {epoch + 1}")
             wall += time.perf_counter() - t0
             t0 = time.perf_counter()
             row["wall_time"] = wall
@@ -336,17 +519,23 @@ def fit(
                     best_params = [p.detach().clone() for p in params]
             else:
                 bad_epochs += 1
+            stop = patience is not None and bad_epochs >= patience
             if ckpt_path is not None:
-                io.save_torch(ckpt_path, {
+                _save(ckpt_path, {
                     "params": [p.detach().clone() for p in params], "optimizer": optim.state_dict(),
                     "scheduler": sched.state_dict() if sched is not None else None, "rng": _rng_state(shuffle),
+                    "estimator": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else {},
                     "history": history, "epoch": epoch + 1, "step": step, "best": best, "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs, "wall_time": wall, "best_params": best_params, "options": options,
-                })
-                io.write_csv(Path(out) / HISTORY, history)  # type: ignore[arg-type]
-            if patience is not None and bad_epochs >= patience:
+                    "stopped_early": stop,
+                }, history, saved_epoch)
+                saved_epoch = epoch + 1
+            if stop:
                 stopped_early = True
                 break
+    except KeyboardInterrupt:
+        where = f"the last checkpoint is epoch {saved_epoch} (in {out})" if saved_epoch else "there is no checkpoint"
+        raise Interrupted(f"interrupted; {where}", epoch=saved_epoch) from None
     finally:
         bar.close()
         found.train(False)
@@ -355,8 +544,8 @@ def fit(
         with torch.no_grad():
             for p, s in zip(params, best_params):
                 p.copy_(s)
-    train_elbo = evaluate_elbo(model, guide, tensors, batch_size=eval_batch_size).mean().item()
-    val_elbo = evaluate_elbo(model, guide, val, batch_size=eval_batch_size).mean().item() if val is not None else None
+    train_elbo = evaluate(tensors, "the final training ELBO")
+    val_elbo = evaluate(val, "the final validation ELBO") if val is not None else None
     return FitResult(
         history=tuple(history), train_elbo=train_elbo, val_elbo=val_elbo, epochs=len(history), steps=step,
         wall_time=wall, stopped_early=stopped_early, best_epoch=best_epoch, estimator=est.name, options=options,
