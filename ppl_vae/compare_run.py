@@ -20,7 +20,8 @@ import torch
 
 from . import io
 from .errors import ConfigError
-from .inference.compare import Comparison, compare, vi_draws, vi_draws_amortized
+from .inference.compare import Comparison, compare, vi_draws_amortized
+from .inference.compare import vi_draws as guide_draws
 from .inference.latent import guide_in_latent_space, latent_of
 from .inference.local import family_of, optimize_local
 from .inference.mcmc import Draws, hmc_latent
@@ -81,7 +82,7 @@ def compare_points(
         q0, _ = guide_in_latent_space(built.guide, latent_of(built.model, *args, guide=built.guide, analysis="compare"), *args)
         family = (family_of(q0) if q0 is not None else None) or "full"
         fit = optimize_local(built.model, *args, family=family, init=q0 if q0 is not None else built.guide, seed=seed)
-        vi = vi_draws(built.model, fit.posterior, *args, num_samples=vi_draws, seed=seed, method="vi-local")
+        vi = guide_draws(built.model, fit.posterior, *args, num_samples=vi_draws, seed=seed, method="vi-local")
     return mcmc, vi, compare(mcmc, vi, seed=seed)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +104,6 @@ def test_comparison_passes_on_regression_when_vi_matches():
     """Reference (Stan) draws as the approximation of the regression posterior: nothing is flagged."""
     data = load_posteriordb_data("sblrc-blr")
     ref = load_posteriordb_draws("sblrc-blr")
-    from ppl_vae.models.classic import linear_regression
 
     # (batched HMC against these draws is tested in test_mcmc.py; here: the metrics on two halves of them)
     mcmc = Draws({k: v[:5] for k, v in ref.items()}, method="stan-reference")
@@ -162,6 +160,16 @@ def test_compare_command_writes_results(tiny_run, tmp_path, capsys):
     # an existing output directory is not reused without --force
     assert main(["compare", "--run", str(tiny_run), "--indices", "0", "--draws", "5", "--chains", "1", "--out", str(out)]) == 2
     one_error_line(capsys, "already exists")
+
+
+def test_compare_command_with_the_local_guide(tiny_run, tmp_path, capsys):
+    """--guide local: q* of the guide's own family per datapoint; it is at least as close to MCMC as the encoder."""
+    out = tmp_path / "cmp-local"
+    assert main(["compare", "--run", str(tiny_run), "--indices", "0,5", "--draws", "60", "--warmup", "40", "--chains", "2",
+                 "--guide", "local", "--out", str(out), "--no-progress"]) == 0
+    info = json.loads((out / "compare.json").read_text())
+    table = json.loads((out / "comparison.json").read_text())
+    assert info["guide"] == "local" and table["vi_method"] == "vi-local" and len(table["dims"]) == 2 * 2
 
 
 @pytest.mark.parametrize(

@@ -233,7 +233,6 @@ def test_seeded_runs_are_bitwise_identical(X):
 
 def test_run_reload_round_trip(tmp_path):
     from ppl_vae.experiment import Config, load_run, run
-    from ppl_vae.inference import evaluate_elbo
     from ppl_vae.io import load_torch
 
     cfg = Config(dataset="digits", binarize="threshold", hidden=(16,), latent_dim=2, epochs=3, limit=300)

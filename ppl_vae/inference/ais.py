@@ -38,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
-import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample

@@ -135,7 +135,6 @@ def vi_draws_latent(
             f"q must have batch shape ({latent.num_points},) and event shape ({latent.dim},) (the joint latent {latent.describe()}), "
             f"got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
         )
-    n = latent.num_points
     with torch.no_grad(), seeded(seed):
         u = q.sample((num_samples,))  # [S, N, K]
         lw = log_joint(model, latent, *args)(u) - q.log_prob(u)

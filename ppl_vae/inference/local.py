@@ -36,7 +36,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
