@@ -23,9 +23,9 @@ import statistics
 
 import torch
 
+from ppl_vae.app.registry import discrete_vae
+from ppl_vae.distributions import get_likelihood
 from ppl_vae.inference.svi import fit
-from ppl_vae.models.discrete import discrete_vae
-from ppl_vae.models.likelihoods import get_likelihood
 
 SPECS = (("score", 1), ("score+average", 1), ("score+nvil", 1), ("score+loo", 2), ("relaxed", 1), ("iwae", 2))
 

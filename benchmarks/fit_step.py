@@ -39,9 +39,9 @@ import time
 import torch
 import torch.distributions as D
 
-from ppl_vae.guides import amortized_guide
+from ppl_vae.distributions import get_likelihood
+from ppl_vae.guides.amortized import amortized_guide
 from ppl_vae.inference.svi import fit
-from ppl_vae.models.likelihoods import get_likelihood
 from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP, GaussianEncoder
 

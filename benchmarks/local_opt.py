@@ -32,8 +32,9 @@ import time
 
 import torch
 
-from ppl_vae.experiment import load_run
-from ppl_vae.inference import importance_bounds, optimize_local
+from ppl_vae.app.runs import load_run
+from ppl_vae.inference.gaps.bounds import importance_bounds
+from ppl_vae.inference.gaps.local import optimize_local
 
 
 def main() -> None:

@@ -20,9 +20,12 @@ import time
 import numpy as np
 import torch
 
-from ppl_vae.compare_run import pick_points
-from ppl_vae.experiment import Config, load_run, run
-from ppl_vae.inference.mcmc import hmc_latent, nuts_latent
+from ppl_vae.app.commands.compare import pick_points
+from ppl_vae.app.commands.fit import run
+from ppl_vae.app.config import Config
+from ppl_vae.app.runs import load_run
+from ppl_vae.inference.mcmc.hmc import hmc_latent
+from ppl_vae.inference.mcmc.nuts import nuts_latent
 
 
 def main() -> None:

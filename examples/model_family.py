@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from ppl_vae import fit
 from ppl_vae.data import load
-from ppl_vae.guides import amortized_guide, delta_guide
-from ppl_vae.inference import evaluate_elbo
-from ppl_vae.models import (
-    Codebook, CodePrior, GaussianMixturePrior, VampPrior, get_likelihood, hierarchical_guide, hierarchical_vae,
-    perplexity, sparse_autoencoder, vae_with_prior, vqvae,
-)
+from ppl_vae.distributions import get_likelihood
+from ppl_vae.guides.amortized import amortized_guide, delta_guide
+from ppl_vae.inference.elbo import evaluate_elbo
+from ppl_vae.inference.svi import fit
+from ppl_vae.models.autoencoders import sparse_autoencoder
+from ppl_vae.models.discrete import GaussianMixturePrior
+from ppl_vae.models.hierarchical import hierarchical_guide, hierarchical_vae
+from ppl_vae.models.priors import VampPrior, vae_with_prior
+from ppl_vae.models.vqvae import Codebook, CodePrior, perplexity, vqvae
 from ppl_vae.nn import MLP, GaussianEncoder
 
 train = load("digits", "train", binarize="threshold").x

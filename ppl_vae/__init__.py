@@ -12,7 +12,7 @@ turn a Ctrl-C during those imports into one line.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import (
     CheckpointError,
@@ -24,10 +24,6 @@ from .errors import (
     RunDirectoryError,
     TrainingDiverged,
 )
-
-if TYPE_CHECKING:
-    from . import guides, models, nn
-    from .inference import FitResult, elbo_per_datapoint, evaluate_elbo, fit
 
 __version__ = "0.1.0"
 
@@ -41,17 +37,27 @@ __all__ = [
     "PplVaeError",
     "RunDirectoryError",
     "TrainingDiverged",
+    "compare",
+    "decompose",
     "elbo_per_datapoint",
     "evaluate_elbo",
     "fit",
+    "hmc_latent",
+    "importance_bounds",
+    "data",
+    "distributions",
     "guides",
+    "inference",
     "models",
     "nn",
     "__version__",
 ]
 
-_LAZY = {"FitResult": ".inference", "elbo_per_datapoint": ".inference", "evaluate_elbo": ".inference", "fit": ".inference"}
-_SUBMODULES = ("guides", "models", "nn")
+_LAZY = {
+    name: ".inference"
+    for name in ("FitResult", "compare", "decompose", "elbo_per_datapoint", "evaluate_elbo", "fit", "hmc_latent", "importance_bounds")
+}
+_SUBMODULES = ("data", "distributions", "guides", "inference", "models", "nn")
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["PplVaeError", "DataError", "ConfigError", "CheckpointError", "NotReparameterizableError", "TrainingDiverged", "RunDirectoryError", "Interrupted", "NonFiniteError"]
+
 
 class PplVaeError(Exception):
     """Base class of the errors a user can cause and fix."""

@@ -9,7 +9,6 @@ import numpy as np
 import pyro
 import pytest
 
-
 # the posteriordb reference posteriors the tests use ship with the tests (tests/data/posteriordb)
 os.environ.setdefault("PPL_VAE_POSTERIORDB", str(Path(__file__).parent / "data" / "posteriordb"))
 

@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from ppl_vae.inference import azcompat
+from ppl_vae.inference.mcmc import azcompat
 
 pytestmark = pytest.mark.arviz
 

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference import ais, bdmc, importance_bounds, log_weights
-from ppl_vae.models import PPCA
+from ppl_vae.inference.gaps.ais import ais, bdmc
+from ppl_vae.inference.gaps.bounds import importance_bounds
+from ppl_vae.inference.traces import log_weights
+from ppl_vae.models.ppca import PPCA
 
 Z = 4.0
 
@@ -80,7 +82,7 @@ def test_streamed_bounds_equal_the_direct_formulas_on_the_same_draws():
     b = importance_bounds(m, guide, x, num_samples=K, sample_batch=K, batch_size=5, seed=3)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        from ppl_vae.inference.elbo import plate_nesting
+        from ppl_vae.inference.traces import plate_nesting
 
         nesting = plate_nesting(m, guide, x[:1])  # importance_bounds draws once for this first
         lw = log_weights(m, guide, x, num_samples=K, nesting=nesting)
@@ -165,6 +167,6 @@ def test_bad_inputs_are_clear_errors():
             pyro.sample("w", dist.Normal(torch.zeros(x.shape[0], 2, dtype=x.dtype), 1.0).to_event(1))
 
     with pytest.raises(ConfigError, match="the guide has no site 'z', a latent site of the model"):
-        from ppl_vae.inference import decompose
+        from ppl_vae.inference.gaps.decompose import decompose
 
         decompose(m, other_guide, x)

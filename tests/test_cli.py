@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from ppl_vae import io
+from ppl_vae.app.config import Config
 from ppl_vae.cli import main
-from ppl_vae.experiment import Config
 
 PNGS = ("reconstructions.png", "prior_samples.png", "elbo.png", "latent.png")
 RUN_FILES = ("metrics.json", "history.csv", "checkpoint.pt", "config.json", *PNGS)

@@ -14,15 +14,22 @@ import numpy as np
 import pytest
 import torch
 
+from ppl_vae.app.commands.compare import demo_comparison
+from ppl_vae.app.runs import load_run
 from ppl_vae.cli import main
-from ppl_vae.compare_run import demo_comparison
+from ppl_vae.data.posteriordb import load_posteriordb_data, load_posteriordb_draws
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference import azcompat
-from ppl_vae.experiment import load_run
-from ppl_vae.inference.compare import compare, vi_draws_amortized, vi_draws_autoguide, vi_draws_latent
-from ppl_vae.inference.mcmc import Draws, hmc, hmc_latent
-from ppl_vae.models import PPCA
-from ppl_vae.models.classic import eight_schools_noncentered, load_posteriordb_data, load_posteriordb_draws
+from ppl_vae.inference.mcmc import azcompat
+from ppl_vae.inference.mcmc.compare import compare
+from ppl_vae.inference.mcmc.draws import Draws
+from ppl_vae.inference.mcmc.hmc import hmc, hmc_latent
+from ppl_vae.inference.mcmc.vi import (
+    vi_draws_amortized,
+    vi_draws_autoguide,
+    vi_draws_latent,
+)
+from ppl_vae.models.classic import eight_schools_noncentered
+from ppl_vae.models.ppca import PPCA
 
 pytestmark = pytest.mark.arviz
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ppl_vae import io
+from ppl_vae.app import runs
 from ppl_vae.data import Dataset, load, resolve_data_dir
 from ppl_vae.errors import CheckpointError, ConfigError, DataError
 
@@ -353,20 +354,20 @@ def test_import_does_not_touch_network(no_network, monkeypatch):
 
 def test_prepare_run_dir(tmp_path):
     new = tmp_path / "a" / "b"
-    assert io.prepare_run_dir(new) == new and new.is_dir()
-    assert io.prepare_run_dir(new) == new  # empty: reused without force
+    assert runs.prepare_run_dir(new) == new and new.is_dir()
+    assert runs.prepare_run_dir(new) == new  # empty: reused without force
     (new / "keep.txt").write_text("old")
     with pytest.raises(ConfigError, match="--force"):
-        io.prepare_run_dir(new)
+        runs.prepare_run_dir(new)
     assert (new / "keep.txt").read_text() == "old"
-    assert io.prepare_run_dir(new, force=True) == new
-    assert io.prepare_run_dir(new, resume=True) == new
+    assert runs.prepare_run_dir(new, force=True) == new
+    assert runs.prepare_run_dir(new, resume=True) == new
     with pytest.raises(CheckpointError):
-        io.prepare_run_dir(tmp_path / "missing", resume=True)
+        runs.prepare_run_dir(tmp_path / "missing", resume=True)
     assert not (tmp_path / "missing").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a directory"):
-        io.prepare_run_dir(tmp_path / "file")
+        runs.prepare_run_dir(tmp_path / "file")
 
 
 def test_atomic_writes_roundtrip_without_temp_files(tmp_path):

@@ -17,11 +17,14 @@ import pytest
 import torch
 from torch import nn
 
+from ppl_vae.app.registry import discrete_vae
 from ppl_vae.cli import main
-from ppl_vae.guides import amortized_guide
-from ppl_vae.inference import Relaxed, elbo_per_datapoint, fit, get_estimator
-from ppl_vae.models import Bernoulli, GaussianMixturePrior, Gaussian, gmm_vae
-from ppl_vae.models.discrete import discrete_vae
+from ppl_vae.distributions import Bernoulli, Gaussian
+from ppl_vae.guides.amortized import amortized_guide
+from ppl_vae.inference.elbo import elbo_per_datapoint
+from ppl_vae.inference.estimators import Relaxed, get_estimator
+from ppl_vae.inference.svi import fit
+from ppl_vae.models.discrete import GaussianMixturePrior, gmm_vae
 from ppl_vae.nn import MLP, GaussianEncoder
 
 

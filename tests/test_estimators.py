@@ -18,9 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from ppl_vae import NotReparameterizableError
-from ppl_vae.inference import AnalyticKL, Reparameterized, ScoreFunction, get_estimator
-from ppl_vae.errors import ConfigError
+from ppl_vae.errors import ConfigError, NotReparameterizableError
+from ppl_vae.inference.estimators import (
+    AnalyticKL,
+    Reparameterized,
+    ScoreFunction,
+    get_estimator,
+)
 
 X = torch.tensor([[0.7]])
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from ppl_vae import ConfigError, DataError, TrainingDiverged, fit
 from ppl_vae import io as ppl_io
-from ppl_vae.guides import amortized_guide
-from ppl_vae.inference import evaluate_elbo
-from ppl_vae.inference.svi import CHECKPOINT, lr_factor
-from ppl_vae.models import get_likelihood, vae
+from ppl_vae.distributions import get_likelihood
+from ppl_vae.errors import ConfigError, DataError, TrainingDiverged
+from ppl_vae.guides.amortized import amortized_guide
+from ppl_vae.inference.elbo import evaluate_elbo
+from ppl_vae.inference.svi import CHECKPOINT, fit, lr_factor
+from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP, GaussianEncoder
 
 
@@ -193,7 +194,7 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
 
 
 def _params(model, guide, x):
-    from ppl_vae.inference import discover
+    from ppl_vae.inference.params import discover
 
     return discover(model, guide, (x[:2],)).params
 
@@ -232,7 +233,9 @@ def test_seeded_runs_are_bitwise_identical(X):
 
 
 def test_run_reload_round_trip(tmp_path):
-    from ppl_vae.experiment import Config, load_run, run
+    from ppl_vae.app.commands.fit import run
+    from ppl_vae.app.config import Config
+    from ppl_vae.app.runs import load_run
     from ppl_vae.io import load_torch
 
     cfg = Config(dataset="digits", binarize="threshold", hidden=(16,), latent_dim=2, epochs=3, limit=300)

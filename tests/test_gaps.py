@@ -14,19 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bounds import frozen_ppca
+from test_cli import BINARY
 from torch import nn
 
 from ppl_vae.cli import main
-from ppl_vae.guides import IAFEncoder, amortized_guide
-from ppl_vae.inference import decompose, fit, importance_bounds, optimize_local
+from ppl_vae.guides.amortized import amortized_guide
+from ppl_vae.guides.flows import IAFEncoder
+from ppl_vae.guides.local import LocalPosterior
+from ppl_vae.inference.gaps.bounds import importance_bounds
+from ppl_vae.inference.gaps.decompose import decompose
+from ppl_vae.inference.gaps.local import optimize_local
 from ppl_vae.inference.latent import guide_in_latent_space, latent_of
-from ppl_vae.inference.local import LocalPosterior
-from ppl_vae.models import PPCA
+from ppl_vae.inference.svi import fit
+from ppl_vae.models.ppca import PPCA
 from ppl_vae.nn import MLP, GaussianEncoder
-
-from test_bounds import frozen_ppca
-from test_cli import BINARY
-
 
 Z = 4.0
 TOL_OPT = 0.01

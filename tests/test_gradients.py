@@ -14,12 +14,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from test_estimators import Guide, X, exact_loss_grad, grad_draws, model
 from torch import nn
 
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference import IWAE, ScoreFunction, get_estimator
+from ppl_vae.inference.estimators import IWAE, ScoreFunction, get_estimator
 from ppl_vae.inference.gradients import gradient_stats
-from test_estimators import X, Guide, exact_loss_grad, grad_draws, model
 
 
 def _normal_terms(guide: Guide, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,14 +12,14 @@ import pytest
 import torch
 from pyro import poutine
 
-from ppl_vae import fit
 from ppl_vae.cli import main
 from ppl_vae.data import load
-from ppl_vae.inference import elbo_per_datapoint
-from ppl_vae.models import get_likelihood
-from ppl_vae.inference import get_estimator
+from ppl_vae.distributions import get_likelihood
+from ppl_vae.inference.elbo import elbo_per_datapoint
+from ppl_vae.inference.estimators import get_estimator
+from ppl_vae.inference.svi import fit
 from ppl_vae.models.m2 import classify, m2, m2_guide
-from ppl_vae.nn import GaussianEncoder, MLP
+from ppl_vae.nn import MLP, GaussianEncoder
 
 C, D = 10, 64
 

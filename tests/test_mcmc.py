@@ -14,16 +14,16 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from ppl_vae.data.posteriordb import load_posteriordb_data, load_posteriordb_draws
+from ppl_vae.distributions import Gaussian
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference import azcompat
-from ppl_vae.inference.mcmc import Draws, hmc, hmc_latent, nuts, nuts_latent
-from ppl_vae.models import PPCA, Gaussian, vae
-from ppl_vae.models.classic import (
-    eight_schools_noncentered,
-    linear_regression,
-    load_posteriordb_data,
-    load_posteriordb_draws,
-)
+from ppl_vae.inference.mcmc import azcompat
+from ppl_vae.inference.mcmc.draws import Draws
+from ppl_vae.inference.mcmc.hmc import hmc, hmc_latent
+from ppl_vae.inference.mcmc.nuts import nuts, nuts_latent
+from ppl_vae.models.classic import eight_schools_noncentered, linear_regression
+from ppl_vae.models.ppca import PPCA
+from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP
 
 pytestmark = pytest.mark.arviz

@@ -13,16 +13,22 @@ import math
 import pytest
 import torch
 
-from ppl_vae import fit
 from ppl_vae.data import load
-from ppl_vae.guides import amortized_guide, delta_guide
-from ppl_vae.inference import elbo_per_datapoint
-from ppl_vae.models import get_likelihood
+from ppl_vae.distributions import get_likelihood
+from ppl_vae.guides.amortized import amortized_guide, delta_guide
+from ppl_vae.inference.elbo import elbo_per_datapoint
+from ppl_vae.inference.svi import fit
 from ppl_vae.models.autoencoders import principal_angles_to_pca, sparse_autoencoder
+from ppl_vae.models.discrete import GaussianMixturePrior
 from ppl_vae.models.hierarchical import hierarchical_guide, hierarchical_vae
-from ppl_vae.models import GaussianMixturePrior
 from ppl_vae.models.priors import VampPrior, vae_with_prior
-from ppl_vae.models.vqvae import Codebook, CodePrior, QuantizedDecoder, perplexity, vqvae
+from ppl_vae.models.vqvae import (
+    Codebook,
+    CodePrior,
+    QuantizedDecoder,
+    perplexity,
+    vqvae,
+)
 from ppl_vae.nn import MLP, GaussianEncoder
 
 D, H = 64, 32
@@ -136,7 +142,7 @@ def test_linear_autoencoder_spans_the_pca_subspace():
     scales = torch.tensor([3.0, 2.0, 0.5, 0.4, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1])
     x = (torch.randn(n, d_data, generator=gen) * scales) @ basis.T + 1.0
     enc, dec = MLP(d_data, [], d), MLP(d, [], d_data)
-    from ppl_vae.models import autoencoder
+    from ppl_vae.models.vae import autoencoder
 
     model = autoencoder(dec, get_likelihood("gaussian"), d)
     fit(model, delta_guide(enc), x, epochs=150, batch_size=100, lr=1e-2, seed=0, progress=False)
@@ -149,8 +155,8 @@ def test_linear_autoencoder_spans_the_pca_subspace():
 @pytest.mark.parametrize("model", ["hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae"])
 def test_cli_fit_and_reload(model, tmp_path):
     """``ppl-vae fit --model ...`` trains, writes its figures (prior samples from the model's own prior) and reloads."""
+    from ppl_vae.app.runs import load_run
     from ppl_vae.cli import main
-    from ppl_vae.experiment import load_run
 
     out = tmp_path / model
     argv = ["fit", "--model", model, "--dataset", "digits", "--binarize", "threshold", "--limit", "60",

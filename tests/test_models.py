@@ -9,13 +9,17 @@ import pytest
 import torch
 from pyro import poutine
 
-from ppl_vae import fit
 from ppl_vae.data import load
+from ppl_vae.distributions import check_support, get_likelihood, one_hot
 from ppl_vae.errors import ConfigError, DataError
-from ppl_vae.guides import amortized_guide, delta_guide, masking_noise
-from ppl_vae.inference import discover, elbo_per_datapoint, evaluate_elbo, get_estimator, traces
-from ppl_vae.models import PPCA, autoencoder, cvae, decode_prior, get_likelihood, one_hot, vae
-from ppl_vae.models.likelihoods import check_support
+from ppl_vae.guides.amortized import amortized_guide, delta_guide, masking_noise
+from ppl_vae.inference.elbo import elbo_per_datapoint, evaluate_elbo
+from ppl_vae.inference.estimators import get_estimator
+from ppl_vae.inference.params import discover
+from ppl_vae.inference.svi import fit
+from ppl_vae.inference.traces import traces
+from ppl_vae.models.ppca import PPCA
+from ppl_vae.models.vae import autoencoder, cvae, decode_prior, vae
 from ppl_vae.nn import MLP, Concat, ConvDecoder, ConvEncoder, GaussianEncoder
 
 

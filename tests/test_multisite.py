@@ -28,10 +28,15 @@ import pytest
 import torch
 
 from ppl_vae.errors import ConfigError, DataError
-from ppl_vae.inference import ais, decompose, hmc_latent, importance_bounds, optimize_local
-from ppl_vae.inference.compare import compare, vi_draws_amortized
+from ppl_vae.inference.gaps.ais import ais
+from ppl_vae.inference.gaps.bounds import importance_bounds
+from ppl_vae.inference.gaps.decompose import decompose
+from ppl_vae.inference.gaps.local import optimize_local
 from ppl_vae.inference.latent import guide_in_latent_space, latent_of
-from ppl_vae.models import PPCA
+from ppl_vae.inference.mcmc.compare import compare
+from ppl_vae.inference.mcmc.hmc import hmc_latent
+from ppl_vae.inference.mcmc.vi import vi_draws_amortized
+from ppl_vae.models.ppca import PPCA
 
 Z = 4.0  # standard errors: a check fails by chance with probability < 1e-4
 TOL_OPT = 0.01

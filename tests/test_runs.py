@@ -23,9 +23,13 @@ import pytest
 import torch
 
 import ppl_vae.inference.svi as svi
-from ppl_vae import ConfigError, io
+from ppl_vae import io
+from ppl_vae.app import runs
+from ppl_vae.app.commands.fit import run
+from ppl_vae.app.config import Config
+from ppl_vae.app.runs import CONFIG, load_run, read_config
 from ppl_vae.cli import main
-from ppl_vae.experiment import CONFIG, Config, load_run, read_config, run
+from ppl_vae.errors import ConfigError
 
 TINY = ["--dataset", "digits", "--binarize", "threshold", "--limit", "60", "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress"]
 SUBPROCESS_ENV = {"MPLBACKEND": "Agg"}
@@ -233,7 +237,7 @@ def test_two_plus_two_epochs_equal_four_bit_for_bit(tmp_path, capsys, monkeypatc
     assert config == metrics["options"]
     assert [r["at_epoch"] for r in config["resumed"]] == [2]
     assert config["resumed"][0]["changed"] == ({"epochs": [2, 4]} if how == "extend" else {})
-    assert not (a / io.LOCK).exists()
+    assert not (a / runs.LOCK).exists()
 
 
 def test_extending_a_cosine_schedule_replans_it_and_records_the_change(tmp_path, capsys):
@@ -284,7 +288,7 @@ def test_an_early_stopped_run_is_its_best_epoch(tmp_path, monkeypatch):
     metrics = run(cfg, out, progress=False, figures=False)
     assert metrics["stopped_early"] and metrics["epochs"] == 4 and metrics["best_epoch"] == 2
     built, _ = load_run(out)
-    from ppl_vae.inference import discover
+    from ppl_vae.inference.params import discover
 
     loaded = discover(built.model, built.guide, (_first_rows(out),)).params
     assert all(torch.equal(p, s) for p, s in zip(loaded, checkpointed[2]))
@@ -331,7 +335,7 @@ def test_a_new_run_interrupted_before_its_first_checkpoint_removes_its_folder(tm
 
 
 def test_a_second_process_cannot_write_a_run_in_use(run_copy, tmp_path, capsys):
-    code = f"import ppl_vae.io as io, time; io.prepare_run_dir({str(run_copy)!r}, resume=True); print('locked', flush=True); time.sleep(60)"
+    code = f"import time; from ppl_vae.app import runs; runs.prepare_run_dir({str(run_copy)!r}, resume=True); print('locked', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -340,21 +344,21 @@ def test_a_second_process_cannot_write_a_run_in_use(run_copy, tmp_path, capsys):
         one_line(capsys, str(run_copy), "in use by process", str(holder.pid))
         assert main(["fit", "--out", str(run_copy), "--resume", "--epochs", "3", "--no-progress"]) == 2
         one_line(capsys, "in use by process", str(holder.pid))
-        assert {k: v for k, v in snapshot(run_copy).items() if k != io.LOCK} == {k: v for k, v in before.items() if k != io.LOCK}
+        assert {k: v for k, v in snapshot(run_copy).items() if k != runs.LOCK} == {k: v for k, v in before.items() if k != runs.LOCK}
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()
     # the lock died with its process: the stale lock file does not count, and is gone after the next writer
-    assert (run_copy / io.LOCK).exists()
+    assert (run_copy / runs.LOCK).exists()
     assert main(["fit", "--out", str(run_copy), "--resume", "--epochs", "3", "--no-progress"]) == 0
-    assert not (run_copy / io.LOCK).exists()
+    assert not (run_copy / runs.LOCK).exists()
 
 
 def test_every_output_command_locks_its_folder(finished, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()
-    code = f"import ppl_vae.io as io, time; io.prepare_run_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"
+    code = f"import time; from ppl_vae.app import runs; runs.prepare_run_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -381,10 +385,10 @@ def test_stale_temporary_files_are_removed_by_the_next_writer(run_copy, capsys):
 
 
 def test_without_fcntl_folders_are_used_unlocked(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "fcntl", None)
-    with io.holding():
-        out = io.prepare_run_dir(tmp_path / "plain")
-        assert out.is_dir() and not (out / io.LOCK).exists()
+    monkeypatch.setattr(runs, "fcntl", None)
+    with runs.holding():
+        out = runs.prepare_run_dir(tmp_path / "plain")
+        assert out.is_dir() and not (out / runs.LOCK).exists()
 
 
 def test_json_files_hold_only_valid_json(tmp_path, finished):
@@ -537,7 +541,7 @@ def test_plot_errors_before_any_work(finished, tmp_path, capsys, monkeypatch, bi
     def no_work(*args, **kwargs):
         raise AssertionError("a run was loaded before the datasets were compared")
 
-    monkeypatch.setattr("ppl_vae.experiment.load_run", no_work)
+    monkeypatch.setattr("ppl_vae.app.commands.plot.load_run", no_work)
     png = tmp_path / "sweep.png"
     assert main(["plot", "--kind", "latent-sweep", "--run", str(finished), "--run", str(other), "--out", str(png)]) == 2
     one_line(capsys, "same dataset", "digits", "binarized-mnist")
@@ -555,10 +559,10 @@ def test_compare_needs_a_few_draws(finished, tmp_path, capsys):
 
 
 def test_ctrl_c_while_the_command_line_starts(tmp_path, capsys, monkeypatch):
-    def interrupted():
+    def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ppl_vae.cli._parser", interrupted)
+    monkeypatch.setattr("ppl_vae.cli.build_parser", interrupted)
     assert main(["fit", "--out", str(tmp_path / "x")]) == 130
     assert capsys.readouterr().err == "ppl-vae: interrupted\n"
 
@@ -569,7 +573,7 @@ def test_ctrl_c_while_torch_imports_in_the_console_script(tmp_path):
     (fake / "torch" / "__init__.py").write_text("raise KeyboardInterrupt  # Ctrl-C while torch loads\n")
     env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
     # the package and its command line import nothing heavy at import time
-    done = subprocess.run([sys.executable, "-c", "import ppl_vae, ppl_vae.cli, ppl_vae.io, ppl_vae.errors, sys; assert 'torch' not in sys.modules"],
+    done = subprocess.run([sys.executable, "-c", "import ppl_vae, ppl_vae.cli, ppl_vae.errors, sys; assert 'torch' not in sys.modules"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, "-m", "ppl_vae.cli", "fit", "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=60)
@@ -583,7 +587,7 @@ def test_ctrl_c_during_fit_names_the_last_checkpoint(tmp_path, capsys, monkeypat
         interrupt_at_validation(m, call=2)
         assert fit(out, "--epochs", "3") == 130
     assert one_line(capsys, prefix="ppl-vae: interrupted; ") == f"ppl-vae: interrupted; the last checkpoint is epoch 1 (in {out})"
-    assert io.load_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and not (out / io.LOCK).exists()
+    assert io.load_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and not (out / runs.LOCK).exists()
     assert main(["fit", "--out", str(out), "--resume", "--no-progress"]) == 0
 
 
@@ -591,7 +595,7 @@ def test_ctrl_c_after_training_keeps_the_finished_checkpoint(tmp_path, capsys, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ppl_vae.experiment.elbo_per_datapoint", interrupted)  # the test-split evaluation after fit
+    monkeypatch.setattr("ppl_vae.app.commands.fit.elbo_per_datapoint", interrupted)  # the test-split evaluation after fit
     out = tmp_path / "run"
     assert fit(out) == 130
     line = one_line(capsys, prefix="ppl-vae: interrupted; ")

@@ -1,107 +1,18 @@
-"""Amortised guides: an encoder network turned into a Pyro guide.
+"""Guides: amortised encoders as Pyro guides, flows, discrete guides, and per-datapoint (local) families.
 
-A guide built here samples the same latent site as the model, inside a
-``"data"`` plate of the same size, so ``fit`` and every other tool of the
-package can pair it with any model written the ppl-vae way.
+:func:`amortized_guide` turns an encoder into a guide; :class:`IAFEncoder`
+is a normalising-flow encoder; :class:`LocalPosterior` holds one set of
+variational parameters per datapoint over a model's joint latent
+(:class:`Latent`), the :math:`q^*` of the gap analysis.
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable, Sequence
-
-import pyro
-import pyro.distributions as dist
-import torch
-from torch import nn
-
+from .amortized import amortized_guide, delta_guide, masking_noise
 from .discrete import bernoulli_guide, categorical_guide
 from .flows import IAFEncoder
+from .latent import Latent, LatentGuide, LatentSite, moment_matched
+from .local import FAMILIES, BatchedMADE, LocalPosterior, family_of
 
-__all__ = ["IAFEncoder", "bernoulli_guide", "categorical_guide", "amortized_guide", "delta_guide", "gaussian_from_params", "masking_noise"]
-
-Guide = Callable[..., None]
-
-
-def gaussian_from_params(params: object) -> dist.TorchDistribution:
-    """The Gaussian an encoder's output describes.
-
-    ``(loc, scale)`` with equal shapes gives a diagonal Gaussian;
-    ``(loc, scale_tril)`` with one more dimension a full-covariance one; a
-    distribution is returned unchanged.
-    """
-    if isinstance(params, torch.distributions.Distribution):
-        return params  # type: ignore[return-value]
-    if not (isinstance(params, Sequence) and len(params) == 2):
-        raise TypeError("encoder must return (loc, scale), (loc, scale_tril) or a distribution")
-    loc, second = params
-    if second.dim() == loc.dim() + 1:
-        return dist.MultivariateNormal(loc, scale_tril=second)
-    return dist.Normal(loc, second).to_event(1)
-
-
-def amortized_guide(
-    encoder: nn.Module,
-    *,
-    site: str = "z",
-    inputs: Callable[..., Sequence[torch.Tensor]] | None = None,
-) -> Guide:
-    """Turn ``encoder`` into a guide ``guide(x, ...)`` for latent ``site``.
-
-    Parameters
-    ----------
-    encoder : nn.Module
-        Maps the inputs to ``(loc, scale)`` (diagonal Gaussian), ``(loc,
-        scale_tril)`` (full covariance) or a distribution with one event
-        dimension; see :class:`ppl_vae.nn.GaussianEncoder`.
-    site : str
-        Name of the model's latent sample site.
-    inputs : callable, optional
-        Maps the guide's arguments (the model's) to the encoder's inputs;
-        by default they are passed unchanged.
-
-    Examples
-    --------
-    >>> from ppl_vae.nn import MLP, GaussianEncoder
-    >>> guide = amortized_guide(GaussianEncoder(MLP(784, [200], 200), 200, 50))
-    """
-
-    def guide(x: torch.Tensor, *args: torch.Tensor) -> None:
-        enc_in = (x, *args) if inputs is None else inputs(x, *args)
-        q = gaussian_from_params(encoder(*enc_in))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample(site, q)
-
-    return guide
-
-
-def masking_noise(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Corruption that zeroes each input entry with probability ``p``."""
-    if not 0 <= p < 1:
-        raise ValueError(f"masking probability must be in [0, 1), got {p}")
-
-    def corrupt(x: torch.Tensor) -> torch.Tensor:
-        return x * (torch.rand_like(x) >= p)
-
-    return corrupt
-
-
-def delta_guide(
-    encoder: nn.Module,
-    *,
-    site: str = "z",
-    corruption: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> Guide:
-    """A point-estimate guide ``z = encoder(x)``: the encoder of an autoencoder.
-
-    With ``corruption`` (e.g. :func:`masking_noise`) the encoder sees a
-    corrupted input while it is in training mode, and the model still
-    observes the clean one: a denoising autoencoder (Vincent et al. 2008).
-    """
-
-    def guide(x: torch.Tensor) -> None:
-        x_in = corruption(x) if corruption is not None and encoder.training else x
-        z = encoder(x_in)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample(site, dist.Delta(z).to_event(1))
-
-    return guide
+__all__ = [
+    "FAMILIES", "BatchedMADE", "IAFEncoder", "Latent", "LatentGuide", "LatentSite", "LocalPosterior", "amortized_guide",
+    "bernoulli_guide", "categorical_guide", "delta_guide", "family_of", "masking_noise", "moment_matched",
+]

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["bernoulli_guide", "categorical_guide"]
+__all__ = ["bernoulli_guide", "categorical_guide", "Guide"]
 
 Guide = Callable[..., None]
 

@@ -1,55 +1,35 @@
-"""Inference: ``fit`` (SVI), gradient estimators, per-datapoint bounds (ELBO, IWAE, AIS), local q*, gaps."""
+"""Inference: training (``fit``), estimators, per-datapoint bounds and gaps, MCMC and the VI-vs-MCMC comparison.
 
-from .ais import AISResult, BDMCResult, ais, bdmc
-from .bounds import Bounds, importance_bounds
-from .elbo import elbo_per_datapoint, evaluate_elbo, log_weights, plate_nesting, traces
-from .gaps import GapReport, decompose
-from .local import FAMILIES, LocalFit, LocalPosterior, optimize_local
+* :func:`fit` -- SVI for any model and guide, with the estimator chosen by argument;
+* :mod:`.gaps` -- ELBO/IWAE/AIS bounds per datapoint, local :math:`q^*`, :func:`decompose`;
+* :mod:`.mcmc` -- batched HMC, Pyro's NUTS, VI draws, :func:`compare`;
+* :mod:`.gradients` -- gradient variance and SNR of the estimators.
+"""
+
+from .elbo import elbo_per_datapoint, evaluate_elbo
 from .estimators import ESTIMATORS, IWAE, AnalyticKL, Enumerated, Estimator, Relaxed, Reparameterized, ScoreFunction, get_estimator
-from .params import Discovered, discover
-from .mcmc import Draws, hmc, hmc_latent, nuts, nuts_latent
-from .compare import Comparison, compare, vi_draws_amortized, vi_draws_autoguide, vi_draws_latent
+from .gaps import AISResult, BDMCResult, Bounds, GapReport, LocalFit, ais, bdmc, decompose, importance_bounds, optimize_local
+from .gradients import GradientStats, gradient_stats
+from .mcmc import (
+    Comparison,
+    Draws,
+    compare,
+    hmc,
+    hmc_latent,
+    nuts,
+    nuts_latent,
+    vi_draws,
+    vi_draws_amortized,
+    vi_draws_autoguide,
+    vi_draws_latent,
+)
 from .svi import FitResult, fit
+from .traces import log_weights, traces
 
 __all__ = [
-    "Comparison",
-    "Draws",
-    "compare",
-    "hmc",
-    "hmc_latent",
-    "nuts",
-    "nuts_latent",
-    "vi_draws_amortized",
-    "vi_draws_autoguide",
-    "vi_draws_latent",
-    "AISResult",
-    "BDMCResult",
-    "Bounds",
-    "FAMILIES",
-    "GapReport",
-    "LocalFit",
-    "LocalPosterior",
-    "ais",
-    "bdmc",
-    "decompose",
-    "importance_bounds",
-    "optimize_local",
-    "plate_nesting",
-    "ESTIMATORS",
-    "AnalyticKL",
-    "Enumerated",
-    "IWAE",
-    "Relaxed",
-    "Discovered",
-    "Estimator",
-    "FitResult",
-    "Reparameterized",
-    "ScoreFunction",
-    "discover",
-    "elbo_per_datapoint",
-    "evaluate_elbo",
-    "fit",
-    "get_estimator",
-    "log_weights",
-    "traces",
+    "AISResult", "BDMCResult", "Bounds", "Comparison", "Draws", "ESTIMATORS", "IWAE", "AnalyticKL", "Enumerated", "Estimator",
+    "FitResult", "GapReport", "GradientStats", "LocalFit", "Relaxed", "Reparameterized", "ScoreFunction", "ais", "bdmc", "compare",
+    "decompose", "elbo_per_datapoint", "evaluate_elbo", "fit", "get_estimator", "gradient_stats", "hmc", "hmc_latent",
+    "importance_bounds", "log_weights", "nuts", "nuts_latent", "optimize_local", "traces", "vi_draws", "vi_draws_amortized",
+    "vi_draws_autoguide", "vi_draws_latent",
 ]

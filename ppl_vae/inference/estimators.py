@@ -66,10 +66,7 @@ from torch import nn
 
 from ..errors import ConfigError, NotReparameterizableError
 
-__all__ = [
-    "Estimator", "EstimatorLoss", "Reparameterized", "ScoreFunction", "AnalyticKL", "IWAE", "Relaxed", "Enumerated",
-    "ParticleTerms", "particle_terms", "get_estimator", "ESTIMATORS", "BASELINES",
-]
+__all__ = ["Estimator", "EstimatorLoss", "Reparameterized", "ScoreFunction", "AnalyticKL", "IWAE", "Relaxed", "Enumerated", "ParticleTerms", "particle_terms", "get_estimator", "ESTIMATORS", "BASELINES", "detach_sampling", "is_latent"]
 
 PARTICLES = "num_particles_vectorized"  # the name of Pyro's vectorised-particle plate
 BASELINES = ("average", "nvil", "loo")

@@ -25,20 +25,17 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
-from torch import nn
 
-from .. import io
 from ..errors import ConfigError
 from .estimators import Estimator, get_estimator
 from .params import discover
 from .svi import as_tensors, fit
 
-__all__ = ["GradientStats", "gradient_stats", "gradient_course", "grad_variance_report", "parameter_groups", "plot_gradient_stats"]
+__all__ = ["GradientStats", "gradient_stats", "gradient_course", "parameter_groups"]
 
 
 @dataclass(frozen=True)
@@ -207,85 +204,3 @@ def gradient_course(
     return GradientStats(tuple(rows))
 
 
-def plot_gradient_stats(stats: GradientStats) -> Any:
-    """A seaborn figure: variance (log scale) and SNR per estimator and group; over epochs if tracked."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    df = stats.to_dataframe()
-    over_time = "epoch" in df and df["epoch"].nunique() > 1
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, column, title in ((axes[0], "variance", "gradient variance (trace)"), (axes[1], "snr", "mean per-parameter SNR")):
-        if over_time:
-            sns.lineplot(data=df, x="epoch", y=column, hue="estimator", style="group", marker="o", ax=ax)
-        else:
-            sns.barplot(data=df, x="group", y=column, hue="estimator", ax=ax)
-        ax.set_yscale("log")
-        ax.set_title(title)
-    fig.tight_layout()
-    return fig
-
-
-
-@io.releasing
-def grad_variance_report(
-    run_dir: str | Path,
-    out: str | Path,
-    *,
-    estimators: Sequence[str],
-    repeats: int = 100,
-    batch_size: int = 100,
-    num_particles: int = 1,
-    track_epochs: Sequence[int] | None = None,
-    seed: int = 0,
-    force: bool = False,
-) -> tuple[GradientStats, Path]:
-    """``ppl-vae grad-variance``: gradient statistics of a run directory's model, written to ``out``.
-
-    Without ``track_epochs`` the statistics are taken at the run's trained
-    parameters; with it the run's config is trained afresh (its estimator,
-    batch size, learning rate and seed) and measured at each listed epoch.
-    The probe batch is a seeded random subset of ``batch_size`` training
-    rows. Writes ``grad_variance.csv`` and ``grad_variance.png``; every input
-    is checked (and every statistic computed) before anything is written.
-    """
-    import pandas as pd
-
-    from ..experiment import build, load_run
-
-    out = io.check_run_dir(out, force=force)
-    if not (isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
-        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
-    for e in estimators:
-        get_estimator(e).validate(num_particles)
-    built, splits = load_run(run_dir)
-    cfg, train = built.config, splits["train"]
-    tensors = train.tensors(with_labels=cfg.model == "cvae")
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:batch_size]
-    probe = tuple(t[pick] for t in tensors)
-    if track_epochs:
-        built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
-    named = {"encoder": built.encoder, "decoder": built.decoder, "likelihood": built.likelihood}
-    groups = {k: [p for p in m.parameters() if p.requires_grad] for k, m in named.items() if isinstance(m, nn.Module)}
-    groups = {k: v for k, v in groups.items() if v} or None
-    common = dict(estimators=list(estimators), repeats=repeats, groups=groups, num_particles=num_particles, seed=seed)
-    if track_epochs:
-        stats = gradient_course(built.model, built.guide, tensors, train_estimator=cfg.estimator, epochs=track_epochs,
-                                probe=probe, batch_size=cfg.batch_size, lr=cfg.lr, **common)
-    else:
-        history = Path(run_dir) / "history.csv"
-        epoch = len(pd.read_csv(history)) if history.is_file() else cfg.epochs
-        stats = gradient_stats(built.model, built.guide, probe, extra={"epoch": epoch}, **common)
-    io.prepare_run_dir(out, force=force)
-    io.write_csv(out / "grad_variance.csv", stats.rows)
-    fig = plot_gradient_stats(stats)
-    io.save_figure(fig, out / "grad_variance.png", dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return stats, out

@@ -29,42 +29,27 @@ with independent sites, and says why not otherwise.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive
-from pyro.poutine.util import site_is_subsample
 from torch.distributions import Transform, biject_to
 
 from ..errors import ConfigError
-from .elbo import SAMPLES, _per_datapoint, plate_nesting, probe
+from ..guides.latent import Latent, LatentSite
+from .traces import (
+    SAMPLES,
+    latent_nodes,
+    per_datapoint,
+    plate_nesting,
+    probe,
+    sample_sites,
+)
 
-__all__ = [
-    "LatentSite",
-    "Latent",
-    "latent_of",
-    "LatentGuide",
-    "guide_in_latent_space",
-    "moment_matched",
-    "latent_draws",
-    "log_joint",
-    "guide_log_density",
-    "AUX_SITE",
-]
-
-#: the name of the auxiliary site of :class:`LatentGuide` that carries ``u``
-AUX_SITE = "_ppl_vae_latent"
-
-
-def _is_identity(t: Transform) -> bool:
-    while isinstance(t, torch.distributions.transforms.IndependentTransform):
-        t = t.base_transform
-    return isinstance(t, torch.distributions.transforms.ComposeTransform) and not t.parts
+__all__ = ["latent_of", "guide_in_latent_space", "latent_draws", "log_joint", "guide_log_density", "check_guide_pairs"]
 
 
 #: fixed (parameter-free or constant-affine) transforms whose composition with a Gaussian can be the pushforward of a Gaussian over ``u``
@@ -78,106 +63,6 @@ _FIXED = (
 )
 
 
-@dataclass(frozen=True)
-class LatentSite:
-    """One latent site: its per-datapoint shape, constrained and unconstrained, and ``biject_to`` of its support."""
-
-    name: str
-    shape: tuple[int, ...]
-    ushape: tuple[int, ...]
-    transform: Transform
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.ushape)
-
-    @property
-    def identity(self) -> bool:
-        return _is_identity(self.transform)
-
-
-@dataclass(frozen=True)
-class Latent:
-    """The latent sites of a model for ``num_points`` datapoints, as one unconstrained vector of size :attr:`dim`."""
-
-    sites: tuple[LatentSite, ...]
-    num_points: int
-
-    @property
-    def dim(self) -> int:
-        return sum(s.size for s in self.sites)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.sites)
-
-    @property
-    def plain(self) -> bool:
-        """One site with a 1-d event over the reals: ``u`` is that site's value."""
-        return len(self.sites) == 1 and self.sites[0].identity and len(self.sites[0].shape) == 1
-
-    def describe(self) -> str:
-        return ", ".join(f"{s.name}{list(s.shape)}" for s in self.sites)
-
-    def labels(self) -> list[str]:
-        """One label per coordinate of the *constrained* values, site by site (``z[0]``, ``s``, ``w[1,2]``)."""
-        out = []
-        for s in self.sites:
-            if not s.shape:
-                out.append(s.name)
-            else:
-                out += [f"{s.name}[{','.join(map(str, i))}]" for i in _ndindex(s.shape)]
-        return out
-
-    def split(self, u: torch.Tensor) -> list[torch.Tensor]:
-        """``u`` ``[..., K]`` cut into each site's unconstrained value ``[..., *ushape]``."""
-        chunks = u.split([s.size for s in self.sites], dim=-1)
-        return [c.reshape(*u.shape[:-1], *s.ushape) for c, s in zip(chunks, self.sites)]
-
-    def constrain(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Each site's constrained value ``[..., *shape]`` and log-Jacobian ``[...]`` for ``u`` ``[..., K]``."""
-        lead = u.shape[:-1]
-        values, ladj = {}, {}
-        for s, chunk in zip(self.sites, self.split(u)):
-            if s.identity:
-                values[s.name] = chunk
-                ladj[s.name] = u.new_zeros(lead)
-                continue
-            v = s.transform(chunk)
-            values[s.name] = v
-            ladj[s.name] = s.transform.log_abs_det_jacobian(chunk, v).reshape(*lead, -1).sum(-1)
-        return values, ladj
-
-    def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The inverse of :meth:`constrain`: site values ``[..., *shape]`` -> ``u`` ``[..., K]``."""
-        parts = []
-        for s in self.sites:
-            v = values[s.name]
-            lead = v.shape[: v.dim() - len(s.shape)]
-            w = v if s.identity else s.transform.inv(v)
-            parts.append(w.reshape(*lead, s.size))
-        return torch.cat(parts, -1)
-
-    def flat_values(self, u: torch.Tensor) -> torch.Tensor:
-        """Constrained values of ``u`` ``[..., K]`` flattened and concatenated: ``[..., len(labels())]``."""
-        values, _ = self.constrain(u)
-        return torch.cat([values[s.name].reshape(*u.shape[:-1], -1) for s in self.sites], -1)
-
-
-def _ndindex(shape: tuple[int, ...]) -> Iterable[tuple[int, ...]]:
-    import itertools
-
-    return itertools.product(*(range(n) for n in shape))
-
-
-def _sample_sites(tr: poutine.Trace) -> dict[str, dict]:
-    return {n: s for n, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
-
-
-def _latent_nodes(tr: poutine.Trace) -> dict[str, dict]:
-    return {n: s for n, s in _sample_sites(tr).items() if not s["is_observed"] and not s["infer"].get("is_auxiliary")}
-
-
 def _point_mass(fn: object) -> bool:
     while isinstance(fn, torch.distributions.Independent):
         fn = fn.base_dist
@@ -186,7 +71,7 @@ def _point_mass(fn: object) -> bool:
 
 def check_guide_pairs(model_sites: Iterable[str], guide_tr: poutine.Trace, analysis: str) -> None:
     """Refuse a guide that lacks one of ``model_sites``, samples a site the model lacks, or is a point mass."""
-    guide_sites = _sample_sites(guide_tr)
+    guide_sites = sample_sites(guide_tr)
     aux = {n for n, s in guide_sites.items() if s["infer"].get("is_auxiliary")}
     missing = [n for n in model_sites if n not in guide_sites]
     if missing:
@@ -223,7 +108,7 @@ def latent_of(model: Callable[..., object], *data: torch.Tensor, guide: Callable
             return poutine.trace(poutine.replay(model, trace=g)).get_trace(*data), g
 
     tr, guide_tr = probe(analysis, run, data)  # type: ignore[misc]
-    nodes = _latent_nodes(tr)
+    nodes = latent_nodes(tr)
     if not nodes:
         raise ConfigError(f"{analysis}: the model has no latent sample sites")
     sites = []
@@ -283,13 +168,13 @@ def log_joint(
         c = u.shape[0]
         tr, values, prior = _conditioned(model, latent, data, u)
         lik: torch.Tensor | int = 0
-        for name, s in _sample_sites(tr).items():
-            lp = _per_datapoint(s, "data").reshape(c, n)
+        for name, s in sample_sites(tr).items():
+            lp = per_datapoint(s, "data").reshape(c, n)
             if name in values:
                 prior = prior + lp
             elif s["is_observed"]:
                 lik = lik + lp
-        unexpected = [k for k, s in _latent_nodes(tr).items() if k not in values]
+        unexpected = [k for k, s in latent_nodes(tr).items() if k not in values]
         if unexpected:
             raise ConfigError(f"site {unexpected[0]!r} appeared in a run of the model that did not have it before: the model's latent sites must not change between runs")
         lik_t = lik if isinstance(lik, torch.Tensor) else prior.new_zeros(prior.shape)
@@ -310,10 +195,10 @@ def guide_log_density(guide: Callable[..., object], latent: Latent, *data: torch
     def f(u: torch.Tensor) -> torch.Tensor:
         c = u.shape[0]
         tr, _, total = _conditioned(guide, latent, data, u)
-        for name, s in _sample_sites(tr).items():
+        for name, s in sample_sites(tr).items():
             if s["infer"].get("is_auxiliary"):
                 raise ConfigError(f"the guide's density at a given latent is not available: its site {name!r} is auxiliary")
-            total = total + _per_datapoint(s, "data").reshape(c, n)
+            total = total + per_datapoint(s, "data").reshape(c, n)
         return total
 
     return f
@@ -334,56 +219,6 @@ def latent_draws(
 
 
 # --------------------------------------------------------------------------- guides over u
-
-
-class LatentGuide:
-    """A guide for a model's latent sites from a batch of distributions over ``u`` (batch ``[N]``, event ``[K]``).
-
-    For a :attr:`Latent.plain` model the one site is sampled from the
-    distribution directly. Otherwise ``u`` is an auxiliary site and each site
-    a ``Delta`` at its constrained value with ``log_density = -log|J|``, so
-    the guide's log-density is :math:`\\log q(u) - \\log|J| = \\log q(z)`.
-    ``distribution(rows)`` gives the distribution of some datapoints.
-    """
-
-    def __init__(self, latent: Latent, distribution: Callable[[torch.Tensor], torch.distributions.Distribution], index: torch.Tensor | None = None) -> None:
-        self.latent, self._distribution = latent, distribution
-        self.index = index if index is not None else torch.arange(latent.num_points)
-
-    def select(self, rows: slice | torch.Tensor) -> LatentGuide:
-        """The guide of the datapoints ``rows`` only (as :func:`~ppl_vae.inference.bounds.importance_bounds` chunks)."""
-        return LatentGuide(self.latent, self._distribution, self.index[rows])
-
-    def __call__(self, x: torch.Tensor, *args: torch.Tensor) -> None:
-        if len(self.index) != x.shape[0]:
-            raise ConfigError(f"this guide covers {len(self.index)} datapoints, it got {x.shape[0]}")
-        q = self._distribution(self.index)
-        with pyro.plate("data", x.shape[0]):
-            if self.latent.plain:
-                pyro.sample(self.latent.sites[0].name, q)
-                return
-            u = pyro.sample(AUX_SITE, q, infer={"is_auxiliary": True})
-            values, ladj = self.latent.constrain(u)
-            for s in self.latent.sites:
-                pyro.sample(s.name, dist.Delta(values[s.name], log_density=-ladj[s.name], event_dim=len(s.shape)))
-
-
-def moment_matched(u: torch.Tensor, jitter: float = 1e-6) -> dist.MultivariateNormal:
-    """The Gaussian with the mean and covariance of draws ``u`` ``[S, N, K]`` (float64 sums, in chunks)."""
-    s = u.shape[0]
-    if s < 2:
-        raise ConfigError("moment matching needs at least 2 draws")
-    total = u.new_zeros(u.shape[1:], dtype=torch.float64)
-    second = u.new_zeros((*u.shape[1:], u.shape[-1]), dtype=torch.float64)
-    for k in range(0, s, 100):
-        d = u[k : k + 100].double()
-        total += d.sum(0)
-        second += torch.einsum("snd,sne->nde", d, d)
-    loc = total / s
-    cov = (second - s * loc.unsqueeze(-1) * loc.unsqueeze(-2)) / (s - 1)
-    eye = torch.eye(u.shape[-1], dtype=cov.dtype, device=cov.device)
-    tril = torch.linalg.cholesky(cov + jitter * eye)
-    return dist.MultivariateNormal(loc.to(u.dtype), scale_tril=tril.to(u.dtype))
 
 
 def _gaussian_part(fn: torch.distributions.Distribution, site: LatentSite, n: int) -> tuple[torch.Tensor, torch.Tensor, bool] | str:

@@ -40,10 +40,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import io
-from ..errors import CheckpointError, ConfigError, DataError, Interrupted, NonFiniteError, RunDirectoryError, TrainingDiverged
-from .elbo import evaluate_elbo, traces
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Interrupted,
+    NonFiniteError,
+    RunDirectoryError,
+    TrainingDiverged,
+)
+from .elbo import evaluate_elbo
 from .estimators import Estimator, get_estimator, is_latent
 from .params import Discovered, discover
+from .traces import traces
 
 __all__ = ["fit", "FitResult", "as_tensors", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
 

@@ -39,21 +39,10 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..distributions import gaussian_from_params
 from ..errors import ConfigError
-from ..guides import gaussian_from_params
-from ..inference import log_weights
 
-__all__ = [
-    "HIDDEN",
-    "visible_mask",
-    "mask_quadrants",
-    "baseline_model",
-    "empty_guide",
-    "so_cvae",
-    "so_cvae_guide",
-    "conditional_nll",
-    "predict",
-]
+__all__ = ["HIDDEN", "visible_mask", "mask_quadrants", "baseline_model", "empty_guide", "so_cvae", "so_cvae_guide"]
 
 HIDDEN = -1.0
 
@@ -145,41 +134,3 @@ def so_cvae_guide(recognition_net: nn.Module) -> Callable[..., None]:
     return guide
 
 
-@torch.no_grad()
-def conditional_nll(
-    model: Callable[..., None],
-    guide: Callable[..., None],
-    x_in: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    num_samples: int = 100,
-    batch_size: int = 500,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Importance-sampled :math:`-\\log p(y_{\\text{hidden}} \\mid x)` and the negative ELBO, per row (``[N]`` each, nats).
-
-    With ``num_samples`` proposals from ``guide``; for a model without latent
-    variables (the baseline, :func:`empty_guide`) both are exact and equal.
-    """
-    if num_samples < 1:
-        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
-    pyro.set_rng_seed(seed)
-    nll, nelbo = [], []
-    for i in range(0, x_in.shape[0], batch_size):
-        xb, yb = x_in[i : i + batch_size], y[i : i + batch_size]
-        lw = torch.stack([log_weights(model, guide, xb, yb) for _ in range(num_samples)])
-        nll.append(-(torch.logsumexp(lw, 0) - math.log(num_samples)))
-        nelbo.append(-lw.mean(0))
-    return torch.cat(nll), torch.cat(nelbo)
-
-
-@torch.no_grad()
-def predict(model: Callable[..., None], x_in: torch.Tensor, *, num_samples: int = 1, seed: int = 0) -> torch.Tensor:
-    """Completed images ``[num_samples, N, D]``: visible pixels kept, hidden ones drawn from the model (prior for ``z``)."""
-    pyro.set_rng_seed(seed)
-    hidden = x_in == HIDDEN
-    out = []
-    for _ in range(num_samples):
-        tr = pyro.poutine.trace(model).get_trace(x_in)
-        out.append(torch.where(hidden, tr.nodes["y"]["fn"].mean, x_in))
-    return torch.stack(out)

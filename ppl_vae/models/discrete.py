@@ -24,7 +24,7 @@ et al. (2016), Deep Unsupervised Clustering with Gaussian Mixture VAEs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -32,9 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..nn import MLP
 
-__all__ = ["bernoulli_vae", "categorical_vae", "gmm_vae", "GaussianMixturePrior", "discrete_vae", "DISCRETE_MODELS"]
+__all__ = ["bernoulli_vae", "categorical_vae", "gmm_vae", "GaussianMixturePrior", "DISCRETE_MODELS", "Model"]
 
 Model = Callable[..., None]
 DISCRETE_MODELS = ("bernoulli-vae", "categorical-vae")
@@ -134,27 +133,4 @@ def gmm_vae(decoder: nn.Module, likelihood: nn.Module, prior: GaussianMixturePri
 
     return model
 
-
-def discrete_vae(
-    kind: str, data_dim: int, latent_dim: int, hidden: Sequence[int], likelihood: nn.Module, *, num_classes: int = 10
-) -> tuple[Model, Callable[..., None], nn.Module, nn.Module]:
-    """``(model, guide, decoder, mean_encoder)`` of a ``bernoulli-vae`` or ``categorical-vae`` with MLPs.
-
-    ``hidden=()`` gives linear maps (784-200-784 is ``latent_dim=200``).
-    For ``categorical-vae`` ``latent_dim`` counts the categorical variables,
-    of ``num_classes`` classes each. ``mean_encoder`` maps ``x`` to the
-    guide's mean of ``z`` (probabilities, flattened).
-    """
-    from ..guides.discrete import bernoulli_guide, categorical_guide
-
-    width = latent_dim if kind == "bernoulli-vae" else latent_dim * num_classes
-    encoder = MLP(data_dim, list(hidden), width)
-    decoder = MLP(width, list(hidden)[::-1], data_dim)
-    if kind == "bernoulli-vae":
-        return bernoulli_vae(decoder, likelihood, latent_dim), bernoulli_guide(encoder), decoder, nn.Sequential(encoder, nn.Sigmoid())
-    if kind == "categorical-vae":
-        means = nn.Sequential(encoder, nn.Unflatten(-1, (latent_dim, num_classes)), nn.Softmax(-1), nn.Flatten(-2))
-        model = categorical_vae(decoder, likelihood, latent_dim, num_classes)
-        return model, categorical_guide(encoder, latent_dim, num_classes), decoder, means
-    raise ConfigError(f"unknown discrete model {kind!r}; choose one of {', '.join(DISCRETE_MODELS)}")
 

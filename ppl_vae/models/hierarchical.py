@@ -23,8 +23,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..distributions import gaussian_from_params
 from ..errors import ConfigError
-from ..guides import gaussian_from_params
 
 __all__ = ["hierarchical_vae", "hierarchical_guide", "TopEncoder", "TopDecoder"]
 

@@ -43,8 +43,8 @@ from pyro import poutine
 from torch import nn
 from torch.nn import functional as F
 
+from ..distributions import gaussian_from_params
 from ..errors import ConfigError
-from ..guides import gaussian_from_params
 
 __all__ = ["m2", "m2_guide", "classify", "concat_broadcast", "UNLABELLED"]
 

@@ -23,7 +23,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .vae import _check_latent_dim
+from .vae import check_latent_dim
 
 __all__ = ["PPCA"]
 
@@ -41,7 +41,7 @@ class PPCA(nn.Module):
 
     def __init__(self, data_dim: int, latent_dim: int, sigma: float = 1.0) -> None:
         super().__init__()
-        _check_latent_dim(latent_dim)
+        check_latent_dim(latent_dim)
         self.data_dim, self.latent_dim = data_dim, latent_dim
         self.W = nn.Parameter(torch.randn(data_dim, latent_dim) / math.sqrt(latent_dim))
         self.mu = nn.Parameter(torch.zeros(data_dim))

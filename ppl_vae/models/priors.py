@@ -33,8 +33,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..distributions import gaussian_from_params
 from ..errors import ConfigError
-from ..guides import gaussian_from_params
 
 __all__ = ["VampPrior", "vae_with_prior"]
 

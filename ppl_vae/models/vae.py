@@ -14,16 +14,16 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from torch import nn
-from torch.nn import functional as F
 
+from ..distributions import one_hot
 from ..errors import ConfigError
 
-__all__ = ["vae", "cvae", "autoencoder", "one_hot", "decode_prior"]
+__all__ = ["vae", "cvae", "autoencoder", "decode_prior", "Model"]
 
 Model = Callable[..., None]
 
 
-def _check_latent_dim(latent_dim: int) -> None:
+def check_latent_dim(latent_dim: int) -> None:
     if not isinstance(latent_dim, int) or latent_dim <= 0:
         raise ConfigError(f"latent dimension must be a positive integer, got {latent_dim!r}")
 
@@ -48,7 +48,7 @@ def vae(decoder: nn.Module, likelihood: nn.Module, latent_dim: int) -> Model:
     ----------
     Kingma & Welling (2014), Auto-Encoding Variational Bayes.
     """
-    _check_latent_dim(latent_dim)
+    check_latent_dim(latent_dim)
 
     def model(x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
@@ -57,11 +57,6 @@ def vae(decoder: nn.Module, likelihood: nn.Module, latent_dim: int) -> Model:
             pyro.sample("x", likelihood(decoder(z)), obs=x)
 
     return model
-
-
-def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Float one-hot encoding of integer labels."""
-    return F.one_hot(y.long(), num_classes).to(torch.get_default_dtype())
 
 
 def cvae(decoder: nn.Module, likelihood: nn.Module, latent_dim: int, num_classes: int) -> Model:
@@ -76,7 +71,7 @@ def cvae(decoder: nn.Module, likelihood: nn.Module, latent_dim: int, num_classes
     Sohn, Lee & Yan (2015), Learning Structured Output Representation using
     Deep Conditional Generative Models.
     """
-    _check_latent_dim(latent_dim)
+    check_latent_dim(latent_dim)
 
     def model(x: torch.Tensor, y: torch.Tensor) -> None:
         with pyro.plate("data", y.shape[0]):
@@ -96,7 +91,7 @@ def autoencoder(decoder: nn.Module, likelihood: nn.Module, latent_dim: int) -> M
     negative reconstruction loss. It is *not* a bound on :math:`\log p(x)`.
     A denoising autoencoder is the same model with a corrupting guide.
     """
-    _check_latent_dim(latent_dim)
+    check_latent_dim(latent_dim)
 
     def model(x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]):

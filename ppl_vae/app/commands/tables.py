@@ -12,38 +12,42 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
 
-from . import io
-from .data import load
-from .errors import ConfigError, DataError
-from .inference import fit
-from .nn import MLP, GaussianEncoder
+from ... import io
+from ...data import load
+from ...distributions import get_likelihood
+from ...errors import ConfigError, DataError
+from ...inference.gaps.bounds import importance_bounds
+from ...inference.random import seeded
+from ...inference.svi import fit
+from ...models.cvae_so import (
+    HIDDEN,
+    baseline_model,
+    empty_guide,
+    mask_quadrants,
+    so_cvae,
+    so_cvae_guide,
+    visible_mask,
+)
+from ...models.m2 import classify, m2, m2_guide
+from ...nn import MLP, GaussianEncoder
+from ..figures.run import image_grid
+from ..runs import prepare_run_dir, releasing
 
-if TYPE_CHECKING:
-    from .experiment import Built, Config
+__all__ = ["TUTORIAL_NLL", "M2_REFERENCES", "TableResult", "cvae_quadrants", "m2_semisupervised", "quadrant_table", "m2_table"]
 
-__all__ = [
-    "FAMILY_MODELS",
-    "TUTORIAL_NLL",
-    "M2_REFERENCES",
-    "TableResult",
-    "build_family",
-    "cvae_quadrants",
-    "m2_semisupervised",
-]
-
-FAMILY_MODELS = ("hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae")
-MIXTURE_COMPONENTS, PSEUDO_INPUTS, SPARSE_L1 = 10, 50, 0.1
-VQ_LATENTS, VQ_CODES = 8, 64
 
 #: Pyro's CVAE tutorial, test negative ELBO per image: {visible quadrants: (baseline, CVAE)}.
 TUTORIAL_NLL = {1: (100.4, 71.8), 2: (61.9, 51.0), 3: (25.4, 24.2)}
@@ -91,7 +95,7 @@ def _save(fig: Any, path: Path) -> Path:
 # --- structured-output CVAE ------------------------------------------------------
 
 
-@io.releasing
+@releasing
 def cvae_quadrants(
     out: str | Path,
     *,
@@ -117,8 +121,6 @@ def cvae_quadrants(
     of the test split (all by default). Writes ``results.csv``,
     ``results.json``, ``table.md`` and ``completions_q{n}.png`` into ``out``.
     """
-    from . import plotting
-    from .models.cvae_so import baseline_model, conditional_nll, empty_guide, mask_quadrants, predict, so_cvae, so_cvae_guide, visible_mask
 
     for q in quadrants:
         visible_mask(q)
@@ -127,7 +129,7 @@ def cvae_quadrants(
     _positive(**{k: v for k, v in (("train_limit", train_limit), ("test_limit", test_limit)) if v is not None})
     train_all = load("binarized-mnist", "train", data_dir=data_dir)
     test_all = load("binarized-mnist", "test", data_dir=data_dir)
-    out = io.prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, force=force)
     xtr = train_all.x[_seeded_subset(len(train_all), train_limit, seed)]
     xte = test_all.x[_seeded_subset(len(test_all), test_limit, seed + 1)]
     d, h1, h2 = xtr.shape[1], *hidden
@@ -146,8 +148,9 @@ def cvae_quadrants(
         model, guide = so_cvae(prior_net, generation, baseline=base), so_cvae_guide(recognition)
         fit(model, guide, (xin, xtr), **opts)
         train_s = time.perf_counter() - t0
-        b_nll, _ = conditional_nll(baseline_model(base), empty_guide, xin_te, xte, num_samples=1, seed=seed)
-        c_nll, c_nelbo = conditional_nll(model, guide, xin_te, xte, num_samples=num_samples, seed=seed)
+        b_nll = -importance_bounds(baseline_model(base), empty_guide, xin_te, xte, num_samples=1, batch_size=500, seed=seed).iwae
+        c = importance_bounds(model, guide, xin_te, xte, num_samples=num_samples, batch_size=500, seed=seed)
+        c_nll, c_nelbo = -c.iwae, -c.elbo
         se = lambda v: (v.std() / math.sqrt(len(v))).item()  # noqa: E731
         rows.append({
             "visible_quadrants": q, "baseline_nll": b_nll.mean().item(), "baseline_nll_se": se(b_nll),
@@ -160,7 +163,7 @@ def cvae_quadrants(
             xin_te[:n].clamp(min=0) + 0.5 * (xin_te[:n] == -1), xte[:n], predict(baseline_model(base), xin_te[:n])[0],
             predict(model, xin_te[:n], num_samples=3, seed=seed).reshape(-1, d),
         ])
-        fig = plotting.image_grid(shown, (1, 28, 28), n, f"{q} visible: input|truth|baseline|3 CVAE")
+        fig = image_grid(shown, (1, 28, 28), n, f"{q} visible: input|truth|baseline|3 CVAE")
         _save(fig, out / f"completions_q{q}.png")
     io.write_csv(out / "results.csv", rows)
     io.write_json(out / "results.json", rows)
@@ -197,7 +200,7 @@ def _balanced_labels(y: torch.Tensor, num_labels: int, num_classes: int, gen: to
     return torch.cat(picks)
 
 
-@io.releasing
+@releasing
 def m2_semisupervised(
     out: str | Path,
     *,
@@ -226,9 +229,6 @@ def m2_semisupervised(
     draw. Also reported: the same classifier trained on the labelled rows
     alone. Writes ``results.csv``, ``results.json``, ``table.md``.
     """
-    from .models import get_likelihood
-    from .models.m2 import classify, m2, m2_guide
-    from .models.cvae_so import empty_guide
 
     if any(n < 10 or n % 10 for n in labels):
         raise ConfigError(f"label budgets must be positive multiples of 10 (equal labels per class), got {list(labels)}")
@@ -240,7 +240,7 @@ def m2_semisupervised(
     assert ds.y is not None
     if not 0 < num_test < len(ds) - max(labels):
         raise ConfigError(f"num_test must leave room for the labels (have {len(ds)} rows)")
-    out = io.prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, force=force)
     perm = _seeded_subset(len(ds), None, seed)
     test_idx, train_idx = perm[:num_test], perm[num_test:]
     xtr, ytr, xte, yte = ds.x[train_idx], ds.y[train_idx], ds.x[test_idx], ds.y[test_idx]
@@ -281,8 +281,6 @@ def m2_semisupervised(
 
 def _supervised(classifier: nn.Module) -> Any:
     """The classifier alone as a Pyro model ``(x, y)``: the supervised-only reference."""
-    import pyro
-    import pyro.distributions as dist
 
     def model(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         with pyro.plate("data", x.shape[0]):
@@ -315,71 +313,25 @@ def m2_table(rows: Sequence[dict[str, Any]]) -> str:
 # --- ``ppl-vae fit --model`` builders ------------------------------------------------
 
 
-def build_family(cfg: Config, data_dim: int) -> Built:
-    """Networks, model and guide of a :data:`FAMILY_MODELS` config (MLP networks).
+def command(args: argparse.Namespace) -> int:
 
-    ``Built.encoder`` / ``Built.decoder`` are the views the pictures use: the
-    top latent of the hierarchical VAE, the quantised decoder of the VQ-VAE.
-    ``Built.extra["sample_prior"](n, generator)`` draws decoded samples from
-    the model's own prior.
-    """
-    from .experiment import Built
-    from .guides import amortized_guide, delta_guide
-    from .models import get_likelihood
-    from .models.autoencoders import sparse_autoencoder
-    from .models.hierarchical import TopDecoder, TopEncoder, hierarchical_guide, hierarchical_vae
-    from .models import GaussianMixturePrior
-    from .models.priors import VampPrior, vae_with_prior
-    from .models.vqvae import Codebook, CodePrior, QuantizedDecoder, vqvae
-
-    if cfg.arch != "mlp":
-        raise ConfigError(f"--arch {cfg.arch} is not available for {cfg.model}")
-    if cfg.model in ("vqvae", "sparse-ae") and cfg.estimator != "reparam":
-        raise ConfigError(f"{cfg.model} has a point-estimate encoder: only --estimator reparam applies")
-    if cfg.model == "hvae" and cfg.estimator.split(":")[0] == "analytic-kl":
-        raise ConfigError("hvae's guide q(z2 | z1) is not mean-field: --estimator analytic-kl would optimise the wrong objective")
-    torch.manual_seed(cfg.seed)
-    d, hidden = cfg.latent_dim, list(cfg.hidden)
-    likelihood = get_likelihood(cfg.likelihood, dim=data_dim)
-    body = MLP(data_dim, hidden[:-1], hidden[-1])
-    extra: dict[str, Any] = {}
-
-    def decoded(dec: nn.Module, draw: Any) -> Any:
-        return lambda n, generator=None: likelihood.mean(dec(draw(n, generator))).detach()
-
-    if cfg.model == "hvae":
-        d1 = 2 * d
-        enc1, enc2 = GaussianEncoder(body, hidden[-1], d1), GaussianEncoder(MLP(d1, [], hidden[-1]), hidden[-1], d)
-        dec1, dec2 = MLP(d1, hidden[::-1], data_dim), GaussianEncoder(MLP(d, [], hidden[-1]), hidden[-1], d1)
-        model, guide = hierarchical_vae(dec1, dec2, likelihood, d), hierarchical_guide(enc1, enc2)
-        return Built(cfg, model, guide, TopDecoder(dec1, dec2), TopEncoder(enc1, enc2), likelihood)
-    if cfg.model in ("mog-vae", "vampprior"):
-        encoder = GaussianEncoder(body, hidden[-1], d, cfg.guide)
-        decoder = MLP(d, hidden[::-1], data_dim)
-        if cfg.model == "mog-vae":
-            prior: Any = GaussianMixturePrior(MIXTURE_COMPONENTS, d).marginal
-        else:
-            prior = VampPrior(encoder, torch.rand(PSEUDO_INPUTS, data_dim, generator=torch.Generator().manual_seed(cfg.seed)))
-        extra["sample_prior"] = decoded(decoder, lambda n, g: _sample_with(prior().sample, (n,), g))
-        return Built(cfg, vae_with_prior(decoder, likelihood, prior), amortized_guide(encoder), decoder, encoder, likelihood, extra=extra)
-    if cfg.model == "vqvae":
-        codebook, code_prior = Codebook(VQ_CODES, d, seed=cfg.seed), CodePrior(VQ_LATENTS, VQ_CODES)
-        encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], VQ_LATENTS * d))
-        decoder = MLP(VQ_LATENTS * d, hidden[::-1], data_dim)
-        model = vqvae(decoder, likelihood, codebook, code_prior, VQ_LATENTS)
-        extra["sample_prior"] = decoded(decoder, lambda n, g: codebook.embedding[code_prior.sample_codes(n, generator=g)].flatten(-2))
-        extra["codebook"], extra["code_prior"] = codebook, code_prior
-        return Built(cfg, model, delta_guide(encoder), QuantizedDecoder(codebook, decoder), encoder, likelihood, extra=extra)
-    if cfg.model == "sparse-ae":
-        encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
-        decoder = MLP(d, hidden[::-1], data_dim)
-        return Built(cfg, sparse_autoencoder(decoder, likelihood, d, l1=SPARSE_L1), delta_guide(encoder), decoder, encoder, likelihood)
-    raise ConfigError(f"unknown model {cfg.model!r}")
+    common = dict(data_dir=args.data_dir, epochs=args.epochs, seed=args.seed, force=args.force, progress=not args.no_progress)
+    if args.command == "m2":
+        result = m2_semisupervised(args.out, labels=args.labels, draws=args.draws, alpha=args.alpha, **common)
+    else:
+        result = cvae_quadrants(args.out, quadrants=args.quadrants, train_limit=args.train_limit, test_limit=args.test_limit, num_samples=args.samples, **common)
+    print((Path(result.out) / "table.md").read_text(), end="")
+    print(f"wrote {result.out}/")
+    return 0
 
 
-def _sample_with(sample: Any, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    """``sample(shape)`` under a torch RNG seeded from ``generator`` (distributions take no generator)."""
-    with torch.random.fork_rng():
-        if generator is not None:
-            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
-        return sample(shape).detach()
+@torch.no_grad()
+def predict(model: Callable[..., None], x_in: torch.Tensor, *, num_samples: int = 1, seed: int = 0) -> torch.Tensor:
+    """Completed images ``[num_samples, N, D]``: visible pixels kept, hidden ones drawn from the model (prior for ``z``)."""
+    hidden = x_in == HIDDEN
+    out = []
+    with seeded(seed):
+        for _ in range(num_samples):
+            tr = pyro.poutine.trace(model).get_trace(x_in)
+            out.append(torch.where(hidden, tr.nodes["y"]["fn"].mean, x_in))
+    return torch.stack(out)

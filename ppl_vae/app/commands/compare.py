@@ -12,19 +12,25 @@ Every input is checked before anything is written; files are written atomically.
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import io
-from .errors import ConfigError
-from .inference.compare import Comparison, compare, vi_draws_amortized
-from .inference.compare import vi_draws as guide_draws
-from .inference.latent import guide_in_latent_space, latent_of
-from .inference.local import family_of, optimize_local
-from .inference.mcmc import Draws, hmc_latent
+from ... import io
+from ...errors import ConfigError
+from ...guides.local import family_of
+from ...inference.gaps.local import optimize_local
+from ...inference.latent import guide_in_latent_space, latent_of
+from ...inference.mcmc.compare import Comparison, compare
+from ...inference.mcmc.draws import Draws
+from ...inference.mcmc.hmc import hmc_latent
+from ...inference.mcmc.vi import vi_draws as guide_draws
+from ...inference.mcmc.vi import vi_draws_amortized
+from ..figures.compare import comparison_figures
+from ..runs import load_run, prepare_run_dir, releasing
 
 __all__ = ["GUIDES", "compare_run", "compare_points", "demo_comparison", "pick_points"]
 
@@ -91,14 +97,13 @@ def _write(out: Path, mcmc: Draws, vi: Draws, comparison: Comparison, info: dict
     table = mcmc.diagnostics().reset_index(names="element")
     paths.append(io.write_csv(out / "mcmc_diagnostics.csv", table.to_dict(orient="records")))
     if figures:
-        from .plotting import comparison_figures
 
         paths += comparison_figures(mcmc, vi, comparison, out)
     paths.append(io.write_json(out / SUMMARY, info))
     return paths
 
 
-@io.releasing
+@releasing
 def compare_run(
     run_dir: str | Path,
     out: str | Path,
@@ -121,7 +126,6 @@ def compare_run(
     Returns the content of ``compare.json`` (options, indices, wall times,
     divergences and :meth:`Comparison.summary`).
     """
-    from .experiment import load_run
 
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
     built, splits = load_run(run_dir)
@@ -134,7 +138,7 @@ def compare_run(
         latent_of(built.model, *(t[picked[:2]] for t in tensors), guide=built.guide, analysis="VI-vs-MCMC comparison")
     except ConfigError as exc:
         raise ConfigError(f"{run_dir} ({built.config.model}): {exc}") from None
-    out = io.prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, force=force)
     args = tuple(t[picked] for t in tensors)
     t0 = time.perf_counter()
     mcmc, vi, comparison = compare_points(built, args, guide=guide, draws=draws, chains=chains, warmup=warmup, vi_draws=vi_draws, seed=seed, progress=progress)
@@ -147,7 +151,7 @@ def compare_run(
     return info
 
 
-@io.releasing
+@releasing
 def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: int = 0, *, num_points: int = 4) -> dict[str, Any]:
     """VI vs batched HMC on ``num_points`` test datapoints of the demo run, written to ``out/compare/``.
 
@@ -158,7 +162,7 @@ def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: i
     picked = pick_points(len(data), num_points=min(num_points, len(data)), seed=seed)
     args = tuple(t[picked] for t in data.tensors(with_labels=built.conditional))
     target = Path(out) / "compare"
-    io.prepare_run_dir(target, force=True)  # the demo owns its run directory: its compare folder is replaced
+    prepare_run_dir(target, force=True)  # the demo owns its run directory: its compare folder is replaced
     t0 = time.perf_counter()
     mcmc, vi, comparison = compare_points(built, args, draws=300, warmup=300, chains=4, seed=seed)
     info = {
@@ -168,3 +172,23 @@ def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: i
     }
     _write(target, mcmc, vi, comparison, info, figures=True)
     return info
+
+
+def command(args: argparse.Namespace) -> int:
+
+    info = compare_run(
+        args.run, args.out, num_points=args.num_points, indices=list(args.indices) if args.indices is not None else None,
+        split=args.split, guide=args.guide, draws=args.draws, chains=args.chains, warmup=args.warmup, vi_draws=args.vi_draws,
+        seed=args.seed, force=args.force, progress=not args.no_progress,
+    )
+    s = info["summary"]
+    print(
+        f"{len(info['indices'])} datapoints, {info['chains']} chains x {info['draws']} draws: MCMC {info['mcmc_wall_time_s']:.1f} s, "
+        f"max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, {info['divergences']} divergent transitions"
+    )
+    print(
+        f"VI ({info['guide']}) vs MCMC: max |mean error| {s['max_abs_std_mean_error']:.2f} sd, sd ratio {s['min_sd_ratio']:.2f}..{s['max_sd_ratio']:.2f}, "
+        f"90% coverage {s['mean_coverage_90']:.2f}, max Pareto k {s['max_pareto_k']:.2f}, {s['num_flagged_dims']:.0f} flagged dims"
+    )
+    print(f"wrote {args.out}/: comparison.csv comparison.json mcmc_diagnostics.csv compare.json vi_mcmc_pairs.png vi_mcmc_marginals.png vi_mcmc_errors.png")
+    return 0

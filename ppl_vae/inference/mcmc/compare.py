@@ -52,199 +52,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro
 import torch
-from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 
-from .. import io
-from ..errors import ConfigError
+from ... import io
+from ...errors import ConfigError
 from . import azcompat
-from .bounds import seeded
-from .elbo import log_weights_of, trace_nesting, traces
-from .latent import Latent, latent_of, log_joint
-from .mcmc import Draws, _latent_sites, _sum_but_first
+from .draws import Draws
 
-__all__ = [
-    "Comparison",
-    "AUTOGUIDES",
-    "compare",
-    "vi_draws",
-    "vi_draws_latent",
-    "vi_draws_amortized",
-    "vi_draws_autoguide",
-    "FLAG_THRESHOLDS",
-]
+__all__ = ["Comparison", "compare", "FLAG_THRESHOLDS"]
 
-#: autoguide family name -> class name in ``pyro.infer.autoguide``
-AUTOGUIDES = {"normal": "AutoNormal", "mvn": "AutoMultivariateNormal", "iaf": "AutoIAFNormal"}
 
 #: a dimension (datapoint) is flagged when any of these is exceeded
 FLAG_THRESHOLDS = {"abs_std_mean_error": 0.3, "abs_log_sd_ratio": math.log(1.25), "coverage_90_below": 0.8, "pareto_k": 0.7}
 
 
 # --------------------------------------------------------------------------- VI draws
-
-
-def vi_draws(
-    model: Callable[..., object],
-    guide: Callable[..., object],
-    *args: torch.Tensor,
-    num_samples: int = 1000,
-    seed: int = 0,
-    method: str = "vi",
-) -> Draws:
-    r"""Draws of a per-datapoint guide for every row of ``args``, with their importance log-weights.
-
-    Every latent site of the model is drawn (vectorised, ``num_samples`` per
-    datapoint); ``sample_stats["log_weight"]`` holds
-    :math:`\log p(x_n, z) - \log q(z \mid x_n)` per draw and datapoint.
-    Output layout as :func:`~ppl_vae.inference.mcmc.hmc_latent`:
-    ``samples[site]`` ``[1, S, N, *event]``.
-    """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"number of VI draws must be a positive integer, got {num_samples!r}")
-    latent = latent_of(model, *args, guide=guide, analysis="VI draws")
-    n = latent.num_points
-    with torch.no_grad(), seeded(seed):
-        model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples)
-        lw = log_weights_of(model_tr, guide_tr)
-    samples = {s.name: model_tr.nodes[s.name]["value"].reshape(1, num_samples, n, *s.shape).cpu().numpy() for s in latent.sites}
-    dims, coords = _layout(latent)
-    return Draws(samples, {"log_weight": lw.reshape(1, num_samples, n).cpu().numpy()}, dims, coords, method)
-
-
-def vi_draws_latent(
-    model: Callable[..., object],
-    q: torch.distributions.Distribution,
-    *args: torch.Tensor,
-    num_samples: int = 1000,
-    seed: int = 0,
-    method: str = "vi",
-) -> Draws:
-    r"""Draws from ``q`` over the model's joint latent (batch ``[N]``, event ``[K]``), as :func:`vi_draws`.
-
-    ``q`` is a batch of distributions over the unconstrained joint latent
-    (:class:`~ppl_vae.inference.latent.Latent`), e.g. a local :math:`q^*`'s
-    ``distribution()``; for a model with one real-valued latent site with a
-    1-d event, that site itself.
-    """
-    latent = latent_of(model, *args, analysis="VI draws")
-    if tuple(q.batch_shape) != (latent.num_points,) or tuple(q.event_shape) != (latent.dim,):
-        raise ConfigError(
-            f"q must have batch shape ({latent.num_points},) and event shape ({latent.dim},) (the joint latent {latent.describe()}), "
-            f"got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
-        )
-    with torch.no_grad(), seeded(seed):
-        u = q.sample((num_samples,))  # [S, N, K]
-        lw = log_joint(model, latent, *args)(u) - q.log_prob(u)
-        values, _ = latent.constrain(u)
-    samples = {name: v[None].cpu().numpy() for name, v in values.items()}
-    dims, coords = _layout(latent)
-    return Draws(samples, {"log_weight": lw[None].cpu().numpy()}, dims, coords, method)
-
-
-def _layout(latent: Latent) -> tuple[dict[str, list[str]], dict[str, list[Any]]]:
-    """ArviZ dims and coords of per-datapoint draws of every latent site (``point`` first)."""
-    dims: dict[str, list[str]] = {"log_weight": ["point"]}
-    coords: dict[str, list[Any]] = {"point": list(range(latent.num_points))}
-    for s in latent.sites:
-        names = [f"{s.name}_dim_{i}" for i in range(len(s.shape))]
-        dims[s.name] = ["point", *names]
-        coords |= {nm: list(range(e)) for nm, e in zip(names, s.shape)}
-    return dims, coords
-
-
-def vi_draws_amortized(
-    model: Callable[..., object],
-    guide: Callable[..., object],
-    *args: torch.Tensor,
-    num_samples: int = 1000,
-    seed: int = 0,
-) -> Draws:
-    r"""Draws of the amortised guide's :math:`q(z \mid x_n)` for every row of ``args`` (see :func:`vi_draws`)."""
-    return vi_draws(model, guide, *args, num_samples=num_samples, seed=seed, method="vi-amortized")
-
-
-def _autoguide(model: Callable[..., object], family: str, options: dict[str, Any]) -> Any:
-    from pyro.infer import autoguide
-
-    if family not in AUTOGUIDES:
-        raise ConfigError(f"unknown autoguide family {family!r}; choose one of {', '.join(AUTOGUIDES)}")
-    return getattr(autoguide, AUTOGUIDES[family])(model, **options)
-
-
-def vi_draws_autoguide(
-    model: Callable[..., object],
-    *args: Any,
-    family: str = "normal",
-    num_steps: int = 2000,
-    lr: float = 0.01,
-    lr_decay: float = 0.01,
-    num_particles: int = 4,
-    num_samples: int = 1000,
-    seed: int = 0,
-    guide_options: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> Draws:
-    r"""Fit a Pyro autoguide to any model by SVI and draw from it.
-
-    ``family`` is ``"normal"`` (:class:`~pyro.infer.autoguide.AutoNormal`,
-    mean-field), ``"mvn"`` (``AutoMultivariateNormal``) or ``"iaf"``
-    (``AutoIAFNormal``), built with ``guide_options`` (e.g. ``init_scale``). The guide's parameters live in the guide module
-    (``module_local_params``), never in Pyro's global param store; it is
-    trained by ``torch.optim.Adam`` on ``Trace_ELBO`` with ``num_particles``
-    vectorised particles, the learning rate decaying exponentially from ``lr``
-    to ``lr * lr_decay`` over ``num_steps``. Draws are taken under a vectorised particle plate;
-    ``sample_stats["log_weight"]`` (``[1, S]``) holds
-    :math:`\log p(x, z) - \log q(z)` per draw.
-
-    Returns
-    -------
-    Draws
-        ``samples[name]`` ``[1, S, *site_shape]`` for every latent site of the model.
-    """
-    from pyro.infer import Trace_ELBO
-
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"number of VI draws must be a positive integer, got {num_samples!r}")
-    plain, latent = _latent_sites(model, args, kwargs)
-    dim = -(trace_nesting(plain) + 1)
-    with pyro.settings.context(module_local_params=True), seeded(seed):
-        guide = _autoguide(model, family, dict(guide_options or {}))
-        guide(*args, **kwargs)  # creates the parameters
-        opt = torch.optim.Adam(guide.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay ** (1 / max(num_steps, 1)))
-        elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=-dim - 1)
-        for _ in range(num_steps):
-            opt.zero_grad()
-            loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
-            loss.backward()
-            opt.step()
-            sched.step()
-
-        def particles(fn: Callable[..., object]) -> Callable[..., object]:
-            def run(*a: Any, **kw: Any) -> object:
-                with pyro.plate("_particles", num_samples, dim=dim):
-                    return fn(*a, **kw)
-
-            return run
-
-        with torch.no_grad(), poutine.block():
-            guide_tr = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
-            model_tr = poutine.trace(poutine.replay(particles(model), trace=guide_tr)).get_trace(*args, **kwargs)
-            lw = torch.zeros(num_samples)
-            for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
-                tr.compute_log_prob(site_filter=lambda name, s: not site_is_subsample(s))
-                for s in tr.nodes.values():
-                    if s["type"] == "sample" and "log_prob" in s:
-                        lw = lw + sign * _sum_but_first(s["log_prob"], num_samples)
-    samples = {}
-    for name in latent:
-        shape = tuple(plain.nodes[name]["value"].shape)
-        samples[name] = model_tr.nodes[name]["value"].reshape(1, num_samples, *shape).numpy()
-    dims = {name: [f"{name}_dim_{i}" for i in range(v.ndim - 2)] for name, v in samples.items() if v.ndim > 2}
-    return Draws(samples, {"log_weight": lw[None].numpy()}, dims, {}, f"vi-{AUTOGUIDES[family]}")
 
 
 # --------------------------------------------------------------------------- comparison
@@ -254,7 +76,7 @@ def _label(name: str, index: tuple[int, ...]) -> str:
     return name if not index else f"{name}[{','.join(map(str, index))}]"
 
 
-def _matrix(draws: Draws, names: Sequence[str]) -> tuple[np.ndarray, list[str], bool]:
+def draws_matrix(draws: Draws, names: Sequence[str]) -> tuple[np.ndarray, list[str], bool]:
     """``[chain, draw, P, K]``: per-datapoint latents (all variables with a ``point`` dim, concatenated) or all variables as P = 1."""
     per_point = [n for n in names if "point" in draws.dims.get(n, [])]
     if per_point and len(per_point) != len(names):
@@ -411,8 +233,8 @@ def compare(
     missing = [n for n in names if n not in mcmc.samples or n not in vi.samples]
     if not names or missing:
         raise ConfigError(f"no common variables to compare (MCMC: {', '.join(mcmc.samples)}; VI: {', '.join(vi.samples)})")
-    xm, labels, latent = _matrix(mcmc, names)
-    xv, _, _ = _matrix(vi, names)
+    xm, labels, latent = draws_matrix(mcmc, names)
+    xv, _, _ = draws_matrix(vi, names)
     if xm.shape[2:] != xv.shape[2:]:
         raise ConfigError(f"MCMC and VI draws have different shapes: {xm.shape[2:]} vs {xv.shape[2:]}")
     p_count = xm.shape[2]

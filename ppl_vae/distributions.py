@@ -9,14 +9,16 @@ and trains them like any network the model calls.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from ..errors import ConfigError, DataError
+from .errors import ConfigError, DataError
 
-__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS"]
+__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "one_hot"]
 
 
 class Bernoulli(nn.Module):
@@ -125,3 +127,25 @@ def check_support(x: torch.Tensor, likelihood: nn.Module, what: str = "data") ->
         raise DataError(f"{what} has values outside [0, 1] but the likelihood is {name}")
     if support == "open_unit" and not bool(((x > 0) & (x < 1)).all()):
         raise DataError(f"{what} has values outside the open interval (0, 1) but the likelihood is {name}; use continuous-bernoulli")
+
+
+def gaussian_from_params(params: object) -> dist.TorchDistribution:
+    """The Gaussian an encoder's output describes.
+
+    ``(loc, scale)`` with equal shapes gives a diagonal Gaussian;
+    ``(loc, scale_tril)`` with one more dimension a full-covariance one; a
+    distribution is returned unchanged.
+    """
+    if isinstance(params, torch.distributions.Distribution):
+        return params  # type: ignore[return-value]
+    if not (isinstance(params, Sequence) and len(params) == 2):
+        raise TypeError("encoder must return (loc, scale), (loc, scale_tril) or a distribution")
+    loc, second = params
+    if second.dim() == loc.dim() + 1:
+        return dist.MultivariateNormal(loc, scale_tril=second)
+    return dist.Normal(loc, second).to_event(1)
+
+
+def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Float one-hot encoding of integer labels."""
+    return F.one_hot(y.long(), num_classes).to(torch.get_default_dtype())

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from ..errors import ConfigError
-from .elbo import log_weights, plate_nesting, probe
+from ...errors import ConfigError
+from ..random import seeded
+from ..traces import log_weights, plate_nesting, probe
 
-__all__ = ["Bounds", "importance_bounds", "restrict", "seeded", "chunks"]
+__all__ = ["Bounds", "importance_bounds", "restrict", "chunks", "log_mean_exp"]
 
 #: how many decoder outputs (samples x rows x data width) one chunk may hold
 MAX_ELEMENTS = 20_000_000
@@ -53,22 +54,6 @@ class Bounds:
 
     def to_dataframe(self) -> pd.DataFrame:
         return pd.DataFrame({k: getattr(self, k).numpy() for k in ("elbo", "elbo_se", "iwae", "iwae_se")})
-
-
-class seeded:
-    """Context: seed torch's global RNG (used by Pyro) inside, restore the outer stream after."""
-
-    def __init__(self, seed: int | None) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self._fork = torch.random.fork_rng(devices=[])
-        self._fork.__enter__()
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        self._fork.__exit__(*exc)
 
 
 def restrict(guide: Callable[..., object], rows: slice | torch.Tensor) -> Callable[..., object]:

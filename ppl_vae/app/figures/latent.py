@@ -23,23 +23,19 @@ Visualizing Data using t-SNE.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import io
-from .errors import ConfigError
-from .plotting import _plt, image_grid
+from ...errors import ConfigError
+from ..registry import Built
+from .run import image_grid, load_pyplot
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .experiment import Built
-
-__all__ = ["KINDS", "decode", "manifold", "interpolation", "tsne", "ae_vs_vae", "latent_sweep", "traversal", "plot_runs"]
+__all__ = ["KINDS", "decode", "manifold", "interpolation", "tsne", "ae_vs_vae", "latent_sweep", "traversal"]
 
 KINDS = ("manifold", "interpolation", "tsne", "ae-vs-vae", "latent-sweep", "traversal")
 AUTOENCODERS = ("ae", "dae", "sparse-ae")
@@ -87,7 +83,7 @@ def tsne(built: Built, x: torch.Tensor, y: torch.Tensor | None, *, seed: int = 0
     import seaborn as sns
     from sklearn.manifold import TSNE
 
-    plt = _plt()
+    plt = load_pyplot()
     z = built.latent_mean(x).numpy()
     xy = TSNE(2, perplexity=min(30.0, (len(z) - 1) / 3), init="pca", random_state=seed).fit_transform(z) if z.shape[1] > 1 else z.repeat(2, 1)
     df = pd.DataFrame({"t-SNE 1": xy[:, 0], "t-SNE 2": xy[:, 1]})
@@ -112,7 +108,7 @@ def ae_vs_vae(ae: Built, vae: Built, x: torch.Tensor, y: torch.Tensor | None, im
     """Latent means (first two coordinates) and decoded :math:`z \\sim N(0, I)` of an autoencoder and a VAE."""
     import seaborn as sns
 
-    plt = _plt()
+    plt = load_pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(9, 8.5))
     for col, built in enumerate((ae, vae)):
         z = built.latent_mean(x)
@@ -135,7 +131,7 @@ def latent_sweep(runs: Sequence[tuple[Built, dict[str, Any]]], x: torch.Tensor, 
     """Reconstructions of ``x`` per run (rows, sorted by latent dimension) and the test ELBO against the dimension."""
     import seaborn as sns
 
-    plt = _plt()
+    plt = load_pyplot()
     runs = sorted(runs, key=lambda r: r[0].config.latent_dim)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.9 * (len(runs) + 1) + 1.5), gridspec_kw={"width_ratios": [2.2, 1]})
     rows = torch.cat([x] + [b.reconstruct(x) for b, _ in runs])
@@ -168,74 +164,3 @@ def traversal(built: Built, x: torch.Tensor, image_shape: tuple[int, int, int], 
     return image_grid(decode(built, z.reshape(-1, len(z0))), image_shape, steps, f"traversals ({built.config.model}, beta = {beta:g}): one latent per row, {-span:g}..{span:g}")
 
 
-def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None = None, seed: int = 0, force: bool = False) -> Path:
-    """Draw picture ``kind`` of the run directories ``runs``; write a PNG (``RUN/<kind>.png`` by default).
-
-    ``ae-vs-vae`` takes two runs (an ``ae``/``dae``/``sparse-ae`` and a VAE), ``latent-sweep`` two or more,
-    the others one.
-
-    Raises
-    ------
-    ConfigError
-        Unknown kind, wrong number or kind of runs, an existing PNG without ``force``.
-    CheckpointError
-        A run directory without a usable config or checkpoint.
-    """
-    from .experiment import CONFIG, METRICS, load_run, read_config
-
-    if kind not in KINDS:
-        raise ConfigError(f"unknown plot kind {kind!r}; choose one of {', '.join(KINDS)}")
-    want = {"ae-vs-vae": "exactly 2", "latent-sweep": "at least 2"}.get(kind, "exactly 1")
-    n = len(runs)
-    if (want == "exactly 2" and n != 2) or (want == "at least 2" and n < 2) or (want == "exactly 1" and n != 1):
-        raise ConfigError(f"plot --kind {kind} takes {want} --run, got {n}")
-    path = Path(out) if out is not None else Path(runs[0]) / f"{kind}.png"
-    if path.is_dir():
-        raise ConfigError(f"output {path} is a directory; give the path of a .png file")
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"output {path} must be a .png file")
-    if path.exists() and not force:
-        raise ConfigError(f"{path} already exists; pass --force to overwrite it")
-    if n > 1:  # the same test images go through every run: refuse runs of different data before any work
-        data = {}
-        for r in runs:
-            if (Path(r) / CONFIG).is_file():
-                cfg = read_config(Path(r) / CONFIG)
-                data[str(r)] = (cfg.dataset, cfg.binarize)
-        if len(set(data.values())) > 1:
-            listed = ", ".join(f"{r}: {d}{f' ({b})' if b else ''}" for r, (d, b) in data.items())
-            raise ConfigError(f"plot --kind {kind} needs runs on the same dataset, got {listed}")
-    loaded = [load_run(r) for r in runs]
-    if any(b.conditional for b, _ in loaded):
-        raise ConfigError("latent-space pictures need unconditional runs; a cvae's encoder needs labels")
-    built, splits = loaded[0]
-    test = splits["test"]
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-    x, y = test.x[pick], (test.y[pick] if test.y is not None else None)
-    m = min(len(x), 1000)
-    shape = test.image_shape
-    if kind == "manifold":
-        fig = manifold(built, shape)
-    elif kind == "interpolation":
-        fig = interpolation(built, x, shape, seed=seed)
-    elif kind == "tsne":
-        fig = tsne(built, x[:m], y[:m] if y is not None else None, seed=seed)
-    elif kind == "traversal":
-        fig = traversal(built, x, shape)
-    elif kind == "ae-vs-vae":
-        kinds = [b.config.model in AUTOENCODERS for b, _ in loaded]
-        if sum(kinds) != 1 or not all(b.config.model in STANDARD_PRIOR for b, _ in loaded):
-            raise ConfigError("ae-vs-vae needs one autoencoder run (ae, dae, sparse-ae) and one VAE run")
-        ae, vae = (loaded[0][0], loaded[1][0]) if kinds[0] else (loaded[1][0], loaded[0][0])
-        fig = ae_vs_vae(ae, vae, x[:m], y[:m] if y is not None else None, shape, seed=seed)
-    else:
-        metrics = []
-        for r in runs:
-            try:
-                metrics.append(json.loads((Path(r) / METRICS).read_text()))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"{r} has no readable {METRICS} ({type(exc).__name__})") from None
-        fig = latent_sweep([(b, mt) for (b, _), mt in zip(loaded, metrics)], x[:10], shape)
-    saved = io.save_figure(fig, path, dpi=110)
-    _plt().close(fig)
-    return saved

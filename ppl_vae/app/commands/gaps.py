@@ -6,21 +6,29 @@ output folder is created; outputs are written atomically.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import json
-
 import pandas as pd
 import torch
 
-from . import io
-from .errors import ConfigError
-from .inference import GapReport, decompose
-from .inference.ais import check_options as check_ais_options
-from .inference.gaps import GAPS_CSV, GAPS_JSON, check_decomposable
-from .inference.local import check_options as check_local_options
+from ... import io
+from ...errors import ConfigError
+from ...inference.gaps.ais import check_options as check_ais_options
+from ...inference.gaps.decompose import (
+    GAPS_CSV,
+    GAPS_JSON,
+    GapReport,
+    check_decomposable,
+    decompose,
+)
+from ...inference.gaps.local import check_options as check_local_options
+from ..figures.gaps import gap_figure
+from ..runs import load_run, prepare_run_dir, releasing
 
 __all__ = ["gaps_run", "merge_gaps", "load_reports", "table_markdown", "GAPS_PNG", "TABLE_MD"]
 
@@ -52,7 +60,7 @@ def _points(n_split: int, num_points: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_split, generator=g)[:num_points].sort().values
 
 
-@io.releasing
+@releasing
 def gaps_run(
     runs: Sequence[str | Path],
     out: str | Path,
@@ -70,7 +78,6 @@ def gaps_run(
     figures: bool = True,
 ) -> list[GapReport]:
     """Decompose the gaps of each run on the same ``num_points`` random rows of ``split``; write CSV, JSON, table, figure."""
-    from .experiment import load_run
 
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
@@ -96,7 +103,7 @@ def gaps_run(
             raise ConfigError(f"{r} ({built.config.model}): {exc}") from None
     sizes = {len(s[split]) for _, s in loaded}
     idx = _points(min(sizes), num_points, seed)
-    out = io.prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, force=force)
     reports = []
     for (built, splits), name in zip(loaded, names):
         data = tuple(t[idx] for t in splits[split].tensors(with_labels=built.conditional))
@@ -139,11 +146,11 @@ def load_reports(folder: str | Path) -> list[GapReport]:
     return reports
 
 
-@io.releasing
+@releasing
 def merge_gaps(folders: Sequence[str | Path], out: str | Path, *, force: bool = False) -> list[GapReport]:
     """One table and figure from several ``ppl-vae gaps`` folders (e.g. runs analysed in parallel)."""
     reports = [r for f in folders for r in load_reports(f)]
-    out = io.prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, force=force)
     rows = [dict(run=r.name, **row) for r in reports for row in r.to_dataframe().to_dict("records")]
     io.write_csv(out / GAPS_CSV, rows)
     io.write_json(out / GAPS_JSON, {"merged_from": [str(f) for f in folders], "summaries": [r.summary() for r in reports]})
@@ -155,8 +162,43 @@ def merge_gaps(folders: Sequence[str | Path], out: str | Path, *, force: bool = 
 def _figure(reports: Sequence[GapReport], out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from .plotting import gap_figure
 
     fig = gap_figure(reports)
     io.save_figure(fig, out / GAPS_PNG, dpi=120)
     plt.close(fig)
+
+
+def _positive(**options: float) -> None:
+    """One line for an option that must be a positive finite number."""
+    for name, value in options.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
+
+def command(args: argparse.Namespace) -> int:
+
+
+    if args.merge and args.run:
+        raise ConfigError("give either --run (analyse runs) or --merge (combine gaps folders), not both")
+    _positive(local_lr=args.local_lr)  # the counts are checked by gaps_run, before any work
+    for folder in args.merge:
+        try:
+            meta = json.loads((Path(folder) / GAPS_JSON).read_text())
+            ok = (Path(folder) / GAPS_CSV).is_file() and isinstance(meta, dict) and isinstance(meta.get("summaries"), list) and meta["summaries"]
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"--merge {folder} is not the output of ppl-vae gaps (no readable {GAPS_JSON} with summaries and {GAPS_CSV})")
+    if args.merge:
+        reports = merge_gaps(args.merge, args.out, force=args.force)
+        print(table_markdown(reports), end="")
+        print(f"wrote {args.out}/: gaps.csv gaps.json table.md gaps.png")
+        return 0
+    families = [f for f in args.families.split(",") if f.strip()]
+    reports = gaps_run(
+        args.run, args.out, split=args.split, num_points=args.num_points, logpx=args.logpx, num_samples=args.K,
+        elbo_samples=args.elbo_samples, families=families, local_options={"max_steps": args.local_steps, "lr": args.local_lr},
+        ais_options={"num_steps": args.ais_steps, "num_chains": args.ais_chains}, seed=args.seed, force=args.force,
+    )
+    print(table_markdown(reports), end="")
+    print(f"wrote {args.out}/: gaps.csv gaps.json table.md gaps.png")
+    return 0

@@ -28,16 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = [
-    "arviz_version",
-    "diagnostics",
-    "ess",
-    "mcse",
-    "pareto_khat",
-    "posterior_dataset",
-    "rhat",
-    "to_inference_data",
-]
+__all__ = ["arviz_version", "diagnostics", "ess", "mcse", "pareto_khat", "posterior_dataset", "rhat", "to_inference_data"]
 
 #: ArviZ 0.23's import-time notice about the 1.0 refactor (``FutureWarning``; the
 #: message starts with a newline).

@@ -51,8 +51,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,126 +63,21 @@ from pyro.distributions.transforms import biject_to
 from pyro.ops.dual_averaging import DualAveraging
 from pyro.ops.welford import WelfordCovariance
 from pyro.poutine.util import site_is_subsample
+from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from . import azcompat
-from .bounds import seeded
-from .elbo import trace_nesting
-from .latent import latent_draws, latent_of, log_joint
-from .params import discover
+from ...errors import ConfigError
+from ..latent import latent_draws, latent_of, log_joint
+from ..random import seeded
+from ..traces import model_latent_sites, sum_but_first, trace_nesting
+from .draws import Draws, check_counts, freeze_model
 
-__all__ = ["Draws", "hmc_latent", "hmc", "nuts", "nuts_latent", "frozen_parameters"]
+__all__ = ["hmc_latent", "hmc"]
 
 
 # --------------------------------------------------------------------------- results
 
 
-@dataclass(frozen=True)
-class Draws:
-    """Draws of one inference method, in ArviZ's ``(chain, draw, ...)`` layout.
-
-    Attributes
-    ----------
-    samples : dict of str to ndarray
-        Each variable as ``[chain, draw, *shape]``.
-    sample_stats : dict of str to ndarray
-        Per-transition statistics (``diverging``, ``acceptance_rate``,
-        ``n_steps``, ``log_weight`` for VI draws ...), ``[chain, draw, ...]``.
-    dims, coords : dict
-        ArviZ dimension names (beyond ``chain`` and ``draw``) and coordinates.
-    method : str
-        ``"batched-hmc"``, ``"pyro-nuts"``, ``"vi-amortized"`` ...
-    wall_time : float
-        Seconds spent sampling (warmup included).
-    """
-
-    samples: dict[str, np.ndarray]
-    sample_stats: dict[str, np.ndarray] = field(default_factory=dict)
-    dims: dict[str, list[str]] = field(default_factory=dict)
-    coords: dict[str, list[Any]] = field(default_factory=dict)
-    method: str = ""
-    wall_time: float = float("nan")
-
-    @property
-    def num_chains(self) -> int:
-        return next(iter(self.samples.values())).shape[0]
-
-    @property
-    def num_draws(self) -> int:
-        return next(iter(self.samples.values())).shape[1]
-
-    @property
-    def num_divergences(self) -> int:
-        """Divergent post-warmup transitions (0 if the method has none)."""
-        div = self.sample_stats.get("diverging")
-        return 0 if div is None else int(np.asarray(div).sum())
-
-    def to_inference_data(self) -> Any:
-        """The installed ArviZ's container (``InferenceData`` for 0.x, ``DataTree`` for 1.x), via :mod:`.azcompat`."""
-        return azcompat.to_inference_data(
-            self.samples, sample_stats=self.sample_stats, dims=self.dims, coords=self.coords,
-            attrs={"method": self.method, "wall_time_s": self.wall_time},
-        )
-
-    def diagnostics(self) -> Any:
-        """R-hat, bulk and tail ESS and MCSE per scalar element (a DataFrame; labels ``z[0, 1]``)."""
-        return azcompat.diagnostics(self.samples, self.dims, self.coords)
-
-    def to_dataframe(self) -> Any:
-        """Same as :meth:`diagnostics`."""
-        return self.diagnostics()
-
-    def min_ess_per_point(self, method: str = "bulk") -> np.ndarray:
-        """Minimum ESS over every per-datapoint variable's dimensions, one value per ``point``."""
-        per_point = [n for n in self.samples if self.dims.get(n, [None])[0] == "point"]
-        if not per_point:
-            raise ConfigError("these draws have no per-datapoint (point) variables")
-        mins = [azcompat.ess(self.samples[n], method).reshape(self.samples[n].shape[2], -1).min(1) for n in per_point]  # type: ignore[arg-type]
-        return np.min(np.stack(mins), axis=0)
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def frozen_parameters(params: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Switch ``requires_grad`` off for ``params`` inside the block, restore it after."""
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
-def _freeze(model: Callable[..., object], args: tuple[torch.Tensor, ...]) -> contextlib.AbstractContextManager[None]:
-    found = discover(model, lambda *a: None, tuple(a[:1] for a in args))
-    return frozen_parameters(found.params)
-
-
-def _check_counts(num_samples: int, warmup_steps: int, num_chains: int) -> None:
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"number of draws must be a positive integer, got {num_samples!r}")
-    if not isinstance(num_chains, int) or num_chains < 1:
-        raise ConfigError(f"number of chains must be a positive integer, got {num_chains!r}")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ConfigError(f"warmup steps must be a non-negative integer, got {warmup_steps!r}")
-
-
-def _latent_sites(model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
-    with poutine.block(), torch.no_grad():
-        tr = poutine.trace(model).get_trace(*args, **kwargs)
-    latent = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
-    if not latent:
-        raise ConfigError("the model has no latent sample sites: nothing to sample")
-    return tr, latent
-
-
-def _sum_but_first(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum over all dimensions but the leading (chain) one, of size ``n``."""
-    return t.expand(n) if t.dim() == 0 else t.reshape(n, -1).sum(1)
 
 
 # --------------------------------------------------------------------------- targets
@@ -246,7 +141,7 @@ def _latent_target(
 def _model_target(
     model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any], num_chains: int, generator: torch.Generator
 ) -> _Target:
-    plain, latent = _latent_sites(model, args, kwargs)
+    plain, latent = model_latent_sites(model, args, kwargs)
     dim = -(trace_nesting(plain) + 1)
     c = num_chains
 
@@ -277,7 +172,7 @@ def _model_target(
         n = u.shape[0]
         raw = unpack(u[:, 0])
         values = {name: transforms[name](v) for name, v in raw.items()}
-        total = sum(_sum_but_first(transforms[k].log_abs_det_jacobian(raw[k], values[k]), n) for k in latent)
+        total = sum(sum_but_first(transforms[k].log_abs_det_jacobian(raw[k], values[k]), n) for k in latent)
         with poutine.block(), pyro.validation_enabled(False):
             tr = poutine.trace(poutine.condition(vectorized(n), data=values)).get_trace(*args, **kwargs)
             tr.compute_log_prob(site_filter=lambda name, s: not site_is_subsample(s))
@@ -285,7 +180,7 @@ def _model_target(
                 if s["type"] == "sample" and "log_prob" in s:
                     if s["log_prob"].dim() > -dim:  # a batch dimension left of the chains plate
                         raise ConfigError(f"site {s['name']!r} has batch shape {tuple(s['log_prob'].shape)}: the model does not broadcast over a leading chains plate; use nuts()")
-                    total = total + _sum_but_first(s["log_prob"], n)
+                    total = total + sum_but_first(s["log_prob"], n)
         return total.unsqueeze(1)
 
     dtype = torch.get_default_dtype()
@@ -481,7 +376,6 @@ def _run_batched(
         s.cap = s.max_leapfrog
     it = range(warmup_steps + num_samples)
     if progress:
-        from tqdm.auto import tqdm
 
         it = tqdm(it, desc=method)
     keep_u, keep_acc, keep_div, keep_steps = [], [], [], []
@@ -595,11 +489,11 @@ def hmc_latent(
     >>> draws = hmc_latent(built.model, x[:100], num_samples=500, num_chains=4)  # doctest: +SKIP
     >>> draws.diagnostics()  # doctest: +SKIP
     """
-    _check_counts(num_samples, warmup_steps, num_chains)
+    check_counts(num_samples, warmup_steps, num_chains)
     tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
                   max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
     latent_of(model, *args, analysis="latent-posterior MCMC")  # refuse before any work
-    return _batched(lambda gen: _latent_target(model, args, num_chains, init, gen), _freeze(model, args), num_samples, warmup_steps, seed, tuning)
+    return _batched(lambda gen: _latent_target(model, args, num_chains, init, gen), freeze_model(model, args), num_samples, warmup_steps, seed, tuning)
 
 
 def hmc(
@@ -635,96 +529,13 @@ def hmc(
     Draws
         ``samples[name]`` of shape ``[C, S, *site_shape]`` per latent site.
     """
-    _check_counts(num_samples, warmup_steps, num_chains)
+    check_counts(num_samples, warmup_steps, num_chains)
     tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
                   max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
-    freeze = _freeze(lambda *a, **k: model(*args, **kwargs), ())
+    freeze = freeze_model(lambda *a, **k: model(*args, **kwargs), ())
     return _batched(lambda gen: _model_target(model, args, kwargs, num_chains, gen), freeze, num_samples, warmup_steps, seed, tuning)
 
 
 # --------------------------------------------------------------------------- Pyro NUTS
 
 
-def nuts(
-    model: Callable[..., object],
-    *args: Any,
-    num_samples: int = 1000,
-    warmup_steps: int = 1000,
-    num_chains: int = 4,
-    seed: int = 0,
-    target_accept: float = 0.8,
-    max_tree_depth: int = 10,
-    progress: bool = False,
-    **kwargs: Any,
-) -> Draws:
-    """Pyro's NUTS (diagonal mass adaptation) on any Pyro model; chains run one after another.
-
-    Chain ``c`` is seeded with ``seed + c`` inside a forked RNG (the global
-    RNG is unchanged). Divergent post-warmup transitions are recorded in
-    ``sample_stats["diverging"]``.
-
-    Returns
-    -------
-    Draws
-        ``samples[name]`` ``[C, S, *site_shape]``, ``sample_stats``
-        ``diverging`` ``[C, S]`` and ``step_size`` ``[C, S]``.
-    """
-    from pyro.infer.mcmc import MCMC, NUTS
-
-    _check_counts(num_samples, warmup_steps, num_chains)
-    plain, latent = _latent_sites(model, args, kwargs)
-    t0 = time.perf_counter()
-    chains: list[dict[str, torch.Tensor]] = []
-    diverging = np.zeros((num_chains, num_samples), dtype=bool)
-    step_size = np.zeros((num_chains, num_samples))
-    with _freeze(lambda *a, **k: model(*args, **kwargs), ()):
-        for c in range(num_chains):
-            with seeded(seed + c):
-                kernel = NUTS(model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, jit_compile=False)
-                mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1, disable_progbar=not progress)
-                mcmc.run(*args, **kwargs)
-            chains.append(mcmc.get_samples())
-            idx = [i for i in mcmc.diagnostics()["divergences"]["chain 0"] if 0 <= i < num_samples]
-            diverging[c, idx] = True
-            step_size[c] = float(kernel.step_size)
-    wall = time.perf_counter() - t0
-    samples = {name: torch.stack([ch[name] for ch in chains]).numpy() for name in latent}
-    shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
-    dims = {name: [f"{name}_dim_{i}" for i in range(len(shape))] for name, shape in shapes.items() if shape}
-    return Draws(samples, {"diverging": diverging, "step_size": step_size}, dims, {}, "pyro-nuts", wall)
-
-
-def nuts_latent(
-    model: Callable[..., object],
-    *args: torch.Tensor,
-    num_samples: int = 1000,
-    warmup_steps: int = 1000,
-    num_chains: int = 4,
-    seed: int = 0,
-    target_accept: float = 0.8,
-    max_tree_depth: int = 10,
-    progress: bool = False,
-) -> Draws:
-    r"""Pyro's NUTS on :math:`p(z \mid x_n)` for each row of ``args``, one datapoint at a time.
-
-    The reference (and benchmark baseline) for :func:`hmc_latent`; same
-    output layout: ``samples[site]`` ``[C, S, N, *event]`` for every latent
-    site, ``diverging`` ``[C, S, N]``. Datapoint ``n`` uses seeds
-    ``seed + 1000 n + c``.
-    """
-    _check_counts(num_samples, warmup_steps, num_chains)
-    latent = latent_of(model, *args, analysis="latent-posterior MCMC")
-    runs = [
-        nuts(model, *(a[i : i + 1] for a in args), num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
-             seed=seed + 1000 * i, target_accept=target_accept, max_tree_depth=max_tree_depth, progress=progress)
-        for i in range(latent.num_points)
-    ]
-    samples = {s.name: np.concatenate([r.samples[s.name] for r in runs], axis=2) for s in latent.sites}  # [C, S, 1, ...] -> [C, S, N, ...]
-    stats = {k: np.stack([r.sample_stats[k] for r in runs], axis=-1) for k in ("diverging", "step_size")}
-    dims: dict[str, list[str]] = {"diverging": ["point"], "step_size": ["point"]}
-    coords: dict[str, list[Any]] = {"point": list(range(latent.num_points))}
-    for s in latent.sites:
-        names = [f"{s.name}_dim_{i}" for i in range(len(s.shape))]
-        dims[s.name] = ["point", *names]
-        coords |= {nm: list(range(e)) for nm, e in zip(names, s.shape)}
-    return Draws(samples, stats, dims, coords, "pyro-nuts", sum(r.wall_time for r in runs))

@@ -32,13 +32,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .. import io
-from ..errors import ConfigError
+from ... import io
+from ...errors import ConfigError
+from ...guides.local import FAMILIES, family_of
+from ..latent import guide_in_latent_space, latent_of
 from .ais import ais
-from .bounds import importance_bounds
 from .ais import check_options as check_ais_options
-from .latent import guide_in_latent_space, latent_of
-from .local import FAMILIES, check_options as check_local_options, family_of, optimize_local
+from .bounds import importance_bounds
+from .local import check_options as check_local_options
+from .local import optimize_local
 
 __all__ = ["GapReport", "decompose", "check_decomposable", "GAPS_CSV", "GAPS_JSON"]
 

@@ -42,9 +42,11 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from ..errors import ConfigError
-from .bounds import log_mean_exp, seeded
-from .latent import Latent, guide_log_density, latent_draws, latent_of, log_joint
+from ...errors import ConfigError
+from ...guides.latent import Latent
+from ..latent import guide_log_density, latent_draws, latent_of, log_joint
+from ..random import seeded
+from .bounds import log_mean_exp
 
 __all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_schedule"]
 

@@ -1,0 +1,226 @@
+"""Runs as the command line makes them: a config -> networks, model, guide, ``fit``, outputs.
+
+This is the only place that maps option names to models; the library itself
+never dispatches on names. A run directory holds ``config.json``,
+``checkpoint.pt``, ``history.csv``, ``metrics.json`` and the figures, and
+:func:`load_run` rebuilds a trained model from it.
+
+:func:`run` checks everything before it touches the directory: the options
+(:meth:`Config.validate`), the data, and that the networks and one loss
+evaluation on a first batch fit in memory. Only then does it take the
+directory (:func:`ppl_vae.prepare_run_dir`: locked, cleared with
+``force``). A new run that fails or is interrupted before its first
+checkpoint leaves nothing behind. ``metrics.json`` is written last, so it
+exists only for a finished run; a resume removes the old one first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ... import io
+from ...errors import (
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    TrainingDiverged,
+)
+from ...inference.elbo import elbo_per_datapoint
+from ...inference.svi import CHECKPOINT, fit
+from ..config import RESUMABLE, Config, option_flag
+from ..figures.run import run_figures
+from ..registry import (
+    build_checked,
+    load_splits,
+    objective_name,
+    split_tensors,
+)
+from ..runs import (
+    CONFIG,
+    LOCK,
+    METRICS,
+    holding,
+    prepare_run_dir,
+    read_config,
+    release_run_dir,
+)
+
+__all__ = ["run"]
+
+
+def _resumed(cfg: Config, out: Path) -> tuple[Config, dict[str, list[Any]]]:
+    """``cfg`` checked against the run's saved config: only :data:`RESUMABLE` options may differ."""
+    if not out.is_dir():
+        raise CheckpointError(f"cannot resume: run directory {out} does not exist")
+    if not (out / CONFIG).is_file():
+        raise CheckpointError(f"cannot resume: no {CONFIG} in {out}")
+    saved = read_config(out / CONFIG)
+    changed = {
+        f.name: [getattr(saved, f.name), getattr(cfg, f.name)]
+        for f in dataclasses.fields(Config)
+        if f.name != "resumed" and getattr(saved, f.name) != getattr(cfg, f.name)
+    }
+    fixed = {k: v for k, v in changed.items() if k not in RESUMABLE}
+    if fixed:
+        listed = ", ".join(f"{option_flag(k)} ({old!r} -> {new!r})" for k, (old, new) in fixed.items())
+        raise ConfigError(
+            f"--resume cannot change {listed}: they define the run in {out}; only "
+            f"{', '.join(map(option_flag, RESUMABLE))} may change (start a new run with --force or another --out)"
+        )
+    changed = {k: [list(o) if isinstance(o, tuple) else o for o in v] for k, v in changed.items()}
+    return dataclasses.replace(cfg, resumed=saved.resumed), changed
+
+
+def _discard(out: Path, created: bool) -> None:
+    """Remove what a new run wrote before its first checkpoint (the folder too, if this run made it)."""
+    for entry in out.iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if created:
+        release_run_dir(out)
+        try:
+            out.rmdir()
+        except OSError:  # someone else's files appeared meanwhile: leave the folder
+            pass
+
+
+def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, progress: bool = True, figures: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` into run directory ``out``; write metrics, history, checkpoint, figures.
+
+    With ``resume`` the run in ``out`` continues to ``cfg.epochs`` (the new
+    total, at least the epochs done); ``cfg`` may differ from the saved
+    config only in :data:`RESUMABLE` options, and ``config.json`` records
+    what changed in its ``resumed`` list. A longer run re-plans a learning
+    rate schedule for the new total from the epoch reached on.
+
+    Raises
+    ------
+    ConfigError, DataError, CheckpointError, RunDirectoryError
+        Before anything is written, except a full disk during training
+        (the last checkpoint is kept).
+    Interrupted
+        On Ctrl-C, saying which checkpoint is kept.
+    """
+    out = Path(out)
+    if force and resume:
+        raise ConfigError("give either --force (start the run afresh) or --resume (continue it), not both")
+    changed: dict[str, list[Any]] = {}
+    if resume:  # contradictions first: they explain more than a failed check of the combination
+        cfg, changed = _resumed(cfg, out)
+    cfg = cfg.validate()
+    with holding():
+        try:
+            return _run(cfg, out, changed, force=force, resume=resume, progress=progress, figures=figures)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            where = f"the run in {out} is unchanged" if resume else "there is no checkpoint (nothing was written)"
+            raise Interrupted(f"interrupted before training; {where}") from None
+
+
+def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, resume: bool, progress: bool, figures: bool) -> dict[str, Any]:
+    splits = load_splits(cfg)  # every input check happens before anything is written
+    train = splits["train"]
+    built = build_checked(cfg, splits)
+    done: int | None = None
+    if resume:  # read the checkpoint before anything is written
+        ckpt = io.load_checkpoint(out / CHECKPOINT)
+        done = ckpt.get("epoch")
+        if not isinstance(done, int):
+            raise CheckpointError(f"checkpoint {out / CHECKPOINT} is corrupted or incomplete (no epoch count)")
+        if cfg.epochs < done:
+            raise ConfigError(f"--epochs {cfg.epochs} is fewer than the {done} epochs the run in {out} has done")
+        bad = ckpt.get("bad_epochs", 0)
+        if ckpt.get("stopped_early") and cfg.patience is not None and bad >= cfg.patience and cfg.epochs > done:
+            raise ConfigError(f"the run in {out} stopped early at epoch {done} ({bad} epochs without improvement); resume it with a --patience above {bad} to train on")
+        cfg = dataclasses.replace(cfg, resumed=(*cfg.resumed, {"at_epoch": done, "changed": changed}))
+    created = not out.exists()
+    prepare_run_dir(out, force=force, resume=resume)
+    try:
+        io.write_json(out / CONFIG, cfg.to_dict())
+        if resume:  # it describes the run before this resume; rewritten when this one finishes
+            (out / METRICS).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        result = fit(
+            built.model, built.guide, split_tensors(cfg, train), validation=split_tensors(cfg, splits["valid"]),
+            estimator=cfg.estimator, num_particles=cfg.num_particles, epochs=cfg.epochs, batch_size=cfg.batch_size,
+            lr=cfg.lr, lr_schedule=cfg.lr_schedule, patience=cfg.patience, beta=cfg.beta, seed=cfg.seed,
+            out=out, resume=resume, progress=progress,
+        )
+        done = result.epochs
+        test = split_tensors(cfg, splits["test"])
+        test_elbo, _ = elbo_per_datapoint(built.model, built.guide, *test)
+        metrics: dict[str, Any] = {
+            "objective": objective_name(cfg),
+            "units": "nats per datapoint",
+            "train_elbo": result.train_elbo,
+            "val_elbo": result.val_elbo,
+            "test_elbo": test_elbo.mean().item(),
+            "test_elbo_se": (test_elbo.std() / math.sqrt(len(test_elbo))).item(),
+            "epochs": result.epochs,
+            "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "best_epoch": result.best_epoch,
+            "train_wall_time_s": result.wall_time,
+            "wall_time_s": time.perf_counter() - t0,
+            "num_train": len(train),
+            "num_test": len(splits["test"]),
+            "options": cfg.to_dict(),
+        }
+        if built.ppca is not None:
+            metrics["test_log_px_exact"] = built.ppca.log_marginal(test[0]).mean().item()
+        if figures:
+
+            run_figures(built, splits, result.to_dataframe(), out)
+        io.write_json(out / METRICS, metrics)
+        return metrics
+    except BaseException as exc:
+        discarded = not resume and not (out / CHECKPOINT).exists()
+        if discarded:
+            _discard(out, created)
+        if isinstance(exc, Interrupted):
+            raise Interrupted(str(exc) + (f" (the unfinished new run in {out} was removed)" if discarded else ""), epoch=exc.epoch) from None
+        if isinstance(exc, KeyboardInterrupt):
+            where = f"the last checkpoint is epoch {done} (in {out}); {METRICS} was not written" if done else "there is no checkpoint"
+            raise Interrupted(f"interrupted; {where}", epoch=done) from None
+        if isinstance(exc, TrainingDiverged) and discarded:
+            raise TrainingDiverged(f"{exc} (no epoch finished: the new run in {out} was removed)", step=exc.step, site=exc.site) from None
+        raise
+
+
+def command(args: argparse.Namespace) -> int:
+
+
+    given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None}
+    if args.resume:
+        if args.force:
+            raise ConfigError("give either --force (start the run afresh) or --resume (continue it), not both")
+        path = Path(args.out) / CONFIG
+        if not path.is_file():
+            raise ConfigError(f"cannot resume: no {CONFIG} in {args.out}")
+        cfg = dataclasses.replace(read_config(path), **given)  # run() refuses what contradicts the run
+    else:
+        cfg = Config(**given)
+    metrics = run(cfg, args.out, force=args.force, resume=args.resume, progress=not args.no_progress)
+    report(metrics, args.out)
+    return 0
+
+def report(metrics: dict, out: str) -> None:
+    print(
+        f"{metrics['objective']}: train {metrics['train_elbo']:.2f}, valid {metrics['val_elbo']:.2f}, "
+        f"test {metrics['test_elbo']:.2f} ± {metrics['test_elbo_se']:.2f} nats/datapoint "
+        f"({metrics['epochs']} epochs, {metrics['wall_time_s']:.1f} s)"
+    )
+    if "test_log_px_exact" in metrics:
+        print(f"exact test log p(x): {metrics['test_log_px_exact']:.2f}")
+    print(f"wrote {out}/: metrics.json history.csv checkpoint.pt reconstructions.png prior_samples.png elbo.png latent.png")

@@ -1,0 +1,165 @@
+"""Everything that defines a run, as the command line names it: :class:`Config` and its checks.
+
+Every compatibility rule between options lives in :meth:`Config.validate`,
+stated in terms of the properties of the named model and guide
+(:mod:`ppl_vae.app.registry`), so ``fit``, ``gaps``, ``compare`` and
+``grad-variance`` agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..distributions import LIKELIHOODS
+from ..errors import (
+    ConfigError,
+)
+from ..inference.estimators import get_estimator
+from ..inference.svi import SCHEDULES
+from ..models.discrete import DISCRETE_MODELS
+
+__all__ = ["Config"]
+
+
+FAMILY_MODELS = ("hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae")
+MODELS = ("vae", "beta-vae", "cvae", "ae", "dae", "ppca", *DISCRETE_MODELS, *FAMILY_MODELS)
+GUIDES = ("diagonal", "full", "iaf")
+
+#: options ``--resume`` may change (recorded in config.json's ``resumed`` list); every other one defines the run
+RESUMABLE = ("epochs", "patience", "data_dir", "download")
+
+_KINDS: dict[str, tuple[str, tuple[type, ...], bool]] = {  # key -> (what, types, None allowed)
+    **{k: ("a string", (str,), False) for k in ("model", "dataset", "arch", "likelihood", "guide", "estimator")},
+    **{k: ("a string", (str,), True) for k in ("data_dir", "binarize", "lr_schedule")},
+    **{k: ("an integer", (int,), False) for k in ("latent_dim", "flows", "num_particles", "epochs", "batch_size", "seed")},
+    **{k: ("an integer", (int,), True) for k in ("limit", "patience")},
+    **{k: ("a number", (int, float), False) for k in ("beta", "noise", "lr")},
+    "download": ("true or false", (bool,), False),
+}
+
+def option_flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run (saved as ``config.json``)."""
+
+    model: str = "vae"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    binarize: str | None = None
+    limit: int | None = None
+    latent_dim: int = 2
+    hidden: tuple[int, ...] = (200, 200)
+    arch: str = "mlp"
+    likelihood: str = "bernoulli"
+    guide: str = "diagonal"
+    flows: int = 2
+    estimator: str = "reparam"
+    num_particles: int = 1
+    beta: float = 1.0
+    noise: float = 0.25
+    epochs: int = 20
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_schedule: str | None = None
+    patience: int | None = None
+    seed: int = 0
+    #: what each ``--resume`` changed: ``{"at_epoch": N, "changed": {key: [old, new]}}``
+    resumed: tuple[dict[str, Any], ...] = ()
+
+    def _check_types(self) -> None:
+        for key, (what, types, optional) in _KINDS.items():
+            value = getattr(self, key)
+            if value is None and optional:
+                continue
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise ConfigError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r} ({type(value).__name__})")
+        if not (isinstance(self.hidden, tuple) and all(isinstance(h, int) and not isinstance(h, bool) for h in self.hidden)):
+            raise ConfigError(f"hidden must be a list of integers (layer widths), got {self.hidden!r}")
+        if not (isinstance(self.resumed, tuple) and all(isinstance(r, Mapping) for r in self.resumed)):
+            raise ConfigError(f"resumed must be a list of records of earlier resumptions, got {self.resumed!r}")
+
+    def validate(self) -> Config:
+        """``self`` if every option is possible; else :class:`ConfigError`, one line naming the option."""
+        self._check_types()
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if not isinstance(self.latent_dim, int) or self.latent_dim <= 0:
+            raise ConfigError(f"latent dimension must be a positive integer, got {self.latent_dim!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+        get_estimator(self.estimator).validate(self.num_particles)  # ConfigError for unknown names, bad options
+        if self.model in DISCRETE_MODELS and self.estimator in ("reparam", "analytic-kl"):
+            raise ConfigError(f"{self.model} has discrete latents: use --estimator score, score+average, score+nvil, score+loo, iwae or relaxed")
+        if self.guide not in GUIDES:
+            raise ConfigError(f"unknown guide {self.guide!r}; choose one of {', '.join(GUIDES)}")
+        if self.guide == "iaf" and self.estimator.startswith("score"):
+            raise ConfigError("--guide iaf needs a pathwise estimator (reparam or iwae): its cached flow log-density gives the score function no gradient")
+        if self.estimator.split(":")[0] == "iwae" and self.beta != 1.0:
+            raise ConfigError("--estimator iwae is not defined with --beta != 1 (the bound is not a sum of per-site terms)")
+        if self.model in DISCRETE_MODELS and self.estimator == "enum":
+            raise ConfigError(f"{self.model} has no enumerable latents in its guide: use --estimator score, score+average, score+nvil, score+loo, iwae or relaxed")
+        if self.guide == "iaf" and self.model not in ("vae", "beta-vae"):
+            raise ConfigError(f"--guide iaf is available for vae and beta-vae, not {self.model}")
+        if self.guide == "iaf" and (self.flows < 1 or self.latent_dim < 2):
+            raise ConfigError(f"--guide iaf needs --flows >= 1 and --latent-dim >= 2, got {self.flows} and {self.latent_dim}")
+        if self.arch not in ("mlp", "conv"):
+            raise ConfigError(f"unknown arch {self.arch!r}; choose mlp or conv")
+        if self.arch == "conv" and self.model in ("cvae", "ppca"):
+            raise ConfigError(f"--arch conv is not available for {self.model}")
+        if not self.hidden and self.model not in DISCRETE_MODELS:  # the discrete-latent models take none: linear maps
+            raise ConfigError(f"hidden must list at least one layer width for {self.model}, e.g. --hidden 200,200")
+        if any(h <= 0 for h in self.hidden):
+            raise ConfigError(f"hidden widths must be positive, got {self.hidden}")
+        if self.model in ("ae", "dae") and self.estimator != "reparam":
+            raise ConfigError(f"{self.model} has a point-estimate encoder: only --estimator reparam applies")
+        if self.model == "beta-vae" and self.beta == 1.0:
+            raise ConfigError("beta-vae needs --beta different from 1 (beta=1 is the vae)")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+        for name in ("epochs", "batch_size", "num_particles"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.noise < 1:
+            raise ConfigError(f"noise must be in [0, 1), got {self.noise}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.seed <= 2**32 - 1:  # Pyro's set_rng_seed seeds numpy, whose seeds are 32-bit
+            raise ConfigError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be positive, got {self.limit}")
+        if self.lr_schedule is not None and self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["resumed"] = [dict(r) for r in self.resumed]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Config:
+        """The config of a ``config.json`` (not yet validated: call :meth:`validate`)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        for key in ("hidden", "resumed"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+

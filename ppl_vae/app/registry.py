@@ -1,0 +1,282 @@
+"""The named models of the command line: option values -> networks, model and guide.
+
+This is the only place that maps model names to Pyro functions; the library
+itself never dispatches on names.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Dataset, load
+from ..distributions import check_support, get_likelihood, one_hot
+from ..errors import (
+    ConfigError,
+)
+from ..guides.amortized import amortized_guide, delta_guide, masking_noise
+from ..guides.discrete import bernoulli_guide, categorical_guide
+from ..guides.flows import IAFEncoder
+from ..inference.estimators import get_estimator
+from ..inference.svi import as_tensors
+from ..models.autoencoders import sparse_autoencoder
+from ..models.discrete import (
+    DISCRETE_MODELS,
+    GaussianMixturePrior,
+    bernoulli_vae,
+    categorical_vae,
+)
+from ..models.hierarchical import (
+    TopDecoder,
+    TopEncoder,
+    hierarchical_guide,
+    hierarchical_vae,
+)
+from ..models.ppca import PPCA
+from ..models.priors import VampPrior, vae_with_prior
+from ..models.vae import Model, autoencoder, cvae, vae
+from ..models.vqvae import Codebook, CodePrior, QuantizedDecoder, vqvae
+from ..nn import MLP, Concat, ConvDecoder, ConvEncoder, GaussianEncoder
+from .config import FAMILY_MODELS, Config
+
+__all__ = ["Built", "build", "objective_name", "build_checked", "build_family"]
+
+
+MIXTURE_COMPONENTS, PSEUDO_INPUTS, SPARSE_L1 = 10, 50, 0.1
+
+VQ_LATENTS, VQ_CODES = 8, 64
+
+@dataclass
+class Built:
+    """The networks, model and guide of one config, and how to read latents off them."""
+
+    config: Config
+    model: Callable[..., None]
+    guide: Callable[..., None]
+    decoder: nn.Module | None
+    encoder: nn.Module | None
+    likelihood: nn.Module | None
+    num_classes: int | None = None
+    ppca: PPCA | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conditional(self) -> bool:
+        return self.config.model == "cvae"
+
+    def encoder_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if self.conditional:
+            assert y is not None and self.num_classes is not None
+            return (x, one_hot(y, self.num_classes))
+        return (x,)
+
+    @torch.no_grad()
+    def latent_mean(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The guide's mean of ``z`` per row of ``x`` (the exact posterior mean for PPCA; for a flow, the base mean pushed through it)."""
+        if self.ppca is not None:
+            return self.ppca.posterior(x).mean
+        assert self.encoder is not None
+        out = self.encoder(*self.encoder_inputs(x, y))
+        if isinstance(out, torch.distributions.TransformedDistribution):  # a flow: push the base mean through it
+            z = out.base_dist.mean
+            for t in out.transforms:
+                z = t(z)
+            return z
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of ``p(x | z)`` at the latent mean."""
+        z = self.latent_mean(x, y)
+        if self.ppca is not None:
+            return z @ self.ppca.W.T + self.ppca.mu
+        assert self.decoder is not None and self.likelihood is not None
+        out = self.decoder(z, one_hot(y, self.num_classes)) if self.conditional else self.decoder(z)  # type: ignore[arg-type]
+        return self.likelihood.mean(out)
+
+def build(cfg: Config, data_dim: int, image_shape: tuple[int, int, int], num_classes: int | None) -> Built:
+    """Networks, model and guide for ``cfg``; seeded by ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    d, hidden = cfg.latent_dim, list(cfg.hidden)
+    if cfg.model == "ppca":
+        ppca = PPCA(data_dim, d)
+        encoder = GaussianEncoder(MLP(data_dim, [], hidden[-1]), hidden[-1], d, cfg.guide)
+        return Built(cfg, ppca, amortized_guide(encoder), None, encoder, None, ppca=ppca)
+    likelihood = get_likelihood(cfg.likelihood, dim=data_dim)
+    if cfg.model in FAMILY_MODELS:  # hierarchical, mixture/Vamp prior, VQ-VAE, sparse AE
+        return build_family(cfg, data_dim)
+    if cfg.model in DISCRETE_MODELS:  # latent_dim Bernoulli latents, or latent_dim categoricals of 10 classes
+        model, guide, decoder, means = discrete_vae(cfg.model, data_dim, d, hidden, likelihood)
+        return Built(cfg, model, guide, decoder, means, likelihood)
+    if cfg.model == "cvae":
+        if num_classes is None:
+            raise ConfigError(f"cvae needs labels; dataset {cfg.dataset!r} has none")
+        decoder: nn.Module = Concat(MLP(d + num_classes, hidden[::-1], data_dim))
+        encoder: nn.Module = GaussianEncoder(Concat(MLP(data_dim + num_classes, hidden[:-1], hidden[-1])), hidden[-1], d, cfg.guide)
+        guide = amortized_guide(encoder, inputs=lambda x, y: (x, one_hot(y, num_classes)))
+        return Built(cfg, cvae(decoder, likelihood, d, num_classes), guide, decoder, encoder, likelihood, num_classes)
+    conv = cfg.arch == "conv"
+    decoder = ConvDecoder(d, image_shape) if conv else MLP(d, hidden[::-1], data_dim)
+    body: nn.Module = ConvEncoder(image_shape, hidden[-1]) if conv else MLP(data_dim, hidden[:-1], hidden[-1])
+    if cfg.model in ("ae", "dae"):
+        encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
+        corruption = masking_noise(cfg.noise) if cfg.model == "dae" else None
+        return Built(cfg, autoencoder(decoder, likelihood, d), delta_guide(encoder, corruption=corruption), decoder, encoder, likelihood)
+    if cfg.guide == "iaf":
+        encoder = IAFEncoder(body, hidden[-1], d, num_flows=cfg.flows)
+    else:
+        encoder = GaussianEncoder(body, hidden[-1], d, cfg.guide)
+    return Built(cfg, vae(decoder, likelihood, d), amortized_guide(encoder), decoder, encoder, likelihood)
+
+def load_splits(cfg: Config) -> dict[str, Dataset]:
+    kw = dict(data_dir=cfg.data_dir, download=cfg.download, binarize=cfg.binarize, limit=cfg.limit, seed=cfg.seed)
+    return {s: load(cfg.dataset, s, **kw) for s in ("train", "valid", "test")}  # type: ignore[arg-type]
+
+def split_tensors(cfg: Config, ds: Dataset) -> tuple[torch.Tensor, ...]:
+    return ds.tensors(with_labels=cfg.model == "cvae")
+
+def _check(cfg: Config, built: Built, splits: dict[str, Dataset]) -> None:
+    for name, ds in splits.items():
+        tensors = as_tensors(split_tensors(cfg, ds), f"{cfg.dataset} {name} split")
+        if built.likelihood is not None:
+            check_support(tensors[0], built.likelihood, f"{cfg.dataset} {name} split")
+
+def objective_name(cfg: Config) -> str:
+    if cfg.model in ("vqvae", "sparse-ae"):
+        return "reconstruction log-likelihood minus penalties (not a bound)"
+    return "reconstruction log-likelihood (not a bound)" if cfg.model in ("ae", "dae") else "ELBO"
+
+_MEMORY = ("can't allocate memory", "not enough memory", "out of memory", "overflow")
+
+def _memory_error(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, (RuntimeError, TypeError)) and any(h in str(exc).lower() for h in _MEMORY)
+
+def _physical_memory() -> float:
+    """Bytes of physical memory (infinite where the platform does not say)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return math.inf
+
+def build_checked(cfg: Config, splits: dict[str, Dataset]) -> Built:
+    """:func:`build`, the data checks, and one loss evaluation on a first batch (a probe).
+
+    The probe makes a run whose networks or particles cannot be allocated
+    fail here, before any folder is made, with a :class:`ConfigError` naming
+    the options, instead of inside the first training step. Its random draws
+    do not matter: ``fit`` reseeds.
+    """
+    train = splits["train"]
+    try:
+        rows = min(cfg.batch_size, len(train))
+        # every model draws z and scores x once per particle and row: a lower bound of one step's memory; refusing
+        # what surely cannot fit here spares the probe from filling the memory with allocations that do succeed
+        if _physical_memory() < 4 * cfg.num_particles * rows * (cfg.latent_dim + train.x.shape[1]):
+            raise MemoryError
+        built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
+        _check(cfg, built, splits)
+        batch = tuple(t[: cfg.batch_size] for t in split_tensors(cfg, train))
+        loss = get_estimator(cfg.estimator).loss(built.model, built.guide, cfg.num_particles)
+        with torch.no_grad():
+            loss(*batch)
+    except Exception as exc:
+        if not _memory_error(exc):
+            raise
+        hidden = ",".join(map(str, cfg.hidden))
+        raise ConfigError(
+            f"this run does not fit in memory (--latent-dim {cfg.latent_dim}, --hidden {hidden}, "
+            f"--num-particles {cfg.num_particles}, --batch-size {cfg.batch_size}): choose smaller values"
+        ) from None
+    return built
+
+
+def build_family(cfg: Config, data_dim: int) -> Built:
+    """Networks, model and guide of a :data:`FAMILY_MODELS` config (MLP networks).
+
+    ``Built.encoder`` / ``Built.decoder`` are the views the pictures use: the
+    top latent of the hierarchical VAE, the quantised decoder of the VQ-VAE.
+    ``Built.extra["sample_prior"](n, generator)`` draws decoded samples from
+    the model's own prior.
+    """
+
+    if cfg.arch != "mlp":
+        raise ConfigError(f"--arch {cfg.arch} is not available for {cfg.model}")
+    if cfg.model in ("vqvae", "sparse-ae") and cfg.estimator != "reparam":
+        raise ConfigError(f"{cfg.model} has a point-estimate encoder: only --estimator reparam applies")
+    if cfg.model == "hvae" and cfg.estimator.split(":")[0] == "analytic-kl":
+        raise ConfigError("hvae's guide q(z2 | z1) is not mean-field: --estimator analytic-kl would optimise the wrong objective")
+    torch.manual_seed(cfg.seed)
+    d, hidden = cfg.latent_dim, list(cfg.hidden)
+    likelihood = get_likelihood(cfg.likelihood, dim=data_dim)
+    body = MLP(data_dim, hidden[:-1], hidden[-1])
+    extra: dict[str, Any] = {}
+
+    def decoded(dec: nn.Module, draw: Any) -> Any:
+        return lambda n, generator=None: likelihood.mean(dec(draw(n, generator))).detach()
+
+    if cfg.model == "hvae":
+        d1 = 2 * d
+        enc1, enc2 = GaussianEncoder(body, hidden[-1], d1), GaussianEncoder(MLP(d1, [], hidden[-1]), hidden[-1], d)
+        dec1, dec2 = MLP(d1, hidden[::-1], data_dim), GaussianEncoder(MLP(d, [], hidden[-1]), hidden[-1], d1)
+        model, guide = hierarchical_vae(dec1, dec2, likelihood, d), hierarchical_guide(enc1, enc2)
+        return Built(cfg, model, guide, TopDecoder(dec1, dec2), TopEncoder(enc1, enc2), likelihood)
+    if cfg.model in ("mog-vae", "vampprior"):
+        encoder = GaussianEncoder(body, hidden[-1], d, cfg.guide)
+        decoder = MLP(d, hidden[::-1], data_dim)
+        if cfg.model == "mog-vae":
+            prior: Any = GaussianMixturePrior(MIXTURE_COMPONENTS, d).marginal
+        else:
+            prior = VampPrior(encoder, torch.rand(PSEUDO_INPUTS, data_dim, generator=torch.Generator().manual_seed(cfg.seed)))
+        extra["sample_prior"] = decoded(decoder, lambda n, g: _sample_with(prior().sample, (n,), g))
+        return Built(cfg, vae_with_prior(decoder, likelihood, prior), amortized_guide(encoder), decoder, encoder, likelihood, extra=extra)
+    if cfg.model == "vqvae":
+        codebook, code_prior = Codebook(VQ_CODES, d, seed=cfg.seed), CodePrior(VQ_LATENTS, VQ_CODES)
+        encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], VQ_LATENTS * d))
+        decoder = MLP(VQ_LATENTS * d, hidden[::-1], data_dim)
+        model = vqvae(decoder, likelihood, codebook, code_prior, VQ_LATENTS)
+        extra["sample_prior"] = decoded(decoder, lambda n, g: codebook.embedding[code_prior.sample_codes(n, generator=g)].flatten(-2))
+        extra["codebook"], extra["code_prior"] = codebook, code_prior
+        return Built(cfg, model, delta_guide(encoder), QuantizedDecoder(codebook, decoder), encoder, likelihood, extra=extra)
+    if cfg.model == "sparse-ae":
+        encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
+        decoder = MLP(d, hidden[::-1], data_dim)
+        return Built(cfg, sparse_autoencoder(decoder, likelihood, d, l1=SPARSE_L1), delta_guide(encoder), decoder, encoder, likelihood)
+    raise ConfigError(f"unknown model {cfg.model!r}")
+
+def _sample_with(sample: Any, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """``sample(shape)`` under a torch RNG seeded from ``generator`` (distributions take no generator)."""
+    with torch.random.fork_rng():
+        if generator is not None:
+            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        return sample(shape).detach()
+
+
+def discrete_vae(
+    kind: str, data_dim: int, latent_dim: int, hidden: Sequence[int], likelihood: nn.Module, *, num_classes: int = 10
+) -> tuple[Model, Callable[..., None], nn.Module, nn.Module]:
+    """``(model, guide, decoder, mean_encoder)`` of a ``bernoulli-vae`` or ``categorical-vae`` with MLPs.
+
+    ``hidden=()`` gives linear maps (784-200-784 is ``latent_dim=200``).
+    For ``categorical-vae`` ``latent_dim`` counts the categorical variables,
+    of ``num_classes`` classes each. ``mean_encoder`` maps ``x`` to the
+    guide's mean of ``z`` (probabilities, flattened).
+    """
+
+    width = latent_dim if kind == "bernoulli-vae" else latent_dim * num_classes
+    encoder = MLP(data_dim, list(hidden), width)
+    decoder = MLP(width, list(hidden)[::-1], data_dim)
+    if kind == "bernoulli-vae":
+        return bernoulli_vae(decoder, likelihood, latent_dim), bernoulli_guide(encoder), decoder, nn.Sequential(encoder, nn.Sigmoid())
+    if kind == "categorical-vae":
+        means = nn.Sequential(encoder, nn.Unflatten(-1, (latent_dim, num_classes)), nn.Softmax(-1), nn.Flatten(-2))
+        model = categorical_vae(decoder, likelihood, latent_dim, num_classes)
+        return model, categorical_guide(encoder, latent_dim, num_classes), decoder, means
+    raise ConfigError(f"unknown discrete model {kind!r}; choose one of {', '.join(DISCRETE_MODELS)}")

@@ -1,0 +1,240 @@
+"""Run directories: locked while written, checked before they are made, read back into a trained model.
+
+A run directory holds ``config.json``, ``checkpoint.pt``, ``history.csv``,
+``metrics.json`` and the figures. A command takes its output directory with
+:func:`prepare_run_dir` *after* every option was checked: it takes the
+directory's lock file (``fcntl.flock``; the lock dies with the process),
+removes the temporary files of a killed write, and with ``force`` clears
+everything of the old contents. :func:`load_run` rebuilds the trained model
+of a run (config + checkpoint, read with ``weights_only``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import io
+from ..data import Dataset
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    RunDirectoryError,
+)
+from ..inference.params import discover
+from ..inference.svi import CHECKPOINT
+from .config import Config
+from .registry import (
+    Built,
+    build,
+    load_splits,
+    split_tensors,
+)
+
+try:  # POSIX; elsewhere (Windows) directories are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - exercised only where fcntl is missing
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["holding", "releasing", "check_run_dir", "prepare_run_dir", "release_run_dir", "read_config", "load_run"]
+
+
+LOCK = ".ppl-vae.lock"
+
+_TEMP = re.compile(r"^\..+\.tmp$")  # what _atomic leaves behind when killed mid-write
+
+class _Lock:
+    """An exclusive ``flock`` on ``folder/.ppl-vae.lock`` holding the owner's pid; unlinked on release."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK
+        self.fd: int | None = None
+        if fcntl is None:  # no locking where fcntl is missing
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f"process {owner}" if owner.isdigit() else "another process"
+                raise RunDirectoryError(f"{folder} is in use by {who} (lock file {self.path}); wait for it to finish or choose another --out") from None
+            try:  # the holder before us may have unlinked the file it locked: lock the one at the path
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)  # closing releases the flock
+        self.fd = None
+
+_HELD: dict[Path, _Lock] = {}
+
+_DEPTH = 0
+
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    """Release the directory locks taken inside this block when the outermost such block ends.
+
+    The command line runs every command inside one; :func:`ppl_vae.experiment.run`
+    runs inside its own. A lock taken outside any ``holding`` block is kept
+    until the process exits (the operating system releases it then).
+    """
+    global _DEPTH
+    before = set(_HELD)
+    _DEPTH += 1
+    try:
+        yield
+    finally:
+        _DEPTH -= 1
+        if _DEPTH == 0:
+            for key in [k for k in _HELD if k not in before]:
+                _HELD.pop(key).release()
+
+def releasing(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: run ``fn`` inside :func:`holding`, so the directories it locks are released when it returns."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with holding():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+def _acquire(folder: Path) -> None:
+    key = folder.resolve()
+    if key not in _HELD:  # re-entrant within one process: the same writer
+        _HELD[key] = _Lock(folder)
+
+def _ours(entry: Path) -> bool:
+    return entry.name == LOCK or bool(_TEMP.match(entry.name))
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
+
+def check_run_dir(path: str | os.PathLike[str], *, force: bool = False, resume: bool = False) -> Path:
+    """The checks of :func:`prepare_run_dir` alone: nothing is made, locked or removed."""
+    path = Path(path)
+    if resume:
+        if not path.is_dir():
+            raise CheckpointError(f"cannot resume: run directory {path} does not exist")
+    else:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"output path {path} exists and is not a directory")
+        if path.is_dir() and not force and any(not _ours(e) for e in path.iterdir()):
+            raise ConfigError(f"run directory {path} already exists and is not empty; pass --force to overwrite it or --resume to continue it")
+    return path
+
+def prepare_run_dir(path: str | os.PathLike[str], *, force: bool = False, resume: bool = False) -> Path:
+    """Take output directory ``path`` for writing; call it after every option was checked.
+
+    A new directory is made (with its parents). An existing one is refused
+    unless it is empty (its own lock and temporary files aside) or ``force``
+    is given; ``force`` removes all of its contents, so nothing of an old run
+    survives beside the new one. With ``resume`` the directory must exist
+    and is kept. In every case the directory's lock is taken first (one line
+    naming the process that holds it otherwise) and stale temporary files of
+    a killed write are removed.
+
+    Raises
+    ------
+    ConfigError
+        A non-empty directory without ``force``; a path that is a file.
+    CheckpointError
+        ``resume`` of a directory that does not exist.
+    RunDirectoryError
+        A directory in use by another process, or one that cannot be made.
+    """
+    path = check_run_dir(path, force=force, resume=resume)
+    if not resume:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirectoryError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+    try:
+        _acquire(path)
+        for entry in path.iterdir():
+            if (force and not resume and entry.name != LOCK) or _TEMP.match(entry.name):
+                _remove(entry)
+    except OSError as exc:
+        raise RunDirectoryError(f"cannot use output directory {path}: {exc.strerror or exc}") from None
+    return path
+
+def release_run_dir(path: str | os.PathLike[str]) -> None:
+    """Release the lock this process holds on ``path`` (if any)."""
+    lock = _HELD.pop(Path(path).resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+CONFIG, METRICS = "config.json", "metrics.json"
+
+def read_config(path: str | Path, **overrides: Any) -> Config:
+    """The validated :class:`Config` saved at ``path`` (``config.json``), with ``overrides``.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the file and the key: unreadable, not JSON, an
+        unknown key, a value of the wrong type or an impossible one.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
+    try:
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a JSON object, got {type(data).__name__}")
+        return Config.from_dict({**data, **overrides}).validate()
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+def load_run(run_dir: str | Path) -> tuple[Built, dict[str, Dataset]]:
+    """Rebuild the trained model of a run directory (config + checkpoint) and its data.
+
+    The checkpoint is read with ``weights_only=True`` (a file holding other
+    objects is refused, never executed) and refused if a parameter is NaN
+    or infinite.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG})")
+    cfg = read_config(run_dir / CONFIG)
+    ckpt = io.load_checkpoint(run_dir / CHECKPOINT)  # weights_only: never executes code; finite parameters
+    splits = load_splits(cfg)
+    train = splits["train"]
+    built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
+    found = discover(built.model, built.guide, tuple(t[:2] for t in split_tensors(cfg, train)))
+    # a run that stopped early is its best epoch's parameters (what its metrics describe)
+    saved = ckpt["best_params"] if ckpt.get("stopped_early") and ckpt.get("best_params") else ckpt["params"]
+    # an estimator's own networks (NVIL's baseline) are saved after the model's and guide's parameters
+    if saved is None or len(saved) < len(found.params) or any(s.shape != p.shape for s, p in zip(saved, found.params)):
+        raise CheckpointError(f"checkpoint in {run_dir} does not match its config")
+    with torch.no_grad():
+        for p, s in zip(found.params, saved):
+            p.copy_(s)
+    found.train(False)
+    return built, splits

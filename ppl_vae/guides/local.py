@@ -1,0 +1,201 @@
+"""Per-datapoint variational families over the joint latent: diagonal, full-covariance, flow.
+
+:class:`LocalPosterior` holds the variational parameters of ``N``
+datapoints, with a leading ``[N]`` dimension; calling it is a guide.
+``"flow"`` pushes a Gaussian through inverse autoregressive flow steps whose
+MADE weights are the datapoint's own (:class:`BatchedMADE`, plugged into
+Pyro's :class:`~pyro.distributions.transforms.AffineAutoregressive`).
+Started from an amortised :class:`~ppl_vae.guides.IAFEncoder`, it copies the
+encoder's weights and folds the context term :math:`W_h h(x_n)` into
+datapoint ``n``'s first-layer bias, so it starts exactly at the encoder's
+:math:`q`. :func:`ppl_vae.inference.optimize_local` fits them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.transforms import AffineAutoregressive
+from pyro.nn.auto_reg_nn import create_mask
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError
+from .latent import Latent, LatentGuide, moment_matched
+
+__all__ = ["family_of", "BatchedMADE", "LocalPosterior"]
+
+FAMILIES = ("diagonal", "full", "flow")
+
+def _inv_softplus(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+def _flow_parts(q: torch.distributions.Distribution) -> tuple[torch.distributions.Distribution, list[AffineAutoregressive]] | None:
+    if isinstance(q, torch.distributions.TransformedDistribution) and q.transforms and all(
+        isinstance(t, AffineAutoregressive) for t in q.transforms
+    ):
+        return q.base_dist, list(q.transforms)
+    return None
+
+def family_of(q: torch.distributions.Distribution) -> str | None:
+    """``"diagonal"``, ``"full"`` or ``"flow"``: the family of a guide's distribution (``None`` if other)."""
+    base = q.base_dist if isinstance(q, dist.Independent) else q
+    if isinstance(base, dist.Normal) and q.event_dim == 1:
+        return "diagonal"
+    if isinstance(q, dist.MultivariateNormal):
+        return "full"
+    if _flow_parts(q) is not None:
+        return "flow"
+    return None
+
+class BatchedMADE(nn.Module):
+    """A one-hidden-layer MADE with separate weights per datapoint: ``z [S, N, d] -> (mean, log_scale)``.
+
+    Masks come from Pyro's :func:`pyro.nn.auto_reg_nn.create_mask` (or are
+    copied from the conditional MADE it is made from), so the autoregressive
+    order (``permutation``) means what it means in Pyro.
+    """
+
+    def __init__(self, num_points: int, latent_dim: int, hidden: int, permutation: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None, *, like: torch.Tensor | None = None) -> None:
+        super().__init__()
+        kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+        if masks is None:
+            masks = tuple(m.to(**kw) for m in create_mask(latent_dim, 0, [hidden], permutation.cpu(), 2)[0])
+        self.register_buffer("mask0", masks[0].clone())
+        self.register_buffer("mask1", masks[1].clone())
+        self.register_buffer("permutation", permutation)
+        self.latent_dim = latent_dim
+        self.w0 = nn.Parameter(torch.randn(num_points, hidden, latent_dim, **kw) / math.sqrt(latent_dim))
+        self.b0 = nn.Parameter(torch.zeros(num_points, hidden, **kw))
+        self.w1 = nn.Parameter(torch.zeros(num_points, 2 * latent_dim, hidden, **kw))  # zero: starts at the identity
+        self.b1 = nn.Parameter(torch.zeros(num_points, 2 * latent_dim, **kw))
+
+    def rows(self, idx: slice | torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The network of the datapoints ``idx``, as the callable an ``AffineAutoregressive`` needs."""
+        w0, b0 = self.w0[idx] * self.mask0, self.b0[idx]
+        w1, b1 = self.w1[idx] * self.mask1, self.b1[idx]
+        d = self.latent_dim
+
+        def arn(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            lead = z.shape[:-2]  # draws: one batched matmul per datapoint over all of them
+            zt = z.reshape(-1, *z.shape[-2:]).transpose(0, 1)  # [N, S, d]
+            h = F.relu(torch.baddbmm(b0.unsqueeze(1), zt, w0.transpose(1, 2)))
+            out = torch.baddbmm(b1.unsqueeze(1), h, w1.transpose(1, 2)).transpose(0, 1)  # [S, N, 2d]
+            out = out.reshape(*lead, z.shape[-2], 2, d)
+            return out[..., 0, :], out[..., 1, :]
+
+        arn.permutation = self.permutation  # type: ignore[attr-defined]
+        return arn
+
+    @classmethod
+    def from_conditional(cls, transform: AffineAutoregressive) -> BatchedMADE:
+        """Copy an amortised IAF step conditioned on features ``h`` ``[N, H]`` (see the module docstring)."""
+        cond = transform.arn
+        net, h = cond.func, cond.keywords["context"]
+        if len(net.layers) != 2 or net.skip_layer is not None or net.output_multiplier != 2 or not isinstance(net.f, nn.ReLU):
+            raise ConfigError("only one-hidden-layer ReLU conditional MADEs without skip connections can be copied")
+        first, last = net.layers
+        ctx = net.context_dim
+        w = first.weight * first.mask
+        masks = (first.mask[:, ctx:], last.mask)  # a conditional MADE's input degrees differ from an unconditional one's
+        new = cls(h.shape[0], net.input_dim, first.out_features, net.permutation.clone(), masks, like=h)
+        n = h.shape[0]
+        with torch.no_grad():
+            new.w0.copy_(w[:, ctx:].expand(n, -1, -1))
+            new.b0.copy_(h @ w[:, :ctx].T + first.bias)
+            new.w1.copy_((last.weight * last.mask).expand(n, -1, -1))
+            new.b1.copy_(last.bias.expand(n, -1))
+        return new
+
+class LocalPosterior(nn.Module):
+    """Per-datapoint variational parameters of one family over the latent ``u`` of ``N`` datapoints; calling it is a guide.
+
+    The family is a distribution over the model's whole latent state in
+    unconstrained space (:class:`~ppl_vae.inference.latent.Latent`);
+    ``posterior(x)`` emits the model's sites for the rows of ``x`` (which must
+    be the ``N`` datapoints, in order) through
+    :class:`~ppl_vae.inference.latent.LatentGuide`; ``posterior.select(rows)``
+    is the guide of a subset, which :func:`~ppl_vae.inference.importance_bounds`
+    uses to chunk.
+    """
+
+    def __init__(self, family: str, latent: Latent, loc: torch.Tensor, scale: torch.Tensor, *, scale_tril: torch.Tensor | None = None, flows: list[BatchedMADE] | None = None, clamp: tuple[float, float] = (-5.0, 3.0)) -> None:
+        super().__init__()
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        self.family, self.latent, self.clamp = family, latent, clamp
+        self.loc = nn.Parameter(loc.detach().clone())
+        if family == "full":
+            tril = scale_tril if scale_tril is not None else torch.diag_embed(scale)
+            d = loc.shape[-1]
+            self.register_buffer("_off", torch.tril_indices(d, d, offset=-1, device=loc.device), persistent=False)
+            self.raw_diag = nn.Parameter(_inv_softplus(tril.diagonal(dim1=-2, dim2=-1).detach().clamp_min(1e-6)))
+            self.offdiag = nn.Parameter(tril[..., self._off[0], self._off[1]].detach().clone())
+        else:
+            self.raw_scale = nn.Parameter(_inv_softplus(scale.detach().clamp_min(1e-6)))
+        self.flows = nn.ModuleList(flows or [])
+
+    @property
+    def num_points(self) -> int:
+        return self.loc.shape[0]
+
+    def distribution(self, rows: slice | torch.Tensor = slice(None)) -> torch.distributions.Distribution:
+        """``q*`` of the datapoints ``rows`` over ``u``: batch shape ``[len(rows)]``, event ``[K]``."""
+        loc = self.loc[rows]
+        if self.family == "full":
+            tril = torch.diag_embed(F.softplus(self.raw_diag[rows]) + 1e-6)
+            tril[..., self._off[0], self._off[1]] = self.offdiag[rows]
+            return dist.MultivariateNormal(loc, scale_tril=tril)
+        base = dist.Normal(loc, F.softplus(self.raw_scale[rows]) + 1e-6).to_event(1)
+        if self.family == "diagonal":
+            return base
+        lo, hi = self.clamp
+        steps = [AffineAutoregressive(f.rows(rows), log_scale_min_clip=lo, log_scale_max_clip=hi) for f in self.flows]
+        return dist.TransformedDistribution(base, steps)
+
+    def select(self, rows: slice | torch.Tensor) -> LatentGuide:
+        """The guide of the datapoints ``rows`` only (itself cut further by ``select``)."""
+        return LatentGuide(self.latent, self.distribution, torch.arange(self.num_points, device=self.loc.device)[rows])
+
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> None:
+        self.select(slice(None))(x, *args)
+
+    @classmethod
+    def initial(cls, family: str, q: torch.distributions.Distribution, latent: Latent, *, num_flows: int = 2, flow_hidden: int | None = None, seed_draws: int = 2000) -> LocalPosterior:
+        """Start ``q*`` of ``family`` at (or, across families, near) a batch of distributions ``q`` over ``u``.
+
+        Same family: copied exactly (a flow's MADEs included). Otherwise the
+        Gaussian part is moment-matched (from draws when ``q`` is a flow) and
+        flow steps start at the identity.
+        """
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        source = family_of(q)
+        parts = _flow_parts(q)
+        with torch.no_grad():
+            if family == "flow" and parts is not None:
+                base, steps = parts
+                flows = [BatchedMADE.from_conditional(t) for t in steps]
+                clamp = (steps[0].log_scale_min_clip, steps[0].log_scale_max_clip)
+                return cls("flow", latent, base.mean, base.stddev, flows=flows, clamp=clamp)
+            if source == "full":
+                loc, tril = q.loc, q.scale_tril
+            elif source == "diagonal":
+                loc, tril = q.mean, torch.diag_embed(q.stddev)
+            else:  # moment-match from draws, taken in chunks so memory stays bounded
+                mm = moment_matched(torch.cat([q.sample((min(100, seed_draws - k),)) for k in range(0, seed_draws, 100)]))
+                loc, tril = mm.loc, mm.scale_tril
+            scale = tril.diagonal(dim1=-2, dim2=-1) if family == "full" else (tril @ tril.mT).diagonal(dim1=-2, dim2=-1).sqrt()
+            if family == "full":
+                return cls("full", latent, loc, scale, scale_tril=tril)
+            if family == "diagonal":
+                return cls("diagonal", latent, loc, scale)
+            n, d = loc.shape
+            hidden = flow_hidden if flow_hidden is not None else 2 * d
+            if hidden < d or d < 2:
+                raise ConfigError(f"a local flow needs a latent of size >= 2 and hidden width >= that size, got {d} and {hidden}")
+            flows = [BatchedMADE(n, d, hidden, torch.randperm(d, device=loc.device), like=loc) for _ in range(num_flows)]
+            return cls("flow", latent, loc, scale, flows=flows)

@@ -1,0 +1,106 @@
+"""Draws of any inference method in ArviZ's ``(chain, draw, ...)`` layout, shared by MCMC and VI."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import ConfigError
+from ..params import discover
+from . import azcompat
+
+__all__ = ["Draws", "frozen_parameters"]
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Draws of one inference method, in ArviZ's ``(chain, draw, ...)`` layout.
+
+    Attributes
+    ----------
+    samples : dict of str to ndarray
+        Each variable as ``[chain, draw, *shape]``.
+    sample_stats : dict of str to ndarray
+        Per-transition statistics (``diverging``, ``acceptance_rate``,
+        ``n_steps``, ``log_weight`` for VI draws ...), ``[chain, draw, ...]``.
+    dims, coords : dict
+        ArviZ dimension names (beyond ``chain`` and ``draw``) and coordinates.
+    method : str
+        ``"batched-hmc"``, ``"pyro-nuts"``, ``"vi-amortized"`` ...
+    wall_time : float
+        Seconds spent sampling (warmup included).
+    """
+
+    samples: dict[str, np.ndarray]
+    sample_stats: dict[str, np.ndarray] = field(default_factory=dict)
+    dims: dict[str, list[str]] = field(default_factory=dict)
+    coords: dict[str, list[Any]] = field(default_factory=dict)
+    method: str = ""
+    wall_time: float = float("nan")
+
+    @property
+    def num_chains(self) -> int:
+        return next(iter(self.samples.values())).shape[0]
+
+    @property
+    def num_draws(self) -> int:
+        return next(iter(self.samples.values())).shape[1]
+
+    @property
+    def num_divergences(self) -> int:
+        """Divergent post-warmup transitions (0 if the method has none)."""
+        div = self.sample_stats.get("diverging")
+        return 0 if div is None else int(np.asarray(div).sum())
+
+    def to_inference_data(self) -> Any:
+        """The installed ArviZ's container (``InferenceData`` for 0.x, ``DataTree`` for 1.x), via :mod:`.azcompat`."""
+        return azcompat.to_inference_data(
+            self.samples, sample_stats=self.sample_stats, dims=self.dims, coords=self.coords,
+            attrs={"method": self.method, "wall_time_s": self.wall_time},
+        )
+
+    def diagnostics(self) -> Any:
+        """R-hat, bulk and tail ESS and MCSE per scalar element (a DataFrame; labels ``z[0, 1]``)."""
+        return azcompat.diagnostics(self.samples, self.dims, self.coords)
+
+    def to_dataframe(self) -> Any:
+        """Same as :meth:`diagnostics`."""
+        return self.diagnostics()
+
+    def min_ess_per_point(self, method: str = "bulk") -> np.ndarray:
+        """Minimum ESS over every per-datapoint variable's dimensions, one value per ``point``."""
+        per_point = [n for n in self.samples if self.dims.get(n, [None])[0] == "point"]
+        if not per_point:
+            raise ConfigError("these draws have no per-datapoint (point) variables")
+        mins = [azcompat.ess(self.samples[n], method).reshape(self.samples[n].shape[2], -1).min(1) for n in per_point]  # type: ignore[arg-type]
+        return np.min(np.stack(mins), axis=0)
+
+
+@contextlib.contextmanager
+def frozen_parameters(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Switch ``requires_grad`` off for ``params`` inside the block, restore it after."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+def freeze_model(model: Callable[..., object], args: tuple[torch.Tensor, ...]) -> contextlib.AbstractContextManager[None]:
+    found = discover(model, lambda *a: None, tuple(a[:1] for a in args))
+    return frozen_parameters(found.params)
+
+def check_counts(num_samples: int, warmup_steps: int, num_chains: int) -> None:
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"number of draws must be a positive integer, got {num_samples!r}")
+    if not isinstance(num_chains, int) or num_chains < 1:
+        raise ConfigError(f"number of chains must be a positive integer, got {num_chains!r}")
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ConfigError(f"warmup steps must be a non-negative integer, got {warmup_steps!r}")

@@ -1,0 +1,170 @@
+r"""One trace and one reducer: the guide run on the data, the model replayed on its draws, log-densities per datapoint.
+
+:func:`traces` runs a guide and replays the model on its draws (optionally
+``S`` vectorised draws in a plate left of the model's plates, as Pyro's
+``vectorize_particles``); :func:`per_datapoint` reduces one site's
+log-density to one value per datapoint (summed over every dimension but the
+``"data"`` plate and the draws plate); :func:`log_weights` is
+:math:`\log p(x, z) - \log q(z \mid x)` per datapoint. Every per-datapoint
+bound and analysis of the package is built on these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+
+from ..errors import ConfigError, DataError, PplVaeError
+
+__all__ = ["probe", "trace_nesting", "plate_nesting", "traces", "log_weights", "check_pairs", "log_weights_of", "first_nonfinite_site"]
+
+SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
+
+def _keep_dim(lp: torch.Tensor, site: dict, name: str) -> int | None:
+    dims = [f.dim for f in site["cond_indep_stack"] if f.name == name]
+    if not dims:
+        return None
+    return lp.dim() + dims[0] if dims[0] < 0 else dims[0]
+
+def per_datapoint(site: dict, plate: str) -> torch.Tensor:
+    """A site's log-density summed over everything but the data plate (and the draws plate, if any)."""
+    lp = site["fn"].log_prob(site["value"])
+    if site.get("mask") is not None:
+        lp = lp * site["mask"]
+    keep_data = _keep_dim(lp, site, plate)
+    if keep_data is None:
+        raise ConfigError(f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint bounds need every site inside it")
+    keep = [d for d in (_keep_dim(lp, site, SAMPLES), keep_data) if d is not None]
+    other = [d for d in range(lp.dim()) if d not in keep]
+    return lp.sum(other) if other else lp
+
+def probe(what: str, run: Callable[[], object], data: Sequence[torch.Tensor]) -> object:
+    """``run()``; a shape or value error from inside the model or guide becomes one :class:`DataError` naming ``what`` and the data's shapes."""
+    try:
+        return run()
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        if isinstance(exc, PplVaeError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shapes = ", ".join(str(tuple(t.shape)) for t in data if isinstance(t, torch.Tensor))
+        raise DataError(f"{what}: the model or guide failed on the data of shape {shapes} ({first})") from None
+
+def trace_nesting(*trs: Trace) -> int:
+    """How many vectorised plates deep the sample sites of ``trs`` go (Pyro's ``max_plate_nesting``)."""
+    depth = [
+        -f.dim
+        for tr in trs
+        for site in tr.nodes.values()
+        if site["type"] == "sample"
+        for f in site["cond_indep_stack"]
+        if f.vectorized and f.dim is not None
+    ]
+    return max(depth, default=0)
+
+def plate_nesting(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor) -> int:
+    """How many plates deep the model and guide go (Pyro's ``max_plate_nesting``), from one traced run."""
+    return trace_nesting(*traces(model, guide, *args))
+
+def traces(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *args: torch.Tensor,
+    num_samples: int | None = None,
+    nesting: int | None = None,
+) -> tuple[Trace, Trace]:
+    """``(model_trace, guide_trace)``: the guide run on ``args``, the model replayed on its draws.
+
+    With ``num_samples=S`` both run inside a plate of ``S`` vectorised draws
+    (to the left of ``nesting`` plates, found by :func:`plate_nesting` if not
+    given), as Pyro's ``vectorize_particles`` does. Blocked from outer
+    handlers, so it can run inside another inference.
+    """
+    with poutine.block():
+        if num_samples is None:
+            guide_tr = poutine.trace(guide).get_trace(*args)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+            return model_tr, guide_tr
+        depth = plate_nesting(model, guide, *args) if nesting is None else nesting
+        with pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
+            guide_tr = poutine.trace(guide).get_trace(*args)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+    return model_tr, guide_tr
+
+def log_weights(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *args: torch.Tensor,
+    plate: str = "data",
+    num_samples: int | None = None,
+    nesting: int | None = None,
+) -> torch.Tensor:
+    """Importance log-weights ``log p(x, z) - log q(z | x)`` per datapoint, ``z ~ q``.
+
+    Returns shape ``[N]`` (one draw each), or ``[S, N]`` with ``num_samples=S``
+    vectorised draws; their mean over draws is the ELBO.
+    """
+    model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples, nesting=nesting)
+    total = log_weights_of(model_tr, guide_tr, plate)
+    if num_samples is not None and total.dim() == 1:  # nothing depended on the draws
+        total = total.expand(num_samples, -1)
+    return total
+
+def check_pairs(model_tr: Trace, guide_tr: Trace, what: str = "the ELBO") -> None:
+    """Refuse a guide that lacks a latent site of the model (it would be drawn from the prior) or samples one the model lacks."""
+    guide_sites = {n for n, s in guide_tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+    for name, site in model_tr.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site) and not site["is_observed"] and name not in guide_sites:
+            raise ConfigError(f"{what}: the guide has no site {name!r}, a latent site of the model (it would be drawn from the prior)")
+    model_sites = {n for n, s in model_tr.nodes.items() if s["type"] == "sample"}
+    for name in guide_sites:
+        if name not in model_sites and not guide_tr.nodes[name]["infer"].get("is_auxiliary"):
+            raise ConfigError(f"{what}: guide site {name!r} is not a latent site of the model")
+
+def log_weights_of(model_tr: Trace, guide_tr: Trace, plate: str = "data") -> torch.Tensor:
+    """``log p(x, z) - log q(z | x)`` per datapoint (and draw) from a guide trace and the model replayed on it."""
+    check_pairs(model_tr, guide_tr, "the importance weights")
+    total: torch.Tensor | int = 0
+    for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
+        for site in tr.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                total = total + sign * per_datapoint(site, plate)
+    if isinstance(total, int):
+        raise ConfigError("the model has no sample sites")
+    return total
+
+def first_nonfinite_site(model_tr: Trace, guide_tr: Trace, plate: str = "data") -> tuple[str | None, str]:
+    """``(name, description)`` of the first guide or model site whose value or per-datapoint log-density is not finite (in the traces themselves)."""
+    for role, tr in (("guide", guide_tr), ("model", model_tr)):
+        for name, site in tr.nodes.items():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                if not bool(torch.isfinite(site["value"]).all()):
+                    return name, f"{role} site {name!r} has a non-finite value"
+                if not bool(torch.isfinite(per_datapoint(site, plate)).all()):
+                    return name, f"{role} site {name!r} has a non-finite log-density"
+    return None, "no single site (the sum overflowed)"
+
+
+def sample_sites(tr: poutine.Trace) -> dict[str, dict]:
+    return {n: s for n, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+
+def latent_nodes(tr: poutine.Trace) -> dict[str, dict]:
+    return {n: s for n, s in sample_sites(tr).items() if not s["is_observed"] and not s["infer"].get("is_auxiliary")}
+
+
+def model_latent_sites(model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
+    with poutine.block(), torch.no_grad():
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    latent = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+    if not latent:
+        raise ConfigError("the model has no latent sample sites: nothing to sample")
+    return tr, latent
+
+def sum_but_first(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum over all dimensions but the leading (chain) one, of size ``n``."""
+    return t.expand(n) if t.dim() == 0 else t.reshape(n, -1).sum(1)
