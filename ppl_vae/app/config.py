@@ -12,6 +12,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from ..distributions import LIKELIHOODS
@@ -22,12 +23,67 @@ from ..inference.estimators import get_estimator
 from ..inference.svi import SCHEDULES
 from ..models.discrete import DISCRETE_MODELS
 
-__all__ = ["Config"]
+__all__ = ["Config", "ModelSpec", "MODEL_SPECS", "MODELS", "GUIDES", "RESUMABLE"]
 
 
-FAMILY_MODELS = ("hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae")
-MODELS = ("vae", "beta-vae", "cvae", "ae", "dae", "ppca", *DISCRETE_MODELS, *FAMILY_MODELS)
 GUIDES = ("diagonal", "full", "iaf")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a named model is, for every rule that depends on it; declared once, in :data:`MODEL_SPECS`.
+
+    Attributes
+    ----------
+    latents : {"continuous", "discrete", "point"}
+        Its latent sites: continuous, discrete (no pathwise gradient), or a
+        point-mass encoder (an autoencoder: no density, no ELBO).
+    guides, archs : tuple of str
+        The ``--guide`` and ``--arch`` values it can be built with.
+    mean_field : bool
+        Its guide factorises over the latent sites (analytic KL applies).
+    labels : bool
+        It is conditioned on class labels (the data need them).
+    standard_prior : bool
+        Its (top) latent has the N(0, I) prior the latent pictures draw in.
+    hidden_optional : bool
+        ``--hidden ""`` builds linear maps.
+    needs_beta : bool
+        It needs ``--beta`` different from 1 (the beta-VAE).
+    objective : str
+        What its training objective is, as reported.
+    """
+
+    latents: str = "continuous"
+    guides: tuple[str, ...] = ("diagonal", "full")
+    archs: tuple[str, ...] = ("mlp",)
+    mean_field: bool = True
+    labels: bool = False
+    standard_prior: bool = False
+    hidden_optional: bool = False
+    needs_beta: bool = False
+    objective: str = "ELBO"
+
+
+_AE = "reconstruction log-likelihood (not a bound)"
+_PENALISED = "reconstruction log-likelihood minus penalties (not a bound)"
+MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
+    "vae": ModelSpec(guides=GUIDES, archs=("mlp", "conv"), standard_prior=True),
+    "beta-vae": ModelSpec(guides=GUIDES, archs=("mlp", "conv"), standard_prior=True, needs_beta=True),
+    "cvae": ModelSpec(labels=True, standard_prior=True),
+    "ae": ModelSpec(latents="point", guides=("diagonal",), archs=("mlp", "conv"), standard_prior=True, objective=_AE),
+    "dae": ModelSpec(latents="point", guides=("diagonal",), archs=("mlp", "conv"), standard_prior=True, objective=_AE),
+    "ppca": ModelSpec(standard_prior=True),
+    **{m: ModelSpec(latents="discrete", guides=("diagonal",), hidden_optional=True) for m in DISCRETE_MODELS},
+    "hvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True),
+    "mog-vae": ModelSpec(),
+    "vampprior": ModelSpec(),
+    "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
+    "sparse-ae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
+})
+MODELS = tuple(MODEL_SPECS)
+#: estimators by what they need of the model: a pathwise sampler at every guide site, and analytic KLs
+PATHWISE_ESTIMATORS = ("reparam", "analytic-kl", "enum")
 
 #: options ``--resume`` may change (recorded in config.json's ``resumed`` list); every other one defines the run
 RESUMABLE = ("epochs", "patience", "data_dir", "download")
@@ -95,32 +151,34 @@ class Config:
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
         get_estimator(self.estimator).validate(self.num_particles)  # ConfigError for unknown names, bad options
-        if self.model in DISCRETE_MODELS and self.estimator in ("reparam", "analytic-kl"):
-            raise ConfigError(f"{self.model} has discrete latents: use --estimator score, score+average, score+nvil, score+loo, iwae or relaxed")
+        spec, estimator = self.spec, self.estimator.split(":")[0]
+        if spec.latents == "discrete" and estimator in PATHWISE_ESTIMATORS:
+            raise ConfigError(f"{self.model} has discrete latents (its guide has no pathwise sampler to reparameterise or enumerate): use --estimator score, score+average, score+nvil, score+loo, iwae or relaxed")
+        if spec.latents == "point" and estimator != "reparam":
+            raise ConfigError(f"{self.model} has a point-estimate encoder: only --estimator reparam applies")
+        if estimator == "analytic-kl" and not spec.mean_field:
+            raise ConfigError(f"{self.model}'s guide is not mean-field (its sites depend on each other): --estimator analytic-kl would optimise the wrong objective")
         if self.guide not in GUIDES:
             raise ConfigError(f"unknown guide {self.guide!r}; choose one of {', '.join(GUIDES)}")
+        if self.guide not in spec.guides:
+            able = ", ".join(m for m, s in MODEL_SPECS.items() if self.guide in s.guides)
+            raise ConfigError(f"--guide {self.guide} is available for {able}, not {self.model}")
         if self.guide == "iaf" and self.estimator.startswith("score"):
             raise ConfigError("--guide iaf needs a pathwise estimator (reparam or iwae): its cached flow log-density gives the score function no gradient")
-        if self.estimator.split(":")[0] == "iwae" and self.beta != 1.0:
+        if estimator == "iwae" and self.beta != 1.0:
             raise ConfigError("--estimator iwae is not defined with --beta != 1 (the bound is not a sum of per-site terms)")
-        if self.model in DISCRETE_MODELS and self.estimator == "enum":
-            raise ConfigError(f"{self.model} has no enumerable latents in its guide: use --estimator score, score+average, score+nvil, score+loo, iwae or relaxed")
-        if self.guide == "iaf" and self.model not in ("vae", "beta-vae"):
-            raise ConfigError(f"--guide iaf is available for vae and beta-vae, not {self.model}")
         if self.guide == "iaf" and (self.flows < 1 or self.latent_dim < 2):
             raise ConfigError(f"--guide iaf needs --flows >= 1 and --latent-dim >= 2, got {self.flows} and {self.latent_dim}")
         if self.arch not in ("mlp", "conv"):
             raise ConfigError(f"unknown arch {self.arch!r}; choose mlp or conv")
-        if self.arch == "conv" and self.model in ("cvae", "ppca"):
-            raise ConfigError(f"--arch conv is not available for {self.model}")
-        if not self.hidden and self.model not in DISCRETE_MODELS:  # the discrete-latent models take none: linear maps
+        if self.arch not in spec.archs:
+            raise ConfigError(f"--arch {self.arch} is not available for {self.model}")
+        if not self.hidden and not spec.hidden_optional:
             raise ConfigError(f"hidden must list at least one layer width for {self.model}, e.g. --hidden 200,200")
         if any(h <= 0 for h in self.hidden):
             raise ConfigError(f"hidden widths must be positive, got {self.hidden}")
-        if self.model in ("ae", "dae") and self.estimator != "reparam":
-            raise ConfigError(f"{self.model} has a point-estimate encoder: only --estimator reparam applies")
-        if self.model == "beta-vae" and self.beta == 1.0:
-            raise ConfigError("beta-vae needs --beta different from 1 (beta=1 is the vae)")
+        if spec.needs_beta and self.beta == 1.0:
+            raise ConfigError(f"{self.model} needs --beta different from 1 (beta=1 is the vae)")
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"beta must be positive, got {self.beta}")
         for name in ("epochs", "batch_size", "num_particles"):
@@ -130,7 +188,7 @@ class Config:
             raise ConfigError(f"noise must be in [0, 1), got {self.noise}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
-        if not 0 <= self.seed <= 2**32 - 1:  # Pyro's set_rng_seed seeds numpy, whose seeds are 32-bit
+        if not 0 <= self.seed <= 2**32 - 1:  # a 32-bit seed, as numpy's (unchanged from earlier versions, so old configs stay valid)
             raise ConfigError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience must be >= 1, got {self.patience}")
@@ -139,6 +197,14 @@ class Config:
         if self.lr_schedule is not None and self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
         return self
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The properties of the named model (:data:`MODEL_SPECS`)."""
+        try:
+            return MODEL_SPECS[self.model]
+        except KeyError:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

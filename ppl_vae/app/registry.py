@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from ..guides.amortized import amortized_guide, delta_guide, masking_noise
 from ..guides.discrete import bernoulli_guide, categorical_guide
 from ..guides.flows import IAFEncoder
 from ..inference.estimators import get_estimator
+from ..inference.random import seeded
 from ..inference.svi import as_tensors
 from ..models.autoencoders import sparse_autoencoder
 from ..models.discrete import (
@@ -43,18 +45,26 @@ from ..models.priors import VampPrior, vae_with_prior
 from ..models.vae import Model, autoencoder, cvae, vae
 from ..models.vqvae import Codebook, CodePrior, QuantizedDecoder, vqvae
 from ..nn import MLP, Concat, ConvDecoder, ConvEncoder, GaussianEncoder
-from .config import FAMILY_MODELS, Config
+from .config import Config
 
 __all__ = ["Built", "build", "objective_name", "build_checked", "build_family"]
 
 
+#: the models :func:`build_family` builds (the others are built by :func:`build` itself)
+FAMILY_MODELS = ("hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae")
 MIXTURE_COMPONENTS, PSEUDO_INPUTS, SPARSE_L1 = 10, 50, 0.1
 
 VQ_LATENTS, VQ_CODES = 8, 64
 
-@dataclass
+@dataclass(frozen=True)
 class Built:
-    """The networks, model and guide of one config, and how to read latents off them."""
+    """The networks, model and guide of one config, and how to read latents off them.
+
+    ``exact`` is the model itself when it has closed forms (PPCA's exact
+    posterior, marginal likelihood and linear decoder), for the pictures and
+    the exact test log-likelihood; ``extra`` holds model-specific pieces
+    (read-only), e.g. ``sample_prior(n, generator)``.
+    """
 
     config: Config
     model: Callable[..., None]
@@ -63,12 +73,15 @@ class Built:
     encoder: nn.Module | None
     likelihood: nn.Module | None
     num_classes: int | None = None
-    ppca: PPCA | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    exact: PPCA | None = None
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
 
     @property
     def conditional(self) -> bool:
-        return self.config.model == "cvae"
+        return self.config.spec.labels
 
     def encoder_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         if self.conditional:
@@ -79,8 +92,8 @@ class Built:
     @torch.no_grad()
     def latent_mean(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The guide's mean of ``z`` per row of ``x`` (the exact posterior mean for PPCA; for a flow, the base mean pushed through it)."""
-        if self.ppca is not None:
-            return self.ppca.posterior(x).mean
+        if self.exact is not None:
+            return self.exact.posterior(x).mean
         assert self.encoder is not None
         out = self.encoder(*self.encoder_inputs(x, y))
         if isinstance(out, torch.distributions.TransformedDistribution):  # a flow: push the base mean through it
@@ -94,20 +107,24 @@ class Built:
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of ``p(x | z)`` at the latent mean."""
         z = self.latent_mean(x, y)
-        if self.ppca is not None:
-            return z @ self.ppca.W.T + self.ppca.mu
+        if self.exact is not None:
+            return z @ self.exact.W.T + self.exact.mu
         assert self.decoder is not None and self.likelihood is not None
         out = self.decoder(z, one_hot(y, self.num_classes)) if self.conditional else self.decoder(z)  # type: ignore[arg-type]
         return self.likelihood.mean(out)
 
 def build(cfg: Config, data_dim: int, image_shape: tuple[int, int, int], num_classes: int | None) -> Built:
-    """Networks, model and guide for ``cfg``; seeded by ``cfg.seed``."""
-    torch.manual_seed(cfg.seed)
+    """Networks, model and guide for ``cfg``; their initialisation is seeded by ``cfg.seed`` (the caller's RNG is left as it was)."""
+    with seeded(cfg.seed):
+        return _build(cfg, data_dim, image_shape, num_classes)
+
+
+def _build(cfg: Config, data_dim: int, image_shape: tuple[int, int, int], num_classes: int | None) -> Built:
     d, hidden = cfg.latent_dim, list(cfg.hidden)
     if cfg.model == "ppca":
         ppca = PPCA(data_dim, d)
         encoder = GaussianEncoder(MLP(data_dim, [], hidden[-1]), hidden[-1], d, cfg.guide)
-        return Built(cfg, ppca, amortized_guide(encoder), None, encoder, None, ppca=ppca)
+        return Built(cfg, ppca, amortized_guide(encoder), None, encoder, None, exact=ppca)
     likelihood = get_likelihood(cfg.likelihood, dim=data_dim)
     if cfg.model in FAMILY_MODELS:  # hierarchical, mixture/Vamp prior, VQ-VAE, sparse AE
         return build_family(cfg, data_dim)
@@ -139,7 +156,7 @@ def load_splits(cfg: Config) -> dict[str, Dataset]:
     return {s: load(cfg.dataset, s, **kw) for s in ("train", "valid", "test")}  # type: ignore[arg-type]
 
 def split_tensors(cfg: Config, ds: Dataset) -> tuple[torch.Tensor, ...]:
-    return ds.tensors(with_labels=cfg.model == "cvae")
+    return ds.tensors(with_labels=cfg.spec.labels)
 
 def _check(cfg: Config, built: Built, splits: dict[str, Dataset]) -> None:
     for name, ds in splits.items():
@@ -148,9 +165,7 @@ def _check(cfg: Config, built: Built, splits: dict[str, Dataset]) -> None:
             check_support(tensors[0], built.likelihood, f"{cfg.dataset} {name} split")
 
 def objective_name(cfg: Config) -> str:
-    if cfg.model in ("vqvae", "sparse-ae"):
-        return "reconstruction log-likelihood minus penalties (not a bound)"
-    return "reconstruction log-likelihood (not a bound)" if cfg.model in ("ae", "dae") else "ELBO"
+    return cfg.spec.objective
 
 _MEMORY = ("can't allocate memory", "not enough memory", "out of memory", "overflow")
 
@@ -207,13 +222,6 @@ def build_family(cfg: Config, data_dim: int) -> Built:
     the model's own prior.
     """
 
-    if cfg.arch != "mlp":
-        raise ConfigError(f"--arch {cfg.arch} is not available for {cfg.model}")
-    if cfg.model in ("vqvae", "sparse-ae") and cfg.estimator != "reparam":
-        raise ConfigError(f"{cfg.model} has a point-estimate encoder: only --estimator reparam applies")
-    if cfg.model == "hvae" and cfg.estimator.split(":")[0] == "analytic-kl":
-        raise ConfigError("hvae's guide q(z2 | z1) is not mean-field: --estimator analytic-kl would optimise the wrong objective")
-    torch.manual_seed(cfg.seed)
     d, hidden = cfg.latent_dim, list(cfg.hidden)
     likelihood = get_likelihood(cfg.likelihood, dim=data_dim)
     body = MLP(data_dim, hidden[:-1], hidden[-1])
@@ -253,9 +261,7 @@ def build_family(cfg: Config, data_dim: int) -> Built:
 
 def _sample_with(sample: Any, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
     """``sample(shape)`` under a torch RNG seeded from ``generator`` (distributions take no generator)."""
-    with torch.random.fork_rng():
-        if generator is not None:
-            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+    with seeded(int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else None):
         return sample(shape).detach()
 
 

@@ -27,12 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyro
 import torch
 
 from ..errors import ConfigError
 from .estimators import Estimator, get_estimator
 from .params import discover
+from .random import seeded
 from .svi import as_tensors, fit
 
 __all__ = ["GradientStats", "gradient_stats", "gradient_course", "parameter_groups"]
@@ -135,31 +135,31 @@ def gradient_stats(
     n = tensors[0].shape[0]
     rows: list[dict[str, Any]] = []
     for est in ests:
-        pyro.set_rng_seed(seed)
-        loss = est.loss(model, guide, num_particles)
-        if getattr(est, "baseline", None) in ("average", "nvil"):  # stateful baselines
-            _warm(loss, tensors, warmup, warmup_lr)
-        flat = {name: [p for p in ps] for name, ps in groups.items()}
-        total = {name: torch.zeros(sum(p.numel() for p in ps), dtype=torch.float64) for name, ps in flat.items()}
-        total_sq = {name: torch.zeros_like(t) for name, t in total.items()}
-        every = [p for ps in flat.values() for p in ps]
-        for _ in range(repeats):
-            grads = torch.autograd.grad(loss(*tensors) / n, every, allow_unused=True)
-            it = iter(grads)
-            for name, ps in flat.items():
-                g = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for p, gr in zip(ps, it)]).double()
-                total[name] += g
-                total_sq[name] += g * g
-        for name in flat:
-            mean = total[name] / repeats
-            var = ((total_sq[name] - repeats * mean * mean) / (repeats - 1)).clamp_min(0)
-            sd = var.sqrt()
-            snr = torch.where(sd > 0, mean.abs() / sd, torch.zeros_like(sd))
-            rows.append({
-                **(extra or {}), "estimator": est.name, "group": name, "num_params": mean.numel(),
-                "mean_norm": mean.norm().item(), "variance": var.sum().item(), "snr": snr.mean().item(),
-                "repeats": repeats, "num_particles": num_particles, "batch_size": n,
-            })
+        with seeded(seed):  # every estimator sees the same draws sequence; the caller's RNG is left as it was
+            loss = est.loss(model, guide, num_particles)
+            if getattr(est, "baseline", None) in ("average", "nvil"):  # stateful baselines
+                _warm(loss, tensors, warmup, warmup_lr)
+            flat = {name: [p for p in ps] for name, ps in groups.items()}
+            total = {name: torch.zeros(sum(p.numel() for p in ps), dtype=torch.float64) for name, ps in flat.items()}
+            total_sq = {name: torch.zeros_like(t) for name, t in total.items()}
+            every = [p for ps in flat.values() for p in ps]
+            for _ in range(repeats):
+                grads = torch.autograd.grad(loss(*tensors) / n, every, allow_unused=True)
+                it = iter(grads)
+                for name, ps in flat.items():
+                    g = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for p, gr in zip(ps, it)]).double()
+                    total[name] += g
+                    total_sq[name] += g * g
+            for name in flat:
+                mean = total[name] / repeats
+                var = ((total_sq[name] - repeats * mean * mean) / (repeats - 1)).clamp_min(0)
+                sd = var.sqrt()
+                snr = torch.where(sd > 0, mean.abs() / sd, torch.zeros_like(sd))
+                rows.append({
+                    **(extra or {}), "estimator": est.name, "group": name, "num_params": mean.numel(),
+                    "mean_norm": mean.norm().item(), "variance": var.sum().item(), "snr": snr.mean().item(),
+                    "repeats": repeats, "num_particles": num_particles, "batch_size": n,
+                })
     return GradientStats(tuple(rows))
 
 

@@ -36,7 +36,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive
-from torch.distributions import Transform, biject_to
+from torch.distributions import Transform, biject_to, constraints
 
 from ..errors import ConfigError
 from ..guides.latent import Latent, LatentSite
@@ -85,6 +85,18 @@ def check_guide_pairs(model_sites: Iterable[str], guide_tr: poutine.Trace, analy
                 raise ConfigError(f"{analysis}: guide site {n!r} is a point mass (Delta): it has no density over the latent, so {analysis} does not apply")
 
 
+def _bijection(support: constraints.Constraint, name: str, analysis: str) -> Transform:
+    """``biject_to(support)``; a mixture's support is its components' (torch has no bijection registered for the wrapper)."""
+    while True:
+        try:
+            return biject_to(support)
+        except NotImplementedError:
+            inner = getattr(support, "base_constraint", None)
+            if inner is None:
+                raise ConfigError(f"{analysis}: site {name!r} has a support ({support}) with no bijection to the reals") from None
+            support = inner
+
+
 def latent_of(model: Callable[..., object], *data: torch.Tensor, guide: Callable[..., object] | None = None, analysis: str = "this analysis") -> Latent:
     """The :class:`Latent` of ``model`` on the rows of ``data``; refuses what a per-datapoint analysis cannot handle.
 
@@ -125,7 +137,7 @@ def latent_of(model: Callable[..., object], *data: torch.Tensor, guide: Callable
                 f"{analysis}: site {name!r} has batch shape {batch}; each latent site must have one row per datapoint "
                 f"(batch shape ({n},), its other dimensions in the event: .to_event)"
             )
-        transform = biject_to(fn.support)
+        transform = _bijection(fn.support, name, analysis)
         shape = tuple(value.shape[1:])
         ushape = tuple(transform.inverse_shape(torch.Size((n, *shape))))[1:]
         sites.append(LatentSite(name, shape, ushape, transform))

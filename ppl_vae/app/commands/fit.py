@@ -177,8 +177,8 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
             "num_test": len(splits["test"]),
             "options": cfg.to_dict(),
         }
-        if built.ppca is not None:
-            metrics["test_log_px_exact"] = built.ppca.log_marginal(test[0]).mean().item()
+        if built.exact is not None:
+            metrics["test_log_px_exact"] = built.exact.log_marginal(test[0]).mean().item()
         if figures:
 
             run_figures(built, splits, result.to_dataframe(), out)

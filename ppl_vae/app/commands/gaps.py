@@ -139,9 +139,11 @@ def load_reports(folder: str | Path) -> list[GapReport]:
 
         fams = [c[len("elbo_qstar_") :] for c in rows.columns if c.startswith("elbo_qstar_") and not c.endswith("_se") and rows[c].notna().all()]
         reports.append(GapReport(
-            torch.tensor(rows["index"].to_numpy()), col("log_px"), col("log_px_se"), col("elbo_q"), col("elbo_q_se"),
-            {f: col(f"elbo_qstar_{f}") for f in fams}, {f: col(f"elbo_qstar_{f}_se") for f in fams},
-            summary["qstar_family"], summary["logpx_estimator"], summary["num_samples"], summary["local_steps_mean"], summary["name"],
+            index=torch.tensor(rows["index"].to_numpy()), log_px=col("log_px"), log_px_se=col("log_px_se"), elbo_q=col("elbo_q"),
+            elbo_q_se=col("elbo_q_se"), elbo_local={f: col(f"elbo_qstar_{f}") for f in fams},
+            elbo_local_se={f: col(f"elbo_qstar_{f}_se") for f in fams}, family=summary["qstar_family"],
+            logpx_estimator=summary["logpx_estimator"], num_samples=summary["num_samples"], local_steps=summary["local_steps_mean"],
+            name=summary["name"], q_in_family=summary.get("q_in_family", True),
         ))
     return reports
 

@@ -54,7 +54,7 @@ def grad_variance_report(
         get_estimator(e).validate(num_particles)
     built, splits = load_run(run_dir)
     cfg, train = built.config, splits["train"]
-    tensors = train.tensors(with_labels=cfg.model == "cvae")
+    tensors = train.tensors(with_labels=cfg.spec.labels)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:batch_size]
     probe = tuple(t[pick] for t in tensors)
     if track_epochs:

@@ -12,9 +12,7 @@ import torch
 from ... import io
 from ...errors import ConfigError
 from ..figures.latent import (
-    AUTOENCODERS,
     KINDS,
-    STANDARD_PRIOR,
     ae_vs_vae,
     interpolation,
     latent_sweep,
@@ -82,9 +80,9 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
     elif kind == "traversal":
         fig = traversal(built, x, shape)
     elif kind == "ae-vs-vae":
-        kinds = [b.config.model in AUTOENCODERS for b, _ in loaded]
-        if sum(kinds) != 1 or not all(b.config.model in STANDARD_PRIOR for b, _ in loaded):
-            raise ConfigError("ae-vs-vae needs one autoencoder run (ae, dae, sparse-ae) and one VAE run")
+        kinds = [b.config.spec.latents == "point" for b, _ in loaded]
+        if sum(kinds) != 1 or not all(b.config.spec.standard_prior for b, _ in loaded):
+            raise ConfigError("ae-vs-vae needs one autoencoder run (a point-mass encoder with an N(0, I) prior: ae, dae) and one VAE run")
         ae, vae = (loaded[0][0], loaded[1][0]) if kinds[0] else (loaded[1][0], loaded[0][0])
         fig = ae_vs_vae(ae, vae, x[:m], y[:m] if y is not None else None, shape, seed=seed)
     else:

@@ -137,14 +137,15 @@ def cvae_quadrants(
     opts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     for q in quadrants:
         xin, xin_te = mask_quadrants(xtr, q), mask_quadrants(xte, q)
-        torch.manual_seed(seed)
         t0 = time.perf_counter()
-        base = MLP(d, [h1, h2], d)
+        with seeded(seed):  # network initialisation; the caller's RNG is left as it was
+            base = MLP(d, [h1, h2], d)
         fit(baseline_model(base), empty_guide, (xin, xtr), **opts)
         base.requires_grad_(False)
-        prior_net = GaussianEncoder(MLP(d, [h1], h2), h2, latent_dim)
-        recognition = GaussianEncoder(MLP(d, [h1], h2), h2, latent_dim)
-        generation = MLP(latent_dim, [h1, h2], d)
+        with seeded(seed + 1):
+            prior_net = GaussianEncoder(MLP(d, [h1], h2), h2, latent_dim)
+            recognition = GaussianEncoder(MLP(d, [h1], h2), h2, latent_dim)
+            generation = MLP(latent_dim, [h1, h2], d)
         model, guide = so_cvae(prior_net, generation, baseline=base), so_cvae_guide(recognition)
         fit(model, guide, (xin, xtr), **opts)
         train_s = time.perf_counter() - t0
@@ -255,10 +256,10 @@ def m2_semisupervised(
             repeats = max(1, round(labelled_share * len(xtr) / n_lab))
             x_fit = torch.cat([xtr[y_semi < 0], xtr[lab].repeat(repeats, 1)])
             y_fit = torch.cat([y_semi[y_semi < 0], ytr[lab].repeat(repeats)])
-            torch.manual_seed(seed + draw)
-            clf = MLP(d, [hidden], c)
-            enc = GaussianEncoder(MLP(d + c, [], hidden), hidden, latent_dim)
-            dec = MLP(latent_dim + c, [hidden], d)
+            with seeded(seed + draw):  # network initialisation; the caller's RNG is left as it was
+                clf = MLP(d, [hidden], c)
+                enc = GaussianEncoder(MLP(d + c, [], hidden), hidden, latent_dim)
+                dec = MLP(latent_dim + c, [hidden], d)
             model, guide = m2(dec, get_likelihood("bernoulli"), clf, latent_dim, c, alpha=alpha), m2_guide(enc, clf, c)
             t0 = time.perf_counter()
             fit(model, guide, (x_fit, y_fit), estimator="enum", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + draw, progress=progress)

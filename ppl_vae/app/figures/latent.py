@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...errors import ConfigError
+from ..config import MODEL_SPECS
 from ..registry import Built
 from .run import image_grid, load_pyplot
 
@@ -38,15 +39,16 @@ if TYPE_CHECKING:
 __all__ = ["KINDS", "decode", "manifold", "interpolation", "tsne", "ae_vs_vae", "latent_sweep", "traversal"]
 
 KINDS = ("manifold", "interpolation", "tsne", "ae-vs-vae", "latent-sweep", "traversal")
-AUTOENCODERS = ("ae", "dae", "sparse-ae")
-#: models whose (top) latent has the N(0, I) prior the manifold grid and the traversals are drawn in
-STANDARD_PRIOR = ("vae", "beta-vae", "hvae", "ae", "dae", "ppca")
+
+
+def _standard() -> str:
+    return ", ".join(m for m, s in MODEL_SPECS.items() if s.standard_prior)
 
 
 def decode(built: Built, z: torch.Tensor) -> torch.Tensor:
     """Mean of :math:`p(x \\mid z)` (PPCA: :math:`Wz + \\mu`) for the latents ``z`` of a run's model."""
-    if built.ppca is not None:
-        return z @ built.ppca.W.T + built.ppca.mu
+    if built.exact is not None:
+        return z @ built.exact.W.T + built.exact.mu
     if built.decoder is None or built.likelihood is None or built.conditional:
         raise ConfigError(f"latent pictures need an unconditional model with a decoder, not {built.config.model}")
     with torch.no_grad():
@@ -59,8 +61,8 @@ def _latent_dim(built: Built, x: torch.Tensor) -> int:
 
 def manifold(built: Built, image_shape: tuple[int, int, int], *, n: int = 15) -> Figure:
     """Decoder means over an ``n x n`` grid of prior quantiles (5 %..95 %) of a 2-D standard-normal latent."""
-    if built.config.model not in STANDARD_PRIOR or built.config.latent_dim != 2:
-        raise ConfigError(f"manifold needs a 2-D latent with an N(0, I) prior (vae, beta-vae, hvae); run has {built.config.model} with latent dim {built.config.latent_dim}")
+    if not built.config.spec.standard_prior or built.config.latent_dim != 2:
+        raise ConfigError(f"manifold needs a 2-D latent with an N(0, I) prior ({_standard()}); run has {built.config.model} with latent dim {built.config.latent_dim}")
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
     z = torch.stack(torch.meshgrid(q.flip(0), q, indexing="ij")[::-1], -1).reshape(-1, 2)
     return image_grid(decode(built, z), image_shape, n, "decoded grid of prior quantiles (z1 across, z2 up)")
@@ -152,8 +154,8 @@ def latent_sweep(runs: Sequence[tuple[Built, dict[str, Any]]], x: torch.Tensor, 
 
 def traversal(built: Built, x: torch.Tensor, image_shape: tuple[int, int, int], *, steps: int = 9, span: float = 3.0, max_dims: int = 10) -> Figure:
     """Row ``j``: decode the latent mean of ``x[0]`` with coordinate ``j`` set to each of ``steps`` values in ``[-span, span]``."""
-    if built.config.model not in STANDARD_PRIOR:
-        raise ConfigError(f"traversal needs a model with an N(0, I) prior (vae, beta-vae, hvae), not {built.config.model}")
+    if not built.config.spec.standard_prior:
+        raise ConfigError(f"traversal needs a model with an N(0, I) prior ({_standard()}), not {built.config.model}")
     z0 = built.latent_mean(x[:1])[0]
     d = min(len(z0), max_dims)
     values = torch.linspace(-span, span, steps)

@@ -101,8 +101,8 @@ def run_figures(built: Built, splits: dict[str, Dataset], history: Any, out: str
     figs: dict[str, Any] = {}
     figs["reconstructions.png"] = image_grid(torch.cat([x, built.reconstruct(x, y)]), shape, n, "inputs (top) and reconstructions (bottom)")
     gen = torch.Generator().manual_seed(built.config.seed)
-    if built.ppca is not None:
-        samples = built.ppca.sample(64, generator=gen)
+    if built.exact is not None:
+        samples = built.exact.sample(64, generator=gen)
         figs["prior_samples.png"] = image_grid(samples, shape, 8, "samples from the model")
     elif built.conditional:
         labels = torch.arange(built.num_classes or 10).repeat_interleave(8)

@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pandas as pd
@@ -52,9 +53,9 @@ def _mean_se(v: torch.Tensor) -> tuple[float, float]:
     return v.mean().item(), (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else math.nan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GapReport:
-    """Per-datapoint gap decomposition of one model and guide (tensors are ``[N]``)."""
+    """Per-datapoint gap decomposition of one model and guide (tensors are ``[N]``); built by keyword, read-only mappings."""
 
     index: torch.Tensor
     log_px: torch.Tensor
@@ -69,6 +70,10 @@ class GapReport:
     local_steps: dict[str, float] = field(default_factory=dict)
     name: str = "model"
     q_in_family: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("elbo_local", "elbo_local_se", "local_steps"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     @property
     def elbo_qstar(self) -> torch.Tensor:
@@ -216,4 +221,8 @@ def decompose(
         log_px, log_px_se, estimator = r.log_px.double(), r.log_px_se.double(), r.description
     idx = index if index is not None else torch.arange(n)
     family = own if own is not None else max(local, key=lambda f: local[f].mean().item())
-    return GapReport(idx, log_px, log_px_se, on_q.elbo, on_q.elbo_se, local, local_se, family, estimator, elbo_samples, steps, name, own is not None)
+    return GapReport(
+        index=idx, log_px=log_px, log_px_se=log_px_se, elbo_q=on_q.elbo, elbo_q_se=on_q.elbo_se, elbo_local=local,
+        elbo_local_se=local_se, family=family, logpx_estimator=estimator, num_samples=elbo_samples, local_steps=steps,
+        name=name, q_in_family=own is not None,
+    )

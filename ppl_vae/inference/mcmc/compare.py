@@ -46,9 +46,10 @@ Székely & Rizzo (2013), Energy statistics. J. Stat. Plan. Inference 143.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -124,7 +125,17 @@ def _gaussian_kl(x_q: np.ndarray, x_p: np.ndarray) -> float:
     return float(0.5 * (np.trace(sp_inv_sq) + maha - k + 2 * np.log(np.diag(lp)).sum() - logdet_q))
 
 
-@dataclass(frozen=True)
+def _frozen(arrays: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """A read-only mapping of read-only copies of ``arrays``."""
+    out = {}
+    for k, v in arrays.items():
+        a = np.array(v, copy=True)
+        a.setflags(write=False)
+        out[k] = a
+    return MappingProxyType(out)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Comparison:
     """VI-vs-MCMC metrics per datapoint (``point``) and latent dimension (``dim``).
 
@@ -138,6 +149,10 @@ class Comparison:
     per_point: dict[str, np.ndarray]
     mcmc_method: str
     vi_method: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "per_dim", _frozen(self.per_dim))
+        object.__setattr__(self, "per_point", _frozen(self.per_point))
 
     def to_dataframe(self, level: str = "dim") -> Any:
         """Long table: one row per (point, dim) with the point's metrics repeated; ``level="point"``: one row per point."""
@@ -286,4 +301,4 @@ def compare(
         "mcmc_divergences": divs.astype(int),
     }
     points = tuple(mcmc.coords.get("point", range(p_count))) if latent else (0,)
-    return Comparison(points, tuple(labels), per_dim, per_point, mcmc.method, vi.method)
+    return Comparison(points=points, dims=tuple(labels), per_dim=per_dim, per_point=per_point, mcmc_method=mcmc.method, vi_method=vi.method)

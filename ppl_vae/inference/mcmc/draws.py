@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,19 @@ class Draws:
     coords: dict[str, list[Any]] = field(default_factory=dict)
     method: str = ""
     wall_time: float = float("nan")
+
+    def __post_init__(self) -> None:  # read-only: a result is not edited after the fact
+        for name in ("samples", "sample_stats"):
+            arrays = {}
+            for k, v in getattr(self, name).items():
+                a = np.asarray(v)
+                if a.flags.writeable:
+                    a = a.copy()
+                    a.setflags(write=False)
+                arrays[k] = a
+            object.__setattr__(self, name, MappingProxyType(arrays))
+        object.__setattr__(self, "dims", MappingProxyType({k: tuple(v) for k, v in self.dims.items()}))
+        object.__setattr__(self, "coords", MappingProxyType({k: tuple(v) for k, v in self.coords.items()}))
 
     @property
     def num_chains(self) -> int:
