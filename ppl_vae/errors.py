@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["PplVaeError", "DataError", "ConfigError", "CheckpointError", "NotReparameterizableError", "TrainingDiverged", "RunDirectoryError", "Interrupted", "NonFiniteError"]
 
 
@@ -55,3 +57,18 @@ class NonFiniteError(PplVaeError, FloatingPointError):
     def __init__(self, message: str, *, site: str | None) -> None:
         super().__init__(message)
         self.site = site
+
+
+def check_int(value: object, name: str, *, low: int = 1) -> int:
+    """``value`` if it is an integer (not a bool) of at least ``low``; else a :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}"
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def check_positive(value: object, name: str) -> float:
+    """``value`` if it is a finite number above 0; else a :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)

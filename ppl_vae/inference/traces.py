@@ -22,7 +22,10 @@ from pyro.poutine.util import site_is_subsample
 
 from ..errors import ConfigError, DataError, PplVaeError
 
-__all__ = ["probe", "trace_nesting", "plate_nesting", "traces", "log_weights", "check_pairs", "log_weights_of", "first_nonfinite_site"]
+__all__ = [
+    "SAMPLES", "per_datapoint", "probe", "trace_nesting", "plate_nesting", "traces", "log_weights", "check_pairs", "log_weights_of",
+    "first_nonfinite_site", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first",
+]
 
 SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
 
@@ -164,6 +167,16 @@ def model_latent_sites(model: Callable[..., object], args: tuple[Any, ...], kwar
     if not latent:
         raise ConfigError("the model has no latent sample sites: nothing to sample")
     return tr, latent
+
+def vectorized(fn: Callable[..., object], size: int, dim: int, name: str = "_vectorized") -> Callable[..., object]:
+    """``fn`` run inside a plate of ``size`` at ``dim`` (left of its own plates): ``size`` independent copies in one batch."""
+
+    def run(*args: Any, **kwargs: Any) -> object:
+        with pyro.plate(name, size, dim=dim):
+            return fn(*args, **kwargs)
+
+    return run
+
 
 def sum_but_first(t: torch.Tensor, n: int) -> torch.Tensor:
     """Sum over all dimensions but the leading (chain) one, of size ``n``."""

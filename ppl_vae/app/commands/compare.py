@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ... import io
-from ...errors import ConfigError
+from ...errors import ConfigError, check_int
 from ...guides.local import family_of
 from ...inference.gaps.local import optimize_local
 from ...inference.latent import guide_in_latent_space, latent_of
@@ -47,8 +47,7 @@ def pick_points(n: int, *, num_points: int | None = None, indices: list[int] | N
         if bad:
             raise ConfigError(f"datapoint index {bad[0]} is out of range: the split has {n} rows (0..{n - 1})")
         return list(indices)
-    if num_points is None or num_points < 1:
-        raise ConfigError(f"number of points must be a positive integer, got {num_points!r}")
+    check_int(num_points, "number of points")
     if num_points > n:
         raise ConfigError(f"cannot compare {num_points} points: the split has {n} rows")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_points].sort().values.tolist()
@@ -60,8 +59,7 @@ def _check(guide: str, draws: int, chains: int, warmup: int | None, vi_draws: in
     vi_draws = chains * draws if vi_draws is None and isinstance(chains, int) and isinstance(draws, int) else vi_draws
     # R-hat and ESS split each chain in halves and need a few draws per half: at least 4 draws per chain
     for name, value, low in (("draws", draws, 4), ("chains", chains, 1), ("warmup", warmup, 0), ("vi-draws", vi_draws, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ConfigError(f"--{name} must be an integer >= {low}, got {value!r}")
+        check_int(value, f"--{name}", low=low)
     if guide not in GUIDES:
         raise ConfigError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDES)}")
     return warmup, vi_draws  # type: ignore[return-value]

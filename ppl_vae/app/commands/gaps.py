@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ... import io
-from ...errors import ConfigError
+from ...errors import ConfigError, check_int
 from ...inference.gaps.ais import check_options as check_ais_options
 from ...inference.gaps.decompose import (
     GAPS_CSV,
@@ -52,8 +52,7 @@ def table_markdown(reports: Sequence[GapReport]) -> str:
 
 
 def _points(n_split: int, num_points: int, seed: int) -> torch.Tensor:
-    if not isinstance(num_points, int) or num_points < 1:
-        raise ConfigError(f"--num-points must be a positive integer, got {num_points!r}")
+    check_int(num_points, "--num-points")
     if num_points > n_split:
         raise ConfigError(f"--num-points {num_points} is more than the split has ({n_split})")
     g = torch.Generator().manual_seed(seed)
@@ -83,8 +82,7 @@ def gaps_run(
         raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown --logpx {logpx!r}; choose iwae or ais")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"--K must be a positive integer, got {num_samples}")
+    check_int(num_samples, "--K")
     if not runs:
         raise ConfigError("give at least one --run")
     loaded = [load_run(r) for r in runs]  # every run is checked before anything is written

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ... import io
-from ...errors import ConfigError
+from ...errors import ConfigError, check_int
 from ...inference.estimators import get_estimator
 from ...inference.gradients import GradientStats, gradient_course, gradient_stats
 from ..figures.gradients import plot_gradient_stats
@@ -48,8 +48,7 @@ def grad_variance_report(
     out = check_run_dir(out, force=force)
     if not (isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
         raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch size")
     for e in estimators:
         get_estimator(e).validate(num_particles)
     built, splits = load_run(run_dir)

@@ -28,7 +28,7 @@ from torch import nn
 from ... import io
 from ...data import load
 from ...distributions import get_likelihood
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError, DataError, check_int
 from ...inference.gaps.bounds import importance_bounds
 from ...inference.random import seeded
 from ...inference.svi import fit
@@ -70,8 +70,7 @@ class TableResult:
 
 def _positive(**values: int) -> None:
     for name, v in values.items():
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        check_int(v, name.replace("_", "-"))
 
 
 def _seed(seed: int) -> None:

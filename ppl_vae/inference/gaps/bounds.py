@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from ...errors import ConfigError
+from ...errors import ConfigError, check_int
 from ..random import seeded
 from ..traces import log_weights, plate_nesting, probe
 
@@ -112,8 +112,7 @@ def importance_bounds(
     seed : int, optional
         Seeds the draws; the caller's random stream is left as it was.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"the number of importance samples K must be a positive integer, got {num_samples!r}")
+    check_int(num_samples, "the number of importance samples K")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     n = _check_data(data)

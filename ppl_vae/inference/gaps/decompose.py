@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from ... import io
-from ...errors import ConfigError
+from ...errors import ConfigError, check_int
 from ...guides.local import FAMILIES, family_of
 from ..latent import guide_in_latent_space, latent_of
 from .ais import ais
@@ -194,8 +194,7 @@ def decompose(
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown log p(x) estimator {logpx!r}; choose iwae or ais")
     for label, k in (("importance samples K", num_samples), ("ELBO samples", elbo_samples)):
-        if not isinstance(k, int) or k < 1:
-            raise ConfigError(f"the number of {label} must be a positive integer, got {k!r}")
+        check_int(k, f"the number of {label}")
     if local_options:
         check_local_options(**local_options)
     if ais_options:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from pyro import poutine
 
-from ...errors import ConfigError
+from ...errors import ConfigError, check_int, check_positive
 from ...guides.latent import Latent, moment_matched
 from ...guides.local import FAMILIES, LocalPosterior, family_of
 from ..latent import guide_in_latent_space, latent_draws, latent_of
@@ -70,14 +70,12 @@ def check_options(
     if family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     for name, value in (("num_samples", num_samples), ("max_steps", max_steps), ("check_every", check_every), ("num_flows", num_flows)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"the local learning rate must be a positive number, got {lr!r}")
+        check_int(value, name.replace("_", "-"))
+    check_positive(lr, "the local learning rate")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise ConfigError(f"tol must be a non-negative number, got {tol!r}")
-    if flow_hidden is not None and (not isinstance(flow_hidden, int) or flow_hidden < 1):
-        raise ConfigError(f"flow-hidden must be a positive integer, got {flow_hidden!r}")
+    if flow_hidden is not None:
+        check_int(flow_hidden, "flow-hidden")
 
 
 def start_distribution(

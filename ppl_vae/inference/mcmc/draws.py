@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...errors import ConfigError
+from ...errors import ConfigError, check_int
 from ..params import discover
 from . import azcompat
 
@@ -112,9 +112,6 @@ def freeze_model(model: Callable[..., object], args: tuple[torch.Tensor, ...]) -
     return frozen_parameters(found.params)
 
 def check_counts(num_samples: int, warmup_steps: int, num_chains: int) -> None:
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"number of draws must be a positive integer, got {num_samples!r}")
-    if not isinstance(num_chains, int) or num_chains < 1:
-        raise ConfigError(f"number of chains must be a positive integer, got {num_chains!r}")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ConfigError(f"warmup steps must be a non-negative integer, got {warmup_steps!r}")
+    check_int(num_samples, "number of draws")
+    check_int(num_chains, "number of chains")
+    check_int(warmup_steps, "warmup steps", low=0)

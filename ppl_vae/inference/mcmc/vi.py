@@ -20,7 +20,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, autoguide
 from pyro.poutine.util import site_is_subsample
 
-from ...errors import ConfigError
+from ...errors import ConfigError, check_int
 from ...guides.latent import Latent
 from ..latent import latent_of, log_joint
 from ..random import seeded
@@ -30,6 +30,7 @@ from ..traces import (
     sum_but_first,
     trace_nesting,
     traces,
+    vectorized,
 )
 from .draws import Draws
 
@@ -55,8 +56,7 @@ def vi_draws(
     Output layout as :func:`~ppl_vae.inference.mcmc.hmc_latent`:
     ``samples[site]`` ``[1, S, N, *event]``.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"number of VI draws must be a positive integer, got {num_samples!r}")
+    check_int(num_samples, "number of VI draws")
     latent = latent_of(model, *args, guide=guide, analysis="VI draws")
     n = latent.num_points
     with torch.no_grad(), seeded(seed):
@@ -152,8 +152,7 @@ def vi_draws_autoguide(
         ``samples[name]`` ``[1, S, *site_shape]`` for every latent site of the model.
     """
 
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"number of VI draws must be a positive integer, got {num_samples!r}")
+    check_int(num_samples, "number of VI draws")
     plain, latent = model_latent_sites(model, args, kwargs)
     dim = -(trace_nesting(plain) + 1)
     with pyro.settings.context(module_local_params=True), seeded(seed):
@@ -169,16 +168,9 @@ def vi_draws_autoguide(
             opt.step()
             sched.step()
 
-        def particles(fn: Callable[..., object]) -> Callable[..., object]:
-            def run(*a: Any, **kw: Any) -> object:
-                with pyro.plate("_particles", num_samples, dim=dim):
-                    return fn(*a, **kw)
-
-            return run
-
         with torch.no_grad(), poutine.block():
-            guide_tr = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
-            model_tr = poutine.trace(poutine.replay(particles(model), trace=guide_tr)).get_trace(*args, **kwargs)
+            guide_tr = poutine.trace(vectorized(guide, num_samples, dim)).get_trace(*args, **kwargs)
+            model_tr = poutine.trace(poutine.replay(vectorized(model, num_samples, dim), trace=guide_tr)).get_trace(*args, **kwargs)
             lw = torch.zeros(num_samples)
             for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
                 tr.compute_log_prob(site_filter=lambda name, s: not site_is_subsample(s))
