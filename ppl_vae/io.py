@@ -1,4 +1,4 @@
-"""Files and output directories: atomic writes, safe checkpoint loads, locked run directories.
+"""Files: atomic writes, valid JSON, and checkpoint loads that never run code.
 
 * Every write is atomic: a file is either the old one or the complete new one
   (a temporary file beside it, ``fsync``, ``os.replace``).
@@ -6,10 +6,9 @@
 * Checkpoints are read with ``torch.load(..., weights_only=True)``: a file
   that holds anything but tensors and plain containers is refused, and
   nothing in it is ever executed.
-* An output directory is prepared by :func:`prepare_run_dir` *after* every
-  option was checked: it takes the directory's lock file (``fcntl.flock``;
-  the lock dies with the process), removes the temporary files of a killed
-  write, and with ``force`` clears everything of the old contents.
+
+Run directories (locks, ``--force``) are the application's:
+:mod:`ppl_vae.app.runs`.
 """
 
 from __future__ import annotations

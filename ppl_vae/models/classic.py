@@ -1,4 +1,4 @@
-r"""Classic Bayesian models in Pyro, with loaders of posteriordb reference draws.
+r"""Classic Bayesian models in Pyro, whose posteriordb reference draws (:mod:`ppl_vae.data.posteriordb`) check MCMC and VI.
 
 Two posteriors of the public posterior database (stan-dev/posteriordb), whose
 gold-standard Stan draws check the package's MCMC and VI comparison:

@@ -1,14 +1,13 @@
-"""Runs as the command line makes them: a config -> networks, model, guide, ``fit``, outputs.
+"""``ppl-vae fit``: a config -> networks, model and guide (:mod:`..registry`), ``fit``, a run directory.
 
-This is the only place that maps option names to models; the library itself
-never dispatches on names. A run directory holds ``config.json``,
-``checkpoint.pt``, ``history.csv``, ``metrics.json`` and the figures, and
-:func:`load_run` rebuilds a trained model from it.
+A run directory holds ``config.json``, ``checkpoint.pt``, ``history.csv``,
+``metrics.json`` and the figures; :func:`ppl_vae.app.runs.load_run` rebuilds
+a trained model from it.
 
 :func:`run` checks everything before it touches the directory: the options
 (:meth:`Config.validate`), the data, and that the networks and one loss
 evaluation on a first batch fit in memory. Only then does it take the
-directory (:func:`ppl_vae.prepare_run_dir`: locked, cleared with
+directory (:func:`ppl_vae.app.runs.prepare_run_dir`: locked, cleared with
 ``force``). A new run that fails or is interrupted before its first
 checkpoint leaves nothing behind. ``metrics.json`` is written last, so it
 exists only for a finished run; a resume removes the old one first.

@@ -1,13 +1,10 @@
-"""Experiment drivers of the model family: quadrant completion (SO-CVAE), semi-supervised M2, and ``fit --model`` builders.
+"""``ppl-vae cvae-quadrants`` and ``ppl-vae m2``: the model family's MNIST tables.
 
 * :func:`cvae_quadrants` -- the deterministic baseline and the structured-output
   CVAE on binarised MNIST for 1, 2 and 3 visible quadrants; test negative
   conditional log-likelihood by importance sampling.
 * :func:`m2_semisupervised` -- M2 on the labelled MNIST test set split into
   train and test, for several label budgets and random label draws.
-* :func:`build_family` -- networks, model and guide of the ``hvae``,
-  ``mog-vae``, ``vampprior``, ``vqvae`` and ``sparse-ae`` options of
-  ``ppl-vae fit`` (called by :func:`ppl_vae.experiment.build`).
 """
 
 from __future__ import annotations

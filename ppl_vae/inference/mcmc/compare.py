@@ -1,11 +1,9 @@
-r"""VI against MCMC: variational draws, ArviZ conversion and comparison metrics.
+r"""VI against MCMC: comparison metrics per datapoint and latent dimension.
 
-VI draws come from an amortised guide (:func:`vi_draws_amortized`), from any
-distribution over the latent of every datapoint, e.g. a locally optimised
-:math:`q^*` (:func:`vi_draws_latent`), or from a Pyro autoguide trained on a
-general model (:func:`vi_draws_autoguide`). They are :class:`~ppl_vae.inference.mcmc.Draws`
-like the MCMC output, with the same variable names and dims, so both become
-ArviZ objects through :mod:`ppl_vae.inference.azcompat` (the only module that calls ArviZ).
+The VI draws (:mod:`.vi`) have the layout of the MCMC draws
+(:class:`~.draws.Draws`: the same variable names and dims); the MCMC
+diagnostics come from ArviZ through :mod:`.azcompat`, the only module that
+calls ArviZ.
 
 :func:`compare` treats the MCMC draws as the truth and reports, per datapoint
 ``n`` and latent dimension ``k`` (:math:`m, s`: mean and sd; ``p``: MCMC,
