@@ -145,3 +145,34 @@ def test_estimator_lookup():
     assert isinstance(get_estimator("analytic-kl"), AnalyticKL)
     with pytest.raises(ConfigError, match="unknown estimator 'nope'"):
         get_estimator("nope")
+
+
+@pytest.mark.parametrize("estimator", ["score", "relaxed"])
+def test_estimator_modes_wrap_the_site_distribution_and_generate_no_classes(estimator):
+    """The score-function and relaxed modes wrap the distribution at the site (as Pyro's MaskedDistribution does):
+    the wrapped distribution keeps its own class and flags; no class is made at run time."""
+    discrete = estimator == "relaxed"
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            d = dist.Bernoulli(logits=x.new_zeros(x.shape[0], 3)).to_event(1) if discrete else dist.Normal(x.new_zeros(x.shape[0], 1), 1.0).to_event(1)
+            pyro.sample("z", d)
+
+    handled = get_estimator(estimator).handled(guide)
+    with pyro.plate("particles", 2, dim=-2):  # vectorised particles: the wrapper survives the plates' expand
+        tr = pyro.poutine.trace(handled).get_trace(X)
+    fn = tr.nodes["z"]["fn"]
+    assert fn.has_rsample is discrete and fn.batch_shape == (2, 1)
+    leaf = fn
+    while hasattr(leaf, "base") or hasattr(leaf, "base_dist"):
+        leaf = getattr(leaf, "base", None) or leaf.base_dist
+    assert type(leaf) is (dist.Bernoulli if discrete else dist.Normal)  # not a subclass generated at run time
+    assert leaf.has_rsample is (not discrete)
+    loss = get_estimator(estimator).loss(model if not discrete else _bernoulli_model, guide, num_particles=2)
+    assert torch.isfinite(loss(X)) and loss.parameters(X) == [] and loss.state_dict() == {}
+
+
+def _bernoulli_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Bernoulli(x.new_full((x.shape[0], 3), 0.5)).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)

@@ -66,33 +66,63 @@ from torch import nn
 
 from ..errors import ConfigError, NotReparameterizableError
 
-__all__ = ["Estimator", "EstimatorLoss", "Reparameterized", "ScoreFunction", "AnalyticKL", "IWAE", "Relaxed", "Enumerated", "ParticleTerms", "particle_terms", "get_estimator", "ESTIMATORS", "BASELINES", "detach_sampling", "is_latent"]
+__all__ = ["Estimator", "EstimatorLoss", "Reparameterized", "ScoreFunction", "AnalyticKL", "IWAE", "Relaxed", "Enumerated", "ParticleTerms", "particle_terms", "get_estimator", "ESTIMATORS", "BASELINES", "is_latent"]
 
 PARTICLES = "num_particles_vectorized"  # the name of Pyro's vectorised-particle plate
 BASELINES = ("average", "nvil", "loo")
 
 
-_SCORE_CLASSES: dict[type, type] = {}
+class _NotReparameterized(dist.TorchDistribution):
+    """``base`` with ``has_rsample = False``: sampled without a pathwise gradient, scored by its own ``log_prob``.
 
+    A wrapper, as Pyro's ``MaskedDistribution`` is, so the user's distribution
+    object is never changed. ``has_rsample`` is a class attribute and
+    :meth:`expand` returns a wrapper, so the flag survives the ``expand`` done
+    by plates and by vectorised particles (``Normal(...).has_rsample_(False)``
+    does not: GUIDE.md).
+    """
 
-def _score_class(cls: type) -> type:
-    if cls not in _SCORE_CLASSES:
-        _SCORE_CLASSES[cls] = type(f"ScoreFunction{cls.__name__}", (cls,), {"has_rsample": False, "__module__": __name__})
-    return _SCORE_CLASSES[cls]
+    has_rsample = False
+    arg_constraints: dict = {}
+
+    def __init__(self, base: torch.distributions.Distribution) -> None:
+        self.base = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self) -> Any:  # type: ignore[override]
+        return self.base.support
+
+    @property
+    def has_enumerate_support(self) -> bool:  # type: ignore[override]
+        return self.base.has_enumerate_support
+
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
+        return self.base.enumerate_support(expand)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.base.sample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.base.log_prob(value)
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> _NotReparameterized:
+        return _NotReparameterized(self.base.expand(batch_shape))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.base.mean
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.base.variance
 
 
 def _leaf(fn: Any) -> Any:
-    """The innermost distribution of ``fn`` (through ``Independent``, ``Expanded``, ...)."""
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn
-
-
-def detach_sampling(fn: Any) -> Any:
-    """Make ``fn`` (and whatever it wraps) non-reparameterised, in place; returns ``fn``."""
-    leaf = _leaf(fn)
-    if leaf.has_rsample:
-        leaf.__class__ = _score_class(type(leaf))
+    """The innermost distribution of ``fn`` (through ``Independent``, ``Expanded``, wrappers ...)."""
+    while hasattr(fn, "base_dist") or isinstance(fn, (_NotReparameterized, _StraightThroughSample)):
+        fn = fn.base if isinstance(fn, (_NotReparameterized, _StraightThroughSample)) else fn.base_dist
     return fn
 
 
@@ -107,7 +137,8 @@ class _DetachGuideSamples(Messenger):
             if isinstance(msg["fn"], torch.distributions.TransformedDistribution) and any(getattr(t, "_cache_size", 0) for t in msg["fn"].transforms):
                 # log q(z) of a draw would reuse the transforms' cached, gradient-free inverse: no score signal at all
                 raise ConfigError(f"site {msg['name']!r} is a flow with cached transforms; the score-function estimators cannot differentiate its log-density: use --estimator reparam")
-            msg["fn"] = detach_sampling(msg["fn"])
+            if msg["fn"].has_rsample:
+                msg["fn"] = _NotReparameterized(msg["fn"])
 
 
 class _RequireRsample(Messenger):
@@ -151,10 +182,15 @@ class EstimatorLoss:
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.fn(*args, **kwargs)
 
-    def parameters(self, *example: torch.Tensor) -> list[torch.Tensor]:
+    def networks(self, *example: torch.Tensor) -> tuple[nn.Module, ...]:
+        """The networks this estimator trains itself, built once for data like ``example`` (none for most)."""
         if self._build is not None and not self.modules:
             self.modules = tuple(self._build(*example))
-        return [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        return self.modules
+
+    def parameters(self, *example: torch.Tensor) -> list[torch.Tensor]:
+        """The trainable parameters of :meth:`networks` (``fit`` adds them to the optimiser after the model's and guide's)."""
+        return [p for m in self.networks(*example) for p in m.parameters() if p.requires_grad]
 
 
 @dataclass(frozen=True)
@@ -365,35 +401,41 @@ class ScoreFunction(Estimator):
         if self.baseline is None:
             return super().loss(model, guide, num_particles)
         self.validate(num_particles)
-        elbo, handled_guide = self.elbo(num_particles), self.handled(guide)
-        running, baseline = _Running(self.decay), self.baseline
-        holder = EstimatorLoss(lambda: None, state=running if baseline != "loo" else None)
+        return _BaselineLoss(self, self.elbo(num_particles), model, self.handled(guide))
 
-        def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
-            t = particle_terms(elbo, model, handled_guide, args, kwargs)
-            f = t.log_weight.detach()
-            extra = torch.zeros(())
-            if baseline == "loo":
-                b = (f.sum(0, keepdim=True) - f) / (f.shape[0] - 1)
-            else:
-                mean, sd = running.mean_sd()
-                b = torch.full_like(f[:1], mean)
-                if baseline == "nvil":
-                    if not holder.modules:
-                        holder.parameters(*args)
-                    (net,) = holder.modules
-                    out = net(args[0]).squeeze(-1)
-                    b = b + sd * out.detach()
-                    mse = ((((f - mean) / sd) - out) ** 2).mean()
-                    extra = mse - mse.detach()  # trains the network, adds nothing to the value
-                running.update(f)
-            objective = (t.pathwise + (f - b) * t.score).mean(0).sum()
-            return -_value_preserving(objective, t.log_weight.detach().mean(0).sum()) + extra
 
-        holder.fn = fn
-        if baseline == "nvil":
-            holder._build = lambda x, *rest: [_nvil_net(x, self.hidden)]
-        return holder
+class _BaselineLoss(EstimatorLoss):
+    """The score-function loss with a baseline (:class:`ScoreFunction`); it owns the baseline's state and network."""
+
+    def __init__(self, est: ScoreFunction, elbo: pyro.infer.ELBO, model: Callable[..., object], guide: Callable[..., object]) -> None:
+        self.est, self.elbo, self.model, self.guide = est, elbo, model, guide
+        self.running = _Running(est.decay)
+        build = (lambda x, *rest: [_nvil_net(x, est.hidden)]) if est.baseline == "nvil" else None
+        super().__init__(self._loss, build=build, state=self.running if est.baseline != "loo" else None)
+
+    def _loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        t = particle_terms(self.elbo, self.model, self.guide, args, kwargs)
+        f = t.log_weight.detach()
+        extra = f.new_zeros(())
+        if self.est.baseline == "loo":
+            b = (f.sum(0, keepdim=True) - f) / (f.shape[0] - 1)
+        else:
+            mean, sd = self.running.mean_sd()
+            b = torch.full_like(f[:1], mean)
+            if self.est.baseline == "nvil":
+                (net,) = self.networks(*args)
+                out = net(args[0]).squeeze(-1)
+                b = b + sd * out.detach()
+                mse = ((((f - mean) / sd) - out) ** 2).mean()
+                extra = mse - mse.detach()  # trains the network, adds nothing to the value
+            self.running.update(f)
+        objective = (t.pathwise + (f - b) * t.score).mean(0).sum()
+        return -_value_preserving(objective, t.log_weight.detach().mean(0).sum()) + extra
+
+
+def _mean_field_elbo(num_particles: int) -> pyro.infer.ELBO:
+    """Pyro's ``TraceMeanField_ELBO``: closed-form KL terms where registered, pathwise the rest."""
+    return pyro.infer.TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
 
 
 @dataclass(frozen=True)
@@ -403,7 +445,7 @@ class AnalyticKL(Estimator):
     name: ClassVar[str] = "analytic-kl"
 
     def elbo(self, num_particles: int) -> pyro.infer.ELBO:
-        return pyro.infer.TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+        return _mean_field_elbo(num_particles)
 
 
 @dataclass(frozen=True)
@@ -457,19 +499,56 @@ class IWAE(Estimator):
 # straight-through relaxation of discrete guide sites
 
 
-def _straight_through_class(cls: type, temperature: float) -> type:
-    key = (cls, temperature)
-    if key not in _SCORE_CLASSES:
-        relaxed = dist.RelaxedBernoulliStraightThrough if issubclass(cls, torch.distributions.Bernoulli) else dist.RelaxedOneHotCategoricalStraightThrough
+def _relaxed(fn: Any, temperature: float) -> Any:
+    """The straight-through relaxation of a Bernoulli or one-hot categorical (inside any ``Independent`` layers)."""
+    if isinstance(fn, torch.distributions.Independent):
+        return dist.Independent(_relaxed(fn.base_dist, temperature), fn.reinterpreted_batch_ndims)
+    t = torch.tensor(temperature, dtype=fn.logits.dtype, device=fn.logits.device)
+    if isinstance(fn, torch.distributions.Bernoulli):
+        return dist.RelaxedBernoulliStraightThrough(t, logits=fn.logits)
+    return dist.RelaxedOneHotCategoricalStraightThrough(t, logits=fn.logits)
 
-        def rsample(self: Any, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-            return relaxed(torch.tensor(temperature, device=self.logits.device), logits=self.logits).rsample(sample_shape)
 
-        _SCORE_CLASSES[key] = type(  # type: ignore[index]
-            f"StraightThrough{cls.__name__}", (cls,),
-            {"has_rsample": True, "temperature": temperature, "rsample": rsample, "__module__": __name__},
-        )
-    return _SCORE_CLASSES[key]  # type: ignore[index]
+class _StraightThroughSample(dist.TorchDistribution):
+    """A Bernoulli / one-hot categorical ``base`` whose ``rsample`` is its straight-through Gumbel-softmax relaxation.
+
+    The draw is exactly discrete (its ``log_prob`` is ``base``'s), the
+    gradient flows through the relaxed sample; a wrapper, so the user's
+    distribution is never changed. Its KL to any distribution is ``base``'s
+    (registered below), so the discrete KL stays in closed form.
+    """
+
+    has_rsample = True
+    arg_constraints: dict = {}
+
+    def __init__(self, base: torch.distributions.Distribution, temperature: float) -> None:
+        self.base, self.temperature = base, temperature
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self) -> Any:  # type: ignore[override]
+        return self.base.support
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return _relaxed(self.base, self.temperature).rsample(sample_shape)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self.base.sample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.base.log_prob(value)
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> _StraightThroughSample:
+        return _StraightThroughSample(self.base.expand(batch_shape), self.temperature)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.base.mean
+
+
+@torch.distributions.kl.register_kl(_StraightThroughSample, torch.distributions.Distribution)
+def _kl_straight_through(p: _StraightThroughSample, q: torch.distributions.Distribution) -> torch.Tensor:
+    return torch.distributions.kl.kl_divergence(p.base, q)
 
 
 class _StraightThrough(_RequireRsample):
@@ -481,9 +560,8 @@ class _StraightThrough(_RequireRsample):
 
     def _process_message(self, msg: dict[str, Any]) -> None:
         if is_latent(msg) and not msg["infer"].get("enumerate"):
-            leaf = _leaf(msg["fn"])
-            if isinstance(leaf, (torch.distributions.Bernoulli, torch.distributions.OneHotCategorical)):
-                leaf.__class__ = _straight_through_class(type(leaf), self.temperature)
+            if isinstance(_leaf(msg["fn"]), (torch.distributions.Bernoulli, torch.distributions.OneHotCategorical)):
+                msg["fn"] = _StraightThroughSample(msg["fn"], self.temperature)
         super()._process_message(msg)
 
 
@@ -507,7 +585,8 @@ class Relaxed(Estimator):
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"relaxation temperature must be positive and finite, got {self.temperature}")
 
-    elbo = AnalyticKL.elbo  # the discrete KL in closed form, the rest pathwise
+    def elbo(self, num_particles: int) -> pyro.infer.ELBO:
+        return _mean_field_elbo(num_particles)  # the discrete KL in closed form, the rest pathwise
 
     def guide_handler(self) -> Messenger:
         return _StraightThrough(float(self.temperature))
