@@ -232,6 +232,19 @@ def test_seeded_runs_are_bitwise_identical(X):
     assert [h["train_elbo"] for h in results[0].history] == [h["train_elbo"] for h in results[1].history]
 
 
+def test_fit_leaves_the_callers_random_stream_alone_and_its_seed_decides_the_draws(X):
+    """The global torch RNG after ``fit`` is where the caller left it; two fits from different outer states agree."""
+    runs = []
+    for outer in (1, 2):
+        torch.manual_seed(0)
+        model, guide = tiny()
+        torch.manual_seed(outer)
+        expected = torch.get_rng_state()
+        runs.append(fit(model, guide, X, epochs=1, batch_size=16, estimator="score", seed=5, progress=False).train_elbo)
+        assert torch.equal(torch.get_rng_state(), expected)
+    assert runs[0] == runs[1]
+
+
 def test_run_reload_round_trip(tmp_path):
     from ppl_vae.app.commands.fit import run
     from ppl_vae.app.config import Config

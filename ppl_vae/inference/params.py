@@ -45,7 +45,13 @@ def discover(
     args: tuple[torch.Tensor, ...],
     modules: Iterable[nn.Module] = (),
 ) -> Discovered:
-    """Run ``guide(*args)`` and ``model(*args)`` once and collect what they use."""
+    """Run ``guide(*args)`` and ``model(*args)`` once and collect what they use.
+
+    The modules are recorded by a forward pre-hook that torch only offers process-wide; it is
+    installed for this one call and removed after it (also on an error). A module that another
+    thread runs during the call would be collected too: it gets no gradient from the loss, so the
+    optimiser leaves it as it is.
+    """
     seen: list[nn.Module] = [*modules, *(m for m in (_owner(model), _owner(guide)) if m is not None)]
     handle = nn.modules.module.register_module_forward_pre_hook(lambda module, inputs: seen.append(module))
     try:

@@ -48,13 +48,16 @@ from ..errors import (
     NonFiniteError,
     RunDirectoryError,
     TrainingDiverged,
+    check_int,
+    check_positive,
 )
 from .elbo import evaluate_elbo
-from .estimators import Estimator, get_estimator, is_latent
+from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .params import Discovered, discover
+from .random import seeded
 from .traces import traces
 
-__all__ = ["fit", "FitResult", "as_tensors", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
+__all__ = ["fit", "FitResult", "as_tensors", "check_resume", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
@@ -117,17 +120,6 @@ def as_tensors(data: torch.Tensor | Sequence[torch.Tensor], what: str = "data") 
     return tensors
 
 
-def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    # Pyro and torch draw from torch's global generator only, so its state and the shuffling
-    # generator's are all a bit-for-bit resumption needs (Python's and numpy's are not used).
-    return {"torch": torch.get_rng_state(), "shuffle": gen.get_state()}
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["shuffle"])
-
-
 class _StepRecord(Messenger):
     """Keep the sample sites of one step (guide and model), so a bad value is named from that step, not a re-run."""
 
@@ -169,20 +161,6 @@ def _culprit(record: _StepRecord, named: list[tuple[str, torch.Tensor]]) -> tupl
             if size > largest:
                 largest, where = size, (name, f"largest term: {role} site {name!r}, |log-density| {size:.3g}{params}")
     return where
-
-
-def _step_loss(loss_fn: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, ...], n: int, scale_latents: Messenger | None, record: _StepRecord, *, validate: bool) -> torch.Tensor:
-    """The loss of one minibatch, scaled to the ``n`` datapoints, its sites recorded."""
-    record.clear()
-    with ExitStack() as stack:
-        stack.enter_context(poutine.scale(scale=n / batch[0].shape[0]))
-        if scale_latents is not None:
-            stack.enter_context(scale_latents)
-        stack.enter_context(pyro.validation_enabled(validate))
-        stack.enter_context(record)
-        stack.enter_context(warnings.catch_warnings())
-        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)  # Pyro's; fit reports it, naming the site
-        return loss_fn(*batch)
 
 
 class _DivergenceWatch:
@@ -288,19 +266,214 @@ def _replan(sched: Any, optimizer: torch.optim.Optimizer) -> None:
     sched._last_lr = lrs
 
 
-def _save(path: Path, state: dict[str, Any], history: list[dict[str, float]], previous: int | None) -> None:
-    """Write the checkpoint, then the history beside it; a failed write (a full disk) leaves the previous checkpoint intact."""
-    kept = f"the previous checkpoint (epoch {previous}) is intact" if previous else "no checkpoint was written"
-    try:
-        io.save_torch(path, state)
-    except OSError as exc:
-        raise RunDirectoryError(f"could not write the checkpoint of epoch {state['epoch']} to {path} ({exc.strerror or exc}); {kept}") from None
-    try:
-        io.write_csv(path.parent / HISTORY, history)
-    except OSError as exc:
-        raise RunDirectoryError(
-            f"could not write {path.parent / HISTORY} ({exc.strerror or exc}); the checkpoint of epoch {state['epoch']} in {path} is intact"
-        ) from None
+class _Objective(nn.Module):
+    """What one step differentiates: the loss of a minibatch, scaled to the ``n`` datapoints.
+
+    A module holding every network the loss trains (the model's, the guide's and the estimator's
+    own), whose ``forward`` is the loss: wrapped by a data-parallel module, its forward pass is
+    what lets the wrapper reduce the gradients. Each call records its sample sites, so a bad
+    value is named from the step that produced it.
+    """
+
+    def __init__(self, loss_fn: EstimatorLoss, modules: Sequence[nn.Module], n: int, beta: float) -> None:
+        super().__init__()
+        self.loss_fn, self.n = loss_fn, n
+        self.networks = nn.ModuleList(modules)
+        self.scale_latents = _ScaleLatents(beta) if beta != 1.0 else None
+        self.record = _StepRecord()
+        self.validate = True
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        self.record.clear()
+        with ExitStack() as stack:
+            stack.enter_context(poutine.scale(scale=self.n / batch[0].shape[0]))
+            if self.scale_latents is not None:
+                stack.enter_context(self.scale_latents)
+            stack.enter_context(pyro.validation_enabled(self.validate))
+            stack.enter_context(self.record)
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)  # Pyro's; fit reports it, naming the site
+            return self.loss_fn(*batch)
+
+
+@dataclass
+class _State:
+    """Where a run is: what a checkpoint holds beside the parameters, optimiser and RNG states."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+    best: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    wall_time: float = 0.0
+    best_params: list[torch.Tensor] | None = None
+    stopped_early: bool = False
+
+    def end_epoch(self, row: dict[str, float], params: Sequence[torch.Tensor], patience: int | None) -> bool:
+        """Record an epoch's row; keep the best parameters (with ``patience``); whether to stop early."""
+        self.history.append(row)
+        self.epoch = int(row["epoch"])
+        score = row.get("val_elbo", row["train_elbo"])
+        if score > self.best:
+            self.best, self.best_epoch, self.bad_epochs = score, self.epoch, 0
+            if patience is not None:
+                self.best_params = [p.detach().clone() for p in params]
+        else:
+            self.bad_epochs += 1
+        self.stopped_early = patience is not None and self.bad_epochs >= patience
+        return self.stopped_early
+
+
+class _Trainer:
+    """The pieces around the step: optimiser and schedule, shuffling, divergence watch, checkpoints."""
+
+    def __init__(self, objective: _Objective, params: list[torch.Tensor], named: list[tuple[str, torch.Tensor]], optim: torch.optim.Optimizer,
+                 sched: Any, shuffle: torch.Generator, watch: _DivergenceWatch, out: str | Path | None) -> None:
+        self.objective, self.params, self.named, self.optim, self.sched = objective, params, named, optim, sched
+        self.shuffle, self.watch, self.out = shuffle, watch, out
+        self.ckpt_path = Path(out) / CHECKPOINT if out is not None else None
+        self.saved_epoch: int | None = None
+
+    def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> tuple[torch.Tensor, str]:
+        """The step's loss; when torch's argument validation meets an invalid parameter, the same draws again without validation, to name the site."""
+        rng = torch.get_rng_state()
+        try:
+            return self.objective(*batch), ""
+        except ValueError as exc:
+            if "Expected parameter" not in str(exc):
+                raise
+            torch.set_rng_state(rng)
+            self.objective.validate = False
+            return self.objective(*batch), f"a distribution got an invalid parameter ({str(exc).splitlines()[0][:120]}); "
+
+    def step(self, batch: tuple[torch.Tensor, ...], step: int, epoch: int) -> float:
+        """One optimisation step; returns the minibatch's ELBO per datapoint, or raises :class:`TrainingDiverged`."""
+        loss, invalid = self.loss(batch, step)
+        elbo = -loss.item() / self.objective.n
+        reason = f"loss is {loss.item()}" if not math.isfinite(elbo) else self.watch.check(elbo)
+        if reason is not None:
+            site, culprit = _culprit(self.objective.record, self.named)
+            kept = f"; the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.out}" if self.saved_epoch else ""
+            raise TrainingDiverged(
+                f"training diverged at step {step} (epoch {epoch + 1}): {reason}; {invalid}{culprit}{kept}; try a smaller --lr", step=step, site=site
+            )
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim.step()
+        return elbo
+
+    def epoch(self, data: tuple[torch.Tensor, ...], batch_size: int, state: _State, bar: Any, validate_every_step: bool) -> dict[str, float]:
+        """One pass over the shuffled data; the row of the history (without validation)."""
+        n, epoch = data[0].shape[0], state.epoch
+        perm = torch.randperm(n, generator=self.shuffle).to(data[0].device)
+        total = 0.0
+        self.objective.train(True)
+        for start in range(0, n, batch_size):
+            self.objective.validate = state.step == 0 or validate_every_step
+            idx = perm[start : start + batch_size]
+            total += self.step(tuple(t[idx] for t in data), state.step, epoch) * len(idx)
+            state.step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, elbo=f"{total / min(n, start + batch_size):.2f}")
+        if self.sched is not None:
+            self.sched.step()
+        self.objective.train(False)
+        return {"epoch": epoch + 1, "step": state.step, "train_elbo": total / n, "lr": self.optim.param_groups[0]["lr"]}
+
+    def save(self, state: _State, options: dict[str, Any]) -> None:
+        """Write the checkpoint, then the history beside it; a failed write (a full disk) leaves the previous checkpoint intact."""
+        if self.ckpt_path is None:
+            return
+        ckpt = {
+            "params": [p.detach().clone() for p in self.params], "optimizer": self.optim.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else None,
+            # Pyro and torch draw from torch's global generator only, so its state and the shuffling
+            # generator's are all a bit-for-bit resumption needs (Python's and numpy's are not used).
+            "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()},
+            "estimator": self.objective.loss_fn.state_dict(), "options": options, **asdict(state),
+        }
+        kept = f"the previous checkpoint (epoch {self.saved_epoch}) is intact" if self.saved_epoch else "no checkpoint was written"
+        try:
+            io.save_torch(self.ckpt_path, ckpt)
+        except OSError as exc:
+            raise RunDirectoryError(f"could not write the checkpoint of epoch {state.epoch} to {self.ckpt_path} ({exc.strerror or exc}); {kept}") from None
+        try:
+            io.write_csv(self.ckpt_path.parent / HISTORY, state.history)
+        except OSError as exc:
+            raise RunDirectoryError(
+                f"could not write {self.ckpt_path.parent / HISTORY} ({exc.strerror or exc}); the checkpoint of epoch {state.epoch} in {self.ckpt_path} is intact"
+            ) from None
+        self.saved_epoch = state.epoch
+
+    def restore(self, epochs: int, patience: int | None) -> _State:
+        """Parameters, optimiser, schedule, RNG states and estimator statistics from the checkpoint; the run's state."""
+        assert self.ckpt_path is not None and self.out is not None
+        ckpt = io.load_checkpoint(self.ckpt_path)  # weights_only; finite parameters
+        try:  # before anything is changed
+            stopped = check_resume(ckpt, epochs, patience, self.out)
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {self.ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
+        try:
+            saved = ckpt["params"]
+            if len(saved) != len(self.params) or any(s.shape != p.shape for s, p in zip(saved, self.params)):
+                raise CheckpointError(f"checkpoint {self.ckpt_path} does not match this model and guide")
+            _copy(self.params, saved)
+            self.optim.load_state_dict(ckpt["optimizer"])
+            if self.sched is not None and ckpt.get("scheduler") is not None:
+                self.sched.load_state_dict(ckpt["scheduler"])
+                if isinstance(self.sched, torch.optim.lr_scheduler.LambdaLR):
+                    _replan(self.sched, self.optim)  # this run's total of epochs
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            self.shuffle.set_state(ckpt["rng"]["shuffle"])
+            self.objective.loss_fn.load_state_dict(ckpt.get("estimator") or {})
+            state = _State(
+                history=list(ckpt["history"]), epoch=ckpt["epoch"], step=ckpt["step"], best=ckpt["best"], best_epoch=ckpt["best_epoch"],
+                bad_epochs=ckpt["bad_epochs"], wall_time=ckpt["wall_time"], best_params=ckpt.get("best_params"),
+                stopped_early=stopped,
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {self.ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
+        self.saved_epoch = state.epoch
+        return state
+
+
+def _copy(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def _check_options(epochs: int, batch_size: int, num_particles: int, beta: float, lr: float, seed: int, patience: int | None,
+                   resume: bool, out: str | Path | None) -> None:
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("num_particles", num_particles)):
+        check_int(value, name)
+    check_positive(beta, "beta")
+    check_positive(lr, "lr")
+    if not (isinstance(seed, int) and 0 <= seed < 2**32):
+        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
+    if patience is not None:
+        check_int(patience, "patience")
+    if resume and out is None:
+        raise ConfigError("resume needs the run directory `out`")
+
+
+def check_resume(ckpt: dict[str, Any], epochs: int, patience: int | None, out: str | Path, *, prefix: str = "") -> bool:
+    """Whether a checkpointed run resumed to ``epochs`` with ``patience`` stays stopped early.
+
+    Refuses (:class:`ConfigError`) fewer epochs than the run has done, and training on past an
+    early stop that this patience would repeat; the messages name the options as
+    ``{prefix}epochs`` and ``{prefix}patience`` (``prefix="--"`` for the command line).
+    """
+    done, bad = ckpt["epoch"], ckpt.get("bad_epochs", 0)
+    if epochs < done:
+        raise ConfigError(f"{prefix}epochs {epochs} is fewer than the {done} epochs the run in {out} has done")
+    stopped = bool(ckpt.get("stopped_early")) and patience is not None and bad >= patience
+    if stopped and epochs > done:
+        raise ConfigError(
+            f"the run in {out} stopped early at epoch {done} ({bad} epochs without improvement); resume it with a {prefix}patience above {bad} to train on"
+        )
+    return stopped
 
 
 def fit(
@@ -359,8 +532,9 @@ def fit(
         site's log-density in model and guide is scaled by ``beta``. The
         reported ELBOs are always the true ELBO (beta = 1).
     seed : int
-        Seeds Pyro, torch, numpy, random and the shuffling; a seeded CPU run
-        is reproducible bit for bit.
+        Seeds the draws of the whole run (torch's generator, forked: the
+        caller's random stream is left as it was) and the shuffling; a
+        seeded CPU run is reproducible bit for bit.
     out : path, optional
         Directory for ``checkpoint.pt`` and ``history.csv``, written
         atomically after every epoch.
@@ -394,168 +568,62 @@ def fit(
     est = get_estimator(estimator)
     tensors = as_tensors(data)
     val = as_tensors(validation, "validation data") if validation is not None else None
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("num_particles", num_particles)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if not (beta > 0 and math.isfinite(beta)):
-        raise ConfigError(f"beta must be positive, got {beta}")
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
-    if not (isinstance(seed, int) and 0 <= seed < 2**32):
-        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
-    if patience is not None and patience < 1:
-        raise ConfigError(f"patience must be >= 1, got {patience}")
-    if resume and out is None:
-        raise ConfigError("resume needs the run directory `out`")
-
-    n = tensors[0].shape[0]
+    _check_options(epochs, batch_size, num_particles, beta, lr, seed, patience, resume, out)
     options = {
         "estimator": est.name, "num_particles": num_particles, "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "beta": beta, "seed": seed, "patience": patience,
         "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
     }
-    pyro.set_rng_seed(seed)
-    shuffle = torch.Generator().manual_seed(seed)
+    with seeded(seed):
+        trainer, evaluate = _setup(model, guide, tensors, est, num_particles, batch_size, lr, optimizer, lr_schedule, epochs, beta,
+                                   seed, out, modules, eval_batch_size)
+        state = trainer.restore(epochs, patience) if resume else _State()
+        bar = tqdm(total=(epochs - state.epoch) * math.ceil(len(tensors[0]) / batch_size), disable=not progress, desc="fit", unit="step", leave=False)
+        try:
+            while state.epoch < epochs and not state.stopped_early:
+                t0 = time.perf_counter()
+                row = trainer.epoch(tensors, batch_size, state, bar, validate_every_step)
+                if val is not None:
+                    row["val_elbo"] = evaluate(val, f"the validation ELBO after epoch {row['epoch']}")
+                state.wall_time += time.perf_counter() - t0
+                row["wall_time"] = state.wall_time
+                state.end_epoch(row, trainer.params, patience)
+                trainer.save(state, options)
+        except KeyboardInterrupt:
+            where = f"the last checkpoint is epoch {trainer.saved_epoch} (in {out})" if trainer.saved_epoch else "there is no checkpoint"
+            raise Interrupted(f"interrupted; {where}", epoch=trainer.saved_epoch) from None
+        finally:
+            bar.close()
+            trainer.objective.train(False)
+        if state.stopped_early and state.best_params is not None:
+            _copy(trainer.params, state.best_params)
+        train_elbo = evaluate(tensors, "the final training ELBO")
+        val_elbo = evaluate(val, "the final validation ELBO") if val is not None else None
+    return FitResult(
+        history=tuple(state.history), train_elbo=train_elbo, val_elbo=val_elbo, epochs=len(state.history), steps=state.step,
+        wall_time=state.wall_time, stopped_early=state.stopped_early, best_epoch=state.best_epoch, estimator=est.name, options=options,
+    )
+
+
+def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: tuple[torch.Tensor, ...], est: Estimator, num_particles: int,
+           batch_size: int, lr: float, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None,
+           lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None, epochs: int, beta: float, seed: int, out: str | Path | None,
+           modules: Iterable[nn.Module], eval_batch_size: int) -> tuple[_Trainer, _Evaluator]:
+    """Find the networks, build the loss, the optimiser and schedule, the divergence watch and the evaluator."""
+    n = tensors[0].shape[0]
     example = tuple(t[: min(n, batch_size)] for t in tensors)
     found = discover(model, guide, example, modules)
     loss_fn = est.loss(model, guide, num_particles)
     # networks the estimator trains itself (NVIL's baseline) come last, so the model's and guide's keep their order
     own = {id(p) for p in found.params}
-    extra = loss_fn.parameters(*example) if hasattr(loss_fn, "parameters") else []
-    params = list(found.params) + [p for p in extra if id(p) not in own]
+    params = list(found.params) + [p for p in loss_fn.parameters(*example) if id(p) not in own]
     if not params:
         raise ConfigError("the model and guide use no trainable parameters")
     optim = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    sched = _schedule(optim, lr_schedule, epochs)
-
-    scale_latents = _ScaleLatents(beta) if beta != 1.0 else None
-    record, named = _StepRecord(), _named(found, params)
+    objective = _Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], n, beta)
     bounded, enumerated = _inspect(model, guide, example)
-    watch, evaluate = _DivergenceWatch(bounded, beta), _Evaluator(model, guide, loss_fn, enumerated, eval_batch_size)
-    history: list[dict[str, float]] = []
-    start_epoch, step, best, best_epoch, bad_epochs, wall = 0, 0, -math.inf, 0, 0, 0.0
-    best_params: list[torch.Tensor] | None = None
-    ckpt_path = Path(out) / CHECKPOINT if out is not None else None
-
-    stopped_early, saved_epoch = False, None
-    if resume:
-        assert ckpt_path is not None
-        ckpt = io.load_checkpoint(ckpt_path)  # weights_only; finite parameters
-        try:
-            saved = ckpt["params"]
-            if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params)):
-                raise CheckpointError(f"checkpoint {ckpt_path} does not match this model and guide")
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-            optim.load_state_dict(ckpt["optimizer"])
-            if sched is not None and ckpt.get("scheduler") is not None:
-                sched.load_state_dict(ckpt["scheduler"])
-                if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
-                    _replan(sched, optim)  # this run's total of epochs
-            _set_rng_state(ckpt["rng"], shuffle)
-            if hasattr(loss_fn, "load_state_dict"):
-                loss_fn.load_state_dict(ckpt.get("estimator") or {})
-            history = list(ckpt["history"])
-            start_epoch, step, best, best_epoch, bad_epochs, wall = (
-                ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["best_epoch"], ckpt["bad_epochs"], ckpt["wall_time"],
-            )
-            best_params = ckpt.get("best_params")
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
-        saved_epoch = start_epoch
-        if epochs < start_epoch:
-            raise ConfigError(f"epochs {epochs} is fewer than the {start_epoch} epochs the run in {out} has done")
-        stopped_early = bool(ckpt.get("stopped_early")) and patience is not None and bad_epochs >= patience
-        if stopped_early and epochs > start_epoch:
-            raise ConfigError(
-                f"the run in {out} stopped early at epoch {start_epoch} ({bad_epochs} epochs without improvement); "
-                f"resume it with a patience above {bad_epochs} to train on"
-            )
-
-    num_batches = math.ceil(n / batch_size)
-    bar = tqdm(total=(epochs - start_epoch) * num_batches, disable=not progress, desc="fit", unit="step", leave=False)
-    t0 = time.perf_counter()
-    try:
-        for epoch in range(start_epoch, epochs):
-            found.train(True)
-            perm = torch.randperm(n, generator=shuffle)
-            total, seen = 0.0, 0
-            for b in range(num_batches):
-                idx = perm[b * batch_size : (b + 1) * batch_size]
-                batch = tuple(t[idx] for t in tensors)
-                rng = torch.get_rng_state()
-                try:
-                    loss = _step_loss(loss_fn, batch, n, scale_latents, record, validate=step == 0 or validate_every_step)
-                    invalid = ""
-                except ValueError as exc:  # torch's argument validation meets an invalid parameter
-                    if "Expected parameter" not in str(exc):
-                        raise
-                    invalid = f"a distribution got an invalid parameter ({str(exc).splitlines()[0][:120]}); "
-                    torch.set_rng_state(rng)  # the same step again, same draws, without validation: which site?
-                    loss = _step_loss(loss_fn, batch, n, scale_latents, record, validate=False)
-                elbo_step = -loss.item() / n
-                reason = f"loss is {loss.item()}" if not math.isfinite(elbo_step) else watch.check(elbo_step)
-                if reason is not None:
-                    site, culprit = _culprit(record, named)
-                    kept = f"; the last good checkpoint (epoch {saved_epoch}) is kept in {out}" if saved_epoch else ""
-                    raise TrainingDiverged(
-                        f"training diverged at step {step} (epoch {epoch + 1}): {reason}; {invalid}{culprit}{kept}; try a smaller --lr",
-                        step=step, site=site,
-                    )
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
-                step += 1
-                total += -loss.item() / n * len(idx)
-                seen += len(idx)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, elbo=f"{total / seen:.2f}")
-            if sched is not None:
-                sched.step()
-            found.train(False)
-            row: dict[str, float] = {"epoch": epoch + 1, "step": step, "train_elbo": total / seen, "lr": optim.param_groups[0]["lr"]}
-            if val is not None:
-                row["val_elbo"] = evaluate(val, f"the validation ELBO after epoch {epoch + 1}")
-            wall += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            row["wall_time"] = wall
-            history.append(row)
-            score = row.get("val_elbo", row["train_elbo"])
-            if score > best:
-                best, best_epoch, bad_epochs = score, epoch + 1, 0
-                if patience is not None:
-                    best_params = [p.detach().clone() for p in params]
-            else:
-                bad_epochs += 1
-            stop = patience is not None and bad_epochs >= patience
-            if ckpt_path is not None:
-                _save(ckpt_path, {
-                    "params": [p.detach().clone() for p in params], "optimizer": optim.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None, "rng": _rng_state(shuffle),
-                    "estimator": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else {},
-                    "history": history, "epoch": epoch + 1, "step": step, "best": best, "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs, "wall_time": wall, "best_params": best_params, "options": options,
-                    "stopped_early": stop,
-                }, history, saved_epoch)
-                saved_epoch = epoch + 1
-            if stop:
-                stopped_early = True
-                break
-    except KeyboardInterrupt:
-        where = f"the last checkpoint is epoch {saved_epoch} (in {out})" if saved_epoch else "there is no checkpoint"
-        raise Interrupted(f"interrupted; {where}", epoch=saved_epoch) from None
-    finally:
-        bar.close()
-        found.train(False)
-
-    if stopped_early and best_params is not None:
-        with torch.no_grad():
-            for p, s in zip(params, best_params):
-                p.copy_(s)
-    train_elbo = evaluate(tensors, "the final training ELBO")
-    val_elbo = evaluate(val, "the final validation ELBO") if val is not None else None
-    return FitResult(
-        history=tuple(history), train_elbo=train_elbo, val_elbo=val_elbo, epochs=len(history), steps=step,
-        wall_time=wall, stopped_early=stopped_early, best_epoch=best_epoch, estimator=est.name, options=options,
+    trainer = _Trainer(
+        objective, params, _named(found, params), optim, _schedule(optim, lr_schedule, epochs),
+        torch.Generator(device="cpu").manual_seed(seed), _DivergenceWatch(bounded, beta), out,
     )
+    return trainer, _Evaluator(model, guide, loss_fn, enumerated, eval_batch_size)

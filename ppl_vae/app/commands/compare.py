@@ -29,6 +29,7 @@ from ...inference.mcmc.draws import Draws
 from ...inference.mcmc.hmc import hmc_latent
 from ...inference.mcmc.vi import vi_draws as guide_draws
 from ...inference.mcmc.vi import vi_draws_amortized
+from ...inference.random import pick
 from ..figures.compare import comparison_figures
 from ..runs import load_run, prepare_run_dir, releasing
 
@@ -50,7 +51,7 @@ def pick_points(n: int, *, num_points: int | None = None, indices: list[int] | N
     check_int(num_points, "number of points")
     if num_points > n:
         raise ConfigError(f"cannot compare {num_points} points: the split has {n} rows")
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_points].sort().values.tolist()
+    return pick(n, num_points, seed=seed, sorted=True).tolist()
 
 
 def _check(guide: str, draws: int, chains: int, warmup: int | None, vi_draws: int | None) -> tuple[int, int]:

@@ -31,7 +31,8 @@ from ...errors import (
     TrainingDiverged,
 )
 from ...inference.elbo import elbo_per_datapoint
-from ...inference.svi import CHECKPOINT, fit
+from ...inference.random import seeded
+from ...inference.svi import CHECKPOINT, check_resume, fit
 from ..config import RESUMABLE, Config, option_flag
 from ..figures.run import run_figures
 from ..registry import (
@@ -137,11 +138,7 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         done = ckpt.get("epoch")
         if not isinstance(done, int):
             raise CheckpointError(f"checkpoint {out / CHECKPOINT} is corrupted or incomplete (no epoch count)")
-        if cfg.epochs < done:
-            raise ConfigError(f"--epochs {cfg.epochs} is fewer than the {done} epochs the run in {out} has done")
-        bad = ckpt.get("bad_epochs", 0)
-        if ckpt.get("stopped_early") and cfg.patience is not None and bad >= cfg.patience and cfg.epochs > done:
-            raise ConfigError(f"the run in {out} stopped early at epoch {done} ({bad} epochs without improvement); resume it with a --patience above {bad} to train on")
+        check_resume(ckpt, cfg.epochs, cfg.patience, out, prefix="--")
         cfg = dataclasses.replace(cfg, resumed=(*cfg.resumed, {"at_epoch": done, "changed": changed}))
     created = not out.exists()
     prepare_run_dir(out, force=force, resume=resume)
@@ -158,7 +155,8 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         )
         done = result.epochs
         test = split_tensors(cfg, splits["test"])
-        test_elbo, _ = elbo_per_datapoint(built.model, built.guide, *test)
+        with seeded(cfg.seed):
+            test_elbo, _ = elbo_per_datapoint(built.model, built.guide, *test)
         metrics: dict[str, Any] = {
             "objective": objective_name(cfg),
             "units": "nats per datapoint",

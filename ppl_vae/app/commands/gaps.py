@@ -27,6 +27,7 @@ from ...inference.gaps.decompose import (
     decompose,
 )
 from ...inference.gaps.local import check_options as check_local_options
+from ...inference.random import pick
 from ..figures.gaps import gap_figure
 from ..runs import load_run, prepare_run_dir, releasing
 
@@ -55,8 +56,7 @@ def _points(n_split: int, num_points: int, seed: int) -> torch.Tensor:
     check_int(num_points, "--num-points")
     if num_points > n_split:
         raise ConfigError(f"--num-points {num_points} is more than the split has ({n_split})")
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_split, generator=g)[:num_points].sort().values
+    return pick(n_split, num_points, seed=seed, sorted=True)
 
 
 @releasing

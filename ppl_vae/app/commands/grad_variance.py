@@ -6,13 +6,13 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ... import io
 from ...errors import ConfigError, check_int
 from ...inference.estimators import get_estimator
 from ...inference.gradients import GradientStats, gradient_course, gradient_stats
+from ...inference.random import pick
 from ..figures.gradients import plot_gradient_stats
 from ..registry import build
 from ..runs import check_run_dir, load_run, prepare_run_dir, releasing
@@ -54,8 +54,7 @@ def grad_variance_report(
     built, splits = load_run(run_dir)
     cfg, train = built.config, splits["train"]
     tensors = train.tensors(with_labels=cfg.spec.labels)
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:batch_size]
-    probe = tuple(t[pick] for t in tensors)
+    probe = tuple(t[pick(len(train), batch_size, seed=seed)] for t in tensors)
     if track_epochs:
         built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
     named = {"encoder": built.encoder, "decoder": built.decoder, "likelihood": built.likelihood}

@@ -7,10 +7,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from ... import io
 from ...errors import ConfigError
+from ...inference.random import pick
 from ..figures.latent import (
     KINDS,
     ae_vs_vae,
@@ -67,8 +66,8 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
         raise ConfigError("latent-space pictures need unconditional runs; a cvae's encoder needs labels")
     built, splits = loaded[0]
     test = splits["test"]
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-    x, y = test.x[pick], (test.y[pick] if test.y is not None else None)
+    order = pick(len(test), seed=seed)
+    x, y = test.x[order], (test.y[order] if test.y is not None else None)
     m = min(len(x), 1000)
     shape = test.image_shape
     if kind == "manifold":

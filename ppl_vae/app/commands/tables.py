@@ -27,7 +27,7 @@ from ...data import load
 from ...distributions import get_likelihood
 from ...errors import ConfigError, DataError, check_int
 from ...inference.gaps.bounds import importance_bounds
-from ...inference.random import seeded
+from ...inference.random import pick, seeded
 from ...inference.svi import fit
 from ...models.cvae_so import (
     HIDDEN,
@@ -73,11 +73,6 @@ def _positive(**values: int) -> None:
 def _seed(seed: int) -> None:
     if not (isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
         raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
-
-
-def _seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm if k is None else perm[: min(k, n)]
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -126,8 +121,8 @@ def cvae_quadrants(
     train_all = load("binarized-mnist", "train", data_dir=data_dir)
     test_all = load("binarized-mnist", "test", data_dir=data_dir)
     out = prepare_run_dir(out, force=force)
-    xtr = train_all.x[_seeded_subset(len(train_all), train_limit, seed)]
-    xte = test_all.x[_seeded_subset(len(test_all), test_limit, seed + 1)]
+    xtr = train_all.x[pick(len(train_all), train_limit, seed=seed)]
+    xte = test_all.x[pick(len(test_all), test_limit, seed=seed + 1)]
     d, h1, h2 = xtr.shape[1], *hidden
     rows: list[dict[str, Any]] = []
     opts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
@@ -238,7 +233,7 @@ def m2_semisupervised(
     if not 0 < num_test < len(ds) - max(labels):
         raise ConfigError(f"num_test must leave room for the labels (have {len(ds)} rows)")
     out = prepare_run_dir(out, force=force)
-    perm = _seeded_subset(len(ds), None, seed)
+    perm = pick(len(ds), None, seed=seed)
     test_idx, train_idx = perm[:num_test], perm[num_test:]
     xtr, ytr, xte, yte = ds.x[train_idx], ds.y[train_idx], ds.x[test_idx], ds.y[test_idx]
     d, c = xtr.shape[1], 10

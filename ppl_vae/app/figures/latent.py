@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...errors import ConfigError
+from ...inference.random import pick
 from ..config import MODEL_SPECS
 from ..registry import Built
 from .run import image_grid, load_pyplot
@@ -70,7 +71,7 @@ def manifold(built: Built, image_shape: tuple[int, int, int], *, n: int = 15) ->
 
 def interpolation(built: Built, x: torch.Tensor, image_shape: tuple[int, int, int], *, pairs: int = 6, steps: int = 10, seed: int = 0) -> Figure:
     """Rows: decoded linear interpolations between the latent means of random test pairs (ends are reconstructions)."""
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: 2 * pairs].reshape(2, -1)
+    idx = pick(len(x), 2 * pairs, seed=seed).reshape(2, -1)
     za, zb = built.latent_mean(x[idx[0]]), built.latent_mean(x[idx[1]])
     t = torch.linspace(0, 1, steps)[None, :, None]
     z = (1 - t) * za[:, None] + t * zb[:, None]

@@ -14,6 +14,7 @@ import torch
 from ... import io
 from ...data import Dataset
 from ...distributions import one_hot
+from ...inference.random import pick
 from ...models.vae import decode_prior
 from ..registry import Built, objective_name
 
@@ -94,8 +95,8 @@ def run_figures(built: Built, splits: dict[str, Dataset], history: Any, out: str
     out = Path(out)
     test = splits["test"]
     # a seeded random subset: some test files (binarised MNIST) are sorted by class
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(built.config.seed))
-    tx, ty = test.x[pick], (test.y[pick] if test.y is not None else None)
+    order = pick(len(test), seed=built.config.seed)
+    tx, ty = test.x[order], (test.y[order] if test.y is not None else None)
     shape, n = test.image_shape, min(16, len(test))
     x, y = tx[:n], (ty[:n] if ty is not None else None)
     figs: dict[str, Any] = {}
