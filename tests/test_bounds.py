@@ -123,7 +123,7 @@ def test_ais_recovers_exact_log_px():
     r = ais(m, x, num_steps=300, num_chains=16, seed=0)
     err = r.log_px - exact
     assert abs(err.mean().item()) < Z * se_of_mean(r.log_px_se) + log_mean_exp_bias(r.log_px_se)
-    # adaptation works: it aims at 0.65; a pilot run's multiplicative rule keeps the rate within (0.3, 0.95) on a Gaussian
+    # adaptation works: it aims at 0.65; the pilot's dual averaging keeps the rate within (0.3, 0.95) on a Gaussian
     assert 0.3 < r.accept_rate.mean().item() < 0.95
 
 

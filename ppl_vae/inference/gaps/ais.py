@@ -14,7 +14,8 @@ an amortised :math:`q(z \mid x)`, accumulating
 tensor; each transition is one HMC step (``leapfrog_steps`` leapfrogs, identity
 mass). Step sizes are adapted per datapoint and step by a pilot run of
 ``PILOT_CHAINS`` extra chains toward an acceptance rate of ``target_accept``
-(multiplied by 1.02 or 0.98 after each step, as in Wu et al. 2017); the
+(by the samplers' dual-averaging rule, :mod:`ppl_vae.inference.mcmc.kernel`,
+whose iterate follows the step size as the density anneals); the
 estimate's chains then run with that schedule fixed, so that each transition
 is a fixed kernel that leaves its :math:`f_t` invariant, as AIS requires.
 
@@ -45,7 +46,8 @@ from pyro.poutine.util import site_is_subsample
 from ...errors import ConfigError
 from ...guides.latent import Latent
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
-from ..random import seeded
+from ..mcmc.kernel import State, StepSize, transition
+from ..random import generator_like, seeded
 from .bounds import log_mean_exp
 
 __all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_schedule"]
@@ -114,33 +116,17 @@ def _start(model: Callable[..., object], init: object, latent: Latent, data: tup
     return latent_draws(model, latent, *data, guide=init, num_samples=C), guide_log_density(init, latent, *data)
 
 
-def _hmc(z, logf, eps, leapfrog_steps):
-    """One HMC transition of every chain; returns new z, log f(z), grad, acceptance probability."""
-    z0 = z
-    f0, g0 = logf(z0)
-    p = torch.randn_like(z0)
-    h0 = -f0 + 0.5 * p.pow(2).sum(-1)
-    e = eps.unsqueeze(-1)
-    zt, g = z0, g0
-    p = p + 0.5 * e * g
-    for i in range(leapfrog_steps):
-        zt = zt + e * p
-        ft, g = logf(zt)
-        if i < leapfrog_steps - 1:
-            p = p + e * g
-    p = p + 0.5 * e * g
-    h1 = -ft + 0.5 * p.pow(2).sum(-1)
-    log_accept = (h0 - h1).clamp(max=0)
-    log_accept = torch.where(torch.isfinite(log_accept), log_accept, torch.full_like(log_accept, -math.inf))
-    accept = torch.rand_like(log_accept).log() < log_accept
-    z = torch.where(accept.unsqueeze(-1), zt, z0)
-    return z.detach(), log_accept.exp()
+def _run(dens, z, log_q, betas, generator, *, leapfrog_steps, step_size, target_accept, adapt, eps_schedule=None, reverse=False):
+    """Anneal ``z`` through ``betas`` (forward) or backwards; return log-weights ``[C, N]``, eps record, acceptance.
 
-
-def _run(dens, z, log_q, betas, *, leapfrog_steps, step_size, target_accept, adapt, eps_schedule=None, reverse=False):
-    """Anneal ``z`` through ``betas`` (forward) or backwards; return log-weights ``[C, N]``, eps record, acceptance."""
+    Each transition is :func:`~ppl_vae.inference.mcmc.kernel.transition` with ``leapfrog_steps``
+    steps and the identity mass; with ``adapt`` the step size of each datapoint follows the
+    shared rule (:class:`~ppl_vae.inference.mcmc.kernel.StepSize`) from one annealing step to the
+    next, otherwise the recorded ``eps_schedule``.
+    """
     C, N = z.shape[:2]
-    eps = z.new_full((C, N), step_size)
+    rule = StepSize(z.new_full((N,), step_size), target_accept)
+    eps = rule.eps
     lw = z.new_zeros(C, N, dtype=torch.float64)
     acc_total = z.new_zeros(N, dtype=torch.float64)
     record = []
@@ -150,13 +136,10 @@ def _run(dens, z, log_q, betas, *, leapfrog_steps, step_size, target_accept, ada
         prior, lik = dens(zz)
         return (prior, prior + lik) if log_q is None else (log_q(zz), prior + lik)
 
-    def with_grad(beta):
+    def annealed(beta):
         def logf(zz):
-            zz = zz.detach().requires_grad_(True)
             base, target = ends(zz)
-            f = base + beta * (target - base)
-            (g,) = torch.autograd.grad(f.sum(), zz)
-            return f.detach(), g
+            return base + beta * (target - base)
 
         return logf
 
@@ -168,12 +151,14 @@ def _run(dens, z, log_q, betas, *, leapfrog_steps, step_size, target_accept, ada
             base, target = ends(z)
             lw += (float(b_to - b_from) * (target - base)).double()
         if eps_schedule is not None:
-            eps = eps_schedule[t - 1 if not reverse else max(t - 2, 0)].to(z.dtype).expand(C, N).clone()
-        record.append(eps.log().mean(0).exp())  # the step size this transition uses
-        z, acc = _hmc(z, with_grad(float(b_to)), eps, leapfrog_steps)
+            eps = eps_schedule[t - 1 if not reverse else max(t - 2, 0)].to(z.dtype)
+        record.append(eps)  # the step size this transition uses
+        f = annealed(float(b_to))
+        state, acc, _ = transition(f, State.at(f, z), eps, leapfrog_steps, generator)
+        z = state.u
         acc_total += acc.double().mean(0)
         if adapt:
-            eps = torch.where(acc > target_accept, eps * 1.02, eps * 0.98).clamp(1e-4, 1.0)
+            eps = rule.update(acc.mean(0))
     return lw, torch.stack(record), acc_total / T
 
 
@@ -253,9 +238,10 @@ def ais(
             latent = latent_of(model, *args, guide=guide, analysis="AIS")
             dens = log_joint(model, latent, *args, split=True)
             z, log_q = _start(model, init, latent, args, num_chains + PILOT_CHAINS)
+            gen = generator_like(z)
             kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
-            _, record, _ = _run(dens, z[num_chains:], log_q, betas, adapt=True, **kw)  # pilot: adapts step sizes
-            lw, _, acc = _run(dens, z[:num_chains], log_q, betas, adapt=False, eps_schedule=record, **kw)
+            _, record, _ = _run(dens, z[num_chains:], log_q, betas, gen, adapt=True, **kw)  # pilot: adapts step sizes
+            lw, _, acc = _run(dens, z[:num_chains], log_q, betas, gen, adapt=False, eps_schedule=record, **kw)
             est, se = _logmeanexp_se(lw)
             for k, v in (("log_px", est), ("log_px_se", se), ("accept_rate", acc), ("step_size", record[-1].double())):
                 parts[k].append(v)
@@ -292,11 +278,12 @@ def bdmc(
         betas = sigmoid_schedule(num_steps).to(x.device)
         dens = log_joint(model, latent, *data, split=True)
         z0, _ = _start(model, "prior", latent, data, num_chains + PILOT_CHAINS)
+        gen = generator_like(z0)
         kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
-        _, record, _ = _run(dens, z0[num_chains:], None, betas, adapt=True, **kw)
-        lw_f, _, _ = _run(dens, z0[:num_chains], None, betas, adapt=False, eps_schedule=record, **kw)
+        _, record, _ = _run(dens, z0[num_chains:], None, betas, gen, adapt=True, **kw)
+        lw_f, _, _ = _run(dens, z0[:num_chains], None, betas, gen, adapt=False, eps_schedule=record, **kw)
         zT = u_true.expand(num_chains, *u_true.shape).clone()
-        lw_r, _, _ = _run(dens, zT, None, betas, adapt=False, eps_schedule=record, reverse=True, **kw)
+        lw_r, _, _ = _run(dens, zT, None, betas, gen, adapt=False, eps_schedule=record, reverse=True, **kw)
     lower, lower_se = _logmeanexp_se(lw_f)
     inv, upper_se = _logmeanexp_se(lw_r)
     return BDMCResult(x=x, lower=lower, upper=-inv, num_steps=num_steps, num_chains=num_chains, lower_se=lower_se, upper_se=upper_se)

@@ -60,7 +60,6 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
-from pyro.ops.dual_averaging import DualAveraging
 from pyro.ops.welford import WelfordCovariance
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
@@ -70,6 +69,7 @@ from ..latent import latent_draws, latent_of, log_joint
 from ..random import seeded
 from ..traces import model_latent_sites, sum_but_first, trace_nesting
 from .draws import Draws, check_counts, freeze_model
+from .kernel import State, StepSize, transition
 
 __all__ = ["hmc_latent", "hmc"]
 
@@ -205,14 +205,6 @@ def _model_target(
 # --------------------------------------------------------------------------- batched HMC
 
 
-def _value_and_grad(f: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.enable_grad():
-        x = u.detach().requires_grad_(True)
-        lp = f(x)
-        (g,) = torch.autograd.grad(lp.sum(), x)
-    return lp.detach(), g
-
-
 def _optimize_init(f: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, steps: int, lr: float = 0.1) -> torch.Tensor:
     """Move each chain's initial point uphill with ``steps`` Adam steps (learning rate decaying 100-fold).
 
@@ -260,7 +252,7 @@ _EARLY_CAP = 16
 
 
 class _Sampler:
-    """State and transitions of batched HMC over ``[C, G, K]`` unconstrained values."""
+    """State, step sizes and mass matrices of batched HMC over ``[C, G, K]`` unconstrained values."""
 
     def __init__(self, target: _Target, *, target_accept: float, trajectory_length: float, max_leapfrog: int,
                  max_energy_error: float, generator: torch.Generator) -> None:
@@ -270,72 +262,36 @@ class _Sampler:
         self.max_leapfrog = max_leapfrog
         self.max_energy_error = max_energy_error
         self.gen = generator
-        u = target.init
-        self.C, self.G, self.K = u.shape
-        self.u = u
-        self.lp, self.g = _value_and_grad(self.f, u)
-        self.inv_mass = torch.ones(self.G, self.K, dtype=u.dtype)
-        self.eps = torch.ones(self.G, dtype=u.dtype)
+        self.state = State.at(self.f, target.init)
+        self.C, self.G, self.K = target.init.shape
+        self.inv_mass = target.init.new_ones(self.G, self.K)
+        self.eps = target.init.new_ones(self.G)
         # before the first mass-matrix estimate the units of T are unknown: short trajectories
         self.cap = min(max_leapfrog, _EARLY_CAP)
 
-    def _kinetic(self, r: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (r * r * self.inv_mass).sum(-1)
-
     def transition(self, eps: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One HMC transition with ``steps[c, g]`` leapfrog steps; returns (accept_prob, diverging)."""
-        u0, lp0, g0 = self.u, self.lp, self.g
-        r = torch.randn(u0.shape, generator=self.gen, dtype=u0.dtype) / self.inv_mass.sqrt()
-        h0 = -lp0 + self._kinetic(r)
-        e = eps[None, :, None]
-        z, lp, g = u0, lp0, g0
-        r = r + 0.5 * e * g
-        diverging = torch.zeros(self.C, self.G, dtype=torch.bool)
-        for step in range(int(steps.max())):
-            act = (step < steps) & ~diverging
-            if not act.any():
-                break
-            a = act[..., None]
-            z = torch.where(a, z + e * self.inv_mass * r, z)
-            lp_new, g_new = _value_and_grad(self.f, z)
-            lp = torch.where(act, lp_new, lp)
-            g = torch.where(a, g_new, g)
-            coef = torch.where((step == steps - 1)[..., None], 0.5 * e, e)
-            r = torch.where(a, r + coef * g, r)
-            h = -lp + self._kinetic(r)
-            bad = act & (~torch.isfinite(h) | (h - h0 > self.max_energy_error))
-            if bad.any():  # stop and park the divergent chains where they started
-                diverging |= bad
-                z = torch.where(bad[..., None], u0, z)
-                lp = torch.where(bad, lp0, lp)
-                g = torch.where(bad[..., None], g0, g)
-        delta = (-lp + self._kinetic(r)) - h0
-        delta = torch.where(torch.isfinite(delta) & ~diverging, delta, torch.full_like(delta, math.inf))
-        accept_prob = torch.exp(-delta.clamp(min=0))
-        accept = torch.rand(accept_prob.shape, generator=self.gen, dtype=accept_prob.dtype) < accept_prob
-        self.u = torch.where(accept[..., None], z, u0)
-        self.lp = torch.where(accept, lp, lp0)
-        self.g = torch.where(accept[..., None], g, g0)
+        self.state, accept_prob, diverging = transition(
+            self.f, self.state, eps, steps, self.gen, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error
+        )
         return accept_prob, diverging
 
     def steps(self, eps: torch.Tensor) -> torch.Tensor:
         """Jittered number of leapfrog steps per chain: ``ceil(U(0, 2T) / eps)``."""
-        t = 2 * self.T * torch.rand(self.C, self.G, generator=self.gen, dtype=eps.dtype)
+        t = 2 * self.T * torch.rand(self.C, self.G, generator=self.gen, dtype=eps.dtype, device=eps.device)
         return torch.ceil(t / eps[None, :]).clamp(1, self.cap).long()
 
     def reasonable_step_size(self) -> None:
         """Hoffman & Gelman's heuristic per group: double or halve until one step crosses acceptance 0.8."""
         eps = self.eps.clone()
-        one = torch.ones(self.C, self.G, dtype=torch.long)
-        state = (self.u, self.lp, self.g)
+        state = self.state
 
         def accept_rate(e: torch.Tensor) -> torch.Tensor:
-            prob, _ = self.transition(e, one)
-            self.u, self.lp, self.g = state  # probe only
-            return prob.mean(0)
+            _, prob, _ = transition(self.f, state, e, 1, self.gen, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error)
+            return prob.mean(0)  # a probe: the state is not moved
 
         direction = torch.where(accept_rate(eps) > self.target_accept, 1.0, -1.0).to(eps.dtype)
-        active = torch.ones(self.G, dtype=torch.bool)
+        active = torch.ones(self.G, dtype=torch.bool, device=eps.device)
         for _ in range(40):
             new = eps * 2.0**direction
             rate = accept_rate(new)
@@ -365,18 +321,17 @@ def _run_batched(
     target.init = _optimize_init(target.log_density, target.init, init_steps)
     s = _Sampler(target, target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
                  max_energy_error=max_energy_error, generator=generator)
-    if not torch.isfinite(s.lp).all():
+    if not torch.isfinite(s.state.lp).all():
         raise ConfigError("the log density is not finite at the initial point of some chains")
     s.reasonable_step_size()
     windows = _adaptation_windows(warmup_steps)
     ends = {end for _, end in windows}
-    da = DualAveraging(prox_center=torch.log(10 * s.eps))
+    rule = StepSize(s.eps, target_accept)
     welford = WelfordCovariance(diagonal=True)
     if warmup_steps == 0:
         s.cap = s.max_leapfrog
     it = range(warmup_steps + num_samples)
     if progress:
-
         it = tqdm(it, desc=method)
     keep_u, keep_acc, keep_div, keep_steps = [], [], [], []
     for t in it:
@@ -384,23 +339,21 @@ def _run_batched(
         steps = s.steps(s.eps)
         acc, div = s.transition(s.eps, steps)
         if warm:
-            da.step(target_accept - acc.mean(0))
-            x_t, x_avg = da.get_state()
-            s.eps = torch.exp(x_t)
+            s.eps = rule.update(acc.mean(0))
             if any(a <= t <= b for a, b in windows):
                 for c in range(s.C):
-                    welford.update(s.u[c])
+                    welford.update(s.state.u[c])
             if t in ends:
                 s.inv_mass = welford.get_covariance(regularize=True)
                 s.cap = s.max_leapfrog
                 welford.reset()
                 s.reasonable_step_size()
-                da = DualAveraging(prox_center=torch.log(10 * s.eps))
+                rule = StepSize(s.eps, target_accept)
             if t == warmup_steps - 1:
-                s.eps = torch.exp(x_avg) if t not in ends else s.eps
+                s.eps = rule.final if t not in ends else s.eps
                 s.cap = s.max_leapfrog  # short warmups have no mass-matrix window to lift the early cap
         else:
-            keep_u.append(s.u)
+            keep_u.append(s.state.u)
             keep_acc.append(acc)
             keep_div.append(div)
             keep_steps.append(steps)
