@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, check_int
+from ...guides.latent import Latent
 from ..params import discover
 from . import azcompat
 
-__all__ = ["Draws", "frozen_parameters"]
+__all__ = ["Draws", "frozen_parameters", "point_layout", "site_dims"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,21 @@ class Draws:
             raise ConfigError("these draws have no per-datapoint (point) variables")
         mins = [azcompat.ess(self.samples[n], method).reshape(self.samples[n].shape[2], -1).min(1) for n in per_point]  # type: ignore[arg-type]
         return np.min(np.stack(mins), axis=0)
+
+
+def site_dims(shapes: dict[str, tuple[int, ...]], lead: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """ArviZ dims of each site: ``lead`` then ``{site}_dim_0, ...`` (a scalar site without ``lead`` needs none)."""
+    return {name: [*lead, *(f"{name}_dim_{i}" for i in range(len(shape)))] for name, shape in shapes.items() if shape or lead}
+
+
+def point_layout(latent: Latent, stats: tuple[str, ...]) -> tuple[dict[str, list[str]], dict[str, list[Any]]]:
+    """ArviZ dims and coords of per-datapoint draws of every latent site and of the per-datapoint ``stats`` (``point`` first)."""
+    shapes = {s.name: tuple(s.shape) for s in latent.sites}
+    dims = {**{k: ["point"] for k in stats}, **site_dims(shapes, ("point",))}
+    coords: dict[str, list[Any]] = {"point": list(range(latent.num_points))}
+    for name, shape in shapes.items():
+        coords |= {f"{name}_dim_{i}": list(range(e)) for i, e in enumerate(shape)}
+    return dims, coords
 
 
 @contextlib.contextmanager

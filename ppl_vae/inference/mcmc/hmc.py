@@ -67,8 +67,8 @@ from tqdm.auto import tqdm
 from ...errors import ConfigError
 from ..latent import latent_draws, latent_of, log_joint
 from ..random import seeded
-from ..traces import model_latent_sites, sum_but_first, trace_nesting
-from .draws import Draws, check_counts, freeze_model
+from ..traces import model_latent_sites, sum_but_first, trace_nesting, vectorized
+from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
 from .kernel import State, StepSize, transition
 
 __all__ = ["hmc_latent", "hmc"]
@@ -129,12 +129,7 @@ def _latent_target(
         values, _ = latent.constrain(u)
         return {name: v.detach().cpu().numpy() for name, v in values.items()}
 
-    dims: dict[str, list[str]] = {"diverging": ["point"], "acceptance_rate": ["point"], "n_steps": ["point"], "step_size": ["point"]}
-    coords: dict[str, list[Any]] = {"point": list(range(n))}
-    for s in latent.sites:
-        names = [f"{s.name}_dim_{i}" for i in range(len(s.shape))]
-        dims[s.name] = ["point", *names]
-        coords |= {nm: list(range(e)) for nm, e in zip(names, s.shape)}
+    dims, coords = point_layout(latent, ("diverging", "acceptance_rate", "n_steps", "step_size"))
     return _Target(log_density, u0, to_samples, dims=dims, coords=coords, group_dim="point")
 
 
@@ -145,15 +140,11 @@ def _model_target(
     dim = -(trace_nesting(plain) + 1)
     c = num_chains
 
-    def vectorized(size: int) -> Callable[..., Any]:
-        def run(*a: Any, **kw: Any) -> Any:
-            with pyro.plate("_chains", size, dim=dim):
-                return model(*a, **kw)
-
-        return run
+    def chains(size: int) -> Callable[..., Any]:
+        return vectorized(model, size, dim, "_chains")
 
     with poutine.block(), torch.no_grad():
-        proto = poutine.trace(vectorized(c)).get_trace(*args, **kwargs)
+        proto = poutine.trace(chains(c)).get_trace(*args, **kwargs)
     shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
     vshapes = {name: tuple(proto.nodes[name]["value"].shape) for name in latent}
     for name in latent:
@@ -174,7 +165,7 @@ def _model_target(
         values = {name: transforms[name](v) for name, v in raw.items()}
         total = sum(sum_but_first(transforms[k].log_abs_det_jacobian(raw[k], values[k]), n) for k in latent)
         with poutine.block(), pyro.validation_enabled(False):
-            tr = poutine.trace(poutine.condition(vectorized(n), data=values)).get_trace(*args, **kwargs)
+            tr = poutine.trace(poutine.condition(chains(n), data=values)).get_trace(*args, **kwargs)
             tr.compute_log_prob(site_filter=lambda name, s: not site_is_subsample(s))
             for s in tr.nodes.values():
                 if s["type"] == "sample" and "log_prob" in s:
@@ -198,8 +189,7 @@ def _model_target(
             out[name] = transforms[name](chunk.reshape(cc * s, *shapes[name])).reshape(cc, s, *shapes[name]).numpy()
         return out
 
-    dims = {name: [f"{name}_dim_{i}" for i in range(len(shape))] for name, shape in shapes.items() if shape}
-    return _Target(log_density, u0, to_samples, dims=dims, coords={}, group_dim=None)
+    return _Target(log_density, u0, to_samples, dims=site_dims(shapes), coords={}, group_dim=None)
 
 
 # --------------------------------------------------------------------------- batched HMC

@@ -18,7 +18,7 @@ from pyro.infer.mcmc import MCMC, NUTS
 from ..latent import latent_of
 from ..random import seeded
 from ..traces import model_latent_sites
-from .draws import Draws, check_counts, freeze_model
+from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
 
 __all__ = ["nuts", "nuts_latent"]
 
@@ -67,8 +67,7 @@ def nuts(
     wall = time.perf_counter() - t0
     samples = {name: torch.stack([ch[name] for ch in chains]).numpy() for name in latent}
     shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
-    dims = {name: [f"{name}_dim_{i}" for i in range(len(shape))] for name, shape in shapes.items() if shape}
-    return Draws(samples, {"diverging": diverging, "step_size": step_size}, dims, {}, "pyro-nuts", wall)
+    return Draws(samples, {"diverging": diverging, "step_size": step_size}, site_dims(shapes), {}, "pyro-nuts", wall)
 
 def nuts_latent(
     model: Callable[..., object],
@@ -97,10 +96,5 @@ def nuts_latent(
     ]
     samples = {s.name: np.concatenate([r.samples[s.name] for r in runs], axis=2) for s in latent.sites}  # [C, S, 1, ...] -> [C, S, N, ...]
     stats = {k: np.stack([r.sample_stats[k] for r in runs], axis=-1) for k in ("diverging", "step_size")}
-    dims: dict[str, list[str]] = {"diverging": ["point"], "step_size": ["point"]}
-    coords: dict[str, list[Any]] = {"point": list(range(latent.num_points))}
-    for s in latent.sites:
-        names = [f"{s.name}_dim_{i}" for i in range(len(s.shape))]
-        dims[s.name] = ["point", *names]
-        coords |= {nm: list(range(e)) for nm, e in zip(names, s.shape)}
+    dims, coords = point_layout(latent, ("diverging", "step_size"))
     return Draws(samples, stats, dims, coords, "pyro-nuts", sum(r.wall_time for r in runs))

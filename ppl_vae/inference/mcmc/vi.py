@@ -21,7 +21,6 @@ from pyro.infer import Trace_ELBO, autoguide
 from pyro.poutine.util import site_is_subsample
 
 from ...errors import ConfigError, check_int
-from ...guides.latent import Latent
 from ..latent import latent_of, log_joint
 from ..random import seeded
 from ..traces import (
@@ -32,7 +31,7 @@ from ..traces import (
     traces,
     vectorized,
 )
-from .draws import Draws
+from .draws import Draws, point_layout, site_dims
 
 __all__ = ["vi_draws", "vi_draws_latent", "vi_draws_amortized", "vi_draws_autoguide"]
 
@@ -63,7 +62,7 @@ def vi_draws(
         model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples)
         lw = log_weights_of(model_tr, guide_tr)
     samples = {s.name: model_tr.nodes[s.name]["value"].reshape(1, num_samples, n, *s.shape).cpu().numpy() for s in latent.sites}
-    dims, coords = _layout(latent)
+    dims, coords = point_layout(latent, ("log_weight",))
     return Draws(samples, {"log_weight": lw.reshape(1, num_samples, n).cpu().numpy()}, dims, coords, method)
 
 def vi_draws_latent(
@@ -92,18 +91,8 @@ def vi_draws_latent(
         lw = log_joint(model, latent, *args)(u) - q.log_prob(u)
         values, _ = latent.constrain(u)
     samples = {name: v[None].cpu().numpy() for name, v in values.items()}
-    dims, coords = _layout(latent)
+    dims, coords = point_layout(latent, ("log_weight",))
     return Draws(samples, {"log_weight": lw[None].cpu().numpy()}, dims, coords, method)
-
-def _layout(latent: Latent) -> tuple[dict[str, list[str]], dict[str, list[Any]]]:
-    """ArviZ dims and coords of per-datapoint draws of every latent site (``point`` first)."""
-    dims: dict[str, list[str]] = {"log_weight": ["point"]}
-    coords: dict[str, list[Any]] = {"point": list(range(latent.num_points))}
-    for s in latent.sites:
-        names = [f"{s.name}_dim_{i}" for i in range(len(s.shape))]
-        dims[s.name] = ["point", *names]
-        coords |= {nm: list(range(e)) for nm, e in zip(names, s.shape)}
-    return dims, coords
 
 def vi_draws_amortized(
     model: Callable[..., object],
@@ -177,9 +166,6 @@ def vi_draws_autoguide(
                 for s in tr.nodes.values():
                     if s["type"] == "sample" and "log_prob" in s:
                         lw = lw + sign * sum_but_first(s["log_prob"], num_samples)
-    samples = {}
-    for name in latent:
-        shape = tuple(plain.nodes[name]["value"].shape)
-        samples[name] = model_tr.nodes[name]["value"].reshape(1, num_samples, *shape).numpy()
-    dims = {name: [f"{name}_dim_{i}" for i in range(v.ndim - 2)] for name, v in samples.items() if v.ndim > 2}
-    return Draws(samples, {"log_weight": lw[None].numpy()}, dims, {}, f"vi-{AUTOGUIDES[family]}")
+    shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
+    samples = {name: model_tr.nodes[name]["value"].reshape(1, num_samples, *shape).numpy() for name, shape in shapes.items()}
+    return Draws(samples, {"log_weight": lw[None].numpy()}, site_dims(shapes), {}, f"vi-{AUTOGUIDES[family]}")
