@@ -41,12 +41,23 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(app: Any) -> argparse.ArgumentParser:
     """The parser; ``app`` (:mod:`ppl_vae.app.commands`) names the choices and defaults in the help."""
-
-    c = app.Config()  # fit's options default to None ("not given"): the defaults are Config's, and --resume keeps the run's own
-
     p = _Parser(prog="ppl-vae", description="Latent-variable models as Pyro functions: fit, evaluate, plot.")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_fit, _demo, _plot, _tables, _grad_variance, _gaps, _compare):
+        add(sub, app)
+    return p
 
+
+def _output(parser: argparse.ArgumentParser, *, what: str = "output directory", progress: bool = True) -> None:
+    """``--out`` (required), ``--force`` and, for a long command, ``--no-progress``."""
+    parser.add_argument("--out", required=True, help=what)
+    parser.add_argument("--force", action="store_true", help=f"replace an existing {what} as a whole")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true")
+
+
+def _fit(sub: Any, app: Any) -> None:
+    c = app.Config()  # fit's options default to None ("not given"): the defaults are Config's, and --resume keeps the run's own
     f = sub.add_parser("fit", help="train a model and write a run directory")
     f.add_argument("--model", default=None, help=f"one of {', '.join(app.MODELS)} (default {c.model})")
     f.add_argument("--dataset", default=None, help=f"one of {', '.join(app.DATASETS)} (default {c.dataset})")
@@ -70,19 +81,21 @@ def build_parser(app: Any) -> argparse.ArgumentParser:
     f.add_argument("--lr-schedule", choices=("cosine", "exponential"), default=None, help="a function of (epoch, --epochs): an extended run re-plans it")
     f.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without improvement")
     f.add_argument("--seed", type=int, default=None, help=f"in [0, 2**32 - 1] (default {c.seed})")
-    f.add_argument("--out", required=True, help="run directory")
-    f.add_argument("--force", action="store_true", help="replace an existing run directory as a whole")
+    _output(f, what="run directory")
     f.add_argument(
         "--resume", action="store_true",
         help=f"continue the run in --out (its config.json is used; only {', '.join('--' + k.replace('_', '-') for k in app.RESUMABLE)} may change)",
     )
-    f.add_argument("--no-progress", action="store_true")
 
+
+def _demo(sub: Any, app: Any) -> None:
     d = sub.add_parser("demo", help="the main job on the embedded digits: a 2-D VAE, its gaps and a VI-vs-MCMC check, in 1-2 minutes")
     d.add_argument("--out", default=app.DEMO_DIR, help=f"run directory (default {app.DEMO_DIR})")
     d.add_argument("--force", action="store_true", help="replace an existing run directory as a whole")
     d.add_argument("--no-progress", action="store_true")
 
+
+def _plot(sub: Any, app: Any) -> None:
     pl = sub.add_parser("plot", help="latent-space pictures of trained run(s)")
     pl.add_argument("--run", action="append", required=True, help="run directory (repeat for ae-vs-vae and latent-sweep)")
     pl.add_argument("--kind", required=True, help="manifold, interpolation, tsne, ae-vs-vae, latent-sweep or traversal")
@@ -90,6 +103,8 @@ def build_parser(app: Any) -> argparse.ArgumentParser:
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--force", action="store_true", help="overwrite an existing PNG")
 
+
+def _tables(sub: Any, app: Any) -> None:
     cq = sub.add_parser("cvae-quadrants", help="SO-CVAE vs baseline on binarised MNIST: complete hidden quadrants")
     cq.add_argument("--quadrants", type=int, nargs="+", default=[1, 2, 3], help="numbers of visible quadrants")
     m2p = sub.add_parser("m2", help="semi-supervised M2 on the labelled MNIST test set")
@@ -100,13 +115,13 @@ def build_parser(app: Any) -> argparse.ArgumentParser:
         e.add_argument("--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
         e.add_argument("--epochs", type=int, default=10)
         e.add_argument("--seed", type=int, default=0)
-        e.add_argument("--out", required=True, help="output directory")
-        e.add_argument("--force", action="store_true", help="replace an existing output directory as a whole")
-        e.add_argument("--no-progress", action="store_true")
+        _output(e)
     cq.add_argument("--train-limit", type=int, default=None, help="training rows, a seeded random subset (default all 50,000)")
     cq.add_argument("--test-limit", type=int, default=None, help="test rows (default all 10,000)")
     cq.add_argument("--samples", type=int, default=100, help="importance samples per test image")
 
+
+def _grad_variance(sub: Any, app: Any) -> None:
     gv = sub.add_parser("grad-variance", help="gradient variance and SNR of several estimators on a trained run")
     gv.add_argument("--run", required=True, help="run directory (from ppl-vae fit)")
     gv.add_argument("--estimators", default="score,score+average,score+nvil", help=f"comma-separated, from {', '.join(app.ESTIMATORS)}")
@@ -115,9 +130,10 @@ def build_parser(app: Any) -> argparse.ArgumentParser:
     gv.add_argument("--num-particles", type=int, default=1, help="samples per datapoint per draw (score+loo needs >= 2)")
     gv.add_argument("--track-epochs", type=_hidden, default=None, help="retrain the run's config and measure at these epochs, e.g. 0,1,5")
     gv.add_argument("--seed", type=int, default=0)
-    gv.add_argument("--out", required=True, help="output directory")
-    gv.add_argument("--force", action="store_true", help="replace an existing output directory as a whole")
+    _output(gv, progress=False)
 
+
+def _gaps(sub: Any, app: Any) -> None:
     g = sub.add_parser("gaps", help="approximation and amortisation gaps of trained run(s) (Cremer et al. 2018)")
     g.add_argument("--run", action="append", default=[], help="run directory from ppl-vae fit (repeat to compare models)")
     g.add_argument("--merge", action="append", default=[], help="instead of --run: merge earlier gaps folders into one table and figure")
@@ -132,9 +148,10 @@ def build_parser(app: Any) -> argparse.ArgumentParser:
     g.add_argument("--ais-steps", type=int, default=1000, help="AIS intermediate densities (with --logpx ais)")
     g.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--force", action="store_true", help="replace an existing output directory as a whole")
+    _output(g, progress=False)
 
+
+def _compare(sub: Any, app: Any) -> None:
     cm = sub.add_parser("compare", help="VI vs MCMC (batched HMC) on latent posteriors of datapoints of a trained run")
     cm.add_argument("--run", required=True, help="run directory from ppl-vae fit")
     cm.add_argument("--split", default="test", help="train, valid or test (default test)")
@@ -146,10 +163,7 @@ def build_parser(app: Any) -> argparse.ArgumentParser:
     cm.add_argument("--warmup", type=int, default=None, help="warmup transitions (default: --draws)")
     cm.add_argument("--vi-draws", type=int, default=None, help="VI draws per datapoint (default: chains x draws)")
     cm.add_argument("--seed", type=int, default=0)
-    cm.add_argument("--out", required=True, help="output directory")
-    cm.add_argument("--force", action="store_true", help="replace an existing output directory as a whole")
-    cm.add_argument("--no-progress", action="store_true")
-    return p
+    _output(cm)
 
 
 def _one_line(text: str) -> str:

@@ -1,16 +1,109 @@
-"""Seed before every test; fail a test that leaks parameters into Pyro's global store."""
+"""Shared by the tests: seeding and the param-store check before and after every test, fixtures, and helpers.
+
+Helpers (import them with ``from conftest import ...``; no test module imports another):
+
+* statistics: ``Z`` (standard errors at which a check fails by chance with probability < 1e-4),
+  ``se_of_mean``, ``log_mean_exp_bias``;
+* exact answers: ``frozen_ppca`` (a float64 PPCA with frozen parameters), ``inflated_guide``;
+* a conjugate scalar model with closed-form gradients: ``X``, ``model``, ``Guide``,
+  ``exact_loss_grad``, ``grad_draws``;
+* the command line: ``TINY`` and ``BINARY`` option lists (a 60-row digits run of two epochs).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pytest
+import torch
+from torch import nn
 
-# the posteriordb reference posteriors the tests use ship with the tests (tests/data/posteriordb)
-os.environ.setdefault("PPL_VAE_POSTERIORDB", str(Path(__file__).parent / "data" / "posteriordb"))
+from ppl_vae.inference.estimators import get_estimator
+from ppl_vae.models.ppca import PPCA
+
+# the posteriordb reference posteriors the tests use ship with the tests (tests/fixtures/posteriordb)
+os.environ.setdefault("PPL_VAE_POSTERIORDB", str(Path(__file__).parent / "fixtures" / "posteriordb"))
+
+
+Z = 4.0
+
+
+def se_of_mean(se: torch.Tensor) -> float:
+    return (se.pow(2).sum().sqrt() / len(se)).item()
+
+
+def log_mean_exp_bias(se: torch.Tensor) -> float:
+    """The delta-method bias of a log-mean-exp estimate, averaged over datapoints: mean(SE^2) / 2."""
+    return (se.pow(2).mean() / 2).item()
+
+
+def frozen_ppca(D: int = 6, d: int = 2, sigma: float = 0.7, seed: int = 0) -> PPCA:
+    torch.manual_seed(seed)
+    m = PPCA(D, d, sigma=sigma).double()
+    with torch.no_grad():
+        m.mu.normal_()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def inflated_guide(m: PPCA, factor: float = 1.6):
+    """A diagonal guide with the exact marginal means and sds inflated by ``factor``: a loose proposal."""
+
+    def guide(x: torch.Tensor) -> None:
+        post = m.posterior(x)
+        sd = post.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt()
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(post.mean, factor * sd).to_event(1))
+
+    return guide
+
+
+X = torch.tensor([[0.7]])
+
+
+def model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
+class Guide(nn.Module):
+    def __init__(self, m: float = 0.3, log_s: float = math.log(0.8)) -> None:
+        super().__init__()
+        self.m = nn.Parameter(torch.tensor([m]))
+        self.log_s = nn.Parameter(torch.tensor([log_s]))
+        self.draws: list[torch.Tensor] = []
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            # to_event inside a plate: the case has_rsample_(False) cannot handle
+            z = pyro.sample("z", dist.Normal(self.m, self.log_s.exp()).to_event(1))
+        self.draws.append(z.detach())
+
+
+def exact_loss_grad(guide: Guide) -> torch.Tensor:
+    x, m, s = X.item(), guide.m.item(), guide.log_s.exp().item()
+    return -torch.tensor([x - 2 * m, 1 - 2 * s * s])
+
+
+def grad_draws(estimator, guide: Guide, n: int, num_particles: int = 1) -> torch.Tensor:
+    loss = get_estimator(estimator).loss(model, guide, num_particles)
+    out = []
+    for _ in range(n):
+        guide.m.grad = guide.log_s.grad = None
+        loss(X).backward()
+        out.append(torch.cat([guide.m.grad, guide.log_s.grad]))
+    return torch.stack(out)
+
+
+TINY = ["--dataset", "digits", "--limit", "60", "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress"]
+BINARY = [*TINY, "--binarize", "threshold"]
 
 
 @pytest.fixture(autouse=True)

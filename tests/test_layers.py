@@ -147,3 +147,22 @@ def test_the_graph_was_read():
     assert "ppl_vae.inference.svi" in GRAPH["ppl_vae.app.commands.fit"][0] or any(
         t.startswith("ppl_vae.inference") for t in GRAPH["ppl_vae.app.commands.fit"][0]
     )
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.rglob("test_*.py")), ids=lambda p: str(p.relative_to(TESTS)))
+def test_no_test_module_imports_another(path):
+    """Shared helpers live in ``tests/conftest.py``; a test module imports no other test module."""
+    tree = ast.parse(path.read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert not [m for m in names if m.split(".")[-1].startswith("test_") or m.startswith("tests")], names
+
+
+def test_tests_mirror_the_package():
+    """Every test folder names a package folder (``tests/inference/gaps`` tests ``ppl_vae/inference/gaps``)."""
+    folders = {p.parent.relative_to(TESTS) for p in TESTS.rglob("test_*.py")} - {Path(".")}
+    assert folders, "no test folders found"
+    assert [f for f in folders if not (PACKAGE / f).is_dir()] == []

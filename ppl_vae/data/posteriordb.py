@@ -1,7 +1,7 @@
 """Reference posteriors of the public posterior database (stan-dev/posteriordb): data and gold-standard draws.
 
 The posteriors the package's MCMC tests use ship with the tests
-(``tests/data/posteriordb``); ``$PPL_VAE_POSTERIORDB`` or ``root`` names
+(``tests/fixtures/posteriordb``); ``$PPL_VAE_POSTERIORDB`` or ``root`` names
 another copy (the layout of posteriordb's ``posterior_database`` folder).
 
 References

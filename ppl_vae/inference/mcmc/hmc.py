@@ -1,6 +1,6 @@
-r"""MCMC for latent posteriors and for any Pyro model: batched HMC and Pyro's NUTS.
+r"""Batched HMC for latent posteriors and for any Pyro model.
 
-Two samplers, one output type (:class:`Draws`, convertible to ArviZ):
+The output is :class:`Draws` (convertible to ArviZ), as for Pyro's NUTS (:mod:`.nuts`):
 
 * :func:`hmc_latent` / :func:`hmc` -- **batched HMC**: every chain of every
   datapoint advances together in one tensor program. Given a trained
@@ -21,10 +21,8 @@ Two samplers, one output type (:class:`Draws`, convertible to ArviZ):
   ``max_energy_error`` (or is not finite) is *divergent*: it is rejected and
   recorded in ``sample_stats["diverging"]``.
 
-* :func:`nuts` / :func:`nuts_latent` -- Pyro's :class:`~pyro.infer.mcmc.NUTS`
-  on any Pyro model (chains run one after another), or on the latent
-  posterior of one datapoint at a time: the baseline against which the
-  batched sampler is checked and benchmarked.
+Pyro's NUTS (:mod:`.nuts`) is the baseline against which this sampler is checked and benchmarked;
+the transition and the step-size rule are :mod:`.kernel`'s, shared with AIS.
 
 The log density of the latent posterior of a model written the ppl-vae way
 is the model's joint log density with its latent site conditioned on ``z``:
@@ -72,12 +70,6 @@ from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
 from .kernel import State, StepSize, transition
 
 __all__ = ["hmc_latent", "hmc"]
-
-
-# --------------------------------------------------------------------------- results
-
-
-# --------------------------------------------------------------------------- helpers
 
 
 # --------------------------------------------------------------------------- targets
@@ -477,8 +469,3 @@ def hmc(
                   max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
     freeze = freeze_model(lambda *a, **k: model(*args, **kwargs), ())
     return _batched(lambda gen: _model_target(model, args, kwargs, num_chains, gen), freeze, num_samples, warmup_steps, seed, tuning)
-
-
-# --------------------------------------------------------------------------- Pyro NUTS
-
-

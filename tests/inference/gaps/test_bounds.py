@@ -15,23 +15,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import Z, frozen_ppca, inflated_guide, log_mean_exp_bias, se_of_mean
 
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference.gaps.ais import ais, bdmc
 from ppl_vae.inference.gaps.bounds import importance_bounds
 from ppl_vae.inference.traces import log_weights
 from ppl_vae.models.ppca import PPCA
-
-Z = 4.0
-
-
-def se_of_mean(se: torch.Tensor) -> float:
-    return (se.pow(2).sum().sqrt() / len(se)).item()
-
-
-def log_mean_exp_bias(se: torch.Tensor) -> float:
-    """The delta-method bias of a log-mean-exp estimate, averaged over datapoints: mean(SE^2) / 2."""
-    return (se.pow(2).mean() / 2).item()
 
 
 def kl_of_guide(m: PPCA, x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -40,28 +30,6 @@ def kl_of_guide(m: PPCA, x: torch.Tensor, factor: float) -> torch.Tensor:
     cov_q = torch.diag_embed(cov_p.diagonal(dim1=-2, dim2=-1)) * factor**2
     k = cov_p.shape[-1]
     return 0.5 * (torch.linalg.solve(cov_p, cov_q).diagonal(dim1=-2, dim2=-1).sum(-1) - k + torch.logdet(cov_p) - torch.logdet(cov_q))
-
-
-def frozen_ppca(D: int = 6, d: int = 2, sigma: float = 0.7, seed: int = 0) -> PPCA:
-    torch.manual_seed(seed)
-    m = PPCA(D, d, sigma=sigma).double()
-    with torch.no_grad():
-        m.mu.normal_()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
-
-
-def inflated_guide(m: PPCA, factor: float = 1.6):
-    """A diagonal guide with the exact marginal means and sds inflated by ``factor``: a loose proposal."""
-
-    def guide(x: torch.Tensor) -> None:
-        post = m.posterior(x)
-        sd = post.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt()
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(post.mean, factor * sd).to_event(1))
-
-    return guide
 
 
 def test_exact_guide_gives_exact_bounds_with_zero_variance():

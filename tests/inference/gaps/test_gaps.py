@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bounds import frozen_ppca
-from test_cli import BINARY
+from conftest import BINARY, Z, frozen_ppca, se_of_mean
 from torch import nn
 
 from ppl_vae.cli import main
@@ -30,7 +29,6 @@ from ppl_vae.inference.svi import fit
 from ppl_vae.models.ppca import PPCA
 from ppl_vae.nn import MLP, GaussianEncoder
 
-Z = 4.0
 TOL_OPT = 0.01
 
 
@@ -38,10 +36,6 @@ def mean_field_kl(m: PPCA, x: torch.Tensor) -> float:
     """KL(q*_MF || p(z|x)) for the optimal mean-field Gaussian: 0.5 (sum_i log Lambda_ii - log det Lambda)."""
     lam = torch.linalg.inv(m.posterior(x[:1]).covariance_matrix[0])
     return 0.5 * (lam.diagonal().log().sum() - torch.logdet(lam)).item()
-
-
-def se_of_mean(se: torch.Tensor) -> float:
-    return (se.pow(2).sum().sqrt() / len(se)).item()
 
 
 @pytest.mark.parametrize("family", ["diagonal", "full"])

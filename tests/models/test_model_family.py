@@ -12,7 +12,10 @@ import math
 
 import pytest
 import torch
+from conftest import BINARY
 
+from ppl_vae.app.runs import load_run
+from ppl_vae.cli import main
 from ppl_vae.data import load
 from ppl_vae.distributions import get_likelihood
 from ppl_vae.guides.amortized import amortized_guide, delta_guide
@@ -22,6 +25,7 @@ from ppl_vae.models.autoencoders import principal_angles_to_pca, sparse_autoenco
 from ppl_vae.models.discrete import GaussianMixturePrior
 from ppl_vae.models.hierarchical import hierarchical_guide, hierarchical_vae
 from ppl_vae.models.priors import VampPrior, vae_with_prior
+from ppl_vae.models.vae import autoencoder
 from ppl_vae.models.vqvae import (
     Codebook,
     CodePrior,
@@ -142,8 +146,6 @@ def test_linear_autoencoder_spans_the_pca_subspace():
     scales = torch.tensor([3.0, 2.0, 0.5, 0.4, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1])
     x = (torch.randn(n, d_data, generator=gen) * scales) @ basis.T + 1.0
     enc, dec = MLP(d_data, [], d), MLP(d, [], d_data)
-    from ppl_vae.models.vae import autoencoder
-
     model = autoencoder(dec, get_likelihood("gaussian"), d)
     fit(model, delta_guide(enc), x, epochs=150, batch_size=100, lr=1e-2, seed=0, progress=False)
     angles = principal_angles_to_pca(dec[0].weight, x)
@@ -155,9 +157,6 @@ def test_linear_autoencoder_spans_the_pca_subspace():
 @pytest.mark.parametrize("model", ["hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae"])
 def test_cli_fit_and_reload(model, tmp_path):
     """``ppl-vae fit --model ...`` trains, writes its figures (prior samples from the model's own prior) and reloads."""
-    from ppl_vae.app.runs import load_run
-    from ppl_vae.cli import main
-
     out = tmp_path / model
     argv = ["fit", "--model", model, "--dataset", "digits", "--binarize", "threshold", "--limit", "60",
             "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress", "--out", str(out)]
@@ -170,8 +169,6 @@ def test_cli_fit_and_reload(model, tmp_path):
 
 
 def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
-    from ppl_vae.cli import main
-
     for extra, fragment in ((["--model", "hvae", "--arch", "conv"], "--arch conv"), (["--model", "vqvae", "--estimator", "score"], "point-estimate")):
         out = tmp_path / "x"
         assert main(["fit", "--dataset", "digits", "--limit", "60", "--binarize", "threshold", "--out", str(out), *extra]) == 2
@@ -188,10 +185,6 @@ def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
     ],
 )
 def test_wrong_objective_combinations_are_refused_before_anything_is_written(tmp_path, capsys, options, message):
-    from test_cli import BINARY
-
-    from ppl_vae.cli import main
-
     out = tmp_path / "run"
     assert main(["fit", "--out", str(out), *BINARY, *options]) == 2
     err = capsys.readouterr().err

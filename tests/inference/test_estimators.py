@@ -16,6 +16,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import Guide, X, exact_loss_grad, grad_draws, model
 from torch import nn
 
 from ppl_vae.errors import ConfigError, NotReparameterizableError
@@ -25,43 +26,6 @@ from ppl_vae.inference.estimators import (
     ScoreFunction,
     get_estimator,
 )
-
-X = torch.tensor([[0.7]])
-
-
-def model(x):
-    with pyro.plate("data", x.shape[0]):
-        z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
-        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
-
-
-class Guide(nn.Module):
-    def __init__(self, m: float = 0.3, log_s: float = math.log(0.8)) -> None:
-        super().__init__()
-        self.m = nn.Parameter(torch.tensor([m]))
-        self.log_s = nn.Parameter(torch.tensor([log_s]))
-        self.draws: list[torch.Tensor] = []
-
-    def forward(self, x):
-        with pyro.plate("data", x.shape[0]):
-            # to_event inside a plate: the case has_rsample_(False) cannot handle
-            z = pyro.sample("z", dist.Normal(self.m, self.log_s.exp()).to_event(1))
-        self.draws.append(z.detach())
-
-
-def exact_loss_grad(guide: Guide) -> torch.Tensor:
-    x, m, s = X.item(), guide.m.item(), guide.log_s.exp().item()
-    return -torch.tensor([x - 2 * m, 1 - 2 * s * s])
-
-
-def grad_draws(estimator, guide: Guide, n: int, num_particles: int = 1) -> torch.Tensor:
-    loss = get_estimator(estimator).loss(model, guide, num_particles)
-    out = []
-    for _ in range(n):
-        guide.m.grad = guide.log_s.grad = None
-        loss(X).backward()
-        out.append(torch.cat([guide.m.grad, guide.log_s.grad]))
-    return torch.stack(out)
 
 
 def test_single_particle_pathwise_gradient_matches_hand_derivation():

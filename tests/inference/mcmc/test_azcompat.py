@@ -1,4 +1,4 @@
-"""ppl_vae.inference.azcompat under whichever ArviZ is installed (0.2x, or 1.x in CI's second pass).
+"""ppl_vae.inference.mcmc.azcompat under whichever ArviZ is installed (0.2x, or 1.x in CI's second pass).
 
 Every test runs under pytest's ``filterwarnings = error`` (pyproject.toml), so
 any warning from ArviZ, xarray or NumPy fails it.

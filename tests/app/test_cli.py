@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BINARY, TINY
 
 from ppl_vae import io
 from ppl_vae.app.config import Config
@@ -26,8 +27,7 @@ PNGS = ("reconstructions.png", "prior_samples.png", "elbo.png", "latent.png")
 RUN_FILES = ("metrics.json", "history.csv", "checkpoint.pt", "config.json", *PNGS)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-TINY = ["--dataset", "digits", "--limit", "60", "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress"]
-BINARY = [*TINY, "--binarize", "threshold"]
+
 
 
 pytestmark = pytest.mark.usefixtures("empty_data_home")

@@ -14,7 +14,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from test_estimators import Guide, X, exact_loss_grad, grad_draws, model
+from conftest import Guide, X, exact_loss_grad, grad_draws, model
 from torch import nn
 
 from ppl_vae.errors import ConfigError
