@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import io
 from ..data import Dataset
 from ..errors import (
@@ -30,7 +28,7 @@ from ..errors import (
     RunDirectoryError,
 )
 from ..inference.params import discover
-from ..inference.svi import CHECKPOINT
+from ..inference.svi import CHECKPOINT, load_params
 from .config import Config
 from .registry import (
     Built,
@@ -231,10 +229,6 @@ def load_run(run_dir: str | Path) -> tuple[Built, dict[str, Dataset]]:
     # a run that stopped early is its best epoch's parameters (what its metrics describe)
     saved = ckpt["best_params"] if ckpt.get("stopped_early") and ckpt.get("best_params") else ckpt["params"]
     # an estimator's own networks (NVIL's baseline) are saved after the model's and guide's parameters
-    if saved is None or len(saved) < len(found.params) or any(s.shape != p.shape for s, p in zip(saved, found.params)):
-        raise CheckpointError(f"checkpoint in {run_dir} does not match its config")
-    with torch.no_grad():
-        for p, s in zip(found.params, saved):
-            p.copy_(s)
+    load_params(found.params, saved, f"in {run_dir} (its config)", extra=True)
     found.train(False)
     return built, splits

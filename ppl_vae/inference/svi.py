@@ -57,7 +57,7 @@ from .params import Discovered, discover
 from .random import seeded
 from .traces import traces
 
-__all__ = ["fit", "FitResult", "as_tensors", "check_resume", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
+__all__ = ["fit", "FitResult", "as_tensors", "check_resume", "load_params", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
@@ -415,10 +415,7 @@ class _Trainer:
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {self.ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
         try:
-            saved = ckpt["params"]
-            if len(saved) != len(self.params) or any(s.shape != p.shape for s, p in zip(saved, self.params)):
-                raise CheckpointError(f"checkpoint {self.ckpt_path} does not match this model and guide")
-            _copy(self.params, saved)
+            load_params(self.params, ckpt["params"], str(self.ckpt_path))
             self.optim.load_state_dict(ckpt["optimizer"])
             if self.sched is not None and ckpt.get("scheduler") is not None:
                 self.sched.load_state_dict(ckpt["scheduler"])
@@ -438,10 +435,17 @@ class _Trainer:
         return state
 
 
-def _copy(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+def load_params(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor] | None, where: str, *, extra: bool = False) -> None:
+    """Copy checkpointed values into ``params`` in place, after checking that they match in number and shapes.
+
+    With ``extra``, ``saved`` may hold more tensors after those of ``params`` (an estimator's own
+    networks, saved after the model's and guide's). A mismatch is a :class:`CheckpointError` naming ``where``.
+    """
+    if saved is None or (len(saved) < len(params) if extra else len(saved) != len(params)) or any(s.shape != p.shape for s, p in zip(saved, params)):
+        raise CheckpointError(f"checkpoint {where} does not match this model and guide")
     with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v)
+        for p, s in zip(params, saved):
+            p.copy_(s)
 
 
 def _check_options(epochs: int, batch_size: int, num_particles: int, beta: float, lr: float, seed: int, patience: int | None,
@@ -596,7 +600,7 @@ def fit(
             bar.close()
             trainer.objective.train(False)
         if state.stopped_early and state.best_params is not None:
-            _copy(trainer.params, state.best_params)
+            load_params(trainer.params, state.best_params, "best parameters")
         train_elbo = evaluate(tensors, "the final training ELBO")
         val_elbo = evaluate(val, "the final validation ELBO") if val is not None else None
     return FitResult(

@@ -32,7 +32,7 @@ from ...errors import ConfigError
 from ...inference.random import pick
 from ..config import MODEL_SPECS
 from ..registry import Built
-from .run import image_grid, load_pyplot
+from .run import grid_array, image_grid, load_pyplot
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -101,12 +101,6 @@ def tsne(built: Built, x: torch.Tensor, y: torch.Tensor | None, *, seed: int = 0
     return fig
 
 
-def _grid_array(images: torch.Tensor, image_shape: tuple[int, int, int], nrow: int) -> Any:
-    from torchvision.utils import make_grid
-
-    return make_grid(images.reshape(-1, *image_shape).clamp(0, 1).float(), nrow=nrow, padding=1, pad_value=0.5).permute(1, 2, 0).numpy()
-
-
 def ae_vs_vae(ae: Built, vae: Built, x: torch.Tensor, y: torch.Tensor | None, image_shape: tuple[int, int, int], *, seed: int = 0) -> Figure:
     """Latent means (first two coordinates) and decoded :math:`z \\sim N(0, I)` of an autoencoder and a VAE."""
     import seaborn as sns
@@ -123,7 +117,7 @@ def ae_vs_vae(ae: Built, vae: Built, x: torch.Tensor, y: torch.Tensor | None, im
         ax.add_patch(plt.Circle((0, 0), 2.0, fill=False, ls="--", color="k"))
         ax.set_title(f"{built.config.model}: latent means (z1, z2); dashed: 2 sd of N(0, I)", fontsize=9)
         samples = decode(built, torch.randn(64, d, generator=torch.Generator().manual_seed(seed)))
-        axes[1, col].imshow(_grid_array(samples, image_shape, 8), interpolation="nearest")
+        axes[1, col].imshow(grid_array(samples, image_shape, 8), interpolation="nearest")
         axes[1, col].set_title(f"{built.config.model}: decoded z ~ N(0, I)", fontsize=9)
         axes[1, col].axis("off")
     fig.tight_layout()
@@ -138,7 +132,7 @@ def latent_sweep(runs: Sequence[tuple[Built, dict[str, Any]]], x: torch.Tensor, 
     runs = sorted(runs, key=lambda r: r[0].config.latent_dim)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.9 * (len(runs) + 1) + 1.5), gridspec_kw={"width_ratios": [2.2, 1]})
     rows = torch.cat([x] + [b.reconstruct(x) for b, _ in runs])
-    left.imshow(_grid_array(rows, image_shape, len(x)), interpolation="nearest")
+    left.imshow(grid_array(rows, image_shape, len(x)), interpolation="nearest")
     left.set_yticks([(i + 0.5) * (image_shape[1] + 1) for i in range(len(runs) + 1)], ["input"] + [f"d = {b.config.latent_dim}" for b, _ in runs])
     left.set_xticks([])
     left.set_title("test inputs and reconstructions")

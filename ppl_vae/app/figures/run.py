@@ -33,14 +33,19 @@ def load_pyplot() -> Any:
     return plt
 
 
-def image_grid(images: torch.Tensor, image_shape: tuple[int, int, int], nrow: int, title: str) -> Figure:
-    """A grid of flat images (torchvision ``make_grid``) as a figure."""
+def grid_array(images: torch.Tensor, image_shape: tuple[int, int, int], nrow: int) -> Any:
+    """Flat images tiled by torchvision's ``make_grid``, as an ``[H, W, C]`` array for ``imshow``."""
     from torchvision.utils import make_grid
 
+    return make_grid(images.reshape(-1, *image_shape).clamp(0, 1).float(), nrow=nrow, padding=1, pad_value=0.5).permute(1, 2, 0).numpy()
+
+
+def image_grid(images: torch.Tensor, image_shape: tuple[int, int, int], nrow: int, title: str) -> Figure:
+    """A grid of flat images (torchvision ``make_grid``) as a figure."""
     plt = load_pyplot()
-    grid = make_grid(images.reshape(-1, *image_shape).clamp(0, 1).float(), nrow=nrow, padding=1, pad_value=0.5)
-    fig, ax = plt.subplots(figsize=(nrow * 0.45 + 0.5, grid.shape[1] / grid.shape[2] * nrow * 0.45 + 0.6))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    grid = grid_array(images, image_shape, nrow)
+    fig, ax = plt.subplots(figsize=(nrow * 0.45 + 0.5, grid.shape[0] / grid.shape[1] * nrow * 0.45 + 0.6))
+    ax.imshow(grid, interpolation="nearest")
     ax.set_title(title)
     ax.axis("off")
     fig.tight_layout()
