@@ -63,7 +63,8 @@ class BatchedMADE(nn.Module):
         super().__init__()
         kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
         if masks is None:
-            masks = tuple(m.to(**kw) for m in create_mask(latent_dim, 0, [hidden], permutation.cpu(), 2)[0])
+            with torch.device("cpu"):  # Pyro's create_mask takes no device
+                masks = tuple(m.to(**kw) for m in create_mask(latent_dim, 0, [hidden], permutation.cpu(), 2)[0])
         self.register_buffer("mask0", masks[0].clone())
         self.register_buffer("mask1", masks[1].clone())
         self.register_buffer("permutation", permutation)

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -222,7 +223,25 @@ class Estimator:
         """``loss(*args)``: a differentiable negative ELBO whose gradient is this estimator's."""
         self.validate(num_particles)
         elbo, handled_guide = self.elbo(num_particles), self.handled(guide)
-        return EstimatorLoss(lambda *args, **kwargs: elbo.differentiable_loss(model, handled_guide, *args, **kwargs))
+        if not isinstance(elbo, pyro.infer.TraceMeanField_ELBO):
+            return EstimatorLoss(lambda *args, **kwargs: elbo.differentiable_loss(model, handled_guide, *args, **kwargs))
+
+        def mean_field_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+            # Pyro only warns when it cannot verify a mean-field guide, and its closed-form KL terms are then wrong
+            # (a structured q(z2 | z1) is not independent of z1): refuse by name instead
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message="Failed to verify mean field restriction")
+                try:
+                    return elbo.differentiable_loss(model, handled_guide, *args, **kwargs)
+                except UserWarning as exc:
+                    model_sites, _, guide_sites = str(exc).partition("Model sites:")[2].partition("Guide sites:")
+                    raise ConfigError(
+                        f"{self.name} takes KL terms in closed form, which needs a mean-field guide whose sites come in the model's order; "
+                        f"Pyro could not verify this guide (model sites {', '.join(model_sites.split())}; guide sites "
+                        f"{', '.join(guide_sites.split())}); use estimator='reparam'"
+                    ) from None
+
+        return EstimatorLoss(mean_field_loss)
 
 
 @dataclass(frozen=True)
@@ -256,12 +275,12 @@ class ParticleTerms:
     scale: float | None
 
 
-def _reduce(lp: Any, site: dict[str, Any], plate: str) -> torch.Tensor:
-    """Sum a site's log-density over everything but the particle and ``plate`` dims: ``[K or 1, N]``."""
+def _reduce(lp: Any, site: dict[str, Any], plate: str, zero: torch.Tensor) -> torch.Tensor:
+    """Sum a site's log-density over everything but the particle and ``plate`` dims: ``[K or 1, N]`` (on ``zero``'s device)."""
     dims = {f.name: f.dim for f in site["cond_indep_stack"]}
     if plate not in dims:
         raise ConfigError(f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint estimators need every site inside it")
-    lp = torch.as_tensor(lp)
+    lp = torch.as_tensor(lp, device=zero.device)
     keep = [d for d in (dims.get(PARTICLES), dims[plate]) if d is not None]
     ndim = max(lp.dim(), -min(keep))
     lp = lp.reshape((1,) * (ndim - lp.dim()) + lp.shape)
@@ -287,22 +306,23 @@ def particle_terms(
 ) -> ParticleTerms:
     """One draw of ``elbo``'s (vectorised) traces cut into :class:`ParticleTerms`."""
     model_tr, guide_tr = next(iter(elbo._get_traces(model, guide, args, kwargs)))
-    zero = torch.zeros(())
+    data = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+    zero = data.new_zeros(()) if data is not None else torch.zeros((), device="cpu")
     log_p, log_q, entropy, score, has_score = zero, zero, zero, zero, False
     sites = []
     for site in model_tr.nodes.values():
         if site["type"] == "sample":
             sites.append(site)
-            log_p = log_p + _reduce(site["log_prob"], site, plate)
+            log_p = log_p + _reduce(site["log_prob"], site, plate, zero)
     for site in guide_tr.nodes.values():
         if site["type"] == "sample":
             sites.append(site)
-            log_q = log_q + _reduce(site["log_prob"], site, plate)
+            log_q = log_q + _reduce(site["log_prob"], site, plate, zero)
             parts = site["score_parts"]
             if not is_identically_zero(parts.entropy_term):
-                entropy = entropy + _reduce(parts.entropy_term, site, plate)
+                entropy = entropy + _reduce(parts.entropy_term, site, plate, zero)
             if not is_identically_zero(parts.score_function):
-                score, has_score = score + _reduce(parts.score_function, site, plate), True
+                score, has_score = score + _reduce(parts.score_function, site, plate, zero), True
     return ParticleTerms(log_p - log_q, log_p - entropy, score, has_score, _common_scale(sites))
 
 
@@ -339,7 +359,9 @@ class _Running:
 
 
 def _nvil_net(x: torch.Tensor, hidden: int) -> nn.Module:
-    net = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), hidden), nn.Tanh(), nn.Linear(hidden, 1))
+    """The NVIL baseline network, built on ``x``'s device and dtype."""
+    with torch.device(x.device):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), hidden, dtype=x.dtype), nn.Tanh(), nn.Linear(hidden, 1, dtype=x.dtype))
     nn.init.zeros_(net[-1].weight)
     nn.init.zeros_(net[-1].bias)
     return net

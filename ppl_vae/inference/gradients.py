@@ -140,7 +140,7 @@ def gradient_stats(
             if getattr(est, "baseline", None) in ("average", "nvil"):  # stateful baselines
                 _warm(loss, tensors, warmup, warmup_lr)
             flat = {name: [p for p in ps] for name, ps in groups.items()}
-            total = {name: torch.zeros(sum(p.numel() for p in ps), dtype=torch.float64) for name, ps in flat.items()}
+            total = {name: ps[0].new_zeros(sum(p.numel() for p in ps), dtype=torch.float64) for name, ps in flat.items()}
             total_sq = {name: torch.zeros_like(t) for name, t in total.items()}
             every = [p for ps in flat.values() for p in ps]
             for _ in range(repeats):

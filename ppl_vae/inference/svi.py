@@ -186,7 +186,7 @@ class _DivergenceWatch:
         if self.limit is not None and elbo > self.limit:
             return f"the ELBO estimate {elbo:.3g} nats per datapoint is above what discrete data allow (log p(x) <= 0; > {self.limit:g} has probability < 1e-20)"
         if self.recent:
-            ref = max(float(torch.tensor(self.recent).abs().median()), 1.0)
+            ref = max(float(torch.tensor(self.recent, device="cpu").abs().median()), 1.0)
             if abs(elbo) > self.GROWTH * ref:
                 return f"the ELBO estimate jumped to {elbo:.3g} nats per datapoint from a recent median magnitude of {ref:.3g}"
         self.recent = (self.recent + [elbo])[-self.WINDOW :]
@@ -366,7 +366,7 @@ class _Trainer:
     def epoch(self, data: tuple[torch.Tensor, ...], batch_size: int, state: _State, bar: Any, validate_every_step: bool) -> dict[str, float]:
         """One pass over the shuffled data; the row of the history (without validation)."""
         n, epoch = data[0].shape[0], state.epoch
-        perm = torch.randperm(n, generator=self.shuffle).to(data[0].device)
+        perm = torch.randperm(n, generator=self.shuffle, device="cpu").to(data[0].device)  # the same order on every device
         total = 0.0
         self.objective.train(True)
         for start in range(0, n, batch_size):

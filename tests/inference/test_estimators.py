@@ -19,6 +19,8 @@ import torch
 from conftest import Guide, X, exact_loss_grad, grad_draws, model
 from torch import nn
 
+from ppl_vae.app.config import Config
+from ppl_vae.app.registry import build
 from ppl_vae.errors import ConfigError, NotReparameterizableError
 from ppl_vae.inference.estimators import (
     AnalyticKL,
@@ -26,6 +28,8 @@ from ppl_vae.inference.estimators import (
     ScoreFunction,
     get_estimator,
 )
+from ppl_vae.inference.params import discover
+from ppl_vae.inference.svi import fit
 
 
 def test_single_particle_pathwise_gradient_matches_hand_derivation():
@@ -140,3 +144,14 @@ def _bernoulli_model(x):
     with pyro.plate("data", x.shape[0]):
         z = pyro.sample("z", dist.Bernoulli(x.new_full((x.shape[0], 3), 0.5)).to_event(1))
         pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+
+def test_analytic_kl_refuses_a_structured_guide_by_name_before_any_update():
+    """q(z1 | x) q(z2 | z1) is not mean-field: Pyro only warns, and its closed-form KL would be wrong."""
+    built = build(Config(model="hvae", dataset="digits", latent_dim=2, hidden=(8,)), 6, (1, 2, 3), None)
+    x = torch.bernoulli(torch.full((24, 6), 0.5), generator=torch.Generator().manual_seed(0))
+    params = discover(built.model, built.guide, (x[:2],)).params
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ConfigError, match=r"analytic-kl .* mean-field guide .*model sites z2, z1; guide sites z1, z2"):
+        fit(built.model, built.guide, x, estimator="analytic-kl", epochs=1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))

@@ -57,9 +57,9 @@ __all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_s
 PILOT_CHAINS = 2
 
 
-def sigmoid_schedule(num_steps: int, delta: float = 4.0) -> torch.Tensor:
+def sigmoid_schedule(num_steps: int, delta: float = 4.0, *, device: torch.device | str | None = "cpu") -> torch.Tensor:
     """``num_steps + 1`` inverse temperatures from 0 to 1, dense at both ends (Grosse et al. 2015)."""
-    t = torch.sigmoid(delta * (2 * torch.arange(num_steps + 1, dtype=torch.float64) / num_steps - 1))
+    t = torch.sigmoid(delta * (2 * torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps - 1))
     return (t - t[0]) / (t[-1] - t[0])
 
 
@@ -230,7 +230,7 @@ def ais(
     if guide is None and init != "prior":
         raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
     n = latent_of(model, *data, guide=guide, analysis="AIS").num_points
-    betas = sigmoid_schedule(num_steps).to(data[0].device)
+    betas = sigmoid_schedule(num_steps, device=data[0].device)
     parts = {"log_px": [], "log_px_se": [], "accept_rate": [], "step_size": []}
     with seeded(seed):
         for i in range(0, n, batch_size or n):
@@ -275,7 +275,7 @@ def bdmc(
         x = observed[0]["value"].detach()
         u_true = latent.unconstrain({n: tr.nodes[n]["value"].detach() for n in latent.names})
         data = (x, *template[1:])
-        betas = sigmoid_schedule(num_steps).to(x.device)
+        betas = sigmoid_schedule(num_steps, device=x.device)
         dens = log_joint(model, latent, *data, split=True)
         z0, _ = _start(model, "prior", latent, data, num_chains + PILOT_CHAINS)
         gen = generator_like(z0)

@@ -118,7 +118,7 @@ def importance_bounds(
     n = _check_data(data)
     width = max(1, math.prod(data[0].shape[1:]))
     k_chunk = sample_batch or max(1, min(num_samples, MAX_ELEMENTS // (min(batch_size, n) * width)))
-    out = {k: torch.empty(n, dtype=torch.float64) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}
+    out = {k: torch.empty(n, dtype=torch.float64, device=data[0].device) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}
     K = num_samples
     with seeded(seed), torch.no_grad():
         nesting = probe("importance bounds", lambda: plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data)), data)

@@ -212,4 +212,4 @@ def optimize_local(
             p.requires_grad_(False)
     converged = ~active
     options = dict(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol)
-    return LocalFit(posterior, steps, converged, first.float(), best_mean.float(), options)
+    return LocalFit(posterior, steps, converged, first.to(like.dtype), best_mean.to(like.dtype), options)

@@ -98,7 +98,7 @@ def draws_matrix(draws: Draws, names: Sequence[str]) -> tuple[np.ndarray, list[s
 
 
 def _energy_distance(x: np.ndarray, y: np.ndarray) -> float:
-    tx, ty = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    tx, ty = (torch.as_tensor(v, dtype=torch.float64, device="cpu") for v in (x, y))  # draws are host arrays
     n, m = len(tx), len(ty)  # within-sample terms as U-statistics (the zero diagonal excluded): unbiased
 
     def within(t: torch.Tensor, k: int) -> torch.Tensor:
