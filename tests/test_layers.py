@@ -166,3 +166,14 @@ def test_tests_mirror_the_package():
     folders = {p.parent.relative_to(TESTS) for p in TESTS.rglob("test_*.py")} - {Path(".")}
     assert folders, "no test folders found"
     assert [f for f in folders if not (PACKAGE / f).is_dir()] == []
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_private_names_stay_in_their_module(module):
+    """``from x import _name`` between package modules would make a private name part of two modules."""
+    tree = ast.parse(MODULES[module].read_text())
+    private = [
+        f"{n.module or '.'}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("ppl_vae"))
+        for a in n.names if a.name.startswith("_") and a.name != "__future__"
+    ]
+    assert not private, private
