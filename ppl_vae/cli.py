@@ -81,6 +81,11 @@ def _fit(sub: Any, app: Any) -> None:
     f.add_argument("--lr-schedule", choices=("cosine", "exponential"), default=None, help="a function of (epoch, --epochs): an extended run re-plans it")
     f.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without improvement")
     f.add_argument("--seed", type=int, default=None, help=f"in [0, 2**32 - 1] (default {c.seed})")
+    f.add_argument("--accelerator", default=None, help="cpu, cuda, mps or auto (Lightning Fabric; default cpu)")
+    f.add_argument("--devices", type=int, default=None, help="devices (processes) per node; the batch is split across them (default 1)")
+    f.add_argument("--strategy", default=None, help="ddp (data parallel), ddp_spawn, ddp_fork, ... (Fabric's names; default auto)")
+    f.add_argument("--precision", default=None, help="64-true, 32-true, bf16-mixed, 16-mixed, ... (Fabric's names; default 32-true)")
+    f.add_argument("--num-nodes", type=int, default=None, help="machines, for a run started by torchrun or srun on each (default 1)")
     _output(f, what="run directory")
     f.add_argument(
         "--resume", action="store_true",
@@ -189,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             commands,  # the one deferred import: torch and Pyro load here, inside the try
         )
 
-        logging.getLogger("pyro").setLevel(logging.WARNING)  # Pyro's "Guessed max_plate_nesting" INFO line would break one-line errors
+        for name in ("pyro", "lightning.fabric", "lightning_fabric"):  # their INFO lines (Pyro's guessed plate nesting, Fabric's
+            logging.getLogger(name).setLevel(logging.WARNING)  # process-group banner) would break one-line output
         args = build_parser(commands).parse_args(argv)
         return commands.run(args)
     except PplVaeError as exc:

@@ -1,14 +1,19 @@
 r"""``fit``: stochastic variational inference for any model and guide.
 
-One loop, written out: minibatches scaled to the full dataset, the ELBO of
-the chosen estimator, a ``torch.optim`` optimiser over the parameters the
+One loop, run through Lightning Fabric (:mod:`.distributed`) on any accelerator
+and any number of processes: minibatches scaled to the full dataset, the ELBO
+of the chosen estimator, a ``torch.optim`` optimiser over the parameters the
 model and guide use, validation each epoch, optional early stopping and
 learning-rate schedule, atomic checkpoints and bit-for-bit resumption.
+Read top to bottom: :func:`fit` checks the options and builds the pieces
+(:func:`_setup`), Fabric starts the processes, and :func:`_train` runs the
+epochs of :class:`_Trainer` steps in each.
 
 A checkpoint holds only tensors and plain containers (parameters, optimiser
-and schedule state, the torch RNG and shuffling-generator states, the
-estimator's running statistics, history and counters), so it is read back
-with ``torch.load(..., weights_only=True)`` and never executes code.
+and schedule state, each process's torch RNG state, the estimator's running
+statistics, history and counters; the shuffling is a function of the seed and
+the epoch), so it is read back with ``torch.load(..., weights_only=True)`` and
+never executes code.
 
 .. math::
 
@@ -23,6 +28,8 @@ Hoffman, Blei, Wang & Paisley (2013), Stochastic Variational Inference.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +44,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .. import io
@@ -51,13 +59,14 @@ from ..errors import (
     check_int,
     check_positive,
 )
+from .distributed import Collectives, make_fabric, rank_seed
 from .elbo import evaluate_elbo
 from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .params import Discovered, discover
 from .random import seeded
 from .traces import traces
 
-__all__ = ["fit", "FitResult", "as_tensors", "check_resume", "load_params", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
+__all__ = ["fit", "FitResult", "Objective", "as_tensors", "check_resume", "load_params", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
@@ -213,17 +222,22 @@ class _Evaluator:
 
     def __init__(self, model: Callable[..., object], guide: Callable[..., object], loss_fn: Callable[..., torch.Tensor], enumerated: list[str], batch_size: int) -> None:
         self.model, self.guide, self.loss_fn, self.enumerated, self.batch_size = model, guide, loss_fn, enumerated, batch_size
+        self.coll: Collectives | None = None  # set by the training process: each process scores its shard of the rows
 
     def __call__(self, data: tuple[torch.Tensor, ...], what: str) -> float:
+        assert self.coll is not None
+        shard, total = self.coll.shard(data), 0.0
         try:
+            n = shard[0].shape[0]
             if not self.enumerated:
-                return evaluate_elbo(self.model, self.guide, data, batch_size=self.batch_size).mean().item()
-            n, total = data[0].shape[0], 0.0
-            for i in range(0, n, self.batch_size):  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
-                total -= self.loss_fn(*(t[i : i + self.batch_size] for t in data)).item()
+                total = evaluate_elbo(self.model, self.guide, shard, batch_size=self.batch_size).sum().item() if n else 0.0
+            else:
+                for i in range(0, n, self.batch_size):  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
+                    total -= self.loss_fn(*(t[i : i + self.batch_size] for t in shard)).item()
+            total = self.coll.sum(total, data[0])
             if not math.isfinite(total):
                 raise NonFiniteError(f"the objective is {total}", site=None)
-            return total / n
+            return total / data[0].shape[0]
         except NonFiniteError as exc:
             raise TrainingDiverged(f"training diverged: {what} is not finite: {exc}", step=-1, site=exc.site) from None
 
@@ -266,7 +280,7 @@ def _replan(sched: Any, optimizer: torch.optim.Optimizer) -> None:
     sched._last_lr = lrs
 
 
-class _Objective(nn.Module):
+class Objective(nn.Module):
     """What one step differentiates: the loss of a minibatch, scaled to the ``n`` datapoints.
 
     A module holding every network the loss trains (the model's, the guide's and the estimator's
@@ -326,92 +340,148 @@ class _State:
 
 
 class _Trainer:
-    """The pieces around the step: optimiser and schedule, shuffling, divergence watch, checkpoints."""
+    """The pieces around the step: optimiser and schedule, shuffling, divergence watch, checkpoints.
 
-    def __init__(self, objective: _Objective, params: list[torch.Tensor], named: list[tuple[str, torch.Tensor]], optim: torch.optim.Optimizer,
-                 sched: Any, shuffle: torch.Generator, watch: _DivergenceWatch, out: str | Path | None) -> None:
+    Built once before the processes start; :meth:`attach` then hands the objective and the
+    optimiser to Fabric in each process (DDP wraps the objective there).
+    """
+
+    def __init__(self, objective: Objective, params: list[torch.Tensor], named: list[tuple[str, torch.Tensor]], optim: torch.optim.Optimizer,
+                 sched: Any, seed: int, watch: _DivergenceWatch, out: str | Path | None) -> None:
         self.objective, self.params, self.named, self.optim, self.sched = objective, params, named, optim, sched
-        self.shuffle, self.watch, self.out = shuffle, watch, out
+        self.seed, self.watch, self.out = seed, watch, out
         self.ckpt_path = Path(out) / CHECKPOINT if out is not None else None
         self.saved_epoch: int | None = None
+        self.module: Any = objective
+        self.fabric: Any = None
+        self.coll: Collectives | None = None
+
+    def refuse_loose_params(self, world_size: int) -> None:
+        """Several processes reduce the gradients of module parameters only: refuse ``pyro.param`` tensors by name."""
+        inside = {id(p) for p in self.objective.parameters()}
+        loose = [name for name, p in self.named if id(p) not in inside]
+        if world_size > 1 and loose:
+            raise ConfigError(
+                f"{len(loose)} trained tensor(s) ({', '.join(loose[:3])}) belong to no nn.Module, so data-parallel training cannot reduce "
+                "their gradients; hold them in an nn.Module (e.g. a PyroModule), or train in one process"
+            )
+
+    def attach(self, fabric: Any, coll: Collectives) -> None:
+        self.fabric, self.coll = fabric, coll
+        self.module, _ = fabric.setup(self.objective, self.optim)
 
     def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> tuple[torch.Tensor, str]:
         """The step's loss; when torch's argument validation meets an invalid parameter, the same draws again without validation, to name the site."""
         rng = torch.get_rng_state()
         try:
-            return self.objective(*batch), ""
+            return self.module(*batch), ""
         except ValueError as exc:
             if "Expected parameter" not in str(exc):
                 raise
             torch.set_rng_state(rng)
             self.objective.validate = False
-            return self.objective(*batch), f"a distribution got an invalid parameter ({str(exc).splitlines()[0][:120]}); "
+            return self.module(*batch), f"a distribution got an invalid parameter ({str(exc).splitlines()[0][:120]}); "
 
     def step(self, batch: tuple[torch.Tensor, ...], step: int, epoch: int) -> float:
-        """One optimisation step; returns the minibatch's ELBO per datapoint, or raises :class:`TrainingDiverged`."""
+        """One optimisation step; returns the minibatch's ELBO per datapoint, or raises :class:`TrainingDiverged` (in every process)."""
+        assert self.coll is not None
         loss, invalid = self.loss(batch, step)
         elbo = -loss.item() / self.objective.n
         reason = f"loss is {loss.item()}" if not math.isfinite(elbo) else self.watch.check(elbo)
-        if reason is not None:
-            site, culprit = _culprit(self.objective.record, self.named)
+        bad = self.coll.first_bad(reason is not None, loss)
+        if bad >= 0:
+            where = f" on rank {bad}" if self.coll.world > 1 else ""
             kept = f"; the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.out}" if self.saved_epoch else ""
+            if bad != self.coll.rank:
+                raise TrainingDiverged(f"training diverged at step {step} (epoch {epoch + 1}){where}{kept}", step=step, site=None)
+            site, culprit = _culprit(self.objective.record, self.named)
             raise TrainingDiverged(
-                f"training diverged at step {step} (epoch {epoch + 1}): {reason}; {invalid}{culprit}{kept}; try a smaller --lr", step=step, site=site
+                f"training diverged at step {step} (epoch {epoch + 1}){where}: {reason}; {invalid}{culprit}{kept}; try a smaller --lr", step=step, site=site
             )
         self.optim.zero_grad(set_to_none=True)
-        loss.backward()
+        self.fabric.backward(loss)
         self.optim.step()
         return elbo
 
+    def order(self, n: int, epoch: int) -> torch.Tensor:
+        """This process's rows for ``epoch``: a permutation seeded by (seed, epoch), split across the processes.
+
+        The permutation depends on the epoch only (a resumed run continues it), and process ``r``
+        of ``W`` takes every ``W``-th row of it: step ``k`` of ``W`` processes at batch ``B / W``
+        covers the same rows as step ``k`` of one process at batch ``B``.
+        """
+        assert self.coll is not None
+        sampler = DistributedSampler(range(n), num_replicas=self.coll.world, rank=self.coll.rank, shuffle=True, seed=self.seed)  # type: ignore[arg-type]
+        sampler.set_epoch(epoch)
+        with torch.device("cpu"):  # the sampler draws on the default device; indices are host-side
+            return torch.tensor(list(sampler), dtype=torch.long)
+
     def epoch(self, data: tuple[torch.Tensor, ...], batch_size: int, state: _State, bar: Any, validate_every_step: bool) -> dict[str, float]:
         """One pass over the shuffled data; the row of the history (without validation)."""
-        n, epoch = data[0].shape[0], state.epoch
-        perm = torch.randperm(n, generator=self.shuffle, device="cpu").to(data[0].device)  # the same order on every device
+        assert self.coll is not None
+        epoch, order = state.epoch, self.order(data[0].shape[0], state.epoch)
+        local = batch_size // self.coll.world
         total = 0.0
-        self.objective.train(True)
-        for start in range(0, n, batch_size):
+        self.module.train(True)
+        for start in range(0, len(order), local):
             self.objective.validate = state.step == 0 or validate_every_step
-            idx = perm[start : start + batch_size]
-            total += self.step(tuple(t[idx] for t in data), state.step, epoch) * len(idx)
+            idx = order[start : start + local]
+            batch = tuple(self.fabric.to_device(t[idx.to(t.device)]) for t in data)
+            total += self.step(batch, state.step, epoch) * len(idx)
             state.step += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, elbo=f"{total / min(n, start + batch_size):.2f}")
+            bar.set_postfix(epoch=epoch + 1, elbo=f"{total / min(len(order), start + local):.2f}")
         if self.sched is not None:
             self.sched.step()
-        self.objective.train(False)
-        return {"epoch": epoch + 1, "step": state.step, "train_elbo": total / n, "lr": self.optim.param_groups[0]["lr"]}
+        self.module.train(False)
+        train_elbo = self.coll.sum(total, data[0]) / self.coll.sum(float(len(order)), data[0])
+        return {"epoch": epoch + 1, "step": state.step, "train_elbo": train_elbo, "lr": self.optim.param_groups[0]["lr"]}
 
     def save(self, state: _State, options: dict[str, Any]) -> None:
-        """Write the checkpoint, then the history beside it; a failed write (a full disk) leaves the previous checkpoint intact."""
+        """Rank 0 writes the checkpoint, then the history beside it; a failed write (a full disk) leaves the previous checkpoint intact.
+
+        Each process's random state and estimator statistics are gathered into it, so a run resumes
+        bit for bit on the same number of processes.
+        """
+        assert self.coll is not None
         if self.ckpt_path is None:
             return
-        ckpt = {
-            "params": [p.detach().clone() for p in self.params], "optimizer": self.optim.state_dict(),
-            "scheduler": self.sched.state_dict() if self.sched is not None else None,
-            # Pyro and torch draw from torch's global generator only, so its state and the shuffling
-            # generator's are all a bit-for-bit resumption needs (Python's and numpy's are not used).
-            "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()},
-            "estimator": self.objective.loss_fn.state_dict(), "options": options, **asdict(state),
-        }
+        # Pyro and torch draw from torch's global generator only, so its state (one per process) is all a
+        # bit-for-bit resumption needs besides the epoch (the shuffling is a function of seed and epoch)
+        rng = self.coll.gather(torch.get_rng_state())
+        estimator = self.coll.gather(self.objective.loss_fn.state_dict())
+        error = None
+        if self.coll.rank == 0:
+            ckpt = {
+                "params": [p.detach().clone() for p in self.params], "optimizer": self.optim.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                "rng": {"torch": rng, "world_size": self.coll.world}, "estimator": estimator, "options": options, **asdict(state),
+            }
+            error = self._write(ckpt, state)
+        error = self.coll.from_rank_zero(error)
+        if error is not None:
+            raise RunDirectoryError(error)
+        self.saved_epoch = state.epoch
+
+    def _write(self, ckpt: dict[str, Any], state: _State) -> str | None:
+        assert self.ckpt_path is not None
         kept = f"the previous checkpoint (epoch {self.saved_epoch}) is intact" if self.saved_epoch else "no checkpoint was written"
         try:
             io.save_torch(self.ckpt_path, ckpt)
         except OSError as exc:
-            raise RunDirectoryError(f"could not write the checkpoint of epoch {state.epoch} to {self.ckpt_path} ({exc.strerror or exc}); {kept}") from None
+            return f"could not write the checkpoint of epoch {state.epoch} to {self.ckpt_path} ({exc.strerror or exc}); {kept}"
         try:
             io.write_csv(self.ckpt_path.parent / HISTORY, state.history)
         except OSError as exc:
-            raise RunDirectoryError(
-                f"could not write {self.ckpt_path.parent / HISTORY} ({exc.strerror or exc}); the checkpoint of epoch {state.epoch} in {self.ckpt_path} is intact"
-            ) from None
-        self.saved_epoch = state.epoch
+            return f"could not write {self.ckpt_path.parent / HISTORY} ({exc.strerror or exc}); the checkpoint of epoch {state.epoch} in {self.ckpt_path} is intact"
+        return None
 
     def restore(self, epochs: int, patience: int | None) -> _State:
-        """Parameters, optimiser, schedule, RNG states and estimator statistics from the checkpoint; the run's state."""
-        assert self.ckpt_path is not None and self.out is not None
+        """Parameters, optimiser, schedule, this process's RNG state and estimator statistics from the checkpoint; the run's state."""
+        assert self.ckpt_path is not None and self.out is not None and self.coll is not None
         ckpt = io.load_checkpoint(self.ckpt_path)  # weights_only; finite parameters
         try:  # before anything is changed
-            stopped = check_resume(ckpt, epochs, patience, self.out)
+            stopped = check_resume(ckpt, epochs, patience, self.out, world_size=self.coll.world)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {self.ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
         try:
@@ -421,18 +491,22 @@ class _Trainer:
                 self.sched.load_state_dict(ckpt["scheduler"])
                 if isinstance(self.sched, torch.optim.lr_scheduler.LambdaLR):
                     _replan(self.sched, self.optim)  # this run's total of epochs
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            self.shuffle.set_state(ckpt["rng"]["shuffle"])
-            self.objective.loss_fn.load_state_dict(ckpt.get("estimator") or {})
+            torch.set_rng_state(_per_process(ckpt["rng"]["torch"])[self.coll.rank])
+            self.objective.loss_fn.load_state_dict(_per_process(ckpt.get("estimator") or {})[self.coll.rank])
             state = _State(
                 history=list(ckpt["history"]), epoch=ckpt["epoch"], step=ckpt["step"], best=ckpt["best"], best_epoch=ckpt["best_epoch"],
                 bad_epochs=ckpt["bad_epochs"], wall_time=ckpt["wall_time"], best_params=ckpt.get("best_params"),
                 stopped_early=stopped,
             )
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise CheckpointError(f"checkpoint {self.ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
         self.saved_epoch = state.epoch
         return state
+
+
+def _per_process(saved: Any) -> list[Any]:
+    """A checkpoint's per-process list (one process wrote a single value before the Fabric loop)."""
+    return list(saved) if isinstance(saved, list) else [saved]
 
 
 def load_params(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor] | None, where: str, *, extra: bool = False) -> None:
@@ -462,7 +536,7 @@ def _check_options(epochs: int, batch_size: int, num_particles: int, beta: float
         raise ConfigError("resume needs the run directory `out`")
 
 
-def check_resume(ckpt: dict[str, Any], epochs: int, patience: int | None, out: str | Path, *, prefix: str = "") -> bool:
+def check_resume(ckpt: dict[str, Any], epochs: int, patience: int | None, out: str | Path, *, prefix: str = "", world_size: int | None = None) -> bool:
     """Whether a checkpointed run resumed to ``epochs`` with ``patience`` stays stopped early.
 
     Refuses (:class:`ConfigError`) fewer epochs than the run has done, and training on past an
@@ -470,6 +544,12 @@ def check_resume(ckpt: dict[str, Any], epochs: int, patience: int | None, out: s
     ``{prefix}epochs`` and ``{prefix}patience`` (``prefix="--"`` for the command line).
     """
     done, bad = ckpt["epoch"], ckpt.get("bad_epochs", 0)
+    saved_world = ckpt.get("rng", {}).get("world_size", 1) if isinstance(ckpt.get("rng"), dict) else 1
+    if world_size is not None and world_size != saved_world:
+        raise ConfigError(
+            f"the run in {out} was trained by {saved_world} process(es); resume it on the same number (this run has {world_size}), "
+            "so that each process continues its own random stream"
+        )
     if epochs < done:
         raise ConfigError(f"{prefix}epochs {epochs} is fewer than the {done} epochs the run in {out} has done")
     stopped = bool(ckpt.get("stopped_early")) and patience is not None and bad >= patience
@@ -502,6 +582,11 @@ def fit(
     modules: Iterable[nn.Module] = (),
     eval_batch_size: int = 1000,
     validate_every_step: bool = False,
+    accelerator: str | None = None,
+    devices: int | str | Sequence[int] = 1,
+    strategy: str = "auto",
+    precision: str | int | None = None,
+    num_nodes: int = 1,
 ) -> FitResult:
     r"""Fit ``model`` and ``guide`` to ``data`` by maximising the ELBO.
 
@@ -550,6 +635,16 @@ def fit(
     validate_every_step : bool
         Keep Pyro's and torch's argument validation on for every step;
         by default it is on for the first step only (it costs ~20 % per step).
+    accelerator, devices, strategy, precision, num_nodes
+        Where and how the loop runs, through Lightning Fabric
+        (:mod:`ppl_vae.inference.distributed`): ``accelerator`` ``cpu``,
+        ``cuda``, ``mps`` or ``auto`` (default: where ``data`` is), ``devices``
+        per node, ``strategy`` ``ddp`` (or ``ddp_fork``, ``ddp_spawn``, ...).
+        With ``W`` processes each takes every ``W``-th row of the epoch's
+        permutation at batch ``batch_size / W`` (so a step covers the same rows
+        as one process at ``batch_size``), DDP averages the gradients, rank 0
+        writes the checkpoint, and a run resumes on the same ``W``. The
+        networks' final parameters are copied back into the caller's.
 
     Returns
     -------
@@ -578,23 +673,61 @@ def fit(
         "lr": lr, "beta": beta, "seed": seed, "patience": patience,
         "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
     }
+    fabric = make_fabric(accelerator, devices, strategy, precision, num_nodes, like=tensors[0])
+    if batch_size % fabric.world_size:
+        raise ConfigError(f"batch_size {batch_size} must be a multiple of the number of processes ({fabric.world_size})")
     with seeded(seed):
         trainer, evaluate = _setup(model, guide, tensors, est, num_particles, batch_size, lr, optimizer, lr_schedule, epochs, beta,
                                    seed, out, modules, eval_batch_size)
-        state = trainer.restore(epochs, patience) if resume else _State()
-        bar = tqdm(total=(epochs - state.epoch) * math.ceil(len(tensors[0]) / batch_size), disable=not progress, desc="fit", unit="step", leave=False)
+    trainer.refuse_loose_params(fabric.world_size)
+    if resume:  # refused before any process starts
+        check_resume(io.load_checkpoint(Path(out) / CHECKPOINT), epochs, patience, out, world_size=fabric.world_size)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="ppl-vae-fit-") as tmp:
+        run = _Run(epochs, batch_size, patience, seed, resume, progress, validate_every_step, options, os.getpid(), Path(tmp) / "params.pt")
+        result, handoff = fabric.launch(_train, trainer, evaluate, tensors, val, run)
+        if handoff is not None:  # rank 0 ran in another process: its final values go into the caller's networks
+            load_params(trainer.params, io.load_torch(handoff)["params"], "of the training process")
+    return FitResult(**{**result, "history": tuple(result["history"])})
+
+
+@dataclass(frozen=True)
+class _Run:
+    epochs: int
+    batch_size: int
+    patience: int | None
+    seed: int
+    resume: bool
+    progress: bool
+    validate_every_step: bool
+    options: dict[str, Any]
+    caller: int  # the process that called fit
+    handoff: Path  # where a rank 0 in another process leaves the trained values
+
+
+def _train(fabric: Any, trainer: _Trainer, evaluate: _Evaluator, tensors: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...] | None,
+           run: _Run) -> tuple[dict[str, Any], Path | None]:
+    """The loop, in each process: epochs of steps, validation, the best epoch, checkpoints; the result and the final parameters."""
+    coll = Collectives(fabric)
+    if coll.world > 1 and fabric.device.type == "cpu":  # the processes of a node share its cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // getattr(fabric.strategy, "num_processes", coll.world)))
+    with seeded(rank_seed(run.seed, coll.rank)):
+        trainer.attach(fabric, coll)
+        evaluate.coll = coll
+        state = trainer.restore(run.epochs, run.patience) if run.resume else _State()
+        steps = math.ceil(math.ceil(len(tensors[0]) / coll.world) / (run.batch_size // coll.world))
+        bar = tqdm(total=(run.epochs - state.epoch) * steps, disable=not run.progress or coll.rank != 0, desc="fit", unit="step", leave=False)
         try:
-            while state.epoch < epochs and not state.stopped_early:
+            while state.epoch < run.epochs and not state.stopped_early:
                 t0 = time.perf_counter()
-                row = trainer.epoch(tensors, batch_size, state, bar, validate_every_step)
+                row = trainer.epoch(tensors, run.batch_size, state, bar, run.validate_every_step)
                 if val is not None:
                     row["val_elbo"] = evaluate(val, f"the validation ELBO after epoch {row['epoch']}")
                 state.wall_time += time.perf_counter() - t0
                 row["wall_time"] = state.wall_time
-                state.end_epoch(row, trainer.params, patience)
-                trainer.save(state, options)
+                state.end_epoch(row, trainer.params, run.patience)
+                trainer.save(state, run.options)
         except KeyboardInterrupt:
-            where = f"the last checkpoint is epoch {trainer.saved_epoch} (in {out})" if trainer.saved_epoch else "there is no checkpoint"
+            where = f"the last checkpoint is epoch {trainer.saved_epoch} (in {trainer.out})" if trainer.saved_epoch else "there is no checkpoint"
             raise Interrupted(f"interrupted; {where}", epoch=trainer.saved_epoch) from None
         finally:
             bar.close()
@@ -603,10 +736,16 @@ def fit(
             load_params(trainer.params, state.best_params, "best parameters")
         train_elbo = evaluate(tensors, "the final training ELBO")
         val_elbo = evaluate(val, "the final validation ELBO") if val is not None else None
-    return FitResult(
+    result = FitResult(
         history=tuple(state.history), train_elbo=train_elbo, val_elbo=val_elbo, epochs=len(state.history), steps=state.step,
-        wall_time=state.wall_time, stopped_early=state.stopped_early, best_epoch=state.best_epoch, estimator=est.name, options=options,
+        wall_time=state.wall_time, stopped_early=state.stopped_early, best_epoch=state.best_epoch, estimator=run.options["estimator"],
+        options=run.options,
     )
+    if os.getpid() == run.caller:
+        return result.to_dict(), None  # trained the caller's own networks (one process, or one of those torchrun started)
+    if coll.rank == 0:  # a forked or spawned process: its networks are copies; hand their values back through a file
+        io.save_torch(run.handoff, {"params": [p.detach().cpu() for p in trainer.params]})  # (a queue would block on a large payload)
+    return result.to_dict(), run.handoff
 
 
 def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: tuple[torch.Tensor, ...], est: Estimator, num_particles: int,
@@ -624,10 +763,10 @@ def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: 
     if not params:
         raise ConfigError("the model and guide use no trainable parameters")
     optim = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    objective = _Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], n, beta)
+    objective = Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], n, beta)
     bounded, enumerated = _inspect(model, guide, example)
     trainer = _Trainer(
         objective, params, _named(found, params), optim, _schedule(optim, lr_schedule, epochs),
-        torch.Generator(device="cpu").manual_seed(seed), _DivergenceWatch(bounded, beta), out,
+        seed, _DivergenceWatch(bounded, beta), out,
     )
     return trainer, _Evaluator(model, guide, loss_fn, enumerated, eval_batch_size)

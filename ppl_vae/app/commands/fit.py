@@ -20,8 +20,11 @@ import dataclasses
 import math
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ... import io
 from ...errors import (
@@ -30,6 +33,7 @@ from ...errors import (
     Interrupted,
     TrainingDiverged,
 )
+from ...inference.distributed import make_fabric
 from ...inference.elbo import elbo_per_datapoint
 from ...inference.random import seeded
 from ...inference.svi import CHECKPOINT, check_resume, fit
@@ -50,6 +54,9 @@ from ..runs import (
     read_config,
     release_run_dir,
 )
+
+#: ``fit``'s options for where and how it runs (Lightning Fabric), from the command line
+LAUNCH = ("accelerator", "devices", "strategy", "precision", "num_nodes")
 
 __all__ = ["run"]
 
@@ -94,7 +101,8 @@ def _discard(out: Path, created: bool) -> None:
             pass
 
 
-def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, progress: bool = True, figures: bool = True) -> dict[str, Any]:
+def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, progress: bool = True, figures: bool = True,
+        launch: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into run directory ``out``; write metrics, history, checkpoint, figures.
 
     With ``resume`` the run in ``out`` continues to ``cfg.epochs`` (the new
@@ -102,6 +110,11 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     config only in :data:`RESUMABLE` options, and ``config.json`` records
     what changed in its ``resumed`` list. A longer run re-plans a learning
     rate schedule for the new total from the epoch reached on.
+
+    ``launch`` holds ``fit``'s ``accelerator``, ``devices``, ``strategy``,
+    ``precision`` and ``num_nodes`` (Lightning Fabric); they are checked, with
+    the batch size's split over the processes and a resumed run's number of
+    processes, before anything is written.
 
     Raises
     ------
@@ -118,9 +131,11 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     if resume:  # contradictions first: they explain more than a failed check of the combination
         cfg, changed = _resumed(cfg, out)
     cfg = cfg.validate()
+    launch = dict(launch or {})
+    world = _world_size(cfg, launch)
     with holding():
         try:
-            return _run(cfg, out, changed, force=force, resume=resume, progress=progress, figures=figures)
+            return _run(cfg, out, changed, force=force, resume=resume, progress=progress, figures=figures, launch=launch, world=world)
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
                 raise
@@ -128,7 +143,17 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
             raise Interrupted(f"interrupted before training; {where}") from None
 
 
-def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, resume: bool, progress: bool, figures: bool) -> dict[str, Any]:
+def _world_size(cfg: Config, launch: dict[str, Any]) -> int:
+    """The number of training processes ``launch`` asks for; a :class:`ConfigError` for options Fabric refuses."""
+    fabric = make_fabric(launch.get("accelerator"), launch.get("devices", 1), launch.get("strategy", "auto"), launch.get("precision"),
+                         launch.get("num_nodes", 1), like=torch.empty(0, device="cpu"))
+    if cfg.batch_size % fabric.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({fabric.world_size})")
+    return fabric.world_size
+
+
+def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, resume: bool, progress: bool, figures: bool,
+         launch: dict[str, Any], world: int) -> dict[str, Any]:
     splits = load_splits(cfg)  # every input check happens before anything is written
     train = splits["train"]
     built = build_checked(cfg, splits)
@@ -138,7 +163,7 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         done = ckpt.get("epoch")
         if not isinstance(done, int):
             raise CheckpointError(f"checkpoint {out / CHECKPOINT} is corrupted or incomplete (no epoch count)")
-        check_resume(ckpt, cfg.epochs, cfg.patience, out, prefix="--")
+        check_resume(ckpt, cfg.epochs, cfg.patience, out, prefix="--", world_size=world)
         cfg = dataclasses.replace(cfg, resumed=(*cfg.resumed, {"at_epoch": done, "changed": changed}))
     created = not out.exists()
     prepare_run_dir(out, force=force, resume=resume)
@@ -151,7 +176,7 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
             built.model, built.guide, split_tensors(cfg, train), validation=split_tensors(cfg, splits["valid"]),
             estimator=cfg.estimator, num_particles=cfg.num_particles, epochs=cfg.epochs, batch_size=cfg.batch_size,
             lr=cfg.lr, lr_schedule=cfg.lr_schedule, patience=cfg.patience, beta=cfg.beta, seed=cfg.seed,
-            out=out, resume=resume, progress=progress,
+            out=out, resume=resume, progress=progress, **launch,
         )
         done = result.epochs
         test = split_tensors(cfg, splits["test"])
@@ -208,7 +233,8 @@ def command(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(read_config(path), **given)  # run() refuses what contradicts the run
     else:
         cfg = Config(**given)
-    metrics = run(cfg, args.out, force=args.force, resume=args.resume, progress=not args.no_progress)
+    launch = {k: getattr(args, k) for k in LAUNCH if getattr(args, k, None) is not None}
+    metrics = run(cfg, args.out, force=args.force, resume=args.resume, progress=not args.no_progress, launch=launch)
     report(metrics, args.out)
     return 0
 

@@ -1,0 +1,96 @@
+"""``fit``'s loss as a :class:`lightning.LightningModule`, for users who bring their own ``Trainer``, loggers and callbacks.
+
+The module holds the same pieces ``fit`` trains: the networks a model and guide
+use (found by running them once on an example batch), the estimator's own
+networks (NVIL's baseline), and the loss of a minibatch scaled to the ``num_data``
+datapoints, with the KL weight ``beta``. Lightning then owns the loop: devices,
+DDP, precision, logging, checkpoints.
+
+Example (a CSV logger; a ``TensorBoardLogger`` works the same way)::
+
+    from lightning import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+    from ppl_vae.lightning import SVIModule
+
+    module = SVIModule(model, guide, x[:100], num_data=len(x), estimator="score+nvil", num_particles=2)
+    trainer = Trainer(max_epochs=10, accelerator="cpu", devices=2, strategy="ddp", logger=CSVLogger("logs"))
+    trainer.fit(module, DataLoader(TensorDataset(x), batch_size=100, shuffle=True),
+                DataLoader(TensorDataset(x_valid), batch_size=1000))
+
+``train_elbo`` (the minibatch's ELBO per datapoint) is logged every step and
+``val_elbo`` every validation epoch, in nats per datapoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import nn
+
+from .errors import ConfigError
+from .inference.elbo import elbo_per_datapoint
+from .inference.estimators import Estimator, get_estimator
+from .inference.params import discover
+from .inference.svi import Objective, as_tensors
+
+__all__ = ["SVIModule"]
+
+
+class SVIModule(LightningModule):
+    """The loss of a model and guide as a LightningModule (see the module docstring).
+
+    Parameters
+    ----------
+    model, guide : callable
+        Pyro functions ``f(*batch)`` with a ``"data"`` plate, as for ``fit``.
+    example : tensor or tuple of tensors
+        A batch like the training batches: the model and guide run on it once
+        to find their networks (and the estimator builds its own).
+    num_data : int
+        Datapoints in the training set: each minibatch's loss is scaled to it.
+    estimator, num_particles, beta, lr, modules
+        As for ``fit`` (``lr``: Adam's learning rate).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., object],
+        guide: Callable[..., object],
+        example: torch.Tensor | tuple[torch.Tensor, ...],
+        *,
+        num_data: int,
+        estimator: str | Estimator = "reparam",
+        num_particles: int = 1,
+        beta: float = 1.0,
+        lr: float = 1e-3,
+        modules: Iterable[nn.Module] = (),
+    ) -> None:
+        super().__init__()
+        example = as_tensors(example, "example")
+        self.model, self.guide, self.lr = model, guide, lr
+        found = discover(model, guide, example, modules)
+        loss_fn = get_estimator(estimator).loss(model, guide, num_particles)
+        self.objective = Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], num_data, beta)
+        inside = {id(p) for p in self.objective.parameters()}
+        loose = [p for p in found.params if id(p) not in inside]
+        if loose:
+            raise ConfigError(f"{len(loose)} trained tensor(s) belong to no nn.Module (pyro.param sites); hold them in an nn.Module for Lightning")
+        self.objective.validate = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        loss = self.objective(*batch)
+        self.log("train_elbo", -loss.detach() / self.objective.n, prog_bar=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        elbo, _ = elbo_per_datapoint(self.model, self.guide, *batch)
+        self.log("val_elbo", elbo.mean(), batch_size=batch[0].shape[0], sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

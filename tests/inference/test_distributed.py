@@ -1,0 +1,124 @@
+"""``fit`` on several processes (Lightning Fabric, DDP over gloo, forked CPU processes) against one process.
+
+With ``W`` processes at global batch ``B`` each process takes every ``W``-th row of the epoch's
+permutation at batch ``B / W``, so a step covers the same rows as one process at batch ``B``, and
+DDP's mean of the processes' gradients of ``(N / (B / W)) * sum`` equals the one-process gradient
+of ``(N / B) * sum``. Where the loss is deterministic (an autoencoder with a point-mass guide)
+the parameters after the same steps must therefore agree to float64 round-off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import Z
+
+from ppl_vae.distributions import get_likelihood
+from ppl_vae.errors import ConfigError
+from ppl_vae.guides.amortized import amortized_guide, delta_guide
+from ppl_vae.inference.elbo import elbo_per_datapoint
+from ppl_vae.inference.svi import fit
+from ppl_vae.models.vae import autoencoder, vae
+from ppl_vae.nn import MLP, GaussianEncoder
+
+TWO = {"accelerator": "cpu", "devices": 2, "strategy": "ddp_fork"}
+
+
+def data(rows: int = 60) -> torch.Tensor:
+    return torch.bernoulli(torch.full((rows, 6), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(3))
+
+
+def ae():
+    torch.manual_seed(0)
+    dec, enc = MLP(2, [8], 6).double(), MLP(6, [8], 2).double()
+    return autoencoder(dec, get_likelihood("bernoulli"), 2), delta_guide(enc), [dec, enc]
+
+
+def small_vae():
+    torch.manual_seed(0)
+    dec, enc = MLP(2, [16], 6).double(), GaussianEncoder(MLP(6, [], 16), 16, 2).double()
+    return vae(dec, get_likelihood("bernoulli"), 2), amortized_guide(enc), [dec, enc]
+
+
+def params(nets) -> list[torch.Tensor]:
+    return [p.detach().clone() for n in nets for p in n.parameters()]
+
+
+def test_two_processes_take_the_same_steps_as_one_on_a_deterministic_loss():
+    x = data()
+    runs = {}
+    for name, options in (("one", {}), ("two", TWO)):
+        model, guide, nets = ae()
+        result = fit(model, guide, x, epochs=2, batch_size=20, lr=1e-2, progress=False, seed=4, **options)
+        runs[name] = (params(nets), result)
+    (one, r1), (two, r2) = runs["one"], runs["two"]
+    assert r1.steps == r2.steps == 6
+    assert [a.shape for a in one] == [b.shape for b in two]
+    moved = max((a - b).abs().max().item() for a, b in zip(one, params(ae()[2])))
+    assert moved > 1e-3  # training changed the parameters (so agreeing is not agreeing at the start)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert r2.train_elbo == pytest.approx(r1.train_elbo, rel=1e-9)  # the evaluation is sharded and summed, deterministically
+
+
+def test_a_vae_trained_on_two_processes_reaches_the_same_elbo_within_its_monte_carlo_error():
+    x = data(120)
+    scores = []
+    for options in ({}, TWO):
+        model, guide, _ = small_vae()
+        fit(model, guide, x, epochs=20, batch_size=20, lr=1e-2, progress=False, seed=4, **options)
+        with torch.no_grad():
+            elbo, _ = elbo_per_datapoint(model, guide, x, num_particles=200)
+        scores.append(elbo)
+    # two fits differ by their draws (each process has its own stream); their per-point ELBOs are paired
+    diff = scores[0] - scores[1]
+    se = diff.std().item() / math.sqrt(len(diff))
+    assert abs(diff.mean().item()) < Z * se + 0.05 * abs(scores[0].mean().item()) / math.sqrt(len(diff)), (diff.mean().item(), se)
+
+
+def test_two_process_resume_continues_as_an_uninterrupted_two_process_run(tmp_path):
+    x = data()
+    model, guide, nets = ae()
+    fit(model, guide, x, epochs=4, batch_size=20, lr=1e-2, progress=False, out=tmp_path / "straight", **TWO)
+    straight = params(nets)
+    model, guide, nets = ae()
+    fit(model, guide, x, epochs=2, batch_size=20, lr=1e-2, progress=False, out=tmp_path / "resumed", **TWO)
+    model, guide, nets = ae()  # fresh networks: everything comes from the checkpoint
+    result = fit(model, guide, x, epochs=4, batch_size=20, lr=1e-2, progress=False, out=tmp_path / "resumed", resume=True, **TWO)
+    assert result.epochs == 4
+    for a, b in zip(straight, params(nets)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_resuming_on_another_number_of_processes_is_refused_before_any_work(tmp_path):
+    x = data()
+    model, guide, _ = ae()
+    fit(model, guide, x, epochs=1, batch_size=20, progress=False, out=tmp_path / "run", **TWO)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    model, guide, nets = ae()
+    start = params(nets)
+    with pytest.raises(ConfigError, match=r"trained by 2 process\(es\); resume it on the same number \(this run has 1\)"):
+        fit(model, guide, x, epochs=2, batch_size=20, progress=False, out=tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert all(torch.equal(a, b) for a, b in zip(start, params(nets)))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"devices": 0}, "devices must be a positive number"),
+        ({"accelerator": "tpu"}, "unknown accelerator 'tpu'"),
+        ({"accelerator": "cuda"} if not torch.cuda.is_available() else {"accelerator": "cpu", "devices": 10**6}, "cannot run on accelerator"),
+        ({"strategy": "warp-drive"}, "cannot run on .*strategy='warp-drive'"),
+        ({"devices": 2, "strategy": "ddp_fork", "accelerator": "cpu", "batch_size": 21}, "multiple of the number of processes"),
+    ],
+)
+def test_bad_device_options_are_refused_by_name(options, message):
+    model, guide, nets = ae()
+    start = params(nets)
+    kwargs = {"epochs": 1, "batch_size": 20, "progress": False, **options}
+    with pytest.raises(ConfigError, match=message):
+        fit(model, guide, data(), **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(start, params(nets)))
