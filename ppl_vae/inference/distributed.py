@@ -83,10 +83,9 @@ class Collectives:
         self.fabric = fabric
         self.rank, self.world = fabric.global_rank, fabric.world_size
 
-    def shard(self, data: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """This process's rows (``rank::world``), on its device."""
-        rows = tuple(t[self.rank :: self.world] for t in data) if self.world > 1 else data
-        return tuple(self.fabric.to_device(t) for t in rows)
+    def shard(self, n: int) -> torch.Tensor:
+        """This process's row indices of ``n`` (``rank::world``)."""
+        return torch.arange(self.rank, n, self.world, device="cpu")
 
     def sum(self, value: float, like: torch.Tensor) -> float:
         """``value`` summed over the processes."""

@@ -44,7 +44,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from tqdm.auto import tqdm
 
 from .. import io
@@ -66,7 +66,7 @@ from .params import Discovered, discover
 from .random import seeded
 from .traces import traces
 
-__all__ = ["fit", "FitResult", "Objective", "as_tensors", "check_resume", "load_params", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
+__all__ = ["fit", "FitResult", "Objective", "Rows", "as_tensors", "check_resume", "load_params", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
@@ -127,6 +127,41 @@ def as_tensors(data: torch.Tensor | Sequence[torch.Tensor], what: str = "data") 
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{what} contains NaN or infinite values")
     return tensors
+
+
+class Rows:
+    """The rows ``fit`` trains or scores: tensors (indexed in one go), or a map-style ``Dataset`` read batch by batch.
+
+    A ``DataLoader`` gives its dataset and collate function (``fit`` draws its own batches, so
+    that the processes split them and a resumed run continues them). A dataset's rows are
+    checked when a batch is read (floating point, finite), so one that does not fit in memory
+    trains.
+    """
+
+    def __init__(self, source: Any, what: str = "data") -> None:
+        self.what, self.tensors, self.dataset, self.collate = what, None, None, default_collate
+        if isinstance(source, DataLoader):
+            self.dataset, self.collate = source.dataset, source.collate_fn or default_collate
+        elif isinstance(source, Dataset) and not isinstance(source, torch.Tensor):
+            self.dataset = source
+        else:
+            self.tensors = as_tensors(source, what)
+        if self.dataset is not None and not hasattr(self.dataset, "__len__"):
+            raise DataError(f"{what}: a dataset needs a length (an iterable-style dataset cannot be split into batches here)")
+        self.n = len(self.tensors[0]) if self.tensors is not None else len(self.dataset)  # type: ignore[arg-type]
+        if self.n == 0:
+            raise DataError(f"{what} is empty")
+        self.like = self.take(torch.zeros(1, dtype=torch.long, device="cpu"))[0]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The rows ``idx`` as a tuple of tensors (a dataset's checked like tensors)."""
+        if self.tensors is not None:
+            return tuple(t[idx.to(t.device)] for t in self.tensors)
+        batch = self.collate([self.dataset[int(i)] for i in idx])  # type: ignore[index]
+        return as_tensors(batch if isinstance(batch, torch.Tensor) else tuple(batch), self.what)
 
 
 class _StepRecord(Messenger):
@@ -224,20 +259,20 @@ class _Evaluator:
         self.model, self.guide, self.loss_fn, self.enumerated, self.batch_size = model, guide, loss_fn, enumerated, batch_size
         self.coll: Collectives | None = None  # set by the training process: each process scores its shard of the rows
 
-    def __call__(self, data: tuple[torch.Tensor, ...], what: str) -> float:
+    def __call__(self, rows: Rows, what: str) -> float:
         assert self.coll is not None
-        shard, total = self.coll.shard(data), 0.0
+        shard, total = self.coll.shard(len(rows)), 0.0
         try:
-            n = shard[0].shape[0]
-            if not self.enumerated:
-                total = evaluate_elbo(self.model, self.guide, shard, batch_size=self.batch_size).sum().item() if n else 0.0
-            else:
-                for i in range(0, n, self.batch_size):  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
-                    total -= self.loss_fn(*(t[i : i + self.batch_size] for t in shard)).item()
-            total = self.coll.sum(total, data[0])
+            for i in range(0, len(shard), self.batch_size):
+                batch = tuple(self.coll.fabric.to_device(t) for t in rows.take(shard[i : i + self.batch_size]))
+                if not self.enumerated:
+                    total += evaluate_elbo(self.model, self.guide, batch, batch_size=self.batch_size).sum().item()
+                else:  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
+                    total -= self.loss_fn(*batch).item()
+            total = self.coll.sum(total, rows.like)
             if not math.isfinite(total):
                 raise NonFiniteError(f"the objective is {total}", site=None)
-            return total / data[0].shape[0]
+            return total / len(rows)
         except NonFiniteError as exc:
             raise TrainingDiverged(f"training diverged: {what} is not finite: {exc}", step=-1, site=exc.site) from None
 
@@ -416,17 +451,17 @@ class _Trainer:
         with torch.device("cpu"):  # the sampler draws on the default device; indices are host-side
             return torch.tensor(list(sampler), dtype=torch.long)
 
-    def epoch(self, data: tuple[torch.Tensor, ...], batch_size: int, state: _State, bar: Any, validate_every_step: bool) -> dict[str, float]:
+    def epoch(self, data: Rows, batch_size: int, state: _State, bar: Any, validate_every_step: bool) -> dict[str, float]:
         """One pass over the shuffled data; the row of the history (without validation)."""
         assert self.coll is not None
-        epoch, order = state.epoch, self.order(data[0].shape[0], state.epoch)
+        epoch, order = state.epoch, self.order(len(data), state.epoch)
         local = batch_size // self.coll.world
         total = 0.0
         self.module.train(True)
         for start in range(0, len(order), local):
             self.objective.validate = state.step == 0 or validate_every_step
             idx = order[start : start + local]
-            batch = tuple(self.fabric.to_device(t[idx.to(t.device)]) for t in data)
+            batch = tuple(self.fabric.to_device(t) for t in data.take(idx))
             total += self.step(batch, state.step, epoch) * len(idx)
             state.step += 1
             bar.update(1)
@@ -434,7 +469,7 @@ class _Trainer:
         if self.sched is not None:
             self.sched.step()
         self.module.train(False)
-        train_elbo = self.coll.sum(total, data[0]) / self.coll.sum(float(len(order)), data[0])
+        train_elbo = self.coll.sum(total, data.like) / self.coll.sum(float(len(order)), data.like)
         return {"epoch": epoch + 1, "step": state.step, "train_elbo": train_elbo, "lr": self.optim.param_groups[0]["lr"]}
 
     def save(self, state: _State, options: dict[str, Any]) -> None:
@@ -563,7 +598,7 @@ def check_resume(ckpt: dict[str, Any], epochs: int, patience: int | None, out: s
 def fit(
     model: Callable[..., object],
     guide: Callable[..., object],
-    data: torch.Tensor | Sequence[torch.Tensor],
+    data: torch.Tensor | Sequence[torch.Tensor] | Dataset | DataLoader,
     *,
     estimator: str | Estimator = "reparam",
     num_particles: int = 1,
@@ -572,7 +607,7 @@ def fit(
     lr: float = 1e-3,
     optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
     lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None = None,
-    validation: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    validation: torch.Tensor | Sequence[torch.Tensor] | Dataset | DataLoader | None = None,
     patience: int | None = None,
     beta: float = 1.0,
     seed: int = 0,
@@ -597,8 +632,10 @@ def fit(
         the batch. Their networks are found by running them once
         (:mod:`ppl_vae.inference.params`); pass networks they reach in other
         ways through ``modules``.
-    data : tensor or tuple of tensors
-        One row per datapoint; a batch is ``tuple(t[idx] for t in data)``.
+    data : tensor, tuple of tensors, Dataset or DataLoader
+        One row per datapoint; a batch is ``tuple(t[idx] for t in data)``, or
+        a map-style dataset's rows collated (:class:`Rows`; a DataLoader gives
+        its dataset and collate function), read batch by batch.
     estimator : {"reparam", "score", "analytic-kl"} or Estimator
         The gradient estimator (:mod:`ppl_vae.inference.estimators`).
     num_particles : int
@@ -611,7 +648,7 @@ def fit(
         Stepped once per epoch; the named ones are :func:`lr_factor` of
         (epoch, ``epochs``). Resuming with a larger ``epochs`` re-plans the
         curve for the new total from the epoch reached on.
-    validation : tensor or tuple of tensors, optional
+    validation : tensor, tuple of tensors, Dataset or DataLoader, optional
         Held-out data: its ELBO is computed after every epoch.
     patience : int, optional
         Stop after this many epochs without a better validation ELBO and
@@ -665,15 +702,15 @@ def fit(
         On Ctrl-C (a :class:`KeyboardInterrupt`), saying which epoch the last checkpoint holds.
     """
     est = get_estimator(estimator)
-    tensors = as_tensors(data)
-    val = as_tensors(validation, "validation data") if validation is not None else None
+    tensors = Rows(data)
+    val = Rows(validation, "validation data") if validation is not None else None
     _check_options(epochs, batch_size, num_particles, beta, lr, seed, patience, resume, out)
     options = {
         "estimator": est.name, "num_particles": num_particles, "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "beta": beta, "seed": seed, "patience": patience,
         "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
     }
-    fabric = make_fabric(accelerator, devices, strategy, precision, num_nodes, like=tensors[0])
+    fabric = make_fabric(accelerator, devices, strategy, precision, num_nodes, like=tensors.like)
     if batch_size % fabric.world_size:
         raise ConfigError(f"batch_size {batch_size} must be a multiple of the number of processes ({fabric.world_size})")
     with seeded(seed):
@@ -704,7 +741,7 @@ class _Run:
     handoff: Path  # where a rank 0 in another process leaves the trained values
 
 
-def _train(fabric: Any, trainer: _Trainer, evaluate: _Evaluator, tensors: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...] | None,
+def _train(fabric: Any, trainer: _Trainer, evaluate: _Evaluator, tensors: Rows, val: Rows | None,
            run: _Run) -> tuple[dict[str, Any], Path | None]:
     """The loop, in each process: epochs of steps, validation, the best epoch, checkpoints; the result and the final parameters."""
     coll = Collectives(fabric)
@@ -714,7 +751,7 @@ def _train(fabric: Any, trainer: _Trainer, evaluate: _Evaluator, tensors: tuple[
         trainer.attach(fabric, coll)
         evaluate.coll = coll
         state = trainer.restore(run.epochs, run.patience) if run.resume else _State()
-        steps = math.ceil(math.ceil(len(tensors[0]) / coll.world) / (run.batch_size // coll.world))
+        steps = math.ceil(math.ceil(len(tensors) / coll.world) / (run.batch_size // coll.world))
         bar = tqdm(total=(run.epochs - state.epoch) * steps, disable=not run.progress or coll.rank != 0, desc="fit", unit="step", leave=False)
         try:
             while state.epoch < run.epochs and not state.stopped_early:
@@ -748,13 +785,13 @@ def _train(fabric: Any, trainer: _Trainer, evaluate: _Evaluator, tensors: tuple[
     return result.to_dict(), run.handoff
 
 
-def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: tuple[torch.Tensor, ...], est: Estimator, num_particles: int,
+def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: Rows, est: Estimator, num_particles: int,
            batch_size: int, lr: float, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None,
            lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None, epochs: int, beta: float, seed: int, out: str | Path | None,
            modules: Iterable[nn.Module], eval_batch_size: int) -> tuple[_Trainer, _Evaluator]:
     """Find the networks, build the loss, the optimiser and schedule, the divergence watch and the evaluator."""
-    n = tensors[0].shape[0]
-    example = tuple(t[: min(n, batch_size)] for t in tensors)
+    n = len(tensors)
+    example = tensors.take(torch.arange(min(n, batch_size), device="cpu"))
     found = discover(model, guide, example, modules)
     loss_fn = est.loss(model, guide, num_particles)
     # networks the estimator trains itself (NVIL's baseline) come last, so the model's and guide's keep their order

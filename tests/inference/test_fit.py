@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from ppl_vae import io as ppl_io
 from ppl_vae.distributions import get_likelihood
@@ -260,3 +261,46 @@ def test_run_reload_round_trip(tmp_path):
     elbo = torch.stack([evaluate_elbo(built.model, built.guide, (test,)) for _ in range(8)]).mean(0)
     # metrics' test ELBO is a 1-draw estimate: compare within 4 standard errors of the difference
     assert abs(elbo.mean().item() - metrics["test_elbo"]) < 4 * metrics["test_elbo_se"] * math.sqrt(1 + 1 / 8) + 0.05
+
+
+class RowsOnDemand(Dataset):
+    """A map-style dataset that makes each row when asked, as a read from disk would."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x, self.reads = x, 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.reads += 1
+        return self.x[i].clone()
+
+
+def test_a_dataset_or_a_dataloader_trains_exactly_like_the_same_tensors(X):
+    """Same rows, same order, same draws: the parameters and history agree bit for bit; the dataset is read row by row."""
+    runs = {}
+    sources = {
+        "tensor": (X, X[:20]),
+        "dataset": (RowsOnDemand(X), RowsOnDemand(X[:20])),
+        "loader": (DataLoader(RowsOnDemand(X), batch_size=7, shuffle=True), DataLoader(RowsOnDemand(X[:20]))),
+    }
+    for name, (train, valid) in sources.items():
+        torch.manual_seed(0)
+        dec, enc = MLP(2, [8], 6), GaussianEncoder(MLP(6, [], 8), 8, 2)
+        model, guide = vae(dec, get_likelihood("gaussian"), 2), amortized_guide(enc)
+        result = fit(model, guide, train, validation=valid, epochs=2, batch_size=16, estimator="score", seed=5, progress=False)
+        runs[name] = ([p.detach().clone() for p in (*dec.parameters(), *enc.parameters())], result.history)
+    for name in ("dataset", "loader"):
+        assert all(torch.equal(a, b) for a, b in zip(runs["tensor"][0], runs[name][0])), name
+        assert runs[name][1][-1]["train_elbo"] == runs["tensor"][1][-1]["train_elbo"]
+        assert runs[name][1][-1]["val_elbo"] == runs["tensor"][1][-1]["val_elbo"]
+    assert sources["dataset"][0].reads >= 2 * len(X)  # every epoch read every row
+
+
+def test_a_bad_row_of_a_dataset_is_a_data_error_naming_it():
+    x = data(40, seed=2)
+    x[33, 1] = float("nan")
+    model, guide = tiny()
+    with pytest.raises(DataError, match="data contains NaN or infinite values"):
+        fit(model, guide, RowsOnDemand(x), epochs=1, batch_size=8, progress=False)
