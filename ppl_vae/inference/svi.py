@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -44,16 +45,18 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
+from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from tqdm.auto import tqdm
 
-from .. import io
+from .. import errors, io
 from ..errors import (
     CheckpointError,
     ConfigError,
     DataError,
     Interrupted,
     NonFiniteError,
+    PplVaeError,
     RunDirectoryError,
     TrainingDiverged,
     check_int,
@@ -721,10 +724,28 @@ def fit(
         check_resume(io.load_checkpoint(Path(out) / CHECKPOINT), epochs, patience, out, world_size=fabric.world_size)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="ppl-vae-fit-") as tmp:
         run = _Run(epochs, batch_size, patience, seed, resume, progress, validate_every_step, options, os.getpid(), Path(tmp) / "params.pt")
-        result, handoff = fabric.launch(_train, trainer, evaluate, tensors, val, run)
+        try:
+            result, handoff = fabric.launch(_train, trainer, evaluate, tensors, val, run)
+        except ProcessRaisedException as exc:  # a forked or spawned process failed; the launcher stopped the others
+            raise _from_process(exc) from None
         if handoff is not None:  # rank 0 ran in another process: its final values go into the caller's networks
             load_params(trainer.params, io.load_torch(handoff)["params"], "of the training process")
     return FitResult(**{**result, "history": tuple(result["history"])})
+
+
+def _from_process(exc: ProcessRaisedException) -> Exception:
+    """One line naming the failed training process; a ppl-vae error keeps its type (one line and exit 2 on the command line)."""
+    # the exception's own line: "ValueError: ..." at the margin (Pyro appends trace-shape lines after it)
+    heads = [line for line in str(exc.msg).splitlines() if re.match(r"[A-Za-z_][\w.]*: \S", line)]
+    last = heads[-1] if heads else (str(exc.msg).strip().splitlines() or ["no message"])[-1]
+    name, _, message = last.partition(": ")
+    text = f"training process {exc.error_index} failed: {message or last}"
+    cls = getattr(errors, name.rsplit(".", 1)[-1], None) if name.startswith("ppl_vae.errors.") else None
+    if cls is TrainingDiverged:
+        return TrainingDiverged(text, step=-1, site=None)
+    if isinstance(cls, type) and issubclass(cls, PplVaeError) and cls is not NonFiniteError:
+        return cls(text)
+    return RuntimeError(f"training process {exc.error_index} failed: {last}")
 
 
 @dataclass(frozen=True)

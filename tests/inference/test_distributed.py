@@ -10,13 +10,16 @@ the parameters after the same steps must therefore agree to float64 round-off.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import Z
 
+from ppl_vae import io
 from ppl_vae.distributions import get_likelihood
-from ppl_vae.errors import ConfigError
+from ppl_vae.errors import ConfigError, DataError
 from ppl_vae.guides.amortized import amortized_guide, delta_guide
 from ppl_vae.inference.elbo import elbo_per_datapoint
 from ppl_vae.inference.svi import fit
@@ -122,3 +125,38 @@ def test_bad_device_options_are_refused_by_name(options, message):
     with pytest.raises(ConfigError, match=message):
         fit(model, guide, data(), **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(start, params(nets)))
+
+
+def test_a_crash_of_one_process_ends_the_run_with_one_line_naming_it_and_keeps_the_last_checkpoint(tmp_path):
+    x = data()
+    model, guide, _ = ae()
+    calls: dict[int, int] = {}
+
+    def crashing(batch):  # rank 1's fourth training step (the first of epoch 2) fails
+        pid = os.getpid()
+        calls[pid] = calls.get(pid, 0) + 1
+        if dist.is_initialized() and dist.get_rank() == 1 and calls[pid] == 4:
+            raise ValueError("boom in the decoder")
+        return model(batch)
+
+    with pytest.raises(RuntimeError) as failed:
+        fit(crashing, guide, x, epochs=3, batch_size=20, progress=False, out=tmp_path / "run", **TWO)
+    message = str(failed.value)
+    assert len(message.splitlines()) == 1 and message.startswith("training process 1 failed: ValueError: boom in the decoder"), message
+    assert io.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_a_ppl_vae_error_in_a_process_keeps_its_type(tmp_path):
+    x = data()
+    x[41, 2] = float("nan")  # read by one process only: a DataError there (exit 2 on the command line)
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return x[i]
+
+    model, guide, _ = ae()
+    with pytest.raises(DataError, match=r"training process [01] failed: data contains NaN or infinite values"):
+        fit(model, guide, Rows(), epochs=1, batch_size=20, progress=False, **TWO)
