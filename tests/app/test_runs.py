@@ -16,6 +16,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -136,12 +137,14 @@ def poison(run_dir: Path, marker: Path, *, raw: bool = False) -> None:
 def test_a_pickle_payload_checkpoint_is_refused_and_never_runs(run_copy, tmp_path, capsys, command):
     marker = tmp_path / "payload-ran"
     poison(run_copy, marker)
-    # the payload is live: an unrestricted load would run it (checked on a copy)
-    probe = tmp_path / "probe.pt"
-    shutil.copy(run_copy / "checkpoint.pt", probe)
-    probe_marker = tmp_path / "unrestricted-load-ran"
-    torch.save({"x": Payload(probe_marker)}, probe)
-    torch.load(probe, weights_only=False)
+    # the payload is live, shown without unpickling anything: the checkpoint's pickle calls os.mkdir on the
+    # marker's path, and that call, made directly, runs code
+    with zipfile.ZipFile(run_copy / "checkpoint.pt") as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"mkdir" in pickled and str(marker).encode() in pickled
+    probe_marker = tmp_path / "reducer-ran"
+    call, args = Payload(probe_marker).__reduce__()
+    call(*args)
     assert probe_marker.exists()
 
     before, out = snapshot(run_copy), tmp_path / "out"
