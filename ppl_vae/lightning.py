@@ -75,8 +75,7 @@ class SVIModule(LightningModule):
         found = discover(model, guide, example, modules)
         loss_fn = get_estimator(estimator).loss(model, guide, num_particles)
         self.objective = Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], num_data, beta)
-        inside = {id(p) for p in self.objective.parameters()}
-        loose = [p for p in found.params if id(p) not in inside]
+        loose = [p for p in found.params if self.objective.holds_not(p)]
         if loose:
             raise ConfigError(f"{len(loose)} trained tensor(s) belong to no nn.Module (pyro.param sites); hold them in an nn.Module for Lightning")
         self.objective.validate = False

@@ -39,9 +39,9 @@ def _ddp_start() -> str:
     instead of re-running the whole script or command in each process. The children initialise
     their accelerator after the fork, which CUDA allows (Lightning's ``ddp_notebook`` does the same).
     """
-    if any(os.environ.get(k) for k in EXTERNAL_LAUNCH) or not hasattr(os, "fork"):
-        return "popen" if any(os.environ.get(k) for k in EXTERNAL_LAUNCH) else "spawn"
-    return "fork"
+    if any(os.environ.get(k) for k in EXTERNAL_LAUNCH):
+        return "popen"
+    return "fork" if hasattr(os, "fork") else "spawn"
 
 
 def make_fabric(
@@ -87,18 +87,21 @@ class Collectives:
         """This process's row indices of ``n`` (``rank::world``)."""
         return torch.arange(self.rank, n, self.world, device="cpu")
 
-    def sum(self, value: float, like: torch.Tensor) -> float:
+    def _scalar(self, value: float) -> torch.Tensor:
+        # on the process's device: NCCL reduces device tensors only (float32: MPS has no float64)
+        return torch.tensor(value, dtype=torch.float64 if self.fabric.device.type != "mps" else torch.float32, device=self.fabric.device)
+
+    def sum(self, value: float) -> float:
         """``value`` summed over the processes."""
         if self.world == 1:
             return value
-        total = self.fabric.all_reduce(like.new_tensor(value, dtype=torch.float64), reduce_op="sum")
-        return float(total)
+        return float(self.fabric.all_reduce(self._scalar(value), reduce_op="sum"))
 
-    def first_bad(self, bad: bool, like: torch.Tensor) -> int:
+    def first_bad(self, bad: bool) -> int:
         """The lowest rank whose ``bad`` is true (``-1``: none): every process takes the same decision."""
         if self.world == 1:
             return 0 if bad else -1
-        flag = like.new_tensor(self.world - self.rank if bad else 0, dtype=torch.float64)
+        flag = self._scalar(self.world - self.rank if bad else 0)
         top = int(self.fabric.all_reduce(flag, reduce_op="max"))
         return self.world - top if top else -1
 

@@ -61,6 +61,7 @@ import pyro.distributions as dist
 import pyro.infer
 import torch
 from pyro.distributions.util import is_identically_zero
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
@@ -228,7 +229,10 @@ class Estimator:
 
         def mean_field_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
             # Pyro only warns when it cannot verify a mean-field guide, and its closed-form KL terms are then wrong
-            # (a structured q(z2 | z1) is not independent of z1): refuse by name instead
+            # (a structured q(z2 | z1) is not independent of z1): refuse by name instead. Pyro checks under
+            # validation only (fit's first step), so the other steps take the plain loss.
+            if not is_validation_enabled():
+                return elbo.differentiable_loss(model, handled_guide, *args, **kwargs)
             with warnings.catch_warnings():
                 warnings.filterwarnings("error", message="Failed to verify mean field restriction")
                 try:

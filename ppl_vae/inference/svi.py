@@ -272,7 +272,7 @@ class _Evaluator:
                     total += evaluate_elbo(self.model, self.guide, batch, batch_size=self.batch_size).sum().item()
                 else:  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
                     total -= self.loss_fn(*batch).item()
-            total = self.coll.sum(total, rows.like)
+            total = self.coll.sum(total)
             if not math.isfinite(total):
                 raise NonFiniteError(f"the objective is {total}", site=None)
             return total / len(rows)
@@ -335,6 +335,10 @@ class Objective(nn.Module):
         self.record = _StepRecord()
         self.validate = True
 
+    def holds_not(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` (a ``pyro.param`` tensor, say) is outside every network here: data parallelism cannot reduce it."""
+        return all(param is not p for p in self.parameters())
+
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
         self.record.clear()
         with ExitStack() as stack:
@@ -396,8 +400,7 @@ class _Trainer:
 
     def refuse_loose_params(self, world_size: int) -> None:
         """Several processes reduce the gradients of module parameters only: refuse ``pyro.param`` tensors by name."""
-        inside = {id(p) for p in self.objective.parameters()}
-        loose = [name for name, p in self.named if id(p) not in inside]
+        loose = [name for name, p in self.named if self.objective.holds_not(p)]
         if world_size > 1 and loose:
             raise ConfigError(
                 f"{len(loose)} trained tensor(s) ({', '.join(loose[:3])}) belong to no nn.Module, so data-parallel training cannot reduce "
@@ -426,7 +429,7 @@ class _Trainer:
         loss, invalid = self.loss(batch, step)
         elbo = -loss.item() / self.objective.n
         reason = f"loss is {loss.item()}" if not math.isfinite(elbo) else self.watch.check(elbo)
-        bad = self.coll.first_bad(reason is not None, loss)
+        bad = self.coll.first_bad(reason is not None)
         if bad >= 0:
             where = f" on rank {bad}" if self.coll.world > 1 else ""
             kept = f"; the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.out}" if self.saved_epoch else ""
@@ -472,7 +475,7 @@ class _Trainer:
         if self.sched is not None:
             self.sched.step()
         self.module.train(False)
-        train_elbo = self.coll.sum(total, data.like) / self.coll.sum(float(len(order)), data.like)
+        train_elbo = self.coll.sum(total) / self.coll.sum(float(len(order)))
         return {"epoch": epoch + 1, "step": state.step, "train_elbo": train_elbo, "lr": self.optim.param_groups[0]["lr"]}
 
     def save(self, state: _State, options: dict[str, Any]) -> None:
@@ -764,10 +767,20 @@ class _Run:
 
 def _train(fabric: Any, trainer: _Trainer, evaluate: _Evaluator, tensors: Rows, val: Rows | None,
            run: _Run) -> tuple[dict[str, Any], Path | None]:
-    """The loop, in each process: epochs of steps, validation, the best epoch, checkpoints; the result and the final parameters."""
+    """In each process: share the node's cores between its processes (restored after), then :func:`_loop`."""
     coll = Collectives(fabric)
+    threads = torch.get_num_threads()
     if coll.world > 1 and fabric.device.type == "cpu":  # the processes of a node share its cores
-        torch.set_num_threads(max(1, torch.get_num_threads() // getattr(fabric.strategy, "num_processes", coll.world)))
+        torch.set_num_threads(max(1, threads // getattr(fabric.strategy, "num_processes", coll.world)))
+    try:
+        return _loop(fabric, coll, trainer, evaluate, tensors, val, run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluator, tensors: Rows, val: Rows | None,
+          run: _Run) -> tuple[dict[str, Any], Path | None]:
+    """The loop: epochs of steps, validation, the best epoch, checkpoints; the result, and where rank 0 left its values."""
     with seeded(rank_seed(run.seed, coll.rank)):
         trainer.attach(fabric, coll)
         evaluate.coll = coll
