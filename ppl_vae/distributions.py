@@ -3,13 +3,14 @@
 A likelihood is a callable ``decoder_output -> distribution`` with one event
 dimension (the pixels). Changing the likelihood never touches the model code.
 Likelihoods with learnable parameters are ``nn.Module`` so that ``fit`` finds
-and trains them like any network the model calls.
+and trains them like any network the model calls. :func:`gaussian_draw` makes a
+reparameterised draw of a (transformed) Gaussian from noise the caller gives.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import torch
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 
 from .errors import ConfigError, DataError
 
-__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "one_hot"]
+__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "one_hot", "gaussian_draw", "is_transformed_gaussian"]
 
 
 class Bernoulli(nn.Module):
@@ -149,3 +150,34 @@ def gaussian_from_params(params: object) -> dist.TorchDistribution:
 def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Float one-hot encoding of integer labels."""
     return F.one_hot(y.long(), num_classes).to(torch.get_default_dtype())
+
+
+def gaussian_draw(fn: torch.distributions.Distribution, noise: Callable[[torch.Size], torch.Tensor]) -> torch.Tensor | None:
+    """A reparameterised draw of ``fn`` made from given standard-normal noise, or None if ``fn`` is not a transformed Gaussian.
+
+    ``noise(shape)`` returns standard-normal draws of the Gaussian's ``batch_shape + event_shape``;
+    ``Independent`` wrappers, ``Normal``, ``MultivariateNormal`` and a ``TransformedDistribution`` of
+    those (``LogNormal``, flows) are read, so a caller chooses where the noise comes from (a stream
+    per datapoint) and the value is the one ``rsample`` would give for that noise.
+    """
+    if isinstance(fn, torch.distributions.Independent):
+        return gaussian_draw(fn.base_dist, noise)
+    if isinstance(fn, torch.distributions.TransformedDistribution):
+        v = gaussian_draw(fn.base_dist, noise)
+        if v is not None:
+            for t in fn.transforms:
+                v = t(v)
+        return v
+    shape = fn.batch_shape + fn.event_shape
+    if isinstance(fn, torch.distributions.Normal):
+        return fn.loc.expand(shape) + fn.scale.expand(shape) * noise(shape)
+    if isinstance(fn, torch.distributions.MultivariateNormal):
+        return fn.loc.expand(shape) + (fn.scale_tril @ noise(shape).unsqueeze(-1)).squeeze(-1)
+    return None
+
+
+def is_transformed_gaussian(fn: torch.distributions.Distribution) -> bool:
+    """Whether :func:`gaussian_draw` can draw ``fn``."""
+    while isinstance(fn, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
+        fn = fn.base_dist
+    return isinstance(fn, (torch.distributions.Normal, torch.distributions.MultivariateNormal))

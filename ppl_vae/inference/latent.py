@@ -40,12 +40,14 @@ from torch.distributions import Transform, biject_to, constraints
 
 from ..errors import ConfigError
 from ..guides.latent import Latent, LatentSite
+from .random import RowDraws, Streams, draws_in_batches
 from .traces import (
     SAMPLES,
     latent_nodes,
     per_datapoint,
     plate_nesting,
     probe,
+    restrict,
     sample_sites,
 )
 
@@ -217,17 +219,35 @@ def guide_log_density(guide: Callable[..., object], latent: Latent, *data: torch
 
 
 def latent_draws(
-    model: Callable[..., object], latent: Latent, *data: torch.Tensor, guide: Callable[..., object] | None = None, num_samples: int = 1
+    model: Callable[..., object], latent: Latent, *data: torch.Tensor, guide: Callable[..., object] | None = None, num_samples: int = 1,
+    streams: Streams | None = None,
 ) -> torch.Tensor:
-    """``num_samples`` draws of ``u`` per datapoint, ``[S, N, K]``, from ``guide`` (or the model's prior)."""
+    """``num_samples`` draws of ``u`` per datapoint, ``[S, N, K]``, from ``guide`` (or the model's prior).
+
+    With ``streams`` each datapoint draws from its own stream (:class:`~ppl_vae.inference.random.RowDraws`);
+    a program with a site that is not a transformed Gaussian then runs one datapoint at a time.
+    """
     n = latent.num_points
+    fn = guide if guide is not None else model
     with poutine.block(), torch.no_grad():
-        fn = guide if guide is not None else model
         nesting = plate_nesting(model, guide, *data) if guide is not None else plate_nesting(model, lambda *a: None, *data)
-        with pyro.plate(SAMPLES, num_samples, dim=-(nesting + 1)):
-            tr = poutine.trace(fn).get_trace(*data)
-    values = {s.name: tr.nodes[s.name]["value"].reshape(num_samples, n, *s.shape) for s in latent.sites}
-    return latent.unconstrain(values)
+        if streams is None:
+            with pyro.plate(SAMPLES, num_samples, dim=-(nesting + 1)):
+                tr = poutine.trace(fn).get_trace(*data)
+            values = {s.name: tr.nodes[s.name]["value"].reshape(num_samples, n, *s.shape) for s in latent.sites}
+            return latent.unconstrain(values)
+        first = restrict(fn, slice(0, 1)) if guide is not None else fn
+        probe_tr = poutine.trace(first).get_trace(*(t[:1] for t in data))
+        batched = all(draws_in_batches(s["fn"]) for s in sample_sites(probe_tr).values() if not s["is_observed"])
+        parts = []
+        for rows in [slice(None)] if batched else [slice(i, i + 1) for i in range(n)]:
+            args = tuple(t[rows] for t in data)
+            program = restrict(guide, rows) if guide is not None else model
+            with RowDraws(streams.select(rows)), pyro.plate(SAMPLES, num_samples, dim=-(nesting + 1)):
+                tr = poutine.trace(program).get_trace(*args)
+            m = args[0].shape[0]
+            parts.append(latent.unconstrain({s.name: tr.nodes[s.name]["value"].reshape(num_samples, m, *s.shape) for s in latent.sites}))
+    return torch.cat(parts, 1)
 
 
 # --------------------------------------------------------------------------- guides over u

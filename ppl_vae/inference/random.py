@@ -1,15 +1,34 @@
-"""Explicit randomness: seeded blocks that leave the caller's random stream as it was, and seeded pickers.
+"""Explicit randomness: seeded blocks that leave the caller's random stream as it was, seeded pickers, and one stream per datapoint.
 
 Library code never reseeds the global RNG for good: a stochastic function
 takes a ``seed`` (or a ``torch.Generator``) and draws inside :class:`seeded`,
 which forks torch's generator and restores the outer stream afterwards.
+
+The per-datapoint analyses draw from :class:`Streams`: one generator per
+datapoint, seeded from ``(seed, the datapoint's index in its dataset)``, its
+draws made row by row and stacked along the datapoints' dimension. What a
+datapoint gets therefore does not depend on the other datapoints in its batch,
+on the batch size or on how many processes share the work: the table for a
+datapoint is the same however it was computed (to float rounding of the
+batched arithmetic). :class:`RowDraws` makes a Pyro program (a guide, a
+model's prior) draw its latent sites from such streams.
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-__all__ = ["generator_like", "pick", "seeded"]
+import numpy as np
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from ..distributions import gaussian_draw, is_transformed_gaussian
+from ..errors import ConfigError
+
+__all__ = ["pick", "seeded", "row_seed", "Streams", "RowDraws", "draws_in_batches", "dataset_index"]
 
 
 class seeded:
@@ -41,6 +60,125 @@ def pick(n: int, k: int | None = None, *, seed: int, sorted: bool = False, devic
     return idx if device is None else idx.to(device)
 
 
-def generator_like(t: torch.Tensor) -> torch.Generator:
-    """A generator on ``t``'s device, seeded from torch's global stream (so a :class:`seeded` block decides it)."""
-    return torch.Generator(device=t.device).manual_seed(int(torch.randint(2**62, (), device="cpu")))
+def row_seed(seed: int, index: int, *tags: int) -> int:
+    """A 63-bit seed for datapoint ``index`` of an analysis seeded with ``seed`` (NumPy's ``SeedSequence`` mixes them)."""
+    words = np.random.SeedSequence([seed % 2**64, index, *tags]).generate_state(1, np.uint64)
+    return int(words[0]) >> 1
+
+
+def dataset_index(index: torch.Tensor | Sequence[int] | None, n: int) -> torch.Tensor:
+    """The datapoints' indices in their dataset (default ``0..n-1``), one per row, on the CPU."""
+    if index is None:
+        return torch.arange(n, device="cpu")
+    index = index.cpu() if isinstance(index, torch.Tensor) else torch.as_tensor(index, device="cpu")
+    if index.shape != (n,):
+        raise ConfigError(f"index must hold one dataset index per row ({n}), got shape {tuple(index.shape)}")
+    return index
+
+
+class Streams:
+    """One random stream per datapoint: a ``torch.Generator`` on ``device`` seeded by :func:`row_seed`.
+
+    ``index`` holds the datapoints' indices in their dataset (the same index gives the same
+    stream in every batch and process); ``seed=None`` takes the seed from torch's global stream
+    (one draw, so an enclosing :class:`seeded` block decides it). Draws for ``[..., N, ...]``
+    are made row by row from each datapoint's generator and stacked along the datapoints' dim.
+    """
+
+    def __init__(self, seed: int | None, index: torch.Tensor | Sequence[int], device: torch.device | str, *tags: int) -> None:
+        base = int(torch.randint(2**62, (), device="cpu")) if seed is None else int(seed)
+        self.device = torch.device(device)
+        self.index = [int(i) for i in index]
+        self._gens = [torch.Generator(device=self.device).manual_seed(row_seed(base, i, *tags)) for i in self.index]
+
+    def __len__(self) -> int:
+        return len(self._gens)
+
+    def select(self, rows: slice | torch.Tensor | Sequence[int]) -> Streams:
+        """The streams of some datapoints (the same generators: drawing from the selection advances them)."""
+        out = object.__new__(Streams)
+        picked = range(len(self))[rows] if isinstance(rows, slice) else [int(r) for r in rows]
+        out.device, out.index, out._gens = self.device, [self.index[r] for r in picked], [self._gens[r] for r in picked]
+        return out
+
+    def _draw(self, fill: Any, shape: Sequence[int], dim: int, dtype: torch.dtype) -> torch.Tensor:
+        shape = tuple(shape)
+        dim = dim % len(shape)
+        if shape[dim] != len(self):
+            raise ValueError(f"draws of shape {shape} have {shape[dim]} rows in dim {dim}; these streams are for {len(self)} datapoints")
+        row = shape[:dim] + shape[dim + 1 :]
+        return torch.stack([fill(row, generator=g, dtype=dtype, device=self.device) for g in self._gens], dim)
+
+    def normal(self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard-normal draws of ``shape``, the datapoints along ``dim``."""
+        return self._draw(torch.randn, shape, dim, dtype)
+
+    def uniform(self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """U(0, 1) draws of ``shape``, the datapoints along ``dim``."""
+        return self._draw(torch.rand, shape, dim, dtype)
+
+    def seed_of(self, row: int) -> int:
+        """A seed drawn from one datapoint's stream (for a :class:`seeded` block that runs that datapoint alone)."""
+        return int(torch.randint(2**62, (), generator=self._gens[row], device=self.device))
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Draws inside the block come again in the next such block: the generators are put back after it."""
+        states = [g.get_state() for g in self._gens]
+        try:
+            yield
+        finally:
+            for g, s in zip(self._gens, states):
+                g.set_state(s)
+
+
+def _point_mass(fn: torch.distributions.Distribution) -> bool:
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return type(fn).__name__ == "Delta"
+
+
+def draws_in_batches(fn: torch.distributions.Distribution) -> bool:
+    """Whether :class:`RowDraws` can draw a site of ``fn`` for many datapoints at once (a transformed Gaussian, or a point mass)."""
+    return _point_mass(fn) or is_transformed_gaussian(fn)
+
+
+class RowDraws(Messenger):
+    """Draw every latent site of a Pyro program from per-datapoint :class:`Streams` (the datapoints: the ``plate`` dim).
+
+    A transformed Gaussian (Normal, MultivariateNormal, LogNormal, a flow) is drawn from its
+    datapoints' normal noise (:func:`~ppl_vae.distributions.gaussian_draw`); a point mass is left
+    to Pyro; any other distribution is drawn from the one datapoint's stream when the program runs
+    on one datapoint (callers run such programs row by row: :func:`draws_in_batches`). Enter it
+    outside the plate of vectorised draws, so that it sees the site's full shape.
+    """
+
+    def __init__(self, streams: Streams, plate: str = "data") -> None:
+        super().__init__()
+        self.streams, self.plate = streams, plate
+
+    def _pyro_sample(self, msg: dict[str, Any]) -> None:
+        if msg["is_observed"] or msg["value"] is not None or msg["done"] or site_is_subsample(msg):
+            return
+        fn = msg["fn"]
+        if _point_mass(fn):
+            return
+        frames = [f for f in msg["cond_indep_stack"] if f.name == self.plate]
+        if not frames:
+            raise ConfigError(f"site {msg['name']!r} is outside the {self.plate!r} plate; per-datapoint draws need every latent site inside it")
+        dim = len(fn.batch_shape) + frames[0].dim
+        like = fn.sample if not fn.has_rsample else fn.rsample
+        value = gaussian_draw(fn, lambda shape: self.streams.normal(shape, dim, dtype=_dtype(fn)))
+        if value is None:
+            if len(self.streams) != 1:
+                raise ConfigError(f"site {msg['name']!r} ({type(fn).__name__}) is drawn one datapoint at a time; this program ran on {len(self.streams)}")
+            with seeded(self.streams.seed_of(0)):
+                value = like()
+        msg["value"] = value
+        msg["done"] = True
+
+
+def _dtype(fn: torch.distributions.Distribution) -> torch.dtype:
+    while isinstance(fn, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
+        fn = fn.base_dist
+    return fn.mean.dtype

@@ -11,6 +11,7 @@ bound and analysis of the package is built on these.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,10 +22,11 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import ConfigError, DataError, PplVaeError
+from .random import RowDraws, Streams
 
 __all__ = [
     "SAMPLES", "per_datapoint", "probe", "trace_nesting", "plate_nesting", "traces", "log_weights", "check_pairs", "log_weights_of",
-    "first_nonfinite_site", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first",
+    "first_nonfinite_site", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict",
 ]
 
 SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
@@ -58,6 +60,11 @@ def probe(what: str, run: Callable[[], object], data: Sequence[torch.Tensor]) ->
         shapes = ", ".join(str(tuple(t.shape)) for t in data if isinstance(t, torch.Tensor))
         raise DataError(f"{what}: the model or guide failed on the data of shape {shapes} ({first})") from None
 
+def restrict(guide: Callable[..., object], rows: slice | torch.Tensor) -> Callable[..., object]:
+    """The guide for a subset of rows: a per-datapoint guide (one with ``select``) is cut, others kept."""
+    select = getattr(guide, "select", None)
+    return select(rows) if callable(select) else guide
+
 def trace_nesting(*trs: Trace) -> int:
     """How many vectorised plates deep the sample sites of ``trs`` go (Pyro's ``max_plate_nesting``)."""
     depth = [
@@ -80,22 +87,27 @@ def traces(
     *args: torch.Tensor,
     num_samples: int | None = None,
     nesting: int | None = None,
+    streams: Streams | None = None,
 ) -> tuple[Trace, Trace]:
     """``(model_trace, guide_trace)``: the guide run on ``args``, the model replayed on its draws.
 
     With ``num_samples=S`` both run inside a plate of ``S`` vectorised draws
     (to the left of ``nesting`` plates, found by :func:`plate_nesting` if not
-    given), as Pyro's ``vectorize_particles`` does. Blocked from outer
-    handlers, so it can run inside another inference.
+    given), as Pyro's ``vectorize_particles`` does. With ``streams`` the guide
+    draws from one stream per datapoint (:class:`~ppl_vae.inference.random.RowDraws`).
+    Blocked from outer handlers, so it can run inside another inference.
     """
+    draws = RowDraws(streams) if streams is not None else contextlib.nullcontext()
     with poutine.block():
         if num_samples is None:
-            guide_tr = poutine.trace(guide).get_trace(*args)
+            with draws:
+                guide_tr = poutine.trace(guide).get_trace(*args)
             model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
             return model_tr, guide_tr
         depth = plate_nesting(model, guide, *args) if nesting is None else nesting
-        with pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
+        with draws, pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
             guide_tr = poutine.trace(guide).get_trace(*args)
+        with pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
             model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
     return model_tr, guide_tr
 
@@ -106,13 +118,14 @@ def log_weights(
     plate: str = "data",
     num_samples: int | None = None,
     nesting: int | None = None,
+    streams: Streams | None = None,
 ) -> torch.Tensor:
     """Importance log-weights ``log p(x, z) - log q(z | x)`` per datapoint, ``z ~ q``.
 
     Returns shape ``[N]`` (one draw each), or ``[S, N]`` with ``num_samples=S``
-    vectorised draws; their mean over draws is the ELBO.
+    vectorised draws; their mean over draws is the ELBO. ``streams``: see :func:`traces`.
     """
-    model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples, nesting=nesting)
+    model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples, nesting=nesting, streams=streams)
     total = log_weights_of(model_tr, guide_tr, plate)
     if num_samples is not None and total.dim() == 1:  # nothing depended on the draws
         total = total.expand(num_samples, -1)

@@ -77,10 +77,12 @@ def compare_points(
     vi_draws: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    index: list[int] | None = None,
 ) -> tuple[Draws, Draws, Comparison]:
-    """MCMC and VI draws of the rows ``args`` of a built model, and their :class:`Comparison`."""
+    """MCMC and VI draws of the rows ``args`` of a built model (``index``: their dataset indices), and their :class:`Comparison`."""
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
-    mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress)
+    mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress,
+                      index=torch.as_tensor(index) if index is not None else None)
     if guide == "amortized":
         vi = vi_draws_amortized(built.model, built.guide, *args, num_samples=vi_draws, seed=seed)
     else:  # q* of the guide's own family (full covariance where the guide is in none), started at the guide
@@ -140,7 +142,8 @@ def compare_run(
     out = prepare_run_dir(out, force=force)
     args = tuple(t[picked] for t in tensors)
     t0 = time.perf_counter()
-    mcmc, vi, comparison = compare_points(built, args, guide=guide, draws=draws, chains=chains, warmup=warmup, vi_draws=vi_draws, seed=seed, progress=progress)
+    mcmc, vi, comparison = compare_points(built, args, guide=guide, draws=draws, chains=chains, warmup=warmup, vi_draws=vi_draws, seed=seed, progress=progress,
+                                              index=picked)
     info = {
         "run": str(run_dir), "split": split, "indices": picked, "guide": guide, "draws": draws, "chains": chains,
         "warmup": warmup, "vi_draws": vi_draws, "seed": seed, "mcmc_method": mcmc.method, "mcmc_wall_time_s": mcmc.wall_time,
@@ -163,7 +166,7 @@ def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: i
     target = Path(out) / "compare"
     prepare_run_dir(target, force=True)  # the demo owns its run directory: its compare folder is replaced
     t0 = time.perf_counter()
-    mcmc, vi, comparison = compare_points(built, args, draws=300, warmup=300, chains=4, seed=seed)
+    mcmc, vi, comparison = compare_points(built, args, draws=300, warmup=300, chains=4, seed=seed, index=picked)
     info = {
         "split": "test", "indices": picked, "guide": "amortized", "draws": 300, "chains": 4, "warmup": 300,
         "mcmc_method": mcmc.method, "divergences": mcmc.num_divergences, "wall_time_s": time.perf_counter() - t0,

@@ -47,7 +47,7 @@ from ...errors import ConfigError
 from ...guides.latent import Latent
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
 from ..mcmc.kernel import State, StepSize, transition
-from ..random import generator_like, seeded
+from ..random import Streams, dataset_index, seeded
 from .bounds import log_mean_exp
 
 __all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_schedule"]
@@ -80,7 +80,7 @@ class AISResult:
         return f"AIS from the {self.init}, {self.num_steps} HMC steps x {self.num_chains} chains"
 
     def to_dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame({k: getattr(self, k).numpy() for k in ("log_px", "log_px_se", "accept_rate", "step_size")})
+        return pd.DataFrame({k: getattr(self, k).cpu().numpy() for k in ("log_px", "log_px_se", "accept_rate", "step_size")})
 
 
 @dataclass(frozen=True)
@@ -100,23 +100,23 @@ class BDMCResult:
         return self.upper - self.lower
 
     def to_dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame({"lower": self.lower.numpy(), "upper": self.upper.numpy(), "width": self.width.numpy()})
+        return pd.DataFrame({"lower": self.lower.cpu().numpy(), "upper": self.upper.cpu().numpy(), "width": self.width.cpu().numpy()})
 
 
 def _is_sample(s: dict) -> bool:
     return s["type"] == "sample" and not site_is_subsample(s)
 
 
-def _start(model: Callable[..., object], init: object, latent: Latent, data: tuple[torch.Tensor, ...], C: int):
+def _start(model: Callable[..., object], init: object, latent: Latent, data: tuple[torch.Tensor, ...], C: int, streams: Streams):
     """Initial draws of the joint latent ``u`` ``[C, N, K]`` and ``log p0(u)`` (``None``: the prior)."""
     if init == "prior":
-        return latent_draws(model, latent, *data, num_samples=C), None
+        return latent_draws(model, latent, *data, num_samples=C, streams=streams), None
     if not callable(init):
         raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
-    return latent_draws(model, latent, *data, guide=init, num_samples=C), guide_log_density(init, latent, *data)
+    return latent_draws(model, latent, *data, guide=init, num_samples=C, streams=streams), guide_log_density(init, latent, *data)
 
 
-def _run(dens, z, log_q, betas, generator, *, leapfrog_steps, step_size, target_accept, adapt, eps_schedule=None, reverse=False):
+def _run(dens, z, log_q, betas, noise, *, leapfrog_steps, step_size, target_accept, adapt, eps_schedule=None, reverse=False):
     """Anneal ``z`` through ``betas`` (forward) or backwards; return log-weights ``[C, N]``, eps record, acceptance.
 
     Each transition is :func:`~ppl_vae.inference.mcmc.kernel.transition` with ``leapfrog_steps``
@@ -154,7 +154,7 @@ def _run(dens, z, log_q, betas, generator, *, leapfrog_steps, step_size, target_
             eps = eps_schedule[t - 1 if not reverse else max(t - 2, 0)].to(z.dtype)
         record.append(eps)  # the step size this transition uses
         f = annealed(float(b_to))
-        state, acc, _ = transition(f, State.at(f, z), eps, leapfrog_steps, generator)
+        state, acc, _ = transition(f, State.at(f, z), eps, leapfrog_steps, noise)
         z = state.u
         acc_total += acc.double().mean(0)
         if adapt:
@@ -199,6 +199,7 @@ def ais(
     target_accept: float = 0.65,
     batch_size: int | None = None,
     seed: int | None = 0,
+    index: torch.Tensor | None = None,
 ) -> AISResult:
     """AIS estimate of ``log p(x)`` for every row of ``data``, all chains in one tensor program.
 
@@ -224,21 +225,28 @@ def ais(
         Datapoints per batch (default all at once).
     seed : int, optional
         Seeds every draw.
+    index : tensor, optional
+        The rows' indices in their dataset (default ``0..N-1``): each
+        datapoint's chains draw from its own stream, seeded from ``(seed,
+        index)`` (:class:`~ppl_vae.inference.random.Streams`), so its estimate
+        does not depend on ``batch_size`` or on the other rows.
     """
     _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept, batch_size)
     guide = init if callable(init) else None
     if guide is None and init != "prior":
         raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
     n = latent_of(model, *data, guide=guide, analysis="AIS").num_points
+    index = dataset_index(index, n)
     betas = sigmoid_schedule(num_steps, device=data[0].device)
     parts = {"log_px": [], "log_px_se": [], "accept_rate": [], "step_size": []}
     with seeded(seed):
+        base = seed if seed is not None else int(torch.randint(2**62, (), device="cpu"))
         for i in range(0, n, batch_size or n):
             args = tuple(t[i : i + (batch_size or n)] for t in data)
             latent = latent_of(model, *args, guide=guide, analysis="AIS")
             dens = log_joint(model, latent, *args, split=True)
-            z, log_q = _start(model, init, latent, args, num_chains + PILOT_CHAINS)
-            gen = generator_like(z)
+            gen = Streams(base, index[i : i + (batch_size or n)], data[0].device)
+            z, log_q = _start(model, init, latent, args, num_chains + PILOT_CHAINS, gen)
             kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
             _, record, _ = _run(dens, z[num_chains:], log_q, betas, gen, adapt=True, **kw)  # pilot: adapts step sizes
             lw, _, acc = _run(dens, z[:num_chains], log_q, betas, gen, adapt=False, eps_schedule=record, **kw)
@@ -277,8 +285,8 @@ def bdmc(
         data = (x, *template[1:])
         betas = sigmoid_schedule(num_steps, device=x.device)
         dens = log_joint(model, latent, *data, split=True)
-        z0, _ = _start(model, "prior", latent, data, num_chains + PILOT_CHAINS)
-        gen = generator_like(z0)
+        gen = Streams(int(torch.randint(2**62, (), device="cpu")), range(x.shape[0]), x.device)  # the simulated points' own streams
+        z0, _ = _start(model, "prior", latent, data, num_chains + PILOT_CHAINS, gen)
         kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
         _, record, _ = _run(dens, z0[num_chains:], None, betas, gen, adapt=True, **kw)
         lw_f, _, _ = _run(dens, z0[:num_chains], None, betas, gen, adapt=False, eps_schedule=record, **kw)

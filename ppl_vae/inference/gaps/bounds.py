@@ -31,12 +31,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from pyro import poutine
 
 from ...errors import ConfigError, check_int
-from ..random import seeded
-from ..traces import log_weights, plate_nesting, probe
+from ..random import Streams, dataset_index, draws_in_batches, seeded
+from ..traces import log_weights, plate_nesting, probe, restrict
 
-__all__ = ["Bounds", "importance_bounds", "restrict", "chunks", "log_mean_exp"]
+__all__ = ["Bounds", "importance_bounds", "chunks", "log_mean_exp"]
 
 #: how many decoder outputs (samples x rows x data width) one chunk may hold
 MAX_ELEMENTS = 20_000_000
@@ -53,13 +54,7 @@ class Bounds:
     num_samples: int
 
     def to_dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame({k: getattr(self, k).numpy() for k in ("elbo", "elbo_se", "iwae", "iwae_se")})
-
-
-def restrict(guide: Callable[..., object], rows: slice | torch.Tensor) -> Callable[..., object]:
-    """The guide for a subset of rows: a per-datapoint guide (one with ``select``) is cut, others kept."""
-    select = getattr(guide, "select", None)
-    return select(rows) if callable(select) else guide
+        return pd.DataFrame({k: getattr(self, k).cpu().numpy() for k in ("elbo", "elbo_se", "iwae", "iwae_se")})
 
 
 def log_mean_exp(lse1: torch.Tensor, lse2: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +87,7 @@ def importance_bounds(
     batch_size: int = 100,
     sample_batch: int | None = None,
     seed: int | None = None,
+    index: torch.Tensor | None = None,
 ) -> Bounds:
     r"""ELBO and IWAE (:math:`K` = ``num_samples``) per datapoint, with standard errors.
 
@@ -106,28 +102,44 @@ def importance_bounds(
     num_samples : int
         Importance samples :math:`K` per datapoint.
     batch_size : int
-        Data rows per chunk.
+        At most this many data rows per chunk (fewer when ``K`` draws of
+        them would not fit in ``MAX_ELEMENTS``).
     sample_batch : int, optional
-        Samples per chunk (default: as many as fit in ``MAX_ELEMENTS``).
+        Samples per chunk (default: as many as fit in ``MAX_ELEMENTS`` for one row).
     seed : int, optional
         Seeds the draws; the caller's random stream is left as it was.
+    index : tensor, optional
+        The rows' indices in their dataset (default ``0..N-1``). Each
+        datapoint draws from its own stream (:class:`~ppl_vae.inference.random.Streams`),
+        seeded from ``(seed, index)`` and the sample chunk, so its bounds do
+        not depend on the batch size or on the rows it shares a chunk with.
+        A guide with a site that is not a transformed Gaussian is run one row
+        at a time.
     """
     check_int(num_samples, "the number of importance samples K")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     n = _check_data(data)
+    index = dataset_index(index, n)
     width = max(1, math.prod(data[0].shape[1:]))
-    k_chunk = sample_batch or max(1, min(num_samples, MAX_ELEMENTS // (min(batch_size, n) * width)))
-    out = {k: torch.empty(n, dtype=torch.float64, device=data[0].device) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}
     K = num_samples
+    k_chunk = sample_batch or max(1, min(K, MAX_ELEMENTS // width))
+    out = {k: torch.empty(n, dtype=torch.float64, device=data[0].device) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}
     with seeded(seed), torch.no_grad():
-        nesting = probe("importance bounds", lambda: plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data)), data)
-        for rows in chunks(n, batch_size):
+        base = seed if seed is not None else int(torch.randint(2**62, (), device="cpu"))
+        first = restrict(guide, slice(0, 1))
+        nesting = probe("importance bounds", lambda: plate_nesting(model, first, *(t[:1] for t in data)), data)
+        with poutine.block():
+            guide_sites = poutine.trace(first).get_trace(*(t[:1] for t in data)).nodes.values()
+        batched = all(draws_in_batches(s["fn"]) for s in guide_sites if s["type"] == "sample" and not s["is_observed"])
+        rows_per_chunk = min(batch_size, max(1, MAX_ELEMENTS // (k_chunk * width))) if batched else 1
+        for rows in chunks(n, rows_per_chunk):
             args = tuple(t[rows] for t in data)
             g = restrict(guide, rows)
             shift = s1 = s2 = lse1 = lse2 = None
-            for ks in chunks(K, k_chunk):
-                lw = log_weights(model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting).double()
+            for j, ks in enumerate(chunks(K, k_chunk)):
+                streams = Streams(base, index[rows], data[0].device, j)
+                lw = log_weights(model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting, streams=streams).double()
                 if shift is None:
                     shift = lw.mean(0)
                     s1 = torch.zeros_like(shift)
@@ -147,3 +159,4 @@ def importance_bounds(
     if not torch.isfinite(out["elbo"]).all():
         raise ConfigError("some log-weights are not finite: the guide puts mass where the model has none")
     return Bounds(num_samples=K, **out)
+

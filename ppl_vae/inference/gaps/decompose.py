@@ -37,6 +37,7 @@ from ... import io
 from ...errors import ConfigError, check_int
 from ...guides.local import FAMILIES, family_of
 from ..latent import guide_in_latent_space, latent_of
+from ..random import dataset_index
 from .ais import ais
 from .ais import check_options as check_ais_options
 from .bounds import importance_bounds
@@ -92,12 +93,12 @@ class GapReport:
         return self.log_px - self.elbo_q
 
     def to_dataframe(self) -> pd.DataFrame:
-        cols: dict[str, Any] = {"index": self.index.numpy(), "log_px": self.log_px, "log_px_se": self.log_px_se, "elbo_q": self.elbo_q, "elbo_q_se": self.elbo_q_se}
+        cols: dict[str, Any] = {"index": self.index.cpu().numpy(), "log_px": self.log_px, "log_px_se": self.log_px_se, "elbo_q": self.elbo_q, "elbo_q_se": self.elbo_q_se}
         for fam in self.elbo_local:
             cols[f"elbo_qstar_{fam}"] = self.elbo_local[fam]
             cols[f"elbo_qstar_{fam}_se"] = self.elbo_local_se[fam]
         cols |= {"approximation_gap": self.approximation_gap, "amortisation_gap": self.amortisation_gap, "inference_gap": self.inference_gap}
-        return pd.DataFrame({k: v.double().numpy() if isinstance(v, torch.Tensor) else v for k, v in cols.items()})
+        return pd.DataFrame({k: v.double().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in cols.items()})
 
     def summary(self) -> dict[str, Any]:
         """Means over datapoints with standard errors (of the mean over datapoints)."""
@@ -201,24 +202,24 @@ def decompose(
         check_ais_options(**ais_options)
     q, own, families = _families(model, guide, data, families)
     n = data[0].shape[0]
-    on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed)
+    idx = dataset_index(index, n)
+    on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed, index=idx)
     local, local_se, steps, proposals = {}, {}, {}, {}
     for i, fam in enumerate(families):
         fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, **(local_options or {}))
-        b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i)
+        b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i, index=idx)
         local[fam], local_se[fam] = b.elbo, b.elbo_se
         steps[fam] = fit.steps.double().mean().item()
         proposals[fam] = fit.posterior
     if logpx == "iwae":
         best = max(proposals, key=lambda f: local[f].mean().item())
-        b = importance_bounds(model, proposals[best], *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999)
+        b = importance_bounds(model, proposals[best], *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx)
         log_px, log_px_se = b.iwae, b.iwae_se
         local[best], local_se[best] = b.elbo, b.elbo_se  # the same family's ELBO, now from K draws
         estimator = f"IWAE K={num_samples} with the local {best} q* as proposal"
     else:
-        r = ais(model, *data, seed=seed + 1000, **(ais_options or {}))
+        r = ais(model, *data, seed=seed + 1000, index=idx, **(ais_options or {}))
         log_px, log_px_se, estimator = r.log_px.double(), r.log_px_se.double(), r.description
-    idx = index if index is not None else torch.arange(n)
     family = own if own is not None else max(local, key=lambda f: local[f].mean().item())
     return GapReport(
         index=idx, log_px=log_px, log_px_se=log_px_se, elbo_q=on_q.elbo, elbo_q_se=on_q.elbo_se, elbo_local=local,

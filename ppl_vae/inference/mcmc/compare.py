@@ -240,7 +240,8 @@ def compare(
     var_names : sequence of str, optional
         Variables to compare; default: those both have.
     max_energy_draws : int
-        Draws of each side (a seeded random subset) in the energy distance.
+        Draws of each side (a random subset, seeded from ``seed`` and the
+        datapoint's ``point`` coordinate) in the energy distance.
     """
     names = list(var_names) if var_names is not None else [n for n in mcmc.samples if n in vi.samples]
     missing = [n for n in names if n not in mcmc.samples or n not in vi.samples]
@@ -273,9 +274,10 @@ def compare(
     per_dim["mcmc_ess_tail"] = azcompat.ess(xm, "tail").reshape(p_count, -1)
     per_dim["mcmc_rhat"] = azcompat.rhat(xm).reshape(p_count, -1)
 
-    rng = np.random.default_rng(seed)
+    points = tuple(mcmc.coords.get("point", range(p_count))) if latent else (0,)
     energy, kl = np.zeros(p_count), np.zeros(p_count)
     for i in range(p_count):
+        rng = np.random.default_rng([seed, int(points[i])])  # each datapoint's own subset, whatever else is compared with it
         a = pm[rng.permutation(len(pm))[:max_energy_draws], i] / m_sd[i]
         b = pv[rng.permutation(len(pv))[:max_energy_draws], i] / m_sd[i]
         energy[i] = _energy_distance(a, b)
@@ -298,5 +300,4 @@ def compare(
         "mcmc_min_ess_tail": per_dim["mcmc_ess_tail"].min(1),
         "mcmc_divergences": divs.astype(int),
     }
-    points = tuple(mcmc.coords.get("point", range(p_count))) if latent else (0,)
     return Comparison(points=points, dims=tuple(labels), per_dim=per_dim, per_point=per_point, mcmc_method=mcmc.method, vi_method=vi.method)

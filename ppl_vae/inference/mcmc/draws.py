@@ -101,11 +101,14 @@ def site_dims(shapes: dict[str, tuple[int, ...]], lead: tuple[str, ...] = ()) ->
     return {name: [*lead, *(f"{name}_dim_{i}" for i in range(len(shape)))] for name, shape in shapes.items() if shape or lead}
 
 
-def point_layout(latent: Latent, stats: tuple[str, ...]) -> tuple[dict[str, list[str]], dict[str, list[Any]]]:
-    """ArviZ dims and coords of per-datapoint draws of every latent site and of the per-datapoint ``stats`` (``point`` first)."""
+def point_layout(latent: Latent, stats: tuple[str, ...], index: Sequence[int] | None = None) -> tuple[dict[str, list[str]], dict[str, list[Any]]]:
+    """ArviZ dims and coords of per-datapoint draws of every latent site and of the per-datapoint ``stats`` (``point`` first).
+
+    The ``point`` coordinates are the datapoints' indices in their dataset (default ``0..N-1``).
+    """
     shapes = {s.name: tuple(s.shape) for s in latent.sites}
     dims = {**{k: ["point"] for k in stats}, **site_dims(shapes, ("point",))}
-    coords: dict[str, list[Any]] = {"point": list(range(latent.num_points))}
+    coords: dict[str, list[Any]] = {"point": [int(i) for i in index] if index is not None else list(range(latent.num_points))}
     for name, shape in shapes.items():
         coords |= {f"{name}_dim_{i}": list(range(e)) for i, e in enumerate(shape)}
     return dims, coords

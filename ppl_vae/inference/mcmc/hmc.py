@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from ...errors import ConfigError
 from ..latent import latent_draws, latent_of, log_joint
-from ..random import seeded
+from ..random import Streams, dataset_index, seeded
 from ..traces import model_latent_sites, sum_but_first, trace_nesting, vectorized
 from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
 from .kernel import State, StepSize, transition
@@ -88,7 +88,7 @@ class _Target:
 
 
 def _latent_target(
-    model: Callable[..., object], args: tuple[torch.Tensor, ...], num_chains: int, init: Any, generator: torch.Generator
+    model: Callable[..., object], args: tuple[torch.Tensor, ...], num_chains: int, init: Any, noise: Streams
 ) -> _Target:
     latent = latent_of(model, *args, analysis="latent-posterior MCMC")
     n, k = latent.num_points, latent.dim
@@ -111,9 +111,9 @@ def _latent_target(
         u0 = latent.unconstrain(values).clone()
     elif callable(init):  # a guide: one draw per chain
         latent_of(model, *args, guide=init, analysis="latent-posterior MCMC")
-        u0 = latent_draws(model, latent, *args, guide=init, num_samples=num_chains)
+        u0 = latent_draws(model, latent, *args, guide=init, num_samples=num_chains, streams=noise)
     elif isinstance(init, str) and init == "uniform":  # as Pyro's init_to_uniform: U(-2, 2) in unconstrained space
-        u0 = torch.rand(num_chains, n, k, generator=generator, dtype=like.dtype, device=like.device) * 4 - 2
+        u0 = noise.uniform((num_chains, n, k), dim=1, dtype=like.dtype) * 4 - 2
     else:
         raise ConfigError(f"init must be 'uniform', a guide, a tensor (one latent site) or a dict of site values, got {type(init).__name__}")
 
@@ -121,13 +121,13 @@ def _latent_target(
         values, _ = latent.constrain(u)
         return {name: v.detach().cpu().numpy() for name, v in values.items()}
 
-    dims, coords = point_layout(latent, ("diverging", "acceptance_rate", "n_steps", "step_size"))
+    dims, coords = point_layout(latent, ("diverging", "acceptance_rate", "n_steps", "step_size"), index=noise.index)
     return _Target(log_density, u0, to_samples, dims=dims, coords=coords, group_dim="point")
 
 
 def _model_target(
-    model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any], num_chains: int, generator: torch.Generator
-) -> _Target:
+    model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any], num_chains: int, seed: int
+) -> tuple[_Target, Streams]:
     plain, latent = model_latent_sites(model, args, kwargs)
     dim = -(trace_nesting(plain) + 1)
     c = num_chains
@@ -166,8 +166,9 @@ def _model_target(
                     total = total + sum_but_first(s["log_prob"], n)
         return total.unsqueeze(1)
 
-    dtype = torch.get_default_dtype()
-    u0 = torch.rand(c, 1, sum(sizes), generator=generator, dtype=dtype) * 4 - 2
+    like = proto.nodes[latent[0]]["value"]
+    noise = Streams(seed, [0], like.device)  # one group: the model's whole posterior
+    u0 = noise.uniform((c, 1, sum(sizes)), dim=1, dtype=like.dtype if like.is_floating_point() else torch.get_default_dtype()) * 4 - 2
     with torch.no_grad():
         together, alone = log_density(u0), torch.cat([log_density(u0[i : i + 1]) for i in range(c)])
     if not torch.allclose(together, alone, rtol=1e-4, atol=1e-3):
@@ -178,10 +179,10 @@ def _model_target(
         flat = u.reshape(cc * s, -1)
         out = {}
         for name, chunk in zip(latent, flat.split(sizes, dim=-1)):
-            out[name] = transforms[name](chunk.reshape(cc * s, *shapes[name])).reshape(cc, s, *shapes[name]).numpy()
+            out[name] = transforms[name](chunk.reshape(cc * s, *shapes[name])).reshape(cc, s, *shapes[name]).cpu().numpy()
         return out
 
-    return _Target(log_density, u0, to_samples, dims=site_dims(shapes), coords={}, group_dim=None)
+    return _Target(log_density, u0, to_samples, dims=site_dims(shapes), coords={}, group_dim=None), noise
 
 
 # --------------------------------------------------------------------------- batched HMC
@@ -237,13 +238,13 @@ class _Sampler:
     """State, step sizes and mass matrices of batched HMC over ``[C, G, K]`` unconstrained values."""
 
     def __init__(self, target: _Target, *, target_accept: float, trajectory_length: float, max_leapfrog: int,
-                 max_energy_error: float, generator: torch.Generator) -> None:
+                 max_energy_error: float, noise: Streams) -> None:
         self.f = target.log_density
         self.target_accept = target_accept
         self.T = trajectory_length
         self.max_leapfrog = max_leapfrog
         self.max_energy_error = max_energy_error
-        self.gen = generator
+        self.noise = noise
         self.state = State.at(self.f, target.init)
         self.C, self.G, self.K = target.init.shape
         self.inv_mass = target.init.new_ones(self.G, self.K)
@@ -254,13 +255,13 @@ class _Sampler:
     def transition(self, eps: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One HMC transition with ``steps[c, g]`` leapfrog steps; returns (accept_prob, diverging)."""
         self.state, accept_prob, diverging = transition(
-            self.f, self.state, eps, steps, self.gen, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error
+            self.f, self.state, eps, steps, self.noise, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error
         )
         return accept_prob, diverging
 
     def steps(self, eps: torch.Tensor) -> torch.Tensor:
         """Jittered number of leapfrog steps per chain: ``ceil(U(0, 2T) / eps)``."""
-        t = 2 * self.T * torch.rand(self.C, self.G, generator=self.gen, dtype=eps.dtype, device=eps.device)
+        t = 2 * self.T * self.noise.uniform((self.C, self.G), dim=1, dtype=eps.dtype)
         return torch.ceil(t / eps[None, :]).clamp(1, self.cap).long()
 
     def reasonable_step_size(self) -> None:
@@ -269,8 +270,10 @@ class _Sampler:
         state = self.state
 
         def accept_rate(e: torch.Tensor) -> torch.Tensor:
-            _, prob, _ = transition(self.f, state, e, 1, self.gen, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error)
-            return prob.mean(0)  # a probe: the state is not moved
+            with self.noise.replaying():  # a probe: the state is not moved, and every probe uses the same momenta, so a
+                # group's stream does not depend on how many probes the other groups of its batch needed
+                _, prob, _ = transition(self.f, state, e, 1, self.noise, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error)
+            return prob.mean(0)
 
         direction = torch.where(accept_rate(eps) > self.target_accept, 1.0, -1.0).to(eps.dtype)
         active = torch.ones(self.G, dtype=torch.bool, device=eps.device)
@@ -294,7 +297,7 @@ def _run_batched(
     trajectory_length: float,
     max_leapfrog: int,
     max_energy_error: float,
-    generator: torch.Generator,
+    noise: Streams,
     progress: bool,
     method: str,
     init_steps: int,
@@ -302,7 +305,7 @@ def _run_batched(
     t0 = time.perf_counter()
     target.init = _optimize_init(target.log_density, target.init, init_steps)
     s = _Sampler(target, target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
-                 max_energy_error=max_energy_error, generator=generator)
+                 max_energy_error=max_energy_error, noise=noise)
     if not torch.isfinite(s.state.lp).all():
         raise ConfigError("the log density is not finite at the initial point of some chains")
     s.reasonable_step_size()
@@ -342,28 +345,28 @@ def _run_batched(
     wall = time.perf_counter() - t0
     u = torch.stack(keep_u, 1)  # [C, S, G, K]
     stats = {
-        "diverging": torch.stack(keep_div, 1).numpy(),
-        "acceptance_rate": torch.stack(keep_acc, 1).numpy(),
-        "n_steps": torch.stack(keep_steps, 1).numpy(),
-        "step_size": s.eps.expand(s.C, num_samples, s.G).numpy().copy(),
+        "diverging": torch.stack(keep_div, 1).cpu().numpy(),
+        "acceptance_rate": torch.stack(keep_acc, 1).cpu().numpy(),
+        "n_steps": torch.stack(keep_steps, 1).cpu().numpy(),
+        "step_size": s.eps.expand(s.C, num_samples, s.G).cpu().numpy().copy(),
     }
     if target.group_dim is None:
         stats = {k: v[..., 0] for k, v in stats.items()}
     return Draws(target.to_samples(u), stats, target.dims, target.coords, method, wall)
 
 
-def _batched(make_target: Callable[[torch.Generator], _Target], freeze: contextlib.AbstractContextManager[None],
+def _batched(make_target: Callable[[], tuple[_Target, Streams]], freeze: contextlib.AbstractContextManager[None],
              num_samples: int, warmup_steps: int, seed: int, tuning: dict[str, Any]) -> Draws:
-    gen = torch.Generator().manual_seed(seed)
     with freeze, seeded(seed):
-        return _run_batched(make_target(gen), num_samples=num_samples, warmup_steps=warmup_steps, generator=gen, method="batched-hmc", **tuning)
+        target, noise = make_target()
+        return _run_batched(target, num_samples=num_samples, warmup_steps=warmup_steps, noise=noise, method="batched-hmc", **tuning)
 
 
 _HMC_DOC_PARAMS = """
     num_samples, warmup_steps, num_chains : int
         Kept draws per chain, warmup (adaptation) transitions, chains.
     seed : int
-        Seeds a private generator; the global RNG is left as it was.
+        Seeds the draws (one stream per datapoint, see ``index``); the global RNG is left as it was.
     target_accept : float
         Dual-averaging target of the mean acceptance probability.
     trajectory_length : float
@@ -392,6 +395,7 @@ def hmc_latent(
     max_energy_error: float = 1000.0,
     init_steps: int = 100,
     progress: bool = False,
+    index: torch.Tensor | None = None,
 ) -> Draws:
     r"""Batched HMC on the latent posteriors :math:`p(z \mid x_n)` of every row of ``args``.
 
@@ -415,7 +419,7 @@ def hmc_latent(
     -------
     Draws
         ``samples[site]`` of shape ``[C, S, N, *event]`` for every latent
-        site (dims ``point``, ``{site}_dim_0``, ...); ``sample_stats``
+        site (dims ``point``, with the datapoints' ``index`` as coordinates, ``{site}_dim_0``, ...); ``sample_stats``
         ``diverging``, ``acceptance_rate``, ``n_steps``, ``step_size``, each
         ``[C, S, N]``.
 
@@ -427,8 +431,14 @@ def hmc_latent(
     check_counts(num_samples, warmup_steps, num_chains)
     tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
                   max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
-    latent_of(model, *args, analysis="latent-posterior MCMC")  # refuse before any work
-    return _batched(lambda gen: _latent_target(model, args, num_chains, init, gen), freeze_model(model, args), num_samples, warmup_steps, seed, tuning)
+    n = latent_of(model, *args, analysis="latent-posterior MCMC").num_points  # refuse before any work
+    index = dataset_index(index, n)
+
+    def target() -> tuple[_Target, Streams]:
+        noise = Streams(seed, index, args[0].device)
+        return _latent_target(model, args, num_chains, init, noise), noise
+
+    return _batched(target, freeze_model(model, args), num_samples, warmup_steps, seed, tuning)
 
 
 def hmc(
@@ -468,4 +478,4 @@ def hmc(
     tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
                   max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
     freeze = freeze_model(lambda *a, **k: model(*args, **kwargs), ())
-    return _batched(lambda gen: _model_target(model, args, kwargs, num_chains, gen), freeze, num_samples, warmup_steps, seed, tuning)
+    return _batched(lambda: _model_target(model, args, kwargs, num_chains, seed), freeze, num_samples, warmup_steps, seed, tuning)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from pyro.ops.dual_averaging import DualAveraging
 
+from ..random import Streams
+
 __all__ = ["State", "StepSize", "transition", "value_and_grad"]
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
@@ -64,7 +66,7 @@ def transition(
     state: State,
     eps: torch.Tensor,
     steps: int | torch.Tensor,
-    generator: torch.Generator,
+    noise: Streams,
     *,
     inv_mass: torch.Tensor | None = None,
     max_energy_error: float = math.inf,
@@ -72,14 +74,15 @@ def transition(
     """One HMC transition of every chain: ``(new state, acceptance probability [C, G], diverging [C, G])``.
 
     ``eps`` is ``[G]`` (per group) or ``[C, G]`` (per chain); ``steps`` an int or a ``[C, G]``
-    tensor of leapfrog steps; ``inv_mass`` ``[G, K]`` (identity when None).
+    tensor of leapfrog steps; ``inv_mass`` ``[G, K]`` (identity when None). The momenta and the
+    accept draws come from ``noise``, one stream per group (datapoint).
     """
     u0, lp0, g0 = state.u, state.lp, state.grad
     C, G = lp0.shape
     e = (eps if eps.dim() == 2 else eps.expand(C, G))[..., None]
     m = inv_mass if inv_mass is not None else u0.new_ones(())
     steps_t = steps if isinstance(steps, torch.Tensor) else torch.full((C, G), steps, dtype=torch.long, device=u0.device)
-    r = torch.randn(u0.shape, generator=generator, dtype=u0.dtype, device=u0.device) / m.sqrt()
+    r = noise.normal(u0.shape, dim=1, dtype=u0.dtype) / m.sqrt()
 
     def energy(lp: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return -lp + 0.5 * (r * r * m).sum(-1)
@@ -108,7 +111,7 @@ def transition(
     delta = energy(lp, r) - h0
     delta = torch.where(torch.isfinite(delta) & ~diverging, delta, torch.full_like(delta, math.inf))
     accept_prob = torch.exp(-delta.clamp(min=0))
-    accept = torch.rand(accept_prob.shape, generator=generator, dtype=accept_prob.dtype, device=u0.device) < accept_prob
+    accept = noise.uniform(accept_prob.shape, dim=1, dtype=accept_prob.dtype) < accept_prob
     new = State(torch.where(accept[..., None], z, u0), torch.where(accept, lp, lp0), torch.where(accept[..., None], g, g0))
     return new, accept_prob, diverging
 

@@ -65,7 +65,7 @@ def nuts(
             diverging[c, idx] = True
             step_size[c] = float(kernel.step_size)
     wall = time.perf_counter() - t0
-    samples = {name: torch.stack([ch[name] for ch in chains]).numpy() for name in latent}
+    samples = {name: torch.stack([ch[name] for ch in chains]).cpu().numpy() for name in latent}
     shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
     return Draws(samples, {"diverging": diverging, "step_size": step_size}, site_dims(shapes), {}, "pyro-nuts", wall)
 

@@ -167,5 +167,5 @@ def vi_draws_autoguide(
                     if s["type"] == "sample" and "log_prob" in s:
                         lw = lw + sign * sum_but_first(s["log_prob"], num_samples)
     shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
-    samples = {name: model_tr.nodes[name]["value"].reshape(1, num_samples, *shape).numpy() for name, shape in shapes.items()}
-    return Draws(samples, {"log_weight": lw[None].numpy()}, site_dims(shapes), {}, f"vi-{AUTOGUIDES[family]}")
+    samples = {name: model_tr.nodes[name]["value"].reshape(1, num_samples, *shape).cpu().numpy() for name, shape in shapes.items()}
+    return Draws(samples, {"log_weight": lw[None].cpu().numpy()}, site_dims(shapes), {}, f"vi-{AUTOGUIDES[family]}")

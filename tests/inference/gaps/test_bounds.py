@@ -20,6 +20,7 @@ from conftest import Z, frozen_ppca, inflated_guide, log_mean_exp_bias, se_of_me
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference.gaps.ais import ais, bdmc
 from ppl_vae.inference.gaps.bounds import importance_bounds
+from ppl_vae.inference.random import Streams
 from ppl_vae.inference.traces import log_weights
 from ppl_vae.models.ppca import PPCA
 
@@ -48,12 +49,7 @@ def test_streamed_bounds_equal_the_direct_formulas_on_the_same_draws():
     guide = inflated_guide(m)
     K = 64
     b = importance_bounds(m, guide, x, num_samples=K, sample_batch=K, batch_size=5, seed=3)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        from ppl_vae.inference.traces import plate_nesting
-
-        nesting = plate_nesting(m, guide, x[:1])  # importance_bounds draws once for this first
-        lw = log_weights(m, guide, x, num_samples=K, nesting=nesting)
+    lw = log_weights(m, guide, x, num_samples=K, streams=Streams(3, torch.arange(5), x.device, 0))  # datapoint n's stream, sample chunk 0
     assert torch.allclose(b.elbo, lw.mean(0), atol=1e-9)
     assert torch.allclose(b.elbo_se, lw.std(0) / math.sqrt(K), atol=1e-9)
     assert torch.allclose(b.iwae, torch.logsumexp(lw, 0) - math.log(K), atol=1e-9)
@@ -61,16 +57,54 @@ def test_streamed_bounds_equal_the_direct_formulas_on_the_same_draws():
     assert torch.allclose(b.iwae_se, w.std(0) / (math.sqrt(K) * w.mean(0)), rtol=1e-6)
 
 
+def test_each_datapoint_gets_the_same_bounds_whatever_its_batch_and_neighbours():
+    m = frozen_ppca()
+    x = m.sample(9)
+    guide = inflated_guide(m)
+    whole = importance_bounds(m, guide, x, num_samples=200, batch_size=9, seed=5)
+    for batch in (1, 4):
+        again = importance_bounds(m, guide, x, num_samples=200, batch_size=batch, seed=5)
+        for k in ("elbo", "elbo_se", "iwae", "iwae_se"):
+            assert torch.allclose(getattr(again, k), getattr(whole, k), rtol=1e-12, atol=1e-12), (batch, k)
+    rows = torch.tensor([7, 2, 5])
+    part = importance_bounds(m, guide, x[rows], num_samples=200, batch_size=2, seed=5, index=rows)
+    assert torch.allclose(part.iwae, whole.iwae[rows], rtol=1e-12, atol=1e-12)
+    other = importance_bounds(m, guide, x, num_samples=200, batch_size=9, seed=6)
+    assert not torch.allclose(other.elbo, whole.elbo), "another seed gives other draws"
+
+
+def test_a_guide_that_is_not_gaussian_runs_row_by_row_with_the_same_streams():
+    m = frozen_ppca()
+    x = m.sample(4)
+
+    def gamma_guide(x):  # a positive latent: drawn one datapoint at a time
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Gamma(x.new_full((x.shape[0], m.latent_dim), 2.0), 2.0).to_event(1))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Gamma(x.new_full((x.shape[0], m.latent_dim), 2.0), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True).expand(*z.shape[:-1], x.shape[-1]), 1.0).to_event(1), obs=x)
+
+    a = importance_bounds(model, gamma_guide, x, num_samples=50, batch_size=4, seed=1)
+    b = importance_bounds(model, gamma_guide, x[2:], num_samples=50, batch_size=1, seed=1, index=torch.tensor([2, 3]))
+    assert torch.allclose(a.elbo[2:], b.elbo, rtol=1e-12)
+    assert torch.isfinite(a.iwae).all()
+
+
 def test_iwae_rises_toward_exact_log_px_and_reaches_it_at_large_K():
     m = frozen_ppca()
     x = m.sample(40)
     exact = m.log_marginal(x)
     guide = inflated_guide(m)
-    means, last = [], None
+    means, ses, last = [], [], None
     for i, K in enumerate((1, 10, 100, 5000)):
         last = importance_bounds(m, guide, x, num_samples=K, seed=10 + i)
         means.append(last.iwae.mean().item())
-    assert means == sorted(means), f"IWAE means should rise with K: {means}"
+        # SE of the mean from the datapoints' own draws (K = 1 has none: the spread of its errors over datapoints)
+        ses.append((last.iwae_se.pow(2).sum().sqrt() / len(x)).item() if K > 1 else ((exact - last.iwae).std() / math.sqrt(len(x))).item())
+    for i in range(3):  # E[IWAE_K] rises with K: each mean is above the last, within Z combined standard errors
+        assert means[i + 1] > means[i] - Z * math.hypot(ses[i], ses[i + 1]), f"IWAE means should rise with K: {means} (SE {ses})"
     # K = 1 is one ELBO draw per point: its mean is log p(x) - KL(q || p) (closed form); SE: the sd of the draws / sqrt(N)
     k1 = importance_bounds(m, guide, x, num_samples=1, seed=10)
     kl = kl_of_guide(m, x, 1.6)
@@ -138,3 +172,15 @@ def test_bad_inputs_are_clear_errors():
         from ppl_vae.inference.gaps.decompose import decompose
 
         decompose(m, other_guide, x)
+
+
+def test_ais_gives_each_datapoint_the_same_estimate_whatever_its_batch():
+    m = frozen_ppca()
+    x = m.sample(6)
+    whole = ais(m, x, num_steps=30, num_chains=4, seed=2)
+    one_by_one = ais(m, x, num_steps=30, num_chains=4, seed=2, batch_size=1)
+    rows = torch.tensor([4, 1])
+    part = ais(m, x[rows], num_steps=30, num_chains=4, seed=2, index=rows)
+    for k in ("log_px", "log_px_se", "accept_rate", "step_size"):
+        assert torch.allclose(getattr(one_by_one, k), getattr(whole, k), rtol=1e-9, atol=1e-9), k
+        assert torch.allclose(getattr(part, k), getattr(whole, k)[rows], rtol=1e-9, atol=1e-9), k

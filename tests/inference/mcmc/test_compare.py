@@ -162,7 +162,7 @@ def test_compare_command_writes_results(tiny_run, tmp_path, capsys):
     info = json.loads((out / "compare.json").read_text())
     assert info["indices"] == [0, 5] and info["mcmc_method"] == "batched-hmc"
     table = json.loads((out / "comparison.json").read_text())
-    assert [p["point"] for p in table["points"]] == [0, 1] and len(table["dims"]) == 2 * 2
+    assert [p["point"] for p in table["points"]] == [0, 5] and len(table["dims"]) == 2 * 2  # the dataset indices
     assert (out / "vi_mcmc_pairs.png").read_bytes()[:4] == b"\x89PNG"
     # an existing output directory is not reused without --force
     assert main(["compare", "--run", str(tiny_run), "--indices", "0", "--draws", "5", "--chains", "1", "--out", str(out)]) == 2
