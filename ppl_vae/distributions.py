@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from .errors import ConfigError, DataError
 
-__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "one_hot", "gaussian_draw", "is_transformed_gaussian"]
+__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "one_hot", "gaussian_draw", "gaussian_base", "point_mass"]
 
 
 class Bernoulli(nn.Module):
@@ -176,8 +176,15 @@ def gaussian_draw(fn: torch.distributions.Distribution, noise: Callable[[torch.S
     return None
 
 
-def is_transformed_gaussian(fn: torch.distributions.Distribution) -> bool:
-    """Whether :func:`gaussian_draw` can draw ``fn``."""
+def gaussian_base(fn: torch.distributions.Distribution) -> torch.distributions.Distribution | None:
+    """The Gaussian under ``fn``'s ``Independent`` and ``TransformedDistribution`` wrappers (None: there is none, and :func:`gaussian_draw` cannot draw ``fn``)."""
     while isinstance(fn, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
         fn = fn.base_dist
-    return isinstance(fn, (torch.distributions.Normal, torch.distributions.MultivariateNormal))
+    return fn if isinstance(fn, (torch.distributions.Normal, torch.distributions.MultivariateNormal)) else None
+
+
+def point_mass(fn: object) -> bool:
+    """Whether ``fn`` is a ``Delta`` (under ``Independent`` wrappers): a value, not a draw."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)

@@ -38,6 +38,7 @@ from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive
 from torch.distributions import Transform, biject_to, constraints
 
+from ..distributions import point_mass
 from ..errors import ConfigError
 from ..guides.latent import Latent, LatentSite
 from .random import RowDraws, Streams, draws_in_batches
@@ -65,12 +66,6 @@ _FIXED = (
 )
 
 
-def _point_mass(fn: object) -> bool:
-    while isinstance(fn, torch.distributions.Independent):
-        fn = fn.base_dist
-    return isinstance(fn, dist.Delta)
-
-
 def check_guide_pairs(model_sites: Iterable[str], guide_tr: poutine.Trace, analysis: str) -> None:
     """Refuse a guide that lacks one of ``model_sites``, samples a site the model lacks, or is a point mass."""
     guide_sites = sample_sites(guide_tr)
@@ -83,7 +78,7 @@ def check_guide_pairs(model_sites: Iterable[str], guide_tr: poutine.Trace, analy
         raise ConfigError(f"{analysis}: guide site {extra[0]!r} is not a latent site of the model")
     if not aux:
         for n in model_sites:
-            if _point_mass(guide_sites[n]["fn"]):
+            if point_mass(guide_sites[n]["fn"]):
                 raise ConfigError(f"{analysis}: guide site {n!r} is a point mass (Delta): it has no density over the latent, so {analysis} does not apply")
 
 
@@ -236,9 +231,7 @@ def latent_draws(
                 tr = poutine.trace(fn).get_trace(*data)
             values = {s.name: tr.nodes[s.name]["value"].reshape(num_samples, n, *s.shape) for s in latent.sites}
             return latent.unconstrain(values)
-        first = restrict(fn, slice(0, 1)) if guide is not None else fn
-        probe_tr = poutine.trace(first).get_trace(*(t[:1] for t in data))
-        batched = all(draws_in_batches(s["fn"]) for s in sample_sites(probe_tr).values() if not s["is_observed"])
+        batched = draws_in_batches(restrict(fn, slice(0, 1)) if guide is not None else fn, *(t[:1] for t in data))
         parts = []
         for rows in [slice(None)] if batched else [slice(i, i + 1) for i in range(n)]:
             args = tuple(t[rows] for t in data)

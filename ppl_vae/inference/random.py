@@ -17,18 +17,19 @@ model's prior) draw its latent sites from such streams.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from ..distributions import gaussian_draw, is_transformed_gaussian
+from ..distributions import gaussian_base, gaussian_draw, point_mass
 from ..errors import ConfigError
 
-__all__ = ["pick", "seeded", "row_seed", "Streams", "RowDraws", "draws_in_batches", "dataset_index"]
+__all__ = ["pick", "seeded", "row_seed", "Streams", "RowDraws", "draws_in_batches", "dataset_index", "base_seed"]
 
 
 class seeded:
@@ -60,6 +61,11 @@ def pick(n: int, k: int | None = None, *, seed: int, sorted: bool = False, devic
     return idx if device is None else idx.to(device)
 
 
+def base_seed(seed: int | None) -> int:
+    """``seed``, or (None) one seed drawn from torch's global stream, so that an enclosing :class:`seeded` block decides it."""
+    return int(torch.randint(2**62, (), device="cpu")) if seed is None else int(seed)
+
+
 def row_seed(seed: int, index: int, *tags: int) -> int:
     """A 63-bit seed for datapoint ``index`` of an analysis seeded with ``seed`` (NumPy's ``SeedSequence`` mixes them)."""
     words = np.random.SeedSequence([seed % 2**64, index, *tags]).generate_state(1, np.uint64)
@@ -86,7 +92,7 @@ class Streams:
     """
 
     def __init__(self, seed: int | None, index: torch.Tensor | Sequence[int], device: torch.device | str, *tags: int) -> None:
-        base = int(torch.randint(2**62, (), device="cpu")) if seed is None else int(seed)
+        base = base_seed(seed)
         self.device = torch.device(device)
         self.index = [int(i) for i in index]
         self._gens = [torch.Generator(device=self.device).manual_seed(row_seed(base, i, *tags)) for i in self.index]
@@ -132,15 +138,12 @@ class Streams:
                 g.set_state(s)
 
 
-def _point_mass(fn: torch.distributions.Distribution) -> bool:
-    while isinstance(fn, torch.distributions.Independent):
-        fn = fn.base_dist
-    return type(fn).__name__ == "Delta"
-
-
-def draws_in_batches(fn: torch.distributions.Distribution) -> bool:
-    """Whether :class:`RowDraws` can draw a site of ``fn`` for many datapoints at once (a transformed Gaussian, or a point mass)."""
-    return _point_mass(fn) or is_transformed_gaussian(fn)
+def draws_in_batches(program: Callable[..., object], *args: Any) -> bool:
+    """Whether :class:`RowDraws` can draw ``program``'s latent sites for many datapoints at once (each a transformed Gaussian or a point mass), from one run on ``args``."""
+    with poutine.block(), torch.no_grad():
+        tr = poutine.trace(program).get_trace(*args)
+    return all(point_mass(s["fn"]) or gaussian_base(s["fn"]) is not None
+               for s in tr.nodes.values() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s))
 
 
 class RowDraws(Messenger):
@@ -161,24 +164,20 @@ class RowDraws(Messenger):
         if msg["is_observed"] or msg["value"] is not None or msg["done"] or site_is_subsample(msg):
             return
         fn = msg["fn"]
-        if _point_mass(fn):
+        if point_mass(fn):
             return
         frames = [f for f in msg["cond_indep_stack"] if f.name == self.plate]
         if not frames:
             raise ConfigError(f"site {msg['name']!r} is outside the {self.plate!r} plate; per-datapoint draws need every latent site inside it")
         dim = len(fn.batch_shape) + frames[0].dim
-        like = fn.sample if not fn.has_rsample else fn.rsample
-        value = gaussian_draw(fn, lambda shape: self.streams.normal(shape, dim, dtype=_dtype(fn)))
-        if value is None:
-            if len(self.streams) != 1:
-                raise ConfigError(f"site {msg['name']!r} ({type(fn).__name__}) is drawn one datapoint at a time; this program ran on {len(self.streams)}")
+        base = gaussian_base(fn)
+        if base is not None:
+            value = gaussian_draw(fn, lambda shape: self.streams.normal(shape, dim, dtype=base.loc.dtype))
+        elif len(self.streams) == 1:
             with seeded(self.streams.seed_of(0)):
-                value = like()
+                value = fn.rsample() if fn.has_rsample else fn.sample()
+        else:
+            raise ConfigError(f"site {msg['name']!r} ({type(fn).__name__}) is drawn one datapoint at a time; this program ran on {len(self.streams)}")
         msg["value"] = value
         msg["done"] = True
 
-
-def _dtype(fn: torch.distributions.Distribution) -> torch.dtype:
-    while isinstance(fn, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
-        fn = fn.base_dist
-    return fn.mean.dtype

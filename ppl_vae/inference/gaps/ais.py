@@ -47,7 +47,7 @@ from ...errors import ConfigError
 from ...guides.latent import Latent
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
 from ..mcmc.kernel import State, StepSize, transition
-from ..random import Streams, dataset_index, seeded
+from ..random import Streams, base_seed, dataset_index, seeded
 from .bounds import log_mean_exp
 
 __all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_schedule"]
@@ -240,7 +240,7 @@ def ais(
     betas = sigmoid_schedule(num_steps, device=data[0].device)
     parts = {"log_px": [], "log_px_se": [], "accept_rate": [], "step_size": []}
     with seeded(seed):
-        base = seed if seed is not None else int(torch.randint(2**62, (), device="cpu"))
+        base = base_seed(seed)
         for i in range(0, n, batch_size or n):
             args = tuple(t[i : i + (batch_size or n)] for t in data)
             latent = latent_of(model, *args, guide=guide, analysis="AIS")
@@ -285,7 +285,7 @@ def bdmc(
         data = (x, *template[1:])
         betas = sigmoid_schedule(num_steps, device=x.device)
         dens = log_joint(model, latent, *data, split=True)
-        gen = Streams(int(torch.randint(2**62, (), device="cpu")), range(x.shape[0]), x.device)  # the simulated points' own streams
+        gen = Streams(None, range(x.shape[0]), x.device)  # the simulated points' own streams
         z0, _ = _start(model, "prior", latent, data, num_chains + PILOT_CHAINS, gen)
         kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
         _, record, _ = _run(dens, z0[num_chains:], None, betas, gen, adapt=True, **kw)

@@ -31,10 +31,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from pyro import poutine
 
 from ...errors import ConfigError, check_int
-from ..random import Streams, dataset_index, draws_in_batches, seeded
+from ..random import Streams, base_seed, dataset_index, draws_in_batches, seeded
 from ..traces import log_weights, plate_nesting, probe, restrict
 
 __all__ = ["Bounds", "importance_bounds", "chunks", "log_mean_exp"]
@@ -126,12 +125,10 @@ def importance_bounds(
     k_chunk = sample_batch or max(1, min(K, MAX_ELEMENTS // width))
     out = {k: torch.empty(n, dtype=torch.float64, device=data[0].device) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}
     with seeded(seed), torch.no_grad():
-        base = seed if seed is not None else int(torch.randint(2**62, (), device="cpu"))
-        first = restrict(guide, slice(0, 1))
-        nesting = probe("importance bounds", lambda: plate_nesting(model, first, *(t[:1] for t in data)), data)
-        with poutine.block():
-            guide_sites = poutine.trace(first).get_trace(*(t[:1] for t in data)).nodes.values()
-        batched = all(draws_in_batches(s["fn"]) for s in guide_sites if s["type"] == "sample" and not s["is_observed"])
+        base = base_seed(seed)
+        first, head = restrict(guide, slice(0, 1)), tuple(t[:1] for t in data)
+        nesting = probe("importance bounds", lambda: plate_nesting(model, first, *head), data)
+        batched = draws_in_batches(first, *head)
         rows_per_chunk = min(batch_size, max(1, MAX_ELEMENTS // (k_chunk * width))) if batched else 1
         for rows in chunks(n, rows_per_chunk):
             args = tuple(t[rows] for t in data)
