@@ -23,10 +23,15 @@ from pyro.nn.auto_reg_nn import create_mask
 from torch import nn
 from torch.nn import functional as F
 
+from ..distributions import gaussian_base, gaussian_draw
 from ..errors import ConfigError
 from .latent import Latent, LatentGuide, moment_matched
 
-__all__ = ["family_of", "BatchedMADE", "LocalPosterior"]
+__all__ = ["family_of", "BatchedMADE", "LocalPosterior", "Normal"]
+
+#: a source of standard-normal noise: ``normal(shape, dim, dtype)`` with the datapoints along ``dim``
+#: (e.g. :meth:`ppl_vae.inference.random.Streams.normal`, one stream per datapoint)
+Normal = Callable[[tuple[int, ...], int, torch.dtype], torch.Tensor]
 
 FAMILIES = ("diagonal", "full", "flow")
 
@@ -59,7 +64,8 @@ class BatchedMADE(nn.Module):
     order (``permutation``) means what it means in Pyro.
     """
 
-    def __init__(self, num_points: int, latent_dim: int, hidden: int, permutation: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None, *, like: torch.Tensor | None = None) -> None:
+    def __init__(self, num_points: int, latent_dim: int, hidden: int, permutation: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None, *, like: torch.Tensor | None = None,
+                 w0: torch.Tensor | None = None) -> None:
         super().__init__()
         kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
         if masks is None:
@@ -69,7 +75,7 @@ class BatchedMADE(nn.Module):
         self.register_buffer("mask1", masks[1].clone())
         self.register_buffer("permutation", permutation)
         self.latent_dim = latent_dim
-        self.w0 = nn.Parameter(torch.randn(num_points, hidden, latent_dim, **kw) / math.sqrt(latent_dim))
+        self.w0 = nn.Parameter(w0.detach().clone() if w0 is not None else torch.randn(num_points, hidden, latent_dim, **kw) / math.sqrt(latent_dim))
         self.b0 = nn.Parameter(torch.zeros(num_points, hidden, **kw))
         self.w1 = nn.Parameter(torch.zeros(num_points, 2 * latent_dim, hidden, **kw))  # zero: starts at the identity
         self.b1 = nn.Parameter(torch.zeros(num_points, 2 * latent_dim, **kw))
@@ -165,12 +171,17 @@ class LocalPosterior(nn.Module):
         self.select(slice(None))(x, *args)
 
     @classmethod
-    def initial(cls, family: str, q: torch.distributions.Distribution, latent: Latent, *, num_flows: int = 2, flow_hidden: int | None = None, seed_draws: int = 2000) -> LocalPosterior:
+    def initial(cls, family: str, q: torch.distributions.Distribution, latent: Latent, *, num_flows: int = 2, flow_hidden: int | None = None, seed_draws: int = 2000,
+                normal: Normal | None = None, generator: torch.Generator | None = None) -> LocalPosterior:
         """Start ``q*`` of ``family`` at (or, across families, near) a batch of distributions ``q`` over ``u``.
 
         Same family: copied exactly (a flow's MADEs included). Otherwise the
         Gaussian part is moment-matched (from draws when ``q`` is a flow) and
-        flow steps start at the identity.
+        flow steps start at the identity, their first layer's weights random.
+        ``normal`` is where that randomness comes from (default: torch's global
+        stream); with one stream per datapoint, a datapoint's start does not
+        depend on the others. The flow steps' variable orders, shared by all
+        datapoints, are drawn from the CPU ``generator`` (default: the global stream).
         """
         if family not in FAMILIES:
             raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -187,7 +198,7 @@ class LocalPosterior(nn.Module):
             elif source == "diagonal":
                 loc, tril = q.mean, torch.diag_embed(q.stddev)
             else:  # moment-match from draws, taken in chunks so memory stays bounded
-                mm = moment_matched(torch.cat([q.sample((min(100, seed_draws - k),)) for k in range(0, seed_draws, 100)]))
+                mm = moment_matched(torch.cat([_draws(q, min(100, seed_draws - k), normal) for k in range(0, seed_draws, 100)]))
                 loc, tril = mm.loc, mm.scale_tril
             scale = tril.diagonal(dim1=-2, dim2=-1) if family == "full" else (tril @ tril.mT).diagonal(dim1=-2, dim2=-1).sqrt()
             if family == "full":
@@ -198,5 +209,17 @@ class LocalPosterior(nn.Module):
             hidden = flow_hidden if flow_hidden is not None else 2 * d
             if hidden < d or d < 2:
                 raise ConfigError(f"a local flow needs a latent of size >= 2 and hidden width >= that size, got {d} and {hidden}")
-            flows = [BatchedMADE(n, d, hidden, torch.randperm(d, device=loc.device), like=loc) for _ in range(num_flows)]
+            flows = [
+                BatchedMADE(n, d, hidden, torch.randperm(d, generator=generator, device="cpu").to(loc.device), like=loc,
+                            w0=normal((n, hidden, d), 0, loc.dtype) / math.sqrt(d) if normal is not None else None)
+                for _ in range(num_flows)
+            ]
             return cls("flow", latent, loc, scale, flows=flows)
+
+
+def _draws(q: torch.distributions.Distribution, m: int, normal: Normal | None) -> torch.Tensor:
+    """``m`` draws ``[m, N, K]`` of a batch ``[N]`` of distributions, from ``normal`` where ``q`` is a transformed Gaussian."""
+    base = gaussian_base(q)
+    if normal is None or base is None:
+        return q.sample((m,))
+    return gaussian_draw(q.expand((m, *q.batch_shape)), lambda shape: normal(tuple(shape), 1, base.loc.dtype))

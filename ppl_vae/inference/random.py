@@ -67,9 +67,16 @@ def base_seed(seed: int | None) -> int:
 
 
 def row_seed(seed: int, index: int, *tags: int) -> int:
-    """A 63-bit seed for datapoint ``index`` of an analysis seeded with ``seed`` (NumPy's ``SeedSequence`` mixes them)."""
-    words = np.random.SeedSequence([seed % 2**64, index, *tags]).generate_state(1, np.uint64)
-    return int(words[0]) >> 1
+    """A 63-bit seed for datapoint ``index`` of an analysis seeded with ``seed`` (NumPy's ``SeedSequence`` mixes them).
+
+    Every number goes in as two 32-bit words after the count of tags: ``SeedSequence`` pads a short
+    entropy with zeros, so ``[seed, index]`` and ``[seed, index, 0]`` would otherwise be one stream.
+    """
+    values = (seed % 2**64, index, len(tags), *tags)
+    if any(v < 0 or v >= 2**64 for v in values):
+        raise ValueError(f"seed, index and tags must be in [0, 2**64), got {values}")
+    words = np.array([w for v in values for w in (v & 0xFFFFFFFF, v >> 32)], dtype=np.uint32)
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1
 
 
 def dataset_index(index: torch.Tensor | Sequence[int] | None, n: int) -> torch.Tensor:

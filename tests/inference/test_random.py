@@ -21,6 +21,12 @@ def test_a_datapoints_draws_do_not_depend_on_its_neighbours_or_position():
     assert row_seed(0, 3) != row_seed(0, 3, 1), "a tag gives another stream"
 
 
+def test_row_seeds_of_distinct_tags_differ_even_where_seed_sequence_pads_with_zeros():
+    # NumPy's SeedSequence pads short entropy with zeros: [5, 3] and [5, 3, 0] would be one stream
+    seeds = [row_seed(5, 3), row_seed(5, 3, 0), row_seed(5, 3, 0, 0), row_seed(5, 0, 3), row_seed(5 + 2**32, 3)]
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_a_selection_advances_the_same_generators_and_replaying_puts_them_back():
     s = Streams(4, [0, 1, 2], "cpu")
     fresh = Streams(4, [0, 1, 2], "cpu")

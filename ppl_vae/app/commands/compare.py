@@ -81,15 +81,15 @@ def compare_points(
 ) -> tuple[Draws, Draws, Comparison]:
     """MCMC and VI draws of the rows ``args`` of a built model (``index``: their dataset indices), and their :class:`Comparison`."""
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
-    mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress,
-                      index=torch.as_tensor(index) if index is not None else None)
+    idx = torch.as_tensor(index) if index is not None else None
+    mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress, index=idx)
     if guide == "amortized":
-        vi = vi_draws_amortized(built.model, built.guide, *args, num_samples=vi_draws, seed=seed)
+        vi = vi_draws_amortized(built.model, built.guide, *args, num_samples=vi_draws, seed=seed, index=idx)
     else:  # q* of the guide's own family (full covariance where the guide is in none), started at the guide
         q0, _ = guide_in_latent_space(built.guide, latent_of(built.model, *args, guide=built.guide, analysis="compare"), *args)
         family = (family_of(q0) if q0 is not None else None) or "full"
-        fit = optimize_local(built.model, *args, family=family, init=q0 if q0 is not None else built.guide, seed=seed)
-        vi = guide_draws(built.model, fit.posterior, *args, num_samples=vi_draws, seed=seed, method="vi-local")
+        fit = optimize_local(built.model, *args, family=family, init=q0 if q0 is not None else built.guide, seed=seed, index=idx)
+        vi = guide_draws(built.model, fit.posterior, *args, num_samples=vi_draws, seed=seed, method="vi-local", index=idx)
     return mcmc, vi, compare(mcmc, vi, seed=seed)
 
 

@@ -206,7 +206,7 @@ def decompose(
     on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed, index=idx)
     local, local_se, steps, proposals = {}, {}, {}, {}
     for i, fam in enumerate(families):
-        fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, **(local_options or {}))
+        fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, index=idx, **(local_options or {}))
         b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i, index=idx)
         local[fam], local_se[fam] = b.elbo, b.elbo_se
         steps[fam] = fit.steps.double().mean().item()

@@ -43,11 +43,14 @@ from ...errors import ConfigError, check_int, check_positive
 from ...guides.latent import Latent, moment_matched
 from ...guides.local import FAMILIES, LocalPosterior, family_of
 from ..latent import guide_in_latent_space, latent_draws, latent_of
-from ..random import seeded
+from ..random import Streams, base_seed, dataset_index, seeded
 from ..traces import log_weights, plate_nesting
 from .bounds import importance_bounds
 
 __all__ = ["LocalFit", "optimize_local", "check_options", "start_distribution"]
+
+#: the first tag of the local optimisation's streams (then 0: start, 1: flow weights, 2: steps)
+_LOCAL = 7
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ def check_options(
 
 
 def start_distribution(
-    model: Callable[..., object], latent: Latent, *data: torch.Tensor, init: Callable[..., object] | torch.distributions.Distribution | str = "prior", draws: int = 2000
+    model: Callable[..., object], latent: Latent, *data: torch.Tensor, init: Callable[..., object] | torch.distributions.Distribution | str = "prior", draws: int = 2000,
+    streams: Streams | None = None,
 ) -> torch.distributions.Distribution:
     """A batch of distributions over the joint latent ``u`` (batch ``[N]``, event ``[K]``) to start ``q*`` from.
 
@@ -87,7 +91,7 @@ def start_distribution(
     (:func:`~ppl_vae.inference.latent.guide_in_latent_space`), else the
     Gaussian with the moments of ``draws`` of its draws; ``"prior"``: the
     prior's Gaussian where the model has one Gaussian site, else the moments
-    of prior draws.
+    of prior draws. Draws come from ``streams`` (one per datapoint) where given.
     """
     if isinstance(init, torch.distributions.Distribution):
         return init
@@ -97,9 +101,9 @@ def start_distribution(
                 fn = poutine.trace(model).get_trace(*data).nodes[latent.names[0]]["fn"]
             if family_of(fn) in ("diagonal", "full"):
                 return fn
-        return moment_matched(latent_draws(model, latent, *data, num_samples=draws))
+        return moment_matched(latent_draws(model, latent, *data, num_samples=draws, streams=streams))
     q, _ = guide_in_latent_space(init, latent, *data)  # type: ignore[arg-type]
-    return q if q is not None else moment_matched(latent_draws(model, latent, *data, guide=init, num_samples=draws))  # type: ignore[arg-type]
+    return q if q is not None else moment_matched(latent_draws(model, latent, *data, guide=init, num_samples=draws, streams=streams))  # type: ignore[arg-type]
 
 
 def optimize_local(
@@ -115,6 +119,7 @@ def optimize_local(
     num_flows: int = 2,
     flow_hidden: int | None = None,
     seed: int | None = 0,
+    index: torch.Tensor | None = None,
 ) -> LocalFit:
     r"""Optimise a per-datapoint ``q*`` of ``family`` for every row of ``data``, in one batch.
 
@@ -149,6 +154,13 @@ def optimize_local(
         The flow family's steps and MADE width (when not copied from ``init``).
     seed : int, optional
         Seeds the draws (and random flow initialisation).
+    index : tensor, optional
+        The rows' indices in their dataset (default ``0..N-1``). Every draw
+        of a datapoint (its start, its flow's initial weights, its steps'
+        samples) comes from its own streams, seeded from ``(seed, index)``
+        (:class:`~ppl_vae.inference.random.Streams`), and its objective and
+        Adam's update involve its own parameters only: a datapoint's ``q*``
+        does not depend on the other rows or their number (to float rounding).
     """
     check_options(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol, num_flows=num_flows)
     if isinstance(init, str) and init != "prior":
@@ -156,17 +168,22 @@ def optimize_local(
     guide = init if callable(init) and not isinstance(init, torch.distributions.Distribution) else None
     latent = latent_of(model, *data, guide=guide, analysis="the local optimisation (q*)")
     n = latent.num_points
+    idx = dataset_index(index, n)
+    device = data[0].device
     with seeded(seed):
-        q0 = start_distribution(model, latent, *data, init=init)
+        base = base_seed(seed)
+        q0 = start_distribution(model, latent, *data, init=init, streams=Streams(base, idx, device, _LOCAL, 0))
         if tuple(q0.batch_shape) != (n,) or tuple(q0.event_shape) != (latent.dim,):
             raise ConfigError(f"the initial distribution must have batch shape ({n},) and event shape ({latent.dim},), got {tuple(q0.batch_shape)} and {tuple(q0.event_shape)}")
-        posterior = LocalPosterior.initial(family, q0, latent, num_flows=num_flows, flow_hidden=flow_hidden)
+        posterior = LocalPosterior.initial(family, q0, latent, num_flows=num_flows, flow_hidden=flow_hidden, normal=Streams(base, idx, device, _LOCAL, 1).normal,
+                                           generator=torch.Generator(device="cpu").manual_seed(base))
+        streams = Streams(base, idx, device, _LOCAL, 2)
         params = list(posterior.parameters())
         opt = torch.optim.Adam(params, lr=lr)
         nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))
         frozen = [p.detach().clone() for p in params]
         best = [p.detach().clone() for p in params]  # each datapoint's best parameters seen at a check
-        best_mean = importance_bounds(model, posterior, *data, num_samples=min(num_samples * check_every, 1000), seed=None).elbo
+        best_mean = importance_bounds(model, posterior, *data, num_samples=min(num_samples * check_every, 1000), seed=base, index=idx).elbo
         like = posterior.loc
         active = torch.ones(n, dtype=torch.bool, device=like.device)
         steps = torch.zeros(n, dtype=torch.long, device=like.device)
@@ -174,8 +191,8 @@ def optimize_local(
         previous = like.new_full((n,), -math.inf, dtype=torch.float64)
         first = like.new_full((n,), math.nan, dtype=torch.float64)
         for step in range(1, max_steps + 1):
-            idx = active.nonzero().squeeze(-1)
-            lw = log_weights(model, posterior.select(idx), *(t[idx] for t in data), num_samples=num_samples, nesting=nesting)
+            rows = active.nonzero().squeeze(-1)
+            lw = log_weights(model, posterior.select(rows), *(t[rows] for t in data), num_samples=num_samples, nesting=nesting, streams=streams.select(rows))
             if not torch.isfinite(lw).all():
                 raise ConfigError(f"local optimisation of the {family} family hit a non-finite ELBO at step {step}; lower lr")
             per_point = lw.mean(0)
@@ -187,8 +204,8 @@ def optimize_local(
                 if not active.all():
                     for p, f in zip(params, frozen):  # converged datapoints do not move (Adam's momentum would)
                         p[~active] = f[~active]
-                steps[idx] += 1
-                window[idx] += per_point.detach().double()
+                steps[rows] += 1
+                window[rows] += per_point.detach().double()
                 if step % check_every == 0:
                     mean = window / check_every
                     first = torch.where(torch.isnan(first), mean, first)

@@ -20,12 +20,14 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, autoguide
 from pyro.poutine.util import site_is_subsample
 
+from ...distributions import gaussian_base, gaussian_draw
 from ...errors import ConfigError, check_int
 from ..latent import latent_of, log_joint
-from ..random import seeded
+from ..random import Streams, dataset_index, draws_in_batches, seeded
 from ..traces import (
     log_weights_of,
     model_latent_sites,
+    restrict,
     sum_but_first,
     trace_nesting,
     traces,
@@ -34,6 +36,9 @@ from ..traces import (
 from .draws import Draws, point_layout, site_dims
 
 __all__ = ["vi_draws", "vi_draws_latent", "vi_draws_amortized", "vi_draws_autoguide"]
+
+#: the tag of the VI draws' per-datapoint streams (HMC's streams of the same seed have none)
+_VI = 1
 
 
 #: autoguide family name -> class name in ``pyro.infer.autoguide``
@@ -46,6 +51,7 @@ def vi_draws(
     num_samples: int = 1000,
     seed: int = 0,
     method: str = "vi",
+    index: torch.Tensor | None = None,
 ) -> Draws:
     r"""Draws of a per-datapoint guide for every row of ``args``, with their importance log-weights.
 
@@ -53,17 +59,32 @@ def vi_draws(
     datapoint); ``sample_stats["log_weight"]`` holds
     :math:`\log p(x_n, z) - \log q(z \mid x_n)` per draw and datapoint.
     Output layout as :func:`~ppl_vae.inference.mcmc.hmc_latent`:
-    ``samples[site]`` ``[1, S, N, *event]``.
+    ``samples[site]`` ``[1, S, N, *event]``, the ``point`` coordinates the
+    rows' dataset indices ``index`` (default ``0..N-1``). Each datapoint draws
+    from its own stream, seeded from ``(seed, index)``
+    (:class:`~ppl_vae.inference.random.Streams`; a guide with a site that is
+    not a transformed Gaussian runs one row at a time), so its draws do not
+    depend on the other rows.
     """
     check_int(num_samples, "number of VI draws")
     latent = latent_of(model, *args, guide=guide, analysis="VI draws")
     n = latent.num_points
-    with torch.no_grad(), seeded(seed):
-        model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples)
-        lw = log_weights_of(model_tr, guide_tr)
-    samples = {s.name: model_tr.nodes[s.name]["value"].reshape(1, num_samples, n, *s.shape).cpu().numpy() for s in latent.sites}
-    dims, coords = point_layout(latent, ("log_weight",))
-    return Draws(samples, {"log_weight": lw.reshape(1, num_samples, n).cpu().numpy()}, dims, coords, method)
+    idx = dataset_index(index, n)
+    streams = Streams(seed, idx, args[0].device, _VI)
+    batched = draws_in_batches(restrict(guide, slice(0, 1)), *(t[:1] for t in args))
+    values: dict[str, list[torch.Tensor]] = {s.name: [] for s in latent.sites}
+    weights = []
+    with torch.no_grad():
+        for rows in [slice(None)] if batched else [slice(i, i + 1) for i in range(n)]:
+            part = tuple(t[rows] for t in args)
+            model_tr, guide_tr = traces(model, restrict(guide, rows), *part, num_samples=num_samples, streams=streams.select(rows))
+            weights.append(log_weights_of(model_tr, guide_tr))
+            for s in latent.sites:
+                values[s.name].append(model_tr.nodes[s.name]["value"].reshape(num_samples, part[0].shape[0], *s.shape))
+    lw = torch.cat(weights, 1)
+    samples = {name: torch.cat(v, 1)[None].cpu().numpy() for name, v in values.items()}
+    dims, coords = point_layout(latent, ("log_weight",), idx.tolist())
+    return Draws(samples, {"log_weight": lw[None].cpu().numpy()}, dims, coords, method)
 
 def vi_draws_latent(
     model: Callable[..., object],
@@ -72,13 +93,16 @@ def vi_draws_latent(
     num_samples: int = 1000,
     seed: int = 0,
     method: str = "vi",
+    index: torch.Tensor | None = None,
 ) -> Draws:
     r"""Draws from ``q`` over the model's joint latent (batch ``[N]``, event ``[K]``), as :func:`vi_draws`.
 
     ``q`` is a batch of distributions over the unconstrained joint latent
     (:class:`~ppl_vae.inference.latent.Latent`), e.g. a local :math:`q^*`'s
     ``distribution()``; for a model with one real-valued latent site with a
-    1-d event, that site itself.
+    1-d event, that site itself. A transformed Gaussian ``q`` draws from one
+    stream per datapoint, as :func:`vi_draws` (any other ``q`` from one
+    stream seeded by ``seed``).
     """
     latent = latent_of(model, *args, analysis="VI draws")
     if tuple(q.batch_shape) != (latent.num_points,) or tuple(q.event_shape) != (latent.dim,):
@@ -86,12 +110,18 @@ def vi_draws_latent(
             f"q must have batch shape ({latent.num_points},) and event shape ({latent.dim},) (the joint latent {latent.describe()}), "
             f"got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
         )
+    idx = dataset_index(index, latent.num_points)
+    base = gaussian_base(q)
     with torch.no_grad(), seeded(seed):
-        u = q.sample((num_samples,))  # [S, N, K]
+        if base is not None:
+            streams = Streams(seed, idx, args[0].device, _VI)
+            u = gaussian_draw(q.expand((num_samples, *q.batch_shape)), lambda shape: streams.normal(tuple(shape), 1, base.loc.dtype))
+        else:
+            u = q.sample((num_samples,))  # [S, N, K]
         lw = log_joint(model, latent, *args)(u) - q.log_prob(u)
         values, _ = latent.constrain(u)
     samples = {name: v[None].cpu().numpy() for name, v in values.items()}
-    dims, coords = point_layout(latent, ("log_weight",))
+    dims, coords = point_layout(latent, ("log_weight",), idx.tolist())
     return Draws(samples, {"log_weight": lw[None].cpu().numpy()}, dims, coords, method)
 
 def vi_draws_amortized(
@@ -100,9 +130,10 @@ def vi_draws_amortized(
     *args: torch.Tensor,
     num_samples: int = 1000,
     seed: int = 0,
+    index: torch.Tensor | None = None,
 ) -> Draws:
     r"""Draws of the amortised guide's :math:`q(z \mid x_n)` for every row of ``args`` (see :func:`vi_draws`)."""
-    return vi_draws(model, guide, *args, num_samples=num_samples, seed=seed, method="vi-amortized")
+    return vi_draws(model, guide, *args, num_samples=num_samples, seed=seed, method="vi-amortized", index=index)
 
 def _autoguide(model: Callable[..., object], family: str, options: dict[str, Any]) -> Any:
 
@@ -160,7 +191,7 @@ def vi_draws_autoguide(
         with torch.no_grad(), poutine.block():
             guide_tr = poutine.trace(vectorized(guide, num_samples, dim)).get_trace(*args, **kwargs)
             model_tr = poutine.trace(poutine.replay(vectorized(model, num_samples, dim), trace=guide_tr)).get_trace(*args, **kwargs)
-            lw = torch.zeros(num_samples)
+            lw: torch.Tensor | float = 0.0  # on the draws' device
             for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
                 tr.compute_log_prob(site_filter=lambda name, s: not site_is_subsample(s))
                 for s in tr.nodes.values():

@@ -85,18 +85,22 @@ def test_local_flow_copied_from_an_amortised_iaf_is_that_distribution():
     assert not torch.allclose(z, q.base_dist.sample((4,)), atol=1e-2)  # the flow does move the draws
 
 
-@pytest.mark.slow
-def test_batched_local_optimisation_equals_one_datapoint_at_a_time():
+@pytest.mark.parametrize("family", ["diagonal", "full", "flow"])
+def test_batched_local_optimisation_equals_one_datapoint_at_a_time(family):
+    # each datapoint draws its start, its flow's weights and its steps' samples from its own streams,
+    # and its objective and Adam's update involve its own parameters only: alone it gets the same q*
     m = frozen_ppca(D=6, d=3, sigma=0.5)
     x = m.sample(6)
-    kw = dict(family="diagonal", init="prior", lr=0.01, num_samples=30, tol=0.002, max_steps=3000, check_every=50)
-    batched = optimize_local(m, x, seed=0, **kw).posterior.distribution()
-    sd = torch.linalg.inv(m.posterior(x[:1]).covariance_matrix[0]).diagonal().rsqrt()
-    for i in range(3):
-        alone = optimize_local(m, x[i : i + 1], seed=10 + i, **kw).posterior.distribution()
-        # equal up to Adam's jitter around the optimum (other random draws): well under a posterior sd
-        assert ((batched.mean[i] - alone.mean[0]).abs() / sd < 0.4).all()
-        assert ((batched.stddev[i] / alone.stddev[0]).log().abs() < 0.15).all()
+    kw = dict(family=family, init="prior", lr=0.05, num_samples=10, tol=0.2, max_steps=200, check_every=20, seed=3)
+    batched = optimize_local(m, x, **kw)
+    assert batched.steps.unique().numel() > 1, "datapoints stop at different steps: the batch shrinks while the others go on"
+    for i in (0, 3):
+        alone = optimize_local(m, x[i : i + 1], index=torch.tensor([i]), **kw)
+        assert torch.equal(alone.steps, batched.steps[i : i + 1])
+        for p, q in zip(alone.posterior.parameters(), batched.posterior.parameters()):
+            assert torch.allclose(p[0], q[i], rtol=1e-9, atol=1e-9)
+    shifted = optimize_local(m, x[:1], index=torch.tensor([5]), **kw)
+    assert not torch.allclose(shifted.posterior.loc, batched.posterior.loc[:1]), "another dataset index, other draws"
 
 
 def _encoder_fit(m: PPCA, x: torch.Tensor, body: nn.Module, width: int, epochs: int) -> amortized_guide:

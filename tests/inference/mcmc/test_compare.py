@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import frozen_ppca, inflated_guide
 
 from ppl_vae.app.commands.compare import demo_comparison
 from ppl_vae.app.runs import load_run
@@ -215,3 +216,18 @@ def test_demo_hook_and_amortized_draws(tiny_run, tmp_path):
     info = demo_comparison(built, splits, tmp_path, seed=0, num_points=2)
     assert len(info["indices"]) == 2 and math.isfinite(info["summary"]["max_abs_std_mean_error"])
     assert all((tmp_path / "compare" / name).is_file() for name in FILES)
+
+
+def test_vi_draws_of_a_datapoint_do_not_depend_on_its_neighbours():
+    m = frozen_ppca()
+    x = m.sample(5)
+    rows = torch.tensor([3, 1])
+    whole = vi_draws_amortized(m, inflated_guide(m), x, num_samples=50, seed=2)
+    part = vi_draws_amortized(m, inflated_guide(m), x[rows], num_samples=50, seed=2, index=rows)
+    assert np.array_equal(part.samples["z"], whole.samples["z"][:, :, rows.numpy()])
+    assert np.allclose(part.sample_stats["log_weight"], whole.sample_stats["log_weight"][:, :, rows.numpy()], rtol=1e-12, atol=1e-12)
+    assert list(part.coords["point"]) == [3, 1]
+    q = m.posterior(x)
+    whole_q = vi_draws_latent(m, q, x, num_samples=50, seed=2)
+    part_q = vi_draws_latent(m, m.posterior(x[rows]), x[rows], num_samples=50, seed=2, index=rows)
+    assert np.allclose(part_q.samples["z"], whole_q.samples["z"][:, :, rows.numpy()], rtol=1e-12, atol=1e-12)
