@@ -153,6 +153,7 @@ def _gaps(sub: Any, app: Any) -> None:
     g.add_argument("--ais-steps", type=int, default=1000, help="AIS intermediate densities (with --logpx ais)")
     g.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")
     g.add_argument("--seed", type=int, default=0)
+    _spread(g)
     _output(g, progress=False)
 
 
@@ -168,7 +169,16 @@ def _compare(sub: Any, app: Any) -> None:
     cm.add_argument("--warmup", type=int, default=None, help="warmup transitions (default: --draws)")
     cm.add_argument("--vi-draws", type=int, default=None, help="VI draws per datapoint (default: chains x draws)")
     cm.add_argument("--seed", type=int, default=0)
+    _spread(cm)
     _output(cm)
+
+
+def _spread(p: Any) -> None:
+    """The options that spread an analysis's datapoints over devices and processes (Lightning Fabric)."""
+    p.add_argument("--accelerator", default=None, help="cpu, cuda, mps or auto (default: cpu, in this process)")
+    p.add_argument("--devices", type=int, default=None, help="devices (processes) per node; each takes a block of the datapoints (default 1)")
+    p.add_argument("--strategy", default=None, help="how processes start: ddp (default), ddp_spawn, ddp_fork, ...")
+    p.add_argument("--num-nodes", type=int, default=None, help="machines, for a run started by torchrun or srun on each (default 1)")
 
 
 def _one_line(text: str) -> str:

@@ -13,7 +13,9 @@ Run directories (locks, ``--force``) are the application's:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -21,10 +23,11 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError
@@ -34,7 +37,7 @@ try:  # POSIX; elsewhere (Windows) directories are not locked
 except ImportError:  # pragma: no cover - exercised only where fcntl is missing
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["write_bytes", "write_text", "write_json", "write_csv", "save_torch", "load_torch", "load_checkpoint", "save_figure", "json_safe"]
+__all__ = ["write_bytes", "write_text", "write_json", "write_csv", "save_torch", "load_torch", "load_checkpoint", "save_figure", "json_safe", "to_plain", "from_plain", "follower", "is_follower"]
 
 
 def _umask() -> int:
@@ -46,8 +49,24 @@ def _umask() -> int:
 _MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's own 0600 would hide shared runs from their readers
 
 
+_FOLLOWER = False
+
+
+@contextlib.contextmanager
+def follower() -> Iterator[None]:
+    """Writes inside the block are skipped: this process is one of several started by torchrun or srun, and another writes the files."""
+    global _FOLLOWER
+    before, _FOLLOWER = _FOLLOWER, True
+    try:
+        yield
+    finally:
+        _FOLLOWER = before
+
+
 def _atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     path = Path(path)
+    if _FOLLOWER:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -62,6 +81,11 @@ def _atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) ->
             os.unlink(tmp)
         raise
     return path
+
+
+def is_follower() -> bool:
+    """Whether this process skips its writes (:func:`follower`)."""
+    return _FOLLOWER
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -169,6 +193,58 @@ def load_torch(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path} ({exc.strerror or type(exc).__name__})") from None
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is corrupted or unreadable ({type(exc).__name__})") from None
+
+
+def to_plain(obj: Any) -> Any:
+    """``obj`` as CPU tensors, numbers, strings, lists and dicts only, which :func:`load_torch` reads back (``weights_only``).
+
+    A dataclass becomes ``{"__dataclass__": name, "fields": {...}}`` (its ``init`` fields), a NumPy
+    array ``{"__ndarray__": tensor}``, a tuple ``{"__tuple__": [...]}`` and a mapping
+    ``{"__dict__": [[key, value], ...]}``; :func:`from_plain` rebuilds them, the dataclasses
+    only from the classes it is given, so a payload names no code to run.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.array(obj))}  # a copy: a read-only array cannot back a tensor
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"__dataclass__": type(obj).__name__, "fields": {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}}
+    if isinstance(obj, Mapping):
+        return {"__dict__": [[to_plain(k), to_plain(v)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [to_plain(v) for v in obj]}
+    if isinstance(obj, list):
+        return [to_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot hand over a {type(obj).__name__} between processes (only tensors, arrays, numbers, strings, containers and dataclasses of them)")
+
+
+def from_plain(obj: Any, types: Iterable[type] = (), device: torch.device | str | None = None) -> Any:
+    """Rebuild what :func:`to_plain` made: dataclasses of ``types`` only (another name is a :class:`CheckpointError`), tensors moved to ``device``."""
+    known = {t.__name__: t for t in types}
+
+    def back(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            return o.to(device) if device is not None else o
+        if isinstance(o, list):
+            return [back(v) for v in o]
+        if not isinstance(o, dict):
+            return o
+        if "__ndarray__" in o:
+            return o["__ndarray__"].numpy()
+        if "__tuple__" in o:
+            return tuple(back(v) for v in o["__tuple__"])
+        if "__dict__" in o:
+            return {back(k): back(v) for k, v in o["__dict__"]}
+        cls = known.get(o.get("__dataclass__"))  # type: ignore[arg-type]
+        if cls is None:
+            raise CheckpointError(f"a handed-over result holds an unexpected type {o.get('__dataclass__')!r}; it was not rebuilt")
+        return cls(**{k: back(v) for k, v in o["fields"].items()})
+
+    return back(obj)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -155,7 +155,8 @@ def prepare_run_dir(path: str | os.PathLike[str], *, force: bool = False, resume
     survives beside the new one. With ``resume`` the directory must exist
     and is kept. In every case the directory's lock is taken first (one line
     naming the process that holds it otherwise) and stale temporary files of
-    a killed write are removed.
+    a killed write are removed. A follower process (:func:`ppl_vae.io.follower`)
+    leaves the directory to the process of rank 0.
 
     Raises
     ------
@@ -166,6 +167,8 @@ def prepare_run_dir(path: str | os.PathLike[str], *, force: bool = False, resume
     RunDirectoryError
         A directory in use by another process, or one that cannot be made.
     """
+    if io.is_follower():  # one of several processes torchrun or srun started: the one of rank 0 takes the directory
+        return Path(path)
     path = check_run_dir(path, force=force, resume=resume)
     if not resume:
         try:

@@ -6,6 +6,7 @@
 * :mod:`.gradients` -- gradient variance and SNR of the estimators.
 """
 
+from .distributed import Spread
 from .elbo import elbo_per_datapoint, evaluate_elbo
 from .estimators import ESTIMATORS, IWAE, AnalyticKL, Enumerated, Estimator, Relaxed, Reparameterized, ScoreFunction, get_estimator
 from .gaps import AISResult, BDMCResult, Bounds, GapReport, LocalFit, ais, bdmc, decompose, importance_bounds, optimize_local
@@ -28,7 +29,7 @@ from .traces import log_weights, traces
 
 __all__ = [
     "AISResult", "BDMCResult", "Bounds", "Comparison", "Draws", "ESTIMATORS", "IWAE", "AnalyticKL", "Enumerated", "Estimator",
-    "FitResult", "GapReport", "GradientStats", "LocalFit", "Relaxed", "Reparameterized", "ScoreFunction", "ais", "bdmc", "compare",
+    "FitResult", "GapReport", "GradientStats", "LocalFit", "Relaxed", "Reparameterized", "ScoreFunction", "Spread", "ais", "bdmc", "compare",
     "decompose", "elbo_per_datapoint", "evaluate_elbo", "fit", "get_estimator", "gradient_stats", "hmc", "hmc_latent",
     "importance_bounds", "log_weights", "nuts", "nuts_latent", "optimize_local", "traces", "vi_draws", "vi_draws_amortized",
     "vi_draws_autoguide", "vi_draws_latent",

@@ -8,27 +8,59 @@ any work. The data-parallel strategies are built with
 ``find_unused_parameters=True``: a model and guide are arbitrary Pyro code, and a
 network that one step does not use (a branch not taken) must not stall DDP.
 
+The per-datapoint analyses spread their datapoints the same way
+(:func:`spread_rows`, chosen by a :class:`Spread`): each process takes a
+contiguous block of rows, the blocks are gathered in order and combined. The
+analyses draw from one random stream per datapoint
+(:class:`~ppl_vae.inference.random.Streams`), so a datapoint's result does not
+depend on how many processes computed the table.
+
+Processes started by a fork or spawn hand rank 0's result back to the caller
+through a file in a temporary folder, written by :func:`ppl_vae.io.save_torch`
+as plain tensors and containers (:func:`ppl_vae.io.to_plain`) and read with
+``weights_only`` (:func:`ppl_vae.io.load_torch`): nothing is unpickled from disk.
+
 Lightning is imported here only, and lazily (it takes seconds to import).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
-from typing import Any
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.multiprocessing import ProcessRaisedException
 
-from ..errors import ConfigError
+from .. import errors, io
+from ..errors import ConfigError, NonFiniteError, PplVaeError, TrainingDiverged
+from .params import discover
 
-__all__ = ["ACCELERATORS", "DDP_STRATEGIES", "Collectives", "make_fabric", "rank_seed"]
+__all__ = ["ACCELERATORS", "DDP_STRATEGIES", "Collectives", "Spread", "launched_rank", "make_fabric", "rank_seed", "run_processes", "shared_cores", "spread_rows"]
+
+T = TypeVar("T")
 
 ACCELERATORS = ("cpu", "cuda", "mps", "gpu", "auto")
 #: Fabric's data-parallel strategy names and their process start methods (``ddp``: see :func:`_ddp_start`)
 DDP_STRATEGIES = {"ddp": "", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
 #: set by launchers that start the processes themselves (torchrun, SLURM's srun)
 EXTERNAL_LAUNCH = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID")
+
+
+def launched_rank() -> int | None:
+    """This process's global rank where torchrun (``RANK``) or SLURM's srun (``SLURM_PROCID``) started it; None otherwise."""
+    for key in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return None
 
 
 def _ddp_start() -> str:
@@ -59,6 +91,9 @@ def make_fabric(
         raise ConfigError(f"unknown accelerator {accelerator!r}; choose one of {', '.join(ACCELERATORS)}")
     if isinstance(devices, bool) or (isinstance(devices, int) and devices < 1 and devices != -1):
         raise ConfigError(f"devices must be a positive number of devices (or -1 for all), got {devices!r}")
+    cores = os.cpu_count() or 1
+    if accelerator == "cpu" and isinstance(devices, int) and devices > cores:
+        raise ConfigError(f"devices={devices} CPU processes is more than this machine's {cores} cores; choose at most {cores}")
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
         raise ConfigError(f"num_nodes must be a positive integer, got {num_nodes!r}")
     chosen: Any = strategy
@@ -77,11 +112,16 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 class Collectives:
-    """The few collectives ``fit`` needs, each a no-op in one process."""
+    """The few collectives ``fit`` and the spread analyses need, each a no-op in one process."""
 
     def __init__(self, fabric: Any) -> None:
         self.fabric = fabric
-        self.rank, self.world = fabric.global_rank, fabric.world_size
+        self.rank, self.world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+
+    @classmethod
+    def alone(cls) -> Collectives:
+        """The collectives of a computation that runs in this one process."""
+        return cls(None)
 
     def shard(self, n: int) -> torch.Tensor:
         """This process's row indices of ``n`` (``rank::world``)."""
@@ -116,3 +156,156 @@ class Collectives:
     def from_rank_zero(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every process."""
         return obj if self.world == 1 else self.fabric.broadcast(obj, src=0)
+
+
+@contextlib.contextmanager
+def shared_cores(fabric: Any, coll: Collectives) -> Iterator[None]:
+    """The processes of a node share its cores (torch's thread count divided between them, restored after)."""
+    threads = torch.get_num_threads()
+    if coll.world > 1 and fabric.device.type == "cpu":
+        torch.set_num_threads(max(1, threads // getattr(fabric.strategy, "num_processes", coll.world)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+_HANDED = "ppl-vae: handed over through a file"
+
+
+def _in_process(fabric: Any, fn: Callable[..., Any], args: tuple[Any, ...], caller: int, handoff: Path) -> Any:
+    result = fn(fabric, *args)
+    if os.getpid() == caller:  # one process, or each of those torchrun started: the result stays here
+        return result
+    if fabric.global_rank == 0:  # a forked or spawned process: through a file (a queue would block on a large payload)
+        io.save_torch(handoff, io.to_plain(result))
+    return _HANDED
+
+
+def run_processes(fabric: Any, fn: Callable[..., T], *args: Any, what: str, types: Sequence[type] = ()) -> tuple[T, bool]:
+    """``fn(fabric, *args)`` in each of Fabric's processes; rank 0's result, and whether it came from another process.
+
+    A result from a forked or spawned process comes back through :func:`ppl_vae.io.to_plain` and
+    :func:`~ppl_vae.io.from_plain` (dataclasses of ``types`` only). A failed process ends the
+    call with one line naming it (``what``, e.g. "training process").
+    """
+    with tempfile.TemporaryDirectory(prefix="ppl-vae-") as tmp:
+        handoff = Path(tmp) / "result.pt"
+        try:
+            out = fabric.launch(_in_process, fn, args, os.getpid(), handoff)
+        except ProcessRaisedException as exc:  # the launcher stopped the other processes
+            raise from_process(exc, what) from None
+        if isinstance(out, str) and out == _HANDED:
+            return io.from_plain(io.load_torch(handoff), types), True
+    return out, False
+
+
+def from_process(exc: ProcessRaisedException, what: str) -> Exception:
+    """One line naming the failed process; a ppl-vae error keeps its type (one line and exit 2 on the command line)."""
+    # the exception's own line: "ValueError: ..." at the margin (Pyro appends trace-shape lines after it)
+    heads = [line for line in str(exc.msg).splitlines() if re.match(r"[A-Za-z_][\w.]*: \S", line)]
+    last = heads[-1] if heads else (str(exc.msg).strip().splitlines() or ["no message"])[-1]
+    name, _, message = last.partition(": ")
+    text = f"{what} {exc.error_index} failed: {message or last}"
+    cls = getattr(errors, name.rsplit(".", 1)[-1], None) if name.startswith("ppl_vae.errors.") else None
+    if cls is TrainingDiverged:
+        return TrainingDiverged(text, step=-1, site=None)
+    if isinstance(cls, type) and issubclass(cls, PplVaeError) and cls is not NonFiniteError:
+        return cls(text)
+    return RuntimeError(f"{what} {exc.error_index} failed: {last}")
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Where a per-datapoint analysis runs: Lightning Fabric's ``accelerator``, ``devices`` per node, ``strategy`` and ``num_nodes``.
+
+    ``accelerator=None`` means where the data is. With one device the analysis runs in this
+    process (on that device); with several, :func:`spread_rows` gives each process a block of
+    the datapoints.
+    """
+
+    accelerator: str | None = None
+    devices: int | str | Sequence[int] = 1
+    strategy: str = "ddp"
+    num_nodes: int = 1
+
+    @classmethod
+    def given(cls, accelerator: str | None = None, devices: int | None = None, strategy: str | None = None, num_nodes: int | None = None) -> Spread | None:
+        """The spread of the options given (``None`` for each not given); ``None`` when none is: run here, as the data is."""
+        if accelerator is None and devices is None and strategy is None and num_nodes is None:
+            return None
+        return cls(accelerator, 1 if devices is None else devices, strategy or "ddp", 1 if num_nodes is None else num_nodes)
+
+    def fabric(self, like: torch.Tensor) -> Any:
+        """The :class:`Fabric` of these options (a :class:`ConfigError` naming a bad one, before any work)."""
+        one = self.num_nodes == 1 and (self.devices == 1 or (isinstance(self.devices, Sequence) and not isinstance(self.devices, str) and len(self.devices) == 1))
+        return make_fabric(self.accelerator, self.devices, "auto" if one else self.strategy, None, self.num_nodes, like=like)
+
+    def check(self, n: int, like: torch.Tensor) -> Any:
+        """The Fabric for ``n`` datapoints like ``like``; a :class:`ConfigError` for bad options or fewer datapoints than processes."""
+        fabric = self.fabric(like)
+        if n < fabric.world_size:
+            raise ConfigError(f"{n} datapoint(s) cannot be spread over {fabric.world_size} processes; use at most {n} devices")
+        return fabric
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _on(device: torch.device, modules: Sequence[nn.Module], home: torch.device) -> Iterator[None]:
+    """The networks on ``device`` inside the block, back on ``home`` after (they are the caller's own in one process)."""
+    if device == home:
+        yield
+        return
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to(home)
+
+
+def _rows(fabric: Any, work: Callable[..., Any], data: tuple[torch.Tensor, ...], index: torch.Tensor, modules: Sequence[nn.Module],
+          combine: Callable[[list[Any]], Any], types: Sequence[type]) -> Any:
+    """In each process: the work on this process's block of rows, every block gathered in rank order and combined."""
+    coll = Collectives(fabric)
+    rows = torch.tensor_split(torch.arange(len(index), device="cpu"), coll.world)[coll.rank]
+    with shared_cores(fabric, coll), _on(fabric.device, modules, data[0].device):
+        part = work(tuple(fabric.to_device(t[rows.to(t.device)]) for t in data), index[rows], coll)
+    if coll.world == 1:
+        return part
+    parts = coll.gather(io.to_plain(part))  # CPU tensors and plain containers
+    return combine([io.from_plain(p, types) for p in parts])
+
+
+def spread_rows(
+    work: Callable[[tuple[torch.Tensor, ...], torch.Tensor, Collectives], T],
+    data: tuple[torch.Tensor, ...],
+    index: torch.Tensor,
+    spread: Spread | None,
+    *,
+    programs: Sequence[Callable[..., object]],
+    combine: Callable[[list[T]], T],
+    types: Sequence[type],
+) -> T:
+    """``work(rows, their dataset indices, collectives)`` over the datapoints, in this process or spread over Fabric's processes.
+
+    With ``spread=None`` the work runs here on all rows. Otherwise each of the ``W``
+    processes takes a contiguous block of rows (on its device, with the networks of
+    ``programs`` moved there), the blocks' results are gathered in rank order and
+    ``combine``-d, and the result comes back on the data's device. ``work`` may use the
+    collectives (every process must then call them equally often) for a decision that
+    needs all the datapoints. Tensors a program holds outside ``nn.Module`` s are not moved.
+    """
+    if spread is None:
+        return work(data, index, Collectives.alone())
+    fabric = spread.check(len(index), data[0])
+    example = tuple(t[:1] for t in data)
+    modules = discover(programs[0], programs[1] if len(programs) > 1 else _nothing, example).modules
+    result, _ = run_processes(fabric, _rows, work, data, index.cpu(), modules, combine, types, what="analysis process", types=types)
+    if fabric.device.type == "cpu" and data[0].device.type == "cpu":
+        return result
+    return io.from_plain(io.to_plain(result), types, data[0].device)  # computed on another device: back where the data is

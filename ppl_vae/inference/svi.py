@@ -28,9 +28,6 @@ Hoffman, Blei, Wang & Paisley (2013), Stochastic Variational Inference.
 from __future__ import annotations
 
 import math
-import os
-import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -45,24 +42,28 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
-from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from tqdm.auto import tqdm
 
-from .. import errors, io
+from .. import io
 from ..errors import (
     CheckpointError,
     ConfigError,
     DataError,
     Interrupted,
     NonFiniteError,
-    PplVaeError,
     RunDirectoryError,
     TrainingDiverged,
     check_int,
     check_positive,
 )
-from .distributed import Collectives, make_fabric, rank_seed
+from .distributed import (
+    Collectives,
+    make_fabric,
+    rank_seed,
+    run_processes,
+    shared_cores,
+)
 from .elbo import evaluate_elbo
 from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .params import Discovered, discover
@@ -725,30 +726,11 @@ def fit(
     trainer.refuse_loose_params(fabric.world_size)
     if resume:  # refused before any process starts
         check_resume(io.load_checkpoint(Path(out) / CHECKPOINT), epochs, patience, out, world_size=fabric.world_size)  # type: ignore[arg-type]
-    with tempfile.TemporaryDirectory(prefix="ppl-vae-fit-") as tmp:
-        run = _Run(epochs, batch_size, patience, seed, resume, progress, validate_every_step, options, os.getpid(), Path(tmp) / "params.pt")
-        try:
-            result, handoff = fabric.launch(_train, trainer, evaluate, tensors, val, run)
-        except ProcessRaisedException as exc:  # a forked or spawned process failed; the launcher stopped the others
-            raise _from_process(exc) from None
-        if handoff is not None:  # rank 0 ran in another process: its final values go into the caller's networks
-            load_params(trainer.params, io.load_torch(handoff)["params"], "of the training process")
-    return FitResult(**{**result, "history": tuple(result["history"])})
-
-
-def _from_process(exc: ProcessRaisedException) -> Exception:
-    """One line naming the failed training process; a ppl-vae error keeps its type (one line and exit 2 on the command line)."""
-    # the exception's own line: "ValueError: ..." at the margin (Pyro appends trace-shape lines after it)
-    heads = [line for line in str(exc.msg).splitlines() if re.match(r"[A-Za-z_][\w.]*: \S", line)]
-    last = heads[-1] if heads else (str(exc.msg).strip().splitlines() or ["no message"])[-1]
-    name, _, message = last.partition(": ")
-    text = f"training process {exc.error_index} failed: {message or last}"
-    cls = getattr(errors, name.rsplit(".", 1)[-1], None) if name.startswith("ppl_vae.errors.") else None
-    if cls is TrainingDiverged:
-        return TrainingDiverged(text, step=-1, site=None)
-    if isinstance(cls, type) and issubclass(cls, PplVaeError) and cls is not NonFiniteError:
-        return cls(text)
-    return RuntimeError(f"training process {exc.error_index} failed: {last}")
+    run = _Run(epochs, batch_size, patience, seed, resume, progress, validate_every_step, options)
+    payload, handed = run_processes(fabric, _train, trainer, evaluate, tensors, val, run, what="training process")
+    if handed:  # rank 0 ran in another process: its final values go into the caller's networks
+        load_params(trainer.params, payload["params"], "of the training process")
+    return FitResult(**{**payload["result"], "history": tuple(payload["result"]["history"])})
 
 
 @dataclass(frozen=True)
@@ -761,26 +743,17 @@ class _Run:
     progress: bool
     validate_every_step: bool
     options: dict[str, Any]
-    caller: int  # the process that called fit
-    handoff: Path  # where a rank 0 in another process leaves the trained values
 
 
-def _train(fabric: Any, trainer: _Trainer, evaluate: _Evaluator, tensors: Rows, val: Rows | None,
-           run: _Run) -> tuple[dict[str, Any], Path | None]:
+def _train(fabric: Any, trainer: _Trainer, evaluate: _Evaluator, tensors: Rows, val: Rows | None, run: _Run) -> dict[str, Any]:
     """In each process: share the node's cores between its processes (restored after), then :func:`_loop`."""
     coll = Collectives(fabric)
-    threads = torch.get_num_threads()
-    if coll.world > 1 and fabric.device.type == "cpu":  # the processes of a node share its cores
-        torch.set_num_threads(max(1, threads // getattr(fabric.strategy, "num_processes", coll.world)))
-    try:
+    with shared_cores(fabric, coll):
         return _loop(fabric, coll, trainer, evaluate, tensors, val, run)
-    finally:
-        torch.set_num_threads(threads)
 
 
-def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluator, tensors: Rows, val: Rows | None,
-          run: _Run) -> tuple[dict[str, Any], Path | None]:
-    """The loop: epochs of steps, validation, the best epoch, checkpoints; the result, and where rank 0 left its values."""
+def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluator, tensors: Rows, val: Rows | None, run: _Run) -> dict[str, Any]:
+    """The loop: epochs of steps, validation, the best epoch, checkpoints; the result and the final parameters (for a caller in another process)."""
     with seeded(rank_seed(run.seed, coll.rank)):
         trainer.attach(fabric, coll)
         evaluate.coll = coll
@@ -812,11 +785,7 @@ def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluato
         wall_time=state.wall_time, stopped_early=state.stopped_early, best_epoch=state.best_epoch, estimator=run.options["estimator"],
         options=run.options,
     )
-    if os.getpid() == run.caller:
-        return result.to_dict(), None  # trained the caller's own networks (one process, or one of those torchrun started)
-    if coll.rank == 0:  # a forked or spawned process: its networks are copies; hand their values back through a file
-        io.save_torch(run.handoff, {"params": [p.detach().cpu() for p in trainer.params]})  # (a queue would block on a large payload)
-    return result.to_dict(), run.handoff
+    return {"result": result.to_dict(), "params": [p.detach() for p in trainer.params]}
 
 
 def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: Rows, est: Estimator, num_particles: int,

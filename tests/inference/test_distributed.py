@@ -1,10 +1,14 @@
-"""``fit`` on several processes (Lightning Fabric, DDP over gloo, forked CPU processes) against one process.
+"""``fit`` and the per-datapoint analyses on several processes (Lightning Fabric, DDP over gloo, forked CPU processes) against one process.
 
 With ``W`` processes at global batch ``B`` each process takes every ``W``-th row of the epoch's
 permutation at batch ``B / W``, so a step covers the same rows as one process at batch ``B``, and
 DDP's mean of the processes' gradients of ``(N / (B / W)) * sum`` equals the one-process gradient
 of ``(N / B) * sum``. Where the loss is deterministic (an autoencoder with a point-mass guide)
 the parameters after the same steps must therefore agree to float64 round-off.
+
+An analysis spread over processes gives each a block of the datapoints; every draw of a datapoint
+comes from its own stream (seed, dataset index), so its row of the table is the one-process row
+up to the float rounding of batched arithmetic over other batch sizes (float64 here: 1e-9).
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import Z
+from conftest import Z, frozen_ppca, inflated_guide
 
 from ppl_vae import io
 from ppl_vae.distributions import get_likelihood
-from ppl_vae.errors import ConfigError, DataError
+from ppl_vae.errors import CheckpointError, ConfigError, DataError
 from ppl_vae.guides.amortized import amortized_guide, delta_guide
+from ppl_vae.inference.distributed import Spread
 from ppl_vae.inference.elbo import elbo_per_datapoint
+from ppl_vae.inference.gaps.ais import ais
+from ppl_vae.inference.gaps.bounds import importance_bounds
+from ppl_vae.inference.gaps.decompose import decompose
+from ppl_vae.inference.mcmc.hmc import hmc_latent
 from ppl_vae.inference.svi import fit
 from ppl_vae.models.vae import autoencoder, vae
 from ppl_vae.nn import MLP, GaussianEncoder
@@ -113,6 +122,7 @@ def test_resuming_on_another_number_of_processes_is_refused_before_any_work(tmp_
     [
         ({"devices": 0}, "devices must be a positive number"),
         ({"accelerator": "tpu"}, "unknown accelerator 'tpu'"),
+        ({"accelerator": "cpu", "devices": (os.cpu_count() or 1) + 1}, "more than this machine's"),
         ({"accelerator": "cuda"} if not torch.cuda.is_available() else {"accelerator": "cpu", "devices": 10**6}, "cannot run on accelerator"),
         ({"strategy": "warp-drive"}, "cannot run on .*strategy='warp-drive'"),
         ({"devices": 2, "strategy": "ddp_fork", "accelerator": "cpu", "batch_size": 21}, "multiple of the number of processes"),
@@ -160,3 +170,89 @@ def test_a_ppl_vae_error_in_a_process_keeps_its_type(tmp_path):
     model, guide, _ = ae()
     with pytest.raises(DataError, match=r"training process [01] failed: data contains NaN or infinite values"):
         fit(model, guide, Rows(), epochs=1, batch_size=20, progress=False, **TWO)
+
+
+SPREAD = Spread("cpu", 2, "ddp_fork")
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_bounds_and_ais_spread_over_two_processes_equal_one_process_per_datapoint():
+    m = frozen_ppca()
+    x = m.sample(5)  # 3 + 2 rows: blocks of unequal size
+    at = torch.tensor([11, 3, 7, 0, 5])
+    one = importance_bounds(m, inflated_guide(m), x, num_samples=300, seed=1, index=at)
+    two = importance_bounds(m, inflated_guide(m), x, num_samples=300, seed=1, index=at, spread=SPREAD)
+    assert all(close(getattr(one, k), getattr(two, k)) for k in ("elbo", "elbo_se", "iwae", "iwae_se"))
+    one = ais(m, x, num_steps=40, num_chains=4, seed=2, index=at)
+    two = ais(m, x, num_steps=40, num_chains=4, seed=2, index=at, spread=SPREAD)
+    assert all(close(getattr(one, k), getattr(two, k)) for k in ("log_px", "log_px_se", "accept_rate", "step_size"))
+    assert not close(one.log_px, ais(m, x, num_steps=40, num_chains=4, seed=3, index=at).log_px), "another seed, other chains"
+
+
+def test_hmc_spread_over_two_processes_gives_each_datapoint_its_own_chains():
+    import numpy as np
+
+    m = frozen_ppca()
+    x = m.sample(4)
+    one = hmc_latent(m, x, num_samples=15, warmup_steps=15, num_chains=2, seed=4, index=torch.tensor([8, 6, 4, 2]))
+    two = hmc_latent(m, x, num_samples=15, warmup_steps=15, num_chains=2, seed=4, index=torch.tensor([8, 6, 4, 2]), spread=SPREAD)
+    assert list(two.coords["point"]) == [8, 6, 4, 2]
+    assert np.allclose(one.samples["z"], two.samples["z"], rtol=1e-9, atol=1e-9)
+    for k in one.sample_stats:
+        assert np.allclose(one.sample_stats[k], two.sample_stats[k], rtol=1e-9, atol=1e-9), k
+
+
+def test_decompose_spread_over_two_processes_equals_one_process_with_choices_over_all_datapoints():
+    m = frozen_ppca()
+    x = m.sample(5)
+    # two families: the IWAE proposal is the one with the best mean over all datapoints, summed across processes
+    kw = dict(num_samples=200, elbo_samples=50, families=("diagonal", "full"), local_options={"max_steps": 60, "check_every": 20}, seed=6)
+    one = decompose(m, inflated_guide(m), x, **kw)
+    two = decompose(m, inflated_guide(m), x, **kw, spread=SPREAD)
+    assert one.logpx_estimator == two.logpx_estimator and one.family == two.family
+    assert torch.equal(one.index, two.index)
+    for k in ("log_px", "log_px_se", "elbo_q", "elbo_q_se"):
+        assert close(getattr(one, k), getattr(two, k)), k
+    for f in one.elbo_local:
+        assert close(one.elbo_local[f], two.elbo_local[f]), f
+        assert math.isclose(one.local_steps[f], two.local_steps[f], rel_tol=1e-12), f
+
+
+def test_spreading_more_processes_than_datapoints_is_refused_before_any_work():
+    m = frozen_ppca()
+    with pytest.raises(ConfigError, match="1 datapoint.* cannot be spread over 2 processes"):
+        importance_bounds(m, inflated_guide(m), m.sample(1), num_samples=10, spread=SPREAD)
+    with pytest.raises(ConfigError, match="devices must be a positive number"):
+        importance_bounds(m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 0))
+
+
+def test_a_failed_analysis_process_is_one_line_naming_it():
+    m = frozen_ppca()
+
+    def failing(x):  # the second process's block fails
+        if dist.is_initialized() and dist.get_rank() == 1:
+            raise ValueError("boom in the model")
+        return m(x)
+
+    with pytest.raises(DataError) as failed:  # the bounds' own probe names the failure; the process is named before it
+        importance_bounds(failing, inflated_guide(m), m.sample(4), num_samples=10, spread=SPREAD)
+    message = str(failed.value)
+    assert len(message.splitlines()) == 1 and message.startswith("analysis process 1 failed: ") and message.endswith("(boom in the model)"), message
+
+
+def test_a_result_crosses_processes_as_plain_tensors_and_only_known_types_come_back(tmp_path):
+    import numpy as np
+
+    from ppl_vae.inference.mcmc.draws import Draws
+
+    draws = Draws({"z": np.arange(12.0).reshape(1, 3, 2, 2)}, {"diverging": np.zeros((1, 3, 2), bool)}, {"z": ["point", "z_dim_0"], "diverging": ["point"]},
+                  {"point": [4, 9], "z_dim_0": [0, 1]}, "batched-hmc", 1.5)
+    io.save_torch(tmp_path / "r.pt", io.to_plain({"draws": draws, "pair": (1, "a")}))
+    back = io.from_plain(io.load_torch(tmp_path / "r.pt"), (Draws,))  # weights_only: plain tensors and containers
+    assert np.array_equal(back["draws"].samples["z"], draws.samples["z"]) and back["draws"].sample_stats["diverging"].dtype == bool
+    assert back["draws"].coords == draws.coords and back["pair"] == (1, "a")
+    with pytest.raises(CheckpointError, match="unexpected type .Draws."):
+        io.from_plain(io.load_torch(tmp_path / "r.pt"), ())

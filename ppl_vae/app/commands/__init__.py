@@ -8,9 +8,13 @@ argparse only.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 
+from ... import io
 from ...data import DATASETS
 from ...distributions import LIKELIHOODS
+from ...inference.distributed import launched_rank
 from ...inference.estimators import ESTIMATORS
 from ..config import MODELS, RESUMABLE, Config
 from ..runs import holding
@@ -26,6 +30,14 @@ COMMANDS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the subcommand ``args.command``; the output directories it locks are released when it ends."""
-    with holding():
+    """Run the subcommand ``args.command``; the output directories it locks are released when it ends.
+
+    Under torchrun or srun every process runs the command; the process of global rank 0 writes
+    the files and prints, the others compute their share only (:func:`ppl_vae.io.follower`).
+    """
+    rank = launched_rank()
+    with holding(), contextlib.ExitStack() as stack:
+        if rank not in (None, 0):
+            stack.enter_context(io.follower())
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         return COMMANDS[args.command](args)

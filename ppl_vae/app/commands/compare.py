@@ -22,6 +22,7 @@ import torch
 from ... import io
 from ...errors import ConfigError, check_int
 from ...guides.local import family_of
+from ...inference.distributed import Spread
 from ...inference.gaps.local import optimize_local
 from ...inference.latent import guide_in_latent_space, latent_of
 from ...inference.mcmc.compare import Comparison, compare
@@ -78,11 +79,16 @@ def compare_points(
     seed: int = 0,
     progress: bool = False,
     index: list[int] | None = None,
+    spread: Spread | None = None,
 ) -> tuple[Draws, Draws, Comparison]:
-    """MCMC and VI draws of the rows ``args`` of a built model (``index``: their dataset indices), and their :class:`Comparison`."""
+    """MCMC and VI draws of the rows ``args`` of a built model (``index``: their dataset indices), and their :class:`Comparison`.
+
+    ``spread`` spreads the MCMC's datapoints over devices and processes; the VI draws and the metrics
+    are per datapoint too (their own streams and seeds), so the tables do not depend on it.
+    """
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
     idx = torch.as_tensor(index) if index is not None else None
-    mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress, index=idx)
+    mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress, index=idx, spread=spread)
     if guide == "amortized":
         vi = vi_draws_amortized(built.model, built.guide, *args, num_samples=vi_draws, seed=seed, index=idx)
     else:  # q* of the guide's own family (full covariance where the guide is in none), started at the guide
@@ -121,6 +127,7 @@ def compare_run(
     force: bool = False,
     progress: bool = False,
     figures: bool = True,
+    spread: Spread | None = None,
 ) -> dict[str, Any]:
     """Compare VI with batched HMC on datapoints of the run in ``run_dir``; write the results to ``out``.
 
@@ -139,11 +146,13 @@ def compare_run(
         latent_of(built.model, *(t[picked[:2]] for t in tensors), guide=built.guide, analysis="VI-vs-MCMC comparison")
     except ConfigError as exc:
         raise ConfigError(f"{run_dir} ({built.config.model}): {exc}") from None
+    if spread is not None:
+        spread.check(len(picked), tensors[0])
     out = prepare_run_dir(out, force=force)
     args = tuple(t[picked] for t in tensors)
     t0 = time.perf_counter()
     mcmc, vi, comparison = compare_points(built, args, guide=guide, draws=draws, chains=chains, warmup=warmup, vi_draws=vi_draws, seed=seed, progress=progress,
-                                              index=picked)
+                                              index=picked, spread=spread)
     info = {
         "run": str(run_dir), "split": split, "indices": picked, "guide": guide, "draws": draws, "chains": chains,
         "warmup": warmup, "vi_draws": vi_draws, "seed": seed, "mcmc_method": mcmc.method, "mcmc_wall_time_s": mcmc.wall_time,
@@ -181,7 +190,7 @@ def command(args: argparse.Namespace) -> int:
     info = compare_run(
         args.run, args.out, num_points=args.num_points, indices=list(args.indices) if args.indices is not None else None,
         split=args.split, guide=args.guide, draws=args.draws, chains=args.chains, warmup=args.warmup, vi_draws=args.vi_draws,
-        seed=args.seed, force=args.force, progress=not args.no_progress,
+        seed=args.seed, force=args.force, progress=not args.no_progress, spread=Spread.given(args.accelerator, args.devices, args.strategy, args.num_nodes),
     )
     s = info["summary"]
     print(

@@ -85,7 +85,9 @@ def _resumed(cfg: Config, out: Path) -> tuple[Config, dict[str, list[Any]]]:
 
 
 def _discard(out: Path, created: bool) -> None:
-    """Remove what a new run wrote before its first checkpoint (the folder too, if this run made it)."""
+    """Remove what a new run wrote before its first checkpoint (the folder too, if this run made it); a follower process wrote nothing."""
+    if io.is_follower():
+        return
     for entry in out.iterdir():
         if entry.name == LOCK:
             continue
@@ -169,7 +171,7 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
     prepare_run_dir(out, force=force, resume=resume)
     try:
         io.write_json(out / CONFIG, cfg.to_dict())
-        if resume:  # it describes the run before this resume; rewritten when this one finishes
+        if resume and not io.is_follower():  # it describes the run before this resume; rewritten when this one finishes
             (out / METRICS).unlink(missing_ok=True)
         t0 = time.perf_counter()
         result = fit(

@@ -18,6 +18,7 @@ import torch
 
 from ... import io
 from ...errors import ConfigError, check_int
+from ...inference.distributed import Spread
 from ...inference.gaps.ais import check_options as check_ais_options
 from ...inference.gaps.decompose import (
     GAPS_CSV,
@@ -75,8 +76,12 @@ def gaps_run(
     seed: int = 0,
     force: bool = False,
     figures: bool = True,
+    spread: Spread | None = None,
 ) -> list[GapReport]:
-    """Decompose the gaps of each run on the same ``num_points`` random rows of ``split``; write CSV, JSON, table, figure."""
+    """Decompose the gaps of each run on the same ``num_points`` random rows of ``split``; write CSV, JSON, table, figure.
+
+    ``spread`` spreads the datapoints over devices and processes (the table is the same, to float rounding).
+    """
 
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
@@ -101,13 +106,15 @@ def gaps_run(
             raise ConfigError(f"{r} ({built.config.model}): {exc}") from None
     sizes = {len(s[split]) for _, s in loaded}
     idx = _points(min(sizes), num_points, seed)
+    if spread is not None:
+        spread.check(len(idx), loaded[0][1][split].tensors()[0])
     out = prepare_run_dir(out, force=force)
     reports = []
     for (built, splits), name in zip(loaded, names):
         data = tuple(t[idx] for t in splits[split].tensors(with_labels=built.conditional))
         reports.append(
             decompose(built.model, built.guide, *data, logpx=logpx, num_samples=num_samples, elbo_samples=elbo_samples, families=tuple(families or ()),
-                      local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed)
+                      local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed, spread=spread)
         )
     rows = [dict(run=r.name, **row) for r in reports for row in r.to_dataframe().to_dict("records")]
     io.write_csv(out / GAPS_CSV, rows)
@@ -198,6 +205,7 @@ def command(args: argparse.Namespace) -> int:
         args.run, args.out, split=args.split, num_points=args.num_points, logpx=args.logpx, num_samples=args.K,
         elbo_samples=args.elbo_samples, families=families, local_options={"max_steps": args.local_steps, "lr": args.local_lr},
         ais_options={"num_steps": args.ais_steps, "num_chains": args.ais_chains}, seed=args.seed, force=args.force,
+        spread=Spread.given(args.accelerator, args.devices, args.strategy, args.num_nodes),
     )
     print(table_markdown(reports), end="")
     print(f"wrote {args.out}/: gaps.csv gaps.json table.md gaps.png")

@@ -45,6 +45,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ...errors import ConfigError
 from ...guides.latent import Latent
+from ..distributed import Spread, spread_rows
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
 from ..mcmc.kernel import State, StepSize, transition
 from ..random import Streams, base_seed, dataset_index, seeded
@@ -81,6 +82,13 @@ class AISResult:
 
     def to_dataframe(self) -> pd.DataFrame:
         return pd.DataFrame({k: getattr(self, k).cpu().numpy() for k in ("log_px", "log_px_se", "accept_rate", "step_size")})
+
+    @classmethod
+    def concat(cls, parts: list[AISResult]) -> AISResult:
+        """The estimates of consecutive blocks of datapoints, as one."""
+        first = parts[0]
+        return cls(**{k: torch.cat([getattr(p, k) for p in parts]) for k in ("log_px", "log_px_se", "accept_rate", "step_size")},
+                   num_steps=first.num_steps, num_chains=first.num_chains, init=first.init)
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,7 @@ def ais(
     batch_size: int | None = None,
     seed: int | None = 0,
     index: torch.Tensor | None = None,
+    spread: Spread | None = None,
 ) -> AISResult:
     """AIS estimate of ``log p(x)`` for every row of ``data``, all chains in one tensor program.
 
@@ -230,6 +239,10 @@ def ais(
         datapoint's chains draw from its own stream, seeded from ``(seed,
         index)`` (:class:`~ppl_vae.inference.random.Streams`), so its estimate
         does not depend on ``batch_size`` or on the other rows.
+    spread : Spread, optional
+        Spread the datapoints over devices and processes
+        (:func:`~ppl_vae.inference.distributed.spread_rows`), with the same
+        per-datapoint estimates (to float rounding).
     """
     _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept, batch_size)
     guide = init if callable(init) else None
@@ -237,6 +250,12 @@ def ais(
         raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
     n = latent_of(model, *data, guide=guide, analysis="AIS").num_points
     index = dataset_index(index, n)
+    if spread is not None:
+        with seeded(seed):
+            base = base_seed(seed)  # one seed for every process
+        return spread_rows(lambda rows, idx, coll: ais(model, *rows, init=init, num_steps=num_steps, num_chains=num_chains, leapfrog_steps=leapfrog_steps,
+                                                       step_size=step_size, target_accept=target_accept, batch_size=batch_size, seed=base, index=idx),
+                           data, index, spread, programs=(model, guide) if guide is not None else (model,), combine=AISResult.concat, types=(AISResult,))
     betas = sigmoid_schedule(num_steps, device=data[0].device)
     parts = {"log_px": [], "log_px_se": [], "accept_rate": [], "step_size": []}
     with seeded(seed):

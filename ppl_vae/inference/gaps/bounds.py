@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from ...errors import ConfigError, check_int
+from ..distributed import Spread, spread_rows
 from ..random import Streams, base_seed, dataset_index, draws_in_batches, seeded
 from ..traces import log_weights, plate_nesting, probe, restrict
 
@@ -54,6 +55,11 @@ class Bounds:
 
     def to_dataframe(self) -> pd.DataFrame:
         return pd.DataFrame({k: getattr(self, k).cpu().numpy() for k in ("elbo", "elbo_se", "iwae", "iwae_se")})
+
+    @classmethod
+    def concat(cls, parts: list[Bounds]) -> Bounds:
+        """The bounds of consecutive blocks of datapoints, as one."""
+        return cls(**{k: torch.cat([getattr(p, k) for p in parts]) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}, num_samples=parts[0].num_samples)
 
 
 def log_mean_exp(lse1: torch.Tensor, lse2: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +93,7 @@ def importance_bounds(
     sample_batch: int | None = None,
     seed: int | None = None,
     index: torch.Tensor | None = None,
+    spread: Spread | None = None,
 ) -> Bounds:
     r"""ELBO and IWAE (:math:`K` = ``num_samples``) per datapoint, with standard errors.
 
@@ -114,12 +121,21 @@ def importance_bounds(
         not depend on the batch size or on the rows it shares a chunk with.
         A guide with a site that is not a transformed Gaussian is run one row
         at a time.
+    spread : Spread, optional
+        Spread the datapoints over devices and processes
+        (:func:`~ppl_vae.inference.distributed.spread_rows`); each datapoint's
+        bounds are the same as here (to float rounding).
     """
     check_int(num_samples, "the number of importance samples K")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     n = _check_data(data)
     index = dataset_index(index, n)
+    if spread is not None:
+        with seeded(seed):
+            base = base_seed(seed)  # one seed for every process
+        return spread_rows(lambda rows, idx, coll: importance_bounds(model, guide, *rows, num_samples=num_samples, batch_size=batch_size, sample_batch=sample_batch,
+                                                                     seed=base, index=idx), data, index, spread, programs=(model, guide), combine=Bounds.concat, types=(Bounds,))
     width = max(1, math.prod(data[0].shape[1:]))
     K = num_samples
     k_chunk = sample_batch or max(1, min(K, MAX_ELEMENTS // width))

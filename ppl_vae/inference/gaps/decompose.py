@@ -36,6 +36,7 @@ import torch
 from ... import io
 from ...errors import ConfigError, check_int
 from ...guides.local import FAMILIES, family_of
+from ..distributed import Collectives, Spread, spread_rows
 from ..latent import guide_in_latent_space, latent_of
 from ..random import dataset_index
 from .ais import ais
@@ -111,6 +112,23 @@ class GapReport:
             out[k], out[f"{k}_se"] = m, se
         return out
 
+    @classmethod
+    def concat(cls, parts: list[GapReport]) -> GapReport:
+        """The reports of consecutive blocks of datapoints (one decomposition spread over processes), as one."""
+        first = parts[0]
+        if any(p.family != first.family or p.logpx_estimator != first.logpx_estimator for p in parts):  # chosen from the means over all processes
+            raise ValueError("reports of one decomposition disagree on the family or the log p(x) estimator")
+
+        def cat(get: Callable[[GapReport], torch.Tensor]) -> torch.Tensor:
+            return torch.cat([get(p) for p in parts])
+
+        return cls(
+            index=cat(lambda p: p.index), log_px=cat(lambda p: p.log_px), log_px_se=cat(lambda p: p.log_px_se), elbo_q=cat(lambda p: p.elbo_q),
+            elbo_q_se=cat(lambda p: p.elbo_q_se), elbo_local={f: cat(lambda p: p.elbo_local[f]) for f in first.elbo_local},
+            elbo_local_se={f: cat(lambda p: p.elbo_local_se[f]) for f in first.elbo_local_se}, family=first.family, logpx_estimator=first.logpx_estimator,
+            num_samples=first.num_samples, local_steps=first.local_steps, name=first.name, q_in_family=first.q_in_family,
+        )
+
     def save(self, out: str | Path) -> None:
         """Write ``gaps.csv`` (per datapoint) and ``gaps.json`` (summary) into ``out``, atomically."""
         out = Path(out)
@@ -155,6 +173,7 @@ def decompose(
     name: str = "model",
     batch_size: int = 100,
     seed: int = 0,
+    spread: Spread | None = None,
 ) -> GapReport:
     r"""Decompose the inference gap of ``guide`` on every row of ``data``.
 
@@ -191,6 +210,13 @@ def decompose(
         Dataset indices of the rows, kept in the report.
     seed : int
         Seeds every step.
+    spread : Spread, optional
+        Spread the datapoints over devices and processes
+        (:func:`~ppl_vae.inference.distributed.spread_rows`). Every draw of a
+        datapoint comes from its own streams and the two choices made over all
+        datapoints (the IWAE proposal's family, the reported family when q is
+        in none) use the means over all of them (summed across processes), so
+        each datapoint's row is the one computed here (to float rounding).
     """
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown log p(x) estimator {logpx!r}; choose iwae or ais")
@@ -201,18 +227,38 @@ def decompose(
     if ais_options:
         check_ais_options(**ais_options)
     q, own, families = _families(model, guide, data, families)
+    idx = dataset_index(index, data[0].shape[0])
+
+    def rows(part: tuple[torch.Tensor, ...], at: torch.Tensor, coll: Collectives) -> GapReport:
+        return _decompose(model, guide, part, at, coll, q=q if spread is None else None, own=own, families=families, logpx=logpx, num_samples=num_samples,
+                          elbo_samples=elbo_samples, local_options=local_options, ais_options=ais_options, name=name, batch_size=batch_size, seed=seed)
+
+    return spread_rows(rows, data, idx, spread, programs=(model, guide), combine=GapReport.concat, types=(GapReport,))
+
+
+def _decompose(model: Callable[..., object], guide: Callable[..., object], data: tuple[torch.Tensor, ...], idx: torch.Tensor, coll: Collectives, *,
+               q: torch.distributions.Distribution | None, own: str | None, families: tuple[str, ...], logpx: str, num_samples: int, elbo_samples: int,
+               local_options: dict[str, Any] | None, ais_options: dict[str, Any] | None, name: str, batch_size: int, seed: int) -> GapReport:
+    """:func:`decompose` of the rows ``data`` (dataset indices ``idx``); a choice over all datapoints takes its means over every process."""
+    if q is None and own is not None:  # the guide's q over the joint latent of these rows (in this process, on its device)
+        q, _ = guide_in_latent_space(guide, latent_of(model, *data, guide=guide, analysis="the gap decomposition"), *data)
     n = data[0].shape[0]
-    idx = dataset_index(index, n)
+    total = coll.sum(float(n))
+
+    def mean(v: torch.Tensor) -> float:  # over the datapoints of every process
+        return coll.sum(v.double().sum().item()) / total
+
     on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed, index=idx)
     local, local_se, steps, proposals = {}, {}, {}, {}
     for i, fam in enumerate(families):
         fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, index=idx, **(local_options or {}))
         b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i, index=idx)
         local[fam], local_se[fam] = b.elbo, b.elbo_se
-        steps[fam] = fit.steps.double().mean().item()
+        steps[fam] = mean(fit.steps)
         proposals[fam] = fit.posterior
     if logpx == "iwae":
-        best = max(proposals, key=lambda f: local[f].mean().item())
+        means = {f: mean(local[f]) for f in proposals}
+        best = max(proposals, key=lambda f: means[f])
         b = importance_bounds(model, proposals[best], *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx)
         log_px, log_px_se = b.iwae, b.iwae_se
         local[best], local_se[best] = b.elbo, b.elbo_se  # the same family's ELBO, now from K draws
@@ -220,7 +266,8 @@ def decompose(
     else:
         r = ais(model, *data, seed=seed + 1000, index=idx, **(ais_options or {}))
         log_px, log_px_se, estimator = r.log_px.double(), r.log_px_se.double(), r.description
-    family = own if own is not None else max(local, key=lambda f: local[f].mean().item())
+    means = {f: mean(local[f]) for f in local}
+    family = own if own is not None else max(local, key=lambda f: means[f])
     return GapReport(
         index=idx, log_px=log_px, log_px_se=log_px_se, elbo_q=on_q.elbo, elbo_q_se=on_q.elbo_se, elbo_local=local,
         elbo_local_se=local_se, family=family, logpx_estimator=estimator, num_samples=elbo_samples, local_steps=steps,

@@ -87,6 +87,22 @@ class Draws:
         """Same as :meth:`diagnostics`."""
         return self.diagnostics()
 
+    @classmethod
+    def concat(cls, parts: list[Draws]) -> Draws:
+        """The draws of consecutive blocks of datapoints, as one (every variable has a ``point`` dim); the longest wall time."""
+        first = parts[0]
+
+        def joined(name: str, arrays: list[np.ndarray]) -> np.ndarray:
+            dims = list(first.dims.get(name, ()))
+            if "point" not in dims:
+                raise ConfigError(f"variable {name!r} has no point dim: draws of several datapoint blocks cannot be joined")
+            return np.concatenate(arrays, axis=2 + dims.index("point"))
+
+        samples = {k: joined(k, [p.samples[k] for p in parts]) for k in first.samples}
+        stats = {k: joined(k, [p.sample_stats[k] for p in parts]) for k in first.sample_stats}
+        coords = {**first.coords, "point": [c for p in parts for c in p.coords["point"]]}
+        return cls(samples, stats, dict(first.dims), coords, first.method, max(p.wall_time for p in parts))
+
     def min_ess_per_point(self, method: str = "bulk") -> np.ndarray:
         """Minimum ESS over every per-datapoint variable's dimensions, one value per ``point``."""
         per_point = [n for n in self.samples if self.dims.get(n, [None])[0] == "point"]

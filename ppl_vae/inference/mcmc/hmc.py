@@ -63,6 +63,7 @@ from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
 from ...errors import ConfigError
+from ..distributed import Spread, spread_rows
 from ..latent import latent_draws, latent_of, log_joint
 from ..random import Streams, dataset_index, seeded
 from ..traces import model_latent_sites, sum_but_first, trace_nesting, vectorized
@@ -396,6 +397,7 @@ def hmc_latent(
     init_steps: int = 100,
     progress: bool = False,
     index: torch.Tensor | None = None,
+    spread: Spread | None = None,
 ) -> Draws:
     r"""Batched HMC on the latent posteriors :math:`p(z \mid x_n)` of every row of ``args``.
 
@@ -414,6 +416,14 @@ def hmc_latent(
         ``init_to_uniform``), one draw of a guide per chain, or site values
         (``{site: [N, ...] or [C, N, ...]}``; a tensor for a model with one
         latent site).
+    index : tensor, optional
+        The rows' dataset indices (default ``0..N-1``): the ``point``
+        coordinates, and the seeds of each datapoint's own random stream.
+    spread : Spread, optional
+        Spread the datapoints over devices and processes
+        (:func:`~ppl_vae.inference.distributed.spread_rows`); a datapoint's
+        chains are those it gets here, to float rounding (which grows along
+        a chain: equal to ~1e-9 after a few dozen transitions, not after thousands).
     """ + _HMC_DOC_PARAMS + r"""
     Returns
     -------
@@ -433,6 +443,14 @@ def hmc_latent(
                   max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
     n = latent_of(model, *args, analysis="latent-posterior MCMC").num_points  # refuse before any work
     index = dataset_index(index, n)
+    if spread is not None:
+        if not (isinstance(init, str) or callable(init)):
+            raise ConfigError("hmc_latent: initial values given per datapoint cannot be spread over processes; use init='uniform' or a guide")
+        return spread_rows(
+            lambda rows, idx, coll: hmc_latent(model, *rows, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains, seed=seed, init=init,
+                                               target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
+                                               max_energy_error=max_energy_error, init_steps=init_steps, progress=progress and coll.rank == 0, index=idx),
+            args, index, spread, programs=(model,), combine=Draws.concat, types=(Draws,))
 
     def target() -> tuple[_Target, Streams]:
         noise = Streams(seed, index, args[0].device)
