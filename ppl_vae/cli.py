@@ -177,7 +177,7 @@ def _spread(p: Any) -> None:
     """The options that spread an analysis's datapoints over devices and processes (Lightning Fabric)."""
     p.add_argument("--accelerator", default=None, help="cpu, cuda, mps or auto (default: cpu, in this process)")
     p.add_argument("--devices", type=int, default=None, help="devices (processes) per node; each takes a block of the datapoints (default 1)")
-    p.add_argument("--strategy", default=None, help="how processes start: ddp (default), ddp_spawn, ddp_fork, ...")
+    p.add_argument("--strategy", default=None, help="ddp (default: forks the processes, or joins those torchrun or srun started), ddp_fork or ddp_notebook")
     p.add_argument("--num-nodes", type=int, default=None, help="machines, for a run started by torchrun or srun on each (default 1)")
 
 

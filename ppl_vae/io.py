@@ -201,11 +201,15 @@ def to_plain(obj: Any) -> Any:
     A dataclass becomes ``{"__dataclass__": name, "fields": {...}}`` (its ``init`` fields), a NumPy
     array ``{"__ndarray__": tensor}``, a tuple ``{"__tuple__": [...]}`` and a mapping
     ``{"__dict__": [[key, value], ...]}``; :func:`from_plain` rebuilds them, the dataclasses
-    only from the classes it is given, so a payload names no code to run.
+    only from the classes it is given, so a payload names no code to run. What comes back is
+    plain: a NumPy scalar as a Python number, a read-only mapping as a ``dict`` (a dataclass's
+    ``__post_init__`` may wrap it again), a named tuple or ``torch.Size`` as a tuple.
     """
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biufc":
+            raise TypeError(f"cannot hand over a NumPy array of {obj.dtype} between processes (numbers and booleans only)")
         return {"__ndarray__": torch.from_numpy(np.array(obj))}  # a copy: a read-only array cannot back a tensor
     if isinstance(obj, np.generic):
         return obj.item()
@@ -217,7 +221,10 @@ def to_plain(obj: Any) -> Any:
         return {"__tuple__": [to_plain(v) for v in obj]}
     if isinstance(obj, list):
         return [to_plain(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
+    for plain in (bool, int, float, str):  # a subclass (an IntEnum, say) would be pickled as its class
+        if isinstance(obj, plain):
+            return plain(obj)
+    if obj is None:
         return obj
     raise TypeError(f"cannot hand over a {type(obj).__name__} between processes (only tensors, arrays, numbers, strings, containers and dataclasses of them)")
 

@@ -42,6 +42,7 @@ from torch.multiprocessing import ProcessRaisedException
 from .. import errors, io
 from ..errors import ConfigError, NonFiniteError, PplVaeError, TrainingDiverged
 from .params import discover
+from .random import seeded
 
 __all__ = ["ACCELERATORS", "DDP_STRATEGIES", "Collectives", "Spread", "launched_rank", "make_fabric", "rank_seed", "run_processes", "shared_cores", "spread_rows"]
 
@@ -50,6 +51,8 @@ T = TypeVar("T")
 ACCELERATORS = ("cpu", "cuda", "mps", "gpu", "auto")
 #: Fabric's data-parallel strategy names and their process start methods (``ddp``: see :func:`_ddp_start`)
 DDP_STRATEGIES = {"ddp": "", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
+#: the strategies an analysis can be spread with (:class:`Spread`)
+SPREAD_STRATEGIES = ("ddp", "ddp_fork", "ddp_notebook")
 #: set by launchers that start the processes themselves (torchrun, SLURM's srun)
 EXTERNAL_LAUNCH = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID")
 
@@ -96,9 +99,17 @@ def make_fabric(
         raise ConfigError(f"devices={devices} CPU processes is more than this machine's {cores} cores; choose at most {cores}")
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
         raise ConfigError(f"num_nodes must be a positive integer, got {num_nodes!r}")
+    if num_nodes > 1 and launched_rank() is None:
+        raise ConfigError(f"num_nodes={num_nodes}: the processes of several machines are started by torchrun or srun on each (docs/devices.md), not from here")
     chosen: Any = strategy
     if strategy in DDP_STRATEGIES:
-        chosen = DDPStrategy(start_method=DDP_STRATEGIES[strategy] or _ddp_start(), find_unused_parameters=True)  # type: ignore[arg-type]
+        start = DDP_STRATEGIES[strategy] or _ddp_start()
+        if start == "fork" and accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_initialized():
+            raise ConfigError(
+                f"strategy {strategy!r} forks its processes, and CUDA is already initialised in this one (a forked process cannot use it); "
+                "start the processes with torchrun, or call before any CUDA work"
+            )
+        chosen = DDPStrategy(start_method=start, find_unused_parameters=True)  # type: ignore[arg-type]
     try:
         return Fabric(accelerator=accelerator, devices=devices, strategy=chosen, precision=precision, num_nodes=num_nodes)  # type: ignore[arg-type]
     except (ValueError, RuntimeError, TypeError) as exc:  # Fabric's MisconfigurationException is a ValueError
@@ -237,7 +248,14 @@ class Spread:
         return cls(accelerator, 1 if devices is None else devices, strategy or "ddp", 1 if num_nodes is None else num_nodes)
 
     def fabric(self, like: torch.Tensor) -> Any:
-        """The :class:`Fabric` of these options (a :class:`ConfigError` naming a bad one, before any work)."""
+        """The :class:`Fabric` of these options (a :class:`ConfigError` naming a bad one, before any work).
+
+        Only the forking data-parallel strategies (``ddp``, which joins torchrun's or srun's processes,
+        ``ddp_fork``, ``ddp_notebook``) are offered: a spawned process would need the model's code
+        pickled (a closure is not), and a re-run of the script would redo the whole command.
+        """
+        if self.strategy not in SPREAD_STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r} for spreading an analysis; choose one of {', '.join(SPREAD_STRATEGIES)}")
         one = self.num_nodes == 1 and (self.devices == 1 or (isinstance(self.devices, Sequence) and not isinstance(self.devices, str) and len(self.devices) == 1))
         return make_fabric(self.accelerator, self.devices, "auto" if one else self.strategy, None, self.num_nodes, like=like)
 
@@ -304,7 +322,8 @@ def spread_rows(
         return work(data, index, Collectives.alone())
     fabric = spread.check(len(index), data[0])
     example = tuple(t[:1] for t in data)
-    modules = discover(programs[0], programs[1] if len(programs) > 1 else _nothing, example).modules
+    with seeded(None):  # the probe run's draws leave the caller's random stream as it was
+        modules = discover(programs[0], programs[1] if len(programs) > 1 else _nothing, example).modules
     result, _ = run_processes(fabric, _rows, work, data, index.cpu(), modules, combine, types, what="analysis process", types=types)
     if fabric.device.type == "cpu" and data[0].device.type == "cpu":
         return result

@@ -29,7 +29,7 @@ from pyro.poutine.util import site_is_subsample
 from ..distributions import gaussian_base, gaussian_draw, point_mass
 from ..errors import ConfigError
 
-__all__ = ["pick", "seeded", "row_seed", "Streams", "RowDraws", "draws_in_batches", "dataset_index", "base_seed"]
+__all__ = ["pick", "seeded", "row_seed", "Tag", "Streams", "RowDraws", "draws_in_batches", "dataset_index", "base_seed"]
 
 
 class seeded:
@@ -86,7 +86,15 @@ def dataset_index(index: torch.Tensor | Sequence[int] | None, n: int) -> torch.T
     index = index.cpu() if isinstance(index, torch.Tensor) else torch.as_tensor(index, device="cpu")
     if index.shape != (n,):
         raise ConfigError(f"index must hold one dataset index per row ({n}), got shape {tuple(index.shape)}")
+    if index.is_floating_point() or index.is_complex() or (n and int(index.min()) < 0):
+        raise ConfigError("index must hold non-negative integer dataset indices")
     return index
+
+
+class Tag:
+    """The first tag of each analysis's streams: one namespace per analysis, so no two analyses with one seed share a stream."""
+
+    BOUNDS, AIS, SIMULATED, HMC, LOCAL, VI = 1, 2, 3, 4, 5, 6
 
 
 class Streams:

@@ -227,6 +227,12 @@ def test_spreading_more_processes_than_datapoints_is_refused_before_any_work():
         importance_bounds(m, inflated_guide(m), m.sample(1), num_samples=10, spread=SPREAD)
     with pytest.raises(ConfigError, match="devices must be a positive number"):
         importance_bounds(m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 0))
+    with pytest.raises(ConfigError, match="unknown strategy 'ddp_spawn' for spreading"):  # a spawned process would need the model pickled
+        importance_bounds(m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 2, "ddp_spawn"))
+    with pytest.raises(ConfigError, match="num_nodes=2: .* torchrun or srun"):
+        importance_bounds(m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 1, "ddp", 2))
+    with pytest.raises(ConfigError, match="non-negative integer dataset indices"):
+        importance_bounds(m, inflated_guide(m), m.sample(3), num_samples=10, index=torch.tensor([0, -1, 2]), spread=SPREAD)
 
 
 def test_a_failed_analysis_process_is_one_line_naming_it():
@@ -254,5 +260,13 @@ def test_a_result_crosses_processes_as_plain_tensors_and_only_known_types_come_b
     back = io.from_plain(io.load_torch(tmp_path / "r.pt"), (Draws,))  # weights_only: plain tensors and containers
     assert np.array_equal(back["draws"].samples["z"], draws.samples["z"]) and back["draws"].sample_stats["diverging"].dtype == bool
     assert back["draws"].coords == draws.coords and back["pair"] == (1, "a")
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 2
+
+    assert type(io.to_plain(Level.HIGH)) is int  # a subclass would be pickled as its class, which weights_only refuses
+    with pytest.raises(TypeError, match="NumPy array of <U1"):
+        io.to_plain(np.array(["a"]))
     with pytest.raises(CheckpointError, match="unexpected type .Draws."):
         io.from_plain(io.load_torch(tmp_path / "r.pt"), ())

@@ -48,7 +48,7 @@ from ...guides.latent import Latent
 from ..distributed import Spread, spread_rows
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
 from ..mcmc.kernel import State, StepSize, transition
-from ..random import Streams, base_seed, dataset_index, seeded
+from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from .bounds import log_mean_exp
 
 __all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_schedule"]
@@ -264,7 +264,7 @@ def ais(
             args = tuple(t[i : i + (batch_size or n)] for t in data)
             latent = latent_of(model, *args, guide=guide, analysis="AIS")
             dens = log_joint(model, latent, *args, split=True)
-            gen = Streams(base, index[i : i + (batch_size or n)], data[0].device)
+            gen = Streams(base, index[i : i + (batch_size or n)], data[0].device, Tag.AIS)
             z, log_q = _start(model, init, latent, args, num_chains + PILOT_CHAINS, gen)
             kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
             _, record, _ = _run(dens, z[num_chains:], log_q, betas, gen, adapt=True, **kw)  # pilot: adapts step sizes
@@ -304,7 +304,7 @@ def bdmc(
         data = (x, *template[1:])
         betas = sigmoid_schedule(num_steps, device=x.device)
         dens = log_joint(model, latent, *data, split=True)
-        gen = Streams(None, range(x.shape[0]), x.device)  # the simulated points' own streams
+        gen = Streams(None, range(x.shape[0]), x.device, Tag.SIMULATED)  # the simulated points' own streams
         z0, _ = _start(model, "prior", latent, data, num_chains + PILOT_CHAINS, gen)
         kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
         _, record, _ = _run(dens, z0[num_chains:], None, betas, gen, adapt=True, **kw)

@@ -34,7 +34,7 @@ import torch
 
 from ...errors import ConfigError, check_int
 from ..distributed import Spread, spread_rows
-from ..random import Streams, base_seed, dataset_index, draws_in_batches, seeded
+from ..random import Streams, Tag, base_seed, dataset_index, draws_in_batches, seeded
 from ..traces import log_weights, plate_nesting, probe, restrict
 
 __all__ = ["Bounds", "importance_bounds", "chunks", "log_mean_exp"]
@@ -132,8 +132,9 @@ def importance_bounds(
     n = _check_data(data)
     index = dataset_index(index, n)
     if spread is not None:
-        with seeded(seed):
+        with seeded(seed), torch.no_grad():
             base = base_seed(seed)  # one seed for every process
+            probe("importance bounds", lambda: plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data)), data)  # its errors here, before any process starts
         return spread_rows(lambda rows, idx, coll: importance_bounds(model, guide, *rows, num_samples=num_samples, batch_size=batch_size, sample_batch=sample_batch,
                                                                      seed=base, index=idx), data, index, spread, programs=(model, guide), combine=Bounds.concat, types=(Bounds,))
     width = max(1, math.prod(data[0].shape[1:]))
@@ -151,7 +152,7 @@ def importance_bounds(
             g = restrict(guide, rows)
             shift = s1 = s2 = lse1 = lse2 = None
             for j, ks in enumerate(chunks(K, k_chunk)):
-                streams = Streams(base, index[rows], data[0].device, j)
+                streams = Streams(base, index[rows], data[0].device, Tag.BOUNDS, j)
                 lw = log_weights(model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting, streams=streams).double()
                 if shift is None:
                     shift = lw.mean(0)

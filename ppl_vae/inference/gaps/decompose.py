@@ -74,6 +74,7 @@ class GapReport:
     q_in_family: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "index", self.index.cpu())  # dataset indices live on the CPU, wherever the numbers were computed
         for name in ("elbo_local", "elbo_local_se", "local_steps"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 

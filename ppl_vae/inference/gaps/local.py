@@ -12,8 +12,9 @@ pushed through inverse autoregressive flow steps whose MADE weights are the
 datapoint's own). All datapoints' parameters live in tensors with a leading
 ``[N]`` dimension and are optimised together by one Adam on the summed
 objective. Adam acts elementwise, and datapoint ``n``'s objective depends only
-on its own parameters, so this equals ``N`` separate optimisations (with other
-random draws) at the cost of one batched program. Each datapoint has its own
+on its own parameters, so this equals ``N`` separate optimisations at the cost
+of one batched program (each datapoint draws from its own random streams, so
+the same ones, to float rounding). Each datapoint has its own
 convergence test; a converged datapoint's parameters are frozen and it leaves
 the batch.
 
@@ -43,14 +44,11 @@ from ...errors import ConfigError, check_int, check_positive
 from ...guides.latent import Latent, moment_matched
 from ...guides.local import FAMILIES, LocalPosterior, family_of
 from ..latent import guide_in_latent_space, latent_draws, latent_of
-from ..random import Streams, base_seed, dataset_index, seeded
+from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import log_weights, plate_nesting
 from .bounds import importance_bounds
 
 __all__ = ["LocalFit", "optimize_local", "check_options", "start_distribution"]
-
-#: the first tag of the local optimisation's streams (then 0: start, 1: flow weights, 2: steps)
-_LOCAL = 7
 
 
 @dataclass(frozen=True)
@@ -172,12 +170,12 @@ def optimize_local(
     device = data[0].device
     with seeded(seed):
         base = base_seed(seed)
-        q0 = start_distribution(model, latent, *data, init=init, streams=Streams(base, idx, device, _LOCAL, 0))
+        q0 = start_distribution(model, latent, *data, init=init, streams=Streams(base, idx, device, Tag.LOCAL, 0))  # the start
         if tuple(q0.batch_shape) != (n,) or tuple(q0.event_shape) != (latent.dim,):
             raise ConfigError(f"the initial distribution must have batch shape ({n},) and event shape ({latent.dim},), got {tuple(q0.batch_shape)} and {tuple(q0.event_shape)}")
-        posterior = LocalPosterior.initial(family, q0, latent, num_flows=num_flows, flow_hidden=flow_hidden, normal=Streams(base, idx, device, _LOCAL, 1).normal,
+        posterior = LocalPosterior.initial(family, q0, latent, num_flows=num_flows, flow_hidden=flow_hidden, normal=Streams(base, idx, device, Tag.LOCAL, 1).normal,
                                            generator=torch.Generator(device="cpu").manual_seed(base))
-        streams = Streams(base, idx, device, _LOCAL, 2)
+        streams = Streams(base, idx, device, Tag.LOCAL, 2)  # the steps
         params = list(posterior.parameters())
         opt = torch.optim.Adam(params, lr=lr)
         nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))

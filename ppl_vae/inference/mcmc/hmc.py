@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from ...errors import ConfigError
 from ..distributed import Spread, spread_rows
 from ..latent import latent_draws, latent_of, log_joint
-from ..random import Streams, dataset_index, seeded
+from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import model_latent_sites, sum_but_first, trace_nesting, vectorized
 from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
 from .kernel import State, StepSize, transition
@@ -168,7 +168,7 @@ def _model_target(
         return total.unsqueeze(1)
 
     like = proto.nodes[latent[0]]["value"]
-    noise = Streams(seed, [0], like.device)  # one group: the model's whole posterior
+    noise = Streams(seed, [0], like.device, Tag.HMC)  # one group: the model's whole posterior
     u0 = noise.uniform((c, 1, sum(sizes)), dim=1, dtype=like.dtype if like.is_floating_point() else torch.get_default_dtype()) * 4 - 2
     with torch.no_grad():
         together, alone = log_density(u0), torch.cat([log_density(u0[i : i + 1]) for i in range(c)])
@@ -190,28 +190,39 @@ def _model_target(
 
 
 def _optimize_init(f: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, steps: int, lr: float = 0.1) -> torch.Tensor:
-    """Move each chain's initial point uphill with ``steps`` Adam steps (learning rate decaying 100-fold).
+    """Move each chain's initial point uphill: ``steps`` Adam steps at ``lr``, then ``steps`` more decaying 100-fold.
 
     Far from the posterior mass the energies are so large that float32 round-off
     alone rejects every HMC proposal; a short ascent avoids that without
     pulling the chains onto one point (they stop in the bulk, not at the mode).
+    Adam moves a coordinate by about ``lr`` a step whatever the gradient's
+    scale, so the constant phase can carry a chain about ``steps * lr`` units
+    (a start in ``(-2, 2)`` far from a posterior near 1 needs more than the
+    decaying phase's ``lr * steps / ln 100``). A chain (and datapoint) whose
+    log density stops being finite is frozen at its last finite point; the
+    others go on, so one datapoint's start never depends on another's.
     """
     if steps <= 0:
         return u0
     u = u0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([u], lr=lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.01 ** (1 / steps))
+    rates = [lr] * steps + [lr * 0.01 ** (i / steps) for i in range(1, steps + 1)]
     best = u0.detach().clone()
+    frozen = None
     with torch.enable_grad():
-        for _ in range(steps):
+        for rate in rates:
+            opt.param_groups[0]["lr"] = rate
             opt.zero_grad()
-            lp = f(u)
-            if not torch.isfinite(lp).all():
+            lp = f(u)  # [C, G]
+            bad = ~torch.isfinite(lp)
+            frozen = bad if frozen is None else frozen | bad
+            best = torch.where(frozen[..., None], best, u.detach())
+            if frozen.all():
                 break
-            best = u.detach().clone()
-            (-lp.sum()).backward()
+            (-lp.masked_fill(frozen, 0.0).sum()).backward()
             opt.step()
-            sched.step()
+            with torch.no_grad():
+                u.copy_(torch.where(frozen[..., None], best, u))
     return best
 
 
@@ -378,7 +389,8 @@ _HMC_DOC_PARAMS = """
     max_energy_error : float
         Energy error beyond which a transition is divergent (as Stan: 1000).
     init_steps : int
-        Adam steps that move the initial points uphill before warmup (0: none).
+        Adam steps that move the initial points uphill before warmup, twice over: at a
+        constant rate, then decaying (0: none).
 """
 
 
@@ -446,14 +458,16 @@ def hmc_latent(
     if spread is not None:
         if not (isinstance(init, str) or callable(init)):
             raise ConfigError("hmc_latent: initial values given per datapoint cannot be spread over processes; use init='uniform' or a guide")
+        with seeded(seed):
+            base = base_seed(seed)  # one seed for every process
         return spread_rows(
-            lambda rows, idx, coll: hmc_latent(model, *rows, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains, seed=seed, init=init,
+            lambda rows, idx, coll: hmc_latent(model, *rows, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains, seed=base, init=init,
                                                target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
                                                max_energy_error=max_energy_error, init_steps=init_steps, progress=progress and coll.rank == 0, index=idx),
-            args, index, spread, programs=(model,), combine=Draws.concat, types=(Draws,))
+            args, index, spread, programs=(model, init) if callable(init) else (model,), combine=Draws.concat, types=(Draws,))
 
     def target() -> tuple[_Target, Streams]:
-        noise = Streams(seed, index, args[0].device)
+        noise = Streams(seed, index, args[0].device, Tag.HMC)
         return _latent_target(model, args, num_chains, init, noise), noise
 
     return _batched(target, freeze_model(model, args), num_samples, warmup_steps, seed, tuning)

@@ -23,7 +23,7 @@ from pyro.poutine.util import site_is_subsample
 from ...distributions import gaussian_base, gaussian_draw
 from ...errors import ConfigError, check_int
 from ..latent import latent_of, log_joint
-from ..random import Streams, dataset_index, draws_in_batches, seeded
+from ..random import Streams, Tag, dataset_index, draws_in_batches, seeded
 from ..traces import (
     log_weights_of,
     model_latent_sites,
@@ -36,9 +36,6 @@ from ..traces import (
 from .draws import Draws, point_layout, site_dims
 
 __all__ = ["vi_draws", "vi_draws_latent", "vi_draws_amortized", "vi_draws_autoguide"]
-
-#: the tag of the VI draws' per-datapoint streams (HMC's streams of the same seed have none)
-_VI = 1
 
 
 #: autoguide family name -> class name in ``pyro.infer.autoguide``
@@ -70,11 +67,11 @@ def vi_draws(
     latent = latent_of(model, *args, guide=guide, analysis="VI draws")
     n = latent.num_points
     idx = dataset_index(index, n)
-    streams = Streams(seed, idx, args[0].device, _VI)
-    batched = draws_in_batches(restrict(guide, slice(0, 1)), *(t[:1] for t in args))
     values: dict[str, list[torch.Tensor]] = {s.name: [] for s in latent.sites}
     weights = []
-    with torch.no_grad():
+    with torch.no_grad(), seeded(seed):  # the probe run and a seed=None leave the caller's random stream as it was
+        streams = Streams(seed, idx, args[0].device, Tag.VI)
+        batched = draws_in_batches(restrict(guide, slice(0, 1)), *(t[:1] for t in args))
         for rows in [slice(None)] if batched else [slice(i, i + 1) for i in range(n)]:
             part = tuple(t[rows] for t in args)
             model_tr, guide_tr = traces(model, restrict(guide, rows), *part, num_samples=num_samples, streams=streams.select(rows))
@@ -114,7 +111,7 @@ def vi_draws_latent(
     base = gaussian_base(q)
     with torch.no_grad(), seeded(seed):
         if base is not None:
-            streams = Streams(seed, idx, args[0].device, _VI)
+            streams = Streams(seed, idx, args[0].device, Tag.VI)
             u = gaussian_draw(q.expand((num_samples, *q.batch_shape)), lambda shape: streams.normal(tuple(shape), 1, base.loc.dtype))
         else:
             u = q.sample((num_samples,))  # [S, N, K]

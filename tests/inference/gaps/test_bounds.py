@@ -20,7 +20,7 @@ from conftest import Z, frozen_ppca, inflated_guide, log_mean_exp_bias, se_of_me
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference.gaps.ais import ais, bdmc
 from ppl_vae.inference.gaps.bounds import importance_bounds
-from ppl_vae.inference.random import Streams
+from ppl_vae.inference.random import Streams, Tag
 from ppl_vae.inference.traces import log_weights
 from ppl_vae.models.ppca import PPCA
 
@@ -49,7 +49,7 @@ def test_streamed_bounds_equal_the_direct_formulas_on_the_same_draws():
     guide = inflated_guide(m)
     K = 64
     b = importance_bounds(m, guide, x, num_samples=K, sample_batch=K, batch_size=5, seed=3)
-    lw = log_weights(m, guide, x, num_samples=K, streams=Streams(3, torch.arange(5), x.device, 0))  # datapoint n's stream, sample chunk 0
+    lw = log_weights(m, guide, x, num_samples=K, streams=Streams(3, torch.arange(5), x.device, Tag.BOUNDS, 0))  # datapoint n's stream, sample chunk 0
     assert torch.allclose(b.elbo, lw.mean(0), atol=1e-9)
     assert torch.allclose(b.elbo_se, lw.std(0) / math.sqrt(K), atol=1e-9)
     assert torch.allclose(b.iwae, torch.logsumexp(lw, 0) - math.log(K), atol=1e-9)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,16 @@ def test_local_qstar_gap_matches_closed_form(family):
     if family == "diagonal":
         assert expected > 0.1  # a clearly correlated posterior
     assert abs(gap - expected) < TOL_OPT + Z * se_of_mean(b.elbo_se), (gap, expected)
-    if family == "diagonal":  # and the optimum itself: exact means, variances 1/Lambda_ii
+    if family == "diagonal":  # and the optimum itself (exact means, variances 1/Lambda_ii), in closed form, without draws:
         post = m.posterior(x)
         q = fit_.posterior.distribution()
         lam = torch.linalg.inv(post.covariance_matrix[0])
-        sd = lam.diagonal().rsqrt()
-        # Adam at a constant lr jitters around the optimum (the ELBO is flat there: 0.1 sd costs ~0.005 nats)
-        assert ((q.mean.double() - post.mean).abs() / sd < 0.4).all()
-        assert ((q.stddev.double() / sd).log().abs() < 0.15).all()
+        q_mvn = torch.distributions.MultivariateNormal(q.mean.double(), torch.diag_embed(q.variance.double()))
+        best = torch.distributions.MultivariateNormal(post.mean, torch.diag_embed(lam.diagonal().reciprocal().expand_as(post.mean)))
+        excess = torch.distributions.kl_divergence(q_mvn, post) - torch.distributions.kl_divergence(best, post)
+        # Adam at a constant lr stops jittering around the optimum: each datapoint's KL excess is a few TOL_OPT at
+        # most (measured over seeds 0-2: mean 0.011-0.016 nats, largest 0.037), and never negative
+        assert (excess > -1e-9).all() and excess.mean() < 2 * TOL_OPT and excess.max() < 5 * TOL_OPT, excess
 
 
 def test_local_flow_copied_from_an_amortised_iaf_is_that_distribution():
@@ -253,7 +256,8 @@ def test_gaps_on_two_processes_write_the_table_of_one(tiny_run, tmp_path, capsys
 
 def test_gaps_refuse_bad_device_options_with_one_line_and_write_nothing(tiny_run, tmp_path, capsys):
     for options, message in ((["--devices", "0"], "devices must be a positive number"), (["--accelerator", "cuda"], "cannot run on accelerator='cuda'"),
-                             (["--strategy", "warp", "--devices", "2"], "strategy='warp'"), (["--devices", "7"], "6 datapoint(s) cannot be spread over 7")):
+                             (["--strategy", "warp", "--devices", "2"], "unknown strategy 'warp'"), (["--devices", "2", "--num-points", "1"], "1 datapoint(s) cannot be spread over 2"),
+                             (["--devices", str((os.cpu_count() or 1) + 1)], "more than this machine's")):
         if options[:2] == ["--accelerator", "cuda"] and torch.cuda.is_available():
             continue
         out = tmp_path / "gaps"
