@@ -40,7 +40,7 @@ models = {
 }
 for name, (model, guide) in models.items():
     fit(model, guide, train, epochs=30, batch_size=64, lr=3e-3, seed=0, progress=False)
-    print(f"{name:36s} test objective {evaluate_elbo(model, guide, (test,)).mean():8.2f} nats")
+    print(f"{name:36s} test objective {evaluate_elbo(model, guide, (test,)).value.mean():8.2f} nats")
 with torch.no_grad():
     codes, _ = codebook(vq_enc(test).reshape(len(test), 4, 2))
 print(f"VQ-VAE codebook perplexity {perplexity(codes, 16):.1f} of 16 codes")

@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "Estimate",
     "FitResult",
     "Interrupted",
     "NotReparameterizableError",
@@ -42,8 +43,10 @@ __all__ = [
     "elbo_per_datapoint",
     "evaluate_elbo",
     "fit",
+    "gradient_stats",
     "hmc_latent",
     "importance_bounds",
+    "load_run",
     "data",
     "distributions",
     "guides",
@@ -54,8 +57,9 @@ __all__ = [
 ]
 
 _LAZY = {
-    name: ".inference"
-    for name in ("FitResult", "compare", "decompose", "elbo_per_datapoint", "evaluate_elbo", "fit", "hmc_latent", "importance_bounds")
+    **{name: ".inference" for name in ("Estimate", "FitResult", "compare", "decompose", "elbo_per_datapoint", "evaluate_elbo", "fit",
+                                       "gradient_stats", "hmc_latent", "importance_bounds")},
+    "load_run": ".app.runs",
 }
 _SUBMODULES = ("data", "distributions", "guides", "inference", "models", "nn")
 

@@ -32,6 +32,18 @@ def _hidden(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; every option's help ends with its default (unless it names one already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.required or action.default is None or action.default is False or action.default == [] \
+                or action.default == argparse.SUPPRESS:
+            return text
+        shown = ",".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default {shown})"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors on one line like every other error."""
 
@@ -41,46 +53,58 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(app: Any) -> argparse.ArgumentParser:
     """The parser; ``app`` (:mod:`ppl_vae.app.commands`) names the choices and defaults in the help."""
-    p = _Parser(prog="ppl-vae", description="Latent-variable models as Pyro functions: fit, evaluate, plot.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="ppl-vae", formatter_class=_Help, description=(
+        "Latent-variable models as Pyro functions: train them (fit), measure their inference gaps (gaps),\n"
+        "check their posteriors against MCMC (compare), and draw them (plot). Start with: ppl-vae demo"))
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_fit, _demo, _plot, _tables, _grad_variance, _gaps, _compare):
         add(sub, app)
     return p
 
 
+def _command(sub: Any, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand with a one-line summary (in ``ppl-vae --help``), a paragraph and an example (in its own ``--help``)."""
+    return sub.add_parser(name, help=summary, description=f"{summary}.\n\n{description}", epilog=f"example:\n  {example}", formatter_class=_Help)
+
+
 def _output(parser: argparse.ArgumentParser, *, what: str = "output directory", progress: bool = True) -> None:
     """``--out`` (required), ``--force`` and, for a long command, ``--no-progress``."""
-    parser.add_argument("--out", required=True, help=what)
+    parser.add_argument("--out", required=True, help=f"{what} (must not exist unless --force)")
     parser.add_argument("--force", action="store_true", help=f"replace an existing {what} as a whole")
     if progress:
-        parser.add_argument("--no-progress", action="store_true")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars (shown by default; a line every few seconds when the output is not a terminal)")
 
 
 def _fit(sub: Any, app: Any) -> None:
     c = app.Config()  # fit's options default to None ("not given"): the defaults are Config's, and --resume keeps the run's own
-    f = sub.add_parser("fit", help="train a model and write a run directory")
+    f = _command(sub, "fit", "train a model and write a run directory", (
+        "Trains a named model (a VAE by default) by SVI with the chosen gradient estimator, validating\n"
+        "after every epoch, and writes config.json, checkpoint.pt (every epoch, atomically), history.csv,\n"
+        "metrics.json (train/validation/test ELBO in nats per datapoint) and figures to the run directory.\n"
+        "A stopped run continues with --resume. The run loads in Python with ppl_vae.load_run(DIR)."),
+        "ppl-vae fit --dataset digits --binarize threshold --epochs 20 --out runs/vae")
     f.add_argument("--model", default=None, help=f"one of {', '.join(app.MODELS)} (default {c.model})")
     f.add_argument("--dataset", default=None, help=f"one of {', '.join(app.DATASETS)} (default {c.dataset})")
     f.add_argument("--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
-    f.add_argument("--download", action="store_true", default=None, help="download missing data files (needs a network)")
-    f.add_argument("--binarize", choices=("threshold", "sample"), default=None, help="binarise intensities (static)")
-    f.add_argument("--limit", type=int, default=None, help="use only the first N rows of each split")
-    f.add_argument("--latent-dim", type=int, default=None, help=f"default {c.latent_dim}")
+    f.add_argument("--download", action="store_true", default=None, help="download missing data files (needs a network; default: off)")
+    f.add_argument("--binarize", choices=("threshold", "sample"), default=None, help="binarise intensities once: at 0.5 (threshold) or by a seeded draw (sample) (default: none, for binarized-mnist: already binary)")
+    f.add_argument("--limit", type=int, default=None, help="use only the first N rows of each split (default: all)")
+    f.add_argument("--latent-dim", type=int, default=None, help=f"dimensions of the latent z (default {c.latent_dim})")
     f.add_argument("--hidden", type=_hidden, default=None, help=f"hidden widths (default {','.join(map(str, c.hidden))})")
-    f.add_argument("--arch", choices=("mlp", "conv"), default=None, help=f"default {c.arch}")
+    f.add_argument("--arch", choices=("mlp", "conv"), default=None, help=f"encoder and decoder networks: mlp or conv (default {c.arch})")
     f.add_argument("--likelihood", default=None, help=f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})")
     f.add_argument("--guide", default=None, help=f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}")
     f.add_argument("--flows", type=int, default=None, help=f"number of IAF steps with --guide iaf (default {c.flows})")
     f.add_argument("--estimator", default=None, help=f"one of {', '.join(app.ESTIMATORS)} (default {c.estimator})")
-    f.add_argument("--num-particles", type=int, default=None, help=f"default {c.num_particles}")
+    f.add_argument("--num-particles", type=int, default=None, help=f"draws of z per datapoint per step (default {c.num_particles})")
     f.add_argument("--beta", type=float, default=None, help=f"KL weight (beta-VAE; default {c.beta:g})")
     f.add_argument("--noise", type=float, default=None, help=f"masking probability of the denoising autoencoder (default {c.noise:g})")
-    f.add_argument("--epochs", type=int, default=None, help=f"default {c.epochs} (with --resume: the new total, at least the epochs done)")
-    f.add_argument("--batch-size", type=int, default=None, help=f"default {c.batch_size}")
+    f.add_argument("--epochs", type=int, default=None, help=f"passes over the training data (default {c.epochs}; with --resume: the new total, at least the epochs done)")
+    f.add_argument("--batch-size", type=int, default=None, help=f"rows per step, over all devices (default {c.batch_size})")
     f.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {c.lr:g})")
-    f.add_argument("--lr-schedule", choices=("cosine", "exponential"), default=None, help="a function of (epoch, --epochs): an extended run re-plans it")
-    f.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without improvement")
-    f.add_argument("--seed", type=int, default=None, help=f"in [0, 2**32 - 1] (default {c.seed})")
+    f.add_argument("--lr-schedule", choices=("cosine", "exponential"), default=None, help="learning-rate schedule, a function of (epoch, --epochs): an extended run re-plans it (default: constant)")
+    f.add_argument("--patience", type=int, default=None, help="stop after N epochs without a better validation ELBO, keeping the best epoch (default: never)")
+    f.add_argument("--seed", type=int, default=None, help=f"seeds the networks, draws and shuffling, in [0, 2**32 - 1] (default {c.seed})")
     f.add_argument("--accelerator", default=None, help="cpu, cuda, mps or auto (Lightning Fabric; default cpu)")
     f.add_argument("--devices", type=int, default=None, help="devices (processes) per node; the batch is split across them (default 1)")
     f.add_argument("--strategy", default=None, help="ddp (data parallel), ddp_spawn, ddp_fork, ... (Fabric's names; default auto)")
@@ -94,32 +118,46 @@ def _fit(sub: Any, app: Any) -> None:
 
 
 def _demo(sub: Any, app: Any) -> None:
-    d = sub.add_parser("demo", help="the main job on the embedded digits: a 2-D VAE, its gaps and a VI-vs-MCMC check, in 1-2 minutes")
+    d = _command(sub, "demo", "the main job on the embedded digits: a 2-D VAE, its gaps and a VI-vs-MCMC check, in 1-2 minutes", (
+        "Needs no download (scikit-learn ships the 8x8 digits). Trains a 2-D VAE, writes its run directory\n"
+        "and figures, then measures the approximation and amortisation gaps of 30 test digits (gaps/) and\n"
+        "compares the encoder's posteriors with batched HMC on 4 test digits (compare/), ending with the verdicts."),
+        "ppl-vae demo --out runs/demo")
     d.add_argument("--out", default=app.DEMO_DIR, help=f"run directory (default {app.DEMO_DIR})")
     d.add_argument("--force", action="store_true", help="replace an existing run directory as a whole")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _plot(sub: Any, app: Any) -> None:
-    pl = sub.add_parser("plot", help="latent-space pictures of trained run(s)")
+    pl = _command(sub, "plot", "latent-space pictures of trained run(s)", (
+        "manifold: decoded grid of a 2-D latent space; interpolation: decoded lines between test points;\n"
+        "tsne: the test set's latent means embedded in 2-D, coloured by label; ae-vs-vae: two runs' codes side\n"
+        "by side; latent-sweep: one run per latent size; traversal: one latent dimension varied at a time."),
+        "ppl-vae plot --run runs/vae --kind manifold")
     pl.add_argument("--run", action="append", required=True, help="run directory (repeat for ae-vs-vae and latent-sweep)")
     pl.add_argument("--kind", required=True, help="manifold, interpolation, tsne, ae-vs-vae, latent-sweep or traversal")
     pl.add_argument("--out", default=None, help="PNG path (default RUN/<kind>.png)")
-    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--seed", type=int, default=0, help="seeds the test points and draws")
     pl.add_argument("--force", action="store_true", help="overwrite an existing PNG")
 
 
 def _tables(sub: Any, app: Any) -> None:
-    cq = sub.add_parser("cvae-quadrants", help="SO-CVAE vs baseline on binarised MNIST: complete hidden quadrants")
+    cq = _command(sub, "cvae-quadrants", "SO-CVAE vs baseline on binarised MNIST: complete hidden quadrants", (
+        "Trains the structured-output conditional VAE and a deterministic baseline to complete digits from\n"
+        "1, 2 or 3 visible quadrants (Sohn et al. 2015), and writes the conditional NLL table (importance sampled)."),
+        "ppl-vae cvae-quadrants --data-dir ../shared/data --train-limit 5000 --epochs 5 --out runs/cq")
     cq.add_argument("--quadrants", type=int, nargs="+", default=[1, 2, 3], help="numbers of visible quadrants")
-    m2p = sub.add_parser("m2", help="semi-supervised M2 on the labelled MNIST test set")
+    m2p = _command(sub, "m2", "semi-supervised M2 on the labelled MNIST test set", (
+        "Trains Kingma et al.'s M2 with a few labels per class (the other rows unlabelled, their labels\n"
+        "summed out) and the same classifier on the labels alone, and writes their test errors per label budget."),
+        "ppl-vae m2 --data-dir ../shared/data --labels 100 --draws 1 --out runs/m2")
     m2p.add_argument("--labels", type=int, nargs="+", default=[100, 1000], help="label budgets")
     m2p.add_argument("--draws", type=int, default=3, help="random label draws per budget")
     m2p.add_argument("--alpha", type=float, default=50.0, help="weight of the classification loss per labelled row")
     for e in (cq, m2p):
         e.add_argument("--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
-        e.add_argument("--epochs", type=int, default=10)
-        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--epochs", type=int, default=10, help="passes over the training data")
+        e.add_argument("--seed", type=int, default=0, help="seeds the networks, draws and data subsets")
         _output(e)
     cq.add_argument("--train-limit", type=int, default=None, help="training rows, a seeded random subset (default all 50,000)")
     cq.add_argument("--test-limit", type=int, default=None, help="test rows (default all 10,000)")
@@ -127,48 +165,62 @@ def _tables(sub: Any, app: Any) -> None:
 
 
 def _grad_variance(sub: Any, app: Any) -> None:
-    gv = sub.add_parser("grad-variance", help="gradient variance and SNR of several estimators on a trained run")
+    gv = _command(sub, "grad-variance", "gradient variance and SNR of several estimators on a trained run", (
+        "Draws the ELBO's gradient many times on one probe batch with each estimator and reports its\n"
+        "variance and signal-to-noise ratio per parameter group (Rainforth et al. 2018); with --track-epochs,\n"
+        "retrains the run's config and measures them as training goes on."),
+        "ppl-vae grad-variance --run runs/vae --estimators score,score+nvil,reparam --out runs/vae-grads")
     gv.add_argument("--run", required=True, help="run directory (from ppl-vae fit)")
     gv.add_argument("--estimators", default="score,score+average,score+nvil", help=f"comma-separated, from {', '.join(app.ESTIMATORS)}")
     gv.add_argument("--repeats", type=int, default=100, help="gradient draws per estimator")
     gv.add_argument("--batch-size", type=int, default=100, help="rows of the probe batch (a seeded random subset)")
     gv.add_argument("--num-particles", type=int, default=1, help="samples per datapoint per draw (score+loo needs >= 2)")
-    gv.add_argument("--track-epochs", type=_hidden, default=None, help="retrain the run's config and measure at these epochs, e.g. 0,1,5")
-    gv.add_argument("--seed", type=int, default=0)
+    gv.add_argument("--track-epochs", type=_hidden, default=None, help="retrain the run's config and measure at these epochs, e.g. 0,1,5 (default: measure the trained run only)")
+    gv.add_argument("--seed", type=int, default=0, help="seeds the probe batch and the draws")
     _output(gv, progress=False)
 
 
 def _gaps(sub: Any, app: Any) -> None:
-    g = sub.add_parser("gaps", help="approximation and amortisation gaps of trained run(s) (Cremer et al. 2018)")
-    g.add_argument("--run", action="append", default=[], help="run directory from ppl-vae fit (repeat to compare models)")
-    g.add_argument("--merge", action="append", default=[], help="instead of --run: merge earlier gaps folders into one table and figure")
+    g = _command(sub, "gaps", "approximation and amortisation gaps of trained run(s) (Cremer et al. 2018)", (
+        "For datapoints of a split: log p(x) (IWAE with K draws, or AIS), the ELBO of the run's encoder L[q],\n"
+        "and of q* fitted to each datapoint alone L[q*] in the guide's family (and any --families). The\n"
+        "inference gap log p(x) - L[q] splits into approximation (log p(x) - L[q*]) and amortisation\n"
+        "(L[q*] - L[q]) gaps, in nats; writes table.md, gaps.csv/json and gaps.png, and prints which gap dominates."),
+        "ppl-vae gaps --run runs/vae --num-points 100 --K 5000 --out runs/vae-gaps")
+    g.add_argument("--run", action="append", default=[], help="run directory from ppl-vae fit (repeat to compare models; default: none)")
+    g.add_argument("--merge", action="append", default=[], help="instead of --run: merge earlier gaps folders into one table and figure (default: none)")
     g.add_argument("--split", default="test", help="train, valid or test (default test)")
     g.add_argument("--num-points", type=int, default=100, help="random datapoints of the split (the same for every run)")
     g.add_argument("--logpx", default="iwae", help="iwae (K draws from the best q*) or ais")
     g.add_argument("--K", type=int, default=5000, help="importance samples of the IWAE estimate of log p(x)")
     g.add_argument("--elbo-samples", type=int, default=1000, help="draws for each ELBO estimate")
-    g.add_argument("--families", default="", help="extra q* families besides the guide's own: diagonal,full,flow")
+    g.add_argument("--families", default="", help="extra q* families besides the guide's own: diagonal,full,flow (default: none)")
     g.add_argument("--local-steps", type=int, default=3000, help="most Adam steps of each local optimisation")
     g.add_argument("--local-lr", type=float, default=1e-2, help="learning rate of the local optimisation")
     g.add_argument("--ais-steps", type=int, default=1000, help="AIS intermediate densities (with --logpx ais)")
     g.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the datapoints picked and every draw (per datapoint)")
     _spread(g)
-    _output(g, progress=False)
+    _output(g)
 
 
 def _compare(sub: Any, app: Any) -> None:
-    cm = sub.add_parser("compare", help="VI vs MCMC (batched HMC) on latent posteriors of datapoints of a trained run")
+    cm = _command(sub, "compare", "VI vs MCMC (batched HMC) on latent posteriors of datapoints of a trained run", (
+        "Samples p(z|x) of each datapoint with batched HMC (per-datapoint step size and mass matrix, R-hat and\n"
+        "ESS checked) and draws the guide's q(z|x), then reports per datapoint and latent dimension the error\n"
+        "of VI's mean in posterior sds, the sd ratio, the coverage of VI's 90% intervals, the energy distance\n"
+        "and the Pareto k-hat of the importance weights; writes compare.json/csv and figures, and a verdict in words."),
+        "ppl-vae compare --run runs/vae --num-points 10 --out runs/vae-compare")
     cm.add_argument("--run", required=True, help="run directory from ppl-vae fit")
     cm.add_argument("--split", default="test", help="train, valid or test (default test)")
     cm.add_argument("--num-points", type=int, default=10, help="random datapoints of the split (default 10)")
-    cm.add_argument("--indices", type=_hidden, default=None, help="comma-separated datapoint indices (instead of --num-points)")
+    cm.add_argument("--indices", type=_hidden, default=None, help="comma-separated datapoint indices (instead of --num-points; default: none)")
     cm.add_argument("--guide", default="amortized", help="amortized (the run's encoder) or local (q* optimised per datapoint)")
     cm.add_argument("--draws", type=int, default=1000, help="kept MCMC draws per chain (default 1000)")
     cm.add_argument("--chains", type=int, default=4, help="MCMC chains per datapoint (default 4)")
     cm.add_argument("--warmup", type=int, default=None, help="warmup transitions (default: --draws)")
     cm.add_argument("--vi-draws", type=int, default=None, help="VI draws per datapoint (default: chains x draws)")
-    cm.add_argument("--seed", type=int, default=0)
+    cm.add_argument("--seed", type=int, default=0, help="seeds the datapoints picked and every draw (per datapoint)")
     _spread(cm)
     _output(cm)
 

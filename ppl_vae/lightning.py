@@ -88,7 +88,7 @@ class SVIModule(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        elbo, _ = elbo_per_datapoint(self.model, self.guide, *batch)
+        elbo = elbo_per_datapoint(self.model, self.guide, *batch).value
         self.log("val_elbo", elbo.mean(), batch_size=batch[0].shape[0], sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ppl_vae"
 
 LAYERS = {
-    "ppl_vae.errors": 0, "ppl_vae.io": 1,
+    "ppl_vae.errors": 0, "ppl_vae.io": 1, "ppl_vae.progress": 1,
     "ppl_vae.nn": 2, "ppl_vae.distributions": 2, "ppl_vae.data": 2,
     "ppl_vae.models": 3, "ppl_vae.guides": 3,
     "ppl_vae.inference": 4,

@@ -36,7 +36,7 @@ def test_a_users_trainer_and_csv_logger_train_the_model(tmp_path):
 
     def score() -> torch.Tensor:
         with torch.no_grad():
-            return elbo_per_datapoint(model, guide, x, num_particles=50)[0]
+            return elbo_per_datapoint(model, guide, x, num_particles=50).value
 
     before = score()
     module = SVIModule(model, guide, x[:20], num_data=len(x), estimator="score+nvil", num_particles=2, lr=1e-2)
@@ -54,7 +54,7 @@ def test_a_users_trainer_and_csv_logger_train_the_model(tmp_path):
     # the last logged validation ELBO (one draw per datapoint, the final parameters) is the model's ELBO up to its
     # Monte Carlo error, whose size a fresh one-draw estimate shows
     with torch.no_grad():
-        one = elbo_per_datapoint(model, guide, x)[0]
+        one = elbo_per_datapoint(model, guide, x).value
     mc_se = (one - after).std().item() / math.sqrt(len(x))
     assert abs(val[-1] - after.mean().item()) < Z * mc_se, (val[-1], after.mean().item(), mc_se)
     # the NVIL baseline's network is trained with the model (it is part of the module)

@@ -2,6 +2,6 @@
 
 :mod:`.config` (what defines a run, every compatibility rule), :mod:`.registry`
 (named models -> networks, model and guide), :mod:`.runs` (locked run
-directories, :func:`~.runs.load_run`), :mod:`.commands` (one module per
+directories, :func:`~.runs.open_run`), :mod:`.commands` (one module per
 ``ppl-vae`` subcommand) and :mod:`.figures` (every picture).
 """

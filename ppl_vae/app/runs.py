@@ -5,8 +5,9 @@ A run directory holds ``config.json``, ``checkpoint.pt``, ``history.csv``,
 :func:`prepare_run_dir` *after* every option was checked: it takes the
 directory's lock file (``fcntl.flock``; the lock dies with the process),
 removes the temporary files of a killed write, and with ``force`` clears
-everything of the old contents. :func:`load_run` rebuilds the trained model
-of a run (config + checkpoint, read with ``weights_only``).
+everything of the old contents. :func:`open_run` rebuilds the trained model
+of a run (config + checkpoint, read with ``weights_only``) and its data;
+:func:`load_run` gives it as the :class:`~ppl_vae.inference.FitResult` that ``fit`` returns.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from ..errors import (
     ConfigError,
     RunDirectoryError,
 )
-from ..inference.params import discover
-from ..inference.svi import CHECKPOINT, load_params
+from ..inference.fitted import FitResult, attach
+from ..inference.params import Discovered, discover, load_params
+from ..inference.svi import CHECKPOINT
 from .config import Config
 from .registry import (
     Built,
@@ -42,7 +44,7 @@ try:  # POSIX; elsewhere (Windows) directories are not locked
 except ImportError:  # pragma: no cover - exercised only where fcntl is missing
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["holding", "releasing", "check_run_dir", "prepare_run_dir", "release_run_dir", "read_config", "load_run"]
+__all__ = ["holding", "releasing", "check_run_dir", "prepare_run_dir", "release_run_dir", "read_config", "open_run", "load_run"]
 
 
 LOCK = ".ppl-vae.lock"
@@ -213,14 +215,18 @@ def read_config(path: str | Path, **overrides: Any) -> Config:
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
-def load_run(run_dir: str | Path) -> tuple[Built, dict[str, Dataset]]:
+def open_run(run_dir: str | Path) -> tuple[Built, dict[str, Dataset]]:
     """Rebuild the trained model of a run directory (config + checkpoint) and its data.
 
     The checkpoint is read with ``weights_only=True`` (a file holding other
     objects is refused, never executed) and refused if a parameter is NaN
     or infinite.
     """
-    run_dir = Path(run_dir)
+    built, splits, _, _ = _open(Path(run_dir))
+    return built, splits
+
+
+def _open(run_dir: Path) -> tuple[Built, dict[str, Dataset], Discovered, dict[str, Any]]:
     if not (run_dir / CONFIG).is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG})")
     cfg = read_config(run_dir / CONFIG)
@@ -234,4 +240,31 @@ def load_run(run_dir: str | Path) -> tuple[Built, dict[str, Dataset]]:
     # an estimator's own networks (NVIL's baseline) are saved after the model's and guide's parameters
     load_params(found.params, saved, f"in {run_dir} (its config)", extra=True)
     found.train(False)
-    return built, splits
+    return built, splits, found, ckpt
+
+
+def load_run(run_dir: str | Path) -> FitResult:
+    """The trained model of a CLI run as the :class:`~ppl_vae.inference.FitResult` ``fit`` returns (``sample``, ``posterior``, ``elbo``, ``iwae``, ``save``).
+
+    Its record is the checkpoint's history, with the final ELBOs of
+    ``metrics.json`` where the run finished (else the last epoch's); its
+    ``model`` and ``guide`` are the run's, rebuilt from ``config.json``
+    (:func:`open_run`).
+    """
+    run_dir = Path(run_dir)
+    built, splits, found, ckpt = _open(run_dir)
+    try:
+        metrics = json.loads((run_dir / METRICS).read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    history = tuple(dict(row) for row in ckpt.get("history", []))
+    last = history[-1] if history else {}
+    options = ckpt.get("options") or {}
+    record = FitResult(
+        history=history, train_elbo=float(metrics.get("train_elbo", last.get("train_elbo", float("nan")))),
+        val_elbo=metrics.get("val_elbo", last.get("val_elbo")), epochs=len(history), steps=int(ckpt.get("step", 0)),
+        wall_time=float(ckpt.get("wall_time", 0.0)), stopped_early=bool(ckpt.get("stopped_early", False)),
+        best_epoch=int(ckpt.get("best_epoch", 0)), estimator=str(options.get("estimator", built.config.estimator)), options=dict(options),
+    )
+    shapes = [(tuple(t.shape[1:]), t.dtype) for t in split_tensors(built.config, splits["train"])]
+    return attach(record, built.model, built.guide, shapes, None, str(run_dir), found=found)

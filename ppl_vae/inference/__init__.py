@@ -7,7 +7,7 @@
 """
 
 from .distributed import Spread
-from .elbo import elbo_per_datapoint, evaluate_elbo
+from .elbo import Estimate, elbo_per_datapoint, evaluate_elbo
 from .estimators import ESTIMATORS, IWAE, AnalyticKL, Enumerated, Estimator, Relaxed, Reparameterized, ScoreFunction, get_estimator
 from .gaps import AISResult, BDMCResult, Bounds, GapReport, LocalFit, ais, bdmc, decompose, importance_bounds, optimize_local
 from .gradients import GradientStats, gradient_stats
@@ -28,7 +28,7 @@ from .svi import FitResult, fit
 from .traces import log_weights, traces
 
 __all__ = [
-    "AISResult", "BDMCResult", "Bounds", "Comparison", "Draws", "ESTIMATORS", "IWAE", "AnalyticKL", "Enumerated", "Estimator",
+    "AISResult", "BDMCResult", "Bounds", "Comparison", "Draws", "ESTIMATORS", "Estimate", "IWAE", "AnalyticKL", "Enumerated", "Estimator",
     "FitResult", "GapReport", "GradientStats", "LocalFit", "Relaxed", "Reparameterized", "ScoreFunction", "Spread", "ais", "bdmc", "compare",
     "decompose", "elbo_per_datapoint", "evaluate_elbo", "fit", "get_estimator", "gradient_stats", "hmc", "hmc_latent",
     "importance_bounds", "log_weights", "nuts", "nuts_latent", "optimize_local", "traces", "vi_draws", "vi_draws_amortized",

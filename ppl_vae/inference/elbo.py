@@ -14,6 +14,7 @@ handlers (minibatch scaling, beta) are ignored: this is the true ELBO.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -21,7 +22,30 @@ import torch
 from ..errors import ConfigError, NonFiniteError
 from .traces import first_nonfinite_site, log_weights_of, traces
 
-__all__ = ["elbo_per_datapoint", "evaluate_elbo"]
+__all__ = ["Estimate", "elbo_per_datapoint", "evaluate_elbo"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A per-datapoint Monte Carlo estimate (nats): ``value`` and its standard error ``se`` (each ``[N]``) from ``num_draws`` draws per datapoint.
+
+    ``se`` is ``None`` when one draw per datapoint gives no spread to estimate
+    it from (ask for more particles), never a NaN standing in for a number.
+    """
+
+    value: torch.Tensor
+    se: torch.Tensor | None
+    num_draws: int
+
+    def mean(self) -> tuple[float, float]:
+        """The mean over datapoints and its standard error (from the spread across datapoints)."""
+        n = self.value.numel()
+        spread = float(self.value.std()) / n**0.5 if n > 1 else float("nan")
+        return float(self.value.mean()), spread
+
+    def __str__(self) -> str:
+        m, se = self.mean()
+        return f"{m:.3f} ± {se:.3f} nats (mean of {self.value.numel()} datapoints, {self.num_draws} draw(s) each)"
 
 
 def elbo_per_datapoint(
@@ -30,10 +54,10 @@ def elbo_per_datapoint(
     *args: torch.Tensor,
     num_particles: int = 1,
     plate: str = "data",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ELBO per datapoint and its Monte Carlo standard error, each ``[N]``.
+) -> Estimate:
+    """ELBO per datapoint and its Monte Carlo standard error, each ``[N]``, as an :class:`Estimate`.
 
-    The standard error is zero-width (NaN) for a single particle.
+    With a single particle there is no standard error (``se`` is ``None``).
 
     Raises
     ------
@@ -63,8 +87,8 @@ def elbo_per_datapoint(
             draws.append(lw)
     stacked = torch.stack(draws)
     mean = stacked.mean(0)
-    se = stacked.std(0) / num_particles**0.5 if num_particles > 1 else torch.full_like(mean, float("nan"))
-    return mean, se
+    se = stacked.std(0) / num_particles**0.5 if num_particles > 1 else None
+    return Estimate(mean, se, num_particles)
 
 
 def evaluate_elbo(
@@ -74,11 +98,12 @@ def evaluate_elbo(
     *,
     batch_size: int = 1000,
     num_particles: int = 1,
-) -> torch.Tensor:
-    """Per-datapoint ELBO (``[N]``, nats) over ``data`` (a tuple of tensors), in batches."""
+) -> Estimate:
+    """:func:`elbo_per_datapoint` over ``data`` (a tuple of tensors), in batches of ``batch_size`` rows."""
     n = data[0].shape[0]
-    out = [
-        elbo_per_datapoint(model, guide, *(t[i : i + batch_size] for t in data), num_particles=num_particles)[0]
+    parts = [
+        elbo_per_datapoint(model, guide, *(t[i : i + batch_size] for t in data), num_particles=num_particles)
         for i in range(0, n, batch_size)
     ]
-    return torch.cat(out)
+    se = torch.cat([p.se for p in parts]) if num_particles > 1 else None  # type: ignore[misc]
+    return Estimate(torch.cat([p.value for p in parts]), se, num_particles)

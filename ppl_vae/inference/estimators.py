@@ -51,6 +51,7 @@ Get a Baseline for Free!
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -72,6 +73,15 @@ __all__ = ["Estimator", "EstimatorLoss", "Reparameterized", "ScoreFunction", "An
 
 PARTICLES = "num_particles_vectorized"  # the name of Pyro's vectorised-particle plate
 BASELINES = ("average", "nvil", "loo")
+
+
+def _not_a_guess(record: logging.LogRecord) -> bool:
+    """Drop Pyro's INFO line ``Guessed max_plate_nesting = k``: every ELBO here guesses it on its first step, and
+    Pyro's own handler would print the line to the console of every Python session that trains (nothing else is muted)."""
+    return not record.getMessage().startswith("Guessed max_plate_nesting")
+
+
+logging.getLogger("pyro.infer.elbo").addFilter(_not_a_guess)
 
 
 class _NotReparameterized(dist.TorchDistribution):

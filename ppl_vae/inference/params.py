@@ -10,14 +10,16 @@ in one process never share parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from pyro import poutine
 from torch import nn
 
-__all__ = ["Discovered", "discover"]
+from ..errors import CheckpointError
+
+__all__ = ["Discovered", "discover", "load_params"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,16 @@ def discover(
         if value.requires_grad:
             params.setdefault(id(value), value)
     return Discovered(tuple(unique_modules), tuple(params.values()))
+
+
+def load_params(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor] | None, where: str, *, extra: bool = False) -> None:
+    """Copy checkpointed values into ``params`` in place, after checking that they match in number and shapes.
+
+    With ``extra``, ``saved`` may hold more tensors after those of ``params`` (an estimator's own
+    networks, saved after the model's and guide's). A mismatch is a :class:`CheckpointError` naming ``where``.
+    """
+    if saved is None or (len(saved) < len(params) if extra else len(saved) != len(params)) or any(s.shape != p.shape for s, p in zip(saved, params)):
+        raise CheckpointError(f"checkpoint {where} does not match this model and guide")
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)

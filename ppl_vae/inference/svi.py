@@ -43,7 +43,6 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
-from tqdm.auto import tqdm
 
 from .. import io
 from ..errors import (
@@ -57,6 +56,7 @@ from ..errors import (
     check_int,
     check_positive,
 )
+from ..progress import bar
 from .distributed import (
     Collectives,
     make_fabric,
@@ -66,41 +66,15 @@ from .distributed import (
 )
 from .elbo import evaluate_elbo
 from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
-from .params import Discovered, discover
+from .fitted import FitResult, attach
+from .params import Discovered, discover, load_params
 from .random import seeded
 from .traces import traces
 
-__all__ = ["fit", "FitResult", "Objective", "Rows", "as_tensors", "check_resume", "load_params", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
+__all__ = ["fit", "FitResult", "Objective", "Rows", "as_tensors", "check_resume", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """What a ``fit`` run produced. ELBOs are in nats per datapoint."""
-
-    history: tuple[dict[str, float], ...]
-    train_elbo: float
-    val_elbo: float | None
-    epochs: int
-    steps: int
-    wall_time: float
-    stopped_early: bool
-    best_epoch: int
-    estimator: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dataframe(self) -> Any:
-        """The per-epoch history as a pandas DataFrame."""
-        import pandas as pd
-
-        return pd.DataFrame(list(self.history))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["history"] = list(self.history)
-        return out
 
 
 class _ScaleLatents(Messenger):
@@ -270,7 +244,7 @@ class _Evaluator:
             for i in range(0, len(shard), self.batch_size):
                 batch = tuple(self.coll.fabric.to_device(t) for t in rows.take(shard[i : i + self.batch_size]))
                 if not self.enumerated:
-                    total += evaluate_elbo(self.model, self.guide, batch, batch_size=self.batch_size).sum().item()
+                    total += evaluate_elbo(self.model, self.guide, batch, batch_size=self.batch_size).value.sum().item()
                 else:  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
                     total -= self.loss_fn(*batch).item()
             total = self.coll.sum(total)
@@ -471,8 +445,8 @@ class _Trainer:
             batch = tuple(self.fabric.to_device(t) for t in data.take(idx))
             total += self.step(batch, state.step, epoch) * len(idx)
             state.step += 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, elbo=f"{total / min(len(order), start + local):.2f}")
+            bar.set_postfix(epoch=epoch + 1, elbo=f"{total / min(len(order), start + local):.2f}", refresh=False)
+            bar.update(1)  # redraws at most every mininterval (a log file: every 10 s)
         if self.sched is not None:
             self.sched.step()
         self.module.train(False)
@@ -549,19 +523,6 @@ class _Trainer:
 def _per_process(saved: Any) -> list[Any]:
     """A checkpoint's per-process list (one process wrote a single value before the Fabric loop)."""
     return list(saved) if isinstance(saved, list) else [saved]
-
-
-def load_params(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor] | None, where: str, *, extra: bool = False) -> None:
-    """Copy checkpointed values into ``params`` in place, after checking that they match in number and shapes.
-
-    With ``extra``, ``saved`` may hold more tensors after those of ``params`` (an estimator's own
-    networks, saved after the model's and guide's). A mismatch is a :class:`CheckpointError` naming ``where``.
-    """
-    if saved is None or (len(saved) < len(params) if extra else len(saved) != len(params)) or any(s.shape != p.shape for s, p in zip(saved, params)):
-        raise CheckpointError(f"checkpoint {where} does not match this model and guide")
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
 
 
 def _check_options(epochs: int, batch_size: int, num_particles: int, beta: float, lr: float, seed: int, patience: int | None,
@@ -693,6 +654,9 @@ def fit(
     Returns
     -------
     FitResult
+        The training record (``history``, ``train_elbo``, ...) and the trained
+        model: ``save``, ``sample``, ``posterior``, ``elbo``, ``iwae``
+        (:mod:`.fitted`).
 
     Raises
     ------
@@ -721,7 +685,7 @@ def fit(
     if batch_size % fabric.world_size:
         raise ConfigError(f"batch_size {batch_size} must be a multiple of the number of processes ({fabric.world_size})")
     with seeded(seed):
-        trainer, evaluate = _setup(model, guide, tensors, est, num_particles, batch_size, lr, optimizer, lr_schedule, epochs, beta,
+        trainer, evaluate, found, example = _setup(model, guide, tensors, est, num_particles, batch_size, lr, optimizer, lr_schedule, epochs, beta,
                                    seed, out, modules, eval_batch_size)
     trainer.refuse_loose_params(fabric.world_size)
     if resume:  # refused before any process starts
@@ -730,7 +694,8 @@ def fit(
     payload, handed = run_processes(fabric, _train, trainer, evaluate, tensors, val, run, what="training process")
     if handed:  # rank 0 ran in another process: its final values go into the caller's networks
         load_params(trainer.params, payload["params"], "of the training process")
-    return FitResult(**{**payload["result"], "history": tuple(payload["result"]["history"])})
+    result = FitResult(**{**payload["result"], "history": tuple(payload["result"]["history"])})
+    return attach(result, model, guide, [(tuple(t.shape[1:]), t.dtype) for t in example], None, "fit", found=found)
 
 
 @dataclass(frozen=True)
@@ -759,11 +724,11 @@ def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluato
         evaluate.coll = coll
         state = trainer.restore(run.epochs, run.patience) if run.resume else _State()
         steps = math.ceil(math.ceil(len(tensors) / coll.world) / (run.batch_size // coll.world))
-        bar = tqdm(total=(run.epochs - state.epoch) * steps, disable=not run.progress or coll.rank != 0, desc="fit", unit="step", leave=False)
+        shown = bar(total=(run.epochs - state.epoch) * steps, desc="fit", unit="step", enabled=run.progress and coll.rank == 0)
         try:
             while state.epoch < run.epochs and not state.stopped_early:
                 t0 = time.perf_counter()
-                row = trainer.epoch(tensors, run.batch_size, state, bar, run.validate_every_step)
+                row = trainer.epoch(tensors, run.batch_size, state, shown, run.validate_every_step)
                 if val is not None:
                     row["val_elbo"] = evaluate(val, f"the validation ELBO after epoch {row['epoch']}")
                 state.wall_time += time.perf_counter() - t0
@@ -774,7 +739,7 @@ def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluato
             where = f"the last checkpoint is epoch {trainer.saved_epoch} (in {trainer.out})" if trainer.saved_epoch else "there is no checkpoint"
             raise Interrupted(f"interrupted; {where}", epoch=trainer.saved_epoch) from None
         finally:
-            bar.close()
+            shown.close()
             trainer.objective.train(False)
         if state.stopped_early and state.best_params is not None:
             load_params(trainer.params, state.best_params, "best parameters")
@@ -791,8 +756,8 @@ def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluato
 def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: Rows, est: Estimator, num_particles: int,
            batch_size: int, lr: float, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None,
            lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None, epochs: int, beta: float, seed: int, out: str | Path | None,
-           modules: Iterable[nn.Module], eval_batch_size: int) -> tuple[_Trainer, _Evaluator]:
-    """Find the networks, build the loss, the optimiser and schedule, the divergence watch and the evaluator."""
+           modules: Iterable[nn.Module], eval_batch_size: int) -> tuple[_Trainer, _Evaluator, Discovered, tuple[torch.Tensor, ...]]:
+    """Find the networks, build the loss, the optimiser and schedule, the divergence watch and the evaluator (with the networks found and the example batch)."""
     n = len(tensors)
     example = tensors.take(torch.arange(min(n, batch_size), device="cpu"))
     found = discover(model, guide, example, modules)
@@ -809,4 +774,4 @@ def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: 
         objective, params, _named(found, params), optim, _schedule(optim, lr_schedule, epochs),
         seed, _DivergenceWatch(bounded, beta), out,
     )
-    return trainer, _Evaluator(model, guide, loss_fn, enumerated, eval_batch_size)
+    return trainer, _Evaluator(model, guide, loss_fn, enumerated, eval_batch_size), found, example

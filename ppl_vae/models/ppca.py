@@ -61,7 +61,7 @@ class PPCA(nn.Module):
     def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
         """The exact posterior ``p(z | x)``, batched over the rows of ``x``."""
         s2 = self.sigma**2
-        M = self.W.T @ self.W + s2 * torch.eye(self.latent_dim, dtype=x.dtype)
+        M = self.W.T @ self.W + s2 * torch.eye(self.latent_dim, dtype=x.dtype, device=x.device)
         L = torch.linalg.cholesky(M)
         mean = torch.cholesky_solve(((x - self.mu) @ self.W).unsqueeze(-1), L).squeeze(-1)
         cov = s2 * torch.cholesky_inverse(L)
@@ -69,7 +69,7 @@ class PPCA(nn.Module):
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact ``log p(x)`` per row of ``x``: shape ``[N]``."""
-        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.data_dim, dtype=x.dtype)
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.data_dim, dtype=x.dtype, device=x.device)
         return dist.MultivariateNormal(self.mu, covariance_matrix=cov).log_prob(x)
 
     def exact_guide(self, x: torch.Tensor) -> None:
@@ -80,6 +80,6 @@ class PPCA(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``x`` from the model: ``[num_samples, D]``."""
-        z = torch.randn(num_samples, self.latent_dim, generator=generator, dtype=self.W.dtype)
-        noise = torch.randn(num_samples, self.data_dim, generator=generator, dtype=self.W.dtype)
+        z = torch.randn(num_samples, self.latent_dim, generator=generator, dtype=self.W.dtype, device=self.W.device)
+        noise = torch.randn(num_samples, self.data_dim, generator=generator, dtype=self.W.dtype, device=self.W.device)
         return z @ self.W.T + self.mu + self.sigma * noise

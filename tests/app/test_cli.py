@@ -6,6 +6,7 @@ and writes into ``tmp_path``.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io as io_
 import json
@@ -372,3 +373,34 @@ def test_under_torchrun_every_process_trains_and_only_rank_zero_writes_and_print
     assert [r["index"] for r in rows[0]] == [r["index"] for r in rows[1]]
     for a, b in zip(*rows):  # float32 networks in blocks of 2 rows instead of 4: ~100 float32 ulps (measured below 1e-6)
         assert all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-5, abs_tol=1e-5) for k in a if k not in ("run",)), (a, b)
+
+
+def test_every_subcommand_has_a_description_an_example_and_every_option_its_meaning_and_default(capsys):
+    from ppl_vae.app import commands
+    from ppl_vae.cli import build_parser
+
+    parser = build_parser(commands)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"fit", "demo", "gaps", "compare", "plot", "grad-variance", "m2", "cvae-quadrants"}
+    for name, p in sub.choices.items():
+        assert p.description and len(p.description.split()) > 20, name  # a paragraph, not a title
+        assert p.epilog and p.epilog.startswith("example:\n  ppl-vae " + name), name
+        text = p.format_help()
+        for action in p._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings}: no description"
+            flag = action.nargs == 0  # store_true: off unless given
+            if not (flag or action.required):
+                shown = p.formatter_class(prog=p.prog)._get_help_string(action)
+                assert "default" in shown, f"{name} {action.option_strings}: no default shown ({shown!r})"
+        assert "example:" in text
+
+
+def test_help_shows_defaults_in_the_terminal(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["gaps", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for fragment in ("--K K", "(default 5000)", "--no-progress", "example:\n  ppl-vae gaps --run"):
+        assert fragment in out, fragment

@@ -28,9 +28,10 @@ from ppl_vae import io
 from ppl_vae.app import runs
 from ppl_vae.app.commands.fit import run
 from ppl_vae.app.config import Config
-from ppl_vae.app.runs import CONFIG, load_run, read_config
+from ppl_vae.app.runs import CONFIG, open_run, read_config
 from ppl_vae.cli import main
 from ppl_vae.errors import ConfigError
+from ppl_vae.inference.elbo import Estimate
 
 TINY = ["--dataset", "digits", "--binarize", "threshold", "--limit", "60", "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress"]
 SUBPROCESS_ENV = {"MPLBACKEND": "Agg"}
@@ -280,7 +281,7 @@ def test_an_early_stopped_run_is_its_best_epoch(tmp_path, monkeypatch):
 
     def fake_validation(model, guide, data, batch_size=1000):
         n = data[0].shape[0] if isinstance(data, tuple) else data.shape[0]
-        return torch.full((n,), next(vals, -1.0))
+        return Estimate(torch.full((n,), next(vals, -1.0)), None, 1)
 
     def recording_save(path, state):
         checkpointed[state["epoch"]] = [p.clone() for p in state["params"]]
@@ -292,7 +293,7 @@ def test_an_early_stopped_run_is_its_best_epoch(tmp_path, monkeypatch):
     cfg = Config(binarize="threshold", limit=60, hidden=(16,), batch_size=32, epochs=10, patience=2)
     metrics = run(cfg, out, progress=False, figures=False)
     assert metrics["stopped_early"] and metrics["epochs"] == 4 and metrics["best_epoch"] == 2
-    built, _ = load_run(out)
+    built, _ = open_run(out)
     from ppl_vae.inference.params import discover
 
     loaded = discover(built.model, built.guide, (_first_rows(out),)).params
@@ -546,7 +547,7 @@ def test_plot_errors_before_any_work(finished, tmp_path, capsys, monkeypatch, bi
     def no_work(*args, **kwargs):
         raise AssertionError("a run was loaded before the datasets were compared")
 
-    monkeypatch.setattr("ppl_vae.app.commands.plot.load_run", no_work)
+    monkeypatch.setattr("ppl_vae.app.commands.plot.open_run", no_work)
     png = tmp_path / "sweep.png"
     assert main(["plot", "--kind", "latent-sweep", "--run", str(finished), "--run", str(other), "--out", str(png)]) == 2
     one_line(capsys, "same dataset", "digits", "binarized-mnist")

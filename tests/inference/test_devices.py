@@ -79,7 +79,7 @@ PATHS = {
     "fit score+loo": _fit("score+loo", num_particles=2),
     "fit iwae": _fit("iwae", num_particles=2),
     "fit analytic-kl": _fit("analytic-kl"),
-    "evaluate_elbo": lambda m, g, x: evaluate_elbo(m, g, (x,)),
+    "evaluate_elbo": lambda m, g, x: evaluate_elbo(m, g, (x,)).value,
     "importance_bounds": lambda m, g, x: importance_bounds(m, g, x[:4], num_samples=20, seed=0).iwae,
     "optimize_local full": lambda m, g, x: optimize_local(m, x[:3], init=g, family="full", max_steps=20).final_elbo,
     "optimize_local flow": lambda m, g, x: optimize_local(m, x[:3], init=g, family="flow", max_steps=20).final_elbo,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import BINARY
 
-from ppl_vae.app.runs import load_run
+from ppl_vae.app.runs import open_run
 from ppl_vae.cli import main
 from ppl_vae.data import load
 from ppl_vae.distributions import get_likelihood
@@ -44,7 +44,7 @@ def digits():
 
 
 def held_out_elbo(model, guide, x, particles=4):
-    mean, se = elbo_per_datapoint(model, guide, x, num_particles=particles)
+    mean = elbo_per_datapoint(model, guide, x, num_particles=particles).value
     return mean.mean().item(), (mean.std() / math.sqrt(len(mean))).item()
 
 
@@ -162,7 +162,7 @@ def test_cli_fit_and_reload(model, tmp_path):
             "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     assert (out / "prior_samples.png").stat().st_size > 1000
-    built, splits = load_run(out)
+    built, splits = open_run(out)
     x = splits["test"].x[:5]
     assert built.reconstruct(x).shape == x.shape
     assert built.latent_mean(x).shape[0] == 5

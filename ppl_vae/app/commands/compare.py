@@ -32,7 +32,7 @@ from ...inference.mcmc.vi import vi_draws as guide_draws
 from ...inference.mcmc.vi import vi_draws_amortized
 from ...inference.random import pick
 from ..figures.compare import comparison_figures
-from ..runs import load_run, prepare_run_dir, releasing
+from ..runs import open_run, prepare_run_dir, releasing
 
 __all__ = ["GUIDES", "compare_run", "compare_points", "demo_comparison", "pick_points"]
 
@@ -94,7 +94,7 @@ def compare_points(
     else:  # q* of the guide's own family (full covariance where the guide is in none), started at the guide
         q0, _ = guide_in_latent_space(built.guide, latent_of(built.model, *args, guide=built.guide, analysis="compare"), *args)
         family = (family_of(q0) if q0 is not None else None) or "full"
-        fit = optimize_local(built.model, *args, family=family, init=q0 if q0 is not None else built.guide, seed=seed, index=idx)
+        fit = optimize_local(built.model, *args, family=family, init=q0 if q0 is not None else built.guide, seed=seed, index=idx, progress=progress)
         vi = guide_draws(built.model, fit.posterior, *args, num_samples=vi_draws, seed=seed, method="vi-local", index=idx)
     return mcmc, vi, compare(mcmc, vi, seed=seed)
 
@@ -136,7 +136,7 @@ def compare_run(
     """
 
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
-    built, splits = load_run(run_dir)
+    built, splits = open_run(run_dir)
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(splits)}")
     data = splits[split]
@@ -157,13 +157,14 @@ def compare_run(
         "run": str(run_dir), "split": split, "indices": picked, "guide": guide, "draws": draws, "chains": chains,
         "warmup": warmup, "vi_draws": vi_draws, "seed": seed, "mcmc_method": mcmc.method, "mcmc_wall_time_s": mcmc.wall_time,
         "divergences": mcmc.num_divergences, "wall_time_s": time.perf_counter() - t0, "summary": comparison.summary(),
+        "verdict": comparison.verdict(),
     }
     _write(out, mcmc, vi, comparison, info, figures)
     return info
 
 
 @releasing
-def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: int = 0, *, num_points: int = 4) -> dict[str, Any]:
+def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: int = 0, *, num_points: int = 4, progress: bool = False) -> dict[str, Any]:
     """VI vs batched HMC on ``num_points`` test datapoints of the demo run, written to ``out/compare/``.
 
     Small on purpose (4 chains x 300 draws after 300 warmup): seconds on the
@@ -175,11 +176,11 @@ def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: i
     target = Path(out) / "compare"
     prepare_run_dir(target, force=True)  # the demo owns its run directory: its compare folder is replaced
     t0 = time.perf_counter()
-    mcmc, vi, comparison = compare_points(built, args, draws=300, warmup=300, chains=4, seed=seed, index=picked)
+    mcmc, vi, comparison = compare_points(built, args, draws=300, warmup=300, chains=4, seed=seed, index=picked, progress=progress)
     info = {
         "split": "test", "indices": picked, "guide": "amortized", "draws": 300, "chains": 4, "warmup": 300,
         "mcmc_method": mcmc.method, "divergences": mcmc.num_divergences, "wall_time_s": time.perf_counter() - t0,
-        "summary": comparison.summary(),
+        "summary": comparison.summary(), "verdict": comparison.verdict(),
     }
     _write(target, mcmc, vi, comparison, info, figures=True)
     return info
@@ -197,9 +198,6 @@ def command(args: argparse.Namespace) -> int:
         f"{len(info['indices'])} datapoints, {info['chains']} chains x {info['draws']} draws: MCMC {info['mcmc_wall_time_s']:.1f} s, "
         f"max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, {info['divergences']} divergent transitions"
     )
-    print(
-        f"VI ({info['guide']}) vs MCMC: max |mean error| {s['max_abs_std_mean_error']:.2f} sd, sd ratio {s['min_sd_ratio']:.2f}..{s['max_sd_ratio']:.2f}, "
-        f"90% coverage {s['mean_coverage_90']:.2f}, max Pareto k {s['max_pareto_k']:.2f}, {s['num_flagged_dims']:.0f} flagged dims"
-    )
+    print(info["verdict"])
     print(f"wrote {args.out}/: comparison.csv comparison.json mcmc_diagnostics.csv compare.json vi_mcmc_pairs.png vi_mcmc_marginals.png vi_mcmc_errors.png")
     return 0

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..config import Config
-from ..runs import load_run
+from ..runs import open_run
 from .compare import demo_comparison
 from .fit import report, run
 from .gaps import gaps_run, table_markdown
@@ -25,11 +25,13 @@ def command(args: argparse.Namespace) -> int:
     report(metrics, args.out)
 
     gaps_dir = Path(args.out) / "gaps"  # the demo owns its run directory, so its gaps folder is rewritten
-    reports = gaps_run([args.out], gaps_dir, num_points=30, num_samples=2000, elbo_samples=500, families=["full", "flow"], force=True)
+    reports = gaps_run([args.out], gaps_dir, num_points=30, num_samples=2000, elbo_samples=500, families=["full", "flow"], force=True,
+                       progress=not args.no_progress)
     print(table_markdown(reports), end="")
     print(f"wrote {gaps_dir}/: gaps.csv gaps.json table.md gaps.png")
 
-    built, splits = load_run(args.out)
-    info = demo_comparison(built, splits, args.out, seed=0)
-    print(f"VI vs MCMC on test points {info['indices']}: {info['mcmc_method']}, {info['divergences']} divergences; wrote {Path(args.out) / 'compare'}/")
+    built, splits = open_run(args.out)
+    info = demo_comparison(built, splits, args.out, seed=0, progress=not args.no_progress)
+    print(info["verdict"])
+    print(f"wrote {Path(args.out) / 'compare'}/ (VI vs MCMC on test points {', '.join(map(str, info['indices']))})")
     return 0

@@ -1,7 +1,7 @@
 """``ppl-vae fit``: a config -> networks, model and guide (:mod:`..registry`), ``fit``, a run directory.
 
 A run directory holds ``config.json``, ``checkpoint.pt``, ``history.csv``,
-``metrics.json`` and the figures; :func:`ppl_vae.app.runs.load_run` rebuilds
+``metrics.json`` and the figures; :func:`ppl_vae.app.runs.open_run` rebuilds
 a trained model from it.
 
 :func:`run` checks everything before it touches the directory: the options
@@ -183,7 +183,7 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         done = result.epochs
         test = split_tensors(cfg, splits["test"])
         with seeded(cfg.seed):
-            test_elbo, _ = elbo_per_datapoint(built.model, built.guide, *test)
+            test_elbo = elbo_per_datapoint(built.model, built.guide, *test).value
         metrics: dict[str, Any] = {
             "objective": objective_name(cfg),
             "units": "nats per datapoint",

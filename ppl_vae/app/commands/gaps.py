@@ -30,7 +30,7 @@ from ...inference.gaps.decompose import (
 from ...inference.gaps.local import check_options as check_local_options
 from ...inference.random import pick
 from ..figures.gaps import gap_figure
-from ..runs import load_run, prepare_run_dir, releasing
+from ..runs import open_run, prepare_run_dir, releasing
 
 __all__ = ["gaps_run", "merge_gaps", "load_reports", "table_markdown", "GAPS_PNG", "TABLE_MD"]
 
@@ -43,13 +43,15 @@ def table_markdown(reports: Sequence[GapReport]) -> str:
     rows = [("log p̂(x)", "log_px")] + [(f"L[q*] ({f})", f"elbo_qstar_{f}") for f in families] + [("L[q]", "elbo_q")]
     rows += [("approximation gap", "approximation_gap"), ("amortisation gap", "amortisation_gap"), ("inference gap", "inference_gap")]
     sums = [r.summary() for r in reports]
-    lines = ["| | " + " | ".join(f"{r.name} (q* {r.family}{'' if r.q_in_family else '; q is not in this family'})" for r in reports) + " |", "|---|" + "---|" * len(reports)]
+    head = [f"{r.name} (gaps with q* {r.family}{', the guide' + chr(39) + 's family' if r.q_in_family else '; q is not in this family'})" for r in reports]
+    lines = ["| nats per datapoint | " + " | ".join(head) + " |", "|---|" + "---|" * len(reports)]
     for label, key in rows:
         cells = [f"{s[key]:.2f} ± {s[key + '_se']:.2f}" if key in s else "" for s in sums]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     est = "; ".join(f"{r.name}: {r.logpx_estimator}" for r in reports)
     lines.append("")
     lines.append(f"{len(reports[0].index)} datapoints; ELBOs from {reports[0].num_samples} draws each (the IWAE proposal's from K); log p̂(x): {est}. ± is the standard error of the mean over datapoints.")
+    lines += ["", *(r.verdict() for r in reports)]
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +79,7 @@ def gaps_run(
     force: bool = False,
     figures: bool = True,
     spread: Spread | None = None,
+    progress: bool = False,
 ) -> list[GapReport]:
     """Decompose the gaps of each run on the same ``num_points`` random rows of ``split``; write CSV, JSON, table, figure.
 
@@ -90,7 +93,7 @@ def gaps_run(
     check_int(num_samples, "--K")
     if not runs:
         raise ConfigError("give at least one --run")
-    loaded = [load_run(r) for r in runs]  # every run is checked before anything is written
+    loaded = [open_run(r) for r in runs]  # every run is checked before anything is written
     names = [Path(r).name or str(r) for r in runs]
     if len(set(names)) != len(names):  # the same folder name twice: number them
         names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
@@ -114,7 +117,8 @@ def gaps_run(
         data = tuple(t[idx] for t in splits[split].tensors(with_labels=built.conditional))
         reports.append(
             decompose(built.model, built.guide, *data, logpx=logpx, num_samples=num_samples, elbo_samples=elbo_samples, families=tuple(families or ()),
-                      local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed, spread=spread)
+                      local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed, spread=spread,
+                      progress=progress)
         )
     rows = [dict(run=r.name, **row) for r in reports for row in r.to_dataframe().to_dict("records")]
     io.write_csv(out / GAPS_CSV, rows)
@@ -205,7 +209,7 @@ def command(args: argparse.Namespace) -> int:
         args.run, args.out, split=args.split, num_points=args.num_points, logpx=args.logpx, num_samples=args.K,
         elbo_samples=args.elbo_samples, families=families, local_options={"max_steps": args.local_steps, "lr": args.local_lr},
         ais_options={"num_steps": args.ais_steps, "num_chains": args.ais_chains}, seed=args.seed, force=args.force,
-        spread=Spread.given(args.accelerator, args.devices, args.strategy, args.num_nodes),
+        spread=Spread.given(args.accelerator, args.devices, args.strategy, args.num_nodes), progress=not args.no_progress,
     )
     print(table_markdown(reports), end="")
     print(f"wrote {args.out}/: gaps.csv gaps.json table.md gaps.png")

@@ -15,7 +15,7 @@ from ...inference.gradients import GradientStats, gradient_course, gradient_stat
 from ...inference.random import pick
 from ..figures.gradients import plot_gradient_stats
 from ..registry import build
-from ..runs import check_run_dir, load_run, prepare_run_dir, releasing
+from ..runs import check_run_dir, open_run, prepare_run_dir, releasing
 
 __all__ = ["grad_variance_report"]
 
@@ -51,7 +51,7 @@ def grad_variance_report(
     check_int(batch_size, "batch size")
     for e in estimators:
         get_estimator(e).validate(num_particles)
-    built, splits = load_run(run_dir)
+    built, splits = open_run(run_dir)
     cfg, train = built.config, splits["train"]
     tensors = train.tensors(with_labels=cfg.spec.labels)
     probe = tuple(t[pick(len(train), batch_size, seed=seed)] for t in tensors)

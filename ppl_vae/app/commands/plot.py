@@ -20,7 +20,7 @@ from ..figures.latent import (
     tsne,
 )
 from ..figures.run import load_pyplot
-from ..runs import CONFIG, METRICS, load_run, read_config
+from ..runs import CONFIG, METRICS, open_run, read_config
 
 __all__ = ["plot_runs"]
 
@@ -61,7 +61,7 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
         if len(set(data.values())) > 1:
             listed = ", ".join(f"{r}: {d}{f' ({b})' if b else ''}" for r, (d, b) in data.items())
             raise ConfigError(f"plot --kind {kind} needs runs on the same dataset, got {listed}")
-    loaded = [load_run(r) for r in runs]
+    loaded = [open_run(r) for r in runs]
     if any(b.conditional for b, _ in loaded):
         raise ConfigError("latent-space pictures need unconditional runs; a cvae's encoder needs labels")
     built, splits = loaded[0]

@@ -55,25 +55,25 @@ def vi_mcmc_pairs(mcmc: Any, vi: Any, comparison: Any, *, max_dims: int = 4) -> 
         grid.map_diag(sns.kdeplot, common_norm=False, warn_singular=False)
         grid.add_legend()
         fig = grid.figure
-    fig.suptitle(f"VI vs MCMC, datapoint {comparison.points[p]}: most discrepant dims", y=1.02)
+    fig.suptitle(f"VI vs MCMC, datapoint {comparison.points[p]} (dataset index): its most discrepant dims", y=1.02)
     return fig
 
 def vi_mcmc_marginals(mcmc: Any, vi: Any, comparison: Any, *, max_points: int = 4, max_dims: int = 4) -> Figure:
-    """Marginal KDE overlays, one row per datapoint (most discrepant first), its most discrepant dims."""
+    """Marginal KDE overlays: the most discrepant datapoints (rows, by dataset index), each with its most discrepant dims (in dimension order)."""
     import seaborn as sns
 
     plt = load_pyplot()
     score = np.nan_to_num(_discrepancy(comparison), nan=-1)
-    rows = [int(i) for i in np.argsort(-score.max(1))[:max_points]]
+    rows = sorted(int(i) for i in np.argsort(-score.max(1))[:max_points])
     ncol = min(max_dims, score.shape[1])
     fig, axes = plt.subplots(len(rows), ncol, figsize=(2.6 * ncol, 2.1 * len(rows)), squeeze=False)
     for r, p in enumerate(rows):
-        dims = [int(d) for d in np.argsort(-score[p])[:ncol]]
+        dims = sorted(int(d) for d in np.argsort(-score[p])[:ncol])
         df = _vi_mcmc_frame(mcmc, vi, comparison, p, dims)
         for c, name in enumerate(df.columns[:-1]):
             ax = axes[r, c]
             sns.kdeplot(data=df, x=name, hue="method", hue_order=["MCMC", "VI"], common_norm=False, ax=ax, legend=(r == 0 and c == ncol - 1), warn_singular=False)
-            ax.set_title(f"point {comparison.points[p]}: {name}", fontsize=8)
+            ax.set_title(f"datapoint {comparison.points[p]}: {name}", fontsize=8)
             ax.set_xlabel("")
             ax.set_ylabel("")
     fig.tight_layout()
@@ -94,7 +94,14 @@ def vi_mcmc_errors(comparison: Any) -> Figure:
         ax.set_ylabel(label, fontsize=8)
         ax.set_xlabel("")
     axes[-1].tick_params(axis="x", rotation=90, labelsize=7)
+    axes[-1].set_xlabel("latent dimension")
     axes[0].set_title(f"{comparison.vi_method} vs {comparison.mcmc_method}, {len(comparison.points)} datapoints")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", ls="none", color="tab:blue", alpha=0.6, label="one datapoint"),
+               Line2D([], [], marker="_", ls="none", color="black", markersize=12, label="mean over datapoints"),
+               Line2D([], [], color="tab:red", lw=0.8, label="VI agrees with MCMC")]
+    axes[0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -32,6 +32,8 @@ def gap_figure(reports: Any) -> Figure:
     sns.scatterplot(data=df, x="approximation_gap", y="amortisation_gap", hue="model", ax=ax2, s=12, alpha=0.6)
     ax2.axhline(0, color="grey", lw=0.5)
     ax2.axvline(0, color="grey", lw=0.5)
+    ax2.set_xlabel("approximation gap (nats)")
+    ax2.set_ylabel("amortisation gap (nats)")
     ax2.set_title("per datapoint")
     fig.tight_layout()
     return fig

@@ -45,6 +45,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ...errors import ConfigError
 from ...guides.latent import Latent
+from ...progress import bar
 from ..distributed import Spread, spread_rows
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
 from ..mcmc.kernel import State, StepSize, transition
@@ -124,7 +125,7 @@ def _start(model: Callable[..., object], init: object, latent: Latent, data: tup
     return latent_draws(model, latent, *data, guide=init, num_samples=C, streams=streams), guide_log_density(init, latent, *data)
 
 
-def _run(dens, z, log_q, betas, noise, *, leapfrog_steps, step_size, target_accept, adapt, eps_schedule=None, reverse=False):
+def _run(dens, z, log_q, betas, noise, *, leapfrog_steps, step_size, target_accept, adapt, eps_schedule=None, reverse=False, shown=None):
     """Anneal ``z`` through ``betas`` (forward) or backwards; return log-weights ``[C, N]``, eps record, acceptance.
 
     Each transition is :func:`~ppl_vae.inference.mcmc.kernel.transition` with ``leapfrog_steps``
@@ -165,6 +166,8 @@ def _run(dens, z, log_q, betas, noise, *, leapfrog_steps, step_size, target_acce
         state, acc, _ = transition(f, State.at(f, z), eps, leapfrog_steps, noise)
         z = state.u
         acc_total += acc.double().mean(0)
+        if shown is not None:
+            shown.update()
         if adapt:
             eps = rule.update(acc.mean(0))
     return lw, torch.stack(record), acc_total / T
@@ -209,6 +212,7 @@ def ais(
     seed: int | None = 0,
     index: torch.Tensor | None = None,
     spread: Spread | None = None,
+    progress: bool = False,
 ) -> AISResult:
     """AIS estimate of ``log p(x)`` for every row of ``data``, all chains in one tensor program.
 
@@ -243,6 +247,8 @@ def ais(
         Spread the datapoints over devices and processes
         (:func:`~ppl_vae.inference.distributed.spread_rows`), with the same
         per-datapoint estimates (to float rounding).
+    progress : bool
+        A progress bar over the annealing steps (pilot and estimate, every batch).
     """
     _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept, batch_size)
     guide = init if callable(init) else None
@@ -254,10 +260,12 @@ def ais(
         with seeded(seed):
             base = base_seed(seed)  # one seed for every process
         return spread_rows(lambda rows, idx, coll: ais(model, *rows, init=init, num_steps=num_steps, num_chains=num_chains, leapfrog_steps=leapfrog_steps,
-                                                       step_size=step_size, target_accept=target_accept, batch_size=batch_size, seed=base, index=idx),
+                                                       step_size=step_size, target_accept=target_accept, batch_size=batch_size, seed=base, index=idx,
+                                                       progress=progress and coll.rank == 0),
                            data, index, spread, programs=(model, guide) if guide is not None else (model,), combine=AISResult.concat, types=(AISResult,))
     betas = sigmoid_schedule(num_steps, device=data[0].device)
     parts = {"log_px": [], "log_px_se": [], "accept_rate": [], "step_size": []}
+    shown = bar(total=2 * num_steps * math.ceil(n / (batch_size or n)), desc=f"AIS {num_steps} steps", unit="step", enabled=progress)
     with seeded(seed):
         base = base_seed(seed)
         for i in range(0, n, batch_size or n):
@@ -266,12 +274,13 @@ def ais(
             dens = log_joint(model, latent, *args, split=True)
             gen = Streams(base, index[i : i + (batch_size or n)], data[0].device, Tag.AIS)
             z, log_q = _start(model, init, latent, args, num_chains + PILOT_CHAINS, gen)
-            kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
+            kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept, shown=shown)
             _, record, _ = _run(dens, z[num_chains:], log_q, betas, gen, adapt=True, **kw)  # pilot: adapts step sizes
             lw, _, acc = _run(dens, z[:num_chains], log_q, betas, gen, adapt=False, eps_schedule=record, **kw)
             est, se = _logmeanexp_se(lw)
             for k, v in (("log_px", est), ("log_px_se", se), ("accept_rate", acc), ("step_size", record[-1].double())):
                 parts[k].append(v)
+    shown.close()
     out = {k: torch.cat(v) for k, v in parts.items()}
     return AISResult(**out, num_steps=num_steps, num_chains=num_chains, init="prior" if init == "prior" else "guide")
 

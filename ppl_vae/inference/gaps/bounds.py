@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from ...errors import ConfigError, check_int
+from ...progress import bar
 from ..distributed import Spread, spread_rows
 from ..random import Streams, Tag, base_seed, dataset_index, draws_in_batches, seeded
 from ..traces import log_weights, plate_nesting, probe, restrict
@@ -94,6 +95,7 @@ def importance_bounds(
     seed: int | None = None,
     index: torch.Tensor | None = None,
     spread: Spread | None = None,
+    progress: bool = False,
 ) -> Bounds:
     r"""ELBO and IWAE (:math:`K` = ``num_samples``) per datapoint, with standard errors.
 
@@ -125,6 +127,8 @@ def importance_bounds(
         Spread the datapoints over devices and processes
         (:func:`~ppl_vae.inference.distributed.spread_rows`); each datapoint's
         bounds are the same as here (to float rounding).
+    progress : bool
+        A progress bar over the chunks of rows and samples (:func:`ppl_vae.progress.bar`).
     """
     check_int(num_samples, "the number of importance samples K")
     if batch_size < 1:
@@ -136,7 +140,7 @@ def importance_bounds(
             base = base_seed(seed)  # one seed for every process
             probe("importance bounds", lambda: plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data)), data)  # its errors here, before any process starts
         return spread_rows(lambda rows, idx, coll: importance_bounds(model, guide, *rows, num_samples=num_samples, batch_size=batch_size, sample_batch=sample_batch,
-                                                                     seed=base, index=idx), data, index, spread, programs=(model, guide), combine=Bounds.concat, types=(Bounds,))
+                                                                     seed=base, index=idx, progress=progress and coll.rank == 0), data, index, spread, programs=(model, guide), combine=Bounds.concat, types=(Bounds,))
     width = max(1, math.prod(data[0].shape[1:]))
     K = num_samples
     k_chunk = sample_batch or max(1, min(K, MAX_ELEMENTS // width))
@@ -147,6 +151,7 @@ def importance_bounds(
         nesting = probe("importance bounds", lambda: plate_nesting(model, first, *head), data)
         batched = draws_in_batches(first, *head)
         rows_per_chunk = min(batch_size, max(1, MAX_ELEMENTS // (k_chunk * width))) if batched else 1
+        shown = bar(total=math.ceil(n / rows_per_chunk) * math.ceil(K / k_chunk), desc=f"bounds K={K}", unit="chunk", enabled=progress)
         for rows in chunks(n, rows_per_chunk):
             args = tuple(t[rows] for t in data)
             g = restrict(guide, rows)
@@ -165,11 +170,13 @@ def importance_bounds(
                 s2 += (c * c).sum(0)
                 lse1 = torch.logaddexp(lse1, torch.logsumexp(lw, 0))
                 lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
+                shown.update()
             mean_c = s1 / K
             out["elbo"][rows] = shift + mean_c
             var = (s2 / K - mean_c**2).clamp_min(0) * K / max(K - 1, 1)
             out["elbo_se"][rows] = (var / K).sqrt() if K > 1 else torch.full_like(mean_c, math.nan)
             out["iwae"][rows], out["iwae_se"][rows] = log_mean_exp(lse1, lse2, K)
+        shown.close()
     if not torch.isfinite(out["elbo"]).all():
         raise ConfigError("some log-weights are not finite: the guide puts mass where the model has none")
     return Bounds(num_samples=K, **out)

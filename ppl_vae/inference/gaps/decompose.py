@@ -113,6 +113,24 @@ class GapReport:
             out[k], out[f"{k}_se"] = m, se
         return out
 
+    def verdict(self) -> str:
+        """One line: the inference gap in nats, its two parts with their shares, and which dominates."""
+        s = self.summary()
+        gap, approx, amort = s["inference_gap"], s["approximation_gap"], s["amortisation_gap"]
+
+        def part(key: str) -> str:
+            share = f", {s[key] / gap:.0%}" if gap > 0 else ""
+            return f"{s[key]:.2f} ± {s[key + '_se']:.2f} nats{share}"
+
+        if abs(approx - amort) < 2 * math.hypot(s["approximation_gap_se"], s["amortisation_gap_se"]):
+            which = "neither gap dominates (they differ by less than 2 standard errors)"
+        elif approx > amort:
+            which = f"the approximation gap dominates: a better encoder would close little of it, a family richer than {self.family} would"
+        else:
+            which = "the amortisation gap dominates: the encoder, not the family, is what falls short (a bigger encoder or more training)"
+        return (f"{self.name}: inference gap {gap:.2f} ± {s['inference_gap_se']:.2f} nats per datapoint = approximation "
+                f"{part('approximation_gap')} + amortisation {part('amortisation_gap')} (q* {self.family}, {len(self.index)} datapoints); {which}.")
+
     @classmethod
     def concat(cls, parts: list[GapReport]) -> GapReport:
         """The reports of consecutive blocks of datapoints (one decomposition spread over processes), as one."""
@@ -175,6 +193,7 @@ def decompose(
     batch_size: int = 100,
     seed: int = 0,
     spread: Spread | None = None,
+    progress: bool = False,
 ) -> GapReport:
     r"""Decompose the inference gap of ``guide`` on every row of ``data``.
 
@@ -218,6 +237,8 @@ def decompose(
         datapoints (the IWAE proposal's family, the reported family when q is
         in none) use the means over all of them (summed across processes), so
         each datapoint's row is the one computed here (to float rounding).
+    progress : bool
+        Progress bars for each step (the ELBO of q, each q* family, log p(x)).
     """
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown log p(x) estimator {logpx!r}; choose iwae or ais")
@@ -232,14 +253,16 @@ def decompose(
 
     def rows(part: tuple[torch.Tensor, ...], at: torch.Tensor, coll: Collectives) -> GapReport:
         return _decompose(model, guide, part, at, coll, q=q if spread is None else None, own=own, families=families, logpx=logpx, num_samples=num_samples,
-                          elbo_samples=elbo_samples, local_options=local_options, ais_options=ais_options, name=name, batch_size=batch_size, seed=seed)
+                          elbo_samples=elbo_samples, local_options=local_options, ais_options=ais_options, name=name, batch_size=batch_size, seed=seed,
+                          progress=progress and coll.rank == 0)
 
     return spread_rows(rows, data, idx, spread, programs=(model, guide), combine=GapReport.concat, types=(GapReport,))
 
 
 def _decompose(model: Callable[..., object], guide: Callable[..., object], data: tuple[torch.Tensor, ...], idx: torch.Tensor, coll: Collectives, *,
                q: torch.distributions.Distribution | None, own: str | None, families: tuple[str, ...], logpx: str, num_samples: int, elbo_samples: int,
-               local_options: dict[str, Any] | None, ais_options: dict[str, Any] | None, name: str, batch_size: int, seed: int) -> GapReport:
+               local_options: dict[str, Any] | None, ais_options: dict[str, Any] | None, name: str, batch_size: int, seed: int,
+               progress: bool = False) -> GapReport:
     """:func:`decompose` of the rows ``data`` (dataset indices ``idx``); a choice over all datapoints takes its means over every process."""
     if q is None and own is not None:  # the guide's q over the joint latent of these rows (in this process, on its device)
         q, _ = guide_in_latent_space(guide, latent_of(model, *data, guide=guide, analysis="the gap decomposition"), *data)
@@ -249,23 +272,24 @@ def _decompose(model: Callable[..., object], guide: Callable[..., object], data:
     def mean(v: torch.Tensor) -> float:  # over the datapoints of every process
         return coll.sum(v.double().sum().item()) / total
 
-    on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed, index=idx)
+    on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed, index=idx, progress=progress)
     local, local_se, steps, proposals = {}, {}, {}, {}
     for i, fam in enumerate(families):
-        fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, index=idx, **(local_options or {}))
-        b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i, index=idx)
+        fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, index=idx, progress=progress,
+                             **(local_options or {}))
+        b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i, index=idx, progress=progress)
         local[fam], local_se[fam] = b.elbo, b.elbo_se
         steps[fam] = mean(fit.steps)
         proposals[fam] = fit.posterior
     if logpx == "iwae":
         means = {f: mean(local[f]) for f in proposals}
         best = max(proposals, key=lambda f: means[f])
-        b = importance_bounds(model, proposals[best], *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx)
+        b = importance_bounds(model, proposals[best], *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx, progress=progress)
         log_px, log_px_se = b.iwae, b.iwae_se
         local[best], local_se[best] = b.elbo, b.elbo_se  # the same family's ELBO, now from K draws
         estimator = f"IWAE K={num_samples} with the local {best} q* as proposal"
     else:
-        r = ais(model, *data, seed=seed + 1000, index=idx, **(ais_options or {}))
+        r = ais(model, *data, seed=seed + 1000, index=idx, progress=progress, **(ais_options or {}))
         log_px, log_px_se, estimator = r.log_px.double(), r.log_px_se.double(), r.description
     means = {f: mean(local[f]) for f in local}
     family = own if own is not None else max(local, key=lambda f: means[f])

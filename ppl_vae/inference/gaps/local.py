@@ -43,6 +43,7 @@ from pyro import poutine
 from ...errors import ConfigError, check_int, check_positive
 from ...guides.latent import Latent, moment_matched
 from ...guides.local import FAMILIES, LocalPosterior, family_of
+from ...progress import bar
 from ..latent import guide_in_latent_space, latent_draws, latent_of
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import log_weights, plate_nesting
@@ -118,6 +119,7 @@ def optimize_local(
     flow_hidden: int | None = None,
     seed: int | None = 0,
     index: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> LocalFit:
     r"""Optimise a per-datapoint ``q*`` of ``family`` for every row of ``data``, in one batch.
 
@@ -188,7 +190,9 @@ def optimize_local(
         window = like.new_zeros(n, dtype=torch.float64)
         previous = like.new_full((n,), -math.inf, dtype=torch.float64)
         first = like.new_full((n,), math.nan, dtype=torch.float64)
+        shown = bar(total=max_steps, desc=f"q* {family}", unit="step", enabled=progress)
         for step in range(1, max_steps + 1):
+            shown.update()
             rows = active.nonzero().squeeze(-1)
             lw = log_weights(model, posterior.select(rows), *(t[rows] for t in data), num_samples=num_samples, nesting=nesting, streams=streams.select(rows))
             if not torch.isfinite(lw).all():
@@ -217,8 +221,10 @@ def optimize_local(
                         p[done] = b[done]  # a datapoint stops at its best parameters, never worse than its start
                         f[done] = b[done]
                     active &= ~done
+                    shown.set_postfix_str(f"{int(active.sum())} of {n} datapoints still moving", refresh=False)
                     if not active.any():
                         break
+        shown.close()
         with torch.no_grad():
             for p, b in zip(params, best):  # those stopped by max_steps, too
                 p[active] = b[active]

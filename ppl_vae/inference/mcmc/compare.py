@@ -204,6 +204,40 @@ class Comparison:
             "num_flagged_dims": float(len(self.flagged())),
         }
 
+    def verdict(self, thresholds: dict[str, float] | None = None) -> str:
+        """The comparison in plain words: is the MCMC reference sound, how many datapoints and dimensions VI gets wrong and how."""
+        t = {**FLAG_THRESHOLDS, **(thresholds or {})}
+        s, d = self.summary(), self.to_dataframe()
+        n, k = len(self.points), len(self.dims)
+        bad = self.flagged(thresholds)
+        lines = [f"VI ({self.vi_method}) against MCMC ({self.mcmc_method}) on {n} datapoint(s) x {k} latent dimension(s):"]
+        sound = s["mcmc_max_rhat"] < 1.01 and s["mcmc_divergences"] == 0 and s["mcmc_min_ess_bulk"] >= 100
+        lines.append(f"- MCMC reference: max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, "
+                     f"{s['mcmc_divergences']:.0f} divergences: "
+                     + ("sound (R-hat < 1.01, ESS >= 100, no divergences)." if sound
+                        else "NOT sound: run longer chains (--draws, --warmup) before trusting the rows below."))
+        err = d["std_mean_error"].abs()
+        worst = d.loc[err.idxmax()] if err.notna().any() else None
+        where = f" (datapoint {worst['point']}, {worst['dim']})" if worst is not None else ""
+        lines.append(f"- Means: worst error {s['max_abs_std_mean_error']:.2f} posterior sds{where}; "
+                     f"{int((err > t['abs_std_mean_error']).sum())} of {n * k} dimensions off by more than {t['abs_std_mean_error']:g} sd.")
+        ratio = d["sd_ratio"]
+        spread = ("VI is too narrow (overconfident) in " + str(int((ratio < 1 / math.exp(t["abs_log_sd_ratio"])).sum())) + " and too wide in "
+                  + str(int((ratio > math.exp(t["abs_log_sd_ratio"])).sum())) + f" of {n * k} dimensions")
+        lines.append(f"- Spread: VI sd / MCMC sd from {s['min_sd_ratio']:.2f} to {s['max_sd_ratio']:.2f}; {spread}.")
+        lines.append(f"- Coverage: VI's 90% intervals hold the MCMC draws {s['mean_coverage_90']:.0%} of the time on average (90% if calibrated).")
+        khat = s["max_pareto_k"]
+        lines.append(f"- Pareto k-hat of the importance weights: max {khat:.2f} "
+                     + ("(> 0.7: for some datapoints importance sampling cannot repair VI's draws)." if khat > t["pareto_k"]
+                        else "(<= 0.7: importance sampling can repair VI's draws where needed)."))
+        wrong_points = sorted(set(bad["point"].tolist()))
+        if bad.empty:
+            lines.append(f"Verdict: VI agrees with MCMC on every datapoint and dimension within the thresholds {t}.")
+        else:
+            lines.append(f"Verdict: VI gets {len(wrong_points)} of {n} datapoint(s) wrong ({len(bad)} of {n * k} dimensions flagged: "
+                         f"points {', '.join(map(str, wrong_points[:10]))}{', ...' if len(wrong_points) > 10 else ''}); comparison.csv has each.")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "mcmc_method": self.mcmc_method,

@@ -60,9 +60,9 @@ from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.ops.welford import WelfordCovariance
 from pyro.poutine.util import site_is_subsample
-from tqdm.auto import tqdm
 
 from ...errors import ConfigError
+from ...progress import bar
 from ..distributed import Spread, spread_rows
 from ..latent import latent_draws, latent_of, log_joint
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
@@ -327,12 +327,12 @@ def _run_batched(
     welford = WelfordCovariance(diagonal=True)
     if warmup_steps == 0:
         s.cap = s.max_leapfrog
-    it = range(warmup_steps + num_samples)
-    if progress:
-        it = tqdm(it, desc=method)
+    it = bar(range(warmup_steps + num_samples), desc=f"{method} warm-up" if warmup_steps else f"{method} sampling", unit="step", enabled=progress)
     keep_u, keep_acc, keep_div, keep_steps = [], [], [], []
     for t in it:
         warm = t < warmup_steps
+        if progress and t == warmup_steps and warmup_steps:
+            it.set_description_str(f"{method} sampling", refresh=False)
         steps = s.steps(s.eps)
         acc, div = s.transition(s.eps, steps)
         if warm:
@@ -394,6 +394,13 @@ _HMC_DOC_PARAMS = """
 """
 
 
+def _tuning_documented(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Put the shared tuning parameters where the docstring says ``{tuning}``."""
+    fn.__doc__ = (fn.__doc__ or "").replace("    {tuning}\n", _HMC_DOC_PARAMS.lstrip("\n"))
+    return fn
+
+
+@_tuning_documented
 def hmc_latent(
     model: Callable[..., object],
     *args: torch.Tensor,
@@ -436,7 +443,7 @@ def hmc_latent(
         (:func:`~ppl_vae.inference.distributed.spread_rows`); a datapoint's
         chains are those it gets here, to float rounding (which grows along
         a chain: equal to ~1e-9 after a few dozen transitions, not after thousands).
-    """ + _HMC_DOC_PARAMS + r"""
+    {tuning}
     Returns
     -------
     Draws
@@ -473,6 +480,7 @@ def hmc_latent(
     return _batched(target, freeze_model(model, args), num_samples, warmup_steps, seed, tuning)
 
 
+@_tuning_documented
 def hmc(
     model: Callable[..., object],
     *args: Any,
@@ -500,7 +508,7 @@ def hmc(
     ----------
     model : callable
         Any Pyro model; ``*args`` and ``**kwargs`` are passed to it.
-    """ + _HMC_DOC_PARAMS + """
+    {tuning}
     Returns
     -------
     Draws

@@ -24,7 +24,7 @@ from ppl_vae.guides.amortized import amortized_guide
 from ppl_vae.guides.flows import IAFEncoder
 from ppl_vae.guides.local import LocalPosterior
 from ppl_vae.inference.gaps.bounds import importance_bounds
-from ppl_vae.inference.gaps.decompose import decompose
+from ppl_vae.inference.gaps.decompose import GapReport, decompose
 from ppl_vae.inference.gaps.local import optimize_local
 from ppl_vae.inference.latent import guide_in_latent_space, latent_of
 from ppl_vae.inference.svi import fit
@@ -265,3 +265,24 @@ def test_gaps_refuse_bad_device_options_with_one_line_and_write_nothing(tiny_run
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("approx, amort, says", [
+    (1.0, 0.1, "the approximation gap dominates"),
+    (0.1, 1.0, "the amortisation gap dominates"),
+    (0.5, 0.5, "neither gap dominates"),
+])
+def test_the_verdict_names_the_gap_that_dominates(approx, amort, says):
+    g = torch.Generator().manual_seed(0)
+    n = 50
+    log_px = -90 + torch.randn(n, generator=g, dtype=torch.float64)
+    noise = 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+    local = log_px - approx + noise
+    report = GapReport(index=torch.arange(n), log_px=log_px, log_px_se=torch.full((n,), 0.01, dtype=torch.float64),
+                       elbo_q=local - amort + noise.flip(0), elbo_q_se=torch.full((n,), 0.01, dtype=torch.float64),
+                       elbo_local={"diagonal": local}, elbo_local_se={"diagonal": torch.full((n,), 0.01, dtype=torch.float64)},
+                       family="diagonal", logpx_estimator="IWAE", num_samples=100, local_steps={"diagonal": 10.0}, name="m", q_in_family=True)
+    words = report.verdict()
+    assert says in words
+    s = report.summary()
+    assert f"inference gap {s['inference_gap']:.2f}" in words and "nats per datapoint" in words

@@ -17,7 +17,7 @@ import torch
 from conftest import frozen_ppca, inflated_guide
 
 from ppl_vae.app.commands.compare import demo_comparison
-from ppl_vae.app.runs import load_run
+from ppl_vae.app.runs import open_run
 from ppl_vae.cli import main
 from ppl_vae.data.posteriordb import load_posteriordb_data, load_posteriordb_draws
 from ppl_vae.errors import ConfigError
@@ -76,6 +76,15 @@ def test_exact_vi_passes_and_narrow_vi_is_flagged(ppca_case):
     assert np.all(narrow.per_point["kl_gaussian"] > exact.per_point["kl_gaussian"])
     assert np.all(narrow.per_point["energy_distance"] > exact.per_point["energy_distance"])
     assert len(narrow.flagged()) == narrow.per_dim["sd_ratio"].size
+    # the verdict in words says the same
+    words = narrow.verdict()
+    assert "VI gets 5 of 5 datapoint(s) wrong (10 of 10 dimensions flagged" in words
+    assert "too narrow (overconfident) in 10 and too wide in 0 of 10 dimensions" in words
+    assert "> 0.7" in words and "(90% if calibrated)" in words
+    fine = exact.verdict({"pareto_k": math.inf})
+    assert "VI agrees with MCMC on every datapoint and dimension" in fine and "wrong" not in fine
+    assert ("MCMC reference" in fine) and (("sound (" in fine) == (mcmc.num_divergences == 0 and exact.summary()["mcmc_max_rhat"] < 1.01
+                                                                   and exact.summary()["mcmc_min_ess_bulk"] >= 100))
 
 
 def test_comparison_tables_and_files(ppca_case, tmp_path):
@@ -236,7 +245,7 @@ def test_compare_run_without_checkpoint(tiny_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_hook_and_amortized_draws(tiny_run, tmp_path):
-    built, splits = load_run(tiny_run)
+    built, splits = open_run(tiny_run)
     x = splits["test"].x[:3]
     vi = vi_draws_amortized(built.model, built.guide, x, num_samples=50, seed=0)
     assert vi.samples["z"].shape == (1, 50, 3, 2) and np.isfinite(vi.sample_stats["log_weight"]).all()

@@ -1,0 +1,211 @@
+r"""A fitted model: what :func:`~ppl_vae.inference.fit` returns, saved, loaded and used.
+
+:class:`FitResult` is the training record (history, final ELBOs, options) and,
+when it came from :func:`fit`, :meth:`FitResult.load` or
+:func:`ppl_vae.app.runs.load_run`, the trained model and guide with it:
+
+* :meth:`~FitResult.save` / :meth:`~FitResult.load` -- the parameters the model
+  and guide use (in the order :func:`~.params.discover` finds them), the
+  shapes of the model's arguments and the record, in a file read back with
+  ``torch.load(..., weights_only=True)`` (tensors and plain containers only:
+  loading never runs code). The model and guide are code: ``load`` takes them
+  from the caller, built as they were for ``fit``.
+* :meth:`~FitResult.sample` -- draws from the prior predictive
+  :math:`p(z)\,p(x \mid z)`: the model run with its observed sites
+  unconditioned (``poutine.uncondition``), so ``x`` is a real draw from the
+  likelihood, for any model.
+* :meth:`~FitResult.posterior` -- the guide's :math:`q(z \mid x)` or batched
+  HMC's :math:`p(z \mid x)` for new data, as an ArviZ object.
+* :meth:`~FitResult.elbo` / :meth:`~FitResult.iwae` -- per-datapoint bounds on
+  :math:`\log p(x)` as :class:`~.elbo.Estimate` (value, standard error, draws).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from .. import io
+from ..errors import CheckpointError, ConfigError, RunDirectoryError, check_int
+from .elbo import Estimate, evaluate_elbo
+from .gaps.bounds import importance_bounds
+from .mcmc.hmc import hmc_latent
+from .mcmc.vi import vi_draws
+from .params import Discovered, discover, load_params
+from .random import seeded
+
+__all__ = ["FitResult", "FORMAT"]
+
+#: the ``kind`` a saved fitted model's file carries
+FORMAT = "ppl-vae fitted model"
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """The model, guide, their parameters and the shapes of the model's arguments (one row each)."""
+
+    model: Callable[..., object]
+    guide: Callable[..., object]
+    found: Discovered
+    args: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a ``fit`` run produced, and (when it holds one) the trained model. ELBOs are in nats per datapoint."""
+
+    history: tuple[dict[str, float], ...]
+    train_elbo: float
+    val_elbo: float | None
+    epochs: int
+    steps: int
+    wall_time: float
+    stopped_early: bool
+    best_epoch: int
+    estimator: str
+    options: dict[str, Any] = field(default_factory=dict)
+    trained: _Trained | None = field(default=None, repr=False, compare=False)
+
+    def to_dataframe(self) -> Any:
+        """The per-epoch history as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self.history))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The training record (everything but the model) as plain values."""
+        out = {k: getattr(self, k) for k in _RECORD}
+        return {**out, "history": [dict(row) for row in self.history], "options": dict(self.options)}
+
+    # ------------------------------------------------------------------ the model
+
+    def _model(self, what: str) -> _Trained:
+        if self.trained is None:
+            raise ConfigError(f"{what} needs the trained model, and this FitResult holds none; use the one fit returned, "
+                              "FitResult.load(path, model, guide) or load_run(run_dir)")
+        return self.trained
+
+    def _blank(self, n: int) -> tuple[torch.Tensor, ...]:
+        """Zeros in the shape of the model's arguments, ``n`` rows, on the parameters' device."""
+        t = self._model("sample")
+        like = t.found.params[0]
+        return tuple(like.new_zeros((n, *shape), dtype=dtype) for shape, dtype in t.args)
+
+    @property
+    def model(self) -> Callable[..., object]:
+        return self._model("model").model
+
+    @property
+    def guide(self) -> Callable[..., object]:
+        return self._model("guide").guide
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write the trained parameters, argument shapes and record to ``path`` atomically (no overwrite without ``force``)."""
+        t = self._model("save")
+        path = Path(path)
+        if path.exists() and not force:
+            raise RunDirectoryError(f"{path} exists; pass force=True to replace it")
+        payload = {
+            "kind": FORMAT, "version": 1,
+            "params": [p.detach().cpu() for p in t.found.params],
+            "args": [{"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")} for shape, dtype in t.args],
+            "record": io.to_plain(self.to_dict()),
+        }
+        return io.save_torch(path, payload)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Callable[..., object], guide: Callable[..., object], *, modules: Iterable[nn.Module] = ()) -> FitResult:
+        """The fitted model saved at ``path``, its parameters copied into ``model``'s and ``guide``'s networks.
+
+        ``model`` and ``guide`` must be built as they were for ``fit`` (the same
+        networks and shapes; ``modules`` as given to ``fit``). The file is read
+        with ``weights_only=True``; a file of another kind, a NaN parameter or
+        parameters that do not match are a :class:`CheckpointError`.
+        """
+        saved = io.load_checkpoint(path)
+        if saved.get("kind") != FORMAT:
+            raise CheckpointError(f"{path} is not a saved ppl-vae model (a run's checkpoint.pt is read with load_run(run_dir))")
+        try:
+            args = tuple((tuple(int(s) for s in a["shape"]), getattr(torch, a["dtype"])) for a in saved["args"])
+            record = io.from_plain(saved["record"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
+        return attach(FitResult(**{**record, "history": tuple(record["history"])}), model, guide, args, saved["params"], str(path), modules)
+
+    def sample(self, n: int, *args: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
+        r"""``n`` draws from the prior predictive: every sample site of the model, its observations drawn from the likelihood.
+
+        The model runs on ``args`` (default: zeros in the shape of its training
+        arguments, ``n`` rows; pass them for a model whose other arguments
+        matter, e.g. the labels of a conditional VAE) with its observed sites
+        unconditioned. Returns ``{site: tensor}`` with ``n`` rows each, in the
+        order the model samples them (``pyro.factor`` sites left out).
+        """
+        check_int(n, "number of samples")
+        t = self._model("sample")
+        args = args or self._blank(n)
+        with seeded(seed), torch.no_grad(), poutine.block():
+            tr = poutine.trace(poutine.uncondition(t.model)).get_trace(*args)
+        return {name: s["value"] for name, s in tr.nodes.items()
+                if s["type"] == "sample" and not site_is_subsample(s) and type(s["fn"]).__name__ != "Unit"}
+
+    def posterior(self, *data: torch.Tensor, method: Literal["vi", "hmc"] = "vi", num_samples: int = 1000, seed: int = 0,
+                  **hmc_options: Any) -> Any:
+        r"""The posterior of every latent site given new rows ``data``, as an ArviZ object (``InferenceData``; ``DataTree`` under ArviZ 1.x).
+
+        ``method="vi"``: ``num_samples`` draws of the guide's :math:`q(z \mid x_n)`
+        per row, with their importance log-weights (:func:`~.mcmc.vi.vi_draws`).
+        ``method="hmc"``: batched HMC of :math:`p(z \mid x_n)` (:func:`~.mcmc.hmc.hmc_latent`:
+        ``num_samples`` draws after as many warm-up steps per chain, 4 chains
+        unless ``num_chains`` is given; other options pass through). A model
+        these cannot handle (a discrete or global latent) is refused by name.
+        """
+        t = self._model("posterior")
+        if method == "vi":
+            draws = vi_draws(t.model, t.guide, *data, num_samples=num_samples, seed=seed, method="vi")
+        elif method == "hmc":
+            hmc_options.setdefault("warmup_steps", num_samples)
+            draws = hmc_latent(t.model, *data, num_samples=num_samples, seed=seed, **hmc_options)
+        else:
+            raise ConfigError(f"posterior: method must be 'vi' or 'hmc', got {method!r}")
+        return draws.to_inference_data()
+
+    def elbo(self, *data: torch.Tensor, num_particles: int = 10, batch_size: int = 1000, seed: int = 0) -> Estimate:
+        """The ELBO of each row of ``data`` (nats), averaged over ``num_particles`` guide draws, with its standard error."""
+        t = self._model("elbo")
+        with seeded(seed):
+            return evaluate_elbo(t.model, t.guide, data, batch_size=batch_size, num_particles=num_particles)
+
+    def iwae(self, *data: torch.Tensor, K: int = 1000, batch_size: int = 100, seed: int = 0) -> Estimate:
+        """The importance-weighted bound (``K`` guide draws) on ``log p(x)`` of each row of ``data``, with its delta-method standard error."""
+        t = self._model("iwae")
+        bounds = importance_bounds(t.model, t.guide, *data, num_samples=K, batch_size=batch_size, seed=seed)
+        return Estimate(bounds.iwae, bounds.iwae_se if K > 1 else None, K)
+
+
+#: the fields of the training record (all but the model)
+_RECORD = tuple(k for k in FitResult.__dataclass_fields__ if k != "trained")
+
+
+def attach(result: FitResult, model: Callable[..., object], guide: Callable[..., object], args: Sequence[tuple[tuple[int, ...], torch.dtype]],
+           values: Sequence[torch.Tensor] | None, where: str, modules: Iterable[nn.Module] = (), found: Discovered | None = None) -> FitResult:
+    """``result`` holding ``model`` and ``guide``; with ``values``, their parameters (found by running them on zeros of ``args``) set to those."""
+    if found is None:
+        example = tuple(torch.zeros((2, *shape), dtype=dtype) for shape, dtype in args)
+        with seeded(0), poutine.block():
+            try:
+                found = discover(model, guide, example, modules)
+            except (ValueError, RuntimeError, TypeError) as exc:
+                raise CheckpointError(f"{where}: the model and guide do not run on arguments of the saved shapes "
+                                      f"{[tuple(s) for s, _ in args]} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    if values is not None:
+        load_params(found.params, values, where)
+    found.train(False)
+    return FitResult(**{k: getattr(result, k) for k in _RECORD}, trained=_Trained(model, guide, found, tuple((tuple(s), d) for s, d in args)))

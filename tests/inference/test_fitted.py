@@ -1,0 +1,157 @@
+"""The fitted model ``fit`` returns: save and load (safe format), prior-predictive samples, posteriors, per-datapoint bounds."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from conftest import TINY, Z
+
+from ppl_vae import FitResult, fit, load_run
+from ppl_vae.cli import main
+from ppl_vae.errors import CheckpointError, ConfigError, RunDirectoryError
+from ppl_vae.guides import amortized_guide
+from ppl_vae.inference.mcmc import azcompat
+from ppl_vae.io import load_torch
+from ppl_vae.models import PPCA
+from ppl_vae.nn import MLP, GaussianEncoder
+
+
+def bernoulli_vae(seed: int, hidden: int = 16):
+    torch.manual_seed(seed)
+    decoder = MLP(2, [hidden], 12)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    return model, amortized_guide(GaussianEncoder(MLP(12, [], hidden), hidden, 2))
+
+
+@pytest.fixture
+def data():
+    torch.manual_seed(0)
+    return (torch.rand(80, 12) < torch.linspace(0.1, 0.9, 12)).float()
+
+
+@pytest.fixture
+def fitted_ppca():
+    torch.manual_seed(0)
+    truth = PPCA(6, 2, sigma=0.5).double()
+    x = truth.sample(200)
+    ppca = PPCA(6, 2).double()
+    return fit(ppca, ppca.exact_guide, x, epochs=3, batch_size=50, lr=1e-2, progress=False), ppca, x
+
+
+def test_a_saved_model_loads_into_fresh_networks_with_its_record(tmp_path, data):
+    model, guide = bernoulli_vae(0)
+    result = fit(model, guide, data, epochs=2, batch_size=20, lr=1e-2, progress=False)
+    path = result.save(tmp_path / "model.pt")
+    assert isinstance(load_torch(path), dict)  # read back with weights_only=True: plain containers and tensors
+    model2, guide2 = bernoulli_vae(1)  # other initial values
+    before = [p.clone() for p in result.trained.found.params]
+    back = FitResult.load(path, model2, guide2)
+    assert back == result  # the record: history, ELBOs, options
+    loaded = back.trained.found.params
+    assert len(loaded) == len(before) and all(torch.equal(a, b) for a, b in zip(loaded, before))
+    # the same draws through the loaded networks give the same bounds
+    assert torch.equal(back.elbo(data, num_particles=3, seed=5).value, result.elbo(data, num_particles=3, seed=5).value)
+
+
+def test_save_and_load_refuse_what_would_lose_or_mismatch_work(tmp_path, data):
+    model, guide = bernoulli_vae(0)
+    result = fit(model, guide, data, epochs=1, batch_size=20, progress=False)
+    path = result.save(tmp_path / "model.pt")
+    saved = path.read_bytes()
+    with pytest.raises(RunDirectoryError, match="exists; pass force=True"):
+        result.save(path)
+    assert path.read_bytes() == saved
+    result.save(path, force=True)
+    with pytest.raises(CheckpointError, match="does not match this model and guide"):
+        FitResult.load(path, *bernoulli_vae(0, hidden=8))  # other network widths
+    run_checkpoint = tmp_path / "run"
+    fit(*bernoulli_vae(0), data, epochs=1, batch_size=20, progress=False, out=run_checkpoint)
+    with pytest.raises(CheckpointError, match="not a saved ppl-vae model"):
+        FitResult.load(run_checkpoint / "checkpoint.pt", *bernoulli_vae(0))
+    by_hand = FitResult(history=(), train_elbo=0.0, val_elbo=None, epochs=0, steps=0, wall_time=0.0, stopped_early=False,
+                        best_epoch=0, estimator="reparam")
+    for use in (lambda: by_hand.sample(3), lambda: by_hand.save(tmp_path / "x.pt"), lambda: by_hand.elbo(data)):
+        with pytest.raises(ConfigError, match="holds none"):
+            use()
+
+
+def test_samples_are_draws_from_the_prior_predictive(fitted_ppca):
+    result, ppca, x = fitted_ppca
+    n = 4000
+    draws = result.sample(n, seed=0)
+    assert list(draws) == ["z", "x"] and draws["x"].shape == (n, 6) and draws["z"].shape == (n, 2)
+    with torch.no_grad():
+        cov = ppca.W @ ppca.W.T + ppca.sigma**2 * torch.eye(6, dtype=torch.float64)
+        mean = ppca.mu
+    # the observation is drawn, not the data it was conditioned on: its moments are p(x)'s (Monte Carlo error bounds)
+    var = cov.diagonal()
+    assert (draws["x"].mean(0) - mean).abs().lt(Z * (var / n).sqrt()).all()
+    assert (draws["x"].var(0) - var).abs().lt(Z * var * math.sqrt(2 / (n - 1))).all()
+    off = torch.cov(draws["x"].T)[0, 1]
+    se_off = ((cov[0, 0] * cov[1, 1] + cov[0, 1] ** 2) / (n - 1)).sqrt()
+    assert abs(off - cov[0, 1]) < Z * se_off
+    # seeded: the same draws again, other draws with another seed
+    assert torch.equal(result.sample(5, seed=3)["x"], result.sample(5, seed=3)["x"])
+    assert not torch.equal(result.sample(5, seed=3)["x"], result.sample(5, seed=4)["x"])
+
+
+def test_bernoulli_samples_are_binary_draws_not_the_zeros_they_ran_on(data):
+    result = fit(*bernoulli_vae(0), data, epochs=1, batch_size=20, progress=False)
+    x = result.sample(500, seed=0)["x"]
+    assert set(x.unique().tolist()) == {0.0, 1.0}  # drawn from the Bernoulli, not the all-zero arguments
+    with pytest.raises(ConfigError, match="number of samples"):
+        result.sample(0)
+
+
+def test_bounds_of_an_exact_guide_equal_log_px(fitted_ppca):
+    result, ppca, x = fitted_ppca
+    with torch.no_grad():
+        exact = ppca.log_marginal(x[:20])
+    elbo = result.elbo(x[:20], num_particles=4)
+    assert elbo.num_draws == 4 and elbo.se is not None
+    torch.testing.assert_close(elbo.value, exact, rtol=1e-9, atol=1e-9)  # an exact guide's log-weights are all log p(x)
+    iwae = result.iwae(x[:20], K=50)
+    assert iwae.num_draws == 50
+    torch.testing.assert_close(iwae.value, exact, rtol=1e-9, atol=1e-9)
+    assert result.elbo(x[:20], num_particles=1).se is None  # one draw: no standard error, not a NaN
+    assert result.iwae(x[:20], K=1).se is None
+
+
+def test_posterior_of_new_data_as_arviz(fitted_ppca):
+    result, ppca, x = fitted_ppca
+    rows = x[:3]
+    vi = azcompat.posterior_dataset(result.posterior(rows, num_samples=2000, seed=1))
+    z = vi["z"].values  # [chain, draw, point, dim]
+    assert z.shape == (1, 2000, 3, 2)
+    with torch.no_grad():
+        exact = ppca.posterior(rows)
+    sd = exact.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt().numpy()
+    assert (abs(z.mean((0, 1)) - exact.mean.numpy()) < Z * sd / math.sqrt(2000)).all()  # exact guide: draws of p(z|x)
+    mc = result.posterior(rows, method="hmc", num_samples=200, num_chains=2, seed=0)
+    zm = azcompat.posterior_dataset(mc)["z"].values
+    assert zm.shape == (2, 200, 3, 2)
+    mcse = azcompat.mcse(zm[:, :, 0, 0])
+    assert abs(zm[:, :, 0, 0].mean() - exact.mean[0, 0].item()) < Z * float(mcse)
+    with pytest.raises(ConfigError, match="'vi' or 'hmc'"):
+        result.posterior(rows, method="nuts")
+
+
+def test_load_run_gives_the_cli_run_as_a_fitted_model(tmp_path):
+    out = tmp_path / "run"
+    assert main(["fit", *TINY, "--binarize", "threshold", "--out", str(out)]) == 0
+    result = load_run(out)
+    assert result.epochs == 2 and len(result.history) == 2 and result.estimator == "reparam"
+    draws = result.sample(7, seed=0)
+    assert draws["x"].shape == (7, 64) and set(draws["x"].unique().tolist()) <= {0.0, 1.0}
+    path = result.save(tmp_path / "model.pt")
+    back = FitResult.load(path, result.model, result.guide)
+    assert back == result

@@ -1,0 +1,68 @@
+"""The README's model example and docs/using.md run as written, and docs/api.md lists every public function as it is."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_blocks(path: Path) -> str:
+    """The ```python blocks of a Markdown file, in order, as one script."""
+    return "\n\n".join(re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", ["README.md", "docs/using.md"])
+def test_code_blocks_run(page, tmp_path):
+    script = python_blocks(ROOT / page)
+    assert "fit(" in script
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PPL_VAE_PROGRESS_INTERVAL": "60"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Guessed max_plate_nesting" not in done.stderr
+
+
+def test_api_reference_is_current_and_every_public_function_is_documented():
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import make_api
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    text = make_api.render()
+    assert (ROOT / "docs" / "api.md").read_text() == text, "docs/api.md is stale: run python docs/make_api.py"
+    undocumented = [line for line in text.splitlines() if line.startswith("- `def ") and "<br>" not in line]
+    assert not undocumented, undocumented
+    for name in ("def fit(", "def load_run(", "FitResult.sample(", "FitResult.posterior(", "def hmc_latent(", "def decompose("):
+        assert name in text, name
+
+
+@pytest.mark.slow
+def test_a_built_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
+    """``pip wheel`` of the project, installed into an empty folder: every subpackage is in it and the console script runs."""
+    pytest.importorskip("setuptools", reason="building the wheel offline (--no-build-isolation) needs setuptools in this environment")
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = wheels.glob("ppl_vae-*.whl")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "ppl_vae").rglob("*.py")}
+    installed = {p.relative_to(target).as_posix() for p in (target / "ppl_vae").rglob("*.py")}
+    assert source == installed, source ^ installed
+    assert (target / "ppl_vae" / "py.typed").is_file()
+    env = {**os.environ, "PYTHONPATH": str(target)}  # the dependencies come from this interpreter; ppl_vae from the wheel
+    where = subprocess.run([sys.executable, "-c", "import ppl_vae, ppl_vae.inference; print(ppl_vae.__file__)"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert where.returncode == 0 and where.stdout.startswith(str(target)), (where.stdout, where.stderr[-2000:])
+    script = target / "bin" / "ppl-vae"
+    helped = subprocess.run([sys.executable, str(script), "fit", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0 and "example:" in helped.stdout, helped.stderr[-2000:]
