@@ -57,7 +57,9 @@ def bar(iterable: Any = None, *, total: int | None = None, desc: str = "", unit:
     if _notebook():
         return _auto(iterable, total=total, desc=desc, unit=unit, leave=leave)
     stream = sys.stderr
-    if stream.isatty():
+    if stream is None:  # pythonw, some daemons: nowhere to draw
+        return _plain(iterable, total=total, disable=True)
+    if getattr(stream, "isatty", lambda: False)():
         return _plain(iterable, total=total, desc=desc, unit=unit, leave=leave, file=stream)
     every = _interval()
     return _plain(iterable, total=total, desc=desc, unit=unit, leave=True, file=_Lines(stream), mininterval=every, maxinterval=every,

@@ -28,8 +28,10 @@ from ..errors import (
     ConfigError,
     RunDirectoryError,
 )
+from ..inference.elbo import evaluate_elbo
 from ..inference.fitted import FitResult, attach
 from ..inference.params import Discovered, discover, load_params
+from ..inference.random import seeded
 from ..inference.svi import CHECKPOINT
 from .config import Config
 from .registry import (
@@ -258,11 +260,16 @@ def load_run(run_dir: str | Path) -> FitResult:
     except (OSError, ValueError):
         metrics = {}
     history = tuple(dict(row) for row in ckpt.get("history", []))
-    last = history[-1] if history else {}
     options = ckpt.get("options") or {}
+    if "train_elbo" in metrics:
+        train, valid = float(metrics["train_elbo"]), metrics.get("val_elbo")
+    else:  # an unfinished run: the history holds running training objectives, not the true ELBO fit reports; compute it
+        with seeded(built.config.seed):
+            train = float(evaluate_elbo(built.model, built.guide, split_tensors(built.config, splits["train"])).value.mean())
+            valid = float(evaluate_elbo(built.model, built.guide, split_tensors(built.config, splits["valid"])).value.mean())
     record = FitResult(
-        history=history, train_elbo=float(metrics.get("train_elbo", last.get("train_elbo", float("nan")))),
-        val_elbo=metrics.get("val_elbo", last.get("val_elbo")), epochs=len(history), steps=int(ckpt.get("step", 0)),
+        history=history, train_elbo=train,
+        val_elbo=valid, epochs=len(history), steps=int(ckpt.get("step", 0)),
         wall_time=float(ckpt.get("wall_time", 0.0)), stopped_early=bool(ckpt.get("stopped_early", False)),
         best_epoch=int(ckpt.get("best_epoch", 0)), estimator=str(options.get("estimator", built.config.estimator)), options=dict(options),
     )

@@ -25,7 +25,7 @@ from .traces import first_nonfinite_site, log_weights_of, traces
 __all__ = ["Estimate", "elbo_per_datapoint", "evaluate_elbo"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Estimate:
     """A per-datapoint Monte Carlo estimate (nats): ``value`` and its standard error ``se`` (each ``[N]``) from ``num_draws`` draws per datapoint.
 
@@ -37,15 +37,16 @@ class Estimate:
     se: torch.Tensor | None
     num_draws: int
 
-    def mean(self) -> tuple[float, float]:
-        """The mean over datapoints and its standard error (from the spread across datapoints)."""
+    def mean(self) -> tuple[float, float | None]:
+        """The mean over datapoints and its standard error (from the spread across datapoints; ``None`` for one datapoint)."""
         n = self.value.numel()
-        spread = float(self.value.std()) / n**0.5 if n > 1 else float("nan")
+        spread = float(self.value.std()) / n**0.5 if n > 1 else None
         return float(self.value.mean()), spread
 
     def __str__(self) -> str:
         m, se = self.mean()
-        return f"{m:.3f} ± {se:.3f} nats (mean of {self.value.numel()} datapoints, {self.num_draws} draw(s) each)"
+        pm = f" ± {se:.3f}" if se is not None else ""
+        return f"{m:.3f}{pm} nats (mean of {self.value.numel()} datapoints, {self.num_draws} draw(s) each)"
 
 
 def elbo_per_datapoint(

@@ -13,7 +13,7 @@ when it came from :func:`fit`, :meth:`FitResult.load` or
 * :meth:`~FitResult.sample` -- draws from the prior predictive
   :math:`p(z)\,p(x \mid z)`: the model run with its observed sites
   unconditioned (``poutine.uncondition``), so ``x`` is a real draw from the
-  likelihood, for any model.
+  likelihood (a model whose forward run is not that draw is refused by site).
 * :meth:`~FitResult.posterior` -- the guide's :math:`q(z \mid x)` or batched
   HMC's :math:`p(z \mid x)` for new data, as an ArviZ object.
 * :meth:`~FitResult.elbo` / :meth:`~FitResult.iwae` -- per-datapoint bounds on
@@ -133,11 +133,16 @@ class FitResult:
         if saved.get("kind") != FORMAT:
             raise CheckpointError(f"{path} is not a saved ppl-vae model (a run's checkpoint.pt is read with load_run(run_dir))")
         try:
+            if saved.get("version") != 1:
+                raise ValueError(f"format version {saved.get('version')!r}, this ppl-vae reads 1")
             args = tuple((tuple(int(s) for s in a["shape"]), getattr(torch, a["dtype"])) for a in saved["args"])
+            if not all(isinstance(d, torch.dtype) for _, d in args):
+                raise ValueError("an argument's dtype is not a torch dtype")
             record = io.from_plain(saved["record"])
-        except (KeyError, TypeError, AttributeError) as exc:
+            result = FitResult(**{**record, "history": tuple(record["history"])})
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"{path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
-        return attach(FitResult(**{**record, "history": tuple(record["history"])}), model, guide, args, saved["params"], str(path), modules)
+        return attach(result, model, guide, args, saved["params"], str(path), modules)
 
     def sample(self, n: int, *args: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
         r"""``n`` draws from the prior predictive: every sample site of the model, its observations drawn from the likelihood.
@@ -146,15 +151,27 @@ class FitResult:
         arguments, ``n`` rows; pass them for a model whose other arguments
         matter, e.g. the labels of a conditional VAE) with its observed sites
         unconditioned. Returns ``{site: tensor}`` with ``n`` rows each, in the
-        order the model samples them (``pyro.factor`` sites left out).
+        order the model samples them. A model with a ``pyro.factor``, a scaled
+        or masked site (an auxiliary term) or a latent outside the ``"data"``
+        plate is refused by the site's name: running it forward is not a draw
+        from its prior predictive.
         """
         check_int(n, "number of samples")
         t = self._model("sample")
+        if args and any(a.shape[0] != n for a in args):
+            raise ConfigError(f"sample: the model's arguments have {[a.shape[0] for a in args]} rows; give n={n} rows each")
         args = args or self._blank(n)
         with seeded(seed), torch.no_grad(), poutine.block():
             tr = poutine.trace(poutine.uncondition(t.model)).get_trace(*args)
-        return {name: s["value"] for name, s in tr.nodes.items()
-                if s["type"] == "sample" and not site_is_subsample(s) and type(s["fn"]).__name__ != "Unit"}
+        sites = {name: s for name, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+        for name, s in sites.items():  # what would make these draws something other than p(z) p(x | z), refused by name
+            if type(s["fn"]).__name__ == "Unit":
+                raise ConfigError(f"sample: site {name!r} is a pyro.factor, which reweights the model: running it forward does not draw from it")
+            if not (isinstance(s["scale"], (int, float)) and s["scale"] == 1.0) or s["mask"] is not None:
+                raise ConfigError(f"sample: site {name!r} is scaled or masked (an auxiliary term such as M2's classifier), not part of p(z) p(x | z)")
+            if not any(f.name == "data" for f in s["cond_indep_stack"]):
+                raise ConfigError(f"sample: site {name!r} is outside the 'data' plate (a global latent): its draw would be shared by all {n} rows")
+        return {name: s["value"] for name, s in sites.items()}
 
     def posterior(self, *data: torch.Tensor, method: Literal["vi", "hmc"] = "vi", num_samples: int = 1000, seed: int = 0,
                   **hmc_options: Any) -> Any:
@@ -168,6 +185,8 @@ class FitResult:
         these cannot handle (a discrete or global latent) is refused by name.
         """
         t = self._model("posterior")
+        if method == "vi" and hmc_options:
+            raise ConfigError(f"posterior: {', '.join(sorted(hmc_options))} are options of method='hmc', not of the guide's draws")
         if method == "vi":
             draws = vi_draws(t.model, t.guide, *data, num_samples=num_samples, seed=seed, method="vi")
         elif method == "hmc":
@@ -197,8 +216,11 @@ _RECORD = tuple(k for k in FitResult.__dataclass_fields__ if k != "trained")
 def attach(result: FitResult, model: Callable[..., object], guide: Callable[..., object], args: Sequence[tuple[tuple[int, ...], torch.dtype]],
            values: Sequence[torch.Tensor] | None, where: str, modules: Iterable[nn.Module] = (), found: Discovered | None = None) -> FitResult:
     """``result`` holding ``model`` and ``guide``; with ``values``, their parameters (found by running them on zeros of ``args``) set to those."""
-    if found is None:
-        example = tuple(torch.zeros((2, *shape), dtype=dtype) for shape, dtype in args)
+    if found is None:  # trial arguments where the networks are (a module given, or the model's or guide's owner), else the CPU
+        owners = [*modules, *(getattr(f, "__self__", f) for f in (model, guide))]
+        first = next((p for m in owners if isinstance(m, nn.Module) for p in m.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        example = tuple(torch.zeros((2, *shape), dtype=dtype, device=device) for shape, dtype in args)
         with seeded(0), poutine.block():
             try:
                 found = discover(model, guide, example, modules)

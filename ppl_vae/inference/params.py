@@ -84,6 +84,9 @@ def load_params(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor] | 
     """
     if saved is None or (len(saved) < len(params) if extra else len(saved) != len(params)) or any(s.shape != p.shape for s, p in zip(saved, params)):
         raise CheckpointError(f"checkpoint {where} does not match this model and guide")
+    for i, (s, p) in enumerate(zip(saved, params)):
+        if s.dtype != p.dtype:  # copy_ would cast without a word
+            raise CheckpointError(f"checkpoint {where} holds parameter #{i} as {s.dtype}, the model's is {p.dtype}; build the model in {s.dtype}")
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)

@@ -11,9 +11,11 @@ import torch
 from conftest import TINY, Z
 
 from ppl_vae import FitResult, fit, load_run
+from ppl_vae.app.runs import open_run
 from ppl_vae.cli import main
 from ppl_vae.errors import CheckpointError, ConfigError, RunDirectoryError
 from ppl_vae.guides import amortized_guide
+from ppl_vae.inference.fitted import attach
 from ppl_vae.inference.mcmc import azcompat
 from ppl_vae.io import load_torch
 from ppl_vae.models import PPCA
@@ -153,5 +155,49 @@ def test_load_run_gives_the_cli_run_as_a_fitted_model(tmp_path):
     draws = result.sample(7, seed=0)
     assert draws["x"].shape == (7, 64) and set(draws["x"].unique().tolist()) <= {0.0, 1.0}
     path = result.save(tmp_path / "model.pt")
-    back = FitResult.load(path, result.model, result.guide)
+    built, _ = open_run(out)  # fresh networks of the run's config, with the run's parameters
+    with torch.no_grad():
+        for p in built.decoder.parameters():
+            p.add_(1.0)  # moved away: only a working load brings them back
+    back = FitResult.load(path, built.model, built.guide)
     assert back == result
+    assert all(torch.equal(a, b) for a, b in zip(back.trained.found.params, result.trained.found.params))
+
+
+def test_sample_refuses_what_is_not_a_prior_predictive_draw(data):
+    result = fit(*bernoulli_vae(0), data, epochs=1, batch_size=20, progress=False)
+    with pytest.raises(ConfigError, match="give n=5 rows"):
+        result.sample(5, data[:3])
+    model, guide = result.model, result.guide
+
+    def with_factor(x):
+        model(x)
+        with pyro.plate("rows", x.shape[0]):
+            pyro.factor("penalty", -x.sum(-1))
+
+    def with_global(x):
+        pyro.sample("shift", dist.Normal(0.0, 1.0))
+        model(x)
+
+    for wrapped, fragment in ((with_factor, "'penalty' is a pyro.factor"), (with_global, "'shift' is outside the 'data' plate")):
+        other = attach(result, wrapped, guide, [((12,), torch.float32)], None, "test", found=result.trained.found)
+        with pytest.raises(ConfigError, match=fragment):
+            other.sample(4)
+    with pytest.raises(ConfigError, match="num_chains are options of method='hmc'"):
+        result.posterior(data[:2], num_chains=2)
+
+
+def test_load_refuses_parameters_of_another_dtype(tmp_path, data):
+    result = fit(*bernoulli_vae(0), data, epochs=1, batch_size=20, progress=False)
+    path = result.save(tmp_path / "model.pt")
+    model, guide = bernoulli_vae(1)
+    torch.manual_seed(1)
+    decoder64 = MLP(2, [16], 12).double()
+
+    def model64(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder64(z.double()).float()).to_event(1), obs=x)
+
+    with pytest.raises(CheckpointError, match="as torch.float32, the model's is torch.float64"):
+        FitResult.load(path, model64, guide)

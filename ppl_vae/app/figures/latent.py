@@ -97,7 +97,7 @@ def tsne(built: Built, x: torch.Tensor, y: torch.Tensor | None, *, seed: int = 0
     order = sorted(df["label"].unique(), key=int) if hue else None
     sns.scatterplot(data=df, x="t-SNE 1", y="t-SNE 2", hue=hue, hue_order=order, palette="tab10" if hue else None, s=10, ax=ax)
     if hue:  # beside the axes, not over the points
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="digit", frameon=False)
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="label", frameon=False)
     ax.set_title(f"t-SNE of {z.shape[1]}-D latent means ({built.config.model})")
     fig.tight_layout()
     return fig
@@ -117,7 +117,7 @@ def ae_vs_vae(ae: Built, vae: Built, x: torch.Tensor, y: torch.Tensor | None, im
         order = sorted(set(hue), key=int) if hue is not None else None
         sns.scatterplot(x=z[:, 0].numpy(), y=z[:, 1 % d].numpy(), hue=hue, hue_order=order, palette="tab10" if hue is not None else None, s=8, ax=ax, legend=col == 1)
         if col == 1 and hue is not None:
-            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="digit", frameon=False)
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="label", frameon=False)
         ax.add_patch(plt.Circle((0, 0), 2.0, fill=False, ls="--", color="k"))
         ax.set_title(f"{built.config.model}: latent means (z1, z2); dashed: 2 sd of N(0, I)", fontsize=9)
         samples = decode(built, torch.randn(64, d, generator=torch.Generator().manual_seed(seed)))

@@ -88,7 +88,7 @@ def latent_scatter(z: torch.Tensor, labels: torch.Tensor | None) -> Figure:
     order = sorted(df["label"].unique(), key=int) if hue else None
     sns.scatterplot(data=df, x=names[0], y="_y", hue=hue, hue_order=order, s=12, ax=ax, palette="tab10" if hue else None)
     if hue:  # beside the axes, not over the points
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="digit", frameon=False)
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="label", frameon=False)
     ax.set_ylabel(names[1])
     ax.set_title("latent means of the test set")
     fig.tight_layout()

@@ -119,17 +119,20 @@ class GapReport:
         gap, approx, amort = s["inference_gap"], s["approximation_gap"], s["amortisation_gap"]
 
         def part(key: str) -> str:
-            share = f", {s[key] / gap:.0%}" if gap > 0 else ""
+            share = f", {s[key] / gap:.0%}" if gap > 2 * s["inference_gap_se"] and approx >= 0 and amort >= 0 else ""
             return f"{s[key]:.2f} ± {s[key + '_se']:.2f} nats{share}"
 
-        if abs(approx - amort) < 2 * math.hypot(s["approximation_gap_se"], s["amortisation_gap_se"]):
+        diff = (self.approximation_gap - self.amortisation_gap).double()  # per datapoint: the two gaps share L[q*] (with opposite signs)
+        se_diff = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else math.inf
+        if abs(approx - amort) < 2 * se_diff:
             which = "neither gap dominates (they differ by less than 2 standard errors)"
         elif approx > amort:
             which = f"the approximation gap dominates: a better encoder would close little of it, a family richer than {self.family} would"
         else:
             which = "the amortisation gap dominates: the encoder, not the family, is what falls short (a bigger encoder or more training)"
+        family = "" if self.q_in_family else " (q is not in this family: the amortisation gap includes the change of family)"
         return (f"{self.name}: inference gap {gap:.2f} ± {s['inference_gap_se']:.2f} nats per datapoint = approximation "
-                f"{part('approximation_gap')} + amortisation {part('amortisation_gap')} (q* {self.family}, {len(self.index)} datapoints); {which}.")
+                f"{part('approximation_gap')} + amortisation {part('amortisation_gap')} (q* {self.family}{family}, {len(self.index)} datapoints); {which}.")
 
     @classmethod
     def concat(cls, parts: list[GapReport]) -> GapReport:

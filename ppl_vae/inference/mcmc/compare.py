@@ -63,6 +63,8 @@ __all__ = ["Comparison", "compare", "FLAG_THRESHOLDS"]
 
 #: a dimension (datapoint) is flagged when any of these is exceeded
 FLAG_THRESHOLDS = {"abs_std_mean_error": 0.3, "abs_log_sd_ratio": math.log(1.25), "coverage_90_below": 0.8, "pareto_k": 0.7}
+#: the least bulk ESS of a sound MCMC reference: 100 per chain for the default 4 chains (Vehtari et al. 2021)
+MIN_ESS = 400
 
 
 # --------------------------------------------------------------------------- VI draws
@@ -170,10 +172,12 @@ class Comparison:
         return rows.merge(points, on="point")
 
     def flagged(self, thresholds: dict[str, float] | None = None) -> Any:
-        """The rows of :meth:`to_dataframe` where VI disagrees with MCMC beyond ``thresholds`` (:data:`FLAG_THRESHOLDS`)."""
+        """The rows of :meth:`to_dataframe` where VI disagrees with MCMC beyond ``thresholds`` (:data:`FLAG_THRESHOLDS`), or a moment metric is NaN (not computable is not agreement; a k-hat is NaN only for draws without log-weights)."""
         t = {**FLAG_THRESHOLDS, **(thresholds or {})}
         df = self.to_dataframe()
         bad = (
+            df[["std_mean_error", "log_sd_ratio", "coverage_90"]].isna().any(axis=1)
+            |
             (df["std_mean_error"].abs() > t["abs_std_mean_error"])
             | (df["log_sd_ratio"].abs() > t["abs_log_sd_ratio"])
             | (df["coverage_90"] < t["coverage_90_below"])
@@ -211,11 +215,13 @@ class Comparison:
         n, k = len(self.points), len(self.dims)
         bad = self.flagged(thresholds)
         lines = [f"VI ({self.vi_method}) against MCMC ({self.mcmc_method}) on {n} datapoint(s) x {k} latent dimension(s):"]
-        sound = s["mcmc_max_rhat"] < 1.01 and s["mcmc_divergences"] == 0 and s["mcmc_min_ess_bulk"] >= 100
+        p = self.per_point
+        missing = int(sum(~np.isfinite(np.asarray(p[k], dtype=float)).sum() for k in ("mcmc_max_rhat", "mcmc_min_ess_bulk")))
+        sound = (missing == 0 and s["mcmc_max_rhat"] < 1.01 and s["mcmc_divergences"] == 0 and s["mcmc_min_ess_bulk"] >= MIN_ESS)
         lines.append(f"- MCMC reference: max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, "
-                     f"{s['mcmc_divergences']:.0f} divergences: "
-                     + ("sound (R-hat < 1.01, ESS >= 100, no divergences)." if sound
-                        else "NOT sound: run longer chains (--draws, --warmup) before trusting the rows below."))
+                     f"{s['mcmc_divergences']:.0f} divergences" + (f", {missing} diagnostics not computable" if missing else "") + ": "
+                     + (f"sound (R-hat < 1.01, bulk ESS >= {MIN_ESS}, no divergences)." if sound
+                        else "NOT sound: run longer chains (more draws and warm-up) before trusting the rows below."))
         err = d["std_mean_error"].abs()
         worst = d.loc[err.idxmax()] if err.notna().any() else None
         where = f" (datapoint {worst['point']}, {worst['dim']})" if worst is not None else ""
@@ -227,15 +233,22 @@ class Comparison:
         lines.append(f"- Spread: VI sd / MCMC sd from {s['min_sd_ratio']:.2f} to {s['max_sd_ratio']:.2f}; {spread}.")
         lines.append(f"- Coverage: VI's 90% intervals hold the MCMC draws {s['mean_coverage_90']:.0%} of the time on average (90% if calibrated).")
         khat = s["max_pareto_k"]
-        lines.append(f"- Pareto k-hat of the importance weights: max {khat:.2f} "
-                     + ("(> 0.7: for some datapoints importance sampling cannot repair VI's draws)." if khat > t["pareto_k"]
-                        else "(<= 0.7: importance sampling can repair VI's draws where needed)."))
-        wrong_points = sorted(set(bad["point"].tolist()))
-        if bad.empty:
-            lines.append(f"Verdict: VI agrees with MCMC on every datapoint and dimension within the thresholds {t}.")
+        if math.isnan(khat):
+            lines.append("- Pareto k-hat: none (the VI draws carry no importance log-weights).")
+        elif khat > t["pareto_k"]:
+            lines.append(f"- Pareto k-hat of the importance weights: max {khat:.2f} (> {t['pareto_k']:g}: for some datapoints "
+                         "importance sampling cannot repair VI's draws).")
         else:
-            lines.append(f"Verdict: VI gets {len(wrong_points)} of {n} datapoint(s) wrong ({len(bad)} of {n * k} dimensions flagged: "
-                         f"points {', '.join(map(str, wrong_points[:10]))}{', ...' if len(wrong_points) > 10 else ''}); comparison.csv has each.")
+            lines.append(f"- Pareto k-hat of the importance weights: max {khat:.2f} (<= {t['pareto_k']:g}: importance sampling "
+                         "can repair VI's draws where needed).")
+        wrong_points = sorted(set(bad["point"].tolist()))
+        caveat = "" if sound else " (against an MCMC reference that is not sound)"
+        if bad.empty:
+            lines.append(f"Verdict: VI agrees with MCMC on every datapoint and dimension within the thresholds {t}{caveat}.")
+        else:
+            lines.append(f"Verdict: VI gets {len(wrong_points)} of {n} datapoint(s) wrong{caveat} ({len(bad)} of {n * k} dimensions flagged, "
+                         f"a NaN metric counted as flagged: points {', '.join(map(str, wrong_points[:10]))}{', ...' if len(wrong_points) > 10 else ''}); "
+                         "flagged() lists them.")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
