@@ -216,7 +216,7 @@ class Comparison:
         bad = self.flagged(thresholds)
         lines = [f"VI ({self.vi_method}) against MCMC ({self.mcmc_method}) on {n} datapoint(s) x {k} latent dimension(s):"]
         p = self.per_point
-        missing = int(sum(~np.isfinite(np.asarray(p[k], dtype=float)).sum() for k in ("mcmc_max_rhat", "mcmc_min_ess_bulk")))
+        missing = int(sum((~np.isfinite(np.asarray(p[k], dtype=float))).sum() for k in ("mcmc_max_rhat", "mcmc_min_ess_bulk")))
         sound = (missing == 0 and s["mcmc_max_rhat"] < 1.01 and s["mcmc_divergences"] == 0 and s["mcmc_min_ess_bulk"] >= MIN_ESS)
         lines.append(f"- MCMC reference: max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, "
                      f"{s['mcmc_divergences']:.0f} divergences" + (f", {missing} diagnostics not computable" if missing else "") + ": "
