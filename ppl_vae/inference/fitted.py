@@ -38,7 +38,7 @@ from .elbo import Estimate, evaluate_elbo
 from .gaps.bounds import importance_bounds
 from .mcmc.hmc import hmc_latent
 from .mcmc.vi import vi_draws
-from .params import Discovered, discover, load_params
+from .params import Discovered, discover, load_params, owner
 from .random import seeded
 
 __all__ = ["FitResult", "FORMAT"]
@@ -217,8 +217,8 @@ def attach(result: FitResult, model: Callable[..., object], guide: Callable[...,
            values: Sequence[torch.Tensor] | None, where: str, modules: Iterable[nn.Module] = (), found: Discovered | None = None) -> FitResult:
     """``result`` holding ``model`` and ``guide``; with ``values``, their parameters (found by running them on zeros of ``args``) set to those."""
     if found is None:  # trial arguments where the networks are (a module given, or the model's or guide's owner), else the CPU
-        owners = [*modules, *(getattr(f, "__self__", f) for f in (model, guide))]
-        first = next((p for m in owners if isinstance(m, nn.Module) for p in m.parameters()), None)
+        owners = [*modules, owner(model), owner(guide)]
+        first = next((p for m in owners if m is not None for p in m.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
         example = tuple(torch.zeros((2, *shape), dtype=dtype, device=device) for shape, dtype in args)
         with seeded(0), poutine.block():

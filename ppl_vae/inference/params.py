@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-__all__ = ["Discovered", "discover", "load_params"]
+__all__ = ["Discovered", "discover", "load_params", "owner"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,12 @@ class Discovered:
             m.train(mode)
 
 
-def _owner(fn: object) -> nn.Module | None:
+def owner(fn: object) -> nn.Module | None:
+    """The module ``fn`` is, or whose bound method it is; else None."""
     if isinstance(fn, nn.Module):
         return fn
-    owner = getattr(fn, "__self__", None)
-    return owner if isinstance(owner, nn.Module) else None
+    bound = getattr(fn, "__self__", None)
+    return bound if isinstance(bound, nn.Module) else None
 
 
 def discover(
@@ -54,7 +55,7 @@ def discover(
     thread runs during the call would be collected too: it gets no gradient from the loss, so the
     optimiser leaves it as it is.
     """
-    seen: list[nn.Module] = [*modules, *(m for m in (_owner(model), _owner(guide)) if m is not None)]
+    seen: list[nn.Module] = [*modules, *(m for m in (owner(model), owner(guide)) if m is not None)]
     handle = nn.modules.module.register_module_forward_pre_hook(lambda module, inputs: seen.append(module))
     try:
         with torch.no_grad(), poutine.block(), poutine.trace(param_only=True) as param_tr:
