@@ -50,7 +50,7 @@ from ..distributed import Spread, spread_rows
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
 from ..mcmc.kernel import State, StepSize, transition
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
-from .bounds import log_mean_exp
+from .bounds import cat_optional, log_mean_exp
 
 __all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_schedule"]
 
@@ -67,10 +67,10 @@ def sigmoid_schedule(num_steps: int, delta: float = 4.0, *, device: torch.device
 
 @dataclass(frozen=True)
 class AISResult:
-    """AIS estimate of ``log p(x)`` per datapoint (``[N]``), its standard error over chains, and diagnostics."""
+    """AIS estimate of ``log p(x)`` per datapoint (``[N]``), its standard error over chains (``None`` with one chain), and diagnostics."""
 
     log_px: torch.Tensor
-    log_px_se: torch.Tensor
+    log_px_se: torch.Tensor | None
     accept_rate: torch.Tensor
     step_size: torch.Tensor
     num_steps: int
@@ -82,19 +82,19 @@ class AISResult:
         return f"AIS from the {self.init}, {self.num_steps} HMC steps x {self.num_chains} chains"
 
     def to_dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame({k: getattr(self, k).cpu().numpy() for k in ("log_px", "log_px_se", "accept_rate", "step_size")})
+        return pd.DataFrame({k: v.cpu().numpy() for k in ("log_px", "log_px_se", "accept_rate", "step_size") if (v := getattr(self, k)) is not None})
 
     @classmethod
     def concat(cls, parts: list[AISResult]) -> AISResult:
         """The estimates of consecutive blocks of datapoints, as one."""
         first = parts[0]
-        return cls(**{k: torch.cat([getattr(p, k) for p in parts]) for k in ("log_px", "log_px_se", "accept_rate", "step_size")},
+        return cls(**{k: cat_optional([getattr(p, k) for p in parts]) for k in ("log_px", "log_px_se", "accept_rate", "step_size")},
                    num_steps=first.num_steps, num_chains=first.num_chains, init=first.init)
 
 
 @dataclass(frozen=True)
 class BDMCResult:
-    """Forward (lower) and reverse (upper) AIS on data simulated from the model."""
+    """Forward (lower) and reverse (upper) AIS on data simulated from the model; standard errors over chains (``None`` with one chain)."""
 
     x: torch.Tensor
     lower: torch.Tensor
@@ -173,7 +173,7 @@ def _run(dens, z, log_q, betas, noise, *, leapfrog_steps, step_size, target_acce
     return lw, torch.stack(record), acc_total / T
 
 
-def _logmeanexp_se(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _logmeanexp_se(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return log_mean_exp(torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0), lw.shape[0])
 
 
@@ -265,23 +265,22 @@ def ais(
                            data, index, spread, programs=(model, guide) if guide is not None else (model,), combine=AISResult.concat, types=(AISResult,))
     betas = sigmoid_schedule(num_steps, device=data[0].device)
     parts = {"log_px": [], "log_px_se": [], "accept_rate": [], "step_size": []}
-    shown = bar(total=2 * num_steps * math.ceil(n / (batch_size or n)), desc=f"AIS {num_steps} steps", unit="step", enabled=progress)
-    with seeded(seed):
-        base = base_seed(seed)
-        for i in range(0, n, batch_size or n):
-            args = tuple(t[i : i + (batch_size or n)] for t in data)
-            latent = latent_of(model, *args, guide=guide, analysis="AIS")
-            dens = log_joint(model, latent, *args, split=True)
-            gen = Streams(base, index[i : i + (batch_size or n)], data[0].device, Tag.AIS)
-            z, log_q = _start(model, init, latent, args, num_chains + PILOT_CHAINS, gen)
-            kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept, shown=shown)
-            _, record, _ = _run(dens, z[num_chains:], log_q, betas, gen, adapt=True, **kw)  # pilot: adapts step sizes
-            lw, _, acc = _run(dens, z[:num_chains], log_q, betas, gen, adapt=False, eps_schedule=record, **kw)
-            est, se = _logmeanexp_se(lw)
-            for k, v in (("log_px", est), ("log_px_se", se), ("accept_rate", acc), ("step_size", record[-1].double())):
-                parts[k].append(v)
-    shown.close()
-    out = {k: torch.cat(v) for k, v in parts.items()}
+    with bar(total=2 * num_steps * math.ceil(n / (batch_size or n)), desc=f"AIS {num_steps} steps", unit="step", enabled=progress) as shown:
+        with seeded(seed):
+            base = base_seed(seed)
+            for i in range(0, n, batch_size or n):
+                args = tuple(t[i : i + (batch_size or n)] for t in data)
+                latent = latent_of(model, *args, guide=guide, analysis="AIS")
+                dens = log_joint(model, latent, *args, split=True)
+                gen = Streams(base, index[i : i + (batch_size or n)], data[0].device, Tag.AIS)
+                z, log_q = _start(model, init, latent, args, num_chains + PILOT_CHAINS, gen)
+                kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept, shown=shown)
+                _, record, _ = _run(dens, z[num_chains:], log_q, betas, gen, adapt=True, **kw)  # pilot: adapts step sizes
+                lw, _, acc = _run(dens, z[:num_chains], log_q, betas, gen, adapt=False, eps_schedule=record, **kw)
+                est, se = _logmeanexp_se(lw)
+                for k, v in (("log_px", est), ("log_px_se", se), ("accept_rate", acc), ("step_size", record[-1].double())):
+                    parts[k].append(v)
+    out = {k: cat_optional(v) for k, v in parts.items()}
     return AISResult(**out, num_steps=num_steps, num_chains=num_chains, init="prior" if init == "prior" else "guide")
 
 
@@ -294,14 +293,16 @@ def bdmc(
     step_size: float = 0.05,
     target_accept: float = 0.65,
     seed: int | None = 0,
+    progress: bool = False,
 ) -> BDMCResult:
     """Bidirectional Monte Carlo on data simulated from ``model`` (shaped like ``template``).
 
     Returns, per simulated datapoint, the forward-AIS lower bound and the
-    reverse-AIS upper bound on ``log p(x)``, both from the prior.
+    reverse-AIS upper bound on ``log p(x)``, both from the prior. ``progress``
+    shows a bar over the annealing steps (pilot, forward and reverse runs).
     """
     _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept)
-    with seeded(seed):
+    with seeded(seed), bar(total=3 * num_steps, desc=f"BDMC {num_steps} steps", unit="step", enabled=progress) as shown:
         with poutine.block(), torch.no_grad():
             tr = poutine.trace(poutine.uncondition(model)).get_trace(*template)
         latent = latent_of(model, *template, analysis="BDMC")
@@ -315,7 +316,7 @@ def bdmc(
         dens = log_joint(model, latent, *data, split=True)
         gen = Streams(None, range(x.shape[0]), x.device, Tag.SIMULATED)  # the simulated points' own streams
         z0, _ = _start(model, "prior", latent, data, num_chains + PILOT_CHAINS, gen)
-        kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept)
+        kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept, shown=shown)
         _, record, _ = _run(dens, z0[num_chains:], None, betas, gen, adapt=True, **kw)
         lw_f, _, _ = _run(dens, z0[:num_chains], None, betas, gen, adapt=False, eps_schedule=record, **kw)
         zT = u_true.expand(num_chains, *u_true.shape).clone()

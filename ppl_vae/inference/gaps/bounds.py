@@ -38,7 +38,7 @@ from ..distributed import Spread, spread_rows
 from ..random import Streams, Tag, base_seed, dataset_index, draws_in_batches, seeded
 from ..traces import log_weights, plate_nesting, probe, restrict
 
-__all__ = ["Bounds", "importance_bounds", "chunks", "log_mean_exp"]
+__all__ = ["Bounds", "importance_bounds", "chunks", "log_mean_exp", "cat_optional"]
 
 #: how many decoder outputs (samples x rows x data width) one chunk may hold
 MAX_ELEMENTS = 20_000_000
@@ -46,29 +46,40 @@ MAX_ELEMENTS = 20_000_000
 
 @dataclass(frozen=True)
 class Bounds:
-    """ELBO and IWAE bound per datapoint (``[N]`` tensors, nats) with Monte Carlo standard errors."""
+    """ELBO and IWAE bound per datapoint (``[N]`` tensors, nats) with Monte Carlo standard errors.
+
+    With one draw per datapoint (``num_samples == 1``) there is no spread to
+    estimate a standard error from: ``elbo_se`` and ``iwae_se`` are ``None``
+    (and absent from :meth:`to_dataframe`), never a NaN standing in for a number.
+    """
 
     elbo: torch.Tensor
-    elbo_se: torch.Tensor
+    elbo_se: torch.Tensor | None
     iwae: torch.Tensor
-    iwae_se: torch.Tensor
+    iwae_se: torch.Tensor | None
     num_samples: int
 
     def to_dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame({k: getattr(self, k).cpu().numpy() for k in ("elbo", "elbo_se", "iwae", "iwae_se")})
+        return pd.DataFrame({k: v.cpu().numpy() for k in ("elbo", "elbo_se", "iwae", "iwae_se") if (v := getattr(self, k)) is not None})
 
     @classmethod
     def concat(cls, parts: list[Bounds]) -> Bounds:
         """The bounds of consecutive blocks of datapoints, as one."""
-        return cls(**{k: torch.cat([getattr(p, k) for p in parts]) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}, num_samples=parts[0].num_samples)
+        return cls(**{k: cat_optional([getattr(p, k) for p in parts]) for k in ("elbo", "elbo_se", "iwae", "iwae_se")}, num_samples=parts[0].num_samples)
 
 
-def log_mean_exp(lse1: torch.Tensor, lse2: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log mean w`` and its delta-method SE from ``logsumexp(log w)`` and ``logsumexp(2 log w)`` over ``K`` weights."""
+def cat_optional(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """``torch.cat`` of the blocks' tensors, or ``None`` where the blocks have none (a standard error from one draw)."""
+    return None if parts[0] is None else torch.cat(parts)  # type: ignore[arg-type]
+
+
+def log_mean_exp(lse1: torch.Tensor, lse2: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log mean w`` and its delta-method SE from ``logsumexp(log w)`` and ``logsumexp(2 log w)`` over ``K`` weights (SE ``None`` for ``K == 1``)."""
     est = lse1 - math.log(K)
+    if K == 1:
+        return est, None
     rel = (lse2 - math.log(K) - 2 * est).exp() - 1  # var(w) / mean(w)^2 = mean(w^2) / mean(w)^2 - 1
-    se = (rel.clamp_min(0) / (K - 1)).sqrt() if K > 1 else torch.full_like(est, math.nan)
-    return est, se
+    return est, (rel.clamp_min(0) / (K - 1)).sqrt()
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -151,33 +162,35 @@ def importance_bounds(
         nesting = probe("importance bounds", lambda: plate_nesting(model, first, *head), data)
         batched = draws_in_batches(first, *head)
         rows_per_chunk = min(batch_size, max(1, MAX_ELEMENTS // (k_chunk * width))) if batched else 1
-        shown = bar(total=math.ceil(n / rows_per_chunk) * math.ceil(K / k_chunk), desc=f"bounds K={K}", unit="chunk", enabled=progress)
-        for rows in chunks(n, rows_per_chunk):
-            args = tuple(t[rows] for t in data)
-            g = restrict(guide, rows)
-            shift = s1 = s2 = lse1 = lse2 = None
-            for j, ks in enumerate(chunks(K, k_chunk)):
-                streams = Streams(base, index[rows], data[0].device, Tag.BOUNDS, j)
-                lw = log_weights(model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting, streams=streams).double()
-                if shift is None:
-                    shift = lw.mean(0)
-                    s1 = torch.zeros_like(shift)
-                    s2 = torch.zeros_like(shift)
-                    lse1 = torch.full_like(shift, -math.inf)
-                    lse2 = torch.full_like(shift, -math.inf)
-                c = lw - shift
-                s1 += c.sum(0)
-                s2 += (c * c).sum(0)
-                lse1 = torch.logaddexp(lse1, torch.logsumexp(lw, 0))
-                lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
-                shown.update()
-            mean_c = s1 / K
-            out["elbo"][rows] = shift + mean_c
-            var = (s2 / K - mean_c**2).clamp_min(0) * K / max(K - 1, 1)
-            out["elbo_se"][rows] = (var / K).sqrt() if K > 1 else torch.full_like(mean_c, math.nan)
-            out["iwae"][rows], out["iwae_se"][rows] = log_mean_exp(lse1, lse2, K)
-        shown.close()
+        with bar(total=math.ceil(n / rows_per_chunk) * math.ceil(K / k_chunk), desc=f"bounds K={K}", unit="chunk", enabled=progress) as shown:
+            for rows in chunks(n, rows_per_chunk):
+                args = tuple(t[rows] for t in data)
+                g = restrict(guide, rows)
+                shift = s1 = s2 = lse1 = lse2 = None
+                for j, ks in enumerate(chunks(K, k_chunk)):
+                    streams = Streams(base, index[rows], data[0].device, Tag.BOUNDS, j)
+                    lw = log_weights(model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting, streams=streams).double()
+                    if shift is None:
+                        shift = lw.mean(0)
+                        s1 = torch.zeros_like(shift)
+                        s2 = torch.zeros_like(shift)
+                        lse1 = torch.full_like(shift, -math.inf)
+                        lse2 = torch.full_like(shift, -math.inf)
+                    c = lw - shift
+                    s1 += c.sum(0)
+                    s2 += (c * c).sum(0)
+                    lse1 = torch.logaddexp(lse1, torch.logsumexp(lw, 0))
+                    lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
+                    shown.update()
+                mean_c = s1 / K
+                out["elbo"][rows] = shift + mean_c
+                var = (s2 / K - mean_c**2).clamp_min(0) * K / max(K - 1, 1)
+                out["elbo_se"][rows] = (var / K).sqrt()
+                out["iwae"][rows], iwae_se = log_mean_exp(lse1, lse2, K)
+                out["iwae_se"][rows] = iwae_se if iwae_se is not None else math.nan  # dropped below for K == 1
     if not torch.isfinite(out["elbo"]).all():
         raise ConfigError("some log-weights are not finite: the guide puts mass where the model has none")
+    if K == 1:
+        out["elbo_se"] = out["iwae_se"] = None
     return Bounds(num_samples=K, **out)
 

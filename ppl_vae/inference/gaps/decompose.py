@@ -245,12 +245,14 @@ def decompose(
     """
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown log p(x) estimator {logpx!r}; choose iwae or ais")
-    for label, k in (("importance samples K", num_samples), ("ELBO samples", elbo_samples)):
-        check_int(k, f"the number of {label}")
+    for label, k in (("importance samples K", num_samples), ("ELBO samples", elbo_samples)):  # every number in the report carries a standard error
+        check_int(k, f"the number of {label} (at least 2 for a standard error)", low=2)
     if local_options:
         check_local_options(**local_options)
     if ais_options:
         check_ais_options(**ais_options)
+        if logpx == "ais":
+            check_int(ais_options.get("num_chains", 2), "the number of AIS chains (at least 2 for a standard error)", low=2)
     q, own, families = _families(model, guide, data, families)
     idx = dataset_index(index, data[0].shape[0])
 

@@ -19,7 +19,8 @@ from conftest import Z, frozen_ppca, inflated_guide, log_mean_exp_bias, se_of_me
 
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference.gaps.ais import ais, bdmc
-from ppl_vae.inference.gaps.bounds import importance_bounds
+from ppl_vae.inference.gaps.bounds import Bounds, importance_bounds
+from ppl_vae.inference.gaps.decompose import decompose
 from ppl_vae.inference.random import Streams, Tag
 from ppl_vae.inference.traces import log_weights
 from ppl_vae.models.ppca import PPCA
@@ -117,6 +118,25 @@ def test_iwae_rises_toward_exact_log_px_and_reaches_it_at_large_K():
     assert abs(err.mean().item()) <= 4 * (last.iwae_se.pow(2).sum().sqrt() / len(x)).item() + 1e-3
 
 
+def test_one_draw_gives_no_standard_error_rather_than_a_nan():
+    m = frozen_ppca()
+    x = m.sample(4)
+    one = importance_bounds(m, inflated_guide(m), x, num_samples=1, seed=0)
+    assert one.elbo_se is None and one.iwae_se is None
+    assert torch.isfinite(one.elbo).all() and torch.equal(one.elbo, one.iwae)  # K = 1: the IWAE bound is the one draw's ELBO
+    assert list(one.to_dataframe().columns) == ["elbo", "iwae"]
+    assert Bounds.concat([one, one]).elbo_se is None
+    r = ais(m, x, num_steps=5, num_chains=1, seed=0)
+    assert r.log_px_se is None and "log_px_se" not in r.to_dataframe().columns
+    two = ais(m, x, num_steps=5, num_chains=2, seed=0)
+    assert two.log_px_se is not None and torch.isfinite(two.log_px_se).all()
+    # the gap report carries a standard error on every number: one draw is refused by name, before any work
+    with pytest.raises(ConfigError, match="ELBO samples .at least 2 for a standard error"):
+        decompose(m, m.exact_guide, x, elbo_samples=1)
+    with pytest.raises(ConfigError, match="AIS chains .at least 2"):
+        decompose(m, m.exact_guide, x, logpx="ais", ais_options={"num_chains": 1})
+
+
 @pytest.mark.slow
 def test_ais_recovers_exact_log_px():
     m = frozen_ppca(D=5, d=2, sigma=1.0)
@@ -169,8 +189,6 @@ def test_bad_inputs_are_clear_errors():
             pyro.sample("w", dist.Normal(torch.zeros(x.shape[0], 2, dtype=x.dtype), 1.0).to_event(1))
 
     with pytest.raises(ConfigError, match="the guide has no site 'z', a latent site of the model"):
-        from ppl_vae.inference.gaps.decompose import decompose
-
         decompose(m, other_guide, x)
 
 
