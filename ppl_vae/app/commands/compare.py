@@ -96,7 +96,7 @@ def compare_points(
         family = (family_of(q0) if q0 is not None else None) or "full"
         fit = optimize_local(built.model, *args, family=family, init=q0 if q0 is not None else built.guide, seed=seed, index=idx, progress=progress)
         vi = guide_draws(built.model, fit.posterior, *args, num_samples=vi_draws, seed=seed, method="vi-local", index=idx)
-    return mcmc, vi, compare(mcmc, vi, seed=seed)
+    return mcmc, vi, compare(mcmc, vi, seed=seed, progress=progress)
 
 
 def _write(out: Path, mcmc: Draws, vi: Draws, comparison: Comparison, info: dict[str, Any], figures: bool) -> list[Path]:

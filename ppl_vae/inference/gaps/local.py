@@ -190,41 +190,40 @@ def optimize_local(
         window = like.new_zeros(n, dtype=torch.float64)
         previous = like.new_full((n,), -math.inf, dtype=torch.float64)
         first = like.new_full((n,), math.nan, dtype=torch.float64)
-        shown = bar(total=max_steps, desc=f"q* {family}", unit="step", enabled=progress)
-        for step in range(1, max_steps + 1):
-            shown.update()
-            rows = active.nonzero().squeeze(-1)
-            lw = log_weights(model, posterior.select(rows), *(t[rows] for t in data), num_samples=num_samples, nesting=nesting, streams=streams.select(rows))
-            if not torch.isfinite(lw).all():
-                raise ConfigError(f"local optimisation of the {family} family hit a non-finite ELBO at step {step}; lower lr")
-            per_point = lw.mean(0)
-            grads = torch.autograd.grad(-per_point.sum(), params, allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
-            with torch.no_grad():
-                if not active.all():
-                    for p, f in zip(params, frozen):  # converged datapoints do not move (Adam's momentum would)
-                        p[~active] = f[~active]
-                steps[rows] += 1
-                window[rows] += per_point.detach().double()
-                if step % check_every == 0:
-                    mean = window / check_every
-                    first = torch.where(torch.isnan(first), mean, first)
-                    done = active & (mean - previous < tol)
-                    previous = torch.where(active, mean, previous)
-                    improved = active & (mean > best_mean)
-                    best_mean = torch.where(improved, mean, best_mean)
-                    window.zero_()
-                    for p, f, b in zip(params, frozen, best):
-                        b[improved] = p[improved]
-                        p[done] = b[done]  # a datapoint stops at its best parameters, never worse than its start
-                        f[done] = b[done]
-                    active &= ~done
-                    shown.set_postfix_str(f"{int(active.sum())} of {n} datapoints still moving", refresh=False)
-                    if not active.any():
-                        break
-        shown.close()
+        with bar(total=max_steps, desc=f"q* {family}", unit="step", enabled=progress) as shown:
+            for step in range(1, max_steps + 1):
+                shown.update()
+                rows = active.nonzero().squeeze(-1)
+                lw = log_weights(model, posterior.select(rows), *(t[rows] for t in data), num_samples=num_samples, nesting=nesting, streams=streams.select(rows))
+                if not torch.isfinite(lw).all():
+                    raise ConfigError(f"local optimisation of the {family} family hit a non-finite ELBO at step {step}; lower lr")
+                per_point = lw.mean(0)
+                grads = torch.autograd.grad(-per_point.sum(), params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                opt.step()
+                with torch.no_grad():
+                    if not active.all():
+                        for p, f in zip(params, frozen):  # converged datapoints do not move (Adam's momentum would)
+                            p[~active] = f[~active]
+                    steps[rows] += 1
+                    window[rows] += per_point.detach().double()
+                    if step % check_every == 0:
+                        mean = window / check_every
+                        first = torch.where(torch.isnan(first), mean, first)
+                        done = active & (mean - previous < tol)
+                        previous = torch.where(active, mean, previous)
+                        improved = active & (mean > best_mean)
+                        best_mean = torch.where(improved, mean, best_mean)
+                        window.zero_()
+                        for p, f, b in zip(params, frozen, best):
+                            b[improved] = p[improved]
+                            p[done] = b[done]  # a datapoint stops at its best parameters, never worse than its start
+                            f[done] = b[done]
+                        active &= ~done
+                        shown.set_postfix_str(f"{int(active.sum())} of {n} datapoints still moving", refresh=False)
+                        if not active.any():
+                            break
         with torch.no_grad():
             for p, b in zip(params, best):  # those stopped by max_steps, too
                 p[active] = b[active]

@@ -55,6 +55,7 @@ import torch
 
 from ... import io
 from ...errors import ConfigError
+from ...progress import bar
 from . import azcompat
 from .draws import Draws
 
@@ -246,9 +247,10 @@ class Comparison:
         if bad.empty:
             lines.append(f"Verdict: VI agrees with MCMC on every datapoint and dimension within the thresholds {t}{caveat}.")
         else:
-            lines.append(f"Verdict: VI gets {len(wrong_points)} of {n} datapoint(s) wrong{caveat} ({len(bad)} of {n * k} dimensions flagged, "
-                         f"a NaN metric counted as flagged: points {', '.join(map(str, wrong_points[:10]))}{', ...' if len(wrong_points) > 10 else ''}); "
-                         "flagged() lists them.")
+            nan = int(bad[["std_mean_error", "log_sd_ratio", "coverage_90"]].isna().any(axis=1).sum())
+            why = f", {nan} of them for a metric that could not be computed (NaN)" if nan else ""
+            lines.append(f"Verdict: VI gets {len(wrong_points)} of {n} datapoint(s) wrong{caveat} ({len(bad)} of {n * k} dimensions flagged{why}: "
+                         f"points {', '.join(map(str, wrong_points[:10]))}{', ...' if len(wrong_points) > 10 else ''}); flagged() lists them.")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,6 +276,7 @@ def compare(
     var_names: Sequence[str] | None = None,
     max_energy_draws: int = 1000,
     seed: int = 0,
+    progress: bool = False,
 ) -> Comparison:
     """Compare VI draws with MCMC draws of the same variables (see the module docstring).
 
@@ -289,6 +292,8 @@ def compare(
     max_energy_draws : int
         Draws of each side (a random subset, seeded from ``seed`` and the
         datapoint's ``point`` coordinate) in the energy distance.
+    progress : bool
+        A progress bar over the datapoints (their Wasserstein and energy distances, the slow part).
     """
     names = list(var_names) if var_names is not None else [n for n in mcmc.samples if n in vi.samples]
     missing = [n for n in names if n not in mcmc.samples or n not in vi.samples]
@@ -311,9 +316,18 @@ def compare(
         }
     from scipy.stats import wasserstein_distance
 
-    w1 = np.array([[wasserstein_distance(pm[:, i, j], pv[:, i, j]) for j in range(pm.shape[2])] for i in range(p_count)])
+    points = tuple(mcmc.coords.get("point", range(p_count))) if latent else (0,)
+    energy, kl, w1 = np.zeros(p_count), np.zeros(p_count), np.zeros((p_count, pm.shape[2]))
+    for i in bar(range(p_count), desc="compare", unit="datapoint", enabled=progress):
+        w1[i] = [wasserstein_distance(pm[:, i, j], pv[:, i, j]) for j in range(pm.shape[2])]
+        rng = np.random.default_rng([seed, int(points[i])])  # each datapoint's own subset, whatever else is compared with it
+        a = pm[rng.permutation(len(pm))[:max_energy_draws], i] / m_sd[i]
+        b = pv[rng.permutation(len(pv))[:max_energy_draws], i] / m_sd[i]
+        energy[i] = _energy_distance(a, b)
+        kl[i] = _gaussian_kl(pv[:, i], pm[:, i])
     per_dim["wasserstein"] = w1
-    per_dim["wasserstein_std"] = w1 / m_sd
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_dim["wasserstein_std"] = w1 / m_sd
     for level in (50, 90):
         lo, hi = np.quantile(pv, [(1 - level / 100) / 2, (1 + level / 100) / 2], axis=0)
         per_dim[f"coverage_{level}"] = ((pm >= lo) & (pm <= hi)).mean(0)
@@ -321,14 +335,6 @@ def compare(
     per_dim["mcmc_ess_tail"] = azcompat.ess(xm, "tail").reshape(p_count, -1)
     per_dim["mcmc_rhat"] = azcompat.rhat(xm).reshape(p_count, -1)
 
-    points = tuple(mcmc.coords.get("point", range(p_count))) if latent else (0,)
-    energy, kl = np.zeros(p_count), np.zeros(p_count)
-    for i in range(p_count):
-        rng = np.random.default_rng([seed, int(points[i])])  # each datapoint's own subset, whatever else is compared with it
-        a = pm[rng.permutation(len(pm))[:max_energy_draws], i] / m_sd[i]
-        b = pv[rng.permutation(len(pv))[:max_energy_draws], i] / m_sd[i]
-        energy[i] = _energy_distance(a, b)
-        kl[i] = _gaussian_kl(pv[:, i], pm[:, i])
     lw = vi.sample_stats.get("log_weight")
     if lw is not None:
         khat = np.atleast_1d(azcompat.pareto_khat(np.asarray(lw).reshape(-1, p_count).T))  # [P, S] -> [P]

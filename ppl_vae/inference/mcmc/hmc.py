@@ -327,33 +327,33 @@ def _run_batched(
     welford = WelfordCovariance(diagonal=True)
     if warmup_steps == 0:
         s.cap = s.max_leapfrog
-    it = bar(range(warmup_steps + num_samples), desc=f"{method} warm-up" if warmup_steps else f"{method} sampling", unit="step", enabled=progress)
-    keep_u, keep_acc, keep_div, keep_steps = [], [], [], []
-    for t in it:
-        warm = t < warmup_steps
-        if progress and t == warmup_steps and warmup_steps:
-            it.set_description_str(f"{method} sampling", refresh=False)
-        steps = s.steps(s.eps)
-        acc, div = s.transition(s.eps, steps)
-        if warm:
-            s.eps = rule.update(acc.mean(0))
-            if any(a <= t <= b for a, b in windows):
-                for c in range(s.C):
-                    welford.update(s.state.u[c])
-            if t in ends:
-                s.inv_mass = welford.get_covariance(regularize=True)
-                s.cap = s.max_leapfrog
-                welford.reset()
-                s.reasonable_step_size()
-                rule = StepSize(s.eps, target_accept)
-            if t == warmup_steps - 1:
-                s.eps = rule.final if t not in ends else s.eps
-                s.cap = s.max_leapfrog  # short warmups have no mass-matrix window to lift the early cap
-        else:
-            keep_u.append(s.state.u)
-            keep_acc.append(acc)
-            keep_div.append(div)
-            keep_steps.append(steps)
+    with bar(range(warmup_steps + num_samples), desc=f"{method} warm-up" if warmup_steps else f"{method} sampling", unit="step", enabled=progress) as it:
+        keep_u, keep_acc, keep_div, keep_steps = [], [], [], []
+        for t in it:
+            warm = t < warmup_steps
+            if progress and t == warmup_steps and warmup_steps:
+                it.set_description_str(f"{method} sampling", refresh=False)
+            steps = s.steps(s.eps)
+            acc, div = s.transition(s.eps, steps)
+            if warm:
+                s.eps = rule.update(acc.mean(0))
+                if any(a <= t <= b for a, b in windows):
+                    for c in range(s.C):
+                        welford.update(s.state.u[c])
+                if t in ends:
+                    s.inv_mass = welford.get_covariance(regularize=True)
+                    s.cap = s.max_leapfrog
+                    welford.reset()
+                    s.reasonable_step_size()
+                    rule = StepSize(s.eps, target_accept)
+                if t == warmup_steps - 1:
+                    s.eps = rule.final if t not in ends else s.eps
+                    s.cap = s.max_leapfrog  # short warmups have no mass-matrix window to lift the early cap
+            else:
+                keep_u.append(s.state.u)
+                keep_acc.append(acc)
+                keep_div.append(div)
+                keep_steps.append(steps)
     wall = time.perf_counter() - t0
     u = torch.stack(keep_u, 1)  # [C, S, G, K]
     stats = {

@@ -94,6 +94,8 @@ def test_exact_vi_passes_and_narrow_vi_is_flagged(ppca_case):
     flagged = nan_err.flagged({"pareto_k": math.inf})
     assert len(flagged) == 1 and flagged["point"].tolist() == [exact.points[1]]
     assert "VI gets 1 of 5 datapoint(s) wrong" in nan_err.verdict({"pareto_k": math.inf})
+    assert "1 of them for a metric that could not be computed (NaN)" in nan_err.verdict({"pareto_k": math.inf})
+    assert "could not be computed" not in narrow.verdict()  # no NaN there: no mention of one
 
 
 def test_comparison_tables_and_files(ppca_case, tmp_path):
