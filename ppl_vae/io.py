@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -63,7 +64,13 @@ def follower() -> Iterator[None]:
         _FOLLOWER = before
 
 
-def _atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+def _atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, overwrite: bool = True) -> Path:
+    """Write through ``write`` into a temporary file beside ``path``, then put it in place in one step.
+
+    Without ``overwrite`` the last step is a hard link, which fails (``FileExistsError``)
+    when ``path`` exists, even if another process made it after the caller checked;
+    where links are not supported it falls back to checking, then replacing.
+    """
     path = Path(path)
     if _FOLLOWER:
         return path
@@ -75,12 +82,29 @@ def _atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) ->
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _place_new(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path``, refusing (``FileExistsError``) to replace an existing file."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def is_follower() -> bool:
@@ -136,10 +160,12 @@ def write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -
     return write_text(path, buf.getvalue())
 
 
-def save_torch(path: str | os.PathLike[str], obj: Any) -> Path:
-    """``torch.save`` atomically (``obj`` should hold only tensors and plain containers, so it loads with ``weights_only``)."""
+def save_torch(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True) -> Path:
+    """``torch.save`` atomically (``obj`` should hold only tensors and plain containers, so it loads with ``weights_only``).
 
-    return _atomic(path, lambda fh: torch.save(obj, fh))
+    Without ``overwrite`` an existing ``path`` is never replaced (``FileExistsError``).
+    """
+    return _atomic(path, lambda fh: torch.save(obj, fh), overwrite=overwrite)
 
 
 def _pickled_globals(path: Path) -> list[str] | None:

@@ -118,7 +118,10 @@ class FitResult:
             "args": [{"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")} for shape, dtype in t.args],
             "record": io.to_plain(self.to_dict()),
         }
-        return io.save_torch(path, payload)
+        try:
+            return io.save_torch(path, payload, overwrite=force)
+        except FileExistsError:  # made since the check above (another process)
+            raise RunDirectoryError(f"{path} exists; pass force=True to replace it") from None
 
     @classmethod
     def load(cls, path: str | Path, model: Callable[..., object], guide: Callable[..., object], *, modules: Iterable[nn.Module] = ()) -> FitResult:
@@ -168,7 +171,8 @@ class FitResult:
             if type(s["fn"]).__name__ == "Unit":
                 raise ConfigError(f"sample: site {name!r} is a pyro.factor, which reweights the model: running it forward does not draw from it")
             if not (isinstance(s["scale"], (int, float)) and s["scale"] == 1.0) or s["mask"] is not None:
-                raise ConfigError(f"sample: site {name!r} is scaled or masked (an auxiliary term such as M2's classifier), not part of p(z) p(x | z)")
+                raise ConfigError(f"sample: site {name!r} is scaled or masked (an auxiliary term such as M2's classifier), not part of p(z) p(x | z); "
+                                  "pass the model's arguments that leave it out (for M2: x without labels)")
             if not any(f.name == "data" for f in s["cond_indep_stack"]):
                 raise ConfigError(f"sample: site {name!r} is outside the 'data' plate (a global latent): its draw would be shared by all {n} rows")
         return {name: s["value"] for name, s in sites.items()}
@@ -206,7 +210,7 @@ class FitResult:
         """The importance-weighted bound (``K`` guide draws) on ``log p(x)`` of each row of ``data``, with its delta-method standard error."""
         t = self._model("iwae")
         bounds = importance_bounds(t.model, t.guide, *data, num_samples=K, batch_size=batch_size, seed=seed)
-        return Estimate(bounds.iwae, bounds.iwae_se if K > 1 else None, K)
+        return Estimate(bounds.iwae, bounds.iwae_se, K)
 
 
 #: the fields of the training record (all but the model)

@@ -33,13 +33,19 @@ __all__ = ["pick", "seeded", "row_seed", "Tag", "Streams", "RowDraws", "draws_in
 
 
 class seeded:
-    """Context: seed torch's global RNG (used by Pyro) inside, restore the outer stream after."""
+    """Context: seed torch's global RNG (used by Pyro) inside, restore the outer stream after.
+
+    ``torch.manual_seed`` seeds the CPU and every CUDA device, so the outer
+    streams of all of them are saved and restored (on a machine with CUDA this
+    initialises it, as ``torch.random.fork_rng`` does by default).
+    """
 
     def __init__(self, seed: int | None) -> None:
         self.seed = seed
 
     def __enter__(self) -> None:
-        self._fork = torch.random.fork_rng(devices=[])
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        self._fork = torch.random.fork_rng(devices=cuda)
         self._fork.__enter__()
         if self.seed is not None:
             torch.manual_seed(self.seed)

@@ -64,7 +64,7 @@ def test_a_saved_model_loads_into_fresh_networks_with_its_record(tmp_path, data)
     assert torch.equal(back.elbo(data, num_particles=3, seed=5).value, result.elbo(data, num_particles=3, seed=5).value)
 
 
-def test_save_and_load_refuse_what_would_lose_or_mismatch_work(tmp_path, data):
+def test_save_and_load_refuse_what_would_lose_or_mismatch_work(tmp_path, data, monkeypatch):
     model, guide = bernoulli_vae(0)
     result = fit(model, guide, data, epochs=1, batch_size=20, progress=False)
     path = result.save(tmp_path / "model.pt")
@@ -72,6 +72,12 @@ def test_save_and_load_refuse_what_would_lose_or_mismatch_work(tmp_path, data):
     with pytest.raises(RunDirectoryError, match="exists; pass force=True"):
         result.save(path)
     assert path.read_bytes() == saved
+    # a file that appears after save()'s check (another process writing it) is not replaced either, and no temporary is left
+    with monkeypatch.context() as patch:
+        patch.setattr(type(path), "exists", lambda self: False)
+        with pytest.raises(RunDirectoryError, match="exists; pass force=True"):
+            result.save(path)
+    assert path.read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     result.save(path, force=True)
     with pytest.raises(CheckpointError, match="does not match this model and guide"):
         FitResult.load(path, *bernoulli_vae(0, hidden=8))  # other network widths
@@ -201,3 +207,51 @@ def test_load_refuses_parameters_of_another_dtype(tmp_path, data):
 
     with pytest.raises(CheckpointError, match="as torch.float32, the model's is torch.float64"):
         FitResult.load(path, model64, guide)
+
+
+def test_a_conditional_model_samples_and_infers_given_its_input():
+    """A conditional VAE (p(z | x_in) p(y | z)): ``sample`` draws from the conditional prior of the inputs given, ``posterior`` from q(z | x_in, y)."""
+    from ppl_vae.models.cvae_so import mask_quadrants, so_cvae, so_cvae_guide
+
+    torch.manual_seed(0)
+    prior, recognition = GaussianEncoder(MLP(16, [], 8), 8, 2), GaussianEncoder(MLP(16, [], 8), 8, 2)
+    y = (torch.rand(60, 16) < 0.4).float()
+    x_in = mask_quadrants(y, 2)
+    result = fit(so_cvae(prior, MLP(2, [8], 16)), so_cvae_guide(recognition), (x_in, y), epochs=1, batch_size=20, progress=False)
+    n = 4000
+    given = x_in[:1].expand(n, 16)  # one input, n times: the draws of z are n draws of its conditional prior
+    draws = result.sample(n, given, seed=0)
+    assert list(draws) == ["z", "y"] and draws["y"].shape == (n, 16)
+    with torch.no_grad():
+        loc, scale = prior(x_in[:1])
+    assert ((draws["z"].mean(0) - loc[0]).abs() < Z * scale[0] / math.sqrt(n)).all()
+    assert ((draws["z"].std(0) / scale[0] - 1).abs() < Z * math.sqrt(1 / (2 * (n - 1)))).all()  # an sd from n draws: relative SE 1/sqrt(2(n-1))
+    post = azcompat.posterior_dataset(result.posterior(x_in[:3], y[:3], num_samples=2000, seed=1))["z"].values
+    with torch.no_grad():
+        q_loc, q_scale = recognition(y[:3])
+    assert post.shape == (1, 2000, 3, 2)
+    assert (abs(post.mean((0, 1)) - q_loc.numpy()) < Z * q_scale.numpy() / math.sqrt(2000)).all()
+
+
+def test_m2_samples_its_labels_from_the_prior_and_refuses_what_it_cannot_do():
+    """M2: without labels ``sample`` draws y from its uniform prior; with them the auxiliary classifier term is refused by name, as is HMC over the discrete y."""
+    from ppl_vae.distributions import get_likelihood
+    from ppl_vae.models.m2 import UNLABELLED, m2, m2_guide
+
+    torch.manual_seed(0)
+    C, D = 4, 12
+    clf = MLP(D, [8], C)
+    model = m2(MLP(2 + C, [8], D), get_likelihood("bernoulli"), clf, 2, C, alpha=1.0)
+    guide = m2_guide(GaussianEncoder(MLP(D + C, [], 8), 8, 2), clf, C)
+    x = (torch.rand(40, D) < 0.5).float()
+    labels = torch.randint(C, (40,)).masked_fill(torch.arange(40) % 2 == 0, UNLABELLED)
+    result = fit(model, guide, (x, labels), estimator="enum", epochs=1, batch_size=20, progress=False)
+    n = 4000
+    draws = result.sample(n, x.new_zeros(n, D), seed=0)  # the model's x only: y is then a latent drawn from p(y)
+    assert list(draws) == ["z", "y", "x"]
+    freq = torch.bincount(draws["y"].long(), minlength=C).double() / n
+    assert ((freq - 1 / C).abs() < Z * math.sqrt((1 / C) * (1 - 1 / C) / n)).all(), freq  # binomial SE of each class's share
+    with pytest.raises(ConfigError, match="site 'y_aux' is scaled or masked"):
+        result.sample(n)  # zeros in the shape of the training arguments: labels given, so the auxiliary term runs
+    with pytest.raises(ConfigError, match="'y'"):
+        result.posterior(x[:2], method="hmc", num_samples=10)  # HMC cannot move a discrete latent

@@ -9,7 +9,7 @@ import torch
 from pyro import poutine
 
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference.random import RowDraws, Streams, dataset_index, row_seed
+from ppl_vae.inference.random import RowDraws, Streams, dataset_index, row_seed, seeded
 
 
 def test_a_datapoints_draws_do_not_depend_on_its_neighbours_or_position():
@@ -80,3 +80,17 @@ def test_dataset_index_is_one_per_row():
     assert dataset_index(None, 3).tolist() == [0, 1, 2]
     with pytest.raises(ConfigError, match="one dataset index per row"):
         dataset_index(torch.arange(4), 3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_a_seeded_block_leaves_the_callers_stream_where_it_was(device):
+    """``seeded`` seeds every device's global generator (``torch.manual_seed`` does) and restores each after, CUDA's too."""
+    torch.manual_seed(123)
+    expected = torch.rand(3, device=device)
+    torch.manual_seed(123)
+    with seeded(7):
+        inside = torch.rand(3, device=device)
+    after = torch.rand(3, device=device)
+    assert torch.equal(after, expected)  # the caller's stream continued as if the block had not run
+    with seeded(7):
+        assert torch.equal(torch.rand(3, device=device), inside)  # and the block's own draws are the seed's
