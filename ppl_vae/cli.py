@@ -99,6 +99,7 @@ def _fit(sub: Any, app: Any) -> None:
     f.add_argument("--num-particles", type=int, default=None, help=f"draws of z per datapoint per step (default {c.num_particles})")
     f.add_argument("--beta", type=float, default=None, help=f"KL weight (beta-VAE; default {c.beta:g})")
     f.add_argument("--noise", type=float, default=None, help=f"masking probability of the denoising autoencoder (default {c.noise:g})")
+    f.add_argument("--contractive", type=float, default=None, help=f"weight of the contractive autoencoder's Jacobian penalty, --model cae (default {c.contractive:g})")
     f.add_argument("--epochs", type=int, default=None, help=f"passes over the training data (default {c.epochs}; with --resume: the new total, at least the epochs done)")
     f.add_argument("--batch-size", type=int, default=None, help=f"rows per step, over all devices (default {c.batch_size})")
     f.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {c.lr:g})")

@@ -33,6 +33,16 @@ def test_code_blocks_run(page, tmp_path):
     assert "Guessed max_plate_nesting" not in done.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_examples_run(script, tmp_path):
+    """Each script in examples/ runs as written (on the embedded digits) and prints its numbers."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PPL_VAE_PROGRESS_INTERVAL": "60"}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "nats" in done.stdout, done.stdout
+
+
 def test_api_reference_is_current_and_every_public_function_is_documented():
     sys.path.insert(0, str(ROOT / "docs"))
     try:

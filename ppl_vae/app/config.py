@@ -80,6 +80,7 @@ MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
     "vampprior": ModelSpec(),
     "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "sparse-ae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
+    "cae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
 })
 MODELS = tuple(MODEL_SPECS)
 #: estimators by what they need of the model: a pathwise sampler at every guide site, and analytic KLs
@@ -93,7 +94,7 @@ _KINDS: dict[str, tuple[str, tuple[type, ...], bool]] = {  # key -> (what, types
     **{k: ("a string", (str,), True) for k in ("data_dir", "binarize", "lr_schedule")},
     **{k: ("an integer", (int,), False) for k in ("latent_dim", "flows", "num_particles", "epochs", "batch_size", "seed")},
     **{k: ("an integer", (int,), True) for k in ("limit", "patience")},
-    **{k: ("a number", (int, float), False) for k in ("beta", "noise", "lr")},
+    **{k: ("a number", (int, float), False) for k in ("beta", "noise", "contractive", "lr")},
     "download": ("true or false", (bool,), False),
 }
 
@@ -120,6 +121,7 @@ class Config:
     num_particles: int = 1
     beta: float = 1.0
     noise: float = 0.25
+    contractive: float = 0.01
     epochs: int = 20
     batch_size: int = 100
     lr: float = 1e-3
@@ -186,6 +188,8 @@ class Config:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.noise < 1:
             raise ConfigError(f"noise must be in [0, 1), got {self.noise}")
+        if not (math.isfinite(self.contractive) and self.contractive >= 0):
+            raise ConfigError(f"contractive weight must be a finite number >= 0, got {self.contractive}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
         if not 0 <= self.seed <= 2**32 - 1:  # a 32-bit seed, as numpy's (unchanged from earlier versions, so old configs stay valid)

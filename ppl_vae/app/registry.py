@@ -27,7 +27,7 @@ from ..guides.flows import IAFEncoder
 from ..inference.estimators import get_estimator
 from ..inference.random import seeded
 from ..inference.svi import as_tensors
-from ..models.autoencoders import sparse_autoencoder
+from ..models.autoencoders import contractive_autoencoder, sparse_autoencoder
 from ..models.discrete import (
     DISCRETE_MODELS,
     GaussianMixturePrior,
@@ -51,7 +51,7 @@ __all__ = ["Built", "build", "objective_name", "build_checked", "build_family"]
 
 
 #: the models :func:`build_family` builds (the others are built by :func:`build` itself)
-FAMILY_MODELS = ("hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae")
+FAMILY_MODELS = ("hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae", "cae")
 MIXTURE_COMPONENTS, PSEUDO_INPUTS, SPARSE_L1 = 10, 50, 0.1
 
 VQ_LATENTS, VQ_CODES = 8, 64
@@ -126,7 +126,7 @@ def _build(cfg: Config, data_dim: int, image_shape: tuple[int, int, int], num_cl
         encoder = GaussianEncoder(MLP(data_dim, [], hidden[-1]), hidden[-1], d, cfg.guide)
         return Built(cfg, ppca, amortized_guide(encoder), None, encoder, None, exact=ppca)
     likelihood = get_likelihood(cfg.likelihood, dim=data_dim)
-    if cfg.model in FAMILY_MODELS:  # hierarchical, mixture/Vamp prior, VQ-VAE, sparse AE
+    if cfg.model in FAMILY_MODELS:  # hierarchical, mixture/Vamp prior, VQ-VAE, sparse and contractive AE
         return build_family(cfg, data_dim)
     if cfg.model in DISCRETE_MODELS:  # latent_dim Bernoulli latents, or latent_dim categoricals of 10 classes
         model, guide, decoder, means = discrete_vae(cfg.model, data_dim, d, hidden, likelihood)
@@ -257,6 +257,11 @@ def build_family(cfg: Config, data_dim: int) -> Built:
         encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
         decoder = MLP(d, hidden[::-1], data_dim)
         return Built(cfg, sparse_autoencoder(decoder, likelihood, d, l1=SPARSE_L1), delta_guide(encoder), decoder, encoder, likelihood)
+    if cfg.model == "cae":
+        encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
+        decoder = MLP(d, hidden[::-1], data_dim)
+        model = contractive_autoencoder(decoder, likelihood, encoder, d, weight=cfg.contractive)
+        return Built(cfg, model, delta_guide(encoder), decoder, encoder, likelihood)
     raise ConfigError(f"unknown model {cfg.model!r}")
 
 def _sample_with(sample: Any, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:

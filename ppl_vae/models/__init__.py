@@ -7,7 +7,7 @@ the likelihood is a distribution the decoder output is turned into
 :mod:`ppl_vae.inference`.
 """
 
-from .autoencoders import principal_angles_to_pca, sparse_autoencoder
+from .autoencoders import contractive_autoencoder, jacobian_norm, principal_angles_to_pca, sparse_autoencoder
 from .classic import eight_schools_noncentered, linear_regression
 from .cvae_so import baseline_model, so_cvae, so_cvae_guide
 from .discrete import DISCRETE_MODELS, GaussianMixturePrior, bernoulli_vae, categorical_vae, gmm_vae
@@ -20,7 +20,7 @@ from .vqvae import Codebook, CodePrior, perplexity, vqvae
 
 __all__ = [
     "DISCRETE_MODELS", "PPCA", "Codebook", "CodePrior", "GaussianMixturePrior", "VampPrior", "autoencoder", "baseline_model",
-    "bernoulli_vae", "categorical_vae", "cvae", "decode_prior", "eight_schools_noncentered", "gmm_vae", "hierarchical_guide",
-    "hierarchical_vae", "linear_regression", "m2", "m2_guide", "perplexity", "principal_angles_to_pca", "so_cvae", "so_cvae_guide",
+    "bernoulli_vae", "categorical_vae", "contractive_autoencoder", "cvae", "decode_prior", "eight_schools_noncentered", "gmm_vae", "hierarchical_guide",
+    "hierarchical_vae", "jacobian_norm", "linear_regression", "m2", "m2_guide", "perplexity", "principal_angles_to_pca", "so_cvae", "so_cvae_guide",
     "sparse_autoencoder", "vae", "vae_with_prior", "vqvae",
 ]
