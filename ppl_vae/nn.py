@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["MLP", "ConvEncoder", "ConvDecoder", "GaussianEncoder", "Concat"]
+__all__ = ["MLP", "ConvEncoder", "ConvDecoder", "GaussianEncoder", "Concat", "concat_broadcast"]
 
 
 class MLP(nn.Sequential):
@@ -40,11 +40,18 @@ class MLP(nn.Sequential):
         self.in_dim, self.out_dim = in_dim, out_dim
 
 
+def concat_broadcast(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate on the last axis after broadcasting the leading ones (vectorised draws or an enumerated label add dimensions in front)."""
+    shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    return torch.cat([t.expand(*shape, t.shape[-1]) for t in tensors], -1)
+
+
 class Concat(nn.Module):
-    """Concatenate all inputs on the last axis, then apply ``net``.
+    """Concatenate all inputs on the last axis (:func:`concat_broadcast`), then apply ``net``.
 
     Turns a network of one input into one conditioned on a label:
-    ``Concat(MLP(784 + 10, [200], 50))(x, y_onehot)``.
+    ``Concat(MLP(784 + 10, [200], 50))(x, y_onehot)``; a latent with vectorised draws in front
+    (``[S, N, d]``) meets labels ``[N, C]`` broadcast to ``[S, N, C]``.
     """
 
     def __init__(self, net: nn.Module) -> None:
@@ -52,7 +59,7 @@ class Concat(nn.Module):
         self.net = net
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat(inputs, dim=-1))
+        return self.net(concat_broadcast(*inputs))
 
 
 def _conv_out(size: int) -> int:

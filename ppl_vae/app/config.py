@@ -50,6 +50,8 @@ class ModelSpec:
         ``--hidden ""`` builds linear maps.
     needs_beta : bool
         It needs ``--beta`` different from 1 (the beta-VAE).
+    layered : bool
+        ``--layers`` sets its layer widths (the last one the code, ``--latent-dim``).
     objective : str
         What its training objective is, as reported.
     """
@@ -62,6 +64,7 @@ class ModelSpec:
     standard_prior: bool = False
     hidden_optional: bool = False
     needs_beta: bool = False
+    layered: bool = False
     objective: str = "ELBO"
 
 
@@ -76,6 +79,7 @@ MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
     "ppca": ModelSpec(standard_prior=True),
     **{m: ModelSpec(latents="discrete", guides=("diagonal",), hidden_optional=True) for m in DISCRETE_MODELS},
     "hvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True),
+    "lvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True, layered=True),
     "mog-vae": ModelSpec(),
     "vampprior": ModelSpec(),
     "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
@@ -92,7 +96,7 @@ RESUMABLE = ("epochs", "patience", "data_dir", "download")
 _KINDS: dict[str, tuple[str, tuple[type, ...], bool]] = {  # key -> (what, types, None allowed)
     **{k: ("a string", (str,), False) for k in ("model", "dataset", "arch", "likelihood", "guide", "estimator")},
     **{k: ("a string", (str,), True) for k in ("data_dir", "binarize", "lr_schedule")},
-    **{k: ("an integer", (int,), False) for k in ("latent_dim", "flows", "num_particles", "epochs", "batch_size", "seed")},
+    **{k: ("an integer", (int,), False) for k in ("latent_dim", "flows", "num_particles", "epochs", "batch_size", "seed", "kl_warmup")},
     **{k: ("an integer", (int,), True) for k in ("limit", "patience")},
     **{k: ("a number", (int, float), False) for k in ("beta", "noise", "contractive", "lr")},
     "download": ("true or false", (bool,), False),
@@ -113,6 +117,8 @@ class Config:
     limit: int | None = None
     latent_dim: int = 2
     hidden: tuple[int, ...] = (200, 200)
+    #: widths of the layers of a layered model (lvae: its stochastic layers, bottom first); () = its default
+    layers: tuple[int, ...] = ()
     arch: str = "mlp"
     likelihood: str = "bernoulli"
     guide: str = "diagonal"
@@ -120,6 +126,7 @@ class Config:
     estimator: str = "reparam"
     num_particles: int = 1
     beta: float = 1.0
+    kl_warmup: int = 0
     noise: float = 0.25
     contractive: float = 0.01
     epochs: int = 20
@@ -138,8 +145,10 @@ class Config:
                 continue
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 raise ConfigError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r} ({type(value).__name__})")
-        if not (isinstance(self.hidden, tuple) and all(isinstance(h, int) and not isinstance(h, bool) for h in self.hidden)):
-            raise ConfigError(f"hidden must be a list of integers (layer widths), got {self.hidden!r}")
+        for key in ("hidden", "layers"):
+            value = getattr(self, key)
+            if not (isinstance(value, tuple) and all(isinstance(h, int) and not isinstance(h, bool) for h in value)):
+                raise ConfigError(f"{key} must be a list of integers (layer widths), got {value!r}")
         if not (isinstance(self.resumed, tuple) and all(isinstance(r, Mapping) for r in self.resumed)):
             raise ConfigError(f"resumed must be a list of records of earlier resumptions, got {self.resumed!r}")
 
@@ -179,10 +188,18 @@ class Config:
             raise ConfigError(f"hidden must list at least one layer width for {self.model}, e.g. --hidden 200,200")
         if any(h <= 0 for h in self.hidden):
             raise ConfigError(f"hidden widths must be positive, got {self.hidden}")
+        if self.layers and not spec.layered:
+            raise ConfigError(f"--layers applies to {', '.join(m for m, s in MODEL_SPECS.items() if s.layered)}, not {self.model}")
+        if self.layers and (len(self.layers) < 2 or any(w <= 0 for w in self.layers)):
+            raise ConfigError(f"--layers needs at least 2 positive widths, got {','.join(map(str, self.layers))}")
+        if self.layers and self.layers[-1] != self.latent_dim:
+            raise ConfigError(f"the last of --layers is the code: it must equal --latent-dim ({self.layers[-1]} vs {self.latent_dim})")
         if spec.needs_beta and self.beta == 1.0:
             raise ConfigError(f"{self.model} needs --beta different from 1 (beta=1 is the vae)")
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"beta must be positive, got {self.beta}")
+        if self.kl_warmup < 0:
+            raise ConfigError(f"kl-warmup must be >= 0 epochs, got {self.kl_warmup}")
         for name in ("epochs", "batch_size", "num_particles"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -213,6 +230,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["layers"] = list(self.layers)
         d["resumed"] = [dict(r) for r in self.resumed]
         return d
 
@@ -226,7 +244,7 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
         d = dict(d)
-        for key in ("hidden", "resumed"):
+        for key in ("hidden", "layers", "resumed"):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)

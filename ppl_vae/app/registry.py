@@ -40,6 +40,7 @@ from ..models.hierarchical import (
     hierarchical_guide,
     hierarchical_vae,
 )
+from ..models.ladder import ladder_networks
 from ..models.ppca import PPCA
 from ..models.priors import VampPrior, vae_with_prior
 from ..models.vae import Model, autoencoder, cvae, vae
@@ -51,7 +52,7 @@ __all__ = ["Built", "build", "objective_name", "build_checked", "build_family"]
 
 
 #: the models :func:`build_family` builds (the others are built by :func:`build` itself)
-FAMILY_MODELS = ("hvae", "mog-vae", "vampprior", "vqvae", "sparse-ae", "cae")
+FAMILY_MODELS = ("hvae", "lvae", "mog-vae", "vampprior", "vqvae", "sparse-ae", "cae")
 MIXTURE_COMPONENTS, PSEUDO_INPUTS, SPARSE_L1 = 10, 50, 0.1
 
 VQ_LATENTS, VQ_CODES = 8, 64
@@ -236,6 +237,9 @@ def build_family(cfg: Config, data_dim: int) -> Built:
         dec1, dec2 = MLP(d1, hidden[::-1], data_dim), GaussianEncoder(MLP(d, [], hidden[-1]), hidden[-1], d1)
         model, guide = hierarchical_vae(dec1, dec2, likelihood, d), hierarchical_guide(enc1, enc2)
         return Built(cfg, model, guide, TopDecoder(dec1, dec2), TopEncoder(enc1, enc2), likelihood)
+    if cfg.model == "lvae":
+        nets = ladder_networks(data_dim, layer_widths(cfg), hidden[-1], likelihood)
+        return Built(cfg, nets.model, nets.guide, nets.top_decoder, nets.top_encoder, likelihood)
     if cfg.model in ("mog-vae", "vampprior"):
         encoder = GaussianEncoder(body, hidden[-1], d, cfg.guide)
         decoder = MLP(d, hidden[::-1], data_dim)
@@ -263,6 +267,12 @@ def build_family(cfg: Config, data_dim: int) -> Built:
         model = contractive_autoencoder(decoder, likelihood, encoder, d, weight=cfg.contractive)
         return Built(cfg, model, delta_guide(encoder), decoder, encoder, likelihood)
     raise ConfigError(f"unknown model {cfg.model!r}")
+
+def layer_widths(cfg: Config) -> tuple[int, ...]:
+    """The widths of a layered model's layers: ``--layers``, or its default from ``--latent-dim`` (lvae: 8d, 4d, 2d, d)."""
+    d = cfg.latent_dim
+    return cfg.layers or (8 * d, 4 * d, 2 * d, d)
+
 
 def _sample_with(sample: Any, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
     """``sample(shape)`` under a torch RNG seeded from ``generator`` (distributions take no generator)."""

@@ -302,13 +302,20 @@ class Objective(nn.Module):
     value is named from the step that produced it.
     """
 
-    def __init__(self, loss_fn: EstimatorLoss, modules: Sequence[nn.Module], n: int, beta: float) -> None:
+    def __init__(self, loss_fn: EstimatorLoss, modules: Sequence[nn.Module], n: int, beta: float, kl_warmup: int = 0) -> None:
         super().__init__()
         self.loss_fn, self.n = loss_fn, n
         self.networks = nn.ModuleList(modules)
-        self.scale_latents = _ScaleLatents(beta) if beta != 1.0 else None
+        self.beta, self.kl_warmup = beta, kl_warmup
+        self.scale_latents = _ScaleLatents(beta) if beta != 1.0 or kl_warmup else None
         self.record = _StepRecord()
         self.validate = True
+
+    def anneal(self, step: int, per_epoch: int) -> None:
+        """Set the KL weight of step ``step`` (from 0): ``beta`` times a linear ramp from 0 to 1 over the first ``kl_warmup`` epochs."""
+        if self.scale_latents is not None:
+            ramp = min(1.0, (step + 1) / (self.kl_warmup * per_epoch)) if self.kl_warmup else 1.0
+            self.scale_latents.beta = self.beta * ramp
 
     def holds_not(self, param: torch.Tensor) -> bool:
         """Whether ``param`` (a ``pyro.param`` tensor, say) is outside every network here: data parallelism cannot reduce it."""
@@ -439,8 +446,10 @@ class _Trainer:
         local = batch_size // self.coll.world
         total = 0.0
         self.module.train(True)
+        per_epoch = math.ceil(len(order) / local)
         for start in range(0, len(order), local):
             self.objective.validate = state.step == 0 or validate_every_step
+            self.objective.anneal(state.step, per_epoch)
             idx = order[start : start + local]
             batch = tuple(self.fabric.to_device(t) for t in data.take(idx))
             total += self.step(batch, state.step, epoch) * len(idx)
@@ -578,6 +587,7 @@ def fit(
     validation: torch.Tensor | Sequence[torch.Tensor] | Dataset | DataLoader | None = None,
     patience: int | None = None,
     beta: float = 1.0,
+    kl_warmup: int = 0,
     seed: int = 0,
     out: str | Path | None = None,
     resume: bool = False,
@@ -625,6 +635,10 @@ def fit(
         Weight of the KL term (beta-VAE; Higgins et al. 2017): every latent
         site's log-density in model and guide is scaled by ``beta``. The
         reported ELBOs are always the true ELBO (beta = 1).
+    kl_warmup : int
+        Epochs over which the KL weight rises linearly from 0 to ``beta``, step
+        by step (Sønderby et al. 2016's warm-up, which keeps the upper layers
+        of a deep hierarchy from collapsing to their priors); 0: none.
     seed : int
         Seeds the draws of the whole run (torch's generator, forked: the
         caller's random stream is left as it was) and the shuffling; a
@@ -676,9 +690,10 @@ def fit(
     tensors = Rows(data)
     val = Rows(validation, "validation data") if validation is not None else None
     _check_options(epochs, batch_size, num_particles, beta, lr, seed, patience, resume, out)
+    check_int(kl_warmup, "the KL warm-up (epochs)", low=0)
     options = {
         "estimator": est.name, "num_particles": num_particles, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "beta": beta, "seed": seed, "patience": patience,
+        "lr": lr, "beta": beta, "kl_warmup": kl_warmup, "seed": seed, "patience": patience,
         "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
     }
     fabric = make_fabric(accelerator, devices, strategy, precision, num_nodes, like=tensors.like)
@@ -686,7 +701,7 @@ def fit(
         raise ConfigError(f"batch_size {batch_size} must be a multiple of the number of processes ({fabric.world_size})")
     with seeded(seed):
         trainer, evaluate, found, example = _setup(model, guide, tensors, est, num_particles, batch_size, lr, optimizer, lr_schedule, epochs, beta,
-                                   seed, out, modules, eval_batch_size)
+                                   seed, out, modules, eval_batch_size, kl_warmup)
     trainer.refuse_loose_params(fabric.world_size)
     if resume:  # refused before any process starts
         check_resume(io.load_checkpoint(Path(out) / CHECKPOINT), epochs, patience, out, world_size=fabric.world_size)  # type: ignore[arg-type]
@@ -756,7 +771,7 @@ def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluato
 def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: Rows, est: Estimator, num_particles: int,
            batch_size: int, lr: float, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None,
            lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None, epochs: int, beta: float, seed: int, out: str | Path | None,
-           modules: Iterable[nn.Module], eval_batch_size: int) -> tuple[_Trainer, _Evaluator, Discovered, tuple[torch.Tensor, ...]]:
+           modules: Iterable[nn.Module], eval_batch_size: int, kl_warmup: int = 0) -> tuple[_Trainer, _Evaluator, Discovered, tuple[torch.Tensor, ...]]:
     """Find the networks, build the loss, the optimiser and schedule, the divergence watch and the evaluator (with the networks found and the example batch)."""
     n = len(tensors)
     example = tensors.take(torch.arange(min(n, batch_size), device="cpu"))
@@ -768,7 +783,7 @@ def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: 
     if not params:
         raise ConfigError("the model and guide use no trainable parameters")
     optim = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    objective = Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], n, beta)
+    objective = Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], n, beta, kl_warmup)
     bounded, enumerated = _inspect(model, guide, example)
     trainer = _Trainer(
         objective, params, _named(found, params), optim, _schedule(optim, lr_schedule, epochs),

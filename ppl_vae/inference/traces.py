@@ -37,9 +37,9 @@ def _keep_dim(lp: torch.Tensor, site: dict, name: str) -> int | None:
         return None
     return lp.dim() + dims[0] if dims[0] < 0 else dims[0]
 
-def per_datapoint(site: dict, plate: str) -> torch.Tensor:
-    """A site's log-density summed over everything but the data plate (and the draws plate, if any)."""
-    lp = site["fn"].log_prob(site["value"])
+def per_datapoint(site: dict, plate: str, values: torch.Tensor | None = None) -> torch.Tensor:
+    """A site's log-density (or ``values`` of its batch shape, e.g. a KL) summed over everything but the data plate (and the draws plate, if any)."""
+    lp = site["fn"].log_prob(site["value"]) if values is None else values
     if site.get("mask") is not None:
         lp = lp * site["mask"]
     keep_data = _keep_dim(lp, site, plate)

@@ -45,16 +45,11 @@ from torch.nn import functional as F
 
 from ..distributions import gaussian_from_params
 from ..errors import ConfigError
+from ..nn import concat_broadcast
 
-__all__ = ["m2", "m2_guide", "classify", "concat_broadcast", "UNLABELLED"]
+__all__ = ["m2", "m2_guide", "classify", "UNLABELLED"]
 
 UNLABELLED = -1
-
-
-def concat_broadcast(*tensors: torch.Tensor) -> torch.Tensor:
-    """Concatenate on the last axis after broadcasting the leading ones (enumerated ``y`` has extra dimensions in front)."""
-    shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
-    return torch.cat([t.expand(*shape, t.shape[-1]) for t in tensors], -1)
 
 
 def _one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:

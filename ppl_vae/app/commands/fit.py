@@ -34,7 +34,7 @@ from ...errors import (
     TrainingDiverged,
 )
 from ...inference.distributed import make_fabric
-from ...inference.elbo import elbo_per_datapoint
+from ...inference.elbo import elbo_per_datapoint, kl_per_site
 from ...inference.random import seeded
 from ...inference.svi import CHECKPOINT, check_resume, fit
 from ..config import RESUMABLE, Config, option_flag
@@ -177,7 +177,7 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         result = fit(
             built.model, built.guide, split_tensors(cfg, train), validation=split_tensors(cfg, splits["valid"]),
             estimator=cfg.estimator, num_particles=cfg.num_particles, epochs=cfg.epochs, batch_size=cfg.batch_size,
-            lr=cfg.lr, lr_schedule=cfg.lr_schedule, patience=cfg.patience, beta=cfg.beta, seed=cfg.seed,
+            lr=cfg.lr, lr_schedule=cfg.lr_schedule, patience=cfg.patience, beta=cfg.beta, kl_warmup=cfg.kl_warmup, seed=cfg.seed,
             out=out, resume=resume, progress=progress, **launch,
         )
         done = result.epochs
@@ -203,6 +203,8 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         }
         if built.exact is not None:
             metrics["test_log_px_exact"] = built.exact.log_marginal(test[0]).mean().item()
+        if cfg.spec.latents != "point":  # the ELBO's KL term of each latent site (per layer of a hierarchy), nats per datapoint
+            metrics["test_kl_per_site"] = test_kl_per_site(built, test, seed=cfg.seed)
         if figures:
 
             run_figures(built, splits, result.to_dataframe(), out)
@@ -222,10 +224,23 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         raise
 
 
+def test_kl_per_site(built: Any, test: tuple[torch.Tensor, ...], *, seed: int, num_samples: int = 10, batch_size: int = 1000) -> dict[str, float]:
+    """The mean over the test rows of each latent site's KL term (:func:`~ppl_vae.inference.elbo.kl_per_site`), in batches."""
+    sums: dict[str, float] = {}
+    n = test[0].shape[0]
+    for i in range(0, n, batch_size):
+        part = kl_per_site(built.model, built.guide, *(t[i : i + batch_size] for t in test), num_samples=num_samples, seed=seed + i)
+        for name, est in part.items():
+            sums[name] = sums.get(name, 0.0) + float(est.value.sum())
+    return {name: total / n for name, total in sums.items()}
+
+
 def command(args: argparse.Namespace) -> int:
 
 
     given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None}
+    if given.get("layers") and "latent_dim" not in given:  # the last layer is the code
+        given["latent_dim"] = given["layers"][-1]
     if args.resume:
         if args.force:
             raise ConfigError("give either --force (start the run afresh) or --resume (continue it), not both")
@@ -248,4 +263,6 @@ def report(metrics: dict, out: str) -> None:
     )
     if "test_log_px_exact" in metrics:
         print(f"exact test log p(x): {metrics['test_log_px_exact']:.2f}")
+    if len(metrics.get("test_kl_per_site", {})) > 1:
+        print("KL per latent site (test, nats/datapoint): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["test_kl_per_site"].items()))
     print(f"wrote {out}/: metrics.json history.csv checkpoint.pt reconstructions.png prior_samples.png elbo.png latent.png")
