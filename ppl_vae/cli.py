@@ -57,7 +57,7 @@ def build_parser(app: Any) -> argparse.ArgumentParser:
         "Latent-variable models as Pyro functions: train them (fit), measure their inference gaps (gaps),\n"
         "check their posteriors against MCMC (compare), and draw them (plot). Start with: ppl-vae demo"))
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_fit, _demo, _plot, _tables, _grad_variance, _gaps, _compare):
+    for add in (_fit, _demo, _plot, _tables, _grad_variance, _gaps, _nll, _compare):
         add(sub, app)
     return p
 
@@ -205,6 +205,24 @@ def _gaps(sub: Any, app: Any) -> None:
     g.add_argument("--seed", type=int, default=0, help="seeds the datapoints picked and every draw (per datapoint)")
     _spread(g)
     _output(g)
+
+
+def _nll(sub: Any, app: Any) -> None:
+    n = _command(sub, "nll", "test negative log-likelihood of a trained run, -log p(x) by IWAE with K draws", (
+        "For every image of a split (or the first --limit): the IWAE bound with K draws of the run's guide, its\n"
+        "delta-method standard error, and the ELBO of the same draws; the mean over images with its standard\n"
+        "error. Blocks of images are saved as they finish, so --resume continues an interrupted computation with\n"
+        "the same numbers. Writes nll_K{K}.csv and nll_K{K}.json. An autoencoder (a point-mass encoder) is refused."),
+        "ppl-vae nll --run runs/vae --K 5000 --out runs/vae-nll")
+    n.add_argument("--run", required=True, help="run directory from ppl-vae fit")
+    n.add_argument("--K", type=int, default=5000, help="importance samples per image")
+    n.add_argument("--split", default="test", help="train, valid or test (default test)")
+    n.add_argument("--limit", type=int, default=None, help="only the first N images of the split (default: all)")
+    n.add_argument("--block", type=int, default=500, help="images per saved block (the unit of --resume)")
+    n.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
+    n.add_argument("--seed", type=int, default=0, help="seeds every image's draws (per image)")
+    n.add_argument("--resume", action="store_true", help="continue the unfinished computation in --out")
+    _output(n)
 
 
 def _compare(sub: Any, app: Any) -> None:

@@ -1,0 +1,107 @@
+"""``ppl-vae nll``: the test negative log-likelihood of a trained run, -log p̂(x) by IWAE with K draws, resumable.
+
+A long computation (K = 5000 over 10,000 test images) is done in blocks of
+datapoints; after each block the rows done so far are saved atomically to
+``nll_K{K}.partial.pt`` in the output folder, so ``--resume`` continues where
+an interrupted run stopped. Every datapoint's draws come from its own streams
+(seed, dataset index), so a resumed computation gives the numbers an
+uninterrupted one gives. The result: ``nll_K{K}.csv`` (one row per image:
+dataset index, IWAE bound, its delta-method SE, the ELBO of the same draws)
+and ``nll_K{K}.json`` (the mean with the standard error over images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ... import io
+from ...errors import CheckpointError, ConfigError, check_int
+from ...inference.gaps.bounds import importance_bounds
+from ...progress import bar
+from ..runs import open_run, prepare_run_dir, releasing
+
+__all__ = ["nll_run", "command"]
+
+
+def _names(K: int) -> tuple[str, str, str]:
+    return f"nll_K{K}.csv", f"nll_K{K}.json", f"nll_K{K}.partial.pt"
+
+
+@releasing
+def nll_run(run: str | Path, out: str | Path, *, K: int = 5000, split: str = "test", limit: int | None = None, block: int = 500,
+            batch_size: int = 100, seed: int = 0, resume: bool = False, force: bool = False, progress: bool = False) -> dict[str, Any]:
+    """-log p̂(x) of the first ``limit`` rows (default all) of ``split`` for the run in ``run``; results written into ``out``.
+
+    Refuses, before any work, a model without a density to estimate (a point-mass encoder: an autoencoder's
+    objective is not a likelihood).
+    """
+    check_int(K, "--K", low=2)
+    check_int(block, "--block")
+    check_int(batch_size, "--batch-size")
+    if split not in ("train", "valid", "test"):
+        raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
+    if resume and force:
+        raise ConfigError("give either --force (start afresh) or --resume (continue), not both")
+    built, splits = open_run(run)
+    spec = built.config.spec
+    if spec.latents == "point":
+        raise ConfigError(f"{run} ({built.config.model}) has a point-mass encoder: its objective is not a likelihood, so there is no NLL to estimate")
+    data = splits[split].tensors(with_labels=built.conditional)
+    n = data[0].shape[0] if limit is None else min(check_int(limit, "--limit"), data[0].shape[0])
+    csv_name, json_name, partial_name = _names(K)
+    out = Path(out)
+    partial_path = out / partial_name
+    options = {"run": str(run), "split": split, "K": K, "num_points": n, "seed": seed}
+    done: dict[str, torch.Tensor] = {}
+    if resume:
+        if not partial_path.is_file():
+            raise CheckpointError(f"cannot resume: no {partial_name} in {out}")
+        saved = io.load_torch(partial_path)  # weights_only: tensors and plain containers only
+        if saved.get("options") != options:
+            raise ConfigError(f"--resume must repeat the options of the unfinished computation in {out}: {saved.get('options')}")
+        done = {k: saved[k] for k in ("index", "iwae", "iwae_se", "elbo")}
+        out = prepare_run_dir(out, resume=True)
+    else:
+        out = prepare_run_dir(out, force=force)
+    t0 = time.perf_counter()
+    start = int(done["index"].numel()) if done else 0
+    parts = {k: [v] for k, v in done.items()} if done else {k: [] for k in ("index", "iwae", "iwae_se", "elbo")}
+    with bar(total=n, desc=f"NLL K={K}", unit="image", enabled=progress) as shown:
+        shown.update(start)
+        for i in range(start, n, block):
+            rows = torch.arange(i, min(i + block, n))
+            b = importance_bounds(built.model, built.guide, *(t[rows] for t in data), num_samples=K, batch_size=batch_size, seed=seed, index=rows)
+            for k, v in (("index", rows), ("iwae", b.iwae), ("iwae_se", b.iwae_se), ("elbo", b.elbo)):
+                parts[k].append(v.detach().cpu())
+            io.save_torch(partial_path, {"options": options, **{k: torch.cat(v) for k, v in parts.items()}})
+            shown.update(len(rows))
+    result = {k: torch.cat(v) for k, v in parts.items()}
+    nll = -result["iwae"].double()
+    summary = {
+        **options, "units": "nats per datapoint",
+        "nll": float(nll.mean()), "nll_se": float(nll.std() / math.sqrt(n)) if n > 1 else None,
+        "mean_iwae_se": float(result["iwae_se"].mean()),
+        "neg_elbo": float(-result["elbo"].double().mean()),
+        "model": built.config.model, "wall_time_s": time.perf_counter() - t0,
+    }
+    io.write_csv(out / csv_name, [{"index": int(j), "iwae": float(a), "iwae_se": float(s), "elbo": float(e)}
+                                  for j, a, s, e in zip(result["index"], result["iwae"], result["iwae_se"], result["elbo"])])
+    io.write_json(out / json_name, summary)
+    partial_path.unlink(missing_ok=True)
+    return summary
+
+
+def command(args: argparse.Namespace) -> int:
+    s = nll_run(args.run, args.out, K=args.K, split=args.split, limit=args.limit, block=args.block, batch_size=args.batch_size, seed=args.seed,
+                resume=args.resume, force=args.force, progress=not args.no_progress)
+    se = f" ± {s['nll_se']:.2f}" if s["nll_se"] is not None else ""
+    print(f"{s['model']}: -log p(x) = {s['nll']:.2f}{se} nats per image (IWAE K={s['K']}, {s['num_points']} {s['split']} images; "
+          f"mean per-image delta-method SE {s['mean_iwae_se']:.3f}); -ELBO {s['neg_elbo']:.2f}")
+    print(f"wrote {args.out}/: {', '.join(_names(s['K'])[:2])}")
+    return 0
