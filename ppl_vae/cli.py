@@ -91,7 +91,7 @@ def _fit(sub: Any, app: Any) -> None:
     f.add_argument("--limit", type=int, default=None, help="use only the first N rows of each split (default: all)")
     f.add_argument("--latent-dim", type=int, default=None, help=f"dimensions of the latent z (default {c.latent_dim})")
     f.add_argument("--hidden", type=_hidden, default=None, help=f"hidden widths (default {','.join(map(str, c.hidden))})")
-    f.add_argument("--layers", type=_hidden, default=None, help="widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first; default 8d,4d,2d,d for --latent-dim d)")
+    f.add_argument("--layers", type=_hidden, default=None, help="widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first, default 8d,4d,2d,d for --latent-dim d; sdae: its encoder's layers, default --hidden then d)")
     f.add_argument("--arch", choices=("mlp", "conv"), default=None, help=f"encoder and decoder networks: mlp or conv (default {c.arch})")
     f.add_argument("--likelihood", default=None, help=f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})")
     f.add_argument("--guide", default=None, help=f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}")
@@ -99,6 +99,7 @@ def _fit(sub: Any, app: Any) -> None:
     f.add_argument("--estimator", default=None, help=f"one of {', '.join(app.ESTIMATORS)} (default {c.estimator})")
     f.add_argument("--num-particles", type=int, default=None, help=f"draws of z per datapoint per step (default {c.num_particles})")
     f.add_argument("--beta", type=float, default=None, help=f"KL weight (beta-VAE; default {c.beta:g})")
+    f.add_argument("--pretrain-epochs", type=int, default=None, help=f"sdae: epochs of each layer's greedy pretraining, before --epochs of fine-tuning (default {c.pretrain_epochs})")
     f.add_argument("--kl-warmup", type=int, default=None, help=f"epochs over which the KL weight rises linearly from 0 to --beta (Sønderby et al. 2016; default {c.kl_warmup}: none)")
     f.add_argument("--noise", type=float, default=None, help=f"masking probability of the denoising autoencoder (default {c.noise:g})")
     f.add_argument("--contractive", type=float, default=None, help=f"weight of the contractive autoencoder's Jacobian penalty, --model cae (default {c.contractive:g})")
@@ -157,7 +158,16 @@ def _tables(sub: Any, app: Any) -> None:
     m2p.add_argument("--labels", type=int, nargs="+", default=[100, 1000], help="label budgets")
     m2p.add_argument("--draws", type=int, default=3, help="random label draws per budget")
     m2p.add_argument("--alpha", type=float, default=50.0, help="weight of the classification loss per labelled row")
-    for e in (cq, m2p):
+    sd = _command(sub, "sdae-codes", "codes of a stacked denoising autoencoder vs a plain one vs raw pixels, by a classifier", (
+        "Trains a stacked denoising autoencoder (greedy layer-wise pretraining, then fine-tuning) and a plain\n"
+        "autoencoder of the same shape on binarised-MNIST training images, then classifies the 10,000 labelled\n"
+        "test images from their codes (and from raw pixels) by cross-validated logistic regression."),
+        "ppl-vae sdae-codes --data-dir ../shared/data --layers 500,250,50 --train-limit 20000 --out runs/sdae-codes")
+    sd.add_argument("--layers", type=_hidden, default=(500, 250, 50), help="encoder widths, the last one the code (default 500,250,50)")
+    sd.add_argument("--pretrain-epochs", type=int, default=5, help="epochs of each layer's pretraining")
+    sd.add_argument("--noise", type=float, default=0.25, help="masking probability of the denoising autoencoders")
+    sd.add_argument("--train-limit", type=int, default=None, help="training rows, a seeded random subset (default all 50,000)")
+    for e in (cq, m2p, sd):
         e.add_argument("--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
         e.add_argument("--epochs", type=int, default=10, help="passes over the training data")
         e.add_argument("--seed", type=int, default=0, help="seeds the networks, draws and data subsets")

@@ -85,6 +85,7 @@ MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
     "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "sparse-ae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "cae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
+    "sdae": ModelSpec(latents="point", guides=("diagonal",), layered=True, objective=_AE),
 })
 MODELS = tuple(MODEL_SPECS)
 #: estimators by what they need of the model: a pathwise sampler at every guide site, and analytic KLs
@@ -96,7 +97,7 @@ RESUMABLE = ("epochs", "patience", "data_dir", "download")
 _KINDS: dict[str, tuple[str, tuple[type, ...], bool]] = {  # key -> (what, types, None allowed)
     **{k: ("a string", (str,), False) for k in ("model", "dataset", "arch", "likelihood", "guide", "estimator")},
     **{k: ("a string", (str,), True) for k in ("data_dir", "binarize", "lr_schedule")},
-    **{k: ("an integer", (int,), False) for k in ("latent_dim", "flows", "num_particles", "epochs", "batch_size", "seed", "kl_warmup")},
+    **{k: ("an integer", (int,), False) for k in ("latent_dim", "flows", "num_particles", "epochs", "batch_size", "seed", "kl_warmup", "pretrain_epochs")},
     **{k: ("an integer", (int,), True) for k in ("limit", "patience")},
     **{k: ("a number", (int, float), False) for k in ("beta", "noise", "contractive", "lr")},
     "download": ("true or false", (bool,), False),
@@ -117,8 +118,11 @@ class Config:
     limit: int | None = None
     latent_dim: int = 2
     hidden: tuple[int, ...] = (200, 200)
-    #: widths of the layers of a layered model (lvae: its stochastic layers, bottom first); () = its default
+    #: widths of the layers of a layered model, the last one the code (lvae: its stochastic layers, bottom first;
+    #: sdae: its encoder's layers); () = its default
     layers: tuple[int, ...] = ()
+    #: sdae: epochs of each layer's greedy pretraining (before --epochs of fine-tuning)
+    pretrain_epochs: int = 5
     arch: str = "mlp"
     likelihood: str = "bernoulli"
     guide: str = "diagonal"
@@ -198,6 +202,8 @@ class Config:
             raise ConfigError(f"{self.model} needs --beta different from 1 (beta=1 is the vae)")
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"beta must be positive, got {self.beta}")
+        if self.pretrain_epochs < 0:
+            raise ConfigError(f"pretrain-epochs must be >= 0, got {self.pretrain_epochs}")
         if self.kl_warmup < 0:
             raise ConfigError(f"kl-warmup must be >= 0 epochs, got {self.kl_warmup}")
         for name in ("epochs", "batch_size", "num_particles"):

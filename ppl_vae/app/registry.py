@@ -43,6 +43,7 @@ from ..models.hierarchical import (
 from ..models.ladder import ladder_networks
 from ..models.ppca import PPCA
 from ..models.priors import VampPrior, vae_with_prior
+from ..models.stacked import pretrain_layerwise, stacked_autoencoder
 from ..models.vae import Model, autoencoder, cvae, vae
 from ..models.vqvae import Codebook, CodePrior, QuantizedDecoder, vqvae
 from ..nn import MLP, Concat, ConvDecoder, ConvEncoder, GaussianEncoder
@@ -52,7 +53,7 @@ __all__ = ["Built", "build", "objective_name", "build_checked", "build_family"]
 
 
 #: the models :func:`build_family` builds (the others are built by :func:`build` itself)
-FAMILY_MODELS = ("hvae", "lvae", "mog-vae", "vampprior", "vqvae", "sparse-ae", "cae")
+FAMILY_MODELS = ("hvae", "lvae", "mog-vae", "vampprior", "vqvae", "sparse-ae", "cae", "sdae")
 MIXTURE_COMPONENTS, PSEUDO_INPUTS, SPARSE_L1 = 10, 50, 0.1
 
 VQ_LATENTS, VQ_CODES = 8, 64
@@ -261,6 +262,11 @@ def build_family(cfg: Config, data_dim: int) -> Built:
         encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
         decoder = MLP(d, hidden[::-1], data_dim)
         return Built(cfg, sparse_autoencoder(decoder, likelihood, d, l1=SPARSE_L1), delta_guide(encoder), decoder, encoder, likelihood)
+    if cfg.model == "sdae":
+        stack = stacked_autoencoder(data_dim, layer_widths(cfg), likelihood, noise=cfg.noise)
+        extra["pretrain"] = lambda x, progress=False: pretrain_layerwise(stack, x, epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                                                         seed=cfg.seed, progress=progress)
+        return Built(cfg, stack.model, stack.guide, stack.decoder, stack.encoder, likelihood, extra=extra)
     if cfg.model == "cae":
         encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
         decoder = MLP(d, hidden[::-1], data_dim)
@@ -269,9 +275,11 @@ def build_family(cfg: Config, data_dim: int) -> Built:
     raise ConfigError(f"unknown model {cfg.model!r}")
 
 def layer_widths(cfg: Config) -> tuple[int, ...]:
-    """The widths of a layered model's layers: ``--layers``, or its default from ``--latent-dim`` (lvae: 8d, 4d, 2d, d)."""
+    """The widths of a layered model's layers: ``--layers``, or its default (lvae: 8d, 4d, 2d, d; sdae: --hidden, then d)."""
     d = cfg.latent_dim
-    return cfg.layers or (8 * d, 4 * d, 2 * d, d)
+    if cfg.layers:
+        return cfg.layers
+    return (*cfg.hidden, d) if cfg.model == "sdae" else (8 * d, 4 * d, 2 * d, d)
 
 
 def _sample_with(sample: Any, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:

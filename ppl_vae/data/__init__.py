@@ -8,6 +8,8 @@ variable ``PPL_VAE_DATA``, else ``~/.cache/ppl-vae``.
 
 from __future__ import annotations
 
+import math
+
 import gzip
 import os
 import shutil
@@ -20,7 +22,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["Dataset", "load", "resolve_data_dir", "DATASETS", "SPLITS", "BINARIZED_MNIST_URL"]
+__all__ = ["Dataset", "load", "resolve_data_dir", "match_rows", "DATASETS", "SPLITS", "BINARIZED_MNIST_URL"]
 
 DATASETS = ("digits", "binarized-mnist", "mnist", "fashion-mnist")
 SPLITS = ("train", "valid", "test")
@@ -237,3 +239,23 @@ def load(
         raise ConfigError(f"unknown binarize {binarize!r}; choose threshold or sample")
     yt = torch.as_tensor(y, dtype=torch.long) if y is not None else None
     return Dataset(name, split, xt, yt, shape, 10 if yt is not None else None)
+
+
+def match_rows(binary: torch.Tensor, grey: torch.Tensor, *, batch_size: int = 1000, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``binary``, the row of ``grey`` under which it is most probable, and the margin of that match.
+
+    A stochastically binarised image is a draw of Bernoulli pixels with the grey image's
+    intensities as probabilities (clamped to ``[eps, 1 - eps]``); each binary row gets the grey
+    row of highest log-likelihood, and the margin is its log-likelihood minus the runner-up's
+    (nats; large for a true match). This recovers, e.g., the labels of the binarised-MNIST test
+    set (its rows are MNIST's test images, sorted by class) from MNIST's labelled test set.
+    """
+    g = grey.double().clamp(eps, 1 - eps)
+    on, off = g.log(), (1 - g).log()
+    index, margin = [], []
+    for i in range(0, binary.shape[0], batch_size):
+        b = binary[i : i + batch_size].double()
+        top = (b @ on.T + (1 - b) @ off.T).topk(min(2, g.shape[0]), dim=1)
+        index.append(top.indices[:, 0])
+        margin.append(top.values[:, 0] - top.values[:, 1] if top.values.shape[1] > 1 else torch.full_like(top.values[:, 0], math.inf))
+    return torch.cat(index), torch.cat(margin)

@@ -425,3 +425,15 @@ def test_load_torch_missing_and_corrupted(tmp_path):
     bad.write_bytes(b"\x00garbage\xff" * 100)
     with pytest.raises(CheckpointError, match="corrupted"):
         io.load_torch(bad)
+
+
+def test_match_rows_recovers_which_grey_image_each_binarised_one_was_drawn_from():
+    from ppl_vae.data import match_rows
+
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(200, 784, generator=g) ** 3  # mostly dark pixels, like digits
+    order = torch.randperm(200, generator=g)
+    binary = torch.bernoulli(grey[order], generator=g)  # shuffled Bernoulli draws, as binarised MNIST's test set
+    index, margin = match_rows(binary, grey, batch_size=64)
+    assert torch.equal(index, order)
+    assert (margin > 0).all() and margin.median() > 20  # a true match is far more probable than the next best

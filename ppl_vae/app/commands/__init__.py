@@ -24,7 +24,7 @@ from .demo import DEMO_DIR
 __all__ = ["COMMANDS", "Config", "DATASETS", "DEMO_DIR", "ESTIMATORS", "LIKELIHOODS", "MODELS", "RESUMABLE", "run"]
 
 COMMANDS = {
-    "fit": fit.command, "demo": demo.command, "plot": plot.command, "cvae-quadrants": tables.command, "m2": tables.command,
+    "fit": fit.command, "demo": demo.command, "plot": plot.command, "cvae-quadrants": tables.command, "m2": tables.command, "sdae-codes": tables.command,
     "grad-variance": grad_variance.command, "gaps": gaps.command, "nll": nll.command, "compare": compare.command,
 }
 

@@ -60,6 +60,9 @@ LAUNCH = ("accelerator", "devices", "strategy", "precision", "num_nodes")
 
 __all__ = ["run"]
 
+#: the layer-wise pretraining record of a stacked autoencoder (layer, width, final objective)
+PRETRAIN = "pretrain.csv"
+
 
 def _resumed(cfg: Config, out: Path) -> tuple[Config, dict[str, list[Any]]]:
     """``cfg`` checked against the run's saved config: only :data:`RESUMABLE` options may differ."""
@@ -174,6 +177,8 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         if resume and not io.is_follower():  # it describes the run before this resume; rewritten when this one finishes
             (out / METRICS).unlink(missing_ok=True)
         t0 = time.perf_counter()
+        if "pretrain" in built.extra and not resume:  # greedy layer-wise pretraining (sdae), then fit fine-tunes the whole stack
+            io.write_csv(out / PRETRAIN, built.extra["pretrain"](split_tensors(cfg, train)[0], progress=progress))
         result = fit(
             built.model, built.guide, split_tensors(cfg, train), validation=split_tensors(cfg, splits["valid"]),
             estimator=cfg.estimator, num_particles=cfg.num_particles, epochs=cfg.epochs, batch_size=cfg.batch_size,
