@@ -62,5 +62,6 @@ def bar(iterable: Any = None, *, total: int | None = None, desc: str = "", unit:
     if getattr(stream, "isatty", lambda: False)():
         return _plain(iterable, total=total, desc=desc, unit=unit, leave=leave, file=stream)
     every = _interval()
-    return _plain(iterable, total=total, desc=desc, unit=unit, leave=True, file=_Lines(stream), mininterval=every, maxinterval=every,
+    # maxinterval above mininterval: tqdm's monitor thread redraws only a stalled bar, not one that an update redraws at the same moment
+    return _plain(iterable, total=total, desc=desc, unit=unit, leave=True, file=_Lines(stream), mininterval=every, maxinterval=3 * every,
                   ascii=True, dynamic_ncols=False, ncols=100)

@@ -83,6 +83,7 @@ MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
     "mog-vae": ModelSpec(),
     "vampprior": ModelSpec(),
     "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
+    "vqvae2": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "sparse-ae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "cae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "sdae": ModelSpec(latents="point", guides=("diagonal",), layered=True, objective=_AE),

@@ -45,7 +45,18 @@ from ..models.ppca import PPCA
 from ..models.priors import VampPrior, vae_with_prior
 from ..models.stacked import pretrain_layerwise, stacked_autoencoder
 from ..models.vae import Model, autoencoder, cvae, vae
-from ..models.vqvae import Codebook, CodePrior, QuantizedDecoder, vqvae
+from ..models.vqvae import (
+    AutoregressiveCodePrior,
+    Codebook,
+    CodePrior,
+    QuantizedDecoder,
+    VQ2Decoder,
+    VQ2Encoder,
+    vqvae,
+    vqvae2,
+    vqvae2_guide,
+    vqvae2_sample,
+)
 from ..nn import MLP, Concat, ConvDecoder, ConvEncoder, GaussianEncoder
 from .config import Config
 
@@ -53,10 +64,12 @@ __all__ = ["Built", "build", "objective_name", "build_checked", "build_family"]
 
 
 #: the models :func:`build_family` builds (the others are built by :func:`build` itself)
-FAMILY_MODELS = ("hvae", "lvae", "mog-vae", "vampprior", "vqvae", "sparse-ae", "cae", "sdae")
+FAMILY_MODELS = ("hvae", "lvae", "mog-vae", "vampprior", "vqvae", "vqvae2", "sparse-ae", "cae", "sdae")
 MIXTURE_COMPONENTS, PSEUDO_INPUTS, SPARSE_L1 = 10, 50, 0.1
 
 VQ_LATENTS, VQ_CODES = 8, 64
+#: VQ-VAE-2: (positions, codes) of the top and the bottom level
+VQ2_TOP, VQ2_BOTTOM = (2, 16), (8, 64)
 
 @dataclass(frozen=True)
 class Built:
@@ -258,6 +271,18 @@ def build_family(cfg: Config, data_dim: int) -> Built:
         extra["sample_prior"] = decoded(decoder, lambda n, g: codebook.embedding[code_prior.sample_codes(n, generator=g)].flatten(-2))
         extra["codebook"], extra["code_prior"] = codebook, code_prior
         return Built(cfg, model, delta_guide(encoder), QuantizedDecoder(codebook, decoder), encoder, likelihood, extra=extra)
+    if cfg.model == "vqvae2":
+        (m_t, k_t), (m_b, k_b) = VQ2_TOP, VQ2_BOTTOM
+        books = (Codebook(k_t, d, seed=cfg.seed), Codebook(k_b, d, seed=cfg.seed + 1))
+        priors = (AutoregressiveCodePrior(m_t, k_t), AutoregressiveCodePrior(m_b, k_b, context_dim=m_t * k_t))
+        encoder = nn.Sequential(body, nn.ReLU())
+        top, bottom = nn.Linear(hidden[-1], m_t * d), MLP(hidden[-1] + m_t * d, [], m_b * d)
+        decoder = MLP((m_t + m_b) * d, hidden[::-1], data_dim)
+        model = vqvae2(decoder, likelihood, books, priors, (m_t, m_b))
+        extra["sample_prior"] = lambda n, generator=None: vqvae2_sample(decoder, likelihood, books, priors, n, generator=generator)
+        extra["codebooks"], extra["code_priors"] = books, priors
+        return Built(cfg, model, vqvae2_guide(encoder, top, bottom, books[0], m_t), VQ2Decoder(decoder, books, (m_t, m_b)),
+                     VQ2Encoder(encoder, top, bottom, books[0], m_t), likelihood, extra=extra)
     if cfg.model == "sparse-ae":
         encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
         decoder = MLP(d, hidden[::-1], data_dim)

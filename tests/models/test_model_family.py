@@ -154,7 +154,7 @@ def test_linear_autoencoder_spans_the_pca_subspace():
     assert random_angles.max() > 0.3
 
 
-@pytest.mark.parametrize("model", ["hvae", "lvae", "mog-vae", "vampprior", "vqvae", "sparse-ae", "cae", "sdae"])
+@pytest.mark.parametrize("model", ["hvae", "lvae", "mog-vae", "vampprior", "vqvae", "vqvae2", "sparse-ae", "cae", "sdae"])
 def test_cli_fit_and_reload(model, tmp_path):
     """``ppl-vae fit --model ...`` trains, writes its figures (prior samples from the model's own prior) and reloads."""
     out = tmp_path / model
