@@ -40,7 +40,7 @@ from ..models.hierarchical import (
     hierarchical_guide,
     hierarchical_vae,
 )
-from ..models.ladder import ladder_networks
+from ..models.ladder import ancestral_means, ladder_networks
 from ..models.ppca import PPCA
 from ..models.priors import VampPrior, vae_with_prior
 from ..models.stacked import pretrain_layerwise, stacked_autoencoder
@@ -250,10 +250,12 @@ def build_family(cfg: Config, data_dim: int) -> Built:
         enc1, enc2 = GaussianEncoder(body, hidden[-1], d1), GaussianEncoder(MLP(d1, [], hidden[-1]), hidden[-1], d)
         dec1, dec2 = MLP(d1, hidden[::-1], data_dim), GaussianEncoder(MLP(d, [], hidden[-1]), hidden[-1], d1)
         model, guide = hierarchical_vae(dec1, dec2, likelihood, d), hierarchical_guide(enc1, enc2)
-        return Built(cfg, model, guide, TopDecoder(dec1, dec2), TopEncoder(enc1, enc2), likelihood)
+        extra["sample_prior"] = lambda n, generator=None: ancestral_means(dec1, [dec2], likelihood, d, n, generator=generator)
+        return Built(cfg, model, guide, TopDecoder(dec1, dec2), TopEncoder(enc1, enc2), likelihood, extra=extra)
     if cfg.model == "lvae":
         nets = ladder_networks(data_dim, layer_widths(cfg), hidden[-1], likelihood)
-        return Built(cfg, nets.model, nets.guide, nets.top_decoder, nets.top_encoder, likelihood)
+        extra["sample_prior"] = lambda n, generator=None: ancestral_means(nets.decoder, list(nets.priors), likelihood, layer_widths(cfg)[-1], n, generator=generator)
+        return Built(cfg, nets.model, nets.guide, nets.top_decoder, nets.top_encoder, likelihood, extra=extra)
     if cfg.model in ("mog-vae", "vampprior"):
         encoder = GaussianEncoder(body, hidden[-1], d, cfg.guide)
         decoder = MLP(d, hidden[::-1], data_dim)

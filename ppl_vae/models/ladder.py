@@ -43,7 +43,7 @@ from ..distributions import gaussian_from_params
 from ..errors import ConfigError
 from ..nn import MLP, GaussianEncoder
 
-__all__ = ["ladder_vae", "ladder_guide", "precision_weighted", "LadderNetworks", "ladder_networks"]
+__all__ = ["ladder_vae", "ladder_guide", "precision_weighted", "LadderNetworks", "ladder_networks", "ancestral_means"]
 
 
 def _sites(num_layers: int) -> list[str]:
@@ -155,3 +155,19 @@ def ladder_networks(data_dim: int, dims: Sequence[int], hidden: int, likelihood:
     model = ladder_vae(decoder, list(priors), likelihood, dims[-1])
     guide = ladder_guide(list(bottom_up), list(heads), list(priors))
     return LadderNetworks(model, guide, decoder, priors, bottom_up, heads, _Top(bottom_up, heads), _TopDown(decoder, priors))
+
+
+@torch.no_grad()
+def ancestral_means(decoder: nn.Module, priors: Sequence[nn.Module], likelihood: nn.Module, top_dim: int, num_samples: int, *,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""Means of :math:`p(x \mid z_1)` for ancestral draws :math:`z_L \sim N(0, I)`, :math:`z_l \sim p(z_l \mid z_{l+1})` (``priors[l - 1]``).
+
+    Every layer is drawn, not set to its conditional mean: a hierarchy whose top layers
+    collapsed to their priors keeps its variety in the lower ones.
+    """
+    first = next(iter(decoder.parameters()))
+    z = torch.randn(num_samples, top_dim, generator=generator, device=first.device, dtype=first.dtype)
+    for prior in reversed(list(priors)):
+        loc, scale = prior(z)
+        z = loc + scale * torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+    return likelihood.mean(decoder(z))

@@ -139,3 +139,16 @@ def test_cli_layers_are_checked_in_one_line(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "ok"), "--model", "lvae", "--layers", "8,4,2", "--hidden", "16", "--kl-warmup", "1"]) == 0
     printed = capsys.readouterr().out
     assert "KL per latent site (test, nats/datapoint): z3" in printed
+
+
+def test_prior_samples_draw_every_layer_so_a_collapsed_top_still_gives_varied_images():
+    from ppl_vae.models.ladder import ancestral_means
+
+    n = nets(4)
+    with torch.no_grad():
+        for prior in n.priors:  # every conditional ignores the layer above: the top latent carries nothing, as after a collapse
+            prior.body[0].weight.zero_()
+    g = torch.Generator().manual_seed(0)
+    means = ancestral_means(n.decoder, list(n.priors), get_likelihood("bernoulli"), 2, 50, generator=g)
+    top_only = torch.sigmoid(n.top_decoder(torch.randn(50, 2, generator=g)))  # each lower layer at its conditional mean
+    assert means.std(0).max() > 0.05 and top_only.std(0).max() < 1e-6
