@@ -142,8 +142,10 @@ def kl_per_site(
         out = {}
         for name, site in latent_nodes(model_tr).items():
             q_site = guide_tr.nodes[name]
+            q, p = q_site["fn"], site["fn"]
+            shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)  # one side may lack the draws' dimension (a fixed prior)
             try:
-                kl = torch.distributions.kl.kl_divergence(q_site["fn"], site["fn"])
+                kl = torch.distributions.kl.kl_divergence(q.expand(shape), p.expand(shape))
             except NotImplementedError:
                 kl = q_site["fn"].log_prob(q_site["value"]) - site["fn"].log_prob(site["value"])
             draws = per_datapoint(q_site, plate, kl.expand(q_site["fn"].batch_shape))  # [S, N]
