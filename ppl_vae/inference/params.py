@@ -18,6 +18,7 @@ from pyro import poutine
 from torch import nn
 
 from ..errors import CheckpointError
+from .traces import PlaceFlat, data_like
 
 __all__ = ["Discovered", "discover", "load_params", "owner"]
 
@@ -58,7 +59,7 @@ def discover(
     seen: list[nn.Module] = [*modules, *(m for m in (owner(model), owner(guide)) if m is not None)]
     handle = nn.modules.module.register_module_forward_pre_hook(lambda module, inputs: seen.append(module))
     try:
-        with torch.no_grad(), poutine.block(), poutine.trace(param_only=True) as param_tr:
+        with torch.no_grad(), poutine.block(), poutine.trace(param_only=True) as param_tr, PlaceFlat(data_like(args)):  # a flat prior is given a value, not sampled
             guide_tr = poutine.trace(guide).get_trace(*args)
             poutine.replay(model, trace=guide_tr)(*args)
     finally:

@@ -18,6 +18,8 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
@@ -26,7 +28,7 @@ from .random import RowDraws, Streams
 
 __all__ = [
     "SAMPLES", "per_datapoint", "probe", "trace_nesting", "plate_nesting", "traces", "log_weights", "check_pairs", "log_weights_of",
-    "first_nonfinite_site", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict",
+    "first_nonfinite_site", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict", "PlaceFlat", "data_like",
 ]
 
 SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
@@ -173,8 +175,39 @@ def latent_nodes(tr: poutine.Trace) -> dict[str, dict]:
     return {n: s for n, s in sample_sites(tr).items() if not s["is_observed"] and not s["infer"].get("is_auxiliary")}
 
 
+def data_like(args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> torch.Tensor | None:
+    """The first floating-point tensor among a model's arguments: the device and dtype its chains and values should have."""
+    for a in (*args, *(kwargs or {}).values()):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a
+    return None
+
+
+class PlaceFlat(Messenger):
+    """Give a latent site whose distribution cannot be sampled (a flat ``ImproperUniform`` prior) a value without sampling it.
+
+    The value is the support's image of zeros in unconstrained space (``biject_to``), in the dtype and on the
+    device of ``like`` (the model's data), so that a model with a flat prior can be traced for its sites' shapes.
+    """
+
+    def __init__(self, like: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.like = like
+
+    def _pyro_sample(self, msg: dict[str, Any]) -> None:
+        if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
+            return
+        fn = msg["fn"]
+        if not isinstance(fn, pyro.distributions.ImproperUniform) and not isinstance(getattr(fn, "base_dist", None), pyro.distributions.ImproperUniform):
+            return
+        t = biject_to(fn.support)
+        shape = t.inverse_shape(fn.batch_shape + fn.event_shape)
+        kw = {"dtype": self.like.dtype, "device": self.like.device} if self.like is not None else {}
+        msg["value"] = t(torch.zeros(shape, **kw))
+
+
 def model_latent_sites(model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
-    with poutine.block(), torch.no_grad():
+    with poutine.block(), torch.no_grad(), PlaceFlat(data_like(args, kwargs)):
         tr = poutine.trace(model).get_trace(*args, **kwargs)
     latent = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
     if not latent:

@@ -66,7 +66,14 @@ from ...progress import bar
 from ..distributed import Spread, spread_rows
 from ..latent import latent_draws, latent_of, log_joint
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
-from ..traces import model_latent_sites, sum_but_first, trace_nesting, vectorized
+from ..traces import (
+    PlaceFlat,
+    data_like,
+    model_latent_sites,
+    sum_but_first,
+    trace_nesting,
+    vectorized,
+)
 from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
 from .kernel import State, StepSize, transition
 
@@ -136,7 +143,8 @@ def _model_target(
     def chains(size: int) -> Callable[..., Any]:
         return vectorized(model, size, dim, "_chains")
 
-    with poutine.block(), torch.no_grad():
+    data = data_like(args, kwargs)
+    with poutine.block(), torch.no_grad(), PlaceFlat(data):
         proto = poutine.trace(chains(c)).get_trace(*args, **kwargs)
     shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
     vshapes = {name: tuple(proto.nodes[name]["value"].shape) for name in latent}
@@ -167,7 +175,8 @@ def _model_target(
                     total = total + sum_but_first(s["log_prob"], n)
         return total.unsqueeze(1)
 
-    like = proto.nodes[latent[0]]["value"]
+    site = proto.nodes[latent[0]]["value"]  # the chains live on the data's device, in its dtype (a float64 model runs in float64)
+    like = data if data is not None else site
     noise = Streams(seed, [0], like.device, Tag.HMC)  # one group: the model's whole posterior
     u0 = noise.uniform((c, 1, sum(sizes)), dim=1, dtype=like.dtype if like.is_floating_point() else torch.get_default_dtype()) * 4 - 2
     with torch.no_grad():

@@ -207,3 +207,32 @@ def test_model_that_does_not_broadcast_over_chains_is_refused():
 
     with pytest.raises(ConfigError, match="broadcast over a leading chains plate"):
         hmc(bad, torch.ones(5, 2), torch.ones(5), num_samples=5, warmup_steps=0, num_chains=3)
+
+
+def test_hmc_runs_a_float64_model_with_a_flat_prior_in_float64():
+    """A flat (``ImproperUniform``) prior is given a value to trace, never sampled; the chains take the data's dtype.
+
+    Linear regression with flat coefficients and known noise: the posterior is N((X'X)^-1 X'y, s^2 (X'X)^-1) exactly.
+    The default prior dtype is float32 while X is float64: a chain started in the default dtype fails at X @ beta.
+    """
+    from pyro.distributions import constraints
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.5 * torch.randn(40, generator=g, dtype=torch.float64)
+
+    def model(x, y):
+        beta = pyro.sample("beta", dist.ImproperUniform(constraints.real, (), (3,)))
+        with pyro.plate("obs", x.shape[0]):
+            pyro.sample("y", dist.Normal((x * beta).sum(-1), 0.5), obs=y)  # beta: [3], or [chains, 1, 3] under the chains plate
+
+    draws = hmc(model, x, y, num_samples=600, warmup_steps=400, num_chains=4, seed=0)
+    beta = draws.samples["beta"]  # [C, S, 3]
+    assert beta.dtype == np.float64
+    precision = x.T @ x / 0.25
+    mean = torch.linalg.solve(x.T @ x, x.T @ y).numpy()
+    sd = torch.linalg.inv(precision).diagonal().sqrt().numpy()
+    for k in range(3):
+        err = beta[..., k].mean() - mean[k]
+        assert abs(err) < Z * float(azcompat.mcse(beta[..., k])), (k, err)
+        assert abs(beta[..., k].std() / sd[k] - 1) < Z / np.sqrt(2 * float(azcompat.ess(beta[..., k]))), k  # an sd from ESS draws
