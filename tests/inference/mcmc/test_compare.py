@@ -81,10 +81,14 @@ def test_exact_vi_passes_and_narrow_vi_is_flagged(ppca_case):
     words = narrow.verdict()
     assert "VI gets 5 of 5 datapoint(s) wrong" in words and "(10 of 10 dimensions flagged" in words
     assert "too narrow (overconfident) in 10 and too wide in 0 of 10 dimensions" in words
-    assert "> 0.7" in words and "(90% if calibrated)" in words
+    assert "above 0.7" in words and "(90% if calibrated)" in words
     fine = exact.verdict({"pareto_k": math.inf})
     assert "VI agrees with MCMC on every datapoint and dimension" in fine and "wrong" not in fine
-    assert "(> 0.5:" in narrow.verdict({"pareto_k": 0.5})  # the threshold it was given, not a fixed 0.7
+    assert "above 0.5:" in narrow.verdict({"pareto_k": 0.5})  # the threshold it was given, not a fixed 0.7
+    # a joint k-hat above the threshold is the datapoint's, not each dimension's: VI that is right dimension by dimension stays unflagged
+    high_k = dataclasses.replace(exact, per_point={**exact.per_point, "pareto_k": np.full(len(exact.points), 0.9)})
+    assert high_k.flagged().empty and len(high_k.flagged_points()) == len(exact.points)
+    assert f"{len(exact.points)} of {len(exact.points)} datapoint(s) above 0.7" in high_k.verdict()
     # a metric that could not be computed is not agreement, and a reference without diagnostics is not sound
     nan_rhat = dataclasses.replace(exact, per_point={**exact.per_point, "mcmc_max_rhat": np.full(len(exact.points), np.nan)})
     words = nan_rhat.verdict({"pareto_k": math.inf})
