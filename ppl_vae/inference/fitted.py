@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .. import io
@@ -40,6 +39,7 @@ from .mcmc.hmc import hmc_latent
 from .mcmc.vi import vi_draws
 from .params import Discovered, discover, load_params, owner
 from .random import seeded
+from .traces import prior_predictive
 
 __all__ = ["FitResult", "FORMAT"]
 
@@ -163,19 +163,7 @@ class FitResult:
         t = self._model("sample")
         if args and any(a.shape[0] != n for a in args):
             raise ConfigError(f"sample: the model's arguments have {[a.shape[0] for a in args]} rows; give n={n} rows each")
-        args = args or self._blank(n)
-        with seeded(seed), torch.no_grad(), poutine.block():
-            tr = poutine.trace(poutine.uncondition(t.model)).get_trace(*args)
-        sites = {name: s for name, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
-        for name, s in sites.items():  # what would make these draws something other than p(z) p(x | z), refused by name
-            if type(s["fn"]).__name__ == "Unit":
-                raise ConfigError(f"sample: site {name!r} is a pyro.factor, which reweights the model: running it forward does not draw from it")
-            if not (isinstance(s["scale"], (int, float)) and s["scale"] == 1.0) or s["mask"] is not None:
-                raise ConfigError(f"sample: site {name!r} is scaled or masked (an auxiliary term such as M2's classifier), not part of p(z) p(x | z); "
-                                  "pass the model's arguments that leave it out (for M2: x without labels)")
-            if not any(f.name == "data" for f in s["cond_indep_stack"]):
-                raise ConfigError(f"sample: site {name!r} is outside the 'data' plate (a global latent): its draw would be shared by all {n} rows")
-        return {name: s["value"] for name, s in sites.items()}
+        return prior_predictive(t.model, *(args or self._blank(n)), seed=seed, what="sample")
 
     def posterior(self, *data: torch.Tensor, method: Literal["vi", "hmc"] = "vi", num_samples: int = 1000, seed: int = 0,
                   **hmc_options: Any) -> Any:

@@ -24,11 +24,11 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import ConfigError, DataError, PplVaeError
-from .random import RowDraws, Streams
+from .random import RowDraws, Streams, seeded
 
 __all__ = [
     "SAMPLES", "per_datapoint", "probe", "trace_nesting", "plate_nesting", "traces", "log_weights", "check_pairs", "log_weights_of",
-    "first_nonfinite_site", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict", "PlaceFlat", "data_like",
+    "first_nonfinite_site", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict", "PlaceFlat", "data_like", "prior_predictive",
 ]
 
 SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
@@ -227,3 +227,25 @@ def vectorized(fn: Callable[..., object], size: int, dim: int, name: str = "_vec
 def sum_but_first(t: torch.Tensor, n: int) -> torch.Tensor:
     """Sum over all dimensions but the leading (chain) one, of size ``n``."""
     return t.expand(n) if t.dim() == 0 else t.reshape(n, -1).sum(1)
+
+
+def prior_predictive(model: Callable[..., object], *args: torch.Tensor, seed: int | None = None, what: str = "sample") -> dict[str, torch.Tensor]:
+    """One run of ``model`` on ``args`` with its observed sites unconditioned: a draw of every sample site, in order.
+
+    A model with a ``pyro.factor``, a scaled or masked site (an auxiliary term) or a latent outside
+    the ``"data"`` plate is refused by the site's name: running it forward is not a draw from its
+    prior predictive.
+    """
+    with seeded(seed), torch.no_grad(), poutine.block(), PlaceFlat(data_like(args)):
+        tr = poutine.trace(poutine.uncondition(model)).get_trace(*args)
+    sites = {name: s for name, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+    n = args[0].shape[0] if args else 0
+    for name, s in sites.items():
+        if type(s["fn"]).__name__ == "Unit":
+            raise ConfigError(f"{what}: site {name!r} is a pyro.factor, which reweights the model: running it forward does not draw from it")
+        if not (isinstance(s["scale"], (int, float)) and s["scale"] == 1.0) or s["mask"] is not None:
+            raise ConfigError(f"{what}: site {name!r} is scaled or masked (an auxiliary term such as M2's classifier), not part of p(z) p(x | z); "
+                              "pass the model's arguments that leave it out (for M2: x without labels)")
+        if not any(f.name == "data" for f in s["cond_indep_stack"]):
+            raise ConfigError(f"{what}: site {name!r} is outside the 'data' plate (a global latent): its draw would be shared by all {n} rows")
+    return {name: s["value"] for name, s in sites.items()}

@@ -18,14 +18,14 @@ from ...inference.distributed import launched_rank
 from ...inference.estimators import ESTIMATORS
 from ..config import MODELS, RESUMABLE, Config
 from ..runs import holding
-from . import compare, demo, fit, gaps, grad_variance, nll, plot, tables
+from . import calibrate, compare, demo, fit, gaps, grad_variance, nll, plot, tables
 from .demo import DEMO_DIR
 
 __all__ = ["COMMANDS", "Config", "DATASETS", "DEMO_DIR", "ESTIMATORS", "LIKELIHOODS", "MODELS", "RESUMABLE", "run"]
 
 COMMANDS = {
     "fit": fit.command, "demo": demo.command, "plot": plot.command, "cvae-quadrants": tables.command, "m2": tables.command, "sdae-codes": tables.command,
-    "grad-variance": grad_variance.command, "gaps": gaps.command, "nll": nll.command, "compare": compare.command,
+    "grad-variance": grad_variance.command, "gaps": gaps.command, "nll": nll.command, "compare": compare.command, "calibrate": calibrate.command,
 }
 
 
