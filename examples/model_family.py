@@ -11,6 +11,7 @@ from torch import nn
 from ppl_vae.data import load
 from ppl_vae.distributions import get_likelihood
 from ppl_vae.guides.amortized import amortized_guide, delta_guide
+from ppl_vae.inference import pretrain_layerwise, stacked_guide
 from ppl_vae.inference.elbo import evaluate_elbo
 from ppl_vae.inference.svi import fit
 from ppl_vae.models.autoencoders import contractive_autoencoder, sparse_autoencoder
@@ -18,7 +19,7 @@ from ppl_vae.models.discrete import GaussianMixturePrior
 from ppl_vae.models.hierarchical import hierarchical_guide, hierarchical_vae
 from ppl_vae.models.ladder import ladder_networks
 from ppl_vae.models.priors import VampPrior, vae_with_prior
-from ppl_vae.models.stacked import pretrain_layerwise, stacked_autoencoder
+from ppl_vae.models.stacked import stacked_autoencoder
 from ppl_vae.models.vqvae import (
     AutoregressiveCodePrior,
     Codebook,
@@ -44,8 +45,8 @@ ladder = ladder_networks(D, (16, 8, 4, 2), H, bern)  # 4 stochastic layers, top-
 books = (Codebook(8, 2, seed=0), Codebook(16, 2, seed=1))  # VQ-VAE-2: 2 top positions of 8 codes, 6 bottom ones of 16
 vq2_enc, vq2_top, vq2_bottom = nn.Sequential(MLP(D, [], H), nn.ReLU()), nn.Linear(H, 4), MLP(H + 4, [], 12)
 vq2_priors = (AutoregressiveCodePrior(2, 8), AutoregressiveCodePrior(6, 16, context_dim=16))
-stack = stacked_autoencoder(D, (32, 16, 4), bern, noise=0.2)
-pretrain_layerwise(stack, train, epochs=10, batch_size=64, lr=3e-3)  # greedy: each layer a DAE on the codes below; fine-tuned below
+stack = stacked_autoencoder(D, (32, 16, 4), bern)
+pretrain_layerwise(stack, train, epochs=10, noise=0.2, batch_size=64, lr=3e-3)  # greedy: each layer a DAE on the codes below; fine-tuned below
 models = {
     "hierarchical VAE": (
         hierarchical_vae(MLP(4, [H], D), GaussianEncoder(MLP(d, [], 16), 16, 4), bern, d),
@@ -58,7 +59,7 @@ models = {
     "contractive AE (objective, not a bound)": (contractive_autoencoder(MLP(8, [H], D), bern, cae_enc, 8, weight=0.01), delta_guide(cae_enc)),
     "4-layer ladder VAE": (ladder.model, ladder.guide),
     "VQ-VAE-2 (objective, not a bound)": (vqvae2(MLP(16, [H], D), bern, books, vq2_priors, (2, 6)), vqvae2_guide(vq2_enc, vq2_top, vq2_bottom, books[0], 2)),
-    "stacked DAE, fine-tuned (not a bound)": (stack.model, stack.guide),
+    "stacked DAE, fine-tuned (not a bound)": (stack.model, stacked_guide(stack, 0.2)),
 }
 for name, (model, guide) in models.items():
     warmup = 10 if "ladder" in name else 0  # the KL warm-up keeps the ladder's layers from collapsing

@@ -25,6 +25,7 @@ from ..guides.amortized import amortized_guide, delta_guide, masking_noise
 from ..guides.discrete import bernoulli_guide, categorical_guide
 from ..guides.flows import IAFEncoder
 from ..inference.estimators import get_estimator
+from ..inference.pretrain import pretrain_layerwise, stacked_guide
 from ..inference.random import seeded
 from ..inference.svi import as_tensors
 from ..models.autoencoders import contractive_autoencoder, sparse_autoencoder
@@ -43,7 +44,7 @@ from ..models.hierarchical import (
 from ..models.ladder import ancestral_means, ladder_networks
 from ..models.ppca import PPCA
 from ..models.priors import VampPrior, vae_with_prior
-from ..models.stacked import pretrain_layerwise, stacked_autoencoder
+from ..models.stacked import stacked_autoencoder
 from ..models.vae import Model, autoencoder, cvae, vae
 from ..models.vqvae import (
     AutoregressiveCodePrior,
@@ -290,10 +291,10 @@ def build_family(cfg: Config, data_dim: int) -> Built:
         decoder = MLP(d, hidden[::-1], data_dim)
         return Built(cfg, sparse_autoencoder(decoder, likelihood, d, l1=SPARSE_L1), delta_guide(encoder), decoder, encoder, likelihood)
     if cfg.model == "sdae":
-        stack = stacked_autoencoder(data_dim, layer_widths(cfg), likelihood, noise=cfg.noise)
-        extra["pretrain"] = lambda x, progress=False: pretrain_layerwise(stack, x, epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                                                         seed=cfg.seed, progress=progress)
-        return Built(cfg, stack.model, stack.guide, stack.decoder, stack.encoder, likelihood, extra=extra)
+        stack = stacked_autoencoder(data_dim, layer_widths(cfg), likelihood)
+        extra["pretrain"] = lambda x, progress=False: pretrain_layerwise(stack, x, epochs=cfg.pretrain_epochs, noise=cfg.noise, batch_size=cfg.batch_size,
+                                                                         lr=cfg.lr, seed=cfg.seed, progress=progress)
+        return Built(cfg, stack.model, stacked_guide(stack, cfg.noise), stack.decoder, stack.encoder, likelihood, extra=extra)
     if cfg.model == "cae":
         encoder = nn.Sequential(body, nn.ReLU(), nn.Linear(hidden[-1], d))
         decoder = MLP(d, hidden[::-1], data_dim)

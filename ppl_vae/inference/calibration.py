@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from .. import io
 from ..errors import ConfigError, check_int
@@ -45,8 +46,6 @@ Z = 4.0
 
 def _observed_arguments(model: Callable[..., object], args: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Which argument each observed site observes (its value is that tensor), found by one conditioned run."""
-    from pyro.poutine.util import site_is_subsample
-
     with torch.no_grad(), poutine.block(), PlaceFlat(data_like(args)):
         tr = poutine.trace(model).get_trace(*args)
     out = {}

@@ -17,14 +17,15 @@ from ppl_vae.distributions import get_likelihood
 from ppl_vae.errors import ConfigError
 from ppl_vae.guides.amortized import delta_guide
 from ppl_vae.inference.elbo import elbo_per_datapoint
-from ppl_vae.models.stacked import pretrain_layerwise, stacked_autoencoder
+from ppl_vae.inference.pretrain import pretrain_layerwise, stacked_guide
+from ppl_vae.models.stacked import stacked_autoencoder
 from ppl_vae.models.vae import autoencoder
 
 
 def test_each_layer_is_pretrained_on_the_codes_of_the_layers_below():
     x = load("digits", binarize="threshold").x
     torch.manual_seed(0)
-    stack = stacked_autoencoder(64, (32, 16, 4), get_likelihood("bernoulli"), noise=0.2)
+    stack = stacked_autoencoder(64, (32, 16, 4), get_likelihood("bernoulli"))
     assert list(stack.encoder) == list(stack.encoders) and list(stack.decoder) == list(reversed(stack.decoders))  # the stacks share the layers
 
     def layer_objective(layer: int) -> torch.Tensor:  # the layer's own DAE objective on the clean codes of the (current) layers below
@@ -38,7 +39,7 @@ def test_each_layer_is_pretrained_on_the_codes_of_the_layers_below():
         return elbo_per_datapoint(model, guide, h).value
 
     before = layer_objective(0)
-    records = pretrain_layerwise(stack, x, epochs=20, batch_size=64, lr=3e-3, seed=0)
+    records = pretrain_layerwise(stack, x, epochs=20, noise=0.2, batch_size=64, lr=3e-3, seed=0)
     assert [(r["layer"], r["width"]) for r in records] == [(1, 32), (2, 16), (3, 4)]
     after = layer_objective(0)
     gain = after - before  # paired over the images
@@ -73,4 +74,4 @@ def test_sdae_options_are_checked(tmp_path, capsys):
     assert main(["fit", "--model", "sdae", "--dataset", "digits", "--layers", "32,0,4", "--out", str(out)]) == 2
     assert "--layers needs at least 2 positive widths" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ConfigError, match="noise must be in"):
-        stacked_autoencoder(64, (8, 2), get_likelihood("bernoulli"), noise=1.0)
+        stacked_guide(stacked_autoencoder(64, (8, 2), get_likelihood("bernoulli")), noise=1.0)

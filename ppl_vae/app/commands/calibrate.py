@@ -11,7 +11,7 @@ from ... import io
 from ...errors import ConfigError, check_int
 from ...inference.calibration import Calibration, calibrate
 from ..figures.calibration import rank_histograms
-from ..runs import open_run, prepare_run_dir, releasing
+from ..runs import check_run_dir, open_run, prepare_run_dir, releasing
 
 __all__ = ["calibrate_run", "command"]
 
@@ -31,8 +31,6 @@ def calibrate_run(run: str | Path, out: str | Path, *, num_datasets: int = 1000,
     rows = torch.arange(num_datasets) % test[0].shape[0]
     template = tuple(t[rows] for t in test)
     out = Path(out)
-    from ..runs import check_run_dir
-
     check_run_dir(out, force=force)  # before the work: an existing folder is refused now, not after it
     cal = calibrate(built.model, built.guide, *template, num_datasets=num_datasets, num_draws=num_draws, bins=bins, alpha=alpha, seed=seed)
     out = prepare_run_dir(out, force=force)

@@ -31,6 +31,7 @@ from ...data import load, match_rows
 from ...distributions import get_likelihood
 from ...errors import ConfigError, DataError, check_int
 from ...inference.gaps.bounds import importance_bounds
+from ...inference.pretrain import pretrain_layerwise, stacked_guide
 from ...inference.random import pick, seeded
 from ...inference.svi import fit
 from ...models.cvae_so import (
@@ -43,7 +44,7 @@ from ...models.cvae_so import (
     visible_mask,
 )
 from ...models.m2 import classify, m2, m2_guide
-from ...models.stacked import pretrain_layerwise, stacked_autoencoder
+from ...models.stacked import stacked_autoencoder
 from ...nn import MLP, GaussianEncoder
 from ..figures.run import image_grid
 from ..runs import prepare_run_dir, releasing
@@ -337,12 +338,12 @@ def sdae_codes(
     rows.append({"features": "raw pixels", "dim": test.x.shape[1], "accuracy": acc, "accuracy_se": se, "train_s": 0.0, "reconstruction": None})
     for name, pretrain in (("stacked denoising AE", True), ("plain AE (same shape)", False)):
         with seeded(seed):
-            stack = stacked_autoencoder(x.shape[1], widths, bern, noise=noise if pretrain else 0.0)
+            stack = stacked_autoencoder(x.shape[1], widths, bern)
         t0 = time.perf_counter()
         if pretrain:
-            pretrain_layerwise(stack, x, epochs=pretrain_epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+            pretrain_layerwise(stack, x, epochs=pretrain_epochs, noise=noise, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
         total = epochs if pretrain else epochs + len(widths) * pretrain_epochs
-        result = fit(stack.model, stack.guide, x, epochs=total, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+        result = fit(stack.model, stacked_guide(stack, noise if pretrain else 0.0), x, epochs=total, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
         took = time.perf_counter() - t0
         stack.encoder.train(False)
         with torch.no_grad():
