@@ -236,11 +236,13 @@ def prior_predictive(model: Callable[..., object], *args: torch.Tensor, seed: in
     the ``"data"`` plate is refused by the site's name: running it forward is not a draw from its
     prior predictive.
     """
-    with seeded(seed), torch.no_grad(), poutine.block(), PlaceFlat(data_like(args)):
+    with seeded(seed), torch.no_grad(), poutine.block(), PlaceFlat(data_like(args)):  # a flat site gets a value here, then is refused below
         tr = poutine.trace(poutine.uncondition(model)).get_trace(*args)
     sites = {name: s for name, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
     n = args[0].shape[0] if args else 0
     for name, s in sites.items():
+        if isinstance(s["fn"], pyro.distributions.ImproperUniform) or isinstance(getattr(s["fn"], "base_dist", None), pyro.distributions.ImproperUniform):
+            raise ConfigError(f"{what}: site {name!r} has a flat improper prior (an autoencoder's code): the model has no prior predictive to draw from")
         if type(s["fn"]).__name__ == "Unit":
             raise ConfigError(f"{what}: site {name!r} is a pyro.factor, which reweights the model: running it forward does not draw from it")
         if not (isinstance(s["scale"], (int, float)) and s["scale"] == 1.0) or s["mask"] is not None:

@@ -255,3 +255,17 @@ def test_m2_samples_its_labels_from_the_prior_and_refuses_what_it_cannot_do():
         result.sample(n)  # zeros in the shape of the training arguments: labels given, so the auxiliary term runs
     with pytest.raises(ConfigError, match="'y'"):
         result.posterior(x[:2], method="hmc", num_samples=10)  # HMC cannot move a discrete latent
+
+
+def test_sample_refuses_a_flat_prior_instead_of_drawing_from_its_placeholder():
+    """An autoencoder's code has a flat improper prior: there is nothing to draw, so sample() says so by name."""
+    from ppl_vae.distributions import get_likelihood
+    from ppl_vae.guides import delta_guide
+    from ppl_vae.models import autoencoder
+
+    torch.manual_seed(0)
+    enc, dec = MLP(12, [], 2), MLP(2, [], 12)
+    result = fit(autoencoder(dec, get_likelihood("bernoulli"), 2), delta_guide(enc), (torch.rand(40, 12) < 0.5).float(), epochs=1, batch_size=20,
+                 progress=False)
+    with pytest.raises(ConfigError, match="site 'z' has a flat improper prior"):
+        result.sample(5)

@@ -209,7 +209,7 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         if built.exact is not None:
             metrics["test_log_px_exact"] = built.exact.log_marginal(test[0]).mean().item()
         if cfg.spec.latents != "point":  # the ELBO's KL term of each latent site (per layer of a hierarchy), nats per datapoint
-            metrics["test_kl_per_site"] = test_kl_per_site(built, test, seed=cfg.seed)
+            metrics["test_kl_per_site"] = mean_kl_per_site(built, test, seed=cfg.seed)
         if figures:
 
             run_figures(built, splits, result.to_dataframe(), out)
@@ -229,7 +229,7 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         raise
 
 
-def test_kl_per_site(built: Any, test: tuple[torch.Tensor, ...], *, seed: int, num_samples: int = 10, batch_size: int = 1000) -> dict[str, float]:
+def mean_kl_per_site(built: Any, test: tuple[torch.Tensor, ...], *, seed: int, num_samples: int = 10, batch_size: int = 1000) -> dict[str, float]:
     """The mean over the test rows of each latent site's KL term (:func:`~ppl_vae.inference.elbo.kl_per_site`), in batches."""
     sums: dict[str, float] = {}
     n = test[0].shape[0]

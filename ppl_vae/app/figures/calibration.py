@@ -25,7 +25,8 @@ def rank_histograms(cal: Calibration, path: str | Path | None = None) -> Any:
     u = (cal.ranks + 0.5) / (cal.num_draws + 1)
     expect = cal.num_datasets / cal.bins
     band = 2.576 * math.sqrt(expect * (1 - 1 / cal.bins))
-    verdicts = dict(zip(cal.table()["coordinate"], cal.table()["verdict"]))
+    table = cal.table()
+    verdicts = dict(zip(table["coordinate"], table["verdict"]))
     for j, ax in enumerate(axes.flat):
         if j >= k:
             ax.set_axis_off()
