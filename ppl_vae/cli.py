@@ -198,7 +198,10 @@ def _gaps(sub: Any, app: Any) -> None:
         "For datapoints of a split: log p(x) (IWAE with K draws, or AIS), the ELBO of the run's encoder L[q],\n"
         "and of q* fitted to each datapoint alone L[q*] in the guide's family (and any --families). The\n"
         "inference gap log p(x) - L[q] splits into approximation (log p(x) - L[q*]) and amortisation\n"
-        "(L[q*] - L[q]) gaps, in nats; writes table.md, gaps.csv/json and gaps.png, and prints which gap dominates."),
+        "(L[q*] - L[q]) gaps, in nats; writes table.md, gaps.csv/json and gaps.png, and prints which gap dominates.\n"
+        "A full-covariance q* is fitted as a candidate IWAE proposal too. gaps.csv flags each datapoint whose\n"
+        "log p(x) is unreliable (Pareto k-hat of its importance weights above its bound) or whose q* did not\n"
+        "converge, and the verdict says how many."),
         "ppl-vae gaps --run runs/vae --num-points 100 --K 5000 --out runs/vae-gaps")
     g.add_argument("--run", action="append", default=[], help="run directory from ppl-vae fit (repeat to compare models; default: none)")
     g.add_argument("--merge", action="append", default=[], help="instead of --run: merge earlier gaps folders into one table and figure (default: none)")
@@ -208,7 +211,9 @@ def _gaps(sub: Any, app: Any) -> None:
     g.add_argument("--K", type=int, default=5000, help="importance samples of the IWAE estimate of log p(x)")
     g.add_argument("--elbo-samples", type=int, default=1000, help="draws for each ELBO estimate")
     g.add_argument("--families", default="", help="extra q* families besides the guide's own: diagonal,full,flow (default: none)")
-    g.add_argument("--local-steps", type=int, default=3000, help="most Adam steps of each local optimisation")
+    g.add_argument("--unreliable", default="flag", choices=["flag", "ais"],
+                   help="datapoints whose IWAE weights have a Pareto k-hat above its bound: flag them, or re-estimate their log p(x) by AIS (default flag)")
+    g.add_argument("--local-steps", type=int, default=4000, help="most Adam steps of each local optimisation")
     g.add_argument("--local-lr", type=float, default=1e-2, help="learning rate of the local optimisation")
     g.add_argument("--ais-steps", type=int, default=1000, help="AIS intermediate densities (with --logpx ais)")
     g.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")

@@ -149,14 +149,23 @@ class LocalPosterior(nn.Module):
     def num_points(self) -> int:
         return self.loc.shape[0]
 
-    def distribution(self, rows: slice | torch.Tensor = slice(None)) -> torch.distributions.Distribution:
-        """``q*`` of the datapoints ``rows`` over ``u``: batch shape ``[len(rows)]``, event ``[K]``."""
-        loc = self.loc[rows]
+    def distribution(self, rows: slice | torch.Tensor = slice(None), *, detach: bool = False) -> torch.distributions.Distribution:
+        """``q*`` of the datapoints ``rows`` over ``u``: batch shape ``[len(rows)]``, event ``[K]``.
+
+        ``detach=True`` (Gaussian families): the same distribution with its
+        parameters cut from the graph, for the path-derivative gradient.
+        """
+        def get(t: torch.Tensor) -> torch.Tensor:
+            return t[rows].detach() if detach else t[rows]
+
+        loc = get(self.loc)
         if self.family == "full":
-            tril = torch.diag_embed(F.softplus(self.raw_diag[rows]) + 1e-6)
-            tril[..., self._off[0], self._off[1]] = self.offdiag[rows]
+            tril = torch.diag_embed(F.softplus(get(self.raw_diag)) + 1e-6)
+            tril[..., self._off[0], self._off[1]] = get(self.offdiag)
             return dist.MultivariateNormal(loc, scale_tril=tril)
-        base = dist.Normal(loc, F.softplus(self.raw_scale[rows]) + 1e-6).to_event(1)
+        if detach and self.family == "flow":
+            raise ValueError("a flow's path derivative needs its inverse; only the Gaussian families detach")
+        base = dist.Normal(loc, F.softplus(get(self.raw_scale)) + 1e-6).to_event(1)
         if self.family == "diagonal":
             return base
         lo, hi = self.clamp

@@ -36,6 +36,8 @@ def test_nll_matches_the_exact_log_likelihood_of_ppca(ppca_run, tmp_path, capsys
     assert abs(err) < Z * float(se.pow(2).sum().sqrt()) / len(x) + log_mean_exp_bias(se), err
     assert summary["neg_elbo"] > summary["nll"]  # the ELBO of the same draws is the looser bound
     assert f"-log p(x) = {summary['nll']:.2f}" in printed
+    # the run's Gaussian encoder on a Gaussian posterior: light-tailed weights, every image's estimate reliable by its k-hat
+    assert summary["unreliable"] == 0 and rows["reliable"].all() and (rows["khat"] <= summary["khat_threshold"]).all()
 
 
 def test_an_interrupted_computation_resumes_to_the_same_numbers(ppca_run, tmp_path, monkeypatch, capsys):

@@ -73,6 +73,7 @@ def gaps_run(
     num_samples: int = 5000,
     elbo_samples: int = 1000,
     families: Sequence[str] | None = None,
+    unreliable: str = "flag",
     local_options: dict[str, Any] | None = None,
     ais_options: dict[str, Any] | None = None,
     seed: int = 0,
@@ -90,6 +91,8 @@ def gaps_run(
         raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown --logpx {logpx!r}; choose iwae or ais")
+    if unreliable not in ("flag", "ais"):
+        raise ConfigError(f"unknown --unreliable {unreliable!r}; choose flag or ais")
     check_int(num_samples, "--K")
     if not runs:
         raise ConfigError("give at least one --run")
@@ -117,14 +120,14 @@ def gaps_run(
         data = tuple(t[idx] for t in splits[split].tensors(with_labels=built.conditional))
         reports.append(
             decompose(built.model, built.guide, *data, logpx=logpx, num_samples=num_samples, elbo_samples=elbo_samples, families=tuple(families or ()),
-                      local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed, spread=spread,
-                      progress=progress)
+                      unreliable=unreliable, local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed, spread=spread,
+                      progress=progress, warn=False)  # the verdicts in the table carry the warnings
         )
     rows = [dict(run=r.name, **row) for r in reports for row in r.to_dataframe().to_dict("records")]
     io.write_csv(out / GAPS_CSV, rows)
     io.write_json(out / GAPS_JSON, {"split": split, "runs": [str(r) for r in runs], "summaries": [r.summary() for r in reports],
                                     "options": {"num_points": num_points, "logpx": logpx, "K": num_samples, "elbo_samples": elbo_samples, "families": list(families or ()),
-                                                "local": local_options or {}, "ais": ais_options or {}, "seed": seed}})
+                                                "unreliable": unreliable, "local": local_options or {}, "ais": ais_options or {}, "seed": seed}})
     io.write_text(out / TABLE_MD, table_markdown(reports))
     if figures:
         _figure(reports, out)
@@ -147,12 +150,18 @@ def load_reports(folder: str | Path) -> list[GapReport]:
             return torch.tensor(rows[c].to_numpy(), dtype=torch.float64)
 
         fams = [c[len("elbo_qstar_") :] for c in rows.columns if c.startswith("elbo_qstar_") and not c.endswith("_se") and rows[c].notna().all()]
+        conv = [f for f in fams if f"qstar_{f}_converged" in rows.columns and rows[f"qstar_{f}_converged"].notna().all()]
+
+        def opt(c: str, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+            return torch.tensor(rows[c].to_numpy().astype(float), dtype=torch.float64).to(dtype) if c in rows.columns and rows[c].notna().all() else None
         reports.append(GapReport(
             index=torch.tensor(rows["index"].to_numpy()), log_px=col("log_px"), log_px_se=col("log_px_se"), elbo_q=col("elbo_q"),
             elbo_q_se=col("elbo_q_se"), elbo_local={f: col(f"elbo_qstar_{f}") for f in fams},
             elbo_local_se={f: col(f"elbo_qstar_{f}_se") for f in fams}, family=summary["qstar_family"],
             logpx_estimator=summary["logpx_estimator"], num_samples=summary["num_samples"], local_steps=summary["local_steps_mean"],
             name=summary["name"], q_in_family=summary.get("q_in_family", True),
+            log_px_khat=opt("log_px_khat"), log_px_unreliable=opt("log_px_unreliable", torch.bool), log_px_ais=opt("log_px_ais", torch.bool),
+            qstar_converged={f: opt(f"qstar_{f}_converged", torch.bool) for f in conv}, qstar_change={f: opt(f"qstar_{f}_change") for f in conv},
         ))
     return reports
 
@@ -207,7 +216,7 @@ def command(args: argparse.Namespace) -> int:
     families = [f for f in args.families.split(",") if f.strip()]
     reports = gaps_run(
         args.run, args.out, split=args.split, num_points=args.num_points, logpx=args.logpx, num_samples=args.K,
-        elbo_samples=args.elbo_samples, families=families, local_options={"max_steps": args.local_steps, "lr": args.local_lr},
+        elbo_samples=args.elbo_samples, families=families, unreliable=args.unreliable, local_options={"max_steps": args.local_steps, "lr": args.local_lr},
         ais_options={"num_steps": args.ais_steps, "num_chains": args.ais_chains}, seed=args.seed, force=args.force,
         spread=Spread.given(args.accelerator, args.devices, args.strategy, args.num_nodes), progress=not args.no_progress,
     )

@@ -6,8 +6,11 @@ datapoints; after each block the rows done so far are saved atomically to
 an interrupted run stopped. Every datapoint's draws come from its own streams
 (seed, dataset index), so a resumed computation gives the numbers an
 uninterrupted one gives. The result: ``nll_K{K}.csv`` (one row per image:
-dataset index, IWAE bound, its delta-method SE, the ELBO of the same draws)
-and ``nll_K{K}.json`` (the mean with the standard error over images).
+dataset index, IWAE bound, its delta-method SE, the ELBO of the same draws,
+the PSIS Pareto k̂ of its importance weights and whether the estimate is
+reliable by it, :func:`~ppl_vae.inference.gaps.bounds.khat_threshold`) and
+``nll_K{K}.json`` (the mean with the standard error over images, and how many
+images have an unreliable estimate: their -log p̂ is, if anything, too high).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from ... import io
 from ...errors import CheckpointError, ConfigError, check_int
-from ...inference.gaps.bounds import importance_bounds
+from ...inference.gaps.bounds import importance_bounds, khat_threshold
 from ...progress import bar
 from ..runs import open_run, prepare_run_dir, releasing
 
@@ -66,32 +69,36 @@ def nll_run(run: str | Path, out: str | Path, *, K: int = 5000, split: str = "te
         if saved.get("options") != options:
             raise ConfigError(f"--resume must repeat the options of the unfinished computation in {out}: {saved.get('options')}")
         done = {k: saved[k] for k in ("index", "iwae", "iwae_se", "elbo")}
+        done["khat"] = saved.get("khat", torch.full_like(saved["iwae"], math.nan))  # a computation begun before k-hat was kept
         out = prepare_run_dir(out, resume=True)
     else:
         out = prepare_run_dir(out, force=force)
     t0 = time.perf_counter()
     start = int(done["index"].numel()) if done else 0
-    parts = {k: [v] for k, v in done.items()} if done else {k: [] for k in ("index", "iwae", "iwae_se", "elbo")}
+    parts = {k: [v] for k, v in done.items()} if done else {k: [] for k in ("index", "iwae", "iwae_se", "elbo", "khat")}
     with bar(total=n, desc=f"NLL K={K}", unit="image", enabled=progress) as shown:
         shown.update(start)
         for i in range(start, n, block):
             rows = torch.arange(i, min(i + block, n))
             b = importance_bounds(built.model, built.guide, *(t[rows] for t in data), num_samples=K, batch_size=batch_size, seed=seed, index=rows)
-            for k, v in (("index", rows), ("iwae", b.iwae), ("iwae_se", b.iwae_se), ("elbo", b.elbo)):
+            for k, v in (("index", rows), ("iwae", b.iwae), ("iwae_se", b.iwae_se), ("elbo", b.elbo), ("khat", b.khat)):
                 parts[k].append(v.detach().cpu())
             io.save_torch(partial_path, {"options": options, **{k: torch.cat(v) for k, v in parts.items()}})
             shown.update(len(rows))
     result = {k: torch.cat(v) for k, v in parts.items()}
     nll = -result["iwae"].double()
+    reliable = result["khat"] <= khat_threshold(K)
     summary = {
         **options, "units": "nats per datapoint",
         "nll": float(nll.mean()), "nll_se": float(nll.std() / math.sqrt(n)) if n > 1 else None,
         "mean_iwae_se": float(result["iwae_se"].mean()),
         "neg_elbo": float(-result["elbo"].double().mean()),
+        "khat_threshold": khat_threshold(K), "unreliable": int((~reliable).sum()), "khat_above_0.7": int((result["khat"] > 0.7).sum()),
+        "khat_median": float(result["khat"].nanmedian()),
         "model": built.config.model, "wall_time_s": time.perf_counter() - t0,
     }
-    io.write_csv(out / csv_name, [{"index": int(j), "iwae": float(a), "iwae_se": float(s), "elbo": float(e)}
-                                  for j, a, s, e in zip(result["index"], result["iwae"], result["iwae_se"], result["elbo"])])
+    io.write_csv(out / csv_name, [{"index": int(j), "iwae": float(a), "iwae_se": float(s), "elbo": float(e), "khat": float(k), "reliable": bool(r)}
+                                  for j, a, s, e, k, r in zip(result["index"], result["iwae"], result["iwae_se"], result["elbo"], result["khat"], reliable)])
     io.write_json(out / json_name, summary)
     partial_path.unlink(missing_ok=True)
     return summary
@@ -103,5 +110,8 @@ def command(args: argparse.Namespace) -> int:
     se = f" ± {s['nll_se']:.2f}" if s["nll_se"] is not None else ""
     print(f"{s['model']}: -log p(x) = {s['nll']:.2f}{se} nats per image (IWAE K={s['K']}, {s['num_points']} {s['split']} images; "
           f"mean per-image delta-method SE {s['mean_iwae_se']:.3f}); -ELBO {s['neg_elbo']:.2f}")
+    if s["unreliable"]:
+        print(f"{s['unreliable']} of {s['num_points']} images have importance weights with a Pareto k-hat above {s['khat_threshold']:.2f} "
+              f"(median {s['khat_median']:.2f}): their log p(x) estimate is unreliable and likely too low, the NLL too high (the khat column says which)")
     print(f"wrote {args.out}/: {', '.join(_names(s['K'])[:2])}")
     return 0

@@ -16,6 +16,21 @@ standard errors. An IWAE :math:`\log \hat
 p(x)` is a lower bound, so the approximation gap it gives is, if anything, an
 underestimate.
 
+**A log p̂(x) to trust.** The proposal matters more than ``K``: a
+mean-field :math:`q^*` is narrower than a correlated posterior, its weights
+then have infinite variance, and IWAE sits far below :math:`\log p(x)` with a
+small, confident standard error (on a linear-Gaussian model with posterior
+correlation 0.993: 1.65 nats low, reported SE 0.19). So by default a
+full-covariance :math:`q^*` is fitted beside the guide's family as a
+candidate proposal (``proposals``): where the posterior is near Gaussian its
+weights are near constant. Each datapoint's PSIS :math:`\hat k` of the
+weights is reported; where it exceeds the bound for ``K`` draws
+(:func:`~ppl_vae.inference.gaps.bounds.khat_threshold`, 0.7 at ``K`` ≥ 2154)
+the row is flagged unreliable, or with ``unreliable="ais"`` its log p̂ is
+re-estimated by AIS. A datapoint whose :math:`q^*` did not converge is
+flagged too (its approximation gap is overstated, its amortisation gap
+understated), with a warning.
+
 References
 ----------
 Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational Autoencoders.
@@ -24,6 +39,7 @@ Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational Autoencoder
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +57,7 @@ from ..latent import guide_in_latent_space, latent_of
 from ..random import dataset_index
 from .ais import ais
 from .ais import check_options as check_ais_options
-from .bounds import importance_bounds
+from .bounds import importance_bounds, khat_threshold
 from .local import check_options as check_local_options
 from .local import optimize_local
 
@@ -72,11 +88,42 @@ class GapReport:
     local_steps: dict[str, float] = field(default_factory=dict)
     name: str = "model"
     q_in_family: bool = True
+    log_px_khat: torch.Tensor | None = None  # [N] PSIS k-hat of the IWAE weights (None: log p(x) by AIS)
+    log_px_unreliable: torch.Tensor | None = None  # [N] bool: an IWAE estimate whose k-hat is above khat_threshold(K)
+    log_px_ais: torch.Tensor | None = None  # [N] bool: re-estimated by AIS (unreliable="ais")
+    qstar_converged: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] bool
+    qstar_change: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] nats, the last check window's change
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", self.index.cpu())  # dataset indices live on the CPU, wherever the numbers were computed
-        for name in ("elbo_local", "elbo_local_se", "local_steps"):
+        for name in ("elbo_local", "elbo_local_se", "local_steps", "qstar_converged", "qstar_change"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    def flags(self) -> dict[str, int]:
+        """How many datapoints carry each warning: an unreliable log p̂, a q* that did not converge (per family)."""
+        out = {}
+        if self.log_px_unreliable is not None:
+            out["log_px_unreliable"] = int(self.log_px_unreliable.sum())
+        if self.log_px_ais is not None:
+            out["log_px_by_ais"] = int(self.log_px_ais.sum())
+        out |= {f"qstar_{f}_unconverged": int((~c).sum()) for f, c in self.qstar_converged.items()}
+        return out
+
+    def warnings(self) -> list[str]:
+        """One sentence per kind of flagged datapoint (empty when nothing is flagged)."""
+        out = []
+        n = len(self.index)
+        bad = int(self.log_px_unreliable.sum()) if self.log_px_unreliable is not None else 0
+        if bad:
+            worst = float(self.log_px_khat.max()) if self.log_px_khat is not None else math.nan
+            out.append(f"log p̂(x) is unreliable for {bad} of {n} datapoints (importance weights' Pareto k̂ above its bound, worst {worst:.2f}): "
+                       "their approximation gap may be understated; re-estimate them with AIS (unreliable='ais', CLI --unreliable ais)")
+        for fam, conv in self.qstar_converged.items():
+            stuck = int((~conv).sum())
+            if stuck:
+                out.append(f"q* ({fam}) did not converge for {stuck} of {n} datapoints: their approximation gap is overstated and amortisation gap "
+                           "understated; raise the local max_steps (CLI --local-steps)")
+        return out
 
     @property
     def elbo_qstar(self) -> torch.Tensor:
@@ -100,7 +147,14 @@ class GapReport:
             cols[f"elbo_qstar_{fam}"] = self.elbo_local[fam]
             cols[f"elbo_qstar_{fam}_se"] = self.elbo_local_se[fam]
         cols |= {"approximation_gap": self.approximation_gap, "amortisation_gap": self.amortisation_gap, "inference_gap": self.inference_gap}
-        return pd.DataFrame({k: v.double().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in cols.items()})
+        for key in ("log_px_khat", "log_px_unreliable", "log_px_ais"):
+            if getattr(self, key) is not None:
+                cols[key] = getattr(self, key)
+        for fam in self.qstar_converged:
+            cols[f"qstar_{fam}_converged"] = self.qstar_converged[fam]
+            cols[f"qstar_{fam}_change"] = self.qstar_change[fam]
+        return pd.DataFrame({k: (v.cpu().numpy() if v.dtype == torch.bool else v.double().cpu().numpy()) if isinstance(v, torch.Tensor) else v
+                             for k, v in cols.items()})
 
     def summary(self) -> dict[str, Any]:
         """Means over datapoints with standard errors (of the mean over datapoints)."""
@@ -111,6 +165,9 @@ class GapReport:
         for k, v in rows.items():
             m, se = _mean_se(v)
             out[k], out[f"{k}_se"] = m, se
+        out["flags"] = self.flags()
+        if self.log_px_khat is not None:
+            out["log_px_khat_max"] = float(self.log_px_khat.max())
         return out
 
     def verdict(self) -> str:
@@ -131,8 +188,9 @@ class GapReport:
         else:
             which = "the amortisation gap dominates: the encoder, not the family, is what falls short (a bigger encoder or more training)"
         family = "" if self.q_in_family else " (q is not in this family: the amortisation gap includes the change of family)"
+        flagged = "".join(f" Warning: {w}." for w in self.warnings())
         return (f"{self.name}: inference gap {gap:.2f} ± {s['inference_gap_se']:.2f} nats per datapoint = approximation "
-                f"{part('approximation_gap')} + amortisation {part('amortisation_gap')} (q* {self.family}{family}, {len(self.index)} datapoints); {which}.")
+                f"{part('approximation_gap')} + amortisation {part('amortisation_gap')} (q* {self.family}{family}, {len(self.index)} datapoints); {which}.{flagged}")
 
     @classmethod
     def concat(cls, parts: list[GapReport]) -> GapReport:
@@ -144,11 +202,17 @@ class GapReport:
         def cat(get: Callable[[GapReport], torch.Tensor]) -> torch.Tensor:
             return torch.cat([get(p) for p in parts])
 
+        def cat_opt(key: str) -> torch.Tensor | None:
+            return None if getattr(first, key) is None else cat(lambda p: getattr(p, key))
+
         return cls(
             index=cat(lambda p: p.index), log_px=cat(lambda p: p.log_px), log_px_se=cat(lambda p: p.log_px_se), elbo_q=cat(lambda p: p.elbo_q),
             elbo_q_se=cat(lambda p: p.elbo_q_se), elbo_local={f: cat(lambda p: p.elbo_local[f]) for f in first.elbo_local},
             elbo_local_se={f: cat(lambda p: p.elbo_local_se[f]) for f in first.elbo_local_se}, family=first.family, logpx_estimator=first.logpx_estimator,
             num_samples=first.num_samples, local_steps=first.local_steps, name=first.name, q_in_family=first.q_in_family,
+            log_px_khat=cat_opt("log_px_khat"), log_px_unreliable=cat_opt("log_px_unreliable"), log_px_ais=cat_opt("log_px_ais"),
+            qstar_converged={f: cat(lambda p: p.qstar_converged[f]) for f in first.qstar_converged},
+            qstar_change={f: cat(lambda p: p.qstar_change[f]) for f in first.qstar_change},
         )
 
     def save(self, out: str | Path) -> None:
@@ -189,6 +253,8 @@ def decompose(
     num_samples: int = 5000,
     elbo_samples: int = 1000,
     families: tuple[str, ...] | None = None,
+    proposals: tuple[str, ...] | None = None,
+    unreliable: str = "flag",
     local_options: dict[str, Any] | None = None,
     ais_options: dict[str, Any] | None = None,
     index: torch.Tensor | None = None,
@@ -197,6 +263,7 @@ def decompose(
     seed: int = 0,
     spread: Spread | None = None,
     progress: bool = False,
+    warn: bool = True,
 ) -> GapReport:
     r"""Decompose the inference gap of ``guide`` on every row of ``data``.
 
@@ -227,6 +294,17 @@ def decompose(
         is given; the gaps then use the best of them, and the report says
         ``q_in_family=False``: its amortisation gap also contains the change
         of family.
+    proposals : tuple of str, optional
+        Further families of :math:`q^*` fitted as candidate IWAE proposals
+        (default ``("full",)``: a full-covariance Gaussian, whose weights stay
+        light-tailed on correlated posteriors where a mean-field one's do not;
+        ``()`` for none). They are reported beside ``families``; the proposal
+        is the candidate with the highest mean ELBO.
+    unreliable : {"flag", "ais"}
+        What to do with a datapoint whose IWAE weights have a Pareto
+        :math:`\hat k` above :func:`~ppl_vae.inference.gaps.bounds.khat_threshold`:
+        flag it in the report (``log_px_unreliable``, the table and the verdict), or
+        re-estimate its log p̂ by AIS (``ais_options``; ``log_px_ais``).
     local_options : dict, optional
         Passed to :func:`~ppl_vae.inference.optimize_local`.
     index : tensor, optional
@@ -242,32 +320,44 @@ def decompose(
         each datapoint's row is the one computed here (to float rounding).
     progress : bool
         Progress bars for each step (the ELBO of q, each q* family, log p(x)).
+    warn : bool
+        Issue a ``UserWarning`` per kind of flagged datapoint
+        (:meth:`GapReport.warnings`; the verdict says the same).
     """
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown log p(x) estimator {logpx!r}; choose iwae or ais")
+    if unreliable not in ("flag", "ais"):
+        raise ConfigError(f"unknown treatment of unreliable log p(x) estimates {unreliable!r}; choose flag or ais")
     for label, k in (("importance samples K", num_samples), ("ELBO samples", elbo_samples)):  # every number in the report carries a standard error
         check_int(k, f"the number of {label} (at least 2 for a standard error)", low=2)
     if local_options:
         check_local_options(**local_options)
     if ais_options:
         check_ais_options(**ais_options)
-        if logpx == "ais":
+        if logpx == "ais" or unreliable == "ais":
             check_int(ais_options.get("num_chains", 2), "the number of AIS chains (at least 2 for a standard error)", low=2)
     q, own, families = _families(model, guide, data, families)
+    extra = ("full",) if proposals is None else tuple(proposals)
+    if any(f not in FAMILIES for f in extra):
+        raise ConfigError(f"unknown proposal family {next(f for f in extra if f not in FAMILIES)!r}; choose from {', '.join(FAMILIES)}")
+    fitted = tuple(dict.fromkeys(families + (extra if logpx == "iwae" else ())))
     idx = dataset_index(index, data[0].shape[0])
 
     def rows(part: tuple[torch.Tensor, ...], at: torch.Tensor, coll: Collectives) -> GapReport:
-        return _decompose(model, guide, part, at, coll, q=q if spread is None else None, own=own, families=families, logpx=logpx, num_samples=num_samples,
-                          elbo_samples=elbo_samples, local_options=local_options, ais_options=ais_options, name=name, batch_size=batch_size, seed=seed,
-                          progress=progress and coll.rank == 0)
+        return _decompose(model, guide, part, at, coll, q=q if spread is None else None, own=own, families=families, fitted=fitted, logpx=logpx,
+                          num_samples=num_samples, elbo_samples=elbo_samples, unreliable=unreliable, local_options=local_options, ais_options=ais_options,
+                          name=name, batch_size=batch_size, seed=seed, progress=progress and coll.rank == 0)
 
-    return spread_rows(rows, data, idx, spread, programs=(model, guide), combine=GapReport.concat, types=(GapReport,))
+    report = spread_rows(rows, data, idx, spread, programs=(model, guide), combine=GapReport.concat, types=(GapReport,))
+    for line in report.warnings() if warn else ():
+        warnings.warn(f"{name}: {line}", UserWarning, stacklevel=2)
+    return report
 
 
 def _decompose(model: Callable[..., object], guide: Callable[..., object], data: tuple[torch.Tensor, ...], idx: torch.Tensor, coll: Collectives, *,
-               q: torch.distributions.Distribution | None, own: str | None, families: tuple[str, ...], logpx: str, num_samples: int, elbo_samples: int,
-               local_options: dict[str, Any] | None, ais_options: dict[str, Any] | None, name: str, batch_size: int, seed: int,
-               progress: bool = False) -> GapReport:
+               q: torch.distributions.Distribution | None, own: str | None, families: tuple[str, ...], fitted: tuple[str, ...], logpx: str, num_samples: int,
+               elbo_samples: int, unreliable: str, local_options: dict[str, Any] | None, ais_options: dict[str, Any] | None, name: str, batch_size: int,
+               seed: int, progress: bool = False) -> GapReport:
     """:func:`decompose` of the rows ``data`` (dataset indices ``idx``); a choice over all datapoints takes its means over every process."""
     if q is None and own is not None:  # the guide's q over the joint latent of these rows (in this process, on its device)
         q, _ = guide_in_latent_space(guide, latent_of(model, *data, guide=guide, analysis="the gap decomposition"), *data)
@@ -277,29 +367,42 @@ def _decompose(model: Callable[..., object], guide: Callable[..., object], data:
     def mean(v: torch.Tensor) -> float:  # over the datapoints of every process
         return coll.sum(v.double().sum().item()) / total
 
-    on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed, index=idx, progress=progress)
-    local, local_se, steps, proposals = {}, {}, {}, {}
-    for i, fam in enumerate(families):
+    on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed, index=idx, progress=progress, diagnose=False)
+    local, local_se, steps, proposals, converged, change = {}, {}, {}, {}, {}, {}
+    for i, fam in enumerate(fitted):
         fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, index=idx, progress=progress,
                              **(local_options or {}))
-        b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i, index=idx, progress=progress)
+        b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i, index=idx, progress=progress,
+                              diagnose=False)
         local[fam], local_se[fam] = b.elbo, b.elbo_se
         steps[fam] = mean(fit.steps)
         proposals[fam] = fit.posterior
+        converged[fam], change[fam] = fit.converged, fit.final_change
+    khat = bad = by_ais = None
     if logpx == "iwae":
         means = {f: mean(local[f]) for f in proposals}
         best = max(proposals, key=lambda f: means[f])
         b = importance_bounds(model, proposals[best], *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx, progress=progress)
-        log_px, log_px_se = b.iwae, b.iwae_se
+        log_px, log_px_se = b.iwae.clone(), b.iwae_se.clone()
         local[best], local_se[best] = b.elbo, b.elbo_se  # the same family's ELBO, now from K draws
-        estimator = f"IWAE K={num_samples} with the local {best} q* as proposal"
+        khat, bad = b.khat, ~b.reliable
+        estimator = f"IWAE K={num_samples} with the local {best} q* as proposal (reliable where Pareto k̂ <= {khat_threshold(num_samples):.2f})"
+        if unreliable == "ais":  # AIS of this process's flagged rows (each datapoint's draws are its own: no other process is involved)
+            by_ais, rows = bad.clone(), bad.nonzero().squeeze(-1)
+            if len(rows):
+                r = ais(model, *(t[rows] for t in data), seed=seed + 1000, index=idx[rows], progress=progress, **(ais_options or {}))
+                log_px[rows], log_px_se[rows] = r.log_px.double(), r.log_px_se.double()
+            given = ", ".join(f"{k}={v}" for k, v in sorted((ais_options or {}).items()))
+            estimator += f"; AIS ({given or 'default options'}) for the datapoints above it"
+            bad = torch.zeros_like(bad)
     else:
         r = ais(model, *data, seed=seed + 1000, index=idx, progress=progress, **(ais_options or {}))
         log_px, log_px_se, estimator = r.log_px.double(), r.log_px_se.double(), r.description
-    means = {f: mean(local[f]) for f in local}
-    family = own if own is not None else max(local, key=lambda f: means[f])
+    means = {f: mean(local[f]) for f in families}
+    family = own if own is not None else max(families, key=lambda f: means[f])
     return GapReport(
         index=idx, log_px=log_px, log_px_se=log_px_se, elbo_q=on_q.elbo, elbo_q_se=on_q.elbo_se, elbo_local=local,
         elbo_local_se=local_se, family=family, logpx_estimator=estimator, num_samples=elbo_samples, local_steps=steps,
-        name=name, q_in_family=own is not None,
+        name=name, q_in_family=own is not None, log_px_khat=khat, log_px_unreliable=bad, log_px_ais=by_ais,
+        qstar_converged=converged, qstar_change=change,
     )

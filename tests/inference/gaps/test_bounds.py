@@ -124,7 +124,8 @@ def test_one_draw_gives_no_standard_error_rather_than_a_nan():
     one = importance_bounds(m, inflated_guide(m), x, num_samples=1, seed=0)
     assert one.elbo_se is None and one.iwae_se is None
     assert torch.isfinite(one.elbo).all() and torch.equal(one.elbo, one.iwae)  # K = 1: the IWAE bound is the one draw's ELBO
-    assert list(one.to_dataframe().columns) == ["elbo", "iwae"]
+    assert list(one.to_dataframe().columns) == ["elbo", "iwae", "khat", "reliable"]
+    assert not one.reliable.any()  # one draw: no tail to check either
     assert Bounds.concat([one, one]).elbo_se is None
     r = ais(m, x, num_steps=5, num_chains=1, seed=0)
     assert r.log_px_se is None and "log_px_se" not in r.to_dataframe().columns
@@ -202,3 +203,45 @@ def test_ais_gives_each_datapoint_the_same_estimate_whatever_its_batch():
     for k in ("log_px", "log_px_se", "accept_rate", "step_size"):
         assert torch.allclose(getattr(one_by_one, k), getattr(whole, k), rtol=1e-9, atol=1e-9), k
         assert torch.allclose(getattr(part, k), getattr(whole, k)[rows], rtol=1e-9, atol=1e-9), k
+
+
+def test_iwae_standard_error_matches_the_spread_across_seeds_where_it_is_reported_reliable():
+    # 200 independent repeats of each of 5 datapoints (distinct dataset indices: independent streams), K = 1000
+    from scipy.stats import chi2
+
+    m = frozen_ppca(D=6, d=3, sigma=0.5)
+    x = m.sample(5)
+    R, K = 200, 1000
+    rep = x.repeat(R, 1)
+    # the band the ratio sd / rms(SE) keeps with probability 1 - 1e-4 per datapoint, if the SE is right (chi-square, R - 1 df)
+    lo, hi = (math.sqrt(chi2.ppf(p, R - 1) / (R - 1)) for p in (0.5e-4, 1 - 0.5e-4))
+
+    def spread(factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        b = importance_bounds(m, inflated_guide(m, factor), rep, num_samples=K, seed=0)
+        return b.iwae.view(R, 5).std(0) / b.iwae_se.view(R, 5).pow(2).mean(0).sqrt(), b.reliable.view(R, 5).double().mean(0)
+
+    # a proposal wider than the posterior: bounded weights (k = 1 - 1.6^2 < 0), every datapoint reliable, its SE right
+    ratio, reliable = spread(1.6)
+    assert (reliable == 1).all()
+    assert ((ratio > lo) & (ratio < hi)).all(), (ratio, lo, hi)
+    # half as wide: w ~ Pareto tail with k = 1 - 0.5^2 = 0.75 > 0.7 (infinite variance); most draws flagged, and rightly:
+    # across seeds the estimates scatter beyond what their SE says
+    ratio, reliable = spread(0.5)
+    assert (reliable < 0.5).all(), reliable
+    assert (ratio > hi).all(), (ratio, hi)
+
+
+def test_khat_from_the_kept_tail_is_psis_khat_of_all_weights_and_too_few_draws_are_never_reliable():
+    from ppl_vae.inference.gaps.bounds import khat_of_tail, khat_threshold, tail_size
+    from ppl_vae.inference.mcmc.azcompat import pareto_khat
+
+    g = torch.Generator().manual_seed(0)
+    for K in (30, 1000, 5000):
+        lw = torch.randn(K, 5, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        kept = khat_of_tail(lw.topk(tail_size(K), 0).values, lw.min(0).values, K)
+        assert torch.allclose(kept, torch.from_numpy(pareto_khat(lw.T.numpy())), rtol=0, atol=1e-12)
+    assert khat_threshold(24) == -math.inf and khat_threshold(100) == pytest.approx(0.5) and khat_threshold(5000) == 0.7
+    m = frozen_ppca()
+    b = importance_bounds(m, m.exact_guide, m.sample(3), num_samples=10, seed=0)
+    assert torch.isinf(b.khat).all() and not b.reliable.any()  # ten draws: no tail to check, so no SE to trust
+    assert {"khat", "reliable"} <= set(b.to_dataframe().columns)
