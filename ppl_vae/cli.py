@@ -257,8 +257,8 @@ def _calibrate(sub: Any, app: Any) -> None:
 
 
 def _compare(sub: Any, app: Any) -> None:
-    cm = _command(sub, "compare", "VI vs MCMC (batched HMC) on latent posteriors of datapoints of a trained run", (
-        "Samples p(z|x) of each datapoint with batched HMC (per-datapoint step size and mass matrix, R-hat and\n"
+    cm = _command(sub, "compare", "VI vs MCMC (batched HMC or NUTS) on latent posteriors of datapoints of a trained run", (
+        "Samples p(z|x) of each datapoint with batched HMC or NUTS (per-datapoint step size and mass matrix, R-hat and\n"
         "ESS checked) and draws the guide's q(z|x), then reports per datapoint and latent dimension the error\n"
         "of VI's mean in posterior sds, the sd ratio, the coverage of VI's 90% intervals, the energy distance\n"
         "and the Pareto k-hat of the importance weights; writes compare.json/csv and figures, and a verdict in words."),
@@ -272,6 +272,9 @@ def _compare(sub: Any, app: Any) -> None:
     cm.add_argument("--chains", type=int, default=4, help="MCMC chains per datapoint (default 4)")
     cm.add_argument("--warmup", type=int, default=None, help="warmup transitions (default: --draws)")
     cm.add_argument("--vi-draws", type=int, default=None, help="VI draws per datapoint (default: chains x draws)")
+    cm.add_argument("--kernel", default="hmc", help="MCMC transition: hmc (jittered trajectory length) or nuts (No-U-Turn) (default hmc)")
+    cm.add_argument("--mass", default="diag", help="mass matrix adapted per datapoint: diag or dense (for correlated posteriors) (default diag)")
+    cm.add_argument("--max-tree-depth", type=int, default=10, help="NUTS: most doublings of a trajectory (default 10)")
     cm.add_argument("--seed", type=int, default=0, help="seeds the datapoints picked and every draw (per datapoint)")
     _spread(cm)
     _output(cm)

@@ -27,7 +27,7 @@ from ...inference.gaps.local import optimize_local
 from ...inference.latent import guide_in_latent_space, latent_of
 from ...inference.mcmc.compare import Comparison, compare
 from ...inference.mcmc.draws import Draws
-from ...inference.mcmc.hmc import hmc_latent
+from ...inference.mcmc.hmc import check_kernel, hmc_latent
 from ...inference.mcmc.vi import vi_draws as guide_draws
 from ...inference.mcmc.vi import vi_draws_amortized
 from ...inference.random import pick
@@ -80,6 +80,9 @@ def compare_points(
     progress: bool = False,
     index: list[int] | None = None,
     spread: Spread | None = None,
+    kernel: str = "hmc",
+    mass: str = "diag",
+    max_tree_depth: int = 10,
 ) -> tuple[Draws, Draws, Comparison]:
     """MCMC and VI draws of the rows ``args`` of a built model (``index``: their dataset indices), and their :class:`Comparison`.
 
@@ -88,7 +91,8 @@ def compare_points(
     """
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
     idx = torch.as_tensor(index) if index is not None else None
-    mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress, index=idx, spread=spread)
+    mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress, index=idx, spread=spread,
+                      kernel=kernel, mass=mass, max_tree_depth=max_tree_depth)
     if guide == "amortized":
         vi = vi_draws_amortized(built.model, built.guide, *args, num_samples=vi_draws, seed=seed, index=idx)
     else:  # q* of the guide's own family (full covariance where the guide is in none), started at the guide
@@ -128,6 +132,9 @@ def compare_run(
     progress: bool = False,
     figures: bool = True,
     spread: Spread | None = None,
+    kernel: str = "hmc",
+    mass: str = "diag",
+    max_tree_depth: int = 10,
 ) -> dict[str, Any]:
     """Compare VI with batched HMC on datapoints of the run in ``run_dir``; write the results to ``out``.
 
@@ -136,6 +143,7 @@ def compare_run(
     """
 
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
+    check_kernel(kernel, max_tree_depth, mass)
     built, splits = open_run(run_dir)
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(splits)}")
@@ -152,10 +160,10 @@ def compare_run(
     args = tuple(t[picked] for t in tensors)
     t0 = time.perf_counter()
     mcmc, vi, comparison = compare_points(built, args, guide=guide, draws=draws, chains=chains, warmup=warmup, vi_draws=vi_draws, seed=seed, progress=progress,
-                                              index=picked, spread=spread)
+                                              index=picked, spread=spread, kernel=kernel, mass=mass, max_tree_depth=max_tree_depth)
     info = {
         "run": str(run_dir), "split": split, "indices": picked, "guide": guide, "draws": draws, "chains": chains,
-        "warmup": warmup, "vi_draws": vi_draws, "seed": seed, "mcmc_method": mcmc.method, "mcmc_wall_time_s": mcmc.wall_time,
+        "warmup": warmup, "vi_draws": vi_draws, "seed": seed, "kernel": kernel, "mass": mass, "max_tree_depth": max_tree_depth, "mcmc_method": mcmc.method, "mcmc_wall_time_s": mcmc.wall_time,
         "divergences": mcmc.num_divergences, "wall_time_s": time.perf_counter() - t0, "summary": comparison.summary(),
         "verdict": comparison.verdict(),
     }
@@ -192,6 +200,7 @@ def command(args: argparse.Namespace) -> int:
         args.run, args.out, num_points=args.num_points, indices=list(args.indices) if args.indices is not None else None,
         split=args.split, guide=args.guide, draws=args.draws, chains=args.chains, warmup=args.warmup, vi_draws=args.vi_draws,
         seed=args.seed, force=args.force, progress=not args.no_progress, spread=Spread.given(args.accelerator, args.devices, args.strategy, args.num_nodes),
+        kernel=args.kernel, mass=args.mass, max_tree_depth=args.max_tree_depth,
     )
     s = info["summary"]
     print(

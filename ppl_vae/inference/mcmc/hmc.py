@@ -9,17 +9,20 @@ The output is :class:`Draws` (convertible to ArviZ), as for Pyro's NUTS (:mod:`.
   ``[C, N, d]`` tensor and each leapfrog step is one batched decoder
   evaluation. Each datapoint (a *group* of ``C`` chains) has its own step
   size, tuned by dual averaging (Hoffman & Gelman 2014) to a target
-  acceptance rate, and its own diagonal mass matrix, estimated in Stan's
-  windowed warmup schedule from the pooled draws of its chains. The sampler is
-  **HMC with a jittered trajectory length**, not NUTS: every transition
-  integrates for a time :math:`T \sim U(0, 2 T_0)` in the units of the
-  adapted mass matrix (whitened coordinates), i.e.
-  :math:`L = \lceil T / \epsilon_n \rceil` leapfrog steps per chain, with
-  per-chain masking so that chains with short trajectories stop early. The
-  jitter avoids the resonances of a fixed trajectory length (Neal 2011,
-  section 5.4.2.3). A transition whose energy error exceeds
-  ``max_energy_error`` (or is not finite) is *divergent*: it is rejected and
-  recorded in ``sample_stats["diverging"]``.
+  acceptance rate, and its own mass matrix, diagonal or (``mass="dense"``) the
+  full covariance, estimated in Stan's windowed warmup schedule from the pooled
+  draws of its chains. Two transitions: ``kernel="hmc"``, **HMC with a
+  jittered trajectory length**: every transition integrates for a time
+  :math:`T \sim U(0, 2 T_0)` in the units of the adapted mass matrix
+  (whitened coordinates), i.e. :math:`L = \lceil T / \epsilon_n \rceil`
+  leapfrog steps per chain, with per-chain masking so that chains with short
+  trajectories stop early (the jitter avoids the resonances of a fixed
+  trajectory length, Neal 2011, section 5.4.2.3); and ``kernel="nuts"``, the
+  **No-U-Turn sampler** (:func:`.kernel.nuts_transition`: multinomial, the
+  generalised U-turn criterion, a maximum tree depth), each chain's tree
+  growing on its own while all chains step in lockstep. A transition whose
+  energy error exceeds ``max_energy_error`` (or is not finite) is
+  *divergent*: it is rejected and recorded in ``sample_stats["diverging"]``.
 
 Pyro's NUTS (:mod:`.nuts`) is the baseline against which this sampler is checked and benchmarked;
 the transition and the step-size rule are :mod:`.kernel`'s, shared with AIS.
@@ -75,9 +78,9 @@ from ..traces import (
     vectorized,
 )
 from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
-from .kernel import State, StepSize, transition
+from .kernel import State, StepSize, nuts_transition, transition
 
-__all__ = ["hmc_latent", "hmc"]
+__all__ = ["hmc_latent", "hmc", "check_kernel", "KERNELS", "MASSES"]
 
 
 # --------------------------------------------------------------------------- targets
@@ -129,7 +132,7 @@ def _latent_target(
         values, _ = latent.constrain(u)
         return {name: v.detach().cpu().numpy() for name, v in values.items()}
 
-    dims, coords = point_layout(latent, ("diverging", "acceptance_rate", "n_steps", "step_size"), index=noise.index)
+    dims, coords = point_layout(latent, ("diverging", "acceptance_rate", "n_steps", "step_size", "tree_depth"), index=noise.index)
     return _Target(log_density, u0, to_samples, dims=dims, coords=coords, group_dim="point")
 
 
@@ -252,7 +255,37 @@ def _adaptation_windows(warmup: int, start: int = 75, end: int = 50, init_window
     return windows
 
 
-_EARLY_CAP = 16
+class _DenseCovariance:
+    """Running covariance of each group's draws (``[G, K]`` per update; Welford), for a dense mass matrix.
+
+    :meth:`get` regularises as Stan (and Pyro's ``WelfordCovariance``): ``n/(n+5) cov + 1e-3 * 5/(n+5) I``.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def update(self, u: torch.Tensor) -> None:
+        if self.mean is None:
+            self.mean, self.m2 = torch.zeros_like(u), u.new_zeros((*u.shape, u.shape[-1]))
+        self.n += 1
+        before = u - self.mean
+        self.mean = self.mean + before / self.n
+        self.m2 = self.m2 + torch.einsum("gk,gl->gkl", u - self.mean, before)
+
+    def get(self) -> torch.Tensor:
+        n = self.n
+        cov = self.m2 / max(n - 1, 1)
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        return n / (n + 5.0) * cov + 1e-3 * (5.0 / (n + 5.0)) * eye
+
+
+_EARLY_CAP = 16  # HMC: leapfrog steps per transition before the first mass-matrix estimate
+_EARLY_DEPTH = 6  # NUTS: tree depth before the first mass-matrix estimate
+KERNELS = ("hmc", "nuts")
+MASSES = ("diag", "dense")
 
 
 class _Sampler:
@@ -322,6 +355,9 @@ def _run_batched(
     progress: bool,
     method: str,
     init_steps: int,
+    kernel: str = "hmc",
+    max_tree_depth: int = 10,
+    mass: str = "diag",
 ) -> Draws:
     t0 = time.perf_counter()
     target.init = _optimize_init(target.log_density, target.init, init_steps)
@@ -333,36 +369,47 @@ def _run_batched(
     windows = _adaptation_windows(warmup_steps)
     ends = {end for _, end in windows}
     rule = StepSize(s.eps, target_accept)
-    welford = WelfordCovariance(diagonal=True)
+    welford = WelfordCovariance(diagonal=True) if mass == "diag" else _DenseCovariance()
+    depth_cap = min(max_tree_depth, _EARLY_DEPTH)
     if warmup_steps == 0:
         s.cap = s.max_leapfrog
+        depth_cap = max_tree_depth
     with bar(range(warmup_steps + num_samples), desc=f"{method} warm-up" if warmup_steps else f"{method} sampling", unit="step", enabled=progress) as it:
-        keep_u, keep_acc, keep_div, keep_steps = [], [], [], []
+        keep_u, keep_acc, keep_div, keep_steps, keep_depth = [], [], [], [], []
         for t in it:
             warm = t < warmup_steps
             if progress and t == warmup_steps and warmup_steps:
                 it.set_description_str(f"{method} sampling", refresh=False)
-            steps = s.steps(s.eps)
-            acc, div = s.transition(s.eps, steps)
+            if kernel == "nuts":
+                s.state, info = nuts_transition(s.f, s.state, s.eps, s.noise, inv_mass=s.inv_mass, max_tree_depth=depth_cap, max_energy_error=max_energy_error)
+                acc, div, steps, depth = info.accept_prob, info.diverging, info.n_steps, info.tree_depth
+            else:
+                steps = s.steps(s.eps)
+                acc, div = s.transition(s.eps, steps)
+                depth = None
             if warm:
                 s.eps = rule.update(acc.mean(0))
                 if any(a <= t <= b for a, b in windows):
                     for c in range(s.C):
                         welford.update(s.state.u[c])
                 if t in ends:
-                    s.inv_mass = welford.get_covariance(regularize=True)
+                    s.inv_mass = welford.get_covariance(regularize=True) if mass == "diag" else welford.get()
                     s.cap = s.max_leapfrog
+                    depth_cap = max_tree_depth
                     welford.reset()
                     s.reasonable_step_size()
                     rule = StepSize(s.eps, target_accept)
                 if t == warmup_steps - 1:
                     s.eps = rule.final if t not in ends else s.eps
                     s.cap = s.max_leapfrog  # short warmups have no mass-matrix window to lift the early cap
+                    depth_cap = max_tree_depth
             else:
                 keep_u.append(s.state.u)
                 keep_acc.append(acc)
                 keep_div.append(div)
                 keep_steps.append(steps)
+                if depth is not None:
+                    keep_depth.append(depth)
     wall = time.perf_counter() - t0
     u = torch.stack(keep_u, 1)  # [C, S, G, K]
     stats = {
@@ -371,16 +418,28 @@ def _run_batched(
         "n_steps": torch.stack(keep_steps, 1).cpu().numpy(),
         "step_size": s.eps.expand(s.C, num_samples, s.G).cpu().numpy().copy(),
     }
+    if keep_depth:
+        stats["tree_depth"] = torch.stack(keep_depth, 1).cpu().numpy()
     if target.group_dim is None:
         stats = {k: v[..., 0] for k, v in stats.items()}
     return Draws(target.to_samples(u), stats, target.dims, target.coords, method, wall)
+
+
+def check_kernel(kernel: str, max_tree_depth: int, mass: str = "diag") -> None:
+    """Refuse an unknown kernel or mass matrix, or a tree depth outside 1..20 (``ConfigError``, one line)."""
+    if mass not in MASSES:
+        raise ConfigError(f"unknown mass matrix {mass!r}; choose one of {', '.join(MASSES)}")
+    if kernel not in KERNELS:
+        raise ConfigError(f"unknown MCMC kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if isinstance(max_tree_depth, bool) or not isinstance(max_tree_depth, int) or not 1 <= max_tree_depth <= 20:
+        raise ConfigError(f"max tree depth must be an integer from 1 to 20, got {max_tree_depth!r}")
 
 
 def _batched(make_target: Callable[[], tuple[_Target, Streams]], freeze: contextlib.AbstractContextManager[None],
              num_samples: int, warmup_steps: int, seed: int, tuning: dict[str, Any]) -> Draws:
     with freeze, seeded(seed):
         target, noise = make_target()
-        return _run_batched(target, num_samples=num_samples, warmup_steps=warmup_steps, noise=noise, method="batched-hmc", **tuning)
+        return _run_batched(target, num_samples=num_samples, warmup_steps=warmup_steps, noise=noise, method=f"batched-{tuning.get('kernel', 'hmc')}", **tuning)
 
 
 _HMC_DOC_PARAMS = """
@@ -400,6 +459,17 @@ _HMC_DOC_PARAMS = """
     init_steps : int
         Adam steps that move the initial points uphill before warmup, twice over: at a
         constant rate, then decaying (0: none).
+    kernel : {"hmc", "nuts"}
+        ``"hmc"``: a jittered trajectory length (``trajectory_length``, ``max_leapfrog``).
+        ``"nuts"``: the No-U-Turn sampler (:func:`~ppl_vae.inference.mcmc.kernel.nuts_transition`),
+        each chain's trajectory doubling until it turns, at most ``max_tree_depth`` times
+        (at most 6 before the first mass-matrix estimate); ``sample_stats`` gains ``tree_depth``.
+    max_tree_depth : int
+        NUTS's cap on doublings: at most ``2**max_tree_depth - 1`` leapfrog steps per transition.
+    mass : {"diag", "dense"}
+        The inverse mass matrix adapted per datapoint in the warmup windows: the draws'
+        variances, or their full covariance (for correlated posteriors: it whitens them,
+        at ``O(K^2)`` per leapfrog step and a Cholesky per transition).
 """
 
 
@@ -426,6 +496,9 @@ def hmc_latent(
     progress: bool = False,
     index: torch.Tensor | None = None,
     spread: Spread | None = None,
+    kernel: str = "hmc",
+    max_tree_depth: int = 10,
+    mass: str = "diag",
 ) -> Draws:
     r"""Batched HMC on the latent posteriors :math:`p(z \mid x_n)` of every row of ``args``.
 
@@ -467,8 +540,9 @@ def hmc_latent(
     >>> draws.diagnostics()  # doctest: +SKIP
     """
     check_counts(num_samples, warmup_steps, num_chains)
+    check_kernel(kernel, max_tree_depth, mass)
     tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
-                  max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
+                  max_energy_error=max_energy_error, init_steps=init_steps, progress=progress, kernel=kernel, max_tree_depth=max_tree_depth, mass=mass)
     n = latent_of(model, *args, analysis="latent-posterior MCMC").num_points  # refuse before any work
     index = dataset_index(index, n)
     if spread is not None:
@@ -479,7 +553,8 @@ def hmc_latent(
         return spread_rows(
             lambda rows, idx, coll: hmc_latent(model, *rows, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains, seed=base, init=init,
                                                target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
-                                               max_energy_error=max_energy_error, init_steps=init_steps, progress=progress and coll.rank == 0, index=idx),
+                                               max_energy_error=max_energy_error, init_steps=init_steps, progress=progress and coll.rank == 0, index=idx,
+                                               kernel=kernel, max_tree_depth=max_tree_depth, mass=mass),
             args, index, spread, programs=(model, init) if callable(init) else (model,), combine=Draws.concat, types=(Draws,))
 
     def target() -> tuple[_Target, Streams]:
@@ -503,6 +578,9 @@ def hmc(
     max_energy_error: float = 1000.0,
     init_steps: int = 100,
     progress: bool = False,
+    kernel: str = "hmc",
+    max_tree_depth: int = 10,
+    mass: str = "diag",
     **kwargs: Any,
 ) -> Draws:
     r"""Batched HMC on the posterior of any Pyro model: all chains advance as one batch.
@@ -524,7 +602,8 @@ def hmc(
         ``samples[name]`` of shape ``[C, S, *site_shape]`` per latent site.
     """
     check_counts(num_samples, warmup_steps, num_chains)
+    check_kernel(kernel, max_tree_depth, mass)
     tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
-                  max_energy_error=max_energy_error, init_steps=init_steps, progress=progress)
+                  max_energy_error=max_energy_error, init_steps=init_steps, progress=progress, kernel=kernel, max_tree_depth=max_tree_depth, mass=mass)
     freeze = freeze_model(lambda *a, **k: model(*args, **kwargs), ())
     return _batched(lambda: _model_target(model, args, kwargs, num_chains, seed), freeze, num_samples, warmup_steps, seed, tuning)

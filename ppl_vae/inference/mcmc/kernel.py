@@ -5,8 +5,8 @@ row of a ``[C, G, K]`` tensor; a log density ``f`` maps it to ``[C, G]``.
 
 :func:`transition` is one Metropolis-adjusted leapfrog trajectory per chain, with
 its own number of steps per chain (chains whose trajectory is shorter stop,
-masked, while the others go on), a step size per group or per chain, and a
-diagonal inverse mass matrix per group. A trajectory whose energy error exceeds
+masked, while the others go on), a step size per group or per chain, and an
+inverse mass matrix per group, diagonal ``[G, K]`` or dense ``[G, K, K]``. A trajectory whose energy error exceeds
 ``max_energy_error`` or is not finite is *divergent*: it stops, and the chain
 stays where it was. Its randomness (momenta, acceptance) comes from an explicit
 ``torch.Generator`` on the data's device.
@@ -34,9 +34,22 @@ from pyro.ops.dual_averaging import DualAveraging
 
 from ..random import Streams
 
-__all__ = ["State", "StepSize", "transition", "value_and_grad"]
+__all__ = ["NUTSInfo", "State", "StepSize", "momentum", "nuts_transition", "transition", "value_and_grad", "velocity"]
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
+
+
+def velocity(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``M^-1 r`` for momenta ``r`` ``[C, G, K]``: ``m`` is the inverse mass, a scalar, diagonal ``[G, K]`` or dense ``[G, K, K]``."""
+    return torch.einsum("gkl,cgl->cgk", m, r) if m.dim() == 3 else m * r
+
+
+def momentum(m: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Momenta ``r ~ N(0, M)`` from standard-normal ``eps`` ``[C, G, K]`` (``M = m^-1``; dense: ``L^-T eps`` with ``m = L L^T``)."""
+    if m.dim() == 3:
+        tril = torch.linalg.cholesky(m)
+        return torch.linalg.solve_triangular(tril.mT, eps.permute(1, 2, 0), upper=True).permute(2, 0, 1)
+    return eps / m.sqrt()
 
 
 def value_and_grad(f: LogDensity, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,10 +95,10 @@ def transition(
     e = (eps if eps.dim() == 2 else eps.expand(C, G))[..., None]
     m = inv_mass if inv_mass is not None else u0.new_ones(())
     steps_t = steps if isinstance(steps, torch.Tensor) else torch.full((C, G), steps, dtype=torch.long, device=u0.device)
-    r = noise.normal(u0.shape, dim=1, dtype=u0.dtype) / m.sqrt()
+    r = momentum(m, noise.normal(u0.shape, dim=1, dtype=u0.dtype))
 
     def energy(lp: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return -lp + 0.5 * (r * r * m).sum(-1)
+        return -lp + 0.5 * (r * velocity(m, r)).sum(-1)
 
     h0 = energy(lp0, r)
     z, lp, g = u0, lp0, g0
@@ -96,7 +109,7 @@ def transition(
         if not act.any():
             break
         a = act[..., None]
-        z = torch.where(a, z + e * m * r, z)
+        z = torch.where(a, z + e * velocity(m, r), z)
         lp_new, g_new = value_and_grad(f, z)
         lp = torch.where(act, lp_new, lp)
         g = torch.where(a, g_new, g)
@@ -138,3 +151,153 @@ class StepSize:
     @property
     def final(self) -> torch.Tensor:
         return torch.exp(self._da.get_state()[1])
+
+
+# --------------------------------------------------------------------------- the No-U-Turn sampler, batched
+
+
+@dataclass(frozen=True)
+class NUTSInfo:
+    """Per-chain statistics of one NUTS transition (each ``[C, G]``)."""
+
+    accept_prob: torch.Tensor  # mean over the new points of min(1, exp(H0 - H)): what the step size adapts on
+    diverging: torch.Tensor  # the trajectory hit an energy error above max_energy_error (or a non-finite one)
+    n_steps: torch.Tensor  # leapfrog steps (gradient evaluations) this chain used
+    tree_depth: torch.Tensor  # doublings of the trajectory
+
+
+def _dot(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a . (M^-1 b)`` over the last dim (``m`` as in :func:`velocity`)."""
+    return (a * velocity(m, b)).sum(-1)
+
+
+def _turning(m: torch.Tensor, r_left: torch.Tensor, r_right: torch.Tensor, r_sum: torch.Tensor) -> torch.Tensor:
+    """The generalised U-turn criterion (Betancourt 2017, A.4.2) of a trajectory with end momenta ``r_left``, ``r_right`` and momentum sum ``r_sum``."""
+    rho = r_sum - 0.5 * (r_left + r_right)
+    return (_dot(m, r_left, rho) <= 0) | (_dot(m, r_right, rho) <= 0)
+
+
+def _checkpoints(n: int) -> tuple[int, int]:
+    """Which stored checkpoints leaf ``n`` of a subtree closes (inclusive range; NumPyro's ``_leaf_idx_to_ckpt_idxs``)."""
+    idx_max = bin(n >> 1).count("1")
+    trailing_ones = ((n ^ (n + 1)).bit_length()) - 1
+    return idx_max - trailing_ones + 1, idx_max
+
+
+def nuts_transition(
+    f: LogDensity,
+    state: State,
+    eps: torch.Tensor,
+    noise: Streams,
+    *,
+    inv_mass: torch.Tensor | None = None,
+    max_tree_depth: int = 10,
+    max_energy_error: float = 1000.0,
+) -> tuple[State, NUTSInfo]:
+    """One No-U-Turn transition of every chain of every group, all advancing together.
+
+    The iterative NUTS of Hoffman & Gelman (2014) as Stan and NumPyro run it: the trajectory doubles
+    (in a random direction) until the generalised U-turn criterion holds between its ends, or
+    between the ends of any of the binary subtrees it is built from (checked leaf by leaf from
+    stored checkpoints, NumPyro's iterative scheme), with Stan's two extra checks across each
+    merge; a subtree that turns or diverges is discarded. The draw is multinomial over the
+    trajectory: uniform progressive sampling inside a subtree, biased progressive sampling
+    toward the new subtree at each doubling (Betancourt 2017, A.3.2). Every chain does its
+    leapfrog steps in lockstep with the others; a chain whose tree has stopped is masked.
+
+    ``eps`` is ``[G]`` (per group) or ``[C, G]``; ``inv_mass`` ``[G, K]`` or ``[G, K, K]`` (identity when None).
+    All the transition's randomness is drawn up front from ``noise`` (one stream per group):
+    momenta, directions and a uniform per possible leaf, so a group's draws never depend on how
+    long the other groups' trees grow.
+    """
+    u0, lp0, g0 = state.u, state.lp, state.grad
+    C, G, K = u0.shape
+    dev, dt = u0.device, u0.dtype
+    e = (eps if eps.dim() == 2 else eps.expand(C, G))[..., None].to(dt)
+    m = inv_mass if inv_mass is not None else u0.new_ones(())
+    r0 = momentum(m, noise.normal(u0.shape, dim=1, dtype=dt))
+    leaves = 2**max_tree_depth
+    uniforms = noise.uniform((C, G, leaves + 2 * max_tree_depth), dim=1, dtype=dt)  # leaf draws, then directions, then merges
+    h0 = -lp0 + 0.5 * _dot(m, r0, r0)
+
+    def where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask[..., None] if a.dim() == 3 else mask, a, b)
+
+    left = [u0, r0, lp0, g0]  # the trajectory's ends: position, momentum, log density, gradient
+    right = [u0, r0, lp0, g0]
+    prop = [u0, lp0, g0]
+    log_w = torch.zeros(C, G, dtype=dt, device=dev)  # log of the trajectory's summed weights exp(H0 - H)
+    r_sum = r0.clone()
+    active = torch.ones(C, G, dtype=torch.bool, device=dev)
+    diverging = torch.zeros(C, G, dtype=torch.bool, device=dev)
+    n_steps = torch.zeros(C, G, dtype=torch.long, device=dev)
+    depth = torch.zeros(C, G, dtype=torch.long, device=dev)
+    accept_sum = torch.zeros(C, G, dtype=dt, device=dev)
+    for j in range(max_tree_depth):
+        if not active.any():
+            break
+        forward = uniforms[..., leaves + j] < 0.5  # [C, G]: extend to the right
+        v = torch.where(forward, 1.0, -1.0).to(dt)[..., None]
+        z, r, lp, g = (where(forward, a, b) for a, b in zip(right, left))
+        sub_w = torch.full((C, G), -math.inf, dtype=dt, device=dev)
+        sub_prop = [z, lp, g]
+        sub_sum = torch.zeros_like(r0)
+        first_r = r
+        ckpt_r = r0.new_zeros((max(j, 1), C, G, K))
+        ckpt_sum = r0.new_zeros((max(j, 1), C, G, K))
+        ok = active.clone()
+        for i in range(2**j):
+            if not ok.any():
+                break
+            r_half = r + 0.5 * v * e * g
+            z_new = z + v * e * velocity(m, r_half)
+            lp_new, g_new = value_and_grad(f, z_new)
+            r_new = r_half + 0.5 * v * e * g_new
+            n_steps += ok.long()
+            h = -lp_new + 0.5 * _dot(m, r_new, r_new)
+            delta = h - h0
+            finite = torch.isfinite(delta)
+            bad = ok & (~finite | (delta > max_energy_error))
+            accept_sum += torch.where(ok & finite, torch.exp(-delta.clamp(min=0)), torch.zeros_like(delta))
+            diverging |= bad
+            ok = ok & ~bad
+            z, r, lp, g = where(ok, z_new, z), where(ok, r_new, r), torch.where(ok, lp_new, lp), where(ok, g_new, g)
+            w = torch.where(ok, -delta, torch.full_like(delta, -math.inf))
+            new_w = torch.logaddexp(sub_w, w)
+            take = ok & (uniforms[..., 2**j - 1 + i] < torch.exp(w - new_w))
+            sub_prop = [where(take, a, b) for a, b in zip((z, lp, g), sub_prop)]
+            sub_w = torch.where(ok, new_w, sub_w)
+            sub_sum = where(ok, sub_sum + r, sub_sum)
+            if i == 0:
+                first_r = r
+            if j == 0:
+                continue
+            lo, hi = _checkpoints(i)
+            if i % 2 == 0:
+                ckpt_r[hi], ckpt_sum[hi] = r, sub_sum
+            else:
+                turn = torch.zeros_like(ok)
+                for k in range(lo, hi + 1):
+                    turn |= _turning(m, ckpt_r[k], r, sub_sum - ckpt_sum[k] + ckpt_r[k])
+                ok = ok & ~turn
+        valid = active & ok  # the subtree was built to the end without a U-turn or a divergence inside it
+        take = valid & (uniforms[..., leaves + max_tree_depth + j] < torch.exp(sub_w - log_w))
+        prop = [where(take, a, b) for a, b in zip(sub_prop, prop)]
+        old_left_r, old_right_r, old_sum = left[1], right[1], r_sum
+        new_end = [z, r, lp, g]
+        right = [where(valid & forward, a, b) for a, b in zip(new_end, right)]
+        left = [where(valid & ~forward, a, b) for a, b in zip(new_end, left)]
+        r_sum = where(valid, old_sum + sub_sum, old_sum)
+        log_w = torch.where(valid, torch.logaddexp(log_w, sub_w), log_w)
+        depth = torch.where(active, torch.full_like(depth, j + 1), depth)
+        # the whole trajectory, and Stan's extra checks across the merge (left part + first point of the right part,
+        # last point of the left part + right part), in trajectory order
+        whole = _turning(m, left[1], right[1], r_sum)
+        fwd = forward[..., None]
+        a_left, a_right, a_sum = torch.where(fwd, old_left_r, r), torch.where(fwd, old_right_r, first_r), torch.where(fwd, old_sum, sub_sum)
+        b_left, b_right, b_sum = torch.where(fwd, first_r, old_left_r), torch.where(fwd, r, old_right_r), torch.where(fwd, sub_sum, old_sum)
+        extra = _turning(m, a_left, b_left, a_sum + b_left) | _turning(m, a_right, b_right, a_right + b_sum)
+        active = valid & ~whole & ~extra
+    u, lp, g = prop
+    info = NUTSInfo(accept_sum / n_steps.clamp(min=1).to(dt), diverging, n_steps, depth)
+    return State(u, lp, g), info
