@@ -147,7 +147,10 @@ def with_theta(draws: Draws) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("kernel", ["hmc", "nuts"])
 def test_batched_sampler_recovers_eight_schools_reference(kernel):
     args, ref = posteriordb("eight_schools-eight_schools_noncentered")
-    draws = hmc(eight_schools_noncentered, *args, num_samples=500, warmup_steps=300, num_chains=4, seed=0, kernel=kernel)
+    # NUTS at Stan's usual remedy for this small funnel, target acceptance 0.9 (measured at 0.8: 1 divergent
+    # transition in 2000 in float32, 2 in float64; at 0.9: none)
+    draws = hmc(eight_schools_noncentered, *args, num_samples=500, warmup_steps=300, num_chains=4, seed=0, kernel=kernel,
+                target_accept=0.9 if kernel == "nuts" else 0.8)
     ours = with_theta(draws)
     for name in ("mu", "tau", "theta"):
         assert_moments_agree(ours[name], ref[name], f"eight schools {name} ({kernel})")
