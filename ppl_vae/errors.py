@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PplVaeError", "DataError", "ConfigError", "CheckpointError", "NotReparameterizableError", "TrainingDiverged", "RunDirectoryError", "Interrupted", "NonFiniteError"]
+__all__ = ["PplVaeError", "DataError", "ConfigError", "CheckpointError", "NotReparameterizableError", "TrainingDiverged", "RunDirectoryError", "Interrupted", "NonFiniteError",
+           "ReliabilityWarning"]
 
 
 class PplVaeError(Exception):
@@ -72,3 +73,10 @@ def check_positive(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+class ReliabilityWarning(UserWarning):
+    """A number was computed but may not be trusted: importance weights with a heavy tail, a q* that did not converge.
+
+    The rows it concerns are flagged in the result; the warning says how many and what to do.
+    """

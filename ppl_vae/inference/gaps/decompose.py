@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 
 from ... import io
-from ...errors import ConfigError, check_int
+from ...errors import ConfigError, ReliabilityWarning, check_int
 from ...guides.local import FAMILIES, family_of
 from ..distributed import Collectives, Spread, spread_rows
 from ..latent import guide_in_latent_space, latent_of
@@ -321,7 +321,7 @@ def decompose(
     progress : bool
         Progress bars for each step (the ELBO of q, each q* family, log p(x)).
     warn : bool
-        Issue a ``UserWarning`` per kind of flagged datapoint
+        Issue a :class:`~ppl_vae.errors.ReliabilityWarning` (a ``UserWarning``) per kind of flagged datapoint
         (:meth:`GapReport.warnings`; the verdict says the same).
     """
     if logpx not in ("iwae", "ais"):
@@ -350,7 +350,7 @@ def decompose(
 
     report = spread_rows(rows, data, idx, spread, programs=(model, guide), combine=GapReport.concat, types=(GapReport,))
     for line in report.warnings() if warn else ():
-        warnings.warn(f"{name}: {line}", UserWarning, stacklevel=2)
+        warnings.warn(f"{name}: {line}", ReliabilityWarning, stacklevel=2)
     return report
 
 

@@ -172,7 +172,8 @@ def test_pyro_nuts_recovers_eight_schools_reference():
 @pytest.mark.parametrize("kernel", ["hmc", "nuts"])
 def test_batched_sampler_recovers_linear_regression_reference(kernel):
     args, ref = posteriordb("sblrc-blr")
-    draws = hmc(linear_regression, *args, num_samples=250, warmup_steps=250, num_chains=4, seed=0, kernel=kernel)
+    # NUTS is held to R-hat < 1.01, which needs more draws than the moments do (250: 1.022, R-hat's own noise)
+    draws = hmc(linear_regression, *args, num_samples=250 if kernel == "hmc" else 1000, warmup_steps=250, num_chains=4, seed=0, kernel=kernel)
     for name in ("beta", "sigma"):
         assert_moments_agree(draws.samples[name], ref[name], f"regression {name} ({kernel})")
     if kernel == "nuts":
