@@ -257,7 +257,8 @@ def optimize_local(
                 grads = torch.autograd.grad(-objective.mean(0).sum(), params, allow_unused=True)
                 for p, g in zip(params, grads):
                     p.grad = g
-                before = [p.detach().clone() for p in params]
+                slowed = bool((scale < 1).any())  # until a datapoint's step size is first halved, Adam's own step is everyone's
+                before = [p.detach().clone() for p in params] if slowed else []
                 opt.step()
                 with torch.no_grad():
                     for p, b0 in zip(params, before):  # each datapoint's own step size (Adam's step is proportional to lr)
