@@ -93,13 +93,14 @@ def test_batched_hmc_matches_exact_ppca_posterior():
 
 
 @pytest.mark.slow
-def test_batched_hmc_agrees_with_pyro_nuts_on_vae_latents():
+@pytest.mark.parametrize("kernel", ["hmc", "nuts"])
+def test_batched_sampler_agrees_with_pyro_nuts_on_vae_latents(kernel):
     model, x, decoder = small_vae()
-    batched = hmc_latent(model, x[:2], num_samples=400, warmup_steps=200, num_chains=4, seed=0)
+    batched = hmc_latent(model, x[:2], num_samples=400, warmup_steps=200, num_chains=4, seed=0, kernel=kernel)
     pyro_nuts = nuts_latent(model, x[:2], num_samples=200, warmup_steps=150, num_chains=2, seed=0)
     assert pyro_nuts.samples["z"].shape == (2, 200, 2, 2)
-    assert pyro_nuts.method == "pyro-nuts" and batched.method == "batched-hmc"
-    assert_moments_agree(batched.samples["z"], pyro_nuts.samples["z"], "batched HMC vs Pyro NUTS")
+    assert pyro_nuts.method == "pyro-nuts" and batched.method == f"batched-{kernel}"
+    assert_moments_agree(batched.samples["z"], pyro_nuts.samples["z"], f"batched {kernel.upper()} vs Pyro NUTS")
     assert all(p.requires_grad for p in decoder.parameters())
 
 
