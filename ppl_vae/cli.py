@@ -158,6 +158,8 @@ def _tables(sub: Any, app: Any) -> None:
     m2p.add_argument("--labels", type=int, nargs="+", default=[100, 1000], help="label budgets")
     m2p.add_argument("--draws", type=int, default=3, help="random label draws per budget")
     m2p.add_argument("--alpha", type=float, default=50.0, help="weight of the classification loss per labelled row")
+    m2p.add_argument("--unlabelled", default=None, help="extra unlabelled images: binarized-mnist (its 50,000 training images; default none)")
+    m2p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
     sd = _command(sub, "sdae-codes", "codes of a stacked denoising autoencoder vs a plain one vs raw pixels, by a classifier", (
         "Trains a stacked denoising autoencoder (greedy layer-wise pretraining, then fine-tuning) and a plain\n"
         "autoencoder of the same shape on binarised-MNIST training images, then classifies the 10,000 labelled\n"

@@ -7,13 +7,16 @@ Helpers (import them with ``from conftest import ...``; no test module imports a
 * exact answers: ``frozen_ppca`` (a float64 PPCA with frozen parameters), ``inflated_guide``;
 * a conjugate scalar model with closed-form gradients: ``X``, ``model``, ``Guide``,
   ``exact_loss_grad``, ``grad_draws``;
-* the command line: ``TINY`` and ``BINARY`` option lists (a 60-row digits run of two epochs).
+* the command line: ``TINY`` and ``BINARY`` option lists (a 60-row digits run of two epochs);
+* files: ``write_fake_mnist`` (small MNIST IDX and binarised-MNIST files of noisy prototypes).
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +149,28 @@ def empty_data_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PPL_VAE_DATA", str(data))
     monkeypatch.delenv("PPL_VAE_DEBUG", raising=False)
     return data
+
+
+def write_fake_mnist(root, n_classes=10, per_class=6, seed=0):
+    """Fake MNIST files under ``root``: grey test IDX images of ``n_classes`` noisy prototypes with their labels, their
+    Bernoulli binarisation as the binarised test set (sorted by class, as the real file) and 200 binarised training rows.
+    Returns the number of test images."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    prototypes = rng.random((n_classes, 784)) ** 3
+    labels = np.repeat(np.arange(n_classes), per_class).astype(np.uint8)
+    rng.shuffle(labels)  # MNIST's order: not sorted by class
+    grey = np.clip(prototypes[labels] + 0.05 * rng.standard_normal((len(labels), 784)), 0, 1)
+    raw = root / "mnist" / "raw"
+    raw.mkdir(parents=True)
+    images = np.round(grey * 255).astype(np.uint8).reshape(-1, 28, 28)
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(struct.pack(">iiii", 0x803, *images.shape) + images.tobytes()))
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">ii", 0x801, len(labels)) + labels.tobytes()))
+    binarised = (rng.random(grey.shape) < images.reshape(len(labels), 784) / 255).astype(np.uint8)[np.argsort(labels, kind="stable")]
+    folder = root / "binarized_mnist"
+    folder.mkdir()
+    savemat(folder / "binarized_mnist_test.mat", {"X": binarised})  # sorted by class, as the real file
+    train = (rng.random((200, 784)) < prototypes[rng.integers(0, n_classes, 200)]).astype(np.uint8)
+    savemat(folder / "binarized_mnist_train.mat", {"X": train})
+    return len(labels)

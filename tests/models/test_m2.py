@@ -10,8 +10,10 @@ import math
 import pyro
 import pytest
 import torch
+from conftest import write_fake_mnist
 from pyro import poutine
 
+from ppl_vae.app.commands.tables import m2_semisupervised
 from ppl_vae.cli import main
 from ppl_vae.data import load
 from ppl_vae.distributions import get_likelihood
@@ -118,3 +120,20 @@ def test_cli_bad_label_budget_is_one_line_and_creates_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "multiples of 10" in err[0], err
     assert not out.exists()
+
+
+def test_m2_table_adds_the_binarised_training_images_as_unlabelled_rows(tmp_path, capsys):
+    data = tmp_path / "data"
+    n = write_fake_mnist(data, per_class=8)  # 80 labelled test images, 200 binarised training rows
+    kw = dict(labels=[10], draws=1, data_dir=data, num_test=20, latent_dim=4, hidden=16, epochs=1, batch_size=50)
+    plain = m2_semisupervised(tmp_path / "plain", **kw).rows[0]
+    more = m2_semisupervised(tmp_path / "more", unlabelled="binarized-mnist", **kw).rows[0]
+    assert plain["num_unlabelled"] == n - 20 - 10 and more["num_unlabelled"] == n - 20 - 10 + 200
+    assert more["unlabelled_extra"] == "binarized-mnist" and plain["unlabelled_extra"] == "none"
+    # the labelled rows keep their share of an epoch: repeated in proportion to the larger pool
+    assert more["labelled_repeats"] == round(0.1 * (n - 20 + 200) / 10) and plain["labelled_repeats"] == max(1, round(0.1 * (n - 20) / 10))
+    assert "| 10 | 1 |" in (tmp_path / "more" / "table.md").read_text()
+    assert main(["m2", "--labels", "10", "--unlabelled", "omniglot", "--data-dir", str(data), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "unknown unlabelled data 'omniglot'" in err[0], err
+    assert not (tmp_path / "bad").exists()
