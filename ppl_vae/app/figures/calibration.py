@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ... import io
-from ...inference.calibration import Calibration
+from ...inference.calibration import Calibration, Z
 from .run import load_pyplot
 
 __all__ = ["rank_histograms"]
@@ -23,8 +23,6 @@ def rank_histograms(cal: Calibration, path: str | Path | None = None, max_panels
     all coordinates: the tail share (0.2 when calibrated; above: under-dispersed) and the bias of the
     normalised rank (0 when calibrated; positive: q too low), each with its band of ``Z`` standard errors.
     """
-    from ...inference.calibration import Z
-
     plt = load_pyplot()
     table = cal.table()
     n = len(cal.labels)
