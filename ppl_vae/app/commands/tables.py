@@ -54,9 +54,9 @@ __all__ = ["TUTORIAL_NLL", "M2_REFERENCES", "TableResult", "cvae_quadrants", "m2
 
 #: Pyro's CVAE tutorial, test negative ELBO per image: {visible quadrants: (baseline, CVAE)}.
 TUTORIAL_NLL = {1: (100.4, 71.8), 2: (61.9, 51.0), 3: (25.4, 24.2)}
-#: Test accuracy at 100 labels: Kingma et al. (2014) M2 (11.97 % error) and Pyro's SS-VAE tutorial.
 #: Extra unlabelled data ``m2_semisupervised`` can add (dataset names for :func:`ppl_vae.data.load`, train split).
 UNLABELLED = (None, "binarized-mnist")
+#: Test accuracy at 100 labels: Kingma et al. (2014) M2 (11.97 % error) and Pyro's SS-VAE tutorial.
 M2_REFERENCES = {"Kingma et al. 2014 M2 (60k MNIST, 100 labels)": 0.8803, "Pyro SS-VAE tutorial (60k MNIST, 100 labels)": 0.9319}
 
 

@@ -46,13 +46,13 @@ def rank_histograms(cal: Calibration, path: str | Path | None = None, max_panels
             ax.legend(fontsize=7, loc="lower center")
     half = max(cols // 2, 1)
     pos = np.arange(n)
+    bad = (table["verdict"] != "calibrated").to_numpy()
     for sl, key, ref, what in ((slice(0, half), "tail_share", 0.2, "tail share (ranks in the outer fifth)"),
                                (slice(half, cols), "bias", 0.0, "bias of the normalised rank")):
         ax = fig.add_subplot(grid[rows, sl])
         se = float(table[f"{key}_se"].iloc[0])
         ax.axhspan(ref - Z * se, ref + Z * se, color="grey", alpha=0.25, label=f"calibrated, ±{Z:g} SE")
         ax.axhline(ref, color="black", lw=1)
-        bad = (table["verdict"] != "calibrated").to_numpy()
         ax.scatter(pos[~bad], table[key].to_numpy()[~bad], s=10, color="C0", label="calibrated")
         ax.scatter(pos[bad], table[key].to_numpy()[bad], s=10, color="C3", label="miscalibrated")
         ax.set(xlabel="coordinate", title=what)
