@@ -96,6 +96,7 @@ def _fit(sub: Any, app: Any) -> None:
     f.add_argument("--likelihood", default=None, help=f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})")
     f.add_argument("--guide", default=None, help=f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}")
     f.add_argument("--flows", type=int, default=None, help=f"number of IAF steps with --guide iaf (default {c.flows})")
+    f.add_argument("--components", type=int, default=None, help=f"mixture components of the prior: mog-vae's Gaussians (default {app.MIXTURE_COMPONENTS}), vampprior's pseudo-inputs (default {app.PSEUDO_INPUTS})")
     f.add_argument("--estimator", default=None, help=f"one of {', '.join(app.ESTIMATORS)} (default {c.estimator})")
     f.add_argument("--num-particles", type=int, default=None, help=f"draws of z per datapoint per step (default {c.num_particles})")
     f.add_argument("--beta", type=float, default=None, help=f"KL weight (beta-VAE; default {c.beta:g})")

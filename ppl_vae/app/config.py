@@ -65,6 +65,8 @@ class ModelSpec:
     hidden_optional: bool = False
     needs_beta: bool = False
     layered: bool = False
+    #: its prior is a mixture whose size --components sets
+    mixture_prior: bool = False
     objective: str = "ELBO"
 
 
@@ -80,8 +82,8 @@ MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
     **{m: ModelSpec(latents="discrete", guides=("diagonal",), hidden_optional=True) for m in DISCRETE_MODELS},
     "hvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True),
     "lvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True, layered=True),
-    "mog-vae": ModelSpec(),
-    "vampprior": ModelSpec(),
+    "mog-vae": ModelSpec(mixture_prior=True),
+    "vampprior": ModelSpec(mixture_prior=True),
     "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "vqvae2": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "sparse-ae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
@@ -99,7 +101,7 @@ _KINDS: dict[str, tuple[str, tuple[type, ...], bool]] = {  # key -> (what, types
     **{k: ("a string", (str,), False) for k in ("model", "dataset", "arch", "likelihood", "guide", "estimator")},
     **{k: ("a string", (str,), True) for k in ("data_dir", "binarize", "lr_schedule")},
     **{k: ("an integer", (int,), False) for k in ("latent_dim", "flows", "num_particles", "epochs", "batch_size", "seed", "kl_warmup", "pretrain_epochs")},
-    **{k: ("an integer", (int,), True) for k in ("limit", "patience")},
+    **{k: ("an integer", (int,), True) for k in ("limit", "patience", "components")},
     **{k: ("a number", (int, float), False) for k in ("beta", "noise", "contractive", "lr")},
     "download": ("true or false", (bool,), False),
 }
@@ -128,6 +130,8 @@ class Config:
     likelihood: str = "bernoulli"
     guide: str = "diagonal"
     flows: int = 2
+    #: mixture components of the prior: mog-vae's Gaussians, vampprior's pseudo-inputs; None = the model's default
+    components: int | None = None
     estimator: str = "reparam"
     num_particles: int = 1
     beta: float = 1.0
@@ -185,6 +189,10 @@ class Config:
             raise ConfigError("--estimator iwae is not defined with --beta != 1 (the bound is not a sum of per-site terms)")
         if self.guide == "iaf" and (self.flows < 1 or self.latent_dim < 2):
             raise ConfigError(f"--guide iaf needs --flows >= 1 and --latent-dim >= 2, got {self.flows} and {self.latent_dim}")
+        if self.components is not None and not spec.mixture_prior:
+            raise ConfigError(f"--components applies to {', '.join(m for m, s in MODEL_SPECS.items() if s.mixture_prior)}, not {self.model}")
+        if self.components is not None and self.components < 1:
+            raise ConfigError(f"components must be >= 1, got {self.components}")
         if self.arch not in ("mlp", "conv"):
             raise ConfigError(f"unknown arch {self.arch!r}; choose mlp or conv")
         if self.arch not in spec.archs:

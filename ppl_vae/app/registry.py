@@ -261,9 +261,10 @@ def build_family(cfg: Config, data_dim: int) -> Built:
         encoder = GaussianEncoder(body, hidden[-1], d, cfg.guide)
         decoder = MLP(d, hidden[::-1], data_dim)
         if cfg.model == "mog-vae":
-            prior: Any = GaussianMixturePrior(MIXTURE_COMPONENTS, d).marginal
+            prior: Any = GaussianMixturePrior(cfg.components or MIXTURE_COMPONENTS, d).marginal
         else:
-            prior = VampPrior(encoder, torch.rand(PSEUDO_INPUTS, data_dim, generator=torch.Generator().manual_seed(cfg.seed)))
+            k = cfg.components or PSEUDO_INPUTS
+            prior = VampPrior(encoder, torch.rand(k, data_dim, generator=torch.Generator().manual_seed(cfg.seed)))
         extra["sample_prior"] = decoded(decoder, lambda n, g: _sample_with(prior().sample, (n,), g))
         return Built(cfg, vae_with_prior(decoder, likelihood, prior), amortized_guide(encoder), decoder, encoder, likelihood, extra=extra)
     if cfg.model == "vqvae":

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from conftest import BINARY
+from pyro import poutine
 
 from ppl_vae.app.runs import open_run
 from ppl_vae.cli import main
@@ -168,6 +169,18 @@ def test_cli_fit_and_reload(model, tmp_path):
     assert built.latent_mean(x).shape[0] == 5
 
 
+@pytest.mark.parametrize("model", ["mog-vae", "vampprior"])
+def test_components_sets_the_size_of_the_mixture_prior(model, tmp_path):
+    """``--components K``: the prior of the reloaded run is a mixture of K components (Gaussians, or the guide at K pseudo-inputs)."""
+    out = tmp_path / model
+    argv = ["fit", "--model", model, "--components", "7", *BINARY, "--limit", "60", "--hidden", "16", "--latent-dim", "2",
+            "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    built, splits = open_run(out)
+    z = poutine.trace(built.model).get_trace(splits["test"].x[:5]).nodes["z"]["fn"]
+    assert z.mixture_distribution.logits.shape[-1] == 7
+
+
 def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
     for extra, fragment in ((["--model", "hvae", "--arch", "conv"], "--arch conv"), (["--model", "vqvae", "--estimator", "score"], "point-estimate")):
         out = tmp_path / "x"
@@ -182,6 +195,8 @@ def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
     [
         (["--model", "hvae", "--estimator", "analytic-kl"], "not mean-field"),
         (["--model", "vae", "--estimator", "iwae", "--num-particles", "2", "--beta", "2"], "iwae is not defined"),
+        (["--model", "vae", "--components", "5"], "--components applies to mog-vae, vampprior"),
+        (["--model", "vampprior", "--components", "0"], "components must be >= 1"),
     ],
 )
 def test_wrong_objective_combinations_are_refused_before_anything_is_written(tmp_path, capsys, options, message):

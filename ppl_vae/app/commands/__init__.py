@@ -17,11 +17,12 @@ from ...distributions import LIKELIHOODS
 from ...inference.distributed import launched_rank
 from ...inference.estimators import ESTIMATORS
 from ..config import MODELS, RESUMABLE, Config
+from ..registry import MIXTURE_COMPONENTS, PSEUDO_INPUTS
 from ..runs import holding
 from . import calibrate, compare, demo, fit, gaps, grad_variance, nll, plot, tables
 from .demo import DEMO_DIR
 
-__all__ = ["COMMANDS", "Config", "DATASETS", "DEMO_DIR", "ESTIMATORS", "LIKELIHOODS", "MODELS", "RESUMABLE", "run"]
+__all__ = ["COMMANDS", "Config", "DATASETS", "DEMO_DIR", "ESTIMATORS", "LIKELIHOODS", "MIXTURE_COMPONENTS", "MODELS", "PSEUDO_INPUTS", "RESUMABLE", "run"]
 
 COMMANDS = {
     "fit": fit.command, "demo": demo.command, "plot": plot.command, "cvae-quadrants": tables.command, "m2": tables.command, "sdae-codes": tables.command,
