@@ -2,7 +2,7 @@
 
 Each ``--model NAME=RUN,NLL[,GAPS]`` names a run directory of ``ppl-vae fit``, the output directory of
 ``ppl-vae nll --run RUN --K 5000`` on it and, optionally, that of ``ppl-vae gaps --run RUN`` (whose log p(x)
-uses the local full-covariance q* as proposal): the encoder-proposal and q*-proposal NLLs are then compared
+uses the best of its local q* -- the full-covariance one, or the guide's own family's -- as proposal): the encoder-proposal and q*-proposal NLLs are then compared
 image by image on the gaps images, and the all-images NLL is corrected by their mean difference. Their numbers (options, test ELBO, wall times, NLL with its
 standard error and Pareto k-hat counts, the training and validation curves) are merged into
 ``docs/results/nll.json`` under NAME, so that the table and the figure outlive the run directories
@@ -29,7 +29,7 @@ from ppl_vae.app.figures.run import load_pyplot
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "nll.json"
 FIGURE = HERE / "figures" / "nll" / "curves.png"
-OPTIONS = ("model", "guide", "flows", "estimator", "num_particles", "latent_dim", "hidden", "layers", "lr", "lr_schedule", "batch_size",
+OPTIONS = ("model", "guide", "flows", "components", "estimator", "num_particles", "latent_dim", "hidden", "layers", "lr", "lr_schedule", "batch_size",
            "kl_warmup", "epochs", "patience", "seed")
 
 
@@ -108,7 +108,7 @@ def rows(results: dict) -> None:
         n = r["nll"]
         print(f"| {name} | {r['epochs_run']} ({r['best_epoch']}) | {r['train_wall_s'] / 60:.0f} min | {r['test_elbo']:.2f} ± {r['test_elbo_se']:.2f} "
               f"| **{n['nll']:.2f} ± {n['nll_se']:.2f}** | {n['neg_elbo']:.2f} | {n['khat_above_0.7']} of {n['num_points']} (median {n['khat_median']:.2f}) |")
-    print("\n| model | NLL, encoder proposal (same images) | NLL, local full q* proposal | paired difference | k̂ > 0.7 (q* / encoder) | estimate for all |")
+    print("\n| model | NLL, encoder proposal (same images) | NLL, local q* proposal | paired difference | k̂ > 0.7 (q* / encoder) | estimate for all |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         q = r.get("qstar_proposal")

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from .errors import ConfigError, DataError
 
-__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "one_hot", "gaussian_draw", "gaussian_base", "point_mass"]
+__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "gaussian_mixture", "one_hot", "gaussian_draw", "gaussian_base", "point_mass"]
 
 
 class Bernoulli(nn.Module):
@@ -145,6 +145,53 @@ def gaussian_from_params(params: object) -> dist.TorchDistribution:
     if second.dim() == loc.dim() + 1:
         return dist.MultivariateNormal(loc, scale_tril=second)
     return dist.Normal(loc, second).to_event(1)
+
+
+class _DiagonalGaussianMixture(dist.MixtureSameFamily):
+    r"""A mixture of K diagonal Gaussians in D dimensions whose log density costs three matrix products.
+
+    ``MixtureSameFamily`` evaluates every component at every point, a ``[..., K, D]`` tensor of
+    elementwise terms: for a VampPrior of K = 500 pseudo-inputs in D = 50 dimensions and the 5000
+    draws of one image's IWAE estimate, 125 million terms per image. Expanding the square,
+    :math:`\sum_d (z_d - \mu_{kd})^2 / \sigma_{kd}^2 = z^2 \cdot \sigma_k^{-2} - 2\, z \cdot
+    \mu_k \sigma_k^{-2} + \mu_k^2 \cdot \sigma_k^{-2}`, gives the same numbers as ``[..., D] x [D, K]``
+    matrix products (the same value up to rounding: the expansion's terms cancel, so its absolute
+    error is the working precision times their size, about 1e-3 nats in float32 for scales near 0.05).
+    """
+
+    #: the unexpanded ``(logits [K], loc [K, D], scale [K, D])``: kept through ``expand`` (a plate over the data),
+    #: whose broadcast copies would bring back the ``[..., K, D]`` work
+    parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    def expand(self, batch_shape: torch.Size, _instance: _DiagonalGaussianMixture | None = None) -> _DiagonalGaussianMixture:
+        new = super().expand(batch_shape, _instance)
+        new.parts = self.parts
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, loc, scale = self.parts
+        precision = scale.reciprocal().square()
+        quadratic = value.square() @ precision.T - 2 * value @ (loc * precision).T + (loc.square() * precision).sum(-1)
+        log_components = -0.5 * quadratic.clamp(min=0) - scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        return torch.logsumexp(log_components + logits, -1)
+
+
+def gaussian_mixture(logits: torch.Tensor, components: torch.distributions.Distribution) -> dist.TorchDistribution:
+    """The mixture ``softmax(logits)`` of Gaussian ``components`` (batch shape ``[K]``, one event dimension).
+
+    Diagonal components (``Normal(loc [K, D], scale [K, D]).to_event(1)``) get a log density by matrix
+    products instead of ``MixtureSameFamily``'s ``[..., K, D]`` tensor (the same numbers, far faster
+    for many components); others (e.g. full covariance) are ``MixtureSameFamily`` as they are.
+    """
+    mixture = dist.Categorical(logits=logits)
+    base = components.base_dist if isinstance(components, torch.distributions.Independent) else None
+    if isinstance(base, torch.distributions.Normal) and components.reinterpreted_batch_ndims == 1 and base.loc.dim() == 2:
+        fast = _DiagonalGaussianMixture(mixture, components)
+        fast.parts = (mixture.logits, base.loc, base.scale)
+        return fast
+    return dist.MixtureSameFamily(mixture, components)
 
 
 def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:

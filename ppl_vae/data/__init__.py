@@ -8,9 +8,8 @@ variable ``PPL_VAE_DATA``, else ``~/.cache/ppl-vae``.
 
 from __future__ import annotations
 
-import math
-
 import gzip
+import math
 import os
 import shutil
 import tempfile

@@ -31,6 +31,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..distributions import gaussian_mixture
 from ..errors import ConfigError
 
 __all__ = ["bernoulli_vae", "categorical_vae", "gmm_vae", "GaussianMixturePrior", "DISCRETE_MODELS", "Model"]
@@ -101,7 +102,7 @@ class GaussianMixturePrior(nn.Module):
     def marginal(self) -> dist.TorchDistribution:
         """:math:`p(z) = \\sum_c p(c)\\,p(z \\mid c)` as one distribution."""
         logits, locs, scales = self()
-        return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(locs, scales).to_event(1))
+        return gaussian_mixture(logits, dist.Normal(locs, scales).to_event(1))
 
 
 def gmm_vae(decoder: nn.Module, likelihood: nn.Module, prior: GaussianMixturePrior, *, enumerate: bool = True) -> Model:

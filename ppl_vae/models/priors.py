@@ -33,7 +33,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..distributions import gaussian_from_params
+from ..distributions import gaussian_from_params, gaussian_mixture
 from ..errors import ConfigError
 
 __all__ = ["VampPrior", "vae_with_prior"]
@@ -66,8 +66,7 @@ class VampPrior(nn.Module):
 
     def forward(self) -> dist.TorchDistribution:
         components = gaussian_from_params(self.encoder(self.pseudo_inputs))
-        weights = dist.Categorical(logits=torch.zeros(self.pseudo_inputs.shape[0], device=self.pseudo_inputs.device))
-        return dist.MixtureSameFamily(weights, components)
+        return gaussian_mixture(self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]), components)
 
 
 def vae_with_prior(decoder: nn.Module, likelihood: nn.Module, prior: Callable[[], dist.TorchDistribution]) -> Callable[..., None]:
