@@ -23,10 +23,9 @@ Usage: ``python benchmarks/row_streams.py [--rows 100] [--K 1000] [--repeats 7]`
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from side_by_side import alternate
 
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.guides.amortized import amortized_guide
@@ -34,12 +33,6 @@ from ppl_vae.inference.random import Streams
 from ppl_vae.inference.traces import log_weights
 from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP, GaussianEncoder
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -67,15 +60,7 @@ def main() -> None:
     print(f"{a.rows} rows, K={a.K}, {a.chains} chains, {a.repeats} repeats, {torch.get_num_threads()} threads")
     with torch.no_grad():
         for name, (streams, base) in cases.items():
-            streams(), base()  # warm-up
-            ts, tb = [], []
-            for _ in range(a.repeats):
-                ts.append(_time(streams))
-                tb.append(_time(base))
-            ratios = [s / b for s, b in zip(ts, tb)]
-            print(f"{name:20s} streams {statistics.median(ts) * 1e3:9.2f} ms   global stream {statistics.median(tb) * 1e3:9.2f} ms   "
-                  f"ratio median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
-
+            print(f"{name:20s} streams vs global stream: {alternate(streams, base, a.repeats)}")
 
 if __name__ == "__main__":
     main()

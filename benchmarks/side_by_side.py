@@ -1,0 +1,25 @@
+"""Time two callables alternately in one process: the shared loop of the side-by-side benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def alternate(first: Callable[[], object], second: Callable[[], object], repeats: int) -> str:
+    """Both once as a warm-up, then alternately ``repeats`` times: "A ms   B ms   ratio A/B median (min, max)"."""
+    first(), second()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(_time(first))
+        tb.append(_time(second))
+    ratios = [x / y for x, y in zip(ta, tb)]
+    return (f"{statistics.median(ta) * 1e3:9.2f} ms vs {statistics.median(tb) * 1e3:9.2f} ms   "
+            f"ratio median {statistics.median(ratios):.3g} (min {min(ratios):.3g}, max {max(ratios):.3g})")
