@@ -13,7 +13,7 @@ import torch
 from conftest import write_fake_mnist
 from pyro import poutine
 
-from ppl_vae.app.commands.tables import m2_semisupervised
+from ppl_vae.app.commands.tables import m2_semisupervised, m2_table
 from ppl_vae.cli import main
 from ppl_vae.data import load
 from ppl_vae.distributions import get_likelihood
@@ -137,3 +137,12 @@ def test_m2_table_adds_the_binarised_training_images_as_unlabelled_rows(tmp_path
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "unknown unlabelled data 'omniglot'" in err[0], err
     assert not (tmp_path / "bad").exists()
+
+
+def test_m2_table_quotes_the_published_accuracy_of_each_label_budget_it_shows():
+    row = dict(m2_accuracy=0.9, m2_error_pct=10.0, supervised_only_accuracy=0.85, num_unlabelled=100, num_test=20)
+    table = m2_table([{**row, "labels": n, "draw": d} for n in (100, 1000) for d in (0, 1)])
+    refs = [line for line in table.splitlines() if line.startswith("Reference")]
+    assert [line.split(",")[0] for line in refs] == ["Reference at 100 labels"] * 2 + ["Reference at 1000 labels"]
+    assert "0.9640" in refs[-1] and "0.8803" in refs[0]
+    assert not [line for line in m2_table([{**row, "labels": 10, "draw": 0}]).splitlines() if line.startswith("Reference")]
