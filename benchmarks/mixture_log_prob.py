@@ -46,5 +46,6 @@ def main() -> None:
         diff = (fast() - base()).abs().max().item()
         print(f"K={k:4d} N={n:5d} D={d}: MixtureSameFamily vs matrix products {alternate(base, fast, a.repeats)}   max |difference| {diff:.1e} nats")
 
+
 if __name__ == "__main__":
     main()

@@ -62,5 +62,6 @@ def main() -> None:
         for name, (streams, base) in cases.items():
             print(f"{name:20s} streams vs global stream: {alternate(streams, base, a.repeats)}")
 
+
 if __name__ == "__main__":
     main()

@@ -10,29 +10,8 @@
 from .calibration import Calibration, calibrate
 from .distributed import Spread
 from .elbo import Estimate, elbo_per_datapoint, evaluate_elbo, kl_per_site
-from .estimators import (
-    ESTIMATORS,
-    IWAE,
-    AnalyticKL,
-    Enumerated,
-    Estimator,
-    Relaxed,
-    Reparameterized,
-    ScoreFunction,
-    get_estimator,
-)
-from .gaps import (
-    AISResult,
-    BDMCResult,
-    Bounds,
-    GapReport,
-    LocalFit,
-    ais,
-    bdmc,
-    decompose,
-    importance_bounds,
-    optimize_local,
-)
+from .estimators import ESTIMATORS, IWAE, AnalyticKL, Enumerated, Estimator, Relaxed, Reparameterized, ScoreFunction, get_estimator
+from .gaps import AISResult, BDMCResult, Bounds, GapReport, LocalFit, ais, bdmc, decompose, importance_bounds, optimize_local
 from .gradients import GradientStats, gradient_stats
 from .mcmc import (
     Comparison,
