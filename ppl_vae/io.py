@@ -163,9 +163,14 @@ def write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -
 def save_torch(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True) -> Path:
     """``torch.save`` atomically (``obj`` should hold only tensors and plain containers, so it loads with ``weights_only``).
 
-    Without ``overwrite`` an existing ``path`` is never replaced (``FileExistsError``).
+    Without ``overwrite`` an existing ``path`` is never replaced (``FileExistsError``). The object is
+    serialised in memory first and then written as bytes, so a full disk is an ``OSError`` (``ENOSPC``)
+    like any other write's, with the old file in place, not the ``RuntimeError`` torch's zip writer
+    raises when a write into the file fails.
     """
-    return _atomic(path, lambda fh: torch.save(obj, fh), overwrite=overwrite)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return _atomic(path, lambda fh: fh.write(buf.getbuffer()), overwrite=overwrite)
 
 
 def _pickled_globals(path: Path) -> list[str] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -174,3 +175,41 @@ def write_fake_mnist(root, n_classes=10, per_class=6, seed=0):
     train = (rng.random((200, 784)) < prototypes[rng.integers(0, n_classes, 200)]).astype(np.uint8)
     savemat(folder / "binarized_mnist_train.mat", {"X": train})
     return len(labels)
+
+
+# --------------------------------------------------------------------------- command-line runs (tests/app)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 2-epoch ``ppl-vae fit`` run of :data:`BINARY`; tests copy it (:func:`run_copy`) before changing anything."""
+    from ppl_vae.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["fit", "--out", str(out), *BINARY]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> Path:
+    """A copy of :func:`finished` of this test's own."""
+    target = tmp_path / "run"
+    shutil.copytree(finished, target)
+    return target
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (its lock file aside), by relative path, with its bytes: what "nothing changed" compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".ppl-vae.lock"}
+
+
+def one_line(capsys, *fragments: str, prefix: str = "ppl-vae: error: ") -> str:
+    """The one line a command wrote on stderr (no traceback anywhere), starting with ``prefix`` and holding every fragment."""
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(prefix) and len(lines[0]) > len(prefix), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

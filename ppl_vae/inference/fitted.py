@@ -57,6 +57,15 @@ class _Trained:
     args: tuple[tuple[tuple[int, ...], torch.dtype], ...]
 
 
+def _saved_model(path: Path) -> bool:
+    """Whether ``path`` holds a model written by :meth:`FitResult.save` (read with ``weights_only``: nothing in it runs)."""
+    try:
+        saved = io.load_torch(path)
+    except CheckpointError:
+        return False
+    return isinstance(saved, dict) and saved.get("kind") == FORMAT
+
+
 @dataclass(frozen=True)
 class FitResult:
     """What a ``fit`` run produced, and (when it holds one) the trained model. ELBOs are in nats per datapoint."""
@@ -109,9 +118,15 @@ class FitResult:
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         """Write the trained parameters, argument shapes and record to ``path`` atomically (no overwrite without ``force``)."""
         t = self._model("save")
+        if not str(path).strip():
+            raise RunDirectoryError("the path to save to is empty; give the path of a file, such as 'model.pt'")
         path = Path(path)
+        if path.is_dir():
+            raise RunDirectoryError(f"{path} is a directory; save to a file in it, such as {path / 'model.pt'}")
         if path.exists() and not force:
             raise RunDirectoryError(f"{path} exists; pass force=True to replace it")
+        if path.exists() and not _saved_model(path):
+            raise RunDirectoryError(f"{path} is not a model saved by FitResult.save; force=True replaces only such a file, so it was kept")
         payload = {
             "kind": FORMAT, "version": 1,
             "params": [p.detach().cpu() for p in t.found.params],

@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BINARY as TINY
+from conftest import one_line
 
 import ppl_vae.inference.svi as svi
 from ppl_vae import io
@@ -33,41 +34,16 @@ from ppl_vae.cli import main
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference.elbo import Estimate
 
-TINY = ["--dataset", "digits", "--binarize", "threshold", "--limit", "60", "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress"]
 SUBPROCESS_ENV = {"MPLBACKEND": "Agg"}
 
 
 pytestmark = pytest.mark.usefixtures("empty_data_home")
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished 2-epoch run; tests copy it before changing anything."""
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["fit", "--out", str(out), *TINY]) == 0
-    return out
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(finished, target)
-    return target
-
-
 def fit(out: Path, *options: str) -> int:
     return main(["fit", "--out", str(out), *TINY, *options])
 
 
-def one_line(capsys, *fragments: str, prefix: str = "ppl-vae: error: ") -> str:
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err + captured.out
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith(prefix) and len(lines[0]) > len(prefix), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -324,10 +300,11 @@ def test_force_replaces_the_folder_as_a_whole(run_copy, capsys, monkeypatch):
     one_line(capsys, "there is no checkpoint", prefix="ppl-vae: interrupted; ")
     assert sorted(run_copy.iterdir()) == []
     # an emptied folder is reused without --force; a finished --force run holds only the new run's files
+    assert fit(run_copy, "--seed", "2") == 0
     (run_copy / "stale.txt").write_text("old")
     assert fit(run_copy, "--force", "--seed", "1") == 0
     assert sorted(p.name for p in run_copy.iterdir()) == sorted(
-        ["config.json", "checkpoint.pt", "history.csv", "metrics.json", "reconstructions.png", "prior_samples.png", "elbo.png", "latent.png"]
+        [runs.MARKER, "config.json", "checkpoint.pt", "history.csv", "metrics.json", "reconstructions.png", "prior_samples.png", "elbo.png", "latent.png"]
     )
     assert strict_json(run_copy / CONFIG)["seed"] == 1
 
@@ -341,7 +318,7 @@ def test_a_new_run_interrupted_before_its_first_checkpoint_removes_its_folder(tm
 
 
 def test_a_second_process_cannot_write_a_run_in_use(run_copy, tmp_path, capsys):
-    code = f"import time; from ppl_vae.app import runs; runs.prepare_run_dir({str(run_copy)!r}, resume=True); print('locked', flush=True); time.sleep(60)"
+    code = f"import time; from ppl_vae.app import runs; runs.prepare_run_dir({str(run_copy)!r}, command='fit', resume=True); print('locked', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -364,7 +341,7 @@ def test_a_second_process_cannot_write_a_run_in_use(run_copy, tmp_path, capsys):
 def test_every_output_command_locks_its_folder(finished, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()
-    code = f"import time; from ppl_vae.app import runs; runs.prepare_run_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"
+    code = f"import time; from ppl_vae.app import runs; runs.prepare_run_dir({str(out)!r}, command='fit'); print('locked', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -393,7 +370,7 @@ def test_stale_temporary_files_are_removed_by_the_next_writer(run_copy, capsys):
 def test_without_fcntl_folders_are_used_unlocked(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "fcntl", None)
     with runs.holding():
-        out = runs.prepare_run_dir(tmp_path / "plain")
+        out = runs.prepare_run_dir(tmp_path / "plain", command="fit")
         assert out.is_dir() and not (out / runs.LOCK).exists()
 
 

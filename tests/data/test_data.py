@@ -354,20 +354,20 @@ def test_import_does_not_touch_network(no_network, monkeypatch):
 
 def test_prepare_run_dir(tmp_path):
     new = tmp_path / "a" / "b"
-    assert runs.prepare_run_dir(new) == new and new.is_dir()
-    assert runs.prepare_run_dir(new) == new  # empty: reused without force
+    assert runs.prepare_run_dir(new, command="fit") == new and new.is_dir()
+    assert runs.prepare_run_dir(new, command="fit") == new  # empty: reused without force
     (new / "keep.txt").write_text("old")
     with pytest.raises(ConfigError, match="--force"):
-        runs.prepare_run_dir(new)
+        runs.prepare_run_dir(new, command="fit")
     assert (new / "keep.txt").read_text() == "old"
-    assert runs.prepare_run_dir(new, force=True) == new
-    assert runs.prepare_run_dir(new, resume=True) == new
+    assert runs.prepare_run_dir(new, command="fit", force=True) == new and not (new / "keep.txt").exists()  # the folder fit made
+    assert runs.prepare_run_dir(new, command="fit", resume=True) == new
     with pytest.raises(CheckpointError):
-        runs.prepare_run_dir(tmp_path / "missing", resume=True)
+        runs.prepare_run_dir(tmp_path / "missing", command="fit", resume=True)
     assert not (tmp_path / "missing").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a directory"):
-        runs.prepare_run_dir(tmp_path / "file")
+        runs.prepare_run_dir(tmp_path / "file", command="fit")
 
 
 def test_atomic_writes_roundtrip_without_temp_files(tmp_path):

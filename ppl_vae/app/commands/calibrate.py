@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from ... import io
-from ...errors import ConfigError, check_int
+from ...errors import ConfigError, check_int, check_seed
 from ...inference.calibration import Calibration, calibrate
 from ..figures.calibration import rank_histograms
-from ..runs import check_run_dir, open_run, prepare_run_dir, releasing
+from ..runs import check_run_dir, open_run, output_path, prepare_run_dir, releasing
 
 __all__ = ["calibrate_run", "command"]
 
@@ -24,16 +24,17 @@ def calibrate_run(run: str | Path, out: str | Path, *, num_datasets: int = 1000,
     The model's other arguments (a conditional model's labels) come from the run's test rows, in order, cycled.
     """
     check_int(num_datasets, "--num-datasets", low=2)
+    check_seed(seed, "--seed")
     built, splits = open_run(run)
     if built.config.spec.latents != "continuous":
         raise ConfigError(f"{run} ({built.config.model}): calibration ranks continuous latents drawn from the guide; this model's are {built.config.spec.latents}")
     test = splits["test"].tensors(with_labels=built.conditional)
     rows = torch.arange(num_datasets) % test[0].shape[0]
     template = tuple(t[rows] for t in test)
-    out = Path(out)
-    check_run_dir(out, force=force)  # before the work: an existing folder is refused now, not after it
+    out = output_path(out)
+    check_run_dir(out, command="calibrate", force=force, inputs=[run])  # before the work: an existing folder is refused now, not after it
     cal = calibrate(built.model, built.guide, *template, num_datasets=num_datasets, num_draws=num_draws, bins=bins, alpha=alpha, seed=seed)
-    out = prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, command="calibrate", force=force, inputs=[run])
     cal.save(out)
     io.write_json(out / "options.json", {"run": str(run), "num_datasets": num_datasets, "num_draws": num_draws, "bins": bins, "alpha": alpha, "seed": seed})
     if figures:

@@ -21,7 +21,7 @@ DEMO_DIR = "runs/demo"
 def command(args: argparse.Namespace) -> int:
 
     cfg = Config(model="vae", dataset="digits", binarize="threshold", latent_dim=2, hidden=(128, 128), epochs=150, lr=3e-3, seed=0)
-    metrics = run(cfg, args.out, force=args.force, progress=not args.no_progress)
+    metrics = run(cfg, args.out, force=args.force, progress=not args.no_progress, command="demo")
     report(metrics, args.out)
 
     gaps_dir = Path(args.out) / "gaps"  # the demo owns its run directory, so its gaps folder is rewritten

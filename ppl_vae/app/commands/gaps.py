@@ -17,9 +17,10 @@ import pandas as pd
 import torch
 
 from ... import io
-from ...errors import ConfigError, check_int
+from ...errors import ConfigError, check_int, check_seed
 from ...inference.distributed import Spread
 from ...inference.gaps.ais import check_options as check_ais_options
+from ...inference.gaps.bounds import MAX_SAMPLES
 from ...inference.gaps.decompose import (
     GAPS_CSV,
     GAPS_JSON,
@@ -93,7 +94,8 @@ def gaps_run(
         raise ConfigError(f"unknown --logpx {logpx!r}; choose iwae or ais")
     if unreliable not in ("flag", "ais"):
         raise ConfigError(f"unknown --unreliable {unreliable!r}; choose flag or ais")
-    check_int(num_samples, "--K")
+    check_int(num_samples, "--K", high=MAX_SAMPLES)
+    check_seed(seed, "--seed")
     if not runs:
         raise ConfigError("give at least one --run")
     loaded = [open_run(r) for r in runs]  # every run is checked before anything is written
@@ -114,7 +116,7 @@ def gaps_run(
     idx = _points(min(sizes), num_points, seed)
     if spread is not None:
         spread.check(len(idx), loaded[0][1][split].tensors()[0])
-    out = prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, command="gaps", force=force, inputs=runs)
     reports = []
     for (built, splits), name in zip(loaded, names):
         data = tuple(t[idx] for t in splits[split].tensors(with_labels=built.conditional))
@@ -170,7 +172,7 @@ def load_reports(folder: str | Path) -> list[GapReport]:
 def merge_gaps(folders: Sequence[str | Path], out: str | Path, *, force: bool = False) -> list[GapReport]:
     """One table and figure from several ``ppl-vae gaps`` folders (e.g. runs analysed in parallel)."""
     reports = [r for f in folders for r in load_reports(f)]
-    out = prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, command="gaps", force=force, inputs=folders)
     rows = [dict(run=r.name, **row) for r in reports for row in r.to_dataframe().to_dict("records")]
     io.write_csv(out / GAPS_CSV, rows)
     io.write_json(out / GAPS_JSON, {"merged_from": [str(f) for f in folders], "summaries": [r.summary() for r in reports]})

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from ... import io
-from ...errors import ConfigError, check_int
+from ...errors import check_int, check_seed
 from ...inference.estimators import get_estimator
 from ...inference.gradients import GradientStats, gradient_course, gradient_stats
 from ...inference.random import pick
@@ -45,9 +45,8 @@ def grad_variance_report(
     import pandas as pd
 
 
-    out = check_run_dir(out, force=force)
-    if not (isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
-        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
+    out = check_run_dir(out, command="grad-variance", force=force, inputs=[run_dir])
+    check_seed(seed)
     check_int(batch_size, "batch size")
     for e in estimators:
         get_estimator(e).validate(num_particles)
@@ -68,7 +67,7 @@ def grad_variance_report(
         history = Path(run_dir) / "history.csv"
         epoch = len(pd.read_csv(history)) if history.is_file() else cfg.epochs
         stats = gradient_stats(built.model, built.guide, probe, extra={"epoch": epoch}, **common)
-    prepare_run_dir(out, force=force)
+    prepare_run_dir(out, command="grad-variance", force=force, inputs=[run_dir])
     io.write_csv(out / "grad_variance.csv", stats.rows)
     fig = plot_gradient_stats(stats)
     io.save_figure(fig, out / "grad_variance.png", dpi=110)

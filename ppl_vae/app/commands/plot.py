@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ... import io
-from ...errors import ConfigError
+from ...errors import ConfigError, check_seed
 from ...inference.random import pick
 from ..figures.latent import (
     KINDS,
@@ -20,9 +20,18 @@ from ..figures.latent import (
     tsne,
 )
 from ..figures.run import load_pyplot
-from ..runs import CONFIG, METRICS, open_run, read_config
+from ..runs import CONFIG, METRICS, open_run, output_path, read_config
 
 __all__ = ["plot_runs"]
+
+
+def _is_png(path: Path) -> bool:
+    """Whether the file at ``path`` starts with the PNG signature."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None = None, seed: int = 0, force: bool = False) -> Path:
@@ -45,13 +54,16 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
     n = len(runs)
     if (want == "exactly 2" and n != 2) or (want == "at least 2" and n < 2) or (want == "exactly 1" and n != 1):
         raise ConfigError(f"plot --kind {kind} takes {want} --run, got {n}")
-    path = Path(out) if out is not None else Path(runs[0]) / f"{kind}.png"
+    check_seed(seed, "--seed")
+    path = output_path(out) if out is not None else Path(runs[0]) / f"{kind}.png"
     if path.is_dir():
         raise ConfigError(f"output {path} is a directory; give the path of a .png file")
     if path.suffix.lower() != ".png":
         raise ConfigError(f"output {path} must be a .png file")
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists; pass --force to overwrite it")
+    if path.exists() and not _is_png(path):  # --force replaces a picture, never a file of another kind named .png
+        raise ConfigError(f"{path} is not a PNG image; --force replaces only a picture, so it was kept: choose another --out")
     if n > 1:  # the same test images go through every run: refuse runs of different data before any work
         data = {}
         for r in runs:

@@ -29,7 +29,7 @@ from torch import nn
 from ... import io
 from ...data import load, match_rows
 from ...distributions import get_likelihood
-from ...errors import ConfigError, DataError, check_int
+from ...errors import ConfigError, DataError, check_int, check_seed
 from ...inference.gaps.bounds import importance_bounds
 from ...inference.pretrain import pretrain_layerwise, stacked_guide
 from ...inference.random import pick, seeded
@@ -84,8 +84,7 @@ def _positive(**values: int) -> None:
 
 
 def _seed(seed: int) -> None:
-    if not (isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
-        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
+    check_seed(seed)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -133,7 +132,7 @@ def cvae_quadrants(
     _positive(**{k: v for k, v in (("train_limit", train_limit), ("test_limit", test_limit)) if v is not None})
     train_all = load("binarized-mnist", "train", data_dir=data_dir)
     test_all = load("binarized-mnist", "test", data_dir=data_dir)
-    out = prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, command="cvae-quadrants", force=force, inputs=[data_dir] if data_dir else [])
     xtr = train_all.x[pick(len(train_all), train_limit, seed=seed)]
     xte = test_all.x[pick(len(test_all), test_limit, seed=seed + 1)]
     d, h1, h2 = xtr.shape[1], *hidden
@@ -256,7 +255,7 @@ def m2_semisupervised(
     extra = load(unlabelled, "train", data_dir=data_dir).x.to(ds.x.dtype) if unlabelled else ds.x[:0]
     if extra.shape[1:] != ds.x.shape[1:]:
         raise DataError(f"the {unlabelled} images have shape {tuple(extra.shape[1:])}, the MNIST test images {tuple(ds.x.shape[1:])}")
-    out = prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, command="m2", force=force, inputs=[data_dir] if data_dir else [])
     perm = pick(len(ds), None, seed=seed)
     test_idx, train_idx = perm[:num_test], perm[num_test:]
     xtr, ytr, xte, yte = ds.x[train_idx], ds.y[train_idx], ds.x[test_idx], ds.y[test_idx]
@@ -351,7 +350,7 @@ def sdae_codes(
     match, margin = match_rows(test.x, labelled.x)
     labels = labelled.y[match]
     x = train.x if train_limit is None else train.x[pick(len(train), check_int(train_limit, "--train-limit"), seed=seed)]
-    out = prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, command="sdae-codes", force=force, inputs=[data_dir] if data_dir else [])
     bern = get_likelihood("bernoulli")
     rows: list[dict[str, Any]] = []
     acc, se = _cv_accuracy(test.x, labels, folds, seed)
