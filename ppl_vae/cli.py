@@ -32,6 +32,14 @@ def _hidden(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _some(text: str) -> tuple[int, ...]:
+    """:func:`_hidden`, refusing an empty list (an option whose empty value would silently mean its default)."""
+    values = _hidden(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one comma-separated integer, got {text!r}")
+    return values
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Descriptions and examples as written; every option's help ends with its default (unless it names one already)."""
 
@@ -70,7 +78,7 @@ def _command(sub: Any, name: str, summary: str, description: str, example: str) 
 def _output(parser: argparse.ArgumentParser, *, what: str = "output directory", progress: bool = True) -> None:
     """``--out`` (required), ``--force`` and, for a long command, ``--no-progress``."""
     parser.add_argument("--out", required=True, help=f"{what} (must not exist unless --force)")
-    parser.add_argument("--force", action="store_true", help=f"replace an existing {what} as a whole")
+    parser.add_argument("--force", action="store_true", help=f"replace an existing {what} as a whole, only one this command made (never the input, the current or home directory)")
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="no progress bars (shown by default; a line every few seconds when the output is not a terminal)")
 
@@ -91,7 +99,7 @@ def _fit(sub: Any, app: Any) -> None:
     f.add_argument("--limit", type=int, default=None, help="use only the first N rows of each split (default: all)")
     f.add_argument("--latent-dim", type=int, default=None, help=f"dimensions of the latent z (default {c.latent_dim})")
     f.add_argument("--hidden", type=_hidden, default=None, help=f"hidden widths (default {','.join(map(str, c.hidden))})")
-    f.add_argument("--layers", type=_hidden, default=None, help="widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first, default 8d,4d,2d,d for --latent-dim d; sdae: its encoder's layers, default --hidden then d)")
+    f.add_argument("--layers", type=_some, default=None, help="widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first, default 8d,4d,2d,d for --latent-dim d; sdae: its encoder's layers, default --hidden then d)")
     f.add_argument("--arch", choices=("mlp", "conv"), default=None, help=f"encoder and decoder networks: mlp or conv (default {c.arch})")
     f.add_argument("--likelihood", default=None, help=f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})")
     f.add_argument("--guide", default=None, help=f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}")
@@ -129,7 +137,7 @@ def _demo(sub: Any, app: Any) -> None:
         "compares the encoder's posteriors with batched HMC on 4 test digits (compare/), ending with the verdicts."),
         "ppl-vae demo --out runs/demo")
     d.add_argument("--out", default=app.DEMO_DIR, help=f"run directory (default {app.DEMO_DIR})")
-    d.add_argument("--force", action="store_true", help="replace an existing run directory as a whole")
+    d.add_argument("--force", action="store_true", help="replace an existing run directory of the demo as a whole")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -143,7 +151,7 @@ def _plot(sub: Any, app: Any) -> None:
     pl.add_argument("--kind", required=True, help="manifold, interpolation, tsne, ae-vs-vae, latent-sweep or traversal")
     pl.add_argument("--out", default=None, help="PNG path (default RUN/<kind>.png)")
     pl.add_argument("--seed", type=int, default=0, help="seeds the test points and draws")
-    pl.add_argument("--force", action="store_true", help="overwrite an existing PNG")
+    pl.add_argument("--force", action="store_true", help="overwrite an existing PNG (only a PNG image)")
 
 
 def _tables(sub: Any, app: Any) -> None:
@@ -166,7 +174,7 @@ def _tables(sub: Any, app: Any) -> None:
         "autoencoder of the same shape on binarised-MNIST training images, then classifies the 10,000 labelled\n"
         "test images from their codes (and from raw pixels) by cross-validated logistic regression."),
         "ppl-vae sdae-codes --data-dir ../shared/data --layers 500,250,50 --train-limit 20000 --out runs/sdae-codes")
-    sd.add_argument("--layers", type=_hidden, default=(500, 250, 50), help="encoder widths, the last one the code (default 500,250,50)")
+    sd.add_argument("--layers", type=_some, default=(500, 250, 50), help="encoder widths, the last one the code (default 500,250,50)")
     sd.add_argument("--pretrain-epochs", type=int, default=5, help="epochs of each layer's pretraining")
     sd.add_argument("--noise", type=float, default=0.25, help="masking probability of the denoising autoencoders")
     sd.add_argument("--train-limit", type=int, default=None, help="training rows, a seeded random subset (default all 50,000)")
@@ -191,7 +199,7 @@ def _grad_variance(sub: Any, app: Any) -> None:
     gv.add_argument("--repeats", type=int, default=100, help="gradient draws per estimator")
     gv.add_argument("--batch-size", type=int, default=100, help="rows of the probe batch (a seeded random subset)")
     gv.add_argument("--num-particles", type=int, default=1, help="samples per datapoint per draw (score+loo needs >= 2)")
-    gv.add_argument("--track-epochs", type=_hidden, default=None, help="retrain the run's config and measure at these epochs, e.g. 0,1,5 (default: measure the trained run only)")
+    gv.add_argument("--track-epochs", type=_some, default=None, help="retrain the run's config and measure at these epochs, e.g. 0,1,5 (default: measure the trained run only)")
     gv.add_argument("--seed", type=int, default=0, help="seeds the probe batch and the draws")
     _output(gv, progress=False)
 
@@ -268,8 +276,8 @@ def _compare(sub: Any, app: Any) -> None:
         "ppl-vae compare --run runs/vae --num-points 10 --out runs/vae-compare")
     cm.add_argument("--run", required=True, help="run directory from ppl-vae fit")
     cm.add_argument("--split", default="test", help="train, valid or test (default test)")
-    cm.add_argument("--num-points", type=int, default=10, help="random datapoints of the split (default 10)")
-    cm.add_argument("--indices", type=_hidden, default=None, help="comma-separated datapoint indices (instead of --num-points; default: none)")
+    cm.add_argument("--num-points", type=int, default=None, help="random datapoints of the split (default 10; not with --indices)")
+    cm.add_argument("--indices", type=_some, default=None, help="comma-separated datapoint indices (instead of --num-points; default: none)")
     cm.add_argument("--guide", default="amortized", help="amortized (the run's encoder) or local (q* optimised per datapoint)")
     cm.add_argument("--draws", type=int, default=1000, help="kept MCMC draws per chain (default 1000)")
     cm.add_argument("--chains", type=int, default=4, help="MCMC chains per datapoint (default 4)")
@@ -277,7 +285,7 @@ def _compare(sub: Any, app: Any) -> None:
     cm.add_argument("--vi-draws", type=int, default=None, help="VI draws per datapoint (default: chains x draws)")
     cm.add_argument("--kernel", default="hmc", help="MCMC transition: hmc (jittered trajectory length) or nuts (No-U-Turn) (default hmc)")
     cm.add_argument("--mass", default="diag", help="mass matrix adapted per datapoint: diag or dense (for correlated posteriors) (default diag)")
-    cm.add_argument("--max-tree-depth", type=int, default=10, help="NUTS: most doublings of a trajectory (default 10)")
+    cm.add_argument("--max-tree-depth", type=int, default=None, help="NUTS: most doublings of a trajectory (default 10; --kernel nuts only)")
     cm.add_argument("--seed", type=int, default=0, help="seeds the datapoints picked and every draw (per datapoint)")
     _spread(cm)
     _output(cm)
@@ -307,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns 0 on success, 2 for an error the user can fix (one line on
     stderr), 130 after Ctrl-C (one line) and 1 for an internal error.
     """
+    # torch's C++ notes (DDP's "find_unused_parameters=True ... did not find any unused parameters", once per process)
+    # would break one-line output; read when torch loads, and a value the user set wins
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     try:  # the heavy imports (torch, Pyro) happen in here, so Ctrl-C during them is one line too
         import logging
 
@@ -314,8 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             commands,  # the one deferred import: torch and Pyro load here, inside the try
         )
 
-        for name in ("pyro", "lightning.fabric", "lightning_fabric"):  # their INFO lines (Pyro's guessed plate nesting, Fabric's
-            logging.getLogger(name).setLevel(logging.WARNING)  # process-group banner) would break one-line output
+        # their INFO lines (Pyro's guessed plate nesting, Fabric's process-group banner, logged by the modules named here
+        # because Lightning resets its own top logger to INFO when it is imported) and torch's note that it stops the other
+        # processes after one failed would break one-line output
+        for name in ("pyro", "lightning.fabric", "lightning_fabric", "lightning.fabric.utilities.distributed",
+                     "lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero", "torch.multiprocessing.spawn"):
+            logging.getLogger(name).setLevel(logging.ERROR if name.startswith("torch") else logging.WARNING)
         args = build_parser(commands).parse_args(argv)
         return commands.run(args)
     except PplVaeError as exc:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PplVaeError", "DataError", "ConfigError", "CheckpointError", "NotReparameterizableError", "TrainingDiverged", "RunDirectoryError", "Interrupted", "NonFiniteError",
-           "ReliabilityWarning"]
+__all__ = ["PplVaeError", "DataError", "ConfigError", "CheckpointError", "NotReparameterizableError", "TrainingDiverged", "RunDirectoryError", "ProcessFailed",
+           "Interrupted", "NonFiniteError", "ReliabilityWarning"]
 
 
 class PplVaeError(Exception):
@@ -41,6 +41,10 @@ class RunDirectoryError(PplVaeError):
     """An output directory that cannot be used: in use by another process, not creatable, or not writable."""
 
 
+class ProcessFailed(PplVaeError):
+    """One of several processes ended without finishing (killed, or out of memory); the message names its rank."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says which checkpoint (if any) is kept.
 
@@ -60,18 +64,34 @@ class NonFiniteError(PplVaeError, FloatingPointError):
         self.site = site
 
 
-def check_int(value: object, name: str, *, low: int = 1) -> int:
-    """``value`` if it is an integer (not a bool) of at least ``low``; else a :class:`ConfigError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+def check_int(value: object, name: str, *, low: int = 1, high: int | None = None, error: type[PplVaeError] = ConfigError) -> int:
+    """``value`` if it is an integer (not a bool) of at least ``low`` (and at most ``high``); else an ``error`` (a :class:`ConfigError`) naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         what = "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}"
-        raise ConfigError(f"{name} must be {what}, got {value!r}")
+        if high is not None:
+            what = f"an integer from {low} to {high}"
+        raise error(f"{name} must be {what}, got {value!r}")
     return value
 
 
-def check_positive(value: object, name: str) -> float:
-    """``value`` if it is a finite number above 0; else a :class:`ConfigError` naming ``name``."""
+def check_seed(value: object, name: str = "seed") -> int:
+    """``value`` if it is a 32-bit seed, an integer (not a bool) in [0, 2**32 - 1] as NumPy's; else a :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**32 - 1:
+        raise ConfigError(f"{name} must be an integer in [0, 2**32 - 1], got {value!r}")
+    return value
+
+
+def check_positive(value: object, name: str, *, error: type[PplVaeError] = ConfigError) -> float:
+    """``value`` if it is a finite number above 0; else an ``error`` (a :class:`ConfigError`) naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        raise error(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_finite(value: object, name: str, *, low: float | None = None, error: type[PplVaeError] = ConfigError) -> float:
+    """``value`` if it is a finite number (not a bool), at least ``low`` if given; else an ``error`` (a :class:`ConfigError`) naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (low is not None and value < low):
+        raise error(f"{name} must be a finite number{f' >= {low:g}' if low is not None else ''}, got {value!r}")
     return float(value)
 
 

@@ -18,12 +18,13 @@ from typing import Any
 from ..distributions import LIKELIHOODS
 from ..errors import (
     ConfigError,
+    check_seed,
 )
 from ..inference.estimators import get_estimator
 from ..inference.svi import SCHEDULES
 from ..models.discrete import DISCRETE_MODELS
 
-__all__ = ["Config", "ModelSpec", "MODEL_SPECS", "MODELS", "GUIDES", "RESUMABLE"]
+__all__ = ["Config", "ModelSpec", "MODEL_SPECS", "MODELS", "MODEL_OPTIONS", "GUIDES", "LAUNCH", "RESUMABLE"]
 
 
 GUIDES = ("diagonal", "full", "iaf")
@@ -50,8 +51,11 @@ class ModelSpec:
         ``--hidden ""`` builds linear maps.
     needs_beta : bool
         It needs ``--beta`` different from 1 (the beta-VAE).
-    layered : bool
-        ``--layers`` sets its layer widths (the last one the code, ``--latent-dim``).
+    options : tuple of str
+        The options of :data:`MODEL_OPTIONS` it uses (``layers``: its layer widths, the last one the code,
+        ``--latent-dim``); set away from its default, any other one is refused (the model would ignore it).
+    layers_replace_hidden : bool
+        ``--hidden`` is only the default of its ``--layers``: giving both is refused.
     objective : str
         What its training objective is, as reported.
     """
@@ -64,9 +68,8 @@ class ModelSpec:
     standard_prior: bool = False
     hidden_optional: bool = False
     needs_beta: bool = False
-    layered: bool = False
-    #: its prior is a mixture whose size --components sets
-    mixture_prior: bool = False
+    options: tuple[str, ...] = ("likelihood",)
+    layers_replace_hidden: bool = False
     objective: str = "ELBO"
 
 
@@ -77,31 +80,44 @@ MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
     "beta-vae": ModelSpec(guides=GUIDES, archs=("mlp", "conv"), standard_prior=True, needs_beta=True),
     "cvae": ModelSpec(labels=True, standard_prior=True),
     "ae": ModelSpec(latents="point", guides=("diagonal",), archs=("mlp", "conv"), standard_prior=True, objective=_AE),
-    "dae": ModelSpec(latents="point", guides=("diagonal",), archs=("mlp", "conv"), standard_prior=True, objective=_AE),
-    "ppca": ModelSpec(standard_prior=True),
+    "dae": ModelSpec(latents="point", guides=("diagonal",), archs=("mlp", "conv"), standard_prior=True, options=("likelihood", "noise"), objective=_AE),
+    "ppca": ModelSpec(standard_prior=True, options=()),  # its likelihood is Gaussian, with a learnt variance
     **{m: ModelSpec(latents="discrete", guides=("diagonal",), hidden_optional=True) for m in DISCRETE_MODELS},
     "hvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True),
-    "lvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True, layered=True),
-    "mog-vae": ModelSpec(mixture_prior=True),
-    "vampprior": ModelSpec(mixture_prior=True),
+    "lvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True, options=("likelihood", "layers")),
+    "mog-vae": ModelSpec(options=("likelihood", "components")),
+    "vampprior": ModelSpec(options=("likelihood", "components")),
     "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "vqvae2": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
     "sparse-ae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
-    "cae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
-    "sdae": ModelSpec(latents="point", guides=("diagonal",), layered=True, objective=_AE),
+    "cae": ModelSpec(latents="point", guides=("diagonal",), options=("likelihood", "contractive"), objective=_PENALISED),
+    "sdae": ModelSpec(latents="point", guides=("diagonal",), options=("likelihood", "layers", "noise", "pretrain_epochs"), layers_replace_hidden=True,
+                      objective=_AE),
 })
 MODELS = tuple(MODEL_SPECS)
+#: the options only some models use (:attr:`ModelSpec.options`): ``--components`` sets the size of a mixture prior, ``--noise`` a
+#: denoising autoencoder's masking, ``--contractive`` the contractive one's penalty, ``--pretrain-epochs`` a stacked one's pretraining
+MODEL_OPTIONS = ("likelihood", "layers", "components", "noise", "contractive", "pretrain_epochs")
 #: estimators by what they need of the model: a pathwise sampler at every guide site, and analytic KLs
 PATHWISE_ESTIMATORS = ("reparam", "analytic-kl", "enum")
+
+#: the keys every ``config.json`` has held since the first release: a saved config without one is damaged. The options added
+#: since (``flows``, ``resumed``, ``kl_warmup``, ``layers``, ``pretrain_epochs``, ``contractive``, ``components``) may be absent
+#: from an older run's file, which was trained with their default.
+REQUIRED = ("model", "dataset", "data_dir", "download", "binarize", "limit", "latent_dim", "hidden", "arch", "likelihood", "guide", "estimator",
+            "num_particles", "beta", "noise", "epochs", "batch_size", "lr", "lr_schedule", "patience", "seed")
+
+#: ``fit``'s options for where and how it runs (Lightning Fabric); recorded in the config, so that ``--resume`` repeats them
+LAUNCH = ("accelerator", "devices", "strategy", "precision", "num_nodes")
 
 #: options ``--resume`` may change (recorded in config.json's ``resumed`` list); every other one defines the run
 RESUMABLE = ("epochs", "patience", "data_dir", "download")
 
 _KINDS: dict[str, tuple[str, tuple[type, ...], bool]] = {  # key -> (what, types, None allowed)
     **{k: ("a string", (str,), False) for k in ("model", "dataset", "arch", "likelihood", "guide", "estimator")},
-    **{k: ("a string", (str,), True) for k in ("data_dir", "binarize", "lr_schedule")},
+    **{k: ("a string", (str,), True) for k in ("data_dir", "binarize", "lr_schedule", "accelerator", "strategy", "precision")},
     **{k: ("an integer", (int,), False) for k in ("latent_dim", "flows", "num_particles", "epochs", "batch_size", "seed", "kl_warmup", "pretrain_epochs")},
-    **{k: ("an integer", (int,), True) for k in ("limit", "patience", "components")},
+    **{k: ("an integer", (int,), True) for k in ("limit", "patience", "components", "devices", "num_nodes")},
     **{k: ("a number", (int, float), False) for k in ("beta", "noise", "contractive", "lr")},
     "download": ("true or false", (bool,), False),
 }
@@ -144,6 +160,13 @@ class Config:
     lr_schedule: str | None = None
     patience: int | None = None
     seed: int = 0
+    #: where and how ``fit`` ran (Lightning Fabric's options, :data:`LAUNCH`); None: its default (one process, where the data is).
+    #: A resumed run takes them from here, so that it continues on the same processes.
+    accelerator: str | None = None
+    devices: int | None = None
+    strategy: str | None = None
+    precision: str | None = None
+    num_nodes: int | None = None
     #: what each ``--resume`` changed: ``{"at_epoch": N, "changed": {key: [old, new]}}``
     resumed: tuple[dict[str, Any], ...] = ()
 
@@ -189,8 +212,16 @@ class Config:
             raise ConfigError("--estimator iwae is not defined with --beta != 1 (the bound is not a sum of per-site terms)")
         if self.guide == "iaf" and (self.flows < 1 or self.latent_dim < 2):
             raise ConfigError(f"--guide iaf needs --flows >= 1 and --latent-dim >= 2, got {self.flows} and {self.latent_dim}")
-        if self.components is not None and not spec.mixture_prior:
-            raise ConfigError(f"--components applies to {', '.join(m for m, s in MODEL_SPECS.items() if s.mixture_prior)}, not {self.model}")
+        for key in MODEL_OPTIONS:  # an option the model would ignore is refused, unless it is left at its default
+            if key not in spec.options and getattr(self, key) != Config.__dataclass_fields__[key].default:
+                able = [m for m, s in MODEL_SPECS.items() if key in s.options]
+                others = [m for m in MODELS if m not in able]
+                where = ", ".join(able) if len(able) <= len(others) else "every model but " + ", ".join(others)
+                raise ConfigError(f"{option_flag(key)} applies to {where}; {self.model} would ignore it")
+        if spec.layers_replace_hidden and self.layers and self.hidden != Config.__dataclass_fields__["hidden"].default:
+            raise ConfigError(f"{self.model}'s --hidden is only the default of its --layers: give one of them, not both")
+        if self.flows != Config.__dataclass_fields__["flows"].default and self.guide != "iaf":
+            raise ConfigError(f"--flows applies to --guide iaf, not --guide {self.guide}")
         if self.components is not None and self.components < 1:
             raise ConfigError(f"components must be >= 1, got {self.components}")
         if self.arch not in ("mlp", "conv"):
@@ -201,8 +232,6 @@ class Config:
             raise ConfigError(f"hidden must list at least one layer width for {self.model}, e.g. --hidden 200,200")
         if any(h <= 0 for h in self.hidden):
             raise ConfigError(f"hidden widths must be positive, got {self.hidden}")
-        if self.layers and not spec.layered:
-            raise ConfigError(f"--layers applies to {', '.join(m for m, s in MODEL_SPECS.items() if s.layered)}, not {self.model}")
         if self.layers and (len(self.layers) < 2 or any(w <= 0 for w in self.layers)):
             raise ConfigError(f"--layers needs at least 2 positive widths, got {','.join(map(str, self.layers))}")
         if self.layers and self.layers[-1] != self.latent_dim:
@@ -224,8 +253,7 @@ class Config:
             raise ConfigError(f"contractive weight must be a finite number >= 0, got {self.contractive}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
-        if not 0 <= self.seed <= 2**32 - 1:  # a 32-bit seed, as numpy's (unchanged from earlier versions, so old configs stay valid)
-            raise ConfigError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
+        check_seed(self.seed)  # a 32-bit seed, as numpy's (unchanged from earlier versions, so old configs stay valid)
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience must be >= 1, got {self.patience}")
         if self.limit is not None and self.limit < 1:
@@ -241,6 +269,17 @@ class Config:
             return MODEL_SPECS[self.model]
         except KeyError:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}") from None
+
+    def launch(self) -> dict[str, Any]:
+        """The :data:`LAUNCH` options this run gives (those left at None take ``fit``'s defaults)."""
+        return {k: getattr(self, k) for k in LAUNCH if getattr(self, k) is not None}
+
+    def fit_options(self) -> dict[str, Any]:
+        """The options ``fit`` records in its checkpoint that this config fixes (all but ``epochs`` and ``patience``, which a resume may change)."""
+        return {
+            "estimator": get_estimator(self.estimator).name, "num_particles": self.num_particles, "batch_size": self.batch_size, "lr": self.lr,
+            "beta": self.beta, "kl_warmup": self.kl_warmup, "seed": self.seed, "lr_schedule": self.lr_schedule,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -258,6 +297,9 @@ class Config:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise ConfigError(f"no {', '.join(missing)} (every saved config lists the options that define its run; it was not filled with a default)")
         d = dict(d)
         for key in ("hidden", "layers", "resumed"):
             if isinstance(d.get(key), list):

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..data import Dataset, load
 from ..distributions import check_support, get_likelihood, one_hot
@@ -197,6 +198,34 @@ def _physical_memory() -> float:
     except (AttributeError, OSError, ValueError):
         return math.inf
 
+class _AllocationGuard(TorchDispatchMode):
+    """Refuse (``MemoryError``) a tensor creation that would take the running total of bytes created past ``limit``.
+
+    Networks are built by creating their parameters (``torch.empty`` of the layer's shape, then an
+    initialiser writing into it); on a machine that overcommits memory a parameter of a terabyte is
+    "allocated" and its initialiser then fills memory page by page for minutes. Counting the bytes
+    of every tensor creation before it happens refuses such a build at once.
+    """
+
+    def __init__(self, limit: float) -> None:
+        super().__init__()
+        self.limit, self.total = limit, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        schema = func._schema
+        if schema.arguments and schema.arguments[0].name == "size" and isinstance(args[0], (list, tuple)):
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            self.total += math.prod(int(s) for s in args[0]) * dtype.itemsize
+            if self.total > self.limit:
+                raise MemoryError
+        return func(*args, **kwargs)
+
+
+#: parameters, their gradients and Adam's two moments: the memory of training is at least this many times the parameters'
+PARAMETER_COPIES = 4
+
+
 def build_checked(cfg: Config, splits: dict[str, Dataset]) -> Built:
     """:func:`build`, the data checks, and one loss evaluation on a first batch (a probe).
 
@@ -212,7 +241,8 @@ def build_checked(cfg: Config, splits: dict[str, Dataset]) -> Built:
         # what surely cannot fit here spares the probe from filling the memory with allocations that do succeed
         if _physical_memory() < 4 * cfg.num_particles * rows * (cfg.latent_dim + train.x.shape[1]):
             raise MemoryError
-        built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
+        with _AllocationGuard(_physical_memory() / PARAMETER_COPIES):  # every parameter, before it is allocated
+            built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
         _check(cfg, built, splits)
         batch = tuple(t[: cfg.batch_size] for t in split_tensors(cfg, train))
         loss = get_estimator(cfg.estimator).loss(built.model, built.guide, cfg.num_particles)

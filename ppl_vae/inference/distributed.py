@@ -37,10 +37,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.multiprocessing import ProcessRaisedException
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from .. import errors, io
-from ..errors import ConfigError, NonFiniteError, PplVaeError, TrainingDiverged
+from ..errors import ConfigError, NonFiniteError, PplVaeError, ProcessFailed, TrainingDiverged
 from .params import discover
 from .random import seeded
 
@@ -164,6 +164,10 @@ class Collectives:
         dist.all_gather_object(out, obj)
         return out
 
+    def from_rank(self, obj: Any, rank: int) -> Any:
+        """Process ``rank``'s ``obj`` (picklable) on every process."""
+        return obj if self.world == 1 else self.fabric.broadcast(obj, src=rank)
+
     def from_rank_zero(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every process."""
         return obj if self.world == 1 else self.fabric.broadcast(obj, src=0)
@@ -206,6 +210,9 @@ def run_processes(fabric: Any, fn: Callable[..., T], *args: Any, what: str, type
             out = fabric.launch(_in_process, fn, args, os.getpid(), handoff)
         except ProcessRaisedException as exc:  # the launcher stopped the other processes
             raise from_process(exc, what) from None
+        except ProcessExitedException as exc:  # killed (by hand, or the kernel's out-of-memory killer): the others were stopped
+            how = f"was killed by signal {exc.signal_name}" if exc.signal_name else f"exited with status {exc.exit_code}"
+            raise ProcessFailed(f"{what} {exc.error_index} {how} before it finished (out of memory, or stopped by hand)") from None
         if isinstance(out, str) and out == _HANDED:
             return io.from_plain(io.load_torch(handoff), types), True
     return out, False

@@ -51,10 +51,13 @@ from ..errors import (
     DataError,
     Interrupted,
     NonFiniteError,
+    ProcessFailed,
     RunDirectoryError,
     TrainingDiverged,
+    check_finite,
     check_int,
     check_positive,
+    check_seed,
 )
 from ..progress import bar
 from .distributed import (
@@ -69,9 +72,9 @@ from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .fitted import FitResult, attach
 from .params import Discovered, discover, load_params
 from .random import seeded
-from .traces import traces
+from .traces import ObservedSupport, traces
 
-__all__ = ["fit", "FitResult", "Objective", "Rows", "as_tensors", "check_resume", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
+__all__ = ["fit", "FitResult", "Objective", "Rows", "as_tensors", "check_checkpoint", "check_resume", "read_checkpoint", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
@@ -89,8 +92,8 @@ class _ScaleLatents(Messenger):
             msg["scale"] = msg["scale"] * self.beta
 
 
-def as_tensors(data: torch.Tensor | Sequence[torch.Tensor], what: str = "data") -> tuple[torch.Tensor, ...]:
-    """Check ``data`` (a tensor or a tuple of tensors with one row per datapoint)."""
+def as_tensors(data: torch.Tensor | Sequence[torch.Tensor], what: str = "data", rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Check ``data`` (a tensor or a tuple of tensors with one row per datapoint); an error names the row (``rows``: their dataset indices)."""
     tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         raise DataError(f"{what} must be a tensor or a tuple of tensors")
@@ -102,9 +105,17 @@ def as_tensors(data: torch.Tensor | Sequence[torch.Tensor], what: str = "data") 
     x = tensors[0]
     if not x.is_floating_point():
         raise DataError(f"{what}: x must be a floating-point tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise DataError(f"{what} contains NaN or infinite values")
+    finite = torch.isfinite(x.reshape(n, -1)).all(1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
+        raise DataError(f"{what} row {int(rows[row]) if rows is not None else row} contains NaN or infinite values")
     return tensors
+
+
+def _row_kind(item: Any) -> str:
+    """What one dataset row is, for a message: its type, and each tensor's shape and dtype."""
+    parts = item if isinstance(item, (tuple, list)) else (item,)
+    return ", ".join(f"a tensor of shape {tuple(p.shape)} ({p.dtype})" if isinstance(p, torch.Tensor) else f"a {type(p).__name__}" for p in parts)
 
 
 class Rows:
@@ -118,6 +129,7 @@ class Rows:
 
     def __init__(self, source: Any, what: str = "data") -> None:
         self.what, self.tensors, self.dataset, self.collate = what, None, None, default_collate
+        self.first: str | None = None  # what a dataset's first row is (its tensors' shapes and dtypes): every row must be so
         if isinstance(source, DataLoader):
             self.dataset, self.collate = source.dataset, source.collate_fn or default_collate
         elif isinstance(source, Dataset) and not isinstance(source, torch.Tensor):
@@ -135,11 +147,25 @@ class Rows:
         return self.n
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The rows ``idx`` as a tuple of tensors (a dataset's checked like tensors)."""
+        """The rows ``idx`` as a tuple of tensors; a dataset's rows checked as tensors are, each error naming the row.
+
+        A dataset's batch must be tensors (floating point and finite for ``x``) whose rows have the
+        shapes of the dataset's first row; a row that cannot be collated with the others is named.
+        """
         if self.tensors is not None:
             return tuple(t[idx.to(t.device)] for t in self.tensors)
-        batch = self.collate([self.dataset[int(i)] for i in idx])  # type: ignore[index]
-        return as_tensors(batch if isinstance(batch, torch.Tensor) else tuple(batch), self.what)
+        items = [self.dataset[int(i)] for i in idx]  # type: ignore[index]
+        if self.first is None:
+            self.first = _row_kind(items[0])
+        first = self.first
+        for i, item in zip(idx, items):  # the kind of each row against the first: a message that names the row
+            if _row_kind(item) != first:
+                raise DataError(f"{self.what} row {int(i)} is {_row_kind(item)}; the first row is {first}")
+        try:
+            batch = self.collate(items)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise DataError(f"{self.what}: the rows {int(idx[0])}..{int(idx[-1])} cannot be collated into a batch ({str(exc).splitlines()[0][:120]})") from None
+        return as_tensors(batch if isinstance(batch, torch.Tensor) else tuple(batch), self.what, rows=idx)
 
 
 class _StepRecord(Messenger):
@@ -239,20 +265,28 @@ class _Evaluator:
 
     def __call__(self, rows: Rows, what: str) -> float:
         assert self.coll is not None
-        shard, total = self.coll.shard(len(rows)), 0.0
-        try:
+        shard, total, failed = self.coll.shard(len(rows)), 0.0, None
+        try:  # a failure in one process is decided by all of them together (a lone raise would leave the others waiting)
             for i in range(0, len(shard), self.batch_size):
-                batch = tuple(self.coll.fabric.to_device(t) for t in rows.take(shard[i : i + self.batch_size]))
-                if not self.enumerated:
-                    total += evaluate_elbo(self.model, self.guide, batch, batch_size=self.batch_size).value.sum().item()
-                else:  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
-                    total -= self.loss_fn(*batch).item()
-            total = self.coll.sum(total)
-            if not math.isfinite(total):
-                raise NonFiniteError(f"the objective is {total}", site=None)
-            return total / len(rows)
-        except NonFiniteError as exc:
-            raise TrainingDiverged(f"training diverged: {what} is not finite: {exc}", step=-1, site=exc.site) from None
+                idx = shard[i : i + self.batch_size]
+                batch = tuple(self.coll.fabric.to_device(t) for t in rows.take(idx))
+                with ObservedSupport(eager=True, rows=idx):  # a value outside its support names its row, not Pyro's message
+                    if not self.enumerated:
+                        total += evaluate_elbo(self.model, self.guide, batch, batch_size=self.batch_size).value.sum().item()
+                    else:  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
+                        total -= self.loss_fn(*batch).item()
+        except (DataError, NonFiniteError) as exc:
+            failed = (type(exc).__name__, str(exc), getattr(exc, "site", None))
+        bad = self.coll.first_bad(failed is not None)
+        if bad >= 0:
+            kind, message, site = self.coll.from_rank(failed, bad)
+            if kind == "DataError":
+                raise DataError(message)
+            raise TrainingDiverged(f"training diverged: {what} is not finite: {message}", step=-1, site=site)
+        total = self.coll.sum(total)
+        if not math.isfinite(total):
+            raise TrainingDiverged(f"training diverged: {what} is not finite: the objective is {total}", step=-1, site=None)
+        return total / len(rows)
 
 
 SCHEDULES = ("cosine", "exponential")
@@ -309,6 +343,7 @@ class Objective(nn.Module):
         self.beta, self.kl_warmup = beta, kl_warmup
         self.scale_latents = _ScaleLatents(beta) if beta != 1.0 or kl_warmup else None
         self.record = _StepRecord()
+        self.support = ObservedSupport()  # every observed value inside its support, read with the loss
         self.validate = True
 
     def anneal(self, step: int, per_epoch: int) -> None:
@@ -329,6 +364,8 @@ class Objective(nn.Module):
                 stack.enter_context(self.scale_latents)
             stack.enter_context(pyro.validation_enabled(self.validate))
             stack.enter_context(self.record)
+            self.support.eager = self.validate  # with validation on, Pyro would raise first: say which row
+            stack.enter_context(self.support)
             stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)  # Pyro's; fit reports it, naming the site
             return self.loss_fn(*batch)
@@ -405,26 +442,52 @@ class _Trainer:
             self.objective.validate = False
             return self.module(*batch), f"a distribution got an invalid parameter ({str(exc).splitlines()[0][:120]}); "
 
-    def step(self, batch: tuple[torch.Tensor, ...], step: int, epoch: int) -> float:
-        """One optimisation step; returns the minibatch's ELBO per datapoint, or raises :class:`TrainingDiverged` (in every process)."""
+    def step(self, data: Rows, rows: torch.Tensor, step: int, epoch: int) -> float:
+        """One optimisation step on the dataset rows ``rows`` of ``data``; the minibatch's ELBO per datapoint.
+
+        The loss and whether every observed value lay in its support come back to the host in one
+        read. A step that diverged, or whose rows are damaged (:meth:`Rows.take`) or hold a value
+        outside an observed site's support, raises in every process the same error, composed by the
+        lowest such rank: :class:`TrainingDiverged` naming the step and the site, or
+        :class:`DataError` naming the data row.
+        """
         assert self.coll is not None
-        loss, invalid = self.loss(batch, step)
-        elbo = -loss.item() / self.objective.n
-        reason = f"loss is {loss.item()}" if not math.isfinite(elbo) else self.watch.check(elbo)
-        bad = self.coll.first_bad(reason is not None)
+        failed = None
+        try:
+            batch = tuple(self.fabric.to_device(t) for t in data.take(rows))
+            self.objective.support.rows = rows
+            loss, invalid = self.loss(batch, step)
+        except DataError as exc:  # a damaged row, or (with validation on) a value outside the support: found before any collective
+            where = f" on rank {self.coll.rank}" if self.coll.world > 1 else ""
+            failed = ("data", f"{exc} (step {step}, epoch {epoch + 1}{where})", None)
+        if failed is None:
+            flags = torch.stack([loss.detach().to(torch.float64), torch.as_tensor(self.objective.support.ok, device=loss.device).to(torch.float64)])
+            value, data_ok = flags.tolist()  # the step's one read back to the host
+            elbo = -value / self.objective.n
+            reason = "data" if not data_ok else f"loss is {value}" if not math.isfinite(elbo) else self.watch.check(elbo)
+        bad = self.coll.first_bad(failed is not None or reason is not None)
         if bad >= 0:
-            where = f" on rank {bad}" if self.coll.world > 1 else ""
-            kept = f"; the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.out}" if self.saved_epoch else ""
-            if bad != self.coll.rank:
-                raise TrainingDiverged(f"training diverged at step {step} (epoch {epoch + 1}){where}{kept}", step=step, site=None)
-            site, culprit = _culprit(self.objective.record, self.named)
-            raise TrainingDiverged(
-                f"training diverged at step {step} (epoch {epoch + 1}){where}: {reason}; {invalid}{culprit}{kept}; try a smaller --lr", step=step, site=site
-            )
+            error = (failed or self._failure(reason, invalid, step, epoch, bad)) if bad == self.coll.rank else None
+            kind, message, site = self.coll.from_rank(error, bad)
+            if kind == "data":
+                raise DataError(message)
+            raise TrainingDiverged(message, step=step, site=site)
         self.optim.zero_grad(set_to_none=True)
         self.fabric.backward(loss)
         self.optim.step()
         return elbo
+
+    def _failure(self, reason: str | None, invalid: str, step: int, epoch: int, rank: int) -> tuple[str, str, str | None]:
+        """``(kind, message, site)`` of this process's failed step: bad data (the row, from the step's observed sites) or divergence."""
+        where = f" on rank {rank}" if self.coll is not None and self.coll.world > 1 else ""
+        kept = f"; the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.out}" if self.saved_epoch else ""
+        if reason == "data":
+            try:
+                self.objective.support.raise_bad()
+            except DataError as exc:
+                return "data", f"{exc} (step {step}, epoch {epoch + 1}{where}){kept}", None
+        site, culprit = _culprit(self.objective.record, self.named)
+        return "diverged", f"training diverged at step {step} (epoch {epoch + 1}){where}: {reason}; {invalid}{culprit}{kept}; try a smaller --lr", site
 
     def order(self, n: int, epoch: int) -> torch.Tensor:
         """This process's rows for ``epoch``: a permutation seeded by (seed, epoch), split across the processes.
@@ -451,8 +514,7 @@ class _Trainer:
             self.objective.validate = state.step == 0 or validate_every_step
             self.objective.anneal(state.step, per_epoch)
             idx = order[start : start + local]
-            batch = tuple(self.fabric.to_device(t) for t in data.take(idx))
-            total += self.step(batch, state.step, epoch) * len(idx)
+            total += self.step(data, idx, state.step, epoch) * len(idx)
             state.step += 1
             bar.set_postfix(epoch=epoch + 1, elbo=f"{total / min(len(order), start + local):.2f}", refresh=False)
             bar.update(1)  # redraws at most every mininterval (a log file: every 10 s)
@@ -504,7 +566,7 @@ class _Trainer:
     def restore(self, epochs: int, patience: int | None) -> _State:
         """Parameters, optimiser, schedule, this process's RNG state and estimator statistics from the checkpoint; the run's state."""
         assert self.ckpt_path is not None and self.out is not None and self.coll is not None
-        ckpt = io.load_checkpoint(self.ckpt_path)  # weights_only; finite parameters
+        ckpt = read_checkpoint(self.ckpt_path)  # weights_only; finite parameters; every field checked
         try:  # before anything is changed
             stopped = check_resume(ckpt, epochs, patience, self.out, world_size=self.coll.world)
         except (KeyError, TypeError) as exc:
@@ -540,12 +602,135 @@ def _check_options(epochs: int, batch_size: int, num_particles: int, beta: float
         check_int(value, name)
     check_positive(beta, "beta")
     check_positive(lr, "lr")
-    if not (isinstance(seed, int) and 0 <= seed < 2**32):
-        raise ConfigError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
+    check_seed(seed)
     if patience is not None:
         check_int(patience, "patience")
     if resume and out is None:
         raise ConfigError("resume needs the run directory `out`")
+
+
+#: the checkpoint's ``options`` a resumed run must repeat, with their checks (``epochs`` and ``patience`` may change)
+_OPTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "estimator": lambda v, n: v if isinstance(v, str) and v else _bad(n, "must be an estimator's name", v),
+    "num_particles": lambda v, n: check_int(v, n, error=CheckpointError),
+    "epochs": lambda v, n: check_int(v, n, error=CheckpointError),
+    "batch_size": lambda v, n: check_int(v, n, error=CheckpointError),
+    "lr": lambda v, n: check_positive(v, n, error=CheckpointError),
+    "beta": lambda v, n: check_positive(v, n, error=CheckpointError),
+    "kl_warmup": lambda v, n: check_int(v, n, low=0, error=CheckpointError),
+    "seed": lambda v, n: check_int(v, n, low=0, high=2**32 - 1, error=CheckpointError),
+    "patience": lambda v, n: v if v is None else check_int(v, n, error=CheckpointError),
+    "lr_schedule": lambda v, n: v if v is None or isinstance(v, str) else _bad(n, "must be a schedule's name or null", v),
+}
+
+
+def _bad(name: str, what: str, value: Any) -> Any:
+    shown = repr(value) if not isinstance(value, (list, dict, torch.Tensor)) else f"a {type(value).__name__}"
+    raise CheckpointError(f"{name} {what}, got {shown}")
+
+
+def _check_tensors(value: Any, name: str, like: Sequence[torch.Tensor] | None = None) -> None:
+    """``value`` is a list of tensors (of ``like``'s shapes, where given); else a :class:`CheckpointError` naming ``name``."""
+    if not (isinstance(value, list) and all(isinstance(t, torch.Tensor) for t in value)):
+        _bad(name, "must be a list of tensors", value)
+    if like is not None and [tuple(t.shape) for t in value] != [tuple(t.shape) for t in like]:
+        _bad(name, "must have the shapes of params", [tuple(t.shape) for t in value])
+
+
+def _check_history(history: Any, name: str = "history") -> list[dict[str, Any]]:
+    """A training history: a list of dicts, row ``i`` of epoch ``i + 1``, increasing steps, finite ELBOs; else a :class:`CheckpointError` naming the field."""
+    if not isinstance(history, (list, tuple)):
+        _bad(name, "must be a list of per-epoch records", history)
+    step = 0
+    for i, row in enumerate(history):
+        at = f"{name}[{i}]"
+        if not isinstance(row, dict):
+            _bad(at, "must be a record of one epoch (a dict)", row)
+        for key in ("epoch", "step", "train_elbo"):
+            if key not in row:
+                raise CheckpointError(f"{at} has no {key}")
+        if check_int(row["epoch"], f"{at}.epoch", error=CheckpointError) != i + 1:
+            _bad(f"{at}.epoch", f"must be {i + 1} (its place in the history)", row["epoch"])
+        step = check_int(row["step"], f"{at}.step", low=step + 1, error=CheckpointError)
+        check_finite(row["train_elbo"], f"{at}.train_elbo", error=CheckpointError)
+        for key, low in (("val_elbo", None), ("lr", 0.0), ("wall_time", 0.0)):
+            if key in row:
+                check_finite(row[key], f"{at}.{key}", low=low, error=CheckpointError)
+    return list(history)
+
+
+def check_checkpoint(ckpt: dict[str, Any], path: str | Path, *, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``ckpt`` (a ``fit`` checkpoint, its parameters checked by :func:`~ppl_vae.io.load_checkpoint`) if every training-state field is sound.
+
+    Checks each field's type and range, and their agreement: ``epoch`` is the length of ``history`` and at most
+    ``options["epochs"]``, ``step`` the last row's, ``best_epoch`` an epoch done whose score is ``best``, ``bad_epochs`` the
+    epochs since it, ``best_params`` of the shapes of ``params``, a finite non-negative ``wall_time``. With ``options`` (what
+    the run's config says, e.g. :meth:`ppl_vae.app.config.Config.fit_options`), each of them must equal the checkpoint's.
+
+    Raises
+    ------
+    CheckpointError
+        One line: ``checkpoint {path} is damaged ({field} ...)``, naming the first field that is wrong.
+    """
+    try:
+        _check_checkpoint(ckpt, options or {})
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged ({exc})") from None
+    return ckpt
+
+
+def _check_checkpoint(ckpt: dict[str, Any], expected: dict[str, Any]) -> None:
+    for key in ("params", "optimizer", "rng", "options", "history", "epoch", "step", "best", "best_epoch", "bad_epochs", "wall_time", "stopped_early"):
+        if key not in ckpt:
+            raise CheckpointError(f"no {key}")
+    if not (isinstance(ckpt["optimizer"], dict) and isinstance(ckpt["optimizer"].get("param_groups"), list)):
+        _bad("optimizer", "must be an optimiser's state (a dict with param_groups)", ckpt["optimizer"])
+    if not (ckpt.get("scheduler") is None or isinstance(ckpt["scheduler"], dict)):
+        _bad("scheduler", "must be a schedule's state or null", ckpt["scheduler"])
+    rng = ckpt["rng"]
+    if not (isinstance(rng, dict) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in _per_process(rng.get("torch")))):
+        _bad("rng", "must hold torch's random state (rng.torch: byte tensors)", rng)
+    if not all(isinstance(s, dict) for s in _per_process(ckpt.get("estimator") or {})):
+        _bad("estimator", "must be the estimator's state (a dict per process)", ckpt.get("estimator"))
+    saved = ckpt["options"]
+    if not isinstance(saved, dict):
+        _bad("options", "must be a dict of fit's options", saved)
+    for key, check in _OPTION_CHECKS.items():
+        if key in saved:
+            check(saved[key], f"options.{key}")
+    for key, value in expected.items():
+        if key in saved and saved[key] != value:
+            raise CheckpointError(f"options.{key} is {saved[key]!r}, but the run's config says {value!r}")
+    history = _check_history(ckpt["history"])
+    epoch = check_int(ckpt["epoch"], "epoch", low=0, error=CheckpointError)
+    if epoch != len(history):
+        _bad("epoch", f"must be the number of epochs in history ({len(history)})", epoch)
+    if isinstance(saved.get("epochs"), int) and epoch > saved["epochs"]:
+        _bad("epoch", f"must be at most options.epochs ({saved['epochs']})", epoch)
+    step = check_int(ckpt["step"], "step", low=0, error=CheckpointError)
+    if step != (history[-1]["step"] if history else 0):
+        _bad("step", f"must be the last epoch's step ({history[-1]['step'] if history else 0})", step)
+    best_epoch = check_int(ckpt["best_epoch"], "best_epoch", low=0, high=epoch, error=CheckpointError)
+    best = ckpt["best"]
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or math.isnan(best):
+        _bad("best", "must be a number", best)
+    if best_epoch:
+        row = history[best_epoch - 1]
+        if best != row.get("val_elbo", row["train_elbo"]):
+            _bad("best", f"must be the score of best_epoch {best_epoch} ({row.get('val_elbo', row['train_elbo'])!r})", best)
+    bad_epochs = check_int(ckpt["bad_epochs"], "bad_epochs", low=0, error=CheckpointError)
+    if bad_epochs != epoch - best_epoch:
+        _bad("bad_epochs", f"must be the epochs since best_epoch ({epoch - best_epoch})", bad_epochs)
+    check_finite(ckpt["wall_time"], "wall_time", low=0.0, error=CheckpointError)
+    if not isinstance(ckpt["stopped_early"], bool):
+        _bad("stopped_early", "must be true or false", ckpt["stopped_early"])
+    if ckpt.get("best_params") is not None:
+        _check_tensors(ckpt["best_params"], "best_params", ckpt["params"])
+
+
+def read_checkpoint(path: str | Path, *, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``fit`` checkpoint at ``path``: :func:`~ppl_vae.io.load_checkpoint` (safe load, finite parameters), then :func:`check_checkpoint`."""
+    return check_checkpoint(io.load_checkpoint(path), path, options=options)
 
 
 def check_resume(ckpt: dict[str, Any], epochs: int, patience: int | None, out: str | Path, *, prefix: str = "", world_size: int | None = None) -> bool:
@@ -704,13 +889,32 @@ def fit(
                                    seed, out, modules, eval_batch_size, kl_warmup)
     trainer.refuse_loose_params(fabric.world_size)
     if resume:  # refused before any process starts
-        check_resume(io.load_checkpoint(Path(out) / CHECKPOINT), epochs, patience, out, world_size=fabric.world_size)  # type: ignore[arg-type]
+        check_resume(read_checkpoint(Path(out) / CHECKPOINT), epochs, patience, out, world_size=fabric.world_size)  # type: ignore[arg-type]
     run = _Run(epochs, batch_size, patience, seed, resume, progress, validate_every_step, options)
-    payload, handed = run_processes(fabric, _train, trainer, evaluate, tensors, val, run, what="training process")
+    try:
+        payload, handed = run_processes(fabric, _train, trainer, evaluate, tensors, val, run, what="training process")
+    except ProcessFailed as exc:  # the processes are gone: what they left is on disk
+        raise ProcessFailed(f"{exc}; {_kept(out)}") from None
+    if "error" in payload:  # a failure every process met, composed by the process that met it first
+        error = payload["error"]
+        if error["kind"] == "DataError":
+            raise DataError(error["message"])
+        raise TrainingDiverged(error["message"], step=error["step"], site=error["site"])
     if handed:  # rank 0 ran in another process: its final values go into the caller's networks
         load_params(trainer.params, payload["params"], "of the training process")
     result = FitResult(**{**payload["result"], "history": tuple(payload["result"]["history"])})
     return attach(result, model, guide, [(tuple(t.shape[1:]), t.dtype) for t in example], None, "fit", found=found)
+
+
+def _kept(out: str | Path | None) -> str:
+    """Which checkpoint a run that stopped left in ``out``, and how to continue it."""
+    if out is None or not (Path(out) / CHECKPOINT).is_file():
+        return "no checkpoint was written"
+    try:
+        epoch = io.load_checkpoint(Path(out) / CHECKPOINT).get("epoch")
+    except CheckpointError:
+        return f"the checkpoint in {out} is unreadable"
+    return f"the last checkpoint (epoch {epoch}) is kept in {out}: continue it with resume (ppl-vae fit --out {out} --resume)"
 
 
 @dataclass(frozen=True)
@@ -729,7 +933,13 @@ def _train(fabric: Any, trainer: _Trainer, evaluate: _Evaluator, tensors: Rows, 
     """In each process: share the node's cores between its processes (restored after), then :func:`_loop`."""
     coll = Collectives(fabric)
     with shared_cores(fabric, coll):
-        return _loop(fabric, coll, trainer, evaluate, tensors, val, run)
+        try:
+            return _loop(fabric, coll, trainer, evaluate, tensors, val, run)
+        except (TrainingDiverged, DataError) as exc:
+            if coll.world == 1:
+                raise
+            # every process raised the same error (decided together): rank 0 hands it back whole, with its step and site
+            return {"error": {"kind": type(exc).__name__, "message": str(exc), "step": getattr(exc, "step", None), "site": getattr(exc, "site", None)}}
 
 
 def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluator, tensors: Rows, val: Rows | None, run: _Run) -> dict[str, Any]:

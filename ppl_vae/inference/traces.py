@@ -28,7 +28,7 @@ from .random import RowDraws, Streams, seeded
 
 __all__ = [
     "SAMPLES", "per_datapoint", "probe", "trace_nesting", "plate_nesting", "traces", "log_weights", "check_pairs", "log_weights_of",
-    "first_nonfinite_site", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict", "PlaceFlat", "data_like", "prior_predictive",
+    "first_nonfinite_site", "ObservedSupport", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict", "PlaceFlat", "data_like", "prior_predictive",
 ]
 
 SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
@@ -166,6 +166,72 @@ def first_nonfinite_site(model_tr: Trace, guide_tr: Trace, plate: str = "data") 
                 if not bool(torch.isfinite(per_datapoint(site, plate)).all()):
                     return name, f"{role} site {name!r} has a non-finite log-density"
     return None, "no single site (the sum overflowed)"
+
+
+class ObservedSupport(Messenger):
+    """Check every observed site's value against its distribution's support (0/1 under a Bernoulli, say).
+
+    Pyro scores a value outside the support without a word when its validation is off (a Bernoulli
+    gives ``0.5 log p + 0.5 log(1 - p)`` for a pixel of 0.5), so a bad row met after the first step
+    would train silently. With ``eager`` the first bad site raises at once (one host read per observed
+    site); without it the checks only accumulate in :attr:`ok`, a boolean tensor on the data's device,
+    so that the caller reads it with its other values and calls :meth:`raise_bad` when it is false.
+    A site masked off as a whole (``mask`` False) is not checked, as Pyro does not validate it either.
+    """
+
+    def __init__(self, *, eager: bool = False, rows: torch.Tensor | None = None, plate: str = "data") -> None:
+        super().__init__()
+        self.eager, self.rows, self.plate = eager, rows, plate
+        self.ok: torch.Tensor | bool = True
+        self.checks: list[tuple[dict[str, Any], torch.Tensor]] = []
+
+    def __enter__(self) -> ObservedSupport:
+        self.ok, self.checks = True, []
+        return super().__enter__()
+
+    def _postprocess_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] != "sample" or not msg["is_observed"] or site_is_subsample(msg) or msg.get("mask") is False:
+            return
+        fn = msg["fn"]
+        if fn.support is torch.distributions.constraints.real or not isinstance(msg["value"], torch.Tensor):
+            return
+        inside = fn.support.check(msg["value"])
+        self.checks.append((msg, inside))
+        self.ok = inside.all() if self.ok is True else self.ok & inside.all()
+        if self.eager and not bool(inside.all()):
+            self.raise_bad()
+
+    def raise_bad(self) -> None:
+        """A :class:`DataError` naming the first observed site and data row with a value outside the support."""
+        for msg, inside in self.checks:
+            if bool(inside.all()):
+                continue
+            where = (~inside).nonzero()[0] if inside.dim() else inside.new_zeros(0, dtype=torch.long)
+            frames = [f.dim for f in msg["cond_indep_stack"] if f.name == self.plate]
+            dim = inside.dim() + frames[0] if frames else -1
+            row = int(where[dim]) if 0 <= dim < where.numel() else None
+            if row is not None and self.rows is not None:
+                row = int(self.rows[row])
+            event = msg["value"][tuple(where)].flatten()
+            base = _base(msg["fn"])
+            try:
+                outside = event[~base.support.check(event)]
+            except (RuntimeError, ValueError, TypeError):  # a support that needs the whole event
+                outside = event
+            shown = f"holds {float(outside[0]):g}, " if outside.numel() else ""
+            named = f"data row {row}" if row is not None else "the data"
+            raise DataError(
+                f"{named}: observed site {msg['name']!r} {shown}outside the support of its {type(base).__name__} "
+                f"({base.support}); fix the data (binarise it, say) or choose a likelihood for such values"
+            )
+        raise DataError("an observed value is outside its distribution's support")
+
+
+def _base(fn: Any) -> Any:
+    """The distribution inside Pyro's ``Independent`` / ``MaskedDistribution`` / ``ExpandedDistribution`` wrappers."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
 
 
 def sample_sites(tr: poutine.Trace) -> dict[str, dict]:

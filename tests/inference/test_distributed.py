@@ -168,7 +168,7 @@ def test_a_ppl_vae_error_in_a_process_keeps_its_type(tmp_path):
             return x[i]
 
     model, guide, _ = ae()
-    with pytest.raises(DataError, match=r"training process [01] failed: data contains NaN or infinite values"):
+    with pytest.raises(DataError, match=r"data row 41 contains NaN or infinite values \(step \d+, epoch 1 on rank [01]\)"):
         fit(model, guide, Rows(), epochs=1, batch_size=20, progress=False, **TWO)
 
 

@@ -302,7 +302,7 @@ def test_a_bad_row_of_a_dataset_is_a_data_error_naming_it():
     x = data(40, seed=2)
     x[33, 1] = float("nan")
     model, guide = tiny()
-    with pytest.raises(DataError, match="data contains NaN or infinite values"):
+    with pytest.raises(DataError, match="data row 33 contains NaN or infinite values"):
         fit(model, guide, RowsOnDemand(x), epochs=1, batch_size=8, progress=False)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ... import io
-from ...errors import ConfigError, check_int
+from ...errors import ConfigError, check_int, check_seed
 from ...guides.local import family_of
 from ...inference.distributed import Spread
 from ...inference.gaps.local import optimize_local
@@ -119,7 +119,7 @@ def compare_run(
     run_dir: str | Path,
     out: str | Path,
     *,
-    num_points: int | None = 10,
+    num_points: int | None = None,
     indices: list[int] | None = None,
     split: str = "test",
     guide: str = "amortized",
@@ -134,16 +134,25 @@ def compare_run(
     spread: Spread | None = None,
     kernel: str = "hmc",
     mass: str = "diag",
-    max_tree_depth: int = 10,
+    max_tree_depth: int | None = None,
 ) -> dict[str, Any]:
     """Compare VI with batched HMC on datapoints of the run in ``run_dir``; write the results to ``out``.
 
+    The datapoints are ``indices``, or ``num_points`` of the split picked at random (10 when neither
+    is given; both is refused). ``max_tree_depth`` is NUTS's (default 10), refused with ``kernel="hmc"``.
     Returns the content of ``compare.json`` (options, indices, wall times,
     divergences and :meth:`Comparison.summary`).
     """
+    if indices is not None and num_points is not None:
+        raise ConfigError("give either --indices or --num-points, not both (the indices name the datapoints)")
+    check_kernel(kernel, 10 if max_tree_depth is None else max_tree_depth, mass)
+    if max_tree_depth is not None and kernel != "nuts":
+        raise ConfigError(f"--max-tree-depth applies to --kernel nuts; --kernel {kernel} takes a fixed number of leapfrog steps")
+    num_points = 10 if indices is None and num_points is None else num_points
+    max_tree_depth = 10 if max_tree_depth is None else max_tree_depth
+    check_seed(seed, "--seed")
 
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
-    check_kernel(kernel, max_tree_depth, mass)
     built, splits = open_run(run_dir)
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(splits)}")
@@ -156,7 +165,7 @@ def compare_run(
         raise ConfigError(f"{run_dir} ({built.config.model}): {exc}") from None
     if spread is not None:
         spread.check(len(picked), tensors[0])
-    out = prepare_run_dir(out, force=force)
+    out = prepare_run_dir(out, command="compare", force=force, inputs=[run_dir])
     args = tuple(t[picked] for t in tensors)
     t0 = time.perf_counter()
     mcmc, vi, comparison = compare_points(built, args, guide=guide, draws=draws, chains=chains, warmup=warmup, vi_draws=vi_draws, seed=seed, progress=progress,
@@ -184,7 +193,7 @@ def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: i
     picked = pick_points(len(data), num_points=min(num_points, len(data)), seed=seed)
     args = tuple(t[picked] for t in data.tensors(with_labels=built.conditional))
     target = Path(out) / "compare"
-    prepare_run_dir(target, force=True)  # the demo owns its run directory: its compare folder is replaced
+    prepare_run_dir(target, command="compare", force=True)  # the demo owns its run directory: its compare folder is replaced
     t0 = time.perf_counter()
     mcmc, vi, comparison = compare_points(built, args, draws=draws, warmup=warmup, chains=chains, seed=seed, index=picked, progress=progress)
     info = {

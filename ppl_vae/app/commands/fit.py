@@ -36,8 +36,8 @@ from ...errors import (
 from ...inference.distributed import make_fabric
 from ...inference.elbo import elbo_per_datapoint, kl_per_site
 from ...inference.random import seeded
-from ...inference.svi import CHECKPOINT, check_resume, fit
-from ..config import RESUMABLE, Config, option_flag
+from ...inference.svi import CHECKPOINT, check_resume, fit, read_checkpoint
+from ..config import LAUNCH, RESUMABLE, Config, option_flag
 from ..figures.run import run_figures
 from ..registry import (
     build_checked,
@@ -50,13 +50,11 @@ from ..runs import (
     LOCK,
     METRICS,
     holding,
+    output_path,
     prepare_run_dir,
     read_config,
     release_run_dir,
 )
-
-#: ``fit``'s options for where and how it runs (Lightning Fabric), from the command line
-LAUNCH = ("accelerator", "devices", "strategy", "precision", "num_nodes")
 
 __all__ = ["run"]
 
@@ -71,12 +69,16 @@ def _resumed(cfg: Config, out: Path) -> tuple[Config, dict[str, list[Any]]]:
     if not (out / CONFIG).is_file():
         raise CheckpointError(f"cannot resume: no {CONFIG} in {out}")
     saved = read_config(out / CONFIG)
+    # where and how the run trained: the saved options unless others are given (a change is refused below)
+    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in LAUNCH if getattr(cfg, k) is None})
     changed = {
         f.name: [getattr(saved, f.name), getattr(cfg, f.name)]
         for f in dataclasses.fields(Config)
         if f.name != "resumed" and getattr(saved, f.name) != getattr(cfg, f.name)
     }
-    fixed = {k: v for k, v in changed.items() if k not in RESUMABLE}
+    # a run saved before its launch options were recorded (None) takes the ones given now: the checkpoint's
+    # number of processes is checked against them
+    fixed = {k: v for k, v in changed.items() if k not in RESUMABLE and not (k in LAUNCH and v[0] is None)}
     if fixed:
         listed = ", ".join(f"{option_flag(k)} ({old!r} -> {new!r})" for k, (old, new) in fixed.items())
         raise ConfigError(
@@ -107,7 +109,7 @@ def _discard(out: Path, created: bool) -> None:
 
 
 def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, progress: bool = True, figures: bool = True,
-        launch: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        launch: Mapping[str, Any] | None = None, command: str = "fit") -> dict[str, Any]:
     """Train ``cfg`` into run directory ``out``; write metrics, history, checkpoint, figures.
 
     With ``resume`` the run in ``out`` continues to ``cfg.epochs`` (the new
@@ -116,10 +118,15 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     what changed in its ``resumed`` list. A longer run re-plans a learning
     rate schedule for the new total from the epoch reached on.
 
-    ``launch`` holds ``fit``'s ``accelerator``, ``devices``, ``strategy``,
-    ``precision`` and ``num_nodes`` (Lightning Fabric); they are checked, with
-    the batch size's split over the processes and a resumed run's number of
-    processes, before anything is written.
+    ``command`` names the command the run directory is marked with (``"demo"`` for the demo's), so that
+    a later ``force`` replaces only a run of the same command (:func:`~ppl_vae.app.runs.prepare_run_dir`).
+
+    Where and how it trains are ``cfg``'s ``accelerator``, ``devices``,
+    ``strategy``, ``precision`` and ``num_nodes`` (Lightning Fabric; ``launch``,
+    a mapping of them, overrides ``cfg``'s); they are checked, with the batch
+    size's split over the processes and a resumed run's number of processes,
+    before anything is written, and recorded in ``config.json``, so a resume
+    of a run trained on several processes runs on the same ones.
 
     Raises
     ------
@@ -129,18 +136,19 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     Interrupted
         On Ctrl-C, saying which checkpoint is kept.
     """
-    out = Path(out)
+    out = output_path(out)
     if force and resume:
         raise ConfigError("give either --force (start the run afresh) or --resume (continue it), not both")
     changed: dict[str, list[Any]] = {}
+    cfg = dataclasses.replace(cfg, **(launch or {}))
     if resume:  # contradictions first: they explain more than a failed check of the combination
         cfg, changed = _resumed(cfg, out)
     cfg = cfg.validate()
-    launch = dict(launch or {})
+    launch = cfg.launch()  # recorded in config.json, so that --resume runs on the same processes
     world = _world_size(cfg, launch)
     with holding():
         try:
-            return _run(cfg, out, changed, force=force, resume=resume, progress=progress, figures=figures, launch=launch, world=world)
+            return _run(cfg, out, changed, force=force, resume=resume, progress=progress, figures=figures, launch=launch, world=world, command=command)
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
                 raise
@@ -158,20 +166,18 @@ def _world_size(cfg: Config, launch: dict[str, Any]) -> int:
 
 
 def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, resume: bool, progress: bool, figures: bool,
-         launch: dict[str, Any], world: int) -> dict[str, Any]:
+         launch: dict[str, Any], world: int, command: str) -> dict[str, Any]:
     splits = load_splits(cfg)  # every input check happens before anything is written
     train = splits["train"]
     built = build_checked(cfg, splits)
     done: int | None = None
     if resume:  # read the checkpoint before anything is written
-        ckpt = io.load_checkpoint(out / CHECKPOINT)
-        done = ckpt.get("epoch")
-        if not isinstance(done, int):
-            raise CheckpointError(f"checkpoint {out / CHECKPOINT} is corrupted or incomplete (no epoch count)")
+        ckpt = read_checkpoint(out / CHECKPOINT, options=cfg.fit_options())  # every field checked, and against config.json
+        done = ckpt["epoch"]
         check_resume(ckpt, cfg.epochs, cfg.patience, out, prefix="--", world_size=world)
         cfg = dataclasses.replace(cfg, resumed=(*cfg.resumed, {"at_epoch": done, "changed": changed}))
     created = not out.exists()
-    prepare_run_dir(out, force=force, resume=resume)
+    prepare_run_dir(out, command=command, force=force, resume=resume, inputs=[cfg.data_dir] if cfg.data_dir else [])
     try:
         io.write_json(out / CONFIG, cfg.to_dict())
         if resume and not io.is_follower():  # it describes the run before this resume; rewritten when this one finishes
@@ -246,7 +252,7 @@ def command(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None}
     if given.get("layers") and "latent_dim" not in given:  # the last layer is the code
         given["latent_dim"] = given["layers"][-1]
-    if args.resume:
+    if args.resume:  # where and how the run trained (--devices, --strategy, ...) come from its config.json too
         if args.force:
             raise ConfigError("give either --force (start the run afresh) or --resume (continue it), not both")
         path = Path(args.out) / CONFIG
@@ -255,8 +261,7 @@ def command(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(read_config(path), **given)  # run() refuses what contradicts the run
     else:
         cfg = Config(**given)
-    launch = {k: getattr(args, k) for k in LAUNCH if getattr(args, k, None) is not None}
-    metrics = run(cfg, args.out, force=args.force, resume=args.resume, progress=not args.no_progress, launch=launch)
+    metrics = run(cfg, args.out, force=args.force, resume=args.resume, progress=not args.no_progress)
     report(metrics, args.out)
     return 0
 

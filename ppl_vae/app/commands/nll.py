@@ -24,12 +24,53 @@ from typing import Any
 import torch
 
 from ... import io
-from ...errors import CheckpointError, ConfigError, check_int
-from ...inference.gaps.bounds import importance_bounds, khat_threshold
+from ...errors import CheckpointError, ConfigError, check_int, check_seed
+from ...inference.gaps.bounds import MAX_SAMPLES, importance_bounds, khat_threshold
 from ...progress import bar
-from ..runs import open_run, prepare_run_dir, releasing
+from ..runs import open_run, output_path, prepare_run_dir, releasing
 
 __all__ = ["nll_run", "command"]
+
+
+COLUMNS = ("index", "iwae", "iwae_se", "elbo", "khat")
+
+
+def _check_progress(saved: dict[str, Any], n: int, path: Path) -> dict[str, torch.Tensor]:
+    """The rows done of a saved progress file, each column checked; a :class:`CheckpointError` naming what is damaged.
+
+    Rows are done in order: the indices are ``0..L-1`` with ``L`` at most ``n``; every bound is finite, each IWAE bound at least the ELBO of the same draws
+    (log-mean-exp is at least the mean), the standard errors finite and non-negative, and k̂ a floating
+    point number (infinite or NaN where too few draws fit no tail).
+    """
+    saved = dict(saved)
+    if "khat" not in saved and isinstance(saved.get("iwae"), torch.Tensor):  # a computation begun before k-hat was kept
+        saved["khat"] = torch.full_like(saved["iwae"], math.nan)
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"{path} is damaged ({what}); remove it and start again with --force")
+
+    for key in COLUMNS:
+        t = saved.get(key)
+        if not isinstance(t, torch.Tensor) or t.dim() != 1:
+            raise damaged(f"no column {key} of one value per image")
+    length = saved["index"].numel()
+    if any(saved[k].numel() != length for k in COLUMNS):
+        raise damaged(f"its columns have different lengths ({', '.join(f'{k} {saved[k].numel()}' for k in COLUMNS)})")
+    if length > n:
+        raise damaged(f"{length} rows done of {n} images")
+    if saved["index"].is_floating_point() or not torch.equal(saved["index"].cpu(), torch.arange(length)):
+        raise damaged(f"its indices are not the images 0..{length - 1} in order")
+    for key in ("iwae", "elbo", "iwae_se"):
+        if not saved[key].is_floating_point() or not bool(torch.isfinite(saved[key]).all()):
+            raise damaged(f"column {key} holds a value that is not a finite number")
+    if bool((saved["iwae_se"] < 0).any()):
+        raise damaged("a negative standard error")
+    slack = 1e-6 * (1 + saved["elbo"].abs())
+    if bool((saved["iwae"] < saved["elbo"] - slack).any()):
+        raise damaged("an IWAE bound below the ELBO of its own draws")
+    if not saved["khat"].is_floating_point():
+        raise damaged("column khat does not hold numbers")
+    return {k: saved[k] for k in COLUMNS}
 
 
 def _names(K: int) -> tuple[str, str, str]:
@@ -44,7 +85,8 @@ def nll_run(run: str | Path, out: str | Path, *, K: int = 5000, split: str = "te
     Refuses, before any work, a model without a density to estimate (a point-mass encoder: an autoencoder's
     objective is not a likelihood).
     """
-    check_int(K, "--K", low=2)
+    check_int(K, "--K", low=2, high=MAX_SAMPLES)
+    check_seed(seed, "--seed")
     check_int(block, "--block")
     check_int(batch_size, "--batch-size")
     if split not in ("train", "valid", "test"):
@@ -58,7 +100,7 @@ def nll_run(run: str | Path, out: str | Path, *, K: int = 5000, split: str = "te
     data = splits[split].tensors(with_labels=built.conditional)
     n = data[0].shape[0] if limit is None else min(check_int(limit, "--limit"), data[0].shape[0])
     csv_name, json_name, partial_name = _names(K)
-    out = Path(out)
+    out = output_path(out)
     partial_path = out / partial_name
     options = {"run": str(run), "split": split, "K": K, "num_points": n, "seed": seed}
     done: dict[str, torch.Tensor] = {}
@@ -66,13 +108,14 @@ def nll_run(run: str | Path, out: str | Path, *, K: int = 5000, split: str = "te
         if not partial_path.is_file():
             raise CheckpointError(f"cannot resume: no {partial_name} in {out}")
         saved = io.load_torch(partial_path)  # weights_only: tensors and plain containers only
-        if saved.get("options") != options:
+        if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
+            raise CheckpointError(f"{partial_path} is damaged (not the progress of an NLL computation)")
+        if saved["options"] != options:
             raise ConfigError(f"--resume must repeat the options of the unfinished computation in {out}: {saved.get('options')}")
-        done = {k: saved[k] for k in ("index", "iwae", "iwae_se", "elbo")}
-        done["khat"] = saved.get("khat", torch.full_like(saved["iwae"], math.nan))  # a computation begun before k-hat was kept
-        out = prepare_run_dir(out, resume=True)
+        done = _check_progress(saved, n, partial_path)
+        out = prepare_run_dir(out, command="nll", resume=True, inputs=[run])
     else:
-        out = prepare_run_dir(out, force=force)
+        out = prepare_run_dir(out, command="nll", force=force, inputs=[run])
     t0 = time.perf_counter()
     start = int(done["index"].numel()) if done else 0
     parts = {k: [v] for k, v in done.items()} if done else {k: [] for k in ("index", "iwae", "iwae_se", "elbo", "khat")}
