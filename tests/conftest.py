@@ -4,7 +4,8 @@ Helpers (import them with ``from conftest import ...``; no test module imports a
 
 * statistics: ``Z`` (standard errors at which a check fails by chance with probability < 1e-4),
   ``se_of_mean``, ``log_mean_exp_bias``;
-* exact answers: ``frozen_ppca`` (a float64 PPCA with frozen parameters), ``inflated_guide``;
+* exact answers: ``frozen_ppca`` (a float64 PPCA with frozen parameters; ``rowwise=True``: its mean
+  computed row by row, ``RowwisePPCA``), ``inflated_guide``;
 * a conjugate scalar model with closed-form gradients: ``X``, ``model``, ``Guide``,
   ``exact_loss_grad``, ``grad_draws``;
 * the command line: ``TINY`` and ``BINARY`` option lists (a 60-row digits run of two epochs);
@@ -52,9 +53,27 @@ def log_mean_exp_bias(se: torch.Tensor) -> float:
     return (se.pow(2).mean() / 2).item()
 
 
-def frozen_ppca(D: int = 6, d: int = 2, sigma: float = 0.7, seed: int = 0) -> PPCA:
+class RowwisePPCA(PPCA):
+    """The same PPCA, its mean ``W z + mu`` computed by elementwise products and a sum instead of one BLAS matmul.
+
+    A matmul need not round a row the same way whatever the number of rows: MKL's dgemm picks its kernel
+    by the matrix sizes, and on an AVX-512 CPU rounds a row of ``z @ W.T`` (6 x 2) without an FMA among at
+    most 5 rows and with one among more. The chains of AIS or HMC are chaotic and grow that last-bit
+    difference to ~1e-8 in a few hundred leapfrog steps, so a datapoint run alone (a few rows: its chains)
+    ends where it would not in its batch. With this mean each row is rounded alike in any batch, and a
+    test of per-datapoint invariance checks the samplers' own arithmetic bit for bit.
+    """
+
+    def forward(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+            loc = (z.unsqueeze(-2) * self.W).sum(-1) + self.mu
+            pyro.sample("x", dist.Normal(loc, self.sigma.expand_as(loc)).to_event(1), obs=x)
+
+
+def frozen_ppca(D: int = 6, d: int = 2, sigma: float = 0.7, seed: int = 0, rowwise: bool = False) -> PPCA:
     torch.manual_seed(seed)
-    m = PPCA(D, d, sigma=sigma).double()
+    m = (RowwisePPCA if rowwise else PPCA)(D, d, sigma=sigma).double()
     with torch.no_grad():
         m.mu.normal_()
     for p in m.parameters():
