@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 __all__ = ["PplVaeError", "DataError", "ConfigError", "CheckpointError", "NotReparameterizableError", "TrainingDiverged", "RunDirectoryError", "ProcessFailed",
-           "Interrupted", "NonFiniteError", "ReliabilityWarning"]
+           "Interrupted", "NonFiniteError", "ReliabilityWarning", "SequentialWarning"]
 
 
 class PplVaeError(Exception):
@@ -93,6 +93,10 @@ def check_finite(value: object, name: str, *, low: float | None = None, error: t
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (low is not None and value < low):
         raise error(f"{name} must be a finite number{f' >= {low:g}' if low is not None else ''}, got {value!r}")
     return float(value)
+
+
+class SequentialWarning(UserWarning):
+    """Code that cannot run its draws or particles vectorised runs them one at a time: the same numbers' kind, a multiple of the time."""
 
 
 class ReliabilityWarning(UserWarning):

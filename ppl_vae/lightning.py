@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .inference.elbo import elbo_per_datapoint
 from .inference.estimators import Estimator, get_estimator
 from .inference.params import discover
+from .inference.plates import find_data_plate, on_data_plate
 from .inference.svi import Objective, as_tensors
 
 __all__ = ["SVIModule"]
@@ -71,10 +72,14 @@ class SVIModule(LightningModule):
     ) -> None:
         super().__init__()
         example = as_tensors(example, "example")
-        self.model, self.guide, self.lr = model, guide, lr
-        found = discover(model, guide, example, modules)
+        plate = find_data_plate(model, guide, example, what="SVIModule")
+        if plate.subsampled:
+            raise ConfigError(f"SVIModule: plate {plate.name!r} subsamples the data itself; a Trainer's DataLoader gives the batches: "
+                              f"write the plate over the rows given, pyro.plate({plate.name!r}, x.shape[0])")
+        self.model, self.guide, self.lr = on_data_plate(model, plate), on_data_plate(guide, plate), lr
+        found = discover(self.model, self.guide, example, modules)
         loss_fn = get_estimator(estimator).loss(model, guide, num_particles)
-        self.objective = Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], num_data, beta)
+        self.objective = Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], num_data, beta, plate=plate)
         loose = [p for p in found.params if self.objective.holds_not(p)]
         if loose:
             raise ConfigError(f"{len(loose)} trained tensor(s) belong to no nn.Module (pyro.param sites); hold them in an nn.Module for Lightning")
@@ -88,7 +93,7 @@ class SVIModule(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        elbo = elbo_per_datapoint(self.model, self.guide, *batch).value
+        elbo = elbo_per_datapoint(self.model, self.guide, *batch, spread=self.objective.n).value
         self.log("val_elbo", elbo.mean(), batch_size=batch[0].shape[0], sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -36,7 +36,7 @@ from .. import io
 from ..errors import ConfigError, check_int
 from .latent import latent_of
 from .mcmc.vi import vi_draws
-from .traces import PlaceFlat, data_like, prior_predictive
+from .traces import PlaceFlat, analysed, data_like, prior_predictive
 
 __all__ = ["Calibration", "calibrate", "Z"]
 
@@ -151,6 +151,7 @@ def calibrate(
     if not template or any(t.shape[0] not in (1, num_datasets) for t in template):
         raise ConfigError(f"give the model's arguments with {num_datasets} rows (or one row, repeated)")
     args = tuple(t if t.shape[0] == num_datasets else t[:1].expand(num_datasets, *t.shape[1:]).clone() for t in template)
+    model, guide = analysed(model, guide, args, "calibration")  # type: ignore[assignment]
     sim = prior_predictive(model, *args, seed=seed, what="calibration")  # refuses a factor, an auxiliary term, a global latent
     latent = latent_of(model, *args, guide=guide, analysis="calibration")  # refuses a discrete or point-mass latent
     observed = _observed_arguments(model, args)

@@ -7,8 +7,12 @@ r"""Per-datapoint ELBO of any model and guide written the ppl-vae way.
     \qquad z_n^{(s)} \sim q(\cdot \mid x_n)
 
 One value per datapoint (shape ``[N]``): the log-densities of every site are
-summed over all dimensions except the ``"data"`` plate. Scales set by
-handlers (minibatch scaling, beta) are ignored: this is the true ELBO.
+summed over all dimensions except the data plate (:mod:`.plates`; any name).
+Scales set by handlers (minibatch scaling, beta, a ``poutine.scale`` in the
+model) are ignored: this is the true ELBO. :func:`evaluate_elbo` scores a
+whole dataset: a global latent's term (a site outside the data plate) is
+shared evenly by its rows, and a model that subsamples its data plate itself
+is given the whole data and, in turn, every row as its subsample.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pyro
 import torch
 
 from ..errors import ConfigError, NonFiniteError, check_int
+from .plates import DataPlate, find_data_plate, on_data_plate
 from .random import seeded
 from .traces import (
     check_pairs,
@@ -28,6 +33,8 @@ from .traces import (
     log_weights_of,
     per_datapoint,
     traces,
+    analysed,
+    restrict,
 )
 
 __all__ = ["Estimate", "elbo_per_datapoint", "evaluate_elbo", "kl_per_site"]
@@ -63,10 +70,12 @@ def elbo_per_datapoint(
     *args: torch.Tensor,
     num_particles: int = 1,
     plate: str = "data",
+    spread: int | None = None,
 ) -> Estimate:
     """ELBO per datapoint and its Monte Carlo standard error, each ``[N]``, as an :class:`Estimate`.
 
-    With a single particle there is no standard error (``se`` is ``None``).
+    With a single particle there is no standard error (``se`` is ``None``). ``spread``: a global latent's
+    term is divided between that many rows (:func:`~.traces.per_datapoint`); without it such a site is refused.
 
     Raises
     ------
@@ -89,7 +98,7 @@ def elbo_per_datapoint(
                 torch.set_rng_state(rng)  # the same draws again, unvalidated, to find the site
                 with pyro.validation_enabled(False):
                     model_tr, guide_tr = traces(model, guide, *args)
-            lw = log_weights_of(model_tr, guide_tr, plate)
+            lw = log_weights_of(model_tr, guide_tr, plate, spread=spread)
             if invalid or not bool(torch.isfinite(lw).all()):
                 name, where = first_nonfinite_site(model_tr, guide_tr, plate)
                 raise NonFiniteError(f"{invalid}the ELBO of {int((~torch.isfinite(lw)).sum())} datapoint(s) is not finite: {where}", site=name)
@@ -107,13 +116,37 @@ def evaluate_elbo(
     *,
     batch_size: int = 1000,
     num_particles: int = 1,
+    plate: DataPlate | str | None = None,
+    index: torch.Tensor | None = None,
+    spread: int | None = None,
 ) -> Estimate:
-    """:func:`elbo_per_datapoint` over ``data`` (a tuple of tensors), in batches of ``batch_size`` rows."""
-    n = data[0].shape[0]
-    parts = [
-        elbo_per_datapoint(model, guide, *(t[i : i + batch_size] for t in data), num_particles=num_particles)
-        for i in range(0, n, batch_size)
-    ]
+    """The ELBO of every row of ``data`` (a tuple of tensors), scored ``batch_size`` rows at a time, as an :class:`Estimate`.
+
+    ``plate`` is the data plate (a :class:`~.plates.DataPlate`, its name, or None: found on a probe of the
+    first rows). Its indices are the rows' dataset indices, ``index`` (default ``0..N-1``), so a guide with
+    per-datapoint parameters scores each row with its own. A global latent's term is shared evenly by
+    ``spread`` rows (default: the ``N`` rows scored; each batch draws it anew, so the rows' sum is an
+    unbiased estimate of the ELBO). A model that subsamples its data plate (``subsample_size=B``) is given
+    the whole ``data`` and scores the rows ``index`` (default all), ``B`` at a time.
+    """
+    if not isinstance(plate, DataPlate):
+        head = tuple(t[:2] for t in data)
+        plate = find_data_plate(model, restrict(guide, slice(0, head[0].shape[0])), head, plate=plate, what="the ELBO")
+    device = data[0].device
+    index = torch.arange(data[0].shape[0], device=device) if index is None else index.to(device)
+    if not plate.subsampled and len(index) != data[0].shape[0]:
+        raise ConfigError(f"index must hold one dataset index per row ({data[0].shape[0]}), got {len(index)}")
+    step = plate.subsample_size or batch_size
+    parts = []
+    for i in range(0, len(index), step):
+        rows = index[i : i + step]
+        if plate.subsampled:  # the model takes the whole data and exactly B indices: the last block is padded with its own rows
+            args, driven = tuple(data), rows[torch.arange(step, device=device) % len(rows)]
+        else:
+            args, driven = tuple(t[i : i + step] for t in data), rows
+        part = elbo_per_datapoint(on_data_plate(model, plate, index=driven), on_data_plate(guide, plate, index=driven), *args,
+                                  num_particles=num_particles, spread=spread or len(index))
+        parts.append(Estimate(part.value[: len(rows)], part.se[: len(rows)] if part.se is not None else None, num_particles))
     se = torch.cat([p.se for p in parts]) if num_particles > 1 else None  # type: ignore[misc]
     return Estimate(torch.cat([p.value for p in parts]), se, num_particles)
 
@@ -136,6 +169,7 @@ def kl_per_site(
     both are unbiased. A site that collapsed to its prior has a term near 0.
     """
     check_int(num_samples, "the number of samples")
+    model, guide = analysed(model, guide, args, "the KL per site")  # type: ignore[assignment]
     with seeded(seed), torch.no_grad():
         model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples)
         check_pairs(model_tr, guide_tr, "the KL per site")

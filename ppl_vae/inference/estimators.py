@@ -211,8 +211,8 @@ class Estimator:
 
     name: ClassVar[str] = ""
 
-    def elbo(self, num_particles: int) -> pyro.infer.ELBO:
-        return pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    def elbo(self, num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
+        return pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
 
     def guide_handler(self) -> Messenger:
         return _RequireRsample()
@@ -230,10 +230,15 @@ class Estimator:
 
         return handled_guide
 
-    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1) -> EstimatorLoss:
-        """``loss(*args)``: a differentiable negative ELBO whose gradient is this estimator's."""
+    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1, *, vectorize: bool = True) -> EstimatorLoss:
+        """``loss(*args)``: a differentiable negative ELBO whose gradient is this estimator's.
+
+        ``vectorize=False`` draws the particles one after another (Pyro's ``vectorize_particles=False``),
+        for code that cannot run them at once; an estimator whose terms need the particles side by
+        side refuses it by name.
+        """
         self.validate(num_particles)
-        elbo, handled_guide = self.elbo(num_particles), self.handled(guide)
+        elbo, handled_guide = self.elbo(num_particles, vectorize), self.handled(guide)
         if not isinstance(elbo, pyro.infer.TraceMeanField_ELBO):
             return EstimatorLoss(lambda *args, **kwargs: elbo.differentiable_loss(model, handled_guide, *args, **kwargs))
 
@@ -433,10 +438,11 @@ class ScoreFunction(Estimator):
         if self.baseline == "loo" and num_particles < 2:
             raise ConfigError(f"the leave-one-out baseline needs --num-particles >= 2, got {num_particles}")
 
-    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1) -> EstimatorLoss:
+    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1, *, vectorize: bool = True) -> EstimatorLoss:
         if self.baseline is None:
-            return super().loss(model, guide, num_particles)
+            return super().loss(model, guide, num_particles, vectorize=vectorize)
         self.validate(num_particles)
+        _side_by_side(self.name, num_particles, vectorize)
         return _BaselineLoss(self, self.elbo(num_particles), model, self.handled(guide))
 
 
@@ -469,9 +475,16 @@ class _BaselineLoss(EstimatorLoss):
         return -_value_preserving(objective, t.log_weight.detach().mean(0).sum()) + extra
 
 
-def _mean_field_elbo(num_particles: int) -> pyro.infer.ELBO:
+def _side_by_side(name: str, num_particles: int, vectorize: bool) -> None:
+    """Refuse, by name, particles one after another for an estimator whose terms compare them side by side."""
+    if not vectorize and num_particles > 1:
+        raise ConfigError(f"estimator {name} compares its {num_particles} particles side by side, and the model or guide cannot run them at "
+                          "once (vectorised); use num_particles=1, or an estimator whose particles run one after another (reparam, score)")
+
+
+def _mean_field_elbo(num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
     """Pyro's ``TraceMeanField_ELBO``: closed-form KL terms where registered, pathwise the rest."""
-    return pyro.infer.TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    return pyro.infer.TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
 
 
 @dataclass(frozen=True)
@@ -480,8 +493,8 @@ class AnalyticKL(Estimator):
 
     name: ClassVar[str] = "analytic-kl"
 
-    def elbo(self, num_particles: int) -> pyro.infer.ELBO:
-        return _mean_field_elbo(num_particles)
+    def elbo(self, num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
+        return _mean_field_elbo(num_particles, vectorize)
 
 
 @dataclass(frozen=True)
@@ -505,7 +518,8 @@ class IWAE(Estimator):
 
     name: ClassVar[str] = "iwae"
 
-    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1) -> EstimatorLoss:
+    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1, *, vectorize: bool = True) -> EstimatorLoss:
+        _side_by_side(self.name, num_particles, vectorize)
         elbo = self.elbo(num_particles)
 
         def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -621,8 +635,8 @@ class Relaxed(Estimator):
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"relaxation temperature must be positive and finite, got {self.temperature}")
 
-    def elbo(self, num_particles: int) -> pyro.infer.ELBO:
-        return _mean_field_elbo(num_particles)  # the discrete KL in closed form, the rest pathwise
+    def elbo(self, num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
+        return _mean_field_elbo(num_particles, vectorize)  # the discrete KL in closed form, the rest pathwise
 
     def guide_handler(self) -> Messenger:
         return _StraightThrough(float(self.temperature))
@@ -634,8 +648,8 @@ class Enumerated(Estimator):
 
     name: ClassVar[str] = "enum"
 
-    def elbo(self, num_particles: int) -> pyro.infer.ELBO:
-        return pyro.infer.TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    def elbo(self, num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
+        return pyro.infer.TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
 
 
 ESTIMATORS: dict[str, Callable[[], Estimator]] = {

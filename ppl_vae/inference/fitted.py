@@ -22,11 +22,13 @@ when it came from :func:`fit`, :meth:`FitResult.load` or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pyro
 import torch
 from pyro import poutine
 from torch import nn
@@ -38,6 +40,7 @@ from .gaps.bounds import importance_bounds
 from .mcmc.hmc import hmc_latent
 from .mcmc.vi import vi_draws
 from .params import Discovered, discover, load_params, owner
+from .plates import DATA, DataPlate, find_data_plate, on_data_plate
 from .random import seeded
 from .traces import prior_predictive
 
@@ -49,12 +52,29 @@ FORMAT = "ppl-vae fitted model"
 
 @dataclass(frozen=True)
 class _Trained:
-    """The model, guide, their parameters and the shapes of the model's arguments (one row each)."""
+    """The model, guide, their parameters, the shapes of the model's arguments (one row each), their data plate and parameter store.
+
+    ``store`` is the Pyro parameter-store state the model and guide were trained in (their bare
+    ``pyro.param`` s; :meth:`pyro.params.param_store.ParamStoreDict.scope`), None where they have none of
+    their own (networks only): every use of the model runs inside it, whatever Pyro's global store holds.
+    """
 
     model: Callable[..., object]
     guide: Callable[..., object]
     found: Discovered
     args: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+    plate: DataPlate = DataPlate(DATA)
+    store: dict[str, Any] | None = None
+
+    def scope(self) -> contextlib.AbstractContextManager[Any]:
+        return pyro.get_param_store().scope(self.store) if self.store is not None else contextlib.nullcontext()
+
+    def programs(self, what: str) -> tuple[Callable[..., object], Callable[..., object]]:
+        """The model and guide with their data plate named ``"data"``; a model that subsamples its plate is refused by ``what``."""
+        if self.plate.subsampled:
+            raise ConfigError(f"{what}: plate {self.plate.name!r} subsamples the data itself (subsample_size={self.plate.subsample_size}), "
+                              f"so the model does not score the rows it is given; {what} needs a plate over them, pyro.plate(name, x.shape[0])")
+        return on_data_plate(self.model, self.plate), on_data_plate(self.guide, self.plate)
 
 
 def _saved_model(path: Path) -> bool:
@@ -114,6 +134,19 @@ class FitResult:
     @property
     def guide(self) -> Callable[..., object]:
         return self._model("guide").guide
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Inside the block, Pyro's parameter store is this result's own: run the model and guide (or any analysis of them) on its parameters.
+
+        ``fit`` trains in a store of its own, so a bare ``pyro.param`` of the model or guide lives in the
+        result, not in Pyro's global store (which is as it was before ``fit``, and is again after the block)::
+
+            with result.scope():
+                report = decompose(model, guide, x)
+        """
+        with self._model("scope").scope():
+            yield
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         """Write the trained parameters, argument shapes and record to ``path`` atomically (no overwrite without ``force``)."""
@@ -178,7 +211,12 @@ class FitResult:
         t = self._model("sample")
         if args and any(a.shape[0] != n for a in args):
             raise ConfigError(f"sample: the model's arguments have {[a.shape[0] for a in args]} rows; give n={n} rows each")
-        return prior_predictive(t.model, *(args or self._blank(n)), seed=seed, what="sample")
+        if not args and len(t.args) > 1:
+            raise ConfigError(f"sample: the model takes {len(t.args)} arguments (a conditional model's labels, say); "
+                              f"give them, n={n} rows each: result.sample(n, x, y)")
+        model, _ = t.programs("sample")
+        with t.scope():
+            return prior_predictive(model, *(args or self._blank(n)), seed=seed, what="sample")
 
     def posterior(self, *data: torch.Tensor, method: Literal["vi", "hmc"] = "vi", num_samples: int = 1000, seed: int = 0,
                   **hmc_options: Any) -> Any:
@@ -194,25 +232,35 @@ class FitResult:
         t = self._model("posterior")
         if method == "vi" and hmc_options:
             raise ConfigError(f"posterior: {', '.join(sorted(hmc_options))} are options of method='hmc', not of the guide's draws")
-        if method == "vi":
-            draws = vi_draws(t.model, t.guide, *data, num_samples=num_samples, seed=seed, method="vi")
-        elif method == "hmc":
-            hmc_options.setdefault("warmup_steps", num_samples)
-            draws = hmc_latent(t.model, *data, num_samples=num_samples, seed=seed, **hmc_options)
-        else:
+        if method not in ("vi", "hmc"):
             raise ConfigError(f"posterior: method must be 'vi' or 'hmc', got {method!r}")
+        model, guide = t.programs("posterior")
+        with t.scope():
+            if method == "vi":
+                draws = vi_draws(model, guide, *data, num_samples=num_samples, seed=seed, method="vi")
+            else:
+                hmc_options.setdefault("warmup_steps", num_samples)
+                draws = hmc_latent(model, *data, num_samples=num_samples, seed=seed, **hmc_options)
         return draws.to_inference_data()
 
-    def elbo(self, *data: torch.Tensor, num_particles: int = 10, batch_size: int = 1000, seed: int = 0) -> Estimate:
-        """The ELBO of each row of ``data`` (nats), averaged over ``num_particles`` guide draws, with its standard error."""
+    def elbo(self, *data: torch.Tensor, num_particles: int = 10, batch_size: int = 1000, seed: int = 0,
+             index: torch.Tensor | None = None) -> Estimate:
+        """The ELBO of each row of ``data`` (nats), averaged over ``num_particles`` guide draws, with its standard error.
+
+        ``index``: the rows' dataset indices (the data plate's indices inside the model and guide: a guide
+        with per-datapoint parameters scores each row with its own); default ``0..N-1``. For a model that
+        subsamples its data plate itself, ``data`` is the whole data and ``index`` the rows to score.
+        """
         t = self._model("elbo")
-        with seeded(seed):
-            return evaluate_elbo(t.model, t.guide, data, batch_size=batch_size, num_particles=num_particles)
+        with seeded(seed), t.scope():
+            return evaluate_elbo(t.model, t.guide, data, batch_size=batch_size, num_particles=num_particles, plate=t.plate, index=index)
 
     def iwae(self, *data: torch.Tensor, K: int = 1000, batch_size: int = 100, seed: int = 0) -> Estimate:
         """The importance-weighted bound (``K`` guide draws) on ``log p(x)`` of each row of ``data``, with its delta-method standard error."""
         t = self._model("iwae")
-        bounds = importance_bounds(t.model, t.guide, *data, num_samples=K, batch_size=batch_size, seed=seed)
+        model, guide = t.programs("iwae")
+        with t.scope():
+            bounds = importance_bounds(model, guide, *data, num_samples=K, batch_size=batch_size, seed=seed)
         return Estimate(bounds.iwae, bounds.iwae_se, K)
 
 
@@ -221,20 +269,31 @@ _RECORD = tuple(k for k in FitResult.__dataclass_fields__ if k != "trained")
 
 
 def attach(result: FitResult, model: Callable[..., object], guide: Callable[..., object], args: Sequence[tuple[tuple[int, ...], torch.dtype]],
-           values: Sequence[torch.Tensor] | None, where: str, modules: Iterable[nn.Module] = (), found: Discovered | None = None) -> FitResult:
-    """``result`` holding ``model`` and ``guide``; with ``values``, their parameters (found by running them on zeros of ``args``) set to those."""
+           values: Sequence[torch.Tensor] | None, where: str, modules: Iterable[nn.Module] = (), found: Discovered | None = None,
+           plate: DataPlate | None = None, store: dict[str, Any] | None = None) -> FitResult:
+    """``result`` holding ``model`` and ``guide``; with ``values``, their parameters (found by running them on zeros of ``args``) set to those.
+
+    ``plate`` and ``store`` are the data plate and the parameter-store state of the fit (:class:`_Trained`); found
+    here where not given: the parameters are then found in a store of their own, whatever Pyro's global one holds.
+    """
     if found is None:  # trial arguments where the networks are (a module given, or the model's or guide's owner), else the CPU
         owners = [*modules, owner(model), owner(guide)]
         first = next((p for m in owners if m is not None for p in m.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
         example = tuple(torch.zeros((2, *shape), dtype=dtype, device=device) for shape, dtype in args)
-        with seeded(0), poutine.block():
+        with seeded(0), poutine.block(), pyro.get_param_store().scope() as state:
             try:
-                found = discover(model, guide, example, modules)
+                plate = plate or find_data_plate(model, guide, example, what=where)
+                rows = plate.subsample_size or 2  # a plate that subsamples itself takes that many indices, of as many rows at least
+                example = tuple(torch.zeros((rows, *shape), dtype=dtype, device=device) for shape, dtype in args)
+                index = torch.arange(rows, device=device)
+                found = discover(on_data_plate(model, plate, index=index), on_data_plate(guide, plate, index=index), example, modules)
             except (ValueError, RuntimeError, TypeError) as exc:
                 raise CheckpointError(f"{where}: the model and guide do not run on arguments of the saved shapes "
                                       f"{[tuple(s) for s, _ in args]} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+        store = state if state["params"] else None
     if values is not None:
         load_params(found.params, values, where)
     found.train(False)
-    return FitResult(**{k: getattr(result, k) for k in _RECORD}, trained=_Trained(model, guide, found, tuple((tuple(s), d) for s, d in args)))
+    trained = _Trained(model, guide, found, tuple((tuple(s), d) for s, d in args), plate or DataPlate(DATA), store)
+    return FitResult(**{k: getattr(result, k) for k in _RECORD}, trained=trained)

@@ -148,6 +148,15 @@ class Streams:
         """A seed drawn from one datapoint's stream (for a :class:`seeded` block that runs that datapoint alone)."""
         return int(torch.randint(2**62, (), generator=self._gens[row], device=self.device))
 
+    def get_state(self) -> list[torch.Tensor]:
+        """Where every datapoint's stream is (for :meth:`set_state`: draws made after it come again)."""
+        return [g.get_state() for g in self._gens]
+
+    def set_state(self, state: list[torch.Tensor]) -> None:
+        """Put every datapoint's stream back where :meth:`get_state` found it."""
+        for g, s in zip(self._gens, state):
+            g.set_state(s)
+
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
         """Draws inside the block come again in the next such block: the generators are put back after it."""

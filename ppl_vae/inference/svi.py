@@ -27,6 +27,7 @@ Hoffman, Blei, Wang & Paisley (2013), Stochastic Variational Inference.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -39,6 +40,7 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.optim import PyroOptim
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
@@ -51,8 +53,10 @@ from ..errors import (
     DataError,
     Interrupted,
     NonFiniteError,
+    PplVaeError,
     ProcessFailed,
     RunDirectoryError,
+    SequentialWarning,
     TrainingDiverged,
     check_finite,
     check_int,
@@ -72,9 +76,10 @@ from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .fitted import FitResult, attach
 from .params import Discovered, discover, load_params
 from .random import seeded
-from .traces import ObservedSupport, traces
+from .plates import DATA, DataPlate, DataRows, find_data_plate, on_data_plate, subsampled_size
+from .traces import ObservedSupport, probe, traces, vectorises
 
-__all__ = ["fit", "FitResult", "Objective", "Rows", "as_tensors", "check_checkpoint", "check_resume", "read_checkpoint", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
+__all__ = ["fit", "FitResult", "StepInfo", "make_optimizer", "Objective", "Rows", "as_tensors", "check_checkpoint", "check_resume", "read_checkpoint", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
@@ -130,6 +135,9 @@ class Rows:
     def __init__(self, source: Any, what: str = "data") -> None:
         self.what, self.tensors, self.dataset, self.collate = what, None, None, default_collate
         self.first: str | None = None  # what a dataset's first row is (its tensors' shapes and dtypes): every row must be so
+        #: the model and guide subsample the data plate themselves (Pyro's ``subsample_size``): they take all the tensors
+        self.whole = False
+        self.moved: tuple[torch.Tensor, ...] | None = None
         if isinstance(source, DataLoader):
             self.dataset, self.collate = source.dataset, source.collate_fn or default_collate
         elif isinstance(source, Dataset) and not isinstance(source, torch.Tensor):
@@ -145,6 +153,14 @@ class Rows:
 
     def __len__(self) -> int:
         return self.n
+
+    def args(self, idx: torch.Tensor, to_device: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """What the model and guide take for the rows ``idx``: those rows, or (:attr:`whole`) all the tensors, moved by ``to_device`` once."""
+        if not self.whole:
+            return tuple(to_device(t) for t in self.take(idx))
+        if self.moved is None:
+            self.moved = tuple(to_device(t) for t in self.tensors)  # type: ignore[union-attr]
+        return self.moved
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The rows ``idx`` as a tuple of tensors; a dataset's rows checked as tensors are, each error naming the row.
@@ -169,14 +185,36 @@ class Rows:
 
 
 class _StepRecord(Messenger):
-    """Keep the sample sites of one step (guide and model), so a bad value is named from that step, not a re-run."""
+    """Keep the sample sites of one step (guide and model), so a bad value is named from that step, not a re-run.
 
-    def __init__(self) -> None:
+    It also keeps the scale each site had from the model's own handlers (a ``poutine.scale`` in it),
+    read before ``fit``'s (the data plate's ``N / B``, beta), which sit outside it, and without the
+    subsampling scale of a data plate ``plate`` that subsamples itself.
+    """
+
+    def __init__(self, plate: str = DATA) -> None:
         super().__init__()
+        self.plate = plate
         self.sites: list[tuple[str, str, Any, torch.Tensor]] = []
+        self.scales: set[float] = set()
 
     def clear(self) -> None:
-        self.sites = []
+        self.sites, self.scales = [], set()
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample" and not site_is_subsample(msg):
+            scale = msg["scale"]
+            if isinstance(scale, torch.Tensor):  # not read back to the host: taken as a per-site weight
+                self.scales.add(math.nan)
+                return
+            for f in msg["cond_indep_stack"]:
+                if f.name == self.plate and f.full_size:
+                    scale = scale * f.size / f.full_size
+            self.scales.add(float(scale))
+
+    def user_scale(self) -> float:
+        """The one scale the model's own handlers gave every site of the step (a normaliser such as ``1 / N``), else 1."""
+        return self.scales.pop() if len(self.scales) == 1 and math.isfinite(next(iter(self.scales))) and next(iter(self.scales)) > 0 else 1.0
 
     def _postprocess_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "sample" and not site_is_subsample(msg):
@@ -186,8 +224,10 @@ class _StepRecord(Messenger):
 
 
 def _named(found: Discovered, params: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Each parameter's name: its module's class and attribute, or its name in the (current) Pyro parameter store, else its number."""
     names = {id(p): f"{type(m).__name__}.{n}" for m in found.modules for n, p in m.named_parameters()}
-    return [(names.get(id(p), f"#{i}"), p) for i, p in enumerate(params)]
+    store = pyro.get_param_store()
+    return [(names.get(id(p)) or store.param_name(p) or f"#{i}", p) for i, p in enumerate(params)]
 
 
 def _culprit(record: _StepRecord, named: list[tuple[str, torch.Tensor]]) -> tuple[str | None, str]:
@@ -259,24 +299,33 @@ class _Evaluator:
     objective, which sums them out, averaged over the data.
     """
 
-    def __init__(self, model: Callable[..., object], guide: Callable[..., object], loss_fn: Callable[..., torch.Tensor], enumerated: list[str], batch_size: int) -> None:
+    def __init__(self, model: Callable[..., object], guide: Callable[..., object], loss_fn: Callable[..., torch.Tensor], enumerated: list[str], batch_size: int,
+                 plate: DataPlate = DataPlate(DATA)) -> None:
         self.model, self.guide, self.loss_fn, self.enumerated, self.batch_size = model, guide, loss_fn, enumerated, batch_size
+        self.plate = plate
         self.coll: Collectives | None = None  # set by the training process: each process scores its shard of the rows
+
+    def _score(self, rows: Rows, idx: torch.Tensor) -> float:
+        """The sum of the ELBOs of the dataset rows ``idx`` (a global latent's term shared by all of ``rows``)."""
+        assert self.coll is not None
+        batch = rows.args(idx, self.coll.fabric.to_device)
+        if not self.enumerated:
+            index = idx.to(batch[0].device)
+            return evaluate_elbo(self.model, self.guide, batch, batch_size=self.batch_size, plate=self.plate, index=index, spread=len(rows)).value.sum().item()
+        # (Pyro's TraceEnum_ELBO refuses to run under no_grad) the rows' share of the objective: a global term counted B / N times
+        with DataRows(self.plate, index=idx, total=len(rows)):
+            return -self.loss_fn(*batch).item() * len(idx) / len(rows)
 
     def __call__(self, rows: Rows, what: str) -> float:
         assert self.coll is not None
         shard, total, failed = self.coll.shard(len(rows)), 0.0, None
         try:  # a failure in one process is decided by all of them together (a lone raise would leave the others waiting)
             for i in range(0, len(shard), self.batch_size):
-                idx = shard[i : i + self.batch_size]
-                batch = tuple(self.coll.fabric.to_device(t) for t in rows.take(idx))
+                idx = shard[i : i + (self.plate.subsample_size or self.batch_size)]
                 with ObservedSupport(eager=True, rows=idx):  # a value outside its support names its row, not Pyro's message
-                    if not self.enumerated:
-                        total += evaluate_elbo(self.model, self.guide, batch, batch_size=self.batch_size).value.sum().item()
-                    else:  # (Pyro's TraceEnum_ELBO refuses to run under no_grad)
-                        total -= self.loss_fn(*batch).item()
-        except (DataError, NonFiniteError) as exc:
-            failed = (type(exc).__name__, str(exc), getattr(exc, "site", None))
+                    total += self._score(rows, idx)
+        except (DataError, NonFiniteError) as exc:  # its first line: Pyro's trace appends the sites' shapes to an error raised inside it
+            failed = (type(exc).__name__, str(exc).splitlines()[0], getattr(exc, "site", None))
         bad = self.coll.first_bad(failed is not None)
         if bad >= 0:
             kind, message, site = self.coll.from_rank(failed, bad)
@@ -327,8 +376,63 @@ def _replan(sched: Any, optimizer: torch.optim.Optimizer) -> None:
     sched._last_lr = lrs
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What :func:`fit` hands its ``callback`` after each optimisation step."""
+
+    step: int
+    epoch: int
+    elbo: float
+    params: tuple[torch.Tensor, ...]
+
+
+def make_optimizer(optimizer: Any, params: list[torch.Tensor], lr: float, names: Sequence[str] = ()) -> tuple[torch.optim.Optimizer, Callable[[], None] | None]:
+    """A torch optimiser over ``params`` from what :func:`fit` takes as ``optimizer``, and the gradient clipping to apply before its steps.
+
+    None: Adam(lr). A ``torch.optim.Optimizer`` class: that class (with ``lr`` where its constructor takes one).
+    A ``pyro.optim`` wrapper (:class:`pyro.optim.PyroOptim`): its torch class with its arguments (a callable
+    of per-parameter arguments is called with each parameter's name, giving one group per parameter) and its
+    ``clip_args`` (``clip_norm`` / ``clip_value`` per parameter, as Pyro clips). A callable: ``optimizer(params)``.
+    """
+    if optimizer is None:
+        return torch.optim.Adam(params, lr=lr), None
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer: pass the class ({type(optimizer).__name__}) or a function of the parameters, not an optimiser "
+                          "already built over parameters (fit finds them)")
+    if isinstance(optimizer, PyroOptim):
+        args, names = optimizer.pt_optim_args, list(names) or [f"#{i}" for i in range(len(params))]
+        if callable(args):
+            groups = [{"params": [p], **(args(n, p) if optimizer.pt_optim_args_argc == 2 else args(n))} for n, p in zip(names, params)]
+            built = optimizer.pt_optim_constructor(groups)
+        else:
+            built = optimizer.pt_optim_constructor(params, **args)
+        clip = dict(optimizer.pt_clip_args or {})
+        unknown = set(clip) - {"clip_norm", "clip_value"}
+        if unknown:
+            raise ConfigError(f"optimizer: unknown clip_args {', '.join(sorted(unknown))}; Pyro's are clip_norm and clip_value")
+
+        def clipping() -> None:  # per parameter, as PyroOptim clips each one's own gradient
+            for p in params:
+                if p.grad is not None:
+                    if "clip_norm" in clip:
+                        torch.nn.utils.clip_grad_norm_(p, clip["clip_norm"])
+                    if "clip_value" in clip:
+                        torch.nn.utils.clip_grad_value_(p, clip["clip_value"])
+
+        return built, clipping if clip else None
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        takes_lr = "lr" in inspect.signature(optimizer).parameters
+        return (optimizer(params, lr=lr) if takes_lr else optimizer(params)), None
+    if callable(optimizer):
+        built = optimizer(params)
+        if not isinstance(built, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(built).__name__}")
+        return built, None
+    raise ConfigError(f"optimizer must be a torch.optim.Optimizer class, a function of the parameters or a pyro.optim optimiser, got {optimizer!r}")
+
+
 class Objective(nn.Module):
-    """What one step differentiates: the loss of a minibatch, scaled to the ``n`` datapoints.
+    """What one step differentiates: the loss of a minibatch, its data plate's sites scaled to the ``n`` datapoints (:class:`~.plates.DataRows`).
 
     A module holding every network the loss trains (the model's, the guide's and the estimator's
     own), whose ``forward`` is the loss: wrapped by a data-parallel module, its forward pass is
@@ -336,13 +440,16 @@ class Objective(nn.Module):
     value is named from the step that produced it.
     """
 
-    def __init__(self, loss_fn: EstimatorLoss, modules: Sequence[nn.Module], n: int, beta: float, kl_warmup: int = 0) -> None:
+    def __init__(self, loss_fn: EstimatorLoss, modules: Sequence[nn.Module], n: int, beta: float, kl_warmup: int = 0,
+                 plate: DataPlate = DataPlate(DATA)) -> None:
         super().__init__()
         self.loss_fn, self.n = loss_fn, n
+        #: the data plate, driven by Pyro's subsampling: its indices are the batch's dataset indices (set each step), the sites inside it scaled by N / B
+        self.rows = DataRows(plate, total=n)
         self.networks = nn.ModuleList(modules)
         self.beta, self.kl_warmup = beta, kl_warmup
         self.scale_latents = _ScaleLatents(beta) if beta != 1.0 or kl_warmup else None
-        self.record = _StepRecord()
+        self.record = _StepRecord(plate.name)
         self.support = ObservedSupport()  # every observed value inside its support, read with the loss
         self.validate = True
 
@@ -359,7 +466,7 @@ class Objective(nn.Module):
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
         self.record.clear()
         with ExitStack() as stack:
-            stack.enter_context(poutine.scale(scale=self.n / batch[0].shape[0]))
+            stack.enter_context(self.rows)
             if self.scale_latents is not None:
                 stack.enter_context(self.scale_latents)
             stack.enter_context(pyro.validation_enabled(self.validate))
@@ -416,6 +523,8 @@ class _Trainer:
         self.module: Any = objective
         self.fabric: Any = None
         self.coll: Collectives | None = None
+        self.clipping: Callable[[], None] | None = None  # a pyro.optim optimiser's gradient clipping, before each step
+        self.callback: Callable[[StepInfo], None] | None = None  # fit's per-step callback
 
     def refuse_loose_params(self, world_size: int) -> None:
         """Several processes reduce the gradients of module parameters only: refuse ``pyro.param`` tensors by name."""
@@ -454,16 +563,19 @@ class _Trainer:
         assert self.coll is not None
         failed = None
         try:
-            batch = tuple(self.fabric.to_device(t) for t in data.take(rows))
+            batch = data.args(rows, self.fabric.to_device)
             self.objective.support.rows = rows
+            self.objective.rows.index = rows
             loss, invalid = self.loss(batch, step)
         except DataError as exc:  # a damaged row, or (with validation on) a value outside the support: found before any collective
             where = f" on rank {self.coll.rank}" if self.coll.world > 1 else ""
-            failed = ("data", f"{exc} (step {step}, epoch {epoch + 1}{where})", None)
+            first = str(exc).splitlines()[0]  # (Pyro's trace appends the sites' shapes to an error raised inside it)
+            failed = ("data", f"{first} (step {step}, epoch {epoch + 1}{where})", None)
         if failed is None:
             flags = torch.stack([loss.detach().to(torch.float64), torch.as_tensor(self.objective.support.ok, device=loss.device).to(torch.float64)])
             value, data_ok = flags.tolist()  # the step's one read back to the host
-            elbo = -value / self.objective.n
+            # per datapoint, without a normaliser the model applies to every site (its ELBO, as the final evaluation reports it)
+            elbo = -value / self.objective.n / self.objective.record.user_scale()
             reason = "data" if not data_ok else f"loss is {value}" if not math.isfinite(elbo) else self.watch.check(elbo)
         bad = self.coll.first_bad(failed is not None or reason is not None)
         if bad >= 0:
@@ -474,7 +586,11 @@ class _Trainer:
             raise TrainingDiverged(message, step=step, site=site)
         self.optim.zero_grad(set_to_none=True)
         self.fabric.backward(loss)
+        if self.clipping is not None:
+            self.clipping()
         self.optim.step()
+        if self.callback is not None:
+            self.callback(StepInfo(step, epoch, elbo, tuple(self.params)))
         return elbo
 
     def _failure(self, reason: str | None, invalid: str, step: int, epoch: int, rank: int) -> tuple[str, str, str | None]:
@@ -522,7 +638,9 @@ class _Trainer:
             self.sched.step()
         self.module.train(False)
         train_elbo = self.coll.sum(total) / self.coll.sum(float(len(order)))
-        return {"epoch": epoch + 1, "step": state.step, "train_elbo": train_elbo, "lr": self.optim.param_groups[0]["lr"]}
+        row = {"epoch": epoch + 1, "step": state.step, "train_elbo": train_elbo}
+        lr = self.optim.param_groups[0].get("lr")  # an optimiser without one (Pyro's AdagradRMSProp) records none
+        return {**row, "lr": float(lr)} if isinstance(lr, (int, float)) else row
 
     def save(self, state: _State, options: dict[str, Any]) -> None:
         """Rank 0 writes the checkpoint, then the history beside it; a failed write (a full disk) leaves the previous checkpoint intact.
@@ -785,16 +903,22 @@ def fit(
     strategy: str = "auto",
     precision: str | int | None = None,
     num_nodes: int = 1,
+    plate: str | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
 ) -> FitResult:
     r"""Fit ``model`` and ``guide`` to ``data`` by maximising the ELBO.
 
     Parameters
     ----------
     model, guide : callable
-        Pyro functions ``f(*batch)`` with a ``"data"`` plate over the rows of
-        the batch. Their networks are found by running them once
+        Pyro functions ``f(*batch)`` with a data plate over the rows of the
+        batch (see ``plate``). Their networks (and ``pyro.module`` /
+        ``pyro.param`` parameters) are found by running them once
         (:mod:`ppl_vae.inference.params`); pass networks they reach in other
-        ways through ``modules``.
+        ways through ``modules``. Training runs in a parameter store of its
+        own (Pyro's ``ParamStoreDict.scope``): a bare ``pyro.param`` starts
+        from its initial value, lives in the returned result, and neither
+        Pyro's global store nor a later fit changes it.
     data : tensor, tuple of tensors, Dataset or DataLoader
         One row per datapoint; a batch is ``tuple(t[idx] for t in data)``, or
         a map-style dataset's rows collated (:class:`Rows`; a DataLoader gives
@@ -805,8 +929,14 @@ def fit(
         Samples per datapoint per step, vectorised.
     epochs, batch_size, lr : int, int, float
         Passes over the data, minibatch size, Adam learning rate.
-    optimizer : callable, optional
-        ``params -> torch.optim.Optimizer``; Adam(lr) by default.
+    optimizer : optimiser class, callable or ``pyro.optim`` optimiser, optional
+        Adam(lr) by default; a ``torch.optim.Optimizer`` class (given ``lr=lr``
+        where it takes one), a callable ``params -> torch.optim.Optimizer``, or
+        one of Pyro's ``pyro.optim`` wrappers (``pyro.optim.Adam({"lr": 1e-3})``,
+        ``pyro.optim.AdagradRMSProp({"eta": 0.5})``, ``ClippedAdam``: its
+        arguments, per-parameter ones included, and its gradient clipping).
+        No ``lr`` key is assumed: the history records the learning rate where
+        the optimiser has one.
     lr_schedule : {"cosine", "exponential"} or callable, optional
         Stepped once per epoch; the named ones are :func:`lr_factor` of
         (epoch, ``epochs``). Resuming with a larger ``epochs`` re-plans the
@@ -839,6 +969,19 @@ def fit(
     validate_every_step : bool
         Keep Pyro's and torch's argument validation on for every step;
         by default it is on for the first step only (it costs ~20 % per step).
+    plate : str, optional
+        The data plate's name; by default the plate over the rows of the
+        batch (any name), or the one plate that subsamples the data itself
+        (:mod:`.plates`). Its indices inside the model and guide are the
+        batch's dataset indices; only the sites inside it are scaled by
+        ``N / B``, so a global latent's KL is counted once. A plate written
+        over the whole data with Pyro's ``subsample_size=B`` (``x[ind]``
+        inside) is given the whole ``data`` each step, with the batch as its
+        subsample (``batch_size`` must be ``B``; one process; tensors).
+    callback : callable, optional
+        Called after every optimisation step with a :class:`StepInfo`
+        (step, epoch, the minibatch's ELBO, the parameters): to clip or
+        project parameters, or log, from your own code.
     accelerator, devices, strategy, precision, num_nodes
         Where and how the loop runs, through Lightning Fabric
         (:mod:`ppl_vae.inference.distributed`): ``accelerator`` ``cpu``,
@@ -884,10 +1027,32 @@ def fit(
     fabric = make_fabric(accelerator, devices, strategy, precision, num_nodes, like=tensors.like)
     if batch_size % fabric.world_size:
         raise ConfigError(f"batch_size {batch_size} must be a multiple of the number of processes ({fabric.world_size})")
+    store = pyro.get_param_store()
+    with store.scope() as state:  # the result's own parameter store: a bare pyro.param lives here, not in Pyro's global one
+        payload, handed, trainer, found, example, data_plate = _fit(
+            model, guide, tensors, val, est, fabric, options, num_particles=num_particles, epochs=epochs, batch_size=batch_size, lr=lr,
+            optimizer=optimizer, lr_schedule=lr_schedule, patience=patience, beta=beta, kl_warmup=kl_warmup, seed=seed, out=out, resume=resume,
+            progress=progress, modules=modules, eval_batch_size=eval_batch_size, validate_every_step=validate_every_step, plate=plate,
+            callback=callback,
+        )
+    result = FitResult(**{**payload["result"], "history": tuple(payload["result"]["history"])})
+    return attach(result, model, guide, [(tuple(t.shape[1:]), t.dtype) for t in example], None, "fit", found=found, plate=data_plate,
+                  store=state if state["params"] else None)
+
+
+def _fit(model: Callable[..., object], guide: Callable[..., object], tensors: Rows, val: Rows | None, est: Estimator, fabric: Any,
+         options: dict[str, Any], *, num_particles: int, epochs: int, batch_size: int, lr: float, optimizer: Any, lr_schedule: Any,
+         patience: int | None, beta: float, kl_warmup: int, seed: int, out: str | Path | None, resume: bool, progress: bool,
+         modules: Iterable[nn.Module], eval_batch_size: int, validate_every_step: bool, plate: str | None, callback: Any) -> tuple[Any, ...]:
+    """:func:`fit` inside its parameter scope: the pieces, the processes, the payload of rank 0 (its failure raised here)."""
     with seeded(seed):
-        trainer, evaluate, found, example = _setup(model, guide, tensors, est, num_particles, batch_size, lr, optimizer, lr_schedule, epochs, beta,
-                                   seed, out, modules, eval_batch_size, kl_warmup)
+        trainer, evaluate, found, example, data_plate = _setup(model, guide, tensors, est, num_particles, batch_size, lr, optimizer, lr_schedule,
+                                                               epochs, beta, seed, out, modules, eval_batch_size, kl_warmup, plate)
+    trainer.callback = callback
     trainer.refuse_loose_params(fabric.world_size)
+    if data_plate.subsampled and fabric.world_size > 1:
+        raise ConfigError(f"plate {data_plate.name!r} subsamples the data itself (subsample_size={data_plate.subsample_size}), so each step "
+                          "takes one subsample: train it in one process, or write the plate over the rows given, pyro.plate(name, x.shape[0])")
     if resume:  # refused before any process starts
         check_resume(read_checkpoint(Path(out) / CHECKPOINT), epochs, patience, out, world_size=fabric.world_size)  # type: ignore[arg-type]
     run = _Run(epochs, batch_size, patience, seed, resume, progress, validate_every_step, options)
@@ -902,8 +1067,7 @@ def fit(
         raise TrainingDiverged(error["message"], step=error["step"], site=error["site"])
     if handed:  # rank 0 ran in another process: its final values go into the caller's networks
         load_params(trainer.params, payload["params"], "of the training process")
-    result = FitResult(**{**payload["result"], "history": tuple(payload["result"]["history"])})
-    return attach(result, model, guide, [(tuple(t.shape[1:]), t.dtype) for t in example], None, "fit", found=found)
+    return payload, handed, trainer, found, example, data_plate
 
 
 def _kept(out: str | Path | None) -> str:
@@ -979,24 +1143,89 @@ def _loop(fabric: Any, coll: Collectives, trainer: _Trainer, evaluate: _Evaluato
 
 
 def _setup(model: Callable[..., object], guide: Callable[..., object], tensors: Rows, est: Estimator, num_particles: int,
-           batch_size: int, lr: float, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None,
-           lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None, epochs: int, beta: float, seed: int, out: str | Path | None,
-           modules: Iterable[nn.Module], eval_batch_size: int, kl_warmup: int = 0) -> tuple[_Trainer, _Evaluator, Discovered, tuple[torch.Tensor, ...]]:
-    """Find the networks, build the loss, the optimiser and schedule, the divergence watch and the evaluator (with the networks found and the example batch)."""
+           batch_size: int, lr: float, optimizer: Any, lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None, epochs: int,
+           beta: float, seed: int, out: str | Path | None, modules: Iterable[nn.Module], eval_batch_size: int, kl_warmup: int = 0,
+           plate: str | None = None) -> tuple[_Trainer, _Evaluator, Discovered, tuple[torch.Tensor, ...], DataPlate]:
+    """Find the data plate and the networks, build the loss, the optimiser and schedule, the divergence watch and the evaluator.
+
+    Everything ``fit`` refuses is found here, on the first batch, before any training: the data plate
+    (:func:`~.plates.find_data_plate`), and one evaluation of the loss, which refuses (by name) a site
+    the estimator cannot handle.
+    """
     n = len(tensors)
-    example = tensors.take(torch.arange(min(n, batch_size), device="cpu"))
-    found = discover(model, guide, example, modules)
-    loss_fn = est.loss(model, guide, num_particles)
+    rows = torch.arange(min(n, batch_size), device="cpu")
+    example = tensors.take(rows)
+    data_plate = _data_plate(model, guide, tensors, example, batch_size, plate)
+    args = tensors.args(rows[: data_plate.subsample_size], lambda t: t) if data_plate.subsampled else example
+    rows = rows[: data_plate.subsample_size]
+    why = vectorises(on_data_plate(model, data_plate, index=rows), on_data_plate(guide, data_plate, index=rows), *args) if num_particles > 1 else None
+    if why is not None:
+        warnings.warn(f"fit: the model or guide cannot run its {num_particles} particles at once ({why}): they run one after another, "
+                      f"about {num_particles} times the time of vectorised particles per step", SequentialWarning, stacklevel=3)
+    with DataRows(data_plate, index=rows, total=n):  # the first batch as training sees it
+        found = discover(model, guide, args, modules)
+        loss_fn = est.loss(model, guide, num_particles, vectorize=why is None)
+        extra, networks = loss_fn.parameters(*args), loss_fn.networks(*args)
     # networks the estimator trains itself (NVIL's baseline) come last, so the model's and guide's keep their order
     own = {id(p) for p in found.params}
-    params = list(found.params) + [p for p in loss_fn.parameters(*example) if id(p) not in own]
+    params = list(found.params) + [p for p in extra if id(p) not in own]
     if not params:
         raise ConfigError("the model and guide use no trainable parameters")
-    optim = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    objective = Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], n, beta, kl_warmup)
-    bounded, enumerated = _inspect(model, guide, example)
+    named = _named(found, params)
+    optim, clipping = make_optimizer(optimizer, params, lr, [name for name, _ in named])
+    if lr_schedule is not None and not all("lr" in g for g in optim.param_groups):
+        raise ConfigError(f"lr_schedule needs an optimiser with a learning rate ('lr' in its parameter groups); {type(optim).__name__} has none")
+    objective = Objective(loss_fn, [*found.modules, *networks], n, beta, kl_warmup, plate=data_plate)
+    objective.rows.index = rows
+    _probe_loss(objective, args)
+    bounded, enumerated = _inspect(on_data_plate(model, data_plate, index=rows), on_data_plate(guide, data_plate, index=rows), args)
     trainer = _Trainer(
-        objective, params, _named(found, params), optim, _schedule(optim, lr_schedule, epochs),
+        objective, params, named, optim, _schedule(optim, lr_schedule, epochs),
         seed, _DivergenceWatch(bounded, beta), out,
     )
-    return trainer, _Evaluator(model, guide, loss_fn, enumerated, eval_batch_size), found, example
+    trainer.clipping = clipping
+    return trainer, _Evaluator(model, guide, loss_fn, enumerated, eval_batch_size, data_plate), found, args, data_plate
+
+
+def _probe_loss(objective: Objective, args: tuple[torch.Tensor, ...]) -> None:
+    """One loss on the first batch, so that a site the estimator refuses is named now, not after an epoch.
+
+    Only the package's own refusals (a :class:`~ppl_vae.errors.PplVaeError`) come out of it: any other
+    failure is the first step's to meet and name. The networks are in evaluation mode (no batch-norm
+    statistics move), without gradients, and the estimator's running statistics are put back after
+    it: training starts as if it had not run.
+    """
+    state, mode = objective.loss_fn.state_dict(), objective.training
+    objective.train(False)
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            objective(*args)
+    except (ConfigError, DataError) as exc:  # one line (Pyro's trace appends the sites' shapes to an error raised inside it)
+        raise type(exc)(str(exc).splitlines()[0]) from None
+    except PplVaeError:
+        raise
+    except Exception:  # noqa: BLE001 - the first training step meets it again, and names it
+        pass
+    finally:
+        objective.train(mode)
+        objective.loss_fn.load_state_dict(state)
+
+
+def _data_plate(model: Callable[..., object], guide: Callable[..., object], tensors: Rows, example: tuple[torch.Tensor, ...], batch_size: int,
+                plate: str | None) -> DataPlate:
+    """The data plate of ``model`` and ``guide``; for one they subsample themselves, the checks that ``fit`` can drive it."""
+    found = find_data_plate(model, guide, example, plate=plate, what="fit")
+    if not found.subsampled:
+        return found
+    where = f"plate {found.name!r} subsamples the data itself (subsample_size={found.subsample_size})"
+    if tensors.tensors is None:
+        raise ConfigError(f"fit: {where}, so the model takes the whole data: give fit tensors, not a Dataset read batch by batch")
+    if found.subsample_size != batch_size:
+        raise ConfigError(f"fit: {where}; fit's batch_size is {batch_size}: give batch_size={found.subsample_size}, "
+                          "so that fit's batches are the plate's subsamples")
+    size = subsampled_size(model, guide, tensors.tensors, found)
+    if size != len(tensors):
+        raise ConfigError(f"fit: {where} over {size} rows, and the data has {len(tensors)}: the plate's size must be the number of rows")
+    tensors.whole = True
+    return found

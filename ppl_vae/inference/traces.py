@@ -12,23 +12,28 @@ bound and analysis of the package is built on these.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
+from pyro.distributions import TorchDistribution
+from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
-from ..errors import ConfigError, DataError, PplVaeError
+from ..errors import ConfigError, DataError, PplVaeError, SequentialWarning
+from .plates import find_data_plate, on_data_plate
 from .random import RowDraws, Streams, seeded
 
 __all__ = [
     "SAMPLES", "per_datapoint", "probe", "trace_nesting", "plate_nesting", "traces", "log_weights", "check_pairs", "log_weights_of",
-    "first_nonfinite_site", "ObservedSupport", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict", "PlaceFlat", "data_like", "prior_predictive",
+    "first_nonfinite_site", "ObservedSupport", "analysed", "vectorises", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict", "PlaceFlat", "data_like", "prior_predictive",
 ]
 
 SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
@@ -39,12 +44,21 @@ def _keep_dim(lp: torch.Tensor, site: dict, name: str) -> int | None:
         return None
     return lp.dim() + dims[0] if dims[0] < 0 else dims[0]
 
-def per_datapoint(site: dict, plate: str, values: torch.Tensor | None = None) -> torch.Tensor:
-    """A site's log-density (or ``values`` of its batch shape, e.g. a KL) summed over everything but the data plate (and the draws plate, if any)."""
+def per_datapoint(site: dict, plate: str, values: torch.Tensor | None = None, *, spread: int | None = None) -> torch.Tensor:
+    """A site's log-density (or ``values`` of its batch shape, e.g. a KL) summed over everything but the data plate (and the draws plate, if any).
+
+    A site outside the data plate (a global latent, shared by every datapoint) is refused, unless ``spread``
+    (the dataset's number of rows) is given: its term is then divided evenly between the datapoints,
+    ``1 / spread`` of it in each row, so that the rows of the whole dataset sum to the ELBO.
+    """
     lp = site["fn"].log_prob(site["value"]) if values is None else values
     if site.get("mask") is not None:
         lp = lp * site["mask"]
     keep_data = _keep_dim(lp, site, plate)
+    if keep_data is None and spread is not None:
+        draws = _keep_dim(lp, site, SAMPLES)
+        total = lp.sum([d for d in range(lp.dim()) if d != draws]) if lp.dim() else lp
+        return (total / spread).unsqueeze(-1)  # [S, 1] or [1]: broadcast over the rows
     if keep_data is None:
         raise ConfigError(f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint bounds need every site inside it")
     keep = [d for d in (_keep_dim(lp, site, SAMPLES), keep_data) if d is not None]
@@ -107,11 +121,120 @@ def traces(
             model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
             return model_tr, guide_tr
         depth = plate_nesting(model, guide, *args) if nesting is None else nesting
-        with draws, pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
-            guide_tr = poutine.trace(guide).get_trace(*args)
-        with pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
-            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
-    return model_tr, guide_tr
+        if not _sequential(model, guide):
+            state = streams.get_state() if streams is not None else None  # a failed attempt's draws are not the draws' own
+            try:
+                with draws, pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
+                    guide_tr = poutine.trace(guide).get_trace(*args)
+                with pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
+                    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+                return model_tr, guide_tr
+            except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+                if isinstance(exc, PplVaeError):
+                    raise
+                failed = exc
+            if streams is not None:
+                streams.set_state(state)  # type: ignore[arg-type]
+            one = traces(model, guide, *args, streams=streams)  # fails as the code fails, if it fails without the draws' plate too
+            _SEQUENTIAL.setdefault(_unwrapped(model), weakref.WeakSet()).add(_unwrapped(guide))
+            first = str(failed).strip().splitlines()[0][:160] if str(failed).strip() else type(failed).__name__
+            warnings.warn(f"the model or guide cannot run {num_samples} draws at once ({type(failed).__name__}: {first}): they run one at a "
+                          f"time, about {num_samples} times the time of vectorised draws", SequentialWarning, stacklevel=2)
+        else:
+            one = traces(model, guide, *args, streams=streams)
+        runs = [one] + [traces(model, guide, *args, streams=streams) for _ in range(num_samples - 1)]
+    frame = CondIndepStackFrame(SAMPLES, -(depth + 1), num_samples, 0, num_samples)
+    return _stack([m for m, _ in runs], frame), _stack([g for _, g in runs], frame)
+
+
+def vectorises(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor, num_samples: int = 2) -> str | None:
+    """None if ``model`` and ``guide`` run ``num_samples`` draws at once (in a plate left of theirs); else why not, in one line."""
+    depth = plate_nesting(model, guide, *args)
+    try:
+        with torch.no_grad(), poutine.block(), pyro.validation_enabled(False):
+            with pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
+                guide_tr = poutine.trace(guide).get_trace(*args)
+            with pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
+                poutine.replay(model, trace=guide_tr)(*args)
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        if isinstance(exc, PplVaeError):
+            raise
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {first}"
+    return None
+
+
+#: the (model, guide) pairs whose code failed under vectorised draws: they run their draws one at a time (:func:`traces`)
+_SEQUENTIAL: weakref.WeakKeyDictionary[Callable[..., object], weakref.WeakSet[Callable[..., object]]] = weakref.WeakKeyDictionary()
+
+
+def _sequential(model: Callable[..., object], guide: Callable[..., object]) -> bool:
+    try:
+        return _unwrapped(guide) in _SEQUENTIAL.get(_unwrapped(model), ())
+    except TypeError:  # not weakly referenceable: tried again each time
+        return False
+
+
+def _unwrapped(program: Callable[..., object]) -> Callable[..., object]:
+    """The user's own program inside the package's wrappers (``__wrapped__``): what is or is not vectorisable is its code."""
+    while hasattr(program, "__wrapped__"):
+        program = program.__wrapped__  # type: ignore[attr-defined]
+    return program
+
+
+class _Stacked(TorchDistribution):
+    """The distributions of one site in ``S`` separate runs, as one distribution with the draws' dimension in front.
+
+    What a site of a vectorised run would be, built from runs that could not be vectorised: its
+    batch shape is ``(S, *batch)`` (``batch`` padded to ``depth`` dimensions), and its log-density at
+    a stacked value is each run's log-density at its own value, stacked.
+    """
+
+    arg_constraints: dict[str, Any] = {}
+
+    def __init__(self, fns: Sequence[Any], depth: int, *, observed: bool = False) -> None:
+        self.fns, self.depth, self.observed = list(fns), depth, observed
+        first = self.fns[0]
+        batch = torch.broadcast_shapes(*(fn.batch_shape for fn in self.fns))
+        batch = torch.Size((1,) * (depth - len(batch)) + tuple(batch))
+        super().__init__(torch.Size((len(self.fns), *batch)), first.event_shape, validate_args=False)
+
+    @property
+    def support(self) -> Any:
+        return self.fns[0].support
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.fns[0].has_rsample
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        values = [value] * len(self.fns) if self.observed else value.unbind(0)  # an observed value is every run's
+        return torch.stack([fn.log_prob(v).expand(self.batch_shape[1:]) for fn, v in zip(self.fns, values)])
+
+
+def _stack(trs: Sequence[Trace], frame: CondIndepStackFrame) -> Trace:
+    """One trace of the ``S`` runs ``trs`` of one program, as a run with ``S`` vectorised draws would be (in the draws' plate ``frame``)."""
+    depth = -frame.dim - 1
+    out = Trace()
+    for name, site in trs[0].nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            out.add_node(name, **site)
+            continue
+        sites = [tr.nodes[name] for tr in trs]
+        event = site["fn"].event_dim
+
+        def padded(v: torch.Tensor) -> torch.Tensor:
+            return v.reshape((1,) * (depth + event - v.dim()) + tuple(v.shape)) if v.dim() < depth + event else v
+
+        stacked = dict(site)
+        stacked["fn"] = _Stacked([s["fn"] for s in sites], depth, observed=site["is_observed"])
+        stacked["value"] = torch.stack([padded(s["value"]) for s in sites]) if not site["is_observed"] else site["value"]
+        masks = [s.get("mask") for s in sites]
+        if all(isinstance(m, torch.Tensor) for m in masks):
+            stacked["mask"] = torch.stack([m.reshape((1,) * (depth - m.dim()) + tuple(m.shape)) for m in masks])  # type: ignore[union-attr]
+        stacked["cond_indep_stack"] = (frame, *site["cond_indep_stack"])
+        out.add_node(name, **stacked)
+    return out
 
 def log_weights(
     model: Callable[..., object],
@@ -144,28 +267,48 @@ def check_pairs(model_tr: Trace, guide_tr: Trace, what: str = "the ELBO") -> Non
         if name not in model_sites and not guide_tr.nodes[name]["infer"].get("is_auxiliary"):
             raise ConfigError(f"{what}: guide site {name!r} is not a latent site of the model")
 
-def log_weights_of(model_tr: Trace, guide_tr: Trace, plate: str = "data") -> torch.Tensor:
-    """``log p(x, z) - log q(z | x)`` per datapoint (and draw) from a guide trace and the model replayed on it."""
+def log_weights_of(model_tr: Trace, guide_tr: Trace, plate: str = "data", *, spread: int | None = None) -> torch.Tensor:
+    """``log p(x, z) - log q(z | x)`` per datapoint (and draw) from a guide trace and the model replayed on it (``spread``: :func:`per_datapoint`)."""
     check_pairs(model_tr, guide_tr, "the importance weights")
     total: torch.Tensor | int = 0
     for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
         for site in tr.nodes.values():
             if site["type"] == "sample" and not site_is_subsample(site):
-                total = total + sign * per_datapoint(site, plate)
+                total = total + sign * per_datapoint(site, plate, spread=spread)
     if isinstance(total, int):
         raise ConfigError("the model has no sample sites")
     return total
 
 def first_nonfinite_site(model_tr: Trace, guide_tr: Trace, plate: str = "data") -> tuple[str | None, str]:
-    """``(name, description)`` of the first guide or model site whose value or per-datapoint log-density is not finite (in the traces themselves)."""
+    """``(name, description)`` of the first guide or model site whose value or per-datapoint log-density is not finite, or
+    whose distribution has a parameter outside its constraint (in the traces themselves)."""
     for role, tr in (("guide", guide_tr), ("model", model_tr)):
         for name, site in tr.nodes.items():
             if site["type"] == "sample" and not site_is_subsample(site):
                 if not bool(torch.isfinite(site["value"]).all()):
                     return name, f"{role} site {name!r} has a non-finite value"
-                if not bool(torch.isfinite(per_datapoint(site, plate)).all()):
+                if not bool(torch.isfinite(per_datapoint(site, plate, spread=1)).all()):
                     return name, f"{role} site {name!r} has a non-finite log-density"
+                bad = _invalid_parameter(site["fn"])
+                if bad is not None:
+                    return name, f"{role} site {name!r} has its parameter {bad} outside its constraint"
     return None, "no single site (the sum overflowed)"
+
+
+def _invalid_parameter(fn: Any) -> str | None:
+    """The name of a parameter of ``fn`` (or of a distribution it wraps) outside its ``arg_constraints``, as torch's validation checks them."""
+    while fn is not None:
+        for name, constraint in getattr(fn, "arg_constraints", {}).items():
+            value = fn.__dict__.get(name)  # a lazily computed parameter (probs of a logits-built Bernoulli) is not checked
+            if isinstance(value, torch.Tensor) and not torch.distributions.constraints.is_dependent(constraint):
+                try:
+                    inside = constraint.check(value)
+                except (RuntimeError, ValueError, TypeError):
+                    continue
+                if not bool(inside.all()):
+                    return f"{name} ({type(fn).__name__})"
+        fn = getattr(fn, "base_dist", None)
+    return None
 
 
 class ObservedSupport(Messenger):
@@ -317,3 +460,106 @@ def prior_predictive(model: Callable[..., object], *args: torch.Tensor, seed: in
         if not any(f.name == "data" for f in s["cond_indep_stack"]):
             raise ConfigError(f"{what}: site {name!r} is outside the 'data' plate (a global latent): its draw would be shared by all {n} rows")
     return {name: s["value"] for name, s in sites.items()}
+
+
+def _no_guide(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def analysed(
+    model: Callable[..., object],
+    guide: Callable[..., object] | None,
+    data: Sequence[torch.Tensor],
+    analysis: str,
+    *,
+    plate: str | None = None,
+    local: bool = True,
+) -> tuple[Callable[..., object], Callable[..., object] | None]:
+    """The model and guide a per-datapoint analysis runs, with its data plate named ``"data"``; what it refuses, refused now.
+
+    Found on a probe run of the first two rows (:func:`~.plates.find_data_plate`), before any work:
+    the data plate (any name, or ``plate``), which is then named ``"data"``. Refused by name: a model
+    that subsamples its data plate itself (it does not score the rows it is given); a ``pyro.param``
+    missing from Pyro's parameter store (the analysis would run on its initial value, not on what
+    ``fit`` trained: run it inside ``result.scope()``); with ``local``, a latent site outside the data
+    plate (a global latent: the analysis is per datapoint).
+    """
+    if not data or not isinstance(data[0], torch.Tensor) or data[0].dim() < 1 or data[0].shape[0] < 1:
+        raise ConfigError(f"{analysis} needs at least one datapoint (a tensor with rows)")
+    head = tuple(t[:2] for t in data)
+    first = restrict(guide, slice(0, head[0].shape[0])) if guide is not None else _no_guide  # a per-datapoint guide, cut to the probe's rows
+    with torch.no_grad(), poutine.block(), pyro.get_param_store().scope(pyro.get_param_store().get_state()):
+        modules = probe(analysis, lambda: _modules_called(model, first, head), data)  # (its message shows the data's shapes)
+    with _evaluation(modules):
+        found = find_data_plate(model, first, head, plate=plate, what=analysis)
+    if found.subsampled:
+        raise ConfigError(f"{analysis}: plate {found.name!r} subsamples the data itself (subsample_size={found.subsample_size}), so the model "
+                          f"does not score the rows it is given; write it over them, pyro.plate({found.name!r}, x.shape[0])")
+    if found.fresh:
+        raise ConfigError(f"{analysis}: pyro.param {found.fresh[0]!r} is not in Pyro's parameter store, so the analysis would use its initial "
+                          "value; a fit keeps its parameters in its result: run the analysis inside `with result.scope():`")
+    if local and found.shared:
+        raise ConfigError(f"{analysis} is per datapoint; site {found.shared[0]!r} is outside the data plate {found.name!r} "
+                          "(a latent shared by all datapoints)")
+    return _evaluating(on_data_plate(model, found), modules), (_evaluating(on_data_plate(guide, found), modules) if guide is not None else None)
+
+
+@contextlib.contextmanager
+def _evaluation(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """``modules`` in evaluation mode inside the block, each back in its own mode after."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.train(False)
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def _modules_called(model: Callable[..., object], guide: Callable[..., object], args: tuple[torch.Tensor, ...]) -> list[torch.nn.Module]:
+    """The modules with a training mode that matters (batch norm, dropout) that one run of ``guide`` and ``model`` calls.
+
+    Each is put in evaluation mode as it is first called (so that a batch norm in training mode runs on a
+    probe of one row), and back in its own mode after the run.
+    """
+    seen: dict[int, tuple[torch.nn.Module, bool]] = {}
+
+    def hook(module: torch.nn.Module, inputs: Any) -> None:
+        if isinstance(module, _MODED) and id(module) not in seen:
+            seen[id(module)] = (module, module.training)
+            module.train(False)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        guide_tr = poutine.trace(guide).get_trace(*args)
+        poutine.replay(model, trace=guide_tr)(*args)
+    finally:
+        handle.remove()
+        for module, mode in seen.values():
+            module.train(mode)
+    return [module for module, _ in seen.values()]
+
+
+#: the layers whose training mode changes what they compute
+_MODED = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm, torch.nn.InstanceNorm1d,
+          torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+          torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def _evaluating(program: Callable[..., object], modules: Sequence[torch.nn.Module]) -> Callable[..., object]:
+    """``program`` with ``modules`` in evaluation mode while it runs (:func:`_evaluation`): a datapoint's result does not
+    depend on its batch (batch norm's running statistics, not the batch's) and draws no dropout noise."""
+    if not modules:
+        return program
+
+    def run(*args: Any, **kwargs: Any) -> object:
+        with _evaluation(modules):
+            return program(*args, **kwargs)
+
+    run.__wrapped__ = program  # type: ignore[attr-defined]
+
+    select = getattr(program, "select", None)
+    if callable(select):
+        run.select = lambda rows: _evaluating(select(rows), modules)  # type: ignore[attr-defined]
+    return run

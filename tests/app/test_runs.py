@@ -255,7 +255,7 @@ def test_an_early_stopped_run_is_its_best_epoch(tmp_path, monkeypatch):
     checkpointed: dict[int, list[torch.Tensor]] = {}
     save = io.save_torch
 
-    def fake_validation(model, guide, data, batch_size=1000):
+    def fake_validation(model, guide, data, batch_size=1000, **options):
         n = data[0].shape[0] if isinstance(data, tuple) else data.shape[0]
         return Estimate(torch.full((n,), next(vals, -1.0)), None, 1)
 

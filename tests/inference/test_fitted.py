@@ -251,8 +251,10 @@ def test_m2_samples_its_labels_from_the_prior_and_refuses_what_it_cannot_do():
     assert list(draws) == ["z", "y", "x"]
     freq = torch.bincount(draws["y"].long(), minlength=C).double() / n
     assert ((freq - 1 / C).abs() < Z * math.sqrt((1 / C) * (1 - 1 / C) / n)).all(), freq  # binomial SE of each class's share
+    with pytest.raises(ConfigError, match="the model takes 2 arguments"):
+        result.sample(n)  # no arguments: zeros for the labels would be labels of class 0, not draws of y
     with pytest.raises(ConfigError, match="site 'y_aux' is scaled or masked"):
-        result.sample(n)  # zeros in the shape of the training arguments: labels given, so the auxiliary term runs
+        result.sample(n, x.new_zeros(n, D), torch.zeros(n, dtype=torch.long))  # labels given, so the auxiliary term runs
     with pytest.raises(ConfigError, match="'y'"):
         result.posterior(x[:2], method="hmc", num_samples=10)  # HMC cannot move a discrete latent
 

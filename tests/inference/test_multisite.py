@@ -374,7 +374,7 @@ def test_a_discrete_site_is_refused_by_name_before_any_work(run):
 
 def test_global_latents_and_point_masses_are_refused_by_name():
     x = torch.randn(3, 2)
-    with pytest.raises(ConfigError, match="site 'w' is outside the 'data' plate"):
+    with pytest.raises(ConfigError, match="site 'w' is outside the data plate"):
         hmc_latent(global_model, x)
     with pytest.raises(ConfigError, match="guide site 'z' is a point mass"):
         decompose(plain_model, point_mass_guide, x)

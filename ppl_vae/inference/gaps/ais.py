@@ -50,6 +50,7 @@ from ..distributed import Spread, spread_rows
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
 from ..mcmc.kernel import State, StepSize, transition
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
+from ..traces import analysed
 from .bounds import cat_optional, log_mean_exp
 
 __all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_schedule"]
@@ -254,6 +255,8 @@ def ais(
     guide = init if callable(init) else None
     if guide is None and init != "prior":
         raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
+    model, guide = analysed(model, guide, data, "AIS")
+    init = guide if guide is not None else init
     n = latent_of(model, *data, guide=guide, analysis="AIS").num_points
     index = dataset_index(index, n)
     if spread is not None:
@@ -302,6 +305,7 @@ def bdmc(
     shows a bar over the annealing steps (pilot, forward and reverse runs).
     """
     _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept)
+    model, _ = analysed(model, None, template, "BDMC")
     with seeded(seed), bar(total=3 * num_steps, desc=f"BDMC {num_steps} steps", unit="step", enabled=progress) as shown:
         with poutine.block(), torch.no_grad():
             tr = poutine.trace(poutine.uncondition(model)).get_trace(*template)

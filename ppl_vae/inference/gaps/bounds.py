@@ -54,7 +54,7 @@ from ...progress import bar
 from ..distributed import Spread, spread_rows
 from ..mcmc.azcompat import pareto_khat
 from ..random import Streams, Tag, base_seed, dataset_index, draws_in_batches, seeded
-from ..traces import log_weights, plate_nesting, probe, restrict
+from ..traces import analysed, log_weights, plate_nesting, probe, restrict
 
 __all__ = ["MAX_SAMPLES", "Bounds", "importance_bounds", "chunks", "log_mean_exp", "cat_optional", "khat_threshold", "tail_size", "khat_of_tail"]
 
@@ -216,6 +216,7 @@ def importance_bounds(
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     n = _check_data(data)
     index = dataset_index(index, n)
+    model, guide = analysed(model, guide, data, "the importance bounds")  # type: ignore[assignment]
     if spread is not None:
         with seeded(seed), torch.no_grad():
             base = base_seed(seed)  # one seed for every process

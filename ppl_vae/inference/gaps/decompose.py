@@ -54,6 +54,7 @@ from ...errors import ConfigError, ReliabilityWarning, check_int
 from ...guides.local import FAMILIES, family_of
 from ..distributed import Collectives, Spread, spread_rows
 from ..latent import guide_in_latent_space, latent_of
+from ..traces import analysed
 from ..random import dataset_index
 from .ais import ais
 from .ais import check_options as check_ais_options
@@ -336,6 +337,7 @@ def decompose(
         check_ais_options(**ais_options)
         if logpx == "ais" or unreliable == "ais":
             check_int(ais_options.get("num_chains", 2), "the number of AIS chains (at least 2 for a standard error)", low=2)
+    model, guide = analysed(model, guide, data, "the gap decomposition")  # type: ignore[assignment]
     q, own, families = _families(model, guide, data, families)
     extra = ("full",) if proposals is None else tuple(proposals)
     if any(f not in FAMILIES for f in extra):

@@ -70,7 +70,7 @@ from ...guides.local import FAMILIES, LocalPosterior, family_of
 from ...progress import bar
 from ..latent import guide_in_latent_space, latent_draws, latent_of
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
-from ..traces import log_weights_of, plate_nesting, traces
+from ..traces import analysed, log_weights_of, plate_nesting, traces
 from .bounds import importance_bounds
 
 __all__ = ["LocalFit", "optimize_local", "check_options", "start_distribution"]
@@ -208,6 +208,8 @@ def optimize_local(
     if isinstance(init, str) and init != "prior":
         raise ConfigError(f"init must be a guide, a distribution or 'prior', got {init!r}")
     guide = init if callable(init) and not isinstance(init, torch.distributions.Distribution) else None
+    model, guide = analysed(model, guide, data, "the local optimisation (q*)")  # type: ignore[assignment]
+    init = guide if guide is not None else init
     latent = latent_of(model, *data, guide=guide, analysis="the local optimisation (q*)")
     n = latent.num_points
     idx = dataset_index(index, n)

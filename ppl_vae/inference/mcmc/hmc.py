@@ -76,6 +76,7 @@ from ..traces import (
     sum_but_first,
     trace_nesting,
     vectorized,
+    analysed,
 )
 from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
 from .kernel import State, StepSize, nuts_transition, transition
@@ -543,7 +544,9 @@ def hmc_latent(
     check_kernel(kernel, max_tree_depth, mass)
     tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
                   max_energy_error=max_energy_error, init_steps=init_steps, progress=progress, kernel=kernel, max_tree_depth=max_tree_depth, mass=mass)
-    n = latent_of(model, *args, analysis="latent-posterior MCMC").num_points  # refuse before any work
+    model, guide = analysed(model, init if callable(init) else None, args, "latent-posterior MCMC")  # refuse before any work
+    init = guide if guide is not None else init
+    n = latent_of(model, *args, analysis="latent-posterior MCMC").num_points
     index = dataset_index(index, n)
     if spread is not None:
         if not (isinstance(init, str) or callable(init)):

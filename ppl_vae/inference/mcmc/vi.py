@@ -32,6 +32,7 @@ from ..traces import (
     trace_nesting,
     traces,
     vectorized,
+    analysed,
 )
 from .draws import Draws, point_layout, site_dims
 
@@ -64,6 +65,7 @@ def vi_draws(
     depend on the other rows.
     """
     check_int(num_samples, "number of VI draws")
+    model, guide = analysed(model, guide, args, "VI draws")  # type: ignore[assignment]
     latent = latent_of(model, *args, guide=guide, analysis="VI draws")
     n = latent.num_points
     idx = dataset_index(index, n)
@@ -101,6 +103,7 @@ def vi_draws_latent(
     stream per datapoint, as :func:`vi_draws` (any other ``q`` from one
     stream seeded by ``seed``).
     """
+    model, _ = analysed(model, None, args, "VI draws")
     latent = latent_of(model, *args, analysis="VI draws")
     if tuple(q.batch_shape) != (latent.num_points,) or tuple(q.event_shape) != (latent.dim,):
         raise ConfigError(

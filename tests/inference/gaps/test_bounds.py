@@ -180,7 +180,7 @@ def test_bdmc_brackets_exact_log_px():
 def test_bad_inputs_are_clear_errors():
     m = frozen_ppca()
     x = m.sample(3)
-    with pytest.raises(ConfigError, match="K must be a positive integer"):
+    with pytest.raises(ConfigError, match="K must be an integer from 1 to"):
         importance_bounds(m, m.exact_guide, x, num_samples=0)
     with pytest.raises(ConfigError, match="num-steps must be a positive integer"):
         ais(m, x, num_steps=0)

@@ -208,7 +208,7 @@ def test_gaps_command_writes_table_csv_json_and_figure(tiny_run, tmp_path, capsy
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--K", "0"], "--K must be a positive integer"),
+        (["--K", "0"], "--K must be an integer from 1 to"),
         (["--num-points", "100000"], "more than the split has"),
         (["--logpx", "exact"], "unknown --logpx"),
         (["--split", "nope"], "unknown split"),
