@@ -261,7 +261,8 @@ def test_a_global_latent_trains_to_its_exact_conjugate_posterior_as_pyro_s_svi_d
 
     (Scaling every site by N / B, the global Beta's KL counted ten times, pulls q to the prior: a mean near 0.5.)
     Over 3 seeds each, q's mean and sd from ``fit`` and from Pyro's ``SVI`` (Pyro's own subsampling) agree within the
-    spread of the seeds; both are within a tenth of a posterior sd of the exact mean and a fifth of the exact sd.
+    spread of the seeds; fit's mean is within its seeds' standard error of the exact mean, its sd within a fifth of
+    the exact sd (a 10x KL would shrink it toward the prior's 0.11 and pull the mean to 0.54).
     """
     model, guide = coin()
 
@@ -290,7 +291,8 @@ def test_a_global_latent_trains_to_its_exact_conjugate_posterior_as_pyro_s_svi_d
     b = torch.tensor([pyro_run(s) for s in range(3)], dtype=torch.float64)
     for k in range(2):  # the mean, the sd
         assert abs(a[:, k].mean() - b[:, k].mean()) < Z * math.sqrt(a[:, k].var() / 3 + b[:, k].var() / 3), (a, b)
-    assert abs(float(a[:, 0].mean()) - float(EXACT.mean)) < 0.1 * float(EXACT.stddev), (a, EXACT.mean)
+    # Adam's last iterate jitters about the optimum, the exact posterior: the mean over seeds is within its standard error of it
+    assert abs(float(a[:, 0].mean()) - float(EXACT.mean)) < Z * float(a[:, 0].std()) / math.sqrt(3), (a, EXACT.mean)
     assert abs(float(a[:, 1].mean()) / float(EXACT.stddev) - 1) < 0.2, (a, EXACT.stddev)
 
 
