@@ -58,16 +58,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import pyro
 import pyro.distributions as dist
 import pyro.infer
 import torch
-from pyro.distributions.util import is_identically_zero
-from pyro.infer.util import is_validation_enabled
+from pyro import poutine
+from pyro.distributions.util import is_identically_zero, scale_and_mask
+from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_model_guide_match
 from torch import nn
+from torch.distributions import kl_divergence
 
 from ..errors import ConfigError, NotReparameterizableError
+from .traces import plate_nesting
 
 __all__ = ["Estimator", "EstimatorLoss", "Reparameterized", "ScoreFunction", "AnalyticKL", "IWAE", "Relaxed", "Enumerated", "ParticleTerms", "particle_terms", "get_estimator", "ESTIMATORS", "BASELINES", "is_latent"]
 
@@ -239,15 +244,19 @@ class Estimator:
         """
         self.validate(num_particles)
         elbo, handled_guide = self.elbo(num_particles, vectorize), self.handled(guide)
-        if not isinstance(elbo, pyro.infer.TraceMeanField_ELBO):
+        if isinstance(elbo, pyro.infer.TraceEnum_ELBO):  # Pyro's own (it reads each site's value back to the host)
             return EstimatorLoss(lambda *args, **kwargs: elbo.differentiable_loss(model, handled_guide, *args, **kwargs))
+        particles = Particles(num_particles, vectorize)
+        mean_field = isinstance(elbo, pyro.infer.TraceMeanField_ELBO)
+        if not mean_field:
+            return EstimatorLoss(lambda *args, **kwargs: trace_loss(particles(model, handled_guide, args, kwargs), num_particles))
 
         def mean_field_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
             # Pyro only warns when it cannot verify a mean-field guide, and its closed-form KL terms are then wrong
             # (a structured q(z2 | z1) is not independent of z1): refuse by name instead. Pyro checks under
             # validation only (fit's first step), so the other steps take the plain loss.
             if not is_validation_enabled():
-                return elbo.differentiable_loss(model, handled_guide, *args, **kwargs)
+                return trace_loss(particles(model, handled_guide, args, kwargs), num_particles, mean_field=True)
             with warnings.catch_warnings():
                 warnings.filterwarnings("error", message="Failed to verify mean field restriction")
                 try:
@@ -271,7 +280,122 @@ class Reparameterized(Estimator):
 
 
 # ---------------------------------------------------------------------------
-# per-particle, per-datapoint terms on Pyro's vectorised traces
+# the traces of a step's particles, and Pyro's Trace_ELBO / TraceMeanField_ELBO surrogate losses on them
+
+
+class Particles:
+    """The ``(model_trace, guide_trace)`` pairs of one step's particles: one pair with the particles vectorised in a plate left of
+    the model's (Pyro's ``vectorize_particles``), else one per particle; log-densities and score parts computed.
+
+    How many plates deep the model goes is found on the first call and kept.
+    """
+
+    def __init__(self, num_particles: int, vectorize: bool = True) -> None:
+        self.num_particles, self.vectorize, self.nesting = num_particles, vectorize and num_particles > 1, None
+
+    def __call__(self, model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
+        if not self.vectorize:
+            return [self._run(model, guide, args, kwargs) for _ in range(self.num_particles)]
+        if self.nesting is None:
+            self.nesting = plate_nesting(model, guide, *args)
+        dim, k = -(self.nesting + 1), self.num_particles
+
+        def vectorized(fn: Callable[..., object]) -> Callable[..., object]:
+            def run(*a: Any, **kw: Any) -> object:
+                with pyro.plate(PARTICLES, k, dim=dim):
+                    return fn(*a, **kw)
+
+            return run
+
+        return [self._run(vectorized(model), vectorized(guide), args, kwargs)]
+
+    @staticmethod
+    def _run(model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+        if is_validation_enabled():
+            check_model_guide_match(model_tr, guide_tr)
+        model_tr, guide_tr = prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
+        model_tr.compute_log_prob()
+        guide_tr.compute_score_parts()
+        return model_tr, guide_tr
+
+
+def _log_r(model_tr: Any, guide_tr: Any) -> MultiFrameTensor:
+    """Each model site's log p minus the guide's log q, detached, kept per plate frame: the cost a score-function term multiplies
+    (summed to a site's own plates, so a datapoint's term meets its own cost only: Pyro's Rao-Blackwellisation over plates)."""
+    log_r, stacks = MultiFrameTensor(), get_plate_stacks(model_tr)
+    for name, site in model_tr.nodes.items():
+        if site["type"] == "sample":
+            term = site["log_prob"] if site["is_observed"] else site["log_prob"] - guide_tr.nodes[name]["log_prob"]
+            log_r.add((stacks[name], term.detach()))
+    return log_r
+
+
+def trace_loss(pairs: list[tuple[Any, Any]], num_particles: int, *, mean_field: bool = False) -> torch.Tensor:
+    r"""Pyro's ``Trace_ELBO`` (or, with ``mean_field``, ``TraceMeanField_ELBO``) loss on traced particles, read back nowhere.
+
+    The value is the negative ELBO; the gradient is the surrogate's: the pathwise terms of reparameterised
+    sites (their entropy terms), and the score function of the others times their downstream cost,
+
+    .. math::
+
+        
+abla \mathcal{L} = \mathbb{E}ig[
+abla (\log p - \log q)_{	ext{pathwise}}
+            + (\log p - \log q)_{	ext{downstream}} 
+abla \log q_{	ext{score}}ig].
+
+    With ``mean_field`` a latent site's KL term is taken in closed form where torch registers it
+    (``kl_divergence``), scaled and masked as the site is. Pyro's own implementations read each site's
+    value back to the host (``torch_item``, a NaN check); here everything stays a tensor, so one step
+    reads back only what its caller asks for.
+    """
+    elbo: torch.Tensor | float = 0.0
+    surrogate: torch.Tensor | float = 0.0
+    for model_tr, guide_tr in pairs:
+        log_r = None
+        for name, site in model_tr.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if not mean_field or site["is_observed"]:
+                elbo, surrogate = elbo + site["log_prob_sum"], surrogate + site["log_prob_sum"]
+                continue
+            q_site = guide_tr.nodes[name]
+            try:
+                kl = scale_and_mask(kl_divergence(q_site["fn"], site["fn"]), scale=q_site["scale"], mask=q_site["mask"])
+            except NotImplementedError:
+                elbo, surrogate = elbo + site["log_prob_sum"], surrogate + site["log_prob_sum"]
+                continue
+            kl_sum = kl.sum() if torch.is_tensor(kl) else kl * torch.Size(q_site["fn"].batch_shape).numel()
+            elbo, surrogate = elbo - kl_sum, surrogate - kl_sum
+        for name, site in guide_tr.nodes.items():
+            if site["type"] != "sample" or (mean_field and name in model_tr.nodes and not model_tr.nodes[name]["is_observed"]
+                                            and _has_kl(site, model_tr.nodes[name])):
+                continue
+            _, score, entropy = site["score_parts"]
+            elbo = elbo - site["log_prob_sum"]
+            if not is_identically_zero(entropy):
+                surrogate = surrogate - entropy.sum()
+            if not is_identically_zero(score):
+                log_r = _log_r(model_tr, guide_tr) if log_r is None else log_r
+                surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score).sum()
+    elbo_t = torch.as_tensor(elbo)
+    surrogate_t = torch.as_tensor(surrogate)
+    return -(elbo_t.detach() + surrogate_t - surrogate_t.detach()) / num_particles
+
+
+def _has_kl(q_site: dict[str, Any], p_site: dict[str, Any]) -> bool:
+    """Whether torch registers a closed-form KL between a guide site's and the model site's distributions."""
+    try:
+        kl_divergence(q_site["fn"], p_site["fn"])
+    except NotImplementedError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# per-particle, per-datapoint terms on vectorised traces
 
 
 @dataclass(frozen=True)
@@ -321,10 +445,10 @@ def _common_scale(sites: list[dict[str, Any]]) -> float | None:
 
 
 def particle_terms(
-    elbo: pyro.infer.ELBO, model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict, plate: str = "data"
+    particles: Particles, model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict, plate: str = "data"
 ) -> ParticleTerms:
-    """One draw of ``elbo``'s (vectorised) traces cut into :class:`ParticleTerms`."""
-    model_tr, guide_tr = next(iter(elbo._get_traces(model, guide, args, kwargs)))
+    """One draw of the (vectorised) particles' traces (:class:`Particles`) cut into :class:`ParticleTerms`."""
+    model_tr, guide_tr = particles(model, guide, args, kwargs)[0]
     data = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
     zero = data.new_zeros(()) if data is not None else torch.zeros((), device="cpu")
     log_p, log_q, entropy, score, has_score = zero, zero, zero, zero, False
@@ -443,20 +567,20 @@ class ScoreFunction(Estimator):
             return super().loss(model, guide, num_particles, vectorize=vectorize)
         self.validate(num_particles)
         _side_by_side(self.name, num_particles, vectorize)
-        return _BaselineLoss(self, self.elbo(num_particles), model, self.handled(guide))
+        return _BaselineLoss(self, Particles(num_particles), model, self.handled(guide))
 
 
 class _BaselineLoss(EstimatorLoss):
     """The score-function loss with a baseline (:class:`ScoreFunction`); it owns the baseline's state and network."""
 
-    def __init__(self, est: ScoreFunction, elbo: pyro.infer.ELBO, model: Callable[..., object], guide: Callable[..., object]) -> None:
-        self.est, self.elbo, self.model, self.guide = est, elbo, model, guide
+    def __init__(self, est: ScoreFunction, particles: Particles, model: Callable[..., object], guide: Callable[..., object]) -> None:
+        self.est, self.particles, self.model, self.guide = est, particles, model, guide
         self.running = _Running(est.decay)
         build = (lambda x, *rest: [_nvil_net(x, est.hidden)]) if est.baseline == "nvil" else None
         super().__init__(self._loss, build=build, state=self.running if est.baseline != "loo" else None)
 
     def _loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        t = particle_terms(self.elbo, self.model, self.guide, args, kwargs)
+        t = particle_terms(self.particles, self.model, self.guide, args, kwargs)
         f = t.log_weight.detach()
         extra = f.new_zeros(())
         if self.est.baseline == "loo":
@@ -520,10 +644,10 @@ class IWAE(Estimator):
 
     def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1, *, vectorize: bool = True) -> EstimatorLoss:
         _side_by_side(self.name, num_particles, vectorize)
-        elbo = self.elbo(num_particles)
+        particles = Particles(num_particles)
 
         def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
-            t = particle_terms(elbo, model, guide, args, kwargs)
+            t = particle_terms(particles, model, guide, args, kwargs)
             if t.scale is None:
                 raise ConfigError("iwae needs one scale on every site (beta-weighting is not defined for the IWAE bound)")
             lw = t.log_weight / t.scale

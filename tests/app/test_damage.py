@@ -28,7 +28,7 @@ from ppl_vae.app.runs import load_run
 from ppl_vae.cli import main
 from ppl_vae.errors import CheckpointError, DataError, ProcessFailed, TrainingDiverged
 from ppl_vae.guides import amortized_guide
-from ppl_vae.inference import svi
+from ppl_vae.inference import loop
 from ppl_vae.nn import MLP, GaussianEncoder
 
 pytestmark = pytest.mark.usefixtures("empty_data_home")
@@ -275,14 +275,14 @@ def test_a_killed_worker_is_one_line_and_the_run_resumes_from_its_folder_alone(t
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     argv = [*TINY, "--epochs", "4", *TWO]
     assert main(["fit", "--out", str(whole), *argv]) == 0
-    real = svi._Trainer.step
+    real = loop.Trainer.step
 
     def step(self, data, rows, step, epoch):
         if epoch == 2 and tdist.is_initialized() and tdist.get_rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, data, rows, step, epoch)
 
-    monkeypatch.setattr(svi._Trainer, "step", step)
+    monkeypatch.setattr(loop.Trainer, "step", step)
     capsys.readouterr()
     assert main(["fit", "--out", str(killed), *argv]) == 2
     monkeypatch.undo()
@@ -332,13 +332,13 @@ def test_fit_result_of_a_killed_process_run_is_a_process_failed_error(tmp_path, 
     """From Python the same failure is a :class:`ProcessFailed` (a ``ppl-vae`` error, one line)."""
     model, guide = bernoulli_vae()
     x = (torch.arange(D) % 2).float().repeat(40, 1)
-    real = svi._Trainer.step
+    real = loop.Trainer.step
 
     def step(self, data, rows, step, epoch):
         if tdist.is_initialized() and tdist.get_rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, data, rows, step, epoch)
 
-    monkeypatch.setattr(svi._Trainer, "step", step)
+    monkeypatch.setattr(loop.Trainer, "step", step)
     with pytest.raises(ProcessFailed, match="training process 1 was killed by signal SIGKILL.*no checkpoint was written"):
         fit(model, guide, x, epochs=2, batch_size=10, progress=False, out=tmp_path / "run", accelerator="cpu", devices=2, strategy="ddp")

@@ -24,6 +24,7 @@ import torch
 from conftest import BINARY as TINY
 from conftest import one_line
 
+import ppl_vae.inference.loop as loop
 import ppl_vae.inference.svi as svi
 from ppl_vae import io
 from ppl_vae.app import runs
@@ -66,7 +67,7 @@ def strict_json(path: Path) -> object:
 
 def interrupt_at_validation(monkeypatch, call: int) -> None:
     """Ctrl-C during the ``call``-th validation pass of ``fit`` (one per epoch, after the epoch's steps)."""
-    real, seen = svi.evaluate_elbo, {"n": 0}
+    real, seen = loop.evaluate_elbo, {"n": 0}
 
     def evaluate(*args, **kwargs):
         seen["n"] += 1
@@ -74,7 +75,7 @@ def interrupt_at_validation(monkeypatch, call: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(svi, "evaluate_elbo", evaluate)
+    monkeypatch.setattr(loop, "evaluate_elbo", evaluate)
 
 
 # --------------------------------------------------------------------------- never unpickle from disk
@@ -263,7 +264,7 @@ def test_an_early_stopped_run_is_its_best_epoch(tmp_path, monkeypatch):
         checkpointed[state["epoch"]] = [p.clone() for p in state["params"]]
         return save(path, state)
 
-    monkeypatch.setattr(svi, "evaluate_elbo", fake_validation)
+    monkeypatch.setattr(loop, "evaluate_elbo", fake_validation)
     monkeypatch.setattr(io, "save_torch", recording_save)
     out = tmp_path / "es"
     cfg = Config(binarize="threshold", limit=60, hidden=(16,), batch_size=32, epochs=10, patience=2)

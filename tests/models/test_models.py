@@ -189,7 +189,7 @@ def _kl(model, guide, x):
 
 
 def test_beta_scales_exactly_the_kl_term(digits):
-    from ppl_vae.inference.svi import _ScaleLatents
+    from ppl_vae.inference.step import _ScaleLatents
 
     model, guide, *_ = small_vae()
     x = digits[:20]
