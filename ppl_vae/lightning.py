@@ -32,11 +32,11 @@ from lightning import LightningModule
 from torch import nn
 
 from .errors import ConfigError
+from .inference.batches import as_tensors
 from .inference.elbo import elbo_per_datapoint
-from .inference.estimators import Estimator, get_estimator
-from .inference.params import discover
-from .inference.plates import find_data_plate, on_data_plate
-from .inference.svi import Objective, as_tensors
+from .inference.estimators import Estimator
+from .inference.plates import on_data_plate
+from .inference.step import SVI
 
 __all__ = ["SVIModule"]
 
@@ -72,24 +72,25 @@ class SVIModule(LightningModule):
     ) -> None:
         super().__init__()
         example = as_tensors(example, "example")
-        plate = find_data_plate(model, guide, example, what="SVIModule")
+        self.svi = SVI(model, guide, estimator=estimator, num_particles=num_particles, lr=lr, beta=beta, num_data=num_data, modules=modules,
+                       own_store=False)
+        self.svi.setup(*example)  # the step fit takes: the data plate, the parameters, every refusal
+        plate = self.svi.data_plate
         if plate.subsampled:
             raise ConfigError(f"SVIModule: plate {plate.name!r} subsamples the data itself; a Trainer's DataLoader gives the batches: "
                               f"write the plate over the rows given, pyro.plate({plate.name!r}, x.shape[0])")
         self.model, self.guide, self.lr = on_data_plate(model, plate), on_data_plate(guide, plate), lr
-        found = discover(self.model, self.guide, example, modules)
-        loss_fn = get_estimator(estimator).loss(model, guide, num_particles)
-        self.objective = Objective(loss_fn, [*found.modules, *loss_fn.networks(*example)], num_data, beta, plate=plate)
-        loose = [p for p in found.params if self.objective.holds_not(p)]
+        self.objective = self.svi.objective
+        loose = [p for p in self.svi.params if self.objective.holds_not(p)]
         if loose:
             raise ConfigError(f"{len(loose)} trained tensor(s) belong to no nn.Module (pyro.param sites); hold them in an nn.Module for Lightning")
         self.objective.validate = False
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        loss = self.objective(*batch)
-        self.log("train_elbo", -loss.detach() / self.objective.n, prog_bar=True, batch_size=batch[0].shape[0])
-        return loss
+        out = self.svi.loss(*batch)  # the step's loss; Lightning does the backward pass and the optimiser's step
+        self.log("train_elbo", -out.loss.detach() / self.objective.n, prog_bar=True, batch_size=batch[0].shape[0])
+        return out.loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)

@@ -27,12 +27,13 @@ from .mcmc import (
     vi_draws_latent,
 )
 from .pretrain import pretrain_layerwise, stacked_guide
+from .step import SVI, StepInfo
 from .svi import FitResult, fit
 from .traces import log_weights, traces
 
 __all__ = [
     "AISResult", "BDMCResult", "Bounds", "Calibration", "Comparison", "Draws", "ESTIMATORS", "Estimate", "IWAE", "AnalyticKL", "Enumerated", "Estimator",
-    "FitResult", "GapReport", "GradientStats", "LocalFit", "Relaxed", "Reparameterized", "ScoreFunction", "Spread", "ais", "bdmc", "calibrate", "compare",
+    "FitResult", "GapReport", "GradientStats", "LocalFit", "Relaxed", "Reparameterized", "SVI", "ScoreFunction", "Spread", "StepInfo", "ais", "bdmc", "calibrate", "compare",
     "decompose", "elbo_per_datapoint", "evaluate_elbo", "fit", "get_estimator", "gradient_stats", "hmc", "hmc_latent",
     "importance_bounds", "kl_per_site", "log_weights", "nuts", "nuts_latent", "optimize_local", "pretrain_layerwise", "stacked_guide", "traces", "vi_draws", "vi_draws_amortized",
     "vi_draws_autoguide", "vi_draws_latent",

@@ -33,7 +33,9 @@ from ..errors import ConfigError
 from .estimators import Estimator, get_estimator
 from .params import discover
 from .random import seeded
-from .svi import as_tensors, fit
+from .batches import as_tensors
+from .step import SVI
+from .svi import fit
 
 __all__ = ["GradientStats", "gradient_stats", "gradient_course", "parameter_groups"]
 
@@ -136,15 +138,16 @@ def gradient_stats(
     rows: list[dict[str, Any]] = []
     for est in ests:
         with seeded(seed):  # every estimator sees the same draws sequence; the caller's RNG is left as it was
-            loss = est.loss(model, guide, num_particles)
+            svi = SVI(model, guide, estimator=est, num_particles=num_particles, own_store=False).setup(*tensors)  # the step fit takes
+            svi.objective.validate = False  # type: ignore[union-attr]
             if getattr(est, "baseline", None) in ("average", "nvil"):  # stateful baselines
-                _warm(loss, tensors, warmup, warmup_lr)
+                _warm(svi.objective.loss_fn, tensors, warmup, warmup_lr)  # type: ignore[union-attr]
             flat = {name: [p for p in ps] for name, ps in groups.items()}
             total = {name: ps[0].new_zeros(sum(p.numel() for p in ps), dtype=torch.float64) for name, ps in flat.items()}
             total_sq = {name: torch.zeros_like(t) for name, t in total.items()}
             every = [p for ps in flat.values() for p in ps]
             for _ in range(repeats):
-                grads = torch.autograd.grad(loss(*tensors) / n, every, allow_unused=True)
+                grads = torch.autograd.grad(svi.loss(*tensors).loss / n, every, allow_unused=True)
                 it = iter(grads)
                 for name, ps in flat.items():
                     g = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for p, gr in zip(ps, it)]).double()

@@ -9,6 +9,7 @@ from the step that produced it. :func:`make_optimizer` builds the optimiser from
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -322,6 +323,10 @@ class SVI:
         Networks the model and guide reach in ways a run does not show.
     callback : callable, optional
         Called after each update with a :class:`StepInfo`.
+    kl_warmup : int
+        ``fit``'s KL warm-up (epochs), applied by its loop (:meth:`Objective.anneal`).
+    own_store : bool
+        Train in a parameter store of its own (the default), or in Pyro's store as it is where the steps run.
 
     References
     ----------
@@ -331,12 +336,13 @@ class SVI:
     def __init__(self, model: Callable[..., object], guide: Callable[..., object], *, estimator: str | Estimator = "reparam",
                  num_particles: int = 1, optimizer: Any = None, lr: float = 1e-3, beta: float = 1.0, num_data: int | None = None,
                  plate: str | None = None, modules: Iterable[nn.Module] = (), callback: Callable[[StepInfo], None] | None = None,
-                 kl_warmup: int = 0) -> None:
+                 kl_warmup: int = 0, own_store: bool = True) -> None:
         self.model, self.guide, self.estimator = model, guide, get_estimator(estimator)
         self.num_particles, self.optimizer_spec, self.lr, self.num_data = num_particles, optimizer, lr, num_data
         self.plate_name, self.modules, self.callback, self.kl_warmup = plate, tuple(modules), callback, kl_warmup
         self._beta = beta
-        self.store: dict[str, Any] = {"params": {}, "constraints": {}}  # the parameter store this SVI trains in
+        #: the parameter store this SVI trains in (None: Pyro's store as it is where the steps run)
+        self.store: dict[str, Any] | None = {"params": {}, "constraints": {}} if own_store else None
         self.objective: Objective | None = None
         self.module: Any = None  # what a step's forward runs: the objective, or a data-parallel wrapper of it (fit's Fabric)
         self.steps = 0
@@ -355,7 +361,7 @@ class SVI:
 
     def scope(self) -> Any:
         """Pyro's parameter store as this SVI's own, inside the block (a bare ``pyro.param`` of the model lives here)."""
-        return pyro.get_param_store().scope(self.store)
+        return pyro.get_param_store().scope(self.store) if self.store is not None else contextlib.nullcontext()
 
     def setup(self, *example: torch.Tensor, index: torch.Tensor | None = None) -> SVI:
         """Build everything from a first batch (the first :meth:`step` calls it): see :meth:`prepare`."""
@@ -374,8 +380,9 @@ class SVI:
         Call inside :meth:`scope`. Returns the arguments of the first batch.
         """
         n = self.num_data if self.num_data is not None else len(data)
-        rows = torch.arange(min(len(data), batch_size), device="cpu") if index is None else index.cpu()
-        example = data.take(rows)
+        positions = torch.arange(min(len(data), batch_size), device="cpu")
+        example = data.take(positions)
+        rows = positions if index is None else index.cpu()  # the data plate's indices: the batch's dataset indices
         self.data_plate = _data_plate(self.model, self.guide, data, example, batch_size, self.plate_name, what)
         if self.data_plate.subsampled:
             rows = rows[: self.data_plate.subsample_size]

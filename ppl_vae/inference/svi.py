@@ -242,7 +242,7 @@ def fit(
         payload = _run(fabric, trainer, evaluate, tensors, val, run, out)
     result = FitResult(**{**payload["result"], "history": tuple(payload["result"]["history"])})
     return attach(result, model, guide, [(tuple(t.shape[1:]), t.dtype) for t in example], None, "fit", found=svi.found, plate=svi.data_plate,
-                  store=svi.store if svi.store["params"] else None)
+                  store=svi.store if svi.store and svi.store["params"] else None)
 
 
 def _refuse_processes(svi: SVI, trainer: Trainer, world_size: int) -> None:

@@ -489,7 +489,7 @@ def analysed(
     head = tuple(t[:2] for t in data)
     first = restrict(guide, slice(0, head[0].shape[0])) if guide is not None else _no_guide  # a per-datapoint guide, cut to the probe's rows
     with torch.no_grad(), poutine.block(), pyro.get_param_store().scope(pyro.get_param_store().get_state()):
-        modules = probe(analysis, lambda: _modules_called(model, first, head), data)  # (its message shows the data's shapes)
+        modules = _modules_called(model, first, head)
     with _evaluation(modules):
         found = find_data_plate(model, first, head, plate=plate, what=analysis)
     if found.subsampled:
@@ -521,7 +521,8 @@ def _modules_called(model: Callable[..., object], guide: Callable[..., object], 
     """The modules with a training mode that matters (batch norm, dropout) that one run of ``guide`` and ``model`` calls.
 
     Each is put in evaluation mode as it is first called (so that a batch norm in training mode runs on a
-    probe of one row), and back in its own mode after the run.
+    probe of one row), and back in its own mode after the run. A run that fails gives the modules called
+    until then: the probe after it (:func:`~.plates.find_data_plate`) names what failed.
     """
     seen: dict[int, tuple[torch.nn.Module, bool]] = {}
 
@@ -534,6 +535,8 @@ def _modules_called(model: Callable[..., object], guide: Callable[..., object], 
     try:
         guide_tr = poutine.trace(guide).get_trace(*args)
         poutine.replay(model, trace=guide_tr)(*args)
+    except Exception:  # noqa: BLE001 - named by the probe that follows
+        pass
     finally:
         handle.remove()
         for module, mode in seen.values():

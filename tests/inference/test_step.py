@@ -1,0 +1,130 @@
+"""The public step: ``SVI`` is the step ``fit`` takes, bit for bit; it and fit's loop read back to the host what they say they do."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DistributedSampler
+
+from ppl_vae import fit
+from ppl_vae.distributions import get_likelihood
+from ppl_vae.errors import ConfigError
+from ppl_vae.guides import amortized_guide
+from ppl_vae.inference import SVI, loop
+from ppl_vae.inference.random import seeded
+from ppl_vae.models.vae import vae
+from ppl_vae.nn import MLP, GaussianEncoder
+
+D, K, N = 12, 2, 60
+X = (torch.rand(N, D, generator=torch.Generator().manual_seed(7)) < 0.5).float()
+
+
+def build(seed: int = 0):
+    torch.manual_seed(seed)
+    dec, enc = MLP(K, [16], D), GaussianEncoder(MLP(D, [], 16), 16, K)
+    return vae(dec, get_likelihood("bernoulli"), K), amortized_guide(enc)
+
+
+class Reads(TorchDispatchMode):
+    """Counts the values read back to the host (``aten._local_scalar_dense``: ``.item()``, ``float()``, ``bool()`` of a tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_loop_of_svi_steps_is_fit_bit_for_bit():
+    """fit's loop, written by hand over SVI.step: the same shuffling (seed, epoch), the same draws (seed), the same parameters."""
+    seed, epochs, batch = 3, 2, 20
+    model, guide = build()
+    result = fit(model, guide, X, epochs=epochs, batch_size=batch, lr=0.01, seed=seed, progress=False)
+    fitted = [p.detach().clone() for p in result.trained.found.params]
+
+    model, guide = build()
+    svi = SVI(model, guide, lr=0.01, num_data=N)
+    with seeded(seed):
+        svi.setup(*X[:batch].split(batch), index=torch.arange(batch))  # fit builds the step on its first batch, in its seeded block
+    with seeded(seed):
+        for epoch in range(epochs):
+            sampler = DistributedSampler(range(N), num_replicas=1, rank=0, shuffle=True, seed=seed)
+            sampler.set_epoch(epoch)
+            for rows in torch.tensor(list(sampler)).split(batch):
+                svi.step(X[rows], index=rows)
+    assert all(torch.equal(a, b) for a, b in zip(svi.params, fitted))
+
+
+def test_a_step_reads_nothing_back_and_fit_reads_one_value_per_step():
+    for estimator in ("reparam", "score", "analytic-kl"):
+        model, guide = build()
+        svi = SVI(model, guide, estimator=estimator, num_data=N)
+        svi.step(X[:20], index=torch.arange(20))  # the first step validates its arguments (Pyro's and torch's checks read)
+        with Reads() as counted:
+            for rows in torch.arange(20, 60).split(20):
+                svi.step(X[rows], index=rows)
+        assert counted.reads == 0, (estimator, counted.reads)
+
+    counts: list[int] = []
+    real = loop.Trainer.step
+
+    def counted_step(self, *args, **kwargs):
+        with Reads() as c:
+            out = real(self, *args, **kwargs)
+        counts.append(c.reads)
+        return out
+
+    loop.Trainer.step = counted_step
+    try:
+        fit(*build(), X, epochs=2, batch_size=20, progress=False)
+    finally:
+        loop.Trainer.step = real
+    assert counts[1:] == [1] * (len(counts) - 1), counts  # the loss and the data check, in one read; the first step validates
+
+
+def test_an_svi_state_saved_and_loaded_continues_as_if_uninterrupted():
+    def steps(svi: SVI, epochs: range) -> None:
+        for epoch in epochs:
+            torch.manual_seed(100 + epoch)
+            for rows in torch.randperm(N).split(20):
+                svi.step(X[rows], index=rows)
+
+    whole = SVI(*build(), lr=0.02, num_data=N)
+    steps(whole, range(4))
+    first = SVI(*build(), lr=0.02, num_data=N)
+    steps(first, range(2))
+    saved = first.state_dict()
+    second = SVI(*build(seed=9), lr=0.02, num_data=N).setup(X[:20])  # other initial values, overwritten by the state
+    second.load_state_dict(saved)
+    second.objective.validate = False  # the first step was taken: validation is off after it, as in the uninterrupted run
+    steps(second, range(2, 4))
+    assert all(torch.equal(a, b) for a, b in zip(second.params, whole.params))
+
+
+def test_svi_refuses_on_its_first_batch_what_it_cannot_train():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(0.5 * torch.ones(x.shape[0])))
+            pyro.sample("x", dist.Normal(0.0, 1.0).expand([x.shape[0], D]).to_event(1), obs=x)
+
+    def guide(x):
+        p = pyro.param("p", torch.tensor(0.3))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(p))
+
+    svi = SVI(model, guide, estimator="reparam", num_data=N)
+    with pytest.raises(Exception, match="'z'"):  # no pathwise sampler for a Bernoulli: named, on the first batch
+        svi.step(X[:20])
+    assert "p" not in pyro.get_param_store()  # the step's own store
+    with pytest.raises(ConfigError, match="give batch_size=10"):
+        def sub_model(x):
+            with pyro.plate("data", len(x), subsample_size=10) as ind:
+                pyro.sample("x", dist.Normal(0.0, 1.0).expand([10, D]).to_event(1), obs=x[ind])
+
+        SVI(sub_model, lambda x: None, num_data=N).prepare(loop.Rows(X), 20)
