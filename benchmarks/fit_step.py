@@ -1,33 +1,29 @@
-"""Cost of one training step of ``ppl_vae.fit`` against a plain-PyTorch loop.
+"""One training step of the 784-200-200-50 VAE, six ways, side by side in one process: times, host reads and operations.
 
 What is measured
 ----------------
-The wall-clock time per optimisation step of the same VAE trained two ways,
-in one process, on the same data:
+The same VAE (Gaussian encoder 784-200-200 -> 50, decoder 50-200-200-784, Bernoulli logits), batch 100,
+Adam lr 1e-3, on random binary data of N = steps * 100 rows, trained for one epoch by:
 
-* **fit**: ``ppl_vae.fit(vae(...), amortized_guide(...), data, epochs=1)``;
-  per-step time = ``history[-1]["wall_time"] / steps`` (the training loop
-  only; ``fit``'s final ELBO evaluation is not counted).
-* **plain** (the baseline): a hand-written PyTorch loop with the same networks
-  (``ppl_vae.nn.MLP`` / ``GaussianEncoder`` are plain ``nn.Module``), shuffled
-  batches from ``torch.randperm`` with a generator, the single-sample pathwise
-  (reparameterised) ELBO ``-(N/B) * sum_b [log p(x|z) + log p(z) - log q(z|x)]``
-  via ``torch.distributions`` (argument validation off, as ``fit`` has it
-  after its first step), ``zero_grad`` / ``backward`` / Adam ``step`` and
-  ``loss.item()``. Timed with ``time.perf_counter`` around the whole loop.
+* **plain eager** (the baseline): a hand-written PyTorch loop, the single-sample pathwise ELBO
+  ``-(N/B) sum_b [log p(x|z) + log p(z) - log q(z|x)]`` by ``torch.distributions`` (validation off),
+  ``zero_grad`` / ``backward`` / fused Adam ``step``, the loss read back once per step;
+* **plain compiled**: the same loop with its loss-and-gradient function under ``torch.compile``;
+* **fit eager**: ``ppl_vae.fit`` (training loop only: ``history[-1]["wall_time"] / steps``);
+* **fit compiled**: ``ppl_vae.fit(..., compile=True)`` (the step traced once and compiled by inductor
+  before training; its compile time is not counted, as the plain compiled loop's warm-up is not);
+* **Pyro Trace_ELBO** and **Pyro JitTrace_ELBO**: Pyro's own ``SVI.step`` with ``pyro.optim.Adam``
+  (the model and guide under ``poutine.scale(N/B)``; JitTrace_ELBO traces with TorchScript).
 
-VAE 784-200-200-50 Gaussian encoder, 50-200-200-784 decoder, Bernoulli
-logits likelihood, batch 100, Adam lr 1e-3, random binary data of N =
-steps * 100 rows. After one warm-up run of each, the two are run alternately
-(fit, plain, fit, plain, ...) ``--repeats`` times; the report gives the median
-ms/step of each and the median (min, max) of the per-repeat ratios fit/plain;
-a ``min`` row (best run of each) is printed too, as it is the figure least
-disturbed by other processes on a shared machine.
+``--estimator score`` or ``analytic-kl`` changes fit's estimator (and Pyro's ELBO to TraceMeanField_ELBO
+for analytic-kl; Pyro's side runs the score-function estimator with a guide whose sites are not
+reparameterised); the plain sides stay pathwise. Each variant runs once as a warm-up, then the
+variants run in turn ``--repeats`` times; the report gives each one's median, min and max ms/step
+and its median ratio to plain eager, and, counted with a ``TorchDispatchMode`` over one epoch after the
+first step, the values read back to the host (``aten._local_scalar_dense``) and the operations
+dispatched, per step.
 
-With ``--estimator score`` or ``analytic-kl`` only the fit side changes; the
-plain baseline is always the pathwise (reparam) loop.
-
-Usage: ``python benchmarks/fit_step.py [--steps N] [--repeats R] [--estimator reparam]``
+Usage: ``python benchmarks/fit_step.py [--steps 50] [--repeats 5] [--estimator reparam] [--device cpu]``
 """
 
 from __future__ import annotations
@@ -35,12 +31,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
+from collections.abc import Callable
 
+import pyro
+import pyro.distributions as dist
 import torch
 import torch.distributions as D
+from pyro import poutine
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ppl_vae.distributions import get_likelihood
 from ppl_vae.guides.amortized import amortized_guide
+from ppl_vae.inference import loop
 from ppl_vae.inference.svi import fit
 from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP, GaussianEncoder
@@ -48,79 +51,179 @@ from ppl_vae.nn import MLP, GaussianEncoder
 X_DIM, H, Z_DIM, BATCH, LR, SEED = 784, 200, 50, 100, 1e-3, 0
 
 
-def make_nets() -> tuple[MLP, GaussianEncoder]:
-    """Decoder 50-200-200-784 and encoder 784-200-200 -> (loc, scale) in R^50, seeded."""
+class Counts(TorchDispatchMode):
+    """Operations dispatched and values read back to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops += 1
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def make_nets(device: str) -> tuple[MLP, GaussianEncoder]:
     torch.manual_seed(SEED)
-    decoder = MLP(Z_DIM, [H, H], X_DIM)
-    encoder = GaussianEncoder(MLP(X_DIM, [H], H), H, Z_DIM)
-    return decoder, encoder
+    return MLP(Z_DIM, [H, H], X_DIM).to(device), GaussianEncoder(MLP(X_DIM, [H], H), H, Z_DIM).to(device)
 
 
-def run_fit(data: torch.Tensor, estimator: str) -> float:
-    """Seconds per step of ``ppl_vae.fit`` (training loop only)."""
-    decoder, encoder = make_nets()
-    model = vae(decoder, get_likelihood("bernoulli"), Z_DIM)
-    guide = amortized_guide(encoder)
-    res = fit(model, guide, data, epochs=1, batch_size=BATCH, lr=LR, progress=False, estimator=estimator, seed=SEED)
-    return res.history[-1]["wall_time"] / res.steps
+# --------------------------------------------------------------------------- plain PyTorch
 
 
-def run_plain(data: torch.Tensor) -> float:
-    """Seconds per step of the hand-written PyTorch loop."""
-    decoder, encoder = make_nets()
-    opt = torch.optim.Adam([*decoder.parameters(), *encoder.parameters()], lr=LR)
-    gen = torch.Generator().manual_seed(SEED)
+def plain(data: torch.Tensor, compiled: bool, counts: Counts | None = None) -> float:
+    """Seconds per step of the hand-written loop (its first step not counted), eager or with its loss and gradients compiled."""
+    decoder, encoder = make_nets(str(data.device))
+    params = [*decoder.parameters(), *encoder.parameters()]
+    opt = torch.optim.Adam(params, lr=LR, fused=True)
     n = data.shape[0]
-    steps = -(-n // BATCH)
-    prior = D.Normal(torch.zeros(Z_DIM), torch.ones(Z_DIM), validate_args=False)
-    total = 0.0
-    t0 = time.perf_counter()
-    perm = torch.randperm(n, generator=gen)
-    for b in range(steps):
-        x = data[perm[b * BATCH : (b + 1) * BATCH]]
+    prior_loc, prior_scale = data.new_zeros(Z_DIM), data.new_ones(Z_DIM)
+
+    def loss_and_grads(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         loc, scale = encoder(x)
         q = D.Normal(loc, scale, validate_args=False)
         z = q.rsample()
-        logits = decoder(z)
-        log_px = D.Bernoulli(logits=logits, validate_args=False).log_prob(x).sum(-1)
-        elbo = log_px + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+        log_px = D.Bernoulli(logits=decoder(z), validate_args=False).log_prob(x).sum(-1)
+        elbo = log_px + D.Normal(prior_loc, prior_scale, validate_args=False).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
         loss = -(n / x.shape[0]) * elbo.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += -loss.item() / n * x.shape[0]
-    return (time.perf_counter() - t0) / steps
+        return (loss.detach(), *torch.autograd.grad(loss, params))
+
+    step_fn: Callable[..., tuple[torch.Tensor, ...]] = torch.compile(loss_and_grads) if compiled else loss_and_grads
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SEED)).to(data.device)
+    batches = list(data[perm].split(BATCH))
+    step_fn(batches[0])  # the first step (compiles where compiled) is not timed
+    t0, total = time.perf_counter(), 0.0
+    with counts or _nothing():
+        for x in batches[1:]:
+            loss, *grads = step_fn(x)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            total += float(loss)  # the one read per step
+    _sync(data)
+    return (time.perf_counter() - t0) / (len(batches) - 1)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _sync(data: torch.Tensor) -> None:
+    if data.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def run_fit(data: torch.Tensor, estimator: str, compiled: bool, counts: Counts | None = None) -> float:
+    """Seconds per step of ``ppl_vae.fit`` (the training loop after its first step), eager or compiled."""
+    decoder, encoder = make_nets(str(data.device))
+    times: list[float] = []
+    real = loop.Trainer.step
+
+    def timed(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        if counts is not None and times:  # every step but the first (which validates its arguments)
+            with counts:
+                out = real(self, *args, **kwargs)
+        else:
+            out = real(self, *args, **kwargs)
+        times.append(time.perf_counter() - t0)
+        return out
+
+    loop.Trainer.step = timed
+    try:
+        fit(vae(decoder, get_likelihood("bernoulli"), Z_DIM), amortized_guide(encoder), data, epochs=1, batch_size=BATCH, lr=LR,
+            progress=False, estimator=estimator, seed=SEED, compile=compiled)
+    finally:
+        loop.Trainer.step = real
+    return sum(times[1:]) / (len(times) - 1)
+
+
+# --------------------------------------------------------------------------- Pyro
+
+
+def run_pyro(data: torch.Tensor, estimator: str, jit: bool, counts: Counts | None = None) -> float:
+    """Seconds per step of Pyro's ``SVI.step`` (its first step not counted), Trace_ELBO or JitTrace_ELBO."""
+    decoder, encoder = make_nets(str(data.device))
+    n = data.shape[0]
+
+    def model(x: torch.Tensor) -> None:
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]), poutine.scale(scale=n / x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(Z_DIM), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def guide(x: torch.Tensor) -> None:
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]), poutine.scale(scale=n / x.shape[0]):
+            loc, scale = encoder(x)
+            q = dist.Normal(loc, scale)
+            if estimator == "score":  # no pathwise sampler: the score-function estimator
+                q = q.has_rsample_(False)
+            pyro.sample("z", q.to_event(1))
+
+    mean_field = estimator == "analytic-kl"
+    elbo = (pyro.infer.JitTraceMeanField_ELBO if jit else pyro.infer.TraceMeanField_ELBO)() if mean_field else \
+        (pyro.infer.JitTrace_ELBO if jit else pyro.infer.Trace_ELBO)()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SEED)).to(data.device)
+    batches = list(data[perm].split(BATCH))
+    with pyro.get_param_store().scope(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": LR}), elbo)
+        svi.step(batches[0])
+        t0 = time.perf_counter()
+        with counts or _nothing():
+            for x in batches[1:]:
+                svi.step(x)
+        _sync(data)
+        return (time.perf_counter() - t0) / (len(batches) - 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="optimisation steps per run (N = steps * 100)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, interleaved")
-    parser.add_argument("--estimator", default="reparam", choices=["reparam", "score", "analytic-kl"], help="fit's estimator")
+    parser.add_argument("--steps", type=int, default=50, help="optimisation steps per run (N = steps * 100)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, in turn")
+    parser.add_argument("--estimator", default="reparam", choices=["reparam", "score", "analytic-kl"], help="fit's and Pyro's estimator")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip", default="", help="comma-separated variants to leave out (e.g. 'pyro jit')")
     args = parser.parse_args()
 
     torch.manual_seed(SEED)
-    data = (torch.rand(args.steps * BATCH, X_DIM) < 0.5).float()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, N={data.shape[0]}, "
-          f"{args.steps} steps/run, batch {BATCH}, {args.repeats} repeats")
-    print(f"fit estimator: {args.estimator}; plain baseline: pathwise (reparam) single-sample ELBO, torch.distributions")
-    if args.estimator != "reparam":
-        print("note: the plain side is the reparam loop whatever --estimator is; the ratio compares different estimators")
-
-    run_fit(data, args.estimator), run_plain(data)  # warm-up
-    fit_ms, plain_ms = [], []
-    print(f"\n{'repeat':>6}  {'fit ms/step':>11}  {'plain ms/step':>13}  {'fit/plain':>9}")
-    for r in range(args.repeats):
-        fit_ms.append(1e3 * run_fit(data, args.estimator))
-        plain_ms.append(1e3 * run_plain(data))
-        print(f"{r + 1:>6}  {fit_ms[-1]:>11.3f}  {plain_ms[-1]:>13.3f}  {fit_ms[-1] / plain_ms[-1]:>8.2f}x")
-    ratios = [f / p for f, p in zip(fit_ms, plain_ms)]
-    print(f"{'median':>6}  {statistics.median(fit_ms):>11.3f}  {statistics.median(plain_ms):>13.3f}  "
-          f"{statistics.median(ratios):>8.2f}x")
-    print(f"{'min':>6}  {min(fit_ms):>11.3f}  {min(plain_ms):>13.3f}  {min(fit_ms) / min(plain_ms):>8.2f}x"
-          "  (best of each; least sensitive to other load on the machine)")
-    print(f"\nratio fit/plain ({args.estimator}): {statistics.median(ratios):.2f}x "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+    data = (torch.rand(args.steps * BATCH, X_DIM) < 0.5).float().to(args.device)
+    variants: dict[str, Callable[..., float]] = {
+        "plain eager": lambda c=None: plain(data, False, c),
+        "plain compiled": lambda c=None: plain(data, True, c),
+        "fit eager": lambda c=None: run_fit(data, args.estimator, False, c),
+        "fit compiled": lambda c=None: run_fit(data, args.estimator, True, c),
+        "pyro Trace_ELBO": lambda c=None: run_pyro(data, args.estimator, False, c),
+        "pyro JitTrace_ELBO": lambda c=None: run_pyro(data, args.estimator, True, c),
+    }
+    variants = {k: v for k, v in variants.items() if k not in set(filter(None, args.skip.split(",")))}
+    print(f"torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}, N={data.shape[0]}, {args.steps} steps/run, "
+          f"batch {BATCH}, {args.repeats} repeats; estimator {args.estimator} (the plain loops: pathwise)")
+    counted = {}
+    for name, run in variants.items():  # warm-up, and the counts of one epoch
+        c = Counts()
+        run(c)
+        counted[name] = (c.reads / (args.steps - 1), c.ops / (args.steps - 1))
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, run in variants.items():
+            times[name].append(1e3 * run())
+    base = times.get("plain eager")
+    print(f"\n{'variant':<20} {'ms/step median':>14} {'min':>8} {'max':>8} {'/plain eager':>13} {'(min, max)':>14} {'reads/step':>10} {'ops/step':>9}")
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, base)] if base else [float("nan")]
+        reads, ops = counted[name]
+        print(f"{name:<20} {statistics.median(ts):>14.3f} {min(ts):>8.3f} {max(ts):>8.3f} {statistics.median(ratios):>12.2f}x "
+              f"({min(ratios):.2f}, {max(ratios):.2f}) {reads:>10.1f} {ops:>9.0f}")
 
 
 if __name__ == "__main__":

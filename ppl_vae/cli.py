@@ -123,6 +123,8 @@ def _fit(sub: Any, app: Any) -> None:
     f.add_argument("--strategy", default=None, help="ddp (data parallel), ddp_spawn, ddp_fork, ... (Fabric's names; default auto)")
     f.add_argument("--precision", default=None, help="64-true, 32-true, bf16-mixed, 16-mixed, ... (Fabric's names; default 32-true)")
     f.add_argument("--num-nodes", type=int, default=None, help="machines, for a run started by torchrun or srun on each (default 1)")
+    f.add_argument("--compile", action="store_true", default=None,
+                   help="run the steps after the first as one traced graph under torch.compile (inductor; compiled before training; one process)")
     _output(f, what="run directory")
     f.add_argument(
         "--resume", action="store_true",

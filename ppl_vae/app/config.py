@@ -120,6 +120,7 @@ _KINDS: dict[str, tuple[str, tuple[type, ...], bool]] = {  # key -> (what, types
     **{k: ("an integer", (int,), True) for k in ("limit", "patience", "components", "devices", "num_nodes")},
     **{k: ("a number", (int, float), False) for k in ("beta", "noise", "contractive", "lr")},
     "download": ("true or false", (bool,), False),
+    "compile": ("true or false", (bool,), False),
 }
 
 def option_flag(key: str) -> str:
@@ -167,6 +168,8 @@ class Config:
     strategy: str | None = None
     precision: str | None = None
     num_nodes: int | None = None
+    #: the steps after the first run as one traced graph under ``torch.compile`` (:mod:`ppl_vae.inference.compiled`)
+    compile: bool = False
     #: what each ``--resume`` changed: ``{"at_epoch": N, "changed": {key: [old, new]}}``
     resumed: tuple[dict[str, Any], ...] = ()
 
@@ -194,6 +197,8 @@ class Config:
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
         get_estimator(self.estimator).validate(self.num_particles)  # ConfigError for unknown names, bad options
+        if self.compile and not get_estimator(self.estimator).compiles:
+            raise ConfigError(f"--compile: estimator {self.estimator} {get_estimator(self.estimator).compiles_not}; train it without --compile")
         spec, estimator = self.spec, self.estimator.split(":")[0]
         if spec.latents == "discrete" and estimator in PATHWISE_ESTIMATORS:
             raise ConfigError(f"{self.model} has discrete latents (its guide has no pathwise sampler to reparameterise or enumerate): use --estimator score, score+average, score+nvil, score+loo, iwae or relaxed")

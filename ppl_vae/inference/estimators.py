@@ -212,9 +212,21 @@ class EstimatorLoss:
 
 @dataclass(frozen=True)
 class Estimator:
-    """Base of the estimators: a Pyro ELBO plus a handler applied to the guide."""
+    """Base of the estimators: a Pyro ELBO plus a handler applied to the guide.
+
+    ``compiles`` says whether a step of it can be traced once and compiled (``fit(compile=True)``):
+    no value of it is read back to the host at each step; ``compiles_not`` says why not.
+    """
 
     name: ClassVar[str] = ""
+
+    @property
+    def compiles(self) -> bool:
+        return not self.compiles_not
+
+    @property
+    def compiles_not(self) -> str:
+        return ""
 
     def elbo(self, num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
         return pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
@@ -558,6 +570,12 @@ class ScoreFunction(Estimator):
     def guide_handler(self) -> Messenger:
         return _DetachGuideSamples()
 
+    @property
+    def compiles_not(self) -> str:
+        if self.baseline in ("average", "nvil"):
+            return "keeps its moving-average baseline as numbers updated on the host at each step"
+        return ""
+
     def validate(self, num_particles: int) -> None:
         if self.baseline == "loo" and num_particles < 2:
             raise ConfigError(f"the leave-one-out baseline needs --num-particles >= 2, got {num_particles}")
@@ -771,6 +789,10 @@ class Enumerated(Estimator):
     """Sum out model sites marked ``infer={"enumerate": "parallel"}`` exactly (``TraceEnum_ELBO``); pathwise elsewhere."""
 
     name: ClassVar[str] = "enum"
+
+    @property
+    def compiles_not(self) -> str:
+        return "sums out its discrete sites with Pyro's TraceEnum_ELBO, which reads each site's value back to the host"
 
     def elbo(self, num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
         return pyro.infer.TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)

@@ -142,6 +142,7 @@ class Trainer:
         """``(kind, message, site)`` of this process's failed step: bad data (the row, from the step's observed sites) or divergence."""
         where = f" on rank {rank}" if self.coll is not None and self.coll.world > 1 else ""
         kept = f"; the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.out}" if self.saved_epoch else ""
+        self.svi.replay()  # a compiled step is run again eagerly, with its draws, so that its record names the site or row
         if reason == "data":
             try:
                 self.objective.support.raise_bad()

@@ -34,6 +34,7 @@ from ..errors import (
     SequentialWarning,
 )
 from .batches import Rows
+from .compiled import CompiledStep, Noise
 from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .params import Discovered, discover, load_params
 from .plates import DATA, DataPlate, DataRows, find_data_plate, on_data_plate, subsampled_size
@@ -336,7 +337,7 @@ class SVI:
     def __init__(self, model: Callable[..., object], guide: Callable[..., object], *, estimator: str | Estimator = "reparam",
                  num_particles: int = 1, optimizer: Any = None, lr: float = 1e-3, beta: float = 1.0, num_data: int | None = None,
                  plate: str | None = None, modules: Iterable[nn.Module] = (), callback: Callable[[StepInfo], None] | None = None,
-                 kl_warmup: int = 0, own_store: bool = True) -> None:
+                 kl_warmup: int = 0, own_store: bool = True, compile: bool | str = False) -> None:
         self.model, self.guide, self.estimator = model, guide, get_estimator(estimator)
         self.num_particles, self.optimizer_spec, self.lr, self.num_data = num_particles, optimizer, lr, num_data
         self.plate_name, self.modules, self.callback, self.kl_warmup = plate, tuple(modules), callback, kl_warmup
@@ -346,6 +347,11 @@ class SVI:
         self.objective: Objective | None = None
         self.module: Any = None  # what a step's forward runs: the objective, or a data-parallel wrapper of it (fit's Fabric)
         self.steps = 0
+        #: ``True`` (inductor), a ``torch.compile`` backend's name, or False: the steps after the first run a traced, compiled graph
+        self.compile = compile
+        self.compiled: CompiledStep | None = None
+        self._grads: tuple[torch.Tensor, ...] | None = None  # a compiled step's gradients, for update
+        self._last: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ building
 
@@ -407,7 +413,22 @@ class SVI:
         self.objective.rows.index = rows
         self.module = self.objective
         probe_loss(self.objective, example)
+        if self.compile:
+            self._compile(example, rows)
         return example
+
+    def _compile(self, example: tuple[torch.Tensor, ...], rows: torch.Tensor) -> None:
+        """Trace and compile the step on the first batch (:class:`~.compiled.CompiledStep`): what it refuses, refused now."""
+        assert self.objective is not None
+        if not self.estimator.compiles:
+            raise ConfigError(f"compile: estimator {self.estimator.name} {self.estimator.compiles_not}; train it without compile")
+        backend = self.compile if isinstance(self.compile, str) else "inductor"
+        self.compiled = CompiledStep(self.objective, self.params, backend=backend)
+        validate, self.objective.validate = self.objective.validate, False  # the compiled steps are the unvalidated ones
+        try:
+            self.compiled.trace(example, rows.to(example[0].device))
+        finally:
+            self.objective.validate = validate
 
     # ------------------------------------------------------------------ stepping
 
@@ -423,6 +444,11 @@ class SVI:
         rows = torch.arange(batch[0].shape[0], device="cpu") if index is None else index
         self.objective.support.rows = rows
         self.objective.rows.index = rows
+        if self.compiled is not None and not self.objective.validate:  # a traced, compiled step (the first, validating one is eager)
+            self._last = (tuple(batch), rows)
+            with self.scope():
+                loss, flags, self._grads = self.compiled(batch, rows.to(batch[0].device))
+            return StepLoss(loss, flags)
         rng, invalid = torch.get_rng_state(), ""
         with self.scope():
             try:
@@ -441,7 +467,12 @@ class SVI:
                elbo: float | None = None) -> None:
         """Zero the gradients, ``backward`` (default ``loss.backward()``; fit's is Fabric's), clip (a ``pyro.optim``'s clip_args), step the optimiser."""
         self.optimizer.zero_grad(set_to_none=True)
-        (backward or torch.Tensor.backward)(loss)
+        if self._grads is not None:  # a compiled step computed them
+            for p, g in zip(self.params, self._grads):
+                p.grad = g
+            self._grads = None
+        else:
+            (backward or torch.Tensor.backward)(loss)
         if self.clipping is not None:
             self.clipping()
         self.optimizer.step()
@@ -456,6 +487,16 @@ class SVI:
         with self.scope():
             self.update(out.loss)
         return out.loss.detach()
+
+    def replay(self) -> None:
+        """Run the last compiled step again eagerly, with the same draws, so that its record names a failing site or data row."""
+        if self.compiled is None or self._last is None:
+            return
+        batch, rows = self._last
+        self._grads = None
+        with self.scope(), Noise(self.compiled.noise), torch.no_grad():
+            self.objective.rows.index = rows  # type: ignore[union-attr]
+            self.module(*batch)
 
     def elbo(self, value: float) -> float:
         """The ELBO per datapoint of a step's loss ``value`` (a number read back): without a normaliser the model applies to every site."""

@@ -108,6 +108,7 @@ def fit(
     num_nodes: int = 1,
     plate: str | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    compile: bool | str = False,
 ) -> FitResult:
     r"""Fit ``model`` and ``guide`` to ``data`` by maximising the ELBO.
 
@@ -181,6 +182,12 @@ def fit(
         over the whole data with Pyro's ``subsample_size=B`` (``x[ind]``
         inside) is given the whole ``data`` each step, with the batch as its
         subsample (``batch_size`` must be ``B``; one process; tensors).
+    compile : bool or str
+        Run the steps after the first under ``torch.compile`` (``True``: inductor; or a backend's name):
+        the step is traced once into a graph of (parameters, batch, indices, noise) and compiled before
+        training (:mod:`.compiled`), with the eager step's draws; what cannot be traced so (a value read
+        back to the host, a non-Gaussian draw, an estimator with running statistics) is refused by
+        name. One process.
     callback : callable, optional
         Called after every optimisation step with a :class:`StepInfo`
         (step, epoch, the minibatch's ELBO, the parameters): to clip or
@@ -226,12 +233,16 @@ def fit(
         "estimator": est.name, "num_particles": num_particles, "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "beta": beta, "kl_warmup": kl_warmup, "seed": seed, "patience": patience,
         "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
+        **({"compile": compile} if compile else {}),
     }
     fabric = make_fabric(accelerator, devices, strategy, precision, num_nodes, like=tensors.like)
     if batch_size % fabric.world_size:
         raise ConfigError(f"batch_size {batch_size} must be a multiple of the number of processes ({fabric.world_size})")
+    if compile and fabric.world_size > 1:
+        raise ConfigError(f"compile trains in one process; this run has {fabric.world_size} (data-parallel training reduces gradients "
+                          "in the backward pass, which a compiled step computes inside its graph)")
     svi = SVI(model, guide, estimator=est, num_particles=num_particles, optimizer=optimizer, lr=lr, beta=beta, num_data=len(tensors),
-              plate=plate, modules=modules, callback=callback, kl_warmup=kl_warmup)
+              plate=plate, modules=modules, callback=callback, kl_warmup=kl_warmup, compile=compile)
     with svi.scope():  # the result's own parameter store: a bare pyro.param lives here, not in Pyro's global one
         with seeded(seed):
             trainer, evaluate, example = _setup(svi, tensors, batch_size, lr_schedule, epochs, seed, out, eval_batch_size)

@@ -128,3 +128,56 @@ def test_svi_refuses_on_its_first_batch_what_it_cannot_train():
                 pyro.sample("x", dist.Normal(0.0, 1.0).expand([10, D]).to_event(1), obs=x[ind])
 
         SVI(sub_model, lambda x: None, num_data=N).prepare(loop.Rows(X), 20)
+
+
+# --------------------------------------------------------------------------- the compiled step
+
+
+def test_a_traced_step_gives_the_eager_step_s_loss_and_gradients_for_the_same_draws():
+    """The graph of (parameters, batch, indices, noise) replayed (backend "eager": the trace alone) against the eager step."""
+    from ppl_vae.inference.compiled import CompiledStep
+
+    model, guide = build()
+    svi = SVI(model, guide, num_data=N).setup(X[:20])
+    svi.objective.validate = False
+    compiled = CompiledStep(svi.objective, svi.params, backend="eager")
+    rows = torch.arange(20, 40)
+    torch.manual_seed(5)
+    loss, flags, grads = compiled((X[rows],), rows)
+    torch.manual_seed(5)  # the same draws, from torch's generator in the same order
+    svi.objective.rows.index = rows
+    eager = svi.objective(X[rows])
+    eager_grads = torch.autograd.grad(eager, svi.params)
+    assert torch.allclose(loss, eager.detach(), rtol=1e-6) and float(flags[1]) == 1.0
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads, eager_grads))
+
+
+def test_fit_with_a_traced_step_takes_the_eager_steps_and_refuses_what_it_cannot_trace():
+    model, guide = build()
+    eager = fit(model, guide, X, epochs=2, batch_size=20, seed=1, progress=False)
+    model, guide = build()
+    traced = fit(model, guide, X, epochs=2, batch_size=20, seed=1, progress=False, compile="eager")
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(traced.trained.found.params, eager.trained.found.params))
+    with pytest.raises(ConfigError, match="compile: estimator score\\+average keeps its moving-average baseline"):
+        fit(*build(), X, epochs=1, batch_size=20, estimator="score+average", progress=False, compile="eager")
+
+    def branching(x):  # a branch on the data: a value read back to the host
+        scale = 1.0 if float(x.mean()) > 0.5 else 2.0
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(torch.zeros(D), scale).to_event(1), obs=x)
+
+    def empty(x):
+        with pyro.plate("data", x.shape[0]):
+            pass
+
+    with pytest.raises(ConfigError, match="compile: the step reads a value back to the host at test_step.py"):
+        fit(branching, empty, X, epochs=1, batch_size=20, progress=False, compile="eager", modules=[torch.nn.Linear(1, 1)])
+
+
+@pytest.mark.slow
+def test_fit_compiled_by_inductor_takes_the_eager_steps_to_float_tolerance():
+    model, guide = build()
+    eager = fit(model, guide, X, epochs=2, batch_size=20, seed=1, progress=False)
+    model, guide = build()
+    compiled = fit(model, guide, X, epochs=2, batch_size=20, seed=1, progress=False, compile=True)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(compiled.trained.found.params, eager.trained.found.params))

@@ -162,6 +162,8 @@ def _world_size(cfg: Config, launch: dict[str, Any]) -> int:
                          launch.get("num_nodes", 1), like=torch.empty(0, device="cpu"))
     if cfg.batch_size % fabric.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({fabric.world_size})")
+    if cfg.compile and fabric.world_size > 1:
+        raise ConfigError(f"--compile trains in one process; --devices asks for {fabric.world_size}")
     return fabric.world_size
 
 
@@ -189,7 +191,7 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
             built.model, built.guide, split_tensors(cfg, train), validation=split_tensors(cfg, splits["valid"]),
             estimator=cfg.estimator, num_particles=cfg.num_particles, epochs=cfg.epochs, batch_size=cfg.batch_size,
             lr=cfg.lr, lr_schedule=cfg.lr_schedule, patience=cfg.patience, beta=cfg.beta, kl_warmup=cfg.kl_warmup, seed=cfg.seed,
-            out=out, resume=resume, progress=progress, **launch,
+            out=out, resume=resume, progress=progress, compile=cfg.compile, **launch,
         )
         done = result.epochs
         test = split_tensors(cfg, splits["test"])
