@@ -92,6 +92,7 @@ class Trainer:
         self.saved_epoch: int | None = None
         self.fabric: Any = None
         self.coll: Collectives | None = None
+        self.checked = False  # an epoch over the tensors was run: their observed values were checked
 
     def refuse_loose_params(self, world_size: int) -> None:
         """Several processes reduce the gradients of module parameters only: refuse ``pyro.param`` tensors by name."""
@@ -171,6 +172,9 @@ class Trainer:
         local = batch_size // self.coll.world
         total = 0.0
         self.svi.module.train(True)
+        # every observed value is checked against its support in the first epoch this loop runs, when every row is read once;
+        # tensors are the same rows afterwards (a Dataset's rows are read anew, and checked at every epoch)
+        self.objective.support.active = not self.checked or data.tensors is None
         per_epoch = math.ceil(len(order) / local)
         for start in range(0, len(order), local):
             self.objective.validate = state.step == 0 or validate_every_step
@@ -180,6 +184,7 @@ class Trainer:
             state.step += 1
             bar.set_postfix(epoch=epoch + 1, elbo=f"{total / min(len(order), start + local):.2f}", refresh=False)
             bar.update(1)  # redraws at most every mininterval (a log file: every 10 s)
+        self.checked = True
         if self.sched is not None:
             self.sched.step()
         self.svi.module.train(False)

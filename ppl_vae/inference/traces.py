@@ -325,6 +325,7 @@ class ObservedSupport(Messenger):
     def __init__(self, *, eager: bool = False, rows: torch.Tensor | None = None, plate: str = "data") -> None:
         super().__init__()
         self.eager, self.rows, self.plate = eager, rows, plate
+        self.active = True  # off: nothing is checked (rows already checked, in a loop that reads the same tensors again)
         self.ok: torch.Tensor | bool = True
         self.checks: list[tuple[dict[str, Any], torch.Tensor]] = []
 
@@ -333,7 +334,7 @@ class ObservedSupport(Messenger):
         return super().__enter__()
 
     def _postprocess_message(self, msg: dict[str, Any]) -> None:
-        if msg["type"] != "sample" or not msg["is_observed"] or site_is_subsample(msg) or msg.get("mask") is False:
+        if not self.active or msg["type"] != "sample" or not msg["is_observed"] or site_is_subsample(msg) or msg.get("mask") is False:
             return
         fn = msg["fn"]
         if fn.support is torch.distributions.constraints.real or not isinstance(msg["value"], torch.Tensor):
