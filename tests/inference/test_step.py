@@ -181,3 +181,10 @@ def test_fit_compiled_by_inductor_takes_the_eager_steps_to_float_tolerance():
     model, guide = build()
     compiled = fit(model, guide, X, epochs=2, batch_size=20, seed=1, progress=False, compile=True)
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(compiled.trained.found.params, eager.trained.found.params))
+
+
+def test_a_compiled_run_resumes_bit_for_bit(tmp_path):
+    whole = fit(*build(), X, epochs=3, batch_size=20, seed=2, progress=False, compile="eager")
+    fit(*build(), X, epochs=1, batch_size=20, seed=2, progress=False, compile="eager", out=tmp_path / "run")
+    resumed = fit(*build(), X, epochs=3, batch_size=20, seed=2, progress=False, compile="eager", out=tmp_path / "run", resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.trained.found.params, whole.trained.found.params))
