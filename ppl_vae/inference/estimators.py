@@ -392,8 +392,9 @@ abla \log q_{	ext{score}}ig].
             if not is_identically_zero(score):
                 log_r = _log_r(model_tr, guide_tr) if log_r is None else log_r
                 surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score).sum()
-    elbo_t = torch.as_tensor(elbo)
-    surrogate_t = torch.as_tensor(surrogate)
+    like = next(t for t in (elbo, surrogate) if torch.is_tensor(t))  # (torch.as_tensor would take torch's default device)
+    elbo_t = elbo if torch.is_tensor(elbo) else like.new_tensor(elbo)
+    surrogate_t = surrogate if torch.is_tensor(surrogate) else like.new_tensor(surrogate)
     return -(elbo_t.detach() + surrogate_t - surrogate_t.detach()) / num_particles
 
 

@@ -108,10 +108,11 @@ class _Plates(Messenger):
 
 
 def _probe(model: Callable[..., object], guide: Callable[..., object], args: tuple[Any, ...], what: str,
-           driven: DataRows | None = None) -> tuple[_Plates, _Subsampling | None]:
+           driven: DataRows | None = None, shown: Sequence[Any] | None = None) -> tuple[_Plates, _Subsampling | None]:
     """The plates of one run of the guide and the model replayed on it (name -> size), or the plate that subsamples itself.
 
-    ``driven`` (inside the recorder, so that it gives a plate its indices before the recorder sees them) drives the data plate.
+    ``driven`` (inside the recorder, so that it gives a plate its indices before the recorder sees them) drives the data plate;
+    ``shown``: the data whose shapes a failure's message gives (default ``args``, the probe's rows).
     The run sees Pyro's parameter store as it is, and a ``pyro.param`` it creates is dropped after it.
     """
     plates = _Plates()
@@ -126,13 +127,13 @@ def _probe(model: Callable[..., object], guide: Callable[..., object], args: tup
         if isinstance(exc, PplVaeError):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        shapes = ", ".join(str(tuple(t.shape)) for t in args if isinstance(t, torch.Tensor))
+        shapes = ", ".join(str(tuple(t.shape)) for t in (shown if shown is not None else args) if isinstance(t, torch.Tensor))
         raise DataError(f"{what}: the model or guide failed on the data of shape {shapes} ({first[:200]})") from None
     return plates, None
 
 
 def find_data_plate(model: Callable[..., object], guide: Callable[..., object], args: Sequence[Any], *, plate: str | None = None,
-                    what: str = "this analysis") -> DataPlate:
+                    what: str = "this analysis", data: Sequence[Any] | None = None) -> DataPlate:
     """The data plate of ``model`` and ``guide`` run on ``args`` (a few rows), found by its size or named by ``plate``.
 
     The plate whose size is the number of rows of ``args``; where several are, the one named ``"data"``;
@@ -146,7 +147,7 @@ def find_data_plate(model: Callable[..., object], guide: Callable[..., object], 
         have, a plate named ``"data"`` that is not the data plate, or several plates that subsample.
     """
     rows = next((int(a.shape[0]) for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
-    seen, subsampling = _probe(model, guide, tuple(args), what)
+    seen, subsampling = _probe(model, guide, tuple(args), what, shown=data)
     sizes, fresh = seen.sizes, tuple(dict.fromkeys(seen.fresh))
     if subsampling is not None:
         if plate is not None and plate != subsampling.name:
@@ -198,7 +199,7 @@ class DataRows(Messenger):
         name = self.plate.name
         if msg["type"] == "sample" and isinstance(msg["fn"], _Subsample):
             if msg["name"] == name and self.index is not None and msg["value"] is None:
-                msg["value"] = self.index.to(msg["fn"].device)
+                msg["value"] = self.index  # where the caller keeps it (Pyro's _Subsample takes torch's default device, not the data's)
             return
         stack = msg.get("cond_indep_stack") or ()
         frames = [f for f in stack if f.name == name]

@@ -492,7 +492,7 @@ def analysed(
     with torch.no_grad(), poutine.block(), pyro.get_param_store().scope(pyro.get_param_store().get_state()):
         modules = _modules_called(model, first, head)
     with _evaluation(modules):
-        found = find_data_plate(model, first, head, plate=plate, what=analysis)
+        found = find_data_plate(model, first, head, plate=plate, what=analysis, data=data)
     if found.subsampled:
         raise ConfigError(f"{analysis}: plate {found.name!r} subsamples the data itself (subsample_size={found.subsample_size}), so the model "
                           f"does not score the rows it is given; write it over them, pyro.plate({found.name!r}, x.shape[0])")
