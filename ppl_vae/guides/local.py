@@ -13,6 +13,7 @@ datapoint ``n``'s first-layer bias, so it starts exactly at the encoder's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -97,6 +98,14 @@ class BatchedMADE(nn.Module):
         arn.permutation = self.permutation  # type: ignore[attr-defined]
         return arn
 
+    def take(self, rows: torch.Tensor) -> BatchedMADE:
+        """A copy holding the weights of the datapoints ``rows`` (an index tensor; a row may repeat), detached."""
+        out = BatchedMADE(len(rows), self.latent_dim, self.b0.shape[-1], self.permutation, (self.mask0, self.mask1), like=self.b0, w0=self.w0[rows])
+        with torch.no_grad():
+            for name in ("b0", "w1", "b1"):
+                getattr(out, name).copy_(getattr(self, name)[rows])
+        return out
+
     @classmethod
     def from_conditional(cls, transform: AffineAutoregressive) -> BatchedMADE:
         """Copy an amortised IAF step conditioned on features ``h`` ``[N, H]`` (see the module docstring)."""
@@ -175,6 +184,39 @@ class LocalPosterior(nn.Module):
     def select(self, rows: slice | torch.Tensor) -> LatentGuide:
         """The guide of the datapoints ``rows`` only (itself cut further by ``select``)."""
         return LatentGuide(self.latent, self.distribution, torch.arange(self.num_points, device=self.loc.device)[rows])
+
+    def base_scale_tril(self) -> torch.Tensor:
+        """The Cholesky factor ``[N, K, K]`` of each datapoint's Gaussian (the flow family's base), detached."""
+        with torch.no_grad():
+            if self.family == "full":
+                return self.distribution().scale_tril
+            return torch.diag_embed(F.softplus(self.raw_scale) + 1e-6)
+
+    def take(self, rows: torch.Tensor) -> LocalPosterior:
+        """A new posterior (detached copies) of the datapoints ``rows``, an index tensor in which a row may repeat.
+
+        ``take(torch.arange(N).repeat(S))`` holds ``S`` copies of every datapoint (one per start of
+        :func:`~ppl_vae.inference.optimize_local`), ``take(best)`` keeps one row of each.
+        """
+        rows = torch.as_tensor(rows, device=self.loc.device)
+        latent = dataclasses.replace(self.latent, num_points=len(rows))
+        with torch.no_grad():
+            loc = self.loc[rows]
+            out = LocalPosterior(self.family, latent, loc, torch.ones_like(loc), flows=[f.take(rows) for f in self.flows], clamp=self.clamp)
+            for name, p in self.named_parameters(recurse=False):  # the raw parameters themselves: no softplus round trip
+                getattr(out, name).copy_(p[rows])
+        return out
+
+    def widened(self, factor: float) -> LocalPosterior:
+        r"""A detached copy whose Gaussian (a flow's base) has its scale multiplied by ``factor``: covariance :math:`\times` ``factor**2``."""
+        out = self.take(torch.arange(self.num_points, device=self.loc.device))
+        with torch.no_grad():
+            if out.family == "full":
+                out.raw_diag.copy_(_inv_softplus((F.softplus(out.raw_diag) + 1e-6) * factor - 1e-6))
+                out.offdiag.mul_(factor)
+            else:
+                out.raw_scale.copy_(_inv_softplus((F.softplus(out.raw_scale) + 1e-6) * factor - 1e-6))
+        return out
 
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> None:
         self.select(slice(None))(x, *args)
