@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.distributions.transforms import AffineAutoregressive
 from pyro.nn.auto_reg_nn import create_mask
 from torch import nn
@@ -28,7 +29,7 @@ from ..distributions import gaussian_base, gaussian_draw
 from ..errors import ConfigError
 from .latent import Latent, LatentGuide, moment_matched
 
-__all__ = ["family_of", "BatchedMADE", "LocalPosterior", "Normal"]
+__all__ = ["family_of", "BatchedMADE", "LocalPosterior", "LocalMixture", "Mixture", "Normal"]
 
 #: a source of standard-normal noise: ``normal(shape, dim, dtype)`` with the datapoints along ``dim``
 #: (e.g. :meth:`ppl_vae.inference.random.Streams.normal`, one stream per datapoint)
@@ -266,6 +267,74 @@ class LocalPosterior(nn.Module):
                 for _ in range(num_flows)
             ]
             return cls("flow", latent, loc, scale, flows=flows)
+
+
+class Mixture(dist.TorchDistribution):
+    r"""A finite mixture of distributions that share their batch and event shapes, with per-row log-weights.
+
+    .. math::
+
+        \pi(u) = \sum_c \alpha_c\, q_c(u), \qquad \alpha = \operatorname{softmax}(\text{logits}),
+
+    ``logits`` ``[*batch, C]`` (``-inf``: a component absent from that row).
+    A draw picks a component by its weight, then draws from it (not
+    reparameterised). The density of a draw needs every component's density
+    there: a flow component's costs its inverse (``d`` passes of its MADE).
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, components: list[torch.distributions.Distribution], logits: torch.Tensor, validate_args: bool | None = None) -> None:
+        first = components[0]
+        if any(c.batch_shape != first.batch_shape or c.event_shape != first.event_shape for c in components) or logits.shape != (*first.batch_shape, len(components)):
+            raise ValueError("mixture components must share batch and event shapes, and logits must be [*batch, components]")
+        self.components, self.logits = list(components), logits
+        super().__init__(first.batch_shape, first.event_shape, validate_args=False)
+
+    def expand(self, batch_shape: torch.Size, _instance: object = None) -> Mixture:
+        batch_shape = torch.Size(batch_shape)
+        return Mixture([c.expand(batch_shape) for c in self.components], self.logits.expand(*batch_shape, len(self.components)))
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            draws = torch.stack([c.sample(sample_shape) for c in self.components], -1 - len(self.event_shape))  # [*sample, *batch, C, *event]
+            which = dist.Categorical(logits=self.logits).sample(sample_shape)  # [*sample, *batch]
+            at = which.reshape(*which.shape, 1, *([1] * len(self.event_shape))).expand(*which.shape, 1, *self.event_shape)
+            return draws.gather(len(which.shape), at).squeeze(len(which.shape))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        lp = torch.stack([c.log_prob(value) for c in self.components], -1)
+        return torch.logsumexp(lp + torch.log_softmax(self.logits, -1), -1)
+
+
+class LocalMixture:
+    """A per-datapoint :class:`Mixture` of per-datapoint families over ``u`` (e.g. an importance-sampling proposal); calling it is a guide.
+
+    ``components`` are objects with ``distribution(rows)`` (a :class:`LocalPosterior`)
+    over the same ``N`` datapoints; ``logits`` ``[N, C]`` their log-weights per datapoint.
+    """
+
+    def __init__(self, latent: Latent, components: list[LocalPosterior], logits: torch.Tensor) -> None:
+        if logits.shape != (latent.num_points, len(components)):
+            raise ValueError(f"logits must be [{latent.num_points}, {len(components)}], got {tuple(logits.shape)}")
+        self.latent, self.components, self.logits = latent, list(components), logits
+
+    @property
+    def num_points(self) -> int:
+        return self.latent.num_points
+
+    def distribution(self, rows: slice | torch.Tensor = slice(None)) -> Mixture:
+        """The mixture of the datapoints ``rows``: batch shape ``[len(rows)]``, event ``[K]``."""
+        return Mixture([c.distribution(rows) for c in self.components], self.logits[rows])
+
+    def select(self, rows: slice | torch.Tensor) -> LatentGuide:
+        """The guide of the datapoints ``rows`` only."""
+        return LatentGuide(self.latent, self.distribution, torch.arange(self.num_points, device=self.logits.device)[rows])
+
+    def __call__(self, x: torch.Tensor, *args: torch.Tensor) -> None:
+        self.select(slice(None))(x, *args)
 
 
 def _draws(q: torch.distributions.Distribution, m: int, normal: Normal | None) -> torch.Tensor:

@@ -91,15 +91,13 @@ from ..traces import log_weights_of, plate_nesting, traces
 from .bounds import MAX_ELEMENTS, chunks
 
 __all__ = ["LocalFit", "optimize_local", "check_options", "start_distribution", "check_log_weights", "window_change", "judge_window",
-           "keep_best", "same_optimum", "distinct_optima", "Z_CHECK", "SAME_PLACE"]
+           "keep_best", "same_optimum", "distinct_optima", "Z_CHECK", "FINAL_FACTOR"]
 
 #: standard errors by which a check window's change must fall below ``tol`` to count as no improvement
 #: (one-sided: a window still improving by ``tol`` passes by chance with probability 2.3 %)
 Z_CHECK = 2.0
 #: the starts of a datapoint are compared (and its final ELBO estimated) on this many times ``check_samples`` draws
 FINAL_FACTOR = 10
-#: two starts sit at the same place when no coordinate's means differ by more than this many (average) sds
-SAME_PLACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -116,8 +114,8 @@ class LocalFit:
     initial_elbo: torch.Tensor  # ELBO of the first start (the init)
     final_elbo: torch.Tensor  # ELBO of the kept parameters
     final_elbo_se: torch.Tensor  # its Monte Carlo standard error
-    final_change: torch.Tensor  # nats: the kept start's last check window's change of ELBO (paired draws)
-    final_change_se: torch.Tensor  # the standard error that change was judged against
+    final_change: torch.Tensor  # nats: the kept start's gain since its step size was last halved, at its last check (judge_window)
+    final_change_se: torch.Tensor  # the standard error that gain was judged against
     lr_scale: torch.Tensor  # the kept start's final step size, as a fraction of lr
     start_elbo: torch.Tensor  # [S, N] each start's final ELBO
     start_converged: torch.Tensor  # [S, N] bool
@@ -180,8 +178,8 @@ def start_distribution(
 
 
 def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, data: tuple[torch.Tensor, ...], rows: torch.Tensor, streams: Streams, *,
-                      num_samples: int, nesting: int, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-weights ``[M, R]`` (float64) of the rows ``rows`` from their fixed check draws, and the mean and variance ``[R, K]`` of those draws of ``u``.
+                      num_samples: int, nesting: int) -> torch.Tensor:
+    """Log-weights ``[M, R]`` (float64) of the rows ``rows`` of ``posterior`` and ``data``, from their fixed check draws.
 
     The draws come from ``streams`` (one per row) and are put back after
     (:meth:`~ppl_vae.inference.random.Streams.replaying`): every call sees the
@@ -191,18 +189,15 @@ def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, d
     """
     width = max(1, math.prod(data[0].shape[1:]))
     size = max(1, MAX_ELEMENTS // (num_samples * width))
-    lws, means, variances = [], [], []
+    out = []
     with torch.no_grad():
         for part in chunks(len(rows), size):
             r = rows[part]
             picked = streams.select(r.tolist())
             with picked.replaying():
                 model_tr, guide_tr = traces(model, posterior.select(r), *(t[r] for t in data), num_samples=num_samples, nesting=nesting, streams=picked)
-            lws.append(log_weights_of(model_tr, guide_tr).double())
-            u = guide_tr.nodes[site]["value"].reshape(num_samples, len(r), -1).double()
-            means.append(u.mean(0))
-            variances.append(u.var(0))
-    return torch.cat(lws, 1), torch.cat(means), torch.cat(variances)
+            out.append(log_weights_of(model_tr, guide_tr).double())
+    return torch.cat(out, 1)
 
 
 def window_change(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,23 +216,30 @@ def window_change(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor
     return d.mean(0), d.std(0) / math.sqrt(d.shape[0])
 
 
-def judge_window(change: torch.Tensor, se: torch.Tensor, tol: float, decays: torch.Tensor, lr_decays: int) -> tuple[torch.Tensor, torch.Tensor]:
+def judge_window(change: torch.Tensor, se: torch.Tensor, gain: torch.Tensor, gain_se: torch.Tensor, decays: torch.Tensor,
+                 lr_decays: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(slower, done)``: rows whose step size is halved, rows that have converged.
 
-    A window *shows progress* when its change is at least one standard error
-    and at least ``tol / 10``. Without progress the step size is halved (up
-    to ``lr_decays`` times): at a large step size Adam jitters around the
-    optimum and its windows' changes are mostly noise, while a row that is
-    still climbing keeps its step size. A row has converged only at its
-    smallest step size, without progress, and when the evidence says the
-    change is below the tolerance, :math:`\Delta + z\,\operatorname{SE} <
-    \mathrm{tol}` (:data:`Z_CHECK`): a change whose noise is larger than the
-    tolerance never counts as converged.
+    ``change`` is the last window's change of ELBO, ``gain`` the change since
+    the step size was last halved (before the first halving: the window's
+    change), each with its standard error. A window *shows progress* when its
+    change is at least one standard error and at least ``tol / 10``; while it
+    does, nothing changes. Without progress Adam is jittering around the
+    optimum at its current step size, short of it by an excess that shrinks
+    with the step size. Halving the step size then gains about that excess, so
+    a row has converged when the gain since its last halving is below the
+    tolerance by :data:`Z_CHECK` standard errors,
+    :math:`G + z\,\operatorname{SE} < \mathrm{tol}`: what is left is smaller
+    still. Otherwise its step size is halved again, up to ``lr_decays`` times
+    (a row still gaining at its smallest step size stops at ``max_steps``,
+    unconverged). Noise larger than the tolerance never counts as converged.
+    With ``lr_decays = 0`` there is no halving: a window without progress whose
+    change is below the tolerance, so judged, has converged.
     """
-    progress = change >= torch.clamp_min(se, tol / 10)
-    smallest = decays >= lr_decays
-    done = smallest & ~progress & (change + Z_CHECK * se < tol)
-    return ~smallest & ~progress, done
+    stationary = change < torch.clamp_min(se, tol / 10)
+    halved = decays > 0
+    done = stationary & (gain + Z_CHECK * gain_se < tol) & (halved | (lr_decays == 0))
+    return stationary & ~done & (decays < lr_decays), done
 
 
 def keep_best(lw: torch.Tensor) -> torch.Tensor:
@@ -256,29 +258,33 @@ def keep_best(lw: torch.Tensor) -> torch.Tensor:
     return spread.argmin(0)
 
 
-def same_optimum(lw_a: torch.Tensor, lw_b: torch.Tensor, mean_a: torch.Tensor, mean_b: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor,
-                 tol: float) -> torch.Tensor:
-    """``[N]`` bool: start b ended where start a did (a the better one): its ELBO is not lower by more than ``tol`` (beyond
-    :data:`Z_CHECK` SE of the paired difference) and no coordinate's mean differs by more than :data:`SAME_PLACE` sds.
+def same_optimum(lw_a: torch.Tensor, lw_b: torch.Tensor, lw_mid: torch.Tensor, tol: float) -> torch.Tensor:
+    """``[N]`` bool: start b ended at the optimum start a did (a the better one).
 
-    ``lw_*`` ``[M, N]`` are the two starts' log-weights (the same noise), ``mean_*`` and ``var_*`` ``[N, K]`` their draws' moments.
+    ``lw_a``, ``lw_b`` and ``lw_mid`` ``[M, N]``: log-weights from the same noise of the two starts'
+    ``q*`` and of the one halfway between their parameters. Two tests, each beyond :data:`Z_CHECK`
+    standard errors of a paired difference and ``tol``: b's ELBO is not lower than a's, and the
+    ELBO halfway between them does not dip below b's (a hill-valley test: between two modes, or
+    between a saddle and a mode, the path falls; along a flat ridge of one optimum it does not).
     """
     gap, gap_se = window_change(lw_a, lw_b)
-    close_value = gap - Z_CHECK * gap_se <= tol
-    sd = ((var_a + var_b) / 2).sqrt().clamp_min(torch.finfo(var_a.dtype).tiny)
-    close_place = ((mean_a - mean_b).abs() / sd).amax(-1) <= SAME_PLACE
-    return close_value & close_place
+    dip, dip_se = window_change(lw_b, lw_mid)
+    return (gap - Z_CHECK * gap_se <= tol) & (dip - Z_CHECK * dip_se <= tol)
 
 
-def distinct_optima(lw: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eligible: torch.Tensor, tol: float) -> torch.Tensor:
-    """``[S, N]`` bool: the best start of each distinct optimum among the ``eligible`` starts (``[S, N]``).
+def distinct_optima(lw: torch.Tensor, midpoint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eligible: torch.Tensor, tol: float,
+                    first: torch.Tensor) -> torch.Tensor:
+    """``[S, N]`` bool: one start of each distinct optimum among the ``eligible`` starts (``[S, N]``).
 
-    ``lw`` ``[M, S, N]``: every start's final log-weights (the same noise for every start); ``mean`` and ``var`` ``[S, N, K]``: its draws' moments.
-    Starts are taken best first (by mean ELBO); each joins the first kept one it is the
-    :func:`same_optimum` as, or is kept as a new one.
+    ``lw`` ``[M, S, N]``: every start's final log-weights (the same noise for every start);
+    ``midpoint(a, b)`` the log-weights ``[M, N]`` (the same noise) of the parameters halfway
+    between starts ``a`` and ``b`` ``[N]`` of each datapoint. The start ``first`` ``[N]`` (the
+    kept one) is taken first, then the others best first (by mean ELBO); each joins the first kept
+    one it is the :func:`same_optimum` as, or is kept as a new one.
     """
     S = lw.shape[1]
-    order = lw.mean(0).argsort(0, descending=True)  # [S, N]
+    score = lw.mean(0).scatter(0, first.unsqueeze(0), math.inf)
+    order = score.argsort(0, descending=True)  # [S, N]
     cols = torch.arange(lw.shape[2], device=lw.device)
     kept = torch.zeros_like(eligible)
     for i in range(S):
@@ -286,7 +292,7 @@ def distinct_optima(lw: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eli
         new = eligible[s, cols].clone()
         for j in range(i):
             r = order[j]
-            same = same_optimum(lw[:, r, cols], lw[:, s, cols], mean[r, cols], mean[s, cols], var[r, cols], var[s, cols], tol)
+            same = same_optimum(lw[:, r, cols], lw[:, s, cols], midpoint(r, s), tol)
             new &= ~(kept[r, cols] & same)
         kept[s, cols] = new
     return kept
@@ -417,11 +423,12 @@ def optimize_local(
         site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
 
         def evaluate(rows: torch.Tensor) -> torch.Tensor:
-            return check_log_weights(model, posterior, data, rows, check, num_samples=check_samples, nesting=nesting, site=site)[0]
+            return check_log_weights(model, posterior, data, rows, check, num_samples=check_samples, nesting=nesting)
 
         rows_all = torch.arange(n * S, device=first.loc.device)
         start_lw = evaluate(rows_all)
-        last_lw = start_lw.clone()
+        # the log-weights of the last check, of the one before, and of each row's last halving
+        last_lw, before_last_lw, anchor_lw = start_lw.clone(), start_lw.clone(), start_lw.clone()
         frozen = [p.detach().clone() for p in params]
         start = [p.detach().clone() for p in params]
         like = posterior.loc
@@ -459,12 +466,17 @@ def optimize_local(
                     steps[rows] += 1
                     if step % check_every == 0:
                         now = evaluate(rows)
-                        d, d_se = window_change(now, last_lw[:, rows])
-                        change[rows], change_se[rows] = d, d_se
+                        d, d_se = window_change(now, before_last_lw[:, rows])  # over the last two windows: progress adds up, jitter does not
+                        before_last_lw[:, rows] = last_lw[:, rows]
+                        g, g_se = window_change(now, anchor_lw[:, rows])
+                        first_halving = decays[rows] == 0
+                        g, g_se = torch.where(first_halving, d, g), torch.where(first_halving, d_se, g_se)
+                        change[rows], change_se[rows] = g, g_se
                         last_lw[:, rows] = now
-                        slower, done = judge_window(d, d_se, tol, decays[rows], lr_decays)
+                        slower, done = judge_window(d, d_se, g, g_se, decays[rows], lr_decays, tol)
                         scale[rows[slower]] /= 2
                         decays[rows[slower]] += 1
+                        anchor_lw[:, rows[slower]] = now[:, slower]
                         stopped = rows[done]
                         for p, f in zip(params, frozen):
                             f[stopped] = p[stopped]
@@ -481,18 +493,26 @@ def optimize_local(
             # the starts compared on FINAL_FACTOR times as many draws (the same for every start of a datapoint): the largest of
             # several noisy means favours the noisier estimate, by about its SE
             final = Streams(base, idx.repeat(S), device, Tag.LOCAL, 5)
-            final_lw, u_mean, u_var = check_log_weights(model, posterior, data, rows_all, final, num_samples=FINAL_FACTOR * check_samples, nesting=nesting, site=site)
+            M = FINAL_FACTOR * check_samples
+            final_lw = check_log_weights(model, posterior, data, rows_all, final, num_samples=M, nesting=nesting)
+
+            def midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # halfway between starts a and b [N] of each datapoint
+                cols = torch.arange(n, device=a.device)
+                mid = posterior.take(a * n + cols)
+                for p, q in zip(mid.parameters(), posterior.take(b * n + cols).parameters()):
+                    p.add_(q).div_(2)
+                return check_log_weights(model, mid, data, cols, final, num_samples=M, nesting=nesting)
         for p in params:
             p.grad = None
             p.requires_grad_(False)
     converged = ~active
-    M = FINAL_FACTOR * check_samples
     by_start = final_lw.view(M, S, n)
     best = keep_best(by_start)
     keep = best * n + torch.arange(n, device=best.device)
     eligible = converged.view(S, n).clone()
     eligible[best, torch.arange(n, device=best.device)] = True  # the kept start counts even where it did not converge
-    modes = distinct_optima(by_start, u_mean.view(S, n, -1), u_var.view(S, n, -1), eligible, tol)
+    with torch.no_grad():
+        modes = distinct_optima(by_start, midpoint, eligible, tol, best)
     options = dict(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol, lr_decays=lr_decays,
                    check_samples=check_samples, starts=starts, start_spread=start_spread, start_scale=start_scale, path_derivative=path_derivative)
     dtype = like.dtype
