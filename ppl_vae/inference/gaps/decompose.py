@@ -55,7 +55,7 @@ from ...guides.local import FAMILIES, LocalMixture, LocalPosterior, family_of
 from ..distributed import Collectives, Spread, spread_rows
 from ..latent import guide_in_latent_space, latent_of
 from ..random import Streams, Tag, dataset_index
-from .ais import ais
+from .ais import MIN_CHAINS_SE, ais
 from .ais import check_options as check_ais_options
 from .bounds import importance_bounds, khat_threshold
 from .local import LocalFit, optimize_local, start_distribution
@@ -428,7 +428,7 @@ def decompose(
     if ais_options:
         check_ais_options(**ais_options)
         if logpx == "ais" or unreliable == "ais":
-            check_int(ais_options.get("num_chains", 2), "the number of AIS chains (at least 2 for a standard error)", low=2)
+            check_int(ais_options.get("num_chains", MIN_CHAINS_SE), f"the number of AIS chains (at least {MIN_CHAINS_SE} for a standard error)", low=MIN_CHAINS_SE)
     q, own, families = _families(model, guide, data, families)
     extra = ("full",) if proposals is None else tuple(proposals)
     if any(f not in FAMILIES for f in extra):

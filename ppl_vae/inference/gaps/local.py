@@ -29,21 +29,24 @@ things get ``q*`` there and say so:
   the posterior the gradient is exactly zero for every draw, and near it its
   noise is small (the flow family keeps the ordinary reparameterised gradient:
   the path derivative would need the flow's inverse);
-* a per-datapoint step size, halved when a check window shows no clear
-  progress, up to ``lr_decays`` times;
+* a per-datapoint step size, halved when the last two check windows show
+  no progress, up to ``lr_decays`` times;
 * a convergence test that noise cannot fool. Every ``check_every`` steps the
   ELBO is estimated from the datapoint's *check draws*: ``check_samples``
   standard-normal draws fixed for the whole optimisation (common random
-  numbers). The change since the last check is the mean of the paired
+  numbers). A change between two checks is the mean of the paired
   differences of log-weights, and its standard error their spread over
   :math:`\sqrt M` (:func:`window_change`): the noise the two estimates share
-  cancels, so the error shrinks with the change itself rather than with the
-  ELBO's own spread. A datapoint has **converged** only at its smallest step
-  size, and only when the change is below ``tol`` by :data:`Z_CHECK` standard
-  errors and not above one standard error (:func:`judge_window`): a point
-  whose ELBO is still rising by ``tol`` per window, or whose change is too
-  noisy to tell, is not reported converged. The last change and its standard
-  error are reported per datapoint (``final_change``, ``final_change_se``).
+  cancels, so the error shrinks with the distance between the two parameter
+  values rather than with the ELBO's own spread. Without progress, Adam
+  jitters around the optimum short of it by an excess that shrinks with the
+  step size, so halving the step size gains about that excess: a datapoint
+  has **converged** when the gain since its last halving is below ``tol`` by
+  :data:`Z_CHECK` standard errors (:func:`judge_window`). A point whose ELBO
+  still rises by ``tol`` per halving, or whose gain is too noisy to tell, is
+  not reported converged; halving again shrinks both the jitter and the
+  noise of the next comparison. The gain and its standard error are reported
+  per datapoint (``final_change``, ``final_change_se``).
 
 **Saddles and several modes.** Where the expected gradient is zero, as at a
 symmetric start between two modes (a saddle of the ELBO), no test on the
@@ -51,9 +54,10 @@ ELBO's progress can tell the point from an optimum. Each datapoint is
 therefore optimised from ``starts`` starts in the same batch: the init, and
 narrowed copies of it (scale times ``start_scale``) centred at draws of the
 init (scale times ``start_spread``), which climb to the mode nearest their
-centre instead of averaging over several. The start with the highest final
-ELBO is kept; starts that ended apart (by ELBO, beyond noise and ``tol``, or
-by the means of their check draws, :func:`distinct_optima`) are counted in
+centre rather than average over several. The starts are compared on
+``FINAL_FACTOR`` times as many draws, the same for all of them, and the best
+is kept (:func:`keep_best`); starts that ended apart (by ELBO, or with the
+ELBO dipping between them: :func:`distinct_optima`) are counted in
 ``LocalFit.optima``, and every start's parameters stay in
 ``LocalFit.candidates`` (the gap decomposition builds its log p(x) proposal
 from the distinct ones).
@@ -127,7 +131,7 @@ class LocalFit:
 
 def check_options(
     *, family: str = "diagonal", num_samples: int = 10, lr: float = 1e-2, max_steps: int = 4000, check_every: int = 100, tol: float = 0.01,
-    lr_decays: int = 4, check_samples: int = 100, starts: int = 2, start_spread: float = 1.0, start_scale: float = 0.1, path_derivative: bool = True,
+    lr_decays: int = 8, check_samples: int = 100, starts: int = 2, start_spread: float = 1.0, start_scale: float = 0.5, path_derivative: bool = True,
     num_flows: int = 2, flow_hidden: int | None = None,
 ) -> None:
     """Validate the options of :func:`optimize_local` before any work (``ConfigError`` naming the option)."""
@@ -308,11 +312,11 @@ def optimize_local(
     max_steps: int = 4000,
     check_every: int = 100,
     tol: float = 0.01,
-    lr_decays: int = 4,
+    lr_decays: int = 8,
     check_samples: int = 100,
     starts: int = 2,
     start_spread: float = 1.0,
-    start_scale: float = 0.1,
+    start_scale: float = 0.5,
     path_derivative: bool = True,
     num_flows: int = 2,
     flow_hidden: int | None = None,
@@ -344,31 +348,34 @@ def optimize_local(
         Adam's initial learning rate (each datapoint's own step size starts there).
     max_steps, check_every, tol, lr_decays : int, int, float, int
         Every ``check_every`` steps each datapoint's ELBO is estimated from its
-        ``check_samples`` fixed check draws and compared with the last check's
-        (:func:`window_change`). A window shows no improvement only when its
-        change is below ``tol`` nats by :data:`Z_CHECK` standard errors
-        (:func:`judge_window`); then the step size is halved, and with it
-        already halved ``lr_decays`` times the datapoint has converged and
-        stops. A datapoint still going at ``max_steps`` stops unconverged
-        (``LocalFit.converged``). Each keeps its last parameters, unless their
-        ELBO is below its start's by more than two standard errors of the
-        paired difference: then it goes back to its start, so a stochastic
-        optimisation never leaves it worse than it began.
+        ``check_samples`` fixed check draws (:func:`check_log_weights`). While
+        the last two windows show progress nothing changes; without progress
+        the step size is halved (up to ``lr_decays`` times), and a datapoint
+        has converged when the ELBO gained since its last halving is below
+        ``tol`` nats by :data:`Z_CHECK` standard errors of the paired
+        difference (:func:`judge_window`). A datapoint still going at
+        ``max_steps`` stops unconverged (``LocalFit.converged``). Each keeps its
+        last parameters, unless their ELBO is below its start's by more than
+        :data:`Z_CHECK` standard errors of the paired difference: then it goes
+        back to its start, so a stochastic optimisation never leaves it worse
+        than it began.
     check_samples : int
         Draws :math:`M` of each check (at least 2). They are the same at every
         check and for every start of a datapoint (common random numbers), so a
         change is measured with an error that shrinks with the change itself.
     starts : int
-        Starts per datapoint: the init, and ``starts - 1`` copies of it whose
-        mean is moved by a draw of the init's Gaussian (a flow's base) with
-        its scale times ``start_spread``. All are optimised in one batch; each
-        datapoint keeps the start with the highest final ELBO, so a start on a
+        Starts per datapoint: the init, and ``starts - 1`` copies of it with
+        their scale times ``start_scale``, centred at draws of the init's
+        Gaussian (a flow's base) with its scale times ``start_spread``. All
+        are optimised in one batch; each datapoint keeps the best start
+        (:func:`keep_best`), so a start on a
         saddle (a symmetric start between two modes, where the expected
         gradient is zero and no test can tell it from an optimum) does not
         decide ``q*``. Starts that end apart (:func:`distinct_optima`) are
         counted in ``LocalFit.optima``.
-    start_spread : float
-        How far the extra starts are moved, in the init's standard deviations.
+    start_spread, start_scale : float
+        How far the extra starts are moved, in the init's standard deviations,
+        and how much narrower than the init they start.
     path_derivative : bool
         The path-derivative ("sticking the landing") gradient for the diagonal
         and full families (the flow family ignores it): zero variance where
