@@ -257,10 +257,12 @@ def test_gaps_on_two_processes_write_the_table_of_one(tiny_run, tmp_path, capsys
         tables[devices] = pd.read_csv(out / "gaps.csv")
     one, two = tables["1"], tables["2"]
     assert list(one.columns) == list(two.columns) and one["index"].tolist() == two["index"].tolist()
-    numbers = one.select_dtypes("number").columns
+    numbers = [c for c in one.select_dtypes("number").columns if c != "log_px_khat"]
     # float32 networks: a datapoint's arithmetic in a block of 3 rows instead of 6 rounds differently;
     # 1e-5 relative is ~100 float32 ulps (measured: 4e-7 nats on values of ~44)
     assert np.allclose(one[numbers], two[numbers], rtol=1e-5, atol=1e-5), (one[numbers] - two[numbers]).abs().max().to_dict()
+    # k-hat is a generalised Pareto shape fitted to the largest 3 sqrt(K) weights: it moves ~100x more than they do (5e-5 measured)
+    assert np.allclose(one["log_px_khat"], two["log_px_khat"], rtol=0, atol=1e-3)
 
 
 def test_gaps_refuse_bad_device_options_with_one_line_and_write_nothing(tiny_run, tmp_path, capsys):
@@ -362,18 +364,20 @@ def test_default_log_px_is_right_on_a_correlated_posterior_where_a_mean_field_pr
     x = m.sample(10)
     exact = m.log_marginal(x)
     r = decompose(m, mean_field, x, num_samples=2000, elbo_samples=1000, seed=0)  # default options
-    assert "full q* as proposal" in r.logpx_estimator and not r.log_px_unreliable.any()
+    assert "mixture of the local full q*" in r.logpx_estimator and not r.log_px_unreliable.any()
     err = r.log_px - exact
     assert abs(err.mean().item()) < 3 * se_of_mean(r.log_px_se) + log_mean_exp_bias(r.log_px_se), err
-    # with the mean-field q* as the only proposal its weights have infinite variance (2 Lambda - diag Lambda is not
-    # positive definite): far too low, by many of its own SEs; the k-hat flags say so (AIS is offered for those rows)
+    # with the mean-field q* as the only proposal (no defensive components) its weights have infinite variance
+    # (2 Lambda - diag Lambda is not positive definite): far too low, by many of its own SEs; the k-hat flags say so
+    # (AIS is offered for those rows)
     with pytest.warns(UserWarning, match="log p̂\\(x\\) is unreliable"):
-        mf = decompose(m, mean_field, x, num_samples=2000, elbo_samples=1000, seed=0, proposals=())
+        mf = decompose(m, mean_field, x, num_samples=2000, elbo_samples=1000, seed=0, proposals=(), defensive=(0, 0))
     lam = torch.linalg.inv(cov)
     assert torch.linalg.eigvalsh(2 * lam - torch.diag(lam.diagonal())).min() < 0
     assert (exact - mf.log_px).mean().item() > 10 * se_of_mean(mf.log_px_se)
     assert mf.log_px_unreliable.sum() >= 3 and (mf.log_px_khat[mf.log_px_unreliable] > 0.7).all()
     # re-estimated by AIS (a short one here: which rows, not how well), they are no longer flagged
-    redo = decompose(m, mean_field, x, num_samples=2000, elbo_samples=1000, seed=0, proposals=(), unreliable="ais", ais_options={"num_steps": 20, "num_chains": 4})
+    redo = decompose(m, mean_field, x, num_samples=2000, elbo_samples=1000, seed=0, proposals=(), defensive=(0, 0), unreliable="ais",
+                     ais_options={"num_steps": 20, "num_chains": 4})
     assert torch.equal(redo.log_px_ais, mf.log_px_unreliable) and not redo.log_px_unreliable.any()
     assert "AIS" in redo.logpx_estimator
