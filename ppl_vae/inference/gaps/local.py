@@ -94,7 +94,7 @@ from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import log_weights_of, plate_nesting, traces
 from .bounds import MAX_ELEMENTS, chunks
 
-__all__ = ["LocalFit", "optimize_local", "check_options", "start_distribution", "check_log_weights", "window_change", "judge_window",
+__all__ = ["LocalFit", "optimize_local", "check_options", "start_distribution", "check_log_weights", "resampled_shifts", "window_change", "judge_window",
            "keep_best", "same_optimum", "distinct_optima", "Z_CHECK", "FINAL_FACTOR"]
 
 #: standard errors by which a check window's change must fall below ``tol`` to count as no improvement
@@ -143,8 +143,7 @@ def check_options(
     check_positive(lr, "the local learning rate")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise ConfigError(f"tol must be a non-negative number, got {tol!r}")
-    if not (isinstance(start_spread, (int, float)) and math.isfinite(start_spread) and start_spread >= 0):
-        raise ConfigError(f"start_spread must be a non-negative number, got {start_spread!r}")
+    check_positive(start_spread, "start_spread")
     check_positive(start_scale, "start_scale")
     check_int(lr_decays, "lr-decays", low=0)
     if not isinstance(path_derivative, bool):
@@ -204,6 +203,35 @@ def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, d
     return torch.cat(out, 1)
 
 
+def resampled_shifts(model: Callable[..., object], q: LocalPosterior, data: tuple[torch.Tensor, ...], streams: Streams, *, num: int, draws: int,
+                     site: str) -> torch.Tensor:
+    r"""``[num, N, K]``: per datapoint, ``num`` draws of ``q`` resampled by importance weight, minus the mean of the draws.
+
+    Sampling importance resampling (Rubin 1988): of ``draws`` draws :math:`u_k \sim q`, one is
+    picked with probability proportional to :math:`p(x, u_k) / q(u_k)`, so it falls in a mode of the
+    posterior in proportion to its mass, not in the valley between modes where ``q`` may be centred.
+    The draws and the picks come from ``streams`` (one per datapoint); rows are taken in chunks that
+    keep the model's outputs under ``MAX_ELEMENTS``.
+    """
+    n = q.num_points
+    width = max(1, math.prod(data[0].shape[1:]))
+    size = max(1, MAX_ELEMENTS // (draws * width))
+    nesting = plate_nesting(model, q.select(slice(0, 1)), *(t[:1] for t in data))
+    out = []
+    with torch.no_grad():
+        for part in chunks(n, size):
+            rows = torch.arange(part.start, part.stop, device=q.loc.device)
+            picked = streams.select(rows.tolist())
+            model_tr, guide_tr = traces(model, q.select(rows), *(t[rows] for t in data), num_samples=draws, nesting=nesting, streams=picked)
+            lw = log_weights_of(model_tr, guide_tr).double()  # [draws, R]
+            u = guide_tr.nodes[site]["value"].reshape(draws, len(rows), -1)
+            cdf = torch.softmax(lw, 0).cumsum(0).T.contiguous()  # [R, draws]
+            at = torch.searchsorted(cdf, picked.uniform((len(rows), num), dim=0, dtype=torch.float64)).clamp_max(draws - 1)  # [R, num]
+            chosen = u.permute(1, 0, 2).gather(1, at.unsqueeze(-1).expand(-1, -1, u.shape[-1]))  # [R, num, K]
+            out.append((chosen - u.mean(0).unsqueeze(1)).transpose(0, 1))
+    return torch.cat(out, 1)
+
+
 def window_change(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The change of each row's ELBO between two checks and its standard error, from paired log-weights ``[M, R]``.
 
@@ -246,19 +274,23 @@ def judge_window(change: torch.Tensor, se: torch.Tensor, gain: torch.Tensor, gai
     return stationary & ~done & (decays < lr_decays), done
 
 
-def keep_best(lw: torch.Tensor) -> torch.Tensor:
+def keep_best(lw: torch.Tensor, converged: torch.Tensor | None = None) -> torch.Tensor:
     """``[N]``: the start each datapoint keeps, from every start's final log-weights ``lw`` ``[M, S, N]`` (the same noise for every start).
 
-    Among the starts whose ELBO is not below the highest by more than :data:`Z_CHECK` standard
-    errors of the paired difference, the one whose log-weights vary least. The highest of several
-    noisy means alone would favour a noisier estimate over an exact one (near the posterior the
-    variance of the log-weights is about twice the KL divergence, and vanishes with it).
+    The candidates are the starts whose ELBO is not below the highest by more than :data:`Z_CHECK`
+    standard errors of the paired difference; of those, a converged one (``converged`` ``[S, N]``)
+    before one that is not, then the one whose log-weights vary least. The highest of several noisy
+    means alone would favour a noisier estimate over an exact one (near the posterior the variance of
+    the log-weights is about twice the KL divergence, and vanishes with it).
     """
     n = lw.shape[2]
     cols = torch.arange(n, device=lw.device)
     top = lw.mean(0).argmax(0)
     gap, se = window_change(lw[:, top, cols].unsqueeze(1), lw)  # [S, N]: how far each start is below the top one
     spread = lw.var(0).masked_fill(gap - Z_CHECK * se > 0, math.inf)
+    if converged is not None:  # a converged candidate, where there is one
+        some = torch.isfinite(spread.masked_fill(~converged, math.inf)).any(0)
+        spread = spread.masked_fill(~converged & some, math.inf)
     return spread.argmin(0)
 
 
@@ -412,13 +444,15 @@ def optimize_local(
                                        generator=torch.Generator(device="cpu").manual_seed(base))
         point = torch.arange(n, device=first.loc.device).repeat(S)  # row r is start r // n of datapoint r % n
         posterior = first.take(point)
-        if S > 1:  # the other starts: narrowed copies of the init, each centred at a draw of it (its Gaussian, scale times start_spread)
-            noise = Streams(base, idx, device, Tag.LOCAL, 4).normal((S - 1, n, latent.dim), dim=1, dtype=first.loc.dtype)
+        site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
+        if S > 1:  # the other starts: narrowed copies of the init, each centred at a posterior draw resampled from the (widened) init
+            shift = resampled_shifts(model, first.widened(start_spread), data, Streams(base, idx, device, Tag.LOCAL, 4), num=S - 1,
+                                     draws=check_samples, site=site)
             narrow = dict(first.widened(start_scale).take(point[n:]).named_parameters())
             with torch.no_grad():
                 for name, p in posterior.named_parameters():
                     p[n:] = narrow[name]
-                posterior.loc[n:] += start_spread * (first.base_scale_tril() @ noise.unsqueeze(-1)).squeeze(-1).reshape((S - 1) * n, -1)
+                posterior.loc[n:] += shift.reshape((S - 1) * n, -1).to(posterior.loc.dtype)
         for p in posterior.parameters():
             p.requires_grad_(True)
         data = tuple(t[point.to(t.device)] for t in data)
@@ -427,7 +461,6 @@ def optimize_local(
         params = list(posterior.parameters())
         opt = torch.optim.Adam(params, lr=lr)
         nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))
-        site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
 
         def evaluate(rows: torch.Tensor) -> torch.Tensor:
             return check_log_weights(model, posterior, data, rows, check, num_samples=check_samples, nesting=nesting)
@@ -514,7 +547,7 @@ def optimize_local(
             p.requires_grad_(False)
     converged = ~active
     by_start = final_lw.view(M, S, n)
-    best = keep_best(by_start)
+    best = keep_best(by_start, converged.view(S, n))
     keep = best * n + torch.arange(n, device=best.device)
     eligible = converged.view(S, n).clone()
     eligible[best, torch.arange(n, device=best.device)] = True  # the kept start counts even where it did not converge
