@@ -61,7 +61,8 @@ from .bounds import importance_bounds, khat_threshold
 from .local import LocalFit, optimize_local, start_distribution
 from .local import check_options as check_local_options
 
-__all__ = ["GapReport", "decompose", "check_decomposable", "defensive_proposal", "check_defensive", "GAPS_CSV", "GAPS_JSON", "WIDEN"]
+__all__ = ["GapReport", "decompose", "check_decomposable", "defensive_proposal", "check_defensive", "GAPS_CSV", "GAPS_JSON",
+           "WIDEN"]
 
 GAPS_CSV, GAPS_JSON = "gaps.csv", "gaps.json"
 #: how much wider than q* the widened component of the defensive proposal is (its scale; the covariance WIDEN**2)
@@ -95,8 +96,8 @@ class GapReport:
     log_px_ais: torch.Tensor | None = None  # [N] bool: re-estimated by AIS (unreliable="ais")
     qstar_converged: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] bool
     qstar_change: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] nats, the last check window's change
-    qstar_change_se: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] nats, the SE that change was judged against
-    qstar_optima: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] int, distinct optima its starts ended at
+    qstar_change_se: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] nats: the SE the change was judged against
+    qstar_optima: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] int: distinct optima its starts ended at
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", self.index.cpu())  # dataset indices live on the CPU, wherever the numbers were computed
@@ -299,7 +300,9 @@ def defensive_proposal(fit: LocalFit, prior: LocalPosterior | None, defensive: t
     the prior is one Gaussian site), which reaches every mode the prior puts
     mass on: where it is exact the weights are bounded by
     :math:`p(x \mid z) / a_p`. ``defensive = (a_w, a_p)``; with both zero and
-    one optimum the proposal is :math:`q^*` itself.
+    one start the proposal is :math:`q^*` itself. Every start is a component
+    (weight 0 where it is not a distinct optimum), so a datapoint's proposal
+    and draws do not depend on the other datapoints.
 
     References
     ----------
@@ -308,15 +311,14 @@ def defensive_proposal(fit: LocalFit, prior: LocalPosterior | None, defensive: t
     wide, weight_prior = defensive
     modes = fit.modes
     S, n = modes.shape
-    if wide == 0 and weight_prior == 0 and bool((modes.sum(0) == 1).all()):
+    if wide == 0 and weight_prior == 0 and S == 1:
         return fit.posterior
     rows = torch.arange(n, device=modes.device)
     share = ((1 - wide - weight_prior) / modes.sum(0).double()).log()
     components, logits = [], []
-    for s in range(S):
-        if modes[s].any():
-            components.append(fit.candidates.take(s * n + rows))
-            logits.append(torch.where(modes[s], share, -math.inf))
+    for s in range(S):  # every start, weight 0 where it is not a distinct optimum: the components do not depend on the other rows
+        components.append(fit.candidates.take(s * n + rows))
+        logits.append(torch.where(modes[s], share, -math.inf))
     for weight, component in ((wide, fit.posterior.widened(WIDEN) if wide > 0 else None), (weight_prior, prior)):
         if weight > 0 and component is not None:
             components.append(component)
@@ -428,7 +430,8 @@ def decompose(
     if ais_options:
         check_ais_options(**ais_options)
         if logpx == "ais" or unreliable == "ais":
-            check_int(ais_options.get("num_chains", MIN_CHAINS_SE), f"the number of AIS chains (at least {MIN_CHAINS_SE} for a standard error)", low=MIN_CHAINS_SE)
+            chains = ais_options.get("num_chains", MIN_CHAINS_SE)
+            check_int(chains, f"the number of AIS chains (at least {MIN_CHAINS_SE} for a standard error)", low=MIN_CHAINS_SE)
     q, own, families = _families(model, guide, data, families)
     extra = ("full",) if proposals is None else tuple(proposals)
     if any(f not in FAMILIES for f in extra):
@@ -477,19 +480,21 @@ def _decompose(model: Callable[..., object], guide: Callable[..., object], data:
         best = max(fits, key=lambda f: means[f])
         fit = fits[best]
         prior = None
-        if defensive[1] > 0:  # the prior's Gaussian over the joint latent (moment-matched from each datapoint's own prior draws where not exact)
+        if defensive[1] > 0:  # the prior's Gaussian over the joint latent (where not exact, moments of each datapoint's own prior draws)
             latent = fit.posterior.latent
-            prior_q = start_distribution(model, latent, *data, init="prior", streams=Streams(seed + 998, idx, data[0].device, Tag.LOCAL, 6))
+            draws = Streams(seed + 998, idx, data[0].device, Tag.LOCAL, 6)
+            prior_q = start_distribution(model, latent, *data, init="prior", streams=draws)
             prior = LocalPosterior.initial("full", prior_q, latent)
         proposal = defensive_proposal(fit, prior, defensive)
-        b = importance_bounds(model, proposal, *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx, progress=progress)
+        b = importance_bounds(model, proposal, *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx,
+                              progress=progress)
         log_px, log_px_se = b.iwae.clone(), b.iwae_se.clone()
         if proposal is fit.posterior:
             local[best], local_se[best] = b.elbo, b.elbo_se  # the same family's ELBO, now from K draws
         khat, bad = b.khat, ~b.reliable
         if isinstance(proposal, LocalMixture):
-            what = (f"a defensive mixture of the local {best} q* (its starts' distinct optima, {1 - sum(defensive):.0%}), q* widened x{WIDEN:g} "
-                    f"({defensive[0]:.0%}) and the prior ({defensive[1]:.0%})")
+            what = (f"a defensive mixture of the local {best} q* (its starts' distinct optima, {1 - sum(defensive):.0%}), "
+                    f"q* widened x{WIDEN:g} ({defensive[0]:.0%}) and the prior ({defensive[1]:.0%})")
         else:
             what = f"the local {best} q*"
         estimator = f"IWAE K={num_samples} with {what} as proposal (reliable where Pareto k̂ <= {khat_threshold(num_samples):.2f})"

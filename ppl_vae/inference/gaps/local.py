@@ -94,8 +94,10 @@ from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import log_weights_of, plate_nesting, traces
 from .bounds import MAX_ELEMENTS, chunks
 
-__all__ = ["LocalFit", "optimize_local", "check_options", "start_distribution", "check_log_weights", "resampled_shifts", "window_change", "judge_window",
-           "keep_best", "same_optimum", "distinct_optima", "Z_CHECK", "FINAL_FACTOR"]
+__all__ = [
+    "LocalFit", "optimize_local", "check_options", "start_distribution", "check_log_weights", "resampled_shifts", "window_change",
+    "judge_window", "keep_best", "same_optimum", "distinct_optima", "Z_CHECK", "FINAL_FACTOR",
+]
 
 #: standard errors by which a check window's change must fall below ``tol`` to count as no improvement
 #: (one-sided: a window still improving by ``tol`` passes by chance with probability 2.3 %)
@@ -118,7 +120,7 @@ class LocalFit:
     initial_elbo: torch.Tensor  # ELBO of the first start (the init)
     final_elbo: torch.Tensor  # ELBO of the kept parameters
     final_elbo_se: torch.Tensor  # its Monte Carlo standard error
-    final_change: torch.Tensor  # nats: the kept start's gain since its step size was last halved, at its last check (judge_window)
+    final_change: torch.Tensor  # nats: the kept start's gain since its last halving, at its last check (judge_window)
     final_change_se: torch.Tensor  # the standard error that gain was judged against
     lr_scale: torch.Tensor  # the kept start's final step size, as a fraction of lr
     start_elbo: torch.Tensor  # [S, N] each start's final ELBO
@@ -131,13 +133,14 @@ class LocalFit:
 
 def check_options(
     *, family: str = "diagonal", num_samples: int = 10, lr: float = 1e-2, max_steps: int = 4000, check_every: int = 100, tol: float = 0.01,
-    lr_decays: int = 8, check_samples: int = 100, starts: int = 2, start_spread: float = 1.0, start_scale: float = 0.5, path_derivative: bool = True,
-    num_flows: int = 2, flow_hidden: int | None = None,
+    lr_decays: int = 8, check_samples: int = 100, starts: int = 2, start_spread: float = 1.0, start_scale: float = 0.5,
+    path_derivative: bool = True, num_flows: int = 2, flow_hidden: int | None = None,
 ) -> None:
     """Validate the options of :func:`optimize_local` before any work (``ConfigError`` naming the option)."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    for name, value in (("num_samples", num_samples), ("max_steps", max_steps), ("check_every", check_every), ("num_flows", num_flows), ("starts", starts)):
+    counts = (("num_samples", num_samples), ("max_steps", max_steps), ("check_every", check_every), ("num_flows", num_flows), ("starts", starts))
+    for name, value in counts:
         check_int(value, name.replace("_", "-"))
     check_int(check_samples, "check-samples (at least 2 for a standard error)", low=2)
     check_positive(lr, "the local learning rate")
@@ -180,8 +183,8 @@ def start_distribution(
 # ------------------------------------------------------------------ the convergence test
 
 
-def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, data: tuple[torch.Tensor, ...], rows: torch.Tensor, streams: Streams, *,
-                      num_samples: int, nesting: int) -> torch.Tensor:
+def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, data: tuple[torch.Tensor, ...], rows: torch.Tensor,
+                      streams: Streams, *, num_samples: int, nesting: int) -> torch.Tensor:
     """Log-weights ``[M, R]`` (float64) of the rows ``rows`` of ``posterior`` and ``data``, from their fixed check draws.
 
     The draws come from ``streams`` (one per row) and are put back after
@@ -198,13 +201,14 @@ def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, d
             r = rows[part]
             picked = streams.select(r.tolist())
             with picked.replaying():
-                model_tr, guide_tr = traces(model, posterior.select(r), *(t[r] for t in data), num_samples=num_samples, nesting=nesting, streams=picked)
+                args = tuple(t[r] for t in data)
+                model_tr, guide_tr = traces(model, posterior.select(r), *args, num_samples=num_samples, nesting=nesting, streams=picked)
             out.append(log_weights_of(model_tr, guide_tr).double())
     return torch.cat(out, 1)
 
 
-def resampled_shifts(model: Callable[..., object], q: LocalPosterior, data: tuple[torch.Tensor, ...], streams: Streams, *, num: int, draws: int,
-                     site: str) -> torch.Tensor:
+def resampled_shifts(model: Callable[..., object], q: LocalPosterior, data: tuple[torch.Tensor, ...], streams: Streams, *,
+                     num: int, draws: int, site: str) -> torch.Tensor:
     r"""``[num, N, K]``: per datapoint, ``num`` draws of ``q`` resampled by importance weight, minus the mean of the draws.
 
     Sampling importance resampling (Rubin 1988): of ``draws`` draws :math:`u_k \sim q`, one is
@@ -222,11 +226,13 @@ def resampled_shifts(model: Callable[..., object], q: LocalPosterior, data: tupl
         for part in chunks(n, size):
             rows = torch.arange(part.start, part.stop, device=q.loc.device)
             picked = streams.select(rows.tolist())
-            model_tr, guide_tr = traces(model, q.select(rows), *(t[rows] for t in data), num_samples=draws, nesting=nesting, streams=picked)
+            args = tuple(t[rows] for t in data)
+            model_tr, guide_tr = traces(model, q.select(rows), *args, num_samples=draws, nesting=nesting, streams=picked)
             lw = log_weights_of(model_tr, guide_tr).double()  # [draws, R]
             u = guide_tr.nodes[site]["value"].reshape(draws, len(rows), -1)
             cdf = torch.softmax(lw, 0).cumsum(0).T.contiguous()  # [R, draws]
-            at = torch.searchsorted(cdf, picked.uniform((len(rows), num), dim=0, dtype=torch.float64)).clamp_max(draws - 1)  # [R, num]
+            uniform = picked.uniform((len(rows), num), dim=0, dtype=torch.float64)
+            at = torch.searchsorted(cdf, uniform).clamp_max(draws - 1)  # [R, num]
             chosen = u.permute(1, 0, 2).gather(1, at.unsqueeze(-1).expand(-1, -1, u.shape[-1]))  # [R, num, K]
             out.append((chosen - u.mean(0).unsqueeze(1)).transpose(0, 1))
     return torch.cat(out, 1)
@@ -308,8 +314,8 @@ def same_optimum(lw_a: torch.Tensor, lw_b: torch.Tensor, lw_mid: torch.Tensor, t
     return (gap - Z_CHECK * gap_se <= tol) & (dip - Z_CHECK * dip_se <= tol)
 
 
-def distinct_optima(lw: torch.Tensor, midpoint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eligible: torch.Tensor, tol: float,
-                    first: torch.Tensor) -> torch.Tensor:
+def distinct_optima(lw: torch.Tensor, midpoint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eligible: torch.Tensor,
+                    tol: float, first: torch.Tensor) -> torch.Tensor:
     """``[S, N]`` bool: one start of each distinct optimum among the ``eligible`` starts (``[S, N]``).
 
     ``lw`` ``[M, S, N]``: every start's final log-weights (the same noise for every start);
@@ -445,9 +451,9 @@ def optimize_local(
         point = torch.arange(n, device=first.loc.device).repeat(S)  # row r is start r // n of datapoint r % n
         posterior = first.take(point)
         site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
-        if S > 1:  # the other starts: narrowed copies of the init, each centred at a posterior draw resampled from the (widened) init
-            shift = resampled_shifts(model, first.widened(start_spread), data, Streams(base, idx, device, Tag.LOCAL, 4), num=S - 1,
-                                     draws=check_samples, site=site)
+        if S > 1:  # the other starts: narrowed copies of the init, centred at posterior draws resampled from the (widened) init
+            resample = Streams(base, idx, device, Tag.LOCAL, 4)
+            shift = resampled_shifts(model, first.widened(start_spread), data, resample, num=S - 1, draws=check_samples, site=site)
             narrow = dict(first.widened(start_scale).take(point[n:]).named_parameters())
             with torch.no_grad():
                 for name, p in posterior.named_parameters():
@@ -456,8 +462,9 @@ def optimize_local(
         for p in posterior.parameters():
             p.requires_grad_(True)
         data = tuple(t[point.to(t.device)] for t in data)
-        streams = Streams(base, [int(i) * S + s for s in range(S) for i in idx], device, Tag.LOCAL, 2, S)  # the steps: each start its own
-        check = Streams(base, idx.repeat(S), device, Tag.LOCAL, 3)  # the checks: the same draws for every start of a datapoint
+        # the steps: each start its own streams; the checks: the same draws for every start of a datapoint
+        streams = Streams(base, [int(i) * S + s for s in range(S) for i in idx], device, Tag.LOCAL, 2, S)
+        check = Streams(base, idx.repeat(S), device, Tag.LOCAL, 3)
         params = list(posterior.parameters())
         opt = torch.optim.Adam(params, lr=lr)
         nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))
@@ -506,7 +513,8 @@ def optimize_local(
                     steps[rows] += 1
                     if step % check_every == 0:
                         now = evaluate(rows)
-                        d, d_se = window_change(now, before_last_lw[:, rows])  # over the last two windows: progress adds up, jitter does not
+                        # progress over the last two windows (progress adds up, jitter does not), gain since the last halving
+                        d, d_se = window_change(now, before_last_lw[:, rows])
                         before_last_lw[:, rows] = last_lw[:, rows]
                         g, g_se = window_change(now, anchor_lw[:, rows])
                         first_halving = decays[rows] == 0
@@ -521,7 +529,7 @@ def optimize_local(
                         for p, f in zip(params, frozen):
                             f[stopped] = p[stopped]
                         active[stopped] = False
-                        shown.set_postfix_str(f"{int(active.sum())} of {n * S} datapoints x starts still moving", refresh=False)
+                        shown.set_postfix_str(f"{int(active.sum())} of {n * S} (datapoint, start) pairs still moving", refresh=False)
                         if not active.any():
                             break
         with torch.no_grad():
@@ -530,18 +538,18 @@ def optimize_local(
             back = gain + Z_CHECK * gain_se < 0  # clearly worse than where it started: back to the start
             for p, b in zip(params, start):
                 p[back] = b[back]
-            # the starts compared on FINAL_FACTOR times as many draws (the same for every start of a datapoint): the largest of
-            # several noisy means favours the noisier estimate, by about its SE
-            final = Streams(base, idx.repeat(S), device, Tag.LOCAL, 5)
+            # the starts compared on FINAL_FACTOR times as many draws (the same for every start of a datapoint)
+            final_streams = Streams(base, idx.repeat(S), device, Tag.LOCAL, 5)
             M = FINAL_FACTOR * check_samples
-            final_lw = check_log_weights(model, posterior, data, rows_all, final, num_samples=M, nesting=nesting)
+            final_lw = check_log_weights(model, posterior, data, rows_all, final_streams, num_samples=M, nesting=nesting)
 
-            def midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # halfway between starts a and b [N] of each datapoint
+            def midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                """Log-weights of the parameters halfway between starts ``a`` and ``b`` ``[N]`` of each datapoint."""
                 cols = torch.arange(n, device=a.device)
                 mid = posterior.take(a * n + cols)
                 for p, q in zip(mid.parameters(), posterior.take(b * n + cols).parameters()):
                     p.add_(q).div_(2)
-                return check_log_weights(model, mid, data, cols, final, num_samples=M, nesting=nesting)
+                return check_log_weights(model, mid, data, cols, final_streams, num_samples=M, nesting=nesting)
         for p in params:
             p.grad = None
             p.requires_grad_(False)
@@ -553,13 +561,15 @@ def optimize_local(
     eligible[best, torch.arange(n, device=best.device)] = True  # the kept start counts even where it did not converge
     with torch.no_grad():
         modes = distinct_optima(by_start, midpoint, eligible, tol, best)
-    options = dict(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol, lr_decays=lr_decays,
-                   check_samples=check_samples, starts=starts, start_spread=start_spread, start_scale=start_scale, path_derivative=path_derivative)
+    options = dict(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol,
+                   lr_decays=lr_decays, check_samples=check_samples, starts=starts, start_spread=start_spread, start_scale=start_scale,
+                   path_derivative=path_derivative)
     dtype = like.dtype
     final = final_lw[:, keep]
     return LocalFit(
         posterior=posterior.take(keep), steps=steps[keep], converged=converged[keep], initial_elbo=start_lw[:, :n].mean(0).to(dtype),
-        final_elbo=final.mean(0).to(dtype), final_elbo_se=(final.std(0) / math.sqrt(M)).to(dtype), final_change=change[keep].to(dtype),
-        final_change_se=change_se[keep].to(dtype), lr_scale=scale[keep].to(dtype), start_elbo=by_start.mean(0).to(dtype),
-        start_converged=converged.view(S, n), optima=modes.sum(0), modes=modes, candidates=posterior, options=options,
+        final_elbo=final.mean(0).to(dtype), final_elbo_se=(final.std(0) / math.sqrt(M)).to(dtype),
+        final_change=change[keep].to(dtype), final_change_se=change_se[keep].to(dtype), lr_scale=scale[keep].to(dtype),
+        start_elbo=by_start.mean(0).to(dtype), start_converged=converged.view(S, n), optima=modes.sum(0), modes=modes,
+        candidates=posterior, options=options,
     )

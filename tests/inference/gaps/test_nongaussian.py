@@ -263,4 +263,4 @@ def test_defensive_mixture_density_and_per_datapoint_draws():
     weights = torch.softmax(proposal.logits, -1)
     assert torch.allclose(weights[:, -2:], torch.full((3, 2), 0.1, dtype=torch.float64))
     assert torch.allclose(weights[:, :-2].sum(-1), torch.full((3,), 0.8, dtype=torch.float64))
-    assert defensive_proposal(fit, prior, (0.0, 0.0)) is fit.posterior or bool((fit.optima > 1).any())
+    assert isinstance(defensive_proposal(fit, prior, (0.0, 0.0)), LocalMixture)  # two starts: a mixture of both, whatever the rows beside
