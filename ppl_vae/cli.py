@@ -212,9 +212,10 @@ def _gaps(sub: Any, app: Any) -> None:
         "and of q* fitted to each datapoint alone L[q*] in the guide's family (and any --families). The\n"
         "inference gap log p(x) - L[q] splits into approximation (log p(x) - L[q*]) and amortisation\n"
         "(L[q*] - L[q]) gaps, in nats; writes table.md, gaps.csv/json and gaps.png, and prints which gap dominates.\n"
-        "A full-covariance q* is fitted as a candidate IWAE proposal too. gaps.csv flags each datapoint whose\n"
-        "log p(x) is unreliable (Pareto k-hat of its importance weights above its bound) or whose q* did not\n"
-        "converge, and the verdict says how many."),
+        "A full-covariance q* is fitted as a candidate IWAE proposal too; the proposal is a defensive mixture of\n"
+        "q* (every optimum its starts found), q* widened and the prior. gaps.csv flags each datapoint whose log p(x)\n"
+        "is unreliable (Pareto k-hat of its importance weights above its bound), whose q* did not converge or\n"
+        "whose q* starts ended at different optima, and the table and verdict say how many."),
         "ppl-vae gaps --run runs/vae --num-points 100 --K 5000 --out runs/vae-gaps")
     g.add_argument("--run", action="append", default=[], help="run directory from ppl-vae fit (repeat to compare models; default: none)")
     g.add_argument("--merge", action="append", default=[], help="instead of --run: merge earlier gaps folders into one table and figure (default: none)")
@@ -228,6 +229,10 @@ def _gaps(sub: Any, app: Any) -> None:
                    help="datapoints whose IWAE weights have a Pareto k-hat above its bound: flag them, or re-estimate their log p(x) by AIS (default flag)")
     g.add_argument("--local-steps", type=int, default=4000, help="most Adam steps of each local optimisation")
     g.add_argument("--local-lr", type=float, default=1e-2, help="learning rate of the local optimisation")
+    g.add_argument("--local-starts", type=int, default=2,
+                   help="starts of each local optimisation: the encoder and narrowed copies centred at its draws; the best is kept (default 2)")
+    g.add_argument("--defensive", default="0.1,0.1",
+                   help="weights W,P of q* widened x2 and of the prior in the IWAE proposal, a defensive mixture with q* (default 0.1,0.1; 0,0: q* alone)")
     g.add_argument("--ais-steps", type=int, default=1000, help="AIS intermediate densities (with --logpx ais)")
     g.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")
     g.add_argument("--seed", type=int, default=0, help="seeds the datapoints picked and every draw (per datapoint)")

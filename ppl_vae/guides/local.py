@@ -13,11 +13,13 @@ datapoint ``n``'s first-layer bias, so it starts exactly at the encoder's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.distributions.transforms import AffineAutoregressive
 from pyro.nn.auto_reg_nn import create_mask
 from torch import nn
@@ -27,7 +29,7 @@ from ..distributions import gaussian_base, gaussian_draw
 from ..errors import ConfigError
 from .latent import Latent, LatentGuide, moment_matched
 
-__all__ = ["family_of", "BatchedMADE", "LocalPosterior", "Normal"]
+__all__ = ["family_of", "BatchedMADE", "LocalPosterior", "LocalMixture", "Mixture", "Normal"]
 
 #: a source of standard-normal noise: ``normal(shape, dim, dtype)`` with the datapoints along ``dim``
 #: (e.g. :meth:`ppl_vae.inference.random.Streams.normal`, one stream per datapoint)
@@ -96,6 +98,14 @@ class BatchedMADE(nn.Module):
 
         arn.permutation = self.permutation  # type: ignore[attr-defined]
         return arn
+
+    def take(self, rows: torch.Tensor) -> BatchedMADE:
+        """A copy holding the weights of the datapoints ``rows`` (an index tensor; a row may repeat), detached."""
+        out = BatchedMADE(len(rows), self.latent_dim, self.b0.shape[-1], self.permutation, (self.mask0, self.mask1), like=self.b0, w0=self.w0[rows])
+        with torch.no_grad():
+            for name in ("b0", "w1", "b1"):
+                getattr(out, name).copy_(getattr(self, name)[rows])
+        return out
 
     @classmethod
     def from_conditional(cls, transform: AffineAutoregressive) -> BatchedMADE:
@@ -176,6 +186,39 @@ class LocalPosterior(nn.Module):
         """The guide of the datapoints ``rows`` only (itself cut further by ``select``)."""
         return LatentGuide(self.latent, self.distribution, torch.arange(self.num_points, device=self.loc.device)[rows])
 
+    def base_scale_tril(self) -> torch.Tensor:
+        """The Cholesky factor ``[N, K, K]`` of each datapoint's Gaussian (the flow family's base), detached."""
+        with torch.no_grad():
+            if self.family == "full":
+                return self.distribution().scale_tril
+            return torch.diag_embed(F.softplus(self.raw_scale) + 1e-6)
+
+    def take(self, rows: torch.Tensor) -> LocalPosterior:
+        """A new posterior (detached copies) of the datapoints ``rows``, an index tensor in which a row may repeat.
+
+        ``take(torch.arange(N).repeat(S))`` holds ``S`` copies of every datapoint (one per start of
+        :func:`~ppl_vae.inference.optimize_local`), ``take(best)`` keeps one row of each.
+        """
+        rows = torch.as_tensor(rows, device=self.loc.device)
+        latent = dataclasses.replace(self.latent, num_points=len(rows))
+        with torch.no_grad():
+            loc = self.loc[rows]
+            out = LocalPosterior(self.family, latent, loc, torch.ones_like(loc), flows=[f.take(rows) for f in self.flows], clamp=self.clamp)
+            for name, p in self.named_parameters(recurse=False):  # the raw parameters themselves: no softplus round trip
+                getattr(out, name).copy_(p[rows])
+        return out
+
+    def widened(self, factor: float) -> LocalPosterior:
+        r"""A detached copy whose Gaussian (a flow's base) has its scale multiplied by ``factor``: covariance :math:`\times` ``factor**2``."""
+        out = self.take(torch.arange(self.num_points, device=self.loc.device))
+        with torch.no_grad():
+            if out.family == "full":
+                out.raw_diag.copy_(_inv_softplus((F.softplus(out.raw_diag) + 1e-6) * factor - 1e-6))
+                out.offdiag.mul_(factor)
+            else:
+                out.raw_scale.copy_(_inv_softplus((F.softplus(out.raw_scale) + 1e-6) * factor - 1e-6))
+        return out
+
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> None:
         self.select(slice(None))(x, *args)
 
@@ -224,6 +267,74 @@ class LocalPosterior(nn.Module):
                 for _ in range(num_flows)
             ]
             return cls("flow", latent, loc, scale, flows=flows)
+
+
+class Mixture(dist.TorchDistribution):
+    r"""A finite mixture of distributions that share their batch and event shapes, with per-row log-weights.
+
+    .. math::
+
+        \pi(u) = \sum_c \alpha_c\, q_c(u), \qquad \alpha = \operatorname{softmax}(\text{logits}),
+
+    ``logits`` ``[*batch, C]`` (``-inf``: a component absent from that row).
+    A draw picks a component by its weight, then draws from it (not
+    reparameterised). The density of a draw needs every component's density
+    there: a flow component's costs its inverse (``d`` passes of its MADE).
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, components: list[torch.distributions.Distribution], logits: torch.Tensor, validate_args: bool | None = None) -> None:
+        first = components[0]
+        if any(c.batch_shape != first.batch_shape or c.event_shape != first.event_shape for c in components) or logits.shape != (*first.batch_shape, len(components)):
+            raise ValueError("mixture components must share batch and event shapes, and logits must be [*batch, components]")
+        self.components, self.logits = list(components), logits
+        super().__init__(first.batch_shape, first.event_shape, validate_args=False)
+
+    def expand(self, batch_shape: torch.Size, _instance: object = None) -> Mixture:
+        batch_shape = torch.Size(batch_shape)
+        return Mixture([c.expand(batch_shape) for c in self.components], self.logits.expand(*batch_shape, len(self.components)))
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            draws = torch.stack([c.sample(sample_shape) for c in self.components], -1 - len(self.event_shape))  # [*sample, *batch, C, *event]
+            which = dist.Categorical(logits=self.logits).sample(sample_shape)  # [*sample, *batch]
+            at = which.reshape(*which.shape, 1, *([1] * len(self.event_shape))).expand(*which.shape, 1, *self.event_shape)
+            return draws.gather(len(which.shape), at).squeeze(len(which.shape))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        lp = torch.stack([c.log_prob(value) for c in self.components], -1)
+        return torch.logsumexp(lp + torch.log_softmax(self.logits, -1), -1)
+
+
+class LocalMixture:
+    """A per-datapoint :class:`Mixture` of per-datapoint families over ``u`` (e.g. an importance-sampling proposal); calling it is a guide.
+
+    ``components`` are objects with ``distribution(rows)`` (a :class:`LocalPosterior`)
+    over the same ``N`` datapoints; ``logits`` ``[N, C]`` their log-weights per datapoint.
+    """
+
+    def __init__(self, latent: Latent, components: list[LocalPosterior], logits: torch.Tensor) -> None:
+        if logits.shape != (latent.num_points, len(components)):
+            raise ValueError(f"logits must be [{latent.num_points}, {len(components)}], got {tuple(logits.shape)}")
+        self.latent, self.components, self.logits = latent, list(components), logits
+
+    @property
+    def num_points(self) -> int:
+        return self.latent.num_points
+
+    def distribution(self, rows: slice | torch.Tensor = slice(None)) -> Mixture:
+        """The mixture of the datapoints ``rows``: batch shape ``[len(rows)]``, event ``[K]``."""
+        return Mixture([c.distribution(rows) for c in self.components], self.logits[rows])
+
+    def select(self, rows: slice | torch.Tensor) -> LatentGuide:
+        """The guide of the datapoints ``rows`` only."""
+        return LatentGuide(self.latent, self.distribution, torch.arange(self.num_points, device=self.logits.device)[rows])
+
+    def __call__(self, x: torch.Tensor, *args: torch.Tensor) -> None:
+        self.select(slice(None))(x, *args)
 
 
 def _draws(q: torch.distributions.Distribution, m: int, normal: Normal | None) -> torch.Tensor:

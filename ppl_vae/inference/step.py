@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -344,6 +344,7 @@ class SVI:
         self._beta = beta
         #: the parameter store this SVI trains in (None: Pyro's store as it is where the steps run)
         self.store: dict[str, Any] | None = {"params": {}, "constraints": {}} if own_store else None
+        self._inside = False  # within scope(): a nested scope() keeps the store as it is
         self.objective: Objective | None = None
         self.module: Any = None  # what a step's forward runs: the objective, or a data-parallel wrapper of it (fit's Fabric)
         self.steps = 0
@@ -365,9 +366,23 @@ class SVI:
         if self.objective is not None:
             self.objective.set_beta(value)
 
-    def scope(self) -> Any:
-        """Pyro's parameter store as this SVI's own, inside the block (a bare ``pyro.param`` of the model lives here)."""
-        return pyro.get_param_store().scope(self.store) if self.store is not None else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Pyro's parameter store as this SVI's own, inside the block (a bare ``pyro.param`` of the model lives here).
+
+        Re-entrant: a step inside ``with svi.scope():`` (fit's loop) keeps the store it is in. Pyro's
+        ``scope`` writes the store back only on leaving it, so entering it again would start from the
+        state of the last exit and create afresh a parameter made since, apart from the optimiser's.
+        """
+        if self.store is None or self._inside:
+            yield
+            return
+        self._inside = True
+        try:
+            with pyro.get_param_store().scope(self.store):
+                yield
+        finally:
+            self._inside = False
 
     def setup(self, *example: torch.Tensor, index: torch.Tensor | None = None) -> SVI:
         """Build everything from a first batch (the first :meth:`step` calls it): see :meth:`prepare`."""

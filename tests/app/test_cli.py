@@ -23,6 +23,7 @@ from conftest import BINARY, TINY
 
 from ppl_vae import io
 from ppl_vae.app.config import Config
+from ppl_vae.app.runs import MARKER
 from ppl_vae.cli import main
 
 PNGS = ("reconstructions.png", "prior_samples.png", "elbo.png", "latent.png")
@@ -359,7 +360,7 @@ def test_under_torchrun_every_process_trains_and_only_rank_zero_writes_and_print
     done = _torchrun("fit", "--out", str(out), *BINARY, *launch)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("wrote ") == 1, done.stdout  # the other process prints nothing
-    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, MARKER])  # the marker: a run of fit, so --force may replace it
     assert io.load_checkpoint(out / "checkpoint.pt")["rng"]["world_size"] == 2
     resumed = _torchrun("fit", "--out", str(out), "--resume", "--epochs", "3", *launch)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -84,7 +84,7 @@ PATHS = {
     "optimize_local full": lambda m, g, x: optimize_local(m, x[:3], init=g, family="full", max_steps=20).final_elbo,
     "optimize_local flow": lambda m, g, x: optimize_local(m, x[:3], init=g, family="flow", max_steps=20).final_elbo,
     "decompose": _decompose(families=("diagonal", "full")),
-    "decompose ais": _decompose(logpx="ais", ais_options={"num_steps": 5, "num_chains": 2}),
+    "decompose ais": _decompose(logpx="ais", ais_options={"num_steps": 5, "num_chains": 4}),
     "ais": lambda m, g, x: ais(m, x[:3], init=g, num_steps=5, num_chains=2).log_px,
     "bdmc": lambda m, g, x: bdmc(m, x[:2], num_steps=5, num_chains=2).lower,
     "hmc_latent": lambda m, g, x: hmc_latent(m, x[:3], num_samples=10, warmup_steps=10, num_chains=2, init_steps=5).samples,

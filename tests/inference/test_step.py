@@ -41,17 +41,43 @@ class Reads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_loop_of_svi_steps_is_fit_bit_for_bit():
-    """fit's loop, written by hand over SVI.step: the same shuffling (seed, epoch), the same draws (seed), the same parameters."""
-    seed, epochs, batch = 3, 2, 20
-    model, guide = build()
-    result = fit(model, guide, X, epochs=epochs, batch_size=batch, lr=0.01, seed=seed, progress=False)
-    fitted = [p.detach().clone() for p in result.trained.found.params]
+def local_params(seed: int = 0):
+    """A model as Pyro's examples write one: z_n ~ N(0, 1), x_n ~ N(z_n, 1), a guide of bare ``pyro.param`` tensors, one per row."""
+    del seed  # nothing random to build
 
-    model, guide = build()
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("q_loc", torch.zeros(N, D))
+        scale = pyro.param("q_scale", torch.ones(N, D), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]) as rows:
+            pyro.sample("z", dist.Normal(loc[rows], scale[rows]).to_event(1))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("make", [build, local_params], ids=["modules", "bare-pyro-param"])
+def test_a_loop_of_svi_steps_is_fit_bit_for_bit(make):
+    """fit's loop, written by hand over SVI.step: the same shuffling (seed, epoch), the same draws (seed), the same parameters.
+
+    The parameters compared are the ones a user reads after each: in the run's parameter store for bare ``pyro.param``
+    tensors (the bug this guards: fit's steps re-entered the store and trained fresh copies, leaving them at their start).
+    """
+    seed, epochs, batch = 3, 2, 20
+    model, guide = make()
+    result = fit(model, guide, X, epochs=epochs, batch_size=batch, lr=0.01, seed=seed, progress=False)
+    with result.scope():
+        fitted = [p.detach().clone() for p in result.trained.found.params]
+        in_store = {name: pyro.param(name).detach().clone() for name in pyro.get_param_store().keys()}
+
+    model, guide = make()
     svi = SVI(model, guide, lr=0.01, num_data=N)
     with seeded(seed):
         svi.setup(*X[:batch].split(batch), index=torch.arange(batch))  # fit builds the step on its first batch, in its seeded block
+        start = [p.detach().clone() for p in svi.params]
     with seeded(seed):
         for epoch in range(epochs):
             sampler = DistributedSampler(range(N), num_replicas=1, rank=0, shuffle=True, seed=seed)
@@ -59,6 +85,9 @@ def test_a_loop_of_svi_steps_is_fit_bit_for_bit():
             for rows in torch.tensor(list(sampler)).split(batch):
                 svi.step(X[rows], index=rows)
     assert all(torch.equal(a, b) for a, b in zip(svi.params, fitted))
+    assert not any(torch.equal(a, b) for a, b in zip(svi.params, start))  # both trained: not two copies of the start
+    with svi.scope():
+        assert all(torch.equal(pyro.param(name).detach(), value) for name, value in in_store.items())
 
 
 def test_a_step_reads_nothing_back_and_fit_reads_one_value_per_step():

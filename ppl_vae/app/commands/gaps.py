@@ -26,6 +26,7 @@ from ...inference.gaps.decompose import (
     GAPS_JSON,
     GapReport,
     check_decomposable,
+    check_defensive,
     decompose,
 )
 from ...inference.gaps.local import check_options as check_local_options
@@ -49,6 +50,13 @@ def table_markdown(reports: Sequence[GapReport]) -> str:
     for label, key in rows:
         cells = [f"{s[key]:.2f} ± {s[key + '_se']:.2f}" if key in s else "" for s in sums]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    flags = [("log p̂(x) unreliable (k̂ above its bound)", "log_px_unreliable")]
+    flags += [(f"q* ({f}) did not converge", f"qstar_{f}_unconverged") for f in families]
+    flags += [(f"q* ({f}) starts at different optima", f"qstar_{f}_several_optima") for f in families]
+    for label, key in flags:
+        counts = [s["flags"].get(key) for s in sums]
+        if any(c is not None for c in counts):
+            lines.append(f"| datapoints: {label} | " + " | ".join("" if c is None else f"{c} of {s['num_points']}" for c, s in zip(counts, sums)) + " |")
     est = "; ".join(f"{r.name}: {r.logpx_estimator}" for r in reports)
     lines.append("")
     lines.append(f"{len(reports[0].index)} datapoints; ELBOs from {reports[0].num_samples} draws each (the IWAE proposal's from K); log p̂(x): {est}. ± is the standard error of the mean over datapoints.")
@@ -75,6 +83,7 @@ def gaps_run(
     elbo_samples: int = 1000,
     families: Sequence[str] | None = None,
     unreliable: str = "flag",
+    defensive: tuple[float, float] = (0.1, 0.1),
     local_options: dict[str, Any] | None = None,
     ais_options: dict[str, Any] | None = None,
     seed: int = 0,
@@ -94,6 +103,7 @@ def gaps_run(
         raise ConfigError(f"unknown --logpx {logpx!r}; choose iwae or ais")
     if unreliable not in ("flag", "ais"):
         raise ConfigError(f"unknown --unreliable {unreliable!r}; choose flag or ais")
+    defensive = check_defensive(defensive)
     check_int(num_samples, "--K", high=MAX_SAMPLES)
     check_seed(seed, "--seed")
     if not runs:
@@ -122,14 +132,15 @@ def gaps_run(
         data = tuple(t[idx] for t in splits[split].tensors(with_labels=built.conditional))
         reports.append(
             decompose(built.model, built.guide, *data, logpx=logpx, num_samples=num_samples, elbo_samples=elbo_samples, families=tuple(families or ()),
-                      unreliable=unreliable, local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed, spread=spread,
+                      unreliable=unreliable, defensive=defensive, local_options=local_options, ais_options=ais_options, index=idx, name=name, seed=seed, spread=spread,
                       progress=progress, warn=False)  # the verdicts in the table carry the warnings
         )
     rows = [dict(run=r.name, **row) for r in reports for row in r.to_dataframe().to_dict("records")]
     io.write_csv(out / GAPS_CSV, rows)
     io.write_json(out / GAPS_JSON, {"split": split, "runs": [str(r) for r in runs], "summaries": [r.summary() for r in reports],
                                     "options": {"num_points": num_points, "logpx": logpx, "K": num_samples, "elbo_samples": elbo_samples, "families": list(families or ()),
-                                                "unreliable": unreliable, "local": local_options or {}, "ais": ais_options or {}, "seed": seed}})
+                                                "unreliable": unreliable, "defensive": list(defensive), "local": local_options or {}, "ais": ais_options or {},
+                                                "seed": seed}})
     io.write_text(out / TABLE_MD, table_markdown(reports))
     if figures:
         _figure(reports, out)
@@ -164,6 +175,8 @@ def load_reports(folder: str | Path) -> list[GapReport]:
             name=summary["name"], q_in_family=summary.get("q_in_family", True),
             log_px_khat=opt("log_px_khat"), log_px_unreliable=opt("log_px_unreliable", torch.bool), log_px_ais=opt("log_px_ais", torch.bool),
             qstar_converged={f: opt(f"qstar_{f}_converged", torch.bool) for f in conv}, qstar_change={f: opt(f"qstar_{f}_change") for f in conv},
+            qstar_change_se={f: v for f in conv if (v := opt(f"qstar_{f}_change_se")) is not None},
+            qstar_optima={f: v for f in conv if (v := opt(f"qstar_{f}_optima", torch.long)) is not None},
         ))
     return reports
 
@@ -202,6 +215,11 @@ def command(args: argparse.Namespace) -> int:
     if args.merge and args.run:
         raise ConfigError("give either --run (analyse runs) or --merge (combine gaps folders), not both")
     _positive(local_lr=args.local_lr)  # the counts are checked by gaps_run, before any work
+    try:
+        defensive = tuple(float(w) for w in args.defensive.split(","))
+    except ValueError:
+        raise ConfigError(f"--defensive must be two weights W,P (widened q*, prior), got {args.defensive!r}") from None
+    check_defensive(defensive)
     for folder in args.merge:
         try:
             meta = json.loads((Path(folder) / GAPS_JSON).read_text())
@@ -218,7 +236,8 @@ def command(args: argparse.Namespace) -> int:
     families = [f for f in args.families.split(",") if f.strip()]
     reports = gaps_run(
         args.run, args.out, split=args.split, num_points=args.num_points, logpx=args.logpx, num_samples=args.K,
-        elbo_samples=args.elbo_samples, families=families, unreliable=args.unreliable, local_options={"max_steps": args.local_steps, "lr": args.local_lr},
+        elbo_samples=args.elbo_samples, families=families, unreliable=args.unreliable, defensive=defensive,  # type: ignore[arg-type]
+        local_options={"max_steps": args.local_steps, "lr": args.local_lr, "starts": args.local_starts},
         ais_options={"num_steps": args.ais_steps, "num_chains": args.ais_chains}, seed=args.seed, force=args.force,
         spread=Spread.given(args.accelerator, args.devices, args.strategy, args.num_nodes), progress=not args.no_progress,
     )

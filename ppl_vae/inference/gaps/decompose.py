@@ -51,20 +51,23 @@ import torch
 
 from ... import io
 from ...errors import ConfigError, ReliabilityWarning, check_int
-from ...guides.local import FAMILIES, family_of
+from ...guides.local import FAMILIES, LocalMixture, LocalPosterior, family_of
 from ..distributed import Collectives, Spread, spread_rows
 from ..latent import guide_in_latent_space, latent_of
+from ..random import Streams, Tag, dataset_index
 from ..traces import analysed
-from ..random import dataset_index
-from .ais import ais
+from .ais import MIN_CHAINS_SE, ais
 from .ais import check_options as check_ais_options
 from .bounds import importance_bounds, khat_threshold
+from .local import LocalFit, optimize_local, start_distribution
 from .local import check_options as check_local_options
-from .local import optimize_local
 
-__all__ = ["GapReport", "decompose", "check_decomposable", "GAPS_CSV", "GAPS_JSON"]
+__all__ = ["GapReport", "decompose", "check_decomposable", "defensive_proposal", "check_defensive", "GAPS_CSV", "GAPS_JSON",
+           "WIDEN"]
 
 GAPS_CSV, GAPS_JSON = "gaps.csv", "gaps.json"
+#: how much wider than q* the widened component of the defensive proposal is (its scale; the covariance WIDEN**2)
+WIDEN = 2.0
 
 
 def _mean_se(v: torch.Tensor) -> tuple[float, float]:
@@ -94,10 +97,12 @@ class GapReport:
     log_px_ais: torch.Tensor | None = None  # [N] bool: re-estimated by AIS (unreliable="ais")
     qstar_converged: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] bool
     qstar_change: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] nats, the last check window's change
+    qstar_change_se: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] nats: the SE the change was judged against
+    qstar_optima: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] int: distinct optima its starts ended at
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", self.index.cpu())  # dataset indices live on the CPU, wherever the numbers were computed
-        for name in ("elbo_local", "elbo_local_se", "local_steps", "qstar_converged", "qstar_change"):
+        for name in ("elbo_local", "elbo_local_se", "local_steps", "qstar_converged", "qstar_change", "qstar_change_se", "qstar_optima"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     def flags(self) -> dict[str, int]:
@@ -108,6 +113,7 @@ class GapReport:
         if self.log_px_ais is not None:
             out["log_px_by_ais"] = int(self.log_px_ais.sum())
         out |= {f"qstar_{f}_unconverged": int((~c).sum()) for f, c in self.qstar_converged.items()}
+        out |= {f"qstar_{f}_several_optima": int((o > 1).sum()) for f, o in self.qstar_optima.items()}
         return out
 
     def warnings(self) -> list[str]:
@@ -124,6 +130,11 @@ class GapReport:
             if stuck:
                 out.append(f"q* ({fam}) did not converge for {stuck} of {n} datapoints: their approximation gap is overstated and amortisation gap "
                            "understated; raise the local max_steps (CLI --local-steps)")
+        for fam, optima in self.qstar_optima.items():
+            several = int((optima > 1).sum())
+            if several:
+                out.append(f"q* ({fam}): the starts of {several} of {n} datapoints ended at different optima (a saddle, a posterior with several "
+                           "modes, or a start that stopped short on a flat ridge): the best start is kept, and log p̂'s proposal holds all of them")
         return out
 
     @property
@@ -142,19 +153,39 @@ class GapReport:
     def inference_gap(self) -> torch.Tensor:
         return self.log_px - self.elbo_q
 
+    @property
+    def approximation_gap_se(self) -> torch.Tensor:
+        """``[N]``: its Monte Carlo standard error (log p̂ and L[q*] come from independent draws)."""
+        return torch.hypot(self.log_px_se, self.elbo_local_se[self.family])
+
+    @property
+    def amortisation_gap_se(self) -> torch.Tensor:
+        """``[N]``: its Monte Carlo standard error, given q* (L[q*] and L[q] come from independent draws)."""
+        return torch.hypot(self.elbo_local_se[self.family], self.elbo_q_se)
+
+    @property
+    def inference_gap_se(self) -> torch.Tensor:
+        """``[N]``: its Monte Carlo standard error."""
+        return torch.hypot(self.log_px_se, self.elbo_q_se)
+
     def to_dataframe(self) -> pd.DataFrame:
         cols: dict[str, Any] = {"index": self.index.cpu().numpy(), "log_px": self.log_px, "log_px_se": self.log_px_se, "elbo_q": self.elbo_q, "elbo_q_se": self.elbo_q_se}
         for fam in self.elbo_local:
             cols[f"elbo_qstar_{fam}"] = self.elbo_local[fam]
             cols[f"elbo_qstar_{fam}_se"] = self.elbo_local_se[fam]
-        cols |= {"approximation_gap": self.approximation_gap, "amortisation_gap": self.amortisation_gap, "inference_gap": self.inference_gap}
+        for gap in ("approximation_gap", "amortisation_gap", "inference_gap"):
+            cols[gap], cols[f"{gap}_se"] = getattr(self, gap), getattr(self, f"{gap}_se")
         for key in ("log_px_khat", "log_px_unreliable", "log_px_ais"):
             if getattr(self, key) is not None:
                 cols[key] = getattr(self, key)
         for fam in self.qstar_converged:
             cols[f"qstar_{fam}_converged"] = self.qstar_converged[fam]
             cols[f"qstar_{fam}_change"] = self.qstar_change[fam]
-        return pd.DataFrame({k: (v.cpu().numpy() if v.dtype == torch.bool else v.double().cpu().numpy()) if isinstance(v, torch.Tensor) else v
+            if fam in self.qstar_change_se:
+                cols[f"qstar_{fam}_change_se"] = self.qstar_change_se[fam]
+            if fam in self.qstar_optima:
+                cols[f"qstar_{fam}_optima"] = self.qstar_optima[fam]
+        return pd.DataFrame({k: (v.cpu().numpy() if v.dtype in (torch.bool, torch.long) else v.double().cpu().numpy()) if isinstance(v, torch.Tensor) else v
                              for k, v in cols.items()})
 
     def summary(self) -> dict[str, Any]:
@@ -214,6 +245,8 @@ class GapReport:
             log_px_khat=cat_opt("log_px_khat"), log_px_unreliable=cat_opt("log_px_unreliable"), log_px_ais=cat_opt("log_px_ais"),
             qstar_converged={f: cat(lambda p: p.qstar_converged[f]) for f in first.qstar_converged},
             qstar_change={f: cat(lambda p: p.qstar_change[f]) for f in first.qstar_change},
+            qstar_change_se={f: cat(lambda p: p.qstar_change_se[f]) for f in first.qstar_change_se},
+            qstar_optima={f: cat(lambda p: p.qstar_optima[f]) for f in first.qstar_optima},
         )
 
     def save(self, out: str | Path) -> None:
@@ -241,6 +274,59 @@ def _families(model: Callable[..., object], guide: Callable[..., object], data: 
     return q, own, chosen
 
 
+def check_defensive(defensive: object) -> tuple[float, float]:
+    """``defensive`` as two weights in [0, 1) that sum below 1 (``ConfigError`` otherwise)."""
+    try:
+        wide, prior = (float(w) for w in defensive)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ConfigError(f"defensive must be two weights (widened q*, prior), got {defensive!r}") from None
+    if not (0 <= wide < 1 and 0 <= prior < 1 and wide + prior < 1):
+        raise ConfigError(f"defensive weights must be in [0, 1) and sum below 1 (q* keeps the rest), got {defensive!r}")
+    return wide, prior
+
+
+def defensive_proposal(fit: LocalFit, prior: LocalPosterior | None, defensive: tuple[float, float]) -> LocalPosterior | LocalMixture:
+    r"""The importance-sampling proposal for :math:`\log p(x)` built from a fitted :math:`q^*`: a defensive mixture (Hesterberg 1995).
+
+    .. math::
+
+        \pi(u \mid x) = \frac{1 - a_w - a_p}{J} \sum_{j=1}^{J} q^*_j(u)
+        + a_w\, q^*_{\times 2}(u) + a_p\, \tilde p(u),
+
+    where :math:`q^*_1..q^*_J` are the datapoint's distinct optima among the
+    starts of :func:`~ppl_vae.inference.optimize_local` (``LocalFit.modes``;
+    :math:`J = 1` where they agree), :math:`q^*_{\times 2}` the kept
+    :math:`q^*` with its scale times :data:`WIDEN` (tails :math:`q^*` makes too
+    thin), and :math:`\tilde p` the prior's Gaussian (``prior``; exact where
+    the prior is one Gaussian site), which reaches every mode the prior puts
+    mass on: where it is exact the weights are bounded by
+    :math:`p(x \mid z) / a_p`. ``defensive = (a_w, a_p)``; with both zero and
+    one start the proposal is :math:`q^*` itself. Every start is a component
+    (weight 0 where it is not a distinct optimum), so a datapoint's proposal
+    and draws do not depend on the other datapoints.
+
+    References
+    ----------
+    Hesterberg (1995), Weighted Average Importance Sampling and Defensive Mixture Distributions. Technometrics 37(2).
+    """
+    wide, weight_prior = defensive
+    modes = fit.modes
+    S, n = modes.shape
+    if wide == 0 and weight_prior == 0 and S == 1:
+        return fit.posterior
+    rows = torch.arange(n, device=modes.device)
+    share = ((1 - wide - weight_prior) / modes.sum(0).double()).log()
+    components, logits = [], []
+    for s in range(S):  # every start, weight 0 where it is not a distinct optimum: the components do not depend on the other rows
+        components.append(fit.candidates.take(s * n + rows))
+        logits.append(torch.where(modes[s], share, -math.inf))
+    for weight, component in ((wide, fit.posterior.widened(WIDEN) if wide > 0 else None), (weight_prior, prior)):
+        if weight > 0 and component is not None:
+            components.append(component)
+            logits.append(share.new_full((n,), math.log(weight)))
+    return LocalMixture(fit.posterior.latent, components, torch.stack(logits, -1).to(fit.posterior.loc.dtype))
+
+
 def check_decomposable(model: Callable[..., object], guide: Callable[..., object], *data: torch.Tensor, families: tuple[str, ...] | None = None) -> str | None:
     """Refuse (``ConfigError``, by site and reason) a model and guide :func:`decompose` cannot handle; return the guide's family (None: none)."""
     return _families(model, guide, data, families)[1]
@@ -255,6 +341,7 @@ def decompose(
     elbo_samples: int = 1000,
     families: tuple[str, ...] | None = None,
     proposals: tuple[str, ...] | None = None,
+    defensive: tuple[float, float] = (0.1, 0.1),
     unreliable: str = "flag",
     local_options: dict[str, Any] | None = None,
     ais_options: dict[str, Any] | None = None,
@@ -300,7 +387,14 @@ def decompose(
         (default ``("full",)``: a full-covariance Gaussian, whose weights stay
         light-tailed on correlated posteriors where a mean-field one's do not;
         ``()`` for none). They are reported beside ``families``; the proposal
-        is the candidate with the highest mean ELBO.
+        is built from the candidate with the highest mean ELBO.
+    defensive : (float, float)
+        Weights of the widened :math:`q^*` and of the prior in the IWAE
+        proposal, a defensive mixture with the distinct optima of
+        :math:`q^*`'s starts (:func:`defensive_proposal`): a mode that
+        :math:`q^*` misses is still sampled, so log p̂ is not low by the mass
+        of that mode with a confident standard error. ``(0, 0)``: :math:`q^*`
+        alone (and its starts' other optima).
     unreliable : {"flag", "ais"}
         What to do with a datapoint whose IWAE weights have a Pareto
         :math:`\hat k` above :func:`~ppl_vae.inference.gaps.bounds.khat_threshold`:
@@ -327,6 +421,7 @@ def decompose(
     """
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown log p(x) estimator {logpx!r}; choose iwae or ais")
+    defensive = check_defensive(defensive)
     if unreliable not in ("flag", "ais"):
         raise ConfigError(f"unknown treatment of unreliable log p(x) estimates {unreliable!r}; choose flag or ais")
     for label, k in (("importance samples K", num_samples), ("ELBO samples", elbo_samples)):  # every number in the report carries a standard error
@@ -336,7 +431,8 @@ def decompose(
     if ais_options:
         check_ais_options(**ais_options)
         if logpx == "ais" or unreliable == "ais":
-            check_int(ais_options.get("num_chains", 2), "the number of AIS chains (at least 2 for a standard error)", low=2)
+            chains = ais_options.get("num_chains", MIN_CHAINS_SE)
+            check_int(chains, f"the number of AIS chains (at least {MIN_CHAINS_SE} for a standard error)", low=MIN_CHAINS_SE)
     model, guide = analysed(model, guide, data, "the gap decomposition")  # type: ignore[assignment]
     q, own, families = _families(model, guide, data, families)
     extra = ("full",) if proposals is None else tuple(proposals)
@@ -347,8 +443,8 @@ def decompose(
 
     def rows(part: tuple[torch.Tensor, ...], at: torch.Tensor, coll: Collectives) -> GapReport:
         return _decompose(model, guide, part, at, coll, q=q if spread is None else None, own=own, families=families, fitted=fitted, logpx=logpx,
-                          num_samples=num_samples, elbo_samples=elbo_samples, unreliable=unreliable, local_options=local_options, ais_options=ais_options,
-                          name=name, batch_size=batch_size, seed=seed, progress=progress and coll.rank == 0)
+                          num_samples=num_samples, elbo_samples=elbo_samples, defensive=defensive, unreliable=unreliable, local_options=local_options,
+                          ais_options=ais_options, name=name, batch_size=batch_size, seed=seed, progress=progress and coll.rank == 0)
 
     report = spread_rows(rows, data, idx, spread, programs=(model, guide), combine=GapReport.concat, types=(GapReport,))
     for line in report.warnings() if warn else ():
@@ -358,7 +454,7 @@ def decompose(
 
 def _decompose(model: Callable[..., object], guide: Callable[..., object], data: tuple[torch.Tensor, ...], idx: torch.Tensor, coll: Collectives, *,
                q: torch.distributions.Distribution | None, own: str | None, families: tuple[str, ...], fitted: tuple[str, ...], logpx: str, num_samples: int,
-               elbo_samples: int, unreliable: str, local_options: dict[str, Any] | None, ais_options: dict[str, Any] | None, name: str, batch_size: int,
+               elbo_samples: int, defensive: tuple[float, float], unreliable: str, local_options: dict[str, Any] | None, ais_options: dict[str, Any] | None, name: str, batch_size: int,
                seed: int, progress: bool = False) -> GapReport:
     """:func:`decompose` of the rows ``data`` (dataset indices ``idx``); a choice over all datapoints takes its means over every process."""
     if q is None and own is not None:  # the guide's q over the joint latent of these rows (in this process, on its device)
@@ -370,7 +466,7 @@ def _decompose(model: Callable[..., object], guide: Callable[..., object], data:
         return coll.sum(v.double().sum().item()) / total
 
     on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed, index=idx, progress=progress, diagnose=False)
-    local, local_se, steps, proposals, converged, change = {}, {}, {}, {}, {}, {}
+    local, local_se, steps, fits, converged, change, change_se, optima = {}, {}, {}, {}, {}, {}, {}, {}
     for i, fam in enumerate(fitted):
         fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, index=idx, progress=progress,
                              **(local_options or {}))
@@ -378,17 +474,32 @@ def _decompose(model: Callable[..., object], guide: Callable[..., object], data:
                               diagnose=False)
         local[fam], local_se[fam] = b.elbo, b.elbo_se
         steps[fam] = mean(fit.steps)
-        proposals[fam] = fit.posterior
-        converged[fam], change[fam] = fit.converged, fit.final_change
+        fits[fam] = fit
+        converged[fam], change[fam], change_se[fam], optima[fam] = fit.converged, fit.final_change, fit.final_change_se, fit.optima
     khat = bad = by_ais = None
     if logpx == "iwae":
-        means = {f: mean(local[f]) for f in proposals}
-        best = max(proposals, key=lambda f: means[f])
-        b = importance_bounds(model, proposals[best], *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx, progress=progress)
+        means = {f: mean(local[f]) for f in fits}
+        best = max(fits, key=lambda f: means[f])
+        fit = fits[best]
+        prior = None
+        if defensive[1] > 0:  # the prior's Gaussian over the joint latent (where not exact, moments of each datapoint's own prior draws)
+            latent = fit.posterior.latent
+            draws = Streams(seed + 998, idx, data[0].device, Tag.LOCAL, 6)
+            prior_q = start_distribution(model, latent, *data, init="prior", streams=draws)
+            prior = LocalPosterior.initial("full", prior_q, latent)
+        proposal = defensive_proposal(fit, prior, defensive)
+        b = importance_bounds(model, proposal, *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx,
+                              progress=progress)
         log_px, log_px_se = b.iwae.clone(), b.iwae_se.clone()
-        local[best], local_se[best] = b.elbo, b.elbo_se  # the same family's ELBO, now from K draws
+        if proposal is fit.posterior:
+            local[best], local_se[best] = b.elbo, b.elbo_se  # the same family's ELBO, now from K draws
         khat, bad = b.khat, ~b.reliable
-        estimator = f"IWAE K={num_samples} with the local {best} q* as proposal (reliable where Pareto k̂ <= {khat_threshold(num_samples):.2f})"
+        if isinstance(proposal, LocalMixture):
+            what = (f"a defensive mixture of the local {best} q* (its starts' distinct optima, {1 - sum(defensive):.0%}), "
+                    f"q* widened x{WIDEN:g} ({defensive[0]:.0%}) and the prior ({defensive[1]:.0%})")
+        else:
+            what = f"the local {best} q*"
+        estimator = f"IWAE K={num_samples} with {what} as proposal (reliable where Pareto k̂ <= {khat_threshold(num_samples):.2f})"
         if unreliable == "ais":  # AIS of this process's flagged rows (each datapoint's draws are its own: no other process is involved)
             by_ais, rows = bad.clone(), bad.nonzero().squeeze(-1)
             if len(rows):
@@ -406,5 +517,5 @@ def _decompose(model: Callable[..., object], guide: Callable[..., object], data:
         index=idx, log_px=log_px, log_px_se=log_px_se, elbo_q=on_q.elbo, elbo_q_se=on_q.elbo_se, elbo_local=local,
         elbo_local_se=local_se, family=family, logpx_estimator=estimator, num_samples=elbo_samples, local_steps=steps,
         name=name, q_in_family=own is not None, log_px_khat=khat, log_px_unreliable=bad, log_px_ais=by_ais,
-        qstar_converged=converged, qstar_change=change,
+        qstar_converged=converged, qstar_change=change, qstar_change_se=change_se, qstar_optima=optima,
     )

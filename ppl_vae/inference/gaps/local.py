@@ -14,17 +14,14 @@ datapoint's own). All datapoints' parameters live in tensors with a leading
 objective. Adam acts elementwise, and datapoint ``n``'s objective depends only
 on its own parameters, so this equals ``N`` separate optimisations at the cost
 of one batched program (each datapoint draws from its own random streams, so
-the same ones, to float rounding). Each datapoint has its own step size and
-its own convergence test; a converged datapoint's parameters are frozen and
-it leaves the batch.
+the same ones, to float rounding). Each datapoint (and each of its starts) has
+its own step size and its own convergence test; a converged one's parameters
+are frozen and it leaves the batch.
 
-**Reaching the optimum.** Adam at a constant step size does not stop at the
-optimum of a stochastic objective: it jitters around it, with an excess that
-shrinks with the step size and the gradient's noise. Stopping when a window's
-mean ELBO improves by less than a tolerance therefore stops early: on PPCA
-(10 observed, 5 latent dimensions) started from a one-unit-bottleneck
-encoder, the full-covariance ``q*``, whose family holds the exact posterior,
-stopped 0.034 ± 0.001 nats short (26 SE). Two things close that:
+**Reaching the optimum, and knowing it.** Adam at a constant step size does
+not stop at the optimum of a stochastic objective: it jitters around it, with
+an excess that shrinks with the step size and the gradient's noise. Three
+things get ``q*`` there and say so:
 
 * the *path-derivative* gradient (Roeder, Wu & Duvenaud 2017) for the
   Gaussian families: :math:`\log q(z)` is differentiated through the draw
@@ -32,14 +29,38 @@ stopped 0.034 ± 0.001 nats short (26 SE). Two things close that:
   the posterior the gradient is exactly zero for every draw, and near it its
   noise is small (the flow family keeps the ordinary reparameterised gradient:
   the path derivative would need the flow's inverse);
-* a per-datapoint step size that is halved each time a check window shows no
-  improvement (less than ``tol`` nats, or less than twice the standard error of
-  the difference of the two windows' means), up to ``lr_decays`` times.
+* a per-datapoint step size, halved when the last two check windows show
+  no progress, up to ``lr_decays`` times;
+* a convergence test that noise cannot fool. Every ``check_every`` steps the
+  ELBO is estimated from the datapoint's *check draws*: ``check_samples``
+  standard-normal draws fixed for the whole optimisation (common random
+  numbers). A change between two checks is the mean of the paired
+  differences of log-weights, and its standard error their spread over
+  :math:`\sqrt M` (:func:`window_change`): the noise the two estimates share
+  cancels, so the error shrinks with the distance between the two parameter
+  values rather than with the ELBO's own spread. Without progress, Adam
+  jitters around the optimum short of it by an excess that shrinks with the
+  step size, so halving the step size gains about that excess: a datapoint
+  has **converged** when the gain since its last halving is below ``tol`` by
+  :data:`Z_CHECK` standard errors (:func:`judge_window`). A point whose ELBO
+  still rises by ``tol`` per halving, or whose gain is too noisy to tell, is
+  not reported converged; halving again shrinks both the jitter and the
+  noise of the next comparison. The gain and its standard error are reported
+  per datapoint (``final_change``, ``final_change_se``).
 
-A datapoint has **converged** when a window shows no improvement at its
-smallest step size; a datapoint still improving at ``max_steps`` has not, and
-:class:`LocalFit` says so (``converged``, ``final_change``), as does
-:func:`~ppl_vae.inference.decompose`'s report.
+**Saddles and several modes.** Where the expected gradient is zero, as at a
+symmetric start between two modes (a saddle of the ELBO), no test on the
+ELBO's progress can tell the point from an optimum. Each datapoint is
+therefore optimised from ``starts`` starts in the same batch: the init, and
+narrowed copies of it (scale times ``start_scale``) centred at draws of the
+init (scale times ``start_spread``), which climb to the mode nearest their
+centre rather than average over several. The starts are compared on
+``FINAL_FACTOR`` times as many draws, the same for all of them, and the best
+is kept (:func:`keep_best`); starts that ended apart (by ELBO, or with the
+ELBO dipping between them: :func:`distinct_optima`) are counted in
+``LocalFit.optima``, and every start's parameters stay in
+``LocalFit.candidates`` (the gap decomposition builds its log p(x) proposal
+from the distinct ones).
 
 The hard part for flows is a per-datapoint IAF: :class:`BatchedMADE` is a
 masked autoencoder with one weight matrix per datapoint (``einsum`` over the
@@ -71,37 +92,62 @@ from ...progress import bar
 from ..latent import guide_in_latent_space, latent_draws, latent_of
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import analysed, log_weights_of, plate_nesting, traces
-from .bounds import importance_bounds
+from .bounds import MAX_ELEMENTS, chunks
 
-__all__ = ["LocalFit", "optimize_local", "check_options", "start_distribution"]
+__all__ = [
+    "LocalFit", "optimize_local", "check_options", "start_distribution", "check_log_weights", "resampled_shifts", "window_change",
+    "judge_window", "keep_best", "same_optimum", "distinct_optima", "Z_CHECK", "FINAL_FACTOR",
+]
+
+#: standard errors by which a check window's change must fall below ``tol`` to count as no improvement
+#: (one-sided: a window still improving by ``tol`` passes by chance with probability 2.3 %)
+Z_CHECK = 2.0
+#: the starts of a datapoint are compared (and its final ELBO estimated) on this many times ``check_samples`` draws
+FINAL_FACTOR = 10
 
 
 @dataclass(frozen=True)
 class LocalFit:
-    """The optimised :class:`LocalPosterior` and how each datapoint's optimisation went."""
+    """The optimised :class:`LocalPosterior` and how each datapoint's optimisation went (``[N]`` tensors unless said).
 
-    posterior: LocalPosterior
-    steps: torch.Tensor  # [N] Adam steps taken by each datapoint
-    converged: torch.Tensor  # [N] bool: no improvement at its smallest step size (else stopped by max_steps)
-    initial_elbo: torch.Tensor  # [N] window-mean ELBO of the first check window
-    final_elbo: torch.Tensor  # [N] ELBO estimate of the kept parameters: the last check window's mean, or the start's where that was clearly worse
-    final_change: torch.Tensor  # [N] nats: the last check window's mean ELBO minus the one before
-    lr_scale: torch.Tensor  # [N] each datapoint's final step size, as a fraction of lr
+    Every ELBO here is the estimate from the datapoint's fixed check draws (``check_samples`` of
+    them, the same at every check and for every start: common random numbers).
+    """
+
+    posterior: LocalPosterior  # the kept start of each datapoint (the one with the highest final ELBO)
+    steps: torch.Tensor  # Adam steps the kept start took
+    converged: torch.Tensor  # bool: the kept start's last window showed no improvement at its smallest step size
+    initial_elbo: torch.Tensor  # ELBO of the first start (the init)
+    final_elbo: torch.Tensor  # ELBO of the kept parameters
+    final_elbo_se: torch.Tensor  # its Monte Carlo standard error
+    final_change: torch.Tensor  # nats: the kept start's gain since its last halving, at its last check (judge_window)
+    final_change_se: torch.Tensor  # the standard error that gain was judged against
+    lr_scale: torch.Tensor  # the kept start's final step size, as a fraction of lr
+    start_elbo: torch.Tensor  # [S, N] each start's final ELBO
+    start_converged: torch.Tensor  # [S, N] bool
+    optima: torch.Tensor  # how many distinct optima the converged starts (and the kept one) ended at (1: they agree)
+    modes: torch.Tensor  # [S, N] bool: the best start of each distinct optimum
+    candidates: LocalPosterior  # every start's final parameters, S * N rows, start-major (row s * N + n)
     options: dict = field(default_factory=dict)
 
 
 def check_options(
     *, family: str = "diagonal", num_samples: int = 10, lr: float = 1e-2, max_steps: int = 4000, check_every: int = 100, tol: float = 0.01,
-    lr_decays: int = 4, path_derivative: bool = True, num_flows: int = 2, flow_hidden: int | None = None,
+    lr_decays: int = 8, check_samples: int = 100, starts: int = 2, start_spread: float = 1.0, start_scale: float = 0.5,
+    path_derivative: bool = True, num_flows: int = 2, flow_hidden: int | None = None,
 ) -> None:
     """Validate the options of :func:`optimize_local` before any work (``ConfigError`` naming the option)."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    for name, value in (("num_samples", num_samples), ("max_steps", max_steps), ("check_every", check_every), ("num_flows", num_flows)):
+    counts = (("num_samples", num_samples), ("max_steps", max_steps), ("check_every", check_every), ("num_flows", num_flows), ("starts", starts))
+    for name, value in counts:
         check_int(value, name.replace("_", "-"))
+    check_int(check_samples, "check-samples (at least 2 for a standard error)", low=2)
     check_positive(lr, "the local learning rate")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise ConfigError(f"tol must be a non-negative number, got {tol!r}")
+    check_positive(start_spread, "start_spread")
+    check_positive(start_scale, "start_scale")
     check_int(lr_decays, "lr-decays", low=0)
     if not isinstance(path_derivative, bool):
         raise ConfigError(f"path_derivative must be True or False, got {path_derivative!r}")
@@ -134,6 +180,166 @@ def start_distribution(
     return q if q is not None else moment_matched(latent_draws(model, latent, *data, guide=init, num_samples=draws, streams=streams))  # type: ignore[arg-type]
 
 
+# ------------------------------------------------------------------ the convergence test
+
+
+def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, data: tuple[torch.Tensor, ...], rows: torch.Tensor,
+                      streams: Streams, *, num_samples: int, nesting: int) -> torch.Tensor:
+    """Log-weights ``[M, R]`` (float64) of the rows ``rows`` of ``posterior`` and ``data``, from their fixed check draws.
+
+    The draws come from ``streams`` (one per row) and are put back after
+    (:meth:`~ppl_vae.inference.random.Streams.replaying`): every call sees the
+    same standard-normal noise, so two calls at different parameters are
+    estimates with common random numbers. Rows are taken in chunks that keep
+    the model's outputs under ``MAX_ELEMENTS``; no gradient is kept.
+    """
+    width = max(1, math.prod(data[0].shape[1:]))
+    size = max(1, MAX_ELEMENTS // (num_samples * width))
+    out = []
+    with torch.no_grad():
+        for part in chunks(len(rows), size):
+            r = rows[part]
+            picked = streams.select(r.tolist())
+            with picked.replaying():
+                args = tuple(t[r] for t in data)
+                model_tr, guide_tr = traces(model, posterior.select(r), *args, num_samples=num_samples, nesting=nesting, streams=picked)
+            out.append(log_weights_of(model_tr, guide_tr).double())
+    return torch.cat(out, 1)
+
+
+def resampled_shifts(model: Callable[..., object], q: LocalPosterior, data: tuple[torch.Tensor, ...], streams: Streams, *,
+                     num: int, draws: int, site: str) -> torch.Tensor:
+    r"""``[num, N, K]``: per datapoint, ``num`` draws of ``q`` resampled by importance weight, minus the mean of the draws.
+
+    Sampling importance resampling (Rubin 1988): of ``draws`` draws :math:`u_k \sim q`, one is
+    picked with probability proportional to :math:`p(x, u_k) / q(u_k)`, so it falls in a mode of the
+    posterior in proportion to its mass, not in the valley between modes where ``q`` may be centred.
+    The draws and the picks come from ``streams`` (one per datapoint); rows are taken in chunks that
+    keep the model's outputs under ``MAX_ELEMENTS``.
+    """
+    n = q.num_points
+    width = max(1, math.prod(data[0].shape[1:]))
+    size = max(1, MAX_ELEMENTS // (draws * width))
+    nesting = plate_nesting(model, q.select(slice(0, 1)), *(t[:1] for t in data))
+    out = []
+    with torch.no_grad():
+        for part in chunks(n, size):
+            rows = torch.arange(part.start, part.stop, device=q.loc.device)
+            picked = streams.select(rows.tolist())
+            args = tuple(t[rows] for t in data)
+            model_tr, guide_tr = traces(model, q.select(rows), *args, num_samples=draws, nesting=nesting, streams=picked)
+            lw = log_weights_of(model_tr, guide_tr).double()  # [draws, R]
+            u = guide_tr.nodes[site]["value"].reshape(draws, len(rows), -1)
+            cdf = torch.softmax(lw, 0).cumsum(0).T.contiguous()  # [R, draws]
+            uniform = picked.uniform((len(rows), num), dim=0, dtype=torch.float64)
+            at = torch.searchsorted(cdf, uniform).clamp_max(draws - 1)  # [R, num]
+            chosen = u.permute(1, 0, 2).gather(1, at.unsqueeze(-1).expand(-1, -1, u.shape[-1]))  # [R, num, K]
+            out.append((chosen - u.mean(0).unsqueeze(1)).transpose(0, 1))
+    return torch.cat(out, 1)
+
+
+def window_change(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The change of each row's ELBO between two checks and its standard error, from paired log-weights ``[M, R]``.
+
+    .. math::
+
+        \Delta = \frac{1}{M}\sum_m \left(\ell_m^{\text{now}} - \ell_m^{\text{before}}\right), \qquad
+        \operatorname{SE} = \operatorname{sd}_m\left(\ell_m^{\text{now}} - \ell_m^{\text{before}}\right) / \sqrt{M},
+
+    where both log-weights of draw :math:`m` come from the same noise (common
+    random numbers): the noise they share cancels, so the SE shrinks with the
+    distance between the two parameter values, not with the ELBO's own spread.
+    """
+    d = now - before
+    return d.mean(0), d.std(0) / math.sqrt(d.shape[0])
+
+
+def judge_window(change: torch.Tensor, se: torch.Tensor, gain: torch.Tensor, gain_se: torch.Tensor, decays: torch.Tensor,
+                 lr_decays: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(slower, done)``: rows whose step size is halved, rows that have converged.
+
+    ``change`` is the last window's change of ELBO, ``gain`` the change since
+    the step size was last halved (before the first halving: the window's
+    change), each with its standard error. A window *shows progress* when its
+    change is at least one standard error and at least ``tol / 10``; while it
+    does, nothing changes. Without progress Adam is jittering around the
+    optimum at its current step size, short of it by an excess that shrinks
+    with the step size. Halving the step size then gains about that excess, so
+    a row has converged when the gain since its last halving is below the
+    tolerance by :data:`Z_CHECK` standard errors,
+    :math:`G + z\,\operatorname{SE} < \mathrm{tol}`: what is left is smaller
+    still. Otherwise its step size is halved again, up to ``lr_decays`` times
+    (a row still gaining at its smallest step size stops at ``max_steps``,
+    unconverged). Noise larger than the tolerance never counts as converged.
+    With ``lr_decays = 0`` there is no halving: a window without progress whose
+    change is below the tolerance, so judged, has converged.
+    """
+    stationary = change < torch.clamp_min(se, tol / 10)
+    halved = decays > 0
+    done = stationary & (gain + Z_CHECK * gain_se < tol) & (halved | (lr_decays == 0))
+    return stationary & ~done & (decays < lr_decays), done
+
+
+def keep_best(lw: torch.Tensor, converged: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N]``: the start each datapoint keeps, from every start's final log-weights ``lw`` ``[M, S, N]`` (the same noise for every start).
+
+    The candidates are the starts whose ELBO is not below the highest by more than :data:`Z_CHECK`
+    standard errors of the paired difference; of those, a converged one (``converged`` ``[S, N]``)
+    before one that is not, then the one whose log-weights vary least. The highest of several noisy
+    means alone would favour a noisier estimate over an exact one (near the posterior the variance of
+    the log-weights is about twice the KL divergence, and vanishes with it).
+    """
+    n = lw.shape[2]
+    cols = torch.arange(n, device=lw.device)
+    top = lw.mean(0).argmax(0)
+    gap, se = window_change(lw[:, top, cols].unsqueeze(1), lw)  # [S, N]: how far each start is below the top one
+    spread = lw.var(0).masked_fill(gap - Z_CHECK * se > 0, math.inf)
+    if converged is not None:  # a converged candidate, where there is one
+        some = torch.isfinite(spread.masked_fill(~converged, math.inf)).any(0)
+        spread = spread.masked_fill(~converged & some, math.inf)
+    return spread.argmin(0)
+
+
+def same_optimum(lw_a: torch.Tensor, lw_b: torch.Tensor, lw_mid: torch.Tensor, tol: float) -> torch.Tensor:
+    """``[N]`` bool: start b ended at the optimum start a did (a the better one).
+
+    ``lw_a``, ``lw_b`` and ``lw_mid`` ``[M, N]``: log-weights from the same noise of the two starts'
+    ``q*`` and of the one halfway between their parameters. Two tests, each beyond :data:`Z_CHECK`
+    standard errors of a paired difference and ``tol``: b's ELBO is not lower than a's, and the
+    ELBO halfway between them does not dip below b's (a hill-valley test: between two modes, or
+    between a saddle and a mode, the path falls; along a flat ridge of one optimum it does not).
+    """
+    gap, gap_se = window_change(lw_a, lw_b)
+    dip, dip_se = window_change(lw_b, lw_mid)
+    return (gap - Z_CHECK * gap_se <= tol) & (dip - Z_CHECK * dip_se <= tol)
+
+
+def distinct_optima(lw: torch.Tensor, midpoint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eligible: torch.Tensor,
+                    tol: float, first: torch.Tensor) -> torch.Tensor:
+    """``[S, N]`` bool: one start of each distinct optimum among the ``eligible`` starts (``[S, N]``).
+
+    ``lw`` ``[M, S, N]``: every start's final log-weights (the same noise for every start);
+    ``midpoint(a, b)`` the log-weights ``[M, N]`` (the same noise) of the parameters halfway
+    between starts ``a`` and ``b`` ``[N]`` of each datapoint. The start ``first`` ``[N]`` (the
+    kept one) is taken first, then the others best first (by mean ELBO); each joins the first kept
+    one it is the :func:`same_optimum` as, or is kept as a new one.
+    """
+    S = lw.shape[1]
+    score = lw.mean(0).scatter(0, first.unsqueeze(0), math.inf)
+    order = score.argsort(0, descending=True)  # [S, N]
+    cols = torch.arange(lw.shape[2], device=lw.device)
+    kept = torch.zeros_like(eligible)
+    for i in range(S):
+        s = order[i]
+        new = eligible[s, cols].clone()
+        for j in range(i):
+            r = order[j]
+            same = same_optimum(lw[:, r, cols], lw[:, s, cols], midpoint(r, s), tol)
+            new &= ~(kept[r, cols] & same)
+        kept[s, cols] = new
+    return kept
+
+
 def optimize_local(
     model: Callable[..., object],
     *data: torch.Tensor,
@@ -144,7 +350,11 @@ def optimize_local(
     max_steps: int = 4000,
     check_every: int = 100,
     tol: float = 0.01,
-    lr_decays: int = 4,
+    lr_decays: int = 8,
+    check_samples: int = 100,
+    starts: int = 2,
+    start_spread: float = 1.0,
+    start_scale: float = 0.5,
     path_derivative: bool = True,
     num_flows: int = 2,
     flow_hidden: int | None = None,
@@ -152,7 +362,7 @@ def optimize_local(
     index: torch.Tensor | None = None,
     progress: bool = False,
 ) -> LocalFit:
-    r"""Optimise a per-datapoint ``q*`` of ``family`` for every row of ``data``, in one batch.
+    r"""Optimise a per-datapoint ``q*`` of ``family`` for every row of ``data``, in one batch, from ``starts`` starts.
 
     Parameters
     ----------
@@ -175,18 +385,35 @@ def optimize_local(
     lr : float
         Adam's initial learning rate (each datapoint's own step size starts there).
     max_steps, check_every, tol, lr_decays : int, int, float, int
-        Every ``check_every`` steps each datapoint compares the mean of its
-        ELBO estimates over the window with the window before. No improvement
-        (less than ``tol`` nats, or less than twice the standard error of the
-        difference) halves its step size; with its step size already halved
-        ``lr_decays`` times it has converged and stops. A datapoint still going
-        at ``max_steps`` stops unconverged (``LocalFit.converged``). Each
-        keeps its last parameters, unless their window's mean ELBO is more than
-        two standard errors below its start's (estimated with ``num_samples *
-        check_every`` draws, at most 1000): then it goes back to its start, so
-        that a stochastic optimisation never leaves it worse than it began.
-        (Not the best window seen: near the optimum the windows' means differ
-        by less than their noise, and the largest of them is a lucky one.)
+        Every ``check_every`` steps each datapoint's ELBO is estimated from its
+        ``check_samples`` fixed check draws (:func:`check_log_weights`). While
+        the last two windows show progress nothing changes; without progress
+        the step size is halved (up to ``lr_decays`` times), and a datapoint
+        has converged when the ELBO gained since its last halving is below
+        ``tol`` nats by :data:`Z_CHECK` standard errors of the paired
+        difference (:func:`judge_window`). A datapoint still going at
+        ``max_steps`` stops unconverged (``LocalFit.converged``). Each keeps its
+        last parameters, unless their ELBO is below its start's by more than
+        :data:`Z_CHECK` standard errors of the paired difference: then it goes
+        back to its start, so a stochastic optimisation never leaves it worse
+        than it began.
+    check_samples : int
+        Draws :math:`M` of each check (at least 2). They are the same at every
+        check and for every start of a datapoint (common random numbers), so a
+        change is measured with an error that shrinks with the change itself.
+    starts : int
+        Starts per datapoint: the init, and ``starts - 1`` copies of it with
+        their scale times ``start_scale``, centred at draws of the init's
+        Gaussian (a flow's base) with its scale times ``start_spread``. All
+        are optimised in one batch; each datapoint keeps the best start
+        (:func:`keep_best`), so a start on a
+        saddle (a symmetric start between two modes, where the expected
+        gradient is zero and no test can tell it from an optimum) does not
+        decide ``q*``. Starts that end apart (:func:`distinct_optima`) are
+        counted in ``LocalFit.optima``.
+    start_spread, start_scale : float
+        How far the extra starts are moved, in the init's standard deviations,
+        and how much narrower than the init they start.
     path_derivative : bool
         The path-derivative ("sticking the landing") gradient for the diagonal
         and full families (the flow family ignores it): zero variance where
@@ -197,21 +424,23 @@ def optimize_local(
         Seeds the draws (and random flow initialisation).
     index : tensor, optional
         The rows' indices in their dataset (default ``0..N-1``). Every draw
-        of a datapoint (its start, its flow's initial weights, its steps'
-        samples) comes from its own streams, seeded from ``(seed, index)``
-        (:class:`~ppl_vae.inference.random.Streams`), and its objective and
-        Adam's update involve its own parameters only: a datapoint's ``q*``
-        does not depend on the other rows or their number (to float rounding).
+        of a datapoint (its start, its flow's initial weights, its starts'
+        shifts, its steps' and checks' samples) comes from its own streams,
+        seeded from ``(seed, index)`` (:class:`~ppl_vae.inference.random.Streams`),
+        and its objective and Adam's update involve its own parameters only: a
+        datapoint's ``q*`` does not depend on the other rows or their number
+        (to float rounding).
     """
     check_options(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol, lr_decays=lr_decays,
-                  path_derivative=path_derivative, num_flows=num_flows)
+                  check_samples=check_samples, starts=starts, start_spread=start_spread, start_scale=start_scale, path_derivative=path_derivative,
+                  num_flows=num_flows, flow_hidden=flow_hidden)
     if isinstance(init, str) and init != "prior":
         raise ConfigError(f"init must be a guide, a distribution or 'prior', got {init!r}")
     guide = init if callable(init) and not isinstance(init, torch.distributions.Distribution) else None
     model, guide = analysed(model, guide, data, "the local optimisation (q*)")  # type: ignore[assignment]
     init = guide if guide is not None else init
     latent = latent_of(model, *data, guide=guide, analysis="the local optimisation (q*)")
-    n = latent.num_points
+    n, S = latent.num_points, starts
     idx = dataset_index(index, n)
     device = data[0].device
     with seeded(seed):
@@ -219,30 +448,46 @@ def optimize_local(
         q0 = start_distribution(model, latent, *data, init=init, streams=Streams(base, idx, device, Tag.LOCAL, 0))  # the start
         if tuple(q0.batch_shape) != (n,) or tuple(q0.event_shape) != (latent.dim,):
             raise ConfigError(f"the initial distribution must have batch shape ({n},) and event shape ({latent.dim},), got {tuple(q0.batch_shape)} and {tuple(q0.event_shape)}")
-        posterior = LocalPosterior.initial(family, q0, latent, num_flows=num_flows, flow_hidden=flow_hidden, normal=Streams(base, idx, device, Tag.LOCAL, 1).normal,
-                                           generator=torch.Generator(device="cpu").manual_seed(base))
-        streams = Streams(base, idx, device, Tag.LOCAL, 2)  # the steps
+        first = LocalPosterior.initial(family, q0, latent, num_flows=num_flows, flow_hidden=flow_hidden, normal=Streams(base, idx, device, Tag.LOCAL, 1).normal,
+                                       generator=torch.Generator(device="cpu").manual_seed(base))
+        point = torch.arange(n, device=first.loc.device).repeat(S)  # row r is start r // n of datapoint r % n
+        posterior = first.take(point)
+        site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
+        if S > 1:  # the other starts: narrowed copies of the init, centred at posterior draws resampled from the (widened) init
+            resample = Streams(base, idx, device, Tag.LOCAL, 4)
+            shift = resampled_shifts(model, first.widened(start_spread), data, resample, num=S - 1, draws=check_samples, site=site)
+            narrow = dict(first.widened(start_scale).take(point[n:]).named_parameters())
+            with torch.no_grad():
+                for name, p in posterior.named_parameters():
+                    p[n:] = narrow[name]
+                posterior.loc[n:] += shift.reshape((S - 1) * n, -1).to(posterior.loc.dtype)
+        for p in posterior.parameters():
+            p.requires_grad_(True)
+        data = tuple(t[point.to(t.device)] for t in data)
+        # the steps: each start its own streams; the checks: the same draws for every start of a datapoint
+        streams = Streams(base, [int(i) * S + s for s in range(S) for i in idx], device, Tag.LOCAL, 2, S)
+        check = Streams(base, idx.repeat(S), device, Tag.LOCAL, 3)
         params = list(posterior.parameters())
         opt = torch.optim.Adam(params, lr=lr)
         nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))
+
+        def evaluate(rows: torch.Tensor) -> torch.Tensor:
+            return check_log_weights(model, posterior, data, rows, check, num_samples=check_samples, nesting=nesting)
+
+        rows_all = torch.arange(n * S, device=first.loc.device)
+        start_lw = evaluate(rows_all)
+        # the log-weights of the last check, of the one before, and of each row's last halving
+        last_lw, before_last_lw, anchor_lw = start_lw.clone(), start_lw.clone(), start_lw.clone()
         frozen = [p.detach().clone() for p in params]
         start = [p.detach().clone() for p in params]
-        at_start = importance_bounds(model, posterior, *data, num_samples=min(num_samples * check_every, 1000), seed=base, index=idx, diagnose=False)
-        start_mean, start_se = at_start.elbo, at_start.elbo_se if at_start.elbo_se is not None else torch.zeros_like(at_start.elbo)
-        final_mean = start_mean.clone()
         like = posterior.loc
         stl = path_derivative and family != "flow"
-        site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
-        active = torch.ones(n, dtype=torch.bool, device=like.device)
-        steps = torch.zeros(n, dtype=torch.long, device=like.device)
-        scale = like.new_ones(n, dtype=torch.float64)  # each datapoint's step size, as a fraction of lr
-        decays = torch.zeros(n, dtype=torch.long, device=like.device)
-        window = like.new_zeros(n, dtype=torch.float64)
-        window_sq = like.new_zeros(n, dtype=torch.float64)
-        previous = like.new_full((n,), -math.inf, dtype=torch.float64)
-        previous_se = like.new_zeros(n, dtype=torch.float64)
-        change = like.new_full((n,), math.nan, dtype=torch.float64)
-        first = like.new_full((n,), math.nan, dtype=torch.float64)
+        active = torch.ones(n * S, dtype=torch.bool, device=like.device)
+        steps = torch.zeros(n * S, dtype=torch.long, device=like.device)
+        scale = like.new_ones(n * S, dtype=torch.float64)  # each row's step size, as a fraction of lr
+        decays = torch.zeros(n * S, dtype=torch.long, device=like.device)
+        change = like.new_full((n * S,), math.nan, dtype=torch.float64)
+        change_se = like.new_full((n * S,), math.nan, dtype=torch.float64)
         with bar(total=max_steps, desc=f"q* {family}", unit="step", enabled=progress) as shown:
             for step in range(1, max_steps + 1):
                 shown.update()
@@ -255,55 +500,78 @@ def optimize_local(
                 if stl:  # same value; the gradient of log q(u) through u only (its parameters' direct term cancels)
                     u = guide_tr.nodes[site]["value"]
                     objective = lw + guide_tr.nodes[site]["fn"].log_prob(u) - posterior.distribution(rows, detach=True).log_prob(u)
-                per_point = lw.detach().mean(0).double()
                 grads = torch.autograd.grad(-objective.mean(0).sum(), params, allow_unused=True)
                 for p, g in zip(params, grads):
                     p.grad = g
-                slowed = bool((scale < 1).any())  # until a datapoint's step size is first halved, Adam's own step is everyone's
+                slowed = bool((scale < 1).any())  # until a row's step size is first halved, Adam's own step is everyone's
                 before = [p.detach().clone() for p in params] if slowed else []
                 opt.step()
                 with torch.no_grad():
-                    for p, b0 in zip(params, before):  # each datapoint's own step size (Adam's step is proportional to lr)
+                    for p, b0 in zip(params, before):  # each row's own step size (Adam's step is proportional to lr)
                         p.copy_(b0 + scale.to(p.dtype).view(-1, *([1] * (p.dim() - 1))) * (p - b0))
                     if not active.all():
-                        for p, f in zip(params, frozen):  # converged datapoints do not move (Adam's momentum would)
+                        for p, f in zip(params, frozen):  # converged rows do not move (Adam's momentum would)
                             p[~active] = f[~active]
                     steps[rows] += 1
-                    window[rows] += per_point
-                    window_sq[rows] += per_point**2
                     if step % check_every == 0:
-                        mean = window / check_every
-                        var = (window_sq / check_every - mean**2).clamp_min(0) * check_every / max(check_every - 1, 1)
-                        se = (var / check_every).sqrt()
-                        first = torch.where(torch.isnan(first), mean, first)
-                        change = torch.where(active, mean - previous, change)
-                        stalled = active & (change < torch.clamp_min(2 * (se**2 + previous_se**2).sqrt(), tol))
-                        done = stalled & (decays >= lr_decays)
-                        slower = stalled & ~done
-                        scale = torch.where(slower, scale / 2, scale)
-                        decays += slower.long()
-                        previous = torch.where(active, mean, previous)
-                        previous_se = torch.where(active, se, previous_se)
-                        worse = mean + 2 * (se**2 + start_se**2).sqrt() < start_mean
-                        final_mean = torch.where(active, torch.where(worse, start_mean, mean), final_mean)
-                        window.zero_()
-                        window_sq.zero_()
-                        back = done & worse
-                        for p, f, b in zip(params, frozen, start):
-                            p[back] = b[back]  # a datapoint never ends worse than its start
-                            f[done] = p[done]
-                        active &= ~done
-                        shown.set_postfix_str(f"{int(active.sum())} of {n} datapoints still moving", refresh=False)
+                        now = evaluate(rows)
+                        # progress over the last two windows (progress adds up, jitter does not), gain since the last halving
+                        d, d_se = window_change(now, before_last_lw[:, rows])
+                        before_last_lw[:, rows] = last_lw[:, rows]
+                        g, g_se = window_change(now, anchor_lw[:, rows])
+                        first_halving = decays[rows] == 0
+                        g, g_se = torch.where(first_halving, d, g), torch.where(first_halving, d_se, g_se)
+                        change[rows], change_se[rows] = g, g_se
+                        last_lw[:, rows] = now
+                        slower, done = judge_window(d, d_se, g, g_se, decays[rows], lr_decays, tol)
+                        scale[rows[slower]] /= 2
+                        decays[rows[slower]] += 1
+                        anchor_lw[:, rows[slower]] = now[:, slower]
+                        stopped = rows[done]
+                        for p, f in zip(params, frozen):
+                            f[stopped] = p[stopped]
+                        active[stopped] = False
+                        shown.set_postfix_str(f"{int(active.sum())} of {n * S} (datapoint, start) pairs still moving", refresh=False)
                         if not active.any():
                             break
         with torch.no_grad():
-            back = active & (final_mean == start_mean)  # those stopped by max_steps, too, when their last window was clearly worse
+            final_lw = evaluate(rows_all)  # where each row stopped, from the same draws as every check
+            gain, gain_se = window_change(final_lw, start_lw)
+            back = gain + Z_CHECK * gain_se < 0  # clearly worse than where it started: back to the start
             for p, b in zip(params, start):
                 p[back] = b[back]
+            # the starts compared on FINAL_FACTOR times as many draws (the same for every start of a datapoint)
+            final_streams = Streams(base, idx.repeat(S), device, Tag.LOCAL, 5)
+            M = FINAL_FACTOR * check_samples
+            final_lw = check_log_weights(model, posterior, data, rows_all, final_streams, num_samples=M, nesting=nesting)
+
+            def midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                """Log-weights of the parameters halfway between starts ``a`` and ``b`` ``[N]`` of each datapoint."""
+                cols = torch.arange(n, device=a.device)
+                mid = posterior.take(a * n + cols)
+                for p, q in zip(mid.parameters(), posterior.take(b * n + cols).parameters()):
+                    p.add_(q).div_(2)
+                return check_log_weights(model, mid, data, cols, final_streams, num_samples=M, nesting=nesting)
         for p in params:
             p.grad = None
             p.requires_grad_(False)
     converged = ~active
-    options = dict(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol, lr_decays=lr_decays,
+    by_start = final_lw.view(M, S, n)
+    best = keep_best(by_start, converged.view(S, n))
+    keep = best * n + torch.arange(n, device=best.device)
+    eligible = converged.view(S, n).clone()
+    eligible[best, torch.arange(n, device=best.device)] = True  # the kept start counts even where it did not converge
+    with torch.no_grad():
+        modes = distinct_optima(by_start, midpoint, eligible, tol, best)
+    options = dict(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol,
+                   lr_decays=lr_decays, check_samples=check_samples, starts=starts, start_spread=start_spread, start_scale=start_scale,
                    path_derivative=path_derivative)
-    return LocalFit(posterior, steps, converged, first.to(like.dtype), final_mean.to(like.dtype), change.to(like.dtype), scale.to(like.dtype), options)
+    dtype = like.dtype
+    final = final_lw[:, keep]
+    return LocalFit(
+        posterior=posterior.take(keep), steps=steps[keep], converged=converged[keep], initial_elbo=start_lw[:, :n].mean(0).to(dtype),
+        final_elbo=final.mean(0).to(dtype), final_elbo_se=(final.std(0) / math.sqrt(M)).to(dtype),
+        final_change=change[keep].to(dtype), final_change_se=change_se[keep].to(dtype), lr_scale=scale[keep].to(dtype),
+        start_elbo=by_start.mean(0).to(dtype), start_converged=converged.view(S, n), optima=modes.sum(0), modes=modes,
+        candidates=posterior, options=options,
+    )

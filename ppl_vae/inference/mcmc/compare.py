@@ -213,7 +213,7 @@ class Comparison:
             "mean_coverage_90": worst(d["coverage_90"], np.mean),
             "mean_energy_distance": worst(p["energy_distance"], np.mean),
             "mean_kl_gaussian": worst(p["kl_gaussian"], np.mean),
-            "max_pareto_k": worst(p["pareto_k"], np.max),
+            "max_pareto_k": _max_khat(p["pareto_k"]),
             "mcmc_max_rhat": worst(p["mcmc_max_rhat"], np.max),
             "mcmc_min_ess_bulk": worst(p["mcmc_min_ess_bulk"], np.min),
             "mcmc_divergences": float(np.sum(p["mcmc_divergences"])),
@@ -248,6 +248,9 @@ class Comparison:
         khat = s["max_pareto_k"]
         if math.isnan(khat):
             lines.append("- Pareto k-hat: none (the VI draws carry no importance log-weights).")
+        elif khat == -math.inf:
+            lines.append("- Pareto k-hat: -inf at every datapoint: the importance log-weights are constant, so q is an exact proposal "
+                         "(its draws are the posterior's, up to round-off).")
         elif khat > t["pareto_k"]:
             high = len(self.flagged_points(thresholds))
             lines.append(f"- Pareto k-hat of the importance weights (joint, one per datapoint): max {khat:.2f}; {high} of {n} datapoint(s) above "
@@ -281,6 +284,15 @@ class Comparison:
         out = Path(out)
         df = self.to_dataframe()
         return [io.write_csv(out / f"{prefix}.csv", df.to_dict(orient="records")), io.write_json(out / f"{prefix}.json", self.to_dict())]
+
+
+def _max_khat(khat: np.ndarray) -> float:
+    """The largest k-hat over datapoints: ``-inf`` where every datapoint's log-weights are constant (an exact proposal), NaN where none has any."""
+    k = np.asarray(khat, dtype=float)
+    finite = k[np.isfinite(k)]
+    if finite.size:
+        return float(finite.max())
+    return -math.inf if (k == -math.inf).any() else math.nan  # +inf: too few draws to fit a tail, as NaN: no k-hat to report
 
 
 def compare(

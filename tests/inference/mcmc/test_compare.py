@@ -102,6 +102,19 @@ def test_exact_vi_passes_and_narrow_vi_is_flagged(ppca_case):
     assert "could not be computed" not in narrow.verdict()  # no NaN there: no mention of one
 
 
+def test_constant_log_weights_are_an_exact_proposal_in_the_verdict_not_missing_ones(ppca_case):
+    ppca, x, mcmc = ppca_case
+    c = compare(mcmc, vi_draws_latent(ppca, ppca.posterior(x), x, num_samples=300, seed=2))
+    # PSIS gives -inf for constant log-weights (an exact proposal) and NaN where there are none
+    assert azcompat.pareto_khat(np.full(400, -3.25)) == -math.inf
+    exact = dataclasses.replace(c, per_point={**c.per_point, "pareto_k": np.full(len(c.points), -math.inf)})
+    words = exact.verdict()
+    assert exact.summary()["max_pareto_k"] == -math.inf
+    assert "constant, so q is an exact proposal" in words and "carry no importance log-weights" not in words
+    none = dataclasses.replace(c, per_point={**c.per_point, "pareto_k": np.full(len(c.points), np.nan)})
+    assert "carry no importance log-weights" in none.verdict() and "exact proposal" not in none.verdict()
+
+
 def test_comparison_tables_and_files(ppca_case, tmp_path):
     ppca, x, mcmc = ppca_case
     vi = vi_draws_latent(ppca, ppca.posterior(x), x, num_samples=300, seed=0)
