@@ -153,9 +153,9 @@ class Streams:
     is one fixed sequence of tensor operations on the rows' counters, whatever ``N``, and its bits
     are the same on a CPU and a GPU.
 
-    A draw of ``m`` values per datapoint takes the next blocks of each row's stream (float32:
-    one 32-bit word per uniform and per normal, float64 two) and moves every row's position past
-    them. The state is those positions (:meth:`get_state`): one int64 per row on ``device``.
+    A draw of ``m`` values per datapoint takes the next :math:`\lceil m / 4 \rceil` blocks of each
+    row's stream (float64: twice as many; one 32-bit word per uniform and per normal, two in
+    float64) and moves every row's position past them. The state is those positions (:meth:`get_state`): one int64 per row on ``device``.
 
     ``index`` holds the datapoints' indices in their dataset (the same index gives the same
     stream in every batch and process); ``seed=None`` takes the seed from torch's global stream
@@ -221,16 +221,15 @@ class Streams:
         else:
             self._position[self._rows] = state.to(self.device)
 
-    def _words(self, count: int) -> torch.Tensor:
-        """The next ``count`` words of every row's stream, ``[n, >= count]`` int64 (whole blocks: a row moves ``ceil(count / 4)`` blocks on)."""
-        blocks = -(-count // 4)
-        position = self.get_state() if self._rows is not None else self._position
-        words = philox.blocks(position, self._lanes, blocks, self._consts)
+    def _blocks(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``count`` blocks of every row's stream (:func:`~ppl_vae.inference.philox.blocks`); the rows move ``count`` blocks on."""
+        position = self._position if self._rows is None else self._position[self._rows]
+        x, y = philox.blocks(position, self._lanes, count, self._consts)
         if self._rows is None:
-            self._position.add_(blocks)
+            self._position.add_(count)
         else:
-            self._position[self._rows] = position.add_(blocks)
-        return words
+            self._position[self._rows] = position.add_(count)
+        return x, y
 
     def _draw(self, kind: str, shape: Sequence[int], dim: int, dtype: torch.dtype) -> torch.Tensor:
         if not isinstance(dtype, torch.dtype) or dtype not in philox.FLOAT_DTYPES:
@@ -246,23 +245,23 @@ class Streams:
         if count == 0 or len(self) == 0:
             return torch.empty(shape, dtype=dtype, device=self.device)
         if kind == "normal":
-            values = philox.normal_from_words(self._words(philox.normal_words(count, dtype)), count, dtype)
+            values = philox.normal_from_blocks(*self._blocks(philox.normal_blocks(count, dtype)), count, dtype)
         else:
-            values = philox.uniform_from_words(self._words(philox.uniform_words(count, dtype)), count, dtype)
+            values = philox.uniform_from_blocks(*self._blocks(philox.uniform_blocks(count, dtype)), count, dtype)
         return values.view(len(self), *rest).movedim(0, dim).contiguous()
 
     def normal(self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Standard-normal draws of ``shape``, the datapoints along ``dim`` (Box-Muller: :func:`~ppl_vae.inference.philox.normal_from_words`)."""
+        """Standard-normal draws of ``shape``, the datapoints along ``dim`` (Box-Muller: :func:`~ppl_vae.inference.philox.normal_from_blocks`)."""
         return self._draw("normal", shape, dim, dtype)
 
     def uniform(self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """U(0, 1) draws of ``shape`` (never 0 or 1), the datapoints along ``dim`` (:func:`~ppl_vae.inference.philox.uniform_from_words`)."""
+        """U(0, 1) draws of ``shape`` (never 0 or 1), the datapoints along ``dim`` (:func:`~ppl_vae.inference.philox.uniform_from_blocks`)."""
         return self._draw("uniform", shape, dim, dtype)
 
     def seed_of(self, row: int) -> int:
         """A seed in :math:`[0, 2^{62})` drawn from one datapoint's stream (for a :class:`seeded` block that runs that datapoint alone)."""
-        w0, w1 = self.select([row])._words(2)[0, :2].tolist()
-        return ((w1 << 32) | w0) >> 2
+        x, y = self.select([row])._blocks(1)
+        return ((int(y[0, 0, 0]) << 32) | int(x[0, 0, 0])) >> 2
 
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:

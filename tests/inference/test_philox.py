@@ -52,15 +52,20 @@ def test_every_lane_of_a_batch_equals_the_reference():
 
 
 def test_a_rows_stream_is_philox_at_its_position_and_dataset_index():
-    """Row ``i`` reads the blocks at counter ``(position, index_i)`` under the key of ``(seed, tags)``, in stream order."""
+    """Row ``i``'s block ``j`` is Philox at counter ``(position + j, index_i)`` under the key of ``(seed, tags)``; uniforms read it lane after lane."""
     index = [5, 2**40 + 3]
     s = Streams(11, index, "cpu", Tag.BOUNDS, 2)
     key = stream_key(11, Tag.BOUNDS, 2)
-    s.uniform((2, 3), dim=0)  # 3 words: one block each
-    words = s._words(6)  # the next two blocks
+    s.uniform((2, 3), dim=0)  # 3 values: one block each
+    x, y = s._blocks(2)  # the next two blocks, positions 1 and 2
+    u = s.uniform((2, 8), dim=0)  # blocks 3 and 4: value k B + j is word k of block j (B = 2)
     for row, i in enumerate(index):
-        expected = [w for b in (1, 2) for w in reference((b, 0, i & MASK, i >> 32), key)]
-        assert words[row].tolist() == expected
+        for j, position in enumerate((1, 2)):
+            w = reference((position, 0, i & MASK, i >> 32), key)
+            assert (x[0, row, j], y[0, row, j], x[1, row, j], y[1, row, j]) == w
+        words = [reference((position, 0, i & MASK, i >> 32), key) for position in (3, 4)]
+        expected = [((words[j][k] >> 8) | 1) * 2.0**-24 for k in range(4) for j in range(2)]
+        assert u[row].tolist() == expected
 
 
 def test_the_log_and_sine_series_are_accurate_to_a_few_units_in_the_last_place():
@@ -80,10 +85,10 @@ def test_the_log_and_sine_series_are_accurate_to_a_few_units_in_the_last_place()
 
 
 def test_uniforms_are_odd_multiples_of_the_types_grid_and_never_0_or_1():
-    ends = torch.tensor([[0, MASK, 0, MASK]])  # the smallest and largest words, float64 reads word i and word count + i
+    low, high = torch.zeros(2, 1, 2, dtype=torch.int64), torch.full((2, 1, 2), MASK)  # two blocks of the smallest, two of the largest words
     for dtype, bits in ((torch.float32, 23), (torch.float16, 10), (torch.bfloat16, 7)):
-        u = philox.uniform_from_words(ends, 4, dtype)
+        u = philox.uniform_from_blocks(low, high, 8, dtype)  # values: word 0 of both blocks (x), word 1 (y), ...
         assert u.dtype == dtype
-        assert u[0, 0].item() == 2.0 ** -(bits + 1) and u[0, 1].item() == 1 - 2.0 ** -(bits + 1)
-    u = philox.uniform_from_words(ends, 2, torch.float64)  # (0, 0) and (MASK, MASK)
+        assert u[0, 0].item() == 2.0 ** -(bits + 1) and u[0, 2].item() == 1 - 2.0 ** -(bits + 1)
+    u = philox.uniform_from_blocks(low, high, 4, torch.float64)  # block 0's words refined by block 1's
     assert u[0, 0].item() == 2.0**-53 and u[0, 1].item() == 1 - 2.0**-53
