@@ -33,11 +33,27 @@ def reference(counter, key, rounds=10):
     return c0, c1, c2, c3
 
 
+@pytest.mark.parametrize("wrap", [True, False], ids=["wrapping products", "48-bit halves"])
 @pytest.mark.parametrize("counter,key,expected", KAT)
-def test_known_answers_of_random123(counter, key, expected):
+def test_known_answers_of_random123(counter, key, expected, wrap):
     assert reference(counter, key) == expected  # the reference is Philox
-    got = philox.philox4x32(torch.tensor(counter).view(4, 1), key)
+    if wrap and not philox.products_wrap("cpu"):
+        pytest.skip("this CPU's int64 products do not wrap")
+    got = philox.philox4x32(torch.tensor(counter).view(4, 1), key, wrap=wrap)
     assert got.view(-1).tolist() == list(expected)
+
+
+def test_both_ways_of_forming_the_products_give_the_same_streams(monkeypatch):
+    def draws():
+        s = Streams(3, [0, 9, 2**33], "cpu", Tag.AIS)
+        return s.normal((3, 3, 41)), s.uniform((3, 5), dim=0, dtype=torch.float64), s.normal((3, 7), dim=0, dtype=torch.float64)
+
+    monkeypatch.setitem(philox._WRAP, "cpu", True)
+    wrapping = draws()
+    monkeypatch.setitem(philox._WRAP, "cpu", False)
+    assert not Streams(0, [0], "cpu")._consts.wrap
+    for a, b in zip(wrapping, draws()):
+        assert torch.equal(a, b)
 
 
 def test_every_lane_of_a_batch_equals_the_reference():
