@@ -118,8 +118,9 @@ def _rounds(x: torch.Tensor, y: torch.Tensor, consts: Constants) -> tuple[torch.
             lo = hi & 0xFFFF
             lo.bitwise_left_shift_(16).add_(x).bitwise_and_(MASK)
             hi.add_(x.bitwise_right_shift_(16)).bitwise_right_shift_(16)
-        hi[0].bitwise_xor_(y[1])
-        hi[1].bitwise_xor_(y[0])
+        (h0, h1), (y0, y1) = hi.unbind(), y.unbind()
+        h0.bitwise_xor_(y1)
+        h1.bitwise_xor_(y0)
         x, y = hi.bitwise_xor_(key), lo
     return x, y
 
@@ -171,9 +172,10 @@ def _open_uniform(hi: torch.Tensor, lo: torch.Tensor | None, dtype: torch.dtype)
     return (hi >> (32 - b)).to(torch.float32).add_(0.5).mul_(2.0**-b)
 
 
-def _rows(lanes: tuple[torch.Tensor, ...], count: int) -> torch.Tensor:
-    """Per-lane values ``[n, B]`` laid out row by row, lane after lane: ``[n, count]``."""
-    return torch.stack(lanes, 1).flatten(1)[:, :count]
+def _rows(x: torch.Tensor, y: torch.Tensor, count: int) -> torch.Tensor:
+    """Values ``[2, n, B]`` of words 0 and 2 (``x``) and 1 and 3 (``y``) laid out row by row, word after word: ``[n, count]``."""
+    (x0, x1), (y0, y1) = x.unbind(), y.unbind()
+    return torch.stack((x0, y0, x1, y1), 1).flatten(1)[:, :count]
 
 
 def uniform_from_blocks(x: torch.Tensor, y: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
@@ -190,7 +192,7 @@ def uniform_from_blocks(x: torch.Tensor, y: torch.Tensor, count: int, dtype: tor
         ux, uy = _open_uniform(x[..., :b], x[..., b:], dtype), _open_uniform(y[..., :b], y[..., b:], dtype)
     else:
         ux, uy = _open_uniform(x, None, dtype), _open_uniform(y, None, dtype)
-    u = _rows((ux[0], uy[0], ux[1], uy[1]), count)
+    u = _rows(ux, uy, count)
     return u if u.dtype == dtype else u.to(dtype)
 
 
@@ -231,7 +233,7 @@ def _log(u: torch.Tensor) -> torch.Tensor:
     kind, fraction, bias = _LAYOUT[u.dtype]
     bits = u.view(kind)
     e = (bits >> fraction).sub_(bias).to(u.dtype)
-    m = (bits & ((1 << fraction) - 1)).bitwise_or_((bias << fraction)).view(u.dtype)
+    m = (bits & ((1 << fraction) - 1)).bitwise_or_(bias << fraction).view(u.dtype)
     s = (m - 1).div_(m + 1)
     log_m = _horner(s * s, _LOG[u.dtype]).mul_(s)
     return e.mul_(math.log(2)).add_(log_m)
@@ -245,11 +247,11 @@ def normal_blocks(count: int, dtype: torch.dtype) -> int:
 def normal_from_blocks(x: torch.Tensor, y: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
     r"""``count`` standard normals per row, ``[n, count]``, from :func:`normal_blocks` blocks, by Box-Muller.
 
-    Pair :math:`p = lB + j` (:math:`l \in \{0, 1\}`) of a row takes its radius from the uniform
-    :math:`u` of word :math:`2l` of block :math:`j` and its angle from word :math:`2l + 1` (float64:
-    the same words of block :math:`B + j` add low bits, as in :func:`uniform_from_blocks`): the
-    angle word's top two bits pick the quadrant :math:`q`, the rest a uniform
-    :math:`r \in (-1/2, 1/2)`, and values :math:`p` and :math:`2B + p` are
+    Block :math:`j` of a row gives two pairs, :math:`l = 0, 1`: each takes its radius from the uniform
+    :math:`u` of word :math:`2l` and its angle from word :math:`2l + 1` (float64: the same words of
+    block :math:`B + j` add low bits, as in :func:`uniform_from_blocks`): the angle word's top two
+    bits pick the quadrant :math:`q`, the rest a uniform :math:`r \in (-1/2, 1/2)`, and values
+    :math:`2lB + j` and :math:`(2l + 1)B + j` are
 
     .. math::
 
@@ -282,5 +284,5 @@ def normal_from_blocks(x: torch.Tensor, y: torch.Tensor, count: int, dtype: torc
     g = odd.mul_(radius)
     a = radius.sub_(g)
     zx, zy = (a * cos).sub_(g * sin), a.mul_(sin).add_(g.mul_(cos))
-    z = _rows((zx[0], zx[1], zy[0], zy[1]), count)
+    z = _rows(zx, zy, count)
     return z if dtype == ft else z.to(dtype)

@@ -148,7 +148,8 @@ def test_neighbouring_rows_and_successive_draws_are_uncorrelated(kind):
         return (a * b).mean().item(), 1 / math.sqrt(a.numel())
 
     for a, b, what in ((first[:-1], first[1:], "neighbouring rows"), (first[:, :-1], first[:, 1:], "successive values in a row"),
-                       (first, second, "successive draws of a row"), (first[:, :250], first[:, 250:], "the two halves of a row's pairs")):
+                       (first, second, "successive draws of a row"),
+                       (first[:, :125], first[:, 125:250], "words 0 and 1 of a block: uniforms, or a Box-Muller pair's two normals")):
         r, se = corr(a, b)
         assert abs(r) <= Z * se, (what, r, se)
 
@@ -205,15 +206,15 @@ def test_float64_draws_refine_the_float32_draws_of_the_same_words():
     """Each value reads the same leading word in both types: uniforms agree to 2^-24, normals to what that moves them."""
     u32, u64 = (_rows(Streams(6, range(50), "cpu"), "uniform", 1000, dt) for dt in (torch.float32, torch.float64))
     assert (u32.double() - u64).abs().max() <= 2.0**-24
-    pairs = 500
-    z32, z64 = (_rows(Streams(6, range(50), "cpu"), "normal", 2 * pairs, dt).double() for dt in (torch.float32, torch.float64))
-    rho = torch.hypot(z64[:, :pairs], z64[:, pairs:])  # Box-Muller pair i: values i and pairs + i
+    B = 250  # blocks per row: 1000 values, two Box-Muller pairs a block, values 2lB + j and (2l + 1)B + j
+    z32, z64 = (_rows(Streams(6, range(50), "cpu"), "normal", 4 * B, dt).double().view(50, 2, 2, B) for dt in (torch.float32, torch.float64))
+    rho = torch.hypot(z64[:, :, 0], z64[:, :, 1])  # [rows, l, j]
     u = torch.exp(-rho**2 / 2)  # the float64 radius's uniform; the float32 one is within 2^-24 of it
     keep = (u > 2.0**-20) & (rho > 2.0**-8)  # all but about 1e-5 of the pairs: away from the ends, where 23 bits resolve u poorly
     # |d rho| <= |d log u| / rho <= 2^-24 / ((u - 2^-24) rho); the angle moves at most pi 2^-23; float32 rounding ~ 8 ulp of rho
     bound = 2.0**-24 / ((u - 2.0**-24) * rho) + rho * math.pi * 2.0**-23 + 8 * 2.0**-24 * rho
-    for half in (slice(None, pairs), slice(pairs, None)):
-        assert ((z32[:, half] - z64[:, half]).abs() <= bound)[keep].all()
+    for part in (0, 1):
+        assert ((z32[:, :, part] - z64[:, :, part]).abs() <= bound)[keep].all()
     assert keep.float().mean() > 0.999
 
 
