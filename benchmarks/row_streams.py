@@ -2,65 +2,140 @@
 
 What is measured
 ----------------
-The analyses draw each datapoint's random numbers from its own generator
-(``ppl_vae.inference.random.Streams``), so that a datapoint's result does not
-depend on its batch. This times the two places that cost:
+The analyses draw each datapoint's random numbers from its own stream
+(``ppl_vae.inference.random.Streams``: Philox-4x32-10 blocks at a counter per
+datapoint, all rows drawn at once), so that a datapoint's result does not depend
+on its batch. This measures:
+
+* **HMC noise**, the table: the momenta and accept draws of one transition,
+  ``Streams(0, range(N), "cpu", 4).normal([C, N, 50])`` + ``.uniform([C, N])``,
+  for ``N`` in ``--rows``:
+
+  - the tensor operations one such draw dispatches (counted with a
+    ``TorchDispatchMode``, views included), for the Philox streams ("after") and
+    for one ``torch.Generator`` per datapoint with its draws stacked, the streams
+    before issue 30 ("before", rebuilt here in a few lines);
+  - the median time of each against ``torch.randn`` + ``torch.rand`` with one
+    generator (the baseline), the three run in turn ``--repeats`` times after a
+    warm-up; one torch thread unless ``--threads``;
 
 * **importance weights**: ``log_weights(vae, guide, x, num_samples=K)`` on a
   batch of binarised-MNIST-shaped rows (VAE 784-200-200-50, Bernoulli
   likelihood), with ``streams=Streams(...)`` against the global stream
-  (``streams=None``, the baseline: Pyro's own draws);
-* **HMC noise**: the momenta and accept draws of one transition,
-  ``Streams.normal([C, N, d])`` + ``Streams.uniform([C, N])`` against
-  ``torch.randn`` + ``torch.rand`` with one generator (the baseline).
+  (``streams=None``: Pyro's own draws).
 
-Each pair is run alternately ``--repeats`` times after a warm-up; the report
-gives the median time of each and the median ratio streams/baseline.
-
-Usage: ``python benchmarks/row_streams.py [--rows 100] [--K 1000] [--repeats 7]``
+Usage: ``python benchmarks/row_streams.py [--rows 10 1000] [--K 1000] [--repeats 9]``
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from side_by_side import alternate
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.guides.amortized import amortized_guide
-from ppl_vae.inference.random import Streams
+from ppl_vae.inference.random import Streams, row_seed
 from ppl_vae.inference.traces import log_weights
 from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP, GaussianEncoder
 
 
+class PerRowGenerators:
+    """The streams before issue 30: one ``torch.Generator`` per datapoint, draws made row by row and stacked."""
+
+    def __init__(self, seed: int, index: range, device: str, *tags: int) -> None:
+        self.gens = [torch.Generator(device=device).manual_seed(row_seed(seed, i, *tags)) for i in index]
+
+    def _draw(self, fill: Callable[..., torch.Tensor], shape: list[int], dim: int = 1) -> torch.Tensor:
+        row = shape[:dim] + shape[dim + 1 :]
+        return torch.stack([fill(row, generator=g) for g in self.gens], dim)
+
+    def normal(self, shape: list[int]) -> torch.Tensor:
+        return self._draw(torch.randn, shape)
+
+    def uniform(self, shape: list[int]) -> torch.Tensor:
+        return self._draw(torch.rand, shape)
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn: Callable[[], object]) -> int:
+    with _Count() as count:
+        fn()
+    return count.calls
+
+
+def _noise(kind: type, n: int, chains: int, dtype: torch.dtype) -> Callable[[], object]:
+    s = kind(0, range(n), "cpu", 4)
+    if kind is Streams:
+        return lambda: (s.normal([chains, n, 50], dtype=dtype), s.uniform([chains, n], dtype=dtype))
+    return lambda: (s.normal([chains, n, 50]), s.uniform([chains, n]))
+
+
+def _medians(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:
+    """Each once as a warm-up, then all in turn ``repeats`` times: the seconds of each."""
+    for f in fns:
+        f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for f, t in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return times
+
+
+def noise_table(rows: list[int], chains: int, repeats: int) -> None:
+    print(f"HMC noise: normal [{chains}, N, 50] + uniform [{chains}, N], float32 (float64: the Philox streams' own draws in float64), "
+          f"{repeats} repeats, {torch.get_num_threads()} thread(s)")
+    print(f"{'N':>6} | {'ops before':>10} | {'ops after':>9} | {'before / baseline':>17} | {'after / baseline':>16} | {'after f64 / baseline':>20} | baseline ms")
+    for n in rows:
+        gen = torch.Generator().manual_seed(0)
+        base = lambda n=n, gen=gen: (torch.randn(chains, n, 50, generator=gen), torch.rand(chains, n, generator=gen))
+        before, after, wide = _noise(PerRowGenerators, n, chains, torch.float32), _noise(Streams, n, chains, torch.float32), _noise(Streams, n, chains, torch.float64)
+        ops_before, ops_after = _ops(before), _ops(after)
+        tb, ta, tw, t0 = _medians([before, after, wide, base], repeats)
+        ratio = [statistics.median(x / y for x, y in zip(t, t0)) for t in (tb, ta, tw)]
+        print(f"{n:>6} | {ops_before:>10} | {ops_after:>9} | {ratio[0]:>17.3g} | {ratio[1]:>16.3g} | {ratio[2]:>20.3g} | {statistics.median(t0) * 1e3:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=100)
+    ap.add_argument("--rows", type=int, nargs="+", default=[10, 1000])
     ap.add_argument("--K", type=int, default=1000)
     ap.add_argument("--chains", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-weights", action="store_true", help="only the HMC-noise table")
     a = ap.parse_args()
-    torch.manual_seed(0)
-    decoder, encoder = MLP(50, [200, 200], 784), GaussianEncoder(MLP(784, [200], 200), 200, 50)
-    model, guide = vae(decoder, Bernoulli(), 50), amortized_guide(encoder)
-    x = (torch.rand(a.rows, 784) < 0.3).float()
-    index = torch.arange(a.rows)
-    cases = {
-        "importance weights": (
-            lambda: log_weights(model, guide, x, num_samples=a.K, streams=Streams(0, index, x.device)),
-            lambda: log_weights(model, guide, x, num_samples=a.K),
-        ),
-        "HMC noise": (
-            lambda: (lambda s: (s.normal((a.chains, a.rows, 50)), s.uniform((a.chains, a.rows))))(Streams(0, index, x.device)),
-            lambda: (lambda g: (torch.randn(a.chains, a.rows, 50, generator=g), torch.rand(a.chains, a.rows, generator=g)))(torch.Generator().manual_seed(0)),
-        ),
-    }
-    print(f"{a.rows} rows, K={a.K}, {a.chains} chains, {a.repeats} repeats, {torch.get_num_threads()} threads")
+    torch.set_num_threads(a.threads)
     with torch.no_grad():
-        for name, (streams, base) in cases.items():
-            print(f"{name:20s} streams vs global stream: {alternate(streams, base, a.repeats)}")
+        noise_table(a.rows, a.chains, a.repeats)
+        if a.skip_weights:
+            return
+        torch.manual_seed(0)
+        rows = max(a.rows)
+        decoder, encoder = MLP(50, [200, 200], 784), GaussianEncoder(MLP(784, [200], 200), 200, 50)
+        model, guide = vae(decoder, Bernoulli(), 50), amortized_guide(encoder)
+        x = (torch.rand(rows, 784) < 0.3).float()
+        index = torch.arange(rows)
+        streams = lambda: log_weights(model, guide, x, num_samples=a.K, streams=Streams(0, index, x.device))
+        plain = lambda: log_weights(model, guide, x, num_samples=a.K)
+        print(f"importance weights, {rows} rows, K={a.K}: streams vs global stream: {alternate(streams, plain, a.repeats)}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 A likelihood is a callable ``decoder_output -> distribution`` with one event
 dimension (the pixels). Changing the likelihood never touches the model code.
 Likelihoods with learnable parameters are ``nn.Module`` so that ``fit`` finds
-and trains them like any network the model calls. :func:`gaussian_draw` makes a
-reparameterised draw of a (transformed) Gaussian from noise the caller gives.
+and trains them like any network the model calls. :func:`noise_draw` makes a
+reparameterised draw of a (transformed) Gaussian or of a family drawn from uniforms
+from noise the caller gives.
 """
 
 from __future__ import annotations
@@ -14,12 +15,20 @@ from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.torch_distribution import (
+    ExpandedDistribution,
+    MaskedDistribution,
+)
+from torch import distributions as D
 from torch import nn
+from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
+from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
+from torch.distributions.utils import clamp_probs
 from torch.nn import functional as F
 
 from .errors import ConfigError, DataError
 
-__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "gaussian_mixture", "one_hot", "gaussian_draw", "gaussian_base", "point_mass"]
+__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "gaussian_mixture", "one_hot", "gaussian_draw", "gaussian_base", "noise_draw", "noise_leaf", "BY_ICDF", "point_mass"]
 
 
 class Bernoulli(nn.Module):
@@ -199,35 +208,117 @@ def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(y.long(), num_classes).to(torch.get_default_dtype())
 
 
-def gaussian_draw(fn: torch.distributions.Distribution, noise: Callable[[torch.Size], torch.Tensor]) -> torch.Tensor | None:
-    """A reparameterised draw of ``fn`` made from given standard-normal noise, or None if ``fn`` is not a transformed Gaussian.
+Noise = Callable[[torch.Size, torch.dtype], torch.Tensor]
 
-    ``noise(shape)`` returns standard-normal draws of the Gaussian's ``batch_shape + event_shape``;
-    ``Independent`` wrappers, ``Normal``, ``MultivariateNormal`` and a ``TransformedDistribution`` of
-    those (``LogNormal``, flows) are read, so a caller chooses where the noise comes from (a stream
-    per datapoint) and the value is the one ``rsample`` would give for that noise.
+#: the families drawn as ``icdf(u)`` of U(0, 1) noise ``u``: their ``icdf`` is closed-form and differentiable in the parameters
+BY_ICDF: tuple[type, ...] = (D.Uniform, D.Exponential, D.Laplace, D.Cauchy, dist.Logistic)
+#: every family :func:`noise_draw` reads, wrappers first: a subclass that samples otherwise (one that overrides ``rsample``) is not read
+_WRAPPERS: tuple[type, ...] = (D.Independent, MaskedDistribution, ExpandedDistribution, D.TransformedDistribution)
+_GAUSSIANS: tuple[type, ...] = (D.Normal, D.MultivariateNormal, D.LowRankMultivariateNormal)
+_BY_UNIFORMS: tuple[type, ...] = (*BY_ICDF, LogitRelaxedBernoulli, ExpRelaxedCategorical)
+_RSAMPLES = frozenset(c.rsample for c in (*_WRAPPERS, *_GAUSSIANS, *_BY_UNIFORMS))
+
+
+def _inner(fn: torch.distributions.Distribution) -> torch.distributions.Distribution | None:
+    """The distribution a wrapper draws from (an ``ExpandedDistribution``'s base expanded to its batch shape), None if it cannot be expanded so."""
+    if isinstance(fn, ExpandedDistribution):
+        try:
+            inner = fn.base_dist.expand(fn.batch_shape)
+        except NotImplementedError:
+            return None
+        return None if isinstance(inner, ExpandedDistribution) else inner
+    return fn.base_dist
+
+
+def noise_leaf(fn: torch.distributions.Distribution) -> torch.distributions.Distribution | None:
+    """The family under ``fn``'s wrappers that :func:`noise_draw` draws from noise, or None (``fn`` is drawn otherwise).
+
+    Wrappers read: ``Independent``, ``MaskedDistribution``, ``ExpandedDistribution``,
+    ``TransformedDistribution`` (``LogNormal``, ``Gumbel``, ``Weibull``, ``HalfCauchy``, flows such as
+    IAF, ...); families: the Gaussians (``Normal``, ``MultivariateNormal``,
+    ``LowRankMultivariateNormal``), the families of :data:`BY_ICDF` and the relaxed Bernoulli and
+    one-hot categorical. A class that overrides its family's ``rsample`` is not read.
     """
-    if isinstance(fn, torch.distributions.Independent):
-        return gaussian_draw(fn.base_dist, noise)
-    if isinstance(fn, torch.distributions.TransformedDistribution):
-        v = gaussian_draw(fn.base_dist, noise)
-        if v is not None:
+    while type(fn).rsample in _RSAMPLES and isinstance(fn, _WRAPPERS):
+        inner = _inner(fn)
+        if inner is None:
+            return None
+        fn = inner
+    return fn if type(fn).rsample in _RSAMPLES and isinstance(fn, (*_GAUSSIANS, *_BY_UNIFORMS)) else None
+
+
+def noise_draw(fn: torch.distributions.Distribution, normal: Noise, uniform: Noise) -> torch.Tensor | None:
+    r"""A reparameterised draw of ``fn`` made from given noise, or None if :func:`noise_leaf` finds no family to draw so.
+
+    ``normal(shape, dtype)`` and ``uniform(shape, dtype)`` return standard-normal and U(0, 1) (open
+    interval) draws; ``shape`` is the family's ``batch_shape + event_shape`` (a low-rank Gaussian
+    asks for ``batch_shape + (rank + d,)``: its factor's noise, then its diagonal's). The value is
+    what ``rsample`` computes from such noise:
+
+    * Gaussians: :math:`\mu + Larepsilon` (``Normal``: :math:`L = \sigma`; low rank:
+      :math:`\mu + Warepsilon_W + \sqrt{D}\,arepsilon_D`), then any transforms;
+    * :data:`BY_ICDF`: the inverse CDF :math:`F^{-1}(u)`;
+    * relaxed Bernoulli: :math:`(\operatorname{logit} u + \operatorname{logit} p) / 	au`; relaxed
+      one-hot categorical: :math:`\operatorname{log\,softmax}((\ell + g) / 	au)`,
+      :math:`g = -\log(-\log u)` (Maddison et al. 2017; Jang et al. 2017).
+
+    So a caller chooses where the noise comes from (a stream per datapoint). Families drawn by
+    rejection or by a number of uniforms that depends on the value (``Gamma``, ``Beta``,
+    ``Dirichlet``, ``StudentT``, ``VonMises``) and discrete ones have no such draw.
+
+    References
+    ----------
+    C. J. Maddison, A. Mnih and Y. W. Teh, "The concrete distribution", ICLR 2017.
+    E. Jang, S. Gu and B. Poole, "Categorical reparameterization with Gumbel-softmax", ICLR 2017.
+    """
+    if noise_leaf(fn) is None:
+        return None
+    return _draw(fn, normal, uniform)
+
+
+def _draw(fn: torch.distributions.Distribution, normal: Noise, uniform: Noise) -> torch.Tensor:
+    if isinstance(fn, _WRAPPERS):
+        v = _draw(_inner(fn), normal, uniform)  # type: ignore[arg-type]
+        if isinstance(fn, D.TransformedDistribution):
             for t in fn.transforms:
                 v = t(v)
         return v
     shape = fn.batch_shape + fn.event_shape
-    if isinstance(fn, torch.distributions.Normal):
-        return fn.loc.expand(shape) + fn.scale.expand(shape) * noise(shape)
-    if isinstance(fn, torch.distributions.MultivariateNormal):
-        return fn.loc.expand(shape) + (fn.scale_tril @ noise(shape).unsqueeze(-1)).squeeze(-1)
-    return None
+    if isinstance(fn, D.Normal):
+        return fn.loc.expand(shape) + fn.scale.expand(shape) * normal(shape, fn.loc.dtype)
+    if isinstance(fn, D.MultivariateNormal):
+        return fn.loc.expand(shape) + (fn.scale_tril @ normal(shape, fn.loc.dtype).unsqueeze(-1)).squeeze(-1)
+    if isinstance(fn, D.LowRankMultivariateNormal):
+        rank = fn.cov_factor.shape[-1]
+        eps = normal(shape[:-1] + (rank + shape[-1],), fn.loc.dtype)
+        return fn.loc + (fn.cov_factor @ eps[..., :rank].unsqueeze(-1)).squeeze(-1) + fn.cov_diag.sqrt() * eps[..., rank:]
+    if isinstance(fn, LogitRelaxedBernoulli):
+        p = clamp_probs(fn.probs.expand(shape))
+        u = uniform(shape, p.dtype)
+        return (u.log() - (-u).log1p() + p.log() - (-p).log1p()) / fn.temperature
+    if isinstance(fn, ExpRelaxedCategorical):
+        scores = (fn.logits - (-uniform(shape, fn.logits.dtype).log()).log()) / fn.temperature
+        return scores - scores.logsumexp(dim=-1, keepdim=True)
+    param = fn.low if isinstance(fn, D.Uniform) else fn.rate if isinstance(fn, D.Exponential) else fn.loc
+    return fn.icdf(uniform(shape, param.dtype))
+
+
+def gaussian_draw(fn: torch.distributions.Distribution, noise: Callable[[torch.Size], torch.Tensor]) -> torch.Tensor | None:
+    """A reparameterised draw of ``fn`` made from given standard-normal noise, or None if ``fn`` is not a transformed Gaussian.
+
+    ``noise(shape)`` returns standard-normal draws of the Gaussian's ``batch_shape + event_shape``
+    (a low-rank Gaussian: ``batch_shape + (rank + d,)``); read as :func:`noise_draw`, so the value
+    is the one ``rsample`` would give for that noise.
+    """
+    if gaussian_base(fn) is None:
+        return None
+    return _draw(fn, lambda shape, dtype: noise(shape), lambda shape, dtype: noise(shape))
 
 
 def gaussian_base(fn: torch.distributions.Distribution) -> torch.distributions.Distribution | None:
-    """The Gaussian under ``fn``'s ``Independent`` and ``TransformedDistribution`` wrappers (None: there is none, and :func:`gaussian_draw` cannot draw ``fn``)."""
-    while isinstance(fn, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
-        fn = fn.base_dist
-    return fn if isinstance(fn, (torch.distributions.Normal, torch.distributions.MultivariateNormal)) else None
+    """The Gaussian under ``fn``'s wrappers (:func:`noise_leaf`; None: there is none, and :func:`gaussian_draw` cannot draw ``fn``)."""
+    leaf = noise_leaf(fn)
+    return leaf if isinstance(leaf, _GAUSSIANS) else None
 
 
 def point_mass(fn: object) -> bool:

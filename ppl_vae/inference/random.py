@@ -4,19 +4,22 @@ Library code never reseeds the global RNG for good: a stochastic function
 takes a ``seed`` (or a ``torch.Generator``) and draws inside :class:`seeded`,
 which forks torch's generator and restores the outer stream afterwards.
 
-The per-datapoint analyses draw from :class:`Streams`: one generator per
-datapoint, seeded from ``(seed, the datapoint's index in its dataset)``, its
-draws made row by row and stacked along the datapoints' dimension. What a
-datapoint gets therefore does not depend on the other datapoints in its batch,
-on the batch size or on how many processes share the work: the table for a
-datapoint is the same however it was computed (to float rounding of the
-batched arithmetic). :class:`RowDraws` makes a Pyro program (a guide, a
-model's prior) draw its latent sites from such streams.
+The per-datapoint analyses draw from :class:`Streams`: one counter-based
+(Philox) stream per datapoint, keyed by ``(seed, tags)`` and counted from the
+datapoint's index in its dataset, every row's draws made at once by a fixed
+number of tensor operations. What a datapoint gets therefore does not depend on
+the other datapoints in its batch, on the batch size, on how many processes
+share the work or on the device: the table for a datapoint is the same however
+it was computed (to float rounding of the batched arithmetic). :class:`RowDraws`
+makes a Pyro program (a guide, a model's prior) draw its latent sites from such
+streams.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,10 +29,11 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from ..distributions import gaussian_base, gaussian_draw, point_mass
+from ..distributions import noise_draw, noise_leaf, point_mass
 from ..errors import ConfigError
+from . import philox
 
-__all__ = ["pick", "seeded", "row_seed", "Tag", "Streams", "RowDraws", "draws_in_batches", "dataset_index", "base_seed"]
+__all__ = ["pick", "seeded", "row_seed", "Tag", "Streams", "RowDraws", "draws_in_batches", "dataset_index", "base_seed", "stream_key"]
 
 
 class seeded:
@@ -103,87 +107,192 @@ class Tag:
     BOUNDS, AIS, SIMULATED, HMC, LOCAL, VI = 1, 2, 3, 4, 5, 6
 
 
+def stream_key(seed: int, *tags: int) -> tuple[int, int]:
+    """The Philox key of the streams of an analysis seeded with ``seed`` and tagged ``tags``: two 32-bit words (NumPy's ``SeedSequence`` mixes them).
+
+    As :func:`row_seed`, every number goes in as two 32-bit words after the count of tags, so no two
+    tag lists share a key.
+    """
+    values = (seed, len(tags), *tags)
+    words = np.array([w for v in values for w in (v & 0xFFFFFFFF, v >> 32)], dtype=np.uint32)
+    k0, k1 = (int(w) for w in np.random.SeedSequence(words).generate_state(2, np.uint32))
+    return k0, k1
+
+
+def _whole(value: object, what: str, below: int) -> int:
+    """``value`` as an int in ``[0, below)``, or a :class:`ConfigError` naming ``what``."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)):
+        raise ConfigError(f"{what} must be an integer in [0, 2**{below.bit_length() - 1}), got {value!r}")
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError(f"{what} must be an integer in [0, 2**{below.bit_length() - 1}), got {value!r}") from None
+    if not 0 <= v < below:
+        raise ConfigError(f"{what} must be an integer in [0, 2**{below.bit_length() - 1}), got {v}")
+    return v
+
+
+def _indices(index: torch.Tensor | Sequence[int]) -> list[int]:
+    """The dataset indices as ints in ``[0, 2**63)``, or a :class:`ConfigError` naming the first that is not."""
+    if isinstance(index, torch.Tensor):
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise ConfigError(f"index must hold integer dataset indices, got a {index.dtype} tensor")
+        index = index.reshape(-1).tolist()
+    return [_whole(i, f"dataset index {i!r}", 2**63) for i in index]
+
+
 class Streams:
-    """One random stream per datapoint: a ``torch.Generator`` on ``device`` seeded by :func:`row_seed`.
+    r"""One random stream per datapoint: Philox-4x32-10 blocks at a counter of the datapoint's own, all rows drawn at once.
+
+    The stream of datapoint ``index[i]`` of an analysis seeded with ``seed`` and tagged ``tags`` is
+    the sequence of Philox blocks :math:`f_k(p, \mathrm{index}_i)`, :math:`p = 0, 1, \ldots`
+    (:mod:`~ppl_vae.inference.philox`): the key :math:`k` = :func:`stream_key` ``(seed, *tags)``,
+    the counter's words 0-1 the block's position :math:`p` in the stream, words 2-3 the dataset
+    index. So two datapoints never share a block, and a datapoint's draws do not depend on the
+    other rows, on the batch size, on the process or on the device: every draw of ``[..., N, ...]``
+    is one fixed sequence of tensor operations on the rows' counters, whatever ``N``, and its bits
+    are the same on a CPU and a GPU.
+
+    A draw of ``m`` values per datapoint takes the next :math:`\lceil m / 4 \rceil` blocks of each
+    row's stream (float64: twice as many; one 32-bit word per uniform and per normal, two in
+    float64) and moves every row's position past them. The state is those positions (:meth:`get_state`): one int64 per row on ``device``.
 
     ``index`` holds the datapoints' indices in their dataset (the same index gives the same
     stream in every batch and process); ``seed=None`` takes the seed from torch's global stream
-    (one draw, so an enclosing :class:`seeded` block decides it). Draws for ``[..., N, ...]``
-    are made row by row from each datapoint's generator and stacked along the datapoints' dim.
+    (one draw, so an enclosing :class:`seeded` block decides it). A seed or tag outside
+    :math:`[0, 2^{64})` or an index outside :math:`[0, 2^{63})`, or one that is not an integer, is
+    refused by name.
+
+    References
+    ----------
+    J. K. Salmon, M. A. Moraes, R. O. Dror and D. E. Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC '11 (2011).
     """
 
     def __init__(self, seed: int | None, index: torch.Tensor | Sequence[int], device: torch.device | str, *tags: int) -> None:
-        base = base_seed(seed)
+        checked = None if seed is None else _whole(seed, "seed", 2**64)
+        tags = tuple(_whole(t, f"stream tag {t!r}", 2**64) for t in tags)
+        self.index = _indices(index)
         self.device = torch.device(device)
-        self.index = [int(i) for i in index]
-        self._gens = [torch.Generator(device=self.device).manual_seed(row_seed(base, i, *tags)) for i in self.index]
+        self._consts = philox.constants(stream_key(base_seed(checked), *tags), self.device)
+        idx = torch.tensor(self.index, dtype=torch.int64, device=self.device)
+        self._lanes = torch.stack((idx & philox.MASK, idx >> 32))  # counter words 2-3: the row's dataset index
+        self._position = torch.zeros(len(self.index), dtype=torch.int64, device=self.device)  # counter words 0-1: blocks drawn
+        self._rows: torch.Tensor | None = None  # the rows of a shared position tensor that are these streams (None: all of it)
 
     def __len__(self) -> int:
-        return len(self._gens)
+        return len(self.index)
 
     def select(self, rows: slice | torch.Tensor | Sequence[int]) -> Streams:
-        """The streams of some datapoints (the same generators: drawing from the selection advances them)."""
+        """The streams of some datapoints: the same streams, at the same positions (drawing from the selection advances them here too).
+
+        ``rows`` is a slice or distinct row numbers (negative ones count from the end); a row named
+        twice would draw the same numbers twice, and is refused.
+        """
+        n = len(self)
+        if isinstance(rows, slice):
+            picked = list(range(n)[rows])
+        else:
+            if isinstance(rows, torch.Tensor) and (rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool):
+                raise ConfigError(f"rows must be a slice or integer row numbers, got a {rows.dtype} tensor")
+            given = rows.reshape(-1).tolist() if isinstance(rows, torch.Tensor) else list(rows)
+            picked = [_whole(r + n if isinstance(r, int) and not isinstance(r, bool) and -n <= r < 0 else r, f"row {r!r} of {n} streams", n) for r in given]
+            if len(set(picked)) != len(picked):
+                raise ConfigError(f"rows {picked} name a row twice: a stream cannot give one draw to two rows")
         out = object.__new__(Streams)
-        picked = range(len(self))[rows] if isinstance(rows, slice) else [int(r) for r in rows]
-        out.device, out.index, out._gens = self.device, [self.index[r] for r in picked], [self._gens[r] for r in picked]
+        out.device, out._consts, out.index = self.device, self._consts, [self.index[r] for r in picked]
+        where = torch.tensor(picked, dtype=torch.int64, device=self.device)
+        out._lanes = self._lanes[:, where]
+        if isinstance(rows, slice) and self._rows is None:
+            out._position, out._rows = self._position[rows], None  # a view: advancing it advances this object's positions
+        else:
+            out._position, out._rows = self._position, (where if self._rows is None else self._rows[where])
         return out
 
-    def _draw(self, fill: Any, shape: Sequence[int], dim: int, dtype: torch.dtype) -> torch.Tensor:
-        shape = tuple(shape)
+    def get_state(self) -> torch.Tensor:
+        """Where every datapoint's stream is: the rows' block positions (for :meth:`set_state`: draws made after it come again)."""
+        return self._position.clone() if self._rows is None else self._position[self._rows]
+
+    def set_state(self, state: torch.Tensor) -> None:
+        """Put every datapoint's stream back where :meth:`get_state` found it."""
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.int64 or tuple(state.shape) != (len(self),):
+            raise ConfigError(f"a state of these {len(self)} streams is an int64 tensor of shape ({len(self)},) from get_state(), got {state!r}")
+        if self._rows is None:
+            self._position.copy_(state)
+        else:
+            self._position[self._rows] = state.to(self.device)
+
+    def _blocks(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``count`` blocks of every row's stream (:func:`~ppl_vae.inference.philox.blocks`); the rows move ``count`` blocks on."""
+        position = self._position if self._rows is None else self._position[self._rows]
+        x, y = philox.blocks(position, self._lanes, count, self._consts)
+        if self._rows is None:
+            self._position.add_(count)
+        else:
+            self._position[self._rows] = position.add_(count)
+        return x, y
+
+    def _draw(self, kind: str, shape: Sequence[int], dim: int, dtype: torch.dtype) -> torch.Tensor:
+        if not isinstance(dtype, torch.dtype) or dtype not in philox.FLOAT_DTYPES:
+            raise ConfigError(f"streams draw {kind} values of a float dtype ({', '.join(map(str, philox.FLOAT_DTYPES))}), got {dtype}")
+        shape = tuple(int(s) for s in shape)
+        if not shape:
+            raise ConfigError(f"draws need a dimension for the {len(self)} datapoints, got shape ()")
         dim = dim % len(shape)
         if shape[dim] != len(self):
-            raise ValueError(f"draws of shape {shape} have {shape[dim]} rows in dim {dim}; these streams are for {len(self)} datapoints")
-        row = shape[:dim] + shape[dim + 1 :]
-        return torch.stack([fill(row, generator=g, dtype=dtype, device=self.device) for g in self._gens], dim)
+            raise ConfigError(f"draws of shape {shape} have {shape[dim]} rows in dim {dim}; these streams are for {len(self)} datapoints")
+        rest = shape[:dim] + shape[dim + 1 :]
+        count = math.prod(rest)
+        if count == 0 or len(self) == 0:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        if kind == "normal":
+            values = philox.normal_from_blocks(*self._blocks(philox.normal_blocks(count, dtype)), count, dtype)
+        else:
+            values = philox.uniform_from_blocks(*self._blocks(philox.uniform_blocks(count, dtype)), count, dtype)
+        return values.view(len(self), *rest).movedim(0, dim).contiguous()
 
     def normal(self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Standard-normal draws of ``shape``, the datapoints along ``dim``."""
-        return self._draw(torch.randn, shape, dim, dtype)
+        """Standard-normal draws of ``shape``, the datapoints along ``dim`` (Box-Muller: :func:`~ppl_vae.inference.philox.normal_from_blocks`)."""
+        return self._draw("normal", shape, dim, dtype)
 
     def uniform(self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """U(0, 1) draws of ``shape``, the datapoints along ``dim``."""
-        return self._draw(torch.rand, shape, dim, dtype)
+        """U(0, 1) draws of ``shape`` (never 0 or 1), the datapoints along ``dim`` (:func:`~ppl_vae.inference.philox.uniform_from_blocks`)."""
+        return self._draw("uniform", shape, dim, dtype)
 
     def seed_of(self, row: int) -> int:
-        """A seed drawn from one datapoint's stream (for a :class:`seeded` block that runs that datapoint alone)."""
-        return int(torch.randint(2**62, (), generator=self._gens[row], device=self.device))
-
-    def get_state(self) -> list[torch.Tensor]:
-        """Where every datapoint's stream is (for :meth:`set_state`: draws made after it come again)."""
-        return [g.get_state() for g in self._gens]
-
-    def set_state(self, state: list[torch.Tensor]) -> None:
-        """Put every datapoint's stream back where :meth:`get_state` found it."""
-        for g, s in zip(self._gens, state):
-            g.set_state(s)
+        """A seed in :math:`[0, 2^{62})` drawn from one datapoint's stream (for a :class:`seeded` block that runs that datapoint alone)."""
+        x, y = self.select([row])._blocks(1)
+        return ((int(y[0, 0, 0]) << 32) | int(x[0, 0, 0])) >> 2
 
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
-        """Draws inside the block come again in the next such block: the generators are put back after it."""
-        states = [g.get_state() for g in self._gens]
+        """Draws inside the block come again in the next such block: the positions are put back after it."""
+        state = self.get_state()
         try:
             yield
         finally:
-            for g, s in zip(self._gens, states):
-                g.set_state(s)
+            self.set_state(state)
 
 
 def draws_in_batches(program: Callable[..., object], *args: Any) -> bool:
-    """Whether :class:`RowDraws` can draw ``program``'s latent sites for many datapoints at once (each a transformed Gaussian or a point mass), from one run on ``args``."""
+    """Whether :class:`RowDraws` can draw ``program``'s latent sites for many datapoints at once (each a point mass or a family of :func:`~ppl_vae.distributions.noise_leaf`), from one run on ``args``."""
     with poutine.block(), torch.no_grad():
         tr = poutine.trace(program).get_trace(*args)
-    return all(point_mass(s["fn"]) or gaussian_base(s["fn"]) is not None
+    return all(point_mass(s["fn"]) or noise_leaf(s["fn"]) is not None
                for s in tr.nodes.values() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s))
 
 
 class RowDraws(Messenger):
     """Draw every latent site of a Pyro program from per-datapoint :class:`Streams` (the datapoints: the ``plate`` dim).
 
-    A transformed Gaussian (Normal, MultivariateNormal, LogNormal, a flow) is drawn from its
-    datapoints' normal noise (:func:`~ppl_vae.distributions.gaussian_draw`); a point mass is left
-    to Pyro; any other distribution is drawn from the one datapoint's stream when the program runs
-    on one datapoint (callers run such programs row by row: :func:`draws_in_batches`). Enter it
-    outside the plate of vectorised draws, so that it sees the site's full shape.
+    A site whose distribution :func:`~ppl_vae.distributions.noise_draw` reads -- a Gaussian
+    (``Normal``, full-covariance, low-rank) or a family drawn from uniforms (``Uniform``,
+    ``Exponential``, ``Laplace``, ``Cauchy``, ``Logistic``, relaxed Bernoulli and categorical),
+    under ``Independent``, mask, expand and transform wrappers (``LogNormal``, ``Gumbel``, flows) --
+    is drawn for all its datapoints at once from their streams' noise; a point mass is left to
+    Pyro; any other distribution (``Gamma``, ``Beta``, ``Dirichlet``, discrete ones) is drawn from
+    the one datapoint's stream when the program runs on one datapoint (callers run such programs
+    row by row: :func:`draws_in_batches`). Enter it outside the plate of vectorised draws, so that
+    it sees the site's full shape.
     """
 
     def __init__(self, streams: Streams, plate: str = "data") -> None:
@@ -200,9 +309,9 @@ class RowDraws(Messenger):
         if not frames:
             raise ConfigError(f"site {msg['name']!r} is outside the {self.plate!r} plate; per-datapoint draws need every latent site inside it")
         dim = len(fn.batch_shape) + frames[0].dim
-        base = gaussian_base(fn)
-        if base is not None:
-            value = gaussian_draw(fn, lambda shape: self.streams.normal(shape, dim, dtype=base.loc.dtype))
+        value = noise_draw(fn, lambda shape, dtype: self.streams.normal(shape, dim, dtype), lambda shape, dtype: self.streams.uniform(shape, dim, dtype))
+        if value is not None:
+            value = value if fn.has_rsample else value.detach()
         elif len(self.streams) == 1:
             with seeded(self.streams.seed_of(0)):
                 value = fn.rsample() if fn.has_rsample else fn.sample()
@@ -210,4 +319,3 @@ class RowDraws(Messenger):
             raise ConfigError(f"site {msg['name']!r} ({type(fn).__name__}) is drawn one datapoint at a time; this program ran on {len(self.streams)}")
         msg["value"] = value
         msg["done"] = True
-
