@@ -42,6 +42,9 @@ __all__ = ["CompiledStep", "Noise"]
 #: the random operations a traced step may draw from, by what they draw
 #: (standard draws; ``normal_`` / ``uniform_`` with their own mean and sd or bounds are the standard draw moved and scaled)
 _NORMAL = {torch.ops.aten.normal_.default, torch.ops.aten.randn.default}
+#: ``torch.normal(mean, std)`` with a tensor among them (a draw without a reparameterised path: the score-function
+#: estimator's): torch fills its output with standard draws, then scales and shifts it in place, as the feed does
+_NORMAL_AT = {torch.ops.aten.normal.Tensor_Tensor, torch.ops.aten.normal.Tensor_float, torch.ops.aten.normal.float_Tensor}
 _UNIFORM = {torch.ops.aten.uniform_.default, torch.ops.aten.rand.default}
 
 
@@ -80,7 +83,7 @@ class Noise(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        kind = "normal" if func in _NORMAL else "uniform" if func in _UNIFORM else None
+        kind = "normal" if func in _NORMAL or func in _NORMAL_AT else "uniform" if func in _UNIFORM else None
         if kind is None:
             if self.strict and func is torch.ops.aten._local_scalar_dense.default:
                 raise ConfigError(f"compile: the step reads a value back to the host at {_where()}: what it computes may depend on the "
@@ -98,6 +101,9 @@ class Noise(TorchDispatchMode):
         if func is torch.ops.aten.normal_.default:
             mean, sd = (list(args[1:]) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args) - 1 :])[:2]
             return args[0].copy_(given * sd + mean if (mean, sd) != (0.0, 1.0) else given)
+        if func in _NORMAL_AT:
+            mean, sd = (list(args) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args) :])[:2]
+            return given * sd + mean
         if func is torch.ops.aten.uniform_.default:
             low, high = (list(args[1:]) + [kwargs.get("from", 0.0), kwargs.get("to", 1.0)][len(args) - 1 :])[:2]
             return args[0].copy_(given * (high - low) + low if (low, high) != (0.0, 1.0) else given)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -14,6 +16,7 @@ from ppl_vae.distributions import get_likelihood
 from ppl_vae.errors import ConfigError
 from ppl_vae.guides import amortized_guide
 from ppl_vae.inference import SVI, loop
+from ppl_vae.inference.estimators import ESTIMATORS, get_estimator
 from ppl_vae.inference.random import seeded
 from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP, GaussianEncoder
@@ -201,6 +204,25 @@ def test_fit_with_a_traced_step_takes_the_eager_steps_and_refuses_what_it_cannot
 
     with pytest.raises(ConfigError, match="compile: the step reads a value back to the host at test_step.py"):
         fit(branching, empty, X, epochs=1, batch_size=20, progress=False, compile="eager", modules=[torch.nn.Linear(1, 1)])
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_estimator_either_traces_to_its_eager_steps_or_refuses_by_name(name):
+    """Each estimator, on the Gaussian VAE: a traced run takes the eager run's steps, or compile is refused with the estimator's reason.
+
+    (The score-function estimator draws with ``torch.normal(loc, scale)``: its noise is fed to the graph as standard draws.)
+    """
+    estimator, particles = get_estimator(name), 2 if name in ("iwae", "score+loo") else 1
+    options = dict(epochs=2, batch_size=20, seed=1, progress=False, estimator=name, num_particles=particles)
+    if not estimator.compiles:
+        with pytest.raises(ConfigError, match=f"compile: estimator {re.escape(name)} {re.escape(estimator.compiles_not)}"):
+            fit(*build(), X, compile="eager", **options)
+        return
+    eager = fit(*build(), X, **options)
+    traced = fit(*build(), X, compile="eager", **options)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(traced.trained.found.params, eager.trained.found.params))
+    start = SVI(*build(), num_data=N).setup(X[:20]).params
+    assert not any(torch.equal(a, b) for a, b in zip(traced.trained.found.params, start))  # trained, not two copies of the start
 
 
 @pytest.mark.slow
