@@ -83,32 +83,37 @@ def fit(
     guide: Callable[..., object],
     data: torch.Tensor | Sequence[torch.Tensor] | Dataset | DataLoader,
     *,
+    # what is optimised
     estimator: str | Estimator = "reparam",
     num_particles: int = 1,
+    beta: float = 1.0,
+    kl_warmup: int = 0,
+    plate: str | None = None,
+    modules: Iterable[nn.Module] = (),
+    # how: the loop, the optimiser, the randomness
     epochs: int = 10,
     batch_size: int = 100,
     lr: float = 1e-3,
     optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
     lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None = None,
+    seed: int = 0,
+    callback: Callable[[StepInfo], None] | None = None,
+    # held-out data and early stopping
     validation: torch.Tensor | Sequence[torch.Tensor] | Dataset | DataLoader | None = None,
     patience: int | None = None,
-    beta: float = 1.0,
-    kl_warmup: int = 0,
-    seed: int = 0,
+    eval_batch_size: int = 1000,
+    # what is written and shown
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    modules: Iterable[nn.Module] = (),
-    eval_batch_size: int = 1000,
-    validate_every_step: bool = False,
+    # where and how the steps run
     accelerator: str | None = None,
     devices: int | str | Sequence[int] = 1,
     strategy: str = "auto",
     precision: str | int | None = None,
     num_nodes: int = 1,
-    plate: str | None = None,
-    callback: Callable[[StepInfo], None] | None = None,
     compile: bool | str = False,
+    validate_every_step: bool = False,
 ) -> FitResult:
     r"""Fit ``model`` and ``guide`` to ``data`` by maximising the ELBO.
 
@@ -131,6 +136,26 @@ def fit(
         The gradient estimator (:mod:`ppl_vae.inference.estimators`).
     num_particles : int
         Samples per datapoint per step, vectorised.
+    beta : float
+        Weight of the KL term (beta-VAE; Higgins et al. 2017): every latent
+        site's log-density in model and guide is scaled by ``beta``. The
+        reported ELBOs are always the true ELBO (beta = 1).
+    kl_warmup : int
+        Epochs over which the KL weight rises linearly from 0 to ``beta``, step
+        by step (Sønderby et al. 2016's warm-up, which keeps the upper layers
+        of a deep hierarchy from collapsing to their priors); 0: none.
+    plate : str, optional
+        The data plate's name; by default the plate over the rows of the
+        batch (any name), or the one plate that subsamples the data itself
+        (:mod:`.plates`). Its indices inside the model and guide are the
+        batch's dataset indices; only the sites inside it are scaled by
+        ``N / B``, so a global latent's KL is counted once. A plate written
+        over the whole data with Pyro's ``subsample_size=B`` (``x[ind]``
+        inside) is given the whole ``data`` each step, with the batch as its
+        subsample (``batch_size`` must be ``B``; one process; tensors).
+    modules : iterable of nn.Module
+        Networks the model or guide reach other than by calling them (the
+        ones they call are found by running them once).
     epochs, batch_size, lr : int, int, float
         Passes over the data, minibatch size, Adam learning rate.
     optimizer : optimiser class, callable or ``pyro.optim`` optimiser, optional
@@ -145,23 +170,22 @@ def fit(
         Stepped once per epoch; the named ones are :func:`lr_factor` of
         (epoch, ``epochs``). Resuming with a larger ``epochs`` re-plans the
         curve for the new total from the epoch reached on.
+    seed : int
+        Seeds the draws of the whole run (torch's generator, forked: the
+        caller's random stream is left as it was) and the shuffling; a
+        seeded CPU run is reproducible bit for bit.
+    callback : callable, optional
+        Called after every optimisation step with a :class:`StepInfo`
+        (step, epoch, the minibatch's ELBO, the parameters): to clip or
+        project parameters, or log, from your own code.
     validation : tensor, tuple of tensors, Dataset or DataLoader, optional
         Held-out data: its ELBO is computed after every epoch.
     patience : int, optional
         Stop after this many epochs without a better validation ELBO and
         restore the best parameters.
-    beta : float
-        Weight of the KL term (beta-VAE; Higgins et al. 2017): every latent
-        site's log-density in model and guide is scaled by ``beta``. The
-        reported ELBOs are always the true ELBO (beta = 1).
-    kl_warmup : int
-        Epochs over which the KL weight rises linearly from 0 to ``beta``, step
-        by step (Sønderby et al. 2016's warm-up, which keeps the upper layers
-        of a deep hierarchy from collapsing to their priors); 0: none.
-    seed : int
-        Seeds the draws of the whole run (torch's generator, forked: the
-        caller's random stream is left as it was) and the shuffling; a
-        seeded CPU run is reproducible bit for bit.
+    eval_batch_size : int
+        Rows per batch of the ELBO of the validation data and of the final
+        training ELBO (no gradients: larger than ``batch_size`` is fine).
     out : path, optional
         Directory for ``checkpoint.pt`` and ``history.csv``, written
         atomically after every epoch.
@@ -170,28 +194,8 @@ def fit(
         the epochs already done), bit for bit as if it had not stopped:
         parameters, optimiser, schedule, RNG states and the estimator's
         running statistics are restored.
-    validate_every_step : bool
-        Keep Pyro's and torch's argument validation on for every step;
-        by default it is on for the first step only (it costs ~20 % per step).
-    plate : str, optional
-        The data plate's name; by default the plate over the rows of the
-        batch (any name), or the one plate that subsamples the data itself
-        (:mod:`.plates`). Its indices inside the model and guide are the
-        batch's dataset indices; only the sites inside it are scaled by
-        ``N / B``, so a global latent's KL is counted once. A plate written
-        over the whole data with Pyro's ``subsample_size=B`` (``x[ind]``
-        inside) is given the whole ``data`` each step, with the batch as its
-        subsample (``batch_size`` must be ``B``; one process; tensors).
-    compile : bool or str
-        Run the steps after the first under ``torch.compile`` (``True``: inductor; or a backend's name):
-        the step is traced once into a graph of (parameters, batch, indices, noise) and compiled before
-        training (:mod:`.compiled`), with the eager step's draws; what cannot be traced so (a value read
-        back to the host, a non-Gaussian draw, an estimator with running statistics) is refused by
-        name. One process.
-    callback : callable, optional
-        Called after every optimisation step with a :class:`StepInfo`
-        (step, epoch, the minibatch's ELBO, the parameters): to clip or
-        project parameters, or log, from your own code.
+    progress : bool
+        A progress bar (tqdm) over the run's steps, in the first process only.
     accelerator, devices, strategy, precision, num_nodes
         Where and how the loop runs, through Lightning Fabric
         (:mod:`ppl_vae.inference.distributed`): ``accelerator`` ``cpu``,
@@ -202,7 +206,15 @@ def fit(
         as one process at ``batch_size``), DDP averages the gradients, rank 0
         writes the checkpoint, and a run resumes on the same ``W``. The
         networks' final parameters are copied back into the caller's.
-
+    compile : bool or str
+        Run the steps after the first under ``torch.compile`` (``True``: inductor; or a backend's name):
+        the step is traced once into a graph of (parameters, batch, indices, noise) and compiled before
+        training (:mod:`.compiled`), with the eager step's draws; what cannot be traced so (a value read
+        back to the host, a non-Gaussian draw, an estimator with running statistics) is refused by
+        name. One process.
+    validate_every_step : bool
+        Keep Pyro's and torch's argument validation on for every step;
+        by default it is on for the first step only (it costs ~20 % per step).
     Returns
     -------
     FitResult
