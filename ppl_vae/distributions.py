@@ -255,11 +255,11 @@ def noise_draw(fn: torch.distributions.Distribution, normal: Noise, uniform: Noi
     asks for ``batch_shape + (rank + d,)``: its factor's noise, then its diagonal's). The value is
     what ``rsample`` computes from such noise:
 
-    * Gaussians: :math:`\mu + Larepsilon` (``Normal``: :math:`L = \sigma`; low rank:
-      :math:`\mu + Warepsilon_W + \sqrt{D}\,arepsilon_D`), then any transforms;
+    * Gaussians: :math:`\mu + L\varepsilon` (``Normal``: :math:`L = \sigma`; low rank:
+      :math:`\mu + W\varepsilon_W + \sqrt{D}\,\varepsilon_D`), then any transforms;
     * :data:`BY_ICDF`: the inverse CDF :math:`F^{-1}(u)`;
-    * relaxed Bernoulli: :math:`(\operatorname{logit} u + \operatorname{logit} p) / 	au`; relaxed
-      one-hot categorical: :math:`\operatorname{log\,softmax}((\ell + g) / 	au)`,
+    * relaxed Bernoulli: :math:`(\operatorname{logit} u + \operatorname{logit} p) / \tau`; relaxed
+      one-hot categorical: :math:`\operatorname{log\,softmax}((\ell + g) / \tau)`,
       :math:`g = -\log(-\log u)` (Maddison et al. 2017; Jang et al. 2017).
 
     So a caller chooses where the noise comes from (a stream per datapoint). Families drawn by

@@ -50,11 +50,12 @@ Get a Baseline for Free!
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -81,12 +82,31 @@ BASELINES = ("average", "nvil", "loo")
 
 
 def _not_a_guess(record: logging.LogRecord) -> bool:
-    """Drop Pyro's INFO line ``Guessed max_plate_nesting = k``: every ELBO here guesses it on its first step, and
+    """Drop Pyro's INFO line ``Guessed max_plate_nesting = k``: a Pyro ELBO run here guesses it on its first step, and
     Pyro's own handler would print the line to the console of every Python session that trains (nothing else is muted)."""
     return not record.getMessage().startswith("Guessed max_plate_nesting")
 
 
-logging.getLogger("pyro.infer.elbo").addFilter(_not_a_guess)
+@contextlib.contextmanager
+def _no_guess_line() -> Iterator[None]:
+    """Within the block, Pyro's ELBO logger drops its ``Guessed max_plate_nesting`` line (:func:`_not_a_guess`); the
+    logger is as it was after it, so the package changes no logging of its user's at import or elsewhere."""
+    logger = logging.getLogger("pyro.infer.elbo")
+    logger.addFilter(_not_a_guess)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_a_guess)
+
+
+def _pyro_loss(elbo: pyro.infer.ELBO, model: Callable[..., object], guide: Callable[..., object]) -> Callable[..., torch.Tensor]:
+    """Pyro's own differentiable loss of ``elbo``, its guess line muted."""
+
+    def loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with _no_guess_line():
+            return elbo.differentiable_loss(model, guide, *args, **kwargs)
+
+    return loss
 
 
 class _NotReparameterized(dist.TorchDistribution):
@@ -96,7 +116,8 @@ class _NotReparameterized(dist.TorchDistribution):
     object is never changed. ``has_rsample`` is a class attribute and
     :meth:`expand` returns a wrapper, so the flag survives the ``expand`` done
     by plates and by vectorised particles (``Normal(...).has_rsample_(False)``
-    does not: GUIDE.md).
+    does not: torch's ``expand`` builds a new instance without the instance
+    attribute, and torch's ``Independent`` cannot have it set).
     """
 
     has_rsample = False
@@ -257,7 +278,7 @@ class Estimator:
         self.validate(num_particles)
         elbo, handled_guide = self.elbo(num_particles, vectorize), self.handled(guide)
         if isinstance(elbo, pyro.infer.TraceEnum_ELBO):  # Pyro's own (it reads each site's value back to the host)
-            return EstimatorLoss(lambda *args, **kwargs: elbo.differentiable_loss(model, handled_guide, *args, **kwargs))
+            return EstimatorLoss(_pyro_loss(elbo, model, handled_guide))
         particles = Particles(num_particles, vectorize)
         mean_field = isinstance(elbo, pyro.infer.TraceMeanField_ELBO)
         if not mean_field:
@@ -272,7 +293,7 @@ class Estimator:
             with warnings.catch_warnings():
                 warnings.filterwarnings("error", message="Failed to verify mean field restriction")
                 try:
-                    return elbo.differentiable_loss(model, handled_guide, *args, **kwargs)
+                    return _pyro_loss(elbo, model, handled_guide)(*args, **kwargs)
                 except UserWarning as exc:
                     model_sites, _, guide_sites = str(exc).partition("Model sites:")[2].partition("Guide sites:")
                     raise ConfigError(
@@ -352,11 +373,8 @@ def trace_loss(pairs: list[tuple[Any, Any]], num_particles: int, *, mean_field: 
 
     .. math::
 
-        
-abla \mathcal{L} = \mathbb{E}ig[
-abla (\log p - \log q)_{	ext{pathwise}}
-            + (\log p - \log q)_{	ext{downstream}} 
-abla \log q_{	ext{score}}ig].
+        \nabla \mathcal{L} = \mathbb{E}\big[\nabla (\log p - \log q)_{\text{pathwise}}
+            + (\log p - \log q)_{\text{downstream}} \nabla \log q_{\text{score}}\big].
 
     With ``mean_field`` a latent site's KL term is taken in closed form where torch registers it
     (``kl_divergence``), scaled and masked as the site is. Pyro's own implementations read each site's

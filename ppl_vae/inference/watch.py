@@ -21,8 +21,8 @@ class DivergenceWatch:
     * **Above the bound.** When every observed site is discrete, :math:`\log p(x) \le 0`, and by
       Markov's inequality :math:`P(\log w > t) \le p(x)\, e^{-t} \le e^{-t}` for a weight
       :math:`w = p(x, z) / q(z)` (also for an IWAE mean of weights; with a KL weight ``beta`` the
-      bound holds for :math:`t / \max(eta, 1)`). A minibatch mean above :math:`t = 50` nats per
-      datapoint therefore has probability below :math:`B e^{-50} pprox 10^{-20}` for a valid model
+      bound holds for :math:`t / \max(\beta, 1)`). A minibatch mean above :math:`t = 50` nats per
+      datapoint therefore has probability below :math:`B e^{-50} \approx 10^{-20}` for a valid model
       and guide: it means a distribution left its valid set or float round-off broke a density.
     * **Growth.** An estimate whose magnitude is :data:`GROWTH` times the median magnitude of the
       last :data:`WINDOW` steps (at least 1 nat).

@@ -280,7 +280,8 @@ def m2_semisupervised(
             fit(model, guide, (x_fit, y_fit), estimator="enum", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + draw, progress=progress)
             m2_s = time.perf_counter() - t0
             acc = (classify(clf, xte) == yte).double().mean().item()
-            sup = MLP(d, [hidden], c)
+            with seeded(seed + draw):  # the classifier alone starts where M2's classifier started
+                sup = MLP(d, [hidden], c)
             fit(_supervised(sup), empty_guide, (xtr[lab].repeat(repeats, 1), ytr[lab].repeat(repeats)),
                 epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + draw, progress=False)
             sup_acc = (classify(sup, xte) == yte).double().mean().item()
