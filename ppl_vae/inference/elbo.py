@@ -20,22 +20,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import pyro
 import torch
 
 from ..errors import ConfigError, NonFiniteError, check_int
 from .plates import DataPlate, find_data_plate, on_data_plate
 from .random import seeded
 from .traces import (
+    analysed,
     check_pairs,
     first_nonfinite_site,
     latent_nodes,
     log_weights_of,
     per_datapoint,
-    traces,
-    analysed,
     restrict,
+    traces,
 )
+from .validation import retry_unvalidated
 
 __all__ = ["Estimate", "elbo_per_datapoint", "evaluate_elbo", "kl_per_site"]
 
@@ -88,16 +88,7 @@ def elbo_per_datapoint(
     draws = []
     with torch.no_grad():
         for _ in range(num_particles):
-            rng, invalid = torch.get_rng_state(), ""
-            try:
-                model_tr, guide_tr = traces(model, guide, *args)
-            except ValueError as exc:  # torch's argument validation meets an invalid parameter
-                if "Expected parameter" not in str(exc):
-                    raise
-                invalid = f"a distribution got an invalid parameter ({str(exc).splitlines()[0][:120]}); "
-                torch.set_rng_state(rng)  # the same draws again, unvalidated, to find the site
-                with pyro.validation_enabled(False):
-                    model_tr, guide_tr = traces(model, guide, *args)
+            (model_tr, guide_tr), invalid = retry_unvalidated(lambda: traces(model, guide, *args), device=next((a.device for a in args if isinstance(a, torch.Tensor)), "cpu"))
             lw = log_weights_of(model_tr, guide_tr, plate, spread=spread)
             if invalid or not bool(torch.isfinite(lw).all()):
                 name, where = first_nonfinite_site(model_tr, guide_tr, plate)

@@ -35,6 +35,7 @@ from ..errors import (
 )
 from .batches import Rows
 from .compiled import CompiledStep, Noise
+from .validation import retry_unvalidated
 from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .params import Discovered, discover, load_params
 from .plates import DATA, DataPlate, DataRows, find_data_plate, on_data_plate, subsampled_size
@@ -464,17 +465,15 @@ class SVI:
             with self.scope():
                 loss, flags, self._grads = self.compiled(batch, rows.to(batch[0].device))
             return StepLoss(loss, flags)
-        rng, invalid = torch.get_rng_state(), ""
+        objective = self.objective
+
+        def unvalidated() -> torch.Tensor:
+            objective.validate = False
+            return self.module(*batch)
+
         with self.scope():
-            try:
-                loss = self.module(*batch)
-            except ValueError as exc:
-                if isinstance(exc, PplVaeError) or not is_validation_enabled() or not self.objective.validate:
-                    raise
-                torch.set_rng_state(rng)
-                self.objective.validate = False
-                loss = self.module(*batch)
-                invalid = f"a distribution got an invalid parameter ({str(exc).splitlines()[0][:120]}); "
+            loss, invalid = retry_unvalidated(lambda: self.module(*batch), unvalidated, validating=is_validation_enabled() and objective.validate,
+                                              device=batch[0].device)
         ok = torch.as_tensor(self.objective.support.ok, device=loss.device)
         return StepLoss(loss, torch.stack([loss.detach().to(torch.float64), ok.to(torch.float64)]), invalid)
 
