@@ -50,8 +50,11 @@ def make_schedule(optimizer: torch.optim.Optimizer, lr_schedule: str | Callable[
 
 
 def replan(sched: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Set the learning rates a restored ``LambdaLR`` gives at its epoch (the same numbers, or a re-planned curve)."""
-    lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    sched._last_lr = lrs
+    """Set the learning rates a restored ``LambdaLR`` gives at its epoch (the same numbers, or a re-planned curve).
+
+    Through the scheduler's public ``step``: taken back one epoch, stepped to it again, it computes
+    the rates of its own lambdas at that epoch and sets them in ``optimizer`` and ``get_last_lr()``.
+    """
+    assert sched.optimizer is optimizer
+    sched.last_epoch -= 1
+    sched.step()
