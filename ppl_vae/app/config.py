@@ -20,7 +20,7 @@ from ..errors import (
     ConfigError,
     check_seed,
 )
-from ..inference.estimators import get_estimator
+from ..inference.estimators import ESTIMATORS, get_estimator
 from ..inference.svi import SCHEDULES
 from ..models.discrete import DISCRETE_MODELS
 
@@ -98,8 +98,6 @@ MODELS = tuple(MODEL_SPECS)
 #: the options only some models use (:attr:`ModelSpec.options`): ``--components`` sets the size of a mixture prior, ``--noise`` a
 #: denoising autoencoder's masking, ``--contractive`` the contractive one's penalty, ``--pretrain-epochs`` a stacked one's pretraining
 MODEL_OPTIONS = ("likelihood", "layers", "components", "noise", "contractive", "pretrain_epochs")
-#: estimators by what they need of the model: a pathwise sampler at every guide site, and analytic KLs
-PATHWISE_ESTIMATORS = ("reparam", "analytic-kl", "enum")
 
 #: the keys every ``config.json`` has held since the first release: a saved config without one is damaged. The options added
 #: since (``flows``, ``resumed``, ``kl_warmup``, ``layers``, ``pretrain_epochs``, ``contractive``, ``components``) may be absent
@@ -199,9 +197,11 @@ class Config:
         get_estimator(self.estimator).validate(self.num_particles)  # ConfigError for unknown names, bad options
         if self.compile and not get_estimator(self.estimator).compiles:
             raise ConfigError(f"--compile: estimator {self.estimator} {get_estimator(self.estimator).compiles_not}; train it without --compile")
-        spec, estimator = self.spec, self.estimator.split(":")[0]
-        if spec.latents == "discrete" and estimator in PATHWISE_ESTIMATORS:
-            raise ConfigError(f"{self.model} has discrete latents (its guide has no pathwise sampler to reparameterise or enumerate): use --estimator score, score+average, score+nvil, score+loo, iwae or relaxed")
+        spec, estimator, est = self.spec, self.estimator.split(":")[0], get_estimator(self.estimator)
+        if spec.latents == "discrete" and est.pathwise_only:
+            able = ", ".join(name for name, make in ESTIMATORS.items() if not make().pathwise_only)
+            raise ConfigError(f"{self.model} has discrete latents (its guide has no pathwise sampler to reparameterise or enumerate): "
+                              f"use --estimator {able}")
         if spec.latents == "point" and estimator != "reparam":
             raise ConfigError(f"{self.model} has a point-estimate encoder: only --estimator reparam applies")
         if estimator == "analytic-kl" and not spec.mean_field:
@@ -211,7 +211,7 @@ class Config:
         if self.guide not in spec.guides:
             able = ", ".join(m for m, s in MODEL_SPECS.items() if self.guide in s.guides)
             raise ConfigError(f"--guide {self.guide} is available for {able}, not {self.model}")
-        if self.guide == "iaf" and self.estimator.startswith("score"):
+        if self.guide == "iaf" and est.scores:
             raise ConfigError("--guide iaf needs a pathwise estimator (reparam or iwae): its cached flow log-density gives the score function no gradient")
         if estimator == "iwae" and self.beta != 1.0:
             raise ConfigError("--estimator iwae is not defined with --beta != 1 (the bound is not a sum of per-site terms)")

@@ -237,9 +237,15 @@ class Estimator:
 
     ``compiles`` says whether a step of it can be traced once and compiled (``fit(compile=True)``):
     no value of it is read back to the host at each step; ``compiles_not`` says why not.
+    ``pathwise_only``: it needs a pathwise sampler (or enumeration) at every latent guide site, so a
+    guide with discrete latents is refused. ``scores``: it takes score-function gradients for every
+    guide site, so a guide whose log-density has no gradient in its parameters (a cached flow's)
+    trains nothing.
     """
 
     name: ClassVar[str] = ""
+    pathwise_only: ClassVar[bool] = True
+    scores: ClassVar[bool] = False
 
     @property
     def compiles(self) -> bool:
@@ -572,6 +578,9 @@ class ScoreFunction(Estimator):
     (:meth:`EstimatorLoss.state_dict`).
     """
 
+    pathwise_only: ClassVar[bool] = False
+    scores: ClassVar[bool] = True
+
     baseline: str | None = None
     decay: float = 0.9
     hidden: int = 100
@@ -676,6 +685,8 @@ class IWAE(Estimator):
     log-weight is replaced by the mean of the others (Mnih & Rezende 2016).
     The loss value is the negative bound; beta-weighting does not apply.
     """
+
+    pathwise_only: ClassVar[bool] = False
 
     name: ClassVar[str] = "iwae"
 
@@ -788,6 +799,8 @@ class Relaxed(Estimator):
     model; the gradient is biased, with less bias as ``temperature`` -> 0
     and more variance. Other sites are pathwise.
     """
+
+    pathwise_only: ClassVar[bool] = False
 
     temperature: float = 1.0
     name: ClassVar[str] = "relaxed"

@@ -23,6 +23,7 @@ from ppl_vae.app.config import Config
 from ppl_vae.app.registry import build
 from ppl_vae.errors import ConfigError, NotReparameterizableError
 from ppl_vae.inference.estimators import (
+    ESTIMATORS,
     AnalyticKL,
     Reparameterized,
     ScoreFunction,
@@ -155,3 +156,28 @@ def test_analytic_kl_refuses_a_structured_guide_by_name_before_any_update():
     with pytest.raises(ConfigError, match=r"analytic-kl .* mean-field guide .*model sites z2, z1; guide sites z1, z2"):
         fit(built.model, built.guide, x, estimator="analytic-kl", epochs=1, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_what_an_estimator_declares_of_discrete_latents_is_what_it_does(name):
+    """``pathwise_only`` (read by the command line to refuse a model before any work) against one epoch on a Bernoulli latent."""
+    x = (torch.rand(40, 2, generator=torch.Generator().manual_seed(4)) < 0.5).float()
+    logits, dec = nn.Parameter(torch.zeros(2)), nn.Linear(2, 2)
+
+    def model(x):
+        pyro.module("dec", dec)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(0.5 * torch.ones(2)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=dec(z)).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1))
+
+    k = 2 if name in ("iwae", "score+loo") else 1
+    options = dict(estimator=name, num_particles=k, epochs=1, batch_size=20, progress=False, modules=[dec])
+    if get_estimator(name).pathwise_only:
+        with pytest.raises(NotReparameterizableError, match="guide site 'z'"):
+            fit(model, guide, x, **options)
+    else:
+        assert math.isfinite(fit(model, guide, x, **options).train_elbo)
