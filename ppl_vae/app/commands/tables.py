@@ -83,10 +83,6 @@ def _positive(**values: int) -> None:
         check_int(v, name.replace("_", "-"))
 
 
-def _seed(seed: int) -> None:
-    check_seed(seed)
-
-
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -128,7 +124,7 @@ def cvae_quadrants(
     for q in quadrants:
         visible_mask(q)
     _positive(epochs=epochs, num_samples=num_samples, batch_size=batch_size, latent_dim=latent_dim)
-    _seed(seed)
+    check_seed(seed)
     _positive(**{k: v for k, v in (("train_limit", train_limit), ("test_limit", test_limit)) if v is not None})
     train_all = load("binarized-mnist", "train", data_dir=data_dir)
     test_all = load("binarized-mnist", "test", data_dir=data_dir)
@@ -243,7 +239,7 @@ def m2_semisupervised(
     if any(n < 10 or n % 10 for n in labels):
         raise ConfigError(f"label budgets must be positive multiples of 10 (equal labels per class), got {list(labels)}")
     _positive(draws=draws, epochs=epochs, batch_size=batch_size, latent_dim=latent_dim)
-    _seed(seed)
+    check_seed(seed)
     if not alpha >= 0:
         raise ConfigError(f"alpha must be >= 0, got {alpha}")
     if unlabelled not in UNLABELLED:
@@ -340,7 +336,7 @@ def sdae_codes(
     """
     widths = tuple(layers)
     _positive(epochs=epochs, batch_size=batch_size, folds=folds, **{f"layer_{i}": w for i, w in enumerate(widths)})
-    _seed(seed)
+    check_seed(seed)
     train = load("binarized-mnist", "train", data_dir=data_dir, limit=None)
     test = load("binarized-mnist", "test", data_dir=data_dir)
     labelled = load("mnist", "test", data_dir=data_dir)
