@@ -80,3 +80,30 @@ def test_a_built_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     script = target / "bin" / "ppl-vae"
     helped = subprocess.run([sys.executable, str(script), "fit", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert helped.returncode == 0 and "example:" in helped.stdout, helped.stderr[-2000:]
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``ppl_vae.a.b.c`` names a module or an attribute reachable from the longest importable module prefix."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_every_package_name_the_docs_use_is_exported():
+    """A name written ``ppl_vae.x.y`` in the README or docs/ is importable as written (the docs once named models that
+    ``ppl_vae.models`` did not export)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = {(p.name, m) for p in pages for m in re.findall(r"\bppl_vae(?:\.[A-Za-z_][A-Za-z0-9_]*)+", p.read_text())}
+    missing = sorted(f"{page}: {name}" for page, name in named if not _resolves(name.rstrip(".")))
+    assert len(named) > 20 and not missing, missing

@@ -136,7 +136,7 @@ class LatentGuide:
         self.index = index if index is not None else torch.arange(latent.num_points)
 
     def select(self, rows: slice | torch.Tensor) -> LatentGuide:
-        """The guide of the datapoints ``rows`` only (as :func:`~ppl_vae.inference.bounds.importance_bounds` chunks)."""
+        """The guide of the datapoints ``rows`` only (as :func:`~ppl_vae.inference.gaps.bounds.importance_bounds` chunks)."""
         return LatentGuide(self.latent, self._distribution, self.index[rows])
 
     def __call__(self, x: torch.Tensor, *args: torch.Tensor) -> None:
