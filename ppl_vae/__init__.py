@@ -12,6 +12,7 @@ turn a Ctrl-C during those imports into one line.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 from .errors import (
@@ -31,7 +32,6 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
-    "Estimate",
     "FitResult",
     "Interrupted",
     "NotReparameterizableError",
@@ -40,12 +40,8 @@ __all__ = [
     "TrainingDiverged",
     "compare",
     "decompose",
-    "elbo_per_datapoint",
-    "evaluate_elbo",
     "fit",
-    "gradient_stats",
     "hmc_latent",
-    "importance_bounds",
     "load_run",
     "data",
     "distributions",
@@ -57,16 +53,21 @@ __all__ = [
 ]
 
 _LAZY = {
-    **{name: ".inference" for name in ("Estimate", "FitResult", "compare", "decompose", "elbo_per_datapoint", "evaluate_elbo", "fit",
-                                       "gradient_stats", "hmc_latent", "importance_bounds")},
+    **{name: ".inference" for name in ("FitResult", "compare", "decompose", "fit", "hmc_latent")},
     "load_run": ".app.runs",
 }
+#: names that were exported here and now live in their subpackage only: they keep working, with a warning, for one release
+_MOVED = {name: ".inference" for name in ("Estimate", "elbo_per_datapoint", "evaluate_elbo", "gradient_stats", "importance_bounds")}
 _SUBMODULES = ("data", "distributions", "guides", "inference", "models", "nn")
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _MOVED:
+        warnings.warn(f"ppl_vae.{name} moved: import it from ppl_vae{_MOVED[name]} (the top-level name goes in the next release)",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name], __name__), name)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value

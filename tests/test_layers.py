@@ -13,6 +13,7 @@ loads torch inside its Ctrl-C handler.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,24 @@ def test_private_names_stay_in_their_module(module):
         for a in n.names if a.name.startswith("_") and a.name != "__future__"
     ]
     assert not private, private
+
+
+def test_the_top_level_holds_the_names_the_guide_uses_and_moved_names_warn():
+    """``from ppl_vae import X`` for the README's and the guide's names; the names moved to ``ppl_vae.inference`` still import, with a
+    DeprecationWarning naming where they live now."""
+    import warnings
+
+    import ppl_vae
+    import ppl_vae.inference
+
+    guide = {name for page in [PACKAGE.parent / "README.md", *(PACKAGE.parent / "docs").glob("*.md")]
+             for line in re.findall(r"from ppl_vae import ([^\n]+)", page.read_text()) for name in re.findall(r"\w+", line)}
+    assert guide and guide <= set(ppl_vae.__all__), guide - set(ppl_vae.__all__)
+    for name in ("importance_bounds", "Estimate"):
+        assert name not in ppl_vae.__all__
+        with pytest.warns(DeprecationWarning, match=f"ppl_vae.{name} moved: import it from ppl_vae.inference"):
+            value = getattr(ppl_vae, name)
+        assert value is getattr(ppl_vae.inference, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ppl_vae.fit is ppl_vae.inference.fit
