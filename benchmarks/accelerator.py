@@ -22,10 +22,12 @@ Sections (each timed against a named baseline in the same process, the callables
   Gaussian guide): images per second and peak memory. Baseline: the same log weights and
   log-mean-exp written by hand in torch, in chunks of the same number of rows. Peak memory: on
   CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on the CPU
-  the growth of the process's peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``)
-  over one call, each measured in a fresh subprocess that has built the model and data but not
-  yet run the call (it counts the allocator's and Python's memory too, and pages touched, not
-  bytes asked for).
+  the peak resident set of a fresh subprocess during one call above its resident set when the
+  call starts (``VmHWM`` of ``/proc/self/status``, reset to ``VmRSS`` just before the call by writing
+  5 to ``/proc/self/clear_refs``; the subprocess has built the model and data). It counts pages
+  touched by torch's CPU allocator and Python, not bytes asked for. (``ru_maxrss`` would not do: a
+  child inherits its parent's high-water mark through fork and exec, and ``tracemalloc`` does not
+  see torch's allocator.)
 
 For each: operations dispatched and host synchronisations per transition / step / chunk, counted
 with :class:`ppl_vae.inference.dispatch.Dispatches` (by the same difference for hmc and qstar; an
@@ -44,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -209,13 +210,27 @@ def peak_memory(what: str, n: int, K: int, device: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _status_kib(key: str) -> int:
+    """A ``/proc/self/status`` entry (``VmRSS``, ``VmHWM``) in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
 def _memory_child(what: str, n: int, K: int, threads: int) -> None:
     torch.set_num_threads(threads)
     model, guide, decoder, encoder, x = build(n, "cpu")
     fn = iwae_run(model, guide, x, K) if what == "package" else bare_iwae(decoder, encoder, x, K, iwae_rows_per_chunk(K))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    try:  # "5": reset the peak resident set to the current one (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+    except OSError:
+        before = _status_kib("VmHWM")
     fn()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print((_status_kib("VmHWM") - before) / 1024)
 
 
 class Sizes:
@@ -298,7 +313,7 @@ def qstar_section(a: argparse.Namespace, rows: list[dict[str, Any]], skipped: li
 def iwae_section(a: argparse.Namespace, rows: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> None:
     K, r = a.K, iwae_rows_per_chunk(a.K)
     memory = "torch.cuda.max_memory_allocated above the allocation before the call" if a.device.startswith("cuda") else \
-        "growth of ru_maxrss over one call in a fresh subprocess"
+        "VmHWM over VmRSS at the call, in a fresh subprocess (clear_refs)"
     print(f"\n== iwae: importance_bounds K={K} (diagnose=False), {r} rows per chunk; baseline: the same bound by hand in torch, "
           f"{r} rows at a time; peak memory: {memory} ==")
     print(f"{'N':>6} | {'ops/chunk':>9} | {'syncs/chunk':>11} | {'images/s':>8} | {'baseline img/s':>14} | {'time / baseline':>15} | {'peak MiB':>8} | {'baseline MiB':>12}")
