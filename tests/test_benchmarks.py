@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,4 +28,5 @@ def test_the_accelerator_benchmark_runs_every_section_at_tiny_sizes(tmp_path):
     assert [r["N"] for r in by_section["iwae"]] == [4]
     for rows in by_section.values():
         for r in rows:
-            assert r["ops"] > 0 and r["syncs"] >= 0 and r["ratio"] > 0
+            # times at these sizes are noise (hmc and qstar subtract two runs' times: the difference can be negative)
+            assert r["ops"] > 0 and r["syncs"] >= 0 and math.isfinite(r["ratio"])
