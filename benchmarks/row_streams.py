@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from side_by_side import alternate
-from torch.utils._python_dispatch import TorchDispatchMode
+from side_by_side import alternate, in_turn
 
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.guides.amortized import amortized_guide
+from ppl_vae.inference.dispatch import Dispatches
 from ppl_vae.inference.random import Streams, row_seed
 from ppl_vae.inference.traces import log_weights
 from ppl_vae.models.vae import vae
@@ -63,40 +62,18 @@ class PerRowGenerators:
         return self._draw(torch.rand, shape)
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops(fn: Callable[[], object]) -> int:
-    with _Count() as count:
+    with Dispatches() as count:
         fn()
-    return count.calls
+    return count.ops
 
 
-def _noise(kind: type, n: int, chains: int, dtype: torch.dtype) -> Callable[[], object]:
-    s = kind(0, range(n), "cpu", 4)
+def _noise(kind: type, n: int, chains: int, dtype: torch.dtype, device: str = "cpu") -> Callable[[], object]:
+    """One HMC transition's noise for ``n`` datapoints: normal ``[chains, n, 50]`` + uniform ``[chains, n]`` from ``kind``'s streams."""
+    s = kind(0, range(n), device, 4)
     if kind is Streams:
         return lambda: (s.normal([chains, n, 50], dtype=dtype), s.uniform([chains, n], dtype=dtype))
     return lambda: (s.normal([chains, n, 50]), s.uniform([chains, n]))
-
-
-def _medians(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:
-    """Each once as a warm-up, then all in turn ``repeats`` times: the seconds of each."""
-    for f in fns:
-        f()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for f, t in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - t0)
-    return times
 
 
 def noise_table(rows: list[int], chains: int, repeats: int) -> None:
@@ -108,7 +85,7 @@ def noise_table(rows: list[int], chains: int, repeats: int) -> None:
         base = lambda n=n, gen=gen: (torch.randn(chains, n, 50, generator=gen), torch.rand(chains, n, generator=gen))
         before, after, wide = _noise(PerRowGenerators, n, chains, torch.float32), _noise(Streams, n, chains, torch.float32), _noise(Streams, n, chains, torch.float64)
         ops_before, ops_after = _ops(before), _ops(after)
-        tb, ta, tw, t0 = _medians([before, after, wide, base], repeats)
+        tb, ta, tw, t0 = in_turn([before, after, wide, base], repeats)
         ratio = [statistics.median(x / y for x, y in zip(t, t0)) for t in (tb, ta, tw)]
         print(f"{n:>6} | {ops_before:>10} | {ops_after:>9} | {ratio[0]:>17.3g} | {ratio[1]:>16.3g} | {ratio[2]:>20.3g} | {statistics.median(t0) * 1e3:.3f}")
 

@@ -29,3 +29,14 @@ def alternate(first: Callable[[], object], second: Callable[[], object], repeats
     ratios = [x / y for x, y in zip(ta, tb)]
     return (f"{statistics.median(ta) * 1e3:9.2f} ms vs {statistics.median(tb) * 1e3:9.2f} ms   "
             f"ratio median {statistics.median(ratios):.3g} (min {min(ratios):.3g}, max {max(ratios):.3g})")
+
+
+def in_turn(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:
+    """Each once as a warm-up, then all in turn ``repeats`` times: the seconds of each (one list per callable)."""
+    for f in fns:
+        f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for f, t in zip(fns, times):
+            t.append(_time(f))
+    return times
