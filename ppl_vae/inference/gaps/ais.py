@@ -50,7 +50,7 @@ from ...guides.latent import Latent
 from ...progress import bar
 from ..distributed import Spread, spread_rows
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
-from ..mcmc.kernel import State, StepSize, transition
+from ..mcmc.kernel import State, da_init, da_update, transition
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import analysed
 from .bounds import cat_optional, log_mean_exp
@@ -135,12 +135,13 @@ def _run(dens, z, log_q, betas, noise, *, leapfrog_steps, step_size, target_acce
 
     Each transition is :func:`~ppl_vae.inference.mcmc.kernel.transition` with ``leapfrog_steps``
     steps and the identity mass; with ``adapt`` the step size of each datapoint follows the
-    shared rule (:class:`~ppl_vae.inference.mcmc.kernel.StepSize`) from one annealing step to the
-    next, otherwise the recorded ``eps_schedule``.
+    samplers' dual averaging (:func:`~ppl_vae.inference.mcmc.kernel.da_update`) from one annealing
+    step to the next, otherwise the recorded ``eps_schedule``. The run reads one value back from
+    the device, the temperatures, before it starts; its steps read none.
     """
     C, N = z.shape[:2]
-    rule = StepSize(z.new_full((N,), step_size), target_accept)
-    eps = rule.eps
+    eps = z.new_full((N,), step_size)
+    da = da_init(eps, target_accept)
     lw = z.new_zeros(C, N, dtype=torch.float64)
     acc_total = z.new_zeros(N, dtype=torch.float64)
     record = []
@@ -158,6 +159,7 @@ def _run(dens, z, log_q, betas, noise, *, leapfrog_steps, step_size, target_acce
         return logf
 
     T = len(betas) - 1
+    betas = betas.tolist()  # the temperatures, on the host: one read for the whole run
     order = range(1, T + 1) if not reverse else range(T, 0, -1)
     for t in order:
         b_from, b_to = (betas[t - 1], betas[t]) if not reverse else (betas[t], betas[t - 1])
@@ -168,13 +170,14 @@ def _run(dens, z, log_q, betas, noise, *, leapfrog_steps, step_size, target_acce
             eps = eps_schedule[t - 1 if not reverse else max(t - 2, 0)].to(z.dtype)
         record.append(eps)  # the step size this transition uses
         f = annealed(float(b_to))
-        state, acc, _ = transition(f, State.at(f, z), eps, leapfrog_steps, noise)
-        z = state.u
+        state, info = transition(f, State.at(f, z), eps, leapfrog_steps, noise)
+        z, acc = state.u, info.accept_prob
         acc_total += acc.double().mean(0)
         if shown is not None:
             shown.update()
         if adapt:
-            eps = rule.update(acc.mean(0))
+            da = da_update(da, acc.mean(0))
+            eps = torch.exp(da.x)
     return lw, torch.stack(record), acc_total / T
 
 

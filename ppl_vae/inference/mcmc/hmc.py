@@ -15,8 +15,8 @@ The output is :class:`Draws` (convertible to ArviZ), as for Pyro's NUTS (:mod:`.
   jittered trajectory length**: every transition integrates for a time
   :math:`T \sim U(0, 2 T_0)` in the units of the adapted mass matrix
   (whitened coordinates), i.e. :math:`L = \lceil T / \epsilon_n \rceil`
-  leapfrog steps per chain, with per-chain masking so that chains with short
-  trajectories stop early (the jitter avoids the resonances of a fixed
+  leapfrog steps per chain, all chains stepping in lockstep and each masked
+  once its own trajectory is done (the jitter avoids the resonances of a fixed
   trajectory length, Neal 2011, section 5.4.2.3); and ``kernel="nuts"``, the
   **No-U-Turn sampler** (:func:`.kernel.nuts_transition`: multinomial, the
   generalised U-turn criterion, a maximum tree depth), each chain's tree
@@ -25,7 +25,13 @@ The output is :class:`Draws` (convertible to ArviZ), as for Pyro's NUTS (:mod:`.
   *divergent*: it is rejected and recorded in ``sample_stats["diverging"]``.
 
 Pyro's NUTS (:mod:`.nuts`) is the baseline against which this sampler is checked and benchmarked;
-the transition and the step-size rule are :mod:`.kernel`'s, shared with AIS.
+the transitions and the warmup adaptation are :mod:`.kernel`'s pure steps (the step-size rule
+shared with AIS), and this module is the loop around them. A transition reads nothing back from
+the device (NUTS: one boolean per tree doubling); the loop reads each datapoint's leapfrog-step
+limit once per check window (every 25 warmup transitions, after each mass-matrix window, and once
+for the whole of sampling), so that the number of leapfrog steps a transition runs is known on
+the host. In warmup, where the step size moves between reads, a datapoint's trajectories are cut
+at 1.25 times its longest one at the window's first step size; in sampling none is cut.
 
 The log density of the latent posterior of a model written the ppl-vae way
 is the model's joint log density with its latent site conditioned on ``z``:
@@ -61,7 +67,6 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
-from pyro.ops.welford import WelfordCovariance
 from pyro.poutine.util import site_is_subsample
 
 from ...errors import ConfigError
@@ -79,7 +84,7 @@ from ..traces import (
     analysed,
 )
 from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
-from .kernel import State, StepSize, nuts_transition, transition
+from .kernel import State, adapt_final, adapt_init, adapt_restart, adapt_update, nuts_transition, transition, window_schedule
 
 __all__ = ["hmc_latent", "hmc", "check_kernel", "KERNELS", "MASSES"]
 
@@ -239,52 +244,10 @@ def _optimize_init(f: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, 
     return best
 
 
-def _adaptation_windows(warmup: int, start: int = 75, end: int = 50, init_window: int = 25) -> list[tuple[int, int]]:
-    """Stan's slow-adaptation windows (start, end inclusive) for the mass matrix."""
-    if warmup < 20:
-        return []
-    if start + end + init_window > warmup:
-        start, end = int(0.15 * warmup), int(0.1 * warmup)
-        init_window = warmup - start - end
-    windows, cur, size, last = [], start, init_window, warmup - end
-    while cur < last:
-        nxt_size = 2 * size if 3 * size <= last - cur else size
-        if 3 * size > last - cur:
-            size = last - cur
-        windows.append((cur, cur + size - 1))
-        cur, size = cur + size, nxt_size
-    return windows
-
-
-class _DenseCovariance:
-    """Running covariance of each group's draws (``[G, K]`` per update; Welford), for a dense mass matrix.
-
-    :meth:`get` regularises as Stan (and Pyro's ``WelfordCovariance``): ``n/(n+5) cov + 1e-3 * 5/(n+5) I``.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def update(self, u: torch.Tensor) -> None:
-        if self.mean is None:
-            self.mean, self.m2 = torch.zeros_like(u), u.new_zeros((*u.shape, u.shape[-1]))
-        self.n += 1
-        before = u - self.mean
-        self.mean = self.mean + before / self.n
-        self.m2 = self.m2 + torch.einsum("gk,gl->gkl", u - self.mean, before)
-
-    def get(self) -> torch.Tensor:
-        n = self.n
-        cov = self.m2 / max(n - 1, 1)
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-        return n / (n + 5.0) * cov + 1e-3 * (5.0 / (n + 5.0)) * eye
-
-
 _EARLY_CAP = 16  # HMC: leapfrog steps per transition before the first mass-matrix estimate
 _EARLY_DEPTH = 6  # NUTS: tree depth before the first mass-matrix estimate
+_CHECK_EVERY = 25  # HMC: transitions between two reads of the step limits (and at every window's end)
+_WARMUP_SLACK = 1.25  # HMC warmup: a group's step limit is this many times its longest trajectory at the step size of the window's start
 KERNELS = ("hmc", "nuts")
 MASSES = ("diag", "dense")
 
@@ -306,39 +269,54 @@ class _Sampler:
         self.eps = target.init.new_ones(self.G)
         # before the first mass-matrix estimate the units of T are unknown: short trajectories
         self.cap = min(max_leapfrog, _EARLY_CAP)
+        self.limit = torch.full((self.G,), self.cap, dtype=torch.long, device=target.init.device)  # most leapfrog steps per group
+        self.bound = self.cap  # the most of them, on the host: the leapfrog steps every transition runs
+
+    def plan(self, slack: float) -> None:
+        """Fix each group's most leapfrog steps until the next plan, ``ceil(slack * 2T / eps)`` (at most the cap), and read their maximum: one read.
+
+        With ``slack=1`` and a fixed step size no trajectory is cut short; in warmup, where the step
+        size moves between plans, a group's trajectories are cut at its own limit, so that a
+        datapoint's chains never depend on the other datapoints of its batch.
+        """
+        self.limit = torch.ceil(slack * 2 * self.T / self.eps).clamp(1, self.cap).long()
+        self.bound = int(self.limit.max())
 
     def transition(self, eps: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One HMC transition with ``steps[c, g]`` leapfrog steps; returns (accept_prob, diverging)."""
-        self.state, accept_prob, diverging = transition(
-            self.f, self.state, eps, steps, self.noise, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error
-        )
-        return accept_prob, diverging
+        """One HMC transition with ``steps[c, g]`` leapfrog steps (at most :attr:`bound`); returns (accept_prob, diverging)."""
+        self.state, info = transition(self.f, self.state, eps, steps, self.noise, inv_mass=self.inv_mass,
+                                      max_energy_error=self.max_energy_error, max_steps=self.bound)
+        return info.accept_prob, info.diverging
 
     def steps(self, eps: torch.Tensor) -> torch.Tensor:
-        """Jittered number of leapfrog steps per chain: ``ceil(U(0, 2T) / eps)``."""
+        """Jittered number of leapfrog steps per chain: ``ceil(U(0, 2T) / eps)``, at most its group's limit."""
         t = 2 * self.T * self.noise.uniform((self.C, self.G), dim=1, dtype=eps.dtype)
-        return torch.ceil(t / eps[None, :]).clamp(1, self.cap).long()
+        return torch.minimum(torch.ceil(t / eps[None, :]).clamp(1, self.cap).long(), self.limit)
 
     def reasonable_step_size(self) -> None:
-        """Hoffman & Gelman's heuristic per group: double or halve until one step crosses acceptance 0.8."""
+        """Hoffman & Gelman's heuristic per group: double or halve until one step crosses acceptance 0.8.
+
+        The probes run in rounds of ten, each group frozen once it crossed; whether any group
+        still moves is read once a round (one read for most targets).
+        """
         eps = self.eps.clone()
         state = self.state
 
         def accept_rate(e: torch.Tensor) -> torch.Tensor:
             with self.noise.replaying():  # a probe: the state is not moved, and every probe uses the same momenta, so a
                 # group's stream does not depend on how many probes the other groups of its batch needed
-                _, prob, _ = transition(self.f, state, e, 1, self.noise, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error)
-            return prob.mean(0)
+                _, info = transition(self.f, state, e, 1, self.noise, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error)
+            return info.accept_prob.mean(0)
 
         direction = torch.where(accept_rate(eps) > self.target_accept, 1.0, -1.0).to(eps.dtype)
         active = torch.ones(self.G, dtype=torch.bool, device=eps.device)
-        for _ in range(40):
+        for probe in range(40):
             new = eps * 2.0**direction
             rate = accept_rate(new)
             crossed = (direction > 0) & (rate < self.target_accept) | (direction < 0) & (rate > self.target_accept)
             eps = torch.where(active, new, eps)
-            active &= ~crossed
-            if not active.any():
+            active = active & ~crossed
+            if probe % 10 == 9 and not active.any():
                 break
         self.eps = eps
 
@@ -360,6 +338,12 @@ def _run_batched(
     max_tree_depth: int = 10,
     mass: str = "diag",
 ) -> Draws:
+    """The loop around the kernels: warmup transitions driving :func:`.kernel.adapt_update` over :func:`.kernel.window_schedule`, then sampling.
+
+    A transition reads nothing back (NUTS: one boolean per doubling). HMC reads its groups' step
+    limits (:meth:`_Sampler.plan`) once per check window: every :data:`_CHECK_EVERY` transitions,
+    after each mass-matrix window and when sampling starts.
+    """
     t0 = time.perf_counter()
     target.init = _optimize_init(target.log_density, target.init, init_steps)
     s = _Sampler(target, target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
@@ -367,14 +351,13 @@ def _run_batched(
     if not torch.isfinite(s.state.lp).all():
         raise ConfigError("the log density is not finite at the initial point of some chains")
     s.reasonable_step_size()
-    windows = _adaptation_windows(warmup_steps)
-    ends = {end for _, end in windows}
-    rule = StepSize(s.eps, target_accept)
-    welford = WelfordCovariance(diagonal=True) if mass == "diag" else _DenseCovariance()
+    schedule = window_schedule(warmup_steps)
+    adapt = adapt_init(s.eps, s.inv_mass, target_accept, dense=mass == "dense")
     depth_cap = min(max_tree_depth, _EARLY_DEPTH)
     if warmup_steps == 0:
         s.cap = s.max_leapfrog
         depth_cap = max_tree_depth
+    replan = True
     with bar(range(warmup_steps + num_samples), desc=f"{method} warm-up" if warmup_steps else f"{method} sampling", unit="step", enabled=progress) as it:
         keep_u, keep_acc, keep_div, keep_steps, keep_depth = [], [], [], [], []
         for t in it:
@@ -385,25 +368,26 @@ def _run_batched(
                 s.state, info = nuts_transition(s.f, s.state, s.eps, s.noise, inv_mass=s.inv_mass, max_tree_depth=depth_cap, max_energy_error=max_energy_error)
                 acc, div, steps, depth = info.accept_prob, info.diverging, info.n_steps, info.tree_depth
             else:
+                if replan or (warm and t % _CHECK_EVERY == 0):
+                    s.plan(_WARMUP_SLACK if warm else 1.0)
+                    replan = False
                 steps = s.steps(s.eps)
                 acc, div = s.transition(s.eps, steps)
                 depth = None
             if warm:
-                s.eps = rule.update(acc.mean(0))
-                if any(a <= t <= b for a, b in windows):
-                    for c in range(s.C):
-                        welford.update(s.state.u[c])
-                if t in ends:
-                    s.inv_mass = welford.get_covariance(regularize=True) if mass == "diag" else welford.get()
+                window = schedule[t]
+                adapt = adapt_update(adapt, window, s.state.u, acc)
+                s.eps, s.inv_mass = adapt.eps, adapt.inv_mass
+                if window.end:
                     s.cap = s.max_leapfrog
                     depth_cap = max_tree_depth
-                    welford.reset()
                     s.reasonable_step_size()
-                    rule = StepSize(s.eps, target_accept)
+                    adapt = adapt_restart(adapt, s.eps)
                 if t == warmup_steps - 1:
-                    s.eps = rule.final if t not in ends else s.eps
+                    s.eps, s.inv_mass = adapt_final(adapt)
                     s.cap = s.max_leapfrog  # short warmups have no mass-matrix window to lift the early cap
                     depth_cap = max_tree_depth
+                replan = window.end or t == warmup_steps - 1
             else:
                 keep_u.append(s.state.u)
                 keep_acc.append(acc)

@@ -1,40 +1,60 @@
-r"""One HMC transition and one step-size rule, shared by annealed importance sampling and batched MCMC.
+r"""HMC and NUTS transitions and the warmup adaptation, as pure steps over small named tuples.
 
-Every chain of every group (a datapoint, in the latent-posterior samplers) is one
-row of a ``[C, G, K]`` tensor; a log density ``f`` maps it to ``[C, G]``.
+Shared by annealed importance sampling and batched MCMC. Every chain of every
+group (a datapoint, in the latent-posterior samplers) is one row of a
+``[C, G, K]`` tensor; a log density ``f`` maps it to ``[C, G]``.
 
-:func:`transition` is one Metropolis-adjusted leapfrog trajectory per chain, with
-its own number of steps per chain (chains whose trajectory is shorter stop,
-masked, while the others go on), a step size per group or per chain, and an
-inverse mass matrix per group, diagonal ``[G, K]`` or dense ``[G, K, K]``. A trajectory whose energy error exceeds
-``max_energy_error`` or is not finite is *divergent*: it stops, and the chain
-stays where it was. Its randomness (momenta, acceptance) comes from an explicit
-``torch.Generator`` on the data's device.
+The kernels are functions ``state -> (state, info)``:
 
-:class:`StepSize` is the step-size rule: dual averaging of the log step size
-toward a target acceptance probability, one scheme per group (Hoffman & Gelman
-2014, section 3.2, through Pyro's :class:`~pyro.ops.dual_averaging.DualAveraging`).
-MCMC warmup ends on the averaged iterate; AIS records the iterate of each
-annealing step in a pilot run and then runs its chains on that fixed schedule.
+* :func:`transition` is one Metropolis-adjusted leapfrog trajectory per chain,
+  with its own number of steps per chain, a step size per group or per chain,
+  and an inverse mass matrix per group, diagonal ``[G, K]`` or dense ``[G, K, K]``.
+  It runs a number of leapfrog steps fixed on the host (``max_steps``); a chain
+  whose trajectory is shorter is masked, not dropped. A trajectory whose energy
+  error exceeds ``max_energy_error`` or is not finite is *divergent*: it stops,
+  and the chain stays where it was. It reads nothing back from the device.
+* :func:`nuts_transition` is one No-U-Turn transition; it reads one boolean
+  per tree doubling (whether any chain still grows).
+
+Their randomness (momenta, acceptance, directions) comes from
+:class:`~ppl_vae.inference.random.Streams`, one stream per group: the same state
+and streams at the same positions give the same result, bit for bit.
+
+The warmup adaptation is three functions over :class:`Adaptation` (as
+BlackJAX's ``window_adaptation``): :func:`adapt_init`, :func:`adapt_update`
+(one call per warmup transition, driven by one entry of
+:func:`window_schedule`, a list of plain :class:`Window` tuples) and
+:func:`adapt_final`. The step size is dual averaging of ``log eps`` toward a target
+acceptance probability, one scheme per group (Hoffman & Gelman 2014, section
+3.2: :func:`da_init`, :func:`da_update`, :func:`da_final`, the arithmetic of
+Pyro's :class:`~pyro.ops.dual_averaging.DualAveraging` on tensors); the mass
+matrix is the Welford estimate of each group's draws in Stan's slow windows
+(:func:`welford_init`, :func:`welford_update`, :func:`welford_final`). None of
+them reads a value back; the loop that drives them (:mod:`.hmc`) reads once
+per window.
 
 References
 ----------
 Neal (2011), MCMC using Hamiltonian dynamics. Hoffman & Gelman (2014), The
-No-U-Turn Sampler, JMLR 15.
+No-U-Turn Sampler, JMLR 15. Stan Reference Manual, "HMC algorithm parameters".
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from pyro.ops.dual_averaging import DualAveraging
 
+from ...errors import ConfigError
 from ..random import Streams
 
-__all__ = ["NUTSInfo", "State", "StepSize", "momentum", "nuts_transition", "transition", "value_and_grad", "velocity"]
+__all__ = [
+    "Adaptation", "DualAverage", "HMCInfo", "NUTSInfo", "State", "Welford", "Window", "adapt_final", "adapt_init",
+    "adapt_restart", "adapt_update", "da_final", "da_init", "da_update", "momentum", "nuts_transition", "transition",
+    "value_and_grad", "velocity", "welford_final", "welford_init", "welford_update", "window_schedule",
+]
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
 
@@ -61,9 +81,8 @@ def value_and_grad(f: LogDensity, u: torch.Tensor) -> tuple[torch.Tensor, torch.
     return lp.detach(), g
 
 
-@dataclass(frozen=True)
-class State:
-    """Where the chains are: ``u`` ``[C, G, K]``, the log density there ``[C, G]`` and its gradient."""
+class State(NamedTuple):
+    """Where the chains are: position ``u`` ``[C, G, K]``, the log density there ``lp`` ``[C, G]`` and its gradient ``grad`` ``[C, G, K]``."""
 
     u: torch.Tensor
     lp: torch.Tensor
@@ -71,7 +90,16 @@ class State:
 
     @classmethod
     def at(cls, f: LogDensity, u: torch.Tensor) -> State:
+        """The state at ``u``: one evaluation of ``f`` and its gradient."""
         return cls(u.detach(), *value_and_grad(f, u))
+
+
+class HMCInfo(NamedTuple):
+    """Per-chain statistics of one HMC transition (each ``[C, G]``)."""
+
+    accept_prob: torch.Tensor  #: min(1, exp(H0 - H)) of the proposal (0 for a divergent one)
+    diverging: torch.Tensor  #: the trajectory hit an energy error above max_energy_error (or a non-finite one)
+    n_steps: torch.Tensor  #: leapfrog steps (gradient evaluations) this chain used
 
 
 def transition(
@@ -83,18 +111,30 @@ def transition(
     *,
     inv_mass: torch.Tensor | None = None,
     max_energy_error: float = math.inf,
-) -> tuple[State, torch.Tensor, torch.Tensor]:
-    """One HMC transition of every chain: ``(new state, acceptance probability [C, G], diverging [C, G])``.
+    max_steps: int | None = None,
+) -> tuple[State, HMCInfo]:
+    """One HMC transition of every chain: ``(new state, info)``, with no value read back from the device.
 
     ``eps`` is ``[G]`` (per group) or ``[C, G]`` (per chain); ``steps`` an int or a ``[C, G]``
-    tensor of leapfrog steps; ``inv_mass`` ``[G, K]`` (identity when None). The momenta and the
+    tensor of leapfrog steps; ``inv_mass`` ``[G, K]`` or ``[G, K, K]`` (identity when None). The
+    transition runs ``max_steps`` leapfrog steps (a Python int; ``steps`` when that is an int, and
+    required when it is a tensor), every chain masked once its own ``steps`` are done or it
+    diverged; a chain with more steps than ``max_steps`` stops at ``max_steps``. The momenta and the
     accept draws come from ``noise``, one stream per group (datapoint).
     """
-    u0, lp0, g0 = state.u, state.lp, state.grad
+    u0, lp0, g0 = state
     C, G = lp0.shape
+    if isinstance(steps, torch.Tensor):
+        if max_steps is None:
+            raise ConfigError("transition: steps given per chain need max_steps, the most leapfrog steps any chain takes (a Python int)")
+        steps_t = steps
+    else:
+        max_steps = steps if max_steps is None else max_steps
+        steps_t = torch.full((C, G), steps, dtype=torch.long, device=u0.device)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ConfigError(f"transition: max_steps must be a whole number of leapfrog steps, got {max_steps!r}")
     e = (eps if eps.dim() == 2 else eps.expand(C, G))[..., None]
     m = inv_mass if inv_mass is not None else u0.new_ones(())
-    steps_t = steps if isinstance(steps, torch.Tensor) else torch.full((C, G), steps, dtype=torch.long, device=u0.device)
     r = momentum(m, noise.normal(u0.shape, dim=1, dtype=u0.dtype))
 
     def energy(lp: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -104,10 +144,8 @@ def transition(
     z, lp, g = u0, lp0, g0
     r = r + 0.5 * e * g
     diverging = torch.zeros(C, G, dtype=torch.bool, device=u0.device)
-    for step in range(int(steps_t.max())):
+    for step in range(max_steps):
         act = (step < steps_t) & ~diverging
-        if not act.any():
-            break
         a = act[..., None]
         z = torch.where(a, z + e * velocity(m, r), z)
         lp_new, g_new = value_and_grad(f, z)
@@ -116,54 +154,172 @@ def transition(
         r = torch.where(a, r + torch.where((step == steps_t - 1)[..., None], 0.5 * e, e) * g, r)
         h = energy(lp, r)
         bad = act & (~torch.isfinite(h) | (h - h0 > max_energy_error))
-        if bad.any():  # stop the divergent chains where they started
-            diverging |= bad
-            z = torch.where(bad[..., None], u0, z)
-            lp = torch.where(bad, lp0, lp)
-            g = torch.where(bad[..., None], g0, g)
+        diverging = diverging | bad  # a divergent chain stops where it started
+        b = bad[..., None]
+        z, lp, g = torch.where(b, u0, z), torch.where(bad, lp0, lp), torch.where(b, g0, g)
     delta = energy(lp, r) - h0
     delta = torch.where(torch.isfinite(delta) & ~diverging, delta, torch.full_like(delta, math.inf))
     accept_prob = torch.exp(-delta.clamp(min=0))
     accept = noise.uniform(accept_prob.shape, dim=1, dtype=accept_prob.dtype) < accept_prob
     new = State(torch.where(accept[..., None], z, u0), torch.where(accept, lp, lp0), torch.where(accept[..., None], g, g0))
-    return new, accept_prob, diverging
+    return new, HMCInfo(accept_prob, diverging, steps_t.clamp(max=max_steps))
 
 
-class StepSize:
-    """Dual averaging of ``log eps`` toward ``target_accept``, one scheme per group (``eps`` is ``[G]``).
+# --------------------------------------------------------------------------- warmup adaptation, as init / update / final
 
-    :meth:`update` takes the mean acceptance probability of each group's chains and returns the
-    next step size (the current iterate); :attr:`final` is the averaged iterate, the step size to
-    sample with once adaptation ends. Each scheme is centred on ``10 * eps`` (as Stan and Pyro).
+
+_DA_T0, _DA_KAPPA, _DA_GAMMA = 10, 0.75, 0.05  # Pyro's and Stan's dual-averaging constants
+
+
+class DualAverage(NamedTuple):
+    """Dual averaging of ``log eps`` toward ``target_accept``, one scheme per group (each tensor ``[G]``)."""
+
+    x: torch.Tensor  #: the current iterate, the log step size to use next
+    x_avg: torch.Tensor  #: the averaged iterate, the log step size to sample with once adaptation ends
+    g_avg: torch.Tensor  #: the running mean of ``target_accept - accept_prob``
+    prox_center: torch.Tensor  #: ``log(10 eps0)``, where the scheme is centred (as Stan and Pyro)
+    t: int  #: updates so far
+    target_accept: float
+
+
+def da_init(eps: torch.Tensor, target_accept: float) -> DualAverage:
+    """A scheme per group that starts from step sizes ``eps`` ``[G]``."""
+    log_eps = torch.log(eps)
+    return DualAverage(log_eps, log_eps, torch.zeros_like(eps), torch.log(10 * eps), 0, target_accept)
+
+
+def da_update(da: DualAverage, accept_prob: torch.Tensor) -> DualAverage:
+    """One step of every scheme on the groups' mean acceptance probabilities ``[G]`` (Pyro's ``DualAveraging.step``, on tensors)."""
+    t = da.t + 1
+    g_avg = (1 - 1 / (t + _DA_T0)) * da.g_avg + (da.target_accept - accept_prob) / (t + _DA_T0)
+    x = da.prox_center - (t**0.5) / _DA_GAMMA * g_avg
+    weight = t ** (-_DA_KAPPA)
+    return DualAverage(x, (1 - weight) * da.x_avg + weight * x, g_avg, da.prox_center, t, da.target_accept)
+
+
+def da_final(da: DualAverage) -> torch.Tensor:
+    """The step sizes to sample with: the averaged iterate, ``exp(x_avg)`` ``[G]``."""
+    return torch.exp(da.x_avg)
+
+
+class Welford(NamedTuple):
+    """Running mean and (co)variance of each group's draws: ``mean`` ``[G, K]``, ``m2`` ``[G, K]`` (diagonal) or ``[G, K, K]`` (dense)."""
+
+    n: int  #: draws so far (one per chain per update)
+    mean: torch.Tensor
+    m2: torch.Tensor
+    dense: bool
+
+
+def welford_init(like: torch.Tensor, dense: bool = False) -> Welford:
+    """No draws yet, for groups shaped like ``like`` ``[G, K]``."""
+    return Welford(0, torch.zeros_like(like), like.new_zeros((*like.shape, like.shape[-1])) if dense else torch.zeros_like(like), dense)
+
+
+def welford_update(w: Welford, u: torch.Tensor) -> Welford:
+    """Add every chain's position ``u`` ``[C, G, K]`` to its group's estimate, chain after chain."""
+    n, mean, m2 = w.n, w.mean, w.m2
+    for c in range(u.shape[0]):
+        n += 1
+        before = u[c] - mean
+        mean = mean + before / n
+        after = u[c] - mean
+        m2 = m2 + (torch.einsum("gk,gl->gkl", after, before) if w.dense else before * after)
+    return Welford(n, mean, m2, w.dense)
+
+
+def welford_final(w: Welford) -> torch.Tensor:
+    """The inverse mass matrix: the covariance regularised as Stan's, ``n/(n+5) cov + 1e-3 * 5/(n+5) I`` (diagonal ``[G, K]`` or dense ``[G, K, K]``)."""
+    n = w.n
+    if w.dense:
+        cov = w.m2 / max(n - 1, 1)
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        return n / (n + 5.0) * cov + 1e-3 * (5.0 / (n + 5.0)) * eye
+    if n < 2:
+        raise ConfigError(f"a diagonal mass matrix needs at least 2 draws per group, got {n}")
+    return (n / (n + 5.0)) * (w.m2 / (n - 1)) + 1e-3 * (5.0 / (n + 5.0))
+
+
+class Window(NamedTuple):
+    """What one warmup transition adds to the adaptation besides a step-size update (plain data, from :func:`window_schedule`)."""
+
+    slow: bool  #: its draws enter the mass-matrix estimate
+    end: bool  #: a slow window ends after it: the mass matrix is re-estimated and the step size restarts
+
+
+def _slow_windows(warmup: int, start: int = 75, end: int = 50, init_window: int = 25) -> list[tuple[int, int]]:
+    """Stan's slow-adaptation windows (first and last transition, inclusive) for the mass matrix."""
+    if warmup < 20:
+        return []
+    if start + end + init_window > warmup:
+        start, end = int(0.15 * warmup), int(0.1 * warmup)
+        init_window = warmup - start - end
+    windows, cur, size, last = [], start, init_window, warmup - end
+    while cur < last:
+        nxt_size = 2 * size if 3 * size <= last - cur else size
+        if 3 * size > last - cur:
+            size = last - cur
+        windows.append((cur, cur + size - 1))
+        cur, size = cur + size, nxt_size
+    return windows
+
+
+def window_schedule(warmup: int) -> list[Window]:
+    """One :class:`Window` per warmup transition, in Stan's schedule: a fast window, slow windows doubling in length, a fast window."""
+    windows = _slow_windows(warmup)
+    return [Window(any(a <= t <= b for a, b in windows), any(t == b for _, b in windows)) for t in range(warmup)]
+
+
+class Adaptation(NamedTuple):
+    """The warmup adaptation: the step sizes ``eps`` ``[G]`` in use, their dual averaging, the inverse mass and its running estimate."""
+
+    eps: torch.Tensor
+    da: DualAverage
+    inv_mass: torch.Tensor
+    welford: Welford
+
+
+def adapt_init(eps: torch.Tensor, inv_mass: torch.Tensor, target_accept: float, dense: bool = False) -> Adaptation:
+    """Adaptation from step sizes ``eps`` ``[G]`` and an inverse mass ``[G, K]``; ``dense`` estimates full covariances."""
+    like = inv_mass if inv_mass.dim() == 2 else inv_mass.diagonal(dim1=-2, dim2=-1)
+    return Adaptation(eps, da_init(eps, target_accept), inv_mass, welford_init(like, dense))
+
+
+def adapt_update(a: Adaptation, window: Window, u: torch.Tensor, accept_prob: torch.Tensor) -> Adaptation:
+    """After one warmup transition to ``u`` ``[C, G, K]`` with acceptance ``accept_prob`` ``[C, G]``: the next step sizes, the draws, at a window's end the new mass.
+
+    At a window's end the step-size scheme is not restarted here: the caller finds a step size
+    for the new mass (:meth:`~ppl_vae.inference.mcmc.hmc._Sampler.reasonable_step_size`) and
+    passes it to :func:`adapt_restart`.
     """
+    da = da_update(a.da, accept_prob.mean(0))
+    welford = welford_update(a.welford, u) if window.slow else a.welford
+    inv_mass = a.inv_mass
+    if window.end:
+        inv_mass, welford = welford_final(welford), welford_init(welford.mean, welford.dense)
+    return Adaptation(torch.exp(da.x), da, inv_mass, welford)
 
-    def __init__(self, eps: torch.Tensor, target_accept: float) -> None:
-        self.target_accept = target_accept
-        self.eps = eps
-        self._da = DualAveraging(prox_center=torch.log(10 * eps))
 
-    def update(self, accept_prob: torch.Tensor) -> torch.Tensor:
-        self._da.step(self.target_accept - accept_prob)
-        x_t, _ = self._da.get_state()
-        self.eps = torch.exp(x_t)
-        return self.eps
+def adapt_restart(a: Adaptation, eps: torch.Tensor) -> Adaptation:
+    """The step-size scheme started again from ``eps`` ``[G]`` (after a new mass matrix)."""
+    return a._replace(eps=eps, da=da_init(eps, a.da.target_accept))
 
-    @property
-    def final(self) -> torch.Tensor:
-        return torch.exp(self._da.get_state()[1])
+
+def adapt_final(a: Adaptation) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step sizes and inverse mass to sample with: the averaged dual-averaging iterate (the current step sizes when it has not moved since a restart)."""
+    return (a.eps if a.da.t == 0 else da_final(a.da)), a.inv_mass
 
 
 # --------------------------------------------------------------------------- the No-U-Turn sampler, batched
 
 
-@dataclass(frozen=True)
-class NUTSInfo:
+class NUTSInfo(NamedTuple):
     """Per-chain statistics of one NUTS transition (each ``[C, G]``)."""
 
-    accept_prob: torch.Tensor  # mean over the new points of min(1, exp(H0 - H)): what the step size adapts on
-    diverging: torch.Tensor  # the trajectory hit an energy error above max_energy_error (or a non-finite one)
-    n_steps: torch.Tensor  # leapfrog steps (gradient evaluations) this chain used
-    tree_depth: torch.Tensor  # doublings of the trajectory
+    accept_prob: torch.Tensor  #: mean over the new points of min(1, exp(H0 - H)): what the step size adapts on
+    diverging: torch.Tensor  #: the trajectory hit an energy error above max_energy_error (or a non-finite one)
+    n_steps: torch.Tensor  #: leapfrog steps (gradient evaluations) this chain used
+    tree_depth: torch.Tensor  #: doublings of the trajectory
 
 
 def _dot(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -207,7 +363,8 @@ def nuts_transition(
     regression by about 1.3 MCSE on every coordinate, docs/compare.md.) The draw is multinomial over the
     trajectory: uniform progressive sampling inside a subtree, biased progressive sampling
     toward the new subtree at each doubling (Betancourt 2017, A.3.2). Every chain does its
-    leapfrog steps in lockstep with the others; a chain whose tree has stopped is masked.
+    leapfrog steps in lockstep with the others; a chain whose tree has stopped is masked. The
+    transition reads one value back per doubling: whether any chain still grows.
 
     ``eps`` is ``[G]`` (per group) or ``[C, G]``; ``inv_mass`` ``[G, K]`` or ``[G, K, K]`` (identity when None).
     All the transition's randomness is drawn up front from ``noise`` (one stream per group):
@@ -238,7 +395,7 @@ def nuts_transition(
     depth = torch.zeros(C, G, dtype=torch.long, device=dev)
     accept_sum = torch.zeros(C, G, dtype=dt, device=dev)
     for j in range(max_tree_depth):
-        if not active.any():
+        if j > 0 and not active.any():  # the transition's one read per doubling: whether any chain still grows
             break
         forward = uniforms[..., leaves + j] < 0.5  # [C, G]: extend to the right
         v = torch.where(forward, 1.0, -1.0).to(dt)[..., None]
@@ -249,9 +406,7 @@ def nuts_transition(
         ckpt_r = r0.new_zeros((max(j, 1), C, G, K))
         ckpt_sum = r0.new_zeros((max(j, 1), C, G, K))
         ok = active.clone()
-        for i in range(2**j):
-            if not ok.any():
-                break
+        for i in range(2**j):  # a chain that stopped inside the subtree is masked: no read per leapfrog step
             r_half = r + 0.5 * v * e * g
             z_new = z + v * e * velocity(m, r_half)
             lp_new, g_new = value_and_grad(f, z_new)
