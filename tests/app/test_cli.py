@@ -372,11 +372,17 @@ def test_under_torchrun_every_process_trains_and_only_rank_zero_writes_and_print
     assert main(["gaps", "--run", str(out), "--out", str(tmp_path / "gaps1"), *fast]) == 0
     rows = [list(csv.DictReader(io_.StringIO((tmp_path / f"gaps{n}" / "gaps.csv").read_text()))) for n in (1, 2)]
     assert [r["index"] for r in rows[0]] == [r["index"] for r in rows[1]]
+    def close(k: str, x: str, y: str) -> bool:
+        if math.isnan(float(x)) or math.isnan(float(y)):  # NaN: a q* stopped before its first check has no last change
+            return math.isnan(float(x)) and math.isnan(float(y))
+        # k-hat is a Pareto fit to the largest 7 of K = 30 log-weights: it turns their float32 differences (about 1e-7 relative)
+        # into about 1e-4 (measured 1.4e-4); the other columns are sums and means of them
+        return math.isclose(float(x), float(y), rel_tol=1e-5, abs_tol=1e-3 if k.endswith("khat") else 1e-5)
+
     for a, b in zip(*rows):  # float32 networks in blocks of 2 rows instead of 4: ~100 float32 ulps (measured below 1e-6)
         flags = [k for k in a if a[k] in ("True", "False")]  # the per-datapoint flags (k-hat, convergence) agree exactly
-        assert flags and all(a[k] == b[k] for k in flags), (a, b)
-        assert all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-5, abs_tol=1e-5) or math.isnan(float(a[k])) and math.isnan(float(b[k]))
-                   for k in a if k not in ("run", *flags)), (a, b)  # NaN: a q* stopped before its first check has no last change
+        assert flags and all(a[k] == b[k] for k in flags), {k: (a[k], b[k]) for k in flags if a[k] != b[k]}
+        assert all(close(k, a[k], b[k]) for k in a if k not in ("run", *flags)), [(k, a[k], b[k]) for k in a if k not in ("run", *flags) and not close(k, a[k], b[k])]
 
 
 def test_every_subcommand_has_a_description_an_example_and_every_option_its_meaning_and_default(capsys):
