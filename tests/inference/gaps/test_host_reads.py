@@ -1,4 +1,4 @@
-"""Shaped for an accelerator: q* steps read nothing back to the host, and dispatch as many operations for 8 datapoints as for 64.
+"""Shaped for an accelerator: q* steps and bounds chunks read nothing back to the host, and dispatch as many operations for 8 datapoints as for 64.
 
 Counted with :class:`~ppl_vae.inference.dispatch.Dispatches` (operations dispatched, host
 synchronisations), on a small Bernoulli VAE with random weights: the counts depend on the
@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from ppl_vae.distributions import Bernoulli
-from ppl_vae.errors import ConfigError
+from ppl_vae.errors import ConfigError, DataError
 from ppl_vae.guides.amortized import amortized_guide
 from ppl_vae.guides.local import LocalPosterior
 from ppl_vae.inference.dispatch import Dispatches, host
 from ppl_vae.inference.gaps import local
+from ppl_vae.inference.gaps.bounds import importance_bounds
 from ppl_vae.inference.latent import latent_of
 from ppl_vae.inference.random import Streams
 from ppl_vae.inference.traces import analysed, plate_nesting
@@ -95,3 +96,27 @@ def test_an_optimisation_asked_to_compile_with_a_word_is_refused():
     model, _ = small_vae()
     with pytest.raises(ConfigError, match="compile must be True or False"):
         local.optimize_local(model, pixels(2), compile="yes")
+
+
+def test_bounds_read_back_nothing_per_chunk_and_dispatch_as_much_per_chunk_for_8_datapoints_as_for_64():
+    model, guide = small_vae()
+    ops, syncs = {}, {}
+    for n in (8, 64):
+        for chunks in (2, 5):
+            with Dispatches() as d:
+                importance_bounds(model, guide, pixels(n), num_samples=40 * chunks, sample_batch=40, batch_size=n, seed=0)
+            ops[n, chunks], syncs[n, chunks] = d.ops, d.syncs
+        assert syncs[n, 5] == syncs[n, 2], syncs
+    per_chunk = {n: (ops[n, 5] - ops[n, 2]) / 3 for n in (8, 64)}
+    assert abs(per_chunk[64] - per_chunk[8]) <= 0.1 * per_chunk[8], per_chunk
+    with Dispatches() as d:  # eight chunks of rows read back what one does
+        importance_bounds(model, guide, pixels(64), num_samples=80, sample_batch=40, batch_size=8, seed=0)
+    assert d.syncs == syncs[64, 2]
+
+
+def test_bounds_name_the_row_whose_observed_value_is_outside_the_support():
+    model, guide = small_vae()
+    x = pixels(12)
+    x[7, 3] = 0.5
+    with pytest.raises(DataError, match="data row 17"):
+        importance_bounds(model, guide, x, num_samples=20, batch_size=4, seed=0, index=torch.arange(10, 22))
