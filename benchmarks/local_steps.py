@@ -57,10 +57,25 @@ from ppl_vae.guides.amortized import amortized_guide
 from ppl_vae.guides.local import LocalPosterior
 from ppl_vae.inference.dispatch import Dispatches, host
 from ppl_vae.inference.gaps import local
-from ppl_vae.inference.gaps.bounds import MAX_ELEMENTS, chunks, importance_bounds, khat_of_tail, log_mean_exp, tail_size
+from ppl_vae.inference.gaps.bounds import (
+    MAX_ELEMENTS,
+    chunks,
+    importance_bounds,
+    khat_of_tail,
+    log_mean_exp,
+    tail_size,
+)
 from ppl_vae.inference.latent import latent_of
 from ppl_vae.inference.random import Streams, Tag, base_seed, dataset_index, seeded
-from ppl_vae.inference.traces import analysed, log_weights, log_weights_of, plate_nesting, probe, restrict, traces
+from ppl_vae.inference.traces import (
+    analysed,
+    log_weights,
+    log_weights_of,
+    plate_nesting,
+    probe,
+    restrict,
+    traces,
+)
 from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP, GaussianEncoder
 

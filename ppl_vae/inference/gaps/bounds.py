@@ -56,7 +56,14 @@ from ..dispatch import host
 from ..distributed import Spread, spread_rows
 from ..mcmc.azcompat import pareto_khat
 from ..random import Streams, Tag, base_seed, dataset_index, draws_in_batches, seeded
-from ..traces import ObservedSupport, analysed, log_weights, plate_nesting, probe, restrict
+from ..traces import (
+    ObservedSupport,
+    analysed,
+    log_weights,
+    plate_nesting,
+    probe,
+    restrict,
+)
 
 __all__ = ["MAX_SAMPLES", "Bounds", "importance_bounds", "chunks", "log_mean_exp", "cat_optional", "khat_threshold", "tail_size", "khat_of_tail"]
 

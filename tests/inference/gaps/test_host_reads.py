@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import frozen_ppca
 
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.errors import ConfigError, DataError
@@ -120,3 +121,14 @@ def test_bounds_name_the_row_whose_observed_value_is_outside_the_support():
     x[7, 3] = 0.5
     with pytest.raises(DataError, match="data row 17"):
         importance_bounds(model, guide, x, num_samples=20, batch_size=4, seed=0, index=torch.arange(10, 22))
+
+
+@pytest.mark.slow
+def test_adam_under_torch_compile_gives_the_eager_qstar():
+    m = frozen_ppca(D=6, d=3, sigma=0.5)
+    x = m.sample(4)
+    kw = dict(family="full", init="prior", lr=0.05, num_samples=10, tol=0.05, max_steps=120, check_every=20, seed=3)
+    eager, fused = local.optimize_local(m, x, **kw), local.optimize_local(m, x, compile=True, **kw)
+    assert torch.equal(eager.steps, fused.steps)
+    for a, b in zip(eager.posterior.parameters(), fused.posterior.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
