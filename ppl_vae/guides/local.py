@@ -25,7 +25,7 @@ from pyro.nn.auto_reg_nn import create_mask
 from torch import nn
 from torch.nn import functional as F
 
-from ..distributions import gaussian_base, gaussian_draw
+from ..distributions import Noise, gaussian_base, gaussian_draw, noise_draw, noise_leaf
 from ..errors import ConfigError
 from .latent import Latent, LatentGuide, moment_matched
 
@@ -303,6 +303,21 @@ class Mixture(dist.TorchDistribution):
             which = dist.Categorical(logits=self.logits).sample(sample_shape)  # [*sample, *batch]
             at = which.reshape(*which.shape, 1, *([1] * len(self.event_shape))).expand(*which.shape, 1, *self.event_shape)
             return draws.gather(len(which.shape), at).squeeze(len(which.shape))
+
+    @property
+    def drawn_from_noise(self) -> bool:
+        """Whether :meth:`draw_from_noise` can draw it: every component is drawn from noise (:func:`~ppl_vae.distributions.noise_leaf`)."""
+        return all(noise_leaf(c) is not None for c in self.components)
+
+    def draw_from_noise(self, normal: Noise, uniform: Noise) -> torch.Tensor:
+        """A draw made from given noise (:func:`~ppl_vae.distributions.noise_draw`), not reparameterised: every component's
+        draw from its own noise, and the component picked by the inverse CDF of the row's weights at one uniform."""
+        draws = torch.stack([noise_draw(c, normal, uniform) for c in self.components], -1 - len(self.event_shape))  # type: ignore[misc]
+        u = uniform(self.batch_shape, self.logits.dtype)
+        cdf = torch.softmax(self.logits, -1).cumsum(-1)
+        which = (u.unsqueeze(-1) * cdf[..., -1:] > cdf).sum(-1).clamp_max(len(self.components) - 1)  # [*batch]; never a component of weight 0
+        at = which.reshape(*which.shape, 1, *([1] * len(self.event_shape))).expand(*which.shape, 1, *self.event_shape)
+        return draws.gather(len(which.shape), at).squeeze(len(which.shape)).detach()
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         lp = torch.stack([c.log_prob(value) for c in self.components], -1)

@@ -16,7 +16,7 @@ from conftest import frozen_ppca
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.errors import ConfigError, DataError
 from ppl_vae.guides.amortized import amortized_guide
-from ppl_vae.guides.local import LocalPosterior
+from ppl_vae.guides.local import LocalMixture, LocalPosterior
 from ppl_vae.inference.dispatch import Dispatches, host
 from ppl_vae.inference.gaps import local
 from ppl_vae.inference.gaps.bounds import importance_bounds
@@ -113,6 +113,23 @@ def test_bounds_read_back_nothing_per_chunk_and_dispatch_as_much_per_chunk_for_8
     with Dispatches() as d:  # eight chunks of rows read back what one does
         importance_bounds(model, guide, pixels(64), num_samples=80, sample_batch=40, batch_size=8, seed=0)
     assert d.syncs == syncs[64, 2]
+
+
+def test_bounds_from_a_mixture_proposal_draw_all_rows_at_once():
+    model, _ = small_vae()
+    ops, syncs = {}, {}
+    for n in (8, 64):
+        x = pixels(n)
+        latent = latent_of(analysed(model, None, (x,), "bounds")[0], x, analysis="bounds")
+        q = LocalPosterior("diagonal", latent, torch.zeros(n, K), torch.full((n, K), 0.5))
+        mixture = LocalMixture(latent, [q, q.widened(2.0)], torch.tensor([[0.8, 0.2]]).log().expand(n, 2))
+        for chunks in (2, 5):
+            with Dispatches() as d:
+                importance_bounds(model, mixture, x, num_samples=40 * chunks, sample_batch=40, batch_size=n, seed=0)
+            ops[n, chunks], syncs[n, chunks] = d.ops, d.syncs
+        assert syncs[n, 5] == syncs[n, 2], syncs
+    per_chunk = {n: (ops[n, 5] - ops[n, 2]) / 3 for n in (8, 64)}
+    assert abs(per_chunk[64] - per_chunk[8]) <= 0.1 * per_chunk[8], per_chunk
 
 
 def test_bounds_name_the_row_whose_observed_value_is_outside_the_support():
