@@ -237,14 +237,24 @@ def noise_leaf(fn: torch.distributions.Distribution) -> torch.distributions.Dist
     ``TransformedDistribution`` (``LogNormal``, ``Gumbel``, ``Weibull``, ``HalfCauchy``, flows such as
     IAF, ...); families: the Gaussians (``Normal``, ``MultivariateNormal``,
     ``LowRankMultivariateNormal``), the families of :data:`BY_ICDF` and the relaxed Bernoulli and
-    one-hot categorical. A class that overrides its family's ``rsample`` is not read.
+    one-hot categorical; a class that draws itself from noise (``draw_from_noise``, as
+    :class:`~ppl_vae.guides.local.Mixture`) where it says it can. A class that overrides its
+    family's ``rsample`` is not read.
     """
-    while type(fn).rsample in _RSAMPLES and isinstance(fn, _WRAPPERS):
+    while not _own_draw(fn) and type(fn).rsample in _RSAMPLES and isinstance(fn, _WRAPPERS):
         inner = _inner(fn)
         if inner is None:
             return None
         fn = inner
+    if _own_draw(fn):
+        return fn if fn.drawn_from_noise else None  # type: ignore[attr-defined]
     return fn if type(fn).rsample in _RSAMPLES and isinstance(fn, (*_GAUSSIANS, *_BY_UNIFORMS)) else None
+
+
+def _own_draw(fn: torch.distributions.Distribution) -> bool:
+    """Whether ``fn``'s class makes its draws from noise itself: a ``draw_from_noise(normal, uniform)`` method and a
+    ``drawn_from_noise`` property saying whether this instance can (as :class:`~ppl_vae.guides.local.Mixture`)."""
+    return callable(getattr(type(fn), "draw_from_noise", None))
 
 
 def noise_draw(fn: torch.distributions.Distribution, normal: Noise, uniform: Noise) -> torch.Tensor | None:
@@ -277,6 +287,8 @@ def noise_draw(fn: torch.distributions.Distribution, normal: Noise, uniform: Noi
 
 
 def _draw(fn: torch.distributions.Distribution, normal: Noise, uniform: Noise) -> torch.Tensor:
+    if _own_draw(fn):
+        return fn.draw_from_noise(normal, uniform)  # type: ignore[attr-defined]
     if isinstance(fn, _WRAPPERS):
         v = _draw(_inner(fn), normal, uniform)  # type: ignore[arg-type]
         if isinstance(fn, D.TransformedDistribution):

@@ -25,7 +25,7 @@ from pyro.nn.auto_reg_nn import create_mask
 from torch import nn
 from torch.nn import functional as F
 
-from ..distributions import gaussian_base, gaussian_draw
+from ..distributions import Noise, gaussian_base, gaussian_draw, noise_draw, noise_leaf
 from ..errors import ConfigError
 from .latent import Latent, LatentGuide, moment_matched
 
@@ -304,9 +304,48 @@ class Mixture(dist.TorchDistribution):
             at = which.reshape(*which.shape, 1, *([1] * len(self.event_shape))).expand(*which.shape, 1, *self.event_shape)
             return draws.gather(len(which.shape), at).squeeze(len(which.shape))
 
+    @property
+    def drawn_from_noise(self) -> bool:
+        """Whether :meth:`draw_from_noise` can draw it: every component is drawn from noise (:func:`~ppl_vae.distributions.noise_leaf`)."""
+        return all(noise_leaf(c) is not None for c in self.components)
+
+    def draw_from_noise(self, normal: Noise, uniform: Noise) -> torch.Tensor:
+        """A draw made from given noise (:func:`~ppl_vae.distributions.noise_draw`), not reparameterised: the component
+        picked by the inverse CDF of the row's weights at one uniform, its draw from the noise. Every component is drawn
+        from the same noise (only the picked one's draw is kept, and the pick does not depend on it), so a mixture costs
+        the noise of one component."""
+        u = uniform(self.batch_shape, self.logits.dtype)
+        shared_normal, shared_uniform = _SharedNoise(normal), _SharedNoise(uniform)
+        parts = []
+        for c in self.components:
+            shared_normal.at = shared_uniform.at = 0
+            parts.append(noise_draw(c, shared_normal, shared_uniform))
+        draws = torch.stack(parts, -1 - len(self.event_shape))  # type: ignore[misc]
+        cdf = torch.softmax(self.logits, -1).cumsum(-1)
+        which = (u.unsqueeze(-1) * cdf[..., -1:] > cdf).sum(-1).clamp_max(len(self.components) - 1)  # [*batch]; never a component of weight 0
+        at = which.reshape(*which.shape, 1, *([1] * len(self.event_shape))).expand(*which.shape, 1, *self.event_shape)
+        return draws.gather(len(which.shape), at).squeeze(len(which.shape)).detach()
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         lp = torch.stack([c.log_prob(value) for c in self.components], -1)
         return torch.logsumexp(lp + torch.log_softmax(self.logits, -1), -1)
+
+
+class _SharedNoise:
+    """Noise drawn from ``source`` once and handed again to each caller that asks for it in the same order (``at``: the next call's place)."""
+
+    def __init__(self, source: Noise) -> None:
+        self.source, self.tape, self.at = source, [], 0
+
+    def __call__(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if self.at < len(self.tape) and self.tape[self.at].shape == tuple(shape) and self.tape[self.at].dtype == dtype:
+            noise = self.tape[self.at]
+        else:
+            noise = self.source(shape, dtype)
+            if self.at == len(self.tape):
+                self.tape.append(noise)
+        self.at += 1
+        return noise
 
 
 class LocalMixture:

@@ -10,6 +10,9 @@ The benchmarks and the tests that bound these counts use :class:`Dispatches`::
     with Dispatches() as d:
         step()
     d.ops, d.syncs      # operations dispatched, host synchronisations
+
+A loop that must read several values back reads them at once with :func:`host`
+(one synchronisation, counted as one).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from collections import Counter
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
+)
 
-__all__ = ["Dispatches"]
+__all__ = ["Dispatches", "host"]
 
 _aten = torch.ops.aten
 #: operations that read a value back to the host, or whose output's shape depends on the data (the host waits for both)
@@ -63,3 +69,16 @@ class Dispatches(TorchDispatchMode):
             self.syncs += 1
             self.sync_ops[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+def host(t: torch.Tensor) -> list:
+    """The values of ``t`` as a (nested) list on the host, read at once: one host synchronisation, counted by every enclosing :class:`Dispatches`.
+
+    ``tolist`` is not an operation a dispatch mode sees (on the CPU nothing is copied), so the read
+    is counted here, the same on every device.
+    """
+    for mode in _get_current_dispatch_mode_stack():
+        if isinstance(mode, Dispatches):
+            mode.syncs += 1
+            mode.sync_ops["host"] += 1
+    return t.detach().to("cpu").tolist()

@@ -287,7 +287,8 @@ class RowDraws(Messenger):
     A site whose distribution :func:`~ppl_vae.distributions.noise_draw` reads -- a Gaussian
     (``Normal``, full-covariance, low-rank) or a family drawn from uniforms (``Uniform``,
     ``Exponential``, ``Laplace``, ``Cauchy``, ``Logistic``, relaxed Bernoulli and categorical),
-    under ``Independent``, mask, expand and transform wrappers (``LogNormal``, ``Gumbel``, flows) --
+    under ``Independent``, mask, expand and transform wrappers (``LogNormal``, ``Gumbel``, flows),
+    or one that draws itself from such noise (the mixture proposal :class:`~ppl_vae.guides.local.Mixture`) --
     is drawn for all its datapoints at once from their streams' noise; a point mass is left to
     Pyro; any other distribution (``Gamma``, ``Beta``, ``Dirichlet``, discrete ones) is drawn from
     the one datapoint's stream when the program runs on one datapoint (callers run such programs

@@ -2,7 +2,7 @@
 
 import torch
 
-from ppl_vae.inference.dispatch import Dispatches
+from ppl_vae.inference.dispatch import Dispatches, host
 
 
 def test_it_counts_each_kind_of_host_synchronisation_and_nothing_else_as_one():
@@ -17,3 +17,11 @@ def test_it_counts_each_kind_of_host_synchronisation_and_nothing_else_as_one():
         with Dispatches() as d:
             read()
         assert d.syncs == 1, (read, dict(d.sync_ops))
+
+
+def test_a_read_of_many_values_at_once_is_one_synchronisation():
+    x = torch.arange(6.0).view(2, 3)
+    with Dispatches() as d:
+        values = host(x > 2)
+    assert values == [[False, False, False], [True, True, True]]
+    assert d.syncs == 1 and d.sync_ops["host"] == 1

@@ -167,3 +167,27 @@ def test_families_without_a_draw_from_fixed_noise_run_one_row_at_a_time(family):
         guide(X)
     one = [poutine.trace(RowDraws(Streams(0, [3], "cpu"))(guide)).get_trace(X[:1]).nodes["g"]["value"] for _ in range(2)]
     assert torch.equal(one[0], one[1])  # the row's stream seeds it
+
+
+def test_a_mixture_is_drawn_for_all_rows_at_once_with_its_weights_and_components():
+    from ppl_vae.guides.local import Mixture
+
+    n, m = 4, 20_000
+    loc = torch.tensor([-3.0, 3.0], dtype=torch.float64)
+    weights = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    components = [dist.Normal(torch.full((n, 1), float(c), dtype=torch.float64), 0.5).to_event(1) for c in loc]
+
+    def program(x):
+        with pyro.plate("data", n):
+            pyro.sample("u", Mixture(components, weights.log()))
+
+    assert draws_in_batches(program, torch.zeros(n))
+    with RowDraws(Streams(0, range(n), "cpu", 7)), pyro.plate("draws", m, dim=-2):
+        u = poutine.trace(program).get_trace(torch.zeros(n)).nodes["u"]["value"]
+    assert u.shape == (m, n, 1)
+    right = (u[..., 0] > 0).double().mean(0)  # the second component's share (the two do not overlap: 6 sd apart)
+    se = (weights[:, 1] * (1 - weights[:, 1]) / m).sqrt()
+    assert ((right - weights[:, 1]).abs() <= Z * se + 1e-12).all(), right
+    mean = (weights * loc).sum(-1)
+    sd = ((weights * (loc**2 + 0.25)).sum(-1) - mean**2).sqrt()
+    assert ((u[..., 0].mean(0) - mean).abs() <= Z * sd / math.sqrt(m)).all()

@@ -47,14 +47,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyro
 import torch
 
 from ...errors import ConfigError, check_int
 from ...progress import bar
+from ..dispatch import host
 from ..distributed import Spread, spread_rows
 from ..mcmc.azcompat import pareto_khat
 from ..random import Streams, Tag, base_seed, dataset_index, draws_in_batches, seeded
-from ..traces import analysed, log_weights, plate_nesting, probe, restrict
+from ..traces import (
+    ObservedSupport,
+    analysed,
+    log_weights,
+    plate_nesting,
+    probe,
+    restrict,
+)
 
 __all__ = ["MAX_SAMPLES", "Bounds", "importance_bounds", "chunks", "log_mean_exp", "cat_optional", "khat_threshold", "tail_size", "khat_of_tail"]
 
@@ -162,6 +171,24 @@ def _check_data(data: tuple[torch.Tensor, ...]) -> int:
     return n
 
 
+def _raise_outside(model: Callable[..., object], guide: Callable[..., object], data: tuple[torch.Tensor, ...], index: list[int], size: int, nesting: int) -> None:
+    """The :class:`~ppl_vae.errors.DataError` naming the first data row with an observed value outside its support (chunks of ``size`` rows, one draw each)."""
+    for rows in chunks(len(index), size):
+        support = ObservedSupport(eager=True, rows=torch.tensor(index[rows]))
+        log_weights(_checked(model, support), restrict(guide, rows), *(t[rows] for t in data), num_samples=1, nesting=nesting)
+
+
+def _checked(model: Callable[..., object], support: ObservedSupport) -> Callable[..., object]:
+    """``model`` run inside ``support`` (inside the traces' block, where it sees the observed sites)."""
+
+    def run(*args: object, **kwargs: object) -> object:
+        with support:
+            return model(*args, **kwargs)
+
+    run.__wrapped__ = model  # type: ignore[attr-defined]
+    return run
+
+
 def importance_bounds(
     model: Callable[..., object],
     guide: Callable[..., object],
@@ -228,21 +255,30 @@ def importance_bounds(
     k_chunk = sample_batch or max(1, min(K, MAX_ELEMENTS // width))
     out = {k: torch.empty(n, dtype=torch.float64, device=data[0].device) for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat")}
     m = tail_size(K)
+    tops, lows = [], []
+    ok: torch.Tensor | bool = True
     with seeded(seed), torch.no_grad():
         base = base_seed(seed)
         first, head = restrict(guide, slice(0, 1)), tuple(t[:1] for t in data)
         nesting = probe("importance bounds", lambda: plate_nesting(model, first, *head), data)
         batched = draws_in_batches(first, *head)
         rows_per_chunk = min(batch_size, max(1, MAX_ELEMENTS // (k_chunk * width))) if batched else 1
-        with bar(total=math.ceil(n / rows_per_chunk) * math.ceil(K / k_chunk), desc=f"bounds K={K}", unit="chunk", enabled=progress) as shown:
+        at = index.tolist()  # the streams' dataset indices, on the host once
+        # no distribution checks a value per chunk (each check would read it back): the observed values are checked as tensors,
+        # read with the result, and a bad parameter shows as a non-finite weight
+        with bar(total=math.ceil(n / rows_per_chunk) * math.ceil(K / k_chunk), desc=f"bounds K={K}", unit="chunk", enabled=progress) as shown, \
+                pyro.validation_enabled(False):
             for rows in chunks(n, rows_per_chunk):
                 args = tuple(t[rows] for t in data)
                 g = restrict(guide, rows)
                 shift = s1 = s2 = lse1 = lse2 = top = low = None
                 for j, ks in enumerate(chunks(K, k_chunk)):
-                    streams = Streams(base, index[rows], data[0].device, Tag.BOUNDS, j)
-                    lw = log_weights(model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting, streams=streams).double()
-                    if shift is None:
+                    streams = Streams(base, at[rows], data[0].device, Tag.BOUNDS, j)
+                    support = ObservedSupport()
+                    lw = log_weights(_checked(model, support) if j == 0 else model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting,
+                                     streams=streams).double()
+                    if j == 0:
+                        ok = support.ok if ok is True else ok & support.ok
                         shift = lw.mean(0)
                         s1 = torch.zeros_like(shift)
                         s2 = torch.zeros_like(shift)
@@ -266,9 +302,14 @@ def importance_bounds(
                 out["elbo_se"][rows] = (var / K).sqrt()
                 out["iwae"][rows], iwae_se = log_mean_exp(lse1, lse2, K)
                 out["iwae_se"][rows] = iwae_se if iwae_se is not None else math.nan  # dropped below for K == 1
-                out["khat"][rows] = khat_of_tail(top, low, K) if diagnose else math.nan
-    if not torch.isfinite(out["elbo"]).all():
+                tops.append(top)
+                lows.append(low)
+        finite, inside = host(torch.stack((torch.isfinite(out["elbo"]).all(), torch.as_tensor(ok, device=out["elbo"].device))))  # the one read
+        if not inside:
+            _raise_outside(model, guide, data, at, rows_per_chunk, nesting)
+    if not finite:
         raise ConfigError("some log-weights are not finite: the guide puts mass where the model has none")
+    out["khat"] = khat_of_tail(torch.cat(tops, 1), torch.cat(lows), K) if diagnose else out["khat"].fill_(math.nan)
     if K == 1:
         out["elbo_se"] = out["iwae_se"] = None
     if not diagnose:

@@ -79,9 +79,11 @@ Roeder, Wu & Duvenaud (2017), Sticking the Landing: Simple, Lower-Variance Gradi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import pyro
 import torch
 from pyro import poutine
 
@@ -89,6 +91,7 @@ from ...errors import ConfigError, check_int, check_positive
 from ...guides.latent import AUX_SITE, Latent, moment_matched
 from ...guides.local import FAMILIES, LocalPosterior, family_of
 from ...progress import bar
+from ..dispatch import host
 from ..latent import guide_in_latent_space, latent_draws, latent_of
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import analysed, log_weights_of, plate_nesting, traces
@@ -97,6 +100,7 @@ from .bounds import MAX_ELEMENTS, chunks
 __all__ = [
     "LocalFit", "optimize_local", "check_options", "start_distribution", "check_log_weights", "resampled_shifts", "window_change",
     "judge_window", "keep_best", "same_optimum", "distinct_optima", "Z_CHECK", "FINAL_FACTOR",
+    "LocalState", "local_objective", "local_step", "adam_update", "check_window",
 ]
 
 #: standard errors by which a check window's change must fall below ``tol`` to count as no improvement
@@ -134,7 +138,7 @@ class LocalFit:
 def check_options(
     *, family: str = "diagonal", num_samples: int = 10, lr: float = 1e-2, max_steps: int = 4000, check_every: int = 100, tol: float = 0.01,
     lr_decays: int = 8, check_samples: int = 100, starts: int = 2, start_spread: float = 1.0, start_scale: float = 0.5,
-    path_derivative: bool = True, num_flows: int = 2, flow_hidden: int | None = None,
+    path_derivative: bool = True, num_flows: int = 2, flow_hidden: int | None = None, compile: bool = False,
 ) -> None:
     """Validate the options of :func:`optimize_local` before any work (``ConfigError`` naming the option)."""
     if family not in FAMILIES:
@@ -149,8 +153,9 @@ def check_options(
     check_positive(start_spread, "start_spread")
     check_positive(start_scale, "start_scale")
     check_int(lr_decays, "lr-decays", low=0)
-    if not isinstance(path_derivative, bool):
-        raise ConfigError(f"path_derivative must be True or False, got {path_derivative!r}")
+    for name, flag in (("path_derivative", path_derivative), ("compile", compile)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name} must be True or False, got {flag!r}")
     if flow_hidden is not None:
         check_int(flow_hidden, "flow-hidden")
 
@@ -183,7 +188,7 @@ def start_distribution(
 # ------------------------------------------------------------------ the convergence test
 
 
-def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, data: tuple[torch.Tensor, ...], rows: torch.Tensor,
+def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, data: tuple[torch.Tensor, ...], rows: torch.Tensor | Sequence[int],
                       streams: Streams, *, num_samples: int, nesting: int) -> torch.Tensor:
     """Log-weights ``[M, R]`` (float64) of the rows ``rows`` of ``posterior`` and ``data``, from their fixed check draws.
 
@@ -191,15 +196,17 @@ def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, d
     (:meth:`~ppl_vae.inference.random.Streams.replaying`): every call sees the
     same standard-normal noise, so two calls at different parameters are
     estimates with common random numbers. Rows are taken in chunks that keep
-    the model's outputs under ``MAX_ELEMENTS``; no gradient is kept.
+    the model's outputs under ``MAX_ELEMENTS``; no gradient is kept. Given as
+    a sequence of ints, the rows are not read back from a device.
     """
     width = max(1, math.prod(data[0].shape[1:]))
     size = max(1, MAX_ELEMENTS // (num_samples * width))
+    rows = host(rows) if isinstance(rows, torch.Tensor) else list(rows)
     out = []
     with torch.no_grad():
         for part in chunks(len(rows), size):
-            r = rows[part]
-            picked = streams.select(r.tolist())
+            picked = streams.select(rows[part])
+            r = torch.tensor(rows[part], device=posterior.loc.device)
             with picked.replaying():
                 args = tuple(t[r] for t in data)
                 model_tr, guide_tr = traces(model, posterior.select(r), *args, num_samples=num_samples, nesting=nesting, streams=picked)
@@ -278,6 +285,124 @@ def judge_window(change: torch.Tensor, se: torch.Tensor, gain: torch.Tensor, gai
     halved = decays > 0
     done = stationary & (gain + Z_CHECK * gain_se < tol) & (halved | (lr_decays == 0))
     return stationary & ~done & (decays < lr_decays), done
+
+
+class LocalState(NamedTuple):
+    """Where the rows :func:`optimize_local` still moves are: their parameters, Adam's moments and their checks (``[R]`` tensors unless said).
+
+    A row is one (datapoint, start) pair. :func:`local_step` moves every row one step,
+    :func:`check_window` judges a window; neither reads a value back to the host.
+    """
+
+    params: tuple[torch.Tensor, ...]  # the rows' parameters (a LocalPosterior's, in its order), leaves that require grad
+    exp_avg: tuple[torch.Tensor, ...]  # Adam's first moment of each parameter
+    exp_avg_sq: tuple[torch.Tensor, ...]  # Adam's second moment
+    step: int  # Adam's steps so far, the same for every row (its bias correction)
+    scale: torch.Tensor  # float64: each row's step size, as a fraction of lr
+    decays: torch.Tensor  # long: how many times each row's step size was halved
+    bad: torch.Tensor  # long: the first step at which the row's ELBO was not finite (0: none)
+    last_lw: torch.Tensor  # [M, R] float64: the check log-weights of the last check
+    before_lw: torch.Tensor  # [M, R]: of the check before it
+    anchor_lw: torch.Tensor  # [M, R]: of the row's last halving
+    change: torch.Tensor  # float64: the gain judged at the last check (judge_window), NaN before the first
+    change_se: torch.Tensor  # its standard error
+
+    @classmethod
+    def initial(cls, posterior: LocalPosterior, start_lw: torch.Tensor) -> LocalState:
+        """The state of every row of ``posterior`` before its first step, its check log-weights ``start_lw`` ``[M, R]``."""
+        params = tuple(posterior.parameters())
+        r = posterior.num_points
+        nan = start_lw.new_full((r,), math.nan)
+        decays = torch.zeros(r, dtype=torch.long, device=start_lw.device)
+        return cls(params, tuple(torch.zeros_like(p) for p in params), tuple(torch.zeros_like(p) for p in params), 0, start_lw.new_ones(r), decays,
+                   decays.clone(), start_lw, start_lw, start_lw, nan, nan.clone())
+
+    def take(self, keep: torch.Tensor, posterior: LocalPosterior) -> LocalState:
+        """The state of the rows ``keep`` (an index tensor) only, whose parameters are now ``posterior``'s."""
+        rows = [t[keep] for t in (self.scale, self.decays, self.bad, self.change, self.change_se)]
+        lws = [t[:, keep] for t in (self.last_lw, self.before_lw, self.anchor_lw)]
+        scale, decays, bad, change, change_se = rows
+        return LocalState(tuple(posterior.parameters()), tuple(m[keep] for m in self.exp_avg), tuple(v[keep] for v in self.exp_avg_sq), self.step,
+                          scale, decays, bad, *lws, change, change_se)
+
+
+def local_objective(model: Callable[..., object], posterior: LocalPosterior, data: tuple[torch.Tensor, ...], streams: Streams, *, num_samples: int,
+                    nesting: int, site: str, stl: bool) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    r"""``objective()``: the log-weights ``[num_samples, R]`` of every row of ``posterior`` on ``data`` from the next draws of ``streams``, and the surrogate whose gradient is the step's.
+
+    With ``stl`` the surrogate has the log-weights' value and the path-derivative gradient:
+    :math:`\log q(u)` is differentiated through the draw ``u`` (at ``site``) only.
+    """
+    guide = posterior.select(slice(None))
+
+    def objective() -> tuple[torch.Tensor, torch.Tensor]:
+        model_tr, guide_tr = traces(model, guide, *data, num_samples=num_samples, nesting=nesting, streams=streams)
+        lw = log_weights_of(model_tr, guide_tr)
+        if not stl:
+            return lw, lw
+        u = guide_tr.nodes[site]["value"]
+        return lw, lw + guide_tr.nodes[site]["fn"].log_prob(u) - posterior.distribution(detach=True).log_prob(u)
+
+    return objective
+
+
+def adam_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg: Sequence[torch.Tensor], exp_avg_sq: Sequence[torch.Tensor],
+                rate: torch.Tensor, correction: torch.Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    r"""Adam's update in place, row ``r`` of every parameter moved by step size ``rate[r]`` (float64, bias-corrected: ``lr / (1 - beta1^t)``).
+
+    ``correction`` is the 0-d :math:`1 / \sqrt{1 - \beta_2^t}`. Elementwise, as ``torch.optim.Adam``:
+    a row's update depends on its own gradient and moments only.
+    """
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() * correction.to(v.dtype)).add_(eps)
+        p.sub_(rate.to(p.dtype).view(-1, *([1] * (p.dim() - 1))) * m / denom)
+
+
+_COMPILED: list[Callable[..., None]] = []
+
+
+def compiled_adam() -> Callable[..., None]:
+    """:func:`adam_update` under ``torch.compile`` (compiled once a process, for each number and shape of parameters as met)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(adam_update, dynamic=True))
+    return _COMPILED[0]
+
+
+def local_step(state: LocalState, objective: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, lr: float,
+               update: Callable[..., None] = adam_update) -> LocalState:
+    """One Adam step of every row: ``objective()`` (:func:`local_objective`) differentiated with respect to ``state.params``, moved by ``update``.
+
+    A row whose log-weights are not all finite has the step's number recorded in ``bad`` (its
+    first only); nothing is read back to the host.
+    """
+    lw, surrogate = objective()
+    grads = torch.autograd.grad(-surrogate.mean(0).sum(), state.params, allow_unused=True)
+    grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
+    step = state.step + 1
+    bad = torch.where((state.bad == 0) & ~torch.isfinite(lw).all(0), step, state.bad)
+    correction = torch.full((), 1 / math.sqrt(1 - 0.999**step), dtype=torch.float64, device=state.scale.device)
+    with torch.no_grad():
+        update(state.params, grads, state.exp_avg, state.exp_avg_sq, state.scale * (lr / (1 - 0.9**step)), correction)
+    return state._replace(step=step, bad=bad)
+
+
+def check_window(state: LocalState, now: torch.Tensor, *, lr_decays: int, tol: float) -> tuple[LocalState, torch.Tensor]:
+    """Judge the window that just ended from every row's check log-weights ``now`` ``[M, R]``: the new state, and ``done`` ``[R]`` (bool), the rows that converged.
+
+    Progress over the last two windows (progress adds up, jitter does not) and the gain since
+    the row's last halving (before its first: that progress) go to :func:`judge_window`; the rows
+    it slows have their step size halved and their anchor moved to ``now``. Tensor operations
+    only: nothing is read back to the host.
+    """
+    d, d_se = window_change(now, state.before_lw)
+    g, g_se = window_change(now, state.anchor_lw)
+    first_halving = state.decays == 0
+    g, g_se = torch.where(first_halving, d, g), torch.where(first_halving, d_se, g_se)
+    slower, done = judge_window(d, d_se, g, g_se, state.decays, lr_decays, tol)
+    return state._replace(scale=torch.where(slower, state.scale / 2, state.scale), decays=state.decays + slower.long(), before_lw=state.last_lw,
+                          last_lw=now, anchor_lw=torch.where(slower, now, state.anchor_lw), change=g, change_se=g_se), done
 
 
 def keep_best(lw: torch.Tensor, converged: torch.Tensor | None = None) -> torch.Tensor:
@@ -361,6 +486,7 @@ def optimize_local(
     seed: int | None = 0,
     index: torch.Tensor | None = None,
     progress: bool = False,
+    compile: bool = False,
 ) -> LocalFit:
     r"""Optimise a per-datapoint ``q*`` of ``family`` for every row of ``data``, in one batch, from ``starts`` starts.
 
@@ -430,10 +556,23 @@ def optimize_local(
         and its objective and Adam's update involve its own parameters only: a
         datapoint's ``q*`` does not depend on the other rows or their number
         (to float rounding).
+    progress : bool
+        A progress bar over the steps.
+    compile : bool
+        Run Adam's update (:func:`adam_update`) under ``torch.compile``: one
+        fused kernel per parameter instead of about ten operations, which
+        matters where each operation is a kernel launch. Off by default: on a
+        CPU it gains nothing measurable (``benchmarks/local_steps.py``) and the
+        first call compiles for seconds.
+
+    The optimisation runs in windows of ``check_every`` steps: each step is
+    :func:`local_step` (no value read back to the host), each window ends with
+    :func:`check_window` and one read of the rows that converged and of any
+    non-finite ELBO; converged rows then leave the batch.
     """
     check_options(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol, lr_decays=lr_decays,
                   check_samples=check_samples, starts=starts, start_spread=start_spread, start_scale=start_scale, path_derivative=path_derivative,
-                  num_flows=num_flows, flow_hidden=flow_hidden)
+                  num_flows=num_flows, flow_hidden=flow_hidden, compile=compile)
     if isinstance(init, str) and init != "prior":
         raise ConfigError(f"init must be a guide, a distribution or 'prior', got {init!r}")
     guide = init if callable(init) and not isinstance(init, torch.distributions.Distribution) else None
@@ -462,13 +601,11 @@ def optimize_local(
                     p[n:] = narrow[name]
                 posterior.loc[n:] += shift.reshape((S - 1) * n, -1).to(posterior.loc.dtype)
         for p in posterior.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(False)
         data = tuple(t[point.to(t.device)] for t in data)
         # the steps: each start its own streams; the checks: the same draws for every start of a datapoint
         streams = Streams(base, [int(i) * S + s for s in range(S) for i in idx], device, Tag.LOCAL, 2, S)
         check = Streams(base, idx.repeat(S), device, Tag.LOCAL, 3)
-        params = list(posterior.parameters())
-        opt = torch.optim.Adam(params, lr=lr)
         nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))
 
         def evaluate(rows: torch.Tensor) -> torch.Tensor:
@@ -476,70 +613,63 @@ def optimize_local(
 
         rows_all = torch.arange(n * S, device=first.loc.device)
         start_lw = evaluate(rows_all)
-        # the log-weights of the last check, of the one before, and of each row's last halving
-        last_lw, before_last_lw, anchor_lw = start_lw.clone(), start_lw.clone(), start_lw.clone()
-        frozen = [p.detach().clone() for p in params]
-        start = [p.detach().clone() for p in params]
+        start = [p.detach().clone() for p in posterior.parameters()]
         like = posterior.loc
         stl = path_derivative and family != "flow"
-        active = torch.ones(n * S, dtype=torch.bool, device=like.device)
-        steps = torch.zeros(n * S, dtype=torch.long, device=like.device)
-        scale = like.new_ones(n * S, dtype=torch.float64)  # each row's step size, as a fraction of lr
-        decays = torch.zeros(n * S, dtype=torch.long, device=like.device)
+        moving = list(range(n * S))  # the (datapoint, start) rows still optimised, on the host: they change only at a check
+        work = posterior.take(rows_all)  # their parameters, row i of it is row moving[i]
+        state = LocalState.initial(work, start_lw)
+        steps = [0] * (n * S)
+        scale = like.new_ones(n * S, dtype=torch.float64)  # each row's final step size, as a fraction of lr
         change = like.new_full((n * S,), math.nan, dtype=torch.float64)
         change_se = like.new_full((n * S,), math.nan, dtype=torch.float64)
-        with bar(total=max_steps, desc=f"q* {family}", unit="step", enabled=progress) as shown:
-            for step in range(1, max_steps + 1):
-                shown.update()
-                rows = active.nonzero().squeeze(-1)
-                model_tr, guide_tr = traces(model, posterior.select(rows), *(t[rows] for t in data), num_samples=num_samples, nesting=nesting, streams=streams.select(rows))
-                lw = log_weights_of(model_tr, guide_tr)
-                if not torch.isfinite(lw).all():
-                    raise ConfigError(f"local optimisation of the {family} family hit a non-finite ELBO at step {step}; lower lr")
-                objective = lw
-                if stl:  # same value; the gradient of log q(u) through u only (its parameters' direct term cancels)
-                    u = guide_tr.nodes[site]["value"]
-                    objective = lw + guide_tr.nodes[site]["fn"].log_prob(u) - posterior.distribution(rows, detach=True).log_prob(u)
-                grads = torch.autograd.grad(-objective.mean(0).sum(), params, allow_unused=True)
-                for p, g in zip(params, grads):
-                    p.grad = g
-                slowed = bool((scale < 1).any())  # until a row's step size is first halved, Adam's own step is everyone's
-                before = [p.detach().clone() for p in params] if slowed else []
-                opt.step()
+        update = compiled_adam() if compile else adam_update
+        step = 0
+        # no distribution checks a value per step (each would read it back): a bad value shows as a non-finite ELBO, read once a window
+        with bar(total=max_steps, desc=f"q* {family}", unit="step", enabled=progress) as shown, pyro.validation_enabled(False):
+            while moving and step < max_steps:
+                window = min(check_every, max_steps - step)
+                where = torch.tensor(moving, device=like.device)
+                args = tuple(t[where.to(t.device)] for t in data)
+                objective = local_objective(model, work, args, streams.select(moving), num_samples=num_samples, nesting=nesting, site=site, stl=stl)
+                for _ in range(window):
+                    state = local_step(state, objective, lr=lr, update=update)
+                    shown.update()
+                step += window
+                if step % check_every == 0:
+                    now = check_log_weights(model, work, args, range(len(moving)), check.select(moving), num_samples=check_samples, nesting=nesting)
+                    state, done = check_window(state, now, lr_decays=lr_decays, tol=tol)
+                else:  # max_steps ended the window before its check
+                    done = torch.zeros(len(moving), dtype=torch.bool, device=like.device)
+                stopped, bad = host(torch.stack((done.long(), state.bad)))  # the window's one read
+                if any(bad):
+                    raise ConfigError(f"local optimisation of the {family} family hit a non-finite ELBO at step {min(b for b in bad if b)}; lower lr")
                 with torch.no_grad():
-                    for p, b0 in zip(params, before):  # each row's own step size (Adam's step is proportional to lr)
-                        p.copy_(b0 + scale.to(p.dtype).view(-1, *([1] * (p.dim() - 1))) * (p - b0))
-                    if not active.all():
-                        for p, f in zip(params, frozen):  # converged rows do not move (Adam's momentum would)
-                            p[~active] = f[~active]
-                    steps[rows] += 1
-                    if step % check_every == 0:
-                        now = evaluate(rows)
-                        # progress over the last two windows (progress adds up, jitter does not), gain since the last halving
-                        d, d_se = window_change(now, before_last_lw[:, rows])
-                        before_last_lw[:, rows] = last_lw[:, rows]
-                        g, g_se = window_change(now, anchor_lw[:, rows])
-                        first_halving = decays[rows] == 0
-                        g, g_se = torch.where(first_halving, d, g), torch.where(first_halving, d_se, g_se)
-                        change[rows], change_se[rows] = g, g_se
-                        last_lw[:, rows] = now
-                        slower, done = judge_window(d, d_se, g, g_se, decays[rows], lr_decays, tol)
-                        scale[rows[slower]] /= 2
-                        decays[rows[slower]] += 1
-                        anchor_lw[:, rows[slower]] = now[:, slower]
-                        stopped = rows[done]
-                        for p, f in zip(params, frozen):
-                            f[stopped] = p[stopped]
-                        active[stopped] = False
-                        shown.set_postfix_str(f"{int(active.sum())} of {n * S} (datapoint, start) pairs still moving", refresh=False)
-                        if not active.any():
-                            break
+                    for p, q in zip(posterior.parameters(), work.parameters()):
+                        p.index_copy_(0, where, q.detach())
+                    scale.index_copy_(0, where, state.scale)
+                    change.index_copy_(0, where, state.change)
+                    change_se.index_copy_(0, where, state.change_se)
+                for r in moving:
+                    steps[r] += window
+                keep = [i for i, s in enumerate(stopped) if not s]
+                if len(keep) < len(moving):  # converged rows leave the batch, their parameters kept in posterior
+                    moving = [moving[i] for i in keep]
+                    if moving:
+                        kept = torch.tensor(keep, device=like.device)
+                        work = work.take(kept)
+                        state = state.take(kept, work)
+                    shown.set_postfix_str(f"{len(moving)} of {n * S} (datapoint, start) pairs still moving", refresh=False)
+        active = torch.zeros(n * S, dtype=torch.bool, device=like.device)
+        active[moving] = True
+        steps = torch.tensor(steps, device=like.device)
+        params = list(posterior.parameters())
         with torch.no_grad():
             final_lw = evaluate(rows_all)  # where each row stopped, from the same draws as every check
             gain, gain_se = window_change(final_lw, start_lw)
             back = gain + Z_CHECK * gain_se < 0  # clearly worse than where it started: back to the start
             for p, b in zip(params, start):
-                p[back] = b[back]
+                p.copy_(torch.where(back.view(-1, *([1] * (p.dim() - 1))), b, p))
             # the starts compared on FINAL_FACTOR times as many draws (the same for every start of a datapoint)
             final_streams = Streams(base, idx.repeat(S), device, Tag.LOCAL, 5)
             M = FINAL_FACTOR * check_samples
