@@ -52,7 +52,11 @@ def timed(model, guide, x: torch.Tensor, K: int, spread: Spread | None):
 def main() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     p = argparse.ArgumentParser()
-    p.add_argument("--data-dir", default=None, help="folder with binarized_mnist/ (default: the embedded digits)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with binarized_mnist/ (default: the embedded digits)",
+    )
     p.add_argument("--rows", type=int, default=10000, help="training rows")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--points", type=int, default=200, help="test datapoints scored")
@@ -62,18 +66,28 @@ def main() -> None:
     name = "binarized-mnist" if a.data_dir else "digits"
     kw = {"data_dir": a.data_dir} if a.data_dir else {"binarize": "threshold"}
     x, test = load(name, "train", **kw).x[: a.rows], load(name, "test", **kw).x[: a.points]
-    print(f"data: {name}, {len(test)} test points x {test.shape[1]}, K {a.K}, torch threads {torch.get_num_threads()}")
+    print(
+        f"data: {name}, {len(test)} test points x {test.shape[1]}, K {a.K}, torch threads {torch.get_num_threads()}"
+    )
     model, guide = trained(x, a.epochs)
     two = Spread("cpu", 2)
     timed(model, guide, test[:4], a.K, None), timed(model, guide, test[:4], a.K, two)  # warm-up
     rows = []
     for r in range(a.repeats):
-        (one, b1), (both, b2) = timed(model, guide, test, a.K, None), timed(model, guide, test, a.K, two)
+        (one, b1), (both, b2) = (
+            timed(model, guide, test, a.K, None),
+            timed(model, guide, test, a.K, two),
+        )
         diff = (b1.iwae - b2.iwae).abs().max().item()
         rows.append((one, both))
-        print(f"repeat {r + 1}: 1 process {one:7.1f} points/s   2 processes {both:7.1f} points/s   ratio {both / one:.2f}x   max |IWAE diff| {diff:.1e}", flush=True)
+        print(
+            f"repeat {r + 1}: 1 process {one:7.1f} points/s   2 processes {both:7.1f} points/s   ratio {both / one:.2f}x   max |IWAE diff| {diff:.1e}",
+            flush=True,
+        )
     one, both = statistics.median(o for o, _ in rows), statistics.median(t for _, t in rows)
-    print(f"median: 1 process {one:.1f} points/s, 2 processes {both:.1f} points/s; ratio 2/1 {statistics.median(t / o for o, t in rows):.2f}x")
+    print(
+        f"median: 1 process {one:.1f} points/s, 2 processes {both:.1f} points/s; ratio 2/1 {statistics.median(t / o for o, t in rows):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -27,13 +27,30 @@ from ppl_vae.app.registry import discrete_vae
 from ppl_vae.distributions import get_likelihood
 from ppl_vae.inference.svi import fit
 
-SPECS = (("score", 1), ("score+average", 1), ("score+nvil", 1), ("score+loo", 2), ("relaxed", 1), ("iwae", 2))
+SPECS = (
+    ("score", 1),
+    ("score+average", 1),
+    ("score+nvil", 1),
+    ("score+loo", 2),
+    ("relaxed", 1),
+    ("iwae", 2),
+)
 
 
 def step_ms(estimator: str, k: int, x: torch.Tensor) -> float:
     torch.manual_seed(0)
     model, guide, _, _ = discrete_vae("bernoulli-vae", 784, 200, (), get_likelihood("bernoulli"))
-    r = fit(model, guide, x, estimator=estimator, num_particles=k, epochs=1, batch_size=100, lr=1e-3, progress=False)
+    r = fit(
+        model,
+        guide,
+        x,
+        estimator=estimator,
+        num_particles=k,
+        epochs=1,
+        batch_size=100,
+        lr=1e-3,
+        progress=False,
+    )
     return 1000 * r.history[-1]["wall_time"] / r.steps
 
 
@@ -42,7 +59,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    x = (torch.rand(args.steps * 100, 784, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    x = (
+        torch.rand(args.steps * 100, 784, generator=torch.Generator().manual_seed(0)) < 0.3
+    ).float()
     for est, k in SPECS:  # warm-up
         step_ms(est, k, x[:200])
     times: dict[str, list[float]] = {est: [] for est, _ in SPECS}
@@ -53,7 +72,9 @@ def main() -> None:
     print(f"{'estimator':<15}{'K':>3}{'ms/step':>10}{'ratio vs score':>16}")
     for est, k in SPECS:
         ratios = [t / b for t, b in zip(times[est], base)]
-        print(f"{est:<15}{k:>3}{statistics.median(times[est]):>10.2f}{statistics.median(ratios):>16.2f}")
+        print(
+            f"{est:<15}{k:>3}{statistics.median(times[est]):>10.2f}{statistics.median(ratios):>16.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,28 +35,50 @@ def throughput(x: torch.Tensor, batch_size: int, processes: int) -> float:
     d = x.shape[1]
     decoder, encoder = MLP(50, [200, 200], d), GaussianEncoder(MLP(d, [200], 200), 200, 50)
     model, guide = vae(decoder, get_likelihood("bernoulli"), 50), amortized_guide(encoder)
-    options = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"} if processes == 2 else {"accelerator": "cpu"}
+    options = (
+        {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
+        if processes == 2
+        else {"accelerator": "cpu"}
+    )
     result = fit(model, guide, x, epochs=1, batch_size=batch_size, progress=False, **options)
     return len(x) / result.history[-1]["wall_time"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data-dir", default=None, help="folder with binarized_mnist/ (default: the embedded digits)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with binarized_mnist/ (default: the embedded digits)",
+    )
     p.add_argument("--rows", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
-    x = load("binarized-mnist", "train", data_dir=a.data_dir).x[: a.rows] if a.data_dir else load("digits", "train", binarize="threshold").x
-    print(f"data: {'binarised MNIST' if a.data_dir else 'digits'}, {len(x)} rows x {x.shape[1]}, batch {a.batch_size}, torch threads {torch.get_num_threads()}")
-    throughput(x[: 10 * a.batch_size], a.batch_size, 1), throughput(x[: 10 * a.batch_size], a.batch_size, 2)  # warm-up
+    x = (
+        load("binarized-mnist", "train", data_dir=a.data_dir).x[: a.rows]
+        if a.data_dir
+        else load("digits", "train", binarize="threshold").x
+    )
+    print(
+        f"data: {'binarised MNIST' if a.data_dir else 'digits'}, {len(x)} rows x {x.shape[1]}, batch {a.batch_size}, torch threads {torch.get_num_threads()}"
+    )
+    (
+        throughput(x[: 10 * a.batch_size], a.batch_size, 1),
+        throughput(x[: 10 * a.batch_size], a.batch_size, 2),
+    )  # warm-up
     rows = []
     for r in range(a.repeats):
         one, two = throughput(x, a.batch_size, 1), throughput(x, a.batch_size, 2)
         rows.append((one, two))
-        print(f"repeat {r + 1}: 1 process {one:8.0f} rows/s   2 processes {two:8.0f} rows/s   ratio {two / one:.2f}x", flush=True)
+        print(
+            f"repeat {r + 1}: 1 process {one:8.0f} rows/s   2 processes {two:8.0f} rows/s   ratio {two / one:.2f}x",
+            flush=True,
+        )
     one, two = statistics.median(o for o, _ in rows), statistics.median(t for _, t in rows)
-    print(f"median: 1 process {one:.0f} rows/s, 2 processes {two:.0f} rows/s; ratio 2/1 {statistics.median(t / o for o, t in rows):.2f}x")
+    print(
+        f"median: 1 process {one:.0f} rows/s, 2 processes {two:.0f} rows/s; ratio 2/1 {statistics.median(t / o for o, t in rows):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ X_DIM, H, Z_DIM, BATCH, LR, SEED = 784, 200, 50, 100, 1e-3, 0
 
 def make_nets(device: str) -> tuple[MLP, GaussianEncoder]:
     torch.manual_seed(SEED)
-    return MLP(Z_DIM, [H, H], X_DIM).to(device), GaussianEncoder(MLP(X_DIM, [H], H), H, Z_DIM).to(device)
+    return MLP(Z_DIM, [H, H], X_DIM).to(device), GaussianEncoder(MLP(X_DIM, [H], H), H, Z_DIM).to(
+        device
+    )
 
 
 # --------------------------------------------------------------------------- plain PyTorch
@@ -74,18 +76,26 @@ def plain(data: torch.Tensor, compiled: bool, counts: Dispatches | None = None) 
         q = D.Normal(loc, scale, validate_args=False)
         z = q.rsample()
         log_px = D.Bernoulli(logits=decoder(z), validate_args=False).log_prob(x).sum(-1)
-        elbo = log_px + D.Normal(prior_loc, prior_scale, validate_args=False).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+        elbo = (
+            log_px
+            + D.Normal(prior_loc, prior_scale, validate_args=False).log_prob(z).sum(-1)
+            - q.log_prob(z).sum(-1)
+        )
         loss = -(n / x.shape[0]) * elbo.sum()
         return (loss.detach(), *torch.autograd.grad(loss, params))
 
-    step_fn: Callable[..., tuple[torch.Tensor, ...]] = torch.compile(loss_and_grads) if compiled else loss_and_grads
+    step_fn: Callable[..., tuple[torch.Tensor, ...]] = (
+        torch.compile(loss_and_grads) if compiled else loss_and_grads
+    )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SEED)).to(data.device)
     rows = list(perm.split(BATCH))
     step_fn(data[rows[0]])  # the first step (compiles where compiled) is not timed
     t0, total = time.perf_counter(), 0.0
     with counts or _nothing():
         for r in rows[1:]:
-            loss, *grads = step_fn(data[r])  # the batch gathered in the loop, as fit and Pyro's loops do
+            loss, *grads = step_fn(
+                data[r]
+            )  # the batch gathered in the loop, as fit and Pyro's loops do
             for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
@@ -110,7 +120,9 @@ def _sync(data: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- fit
 
 
-def run_fit(data: torch.Tensor, estimator: str, compiled: bool, counts: Dispatches | None = None) -> float:
+def run_fit(
+    data: torch.Tensor, estimator: str, compiled: bool, counts: Dispatches | None = None
+) -> float:
     """Seconds per step of ``ppl_vae.fit`` in its second epoch (the first validates its first step and checks every row), eager or compiled."""
     decoder, encoder = make_nets(str(data.device))
     times: list[float] = []
@@ -119,7 +131,9 @@ def run_fit(data: torch.Tensor, estimator: str, compiled: bool, counts: Dispatch
 
     def timed(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
-        if counts is not None and len(times) >= steps + 1:  # the second epoch's steps, its first left out as in the others
+        if (
+            counts is not None and len(times) >= steps + 1
+        ):  # the second epoch's steps, its first left out as in the others
             with counts:
                 out = real(self, *args, **kwargs)
         else:
@@ -129,8 +143,18 @@ def run_fit(data: torch.Tensor, estimator: str, compiled: bool, counts: Dispatch
 
     loop.Trainer.step = timed
     try:
-        fit(vae(decoder, get_likelihood("bernoulli"), Z_DIM), amortized_guide(encoder), data, epochs=2, batch_size=BATCH, lr=LR,
-            progress=False, estimator=estimator, seed=SEED, compile=compiled)
+        fit(
+            vae(decoder, get_likelihood("bernoulli"), Z_DIM),
+            amortized_guide(encoder),
+            data,
+            epochs=2,
+            batch_size=BATCH,
+            lr=LR,
+            progress=False,
+            estimator=estimator,
+            seed=SEED,
+            compile=compiled,
+        )
     finally:
         loop.Trainer.step = real
     return sum(times[steps + 1 :]) / (steps - 1)
@@ -149,7 +173,9 @@ class _ScoreNormal(dist.Normal):
     has_rsample = False
 
 
-def run_pyro(data: torch.Tensor, estimator: str, jit: bool, counts: Dispatches | None = None) -> float:
+def run_pyro(
+    data: torch.Tensor, estimator: str, jit: bool, counts: Dispatches | None = None
+) -> float:
     """Seconds per step of Pyro's ``SVI.step`` (its first step not counted), Trace_ELBO or JitTrace_ELBO."""
     decoder, encoder = make_nets(str(data.device))
     n = data.shape[0]
@@ -164,12 +190,17 @@ def run_pyro(data: torch.Tensor, estimator: str, jit: bool, counts: Dispatches |
         pyro.module("encoder", encoder)
         with pyro.plate("data", x.shape[0]), poutine.scale(scale=n / x.shape[0]):
             loc, scale = encoder(x)
-            q = (_ScoreNormal if estimator == "score" else dist.Normal)(loc, scale)  # score: no pathwise sampler
+            q = (_ScoreNormal if estimator == "score" else dist.Normal)(
+                loc, scale
+            )  # score: no pathwise sampler
             pyro.sample("z", q.to_event(1))
 
     mean_field = estimator == "analytic-kl"
-    elbo = (pyro.infer.JitTraceMeanField_ELBO if jit else pyro.infer.TraceMeanField_ELBO)() if mean_field else \
-        (pyro.infer.JitTrace_ELBO if jit else pyro.infer.Trace_ELBO)()
+    elbo = (
+        (pyro.infer.JitTraceMeanField_ELBO if jit else pyro.infer.TraceMeanField_ELBO)()
+        if mean_field
+        else (pyro.infer.JitTrace_ELBO if jit else pyro.infer.Trace_ELBO)()
+    )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SEED)).to(data.device)
     rows = list(perm.split(BATCH))
     with pyro.get_param_store().scope(), warnings.catch_warnings():
@@ -186,11 +217,20 @@ def run_pyro(data: torch.Tensor, estimator: str, jit: bool, counts: Dispatches |
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50, help="optimisation steps per run (N = steps * 100)")
+    parser.add_argument(
+        "--steps", type=int, default=50, help="optimisation steps per run (N = steps * 100)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, in turn")
-    parser.add_argument("--estimator", default="reparam", choices=["reparam", "score", "analytic-kl"], help="fit's and Pyro's estimator")
+    parser.add_argument(
+        "--estimator",
+        default="reparam",
+        choices=["reparam", "score", "analytic-kl"],
+        help="fit's and Pyro's estimator",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip", default="", help="comma-separated variants to leave out (e.g. 'pyro jit')")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated variants to leave out (e.g. 'pyro jit')"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(SEED)
@@ -203,16 +243,22 @@ def main() -> None:
         "pyro Trace_ELBO": lambda c=None: run_pyro(data, args.estimator, False, c),
         "pyro JitTrace_ELBO": lambda c=None: run_pyro(data, args.estimator, True, c),
     }
-    variants = {k: v for k, v in variants.items() if k not in set(filter(None, args.skip.split(",")))}
-    print(f"torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}, N={data.shape[0]}, {args.steps} steps/run, "
-          f"batch {BATCH}, {args.repeats} repeats; estimator {args.estimator} (the plain loops: pathwise)")
+    variants = {
+        k: v for k, v in variants.items() if k not in set(filter(None, args.skip.split(",")))
+    }
+    print(
+        f"torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}, N={data.shape[0]}, {args.steps} steps/run, "
+        f"batch {BATCH}, {args.repeats} repeats; estimator {args.estimator} (the plain loops: pathwise)"
+    )
     counted: dict[str, tuple[float, float] | None] = {}
     for name, run in variants.items():  # warm-up, and the counts of one epoch
         run()
         c = Dispatches()
         try:
             run(c)
-        except RuntimeError as exc:  # TorchScript (JitTrace*) cannot always run under a dispatch mode
+        except (
+            RuntimeError
+        ) as exc:  # TorchScript (JitTrace*) cannot always run under a dispatch mode
             print(f"{name}: not counted ({str(exc).splitlines()[0][:100]})")
             counted[name] = None
         else:
@@ -222,13 +268,17 @@ def main() -> None:
         for name, run in variants.items():
             times[name].append(1e3 * run())
     base = times.get("plain eager")
-    print(f"\n{'variant':<20} {'ms/step median':>14} {'min':>8} {'max':>8} {'/plain eager':>13} {'(min, max)':>14} {'syncs/step':>10} {'ops/step':>9}")
+    print(
+        f"\n{'variant':<20} {'ms/step median':>14} {'min':>8} {'max':>8} {'/plain eager':>13} {'(min, max)':>14} {'syncs/step':>10} {'ops/step':>9}"
+    )
     for name, ts in times.items():
         ratios = [t / b for t, b in zip(ts, base)] if base else [float("nan")]
         count = counted[name]
         reads, ops = (f"{count[0]:.1f}", f"{count[1]:.0f}") if count is not None else ("n/a", "n/a")
-        print(f"{name:<20} {statistics.median(ts):>14.3f} {min(ts):>8.3f} {max(ts):>8.3f} {statistics.median(ratios):>12.2f}x "
-              f"({min(ratios):.2f}, {max(ratios):.2f}) {reads:>10} {ops:>9}")
+        print(
+            f"{name:<20} {statistics.median(ts):>14.3f} {min(ts):>8.3f} {max(ts):>8.3f} {statistics.median(ratios):>12.2f}x "
+            f"({min(ratios):.2f}, {max(ratios):.2f}) {reads:>10} {ops:>9}"
+        )
 
 
 if __name__ == "__main__":

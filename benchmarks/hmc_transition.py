@@ -55,7 +55,11 @@ def transition_before(f, state, eps, steps, noise, *, inv_mass=None, max_energy_
     C, G = lp0.shape
     e = (eps if eps.dim() == 2 else eps.expand(C, G))[..., None]
     m = inv_mass if inv_mass is not None else u0.new_ones(())
-    steps_t = steps if isinstance(steps, torch.Tensor) else torch.full((C, G), steps, dtype=torch.long, device=u0.device)
+    steps_t = (
+        steps
+        if isinstance(steps, torch.Tensor)
+        else torch.full((C, G), steps, dtype=torch.long, device=u0.device)
+    )
     r = momentum(m, noise.normal(u0.shape, dim=1, dtype=u0.dtype))
 
     def energy(lp, r):  # type: ignore[no-untyped-def]
@@ -86,7 +90,11 @@ def transition_before(f, state, eps, steps, noise, *, inv_mass=None, max_energy_
     delta = torch.where(torch.isfinite(delta) & ~diverging, delta, torch.full_like(delta, math.inf))
     accept_prob = torch.exp(-delta.clamp(min=0))
     accept = noise.uniform(accept_prob.shape, dim=1, dtype=accept_prob.dtype) < accept_prob
-    new = State(torch.where(accept[..., None], z, u0), torch.where(accept, lp, lp0), torch.where(accept[..., None], g, g0))
+    new = State(
+        torch.where(accept[..., None], z, u0),
+        torch.where(accept, lp, lp0),
+        torch.where(accept[..., None], g, g0),
+    )
     return new, accept_prob, diverging
 
 
@@ -109,17 +117,25 @@ def counts(fn) -> tuple[int, int]:  # type: ignore[no-untyped-def]
 
 
 def table(rows: list[int], chains: int, repeats: int) -> None:
-    print(f"HMC transition, VAE 50-200-200-784 Bernoulli, {chains} chains per datapoint, float32, {repeats} alternate repeats, "
-          f"{torch.get_num_threads()} thread(s)")
-    print(f"{'N':>5} | {'steps':>8} | {'ops before':>10} | {'ops after':>9} | {'syncs before':>12} | {'syncs after':>11} | "
-          f"{'ms before':>9} | {'ms after':>8} | {'trans/s before':>14} | {'trans/s after':>13} | before/after (median of pairs)")
+    print(
+        f"HMC transition, VAE 50-200-200-784 Bernoulli, {chains} chains per datapoint, float32, {repeats} alternate repeats, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    print(
+        f"{'N':>5} | {'steps':>8} | {'ops before':>10} | {'ops after':>9} | {'syncs before':>12} | {'syncs after':>11} | "
+        f"{'ms before':>9} | {'ms after':>8} | {'trans/s before':>14} | {'trans/s after':>13} | before/after (median of pairs)"
+    )
     for n in rows:
         f, state = posterior(n, chains)
         noise = Streams(0, range(n), "cpu", 4)
         gen = torch.Generator().manual_seed(1)
         eps = 0.1 + 0.1 * torch.rand(n, generator=gen)
-        jitter = torch.ceil(2 * 1.0 * torch.rand(chains, n, generator=gen) / eps).clamp(1, 256).long()
-        bound = int(torch.ceil(2 * 1.0 / eps).clamp(1, 256).max())  # the sampler's plan: read once per window, not per transition
+        jitter = (
+            torch.ceil(2 * 1.0 * torch.rand(chains, n, generator=gen) / eps).clamp(1, 256).long()
+        )
+        bound = int(
+            torch.ceil(2 * 1.0 / eps).clamp(1, 256).max()
+        )  # the sampler's plan: read once per window, not per transition
         for plan, steps, max_steps in (("jittered", jitter, bound), ("fixed", 10, 10)):
             before = functools.partial(transition_before, f, state, eps, steps, noise)
             after = functools.partial(transition, f, state, eps, steps, noise, max_steps=max_steps)
@@ -127,8 +143,10 @@ def table(rows: list[int], chains: int, repeats: int) -> None:
             tb, ta = timings(before, after, repeats)
             mb, ma = statistics.median(tb), statistics.median(ta)
             ratio = statistics.median(x / y for x, y in zip(tb, ta))
-            print(f"{n:>5} | {plan:>8} | {ob:>10} | {oa:>9} | {sb:>12} | {sa:>11} | {mb * 1e3:>9.1f} | {ma * 1e3:>8.1f} | "
-                  f"{1 / mb:>14.3g} | {1 / ma:>13.3g} | {ratio:.3g} (min {min(x / y for x, y in zip(tb, ta)):.3g}, max {max(x / y for x, y in zip(tb, ta)):.3g})")
+            print(
+                f"{n:>5} | {plan:>8} | {ob:>10} | {oa:>9} | {sb:>12} | {sa:>11} | {mb * 1e3:>9.1f} | {ma * 1e3:>8.1f} | "
+                f"{1 / mb:>14.3g} | {1 / ma:>13.3g} | {ratio:.3g} (min {min(x / y for x, y in zip(tb, ta)):.3g}, max {max(x / y for x, y in zip(tb, ta)):.3g})"
+            )
 
 
 def main() -> None:

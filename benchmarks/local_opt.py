@@ -52,30 +52,56 @@ def main() -> None:
     x = x[torch.randperm(len(x), generator=g)]
 
     t = time.perf_counter()
-    b = importance_bounds(built.model, built.guide, x[: args.iwae_points], num_samples=args.K, seed=0)
+    b = importance_bounds(
+        built.model, built.guide, x[: args.iwae_points], num_samples=args.K, seed=0
+    )
     dt = time.perf_counter() - t
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"IWAE K={args.K}: {args.iwae_points / dt:.2f} datapoints/s ({dt:.1f} s for {args.iwae_points}); peak RSS {peak_gb:.2f} GB")
+    print(
+        f"IWAE K={args.K}: {args.iwae_points / dt:.2f} datapoints/s ({dt:.1f} s for {args.iwae_points}); peak RSS {peak_gb:.2f} GB"
+    )
     print(f"  mean ELBO {b.elbo.mean():.2f}, mean IWAE {b.iwae.mean():.2f} nats")
 
     # a fixed number of steps from one start: tol 0 (no gain is credibly below it), one check at the end
-    kw = dict(family="diagonal", init=built.guide, max_steps=args.steps, check_every=args.steps, tol=0.0, lr=1e-2, starts=1)
+    kw = dict(
+        family="diagonal",
+        init=built.guide,
+        max_steps=args.steps,
+        check_every=args.steps,
+        tol=0.0,
+        lr=1e-2,
+        starts=1,
+    )
     xs = x[: args.points]
     t = time.perf_counter()
     batched = optimize_local(built.model, xs, seed=0, **kw)
     t_batched = time.perf_counter() - t
     t = time.perf_counter()
-    looped = [optimize_local(built.model, xs[i : i + 1], seed=1 + i, **kw) for i in range(args.loop_points)]
+    looped = [
+        optimize_local(built.model, xs[i : i + 1], seed=1 + i, **kw)
+        for i in range(args.loop_points)
+    ]
     t_loop = (time.perf_counter() - t) * args.points / args.loop_points
 
     m = args.loop_points
-    e_b = importance_bounds(built.model, batched.posterior.select(slice(0, m)), xs[:m], num_samples=500, seed=1)
-    e_l = torch.cat([importance_bounds(built.model, f.posterior, xs[i : i + 1], num_samples=500, seed=1).elbo for i, f in enumerate(looped)])
+    e_b = importance_bounds(
+        built.model, batched.posterior.select(slice(0, m)), xs[:m], num_samples=500, seed=1
+    )
+    e_l = torch.cat(
+        [
+            importance_bounds(built.model, f.posterior, xs[i : i + 1], num_samples=500, seed=1).elbo
+            for i, f in enumerate(looped)
+        ]
+    )
     diff = e_b.elbo - e_l
-    print(f"local q* ({args.steps} steps, {args.points} datapoints): batched {t_batched:.1f} s; "
-          f"loop {t_loop:.1f} s (measured on {m}, scaled); ratio loop/batched = {t_loop / t_batched:.1f}x")
-    print(f"  ELBO batched - loop on the {m} shared datapoints: {diff.mean():.3f} ± {diff.std() / math.sqrt(m):.3f} nats "
-          f"(batched {e_b.elbo.mean():.2f}, loop {e_l.mean():.2f})")
+    print(
+        f"local q* ({args.steps} steps, {args.points} datapoints): batched {t_batched:.1f} s; "
+        f"loop {t_loop:.1f} s (measured on {m}, scaled); ratio loop/batched = {t_loop / t_batched:.1f}x"
+    )
+    print(
+        f"  ELBO batched - loop on the {m} shared datapoints: {diff.mean():.3f} ± {diff.std() / math.sqrt(m):.3f} nats "
+        f"(batched {e_b.elbo.mean():.2f}, loop {e_l.mean():.2f})"
+    )
 
 
 if __name__ == "__main__":

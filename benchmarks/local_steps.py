@@ -87,7 +87,9 @@ SAMPLES, CHECK = 10, 100
 
 def binarised_mnist_vae() -> tuple[Callable[..., object], Callable[..., object]]:
     torch.manual_seed(0)
-    return vae(MLP(50, [200, 200], 784), Bernoulli(), 50), amortized_guide(GaussianEncoder(MLP(784, [200], 200), 200, 50))
+    return vae(MLP(50, [200, 200], 784), Bernoulli(), 50), amortized_guide(
+        GaussianEncoder(MLP(784, [200], 200), 200, 50)
+    )
 
 
 def images(n: int) -> torch.Tensor:
@@ -102,7 +104,9 @@ class Setup:
         self.x = images(n)
         self.model, _ = analysed(model, None, (self.x,), "q*")
         latent = latent_of(self.model, self.x, analysis="q*")
-        start = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(n, 50), torch.ones(n, 50)), 1)
+        start = torch.distributions.Independent(
+            torch.distributions.Normal(torch.zeros(n, 50), torch.ones(n, 50)), 1
+        )
         self.posterior = LocalPosterior.initial("diagonal", start, latent)
         self.nesting = plate_nesting(self.model, self.posterior.select(slice(0, 1)), self.x[:1])
         self.n = n
@@ -127,7 +131,10 @@ class OldSteps:
         self.steps = torch.zeros(n, dtype=torch.long)
         self.scale = torch.ones(n, dtype=torch.float64)
         self.decays = torch.zeros(n, dtype=torch.long)
-        self.change, self.change_se = torch.full((n,), math.nan, dtype=torch.float64), torch.full((n,), math.nan, dtype=torch.float64)
+        self.change, self.change_se = (
+            torch.full((n,), math.nan, dtype=torch.float64),
+            torch.full((n,), math.nan, dtype=torch.float64),
+        )
         self.frozen = [p.detach().clone() for p in self.params]
         lw = self.evaluate(torch.arange(n))
         self.last_lw, self.before_last_lw, self.anchor_lw = lw.clone(), lw.clone(), lw.clone()
@@ -138,19 +145,43 @@ class OldSteps:
         s = self.s
         picked = self.check.select(rows.tolist())
         with torch.no_grad(), picked.replaying():
-            model_tr, guide_tr = traces(s.model, self.posterior.select(rows), s.x[rows], num_samples=CHECK, nesting=s.nesting, streams=picked)
+            model_tr, guide_tr = traces(
+                s.model,
+                self.posterior.select(rows),
+                s.x[rows],
+                num_samples=CHECK,
+                nesting=s.nesting,
+                streams=picked,
+            )
             return log_weights_of(model_tr, guide_tr).double()
 
     def step(self) -> None:
-        s, posterior, params, active, scale = self.s, self.posterior, self.params, self.active, self.scale
+        s, posterior, params, active, scale = (
+            self.s,
+            self.posterior,
+            self.params,
+            self.active,
+            self.scale,
+        )
         self.step_no += 1
         rows = active.nonzero().squeeze(-1)
-        model_tr, guide_tr = traces(s.model, posterior.select(rows), s.x[rows], num_samples=SAMPLES, nesting=s.nesting, streams=self.streams.select(rows))
+        model_tr, guide_tr = traces(
+            s.model,
+            posterior.select(rows),
+            s.x[rows],
+            num_samples=SAMPLES,
+            nesting=s.nesting,
+            streams=self.streams.select(rows),
+        )
         lw = log_weights_of(model_tr, guide_tr)
         if not torch.isfinite(lw).all():
             raise RuntimeError(f"non-finite ELBO at step {self.step_no}")
         u = guide_tr.nodes["z"]["value"]
-        objective = lw + guide_tr.nodes["z"]["fn"].log_prob(u) - posterior.distribution(rows, detach=True).log_prob(u)
+        objective = (
+            lw
+            + guide_tr.nodes["z"]["fn"].log_prob(u)
+            - posterior.distribution(rows, detach=True).log_prob(u)
+        )
         grads = torch.autograd.grad(-objective.mean(0).sum(), params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g
@@ -199,19 +230,40 @@ class NewSteps:
         with pyro.validation_enabled(False):
             start = self.evaluate()
         self.state = local.LocalState.initial(self.work, start)
-        self.objective = local.local_objective(s.model, self.work, (s.x,), s.streams(2), num_samples=SAMPLES, nesting=s.nesting, site="z", stl=True)
+        self.objective = local.local_objective(
+            s.model,
+            self.work,
+            (s.x,),
+            s.streams(2),
+            num_samples=SAMPLES,
+            nesting=s.nesting,
+            site="z",
+            stl=True,
+        )
         self.update = local.compiled_adam() if compile else local.adam_update
 
     def evaluate(self) -> torch.Tensor:
-        return local.check_log_weights(self.s.model, self.work, (self.s.x,), self.rows, self.check, num_samples=CHECK, nesting=self.s.nesting)
+        return local.check_log_weights(
+            self.s.model,
+            self.work,
+            (self.s.x,),
+            self.rows,
+            self.check,
+            num_samples=CHECK,
+            nesting=self.s.nesting,
+        )
 
     def step(self) -> None:
         with pyro.validation_enabled(False):
-            self.state = local.local_step(self.state, self.objective, lr=self.lr, update=self.update)
+            self.state = local.local_step(
+                self.state, self.objective, lr=self.lr, update=self.update
+            )
 
     def window(self, lr_decays: int = 8, tol: float = 0.01) -> None:
         with pyro.validation_enabled(False):
-            self.state, done = local.check_window(self.state, self.evaluate(), lr_decays=lr_decays, tol=tol)
+            self.state, done = local.check_window(
+                self.state, self.evaluate(), lr_decays=lr_decays, tol=tol
+            )
             host(torch.stack((done.long(), self.state.bad)))
 
 
@@ -222,8 +274,15 @@ def counted(fn: Callable[[], object]) -> Dispatches:
     return d
 
 
-def old_bounds(model: Callable[..., object], guide: Callable[..., object], *data: torch.Tensor, num_samples: int = 5000, batch_size: int = 100,
-               sample_batch: int | None = None, seed: int | None = 0) -> dict[str, torch.Tensor]:
+def old_bounds(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *data: torch.Tensor,
+    num_samples: int = 5000,
+    batch_size: int = 100,
+    sample_batch: int | None = None,
+    seed: int | None = 0,
+) -> dict[str, torch.Tensor]:
     """The chunk loop of ``importance_bounds`` before issue 30: Pyro's validation on, each chunk of rows' k-hat read back as it ends."""
     n = data[0].shape[0]
     index = dataset_index(None, n)
@@ -231,7 +290,10 @@ def old_bounds(model: Callable[..., object], guide: Callable[..., object], *data
     width = max(1, math.prod(data[0].shape[1:]))
     K = num_samples
     k_chunk = sample_batch or max(1, min(K, MAX_ELEMENTS // width))
-    out = {k: torch.empty(n, dtype=torch.float64) for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat")}
+    out = {
+        k: torch.empty(n, dtype=torch.float64)
+        for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat")
+    }
     m = tail_size(K)
     with seeded(seed), torch.no_grad():
         base = base_seed(seed)
@@ -244,11 +306,21 @@ def old_bounds(model: Callable[..., object], guide: Callable[..., object], *data
             shift = s1 = s2 = lse1 = lse2 = top = low = None
             for j, ks in enumerate(chunks(K, k_chunk)):
                 streams = Streams(base, index[rows], data[0].device, Tag.BOUNDS, j)
-                lw = log_weights(model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting, streams=streams).double()
+                lw = log_weights(
+                    model,
+                    g,
+                    *args,
+                    num_samples=ks.stop - ks.start,
+                    nesting=nesting,
+                    streams=streams,
+                ).double()
                 if shift is None:
                     shift = lw.mean(0)
                     s1, s2 = torch.zeros_like(shift), torch.zeros_like(shift)
-                    lse1, lse2 = torch.full_like(shift, -math.inf), torch.full_like(shift, -math.inf)
+                    lse1, lse2 = (
+                        torch.full_like(shift, -math.inf),
+                        torch.full_like(shift, -math.inf),
+                    )
                     top, low = lw.new_zeros((0, *shift.shape)), torch.full_like(shift, math.inf)
                 c = lw - shift
                 s1 += c.sum(0)
@@ -295,19 +367,30 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 
 
 def qstar_table(rows: int, steps: int, repeats: int, compile: bool) -> None:
-    print(f"q* steps (diagonal, {SAMPLES} draws a step, path derivative), {torch.get_num_threads()} thread(s)")
-    print(f"{'':>22} | {'ops/step 8':>10} | {'ops/step 64':>11} | {'syncs/step':>10} | {'ops/window 8':>12} | {'ops/window 64':>13} | {'syncs/window':>12}")
+    print(
+        f"q* steps (diagonal, {SAMPLES} draws a step, path derivative), {torch.get_num_threads()} thread(s)"
+    )
+    print(
+        f"{'':>22} | {'ops/step 8':>10} | {'ops/step 64':>11} | {'syncs/step':>10} | {'ops/window 8':>12} | {'ops/window 64':>13} | {'syncs/window':>12}"
+    )
     kinds = {"before": OldSteps, "after": NewSteps}
     for name, kind in kinds.items():
         c = {n: (counted(kind(Setup(n)).step), counted(kind(Setup(n)).window)) for n in (8, 64)}
-        print(f"{name:>22} | {c[8][0].ops:>10} | {c[64][0].ops:>11} | {c[8][0].syncs:>4} / {c[64][0].syncs:<3} | {c[8][1].ops:>12} | {c[64][1].ops:>13} | "
-              f"{c[8][1].syncs:>5} / {c[64][1].syncs:<4}")
+        print(
+            f"{name:>22} | {c[8][0].ops:>10} | {c[64][0].ops:>11} | {c[8][0].syncs:>4} / {c[64][0].syncs:<3} | {c[8][1].ops:>12} | {c[64][1].ops:>13} | "
+            f"{c[8][1].syncs:>5} / {c[64][1].syncs:<4}"
+        )
     s = Setup(rows)
     old, new = OldSteps(s), NewSteps(s)
-    run = lambda k: (lambda: [k.step() for _ in range(steps)])
+
+    def run(k):
+        return lambda: [k.step() for _ in range(steps)]
+
     t_old, t_new = timings(run(old), run(new), repeats)
-    print(f"{rows} rows, {steps} steps a call, {repeats} repeats: before {steps / statistics.median(t_old):.1f} steps/s, "
-          f"after {steps / statistics.median(t_new):.1f} steps/s, after/before speed {median_ratio(t_old, t_new):.3g}")
+    print(
+        f"{rows} rows, {steps} steps a call, {repeats} repeats: before {steps / statistics.median(t_old):.1f} steps/s, "
+        f"after {steps / statistics.median(t_new):.1f} steps/s, after/before speed {median_ratio(t_old, t_new):.3g}"
+    )
     if compile:
         import time
 
@@ -316,8 +399,10 @@ def qstar_table(rows: int, steps: int, repeats: int, compile: bool) -> None:
         fused.step()
         print(f"  compiling Adam's update: {time.perf_counter() - t0:.1f} s on the first step")
         t_new, t_fused = timings(run(new), run(fused), repeats)
-        print(f"  eager {steps / statistics.median(t_new):.1f} steps/s, "
-              f"compiled {steps / statistics.median(t_fused):.1f} steps/s, compiled/eager speed {median_ratio(t_new, t_fused):.3g}")
+        print(
+            f"  eager {steps / statistics.median(t_new):.1f} steps/s, "
+            f"compiled {steps / statistics.median(t_fused):.1f} steps/s, compiled/eager speed {median_ratio(t_new, t_fused):.3g}"
+        )
 
 
 def iwae_table(rows: int, K: int, repeats: int) -> None:
@@ -329,21 +414,42 @@ def iwae_table(rows: int, K: int, repeats: int) -> None:
         for n in (8, 64):
             for c in (2, 5):
                 with Dispatches() as d:
-                    fn(model, guide, images(n), num_samples=40 * c, sample_batch=40, batch_size=n, seed=0)
+                    fn(
+                        model,
+                        guide,
+                        images(n),
+                        num_samples=40 * c,
+                        sample_batch=40,
+                        batch_size=n,
+                        seed=0,
+                    )
                 ops[n, c], syncs[n, c] = d.ops, d.syncs
-        per_chunk[name] = {n: ((ops[n, 5] - ops[n, 2]) / 3, (syncs[n, 5] - syncs[n, 2]) / 3) for n in (8, 64)}
+        per_chunk[name] = {
+            n: ((ops[n, 5] - ops[n, 2]) / 3, (syncs[n, 5] - syncs[n, 2]) / 3) for n in (8, 64)
+        }
     x = images(rows)
-    old = lambda: old_bounds(model, guide, x, num_samples=K, seed=0)
-    new = lambda: importance_bounds(model, guide, x, num_samples=K, seed=0)
+
+    def old():
+        return old_bounds(model, guide, x, num_samples=K, seed=0)
+
+    def new():
+        return importance_bounds(model, guide, x, num_samples=K, seed=0)
+
     a, b = old()["iwae"], new().iwae
     t_old, t_new = timings(old, new, repeats)
     mem = {"before": peak_rss_above_start(old), "after": peak_rss_above_start(new)}
-    print(f"{'':>8} | {'ops/chunk 8':>11} | {'ops/chunk 64':>12} | {'syncs/chunk 8, 64':>17} | {'images/s':>8} | {'peak MiB':>8}")
+    print(
+        f"{'':>8} | {'ops/chunk 8':>11} | {'ops/chunk 64':>12} | {'syncs/chunk 8, 64':>17} | {'images/s':>8} | {'peak MiB':>8}"
+    )
     for name, t in (("before", t_old), ("after", t_new)):
         (o8, s8), (o64, s64) = per_chunk[name][8], per_chunk[name][64]
-        print(f"{name:>8} | {o8:>11.0f} | {o64:>12.0f} | {s8:>8.0f}, {s64:<7.0f} | {rows / statistics.median(t):>8.2f} | {mem[name]:>8.0f}")
-    print(f"{rows} images, {repeats} repeats: after/before speed {median_ratio(t_old, t_new):.3g}; "
-          f"largest IWAE difference {float((a - b).abs().max()):.2g} nats (the same draws)")
+        print(
+            f"{name:>8} | {o8:>11.0f} | {o64:>12.0f} | {s8:>8.0f}, {s64:<7.0f} | {rows / statistics.median(t):>8.2f} | {mem[name]:>8.0f}"
+        )
+    print(
+        f"{rows} images, {repeats} repeats: after/before speed {median_ratio(t_old, t_new):.3g}; "
+        f"largest IWAE difference {float((a - b).abs().max()):.2g} nats (the same draws)"
+    )
 
 
 class RowByRowMixture(Mixture):
@@ -352,7 +458,10 @@ class RowByRowMixture(Mixture):
     draw_from_noise = None
 
     def expand(self, batch_shape: torch.Size, _instance: object = None) -> RowByRowMixture:
-        return RowByRowMixture([c.expand(batch_shape) for c in self.components], self.logits.expand(*batch_shape, len(self.components)))
+        return RowByRowMixture(
+            [c.expand(batch_shape) for c in self.components],
+            self.logits.expand(*batch_shape, len(self.components)),
+        )
 
 
 class RowByRowLocalMixture(LocalMixture):
@@ -368,10 +477,18 @@ def mixture_table(rows: int, K: int, repeats: int) -> None:
         x = images(n)
         latent = latent_of(analysed(model, None, (x,), "bounds")[0], x, analysis="bounds")
         q = LocalPosterior("diagonal", latent, torch.zeros(n, 50), torch.full((n, 50), 0.5))
-        return kind(latent, [q, q.widened(2.0), q.widened(4.0)], torch.tensor([[0.8, 0.1, 0.1]]).log().expand(n, 3))
+        return kind(
+            latent,
+            [q, q.widened(2.0), q.widened(4.0)],
+            torch.tensor([[0.8, 0.1, 0.1]]).log().expand(n, 3),
+        )
 
-    print(f"\nIWAE K={K} from a defensive mixture proposal (3 components), {torch.get_num_threads()} thread(s)")
-    print(f"{'':>8} | {'ops/chunk 8':>11} | {'ops/chunk 64':>12} | {'syncs/chunk 8, 64':>17} | {'images/s':>8}")
+    print(
+        f"\nIWAE K={K} from a defensive mixture proposal (3 components), {torch.get_num_threads()} thread(s)"
+    )
+    print(
+        f"{'':>8} | {'ops/chunk 8':>11} | {'ops/chunk 64':>12} | {'syncs/chunk 8, 64':>17} | {'images/s':>8}"
+    )
     fns = {}
     for name, kind in (("before", RowByRowLocalMixture), ("after", LocalMixture)):
         ops, syncs = {}, {}
@@ -379,16 +496,29 @@ def mixture_table(rows: int, K: int, repeats: int) -> None:
             q = proposal(kind, n)
             for c in (2, 5):
                 with Dispatches() as d:
-                    importance_bounds(model, q, images(n), num_samples=40 * c, sample_batch=40, batch_size=n, seed=0)
+                    importance_bounds(
+                        model,
+                        q,
+                        images(n),
+                        num_samples=40 * c,
+                        sample_batch=40,
+                        batch_size=n,
+                        seed=0,
+                    )
                 ops[n, c], syncs[n, c] = d.ops, d.syncs
         fns[name] = (ops, syncs, proposal(kind, rows))
     x = images(rows)
-    t_old, t_new = timings(lambda: importance_bounds(model, fns["before"][2], x, num_samples=K, seed=0),
-                           lambda: importance_bounds(model, fns["after"][2], x, num_samples=K, seed=0), repeats)
+    t_old, t_new = timings(
+        lambda: importance_bounds(model, fns["before"][2], x, num_samples=K, seed=0),
+        lambda: importance_bounds(model, fns["after"][2], x, num_samples=K, seed=0),
+        repeats,
+    )
     for name, t in (("before", t_old), ("after", t_new)):
         ops, syncs, _ = fns[name]
         per = {n: ((ops[n, 5] - ops[n, 2]) / 3, (syncs[n, 5] - syncs[n, 2]) / 3) for n in (8, 64)}
-        print(f"{name:>8} | {per[8][0]:>11.0f} | {per[64][0]:>12.0f} | {per[8][1]:>8.0f}, {per[64][1]:<7.0f} | {rows / statistics.median(t):>8.2f}")
+        print(
+            f"{name:>8} | {per[8][0]:>11.0f} | {per[64][0]:>12.0f} | {per[8][1]:>8.0f}, {per[64][1]:<7.0f} | {rows / statistics.median(t):>8.2f}"
+        )
     print(f"{rows} images, {repeats} repeats: after/before speed {median_ratio(t_old, t_new):.3g}")
 
 
@@ -400,7 +530,9 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compile", action="store_true", help="also time Adam's update under torch.compile")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time Adam's update under torch.compile"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     np.seterr(all="ignore")

@@ -29,14 +29,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     a = ap.parse_args()
     g = torch.Generator().manual_seed(0)
-    print(f"{a.repeats} repeats, {torch.get_num_threads()} threads; times of log_prob(z).sum() forward + backward")
+    print(
+        f"{a.repeats} repeats, {torch.get_num_threads()} threads; times of log_prob(z).sum() forward + backward"
+    )
     for k, n, d in ((500, 100, 50), (500, 5000, 50), (10, 100, 50), (10, 5000, 50)):
         loc = torch.randn(k, d, generator=g).requires_grad_()
         scale = (0.05 + torch.rand(k, d, generator=g)).requires_grad_()
         logits = torch.zeros(k, requires_grad=True)
         z = torch.randn(n, d, generator=g)
 
-        def step(make):
+        def step(make, logits=logits, loc=loc, scale=scale, z=z):
             lp = make(logits, dist.Normal(loc, scale).to_event(1)).log_prob(z)
             lp.sum().backward()
             return lp.detach()
@@ -44,7 +46,9 @@ def main() -> None:
         fast = lambda: step(gaussian_mixture)  # noqa: E731
         base = lambda: step(lambda w, c: dist.MixtureSameFamily(dist.Categorical(logits=w), c))  # noqa: E731
         diff = (fast() - base()).abs().max().item()
-        print(f"K={k:4d} N={n:5d} D={d}: MixtureSameFamily vs matrix products {alternate(base, fast, a.repeats)}   max |difference| {diff:.1e} nats")
+        print(
+            f"K={k:4d} N={n:5d} D={d}: MixtureSameFamily vs matrix products {alternate(base, fast, a.repeats)}   max |difference| {diff:.1e} nats"
+        )
 
 
 if __name__ == "__main__":

@@ -49,9 +49,13 @@ class PerRowGenerators:
     """The streams before issue 30: one ``torch.Generator`` per datapoint, draws made row by row and stacked."""
 
     def __init__(self, seed: int, index: range, device: str, *tags: int) -> None:
-        self.gens = [torch.Generator(device=device).manual_seed(row_seed(seed, i, *tags)) for i in index]
+        self.gens = [
+            torch.Generator(device=device).manual_seed(row_seed(seed, i, *tags)) for i in index
+        ]
 
-    def _draw(self, fill: Callable[..., torch.Tensor], shape: list[int], dim: int = 1) -> torch.Tensor:
+    def _draw(
+        self, fill: Callable[..., torch.Tensor], shape: list[int], dim: int = 1
+    ) -> torch.Tensor:
         row = shape[:dim] + shape[dim + 1 :]
         return torch.stack([fill(row, generator=g) for g in self.gens], dim)
 
@@ -68,7 +72,9 @@ def _ops(fn: Callable[[], object]) -> int:
     return count.ops
 
 
-def _noise(kind: type, n: int, chains: int, dtype: torch.dtype, device: str = "cpu") -> Callable[[], object]:
+def _noise(
+    kind: type, n: int, chains: int, dtype: torch.dtype, device: str = "cpu"
+) -> Callable[[], object]:
     """One HMC transition's noise for ``n`` datapoints: normal ``[chains, n, 50]`` + uniform ``[chains, n]`` from ``kind``'s streams."""
     s = kind(0, range(n), device, 4)
     if kind is Streams:
@@ -77,17 +83,33 @@ def _noise(kind: type, n: int, chains: int, dtype: torch.dtype, device: str = "c
 
 
 def noise_table(rows: list[int], chains: int, repeats: int) -> None:
-    print(f"HMC noise: normal [{chains}, N, 50] + uniform [{chains}, N], float32 (float64: the Philox streams' own draws in float64), "
-          f"{repeats} repeats, {torch.get_num_threads()} thread(s)")
-    print(f"{'N':>6} | {'ops before':>10} | {'ops after':>9} | {'before / baseline':>17} | {'after / baseline':>16} | {'after f64 / baseline':>20} | baseline ms")
+    print(
+        f"HMC noise: normal [{chains}, N, 50] + uniform [{chains}, N], float32 (float64: the Philox streams' own draws in float64), "
+        f"{repeats} repeats, {torch.get_num_threads()} thread(s)"
+    )
+    print(
+        f"{'N':>6} | {'ops before':>10} | {'ops after':>9} | {'before / baseline':>17} | {'after / baseline':>16} | {'after f64 / baseline':>20} | baseline ms"
+    )
     for n in rows:
         gen = torch.Generator().manual_seed(0)
-        base = lambda n=n, gen=gen: (torch.randn(chains, n, 50, generator=gen), torch.rand(chains, n, generator=gen))
-        before, after, wide = _noise(PerRowGenerators, n, chains, torch.float32), _noise(Streams, n, chains, torch.float32), _noise(Streams, n, chains, torch.float64)
+
+        def base(n=n, gen=gen):
+            return (
+                torch.randn(chains, n, 50, generator=gen),
+                torch.rand(chains, n, generator=gen),
+            )
+
+        before, after, wide = (
+            _noise(PerRowGenerators, n, chains, torch.float32),
+            _noise(Streams, n, chains, torch.float32),
+            _noise(Streams, n, chains, torch.float64),
+        )
         ops_before, ops_after = _ops(before), _ops(after)
         tb, ta, tw, t0 = in_turn([before, after, wide, base], repeats)
         ratio = [statistics.median(x / y for x, y in zip(t, t0)) for t in (tb, ta, tw)]
-        print(f"{n:>6} | {ops_before:>10} | {ops_after:>9} | {ratio[0]:>17.3g} | {ratio[1]:>16.3g} | {ratio[2]:>20.3g} | {statistics.median(t0) * 1e3:.3f}")
+        print(
+            f"{n:>6} | {ops_before:>10} | {ops_after:>9} | {ratio[0]:>17.3g} | {ratio[1]:>16.3g} | {ratio[2]:>20.3g} | {statistics.median(t0) * 1e3:.3f}"
+        )
 
 
 def main() -> None:
@@ -110,9 +132,18 @@ def main() -> None:
         model, guide = vae(decoder, Bernoulli(), 50), amortized_guide(encoder)
         x = (torch.rand(rows, 784) < 0.3).float()
         index = torch.arange(rows)
-        streams = lambda: log_weights(model, guide, x, num_samples=a.K, streams=Streams(0, index, x.device))
-        plain = lambda: log_weights(model, guide, x, num_samples=a.K)
-        print(f"importance weights, {rows} rows, K={a.K}: streams vs global stream: {alternate(streams, plain, a.repeats)}")
+
+        def streams():
+            return log_weights(
+                model, guide, x, num_samples=a.K, streams=Streams(0, index, x.device)
+            )
+
+        def plain():
+            return log_weights(model, guide, x, num_samples=a.K)
+
+        print(
+            f"importance weights, {rows} rows, K={a.K}: streams vs global stream: {alternate(streams, plain, a.repeats)}"
+        )
 
 
 if __name__ == "__main__":

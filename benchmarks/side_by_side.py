@@ -13,7 +13,9 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def timings(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
+def timings(
+    first: Callable[[], object], second: Callable[[], object], repeats: int
+) -> tuple[list[float], list[float]]:
     """Both once as a warm-up, then alternately ``repeats`` times: the two lists of seconds."""
     first(), second()
     ta, tb = [], []
@@ -27,8 +29,10 @@ def alternate(first: Callable[[], object], second: Callable[[], object], repeats
     """Both once as a warm-up, then alternately ``repeats`` times: "A ms   B ms   ratio A/B median (min, max)"."""
     ta, tb = timings(first, second, repeats)
     ratios = [x / y for x, y in zip(ta, tb)]
-    return (f"{statistics.median(ta) * 1e3:9.2f} ms vs {statistics.median(tb) * 1e3:9.2f} ms   "
-            f"ratio median {statistics.median(ratios):.3g} (min {min(ratios):.3g}, max {max(ratios):.3g})")
+    return (
+        f"{statistics.median(ta) * 1e3:9.2f} ms vs {statistics.median(tb) * 1e3:9.2f} ms   "
+        f"ratio median {statistics.median(ratios):.3g} (min {min(ratios):.3g}, max {max(ratios):.3g})"
+    )
 
 
 def in_turn(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:

@@ -34,17 +34,29 @@ def main() -> None:
     clf = LogisticRegression(max_iter=300, C=0.05).fit(test.x.numpy(), y_test)
     pred = clf.predict(train.x.numpy())
     n = len(pred)
-    chance = float(np.sum(np.bincount(pred, minlength=10) / n * np.bincount(y_all[:n], minlength=10) / n))
-    print(f"classifier accuracy on its own (test) rows: {(clf.predict(test.x.numpy()) == y_test).mean():.4f}")
+    chance = float(
+        np.sum(np.bincount(pred, minlength=10) / n * np.bincount(y_all[:n], minlength=10) / n)
+    )
+    print(
+        f"classifier accuracy on its own (test) rows: {(clf.predict(test.x.numpy()) == y_test).mean():.4f}"
+    )
     print(f"agreement expected by chance (class frequencies): {chance:.4f}")
-    for name, ref in (("first 50,000 in order", y_all[:n]), ("last 50,000 in order", y_all[-n:]),
-                      ("first 50,000 sorted by class", np.sort(y_all[:n])), ("all 60,000 sorted by class, first 50,000", np.sort(y_all)[:n])):
+    for name, ref in (
+        ("first 50,000 in order", y_all[:n]),
+        ("last 50,000 in order", y_all[-n:]),
+        ("first 50,000 sorted by class", np.sort(y_all[:n])),
+        ("all 60,000 sorted by class, first 50,000", np.sort(y_all)[:n]),
+    ):
         a = float((pred == ref).mean())
         print(f"{name}: agreement {a:.4f} ± {np.sqrt(a * (1 - a) / n):.4f}")
-    print("predicted class shares per block of 5,000 rows (a sorted file would show one class per block):")
+    print(
+        "predicted class shares per block of 5,000 rows (a sorted file would show one class per block):"
+    )
     for i in range(0, n, 5000):
-        print(f"  rows {i}-{i + 4999}: most common {np.bincount(pred[i:i + 5000]).argmax()} "
-              f"({np.bincount(pred[i:i + 5000]).max() / 5000:.2f})")
+        print(
+            f"  rows {i}-{i + 4999}: most common {np.bincount(pred[i : i + 5000]).argmax()} "
+            f"({np.bincount(pred[i : i + 5000]).max() / 5000:.2f})"
+        )
 
 
 if __name__ == "__main__":

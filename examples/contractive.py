@@ -28,14 +28,32 @@ from ppl_vae.nn import MLP
 WEIGHT = 0.01
 
 
-def train_pair(train: torch.Tensor, weight: float = WEIGHT) -> dict[float, tuple[nn.Module, nn.Module]]:
+def train_pair(
+    train: torch.Tensor, weight: float = WEIGHT
+) -> dict[float, tuple[nn.Module, nn.Module]]:
     """A plain (weight 0) and a contractive autoencoder: the same networks, seed and budget; ``{weight: (encoder, decoder)}``."""
     bern, out = get_likelihood("bernoulli"), {}
     for w in (0.0, weight):
         torch.manual_seed(0)
-        encoder, decoder = nn.Sequential(MLP(64, [], 64), nn.ReLU(), nn.Linear(64, 8)), MLP(8, [64], 64)
-        model = contractive_autoencoder(decoder, bern, encoder, 8, weight=w) if w else autoencoder(decoder, bern, 8)
-        fit(model, delta_guide(encoder), train, epochs=30, batch_size=64, lr=3e-3, seed=0, progress=False)
+        encoder, decoder = (
+            nn.Sequential(MLP(64, [], 64), nn.ReLU(), nn.Linear(64, 8)),
+            MLP(8, [64], 64),
+        )
+        model = (
+            contractive_autoencoder(decoder, bern, encoder, 8, weight=w)
+            if w
+            else autoencoder(decoder, bern, 8)
+        )
+        fit(
+            model,
+            delta_guide(encoder),
+            train,
+            epochs=30,
+            batch_size=64,
+            lr=3e-3,
+            seed=0,
+            progress=False,
+        )
         out[w] = (encoder, decoder)
     return out
 
@@ -55,8 +73,10 @@ def main() -> None:
         jac = jacobian_norm(encoder, test).detach()
         full = torch.func.vmap(torch.func.jacrev(encoder))(test).detach()  # [N, 8, 64]
         spectra[name] = torch.linalg.svdvals(full).mean(0)
-        print(f"{name:22s} reconstruction {rec.mean():7.3f} ± {rec.std() / math.sqrt(len(rec)):.3f} nats/image   "
-              f"||J||_F^2 {jac.mean():8.2f} ± {jac.std() / math.sqrt(len(jac)):.2f}")
+        print(
+            f"{name:22s} reconstruction {rec.mean():7.3f} ± {rec.std() / math.sqrt(len(rec)):.3f} nats/image   "
+            f"||J||_F^2 {jac.mean():8.2f} ± {jac.std() / math.sqrt(len(jac)):.2f}"
+        )
     if args.out:
         figure(spectra, args.out)
         print(f"wrote {args.out}")
@@ -73,8 +93,12 @@ def figure(spectra: dict[str, torch.Tensor], out: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, s in spectra.items():
         ax.plot(range(1, len(s) + 1), s.numpy(), marker="o", label=name)
-    ax.set(yscale="log", xlabel="singular value index (largest first)", ylabel="singular value of d e(x) / d x",
-           title="Encoder Jacobian at the 180 test digits (mean)")
+    ax.set(
+        yscale="log",
+        xlabel="singular value index (largest first)",
+        ylabel="singular value of d e(x) / d x",
+        title="Encoder Jacobian at the 180 test digits (mean)",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)

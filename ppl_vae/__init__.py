@@ -57,7 +57,16 @@ _LAZY = {
     "load_run": ".app.runs",
 }
 #: names that were exported here and now live in their subpackage only: they keep working, with a warning, for one release
-_MOVED = {name: ".inference" for name in ("Estimate", "elbo_per_datapoint", "evaluate_elbo", "gradient_stats", "importance_bounds")}
+_MOVED = {
+    name: ".inference"
+    for name in (
+        "Estimate",
+        "elbo_per_datapoint",
+        "evaluate_elbo",
+        "gradient_stats",
+        "importance_bounds",
+    )
+}
 _SUBMODULES = ("data", "distributions", "guides", "inference", "models", "nn")
 
 
@@ -65,8 +74,11 @@ def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     if name in _MOVED:
-        warnings.warn(f"ppl_vae.{name} moved: import it from ppl_vae{_MOVED[name]} (the top-level name goes in the next release)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"ppl_vae.{name} moved: import it from ppl_vae{_MOVED[name]} (the top-level name goes in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module(_MOVED[name], __name__), name)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)

@@ -29,14 +29,18 @@ def _hidden(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(h) for h in text.split(",") if h.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _some(text: str) -> tuple[int, ...]:
     """:func:`_hidden`, refusing an empty list (an option whose empty value would silently mean its default)."""
     values = _hidden(text)
     if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one comma-separated integer, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected at least one comma-separated integer, got {text!r}"
+        )
     return values
 
 
@@ -45,10 +49,20 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.required or action.default is None or action.default is False or action.default == [] \
-                or action.default == argparse.SUPPRESS:
+        if (
+            "default" in text
+            or action.required
+            or action.default is None
+            or action.default is False
+            or action.default == []
+            or action.default == argparse.SUPPRESS
+        ):
             return text
-        shown = ",".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        shown = (
+            ",".join(map(str, action.default))
+            if isinstance(action.default, (list, tuple))
+            else action.default
+        )
         return f"{text} (default {shown})"
 
 
@@ -61,249 +75,672 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(app: Any) -> argparse.ArgumentParser:
     """The parser; ``app`` (:mod:`ppl_vae.app.commands`) names the choices and defaults in the help."""
-    p = _Parser(prog="ppl-vae", formatter_class=_Help, description=(
-        "Latent-variable models as Pyro functions: train them (fit), measure their inference gaps (gaps),\n"
-        "check their posteriors against MCMC (compare), and draw them (plot). Start with: ppl-vae demo"))
+    p = _Parser(
+        prog="ppl-vae",
+        formatter_class=_Help,
+        description=(
+            "Latent-variable models as Pyro functions: train them (fit), measure their inference gaps (gaps),\n"
+            "check their posteriors against MCMC (compare), and draw them (plot). Start with: ppl-vae demo"
+        ),
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_fit, _demo, _plot, _tables, _grad_variance, _gaps, _nll, _compare, _calibrate):
         add(sub, app)
     return p
 
 
-def _command(sub: Any, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+def _command(
+    sub: Any, name: str, summary: str, description: str, example: str
+) -> argparse.ArgumentParser:
     """A subcommand with a one-line summary (in ``ppl-vae --help``), a paragraph and an example (in its own ``--help``)."""
-    return sub.add_parser(name, help=summary, description=f"{summary}.\n\n{description}", epilog=f"example:\n  {example}", formatter_class=_Help)
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=f"{summary}.\n\n{description}",
+        epilog=f"example:\n  {example}",
+        formatter_class=_Help,
+    )
 
 
-def _output(parser: argparse.ArgumentParser, *, what: str = "output directory", progress: bool = True) -> None:
+def _output(
+    parser: argparse.ArgumentParser, *, what: str = "output directory", progress: bool = True
+) -> None:
     """``--out`` (required), ``--force`` and, for a long command, ``--no-progress``."""
     parser.add_argument("--out", required=True, help=f"{what} (must not exist unless --force)")
-    parser.add_argument("--force", action="store_true", help=f"replace an existing {what} as a whole, only one this command made (never the input, the current or home directory)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace an existing {what} as a whole, only one this command made (never the input, the current or home directory)",
+    )
     if progress:
-        parser.add_argument("--no-progress", action="store_true", help="no progress bars (shown by default; a line every few seconds when the output is not a terminal)")
+        parser.add_argument(
+            "--no-progress",
+            action="store_true",
+            help="no progress bars (shown by default; a line every few seconds when the output is not a terminal)",
+        )
 
 
 def _fit(sub: Any, app: Any) -> None:
     c = app.Config()  # fit's options default to None ("not given"): the defaults are Config's, and --resume keeps the run's own
-    f = _command(sub, "fit", "train a model and write a run directory", (
-        "Trains a named model (a VAE by default) by SVI with the chosen gradient estimator, validating\n"
-        "after every epoch, and writes config.json, checkpoint.pt (every epoch, atomically), history.csv,\n"
-        "metrics.json (train/validation/test ELBO in nats per datapoint) and figures to the run directory.\n"
-        "A stopped run continues with --resume. The run loads in Python with ppl_vae.load_run(DIR)."),
-        "ppl-vae fit --dataset digits --binarize threshold --epochs 20 --out runs/vae")
-    f.add_argument("--model", default=None, help=f"one of {', '.join(app.MODELS)} (default {c.model})")
-    f.add_argument("--dataset", default=None, help=f"one of {', '.join(app.DATASETS)} (default {c.dataset})")
-    f.add_argument("--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
-    f.add_argument("--download", action="store_true", default=None, help="download missing data files (needs a network; default: off)")
-    f.add_argument("--binarize", choices=("threshold", "sample"), default=None, help="binarise intensities once: at 0.5 (threshold) or by a seeded draw (sample) (default: none, for binarized-mnist: already binary)")
-    f.add_argument("--limit", type=int, default=None, help="use only the first N rows of each split (default: all)")
-    f.add_argument("--latent-dim", type=int, default=None, help=f"dimensions of the latent z (default {c.latent_dim})")
-    f.add_argument("--hidden", type=_hidden, default=None, help=f"hidden widths (default {','.join(map(str, c.hidden))})")
-    f.add_argument("--layers", type=_some, default=None, help="widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first, default 8d,4d,2d,d for --latent-dim d; sdae: its encoder's layers, default --hidden then d)")
-    f.add_argument("--arch", choices=("mlp", "conv"), default=None, help=f"encoder and decoder networks: mlp or conv (default {c.arch})")
-    f.add_argument("--likelihood", default=None, help=f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})")
-    f.add_argument("--guide", default=None, help=f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}")
-    f.add_argument("--flows", type=int, default=None, help=f"number of IAF steps with --guide iaf (default {c.flows})")
-    f.add_argument("--components", type=int, default=None, help=f"mixture components of the prior: mog-vae's Gaussians (default {app.MIXTURE_COMPONENTS}), vampprior's pseudo-inputs (default {app.PSEUDO_INPUTS})")
-    f.add_argument("--estimator", default=None, help=f"one of {', '.join(app.ESTIMATORS)} (default {c.estimator})")
-    f.add_argument("--num-particles", type=int, default=None, help=f"draws of z per datapoint per step (default {c.num_particles})")
-    f.add_argument("--beta", type=float, default=None, help=f"KL weight (beta-VAE; default {c.beta:g})")
-    f.add_argument("--pretrain-epochs", type=int, default=None, help=f"sdae: epochs of each layer's greedy pretraining, before --epochs of fine-tuning (default {c.pretrain_epochs})")
-    f.add_argument("--kl-warmup", type=int, default=None, help=f"epochs over which the KL weight rises linearly from 0 to --beta (Sønderby et al. 2016; default {c.kl_warmup}: none)")
-    f.add_argument("--noise", type=float, default=None, help=f"masking probability of the denoising autoencoder (default {c.noise:g})")
-    f.add_argument("--contractive", type=float, default=None, help=f"weight of the contractive autoencoder's Jacobian penalty, --model cae (default {c.contractive:g})")
-    f.add_argument("--epochs", type=int, default=None, help=f"passes over the training data (default {c.epochs}; with --resume: the new total, at least the epochs done)")
-    f.add_argument("--batch-size", type=int, default=None, help=f"rows per step, over all devices (default {c.batch_size})")
+    f = _command(
+        sub,
+        "fit",
+        "train a model and write a run directory",
+        (
+            "Trains a named model (a VAE by default) by SVI with the chosen gradient estimator, validating\n"
+            "after every epoch, and writes config.json, checkpoint.pt (every epoch, atomically), history.csv,\n"
+            "metrics.json (train/validation/test ELBO in nats per datapoint) and figures to the run directory.\n"
+            "A stopped run continues with --resume. The run loads in Python with ppl_vae.load_run(DIR)."
+        ),
+        "ppl-vae fit --dataset digits --binarize threshold --epochs 20 --out runs/vae",
+    )
+    f.add_argument(
+        "--model", default=None, help=f"one of {', '.join(app.MODELS)} (default {c.model})"
+    )
+    f.add_argument(
+        "--dataset", default=None, help=f"one of {', '.join(app.DATASETS)} (default {c.dataset})"
+    )
+    f.add_argument(
+        "--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)"
+    )
+    f.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="download missing data files (needs a network; default: off)",
+    )
+    f.add_argument(
+        "--binarize",
+        choices=("threshold", "sample"),
+        default=None,
+        help="binarise intensities once: at 0.5 (threshold) or by a seeded draw (sample) (default: none, for binarized-mnist: already binary)",
+    )
+    f.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use only the first N rows of each split (default: all)",
+    )
+    f.add_argument(
+        "--latent-dim",
+        type=int,
+        default=None,
+        help=f"dimensions of the latent z (default {c.latent_dim})",
+    )
+    f.add_argument(
+        "--hidden",
+        type=_hidden,
+        default=None,
+        help=f"hidden widths (default {','.join(map(str, c.hidden))})",
+    )
+    f.add_argument(
+        "--layers",
+        type=_some,
+        default=None,
+        help="widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first, default 8d,4d,2d,d for --latent-dim d; sdae: its encoder's layers, default --hidden then d)",
+    )
+    f.add_argument(
+        "--arch",
+        choices=("mlp", "conv"),
+        default=None,
+        help=f"encoder and decoder networks: mlp or conv (default {c.arch})",
+    )
+    f.add_argument(
+        "--likelihood",
+        default=None,
+        help=f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})",
+    )
+    f.add_argument(
+        "--guide",
+        default=None,
+        help=f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}",
+    )
+    f.add_argument(
+        "--flows",
+        type=int,
+        default=None,
+        help=f"number of IAF steps with --guide iaf (default {c.flows})",
+    )
+    f.add_argument(
+        "--components",
+        type=int,
+        default=None,
+        help=f"mixture components of the prior: mog-vae's Gaussians (default {app.MIXTURE_COMPONENTS}), vampprior's pseudo-inputs (default {app.PSEUDO_INPUTS})",
+    )
+    f.add_argument(
+        "--estimator",
+        default=None,
+        help=f"one of {', '.join(app.ESTIMATORS)} (default {c.estimator})",
+    )
+    f.add_argument(
+        "--num-particles",
+        type=int,
+        default=None,
+        help=f"draws of z per datapoint per step (default {c.num_particles})",
+    )
+    f.add_argument(
+        "--beta", type=float, default=None, help=f"KL weight (beta-VAE; default {c.beta:g})"
+    )
+    f.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=None,
+        help=f"sdae: epochs of each layer's greedy pretraining, before --epochs of fine-tuning (default {c.pretrain_epochs})",
+    )
+    f.add_argument(
+        "--kl-warmup",
+        type=int,
+        default=None,
+        help=f"epochs over which the KL weight rises linearly from 0 to --beta (Sønderby et al. 2016; default {c.kl_warmup}: none)",
+    )
+    f.add_argument(
+        "--noise",
+        type=float,
+        default=None,
+        help=f"masking probability of the denoising autoencoder (default {c.noise:g})",
+    )
+    f.add_argument(
+        "--contractive",
+        type=float,
+        default=None,
+        help=f"weight of the contractive autoencoder's Jacobian penalty, --model cae (default {c.contractive:g})",
+    )
+    f.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"passes over the training data (default {c.epochs}; with --resume: the new total, at least the epochs done)",
+    )
+    f.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"rows per step, over all devices (default {c.batch_size})",
+    )
     f.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {c.lr:g})")
-    f.add_argument("--lr-schedule", choices=("cosine", "exponential"), default=None, help="learning-rate schedule, a function of (epoch, --epochs): an extended run re-plans it (default: constant)")
-    f.add_argument("--patience", type=int, default=None, help="stop after N epochs without a better validation ELBO, keeping the best epoch (default: never)")
-    f.add_argument("--seed", type=int, default=None, help=f"seeds the networks, draws and shuffling, in [0, 2**32 - 1] (default {c.seed})")
-    f.add_argument("--accelerator", default=None, help="cpu, cuda, mps or auto (Lightning Fabric; default cpu)")
-    f.add_argument("--devices", type=int, default=None, help="devices (processes) per node; the batch is split across them (default 1)")
-    f.add_argument("--strategy", default=None, help="ddp (data parallel), ddp_spawn, ddp_fork, ... (Fabric's names; default auto)")
-    f.add_argument("--precision", default=None, help="64-true, 32-true, bf16-mixed, 16-mixed, ... (Fabric's names; default 32-true)")
-    f.add_argument("--num-nodes", type=int, default=None, help="machines, for a run started by torchrun or srun on each (default 1)")
-    f.add_argument("--compile", action="store_true", default=None,
-                   help="run the steps after the first as one traced graph under torch.compile (inductor; compiled before training; one process)")
+    f.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "exponential"),
+        default=None,
+        help="learning-rate schedule, a function of (epoch, --epochs): an extended run re-plans it (default: constant)",
+    )
+    f.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="stop after N epochs without a better validation ELBO, keeping the best epoch (default: never)",
+    )
+    f.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"seeds the networks, draws and shuffling, in [0, 2**32 - 1] (default {c.seed})",
+    )
+    f.add_argument(
+        "--accelerator", default=None, help="cpu, cuda, mps or auto (Lightning Fabric; default cpu)"
+    )
+    f.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="devices (processes) per node; the batch is split across them (default 1)",
+    )
+    f.add_argument(
+        "--strategy",
+        default=None,
+        help="ddp (data parallel), ddp_spawn, ddp_fork, ... (Fabric's names; default auto)",
+    )
+    f.add_argument(
+        "--precision",
+        default=None,
+        help="64-true, 32-true, bf16-mixed, 16-mixed, ... (Fabric's names; default 32-true)",
+    )
+    f.add_argument(
+        "--num-nodes",
+        type=int,
+        default=None,
+        help="machines, for a run started by torchrun or srun on each (default 1)",
+    )
+    f.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="run the steps after the first as one traced graph under torch.compile (inductor; compiled before training; one process)",
+    )
     _output(f, what="run directory")
     f.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help=f"continue the run in --out (its config.json is used; only {', '.join('--' + k.replace('_', '-') for k in app.RESUMABLE)} may change)",
     )
 
 
 def _demo(sub: Any, app: Any) -> None:
-    d = _command(sub, "demo", "the main job on the embedded digits: a 2-D VAE, its gaps and a VI-vs-MCMC check, in 1-2 minutes", (
-        "Needs no download (scikit-learn ships the 8x8 digits). Trains a 2-D VAE, writes its run directory\n"
-        "and figures, then measures the approximation and amortisation gaps of 30 test digits (gaps/) and\n"
-        "compares the encoder's posteriors with batched HMC on 4 test digits (compare/), ending with the verdicts."),
-        "ppl-vae demo --out runs/demo")
+    d = _command(
+        sub,
+        "demo",
+        "the main job on the embedded digits: a 2-D VAE, its gaps and a VI-vs-MCMC check, in 1-2 minutes",
+        (
+            "Needs no download (scikit-learn ships the 8x8 digits). Trains a 2-D VAE, writes its run directory\n"
+            "and figures, then measures the approximation and amortisation gaps of 30 test digits (gaps/) and\n"
+            "compares the encoder's posteriors with batched HMC on 4 test digits (compare/), ending with the verdicts."
+        ),
+        "ppl-vae demo --out runs/demo",
+    )
     d.add_argument("--out", default=app.DEMO_DIR, help=f"run directory (default {app.DEMO_DIR})")
-    d.add_argument("--force", action="store_true", help="replace an existing run directory of the demo as a whole")
+    d.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing run directory of the demo as a whole",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _plot(sub: Any, app: Any) -> None:
-    pl = _command(sub, "plot", "latent-space pictures of trained run(s)", (
-        "manifold: decoded grid of a 2-D latent space; interpolation: decoded lines between test points;\n"
-        "tsne: the test set's latent means embedded in 2-D, coloured by label; ae-vs-vae: two runs' codes side\n"
-        "by side; latent-sweep: one run per latent size; traversal: one latent dimension varied at a time."),
-        "ppl-vae plot --run runs/vae --kind manifold")
-    pl.add_argument("--run", action="append", required=True, help="run directory (repeat for ae-vs-vae and latent-sweep)")
-    pl.add_argument("--kind", required=True, help="manifold, interpolation, tsne, ae-vs-vae, latent-sweep or traversal")
+    pl = _command(
+        sub,
+        "plot",
+        "latent-space pictures of trained run(s)",
+        (
+            "manifold: decoded grid of a 2-D latent space; interpolation: decoded lines between test points;\n"
+            "tsne: the test set's latent means embedded in 2-D, coloured by label; ae-vs-vae: two runs' codes side\n"
+            "by side; latent-sweep: one run per latent size; traversal: one latent dimension varied at a time."
+        ),
+        "ppl-vae plot --run runs/vae --kind manifold",
+    )
+    pl.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        help="run directory (repeat for ae-vs-vae and latent-sweep)",
+    )
+    pl.add_argument(
+        "--kind",
+        required=True,
+        help="manifold, interpolation, tsne, ae-vs-vae, latent-sweep or traversal",
+    )
     pl.add_argument("--out", default=None, help="PNG path (default RUN/<kind>.png)")
     pl.add_argument("--seed", type=int, default=0, help="seeds the test points and draws")
-    pl.add_argument("--force", action="store_true", help="overwrite an existing PNG (only a PNG image)")
+    pl.add_argument(
+        "--force", action="store_true", help="overwrite an existing PNG (only a PNG image)"
+    )
 
 
 def _tables(sub: Any, app: Any) -> None:
-    cq = _command(sub, "cvae-quadrants", "SO-CVAE vs baseline on binarised MNIST: complete hidden quadrants", (
-        "Trains the structured-output conditional VAE and a deterministic baseline to complete digits from\n"
-        "1, 2 or 3 visible quadrants (Sohn et al. 2015), and writes the conditional NLL table (importance sampled)."),
-        "ppl-vae cvae-quadrants --data-dir ../shared/data --train-limit 5000 --epochs 5 --out runs/cq")
-    cq.add_argument("--quadrants", type=int, nargs="+", default=[1, 2, 3], help="numbers of visible quadrants")
-    m2p = _command(sub, "m2", "semi-supervised M2 on the labelled MNIST test set", (
-        "Trains Kingma et al.'s M2 with a few labels per class (the other rows unlabelled, their labels\n"
-        "summed out) and the same classifier on the labels alone, and writes their test errors per label budget."),
-        "ppl-vae m2 --data-dir ../shared/data --labels 100 --draws 1 --out runs/m2")
+    cq = _command(
+        sub,
+        "cvae-quadrants",
+        "SO-CVAE vs baseline on binarised MNIST: complete hidden quadrants",
+        (
+            "Trains the structured-output conditional VAE and a deterministic baseline to complete digits from\n"
+            "1, 2 or 3 visible quadrants (Sohn et al. 2015), and writes the conditional NLL table (importance sampled)."
+        ),
+        "ppl-vae cvae-quadrants --data-dir ../shared/data --train-limit 5000 --epochs 5 --out runs/cq",
+    )
+    cq.add_argument(
+        "--quadrants", type=int, nargs="+", default=[1, 2, 3], help="numbers of visible quadrants"
+    )
+    m2p = _command(
+        sub,
+        "m2",
+        "semi-supervised M2 on the labelled MNIST test set",
+        (
+            "Trains Kingma et al.'s M2 with a few labels per class (the other rows unlabelled, their labels\n"
+            "summed out) and the same classifier on the labels alone, and writes their test errors per label budget."
+        ),
+        "ppl-vae m2 --data-dir ../shared/data --labels 100 --draws 1 --out runs/m2",
+    )
     m2p.add_argument("--labels", type=int, nargs="+", default=[100, 1000], help="label budgets")
     m2p.add_argument("--draws", type=int, default=3, help="random label draws per budget")
-    m2p.add_argument("--alpha", type=float, default=50.0, help="weight of the classification loss per labelled row")
-    m2p.add_argument("--unlabelled", default=None, help="extra unlabelled images: binarized-mnist (its 50,000 training images; default none)")
+    m2p.add_argument(
+        "--alpha",
+        type=float,
+        default=50.0,
+        help="weight of the classification loss per labelled row",
+    )
+    m2p.add_argument(
+        "--unlabelled",
+        default=None,
+        help="extra unlabelled images: binarized-mnist (its 50,000 training images; default none)",
+    )
     m2p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
-    sd = _command(sub, "sdae-codes", "codes of a stacked denoising autoencoder vs a plain one vs raw pixels, by a classifier", (
-        "Trains a stacked denoising autoencoder (greedy layer-wise pretraining, then fine-tuning) and a plain\n"
-        "autoencoder of the same shape on binarised-MNIST training images, then classifies the 10,000 labelled\n"
-        "test images from their codes (and from raw pixels) by cross-validated logistic regression."),
-        "ppl-vae sdae-codes --data-dir ../shared/data --layers 500,250,50 --train-limit 20000 --out runs/sdae-codes")
-    sd.add_argument("--layers", type=_some, default=(500, 250, 50), help="encoder widths, the last one the code (default 500,250,50)")
-    sd.add_argument("--pretrain-epochs", type=int, default=5, help="epochs of each layer's pretraining")
-    sd.add_argument("--noise", type=float, default=0.25, help="masking probability of the denoising autoencoders")
-    sd.add_argument("--train-limit", type=int, default=None, help="training rows, a seeded random subset (default all 50,000)")
+    sd = _command(
+        sub,
+        "sdae-codes",
+        "codes of a stacked denoising autoencoder vs a plain one vs raw pixels, by a classifier",
+        (
+            "Trains a stacked denoising autoencoder (greedy layer-wise pretraining, then fine-tuning) and a plain\n"
+            "autoencoder of the same shape on binarised-MNIST training images, then classifies the 10,000 labelled\n"
+            "test images from their codes (and from raw pixels) by cross-validated logistic regression."
+        ),
+        "ppl-vae sdae-codes --data-dir ../shared/data --layers 500,250,50 --train-limit 20000 --out runs/sdae-codes",
+    )
+    sd.add_argument(
+        "--layers",
+        type=_some,
+        default=(500, 250, 50),
+        help="encoder widths, the last one the code (default 500,250,50)",
+    )
+    sd.add_argument(
+        "--pretrain-epochs", type=int, default=5, help="epochs of each layer's pretraining"
+    )
+    sd.add_argument(
+        "--noise",
+        type=float,
+        default=0.25,
+        help="masking probability of the denoising autoencoders",
+    )
+    sd.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="training rows, a seeded random subset (default all 50,000)",
+    )
     for e in (cq, m2p, sd):
-        e.add_argument("--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
+        e.add_argument(
+            "--data-dir",
+            default=None,
+            help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)",
+        )
         e.add_argument("--epochs", type=int, default=10, help="passes over the training data")
-        e.add_argument("--seed", type=int, default=0, help="seeds the networks, draws and data subsets")
+        e.add_argument(
+            "--seed", type=int, default=0, help="seeds the networks, draws and data subsets"
+        )
         _output(e)
-    cq.add_argument("--train-limit", type=int, default=None, help="training rows, a seeded random subset (default all 50,000)")
+    cq.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="training rows, a seeded random subset (default all 50,000)",
+    )
     cq.add_argument("--test-limit", type=int, default=None, help="test rows (default all 10,000)")
     cq.add_argument("--samples", type=int, default=100, help="importance samples per test image")
 
 
 def _grad_variance(sub: Any, app: Any) -> None:
-    gv = _command(sub, "grad-variance", "gradient variance and SNR of several estimators on a trained run", (
-        "Draws the ELBO's gradient many times on one probe batch with each estimator and reports its\n"
-        "variance and signal-to-noise ratio per parameter group (Rainforth et al. 2018); with --track-epochs,\n"
-        "retrains the run's config and measures them as training goes on."),
-        "ppl-vae grad-variance --run runs/vae --estimators score,score+nvil,reparam --out runs/vae-grads")
+    gv = _command(
+        sub,
+        "grad-variance",
+        "gradient variance and SNR of several estimators on a trained run",
+        (
+            "Draws the ELBO's gradient many times on one probe batch with each estimator and reports its\n"
+            "variance and signal-to-noise ratio per parameter group (Rainforth et al. 2018); with --track-epochs,\n"
+            "retrains the run's config and measures them as training goes on."
+        ),
+        "ppl-vae grad-variance --run runs/vae --estimators score,score+nvil,reparam --out runs/vae-grads",
+    )
     gv.add_argument("--run", required=True, help="run directory (from ppl-vae fit)")
-    gv.add_argument("--estimators", default="score,score+average,score+nvil", help=f"comma-separated, from {', '.join(app.ESTIMATORS)}")
+    gv.add_argument(
+        "--estimators",
+        default="score,score+average,score+nvil",
+        help=f"comma-separated, from {', '.join(app.ESTIMATORS)}",
+    )
     gv.add_argument("--repeats", type=int, default=100, help="gradient draws per estimator")
-    gv.add_argument("--batch-size", type=int, default=100, help="rows of the probe batch (a seeded random subset)")
-    gv.add_argument("--num-particles", type=int, default=1, help="samples per datapoint per draw (score+loo needs >= 2)")
-    gv.add_argument("--track-epochs", type=_some, default=None, help="retrain the run's config and measure at these epochs, e.g. 0,1,5 (default: measure the trained run only)")
+    gv.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        help="rows of the probe batch (a seeded random subset)",
+    )
+    gv.add_argument(
+        "--num-particles",
+        type=int,
+        default=1,
+        help="samples per datapoint per draw (score+loo needs >= 2)",
+    )
+    gv.add_argument(
+        "--track-epochs",
+        type=_some,
+        default=None,
+        help="retrain the run's config and measure at these epochs, e.g. 0,1,5 (default: measure the trained run only)",
+    )
     gv.add_argument("--seed", type=int, default=0, help="seeds the probe batch and the draws")
     _output(gv, progress=False)
 
 
 def _gaps(sub: Any, app: Any) -> None:
-    g = _command(sub, "gaps", "approximation and amortisation gaps of trained run(s) (Cremer et al. 2018)", (
-        "For datapoints of a split: log p(x) (IWAE with K draws, or AIS), the ELBO of the run's encoder L[q],\n"
-        "and of q* fitted to each datapoint alone L[q*] in the guide's family (and any --families). The\n"
-        "inference gap log p(x) - L[q] splits into approximation (log p(x) - L[q*]) and amortisation\n"
-        "(L[q*] - L[q]) gaps, in nats; writes table.md, gaps.csv/json and gaps.png, and prints which gap dominates.\n"
-        "A full-covariance q* is fitted as a candidate IWAE proposal too; the proposal is a defensive mixture of\n"
-        "q* (every optimum its starts found), q* widened and the prior. gaps.csv flags each datapoint whose log p(x)\n"
-        "is unreliable (Pareto k-hat of its importance weights above its bound), whose q* did not converge or\n"
-        "whose q* starts ended at different optima, and the table and verdict say how many."),
-        "ppl-vae gaps --run runs/vae --num-points 100 --K 5000 --out runs/vae-gaps")
-    g.add_argument("--run", action="append", default=[], help="run directory from ppl-vae fit (repeat to compare models; default: none)")
-    g.add_argument("--merge", action="append", default=[], help="instead of --run: merge earlier gaps folders into one table and figure (default: none)")
+    g = _command(
+        sub,
+        "gaps",
+        "approximation and amortisation gaps of trained run(s) (Cremer et al. 2018)",
+        (
+            "For datapoints of a split: log p(x) (IWAE with K draws, or AIS), the ELBO of the run's encoder L[q],\n"
+            "and of q* fitted to each datapoint alone L[q*] in the guide's family (and any --families). The\n"
+            "inference gap log p(x) - L[q] splits into approximation (log p(x) - L[q*]) and amortisation\n"
+            "(L[q*] - L[q]) gaps, in nats; writes table.md, gaps.csv/json and gaps.png, and prints which gap dominates.\n"
+            "A full-covariance q* is fitted as a candidate IWAE proposal too; the proposal is a defensive mixture of\n"
+            "q* (every optimum its starts found), q* widened and the prior. gaps.csv flags each datapoint whose log p(x)\n"
+            "is unreliable (Pareto k-hat of its importance weights above its bound), whose q* did not converge or\n"
+            "whose q* starts ended at different optima, and the table and verdict say how many."
+        ),
+        "ppl-vae gaps --run runs/vae --num-points 100 --K 5000 --out runs/vae-gaps",
+    )
+    g.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        help="run directory from ppl-vae fit (repeat to compare models; default: none)",
+    )
+    g.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        help="instead of --run: merge earlier gaps folders into one table and figure (default: none)",
+    )
     g.add_argument("--split", default="test", help="train, valid or test (default test)")
-    g.add_argument("--num-points", type=int, default=100, help="random datapoints of the split (the same for every run)")
+    g.add_argument(
+        "--num-points",
+        type=int,
+        default=100,
+        help="random datapoints of the split (the same for every run)",
+    )
     g.add_argument("--logpx", default="iwae", help="iwae (K draws from the best q*) or ais")
-    g.add_argument("--K", type=int, default=5000, help="importance samples of the IWAE estimate of log p(x)")
+    g.add_argument(
+        "--K", type=int, default=5000, help="importance samples of the IWAE estimate of log p(x)"
+    )
     g.add_argument("--elbo-samples", type=int, default=1000, help="draws for each ELBO estimate")
-    g.add_argument("--families", default="", help="extra q* families besides the guide's own: diagonal,full,flow (default: none)")
-    g.add_argument("--unreliable", default="flag", choices=["flag", "ais"],
-                   help="datapoints whose IWAE weights have a Pareto k-hat above its bound: flag them, or re-estimate their log p(x) by AIS (default flag)")
-    g.add_argument("--local-steps", type=int, default=4000, help="most Adam steps of each local optimisation")
-    g.add_argument("--local-lr", type=float, default=1e-2, help="learning rate of the local optimisation")
-    g.add_argument("--local-starts", type=int, default=2,
-                   help="starts of each local optimisation: the encoder and narrowed copies centred at its draws; the best is kept (default 2)")
-    g.add_argument("--defensive", default="0.1,0.1",
-                   help="weights W,P of q* widened x2 and of the prior in the IWAE proposal, a defensive mixture with q* (default 0.1,0.1; 0,0: q* alone)")
-    g.add_argument("--ais-steps", type=int, default=1000, help="AIS intermediate densities (with --logpx ais)")
+    g.add_argument(
+        "--families",
+        default="",
+        help="extra q* families besides the guide's own: diagonal,full,flow (default: none)",
+    )
+    g.add_argument(
+        "--unreliable",
+        default="flag",
+        choices=["flag", "ais"],
+        help="datapoints whose IWAE weights have a Pareto k-hat above its bound: flag them, or re-estimate their log p(x) by AIS (default flag)",
+    )
+    g.add_argument(
+        "--local-steps", type=int, default=4000, help="most Adam steps of each local optimisation"
+    )
+    g.add_argument(
+        "--local-lr", type=float, default=1e-2, help="learning rate of the local optimisation"
+    )
+    g.add_argument(
+        "--local-starts",
+        type=int,
+        default=2,
+        help="starts of each local optimisation: the encoder and narrowed copies centred at its draws; the best is kept (default 2)",
+    )
+    g.add_argument(
+        "--defensive",
+        default="0.1,0.1",
+        help="weights W,P of q* widened x2 and of the prior in the IWAE proposal, a defensive mixture with q* (default 0.1,0.1; 0,0: q* alone)",
+    )
+    g.add_argument(
+        "--ais-steps", type=int, default=1000, help="AIS intermediate densities (with --logpx ais)"
+    )
     g.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")
-    g.add_argument("--seed", type=int, default=0, help="seeds the datapoints picked and every draw (per datapoint)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the datapoints picked and every draw (per datapoint)",
+    )
     _spread(g)
     _output(g)
 
 
 def _nll(sub: Any, app: Any) -> None:
-    n = _command(sub, "nll", "test negative log-likelihood of a trained run, -log p(x) by IWAE with K draws", (
-        "For every image of a split (or the first --limit): the IWAE bound with K draws of the run's guide, its\n"
-        "delta-method standard error, and the ELBO of the same draws; the mean over images with its standard\n"
-        "error. Blocks of images are saved as they finish, so --resume continues an interrupted computation with\n"
-        "the same numbers. Writes nll_K{K}.csv and nll_K{K}.json. An autoencoder (a point-mass encoder) is refused."),
-        "ppl-vae nll --run runs/vae --K 5000 --out runs/vae-nll")
+    n = _command(
+        sub,
+        "nll",
+        "test negative log-likelihood of a trained run, -log p(x) by IWAE with K draws",
+        (
+            "For every image of a split (or the first --limit): the IWAE bound with K draws of the run's guide, its\n"
+            "delta-method standard error, and the ELBO of the same draws; the mean over images with its standard\n"
+            "error. Blocks of images are saved as they finish, so --resume continues an interrupted computation with\n"
+            "the same numbers. Writes nll_K{K}.csv and nll_K{K}.json. An autoencoder (a point-mass encoder) is refused."
+        ),
+        "ppl-vae nll --run runs/vae --K 5000 --out runs/vae-nll",
+    )
     n.add_argument("--run", required=True, help="run directory from ppl-vae fit")
     n.add_argument("--K", type=int, default=5000, help="importance samples per image")
     n.add_argument("--split", default="test", help="train, valid or test (default test)")
-    n.add_argument("--limit", type=int, default=None, help="only the first N images of the split (default: all)")
-    n.add_argument("--block", type=int, default=500, help="images per saved block (the unit of --resume)")
+    n.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="only the first N images of the split (default: all)",
+    )
+    n.add_argument(
+        "--block", type=int, default=500, help="images per saved block (the unit of --resume)"
+    )
     n.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
     n.add_argument("--seed", type=int, default=0, help="seeds every image's draws (per image)")
-    n.add_argument("--resume", action="store_true", help="continue the unfinished computation in --out")
+    n.add_argument(
+        "--resume", action="store_true", help="continue the unfinished computation in --out"
+    )
     _output(n)
 
 
 def _calibrate(sub: Any, app: Any) -> None:
-    c = _command(sub, "calibrate", "simulation-based calibration of a trained run's amortised guide q(z|x)", (
-        "Simulates (z, x) from the fitted model, draws q(z|x) for each simulated x, and ranks the true z among\n"
-        "the draws. Calibrated: uniform ranks for every coordinate. Reports per coordinate a chi-square p-value\n"
-        "and the direction of a miscalibration: under-dispersed (q too narrow), over-dispersed or biased; writes\n"
-        "calibration.csv/json and ranks.png (Yao et al. 2018)."),
-        "ppl-vae calibrate --run runs/vae --num-datasets 1000 --draws 99 --out runs/vae-calibration")
+    c = _command(
+        sub,
+        "calibrate",
+        "simulation-based calibration of a trained run's amortised guide q(z|x)",
+        (
+            "Simulates (z, x) from the fitted model, draws q(z|x) for each simulated x, and ranks the true z among\n"
+            "the draws. Calibrated: uniform ranks for every coordinate. Reports per coordinate a chi-square p-value\n"
+            "and the direction of a miscalibration: under-dispersed (q too narrow), over-dispersed or biased; writes\n"
+            "calibration.csv/json and ranks.png (Yao et al. 2018)."
+        ),
+        "ppl-vae calibrate --run runs/vae --num-datasets 1000 --draws 99 --out runs/vae-calibration",
+    )
     c.add_argument("--run", required=True, help="run directory from ppl-vae fit")
-    c.add_argument("--num-datasets", type=int, default=1000, help="simulated datasets (one datapoint each)")
-    c.add_argument("--draws", type=int, default=99, help="guide draws per dataset (draws + 1 a multiple of --bins)")
+    c.add_argument(
+        "--num-datasets", type=int, default=1000, help="simulated datasets (one datapoint each)"
+    )
+    c.add_argument(
+        "--draws",
+        type=int,
+        default=99,
+        help="guide draws per dataset (draws + 1 a multiple of --bins)",
+    )
     c.add_argument("--bins", type=int, default=10, help="bins of the rank histograms")
-    c.add_argument("--alpha", type=float, default=0.01, help="level of the per-coordinate tests, Bonferroni-corrected")
+    c.add_argument(
+        "--alpha",
+        type=float,
+        default=0.01,
+        help="level of the per-coordinate tests, Bonferroni-corrected",
+    )
     c.add_argument("--seed", type=int, default=0, help="seeds the simulation and the draws")
     _output(c, progress=False)
 
 
 def _compare(sub: Any, app: Any) -> None:
-    cm = _command(sub, "compare", "VI vs MCMC (batched HMC or NUTS) on latent posteriors of datapoints of a trained run", (
-        "Samples p(z|x) of each datapoint with batched HMC or NUTS (per-datapoint step size and mass matrix, R-hat and\n"
-        "ESS checked) and draws the guide's q(z|x), then reports per datapoint and latent dimension the error\n"
-        "of VI's mean in posterior sds, the sd ratio, the coverage of VI's 90% intervals, the energy distance\n"
-        "and the Pareto k-hat of the importance weights; writes compare.json/csv and figures, and a verdict in words."),
-        "ppl-vae compare --run runs/vae --num-points 10 --out runs/vae-compare")
+    cm = _command(
+        sub,
+        "compare",
+        "VI vs MCMC (batched HMC or NUTS) on latent posteriors of datapoints of a trained run",
+        (
+            "Samples p(z|x) of each datapoint with batched HMC or NUTS (per-datapoint step size and mass matrix, R-hat and\n"
+            "ESS checked) and draws the guide's q(z|x), then reports per datapoint and latent dimension the error\n"
+            "of VI's mean in posterior sds, the sd ratio, the coverage of VI's 90% intervals, the energy distance\n"
+            "and the Pareto k-hat of the importance weights; writes compare.json/csv and figures, and a verdict in words."
+        ),
+        "ppl-vae compare --run runs/vae --num-points 10 --out runs/vae-compare",
+    )
     cm.add_argument("--run", required=True, help="run directory from ppl-vae fit")
     cm.add_argument("--split", default="test", help="train, valid or test (default test)")
-    cm.add_argument("--num-points", type=int, default=None, help="random datapoints of the split (default 10; not with --indices)")
-    cm.add_argument("--indices", type=_some, default=None, help="comma-separated datapoint indices (instead of --num-points; default: none)")
-    cm.add_argument("--guide", default="amortized", help="amortized (the run's encoder) or local (q* optimised per datapoint)")
-    cm.add_argument("--draws", type=int, default=1000, help="kept MCMC draws per chain (default 1000)")
+    cm.add_argument(
+        "--num-points",
+        type=int,
+        default=None,
+        help="random datapoints of the split (default 10; not with --indices)",
+    )
+    cm.add_argument(
+        "--indices",
+        type=_some,
+        default=None,
+        help="comma-separated datapoint indices (instead of --num-points; default: none)",
+    )
+    cm.add_argument(
+        "--guide",
+        default="amortized",
+        help="amortized (the run's encoder) or local (q* optimised per datapoint)",
+    )
+    cm.add_argument(
+        "--draws", type=int, default=1000, help="kept MCMC draws per chain (default 1000)"
+    )
     cm.add_argument("--chains", type=int, default=4, help="MCMC chains per datapoint (default 4)")
-    cm.add_argument("--warmup", type=int, default=None, help="warmup transitions (default: --draws)")
-    cm.add_argument("--vi-draws", type=int, default=None, help="VI draws per datapoint (default: chains x draws)")
-    cm.add_argument("--kernel", default="hmc", help="MCMC transition: hmc (jittered trajectory length) or nuts (No-U-Turn) (default hmc)")
-    cm.add_argument("--mass", default="diag", help="mass matrix adapted per datapoint: diag or dense (for correlated posteriors) (default diag)")
-    cm.add_argument("--max-tree-depth", type=int, default=None, help="NUTS: most doublings of a trajectory (default 10; --kernel nuts only)")
-    cm.add_argument("--seed", type=int, default=0, help="seeds the datapoints picked and every draw (per datapoint)")
+    cm.add_argument(
+        "--warmup", type=int, default=None, help="warmup transitions (default: --draws)"
+    )
+    cm.add_argument(
+        "--vi-draws",
+        type=int,
+        default=None,
+        help="VI draws per datapoint (default: chains x draws)",
+    )
+    cm.add_argument(
+        "--kernel",
+        default="hmc",
+        help="MCMC transition: hmc (jittered trajectory length) or nuts (No-U-Turn) (default hmc)",
+    )
+    cm.add_argument(
+        "--mass",
+        default="diag",
+        help="mass matrix adapted per datapoint: diag or dense (for correlated posteriors) (default diag)",
+    )
+    cm.add_argument(
+        "--max-tree-depth",
+        type=int,
+        default=None,
+        help="NUTS: most doublings of a trajectory (default 10; --kernel nuts only)",
+    )
+    cm.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the datapoints picked and every draw (per datapoint)",
+    )
     _spread(cm)
     _output(cm)
 
 
 def _spread(p: Any) -> None:
     """The options that spread an analysis's datapoints over devices and processes (Lightning Fabric)."""
-    p.add_argument("--accelerator", default=None, help="cpu, cuda, mps or auto (default: cpu, in this process)")
-    p.add_argument("--devices", type=int, default=None, help="devices (processes) per node; each takes a block of the datapoints (default 1)")
-    p.add_argument("--strategy", default=None, help="ddp (default: forks the processes, or joins those torchrun or srun started), ddp_fork or ddp_notebook")
-    p.add_argument("--num-nodes", type=int, default=None, help="machines, for a run started by torchrun or srun on each (default 1)")
+    p.add_argument(
+        "--accelerator", default=None, help="cpu, cuda, mps or auto (default: cpu, in this process)"
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="devices (processes) per node; each takes a block of the datapoints (default 1)",
+    )
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help="ddp (default: forks the processes, or joins those torchrun or srun started), ddp_fork or ddp_notebook",
+    )
+    p.add_argument(
+        "--num-nodes",
+        type=int,
+        default=None,
+        help="machines, for a run started by torchrun or srun on each (default 1)",
+    )
 
 
 def _one_line(text: str) -> str:
@@ -335,31 +772,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         # their INFO lines (Pyro's guessed plate nesting, Fabric's process-group banner, logged by the modules named here
         # because Lightning resets its own top logger to INFO when it is imported) and torch's note that it stops the other
         # processes after one failed would break one-line output
-        for name in ("pyro", "lightning.fabric", "lightning_fabric", "lightning.fabric.utilities.distributed",
-                     "lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero", "torch.multiprocessing.spawn"):
-            logging.getLogger(name).setLevel(logging.ERROR if name.startswith("torch") else logging.WARNING)
+        for name in (
+            "pyro",
+            "lightning.fabric",
+            "lightning_fabric",
+            "lightning.fabric.utilities.distributed",
+            "lightning.fabric.utilities.rank_zero",
+            "lightning.pytorch.utilities.rank_zero",
+            "torch.multiprocessing.spawn",
+        ):
+            logging.getLogger(name).setLevel(
+                logging.ERROR if name.startswith("torch") else logging.WARNING
+            )
         args = build_parser(commands).parse_args(argv)
         return commands.run(args)
     except PplVaeError as exc:
         print(f"ppl-vae: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"ppl-vae: {_one_line(str(exc)) if isinstance(exc, Interrupted) else 'interrupted'}", file=sys.stderr)
+        print(
+            f"ppl-vae: {_one_line(str(exc)) if isinstance(exc, Interrupted) else 'interrupted'}",
+            file=sys.stderr,
+        )
         return 130
     except OSError as exc:  # permission denied, a full disk, a missing file: the user's to fix
         print(f"ppl-vae: error: {_os_error(exc)}", file=sys.stderr)
         return 2
     except MemoryError:
-        print("ppl-vae: error: out of memory; choose smaller options (--batch-size, --num-particles, --hidden, --latent-dim)", file=sys.stderr)
+        print(
+            "ppl-vae: error: out of memory; choose smaller options (--batch-size, --num-particles, --hidden, --latent-dim)",
+            file=sys.stderr,
+        )
         return 2
     except Exception as exc:  # one line, not a traceback from deep inside torch
         if os.environ.get("PPL_VAE_DEBUG"):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"ppl-vae: internal error: {type(exc).__name__}: {first} (set PPL_VAE_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"ppl-vae: internal error: {type(exc).__name__}: {first} (set PPL_VAE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

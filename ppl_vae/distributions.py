@@ -28,7 +28,24 @@ from torch.nn import functional as F
 
 from .errors import ConfigError, DataError
 
-__all__ = ["Bernoulli", "Gaussian", "ContinuousBernoulli", "Beta", "get_likelihood", "LIKELIHOODS", "check_support", "gaussian_from_params", "gaussian_mixture", "one_hot", "gaussian_draw", "gaussian_base", "noise_draw", "noise_leaf", "BY_ICDF", "point_mass"]
+__all__ = [
+    "Bernoulli",
+    "Gaussian",
+    "ContinuousBernoulli",
+    "Beta",
+    "get_likelihood",
+    "LIKELIHOODS",
+    "check_support",
+    "gaussian_from_params",
+    "gaussian_mixture",
+    "one_hot",
+    "gaussian_draw",
+    "gaussian_base",
+    "noise_draw",
+    "noise_leaf",
+    "BY_ICDF",
+    "point_mass",
+]
 
 
 class Bernoulli(nn.Module):
@@ -132,11 +149,15 @@ def check_support(x: torch.Tensor, likelihood: nn.Module, what: str = "data") ->
     support = getattr(likelihood, "support", "real")
     name = type(likelihood).__name__
     if support == "binary" and not bool(((x == 0) | (x == 1)).all()):
-        raise DataError(f"{what} is not binary but the likelihood is {name}; binarise it or choose continuous-bernoulli")
+        raise DataError(
+            f"{what} is not binary but the likelihood is {name}; binarise it or choose continuous-bernoulli"
+        )
     if support == "unit" and not bool(((x >= 0) & (x <= 1)).all()):
         raise DataError(f"{what} has values outside [0, 1] but the likelihood is {name}")
     if support == "open_unit" and not bool(((x > 0) & (x < 1)).all()):
-        raise DataError(f"{what} has values outside the open interval (0, 1) but the likelihood is {name}; use continuous-bernoulli")
+        raise DataError(
+            f"{what} has values outside the open interval (0, 1) but the likelihood is {name}; use continuous-bernoulli"
+        )
 
 
 def gaussian_from_params(params: object) -> dist.TorchDistribution:
@@ -172,7 +193,9 @@ class _DiagonalGaussianMixture(dist.MixtureSameFamily):
     #: whose broadcast copies would bring back the ``[..., K, D]`` work
     parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-    def expand(self, batch_shape: torch.Size, _instance: _DiagonalGaussianMixture | None = None) -> _DiagonalGaussianMixture:
+    def expand(
+        self, batch_shape: torch.Size, _instance: _DiagonalGaussianMixture | None = None
+    ) -> _DiagonalGaussianMixture:
         new = super().expand(batch_shape, _instance)
         new.parts = self.parts
         return new
@@ -182,12 +205,22 @@ class _DiagonalGaussianMixture(dist.MixtureSameFamily):
             self._validate_sample(value)
         logits, loc, scale = self.parts
         precision = scale.reciprocal().square()
-        quadratic = value.square() @ precision.T - 2 * value @ (loc * precision).T + (loc.square() * precision).sum(-1)
-        log_components = -0.5 * quadratic.clamp(min=0) - scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        quadratic = (
+            value.square() @ precision.T
+            - 2 * value @ (loc * precision).T
+            + (loc.square() * precision).sum(-1)
+        )
+        log_components = (
+            -0.5 * quadratic.clamp(min=0)
+            - scale.log().sum(-1)
+            - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        )
         return torch.logsumexp(log_components + logits, -1)
 
 
-def gaussian_mixture(logits: torch.Tensor, components: torch.distributions.Distribution) -> dist.TorchDistribution:
+def gaussian_mixture(
+    logits: torch.Tensor, components: torch.distributions.Distribution
+) -> dist.TorchDistribution:
     """The mixture ``softmax(logits)`` of Gaussian ``components`` (batch shape ``[K]``, one event dimension).
 
     Diagonal components (``Normal(loc [K, D], scale [K, D]).to_event(1)``) get a log density by matrix
@@ -196,7 +229,11 @@ def gaussian_mixture(logits: torch.Tensor, components: torch.distributions.Distr
     """
     mixture = dist.Categorical(logits=logits)
     base = components.base_dist if isinstance(components, torch.distributions.Independent) else None
-    if isinstance(base, torch.distributions.Normal) and components.reinterpreted_batch_ndims == 1 and base.loc.dim() == 2:
+    if (
+        isinstance(base, torch.distributions.Normal)
+        and components.reinterpreted_batch_ndims == 1
+        and base.loc.dim() == 2
+    ):
         fast = _DiagonalGaussianMixture(mixture, components)
         fast.parts = (mixture.logits, base.loc, base.scale)
         return fast
@@ -213,7 +250,12 @@ Noise = Callable[[torch.Size, torch.dtype], torch.Tensor]
 #: the families drawn as ``icdf(u)`` of U(0, 1) noise ``u``: their ``icdf`` is closed-form and differentiable in the parameters
 BY_ICDF: tuple[type, ...] = (D.Uniform, D.Exponential, D.Laplace, D.Cauchy, dist.Logistic)
 #: every family :func:`noise_draw` reads, wrappers first: a subclass that samples otherwise (one that overrides ``rsample``) is not read
-_WRAPPERS: tuple[type, ...] = (D.Independent, MaskedDistribution, ExpandedDistribution, D.TransformedDistribution)
+_WRAPPERS: tuple[type, ...] = (
+    D.Independent,
+    MaskedDistribution,
+    ExpandedDistribution,
+    D.TransformedDistribution,
+)
 _GAUSSIANS: tuple[type, ...] = (D.Normal, D.MultivariateNormal, D.LowRankMultivariateNormal)
 _BY_UNIFORMS: tuple[type, ...] = (*BY_ICDF, LogitRelaxedBernoulli, ExpRelaxedCategorical)
 _RSAMPLES = frozenset(c.rsample for c in (*_WRAPPERS, *_GAUSSIANS, *_BY_UNIFORMS))
@@ -248,7 +290,11 @@ def noise_leaf(fn: torch.distributions.Distribution) -> torch.distributions.Dist
         fn = inner
     if _own_draw(fn):
         return fn if fn.drawn_from_noise else None  # type: ignore[attr-defined]
-    return fn if type(fn).rsample in _RSAMPLES and isinstance(fn, (*_GAUSSIANS, *_BY_UNIFORMS)) else None
+    return (
+        fn
+        if type(fn).rsample in _RSAMPLES and isinstance(fn, (*_GAUSSIANS, *_BY_UNIFORMS))
+        else None
+    )
 
 
 def _own_draw(fn: torch.distributions.Distribution) -> bool:
@@ -257,7 +303,9 @@ def _own_draw(fn: torch.distributions.Distribution) -> bool:
     return callable(getattr(type(fn), "draw_from_noise", None))
 
 
-def noise_draw(fn: torch.distributions.Distribution, normal: Noise, uniform: Noise) -> torch.Tensor | None:
+def noise_draw(
+    fn: torch.distributions.Distribution, normal: Noise, uniform: Noise
+) -> torch.Tensor | None:
     r"""A reparameterised draw of ``fn`` made from given noise, or None if :func:`noise_leaf` finds no family to draw so.
 
     ``normal(shape, dtype)`` and ``uniform(shape, dtype)`` return standard-normal and U(0, 1) (open
@@ -299,11 +347,17 @@ def _draw(fn: torch.distributions.Distribution, normal: Noise, uniform: Noise) -
     if isinstance(fn, D.Normal):
         return fn.loc.expand(shape) + fn.scale.expand(shape) * normal(shape, fn.loc.dtype)
     if isinstance(fn, D.MultivariateNormal):
-        return fn.loc.expand(shape) + (fn.scale_tril @ normal(shape, fn.loc.dtype).unsqueeze(-1)).squeeze(-1)
+        return fn.loc.expand(shape) + (
+            fn.scale_tril @ normal(shape, fn.loc.dtype).unsqueeze(-1)
+        ).squeeze(-1)
     if isinstance(fn, D.LowRankMultivariateNormal):
         rank = fn.cov_factor.shape[-1]
         eps = normal(shape[:-1] + (rank + shape[-1],), fn.loc.dtype)
-        return fn.loc + (fn.cov_factor @ eps[..., :rank].unsqueeze(-1)).squeeze(-1) + fn.cov_diag.sqrt() * eps[..., rank:]
+        return (
+            fn.loc
+            + (fn.cov_factor @ eps[..., :rank].unsqueeze(-1)).squeeze(-1)
+            + fn.cov_diag.sqrt() * eps[..., rank:]
+        )
     if isinstance(fn, LogitRelaxedBernoulli):
         p = clamp_probs(fn.probs.expand(shape))
         u = uniform(shape, p.dtype)
@@ -311,11 +365,19 @@ def _draw(fn: torch.distributions.Distribution, normal: Noise, uniform: Noise) -
     if isinstance(fn, ExpRelaxedCategorical):
         scores = (fn.logits - (-uniform(shape, fn.logits.dtype).log()).log()) / fn.temperature
         return scores - scores.logsumexp(dim=-1, keepdim=True)
-    param = fn.low if isinstance(fn, D.Uniform) else fn.rate if isinstance(fn, D.Exponential) else fn.loc
+    param = (
+        fn.low
+        if isinstance(fn, D.Uniform)
+        else fn.rate
+        if isinstance(fn, D.Exponential)
+        else fn.loc
+    )
     return fn.icdf(uniform(shape, param.dtype))
 
 
-def gaussian_draw(fn: torch.distributions.Distribution, noise: Callable[[torch.Size], torch.Tensor]) -> torch.Tensor | None:
+def gaussian_draw(
+    fn: torch.distributions.Distribution, noise: Callable[[torch.Size], torch.Tensor]
+) -> torch.Tensor | None:
     """A reparameterised draw of ``fn`` made from given standard-normal noise, or None if ``fn`` is not a transformed Gaussian.
 
     ``noise(shape)`` returns standard-normal draws of the Gaussian's ``batch_shape + event_shape``

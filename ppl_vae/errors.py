@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PplVaeError", "DataError", "ConfigError", "CheckpointError", "NotReparameterizableError", "TrainingDiverged", "RunDirectoryError", "ProcessFailed",
-           "Interrupted", "NonFiniteError", "ReliabilityWarning", "SequentialWarning"]
+__all__ = [
+    "PplVaeError",
+    "DataError",
+    "ConfigError",
+    "CheckpointError",
+    "NotReparameterizableError",
+    "TrainingDiverged",
+    "RunDirectoryError",
+    "ProcessFailed",
+    "Interrupted",
+    "NonFiniteError",
+    "ReliabilityWarning",
+    "SequentialWarning",
+]
 
 
 class PplVaeError(Exception):
@@ -64,10 +76,28 @@ class NonFiniteError(PplVaeError, FloatingPointError):
         self.site = site
 
 
-def check_int(value: object, name: str, *, low: int = 1, high: int | None = None, error: type[PplVaeError] = ConfigError) -> int:
+def check_int(
+    value: object,
+    name: str,
+    *,
+    low: int = 1,
+    high: int | None = None,
+    error: type[PplVaeError] = ConfigError,
+) -> int:
     """``value`` if it is an integer (not a bool) of at least ``low`` (and at most ``high``); else an ``error`` (a :class:`ConfigError`) naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        what = "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        what = (
+            "a positive integer"
+            if low == 1
+            else "a non-negative integer"
+            if low == 0
+            else f"an integer >= {low}"
+        )
         if high is not None:
             what = f"an integer from {low} to {high}"
         raise error(f"{name} must be {what}, got {value!r}")
@@ -83,15 +113,29 @@ def check_seed(value: object, name: str = "seed") -> int:
 
 def check_positive(value: object, name: str, *, error: type[PplVaeError] = ConfigError) -> float:
     """``value`` if it is a finite number above 0; else an ``error`` (a :class:`ConfigError`) naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise error(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
-def check_finite(value: object, name: str, *, low: float | None = None, error: type[PplVaeError] = ConfigError) -> float:
+def check_finite(
+    value: object, name: str, *, low: float | None = None, error: type[PplVaeError] = ConfigError
+) -> float:
     """``value`` if it is a finite number (not a bool), at least ``low`` if given; else an ``error`` (a :class:`ConfigError`) naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (low is not None and value < low):
-        raise error(f"{name} must be a finite number{f' >= {low:g}' if low is not None else ''}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (low is not None and value < low)
+    ):
+        raise error(
+            f"{name} must be a finite number{f' >= {low:g}' if low is not None else ''}, got {value!r}"
+        )
     return float(value)
 
 

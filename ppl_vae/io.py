@@ -38,7 +38,21 @@ try:  # POSIX; elsewhere (Windows) directories are not locked
 except ImportError:  # pragma: no cover - exercised only where fcntl is missing
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["write_bytes", "write_text", "write_json", "write_csv", "save_torch", "load_torch", "load_checkpoint", "save_figure", "json_safe", "to_plain", "from_plain", "follower", "is_follower"]
+__all__ = [
+    "write_bytes",
+    "write_text",
+    "write_json",
+    "write_csv",
+    "save_torch",
+    "load_torch",
+    "load_checkpoint",
+    "save_figure",
+    "json_safe",
+    "to_plain",
+    "from_plain",
+    "follower",
+    "is_follower",
+]
 
 
 def _umask() -> int:
@@ -47,7 +61,9 @@ def _umask() -> int:
     return mask
 
 
-_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's own 0600 would hide shared runs from their readers
+_MODE = (
+    0o666 & ~_umask()
+)  # what open() would give a new file; mkstemp's own 0600 would hide shared runs from their readers
 
 
 _FOLLOWER = False
@@ -64,7 +80,9 @@ def follower() -> Iterator[None]:
         _FOLLOWER = before
 
 
-def _atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, overwrite: bool = True) -> Path:
+def _atomic(
+    path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, overwrite: bool = True
+) -> Path:
     """Write through ``write`` into a temporary file beside ``path``, then put it in place in one step.
 
     Without ``overwrite`` the last step is a hard link, which fails (``FileExistsError``)
@@ -205,25 +223,34 @@ def load_torch(path: str | os.PathLike[str]) -> Any:
     """
     import pickle
 
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol: the error below says it in one line
+        with (
+            warnings.catch_warnings()
+        ):  # torch warns about a foreign pickle protocol: the error below says it in one line
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         names = [found.group(1)] if found else _pickled_globals(path)
         if names is None:
-            raise CheckpointError(f"checkpoint {path} is corrupted or unreadable (not a torch checkpoint); it was not loaded") from None
+            raise CheckpointError(
+                f"checkpoint {path} is corrupted or unreadable (not a torch checkpoint); it was not loaded"
+            ) from None
         what = f" ({', '.join(names[:3])})" if names else ""
-        raise CheckpointError(f"checkpoint {path} holds objects other than tensors{what}; it was not loaded and nothing in it was executed") from None
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors{what}; it was not loaded and nothing in it was executed"
+        ) from None
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} ({exc.strerror or type(exc).__name__})") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({exc.strerror or type(exc).__name__})"
+        ) from None
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"checkpoint {path} is corrupted or unreadable ({type(exc).__name__})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or unreadable ({type(exc).__name__})"
+        ) from None
 
 
 def to_plain(obj: Any) -> Any:
@@ -240,27 +267,45 @@ def to_plain(obj: Any) -> Any:
         return obj.detach().cpu()
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in "biufc":
-            raise TypeError(f"cannot hand over a NumPy array of {obj.dtype} between processes (numbers and booleans only)")
-        return {"__ndarray__": torch.from_numpy(np.array(obj))}  # a copy: a read-only array cannot back a tensor
+            raise TypeError(
+                f"cannot hand over a NumPy array of {obj.dtype} between processes (numbers and booleans only)"
+            )
+        return {
+            "__ndarray__": torch.from_numpy(np.array(obj))
+        }  # a copy: a read-only array cannot back a tensor
     if isinstance(obj, np.generic):
         return obj.item()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {"__dataclass__": type(obj).__name__, "fields": {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}}
+        return {
+            "__dataclass__": type(obj).__name__,
+            "fields": {
+                f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init
+            },
+        }
     if isinstance(obj, Mapping):
         return {"__dict__": [[to_plain(k), to_plain(v)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
         return {"__tuple__": [to_plain(v) for v in obj]}
     if isinstance(obj, list):
         return [to_plain(v) for v in obj]
-    for plain in (bool, int, float, str):  # a subclass (an IntEnum, say) would be pickled as its class
+    for plain in (
+        bool,
+        int,
+        float,
+        str,
+    ):  # a subclass (an IntEnum, say) would be pickled as its class
         if isinstance(obj, plain):
             return plain(obj)
     if obj is None:
         return obj
-    raise TypeError(f"cannot hand over a {type(obj).__name__} between processes (only tensors, arrays, numbers, strings, containers and dataclasses of them)")
+    raise TypeError(
+        f"cannot hand over a {type(obj).__name__} between processes (only tensors, arrays, numbers, strings, containers and dataclasses of them)"
+    )
 
 
-def from_plain(obj: Any, types: Iterable[type] = (), device: torch.device | str | None = None) -> Any:
+def from_plain(
+    obj: Any, types: Iterable[type] = (), device: torch.device | str | None = None
+) -> Any:
     """Rebuild what :func:`to_plain` made: dataclasses of ``types`` only (another name is a :class:`CheckpointError`), tensors moved to ``device``."""
     known = {t.__name__: t for t in types}
 
@@ -279,7 +324,9 @@ def from_plain(obj: Any, types: Iterable[type] = (), device: torch.device | str 
             return {back(k): back(v) for k, v in o["__dict__"]}
         cls = known.get(o.get("__dataclass__"))  # type: ignore[arg-type]
         if cls is None:
-            raise CheckpointError(f"a handed-over result holds an unexpected type {o.get('__dataclass__')!r}; it was not rebuilt")
+            raise CheckpointError(
+                f"a handed-over result holds an unexpected type {o.get('__dataclass__')!r}; it was not rebuilt"
+            )
         return cls(**{k: back(v) for k, v in o["fields"].items()})
 
     return back(obj)
@@ -297,13 +344,26 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     ckpt = load_torch(path)
     params = ckpt.get("params") if isinstance(ckpt, dict) else None
-    if not (isinstance(params, list) and params and all(isinstance(p, torch.Tensor) for p in params)):
-        raise CheckpointError(f"checkpoint {path} is corrupted or incomplete (no parameter tensors)")
-    for what, tensors in (("parameter", params), ("best-epoch parameter", ckpt.get("best_params") or [])):
+    if not (
+        isinstance(params, list) and params and all(isinstance(p, torch.Tensor) for p in params)
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or incomplete (no parameter tensors)"
+        )
+    for what, tensors in (
+        ("parameter", params),
+        ("best-epoch parameter", ckpt.get("best_params") or []),
+    ):
         for i, p in enumerate(tensors):
-            if not (isinstance(p, torch.Tensor) and p.is_floating_point() and bool(torch.isfinite(p).all())):
+            if not (
+                isinstance(p, torch.Tensor)
+                and p.is_floating_point()
+                and bool(torch.isfinite(p).all())
+            ):
                 shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
-                raise CheckpointError(f"checkpoint {path} has a NaN or infinite value in {what} #{i} (shape {shape}); refusing to load it")
+                raise CheckpointError(
+                    f"checkpoint {path} has a NaN or infinite value in {what} #{i} (shape {shape}); refusing to load it"
+                )
     return ckpt
 
 
@@ -315,5 +375,3 @@ def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> Path:
 
 
 # --------------------------------------------------------------------------- locked output directories
-
-

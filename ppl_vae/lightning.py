@@ -72,24 +72,50 @@ class SVIModule(LightningModule):
     ) -> None:
         super().__init__()
         example = as_tensors(example, "example")
-        self.svi = SVI(model, guide, estimator=estimator, num_particles=num_particles, lr=lr, beta=beta, num_data=num_data, modules=modules,
-                       own_store=False)
-        self.svi.setup(*example)  # the step fit takes: the data plate, the parameters, every refusal
+        self.svi = SVI(
+            model,
+            guide,
+            estimator=estimator,
+            num_particles=num_particles,
+            lr=lr,
+            beta=beta,
+            num_data=num_data,
+            modules=modules,
+            own_store=False,
+        )
+        self.svi.setup(
+            *example
+        )  # the step fit takes: the data plate, the parameters, every refusal
         plate = self.svi.data_plate
         if plate.subsampled:
-            raise ConfigError(f"SVIModule: plate {plate.name!r} subsamples the data itself; a Trainer's DataLoader gives the batches: "
-                              f"write the plate over the rows given, pyro.plate({plate.name!r}, x.shape[0])")
-        self.model, self.guide, self.lr = on_data_plate(model, plate), on_data_plate(guide, plate), lr
+            raise ConfigError(
+                f"SVIModule: plate {plate.name!r} subsamples the data itself; a Trainer's DataLoader gives the batches: "
+                f"write the plate over the rows given, pyro.plate({plate.name!r}, x.shape[0])"
+            )
+        self.model, self.guide, self.lr = (
+            on_data_plate(model, plate),
+            on_data_plate(guide, plate),
+            lr,
+        )
         self.objective = self.svi.objective
         loose = [p for p in self.svi.params if self.objective.holds_not(p)]
         if loose:
-            raise ConfigError(f"{len(loose)} trained tensor(s) belong to no nn.Module (pyro.param sites); hold them in an nn.Module for Lightning")
+            raise ConfigError(
+                f"{len(loose)} trained tensor(s) belong to no nn.Module (pyro.param sites); hold them in an nn.Module for Lightning"
+            )
         self.objective.validate = False
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        out = self.svi.loss(*batch)  # the step's loss; Lightning does the backward pass and the optimiser's step
-        self.log("train_elbo", -out.loss.detach() / self.objective.n, prog_bar=True, batch_size=batch[0].shape[0])
+        out = self.svi.loss(
+            *batch
+        )  # the step's loss; Lightning does the backward pass and the optimiser's step
+        self.log(
+            "train_elbo",
+            -out.loss.detach() / self.objective.n,
+            prog_bar=True,
+            batch_size=batch[0].shape[0],
+        )
         return out.loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

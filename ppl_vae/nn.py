@@ -30,7 +30,13 @@ class MLP(nn.Sequential):
         Non-linearity after every hidden layer.
     """
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Module] = nn.ReLU) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int,
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
         layers: list[nn.Module] = []
         widths = [in_dim, *hidden]
         for a, b in zip(widths[:-1], widths[1:]):
@@ -80,7 +86,9 @@ class ConvEncoder(nn.Module):
         Channels of the two convolutions.
     """
 
-    def __init__(self, image_shape: Sequence[int], out_dim: int, channels: tuple[int, int] = (32, 64)) -> None:
+    def __init__(
+        self, image_shape: Sequence[int], out_dim: int, channels: tuple[int, int] = (32, 64)
+    ) -> None:
         super().__init__()
         c, h, w = image_shape
         self.image_shape = tuple(image_shape)
@@ -105,7 +113,9 @@ class ConvDecoder(nn.Module):
     ``H`` and ``W`` must be divisible by 4 (8x8 digits and 28x28 MNIST are).
     """
 
-    def __init__(self, in_dim: int, image_shape: Sequence[int], channels: tuple[int, int] = (64, 32)) -> None:
+    def __init__(
+        self, in_dim: int, image_shape: Sequence[int], channels: tuple[int, int] = (64, 32)
+    ) -> None:
         super().__init__()
         c, h, w = image_shape
         if h % 4 or w % 4:
@@ -142,7 +152,9 @@ class GaussianEncoder(nn.Module):
         positive diagonal.
     """
 
-    def __init__(self, body: nn.Module, feature_dim: int, latent_dim: int, covariance: str = "diagonal") -> None:
+    def __init__(
+        self, body: nn.Module, feature_dim: int, latent_dim: int, covariance: str = "diagonal"
+    ) -> None:
         super().__init__()
         if covariance not in ("diagonal", "full"):
             raise ValueError(f"covariance must be 'diagonal' or 'full', got {covariance!r}")
@@ -151,7 +163,9 @@ class GaussianEncoder(nn.Module):
         self.scale = nn.Linear(feature_dim, latent_dim)
         if covariance == "full":
             self.offdiag = nn.Linear(feature_dim, latent_dim * (latent_dim - 1) // 2)
-            self.register_buffer("_tril", torch.tril_indices(latent_dim, latent_dim, offset=-1), persistent=False)
+            self.register_buffer(
+                "_tril", torch.tril_indices(latent_dim, latent_dim, offset=-1), persistent=False
+            )
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(*inputs)

@@ -38,7 +38,9 @@ class _Lines:
 def _notebook() -> bool:
     """Whether this runs in a Jupyter kernel (where tqdm.auto draws a widget)."""
     ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    shell = (
+        ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    )
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
@@ -49,8 +51,15 @@ def _interval() -> float:
         return 10.0
 
 
-def bar(iterable: Any = None, *, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
-        leave: bool = False) -> Any:
+def bar(
+    iterable: Any = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    leave: bool = False,
+) -> Any:
     """A tqdm bar over ``iterable`` (or to ``update`` by hand up to ``total``); a disabled one when not ``enabled``."""
     if not enabled:
         return _plain(iterable, total=total, disable=True)
@@ -63,5 +72,16 @@ def bar(iterable: Any = None, *, total: int | None = None, desc: str = "", unit:
         return _plain(iterable, total=total, desc=desc, unit=unit, leave=leave, file=stream)
     every = _interval()
     # maxinterval above mininterval: tqdm's monitor thread redraws only a stalled bar, not one that an update redraws at the same moment
-    return _plain(iterable, total=total, desc=desc, unit=unit, leave=True, file=_Lines(stream), mininterval=every, maxinterval=3 * every,
-                  ascii=True, dynamic_ncols=False, ncols=100)
+    return _plain(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        leave=True,
+        file=_Lines(stream),
+        mininterval=every,
+        maxinterval=3 * every,
+        ascii=True,
+        dynamic_ncols=False,
+        ncols=100,
+    )

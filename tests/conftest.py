@@ -32,7 +32,9 @@ from ppl_vae.inference.estimators import get_estimator
 from ppl_vae.models.ppca import PPCA
 
 # the posteriordb reference posteriors the tests use ship with the tests (tests/fixtures/posteriordb)
-os.environ.setdefault("PPL_VAE_POSTERIORDB", str(Path(__file__).parent / "fixtures" / "posteriordb"))
+os.environ.setdefault(
+    "PPL_VAE_POSTERIORDB", str(Path(__file__).parent / "fixtures" / "posteriordb")
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,7 +73,9 @@ class RowwisePPCA(PPCA):
             pyro.sample("x", dist.Normal(loc, self.sigma.expand_as(loc)).to_event(1), obs=x)
 
 
-def frozen_ppca(D: int = 6, d: int = 2, sigma: float = 0.7, seed: int = 0, rowwise: bool = False) -> PPCA:
+def frozen_ppca(
+    D: int = 6, d: int = 2, sigma: float = 0.7, seed: int = 0, rowwise: bool = False
+) -> PPCA:
     torch.manual_seed(seed)
     m = (RowwisePPCA if rowwise else PPCA)(D, d, sigma=sigma).double()
     with torch.no_grad():
@@ -131,7 +135,21 @@ def grad_draws(estimator, guide: Guide, n: int, num_particles: int = 1) -> torch
     return torch.stack(out)
 
 
-TINY = ["--dataset", "digits", "--limit", "60", "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--limit",
+    "60",
+    "--hidden",
+    "16",
+    "--latent-dim",
+    "2",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "2",
+    "--no-progress",
+]
 BINARY = [*TINY, "--binarize", "threshold"]
 
 
@@ -155,7 +173,9 @@ def binarized_mnist():
         folder.mkdir(parents=True)
         for split in ("train", "valid", "test"):
             rows = rng.integers(0, 2, size=(4, 784))
-            (folder / f"binarized_mnist_{split}.amat").write_text("\n".join(" ".join(map(str, r)) for r in rows) + "\n")
+            (folder / f"binarized_mnist_{split}.amat").write_text(
+                "\n".join(" ".join(map(str, r)) for r in rows) + "\n"
+            )
         return root
 
     return make
@@ -185,12 +205,20 @@ def write_fake_mnist(root, n_classes=10, per_class=6, seed=0):
     raw = root / "mnist" / "raw"
     raw.mkdir(parents=True)
     images = np.round(grey * 255).astype(np.uint8).reshape(-1, 28, 28)
-    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(struct.pack(">iiii", 0x803, *images.shape) + images.tobytes()))
-    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">ii", 0x801, len(labels)) + labels.tobytes()))
-    binarised = (rng.random(grey.shape) < images.reshape(len(labels), 784) / 255).astype(np.uint8)[np.argsort(labels, kind="stable")]
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(struct.pack(">iiii", 0x803, *images.shape) + images.tobytes())
+    )
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(struct.pack(">ii", 0x801, len(labels)) + labels.tobytes())
+    )
+    binarised = (rng.random(grey.shape) < images.reshape(len(labels), 784) / 255).astype(np.uint8)[
+        np.argsort(labels, kind="stable")
+    ]
     folder = root / "binarized_mnist"
     folder.mkdir()
-    savemat(folder / "binarized_mnist_test.mat", {"X": binarised})  # sorted by class, as the real file
+    savemat(
+        folder / "binarized_mnist_test.mat", {"X": binarised}
+    )  # sorted by class, as the real file
     train = (rng.random((200, 784)) < prototypes[rng.integers(0, n_classes, 200)]).astype(np.uint8)
     savemat(folder / "binarized_mnist_train.mat", {"X": train})
     return len(labels)
@@ -219,7 +247,11 @@ def run_copy(finished, tmp_path) -> Path:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` (its lock file aside), by relative path, with its bytes: what "nothing changed" compares."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".ppl-vae.lock"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".ppl-vae.lock"
+    }
 
 
 def one_line(capsys, *fragments: str, prefix: str = "ppl-vae: error: ") -> str:

@@ -21,9 +21,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ppl_vae"
 
 LAYERS = {
-    "ppl_vae.errors": 0, "ppl_vae.io": 1, "ppl_vae.progress": 1,
-    "ppl_vae.nn": 2, "ppl_vae.distributions": 2, "ppl_vae.data": 2,
-    "ppl_vae.models": 3, "ppl_vae.guides": 3,
+    "ppl_vae.errors": 0,
+    "ppl_vae.io": 1,
+    "ppl_vae.progress": 1,
+    "ppl_vae.nn": 2,
+    "ppl_vae.distributions": 2,
+    "ppl_vae.data": 2,
+    "ppl_vae.models": 3,
+    "ppl_vae.guides": 3,
     "ppl_vae.inference": 4,
     "ppl_vae.app": 5,
     "ppl_vae.cli": 6,
@@ -31,7 +36,23 @@ LAYERS = {
 }
 
 #: third-party packages a function may import lazily (heavy, or optional for a code path)
-LAZY_OK = {"matplotlib", "seaborn", "pandas", "arviz", "arviz_stats", "xarray", "sklearn", "scipy", "torchvision", "lightning", "pickletools", "pickle", "functools", "itertools", "logging"}
+LAZY_OK = {
+    "matplotlib",
+    "seaborn",
+    "pandas",
+    "arviz",
+    "arviz_stats",
+    "xarray",
+    "sklearn",
+    "scipy",
+    "torchvision",
+    "lightning",
+    "pickletools",
+    "pickle",
+    "functools",
+    "itertools",
+    "logging",
+}
 #: internal imports allowed inside a function: (importing module, imported module)
 DEFERRED_OK = {("ppl_vae.cli", "ppl_vae.app.commands")}
 
@@ -81,7 +102,9 @@ def _imports(module: str, path: Path) -> tuple[set[str], list[tuple[str, int]]]:
                     inner += [(a.name, sub.lineno) for a in sub.names]
     for node in tree.body:
         stmts = [node]
-        if isinstance(node, ast.If):  # TYPE_CHECKING blocks count: a cycle there is a cycle in the design
+        if isinstance(
+            node, ast.If
+        ):  # TYPE_CHECKING blocks count: a cycle there is a cycle in the design
             stmts = node.body
         if isinstance(node, ast.Try):
             stmts = node.body
@@ -108,16 +131,22 @@ def test_imports_flow_one_way(module):
     rank, package = _layer(module)
     for target in sorted(GRAPH[module][0]):
         t_rank, t_package = _layer(target)
-        assert t_rank < rank or t_package == package, f"{module} (layer {rank}) imports {target} (layer {t_rank})"
+        assert t_rank < rank or t_package == package, (
+            f"{module} (layer {rank}) imports {target} (layer {t_rank})"
+        )
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_imports_hide_inside_functions(module):
     for name, line in GRAPH[module][1]:
         if name.startswith("ppl_vae"):
-            assert (module, name) in DEFERRED_OK, f"{module}:{line} imports {name} inside a function"
+            assert (module, name) in DEFERRED_OK, (
+                f"{module}:{line} imports {name} inside a function"
+            )
         else:
-            assert name.split(".")[0] in LAZY_OK, f"{module}:{line} imports {name} inside a function"
+            assert name.split(".")[0] in LAZY_OK, (
+                f"{module}:{line} imports {name} inside a function"
+            )
 
 
 def test_the_module_graph_has_no_cycle():
@@ -130,7 +159,7 @@ def test_the_module_graph_has_no_cycle():
         path.append(m)
         for t in sorted(edges[m]):
             if state.get(t) == 1:
-                cycle = path[path.index(t):] + [t]
+                cycle = path[path.index(t) :] + [t]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)
@@ -144,7 +173,12 @@ def test_the_module_graph_has_no_cycle():
 
 def test_the_graph_was_read():
     """The walk found the layers it checks (a refactor that moved the package would otherwise pass vacuously)."""
-    assert {"ppl_vae.cli", "ppl_vae.app.commands.fit", "ppl_vae.inference.svi", "ppl_vae.models.vae"} <= set(MODULES)
+    assert {
+        "ppl_vae.cli",
+        "ppl_vae.app.commands.fit",
+        "ppl_vae.inference.svi",
+        "ppl_vae.models.vae",
+    } <= set(MODULES)
     assert "ppl_vae.inference.svi" in GRAPH["ppl_vae.app.commands.fit"][0] or any(
         t.startswith("ppl_vae.inference") for t in GRAPH["ppl_vae.app.commands.fit"][0]
     )
@@ -153,13 +187,17 @@ def test_the_graph_was_read():
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("path", sorted(TESTS.rglob("test_*.py")), ids=lambda p: str(p.relative_to(TESTS)))
+@pytest.mark.parametrize(
+    "path", sorted(TESTS.rglob("test_*.py")), ids=lambda p: str(p.relative_to(TESTS))
+)
 def test_no_test_module_imports_another(path):
     """Shared helpers live in ``tests/conftest.py``; a test module imports no other test module."""
     tree = ast.parse(path.read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-    assert not [m for m in names if m.split(".")[-1].startswith("test_") or m.startswith("tests")], names
+    assert not [
+        m for m in names if m.split(".")[-1].startswith("test_") or m.startswith("tests")
+    ], names
 
 
 def test_tests_mirror_the_package():
@@ -174,8 +212,11 @@ def test_private_names_stay_in_their_module(module):
     """``from x import _name`` between package modules would make a private name part of two modules."""
     tree = ast.parse(MODULES[module].read_text())
     private = [
-        f"{n.module or '.'}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("ppl_vae"))
-        for a in n.names if a.name.startswith("_") and a.name != "__future__"
+        f"{n.module or '.'}.{a.name}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("ppl_vae"))
+        for a in n.names
+        if a.name.startswith("_") and a.name != "__future__"
     ]
     assert not private, private
 
@@ -188,12 +229,18 @@ def test_the_top_level_holds_the_names_the_guide_uses_and_moved_names_warn():
     import ppl_vae
     import ppl_vae.inference
 
-    guide = {name for page in [PACKAGE.parent / "README.md", *(PACKAGE.parent / "docs").glob("*.md")]
-             for line in re.findall(r"from ppl_vae import ([^\n]+)", page.read_text()) for name in re.findall(r"\w+", line)}
+    guide = {
+        name
+        for page in [PACKAGE.parent / "README.md", *(PACKAGE.parent / "docs").glob("*.md")]
+        for line in re.findall(r"from ppl_vae import ([^\n]+)", page.read_text())
+        for name in re.findall(r"\w+", line)
+    }
     assert guide and guide <= set(ppl_vae.__all__), guide - set(ppl_vae.__all__)
     for name in ("importance_bounds", "Estimate"):
         assert name not in ppl_vae.__all__
-        with pytest.warns(DeprecationWarning, match=f"ppl_vae.{name} moved: import it from ppl_vae.inference"):
+        with pytest.warns(
+            DeprecationWarning, match=f"ppl_vae.{name} moved: import it from ppl_vae.inference"
+        ):
             value = getattr(ppl_vae, name)
         assert value is getattr(ppl_vae.inference, name)
     with warnings.catch_warnings():

@@ -22,7 +22,9 @@ from ppl_vae.nn import MLP, GaussianEncoder
 # Lightning's advice for real workloads, not failures (few dataloader workers, a small logging interval), and a
 # deprecation inside Lightning's own use of torch's pytree
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers.*", "ignore:.*log_every_n_steps.*", "ignore:.*GPU available but not used.*",
+    "ignore:.*does not have many workers.*",
+    "ignore:.*log_every_n_steps.*",
+    "ignore:.*GPU available but not used.*",
     "ignore:.*isinstance\\(treespec, LeafSpec\\).*:FutureWarning",
 )
 
@@ -39,10 +41,24 @@ def test_a_users_trainer_and_csv_logger_train_the_model(tmp_path):
             return elbo_per_datapoint(model, guide, x, num_particles=50).value
 
     before = score()
-    module = SVIModule(model, guide, x[:20], num_data=len(x), estimator="score+nvil", num_particles=2, lr=1e-2)
-    trainer = Trainer(max_epochs=15, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_progress_bar=False,
-                      enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1)
-    trainer.fit(module, DataLoader(TensorDataset(x), batch_size=20, shuffle=True), DataLoader(TensorDataset(x), batch_size=100))
+    module = SVIModule(
+        model, guide, x[:20], num_data=len(x), estimator="score+nvil", num_particles=2, lr=1e-2
+    )
+    trainer = Trainer(
+        max_epochs=15,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(
+        module,
+        DataLoader(TensorDataset(x), batch_size=20, shuffle=True),
+        DataLoader(TensorDataset(x), batch_size=100),
+    )
     after = score()
     gain = after - before  # paired per datapoint
     assert gain.mean().item() > Z * gain.std().item() / math.sqrt(len(gain)), gain.mean().item()
@@ -50,7 +66,9 @@ def test_a_users_trainer_and_csv_logger_train_the_model(tmp_path):
         rows = list(csv.DictReader(fh))
     train = [float(r["train_elbo"]) for r in rows if r.get("train_elbo")]
     val = [float(r["val_elbo"]) for r in rows if r.get("val_elbo")]
-    assert len(train) == 15 * 10 and len(val) == 15  # every step and every validation epoch was logged
+    assert (
+        len(train) == 15 * 10 and len(val) == 15
+    )  # every step and every validation epoch was logged
     # the last logged validation ELBO (one draw per datapoint, the final parameters) is the model's ELBO up to its
     # Monte Carlo error, whose size a fresh one-draw estimate shows
     with torch.no_grad():

@@ -38,7 +38,9 @@ def test_training_into_a_log_file_writes_lines_not_a_redraw_per_step(capsys, mon
     monkeypatch.setenv("PPL_VAE_PROGRESS_INTERVAL", "60")
     torch.manual_seed(0)
     ppca = PPCA(4, 2)
-    fit(ppca, ppca.exact_guide, torch.randn(400, 4), epochs=5, batch_size=10, progress=True)  # 200 steps
+    fit(
+        ppca, ppca.exact_guide, torch.randn(400, 4), epochs=5, batch_size=10, progress=True
+    )  # 200 steps
     lines = capsys.readouterr().err.splitlines()
     assert 1 <= len(lines) <= 4, lines  # the start, the end, and no line per step
     assert "200/200" in lines[-1]
@@ -57,7 +59,9 @@ def test_bdmc_and_compare_show_progress_when_asked(capsys, monkeypatch):
     m = frozen_ppca()
     bdmc(m, torch.zeros(2, 6, dtype=torch.float64), num_steps=20, num_chains=2, progress=True)
     lines = capsys.readouterr().err.splitlines()
-    assert lines and lines[-1].startswith("BDMC 20 steps: 100%") and "60/60" in lines[-1], lines  # pilot, forward and reverse runs
+    assert lines and lines[-1].startswith("BDMC 20 steps: 100%") and "60/60" in lines[-1], (
+        lines
+    )  # pilot, forward and reverse runs
     x = m.sample(3)
     mcmc = hmc_latent(m, x, num_samples=20, warmup_steps=20, num_chains=2, seed=0)
     vi = vi_draws_latent(m, m.posterior(x), x, num_samples=40, seed=0)
@@ -67,7 +71,9 @@ def test_bdmc_and_compare_show_progress_when_asked(capsys, monkeypatch):
     shown = compare(mcmc, vi, progress=True)
     lines = capsys.readouterr().err.splitlines()
     assert lines and lines[-1].startswith("compare: 100%") and "3/3" in lines[-1], lines
-    assert np.array_equal(shown.per_dim["wasserstein"], quiet.per_dim["wasserstein"])  # the bar changes nothing computed
+    assert np.array_equal(
+        shown.per_dim["wasserstein"], quiet.per_dim["wasserstein"]
+    )  # the bar changes nothing computed
 
 
 def test_in_a_notebook_the_bar_is_tqdm_autos_widget(monkeypatch):
@@ -88,5 +94,7 @@ def test_in_a_notebook_the_bar_is_tqdm_autos_widget(monkeypatch):
     monkeypatch.setattr(progress, "_auto", Widget)
     assert progress._notebook()
     assert isinstance(progress.bar(total=5, desc="cells"), Widget) and made[0]["desc"] == "cells"
-    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))  # plain IPython, not a kernel
+    monkeypatch.setitem(
+        sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None)
+    )  # plain IPython, not a kernel
     assert not progress._notebook()

@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = sorted(p for d in ("ppl_vae", "tests", "benchmarks", "docs") for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".md"))
+FILES = sorted(
+    p
+    for d in ("ppl_vae", "tests", "benchmarks", "docs")
+    for p in (ROOT / d).rglob("*")
+    if p.suffix in (".py", ".md")
+)
 CONTROL = {c for c in range(32) if chr(c) not in "\n\r"}  # tabs too: none is written on purpose
 
 

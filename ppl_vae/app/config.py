@@ -24,7 +24,16 @@ from ..inference.estimators import ESTIMATORS, get_estimator
 from ..inference.svi import SCHEDULES
 from ..models.discrete import DISCRETE_MODELS
 
-__all__ = ["Config", "ModelSpec", "MODEL_SPECS", "MODELS", "MODEL_OPTIONS", "GUIDES", "LAUNCH", "RESUMABLE"]
+__all__ = [
+    "Config",
+    "ModelSpec",
+    "MODEL_SPECS",
+    "MODELS",
+    "MODEL_OPTIONS",
+    "GUIDES",
+    "LAUNCH",
+    "RESUMABLE",
+]
 
 
 GUIDES = ("diagonal", "full", "iaf")
@@ -75,25 +84,62 @@ class ModelSpec:
 
 _AE = "reconstruction log-likelihood (not a bound)"
 _PENALISED = "reconstruction log-likelihood minus penalties (not a bound)"
-MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
-    "vae": ModelSpec(guides=GUIDES, archs=("mlp", "conv"), standard_prior=True),
-    "beta-vae": ModelSpec(guides=GUIDES, archs=("mlp", "conv"), standard_prior=True, needs_beta=True),
-    "cvae": ModelSpec(labels=True, standard_prior=True),
-    "ae": ModelSpec(latents="point", guides=("diagonal",), archs=("mlp", "conv"), standard_prior=True, objective=_AE),
-    "dae": ModelSpec(latents="point", guides=("diagonal",), archs=("mlp", "conv"), standard_prior=True, options=("likelihood", "noise"), objective=_AE),
-    "ppca": ModelSpec(standard_prior=True, options=()),  # its likelihood is Gaussian, with a learnt variance
-    **{m: ModelSpec(latents="discrete", guides=("diagonal",), hidden_optional=True) for m in DISCRETE_MODELS},
-    "hvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True),
-    "lvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True, options=("likelihood", "layers")),
-    "mog-vae": ModelSpec(options=("likelihood", "components")),
-    "vampprior": ModelSpec(options=("likelihood", "components")),
-    "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
-    "vqvae2": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
-    "sparse-ae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
-    "cae": ModelSpec(latents="point", guides=("diagonal",), options=("likelihood", "contractive"), objective=_PENALISED),
-    "sdae": ModelSpec(latents="point", guides=("diagonal",), options=("likelihood", "layers", "noise", "pretrain_epochs"), layers_replace_hidden=True,
-                      objective=_AE),
-})
+MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType(
+    {
+        "vae": ModelSpec(guides=GUIDES, archs=("mlp", "conv"), standard_prior=True),
+        "beta-vae": ModelSpec(
+            guides=GUIDES, archs=("mlp", "conv"), standard_prior=True, needs_beta=True
+        ),
+        "cvae": ModelSpec(labels=True, standard_prior=True),
+        "ae": ModelSpec(
+            latents="point",
+            guides=("diagonal",),
+            archs=("mlp", "conv"),
+            standard_prior=True,
+            objective=_AE,
+        ),
+        "dae": ModelSpec(
+            latents="point",
+            guides=("diagonal",),
+            archs=("mlp", "conv"),
+            standard_prior=True,
+            options=("likelihood", "noise"),
+            objective=_AE,
+        ),
+        "ppca": ModelSpec(
+            standard_prior=True, options=()
+        ),  # its likelihood is Gaussian, with a learnt variance
+        **{
+            m: ModelSpec(latents="discrete", guides=("diagonal",), hidden_optional=True)
+            for m in DISCRETE_MODELS
+        },
+        "hvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True),
+        "lvae": ModelSpec(
+            guides=("diagonal",),
+            mean_field=False,
+            standard_prior=True,
+            options=("likelihood", "layers"),
+        ),
+        "mog-vae": ModelSpec(options=("likelihood", "components")),
+        "vampprior": ModelSpec(options=("likelihood", "components")),
+        "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
+        "vqvae2": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
+        "sparse-ae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
+        "cae": ModelSpec(
+            latents="point",
+            guides=("diagonal",),
+            options=("likelihood", "contractive"),
+            objective=_PENALISED,
+        ),
+        "sdae": ModelSpec(
+            latents="point",
+            guides=("diagonal",),
+            options=("likelihood", "layers", "noise", "pretrain_epochs"),
+            layers_replace_hidden=True,
+            objective=_AE,
+        ),
+    }
+)
 MODELS = tuple(MODEL_SPECS)
 #: the options only some models use (:attr:`ModelSpec.options`): ``--components`` sets the size of a mixture prior, ``--noise`` a
 #: denoising autoencoder's masking, ``--contractive`` the contractive one's penalty, ``--pretrain-epochs`` a stacked one's pretraining
@@ -102,8 +148,29 @@ MODEL_OPTIONS = ("likelihood", "layers", "components", "noise", "contractive", "
 #: the keys every ``config.json`` has held since the first release: a saved config without one is damaged. The options added
 #: since (``flows``, ``resumed``, ``kl_warmup``, ``layers``, ``pretrain_epochs``, ``contractive``, ``components``) may be absent
 #: from an older run's file, which was trained with their default.
-REQUIRED = ("model", "dataset", "data_dir", "download", "binarize", "limit", "latent_dim", "hidden", "arch", "likelihood", "guide", "estimator",
-            "num_particles", "beta", "noise", "epochs", "batch_size", "lr", "lr_schedule", "patience", "seed")
+REQUIRED = (
+    "model",
+    "dataset",
+    "data_dir",
+    "download",
+    "binarize",
+    "limit",
+    "latent_dim",
+    "hidden",
+    "arch",
+    "likelihood",
+    "guide",
+    "estimator",
+    "num_particles",
+    "beta",
+    "noise",
+    "epochs",
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "patience",
+    "seed",
+)
 
 #: ``fit``'s options for where and how it runs (Lightning Fabric); recorded in the config, so that ``--resume`` repeats them
 LAUNCH = ("accelerator", "devices", "strategy", "precision", "num_nodes")
@@ -112,17 +179,40 @@ LAUNCH = ("accelerator", "devices", "strategy", "precision", "num_nodes")
 RESUMABLE = ("epochs", "patience", "data_dir", "download")
 
 _KINDS: dict[str, tuple[str, tuple[type, ...], bool]] = {  # key -> (what, types, None allowed)
-    **{k: ("a string", (str,), False) for k in ("model", "dataset", "arch", "likelihood", "guide", "estimator")},
-    **{k: ("a string", (str,), True) for k in ("data_dir", "binarize", "lr_schedule", "accelerator", "strategy", "precision")},
-    **{k: ("an integer", (int,), False) for k in ("latent_dim", "flows", "num_particles", "epochs", "batch_size", "seed", "kl_warmup", "pretrain_epochs")},
-    **{k: ("an integer", (int,), True) for k in ("limit", "patience", "components", "devices", "num_nodes")},
+    **{
+        k: ("a string", (str,), False)
+        for k in ("model", "dataset", "arch", "likelihood", "guide", "estimator")
+    },
+    **{
+        k: ("a string", (str,), True)
+        for k in ("data_dir", "binarize", "lr_schedule", "accelerator", "strategy", "precision")
+    },
+    **{
+        k: ("an integer", (int,), False)
+        for k in (
+            "latent_dim",
+            "flows",
+            "num_particles",
+            "epochs",
+            "batch_size",
+            "seed",
+            "kl_warmup",
+            "pretrain_epochs",
+        )
+    },
+    **{
+        k: ("an integer", (int,), True)
+        for k in ("limit", "patience", "components", "devices", "num_nodes")
+    },
     **{k: ("a number", (int, float), False) for k in ("beta", "noise", "contractive", "lr")},
     "download": ("true or false", (bool,), False),
     "compile": ("true or false", (bool,), False),
 }
 
+
 def option_flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -177,13 +267,22 @@ class Config:
             if value is None and optional:
                 continue
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                raise ConfigError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r} ({type(value).__name__})")
+                raise ConfigError(
+                    f"{key} must be {what}{' or null' if optional else ''}, got {value!r} ({type(value).__name__})"
+                )
         for key in ("hidden", "layers"):
             value = getattr(self, key)
-            if not (isinstance(value, tuple) and all(isinstance(h, int) and not isinstance(h, bool) for h in value)):
+            if not (
+                isinstance(value, tuple)
+                and all(isinstance(h, int) and not isinstance(h, bool) for h in value)
+            ):
                 raise ConfigError(f"{key} must be a list of integers (layer widths), got {value!r}")
-        if not (isinstance(self.resumed, tuple) and all(isinstance(r, Mapping) for r in self.resumed)):
-            raise ConfigError(f"resumed must be a list of records of earlier resumptions, got {self.resumed!r}")
+        if not (
+            isinstance(self.resumed, tuple) and all(isinstance(r, Mapping) for r in self.resumed)
+        ):
+            raise ConfigError(
+                f"resumed must be a list of records of earlier resumptions, got {self.resumed!r}"
+            )
 
     def validate(self) -> Config:
         """``self`` if every option is possible; else :class:`ConfigError`, one line naming the option."""
@@ -191,40 +290,81 @@ class Config:
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if not isinstance(self.latent_dim, int) or self.latent_dim <= 0:
-            raise ConfigError(f"latent dimension must be a positive integer, got {self.latent_dim!r}")
+            raise ConfigError(
+                f"latent dimension must be a positive integer, got {self.latent_dim!r}"
+            )
         if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
-        get_estimator(self.estimator).validate(self.num_particles)  # ConfigError for unknown names, bad options
+            raise ConfigError(
+                f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}"
+            )
+        get_estimator(self.estimator).validate(
+            self.num_particles
+        )  # ConfigError for unknown names, bad options
         if self.compile and not get_estimator(self.estimator).compiles:
-            raise ConfigError(f"--compile: estimator {self.estimator} {get_estimator(self.estimator).compiles_not}; train it without --compile")
-        spec, estimator, est = self.spec, self.estimator.split(":")[0], get_estimator(self.estimator)
+            raise ConfigError(
+                f"--compile: estimator {self.estimator} {get_estimator(self.estimator).compiles_not}; train it without --compile"
+            )
+        spec, estimator, est = (
+            self.spec,
+            self.estimator.split(":")[0],
+            get_estimator(self.estimator),
+        )
         if spec.latents == "discrete" and est.pathwise_only:
             able = ", ".join(name for name, make in ESTIMATORS.items() if not make().pathwise_only)
-            raise ConfigError(f"{self.model} has discrete latents (its guide has no pathwise sampler to reparameterise or enumerate): "
-                              f"use --estimator {able}")
+            raise ConfigError(
+                f"{self.model} has discrete latents (its guide has no pathwise sampler to reparameterise or enumerate): "
+                f"use --estimator {able}"
+            )
         if spec.latents == "point" and estimator != "reparam":
-            raise ConfigError(f"{self.model} has a point-estimate encoder: only --estimator reparam applies")
+            raise ConfigError(
+                f"{self.model} has a point-estimate encoder: only --estimator reparam applies"
+            )
         if estimator == "analytic-kl" and not spec.mean_field:
-            raise ConfigError(f"{self.model}'s guide is not mean-field (its sites depend on each other): --estimator analytic-kl would optimise the wrong objective")
+            raise ConfigError(
+                f"{self.model}'s guide is not mean-field (its sites depend on each other): --estimator analytic-kl would optimise the wrong objective"
+            )
         if self.guide not in GUIDES:
             raise ConfigError(f"unknown guide {self.guide!r}; choose one of {', '.join(GUIDES)}")
         if self.guide not in spec.guides:
             able = ", ".join(m for m, s in MODEL_SPECS.items() if self.guide in s.guides)
             raise ConfigError(f"--guide {self.guide} is available for {able}, not {self.model}")
         if self.guide == "iaf" and est.scores:
-            raise ConfigError("--guide iaf needs a pathwise estimator (reparam or iwae): its cached flow log-density gives the score function no gradient")
+            raise ConfigError(
+                "--guide iaf needs a pathwise estimator (reparam or iwae): its cached flow log-density gives the score function no gradient"
+            )
         if estimator == "iwae" and self.beta != 1.0:
-            raise ConfigError("--estimator iwae is not defined with --beta != 1 (the bound is not a sum of per-site terms)")
+            raise ConfigError(
+                "--estimator iwae is not defined with --beta != 1 (the bound is not a sum of per-site terms)"
+            )
         if self.guide == "iaf" and (self.flows < 1 or self.latent_dim < 2):
-            raise ConfigError(f"--guide iaf needs --flows >= 1 and --latent-dim >= 2, got {self.flows} and {self.latent_dim}")
-        for key in MODEL_OPTIONS:  # an option the model would ignore is refused, unless it is left at its default
-            if key not in spec.options and getattr(self, key) != Config.__dataclass_fields__[key].default:
+            raise ConfigError(
+                f"--guide iaf needs --flows >= 1 and --latent-dim >= 2, got {self.flows} and {self.latent_dim}"
+            )
+        for key in (
+            MODEL_OPTIONS
+        ):  # an option the model would ignore is refused, unless it is left at its default
+            if (
+                key not in spec.options
+                and getattr(self, key) != Config.__dataclass_fields__[key].default
+            ):
                 able = [m for m, s in MODEL_SPECS.items() if key in s.options]
                 others = [m for m in MODELS if m not in able]
-                where = ", ".join(able) if len(able) <= len(others) else "every model but " + ", ".join(others)
-                raise ConfigError(f"{option_flag(key)} applies to {where}; {self.model} would ignore it")
-        if spec.layers_replace_hidden and self.layers and self.hidden != Config.__dataclass_fields__["hidden"].default:
-            raise ConfigError(f"{self.model}'s --hidden is only the default of its --layers: give one of them, not both")
+                where = (
+                    ", ".join(able)
+                    if len(able) <= len(others)
+                    else "every model but " + ", ".join(others)
+                )
+                raise ConfigError(
+                    f"{option_flag(key)} applies to {where}; {self.model} would ignore it"
+                )
+        if (
+            spec.layers_replace_hidden
+            and self.layers
+            and self.hidden != Config.__dataclass_fields__["hidden"].default
+        ):
+            raise ConfigError(
+                f"{self.model}'s --hidden is only the default of its --layers: give one of them, not both"
+            )
         if self.flows != Config.__dataclass_fields__["flows"].default and self.guide != "iaf":
             raise ConfigError(f"--flows applies to --guide iaf, not --guide {self.guide}")
         if self.components is not None and self.components < 1:
@@ -234,13 +374,19 @@ class Config:
         if self.arch not in spec.archs:
             raise ConfigError(f"--arch {self.arch} is not available for {self.model}")
         if not self.hidden and not spec.hidden_optional:
-            raise ConfigError(f"hidden must list at least one layer width for {self.model}, e.g. --hidden 200,200")
+            raise ConfigError(
+                f"hidden must list at least one layer width for {self.model}, e.g. --hidden 200,200"
+            )
         if any(h <= 0 for h in self.hidden):
             raise ConfigError(f"hidden widths must be positive, got {self.hidden}")
         if self.layers and (len(self.layers) < 2 or any(w <= 0 for w in self.layers)):
-            raise ConfigError(f"--layers needs at least 2 positive widths, got {','.join(map(str, self.layers))}")
+            raise ConfigError(
+                f"--layers needs at least 2 positive widths, got {','.join(map(str, self.layers))}"
+            )
         if self.layers and self.layers[-1] != self.latent_dim:
-            raise ConfigError(f"the last of --layers is the code: it must equal --latent-dim ({self.layers[-1]} vs {self.latent_dim})")
+            raise ConfigError(
+                f"the last of --layers is the code: it must equal --latent-dim ({self.layers[-1]} vs {self.latent_dim})"
+            )
         if spec.needs_beta and self.beta == 1.0:
             raise ConfigError(f"{self.model} needs --beta different from 1 (beta=1 is the vae)")
         if not (self.beta > 0 and math.isfinite(self.beta)):
@@ -251,20 +397,28 @@ class Config:
             raise ConfigError(f"kl-warmup must be >= 0 epochs, got {self.kl_warmup}")
         for name in ("epochs", "batch_size", "num_particles"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
         if not 0 <= self.noise < 1:
             raise ConfigError(f"noise must be in [0, 1), got {self.noise}")
         if not (math.isfinite(self.contractive) and self.contractive >= 0):
-            raise ConfigError(f"contractive weight must be a finite number >= 0, got {self.contractive}")
+            raise ConfigError(
+                f"contractive weight must be a finite number >= 0, got {self.contractive}"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
-        check_seed(self.seed)  # a 32-bit seed, as numpy's (unchanged from earlier versions, so old configs stay valid)
+        check_seed(
+            self.seed
+        )  # a 32-bit seed, as numpy's (unchanged from earlier versions, so old configs stay valid)
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience must be >= 1, got {self.patience}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be positive, got {self.limit}")
         if self.lr_schedule is not None and self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
+            raise ConfigError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}"
+            )
         return self
 
     @property
@@ -273,7 +427,9 @@ class Config:
         try:
             return MODEL_SPECS[self.model]
         except KeyError:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}") from None
+            raise ConfigError(
+                f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}"
+            ) from None
 
     def launch(self) -> dict[str, Any]:
         """The :data:`LAUNCH` options this run gives (those left at None take ``fit``'s defaults)."""
@@ -282,8 +438,14 @@ class Config:
     def fit_options(self) -> dict[str, Any]:
         """The options ``fit`` records in its checkpoint that this config fixes (all but ``epochs`` and ``patience``, which a resume may change)."""
         return {
-            "estimator": get_estimator(self.estimator).name, "num_particles": self.num_particles, "batch_size": self.batch_size, "lr": self.lr,
-            "beta": self.beta, "kl_warmup": self.kl_warmup, "seed": self.seed, "lr_schedule": self.lr_schedule,
+            "estimator": get_estimator(self.estimator).name,
+            "num_particles": self.num_particles,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "beta": self.beta,
+            "kl_warmup": self.kl_warmup,
+            "seed": self.seed,
+            "lr_schedule": self.lr_schedule,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,12 +466,11 @@ class Config:
             raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
         missing = [k for k in REQUIRED if k not in d]
         if missing:
-            raise ConfigError(f"no {', '.join(missing)} (every saved config lists the options that define its run; it was not filled with a default)")
+            raise ConfigError(
+                f"no {', '.join(missing)} (every saved config lists the options that define its run; it was not filled with a default)"
+            )
         d = dict(d)
         for key in ("hidden", "layers", "resumed"):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
-
-
-

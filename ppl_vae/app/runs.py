@@ -48,8 +48,19 @@ try:  # POSIX; elsewhere (Windows) directories are not locked
 except ImportError:  # pragma: no cover - exercised only where fcntl is missing
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["MARKER", "output_path", "holding", "releasing", "check_run_dir", "prepare_run_dir", "release_run_dir", "read_config", "read_metrics", "open_run",
-           "load_run"]
+__all__ = [
+    "MARKER",
+    "output_path",
+    "holding",
+    "releasing",
+    "check_run_dir",
+    "prepare_run_dir",
+    "release_run_dir",
+    "read_config",
+    "read_metrics",
+    "open_run",
+    "load_run",
+]
 
 
 LOCK = ".ppl-vae.lock"
@@ -57,6 +68,7 @@ LOCK = ".ppl-vae.lock"
 MARKER = ".ppl-vae-run.json"
 
 _TEMP = re.compile(r"^\..+\.tmp$")  # what _atomic leaves behind when killed mid-write
+
 
 class _Lock:
     """An exclusive ``flock`` on ``folder/.ppl-vae.lock`` holding the owner's pid; unlinked on release."""
@@ -74,7 +86,9 @@ class _Lock:
                 owner = os.read(fd, 32).decode("ascii", "replace").strip()
                 os.close(fd)
                 who = f"process {owner}" if owner.isdigit() else "another process"
-                raise RunDirectoryError(f"{folder} is in use by {who} (lock file {self.path}); wait for it to finish or choose another --out") from None
+                raise RunDirectoryError(
+                    f"{folder} is in use by {who} (lock file {self.path}); wait for it to finish or choose another --out"
+                ) from None
             try:  # the holder before us may have unlinked the file it locked: lock the one at the path
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -94,9 +108,11 @@ class _Lock:
         os.close(self.fd)  # closing releases the flock
         self.fd = None
 
+
 _HELD: dict[Path, _Lock] = {}
 
 _DEPTH = 0
+
 
 @contextlib.contextmanager
 def holding() -> Iterator[None]:
@@ -117,6 +133,7 @@ def holding() -> Iterator[None]:
             for key in [k for k in _HELD if k not in before]:
                 _HELD.pop(key).release()
 
+
 def releasing(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: run ``fn`` inside :func:`holding`, so the directories it locks are released when it returns."""
     import functools
@@ -128,20 +145,24 @@ def releasing(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     return wrapper
 
+
 def _acquire(folder: Path) -> None:
     key = folder.resolve()
     if key not in _HELD:  # re-entrant within one process: the same writer
         _HELD[key] = _Lock(folder)
 
+
 def _ours(entry: Path) -> bool:
     """Whether ``entry`` is bookkeeping of ours (the lock, the marker, a killed write's temporary file), not a result."""
     return entry.name in (LOCK, MARKER) or bool(_TEMP.match(entry.name))
+
 
 def _remove(entry: Path) -> None:
     if entry.is_dir() and not entry.is_symlink():
         shutil.rmtree(entry)
     else:
         entry.unlink()
+
 
 def _command_of(folder: Path) -> str | None:
     """The command named by ``folder``'s :data:`MARKER`, or None where there is none (or it is unreadable)."""
@@ -173,12 +194,20 @@ def _protected(path: Path) -> str | None:
 def output_path(path: str | os.PathLike[str]) -> Path:
     """``path`` as a :class:`Path`; a :class:`ConfigError` for an empty one, which ``Path`` would read as the current directory."""
     if not str(path).strip():
-        raise ConfigError("--out is empty (it would name the current directory); give a path of its own")
+        raise ConfigError(
+            "--out is empty (it would name the current directory); give a path of its own"
+        )
     return Path(path)
 
 
-def check_run_dir(path: str | os.PathLike[str], *, command: str, force: bool = False, resume: bool = False,
-                  inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+def check_run_dir(
+    path: str | os.PathLike[str],
+    *,
+    command: str,
+    force: bool = False,
+    resume: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
     """The checks of :func:`prepare_run_dir` alone: nothing is made, locked or removed."""
     path = output_path(path)
     target = path.resolve()
@@ -186,7 +215,9 @@ def check_run_dir(path: str | os.PathLike[str], *, command: str, force: bool = F
         src = Path(given).resolve()
         if src == target or src.is_relative_to(target):
             what = "is" if src == target else "holds"
-            raise ConfigError(f"--out {path} {what} the input {given}; write the output to a folder of its own (for example {Path(given) / command})")
+            raise ConfigError(
+                f"--out {path} {what} the input {given}; write the output to a folder of its own (for example {Path(given) / command})"
+            )
     if resume:
         if not path.is_dir():
             raise CheckpointError(f"cannot resume: run directory {path} does not exist")
@@ -196,21 +227,35 @@ def check_run_dir(path: str | os.PathLike[str], *, command: str, force: bool = F
     if not path.is_dir() or not any(not _ours(e) for e in path.iterdir()):
         return path  # new or empty: nothing to replace
     if not force:
-        raise ConfigError(f"run directory {path} already exists and is not empty; pass --force to overwrite it or --resume to continue it")
+        raise ConfigError(
+            f"run directory {path} already exists and is not empty; pass --force to overwrite it or --resume to continue it"
+        )
     why = _protected(path)
     if why is not None:
-        raise ConfigError(f"--force would replace {path}, which is {why}; nothing was removed: give --out a folder of its own")
+        raise ConfigError(
+            f"--force would replace {path}, which is {why}; nothing was removed: give --out a folder of its own"
+        )
     made_by = _command_of(path)
     if made_by is None:
-        raise ConfigError(f"--force replaces only a folder that ppl-vae {command} made (it holds {MARKER}); {path} has none, so nothing was removed: "
-                          "remove it yourself or choose another --out")
+        raise ConfigError(
+            f"--force replaces only a folder that ppl-vae {command} made (it holds {MARKER}); {path} has none, so nothing was removed: "
+            "remove it yourself or choose another --out"
+        )
     if made_by != command:
-        raise ConfigError(f"{path} is the output of ppl-vae {made_by}, not of {command}; nothing was removed: choose another --out")
+        raise ConfigError(
+            f"{path} is the output of ppl-vae {made_by}, not of {command}; nothing was removed: choose another --out"
+        )
     return path
 
 
-def prepare_run_dir(path: str | os.PathLike[str], *, command: str, force: bool = False, resume: bool = False,
-                    inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+def prepare_run_dir(
+    path: str | os.PathLike[str],
+    *,
+    command: str,
+    force: bool = False,
+    resume: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
     """Take output directory ``path`` for ``command`` (the command line's name, e.g. ``"fit"``); call it after every option was checked.
 
     A new directory is made (with its parents) and marked as ``command``'s
@@ -235,17 +280,23 @@ def prepare_run_dir(path: str | os.PathLike[str], *, command: str, force: bool =
     RunDirectoryError
         A directory in use by another process, or one that cannot be made.
     """
-    if io.is_follower():  # one of several processes torchrun or srun started: the one of rank 0 takes the directory
+    if (
+        io.is_follower()
+    ):  # one of several processes torchrun or srun started: the one of rank 0 takes the directory
         return Path(path)
     path = check_run_dir(path, command=command, force=force, resume=resume, inputs=inputs)
     if not resume:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RunDirectoryError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+            raise RunDirectoryError(
+                f"cannot create output directory {path}: {exc.strerror or exc}"
+            ) from None
     try:
         _acquire(path)
-        if force and not resume:  # checked again under the lock: the folder may have changed since the check
+        if (
+            force and not resume
+        ):  # checked again under the lock: the folder may have changed since the check
             check_run_dir(path, command=command, force=force, inputs=inputs)
         for entry in path.iterdir():
             if (force and not resume and entry.name != LOCK) or _TEMP.match(entry.name):
@@ -253,8 +304,11 @@ def prepare_run_dir(path: str | os.PathLike[str], *, command: str, force: bool =
         if not (path / MARKER).is_file():
             io.write_json(path / MARKER, {"command": command})
     except OSError as exc:
-        raise RunDirectoryError(f"cannot use output directory {path}: {exc.strerror or exc}") from None
+        raise RunDirectoryError(
+            f"cannot use output directory {path}: {exc.strerror or exc}"
+        ) from None
     return path
+
 
 def release_run_dir(path: str | os.PathLike[str]) -> None:
     """Release the lock this process holds on ``path`` (if any)."""
@@ -264,6 +318,7 @@ def release_run_dir(path: str | os.PathLike[str]) -> None:
 
 
 CONFIG, METRICS = "config.json", "metrics.json"
+
 
 def read_config(path: str | Path, **overrides: Any) -> Config:
     """The validated :class:`Config` saved at ``path`` (``config.json``), with ``overrides``.
@@ -284,6 +339,7 @@ def read_config(path: str | Path, **overrides: Any) -> Config:
         return Config.from_dict({**data, **overrides}).validate()
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
 
 def open_run(run_dir: str | Path) -> tuple[Built, dict[str, Dataset]]:
     """Rebuild the trained model of a run directory (config + checkpoint) and its data.
@@ -307,7 +363,11 @@ def _open(run_dir: Path) -> tuple[Built, dict[str, Dataset], Discovered, dict[st
     built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
     found = discover(built.model, built.guide, tuple(t[:2] for t in split_tensors(cfg, train)))
     # a run that stopped early is its best epoch's parameters (what its metrics describe)
-    saved = ckpt["best_params"] if ckpt.get("stopped_early") and ckpt.get("best_params") else ckpt["params"]
+    saved = (
+        ckpt["best_params"]
+        if ckpt.get("stopped_early") and ckpt.get("best_params")
+        else ckpt["params"]
+    )
     # an estimator's own networks (NVIL's baseline) are saved after the model's and guide's parameters
     load_params(found.params, saved, f"in {run_dir} (its config)", extra=True)
     found.train(False)
@@ -326,9 +386,13 @@ def read_metrics(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is damaged (not a JSON object)")
     for key, optional in (("train_elbo", False), ("val_elbo", True)):
         value = metrics.get(key)
-        if (value is None and optional and key in metrics) or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        if (value is None and optional and key in metrics) or (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
             continue
-        raise CheckpointError(f"{path} is damaged ({key} must be a finite number{' or null' if optional else ''}, got {value!r})")
+        raise CheckpointError(
+            f"{path} is damaged ({key} must be a finite number{' or null' if optional else ''}, got {value!r})"
+        )
     return metrics
 
 
@@ -349,11 +413,26 @@ def load_run(run_dir: str | Path) -> FitResult:
         train, valid = metrics["train_elbo"], metrics["val_elbo"]
     else:  # an unfinished run: the history holds running training objectives, not the true ELBO fit reports; compute it
         with seeded(built.config.seed):
-            train = float(evaluate_elbo(built.model, built.guide, split_tensors(built.config, splits["train"])).value.mean())
-            valid = float(evaluate_elbo(built.model, built.guide, split_tensors(built.config, splits["valid"])).value.mean())
+            train = float(
+                evaluate_elbo(
+                    built.model, built.guide, split_tensors(built.config, splits["train"])
+                ).value.mean()
+            )
+            valid = float(
+                evaluate_elbo(
+                    built.model, built.guide, split_tensors(built.config, splits["valid"])
+                ).value.mean()
+            )
     record = FitResult(
-        history=history, train_elbo=train, val_elbo=valid, epochs=len(history), steps=ckpt["step"], wall_time=float(ckpt["wall_time"]),
-        stopped_early=ckpt["stopped_early"], best_epoch=ckpt["best_epoch"], estimator=str(options.get("estimator", built.config.estimator)),
+        history=history,
+        train_elbo=train,
+        val_elbo=valid,
+        epochs=len(history),
+        steps=ckpt["step"],
+        wall_time=float(ckpt["wall_time"]),
+        stopped_early=ckpt["stopped_early"],
+        best_epoch=ckpt["best_epoch"],
+        estimator=str(options.get("estimator", built.config.estimator)),
         options=dict(options),
     )
     shapes = [(tuple(t.shape[1:]), t.dtype) for t in split_tensors(built.config, splits["train"])]

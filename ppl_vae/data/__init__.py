@@ -21,7 +21,15 @@ import torch
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["Dataset", "load", "resolve_data_dir", "match_rows", "DATASETS", "SPLITS", "BINARIZED_MNIST_URL"]
+__all__ = [
+    "Dataset",
+    "load",
+    "resolve_data_dir",
+    "match_rows",
+    "DATASETS",
+    "SPLITS",
+    "BINARIZED_MNIST_URL",
+]
 
 DATASETS = ("digits", "binarized-mnist", "mnist", "fashion-mnist")
 SPLITS = ("train", "valid", "test")
@@ -108,7 +116,9 @@ def _read_mat(path: Path) -> np.ndarray:
     return np.asarray(mat["X"])
 
 
-def _binarized_mnist(root: Path, split: str, download: bool) -> tuple[np.ndarray, None, tuple[int, int, int]]:
+def _binarized_mnist(
+    root: Path, split: str, download: bool
+) -> tuple[np.ndarray, None, tuple[int, int, int]]:
     stem = f"binarized_mnist_{split}"
     for folder in (root / "binarized_mnist", root):
         for ext, reader in ((".amat", _read_amat), (".mat", _read_mat)):
@@ -122,13 +132,20 @@ def _binarized_mnist(root: Path, split: str, download: bool) -> tuple[np.ndarray
         try:
             download_url(BINARIZED_MNIST_URL.format(split=split), str(target), stem + ".amat")
         except Exception as exc:  # network errors come in many types
-            raise DataError(f"could not download binarised MNIST ({type(exc).__name__}); put {stem}.amat or {stem}.mat in {target}") from None
+            raise DataError(
+                f"could not download binarised MNIST ({type(exc).__name__}); put {stem}.amat or {stem}.mat in {target}"
+            ) from None
         path = target / (stem + ".amat")
         return _check_binary_matrix(_read_amat(path), path), None, (1, 28, 28)
-    raise DataError(f"binarised MNIST split {split!r} not found: put {stem}.amat or {stem}.mat in {root / 'binarized_mnist'} (or pass --download)")
+    raise DataError(
+        f"binarised MNIST split {split!r} not found: put {stem}.amat or {stem}.mat in {root / 'binarized_mnist'} (or pass --download)"
+    )
 
 
-_IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _find_idx(root: Path, folder: str, stem: str) -> Path | None:
@@ -149,7 +166,9 @@ def _read_idx(path: Path, reader: object) -> torch.Tensor:
         return reader(str(raw))  # type: ignore[operator]
 
 
-def _torchvision_mnist(name: str, root: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+def _torchvision_mnist(
+    name: str, root: Path, split: str, download: bool
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
     from torchvision import datasets
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
@@ -160,15 +179,21 @@ def _torchvision_mnist(name: str, root: Path, split: str, download: bool) -> tup
         try:
             cls(str(root), train=part == "train", download=True)
         except Exception as exc:
-            raise DataError(f"could not download {name} ({type(exc).__name__}); put its IDX files in {root / cls.__name__ / 'raw'}") from None
+            raise DataError(
+                f"could not download {name} ({type(exc).__name__}); put its IDX files in {root / cls.__name__ / 'raw'}"
+            ) from None
         images, labels = (_find_idx(root, cls.__name__, stem) for stem in _IDX[part])
     if images is None or labels is None:
-        raise DataError(f"{name} {part} split not found: put {_IDX[part][0]}.gz and {_IDX[part][1]}.gz in {root / cls.__name__ / 'raw'} (or pass --download)")
+        raise DataError(
+            f"{name} {part} split not found: put {_IDX[part][0]}.gz and {_IDX[part][1]}.gz in {root / cls.__name__ / 'raw'} (or pass --download)"
+        )
     try:
         x = _read_idx(images, read_image_file).reshape(-1, 784).numpy() / 255.0
         y = _read_idx(labels, read_label_file).numpy()
     except OSError as exc:
-        raise DataError(f"cannot read the IDX files in {images.parent} ({exc.strerror or type(exc).__name__})") from None
+        raise DataError(
+            f"cannot read the IDX files in {images.parent} ({exc.strerror or type(exc).__name__})"
+        ) from None
     except Exception as exc:
         raise DataError(f"{images.parent}: unreadable IDX files ({type(exc).__name__})") from None
     if len(x) != len(y):
@@ -240,7 +265,9 @@ def load(
     return Dataset(name, split, xt, yt, shape, 10 if yt is not None else None)
 
 
-def match_rows(binary: torch.Tensor, grey: torch.Tensor, *, batch_size: int = 1000, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def match_rows(
+    binary: torch.Tensor, grey: torch.Tensor, *, batch_size: int = 1000, eps: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of ``binary``, the row of ``grey`` under which it is most probable, and the margin of that match.
 
     A stochastically binarised image is a draw of Bernoulli pixels with the grey image's
@@ -256,5 +283,9 @@ def match_rows(binary: torch.Tensor, grey: torch.Tensor, *, batch_size: int = 10
         b = binary[i : i + batch_size].double()
         top = (b @ on.T + (1 - b) @ off.T).topk(min(2, g.shape[0]), dim=1)
         index.append(top.indices[:, 0])
-        margin.append(top.values[:, 0] - top.values[:, 1] if top.values.shape[1] > 1 else torch.full_like(top.values[:, 0], math.inf))
+        margin.append(
+            top.values[:, 0] - top.values[:, 1]
+            if top.values.shape[1] > 1
+            else torch.full_like(top.values[:, 0], math.inf)
+        )
     return torch.cat(index), torch.cat(margin)

@@ -29,15 +29,20 @@ __all__ = ["posteriordb_dir", "load_posteriordb_data", "load_posteriordb_draws"]
 #: posterior name -> data name, for the posteriors shipped in ``shared/data/posteriordb``
 POSTERIORS = {"eight_schools-eight_schools_noncentered": "eight_schools", "sblrc-blr": "sblrc"}
 
+
 def posteriordb_dir(root: str | os.PathLike[str] | None = None) -> Path:
     """The posteriordb folder: ``root``, ``$PPL_VAE_POSTERIORDB``, or ``../shared/data/posteriordb``."""
     if root is None:
         root = os.environ.get("PPL_VAE_POSTERIORDB")
     if root is None:
         here = Path(__file__).resolve().parents[3]
-        candidates = [Path.cwd().parent / "shared/data/posteriordb", here / "shared/data/posteriordb"]
+        candidates = [
+            Path.cwd().parent / "shared/data/posteriordb",
+            here / "shared/data/posteriordb",
+        ]
         root = next((c for c in candidates if c.is_dir()), candidates[0])
     return Path(root)
+
 
 def _read_zip_json(path: Path) -> Any:
     if not path.is_file():
@@ -48,14 +53,24 @@ def _read_zip_json(path: Path) -> Any:
     except (zipfile.BadZipFile, IndexError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"posteriordb file {path} is unreadable ({type(exc).__name__})") from None
 
-def load_posteriordb_data(name: str, root: str | os.PathLike[str] | None = None) -> dict[str, torch.Tensor]:
+
+def load_posteriordb_data(
+    name: str, root: str | os.PathLike[str] | None = None
+) -> dict[str, torch.Tensor]:
     """The data of posterior ``name`` as float tensors (``eight_schools``: ``sigma``, ``y``; ``sblrc``: ``X``, ``y``)."""
     if name not in POSTERIORS:
         raise DataError(f"unknown posterior {name!r}; available: {', '.join(POSTERIORS)}")
     raw = _read_zip_json(posteriordb_dir(root) / f"{POSTERIORS[name]}.data.json.zip")
-    return {k: torch.tensor(v, dtype=torch.get_default_dtype()) for k, v in raw.items() if isinstance(v, list)}
+    return {
+        k: torch.tensor(v, dtype=torch.get_default_dtype())
+        for k, v in raw.items()
+        if isinstance(v, list)
+    }
 
-def load_posteriordb_draws(name: str, root: str | os.PathLike[str] | None = None) -> dict[str, np.ndarray]:
+
+def load_posteriordb_draws(
+    name: str, root: str | os.PathLike[str] | None = None
+) -> dict[str, np.ndarray]:
     """Reference draws of posterior ``name``: variable -> ``[chain, draw, *shape]`` (indices 0-based).
 
     Stan's ``theta[1]``, ``theta[2]`` ... are gathered into one array ``theta``.
@@ -69,9 +84,13 @@ def load_posteriordb_draws(name: str, root: str | os.PathLike[str] | None = None
             m = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", key)
             if m is None:
                 raise DataError(f"unexpected parameter name {key!r} in posteriordb draws of {name}")
-            grouped.setdefault(m.group(1), {}).setdefault(int(m.group(2) or 0), []).append(np.asarray(values, dtype=float))
+            grouped.setdefault(m.group(1), {}).setdefault(int(m.group(2) or 0), []).append(
+                np.asarray(values, dtype=float)
+            )
     out = {}
     for var, by_index in grouped.items():
-        arr = np.stack([np.stack(by_index[i]) for i in sorted(by_index)], axis=-1)  # [chain, draw, index]
+        arr = np.stack(
+            [np.stack(by_index[i]) for i in sorted(by_index)], axis=-1
+        )  # [chain, draw, index]
         out[var] = arr[..., 0] if list(by_index) == [0] else arr
     return out

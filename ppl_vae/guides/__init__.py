@@ -13,6 +13,18 @@ from .latent import Latent, LatentGuide, LatentSite, moment_matched
 from .local import FAMILIES, BatchedMADE, LocalPosterior, family_of
 
 __all__ = [
-    "FAMILIES", "BatchedMADE", "IAFEncoder", "Latent", "LatentGuide", "LatentSite", "LocalPosterior", "amortized_guide",
-    "bernoulli_guide", "categorical_guide", "delta_guide", "family_of", "masking_noise", "moment_matched",
+    "FAMILIES",
+    "BatchedMADE",
+    "IAFEncoder",
+    "Latent",
+    "LatentGuide",
+    "LatentSite",
+    "LocalPosterior",
+    "amortized_guide",
+    "bernoulli_guide",
+    "categorical_guide",
+    "delta_guide",
+    "family_of",
+    "masking_noise",
+    "moment_matched",
 ]

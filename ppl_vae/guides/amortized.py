@@ -20,6 +20,7 @@ __all__ = ["Guide", "amortized_guide", "masking_noise", "delta_guide"]
 
 Guide = Callable[..., None]
 
+
 def amortized_guide(
     encoder: nn.Module,
     *,
@@ -54,6 +55,7 @@ def amortized_guide(
 
     return guide
 
+
 def masking_noise(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """Corruption that zeroes each input entry with probability ``p``."""
     if not 0 <= p < 1:
@@ -63,6 +65,7 @@ def masking_noise(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
         return x * (torch.rand_like(x) >= p)
 
     return corrupt
+
 
 def delta_guide(
     encoder: nn.Module,

@@ -34,7 +34,9 @@ def bernoulli_guide(encoder: nn.Module, *, site: str = "z") -> Guide:
     return guide
 
 
-def categorical_guide(encoder: nn.Module, num_latents: int, num_classes: int, *, site: str = "z") -> Guide:
+def categorical_guide(
+    encoder: nn.Module, num_latents: int, num_classes: int, *, site: str = "z"
+) -> Guide:
     """``q(z | x) = prod_l OneHotCategorical(z_l; softmax(logits_l))``; the encoder returns ``[N, L * C]`` logits."""
     if num_latents < 1 or num_classes < 2:
         raise ConfigError(f"need >= 1 latents of >= 2 classes, got {num_latents} x {num_classes}")

@@ -51,7 +51,15 @@ class IAFEncoder(nn.Module):
     >>> guide = amortized_guide(IAFEncoder(MLP(784, [200], 200), 200, 50, num_flows=2))
     """
 
-    def __init__(self, body: nn.Module, feature_dim: int, latent_dim: int, *, num_flows: int = 2, flow_hidden: int | None = None) -> None:
+    def __init__(
+        self,
+        body: nn.Module,
+        feature_dim: int,
+        latent_dim: int,
+        *,
+        num_flows: int = 2,
+        flow_hidden: int | None = None,
+    ) -> None:
         super().__init__()
         if num_flows < 0:
             raise ValueError(f"num_flows must be >= 0, got {num_flows}")
@@ -64,7 +72,9 @@ class IAFEncoder(nn.Module):
         self.loc = nn.Linear(feature_dim, latent_dim)
         self.scale = nn.Linear(feature_dim, latent_dim)
         self.flows = nn.ModuleList(
-            ConditionalAffineAutoregressive(ConditionalAutoRegressiveNN(latent_dim, feature_dim, [hidden]))
+            ConditionalAffineAutoregressive(
+                ConditionalAutoRegressiveNN(latent_dim, feature_dim, [hidden])
+            )
             for _ in range(num_flows)
         )
         for flow in self.flows:  # start each step at the identity: the flow begins as the Gaussian

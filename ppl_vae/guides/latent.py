@@ -27,10 +27,12 @@ __all__ = ["LatentSite", "Latent", "LatentGuide", "moment_matched"]
 #: the name of the auxiliary site of :class:`LatentGuide` that carries ``u``
 AUX_SITE = "_ppl_vae_latent"
 
+
 def _is_identity(t: Transform) -> bool:
     while isinstance(t, torch.distributions.transforms.IndependentTransform):
         t = t.base_transform
     return isinstance(t, torch.distributions.transforms.ComposeTransform) and not t.parts
+
 
 @dataclass(frozen=True)
 class LatentSite:
@@ -48,6 +50,7 @@ class LatentSite:
     @property
     def identity(self) -> bool:
         return _is_identity(self.transform)
+
 
 @dataclass(frozen=True)
 class Latent:
@@ -116,10 +119,12 @@ class Latent:
         values, _ = self.constrain(u)
         return torch.cat([values[s.name].reshape(*u.shape[:-1], -1) for s in self.sites], -1)
 
+
 def _ndindex(shape: tuple[int, ...]) -> Iterable[tuple[int, ...]]:
     import itertools
 
     return itertools.product(*(range(n) for n in shape))
+
 
 class LatentGuide:
     """A guide for a model's latent sites from a batch of distributions over ``u`` (batch ``[N]``, event ``[K]``).
@@ -131,7 +136,12 @@ class LatentGuide:
     ``distribution(rows)`` gives the distribution of some datapoints.
     """
 
-    def __init__(self, latent: Latent, distribution: Callable[[torch.Tensor], torch.distributions.Distribution], index: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        latent: Latent,
+        distribution: Callable[[torch.Tensor], torch.distributions.Distribution],
+        index: torch.Tensor | None = None,
+    ) -> None:
         self.latent, self._distribution = latent, distribution
         self.index = index if index is not None else torch.arange(latent.num_points)
 
@@ -141,7 +151,9 @@ class LatentGuide:
 
     def __call__(self, x: torch.Tensor, *args: torch.Tensor) -> None:
         if len(self.index) != x.shape[0]:
-            raise ConfigError(f"this guide covers {len(self.index)} datapoints, it got {x.shape[0]}")
+            raise ConfigError(
+                f"this guide covers {len(self.index)} datapoints, it got {x.shape[0]}"
+            )
         q = self._distribution(self.index)
         with pyro.plate("data", x.shape[0]):
             if self.latent.plain:
@@ -150,7 +162,11 @@ class LatentGuide:
             u = pyro.sample(AUX_SITE, q, infer={"is_auxiliary": True})
             values, ladj = self.latent.constrain(u)
             for s in self.latent.sites:
-                pyro.sample(s.name, dist.Delta(values[s.name], log_density=-ladj[s.name], event_dim=len(s.shape)))
+                pyro.sample(
+                    s.name,
+                    dist.Delta(values[s.name], log_density=-ladj[s.name], event_dim=len(s.shape)),
+                )
+
 
 def moment_matched(u: torch.Tensor, jitter: float = 1e-6) -> dist.MultivariateNormal:
     """The Gaussian with the mean and covariance of draws ``u`` ``[S, N, K]`` (float64 sums, in chunks)."""

@@ -18,8 +18,11 @@ from ..errors import (
 )
 
 
-
-def as_tensors(data: torch.Tensor | Sequence[torch.Tensor], what: str = "data", rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def as_tensors(
+    data: torch.Tensor | Sequence[torch.Tensor],
+    what: str = "data",
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Check ``data`` (a tensor or a tuple of tensors with one row per datapoint); an error names the row (``rows``: their dataset indices)."""
     tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
@@ -35,14 +38,21 @@ def as_tensors(data: torch.Tensor | Sequence[torch.Tensor], what: str = "data", 
     finite = torch.isfinite(x.reshape(n, -1)).all(1)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0, 0])
-        raise DataError(f"{what} row {int(rows[row]) if rows is not None else row} contains NaN or infinite values")
+        raise DataError(
+            f"{what} row {int(rows[row]) if rows is not None else row} contains NaN or infinite values"
+        )
     return tensors
 
 
 def _row_kind(item: Any) -> str:
     """What one dataset row is, for a message: its type, and each tensor's shape and dtype."""
     parts = item if isinstance(item, (tuple, list)) else (item,)
-    return ", ".join(f"a tensor of shape {tuple(p.shape)} ({p.dtype})" if isinstance(p, torch.Tensor) else f"a {type(p).__name__}" for p in parts)
+    return ", ".join(
+        f"a tensor of shape {tuple(p.shape)} ({p.dtype})"
+        if isinstance(p, torch.Tensor)
+        else f"a {type(p).__name__}"
+        for p in parts
+    )
 
 
 class Rows:
@@ -56,7 +66,9 @@ class Rows:
 
     def __init__(self, source: Any, what: str = "data") -> None:
         self.what, self.tensors, self.dataset, self.collate = what, None, None, default_collate
-        self.first: str | None = None  # what a dataset's first row is (its tensors' shapes and dtypes): every row must be so
+        self.first: str | None = (
+            None  # what a dataset's first row is (its tensors' shapes and dtypes): every row must be so
+        )
         #: the model and guide subsample the data plate themselves (Pyro's ``subsample_size``): they take all the tensors
         self.whole = False
         self.moved: tuple[torch.Tensor, ...] | None = None
@@ -67,7 +79,9 @@ class Rows:
         else:
             self.tensors = as_tensors(source, what)
         if self.dataset is not None and not hasattr(self.dataset, "__len__"):
-            raise DataError(f"{what}: a dataset needs a length (an iterable-style dataset cannot be split into batches here)")
+            raise DataError(
+                f"{what}: a dataset needs a length (an iterable-style dataset cannot be split into batches here)"
+            )
         self.n = len(self.tensors[0]) if self.tensors is not None else len(self.dataset)  # type: ignore[arg-type]
         if self.n == 0:
             raise DataError(f"{what} is empty")
@@ -76,7 +90,9 @@ class Rows:
     def __len__(self) -> int:
         return self.n
 
-    def args(self, idx: torch.Tensor, to_device: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def args(
+        self, idx: torch.Tensor, to_device: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
         """What the model and guide take for the rows ``idx``: those rows, or (:attr:`whole`) all the tensors, moved by ``to_device`` once."""
         if not self.whole:
             return tuple(to_device(t) for t in self.take(idx))
@@ -96,11 +112,19 @@ class Rows:
         if self.first is None:
             self.first = _row_kind(items[0])
         first = self.first
-        for i, item in zip(idx, items):  # the kind of each row against the first: a message that names the row
+        for i, item in zip(
+            idx, items
+        ):  # the kind of each row against the first: a message that names the row
             if _row_kind(item) != first:
-                raise DataError(f"{self.what} row {int(i)} is {_row_kind(item)}; the first row is {first}")
+                raise DataError(
+                    f"{self.what} row {int(i)} is {_row_kind(item)}; the first row is {first}"
+                )
         try:
             batch = self.collate(items)
         except (RuntimeError, TypeError, ValueError) as exc:
-            raise DataError(f"{self.what}: the rows {int(idx[0])}..{int(idx[-1])} cannot be collated into a batch ({str(exc).splitlines()[0][:120]})") from None
-        return as_tensors(batch if isinstance(batch, torch.Tensor) else tuple(batch), self.what, rows=idx)
+            raise DataError(
+                f"{self.what}: the rows {int(idx[0])}..{int(idx[-1])} cannot be collated into a batch ({str(exc).splitlines()[0][:120]})"
+            ) from None
+        return as_tensors(
+            batch if isinstance(batch, torch.Tensor) else tuple(batch), self.what, rows=idx
+        )

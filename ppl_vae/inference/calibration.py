@@ -44,16 +44,29 @@ __all__ = ["Calibration", "calibrate", "Z"]
 Z = 4.0
 
 
-def _observed_arguments(model: Callable[..., object], args: tuple[torch.Tensor, ...]) -> dict[str, int]:
+def _observed_arguments(
+    model: Callable[..., object], args: tuple[torch.Tensor, ...]
+) -> dict[str, int]:
     """Which argument each observed site observes (its value is that tensor), found by one conditioned run."""
     with torch.no_grad(), poutine.block(), PlaceFlat(data_like(args)):
         tr = poutine.trace(model).get_trace(*args)
     out = {}
     for name, s in tr.nodes.items():
-        if s["type"] == "sample" and s["is_observed"] and not site_is_subsample(s) and type(s["fn"]).__name__ != "Unit":
-            hits = [i for i, a in enumerate(args) if s["value"].shape == a.shape and s["value"].data_ptr() == a.data_ptr()]
+        if (
+            s["type"] == "sample"
+            and s["is_observed"]
+            and not site_is_subsample(s)
+            and type(s["fn"]).__name__ != "Unit"
+        ):
+            hits = [
+                i
+                for i, a in enumerate(args)
+                if s["value"].shape == a.shape and s["value"].data_ptr() == a.data_ptr()
+            ]
             if not hits:
-                raise ConfigError(f"calibration: cannot tell which argument observed site {name!r} observes (pass it as obs= one of the model's arguments)")
+                raise ConfigError(
+                    f"calibration: cannot tell which argument observed site {name!r} observes (pass it as obs= one of the model's arguments)"
+                )
             out[name] = hits[0]
     if not out:
         raise ConfigError("calibration: the model observes nothing: there are no data to simulate")
@@ -101,26 +114,55 @@ class Calibration:
                 if abs(bias) > Z * bias_se:
                     words.append("biased: q too low" if bias > 0 else "biased: q too high")
                 verdict = "; ".join(words) or "miscalibrated (shape)"
-            rows.append({"coordinate": self.labels[j], "p_value": p, "bias": bias, "bias_se": bias_se, "tail_share": tails, "tail_share_se": tail_se,
-                         "verdict": verdict})
+            rows.append(
+                {
+                    "coordinate": self.labels[j],
+                    "p_value": p,
+                    "bias": bias,
+                    "bias_se": bias_se,
+                    "tail_share": tails,
+                    "tail_share_se": tail_se,
+                    "verdict": verdict,
+                }
+            )
         return pd.DataFrame(rows)
 
     def verdict(self) -> str:
         """One paragraph: how many coordinates are miscalibrated, and in which direction."""
         t = self.table()
         bad = t[t["verdict"] != "calibrated"]
-        head = (f"Calibration of q(z | x) over {self.num_datasets} simulated datasets, {self.num_draws} draws each, {len(t)} coordinate(s): ")
+        head = f"Calibration of q(z | x) over {self.num_datasets} simulated datasets, {self.num_draws} draws each, {len(t)} coordinate(s): "
         if bad.empty:
-            return head + f"every coordinate's ranks are uniform (chi-square p >= {self.alpha:g}/{len(t)}): calibrated."
-        parts = [f"{r.coordinate}: {r.verdict} (bias {r.bias:+.3f}, tail share {r.tail_share:.3f} vs 0.2, p {r.p_value:.1e})" for r in bad.itertuples()]
-        return head + f"{len(bad)} miscalibrated: " + "; ".join(parts[:10]) + ("; ..." if len(parts) > 10 else "") + "."
+            return (
+                head
+                + f"every coordinate's ranks are uniform (chi-square p >= {self.alpha:g}/{len(t)}): calibrated."
+            )
+        parts = [
+            f"{r.coordinate}: {r.verdict} (bias {r.bias:+.3f}, tail share {r.tail_share:.3f} vs 0.2, p {r.p_value:.1e})"
+            for r in bad.itertuples()
+        ]
+        return (
+            head
+            + f"{len(bad)} miscalibrated: "
+            + "; ".join(parts[:10])
+            + ("; ..." if len(parts) > 10 else "")
+            + "."
+        )
 
     def save(self, out: str | Path) -> None:
         """``calibration.csv`` (per coordinate) and ``calibration.json`` (options and verdict) in ``out``, atomically."""
         out = Path(out)
         io.write_csv(out / "calibration.csv", self.table().to_dict("records"))
-        io.write_json(out / "calibration.json", {"num_datasets": self.num_datasets, "num_draws": self.num_draws, "bins": self.bins, "alpha": self.alpha,
-                                                 "verdict": self.verdict()})
+        io.write_json(
+            out / "calibration.json",
+            {
+                "num_datasets": self.num_datasets,
+                "num_draws": self.num_draws,
+                "bins": self.bins,
+                "alpha": self.alpha,
+                "verdict": self.verdict(),
+            },
+        )
 
 
 def calibrate(
@@ -145,20 +187,33 @@ def calibrate(
     check_int(num_draws, "the number of draws per dataset")
     check_int(bins, "the number of bins", low=2)
     if (num_draws + 1) % bins:
-        raise ConfigError(f"num_draws + 1 ({num_draws + 1}) must be a multiple of bins ({bins}), so that every bin holds as many ranks")
+        raise ConfigError(
+            f"num_draws + 1 ({num_draws + 1}) must be a multiple of bins ({bins}), so that every bin holds as many ranks"
+        )
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
     if not template or any(t.shape[0] not in (1, num_datasets) for t in template):
-        raise ConfigError(f"give the model's arguments with {num_datasets} rows (or one row, repeated)")
-    args = tuple(t if t.shape[0] == num_datasets else t[:1].expand(num_datasets, *t.shape[1:]).clone() for t in template)
+        raise ConfigError(
+            f"give the model's arguments with {num_datasets} rows (or one row, repeated)"
+        )
+    args = tuple(
+        t if t.shape[0] == num_datasets else t[:1].expand(num_datasets, *t.shape[1:]).clone()
+        for t in template
+    )
     model, guide = analysed(model, guide, args, "calibration")  # type: ignore[assignment]
-    sim = prior_predictive(model, *args, seed=seed, what="calibration")  # refuses a factor, an auxiliary term, a global latent
-    latent = latent_of(model, *args, guide=guide, analysis="calibration")  # refuses a discrete or point-mass latent
+    sim = prior_predictive(
+        model, *args, seed=seed, what="calibration"
+    )  # refuses a factor, an auxiliary term, a global latent
+    latent = latent_of(
+        model, *args, guide=guide, analysis="calibration"
+    )  # refuses a discrete or point-mass latent
     observed = _observed_arguments(model, args)
     simulated = list(args)
     for name, i in observed.items():
         simulated[i] = sim[name].reshape(args[i].shape).to(args[i].dtype)
-    draws = vi_draws(model, guide, *simulated, num_samples=num_draws, seed=seed + 1, method="calibration")
+    draws = vi_draws(
+        model, guide, *simulated, num_samples=num_draws, seed=seed + 1, method="calibration"
+    )
     ranks, labels = [], []
     for site in latent.sites:
         truth = sim[site.name].reshape(num_datasets, -1).cpu().numpy()  # [M, k]

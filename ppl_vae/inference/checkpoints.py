@@ -24,8 +24,6 @@ from ..errors import (
     check_positive,
 )
 
-
-
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -39,7 +37,9 @@ def per_process(saved: Any) -> list[Any]:
 
 #: the checkpoint's ``options`` a resumed run must repeat, with their checks (``epochs`` and ``patience`` may change)
 _OPTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
-    "estimator": lambda v, n: v if isinstance(v, str) and v else _bad(n, "must be an estimator's name", v),
+    "estimator": lambda v, n: (
+        v if isinstance(v, str) and v else _bad(n, "must be an estimator's name", v)
+    ),
     "num_particles": lambda v, n: check_int(v, n, error=CheckpointError),
     "epochs": lambda v, n: check_int(v, n, error=CheckpointError),
     "batch_size": lambda v, n: check_int(v, n, error=CheckpointError),
@@ -48,12 +48,18 @@ _OPTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "kl_warmup": lambda v, n: check_int(v, n, low=0, error=CheckpointError),
     "seed": lambda v, n: check_int(v, n, low=0, high=2**32 - 1, error=CheckpointError),
     "patience": lambda v, n: v if v is None else check_int(v, n, error=CheckpointError),
-    "lr_schedule": lambda v, n: v if v is None or isinstance(v, str) else _bad(n, "must be a schedule's name or null", v),
+    "lr_schedule": lambda v, n: (
+        v if v is None or isinstance(v, str) else _bad(n, "must be a schedule's name or null", v)
+    ),
 }
 
 
 def _bad(name: str, what: str, value: Any) -> Any:
-    shown = repr(value) if not isinstance(value, (list, dict, torch.Tensor)) else f"a {type(value).__name__}"
+    shown = (
+        repr(value)
+        if not isinstance(value, (list, dict, torch.Tensor))
+        else f"a {type(value).__name__}"
+    )
     raise CheckpointError(f"{name} {what}, got {shown}")
 
 
@@ -87,7 +93,9 @@ def _check_history(history: Any, name: str = "history") -> list[dict[str, Any]]:
     return list(history)
 
 
-def check_checkpoint(ckpt: dict[str, Any], path: str | Path, *, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def check_checkpoint(
+    ckpt: dict[str, Any], path: str | Path, *, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``ckpt`` (a ``fit`` checkpoint, its parameters checked by :func:`~ppl_vae.io.load_checkpoint`) if every training-state field is sound.
 
     Checks each field's type and range, and their agreement: ``epoch`` is the length of ``history`` and at most
@@ -108,18 +116,46 @@ def check_checkpoint(ckpt: dict[str, Any], path: str | Path, *, options: dict[st
 
 
 def _check_checkpoint(ckpt: dict[str, Any], expected: dict[str, Any]) -> None:
-    for key in ("params", "optimizer", "rng", "options", "history", "epoch", "step", "best", "best_epoch", "bad_epochs", "wall_time", "stopped_early"):
+    for key in (
+        "params",
+        "optimizer",
+        "rng",
+        "options",
+        "history",
+        "epoch",
+        "step",
+        "best",
+        "best_epoch",
+        "bad_epochs",
+        "wall_time",
+        "stopped_early",
+    ):
         if key not in ckpt:
             raise CheckpointError(f"no {key}")
-    if not (isinstance(ckpt["optimizer"], dict) and isinstance(ckpt["optimizer"].get("param_groups"), list)):
-        _bad("optimizer", "must be an optimiser's state (a dict with param_groups)", ckpt["optimizer"])
+    if not (
+        isinstance(ckpt["optimizer"], dict)
+        and isinstance(ckpt["optimizer"].get("param_groups"), list)
+    ):
+        _bad(
+            "optimizer",
+            "must be an optimiser's state (a dict with param_groups)",
+            ckpt["optimizer"],
+        )
     if not (ckpt.get("scheduler") is None or isinstance(ckpt["scheduler"], dict)):
         _bad("scheduler", "must be a schedule's state or null", ckpt["scheduler"])
     rng = ckpt["rng"]
-    if not (isinstance(rng, dict) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in per_process(rng.get("torch")))):
+    if not (
+        isinstance(rng, dict)
+        and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+            for t in per_process(rng.get("torch"))
+        )
+    ):
         _bad("rng", "must hold torch's random state (rng.torch: byte tensors)", rng)
     if not all(isinstance(s, dict) for s in per_process(ckpt.get("estimator") or {})):
-        _bad("estimator", "must be the estimator's state (a dict per process)", ckpt.get("estimator"))
+        _bad(
+            "estimator", "must be the estimator's state (a dict per process)", ckpt.get("estimator")
+        )
     saved = ckpt["options"]
     if not isinstance(saved, dict):
         _bad("options", "must be a dict of fit's options", saved)
@@ -128,7 +164,9 @@ def _check_checkpoint(ckpt: dict[str, Any], expected: dict[str, Any]) -> None:
             check(saved[key], f"options.{key}")
     for key, value in expected.items():
         if key in saved and saved[key] != value:
-            raise CheckpointError(f"options.{key} is {saved[key]!r}, but the run's config says {value!r}")
+            raise CheckpointError(
+                f"options.{key} is {saved[key]!r}, but the run's config says {value!r}"
+            )
     history = _check_history(ckpt["history"])
     epoch = check_int(ckpt["epoch"], "epoch", low=0, error=CheckpointError)
     if epoch != len(history):
@@ -137,18 +175,28 @@ def _check_checkpoint(ckpt: dict[str, Any], expected: dict[str, Any]) -> None:
         _bad("epoch", f"must be at most options.epochs ({saved['epochs']})", epoch)
     step = check_int(ckpt["step"], "step", low=0, error=CheckpointError)
     if step != (history[-1]["step"] if history else 0):
-        _bad("step", f"must be the last epoch's step ({history[-1]['step'] if history else 0})", step)
-    best_epoch = check_int(ckpt["best_epoch"], "best_epoch", low=0, high=epoch, error=CheckpointError)
+        _bad(
+            "step", f"must be the last epoch's step ({history[-1]['step'] if history else 0})", step
+        )
+    best_epoch = check_int(
+        ckpt["best_epoch"], "best_epoch", low=0, high=epoch, error=CheckpointError
+    )
     best = ckpt["best"]
     if isinstance(best, bool) or not isinstance(best, (int, float)) or math.isnan(best):
         _bad("best", "must be a number", best)
     if best_epoch:
         row = history[best_epoch - 1]
         if best != row.get("val_elbo", row["train_elbo"]):
-            _bad("best", f"must be the score of best_epoch {best_epoch} ({row.get('val_elbo', row['train_elbo'])!r})", best)
+            _bad(
+                "best",
+                f"must be the score of best_epoch {best_epoch} ({row.get('val_elbo', row['train_elbo'])!r})",
+                best,
+            )
     bad_epochs = check_int(ckpt["bad_epochs"], "bad_epochs", low=0, error=CheckpointError)
     if bad_epochs != epoch - best_epoch:
-        _bad("bad_epochs", f"must be the epochs since best_epoch ({epoch - best_epoch})", bad_epochs)
+        _bad(
+            "bad_epochs", f"must be the epochs since best_epoch ({epoch - best_epoch})", bad_epochs
+        )
     check_finite(ckpt["wall_time"], "wall_time", low=0.0, error=CheckpointError)
     if not isinstance(ckpt["stopped_early"], bool):
         _bad("stopped_early", "must be true or false", ckpt["stopped_early"])
@@ -161,7 +209,15 @@ def read_checkpoint(path: str | Path, *, options: dict[str, Any] | None = None) 
     return check_checkpoint(io.load_checkpoint(path), path, options=options)
 
 
-def check_resume(ckpt: dict[str, Any], epochs: int, patience: int | None, out: str | Path, *, prefix: str = "", world_size: int | None = None) -> bool:
+def check_resume(
+    ckpt: dict[str, Any],
+    epochs: int,
+    patience: int | None,
+    out: str | Path,
+    *,
+    prefix: str = "",
+    world_size: int | None = None,
+) -> bool:
     """Whether a checkpointed run resumed to ``epochs`` with ``patience`` stays stopped early.
 
     Refuses (:class:`ConfigError`) fewer epochs than the run has done, and training on past an
@@ -169,14 +225,18 @@ def check_resume(ckpt: dict[str, Any], epochs: int, patience: int | None, out: s
     ``{prefix}epochs`` and ``{prefix}patience`` (``prefix="--"`` for the command line).
     """
     done, bad = ckpt["epoch"], ckpt.get("bad_epochs", 0)
-    saved_world = ckpt.get("rng", {}).get("world_size", 1) if isinstance(ckpt.get("rng"), dict) else 1
+    saved_world = (
+        ckpt.get("rng", {}).get("world_size", 1) if isinstance(ckpt.get("rng"), dict) else 1
+    )
     if world_size is not None and world_size != saved_world:
         raise ConfigError(
             f"the run in {out} was trained by {saved_world} process(es); resume it on the same number (this run has {world_size}), "
             "so that each process continues its own random stream"
         )
     if epochs < done:
-        raise ConfigError(f"{prefix}epochs {epochs} is fewer than the {done} epochs the run in {out} has done")
+        raise ConfigError(
+            f"{prefix}epochs {epochs} is fewer than the {done} epochs the run in {out} has done"
+        )
     stopped = bool(ckpt.get("stopped_early")) and patience is not None and bad >= patience
     if stopped and epochs > done:
         raise ConfigError(

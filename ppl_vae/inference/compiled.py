@@ -44,7 +44,11 @@ __all__ = ["CompiledStep", "Noise"]
 _NORMAL = {torch.ops.aten.normal_.default, torch.ops.aten.randn.default}
 #: ``torch.normal(mean, std)`` with a tensor among them (a draw without a reparameterised path: the score-function
 #: estimator's): torch fills its output with standard draws, then scales and shifts it in place, as the feed does
-_NORMAL_AT = {torch.ops.aten.normal.Tensor_Tensor, torch.ops.aten.normal.Tensor_float, torch.ops.aten.normal.float_Tensor}
+_NORMAL_AT = {
+    torch.ops.aten.normal.Tensor_Tensor,
+    torch.ops.aten.normal.Tensor_float,
+    torch.ops.aten.normal.float_Tensor,
+}
 _UNIFORM = {torch.ops.aten.uniform_.default, torch.ops.aten.rand.default}
 
 
@@ -65,9 +69,17 @@ class _Draw:
 
 def _where() -> str:
     """The innermost frame outside torch of the current stack: where the model or estimator asked for what is refused."""
-    frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename and "compiled.py" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_stack()[:-2]
+        if "/torch/" not in f.filename and "compiled.py" not in f.filename
+    ]
     f = frames[-1] if frames else None
-    return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.line})" if f is not None else "an unknown place"
+    return (
+        f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.line})"
+        if f is not None
+        else "an unknown place"
+    )
 
 
 class Noise(TorchDispatchMode):
@@ -81,31 +93,55 @@ class Noise(TorchDispatchMode):
         super().__init__()
         self.feed, self.strict, self.draws, self.used = feed, strict, [], 0
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
-        kind = "normal" if func in _NORMAL or func in _NORMAL_AT else "uniform" if func in _UNIFORM else None
+        kind = (
+            "normal"
+            if func in _NORMAL or func in _NORMAL_AT
+            else "uniform"
+            if func in _UNIFORM
+            else None
+        )
         if kind is None:
             if self.strict and func is torch.ops.aten._local_scalar_dense.default:
-                raise ConfigError(f"compile: the step reads a value back to the host at {_where()}: what it computes may depend on the "
-                                  "data, so it cannot be traced once; train it without compile")
+                raise ConfigError(
+                    f"compile: the step reads a value back to the host at {_where()}: what it computes may depend on the "
+                    "data, so it cannot be traced once; train it without compile"
+                )
             if self.strict and torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
-                raise ConfigError(f"compile: the step draws with {func} at {_where()}; a compiled step takes Gaussian and uniform "
-                                  "draws only (their noise is an input of the graph); train it without compile")
+                raise ConfigError(
+                    f"compile: the step draws with {func} at {_where()}; a compiled step takes Gaussian and uniform "
+                    "draws only (their noise is an input of the graph); train it without compile"
+                )
             return func(*args, **kwargs)
         if self.feed is None:
             out = func(*args, **kwargs)
             self.draws.append(_Draw(kind, tuple(out.shape), out.dtype, out.device))
             return out
-        given = self.feed[self.used]  # the draw itself is not made: the generator's stream is the caller's
+        given = self.feed[
+            self.used
+        ]  # the draw itself is not made: the generator's stream is the caller's
         self.used += 1
         if func is torch.ops.aten.normal_.default:
-            mean, sd = (list(args[1:]) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args) - 1 :])[:2]
+            mean, sd = (
+                list(args[1:]) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args) - 1 :]
+            )[:2]
             return args[0].copy_(given * sd + mean if (mean, sd) != (0.0, 1.0) else given)
         if func in _NORMAL_AT:
-            mean, sd = (list(args) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args) :])[:2]
+            mean, sd = (
+                list(args) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args) :]
+            )[:2]
             return given * sd + mean
         if func is torch.ops.aten.uniform_.default:
-            low, high = (list(args[1:]) + [kwargs.get("from", 0.0), kwargs.get("to", 1.0)][len(args) - 1 :])[:2]
+            low, high = (
+                list(args[1:]) + [kwargs.get("from", 0.0), kwargs.get("to", 1.0)][len(args) - 1 :]
+            )[:2]
             return args[0].copy_(given * (high - low) + low if (low, high) != (0.0, 1.0) else given)
         return given.clone()
 
@@ -128,13 +164,22 @@ class CompiledStep:
     step's noise from torch's generator as the eager step would.
     """
 
-    def __init__(self, objective: Any, params: Sequence[torch.Tensor], *, backend: str = "inductor") -> None:
+    def __init__(
+        self, objective: Any, params: Sequence[torch.Tensor], *, backend: str = "inductor"
+    ) -> None:
         names = {id(p): n for n, p in objective.named_parameters()}
         loose = [i for i, p in enumerate(params) if id(p) not in names]
         if loose:
-            raise ConfigError(f"compile: {len(loose)} trained tensor(s) (pyro.param sites) belong to no nn.Module; the compiled step takes "
-                              "the networks' parameters as inputs: hold them in an nn.Module (a PyroModule), or train without compile")
-        self.objective, self.params, self.names, self.backend = objective, list(params), [names[id(p)] for p in params], backend
+            raise ConfigError(
+                f"compile: {len(loose)} trained tensor(s) (pyro.param sites) belong to no nn.Module; the compiled step takes "
+                "the networks' parameters as inputs: hold them in an nn.Module (a PyroModule), or train without compile"
+            )
+        self.objective, self.params, self.names, self.backend = (
+            objective,
+            list(params),
+            [names[id(p)] for p in params],
+            backend,
+        )
         self.graphs: dict[tuple[Any, ...], tuple[Callable[..., Any], list[_Draw]]] = {}
 
     @staticmethod
@@ -151,12 +196,16 @@ class CompiledStep:
                 loss = torch.func.functional_call(objective, dict(zip(names, params)), args)
                 ok = torch.as_tensor(objective.support.ok, device=loss.device).to(torch.float64)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grads = tuple(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params))
+            grads = tuple(
+                g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)
+            )
             return (loss.detach(), torch.stack([loss.detach().to(torch.float64), ok]), *grads)
 
         return step
 
-    def trace(self, batch: Sequence[torch.Tensor], index: torch.Tensor) -> tuple[Callable[..., Any], list[_Draw]]:
+    def trace(
+        self, batch: Sequence[torch.Tensor], index: torch.Tensor
+    ) -> tuple[Callable[..., Any], list[_Draw]]:
         """The compiled graph for batches shaped as ``batch`` (and the draws it takes): traced, compiled and run once now."""
         key = self.signature(batch, index)
         if key in self.graphs:
@@ -175,20 +224,32 @@ class CompiledStep:
         finally:
             _put_back(self.objective, originals)
         try:
-            compiled = torch.compile(graph, backend=self.backend) if self.backend != "eager" else graph
-            compiled([p.detach() for p in self.params], *batch, index, *noise)  # compiled now, before any training
+            compiled = (
+                torch.compile(graph, backend=self.backend) if self.backend != "eager" else graph
+            )
+            compiled(
+                [p.detach() for p in self.params], *batch, index, *noise
+            )  # compiled now, before any training
         except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported operation: said in one line
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"compile: torch.compile ({self.backend}) cannot compile the step here ({type(exc).__name__}: {first}); "
-                              "train without compile") from None
+            first = (
+                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            )
+            raise ConfigError(
+                f"compile: torch.compile ({self.backend}) cannot compile the step here ({type(exc).__name__}: {first}); "
+                "train without compile"
+            ) from None
         finally:
             torch.set_rng_state(state)  # tracing drew nothing from the run's stream
         self.graphs[key] = (compiled, draws)
         return compiled, draws
 
-    def __call__(self, batch: Sequence[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def __call__(
+        self, batch: Sequence[torch.Tensor], index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         compiled, draws = self.trace(batch, index)
-        noise = [d.make() for d in draws]  # the eager step's draws, in its order, from torch's generator
+        noise = [
+            d.make() for d in draws
+        ]  # the eager step's draws, in its order, from torch's generator
         self.noise = noise
         out = compiled([p.detach() for p in self.params], *batch, index, *noise)
         return out[0], out[1], tuple(out[2:])

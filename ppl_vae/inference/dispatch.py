@@ -61,7 +61,13 @@ class Dispatches(TorchDispatchMode):
         self.by_op: Counter[str] = Counter()
         self.sync_ops: Counter[str] = Counter()
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         self.ops += 1
         name = str(func.overloadpacket.__name__)
         self.by_op[name] += 1

@@ -44,7 +44,18 @@ from ..errors import ConfigError, NonFiniteError, PplVaeError, ProcessFailed, Tr
 from .params import discover
 from .random import seeded
 
-__all__ = ["ACCELERATORS", "DDP_STRATEGIES", "Collectives", "Spread", "launched_rank", "make_fabric", "rank_seed", "run_processes", "shared_cores", "spread_rows"]
+__all__ = [
+    "ACCELERATORS",
+    "DDP_STRATEGIES",
+    "Collectives",
+    "Spread",
+    "launched_rank",
+    "make_fabric",
+    "rank_seed",
+    "run_processes",
+    "shared_cores",
+    "spread_rows",
+]
 
 T = TypeVar("T")
 
@@ -80,7 +91,13 @@ def _ddp_start() -> str:
 
 
 def make_fabric(
-    accelerator: str | None, devices: int | str | Sequence[int], strategy: str, precision: str | int | None, num_nodes: int, *, like: torch.Tensor
+    accelerator: str | None,
+    devices: int | str | Sequence[int],
+    strategy: str,
+    precision: str | int | None,
+    num_nodes: int,
+    *,
+    like: torch.Tensor,
 ) -> Any:
     """A :class:`lightning.fabric.Fabric` for these options; ``accelerator=None`` means where ``like`` (the data) is."""
     from lightning.fabric import Fabric
@@ -91,30 +108,54 @@ def make_fabric(
         if like.device.type != "cpu" and like.device.index is not None and devices == 1:
             devices = [like.device.index]
     if accelerator not in ACCELERATORS:
-        raise ConfigError(f"unknown accelerator {accelerator!r}; choose one of {', '.join(ACCELERATORS)}")
+        raise ConfigError(
+            f"unknown accelerator {accelerator!r}; choose one of {', '.join(ACCELERATORS)}"
+        )
     if isinstance(devices, bool) or (isinstance(devices, int) and devices < 1 and devices != -1):
-        raise ConfigError(f"devices must be a positive number of devices (or -1 for all), got {devices!r}")
+        raise ConfigError(
+            f"devices must be a positive number of devices (or -1 for all), got {devices!r}"
+        )
     cores = os.cpu_count() or 1
     if accelerator == "cpu" and isinstance(devices, int) and devices > cores:
-        raise ConfigError(f"devices={devices} CPU processes is more than this machine's {cores} cores; choose at most {cores}")
+        raise ConfigError(
+            f"devices={devices} CPU processes is more than this machine's {cores} cores; choose at most {cores}"
+        )
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
         raise ConfigError(f"num_nodes must be a positive integer, got {num_nodes!r}")
     if num_nodes > 1 and launched_rank() is None:
-        raise ConfigError(f"num_nodes={num_nodes}: the processes of several machines are started by torchrun or srun on each (docs/devices.md), not from here")
+        raise ConfigError(
+            f"num_nodes={num_nodes}: the processes of several machines are started by torchrun or srun on each (docs/devices.md), not from here"
+        )
     chosen: Any = strategy
     if strategy in DDP_STRATEGIES:
         start = DDP_STRATEGIES[strategy] or _ddp_start()
-        if start == "fork" and accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_initialized():
+        if (
+            start == "fork"
+            and accelerator in ("cuda", "gpu", "auto")
+            and torch.cuda.is_initialized()
+        ):
             raise ConfigError(
                 f"strategy {strategy!r} forks its processes, and CUDA is already initialised in this one (a forked process cannot use it); "
                 "start the processes with torchrun, or call before any CUDA work"
             )
         chosen = DDPStrategy(start_method=start, find_unused_parameters=True)  # type: ignore[arg-type]
     try:
-        return Fabric(accelerator=accelerator, devices=devices, strategy=chosen, precision=precision, num_nodes=num_nodes)  # type: ignore[arg-type]
-    except (ValueError, RuntimeError, TypeError) as exc:  # Fabric's MisconfigurationException is a ValueError
+        return Fabric(
+            accelerator=accelerator,
+            devices=devices,
+            strategy=chosen,
+            precision=precision,
+            num_nodes=num_nodes,
+        )  # type: ignore[arg-type]
+    except (
+        ValueError,
+        RuntimeError,
+        TypeError,
+    ) as exc:  # Fabric's MisconfigurationException is a ValueError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot run on accelerator={accelerator!r}, devices={devices!r}, strategy={strategy!r}, precision={precision!r}: {first}") from None
+        raise ConfigError(
+            f"cannot run on accelerator={accelerator!r}, devices={devices!r}, strategy={strategy!r}, precision={precision!r}: {first}"
+        ) from None
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -127,7 +168,9 @@ class Collectives:
 
     def __init__(self, fabric: Any) -> None:
         self.fabric = fabric
-        self.rank, self.world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+        self.rank, self.world = (
+            (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+        )
 
     @classmethod
     def alone(cls) -> Collectives:
@@ -140,7 +183,11 @@ class Collectives:
 
     def _scalar(self, value: float) -> torch.Tensor:
         # on the process's device: NCCL reduces device tensors only (float32: MPS has no float64)
-        return torch.tensor(value, dtype=torch.float64 if self.fabric.device.type != "mps" else torch.float32, device=self.fabric.device)
+        return torch.tensor(
+            value,
+            dtype=torch.float64 if self.fabric.device.type != "mps" else torch.float32,
+            device=self.fabric.device,
+        )
 
     def sum(self, value: float) -> float:
         """``value`` summed over the processes."""
@@ -178,7 +225,9 @@ def shared_cores(fabric: Any, coll: Collectives) -> Iterator[None]:
     """The processes of a node share its cores (torch's thread count divided between them, restored after)."""
     threads = torch.get_num_threads()
     if coll.world > 1 and fabric.device.type == "cpu":
-        torch.set_num_threads(max(1, threads // getattr(fabric.strategy, "num_processes", coll.world)))
+        torch.set_num_threads(
+            max(1, threads // getattr(fabric.strategy, "num_processes", coll.world))
+        )
     try:
         yield
     finally:
@@ -188,16 +237,24 @@ def shared_cores(fabric: Any, coll: Collectives) -> Iterator[None]:
 _HANDED = "ppl-vae: handed over through a file"
 
 
-def _in_process(fabric: Any, fn: Callable[..., Any], args: tuple[Any, ...], caller: int, handoff: Path) -> Any:
+def _in_process(
+    fabric: Any, fn: Callable[..., Any], args: tuple[Any, ...], caller: int, handoff: Path
+) -> Any:
     result = fn(fabric, *args)
-    if os.getpid() == caller:  # one process, or each of those torchrun started: the result stays here
+    if (
+        os.getpid() == caller
+    ):  # one process, or each of those torchrun started: the result stays here
         return result
-    if fabric.global_rank == 0:  # a forked or spawned process: through a file (a queue would block on a large payload)
+    if (
+        fabric.global_rank == 0
+    ):  # a forked or spawned process: through a file (a queue would block on a large payload)
         io.save_torch(handoff, io.to_plain(result))
     return _HANDED
 
 
-def run_processes(fabric: Any, fn: Callable[..., T], *args: Any, what: str, types: Sequence[type] = ()) -> tuple[T, bool]:
+def run_processes(
+    fabric: Any, fn: Callable[..., T], *args: Any, what: str, types: Sequence[type] = ()
+) -> tuple[T, bool]:
     """``fn(fabric, *args)`` in each of Fabric's processes; rank 0's result, and whether it came from another process.
 
     A result from a forked or spawned process comes back through :func:`ppl_vae.io.to_plain` and
@@ -210,9 +267,17 @@ def run_processes(fabric: Any, fn: Callable[..., T], *args: Any, what: str, type
             out = fabric.launch(_in_process, fn, args, os.getpid(), handoff)
         except ProcessRaisedException as exc:  # the launcher stopped the other processes
             raise from_process(exc, what) from None
-        except ProcessExitedException as exc:  # killed (by hand, or the kernel's out-of-memory killer): the others were stopped
-            how = f"was killed by signal {exc.signal_name}" if exc.signal_name else f"exited with status {exc.exit_code}"
-            raise ProcessFailed(f"{what} {exc.error_index} {how} before it finished (out of memory, or stopped by hand)") from None
+        except (
+            ProcessExitedException
+        ) as exc:  # killed (by hand, or the kernel's out-of-memory killer): the others were stopped
+            how = (
+                f"was killed by signal {exc.signal_name}"
+                if exc.signal_name
+                else f"exited with status {exc.exit_code}"
+            )
+            raise ProcessFailed(
+                f"{what} {exc.error_index} {how} before it finished (out of memory, or stopped by hand)"
+            ) from None
         if isinstance(out, str) and out == _HANDED:
             return io.from_plain(io.load_torch(handoff), types), True
     return out, False
@@ -225,7 +290,11 @@ def from_process(exc: ProcessRaisedException, what: str) -> Exception:
     last = heads[-1] if heads else (str(exc.msg).strip().splitlines() or ["no message"])[-1]
     name, _, message = last.partition(": ")
     text = f"{what} {exc.error_index} failed: {message or last}"
-    cls = getattr(errors, name.rsplit(".", 1)[-1], None) if name.startswith("ppl_vae.errors.") else None
+    cls = (
+        getattr(errors, name.rsplit(".", 1)[-1], None)
+        if name.startswith("ppl_vae.errors.")
+        else None
+    )
     if cls is TrainingDiverged:
         return TrainingDiverged(text, step=-1, site=None)
     if isinstance(cls, type) and issubclass(cls, PplVaeError) and cls is not NonFiniteError:
@@ -248,11 +317,22 @@ class Spread:
     num_nodes: int = 1
 
     @classmethod
-    def given(cls, accelerator: str | None = None, devices: int | None = None, strategy: str | None = None, num_nodes: int | None = None) -> Spread | None:
+    def given(
+        cls,
+        accelerator: str | None = None,
+        devices: int | None = None,
+        strategy: str | None = None,
+        num_nodes: int | None = None,
+    ) -> Spread | None:
         """The spread of the options given (``None`` for each not given); ``None`` when none is: run here, as the data is."""
         if accelerator is None and devices is None and strategy is None and num_nodes is None:
             return None
-        return cls(accelerator, 1 if devices is None else devices, strategy or "ddp", 1 if num_nodes is None else num_nodes)
+        return cls(
+            accelerator,
+            1 if devices is None else devices,
+            strategy or "ddp",
+            1 if num_nodes is None else num_nodes,
+        )
 
     def fabric(self, like: torch.Tensor) -> Any:
         """The :class:`Fabric` of these options (a :class:`ConfigError` naming a bad one, before any work).
@@ -262,15 +342,33 @@ class Spread:
         pickled (a closure is not), and a re-run of the script would redo the whole command.
         """
         if self.strategy not in SPREAD_STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r} for spreading an analysis; choose one of {', '.join(SPREAD_STRATEGIES)}")
-        one = self.num_nodes == 1 and (self.devices == 1 or (isinstance(self.devices, Sequence) and not isinstance(self.devices, str) and len(self.devices) == 1))
-        return make_fabric(self.accelerator, self.devices, "auto" if one else self.strategy, None, self.num_nodes, like=like)
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r} for spreading an analysis; choose one of {', '.join(SPREAD_STRATEGIES)}"
+            )
+        one = self.num_nodes == 1 and (
+            self.devices == 1
+            or (
+                isinstance(self.devices, Sequence)
+                and not isinstance(self.devices, str)
+                and len(self.devices) == 1
+            )
+        )
+        return make_fabric(
+            self.accelerator,
+            self.devices,
+            "auto" if one else self.strategy,
+            None,
+            self.num_nodes,
+            like=like,
+        )
 
     def check(self, n: int, like: torch.Tensor) -> Any:
         """The Fabric for ``n`` datapoints like ``like``; a :class:`ConfigError` for bad options or fewer datapoints than processes."""
         fabric = self.fabric(like)
         if n < fabric.world_size:
-            raise ConfigError(f"{n} datapoint(s) cannot be spread over {fabric.world_size} processes; use at most {n} devices")
+            raise ConfigError(
+                f"{n} datapoint(s) cannot be spread over {fabric.world_size} processes; use at most {n} devices"
+            )
         return fabric
 
 
@@ -293,8 +391,15 @@ def _on(device: torch.device, modules: Sequence[nn.Module], home: torch.device) 
             m.to(home)
 
 
-def _rows(fabric: Any, work: Callable[..., Any], data: tuple[torch.Tensor, ...], index: torch.Tensor, modules: Sequence[nn.Module],
-          combine: Callable[[list[Any]], Any], types: Sequence[type]) -> Any:
+def _rows(
+    fabric: Any,
+    work: Callable[..., Any],
+    data: tuple[torch.Tensor, ...],
+    index: torch.Tensor,
+    modules: Sequence[nn.Module],
+    combine: Callable[[list[Any]], Any],
+    types: Sequence[type],
+) -> Any:
     """In each process: the work on this process's block of rows, every block gathered in rank order and combined."""
     coll = Collectives(fabric)
     rows = torch.tensor_split(torch.arange(len(index), device="cpu"), coll.world)[coll.rank]
@@ -330,8 +435,23 @@ def spread_rows(
     fabric = spread.check(len(index), data[0])
     example = tuple(t[:1] for t in data)
     with seeded(None):  # the probe run's draws leave the caller's random stream as it was
-        modules = discover(programs[0], programs[1] if len(programs) > 1 else _nothing, example).modules
-    result, _ = run_processes(fabric, _rows, work, data, index.cpu(), modules, combine, types, what="analysis process", types=types)
+        modules = discover(
+            programs[0], programs[1] if len(programs) > 1 else _nothing, example
+        ).modules
+    result, _ = run_processes(
+        fabric,
+        _rows,
+        work,
+        data,
+        index.cpu(),
+        modules,
+        combine,
+        types,
+        what="analysis process",
+        types=types,
+    )
     if fabric.device.type == "cpu" and data[0].device.type == "cpu":
         return result
-    return io.from_plain(io.to_plain(result), types, data[0].device)  # computed on another device: back where the data is
+    return io.from_plain(
+        io.to_plain(result), types, data[0].device
+    )  # computed on another device: back where the data is

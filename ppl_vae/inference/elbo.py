@@ -88,11 +88,17 @@ def elbo_per_datapoint(
     draws = []
     with torch.no_grad():
         for _ in range(num_particles):
-            (model_tr, guide_tr), invalid = retry_unvalidated(lambda: traces(model, guide, *args), device=next((a.device for a in args if isinstance(a, torch.Tensor)), "cpu"))
+            (model_tr, guide_tr), invalid = retry_unvalidated(
+                lambda: traces(model, guide, *args),
+                device=next((a.device for a in args if isinstance(a, torch.Tensor)), "cpu"),
+            )
             lw = log_weights_of(model_tr, guide_tr, plate, spread=spread)
             if invalid or not bool(torch.isfinite(lw).all()):
                 name, where = first_nonfinite_site(model_tr, guide_tr, plate)
-                raise NonFiniteError(f"{invalid}the ELBO of {int((~torch.isfinite(lw)).sum())} datapoint(s) is not finite: {where}", site=name)
+                raise NonFiniteError(
+                    f"{invalid}the ELBO of {int((~torch.isfinite(lw)).sum())} datapoint(s) is not finite: {where}",
+                    site=name,
+                )
             draws.append(lw)
     stacked = torch.stack(draws)
     mean = stacked.mean(0)
@@ -122,11 +128,15 @@ def evaluate_elbo(
     """
     if not isinstance(plate, DataPlate):
         head = tuple(t[:2] for t in data)
-        plate = find_data_plate(model, restrict(guide, slice(0, head[0].shape[0])), head, plate=plate, what="the ELBO")
+        plate = find_data_plate(
+            model, restrict(guide, slice(0, head[0].shape[0])), head, plate=plate, what="the ELBO"
+        )
     device = data[0].device
     index = torch.arange(data[0].shape[0], device=device) if index is None else index.to(device)
     if not plate.subsampled and len(index) != data[0].shape[0]:
-        raise ConfigError(f"index must hold one dataset index per row ({data[0].shape[0]}), got {len(index)}")
+        raise ConfigError(
+            f"index must hold one dataset index per row ({data[0].shape[0]}), got {len(index)}"
+        )
     step = plate.subsample_size or batch_size
     parts = []
     for i in range(0, len(index), step):
@@ -135,9 +145,20 @@ def evaluate_elbo(
             args, driven = tuple(data), rows[torch.arange(step, device=device) % len(rows)]
         else:
             args, driven = tuple(t[i : i + step] for t in data), rows
-        part = elbo_per_datapoint(on_data_plate(model, plate, index=driven), on_data_plate(guide, plate, index=driven), *args,
-                                  num_particles=num_particles, spread=spread or len(index))
-        parts.append(Estimate(part.value[: len(rows)], part.se[: len(rows)] if part.se is not None else None, num_particles))
+        part = elbo_per_datapoint(
+            on_data_plate(model, plate, index=driven),
+            on_data_plate(guide, plate, index=driven),
+            *args,
+            num_particles=num_particles,
+            spread=spread or len(index),
+        )
+        parts.append(
+            Estimate(
+                part.value[: len(rows)],
+                part.se[: len(rows)] if part.se is not None else None,
+                num_particles,
+            )
+        )
     se = torch.cat([p.se for p in parts]) if num_particles > 1 else None  # type: ignore[misc]
     return Estimate(torch.cat([p.value for p in parts]), se, num_particles)
 
@@ -168,7 +189,9 @@ def kl_per_site(
         for name, site in latent_nodes(model_tr).items():
             q_site = guide_tr.nodes[name]
             q, p = q_site["fn"], site["fn"]
-            shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)  # one side may lack the draws' dimension (a fixed prior)
+            shape = torch.broadcast_shapes(
+                q.batch_shape, p.batch_shape
+            )  # one side may lack the draws' dimension (a fixed prior)
             try:
                 kl = torch.distributions.kl.kl_divergence(q.expand(shape), p.expand(shape))
             except NotImplementedError:

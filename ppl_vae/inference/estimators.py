@@ -75,7 +75,22 @@ from torch.distributions import kl_divergence
 from ..errors import ConfigError, NotReparameterizableError
 from .traces import plate_nesting
 
-__all__ = ["Estimator", "EstimatorLoss", "Reparameterized", "ScoreFunction", "AnalyticKL", "IWAE", "Relaxed", "Enumerated", "ParticleTerms", "particle_terms", "get_estimator", "ESTIMATORS", "BASELINES", "is_latent"]
+__all__ = [
+    "Estimator",
+    "EstimatorLoss",
+    "Reparameterized",
+    "ScoreFunction",
+    "AnalyticKL",
+    "IWAE",
+    "Relaxed",
+    "Enumerated",
+    "ParticleTerms",
+    "particle_terms",
+    "get_estimator",
+    "ESTIMATORS",
+    "BASELINES",
+    "is_latent",
+]
 
 PARTICLES = "num_particles_vectorized"  # the name of Pyro's vectorised-particle plate
 BASELINES = ("average", "nvil", "loo")
@@ -99,7 +114,9 @@ def _no_guess_line() -> Iterator[None]:
         logger.removeFilter(_not_a_guess)
 
 
-def _pyro_loss(elbo: pyro.infer.ELBO, model: Callable[..., object], guide: Callable[..., object]) -> Callable[..., torch.Tensor]:
+def _pyro_loss(
+    elbo: pyro.infer.ELBO, model: Callable[..., object], guide: Callable[..., object]
+) -> Callable[..., torch.Tensor]:
     """Pyro's own differentiable loss of ``elbo``, its guess line muted."""
 
     def loss(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -160,7 +177,11 @@ class _NotReparameterized(dist.TorchDistribution):
 def _leaf(fn: Any) -> Any:
     """The innermost distribution of ``fn`` (through ``Independent``, ``Expanded``, wrappers ...)."""
     while hasattr(fn, "base_dist") or isinstance(fn, (_NotReparameterized, _StraightThroughSample)):
-        fn = fn.base if isinstance(fn, (_NotReparameterized, _StraightThroughSample)) else fn.base_dist
+        fn = (
+            fn.base
+            if isinstance(fn, (_NotReparameterized, _StraightThroughSample))
+            else fn.base_dist
+        )
     return fn
 
 
@@ -172,9 +193,13 @@ def is_latent(msg: dict[str, Any]) -> bool:
 class _DetachGuideSamples(Messenger):
     def _process_message(self, msg: dict[str, Any]) -> None:
         if is_latent(msg):
-            if isinstance(msg["fn"], torch.distributions.TransformedDistribution) and any(getattr(t, "_cache_size", 0) for t in msg["fn"].transforms):
+            if isinstance(msg["fn"], torch.distributions.TransformedDistribution) and any(
+                getattr(t, "_cache_size", 0) for t in msg["fn"].transforms
+            ):
                 # log q(z) of a draw would reuse the transforms' cached, gradient-free inverse: no score signal at all
-                raise ConfigError(f"site {msg['name']!r} is a flow with cached transforms; the score-function estimators cannot differentiate its log-density: use --estimator reparam")
+                raise ConfigError(
+                    f"site {msg['name']!r} is a flow with cached transforms; the score-function estimators cannot differentiate its log-density: use --estimator reparam"
+                )
             if msg["fn"].has_rsample:
                 msg["fn"] = _NotReparameterized(msg["fn"])
 
@@ -202,7 +227,10 @@ class EstimatorLoss:
     """
 
     def __init__(
-        self, fn: Callable[..., torch.Tensor], build: Callable[..., list[nn.Module]] | None = None, state: Any = None
+        self,
+        fn: Callable[..., torch.Tensor],
+        build: Callable[..., list[nn.Module]] | None = None,
+        state: Any = None,
     ) -> None:
         self.fn, self._build, self.modules, self._state = fn, build, (), state
 
@@ -256,7 +284,9 @@ class Estimator:
         return ""
 
     def elbo(self, num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
-        return pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
+        return pyro.infer.Trace_ELBO(
+            num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1
+        )
 
     def guide_handler(self) -> Messenger:
         return _RequireRsample()
@@ -274,7 +304,14 @@ class Estimator:
 
         return handled_guide
 
-    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1, *, vectorize: bool = True) -> EstimatorLoss:
+    def loss(
+        self,
+        model: Callable[..., object],
+        guide: Callable[..., object],
+        num_particles: int = 1,
+        *,
+        vectorize: bool = True,
+    ) -> EstimatorLoss:
         """``loss(*args)``: a differentiable negative ELBO whose gradient is this estimator's.
 
         ``vectorize=False`` draws the particles one after another (Pyro's ``vectorize_particles=False``),
@@ -283,25 +320,35 @@ class Estimator:
         """
         self.validate(num_particles)
         elbo, handled_guide = self.elbo(num_particles, vectorize), self.handled(guide)
-        if isinstance(elbo, pyro.infer.TraceEnum_ELBO):  # Pyro's own (it reads each site's value back to the host)
+        if isinstance(
+            elbo, pyro.infer.TraceEnum_ELBO
+        ):  # Pyro's own (it reads each site's value back to the host)
             return EstimatorLoss(_pyro_loss(elbo, model, handled_guide))
         particles = Particles(num_particles, vectorize)
         mean_field = isinstance(elbo, pyro.infer.TraceMeanField_ELBO)
         if not mean_field:
-            return EstimatorLoss(lambda *args, **kwargs: trace_loss(particles(model, handled_guide, args, kwargs), num_particles))
+            return EstimatorLoss(
+                lambda *args, **kwargs: trace_loss(
+                    particles(model, handled_guide, args, kwargs), num_particles
+                )
+            )
 
         def mean_field_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
             # Pyro only warns when it cannot verify a mean-field guide, and its closed-form KL terms are then wrong
             # (a structured q(z2 | z1) is not independent of z1): refuse by name instead. Pyro checks under
             # validation only (fit's first step), so the other steps take the plain loss.
             if not is_validation_enabled():
-                return trace_loss(particles(model, handled_guide, args, kwargs), num_particles, mean_field=True)
+                return trace_loss(
+                    particles(model, handled_guide, args, kwargs), num_particles, mean_field=True
+                )
             with warnings.catch_warnings():
                 warnings.filterwarnings("error", message="Failed to verify mean field restriction")
                 try:
                     return _pyro_loss(elbo, model, handled_guide)(*args, **kwargs)
                 except UserWarning as exc:
-                    model_sites, _, guide_sites = str(exc).partition("Model sites:")[2].partition("Guide sites:")
+                    model_sites, _, guide_sites = (
+                        str(exc).partition("Model sites:")[2].partition("Guide sites:")
+                    )
                     raise ConfigError(
                         f"{self.name} takes KL terms in closed form, which needs a mean-field guide whose sites come in the model's order; "
                         f"Pyro could not verify this guide (model sites {', '.join(model_sites.split())}; guide sites "
@@ -330,9 +377,15 @@ class Particles:
     """
 
     def __init__(self, num_particles: int, vectorize: bool = True) -> None:
-        self.num_particles, self.vectorize, self.nesting = num_particles, vectorize and num_particles > 1, None
+        self.num_particles, self.vectorize, self.nesting = (
+            num_particles,
+            vectorize and num_particles > 1,
+            None,
+        )
 
-    def __call__(self, model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
+    def __call__(
+        self, model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict
+    ) -> list[tuple[Any, Any]]:
         if not self.vectorize:
             return [self._run(model, guide, args, kwargs) for _ in range(self.num_particles)]
         if self.nesting is None:
@@ -349,7 +402,9 @@ class Particles:
         return [self._run(vectorized(model), vectorized(guide), args, kwargs)]
 
     @staticmethod
-    def _run(model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    def _run(
+        model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict
+    ) -> tuple[Any, Any]:
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
         if is_validation_enabled():
@@ -366,12 +421,18 @@ def _log_r(model_tr: Any, guide_tr: Any) -> MultiFrameTensor:
     log_r, stacks = MultiFrameTensor(), get_plate_stacks(model_tr)
     for name, site in model_tr.nodes.items():
         if site["type"] == "sample":
-            term = site["log_prob"] if site["is_observed"] else site["log_prob"] - guide_tr.nodes[name]["log_prob"]
+            term = (
+                site["log_prob"]
+                if site["is_observed"]
+                else site["log_prob"] - guide_tr.nodes[name]["log_prob"]
+            )
             log_r.add((stacks[name], term.detach()))
     return log_r
 
 
-def trace_loss(pairs: list[tuple[Any, Any]], num_particles: int, *, mean_field: bool = False) -> torch.Tensor:
+def trace_loss(
+    pairs: list[tuple[Any, Any]], num_particles: int, *, mean_field: bool = False
+) -> torch.Tensor:
     r"""Pyro's ``Trace_ELBO`` (or, with ``mean_field``, ``TraceMeanField_ELBO``) loss on traced particles, read back nowhere.
 
     The value is the negative ELBO; the gradient is the surrogate's: the pathwise terms of reparameterised
@@ -399,15 +460,27 @@ def trace_loss(pairs: list[tuple[Any, Any]], num_particles: int, *, mean_field: 
                 continue
             q_site = guide_tr.nodes[name]
             try:
-                kl = scale_and_mask(kl_divergence(q_site["fn"], site["fn"]), scale=q_site["scale"], mask=q_site["mask"])
+                kl = scale_and_mask(
+                    kl_divergence(q_site["fn"], site["fn"]),
+                    scale=q_site["scale"],
+                    mask=q_site["mask"],
+                )
             except NotImplementedError:
                 elbo, surrogate = elbo + site["log_prob_sum"], surrogate + site["log_prob_sum"]
                 continue
-            kl_sum = kl.sum() if torch.is_tensor(kl) else kl * torch.Size(q_site["fn"].batch_shape).numel()
+            kl_sum = (
+                kl.sum()
+                if torch.is_tensor(kl)
+                else kl * torch.Size(q_site["fn"].batch_shape).numel()
+            )
             elbo, surrogate = elbo - kl_sum, surrogate - kl_sum
         for name, site in guide_tr.nodes.items():
-            if site["type"] != "sample" or (mean_field and name in model_tr.nodes and not model_tr.nodes[name]["is_observed"]
-                                            and _has_kl(site, model_tr.nodes[name])):
+            if site["type"] != "sample" or (
+                mean_field
+                and name in model_tr.nodes
+                and not model_tr.nodes[name]["is_observed"]
+                and _has_kl(site, model_tr.nodes[name])
+            ):
                 continue
             _, score, entropy = site["score_parts"]
             elbo = elbo - site["log_prob_sum"]
@@ -416,7 +489,9 @@ def trace_loss(pairs: list[tuple[Any, Any]], num_particles: int, *, mean_field: 
             if not is_identically_zero(score):
                 log_r = _log_r(model_tr, guide_tr) if log_r is None else log_r
                 surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score).sum()
-    like = next(t for t in (elbo, surrogate) if torch.is_tensor(t))  # (torch.as_tensor would take torch's default device)
+    like = next(
+        t for t in (elbo, surrogate) if torch.is_tensor(t)
+    )  # (torch.as_tensor would take torch's default device)
     elbo_t = elbo if torch.is_tensor(elbo) else like.new_tensor(elbo)
     surrogate_t = surrogate if torch.is_tensor(surrogate) else like.new_tensor(surrogate)
     return -(elbo_t.detach() + surrogate_t - surrogate_t.detach()) / num_particles
@@ -459,7 +534,9 @@ def _reduce(lp: Any, site: dict[str, Any], plate: str, zero: torch.Tensor) -> to
     """Sum a site's log-density over everything but the particle and ``plate`` dims: ``[K or 1, N]`` (on ``zero``'s device)."""
     dims = {f.name: f.dim for f in site["cond_indep_stack"]}
     if plate not in dims:
-        raise ConfigError(f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint estimators need every site inside it")
+        raise ConfigError(
+            f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint estimators need every site inside it"
+        )
     lp = torch.as_tensor(lp, device=zero.device)
     keep = [d for d in (dims.get(PARTICLES), dims[plate]) if d is not None]
     ndim = max(lp.dim(), -min(keep))
@@ -482,7 +559,12 @@ def _common_scale(sites: list[dict[str, Any]]) -> float | None:
 
 
 def particle_terms(
-    particles: Particles, model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict, plate: str = "data"
+    particles: Particles,
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    args: tuple,
+    kwargs: dict,
+    plate: str = "data",
 ) -> ParticleTerms:
     """One draw of the (vectorised) particles' traces (:class:`Particles`) cut into :class:`ParticleTerms`."""
     model_tr, guide_tr = particles(model, guide, args, kwargs)[0]
@@ -534,14 +616,21 @@ class _Running:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("decay") != self.decay:
-            raise ValueError(f"baseline decay {state.get('decay')!r} does not match this estimator's {self.decay}")
+            raise ValueError(
+                f"baseline decay {state.get('decay')!r} does not match this estimator's {self.decay}"
+            )
         self.steps, self.m1, self.m2 = int(state["steps"]), float(state["m1"]), float(state["m2"])
 
 
 def _nvil_net(x: torch.Tensor, hidden: int) -> nn.Module:
     """The NVIL baseline network, built on ``x``'s device and dtype."""
     with torch.device(x.device):
-        net = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), hidden, dtype=x.dtype), nn.Tanh(), nn.Linear(hidden, 1, dtype=x.dtype))
+        net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(x[0].numel(), hidden, dtype=x.dtype),
+            nn.Tanh(),
+            nn.Linear(hidden, 1, dtype=x.dtype),
+        )
     nn.init.zeros_(net[-1].weight)
     nn.init.zeros_(net[-1].bias)
     return net
@@ -587,7 +676,9 @@ class ScoreFunction(Estimator):
 
     def __post_init__(self) -> None:
         if self.baseline is not None and self.baseline not in BASELINES:
-            raise ConfigError(f"unknown baseline {self.baseline!r}; choose one of {', '.join(BASELINES)} or None")
+            raise ConfigError(
+                f"unknown baseline {self.baseline!r}; choose one of {', '.join(BASELINES)} or None"
+            )
         if not 0 <= self.decay < 1:
             raise ConfigError(f"baseline decay must be in [0, 1), got {self.decay}")
 
@@ -606,9 +697,18 @@ class ScoreFunction(Estimator):
 
     def validate(self, num_particles: int) -> None:
         if self.baseline == "loo" and num_particles < 2:
-            raise ConfigError(f"the leave-one-out baseline needs --num-particles >= 2, got {num_particles}")
+            raise ConfigError(
+                f"the leave-one-out baseline needs --num-particles >= 2, got {num_particles}"
+            )
 
-    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1, *, vectorize: bool = True) -> EstimatorLoss:
+    def loss(
+        self,
+        model: Callable[..., object],
+        guide: Callable[..., object],
+        num_particles: int = 1,
+        *,
+        vectorize: bool = True,
+    ) -> EstimatorLoss:
         if self.baseline is None:
             return super().loss(model, guide, num_particles, vectorize=vectorize)
         self.validate(num_particles)
@@ -619,11 +719,19 @@ class ScoreFunction(Estimator):
 class _BaselineLoss(EstimatorLoss):
     """The score-function loss with a baseline (:class:`ScoreFunction`); it owns the baseline's state and network."""
 
-    def __init__(self, est: ScoreFunction, particles: Particles, model: Callable[..., object], guide: Callable[..., object]) -> None:
+    def __init__(
+        self,
+        est: ScoreFunction,
+        particles: Particles,
+        model: Callable[..., object],
+        guide: Callable[..., object],
+    ) -> None:
         self.est, self.particles, self.model, self.guide = est, particles, model, guide
         self.running = _Running(est.decay)
         build = (lambda x, *rest: [_nvil_net(x, est.hidden)]) if est.baseline == "nvil" else None
-        super().__init__(self._loss, build=build, state=self.running if est.baseline != "loo" else None)
+        super().__init__(
+            self._loss, build=build, state=self.running if est.baseline != "loo" else None
+        )
 
     def _loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         t = particle_terms(self.particles, self.model, self.guide, args, kwargs)
@@ -648,13 +756,17 @@ class _BaselineLoss(EstimatorLoss):
 def _side_by_side(name: str, num_particles: int, vectorize: bool) -> None:
     """Refuse, by name, particles one after another for an estimator whose terms compare them side by side."""
     if not vectorize and num_particles > 1:
-        raise ConfigError(f"estimator {name} compares its {num_particles} particles side by side, and the model or guide cannot run them at "
-                          "once (vectorised); use num_particles=1, or an estimator whose particles run one after another (reparam, score)")
+        raise ConfigError(
+            f"estimator {name} compares its {num_particles} particles side by side, and the model or guide cannot run them at "
+            "once (vectorised); use num_particles=1, or an estimator whose particles run one after another (reparam, score)"
+        )
 
 
 def _mean_field_elbo(num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
     """Pyro's ``TraceMeanField_ELBO``: closed-form KL terms where registered, pathwise the rest."""
-    return pyro.infer.TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
+    return pyro.infer.TraceMeanField_ELBO(
+        num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1
+    )
 
 
 @dataclass(frozen=True)
@@ -690,14 +802,23 @@ class IWAE(Estimator):
 
     name: ClassVar[str] = "iwae"
 
-    def loss(self, model: Callable[..., object], guide: Callable[..., object], num_particles: int = 1, *, vectorize: bool = True) -> EstimatorLoss:
+    def loss(
+        self,
+        model: Callable[..., object],
+        guide: Callable[..., object],
+        num_particles: int = 1,
+        *,
+        vectorize: bool = True,
+    ) -> EstimatorLoss:
         _side_by_side(self.name, num_particles, vectorize)
         particles = Particles(num_particles)
 
         def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
             t = particle_terms(particles, model, guide, args, kwargs)
             if t.scale is None:
-                raise ConfigError("iwae needs one scale on every site (beta-weighting is not defined for the IWAE bound)")
+                raise ConfigError(
+                    "iwae needs one scale on every site (beta-weighting is not defined for the IWAE bound)"
+                )
             lw = t.log_weight / t.scale
             k = lw.shape[0]
             bound = torch.logsumexp(lw, 0) - math.log(k)
@@ -769,7 +890,9 @@ class _StraightThroughSample(dist.TorchDistribution):
 
 
 @torch.distributions.kl.register_kl(_StraightThroughSample, torch.distributions.Distribution)
-def _kl_straight_through(p: _StraightThroughSample, q: torch.distributions.Distribution) -> torch.Tensor:
+def _kl_straight_through(
+    p: _StraightThroughSample, q: torch.distributions.Distribution
+) -> torch.Tensor:
     return torch.distributions.kl.kl_divergence(p.base, q)
 
 
@@ -782,7 +905,10 @@ class _StraightThrough(_RequireRsample):
 
     def _process_message(self, msg: dict[str, Any]) -> None:
         if is_latent(msg) and not msg["infer"].get("enumerate"):
-            if isinstance(_leaf(msg["fn"]), (torch.distributions.Bernoulli, torch.distributions.OneHotCategorical)):
+            if isinstance(
+                _leaf(msg["fn"]),
+                (torch.distributions.Bernoulli, torch.distributions.OneHotCategorical),
+            ):
                 msg["fn"] = _StraightThroughSample(msg["fn"], self.temperature)
         super()._process_message(msg)
 
@@ -806,11 +932,19 @@ class Relaxed(Estimator):
     name: ClassVar[str] = "relaxed"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"relaxation temperature must be positive and finite, got {self.temperature}")
+        if not (
+            isinstance(self.temperature, (int, float))
+            and self.temperature > 0
+            and math.isfinite(self.temperature)
+        ):
+            raise ConfigError(
+                f"relaxation temperature must be positive and finite, got {self.temperature}"
+            )
 
     def elbo(self, num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
-        return _mean_field_elbo(num_particles, vectorize)  # the discrete KL in closed form, the rest pathwise
+        return _mean_field_elbo(
+            num_particles, vectorize
+        )  # the discrete KL in closed form, the rest pathwise
 
     def guide_handler(self) -> Messenger:
         return _StraightThrough(float(self.temperature))
@@ -827,7 +961,9 @@ class Enumerated(Estimator):
         return "sums out its discrete sites with Pyro's TraceEnum_ELBO, which reads each site's value back to the host"
 
     def elbo(self, num_particles: int, vectorize: bool = True) -> pyro.infer.ELBO:
-        return pyro.infer.TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
+        return pyro.infer.TraceEnum_ELBO(
+            num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1
+        )
 
 
 ESTIMATORS: dict[str, Callable[[], Estimator]] = {
@@ -861,5 +997,7 @@ def get_estimator(estimator: str | Estimator) -> Estimator:
         return Relaxed(temperature)
     head, plus, tail = name.partition("+")
     if plus and head in ESTIMATORS and head != "score":
-        raise ConfigError(f"a baseline ({tail!r}) applies to the score-function estimator only, not {head!r}; use score+{tail}")
+        raise ConfigError(
+            f"a baseline ({tail!r}) applies to the score-function estimator only, not {head!r}; use score+{tail}"
+        )
     raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")

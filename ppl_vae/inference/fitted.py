@@ -67,13 +67,19 @@ class _Trained:
     store: dict[str, Any] | None = None
 
     def scope(self) -> contextlib.AbstractContextManager[Any]:
-        return pyro.get_param_store().scope(self.store) if self.store is not None else contextlib.nullcontext()
+        return (
+            pyro.get_param_store().scope(self.store)
+            if self.store is not None
+            else contextlib.nullcontext()
+        )
 
     def programs(self, what: str) -> tuple[Callable[..., object], Callable[..., object]]:
         """The model and guide with their data plate named ``"data"``; a model that subsamples its plate is refused by ``what``."""
         if self.plate.subsampled:
-            raise ConfigError(f"{what}: plate {self.plate.name!r} subsamples the data itself (subsample_size={self.plate.subsample_size}), "
-                              f"so the model does not score the rows it is given; {what} needs a plate over them, pyro.plate(name, x.shape[0])")
+            raise ConfigError(
+                f"{what}: plate {self.plate.name!r} subsamples the data itself (subsample_size={self.plate.subsample_size}), "
+                f"so the model does not score the rows it is given; {what} needs a plate over them, pyro.plate(name, x.shape[0])"
+            )
         return on_data_plate(self.model, self.plate), on_data_plate(self.guide, self.plate)
 
 
@@ -111,14 +117,20 @@ class FitResult:
     def to_dict(self) -> dict[str, Any]:
         """The training record (everything but the model) as plain values."""
         out = {k: getattr(self, k) for k in _RECORD}
-        return {**out, "history": [dict(row) for row in self.history], "options": dict(self.options)}
+        return {
+            **out,
+            "history": [dict(row) for row in self.history],
+            "options": dict(self.options),
+        }
 
     # ------------------------------------------------------------------ the model
 
     def _model(self, what: str) -> _Trained:
         if self.trained is None:
-            raise ConfigError(f"{what} needs the trained model, and this FitResult holds none; use the one fit returned, "
-                              "FitResult.load(path, model, guide) or load_run(run_dir)")
+            raise ConfigError(
+                f"{what} needs the trained model, and this FitResult holds none; use the one fit returned, "
+                "FitResult.load(path, model, guide) or load_run(run_dir)"
+            )
         return self.trained
 
     def _blank(self, n: int) -> tuple[torch.Tensor, ...]:
@@ -152,18 +164,28 @@ class FitResult:
         """Write the trained parameters, argument shapes and record to ``path`` atomically (no overwrite without ``force``)."""
         t = self._model("save")
         if not str(path).strip():
-            raise RunDirectoryError("the path to save to is empty; give the path of a file, such as 'model.pt'")
+            raise RunDirectoryError(
+                "the path to save to is empty; give the path of a file, such as 'model.pt'"
+            )
         path = Path(path)
         if path.is_dir():
-            raise RunDirectoryError(f"{path} is a directory; save to a file in it, such as {path / 'model.pt'}")
+            raise RunDirectoryError(
+                f"{path} is a directory; save to a file in it, such as {path / 'model.pt'}"
+            )
         if path.exists() and not force:
             raise RunDirectoryError(f"{path} exists; pass force=True to replace it")
         if path.exists() and not _saved_model(path):
-            raise RunDirectoryError(f"{path} is not a model saved by FitResult.save; force=True replaces only such a file, so it was kept")
+            raise RunDirectoryError(
+                f"{path} is not a model saved by FitResult.save; force=True replaces only such a file, so it was kept"
+            )
         payload = {
-            "kind": FORMAT, "version": 1,
+            "kind": FORMAT,
+            "version": 1,
             "params": [p.detach().cpu() for p in t.found.params],
-            "args": [{"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")} for shape, dtype in t.args],
+            "args": [
+                {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+                for shape, dtype in t.args
+            ],
             "record": io.to_plain(self.to_dict()),
         }
         try:
@@ -172,7 +194,14 @@ class FitResult:
             raise RunDirectoryError(f"{path} exists; pass force=True to replace it") from None
 
     @classmethod
-    def load(cls, path: str | Path, model: Callable[..., object], guide: Callable[..., object], *, modules: Iterable[nn.Module] = ()) -> FitResult:
+    def load(
+        cls,
+        path: str | Path,
+        model: Callable[..., object],
+        guide: Callable[..., object],
+        *,
+        modules: Iterable[nn.Module] = (),
+    ) -> FitResult:
         """The fitted model saved at ``path``, its parameters copied into ``model``'s and ``guide``'s networks.
 
         ``model`` and ``guide`` must be built as they were for ``fit`` (the same
@@ -182,20 +211,29 @@ class FitResult:
         """
         saved = io.load_checkpoint(path)
         if saved.get("kind") != FORMAT:
-            raise CheckpointError(f"{path} is not a saved ppl-vae model (a run's checkpoint.pt is read with load_run(run_dir))")
+            raise CheckpointError(
+                f"{path} is not a saved ppl-vae model (a run's checkpoint.pt is read with load_run(run_dir))"
+            )
         try:
             if saved.get("version") != 1:
                 raise ValueError(f"format version {saved.get('version')!r}, this ppl-vae reads 1")
-            args = tuple((tuple(int(s) for s in a["shape"]), getattr(torch, a["dtype"])) for a in saved["args"])
+            args = tuple(
+                (tuple(int(s) for s in a["shape"]), getattr(torch, a["dtype"]))
+                for a in saved["args"]
+            )
             if not all(isinstance(d, torch.dtype) for _, d in args):
                 raise ValueError("an argument's dtype is not a torch dtype")
             record = io.from_plain(saved["record"])
             result = FitResult(**{**record, "history": tuple(record["history"])})
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise CheckpointError(f"{path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{path} is corrupted or incomplete ({type(exc).__name__}: {exc})"
+            ) from None
         return attach(result, model, guide, args, saved["params"], str(path), modules)
 
-    def sample(self, n: int, *args: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
+    def sample(
+        self, n: int, *args: torch.Tensor, seed: int | None = None
+    ) -> dict[str, torch.Tensor]:
         r"""``n`` draws from the prior predictive: every sample site of the model, its observations drawn from the likelihood.
 
         The model runs on ``args`` (default: zeros in the shape of its training
@@ -210,16 +248,26 @@ class FitResult:
         check_int(n, "number of samples")
         t = self._model("sample")
         if args and any(a.shape[0] != n for a in args):
-            raise ConfigError(f"sample: the model's arguments have {[a.shape[0] for a in args]} rows; give n={n} rows each")
+            raise ConfigError(
+                f"sample: the model's arguments have {[a.shape[0] for a in args]} rows; give n={n} rows each"
+            )
         if not args and len(t.args) > 1:
-            raise ConfigError(f"sample: the model takes {len(t.args)} arguments (a conditional model's labels, say); "
-                              f"give them, n={n} rows each: result.sample(n, x, y)")
+            raise ConfigError(
+                f"sample: the model takes {len(t.args)} arguments (a conditional model's labels, say); "
+                f"give them, n={n} rows each: result.sample(n, x, y)"
+            )
         model, _ = t.programs("sample")
         with t.scope():
             return prior_predictive(model, *(args or self._blank(n)), seed=seed, what="sample")
 
-    def posterior(self, *data: torch.Tensor, method: Literal["vi", "hmc"] = "vi", num_samples: int = 1000, seed: int = 0,
-                  **hmc_options: Any) -> Any:
+    def posterior(
+        self,
+        *data: torch.Tensor,
+        method: Literal["vi", "hmc"] = "vi",
+        num_samples: int = 1000,
+        seed: int = 0,
+        **hmc_options: Any,
+    ) -> Any:
         r"""The posterior of every latent site given new rows ``data``, as an ArviZ object (``InferenceData``; ``DataTree`` under ArviZ 1.x).
 
         ``method="vi"``: ``num_samples`` draws of the guide's :math:`q(z \mid x_n)`
@@ -231,20 +279,30 @@ class FitResult:
         """
         t = self._model("posterior")
         if method == "vi" and hmc_options:
-            raise ConfigError(f"posterior: {', '.join(sorted(hmc_options))} are options of method='hmc', not of the guide's draws")
+            raise ConfigError(
+                f"posterior: {', '.join(sorted(hmc_options))} are options of method='hmc', not of the guide's draws"
+            )
         if method not in ("vi", "hmc"):
             raise ConfigError(f"posterior: method must be 'vi' or 'hmc', got {method!r}")
         model, guide = t.programs("posterior")
         with t.scope():
             if method == "vi":
-                draws = vi_draws(model, guide, *data, num_samples=num_samples, seed=seed, method="vi")
+                draws = vi_draws(
+                    model, guide, *data, num_samples=num_samples, seed=seed, method="vi"
+                )
             else:
                 hmc_options.setdefault("warmup_steps", num_samples)
                 draws = hmc_latent(model, *data, num_samples=num_samples, seed=seed, **hmc_options)
         return draws.to_inference_data()
 
-    def elbo(self, *data: torch.Tensor, num_particles: int = 10, batch_size: int = 1000, seed: int = 0,
-             index: torch.Tensor | None = None) -> Estimate:
+    def elbo(
+        self,
+        *data: torch.Tensor,
+        num_particles: int = 10,
+        batch_size: int = 1000,
+        seed: int = 0,
+        index: torch.Tensor | None = None,
+    ) -> Estimate:
         """The ELBO of each row of ``data`` (nats), averaged over ``num_particles`` guide draws, with its standard error.
 
         ``index``: the rows' dataset indices (the data plate's indices inside the model and guide: a guide
@@ -253,14 +311,26 @@ class FitResult:
         """
         t = self._model("elbo")
         with seeded(seed), t.scope():
-            return evaluate_elbo(t.model, t.guide, data, batch_size=batch_size, num_particles=num_particles, plate=t.plate, index=index)
+            return evaluate_elbo(
+                t.model,
+                t.guide,
+                data,
+                batch_size=batch_size,
+                num_particles=num_particles,
+                plate=t.plate,
+                index=index,
+            )
 
-    def iwae(self, *data: torch.Tensor, K: int = 1000, batch_size: int = 100, seed: int = 0) -> Estimate:
+    def iwae(
+        self, *data: torch.Tensor, K: int = 1000, batch_size: int = 100, seed: int = 0
+    ) -> Estimate:
         """The importance-weighted bound (``K`` guide draws) on ``log p(x)`` of each row of ``data``, with its delta-method standard error."""
         t = self._model("iwae")
         model, guide = t.programs("iwae")
         with t.scope():
-            bounds = importance_bounds(model, guide, *data, num_samples=K, batch_size=batch_size, seed=seed)
+            bounds = importance_bounds(
+                model, guide, *data, num_samples=K, batch_size=batch_size, seed=seed
+            )
         return Estimate(bounds.iwae, bounds.iwae_se, K)
 
 
@@ -268,32 +338,58 @@ class FitResult:
 _RECORD = tuple(k for k in FitResult.__dataclass_fields__ if k != "trained")
 
 
-def attach(result: FitResult, model: Callable[..., object], guide: Callable[..., object], args: Sequence[tuple[tuple[int, ...], torch.dtype]],
-           values: Sequence[torch.Tensor] | None, where: str, modules: Iterable[nn.Module] = (), found: Discovered | None = None,
-           plate: DataPlate | None = None, store: dict[str, Any] | None = None) -> FitResult:
+def attach(
+    result: FitResult,
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    args: Sequence[tuple[tuple[int, ...], torch.dtype]],
+    values: Sequence[torch.Tensor] | None,
+    where: str,
+    modules: Iterable[nn.Module] = (),
+    found: Discovered | None = None,
+    plate: DataPlate | None = None,
+    store: dict[str, Any] | None = None,
+) -> FitResult:
     """``result`` holding ``model`` and ``guide``; with ``values``, their parameters (found by running them on zeros of ``args``) set to those.
 
     ``plate`` and ``store`` are the data plate and the parameter-store state of the fit (:class:`_Trained`); found
     here where not given: the parameters are then found in a store of their own, whatever Pyro's global one holds.
     """
-    if found is None:  # trial arguments where the networks are (a module given, or the model's or guide's owner), else the CPU
+    if (
+        found is None
+    ):  # trial arguments where the networks are (a module given, or the model's or guide's owner), else the CPU
         owners = [*modules, owner(model), owner(guide)]
         first = next((p for m in owners if m is not None for p in m.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
-        example = tuple(torch.zeros((2, *shape), dtype=dtype, device=device) for shape, dtype in args)
+        example = tuple(
+            torch.zeros((2, *shape), dtype=dtype, device=device) for shape, dtype in args
+        )
         with seeded(0), poutine.block(), pyro.get_param_store().scope() as state:
             try:
                 plate = plate or find_data_plate(model, guide, example, what=where)
-                rows = plate.subsample_size or 2  # a plate that subsamples itself takes that many indices, of as many rows at least
-                example = tuple(torch.zeros((rows, *shape), dtype=dtype, device=device) for shape, dtype in args)
+                rows = (
+                    plate.subsample_size or 2
+                )  # a plate that subsamples itself takes that many indices, of as many rows at least
+                example = tuple(
+                    torch.zeros((rows, *shape), dtype=dtype, device=device) for shape, dtype in args
+                )
                 index = torch.arange(rows, device=device)
-                found = discover(on_data_plate(model, plate, index=index), on_data_plate(guide, plate, index=index), example, modules)
+                found = discover(
+                    on_data_plate(model, plate, index=index),
+                    on_data_plate(guide, plate, index=index),
+                    example,
+                    modules,
+                )
             except (ValueError, RuntimeError, TypeError) as exc:
-                raise CheckpointError(f"{where}: the model and guide do not run on arguments of the saved shapes "
-                                      f"{[tuple(s) for s, _ in args]} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+                raise CheckpointError(
+                    f"{where}: the model and guide do not run on arguments of the saved shapes "
+                    f"{[tuple(s) for s, _ in args]} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+                ) from None
         store = state if state["params"] else None
     if values is not None:
         load_params(found.params, values, where)
     found.train(False)
-    trained = _Trained(model, guide, found, tuple((tuple(s), d) for s, d in args), plate or DataPlate(DATA), store)
+    trained = _Trained(
+        model, guide, found, tuple((tuple(s), d) for s, d in args), plate or DataPlate(DATA), store
+    )
     return FitResult(**{k: getattr(result, k) for k in _RECORD}, trained=trained)

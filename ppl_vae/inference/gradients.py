@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .batches import as_tensors
 from .estimators import Estimator, get_estimator
 from .params import discover
 from .random import seeded
-from .batches import as_tensors
 from .step import SVI
 from .svi import fit
 
@@ -137,20 +137,32 @@ def gradient_stats(
     n = tensors[0].shape[0]
     rows: list[dict[str, Any]] = []
     for est in ests:
-        with seeded(seed):  # every estimator sees the same draws sequence; the caller's RNG is left as it was
-            svi = SVI(model, guide, estimator=est, num_particles=num_particles, own_store=False).setup(*tensors)  # the step fit takes
+        with seeded(
+            seed
+        ):  # every estimator sees the same draws sequence; the caller's RNG is left as it was
+            svi = SVI(
+                model, guide, estimator=est, num_particles=num_particles, own_store=False
+            ).setup(*tensors)  # the step fit takes
             svi.objective.validate = False  # type: ignore[union-attr]
             if getattr(est, "baseline", None) in ("average", "nvil"):  # stateful baselines
                 _warm(svi.objective.loss_fn, tensors, warmup, warmup_lr)  # type: ignore[union-attr]
             flat = {name: [p for p in ps] for name, ps in groups.items()}
-            total = {name: ps[0].new_zeros(sum(p.numel() for p in ps), dtype=torch.float64) for name, ps in flat.items()}
+            total = {
+                name: ps[0].new_zeros(sum(p.numel() for p in ps), dtype=torch.float64)
+                for name, ps in flat.items()
+            }
             total_sq = {name: torch.zeros_like(t) for name, t in total.items()}
             every = [p for ps in flat.values() for p in ps]
             for _ in range(repeats):
                 grads = torch.autograd.grad(svi.loss(*tensors).loss / n, every, allow_unused=True)
                 it = iter(grads)
                 for name, ps in flat.items():
-                    g = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for p, gr in zip(ps, it)]).double()
+                    g = torch.cat(
+                        [
+                            (gr if gr is not None else torch.zeros_like(p)).reshape(-1)
+                            for p, gr in zip(ps, it)
+                        ]
+                    ).double()
                     total[name] += g
                     total_sq[name] += g * g
             for name in flat:
@@ -158,11 +170,20 @@ def gradient_stats(
                 var = ((total_sq[name] - repeats * mean * mean) / (repeats - 1)).clamp_min(0)
                 sd = var.sqrt()
                 snr = torch.where(sd > 0, mean.abs() / sd, torch.zeros_like(sd))
-                rows.append({
-                    **(extra or {}), "estimator": est.name, "group": name, "num_params": mean.numel(),
-                    "mean_norm": mean.norm().item(), "variance": var.sum().item(), "snr": snr.mean().item(),
-                    "repeats": repeats, "num_particles": num_particles, "batch_size": n,
-                })
+                rows.append(
+                    {
+                        **(extra or {}),
+                        "estimator": est.name,
+                        "group": name,
+                        "num_params": mean.numel(),
+                        "mean_norm": mean.norm().item(),
+                        "variance": var.sum().item(),
+                        "snr": snr.mean().item(),
+                        "repeats": repeats,
+                        "num_particles": num_particles,
+                        "batch_size": n,
+                    }
+                )
     return GradientStats(tuple(rows))
 
 
@@ -198,12 +219,30 @@ def gradient_course(
     with tempfile.TemporaryDirectory(prefix="ppl-vae-course-") as tmp:
         for mark in marks:
             if mark > done:
-                fit(model, guide, tensors, estimator=train_estimator, num_particles=num_particles, epochs=mark,
-                    seed=seed, out=tmp, resume=done > 0, progress=False, **fit_options)
+                fit(
+                    model,
+                    guide,
+                    tensors,
+                    estimator=train_estimator,
+                    num_particles=num_particles,
+                    epochs=mark,
+                    seed=seed,
+                    out=tmp,
+                    resume=done > 0,
+                    progress=False,
+                    **fit_options,
+                )
                 done = mark
-            stats = gradient_stats(model, guide, probe_t, estimators=estimators, repeats=repeats, groups=groups,
-                                   num_particles=num_particles, seed=seed, extra={"epoch": mark})
+            stats = gradient_stats(
+                model,
+                guide,
+                probe_t,
+                estimators=estimators,
+                repeats=repeats,
+                groups=groups,
+                num_particles=num_particles,
+                seed=seed,
+                extra={"epoch": mark},
+            )
             rows.extend(stats.rows)
     return GradientStats(tuple(rows))
-
-

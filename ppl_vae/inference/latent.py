@@ -52,7 +52,14 @@ from .traces import (
     sample_sites,
 )
 
-__all__ = ["latent_of", "guide_in_latent_space", "latent_draws", "log_joint", "guide_log_density", "check_guide_pairs"]
+__all__ = [
+    "latent_of",
+    "guide_in_latent_space",
+    "latent_draws",
+    "log_joint",
+    "guide_log_density",
+    "check_guide_pairs",
+]
 
 
 #: fixed (parameter-free or constant-affine) transforms whose composition with a Gaussian can be the pushforward of a Gaussian over ``u``
@@ -72,14 +79,18 @@ def check_guide_pairs(model_sites: Iterable[str], guide_tr: poutine.Trace, analy
     aux = {n for n, s in guide_sites.items() if s["infer"].get("is_auxiliary")}
     missing = [n for n in model_sites if n not in guide_sites]
     if missing:
-        raise ConfigError(f"{analysis}: the guide has no site {missing[0]!r}, a latent site of the model (it would be drawn from the prior)")
+        raise ConfigError(
+            f"{analysis}: the guide has no site {missing[0]!r}, a latent site of the model (it would be drawn from the prior)"
+        )
     extra = [n for n in guide_sites if n not in set(model_sites) and n not in aux]
     if extra:
         raise ConfigError(f"{analysis}: guide site {extra[0]!r} is not a latent site of the model")
     if not aux:
         for n in model_sites:
             if point_mass(guide_sites[n]["fn"]):
-                raise ConfigError(f"{analysis}: guide site {n!r} is a point mass (Delta): it has no density over the latent, so {analysis} does not apply")
+                raise ConfigError(
+                    f"{analysis}: guide site {n!r} is a point mass (Delta): it has no density over the latent, so {analysis} does not apply"
+                )
 
 
 def _bijection(support: constraints.Constraint, name: str, analysis: str) -> Transform:
@@ -90,11 +101,18 @@ def _bijection(support: constraints.Constraint, name: str, analysis: str) -> Tra
         except NotImplementedError:
             inner = getattr(support, "base_constraint", None)
             if inner is None:
-                raise ConfigError(f"{analysis}: site {name!r} has a support ({support}) with no bijection to the reals") from None
+                raise ConfigError(
+                    f"{analysis}: site {name!r} has a support ({support}) with no bijection to the reals"
+                ) from None
             support = inner
 
 
-def latent_of(model: Callable[..., object], *data: torch.Tensor, guide: Callable[..., object] | None = None, analysis: str = "this analysis") -> Latent:
+def latent_of(
+    model: Callable[..., object],
+    *data: torch.Tensor,
+    guide: Callable[..., object] | None = None,
+    analysis: str = "this analysis",
+) -> Latent:
     """The :class:`Latent` of ``model`` on the rows of ``data``; refuses what a per-datapoint analysis cannot handle.
 
     Raises
@@ -105,7 +123,12 @@ def latent_of(model: Callable[..., object], *data: torch.Tensor, guide: Callable
         latent site at all; with ``guide``: a model site the guide lacks, a
         guide site the model lacks, a point-mass guide site.
     """
-    if not data or not isinstance(data[0], torch.Tensor) or data[0].dim() < 1 or data[0].shape[0] < 1:
+    if (
+        not data
+        or not isinstance(data[0], torch.Tensor)
+        or data[0].dim() < 1
+        or data[0].shape[0] < 1
+    ):
         raise ConfigError(f"{analysis} needs at least one datapoint (a tensor with rows)")
     n = data[0].shape[0]
 
@@ -124,9 +147,13 @@ def latent_of(model: Callable[..., object], *data: torch.Tensor, guide: Callable
     for name, s in nodes.items():
         fn = s["fn"]
         if fn.support.is_discrete or s["infer"].get("enumerate"):
-            raise ConfigError(f"{analysis} needs continuous latent sites; site {name!r} is discrete ({type(fn).__name__})")
+            raise ConfigError(
+                f"{analysis} needs continuous latent sites; site {name!r} is discrete ({type(fn).__name__})"
+            )
         if not any(f.name == "data" for f in s["cond_indep_stack"]):
-            raise ConfigError(f"{analysis} is per datapoint; site {name!r} is outside the 'data' plate (a latent shared by all datapoints)")
+            raise ConfigError(
+                f"{analysis} is per datapoint; site {name!r} is outside the 'data' plate (a latent shared by all datapoints)"
+            )
         value = s["value"]
         batch = tuple(value.shape[: value.dim() - fn.event_dim])
         if batch != (n,):
@@ -150,7 +177,9 @@ def _tile(data: tuple[torch.Tensor, ...], c: int) -> tuple[torch.Tensor, ...]:
     return tuple(a.repeat(c, *([1] * (a.dim() - 1))) for a in data)
 
 
-def _conditioned(fn: Callable[..., object], latent: Latent, data: tuple[torch.Tensor, ...], u: torch.Tensor) -> tuple[poutine.Trace, dict[str, torch.Tensor], torch.Tensor]:
+def _conditioned(
+    fn: Callable[..., object], latent: Latent, data: tuple[torch.Tensor, ...], u: torch.Tensor
+) -> tuple[poutine.Trace, dict[str, torch.Tensor], torch.Tensor]:
     """``fn`` (model or guide) run on ``data`` repeated ``C`` times with its sites at ``T(u)``, ``u`` ``[C, N, K]``: trace, values, log|J| ``[C, N]``."""
     c, n = u.shape[0], latent.num_points
     values, ladj = latent.constrain(u)
@@ -185,14 +214,18 @@ def log_joint(
                 lik = lik + lp
         unexpected = [k for k, s in latent_nodes(tr).items() if k not in values]
         if unexpected:
-            raise ConfigError(f"site {unexpected[0]!r} appeared in a run of the model that did not have it before: the model's latent sites must not change between runs")
+            raise ConfigError(
+                f"site {unexpected[0]!r} appeared in a run of the model that did not have it before: the model's latent sites must not change between runs"
+            )
         lik_t = lik if isinstance(lik, torch.Tensor) else prior.new_zeros(prior.shape)
         return (prior, lik_t) if split else prior + lik_t
 
     return f
 
 
-def guide_log_density(guide: Callable[..., object], latent: Latent, *data: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def guide_log_density(
+    guide: Callable[..., object], latent: Latent, *data: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
     r"""``f(u) = log q(T(u) | x_n) + log|J|`` for ``u`` ``[C, N, K]``: the guide's density over ``u``, ``[C, N]``.
 
     The guide runs on ``data`` repeated ``C`` times with its sites conditioned
@@ -206,7 +239,9 @@ def guide_log_density(guide: Callable[..., object], latent: Latent, *data: torch
         tr, _, total = _conditioned(guide, latent, data, u)
         for name, s in sample_sites(tr).items():
             if s["infer"].get("is_auxiliary"):
-                raise ConfigError(f"the guide's density at a given latent is not available: its site {name!r} is auxiliary")
+                raise ConfigError(
+                    f"the guide's density at a given latent is not available: its site {name!r} is auxiliary"
+                )
             total = total + per_datapoint(s, "data").reshape(c, n)
         return total
 
@@ -214,7 +249,11 @@ def guide_log_density(guide: Callable[..., object], latent: Latent, *data: torch
 
 
 def latent_draws(
-    model: Callable[..., object], latent: Latent, *data: torch.Tensor, guide: Callable[..., object] | None = None, num_samples: int = 1,
+    model: Callable[..., object],
+    latent: Latent,
+    *data: torch.Tensor,
+    guide: Callable[..., object] | None = None,
+    num_samples: int = 1,
     streams: Streams | None = None,
 ) -> torch.Tensor:
     """``num_samples`` draws of ``u`` per datapoint, ``[S, N, K]``, from ``guide`` (or the model's prior).
@@ -225,28 +264,49 @@ def latent_draws(
     n = latent.num_points
     fn = guide if guide is not None else model
     with poutine.block(), torch.no_grad():
-        nesting = plate_nesting(model, guide, *data) if guide is not None else plate_nesting(model, lambda *a: None, *data)
+        nesting = (
+            plate_nesting(model, guide, *data)
+            if guide is not None
+            else plate_nesting(model, lambda *a: None, *data)
+        )
         if streams is None:
             with pyro.plate(SAMPLES, num_samples, dim=-(nesting + 1)):
                 tr = poutine.trace(fn).get_trace(*data)
-            values = {s.name: tr.nodes[s.name]["value"].reshape(num_samples, n, *s.shape) for s in latent.sites}
+            values = {
+                s.name: tr.nodes[s.name]["value"].reshape(num_samples, n, *s.shape)
+                for s in latent.sites
+            }
             return latent.unconstrain(values)
-        batched = draws_in_batches(restrict(fn, slice(0, 1)) if guide is not None else fn, *(t[:1] for t in data))
+        batched = draws_in_batches(
+            restrict(fn, slice(0, 1)) if guide is not None else fn, *(t[:1] for t in data)
+        )
         parts = []
         for rows in [slice(None)] if batched else [slice(i, i + 1) for i in range(n)]:
             args = tuple(t[rows] for t in data)
             program = restrict(guide, rows) if guide is not None else model
-            with RowDraws(streams.select(rows)), pyro.plate(SAMPLES, num_samples, dim=-(nesting + 1)):
+            with (
+                RowDraws(streams.select(rows)),
+                pyro.plate(SAMPLES, num_samples, dim=-(nesting + 1)),
+            ):
                 tr = poutine.trace(program).get_trace(*args)
             m = args[0].shape[0]
-            parts.append(latent.unconstrain({s.name: tr.nodes[s.name]["value"].reshape(num_samples, m, *s.shape) for s in latent.sites}))
+            parts.append(
+                latent.unconstrain(
+                    {
+                        s.name: tr.nodes[s.name]["value"].reshape(num_samples, m, *s.shape)
+                        for s in latent.sites
+                    }
+                )
+            )
     return torch.cat(parts, 1)
 
 
 # --------------------------------------------------------------------------- guides over u
 
 
-def _gaussian_part(fn: torch.distributions.Distribution, site: LatentSite, n: int) -> tuple[torch.Tensor, torch.Tensor, bool] | str:
+def _gaussian_part(
+    fn: torch.distributions.Distribution, site: LatentSite, n: int
+) -> tuple[torch.Tensor, torch.Tensor, bool] | str:
     """``(loc [N, k], scale_tril-or-scale [N, k(, k)], diagonal)`` of a site's guide distribution over its ``u``, or why not."""
     base, reinterpreted = fn, 0
     while isinstance(base, torch.distributions.Independent):
@@ -259,7 +319,9 @@ def _gaussian_part(fn: torch.distributions.Distribution, site: LatentSite, n: in
             return f"its transforms ({', '.join(type(t).__name__ for t in base.transforms)}) are not a fixed bijection"
         with torch.no_grad():
             v = g.sample((4,))
-            if not torch.allclose(site.transform.inv(_apply(base.transforms, v)), v, rtol=1e-4, atol=1e-5):
+            if not torch.allclose(
+                site.transform.inv(_apply(base.transforms, v)), v, rtol=1e-4, atol=1e-5
+            ):
                 return f"its transform is not the site's bijection to {site.transform.codomain}"
         base = g
         while isinstance(base, torch.distributions.Independent):
@@ -268,7 +330,11 @@ def _gaussian_part(fn: torch.distributions.Distribution, site: LatentSite, n: in
     elif not site.identity:
         return f"{type(fn).__name__} is not Gaussian in the site's unconstrained space"
     if isinstance(base, torch.distributions.Normal):
-        return base.loc.expand(base.batch_shape).reshape(n, k), base.scale.expand(base.batch_shape).reshape(n, k), True
+        return (
+            base.loc.expand(base.batch_shape).reshape(n, k),
+            base.scale.expand(base.batch_shape).reshape(n, k),
+            True,
+        )
     if isinstance(base, torch.distributions.MultivariateNormal) and len(site.shape) <= 1:
         return base.loc.reshape(n, k), base.scale_tril.expand(n, k, k), False
     return f"{type(base).__name__} is not a Gaussian"
@@ -280,7 +346,9 @@ def _apply(transforms: list[Transform], v: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def guide_in_latent_space(guide: Callable[..., object], latent: Latent, *data: torch.Tensor) -> tuple[torch.distributions.Distribution | None, str]:
+def guide_in_latent_space(
+    guide: Callable[..., object], latent: Latent, *data: torch.Tensor
+) -> tuple[torch.distributions.Distribution | None, str]:
     """The guide's ``q(u | x_n)`` as one distribution (batch ``[N]``, event ``[K]``) where it is exactly one, and why not otherwise.
 
     Exact when every site is Gaussian in its unconstrained space (diagonal or
@@ -296,15 +364,24 @@ def guide_in_latent_space(guide: Callable[..., object], latent: Latent, *data: t
     fns = {s.name: tr.nodes[s.name]["fn"] for s in latent.sites}
     if latent.plain:
         fn = fns[latent.sites[0].name]
-        if isinstance(fn, torch.distributions.TransformedDistribution) and fn.transforms and all(isinstance(t, AffineAutoregressive) for t in fn.transforms):
+        if (
+            isinstance(fn, torch.distributions.TransformedDistribution)
+            and fn.transforms
+            and all(isinstance(t, AffineAutoregressive) for t in fn.transforms)
+        ):
             return fn, ""
     if len(latent.sites) > 1:
-        moved = {s.name: s.transform(s.transform.inv(tr.nodes[s.name]["value"]) + 0.5) for s in latent.sites}
+        moved = {
+            s.name: s.transform(s.transform.inv(tr.nodes[s.name]["value"]) + 0.5)
+            for s in latent.sites
+        }
         with poutine.block(), torch.no_grad():
             tr2 = poutine.trace(poutine.condition(guide, data=moved)).get_trace(*data)
         for s in latent.sites:
             v = tr.nodes[s.name]["value"]
-            if not torch.allclose(fns[s.name].log_prob(v), tr2.nodes[s.name]["fn"].log_prob(v), rtol=1e-5, atol=1e-5):
+            if not torch.allclose(
+                fns[s.name].log_prob(v), tr2.nodes[s.name]["fn"].log_prob(v), rtol=1e-5, atol=1e-5
+            ):
                 return None, f"the guide's site {s.name!r} depends on another site's value"
     locs, trils, diagonal = [], [], True
     for s in latent.sites:

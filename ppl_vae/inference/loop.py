@@ -29,6 +29,8 @@ from ..errors import (
     TrainingDiverged,
 )
 from ..progress import bar
+from .batches import Rows
+from .checkpoints import CHECKPOINT, HISTORY, check_resume, per_process, read_checkpoint
 from .distributed import (
     Collectives,
     rank_seed,
@@ -37,14 +39,11 @@ from .distributed import (
 from .elbo import evaluate_elbo
 from .fitted import FitResult
 from .params import load_params
-from .random import seeded
 from .plates import DATA, DataPlate, DataRows
-from .traces import ObservedSupport
-
-from .batches import Rows
-from .checkpoints import CHECKPOINT, HISTORY, check_resume, per_process, read_checkpoint
+from .random import seeded
 from .schedules import replan
 from .step import SVI, culprit
+from .traces import ObservedSupport
 from .watch import DivergenceWatch
 
 
@@ -62,7 +61,9 @@ class State:
     best_params: list[torch.Tensor] | None = None
     stopped_early: bool = False
 
-    def end_epoch(self, row: dict[str, float], params: Sequence[torch.Tensor], patience: int | None) -> bool:
+    def end_epoch(
+        self, row: dict[str, float], params: Sequence[torch.Tensor], patience: int | None
+    ) -> bool:
         """Record an epoch's row; keep the best parameters (with ``patience``); whether to stop early."""
         self.history.append(row)
         self.epoch = int(row["epoch"])
@@ -84,15 +85,25 @@ class Trainer:
     optimiser to Fabric in each process (DDP wraps the objective there).
     """
 
-    def __init__(self, svi: SVI, sched: Any, seed: int, watch: DivergenceWatch, out: str | Path | None) -> None:
+    def __init__(
+        self, svi: SVI, sched: Any, seed: int, watch: DivergenceWatch, out: str | Path | None
+    ) -> None:
         assert svi.objective is not None
-        self.svi, self.objective, self.params, self.named, self.optim = svi, svi.objective, svi.params, svi.named, svi.optimizer
+        self.svi, self.objective, self.params, self.named, self.optim = (
+            svi,
+            svi.objective,
+            svi.params,
+            svi.named,
+            svi.optimizer,
+        )
         self.sched, self.seed, self.watch, self.out = sched, seed, watch, out
         self.ckpt_path = Path(out) / CHECKPOINT if out is not None else None
         self.saved_epoch: int | None = None
         self.fabric: Any = None
         self.coll: Collectives | None = None
-        self.checked = False  # an epoch over the tensors was run: their observed values were checked
+        self.checked = (
+            False  # an epoch over the tensors was run: their observed values were checked
+        )
 
     def refuse_loose_params(self, world_size: int) -> None:
         """Several processes reduce the gradients of module parameters only: refuse ``pyro.param`` tensors by name."""
@@ -123,15 +134,27 @@ class Trainer:
             out = self.svi.loss(*data.args(rows, self.fabric.to_device), index=rows)
         except DataError as exc:  # a damaged row, or (with validation on) a value outside the support: found before any collective
             where = f" on rank {self.coll.rank}" if self.coll.world > 1 else ""
-            first = str(exc).splitlines()[0]  # (Pyro's trace appends the sites' shapes to an error raised inside it)
+            first = str(exc).splitlines()[
+                0
+            ]  # (Pyro's trace appends the sites' shapes to an error raised inside it)
             failed = ("data", f"{first} (step {step}, epoch {epoch + 1}{where})", None)
         if failed is None:
             value, data_ok = out.flags.tolist()  # the step's one read back to the host
             elbo = self.svi.elbo(value)
-            reason = "data" if not data_ok else f"loss is {value}" if not math.isfinite(elbo) else self.watch.check(elbo)
+            reason = (
+                "data"
+                if not data_ok
+                else f"loss is {value}"
+                if not math.isfinite(elbo)
+                else self.watch.check(elbo)
+            )
         bad = self.coll.first_bad(failed is not None or reason is not None)
         if bad >= 0:
-            error = (failed or self._failure(reason, out.invalid, step, epoch, bad)) if bad == self.coll.rank else None
+            error = (
+                (failed or self._failure(reason, out.invalid, step, epoch, bad))
+                if bad == self.coll.rank
+                else None
+            )
             kind, message, site = self.coll.from_rank(error, bad)
             if kind == "data":
                 raise DataError(message)
@@ -139,10 +162,16 @@ class Trainer:
         self.svi.update(out.loss, backward=self.fabric.backward, epoch=epoch, elbo=elbo)
         return elbo
 
-    def _failure(self, reason: str | None, invalid: str, step: int, epoch: int, rank: int) -> tuple[str, str, str | None]:
+    def _failure(
+        self, reason: str | None, invalid: str, step: int, epoch: int, rank: int
+    ) -> tuple[str, str, str | None]:
         """``(kind, message, site)`` of this process's failed step: bad data (the row, from the step's observed sites) or divergence."""
         where = f" on rank {rank}" if self.coll is not None and self.coll.world > 1 else ""
-        kept = f"; the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.out}" if self.saved_epoch else ""
+        kept = (
+            f"; the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.out}"
+            if self.saved_epoch
+            else ""
+        )
         self.svi.replay()  # a compiled step is run again eagerly, with its draws, so that its record names the site or row
         if reason == "data":
             try:
@@ -150,7 +179,11 @@ class Trainer:
             except DataError as exc:
                 return "data", f"{exc} (step {step}, epoch {epoch + 1}{where}){kept}", None
         site, found = culprit(self.objective.record, self.named)
-        return "diverged", f"training diverged at step {step} (epoch {epoch + 1}){where}: {reason}; {invalid}{found}{kept}; try a smaller --lr", site
+        return (
+            "diverged",
+            f"training diverged at step {step} (epoch {epoch + 1}){where}: {reason}; {invalid}{found}{kept}; try a smaller --lr",
+            site,
+        )
 
     def order(self, n: int, epoch: int) -> torch.Tensor:
         """This process's rows for ``epoch``: a permutation seeded by (seed, epoch), split across the processes.
@@ -160,12 +193,20 @@ class Trainer:
         covers the same rows as step ``k`` of one process at batch ``B``.
         """
         assert self.coll is not None
-        sampler = DistributedSampler(range(n), num_replicas=self.coll.world, rank=self.coll.rank, shuffle=True, seed=self.seed)  # type: ignore[arg-type]
+        sampler = DistributedSampler(
+            range(n),
+            num_replicas=self.coll.world,
+            rank=self.coll.rank,
+            shuffle=True,
+            seed=self.seed,
+        )  # type: ignore[arg-type]
         sampler.set_epoch(epoch)
         with torch.device("cpu"):  # the sampler draws on the default device; indices are host-side
             return torch.tensor(list(sampler), dtype=torch.long)
 
-    def epoch(self, data: Rows, batch_size: int, state: State, bar: Any, validate_every_step: bool) -> dict[str, float]:
+    def epoch(
+        self, data: Rows, batch_size: int, state: State, bar: Any, validate_every_step: bool
+    ) -> dict[str, float]:
         """One pass over the shuffled data; the row of the history (without validation)."""
         assert self.coll is not None
         epoch, order = state.epoch, self.order(len(data), state.epoch)
@@ -182,7 +223,9 @@ class Trainer:
             idx = order[start : start + local]
             total += self.step(data, idx, state.step, epoch) * len(idx)
             state.step += 1
-            bar.set_postfix(epoch=epoch + 1, elbo=f"{total / min(len(order), start + local):.2f}", refresh=False)
+            bar.set_postfix(
+                epoch=epoch + 1, elbo=f"{total / min(len(order), start + local):.2f}", refresh=False
+            )
             bar.update(1)  # redraws at most every mininterval (a log file: every 10 s)
         self.checked = True
         if self.sched is not None:
@@ -190,7 +233,9 @@ class Trainer:
         self.svi.module.train(False)
         train_elbo = self.coll.sum(total) / self.coll.sum(float(len(order)))
         row = {"epoch": epoch + 1, "step": state.step, "train_elbo": train_elbo}
-        lr = self.optim.param_groups[0].get("lr")  # an optimiser without one (Pyro's AdagradRMSProp) records none
+        lr = self.optim.param_groups[0].get(
+            "lr"
+        )  # an optimiser without one (Pyro's AdagradRMSProp) records none
         return {**row, "lr": float(lr)} if isinstance(lr, (int, float)) else row
 
     def save(self, state: State, options: dict[str, Any]) -> None:
@@ -209,9 +254,13 @@ class Trainer:
         error = None
         if self.coll.rank == 0:
             ckpt = {
-                "params": [p.detach().clone() for p in self.params], "optimizer": self.optim.state_dict(),
+                "params": [p.detach().clone() for p in self.params],
+                "optimizer": self.optim.state_dict(),
                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
-                "rng": {"torch": rng, "world_size": self.coll.world}, "estimator": estimator, "options": options, **asdict(state),
+                "rng": {"torch": rng, "world_size": self.coll.world},
+                "estimator": estimator,
+                "options": options,
+                **asdict(state),
             }
             error = self._write(ckpt, state)
         error = self.coll.from_rank_zero(error)
@@ -221,7 +270,11 @@ class Trainer:
 
     def _write(self, ckpt: dict[str, Any], state: State) -> str | None:
         assert self.ckpt_path is not None
-        kept = f"the previous checkpoint (epoch {self.saved_epoch}) is intact" if self.saved_epoch else "no checkpoint was written"
+        kept = (
+            f"the previous checkpoint (epoch {self.saved_epoch}) is intact"
+            if self.saved_epoch
+            else "no checkpoint was written"
+        )
         try:
             io.save_torch(self.ckpt_path, ckpt)
         except OSError as exc:
@@ -235,11 +288,15 @@ class Trainer:
     def restore(self, epochs: int, patience: int | None) -> State:
         """Parameters, optimiser, schedule, this process's RNG state and estimator statistics from the checkpoint; the run's state."""
         assert self.ckpt_path is not None and self.out is not None and self.coll is not None
-        ckpt = read_checkpoint(self.ckpt_path)  # weights_only; finite parameters; every field checked
+        ckpt = read_checkpoint(
+            self.ckpt_path
+        )  # weights_only; finite parameters; every field checked
         try:  # before anything is changed
             stopped = check_resume(ckpt, epochs, patience, self.out, world_size=self.coll.world)
         except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {self.ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})"
+            ) from None
         try:
             load_params(self.params, ckpt["params"], str(self.ckpt_path))
             self.optim.load_state_dict(ckpt["optimizer"])
@@ -248,14 +305,24 @@ class Trainer:
                 if isinstance(self.sched, torch.optim.lr_scheduler.LambdaLR):
                     replan(self.sched, self.optim)  # this run's total of epochs
             torch.set_rng_state(per_process(ckpt["rng"]["torch"])[self.coll.rank])
-            self.objective.loss_fn.load_state_dict(per_process(ckpt.get("estimator") or {})[self.coll.rank])
+            self.objective.loss_fn.load_state_dict(
+                per_process(ckpt.get("estimator") or {})[self.coll.rank]
+            )
             state = State(
-                history=list(ckpt["history"]), epoch=ckpt["epoch"], step=ckpt["step"], best=ckpt["best"], best_epoch=ckpt["best_epoch"],
-                bad_epochs=ckpt["bad_epochs"], wall_time=ckpt["wall_time"], best_params=ckpt.get("best_params"),
+                history=list(ckpt["history"]),
+                epoch=ckpt["epoch"],
+                step=ckpt["step"],
+                best=ckpt["best"],
+                best_epoch=ckpt["best_epoch"],
+                bad_epochs=ckpt["bad_epochs"],
+                wall_time=ckpt["wall_time"],
+                best_params=ckpt.get("best_params"),
                 stopped_early=stopped,
             )
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-            raise CheckpointError(f"checkpoint {self.ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} is corrupted or incomplete ({type(exc).__name__}: {exc})"
+            ) from None
         self.saved_epoch = state.epoch
         return state
 
@@ -268,11 +335,26 @@ class Evaluator:
     objective, which sums them out, averaged over the data.
     """
 
-    def __init__(self, model: Callable[..., object], guide: Callable[..., object], loss_fn: Callable[..., torch.Tensor], enumerated: list[str], batch_size: int,
-                 plate: DataPlate = DataPlate(DATA)) -> None:
-        self.model, self.guide, self.loss_fn, self.enumerated, self.batch_size = model, guide, loss_fn, enumerated, batch_size
+    def __init__(
+        self,
+        model: Callable[..., object],
+        guide: Callable[..., object],
+        loss_fn: Callable[..., torch.Tensor],
+        enumerated: list[str],
+        batch_size: int,
+        plate: DataPlate = DataPlate(DATA),
+    ) -> None:
+        self.model, self.guide, self.loss_fn, self.enumerated, self.batch_size = (
+            model,
+            guide,
+            loss_fn,
+            enumerated,
+            batch_size,
+        )
         self.plate = plate
-        self.coll: Collectives | None = None  # set by the training process: each process scores its shard of the rows
+        self.coll: Collectives | None = (
+            None  # set by the training process: each process scores its shard of the rows
+        )
 
     def _score(self, rows: Rows, idx: torch.Tensor) -> float:
         """The sum of the ELBOs of the dataset rows ``idx`` (a global latent's term shared by all of ``rows``)."""
@@ -280,7 +362,19 @@ class Evaluator:
         batch = rows.args(idx, self.coll.fabric.to_device)
         if not self.enumerated:
             index = idx.to(batch[0].device)
-            return evaluate_elbo(self.model, self.guide, batch, batch_size=self.batch_size, plate=self.plate, index=index, spread=len(rows)).value.sum().item()
+            return (
+                evaluate_elbo(
+                    self.model,
+                    self.guide,
+                    batch,
+                    batch_size=self.batch_size,
+                    plate=self.plate,
+                    index=index,
+                    spread=len(rows),
+                )
+                .value.sum()
+                .item()
+            )
         # (Pyro's TraceEnum_ELBO refuses to run under no_grad) the rows' share of the objective: a global term counted B / N times
         with DataRows(self.plate, index=idx, total=len(rows)):
             return -self.loss_fn(*batch).item() * len(idx) / len(rows)
@@ -291,19 +385,30 @@ class Evaluator:
         try:  # a failure in one process is decided by all of them together (a lone raise would leave the others waiting)
             for i in range(0, len(shard), self.batch_size):
                 idx = shard[i : i + (self.plate.subsample_size or self.batch_size)]
-                with ObservedSupport(eager=True, rows=idx):  # a value outside its support names its row, not Pyro's message
+                with ObservedSupport(
+                    eager=True, rows=idx
+                ):  # a value outside its support names its row, not Pyro's message
                     total += self._score(rows, idx)
-        except (DataError, NonFiniteError) as exc:  # its first line: Pyro's trace appends the sites' shapes to an error raised inside it
+        except (
+            DataError,
+            NonFiniteError,
+        ) as exc:  # its first line: Pyro's trace appends the sites' shapes to an error raised inside it
             failed = (type(exc).__name__, str(exc).splitlines()[0], getattr(exc, "site", None))
         bad = self.coll.first_bad(failed is not None)
         if bad >= 0:
             kind, message, site = self.coll.from_rank(failed, bad)
             if kind == "DataError":
                 raise DataError(message)
-            raise TrainingDiverged(f"training diverged: {what} is not finite: {message}", step=-1, site=site)
+            raise TrainingDiverged(
+                f"training diverged: {what} is not finite: {message}", step=-1, site=site
+            )
         total = self.coll.sum(total)
         if not math.isfinite(total):
-            raise TrainingDiverged(f"training diverged: {what} is not finite: the objective is {total}", step=-1, site=None)
+            raise TrainingDiverged(
+                f"training diverged: {what} is not finite: the objective is {total}",
+                step=-1,
+                site=None,
+            )
         return total / len(rows)
 
 
@@ -319,7 +424,9 @@ class Run:
     options: dict[str, Any]
 
 
-def train(fabric: Any, trainer: Trainer, evaluate: Evaluator, tensors: Rows, val: Rows | None, run: Run) -> dict[str, Any]:
+def train(
+    fabric: Any, trainer: Trainer, evaluate: Evaluator, tensors: Rows, val: Rows | None, run: Run
+) -> dict[str, Any]:
     """In each process: share the node's cores between its processes (restored after), then :func:`run_epochs`."""
     coll = Collectives(fabric)
     with shared_cores(fabric, coll):
@@ -329,29 +436,55 @@ def train(fabric: Any, trainer: Trainer, evaluate: Evaluator, tensors: Rows, val
             if coll.world == 1:
                 raise
             # every process raised the same error (decided together): rank 0 hands it back whole, with its step and site
-            return {"error": {"kind": type(exc).__name__, "message": str(exc), "step": getattr(exc, "step", None), "site": getattr(exc, "site", None)}}
+            return {
+                "error": {
+                    "kind": type(exc).__name__,
+                    "message": str(exc),
+                    "step": getattr(exc, "step", None),
+                    "site": getattr(exc, "site", None),
+                }
+            }
 
 
-def run_epochs(fabric: Any, coll: Collectives, trainer: Trainer, evaluate: Evaluator, tensors: Rows, val: Rows | None, run: Run) -> dict[str, Any]:
+def run_epochs(
+    fabric: Any,
+    coll: Collectives,
+    trainer: Trainer,
+    evaluate: Evaluator,
+    tensors: Rows,
+    val: Rows | None,
+    run: Run,
+) -> dict[str, Any]:
     """The loop: epochs of steps, validation, the best epoch, checkpoints; the result and the final parameters (for a caller in another process)."""
     with seeded(rank_seed(run.seed, coll.rank)):
         trainer.attach(fabric, coll)
         evaluate.coll = coll
         state = trainer.restore(run.epochs, run.patience) if run.resume else State()
         steps = math.ceil(math.ceil(len(tensors) / coll.world) / (run.batch_size // coll.world))
-        shown = bar(total=(run.epochs - state.epoch) * steps, desc="fit", unit="step", enabled=run.progress and coll.rank == 0)
+        shown = bar(
+            total=(run.epochs - state.epoch) * steps,
+            desc="fit",
+            unit="step",
+            enabled=run.progress and coll.rank == 0,
+        )
         try:
             while state.epoch < run.epochs and not state.stopped_early:
                 t0 = time.perf_counter()
                 row = trainer.epoch(tensors, run.batch_size, state, shown, run.validate_every_step)
                 if val is not None:
-                    row["val_elbo"] = evaluate(val, f"the validation ELBO after epoch {row['epoch']}")
+                    row["val_elbo"] = evaluate(
+                        val, f"the validation ELBO after epoch {row['epoch']}"
+                    )
                 state.wall_time += time.perf_counter() - t0
                 row["wall_time"] = state.wall_time
                 state.end_epoch(row, trainer.params, run.patience)
                 trainer.save(state, run.options)
         except KeyboardInterrupt:
-            where = f"the last checkpoint is epoch {trainer.saved_epoch} (in {trainer.out})" if trainer.saved_epoch else "there is no checkpoint"
+            where = (
+                f"the last checkpoint is epoch {trainer.saved_epoch} (in {trainer.out})"
+                if trainer.saved_epoch
+                else "there is no checkpoint"
+            )
             raise Interrupted(f"interrupted; {where}", epoch=trainer.saved_epoch) from None
         finally:
             shown.close()
@@ -361,8 +494,15 @@ def run_epochs(fabric: Any, coll: Collectives, trainer: Trainer, evaluate: Evalu
         train_elbo = evaluate(tensors, "the final training ELBO")
         val_elbo = evaluate(val, "the final validation ELBO") if val is not None else None
     result = FitResult(
-        history=tuple(state.history), train_elbo=train_elbo, val_elbo=val_elbo, epochs=len(state.history), steps=state.step,
-        wall_time=state.wall_time, stopped_early=state.stopped_early, best_epoch=state.best_epoch, estimator=run.options["estimator"],
+        history=tuple(state.history),
+        train_elbo=train_elbo,
+        val_elbo=val_elbo,
+        epochs=len(state.history),
+        steps=state.step,
+        wall_time=state.wall_time,
+        stopped_early=state.stopped_early,
+        best_epoch=state.best_epoch,
+        estimator=run.options["estimator"],
         options=run.options,
     )
     return {"result": result.to_dict(), "params": [p.detach() for p in trainer.params]}

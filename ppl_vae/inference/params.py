@@ -57,9 +57,16 @@ def discover(
     optimiser leaves it as it is.
     """
     seen: list[nn.Module] = [*modules, *(m for m in (owner(model), owner(guide)) if m is not None)]
-    handle = nn.modules.module.register_module_forward_pre_hook(lambda module, inputs: seen.append(module))
+    handle = nn.modules.module.register_module_forward_pre_hook(
+        lambda module, inputs: seen.append(module)
+    )
     try:
-        with torch.no_grad(), poutine.block(), poutine.trace(param_only=True) as param_tr, PlaceFlat(data_like(args)):  # a flat prior is given a value, not sampled
+        with (
+            torch.no_grad(),
+            poutine.block(),
+            poutine.trace(param_only=True) as param_tr,
+            PlaceFlat(data_like(args)),
+        ):  # a flat prior is given a value, not sampled
             guide_tr = poutine.trace(guide).get_trace(*args)
             poutine.replay(model, trace=guide_tr)(*args)
     finally:
@@ -78,17 +85,29 @@ def discover(
     return Discovered(tuple(unique_modules), tuple(params.values()))
 
 
-def load_params(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor] | None, where: str, *, extra: bool = False) -> None:
+def load_params(
+    params: Sequence[torch.Tensor],
+    saved: Sequence[torch.Tensor] | None,
+    where: str,
+    *,
+    extra: bool = False,
+) -> None:
     """Copy checkpointed values into ``params`` in place, after checking that they match in number and shapes.
 
     With ``extra``, ``saved`` may hold more tensors after those of ``params`` (an estimator's own
     networks, saved after the model's and guide's). A mismatch is a :class:`CheckpointError` naming ``where``.
     """
-    if saved is None or (len(saved) < len(params) if extra else len(saved) != len(params)) or any(s.shape != p.shape for s, p in zip(saved, params)):
+    if (
+        saved is None
+        or (len(saved) < len(params) if extra else len(saved) != len(params))
+        or any(s.shape != p.shape for s, p in zip(saved, params))
+    ):
         raise CheckpointError(f"checkpoint {where} does not match this model and guide")
     for i, (s, p) in enumerate(zip(saved, params)):
         if s.dtype != p.dtype:  # copy_ would cast without a word
-            raise CheckpointError(f"checkpoint {where} holds parameter #{i} as {s.dtype}, the model's is {p.dtype}; build the model in {s.dtype}")
+            raise CheckpointError(
+                f"checkpoint {where} holds parameter #{i} as {s.dtype}, the model's is {p.dtype}; build the model in {s.dtype}"
+            )
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)

@@ -46,7 +46,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["MASK", "ROUNDS", "Constants", "FLOAT_DTYPES", "products_wrap", "constants", "philox4x32", "blocks", "uniform_blocks", "uniform_from_blocks", "normal_blocks", "normal_from_blocks"]
+__all__ = [
+    "MASK",
+    "ROUNDS",
+    "Constants",
+    "FLOAT_DTYPES",
+    "products_wrap",
+    "constants",
+    "philox4x32",
+    "blocks",
+    "uniform_blocks",
+    "uniform_from_blocks",
+    "normal_blocks",
+    "normal_from_blocks",
+]
 
 MASK = 0xFFFFFFFF
 #: Philox-4x32 multipliers and Weyl key increments (Salmon et al. 2011, table 2)
@@ -74,13 +87,17 @@ def products_wrap(device: torch.device | str) -> bool:
     """Whether ``device``'s int64 multiply wraps modulo :math:`2^{64}` in its vectorised and scalar loops (checked once per device on 67 products)."""
     name = str(torch.device(device))
     if name not in _WRAP:
-        a = [(0x9E3779B97F4A7C15 * i) >> 32 for i in range(1, 68)]  # 32-bit words, most with products above 2^63
+        a = [
+            (0x9E3779B97F4A7C15 * i) >> 32 for i in range(1, 68)
+        ]  # 32-bit words, most with products above 2^63
         got = (torch.tensor(a, dtype=torch.int64, device=device) * M0).tolist()
         _WRAP[name] = [g % 2**64 for g in got] == [v * M0 % 2**64 for v in a]
     return _WRAP[name]
 
 
-def constants(key: tuple[int, int], device: torch.device | str, wrap: bool | None = None) -> Constants:
+def constants(
+    key: tuple[int, int], device: torch.device | str, wrap: bool | None = None
+) -> Constants:
     r"""The per-round constants of ``key`` on ``device`` (``wrap``: how to form products; default :func:`products_wrap`).
 
     Round ``r`` uses the key :math:`(k_0 + r W_0, k_1 + r W_1) \bmod 2^{32}` (Random123's key
@@ -93,12 +110,22 @@ def constants(key: tuple[int, int], device: torch.device | str, wrap: bool | Non
     for r in range(ROUNDS):
         m = (M0, M1) if r % 2 == 0 else (M1, M0)
         a, b = (k0 + r * W0) & MASK, (k1 + r * W1) & MASK
-        rows += [m, (m[0] & 0xFFFF, m[1] & 0xFFFF), (m[0] >> 16, m[1] >> 16), (b, a) if r % 2 == 0 else (a, b)]
+        rows += [
+            m,
+            (m[0] & 0xFFFF, m[1] & 0xFFFF),
+            (m[0] >> 16, m[1] >> 16),
+            (b, a) if r % 2 == 0 else (a, b),
+        ]
     table = torch.tensor(rows, dtype=torch.int64, device=device).unsqueeze(-1)
-    return Constants(tuple(tuple(table[4 * r : 4 * r + 4]) for r in range(ROUNDS)), products_wrap(device) if wrap is None else wrap)  # type: ignore[misc]
+    return Constants(
+        tuple(tuple(table[4 * r : 4 * r + 4]) for r in range(ROUNDS)),
+        products_wrap(device) if wrap is None else wrap,
+    )  # type: ignore[misc]
 
 
-def _rounds(x: torch.Tensor, y: torch.Tensor, consts: Constants) -> tuple[torch.Tensor, torch.Tensor]:
+def _rounds(
+    x: torch.Tensor, y: torch.Tensor, consts: Constants
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The ten rounds on lanes ``x = (c0, c2)``, ``y = (c1, c3)`` (``[2, L]`` int64, overwritten); the outputs in the same lanes.
 
     A round maps :math:`(c_0, c_1, c_2, c_3)` to
@@ -125,7 +152,9 @@ def _rounds(x: torch.Tensor, y: torch.Tensor, consts: Constants) -> tuple[torch.
     return x, y
 
 
-def philox4x32(counter: torch.Tensor, key: tuple[int, int], wrap: bool | None = None) -> torch.Tensor:
+def philox4x32(
+    counter: torch.Tensor, key: tuple[int, int], wrap: bool | None = None
+) -> torch.Tensor:
     """Philox-4x32-10 of ``counter`` (int64 ``[4, ...]``, words in :math:`[0, 2^{32})`) under ``key`` (two 32-bit words): ``[4, ...]``.
 
     The function of Random123's ``philox4x32`` with ten rounds (word 0 is the least significant);
@@ -133,11 +162,15 @@ def philox4x32(counter: torch.Tensor, key: tuple[int, int], wrap: bool | None = 
     """
     shape = counter.shape[1:]
     c = counter.reshape(4, -1)
-    x, y = _rounds(torch.stack((c[0], c[2])), torch.stack((c[1], c[3])), constants(key, counter.device, wrap))
+    x, y = _rounds(
+        torch.stack((c[0], c[2])), torch.stack((c[1], c[3])), constants(key, counter.device, wrap)
+    )
     return torch.stack((x[0], y[0], x[1], y[1])).reshape(4, *shape)
 
 
-def blocks(position: torch.Tensor, lanes: torch.Tensor, count: int, consts: Constants) -> tuple[torch.Tensor, torch.Tensor]:
+def blocks(
+    position: torch.Tensor, lanes: torch.Tensor, count: int, consts: Constants
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The words of ``count`` blocks per row: ``(x, y)``, each ``[2, n, count]`` int64, ``x`` words 0 and 2, ``y`` words 1 and 3.
 
     Row ``i``'s block ``j`` is Philox at the counter ``(position[i] + j, lanes[:, i])``:
@@ -178,7 +211,9 @@ def _rows(x: torch.Tensor, y: torch.Tensor, count: int) -> torch.Tensor:
     return torch.stack((x0, y0, x1, y1), 1).flatten(1)[:, :count]
 
 
-def uniform_from_blocks(x: torch.Tensor, y: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+def uniform_from_blocks(
+    x: torch.Tensor, y: torch.Tensor, count: int, dtype: torch.dtype
+) -> torch.Tensor:
     r"""``count`` U(0, 1) values per row, ``[n, count]``, from :func:`uniform_blocks` blocks.
 
     Value :math:`v = kB + j` of a row is word :math:`k` of its block :math:`j`, as
@@ -189,7 +224,10 @@ def uniform_from_blocks(x: torch.Tensor, y: torch.Tensor, count: int, dtype: tor
     """
     if dtype == torch.float64:
         b = x.shape[-1] // 2
-        ux, uy = _open_uniform(x[..., :b], x[..., b:], dtype), _open_uniform(y[..., :b], y[..., b:], dtype)
+        ux, uy = (
+            _open_uniform(x[..., :b], x[..., b:], dtype),
+            _open_uniform(y[..., :b], y[..., b:], dtype),
+        )
     else:
         ux, uy = _open_uniform(x, None, dtype), _open_uniform(y, None, dtype)
     u = _rows(ux, uy, count)
@@ -198,6 +236,7 @@ def uniform_from_blocks(x: torch.Tensor, y: torch.Tensor, count: int, dtype: tor
 
 # -------------------------------------------------------------------------------- normals
 
+
 def _series(coefficients: list[float], dtype: torch.dtype) -> list[float]:
     """Coefficients rounded to ``dtype``, so a Python scalar means one value on every device."""
     return [float(np.float32(c)) if dtype == torch.float32 else float(c) for c in coefficients]
@@ -205,11 +244,22 @@ def _series(coefficients: list[float], dtype: torch.dtype) -> list[float]:
 
 #: :math:`\log m = 2\,\mathrm{atanh}\,s = \sum_j 2 s^{2j+1} / (2j + 1)`, :math:`s = (m - 1)/(m + 1) \in [-1/3, 0)` for :math:`m \in [1/2, 1)`:
 #: the first term left out is below :math:`2^{-55}` (float64) or :math:`2^{-26}` (float32) of the sum
-_LOG = {torch.float64: _series([2 / (2 * j + 1) for j in range(16)], torch.float64), torch.float32: _series([2 / (2 * j + 1) for j in range(7)], torch.float32)}
+_LOG = {
+    torch.float64: _series([2 / (2 * j + 1) for j in range(16)], torch.float64),
+    torch.float32: _series([2 / (2 * j + 1) for j in range(7)], torch.float32),
+}
 #: :math:`\sin(\pi r / 2) = \sum_j (-1)^j (\pi/2)^{2j+1} r^{2j+1} / (2j+1)!`, :math:`|r| < 1/2`: the first term left out is below
 #: :math:`2^{-54}` (float64) or :math:`2^{-28}` (float32) of the sum
-_SIN = {torch.float64: _series([(-1) ** j * (math.pi / 2) ** (2 * j + 1) / math.factorial(2 * j + 1) for j in range(8)], torch.float64),
-        torch.float32: _series([(-1) ** j * (math.pi / 2) ** (2 * j + 1) / math.factorial(2 * j + 1) for j in range(5)], torch.float32)}
+_SIN = {
+    torch.float64: _series(
+        [(-1) ** j * (math.pi / 2) ** (2 * j + 1) / math.factorial(2 * j + 1) for j in range(8)],
+        torch.float64,
+    ),
+    torch.float32: _series(
+        [(-1) ** j * (math.pi / 2) ** (2 * j + 1) / math.factorial(2 * j + 1) for j in range(5)],
+        torch.float32,
+    ),
+}
 
 
 def _horner(z: torch.Tensor, coefficients: list[float]) -> torch.Tensor:
@@ -244,7 +294,9 @@ def normal_blocks(count: int, dtype: torch.dtype) -> int:
     return uniform_blocks(count, dtype)
 
 
-def normal_from_blocks(x: torch.Tensor, y: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+def normal_from_blocks(
+    x: torch.Tensor, y: torch.Tensor, count: int, dtype: torch.dtype
+) -> torch.Tensor:
     r"""``count`` standard normals per row, ``[n, count]``, from :func:`normal_blocks` blocks, by Box-Muller.
 
     Block :math:`j` of a row gives two pairs, :math:`l = 0, 1`: each takes its radius from the uniform
@@ -267,11 +319,24 @@ def normal_from_blocks(x: torch.Tensor, y: torch.Tensor, count: int, dtype: torc
         t = y[..., :b]
         u = _open_uniform(x[..., :b], x[..., b:], ft)
         # r from 50 bits: t's low 30 and the low word's top 20
-        r = (t & 0x3FFFFFFF).bitwise_left_shift_(21).bitwise_or_(y[..., b:] >> 11).bitwise_or_(1).to(ft).mul_(2.0**-51).sub_(0.5)
-        odd, flip = (t >> 30).bitwise_and_(1).to(ft), (t >> 31).to(ft).mul_(-2).add_(1)  # q & 1, (-1)^(q >> 1)
+        r = (
+            (t & 0x3FFFFFFF)
+            .bitwise_left_shift_(21)
+            .bitwise_or_(y[..., b:] >> 11)
+            .bitwise_or_(1)
+            .to(ft)
+            .mul_(2.0**-51)
+            .sub_(0.5)
+        )
+        odd, flip = (
+            (t >> 30).bitwise_and_(1).to(ft),
+            (t >> 31).to(ft).mul_(-2).add_(1),
+        )  # q & 1, (-1)^(q >> 1)
     else:
         u = _open_uniform(x, None, ft)
-        angle = (y >> 8).to(ft).mul_(2.0**-22)  # in [0, 4): the quadrant q and, from t's bits 8..29, r (all exact)
+        angle = (
+            (y >> 8).to(ft).mul_(2.0**-22)
+        )  # in [0, 4): the quadrant q and, from t's bits 8..29, r (all exact)
         quadrant = angle.floor()
         r = angle.sub_(quadrant).add_(2.0**-23 - 0.5)
         half = quadrant.mul(0.5).floor_()

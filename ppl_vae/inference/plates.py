@@ -100,15 +100,23 @@ class _Plates(Messenger):
                 raise _Subsampling(msg["name"], int(fn.size), int(fn.subsample_size))
             self.sizes.setdefault(msg["name"], int(fn.size))
             return
-        for f in msg["cond_indep_stack"]:  # (a plate that a handler inside renamed is known by its new name here)
+        for f in msg[
+            "cond_indep_stack"
+        ]:  # (a plate that a handler inside renamed is known by its new name here)
             if f.vectorized:
                 self.sizes.setdefault(f.name, int(f.size))
         if not msg["is_observed"] and not msg["infer"].get("is_auxiliary"):
             self.latents.setdefault(msg["name"], {f.name for f in msg["cond_indep_stack"]})
 
 
-def _probe(model: Callable[..., object], guide: Callable[..., object], args: tuple[Any, ...], what: str,
-           driven: DataRows | None = None, shown: Sequence[Any] | None = None) -> tuple[_Plates, _Subsampling | None]:
+def _probe(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    args: tuple[Any, ...],
+    what: str,
+    driven: DataRows | None = None,
+    shown: Sequence[Any] | None = None,
+) -> tuple[_Plates, _Subsampling | None]:
     """The plates of one run of the guide and the model replayed on it (name -> size), or the plate that subsamples itself.
 
     ``driven`` (inside the recorder, so that it gives a plate its indices before the recorder sees them) drives the data plate;
@@ -118,7 +126,13 @@ def _probe(model: Callable[..., object], guide: Callable[..., object], args: tup
     plates = _Plates()
     store = pyro.get_param_store()
     try:
-        with torch.no_grad(), poutine.block(), store.scope(store.get_state()), plates, (driven or contextlib.nullcontext()):
+        with (
+            torch.no_grad(),
+            poutine.block(),
+            store.scope(store.get_state()),
+            plates,
+            driven or contextlib.nullcontext(),
+        ):
             guide_tr = poutine.trace(guide).get_trace(*args)
             poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
     except _Subsampling as found:
@@ -127,13 +141,26 @@ def _probe(model: Callable[..., object], guide: Callable[..., object], args: tup
         if isinstance(exc, PplVaeError):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        shapes = ", ".join(str(tuple(t.shape)) for t in (shown if shown is not None else args) if isinstance(t, torch.Tensor))
-        raise DataError(f"{what}: the model or guide failed on the data of shape {shapes} ({first[:200]})") from None
+        shapes = ", ".join(
+            str(tuple(t.shape))
+            for t in (shown if shown is not None else args)
+            if isinstance(t, torch.Tensor)
+        )
+        raise DataError(
+            f"{what}: the model or guide failed on the data of shape {shapes} ({first[:200]})"
+        ) from None
     return plates, None
 
 
-def find_data_plate(model: Callable[..., object], guide: Callable[..., object], args: Sequence[Any], *, plate: str | None = None,
-                    what: str = "this analysis", data: Sequence[Any] | None = None) -> DataPlate:
+def find_data_plate(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    args: Sequence[Any],
+    *,
+    plate: str | None = None,
+    what: str = "this analysis",
+    data: Sequence[Any] | None = None,
+) -> DataPlate:
     """The data plate of ``model`` and ``guide`` run on ``args`` (a few rows), found by its size or named by ``plate``.
 
     The plate whose size is the number of rows of ``args``; where several are, the one named ``"data"``;
@@ -146,37 +173,61 @@ def find_data_plate(model: Callable[..., object], guide: Callable[..., object], 
         No plate over the rows, several (name one with ``plate=``), a ``plate`` that the model does not
         have, a plate named ``"data"`` that is not the data plate, or several plates that subsample.
     """
-    rows = next((int(a.shape[0]) for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+    rows = next(
+        (int(a.shape[0]) for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None
+    )
     seen, subsampling = _probe(model, guide, tuple(args), what, shown=data)
     sizes, fresh = seen.sizes, tuple(dict.fromkeys(seen.fresh))
     if subsampling is not None:
         if plate is not None and plate != subsampling.name:
-            raise ConfigError(f"{what}: plate {subsampling.name!r} subsamples the data (subsample_size={subsampling.subsample_size}); "
-                              f"it is the data plate, not {plate!r}")
+            raise ConfigError(
+                f"{what}: plate {subsampling.name!r} subsamples the data (subsample_size={subsampling.subsample_size}); "
+                f"it is the data plate, not {plate!r}"
+            )
         return DataPlate(subsampling.name, subsampling.subsample_size, subsampling.size, fresh)
     if plate is not None:
         if plate not in sizes:
-            raise ConfigError(f"{what}: the model and guide have no plate {plate!r} (their plates: {', '.join(sizes) or 'none'})")
+            raise ConfigError(
+                f"{what}: the model and guide have no plate {plate!r} (their plates: {', '.join(sizes) or 'none'})"
+            )
         found = plate
     else:
         over_rows = [name for name, size in sizes.items() if size == rows]
         if not over_rows:
             listed = ", ".join(f"{n!r} of size {s}" for n, s in sizes.items()) or "none"
-            raise ConfigError(f"{what}: no plate of the model and guide is over the {rows} rows of the data (their plates: {listed}); "
-                              "write the model's sites of each datapoint inside pyro.plate(name, x.shape[0])")
+            raise ConfigError(
+                f"{what}: no plate of the model and guide is over the {rows} rows of the data (their plates: {listed}); "
+                "write the model's sites of each datapoint inside pyro.plate(name, x.shape[0])"
+            )
         if len(over_rows) > 1 and DATA not in over_rows:
-            raise ConfigError(f"{what}: several plates are over the {rows} rows of the data ({', '.join(map(repr, over_rows))}); "
-                              "name the data plate with plate=")
+            raise ConfigError(
+                f"{what}: several plates are over the {rows} rows of the data ({', '.join(map(repr, over_rows))}); "
+                "name the data plate with plate="
+            )
         found = DATA if DATA in over_rows else over_rows[0]
     if found != DATA and DATA in sizes:
-        raise ConfigError(f"{what}: the data plate is {found!r}, and another plate is named {DATA!r}; rename that one")
-    return DataPlate(found, fresh=fresh, shared=tuple(n for n, names in seen.latents.items() if found not in names))
+        raise ConfigError(
+            f"{what}: the data plate is {found!r}, and another plate is named {DATA!r}; rename that one"
+        )
+    return DataPlate(
+        found,
+        fresh=fresh,
+        shared=tuple(n for n, names in seen.latents.items() if found not in names),
+    )
 
 
-def subsampled_size(model: Callable[..., object], guide: Callable[..., object], args: Sequence[Any], plate: DataPlate) -> int:
+def subsampled_size(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    args: Sequence[Any],
+    plate: DataPlate,
+) -> int:
     """The full size of a data plate that subsamples itself, on the whole data ``args`` (its first ``subsample_size`` rows driven)."""
     assert plate.subsample_size is not None
-    index = torch.arange(plate.subsample_size, device=next((a.device for a in args if isinstance(a, torch.Tensor)), None))
+    index = torch.arange(
+        plate.subsample_size,
+        device=next((a.device for a in args if isinstance(a, torch.Tensor)), None),
+    )
     seen, _ = _probe(model, guide, tuple(args), "fit", DataRows(plate, index=index))
     return seen.sizes.get(plate.name, -1)
 
@@ -191,7 +242,9 @@ class DataRows(Messenger):
     which Pyro scales itself); the sites outside it are not scaled.
     """
 
-    def __init__(self, plate: DataPlate, *, index: torch.Tensor | None = None, total: int | None = None) -> None:
+    def __init__(
+        self, plate: DataPlate, *, index: torch.Tensor | None = None, total: int | None = None
+    ) -> None:
         super().__init__()
         self.plate, self.index, self.total = plate, index, total
 
@@ -199,7 +252,9 @@ class DataRows(Messenger):
         name = self.plate.name
         if msg["type"] == "sample" and isinstance(msg["fn"], _Subsample):
             if msg["name"] == name and self.index is not None and msg["value"] is None:
-                msg["value"] = self.index  # where the caller keeps it (Pyro's _Subsample takes torch's default device, not the data's)
+                msg["value"] = (
+                    self.index
+                )  # where the caller keeps it (Pyro's _Subsample takes torch's default device, not the data's)
             return
         stack = msg.get("cond_indep_stack") or ()
         frames = [f for f in stack if f.name == name]
@@ -209,11 +264,18 @@ class DataRows(Messenger):
             full = frames[0].full_size or frames[0].size
             msg["scale"] = msg["scale"] * (self.total / full)
         if name != DATA:
-            msg["cond_indep_stack"] = tuple(f._replace(name=DATA) if f.name == name else f for f in stack)
+            msg["cond_indep_stack"] = tuple(
+                f._replace(name=DATA) if f.name == name else f for f in stack
+            )
 
 
-def on_data_plate(program: Callable[..., object], plate: DataPlate, *, index: torch.Tensor | None = None,
-                  total: int | None = None) -> Callable[..., object]:
+def on_data_plate(
+    program: Callable[..., object],
+    plate: DataPlate,
+    *,
+    index: torch.Tensor | None = None,
+    total: int | None = None,
+) -> Callable[..., object]:
     """``program`` run under :class:`DataRows` (itself where nothing would change: a plate named ``"data"``, no index or total)."""
     if plate.name == DATA and index is None and total is None:
         return program

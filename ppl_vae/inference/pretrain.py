@@ -25,8 +25,17 @@ def stacked_guide(stack: StackedAutoencoder, noise: float = 0.25) -> Callable[..
     return delta_guide(stack.encoder, corruption=_corruption(noise))
 
 
-def pretrain_layerwise(stack: StackedAutoencoder, x: torch.Tensor, *, epochs: int, noise: float = 0.25, batch_size: int = 100, lr: float = 1e-3,
-                       seed: int = 0, progress: bool = False) -> list[dict[str, float]]:
+def pretrain_layerwise(
+    stack: StackedAutoencoder,
+    x: torch.Tensor,
+    *,
+    epochs: int,
+    noise: float = 0.25,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict[str, float]]:
     """Train each layer as a denoising autoencoder on the clean codes of the layers below it; one record per layer.
 
     Each record holds the layer, its width, and its final training objective (reconstruction
@@ -35,9 +44,19 @@ def pretrain_layerwise(stack: StackedAutoencoder, x: torch.Tensor, *, epochs: in
     corruption = _corruption(noise)
     records, h = [], x
     for layer, enc in enumerate(stack.encoders):
-        result = fit(layer_model(stack, layer), delta_guide(enc, corruption=corruption), h, epochs=epochs, batch_size=batch_size, lr=lr,
-                     seed=seed + layer, progress=progress)
-        records.append({"layer": layer + 1, "width": stack.widths[layer], "train_objective": result.train_elbo})
+        result = fit(
+            layer_model(stack, layer),
+            delta_guide(enc, corruption=corruption),
+            h,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed + layer,
+            progress=progress,
+        )
+        records.append(
+            {"layer": layer + 1, "width": stack.widths[layer], "train_objective": result.train_elbo}
+        )
         with torch.no_grad():
             enc.train(False)
             h = enc(h)

@@ -33,7 +33,18 @@ from ..distributions import noise_draw, noise_leaf, point_mass
 from ..errors import ConfigError
 from . import philox
 
-__all__ = ["pick", "seeded", "row_seed", "Tag", "Streams", "RowDraws", "draws_in_batches", "dataset_index", "base_seed", "stream_key"]
+__all__ = [
+    "pick",
+    "seeded",
+    "row_seed",
+    "Tag",
+    "Streams",
+    "RowDraws",
+    "draws_in_batches",
+    "dataset_index",
+    "base_seed",
+    "stream_key",
+]
 
 
 class seeded:
@@ -58,7 +69,14 @@ class seeded:
         self._fork.__exit__(*exc)
 
 
-def pick(n: int, k: int | None = None, *, seed: int, sorted: bool = False, device: torch.device | str | None = None) -> torch.Tensor:
+def pick(
+    n: int,
+    k: int | None = None,
+    *,
+    seed: int,
+    sorted: bool = False,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """``k`` distinct indices of ``range(n)`` (all ``n``, shuffled, when ``k`` is None): the first of a seeded permutation.
 
     The same ``(n, seed)`` gives the same permutation on every device (it is drawn on the CPU and
@@ -95,7 +113,9 @@ def dataset_index(index: torch.Tensor | Sequence[int] | None, n: int) -> torch.T
         return torch.arange(n, device="cpu")
     index = index.cpu() if isinstance(index, torch.Tensor) else torch.as_tensor(index, device="cpu")
     if index.shape != (n,):
-        raise ConfigError(f"index must hold one dataset index per row ({n}), got shape {tuple(index.shape)}")
+        raise ConfigError(
+            f"index must hold one dataset index per row ({n}), got shape {tuple(index.shape)}"
+        )
     if index.is_floating_point() or index.is_complex() or (n and int(index.min()) < 0):
         raise ConfigError("index must hold non-negative integer dataset indices")
     return index
@@ -121,12 +141,19 @@ def stream_key(seed: int, *tags: int) -> tuple[int, int]:
 
 def _whole(value: object, what: str, below: int) -> int:
     """``value`` as an int in ``[0, below)``, or a :class:`ConfigError` naming ``what``."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)):
-        raise ConfigError(f"{what} must be an integer in [0, 2**{below.bit_length() - 1}), got {value!r}")
+    if isinstance(value, bool) or (
+        isinstance(value, torch.Tensor)
+        and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    ):
+        raise ConfigError(
+            f"{what} must be an integer in [0, 2**{below.bit_length() - 1}), got {value!r}"
+        )
     try:
         v = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise ConfigError(f"{what} must be an integer in [0, 2**{below.bit_length() - 1}), got {value!r}") from None
+        raise ConfigError(
+            f"{what} must be an integer in [0, 2**{below.bit_length() - 1}), got {value!r}"
+        ) from None
     if not 0 <= v < below:
         raise ConfigError(f"{what} must be an integer in [0, 2**{below.bit_length() - 1}), got {v}")
     return v
@@ -136,7 +163,9 @@ def _indices(index: torch.Tensor | Sequence[int]) -> list[int]:
     """The dataset indices as ints in ``[0, 2**63)``, or a :class:`ConfigError` naming the first that is not."""
     if isinstance(index, torch.Tensor):
         if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-            raise ConfigError(f"index must hold integer dataset indices, got a {index.dtype} tensor")
+            raise ConfigError(
+                f"index must hold integer dataset indices, got a {index.dtype} tensor"
+            )
         index = index.reshape(-1).tolist()
     return [_whole(i, f"dataset index {i!r}", 2**63) for i in index]
 
@@ -168,16 +197,28 @@ class Streams:
     J. K. Salmon, M. A. Moraes, R. O. Dror and D. E. Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC '11 (2011).
     """
 
-    def __init__(self, seed: int | None, index: torch.Tensor | Sequence[int], device: torch.device | str, *tags: int) -> None:
+    def __init__(
+        self,
+        seed: int | None,
+        index: torch.Tensor | Sequence[int],
+        device: torch.device | str,
+        *tags: int,
+    ) -> None:
         checked = None if seed is None else _whole(seed, "seed", 2**64)
         tags = tuple(_whole(t, f"stream tag {t!r}", 2**64) for t in tags)
         self.index = _indices(index)
         self.device = torch.device(device)
         self._consts = philox.constants(stream_key(base_seed(checked), *tags), self.device)
         idx = torch.tensor(self.index, dtype=torch.int64, device=self.device)
-        self._lanes = torch.stack((idx & philox.MASK, idx >> 32))  # counter words 2-3: the row's dataset index
-        self._position = torch.zeros(len(self.index), dtype=torch.int64, device=self.device)  # counter words 0-1: blocks drawn
-        self._rows: torch.Tensor | None = None  # the rows of a shared position tensor that are these streams (None: all of it)
+        self._lanes = torch.stack(
+            (idx & philox.MASK, idx >> 32)
+        )  # counter words 2-3: the row's dataset index
+        self._position = torch.zeros(
+            len(self.index), dtype=torch.int64, device=self.device
+        )  # counter words 0-1: blocks drawn
+        self._rows: torch.Tensor | None = (
+            None  # the rows of a shared position tensor that are these streams (None: all of it)
+        )
 
     def __len__(self) -> int:
         return len(self.index)
@@ -192,20 +233,43 @@ class Streams:
         if isinstance(rows, slice):
             picked = list(range(n)[rows])
         else:
-            if isinstance(rows, torch.Tensor) and (rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool):
-                raise ConfigError(f"rows must be a slice or integer row numbers, got a {rows.dtype} tensor")
+            if isinstance(rows, torch.Tensor) and (
+                rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool
+            ):
+                raise ConfigError(
+                    f"rows must be a slice or integer row numbers, got a {rows.dtype} tensor"
+                )
             given = rows.reshape(-1).tolist() if isinstance(rows, torch.Tensor) else list(rows)
-            picked = [_whole(r + n if isinstance(r, int) and not isinstance(r, bool) and -n <= r < 0 else r, f"row {r!r} of {n} streams", n) for r in given]
+            picked = [
+                _whole(
+                    r + n if isinstance(r, int) and not isinstance(r, bool) and -n <= r < 0 else r,
+                    f"row {r!r} of {n} streams",
+                    n,
+                )
+                for r in given
+            ]
             if len(set(picked)) != len(picked):
-                raise ConfigError(f"rows {picked} name a row twice: a stream cannot give one draw to two rows")
+                raise ConfigError(
+                    f"rows {picked} name a row twice: a stream cannot give one draw to two rows"
+                )
         out = object.__new__(Streams)
-        out.device, out._consts, out.index = self.device, self._consts, [self.index[r] for r in picked]
+        out.device, out._consts, out.index = (
+            self.device,
+            self._consts,
+            [self.index[r] for r in picked],
+        )
         where = torch.tensor(picked, dtype=torch.int64, device=self.device)
         out._lanes = self._lanes[:, where]
         if isinstance(rows, slice) and self._rows is None:
-            out._position, out._rows = self._position[rows], None  # a view: advancing it advances this object's positions
+            out._position, out._rows = (
+                self._position[rows],
+                None,
+            )  # a view: advancing it advances this object's positions
         else:
-            out._position, out._rows = self._position, (where if self._rows is None else self._rows[where])
+            out._position, out._rows = (
+                self._position,
+                (where if self._rows is None else self._rows[where]),
+            )
         return out
 
     def get_state(self) -> torch.Tensor:
@@ -214,8 +278,14 @@ class Streams:
 
     def set_state(self, state: torch.Tensor) -> None:
         """Put every datapoint's stream back where :meth:`get_state` found it."""
-        if not isinstance(state, torch.Tensor) or state.dtype != torch.int64 or tuple(state.shape) != (len(self),):
-            raise ConfigError(f"a state of these {len(self)} streams is an int64 tensor of shape ({len(self)},) from get_state(), got {state!r}")
+        if (
+            not isinstance(state, torch.Tensor)
+            or state.dtype != torch.int64
+            or tuple(state.shape) != (len(self),)
+        ):
+            raise ConfigError(
+                f"a state of these {len(self)} streams is an int64 tensor of shape ({len(self)},) from get_state(), got {state!r}"
+            )
         if self._rows is None:
             self._position.copy_(state)
         else:
@@ -233,28 +303,42 @@ class Streams:
 
     def _draw(self, kind: str, shape: Sequence[int], dim: int, dtype: torch.dtype) -> torch.Tensor:
         if not isinstance(dtype, torch.dtype) or dtype not in philox.FLOAT_DTYPES:
-            raise ConfigError(f"streams draw {kind} values of a float dtype ({', '.join(map(str, philox.FLOAT_DTYPES))}), got {dtype}")
+            raise ConfigError(
+                f"streams draw {kind} values of a float dtype ({', '.join(map(str, philox.FLOAT_DTYPES))}), got {dtype}"
+            )
         shape = tuple(int(s) for s in shape)
         if not shape:
-            raise ConfigError(f"draws need a dimension for the {len(self)} datapoints, got shape ()")
+            raise ConfigError(
+                f"draws need a dimension for the {len(self)} datapoints, got shape ()"
+            )
         dim = dim % len(shape)
         if shape[dim] != len(self):
-            raise ConfigError(f"draws of shape {shape} have {shape[dim]} rows in dim {dim}; these streams are for {len(self)} datapoints")
+            raise ConfigError(
+                f"draws of shape {shape} have {shape[dim]} rows in dim {dim}; these streams are for {len(self)} datapoints"
+            )
         rest = shape[:dim] + shape[dim + 1 :]
         count = math.prod(rest)
         if count == 0 or len(self) == 0:
             return torch.empty(shape, dtype=dtype, device=self.device)
         if kind == "normal":
-            values = philox.normal_from_blocks(*self._blocks(philox.normal_blocks(count, dtype)), count, dtype)
+            values = philox.normal_from_blocks(
+                *self._blocks(philox.normal_blocks(count, dtype)), count, dtype
+            )
         else:
-            values = philox.uniform_from_blocks(*self._blocks(philox.uniform_blocks(count, dtype)), count, dtype)
+            values = philox.uniform_from_blocks(
+                *self._blocks(philox.uniform_blocks(count, dtype)), count, dtype
+            )
         return values.view(len(self), *rest).movedim(0, dim).contiguous()
 
-    def normal(self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def normal(
+        self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Standard-normal draws of ``shape``, the datapoints along ``dim`` (Box-Muller: :func:`~ppl_vae.inference.philox.normal_from_blocks`)."""
         return self._draw("normal", shape, dim, dtype)
 
-    def uniform(self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def uniform(
+        self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """U(0, 1) draws of ``shape`` (never 0 or 1), the datapoints along ``dim`` (:func:`~ppl_vae.inference.philox.uniform_from_blocks`)."""
         return self._draw("uniform", shape, dim, dtype)
 
@@ -277,8 +361,11 @@ def draws_in_batches(program: Callable[..., object], *args: Any) -> bool:
     """Whether :class:`RowDraws` can draw ``program``'s latent sites for many datapoints at once (each a point mass or a family of :func:`~ppl_vae.distributions.noise_leaf`), from one run on ``args``."""
     with poutine.block(), torch.no_grad():
         tr = poutine.trace(program).get_trace(*args)
-    return all(point_mass(s["fn"]) or noise_leaf(s["fn"]) is not None
-               for s in tr.nodes.values() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s))
+    return all(
+        point_mass(s["fn"]) or noise_leaf(s["fn"]) is not None
+        for s in tr.nodes.values()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    )
 
 
 class RowDraws(Messenger):
@@ -308,15 +395,23 @@ class RowDraws(Messenger):
             return
         frames = [f for f in msg["cond_indep_stack"] if f.name == self.plate]
         if not frames:
-            raise ConfigError(f"site {msg['name']!r} is outside the {self.plate!r} plate; per-datapoint draws need every latent site inside it")
+            raise ConfigError(
+                f"site {msg['name']!r} is outside the {self.plate!r} plate; per-datapoint draws need every latent site inside it"
+            )
         dim = len(fn.batch_shape) + frames[0].dim
-        value = noise_draw(fn, lambda shape, dtype: self.streams.normal(shape, dim, dtype), lambda shape, dtype: self.streams.uniform(shape, dim, dtype))
+        value = noise_draw(
+            fn,
+            lambda shape, dtype: self.streams.normal(shape, dim, dtype),
+            lambda shape, dtype: self.streams.uniform(shape, dim, dtype),
+        )
         if value is not None:
             value = value if fn.has_rsample else value.detach()
         elif len(self.streams) == 1:
             with seeded(self.streams.seed_of(0)):
                 value = fn.rsample() if fn.has_rsample else fn.sample()
         else:
-            raise ConfigError(f"site {msg['name']!r} ({type(fn).__name__}) is drawn one datapoint at a time; this program ran on {len(self.streams)}")
+            raise ConfigError(
+                f"site {msg['name']!r} ({type(fn).__name__}) is drawn one datapoint at a time; this program ran on {len(self.streams)}"
+            )
         msg["value"] = value
         msg["done"] = True

@@ -17,8 +17,6 @@ from ..errors import (
     ConfigError,
 )
 
-
-
 SCHEDULES = ("cosine", "exponential")
 
 
@@ -37,10 +35,14 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * t))
     if schedule == "exponential":
         return 0.01**t
-    raise ConfigError(f"unknown lr_schedule {schedule!r}; choose {', '.join(SCHEDULES)} or pass a callable")
+    raise ConfigError(
+        f"unknown lr_schedule {schedule!r}; choose {', '.join(SCHEDULES)} or pass a callable"
+    )
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, lr_schedule: str | Callable[..., Any] | None, epochs: int) -> Any:
+def make_schedule(
+    optimizer: torch.optim.Optimizer, lr_schedule: str | Callable[..., Any] | None, epochs: int
+) -> Any:
     if lr_schedule is None:
         return None
     if callable(lr_schedule):

@@ -22,10 +22,8 @@ import pyro
 import torch
 from pyro.optim import PyroOptim
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import is_validation_enabled, site_is_subsample
 from torch import nn
-
-from pyro.poutine.util import is_validation_enabled
 
 from ..errors import (
     ConfigError,
@@ -35,12 +33,11 @@ from ..errors import (
 )
 from .batches import Rows
 from .compiled import CompiledStep, Noise
-from .validation import retry_unvalidated
 from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .params import Discovered, discover, load_params
 from .plates import DATA, DataPlate, DataRows, find_data_plate, on_data_plate, subsampled_size
 from .traces import ObservedSupport, vectorises
-
+from .validation import retry_unvalidated
 
 
 class _ScaleLatents(Messenger):
@@ -75,7 +72,9 @@ class _StepRecord(Messenger):
     def _process_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "sample" and not site_is_subsample(msg):
             scale = msg["scale"]
-            if isinstance(scale, torch.Tensor):  # not read back to the host: taken as a per-site weight
+            if isinstance(
+                scale, torch.Tensor
+            ):  # not read back to the host: taken as a per-site weight
                 self.scales.add(math.nan)
                 return
             for f in msg["cond_indep_stack"]:
@@ -85,7 +84,13 @@ class _StepRecord(Messenger):
 
     def user_scale(self) -> float:
         """The one scale the model's own handlers gave every site of the step (a normaliser such as ``1 / N``), else 1."""
-        return self.scales.pop() if len(self.scales) == 1 and math.isfinite(next(iter(self.scales))) and next(iter(self.scales)) > 0 else 1.0
+        return (
+            self.scales.pop()
+            if len(self.scales) == 1
+            and math.isfinite(next(iter(self.scales)))
+            and next(iter(self.scales)) > 0
+            else 1.0
+        )
 
     def _postprocess_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "sample" and not site_is_subsample(msg):
@@ -94,16 +99,24 @@ class _StepRecord(Messenger):
             self.sites.append((role, msg["name"], msg["fn"], msg["value"]))
 
 
-def named_parameters(found: Discovered, params: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+def named_parameters(
+    found: Discovered, params: Sequence[torch.Tensor]
+) -> list[tuple[str, torch.Tensor]]:
     """Each parameter's name: its module's class and attribute, or its name in the (current) Pyro parameter store, else its number."""
-    names = {id(p): f"{type(m).__name__}.{n}" for m in found.modules for n, p in m.named_parameters()}
+    names = {
+        id(p): f"{type(m).__name__}.{n}" for m in found.modules for n, p in m.named_parameters()
+    }
     store = pyro.get_param_store()
     return [(names.get(id(p)) or store.param_name(p) or f"#{i}", p) for i, p in enumerate(params)]
 
 
 def culprit(record: _StepRecord, named: list[tuple[str, torch.Tensor]]) -> tuple[str | None, str]:
     """``(site, description)`` of what went wrong in the recorded step: a non-finite parameter, a site's non-finite value or log-density, or the largest term."""
-    bad = [f"parameter {name} {tuple(p.shape)}" for name, p in named if not bool(torch.isfinite(p).all())]
+    bad = [
+        f"parameter {name} {tuple(p.shape)}"
+        for name, p in named
+        if not bool(torch.isfinite(p).all())
+    ]
     params = f"; non-finite {bad[0]}" if bad else ""
     largest, where = -1.0, (None, f"no site recorded{params}")
     with torch.no_grad(), pyro.validation_enabled(False):
@@ -113,12 +126,18 @@ def culprit(record: _StepRecord, named: list[tuple[str, torch.Tensor]]) -> tuple
             try:
                 lp = fn.log_prob(value)
             except Exception as exc:  # a distribution that cannot even score its own draw
-                return name, f"{role} site {name!r} cannot evaluate its log-density ({str(exc).splitlines()[0][:100]}){params}"
+                return (
+                    name,
+                    f"{role} site {name!r} cannot evaluate its log-density ({str(exc).splitlines()[0][:100]}){params}",
+                )
             if not bool(torch.isfinite(lp).all()):
                 return name, f"{role} site {name!r} has a non-finite log-density{params}"
             size = lp.abs().max().item()
             if size > largest:
-                largest, where = size, (name, f"largest term: {role} site {name!r}, |log-density| {size:.3g}{params}")
+                largest, where = (
+                    size,
+                    (name, f"largest term: {role} site {name!r}, |log-density| {size:.3g}{params}"),
+                )
     return where
 
 
@@ -141,7 +160,9 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-def make_optimizer(optimizer: Any, params: list[torch.Tensor], lr: float, names: Sequence[str] = ()) -> tuple[torch.optim.Optimizer, Callable[[], None] | None]:
+def make_optimizer(
+    optimizer: Any, params: list[torch.Tensor], lr: float, names: Sequence[str] = ()
+) -> tuple[torch.optim.Optimizer, Callable[[], None] | None]:
     """A torch optimiser over ``params`` from what :func:`fit` takes as ``optimizer``, and the gradient clipping to apply before its steps.
 
     None: Adam(lr), fused where torch offers it. A ``torch.optim.Optimizer`` class: that class (with ``lr`` where its constructor takes one).
@@ -152,19 +173,26 @@ def make_optimizer(optimizer: Any, params: list[torch.Tensor], lr: float, names:
     if optimizer is None:
         return _adam(params, lr), None
     if isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(f"optimizer: pass the class ({type(optimizer).__name__}) or a function of the parameters, not an optimiser "
-                          "already built over parameters (fit finds them)")
+        raise ConfigError(
+            f"optimizer: pass the class ({type(optimizer).__name__}) or a function of the parameters, not an optimiser "
+            "already built over parameters (fit finds them)"
+        )
     if isinstance(optimizer, PyroOptim):
         args, names = optimizer.pt_optim_args, list(names) or [f"#{i}" for i in range(len(params))]
         if callable(args):
-            groups = [{"params": [p], **(args(n, p) if optimizer.pt_optim_args_argc == 2 else args(n))} for n, p in zip(names, params)]
+            groups = [
+                {"params": [p], **(args(n, p) if optimizer.pt_optim_args_argc == 2 else args(n))}
+                for n, p in zip(names, params)
+            ]
             built = optimizer.pt_optim_constructor(groups)
         else:
             built = optimizer.pt_optim_constructor(params, **args)
         clip = dict(optimizer.pt_clip_args or {})
         unknown = set(clip) - {"clip_norm", "clip_value"}
         if unknown:
-            raise ConfigError(f"optimizer: unknown clip_args {', '.join(sorted(unknown))}; Pyro's are clip_norm and clip_value")
+            raise ConfigError(
+                f"optimizer: unknown clip_args {', '.join(sorted(unknown))}; Pyro's are clip_norm and clip_value"
+            )
 
         def clipping() -> None:  # per parameter, as PyroOptim clips each one's own gradient
             for p in params:
@@ -181,9 +209,13 @@ def make_optimizer(optimizer: Any, params: list[torch.Tensor], lr: float, names:
     if callable(optimizer):
         built = optimizer(params)
         if not isinstance(built, torch.optim.Optimizer):
-            raise ConfigError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(built).__name__}")
+            raise ConfigError(
+                f"optimizer(params) must return a torch.optim.Optimizer, got {type(built).__name__}"
+            )
         return built, None
-    raise ConfigError(f"optimizer must be a torch.optim.Optimizer class, a function of the parameters or a pyro.optim optimiser, got {optimizer!r}")
+    raise ConfigError(
+        f"optimizer must be a torch.optim.Optimizer class, a function of the parameters or a pyro.optim optimiser, got {optimizer!r}"
+    )
 
 
 class Objective(nn.Module):
@@ -195,8 +227,15 @@ class Objective(nn.Module):
     value is named from the step that produced it.
     """
 
-    def __init__(self, loss_fn: EstimatorLoss, modules: Sequence[nn.Module], n: int, beta: float, kl_warmup: int = 0,
-                 plate: DataPlate = DataPlate(DATA)) -> None:
+    def __init__(
+        self,
+        loss_fn: EstimatorLoss,
+        modules: Sequence[nn.Module],
+        n: int,
+        beta: float,
+        kl_warmup: int = 0,
+        plate: DataPlate = DataPlate(DATA),
+    ) -> None:
         super().__init__()
         self.loss_fn, self.n = loss_fn, n
         #: the data plate, driven by Pyro's subsampling: its indices are the batch's dataset indices (set each step), the sites inside it scaled by N / B
@@ -205,7 +244,9 @@ class Objective(nn.Module):
         self.beta, self.kl_warmup = beta, kl_warmup
         self.scale_latents = _ScaleLatents(beta) if beta != 1.0 or kl_warmup else None
         self.record = _StepRecord(plate.name)
-        self.support = ObservedSupport()  # every observed value inside its support, read with the loss
+        self.support = (
+            ObservedSupport()
+        )  # every observed value inside its support, read with the loss
         self.validate = True
 
     def set_beta(self, beta: float) -> None:
@@ -234,10 +275,14 @@ class Objective(nn.Module):
                 stack.enter_context(self.scale_latents)
             stack.enter_context(pyro.validation_enabled(self.validate))
             stack.enter_context(self.record)
-            self.support.eager = self.validate  # with validation on, Pyro would raise first: say which row
+            self.support.eager = (
+                self.validate
+            )  # with validation on, Pyro would raise first: say which row
             stack.enter_context(self.support)
             stack.enter_context(warnings.catch_warnings())
-            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)  # Pyro's; fit reports it, naming the site
+            warnings.filterwarnings(
+                "ignore", message="Encountered NaN", category=UserWarning
+            )  # Pyro's; fit reports it, naming the site
             return self.loss_fn(*batch)
 
 
@@ -255,7 +300,10 @@ def probe_loss(objective: Objective, args: tuple[torch.Tensor, ...]) -> None:
         with torch.no_grad(), pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             objective(*args)
-    except (ConfigError, DataError) as exc:  # one line (Pyro's trace appends the sites' shapes to an error raised inside it)
+    except (
+        ConfigError,
+        DataError,
+    ) as exc:  # one line (Pyro's trace appends the sites' shapes to an error raised inside it)
         raise type(exc)(str(exc).splitlines()[0]) from None
     except PplVaeError:
         raise
@@ -335,13 +383,37 @@ class SVI:
     Hoffman, Blei, Wang & Paisley (2013), Stochastic Variational Inference.
     """
 
-    def __init__(self, model: Callable[..., object], guide: Callable[..., object], *, estimator: str | Estimator = "reparam",
-                 num_particles: int = 1, optimizer: Any = None, lr: float = 1e-3, beta: float = 1.0, num_data: int | None = None,
-                 plate: str | None = None, modules: Iterable[nn.Module] = (), callback: Callable[[StepInfo], None] | None = None,
-                 kl_warmup: int = 0, own_store: bool = True, compile: bool | str = False) -> None:
+    def __init__(
+        self,
+        model: Callable[..., object],
+        guide: Callable[..., object],
+        *,
+        estimator: str | Estimator = "reparam",
+        num_particles: int = 1,
+        optimizer: Any = None,
+        lr: float = 1e-3,
+        beta: float = 1.0,
+        num_data: int | None = None,
+        plate: str | None = None,
+        modules: Iterable[nn.Module] = (),
+        callback: Callable[[StepInfo], None] | None = None,
+        kl_warmup: int = 0,
+        own_store: bool = True,
+        compile: bool | str = False,
+    ) -> None:
         self.model, self.guide, self.estimator = model, guide, get_estimator(estimator)
-        self.num_particles, self.optimizer_spec, self.lr, self.num_data = num_particles, optimizer, lr, num_data
-        self.plate_name, self.modules, self.callback, self.kl_warmup = plate, tuple(modules), callback, kl_warmup
+        self.num_particles, self.optimizer_spec, self.lr, self.num_data = (
+            num_particles,
+            optimizer,
+            lr,
+            num_data,
+        )
+        self.plate_name, self.modules, self.callback, self.kl_warmup = (
+            plate,
+            tuple(modules),
+            callback,
+            kl_warmup,
+        )
         self._beta = beta
         #: the parameter store this SVI trains in (None: Pyro's store as it is where the steps run)
         self.store: dict[str, Any] | None = {"params": {}, "constraints": {}} if own_store else None
@@ -352,7 +424,9 @@ class SVI:
         #: ``True`` (inductor), a ``torch.compile`` backend's name, or False: the steps after the first run a traced, compiled graph
         self.compile = compile
         self.compiled: CompiledStep | None = None
-        self._grads: tuple[torch.Tensor, ...] | None = None  # a compiled step's gradients, for update
+        self._grads: tuple[torch.Tensor, ...] | None = (
+            None  # a compiled step's gradients, for update
+        )
         self._last: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ building
@@ -392,7 +466,9 @@ class SVI:
             self.prepare(rows, len(rows), index=index)
         return self
 
-    def prepare(self, data: Rows, batch_size: int, *, index: torch.Tensor | None = None, what: str = "SVI") -> tuple[torch.Tensor, ...]:
+    def prepare(
+        self, data: Rows, batch_size: int, *, index: torch.Tensor | None = None, what: str = "SVI"
+    ) -> tuple[torch.Tensor, ...]:
         """Find the data plate and the parameters on the first ``batch_size`` rows of ``data``, build the loss and the optimiser.
 
         Everything refused is refused here, before any step: the data plate (:func:`~.plates.find_data_plate`;
@@ -404,16 +480,32 @@ class SVI:
         n = self.num_data if self.num_data is not None else len(data)
         positions = torch.arange(min(len(data), batch_size), device="cpu")
         example = data.take(positions)
-        rows = positions if index is None else index.cpu()  # the data plate's indices: the batch's dataset indices
-        self.data_plate = _data_plate(self.model, self.guide, data, example, batch_size, self.plate_name, what)
+        rows = (
+            positions if index is None else index.cpu()
+        )  # the data plate's indices: the batch's dataset indices
+        self.data_plate = _data_plate(
+            self.model, self.guide, data, example, batch_size, self.plate_name, what
+        )
         if self.data_plate.subsampled:
             rows = rows[: self.data_plate.subsample_size]
             example = data.args(rows, lambda t: t)
         model, guide, k = self.model, self.guide, self.num_particles
-        why = vectorises(on_data_plate(model, self.data_plate, index=rows), on_data_plate(guide, self.data_plate, index=rows), *example) if k > 1 else None
+        why = (
+            vectorises(
+                on_data_plate(model, self.data_plate, index=rows),
+                on_data_plate(guide, self.data_plate, index=rows),
+                *example,
+            )
+            if k > 1
+            else None
+        )
         if why is not None:
-            warnings.warn(f"{what}: the model or guide cannot run its {k} particles at once ({why}): they run one after another, "
-                          f"about {k} times the time of vectorised particles per step", SequentialWarning, stacklevel=3)
+            warnings.warn(
+                f"{what}: the model or guide cannot run its {k} particles at once ({why}): they run one after another, "
+                f"about {k} times the time of vectorised particles per step",
+                SequentialWarning,
+                stacklevel=3,
+            )
         with DataRows(self.data_plate, index=rows, total=n):  # the first batch as a step sees it
             self.found = discover(model, guide, example, self.modules)
             loss_fn = self.estimator.loss(model, guide, k, vectorize=why is None)
@@ -424,8 +516,17 @@ class SVI:
         if not self.params:
             raise ConfigError("the model and guide use no trainable parameters")
         self.named = named_parameters(self.found, self.params)
-        self.optimizer, self.clipping = make_optimizer(self.optimizer_spec, self.params, self.lr, [name for name, _ in self.named])
-        self.objective = Objective(loss_fn, [*self.found.modules, *networks], n, self._beta, self.kl_warmup, plate=self.data_plate)
+        self.optimizer, self.clipping = make_optimizer(
+            self.optimizer_spec, self.params, self.lr, [name for name, _ in self.named]
+        )
+        self.objective = Objective(
+            loss_fn,
+            [*self.found.modules, *networks],
+            n,
+            self._beta,
+            self.kl_warmup,
+            plate=self.data_plate,
+        )
         self.objective.rows.index = rows
         self.module = self.objective
         probe_loss(self.objective, example)
@@ -437,10 +538,15 @@ class SVI:
         """Trace and compile the step on the first batch (:class:`~.compiled.CompiledStep`): what it refuses, refused now."""
         assert self.objective is not None
         if not self.estimator.compiles:
-            raise ConfigError(f"compile: estimator {self.estimator.name} {self.estimator.compiles_not}; train it without compile")
+            raise ConfigError(
+                f"compile: estimator {self.estimator.name} {self.estimator.compiles_not}; train it without compile"
+            )
         backend = self.compile if isinstance(self.compile, str) else "inductor"
         self.compiled = CompiledStep(self.objective, self.params, backend=backend)
-        validate, self.objective.validate = self.objective.validate, False  # the compiled steps are the unvalidated ones
+        validate, self.objective.validate = (
+            self.objective.validate,
+            False,
+        )  # the compiled steps are the unvalidated ones
         try:
             self.compiled.trace(example, rows.to(example[0].device))
         finally:
@@ -460,7 +566,9 @@ class SVI:
         rows = torch.arange(batch[0].shape[0], device="cpu") if index is None else index
         self.objective.support.rows = rows
         self.objective.rows.index = rows
-        if self.compiled is not None and not self.objective.validate:  # a traced, compiled step (the first, validating one is eager)
+        if (
+            self.compiled is not None and not self.objective.validate
+        ):  # a traced, compiled step (the first, validating one is eager)
             self._last = (tuple(batch), rows)
             with self.scope():
                 loss, flags, self._grads = self.compiled(batch, rows.to(batch[0].device))
@@ -472,13 +580,25 @@ class SVI:
             return self.module(*batch)
 
         with self.scope():
-            loss, invalid = retry_unvalidated(lambda: self.module(*batch), unvalidated, validating=is_validation_enabled() and objective.validate,
-                                              device=batch[0].device)
+            loss, invalid = retry_unvalidated(
+                lambda: self.module(*batch),
+                unvalidated,
+                validating=is_validation_enabled() and objective.validate,
+                device=batch[0].device,
+            )
         ok = torch.as_tensor(self.objective.support.ok, device=loss.device)
-        return StepLoss(loss, torch.stack([loss.detach().to(torch.float64), ok.to(torch.float64)]), invalid)
+        return StepLoss(
+            loss, torch.stack([loss.detach().to(torch.float64), ok.to(torch.float64)]), invalid
+        )
 
-    def update(self, loss: torch.Tensor, *, backward: Callable[[torch.Tensor], None] | None = None, epoch: int = 0,
-               elbo: float | None = None) -> None:
+    def update(
+        self,
+        loss: torch.Tensor,
+        *,
+        backward: Callable[[torch.Tensor], None] | None = None,
+        epoch: int = 0,
+        elbo: float | None = None,
+    ) -> None:
         """Zero the gradients, ``backward`` (default ``loss.backward()``; fit's is Fabric's), clip (a ``pyro.optim``'s clip_args), step the optimiser."""
         self.optimizer.zero_grad(set_to_none=True)
         if self._grads is not None:  # a compiled step computed them
@@ -491,7 +611,11 @@ class SVI:
             self.clipping()
         self.optimizer.step()
         if self.callback is not None:
-            self.callback(StepInfo(self.steps, epoch, elbo if elbo is not None else math.nan, tuple(self.params)))
+            self.callback(
+                StepInfo(
+                    self.steps, epoch, elbo if elbo is not None else math.nan, tuple(self.params)
+                )
+            )
         self.steps += 1
         self.objective.validate = False  # Pyro's and torch's argument validation: the first step's only (about 20 % per step)
 
@@ -522,8 +646,12 @@ class SVI:
     def state_dict(self) -> dict[str, Any]:
         """Parameters, optimiser state and the estimator's running statistics (tensors and plain containers)."""
         assert self.objective is not None
-        return {"params": [p.detach().clone() for p in self.params], "optimizer": self.optimizer.state_dict(),
-                "estimator": self.objective.loss_fn.state_dict(), "steps": self.steps}
+        return {
+            "params": [p.detach().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "estimator": self.objective.loss_fn.state_dict(),
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (after :meth:`setup` on a batch like the first)."""
@@ -534,20 +662,35 @@ class SVI:
         self.steps = int(state.get("steps", 0))
 
 
-def _data_plate(model: Callable[..., object], guide: Callable[..., object], data: Rows, example: tuple[torch.Tensor, ...], batch_size: int,
-                plate: str | None, what: str) -> DataPlate:
+def _data_plate(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    data: Rows,
+    example: tuple[torch.Tensor, ...],
+    batch_size: int,
+    plate: str | None,
+    what: str,
+) -> DataPlate:
     """The data plate of ``model`` and ``guide``; for one they subsample themselves, the checks that a step can drive it."""
     found = find_data_plate(model, guide, example, plate=plate, what=what)
     if not found.subsampled:
         return found
-    where = f"plate {found.name!r} subsamples the data itself (subsample_size={found.subsample_size})"
+    where = (
+        f"plate {found.name!r} subsamples the data itself (subsample_size={found.subsample_size})"
+    )
     if data.tensors is None:
-        raise ConfigError(f"{what}: {where}, so the model takes the whole data: give tensors, not a Dataset read batch by batch")
+        raise ConfigError(
+            f"{what}: {where}, so the model takes the whole data: give tensors, not a Dataset read batch by batch"
+        )
     if found.subsample_size != batch_size:
-        raise ConfigError(f"{what}: {where}; the batch size is {batch_size}: give batch_size={found.subsample_size}, "
-                          "so that the batches are the plate's subsamples")
+        raise ConfigError(
+            f"{what}: {where}; the batch size is {batch_size}: give batch_size={found.subsample_size}, "
+            "so that the batches are the plate's subsamples"
+        )
     size = subsampled_size(model, guide, data.tensors, found)
     if size != len(data):
-        raise ConfigError(f"{what}: {where} over {size} rows, and the data has {len(data)}: the plate's size must be the number of rows")
+        raise ConfigError(
+            f"{what}: {where} over {size} rows, and the data has {len(data)}: the plate's size must be the number of rows"
+        )
     data.whole = True
     return found

@@ -44,30 +44,57 @@ from ..errors import (
     check_positive,
     check_seed,
 )
+from .batches import Rows, as_tensors
+from .checkpoints import CHECKPOINT, HISTORY, check_checkpoint, check_resume, kept, read_checkpoint
 from .distributed import (
     make_fabric,
     run_processes,
 )
 from .estimators import Estimator, get_estimator
 from .fitted import FitResult, attach
+from .loop import Evaluator, Run, Trainer, train
 from .params import load_params
-from .random import seeded
 from .plates import on_data_plate
-
-from .batches import Rows, as_tensors
-from .checkpoints import CHECKPOINT, HISTORY, check_checkpoint, check_resume, kept, read_checkpoint
+from .random import seeded
 from .schedules import SCHEDULES, lr_factor, make_schedule
 from .step import SVI, Objective, StepInfo, make_optimizer
 from .watch import DivergenceWatch, inspect_sites
-from .loop import Run, Evaluator, Trainer, train
 
-__all__ = ["fit", "FitResult", "SVI", "StepInfo", "make_optimizer", "Objective", "Rows", "as_tensors", "check_checkpoint", "check_resume",
-           "read_checkpoint", "lr_factor", "CHECKPOINT", "HISTORY", "SCHEDULES"]
+__all__ = [
+    "fit",
+    "FitResult",
+    "SVI",
+    "StepInfo",
+    "make_optimizer",
+    "Objective",
+    "Rows",
+    "as_tensors",
+    "check_checkpoint",
+    "check_resume",
+    "read_checkpoint",
+    "lr_factor",
+    "CHECKPOINT",
+    "HISTORY",
+    "SCHEDULES",
+]
 
 
-def _check_options(epochs: int, batch_size: int, num_particles: int, beta: float, lr: float, seed: int, patience: int | None,
-                   resume: bool, out: str | Path | None) -> None:
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("num_particles", num_particles)):
+def _check_options(
+    epochs: int,
+    batch_size: int,
+    num_particles: int,
+    beta: float,
+    lr: float,
+    seed: int,
+    patience: int | None,
+    resume: bool,
+    out: str | Path | None,
+) -> None:
+    for name, value in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("num_particles", num_particles),
+    ):
         check_int(value, name)
     check_positive(beta, "beta")
     check_positive(lr, "lr")
@@ -242,30 +269,77 @@ def fit(
     _check_options(epochs, batch_size, num_particles, beta, lr, seed, patience, resume, out)
     check_int(kl_warmup, "the KL warm-up (epochs)", low=0)
     options = {
-        "estimator": est.name, "num_particles": num_particles, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "beta": beta, "kl_warmup": kl_warmup, "seed": seed, "patience": patience,
-        "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
+        "estimator": est.name,
+        "num_particles": num_particles,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "beta": beta,
+        "kl_warmup": kl_warmup,
+        "seed": seed,
+        "patience": patience,
+        "lr_schedule": lr_schedule
+        if isinstance(lr_schedule, str) or lr_schedule is None
+        else "custom",
         **({"compile": compile} if compile else {}),
     }
     fabric = make_fabric(accelerator, devices, strategy, precision, num_nodes, like=tensors.like)
     if batch_size % fabric.world_size:
-        raise ConfigError(f"batch_size {batch_size} must be a multiple of the number of processes ({fabric.world_size})")
+        raise ConfigError(
+            f"batch_size {batch_size} must be a multiple of the number of processes ({fabric.world_size})"
+        )
     if compile and fabric.world_size > 1:
-        raise ConfigError(f"compile trains in one process; this run has {fabric.world_size} (data-parallel training reduces gradients "
-                          "in the backward pass, which a compiled step computes inside its graph)")
-    svi = SVI(model, guide, estimator=est, num_particles=num_particles, optimizer=optimizer, lr=lr, beta=beta, num_data=len(tensors),
-              plate=plate, modules=modules, callback=callback, kl_warmup=kl_warmup, compile=compile)
-    with svi.scope():  # the result's own parameter store: a bare pyro.param lives here, not in Pyro's global one
+        raise ConfigError(
+            f"compile trains in one process; this run has {fabric.world_size} (data-parallel training reduces gradients "
+            "in the backward pass, which a compiled step computes inside its graph)"
+        )
+    svi = SVI(
+        model,
+        guide,
+        estimator=est,
+        num_particles=num_particles,
+        optimizer=optimizer,
+        lr=lr,
+        beta=beta,
+        num_data=len(tensors),
+        plate=plate,
+        modules=modules,
+        callback=callback,
+        kl_warmup=kl_warmup,
+        compile=compile,
+    )
+    with (
+        svi.scope()
+    ):  # the result's own parameter store: a bare pyro.param lives here, not in Pyro's global one
         with seeded(seed):
-            trainer, evaluate, example = _setup(svi, tensors, batch_size, lr_schedule, epochs, seed, out, eval_batch_size)
+            trainer, evaluate, example = _setup(
+                svi, tensors, batch_size, lr_schedule, epochs, seed, out, eval_batch_size
+            )
         _refuse_processes(svi, trainer, fabric.world_size)
         if resume:  # refused before any process starts
-            check_resume(read_checkpoint(Path(out) / CHECKPOINT), epochs, patience, out, world_size=fabric.world_size)  # type: ignore[arg-type]
-        run = Run(epochs, batch_size, patience, seed, resume, progress, validate_every_step, options)
+            check_resume(
+                read_checkpoint(Path(out) / CHECKPOINT),
+                epochs,
+                patience,
+                out,
+                world_size=fabric.world_size,
+            )  # type: ignore[arg-type]
+        run = Run(
+            epochs, batch_size, patience, seed, resume, progress, validate_every_step, options
+        )
         payload = _run(fabric, trainer, evaluate, tensors, val, run, out)
     result = FitResult(**{**payload["result"], "history": tuple(payload["result"]["history"])})
-    return attach(result, model, guide, [(tuple(t.shape[1:]), t.dtype) for t in example], None, "fit", found=svi.found, plate=svi.data_plate,
-                  store=svi.store if svi.store and svi.store["params"] else None)
+    return attach(
+        result,
+        model,
+        guide,
+        [(tuple(t.shape[1:]), t.dtype) for t in example],
+        None,
+        "fit",
+        found=svi.found,
+        plate=svi.data_plate,
+        store=svi.store if svi.store and svi.store["params"] else None,
+    )
 
 
 def _refuse_processes(svi: SVI, trainer: Trainer, world_size: int) -> None:
@@ -273,14 +347,26 @@ def _refuse_processes(svi: SVI, trainer: Trainer, world_size: int) -> None:
     trainer.refuse_loose_params(world_size)
     plate = svi.data_plate
     if plate.subsampled and world_size > 1:
-        raise ConfigError(f"plate {plate.name!r} subsamples the data itself (subsample_size={plate.subsample_size}), so each step "
-                          "takes one subsample: train it in one process, or write the plate over the rows given, pyro.plate(name, x.shape[0])")
+        raise ConfigError(
+            f"plate {plate.name!r} subsamples the data itself (subsample_size={plate.subsample_size}), so each step "
+            "takes one subsample: train it in one process, or write the plate over the rows given, pyro.plate(name, x.shape[0])"
+        )
 
 
-def _run(fabric: Any, trainer: Trainer, evaluate: Evaluator, tensors: Rows, val: Rows | None, run: Run, out: str | Path | None) -> dict[str, Any]:
+def _run(
+    fabric: Any,
+    trainer: Trainer,
+    evaluate: Evaluator,
+    tensors: Rows,
+    val: Rows | None,
+    run: Run,
+    out: str | Path | None,
+) -> dict[str, Any]:
     """The loop in Fabric's processes (:func:`~.loop.train`); rank 0's payload, its failure raised here, its parameters in the caller's networks."""
     try:
-        payload, handed = run_processes(fabric, train, trainer, evaluate, tensors, val, run, what="training process")
+        payload, handed = run_processes(
+            fabric, train, trainer, evaluate, tensors, val, run, what="training process"
+        )
     except ProcessFailed as exc:  # the processes are gone: what they left is on disk
         raise ProcessFailed(f"{exc}; {kept(out)}") from None
     if "error" in payload:  # a failure every process met, composed by the process that met it first
@@ -293,15 +379,37 @@ def _run(fabric: Any, trainer: Trainer, evaluate: Evaluator, tensors: Rows, val:
     return payload
 
 
-def _setup(svi: SVI, tensors: Rows, batch_size: int, lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None, epochs: int,
-           seed: int, out: str | Path | None, eval_batch_size: int) -> tuple[Trainer, Evaluator, tuple[torch.Tensor, ...]]:
+def _setup(
+    svi: SVI,
+    tensors: Rows,
+    batch_size: int,
+    lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None,
+    epochs: int,
+    seed: int,
+    out: str | Path | None,
+    eval_batch_size: int,
+) -> tuple[Trainer, Evaluator, tuple[torch.Tensor, ...]]:
     """The step (:meth:`SVI.prepare`: every refusal, on the first batch), the schedule, the divergence watch and the evaluator."""
     example = svi.prepare(tensors, batch_size, what="fit")
     optim, plate = svi.optimizer, svi.data_plate
     if lr_schedule is not None and not all("lr" in g for g in optim.param_groups):
-        raise ConfigError(f"lr_schedule needs an optimiser with a learning rate ('lr' in its parameter groups); {type(optim).__name__} has none")
+        raise ConfigError(
+            f"lr_schedule needs an optimiser with a learning rate ('lr' in its parameter groups); {type(optim).__name__} has none"
+        )
     rows = svi.objective.rows.index  # type: ignore[union-attr]
-    bounded, enumerated = inspect_sites(on_data_plate(svi.model, plate, index=rows), on_data_plate(svi.guide, plate, index=rows), example)
-    trainer = Trainer(svi, make_schedule(optim, lr_schedule, epochs), seed, DivergenceWatch(bounded, svi.beta), out)
-    evaluator = Evaluator(svi.model, svi.guide, svi.objective.loss_fn, enumerated, eval_batch_size, plate)  # type: ignore[union-attr]
+    bounded, enumerated = inspect_sites(
+        on_data_plate(svi.model, plate, index=rows),
+        on_data_plate(svi.guide, plate, index=rows),
+        example,
+    )
+    trainer = Trainer(
+        svi,
+        make_schedule(optim, lr_schedule, epochs),
+        seed,
+        DivergenceWatch(bounded, svi.beta),
+        out,
+    )
+    evaluator = Evaluator(
+        svi.model, svi.guide, svi.objective.loss_fn, enumerated, eval_batch_size, plate
+    )  # type: ignore[union-attr]
     return trainer, evaluator, example

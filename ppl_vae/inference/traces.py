@@ -20,8 +20,8 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.transforms import biject_to
 from pyro.distributions import TorchDistribution
+from pyro.distributions.transforms import biject_to
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
@@ -32,11 +32,32 @@ from .plates import find_data_plate, on_data_plate
 from .random import RowDraws, Streams, seeded
 
 __all__ = [
-    "SAMPLES", "per_datapoint", "probe", "trace_nesting", "plate_nesting", "traces", "log_weights", "check_pairs", "log_weights_of",
-    "first_nonfinite_site", "ObservedSupport", "analysed", "vectorises", "sample_sites", "latent_nodes", "model_latent_sites", "vectorized", "sum_but_first", "restrict", "PlaceFlat", "data_like", "prior_predictive",
+    "SAMPLES",
+    "per_datapoint",
+    "probe",
+    "trace_nesting",
+    "plate_nesting",
+    "traces",
+    "log_weights",
+    "check_pairs",
+    "log_weights_of",
+    "first_nonfinite_site",
+    "ObservedSupport",
+    "analysed",
+    "vectorises",
+    "sample_sites",
+    "latent_nodes",
+    "model_latent_sites",
+    "vectorized",
+    "sum_but_first",
+    "restrict",
+    "PlaceFlat",
+    "data_like",
+    "prior_predictive",
 ]
 
 SAMPLES = "_samples"  # the plate of vectorised draws added by ``traces(..., num_samples=S)``
+
 
 def _keep_dim(lp: torch.Tensor, site: dict, name: str) -> int | None:
     dims = [f.dim for f in site["cond_indep_stack"] if f.name == name]
@@ -44,7 +65,10 @@ def _keep_dim(lp: torch.Tensor, site: dict, name: str) -> int | None:
         return None
     return lp.dim() + dims[0] if dims[0] < 0 else dims[0]
 
-def per_datapoint(site: dict, plate: str, values: torch.Tensor | None = None, *, spread: int | None = None) -> torch.Tensor:
+
+def per_datapoint(
+    site: dict, plate: str, values: torch.Tensor | None = None, *, spread: int | None = None
+) -> torch.Tensor:
     """A site's log-density (or ``values`` of its batch shape, e.g. a KL) summed over everything but the data plate (and the draws plate, if any).
 
     A site outside the data plate (a global latent, shared by every datapoint) is refused, unless ``spread``
@@ -60,10 +84,13 @@ def per_datapoint(site: dict, plate: str, values: torch.Tensor | None = None, *,
         total = lp.sum([d for d in range(lp.dim()) if d != draws]) if lp.dim() else lp
         return (total / spread).unsqueeze(-1)  # [S, 1] or [1]: broadcast over the rows
     if keep_data is None:
-        raise ConfigError(f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint bounds need every site inside it")
+        raise ConfigError(
+            f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint bounds need every site inside it"
+        )
     keep = [d for d in (_keep_dim(lp, site, SAMPLES), keep_data) if d is not None]
     other = [d for d in range(lp.dim()) if d not in keep]
     return lp.sum(other) if other else lp
+
 
 def probe(what: str, run: Callable[[], object], data: Sequence[torch.Tensor]) -> object:
     """``run()``; a shape or value error from inside the model or guide becomes one :class:`DataError` naming ``what`` and the data's shapes."""
@@ -74,12 +101,16 @@ def probe(what: str, run: Callable[[], object], data: Sequence[torch.Tensor]) ->
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shapes = ", ".join(str(tuple(t.shape)) for t in data if isinstance(t, torch.Tensor))
-        raise DataError(f"{what}: the model or guide failed on the data of shape {shapes} ({first})") from None
+        raise DataError(
+            f"{what}: the model or guide failed on the data of shape {shapes} ({first})"
+        ) from None
+
 
 def restrict(guide: Callable[..., object], rows: slice | torch.Tensor) -> Callable[..., object]:
     """The guide for a subset of rows: a per-datapoint guide (one with ``select``) is cut, others kept."""
     select = getattr(guide, "select", None)
     return select(rows) if callable(select) else guide
+
 
 def trace_nesting(*trs: Trace) -> int:
     """How many vectorised plates deep the sample sites of ``trs`` go (Pyro's ``max_plate_nesting``)."""
@@ -93,9 +124,13 @@ def trace_nesting(*trs: Trace) -> int:
     ]
     return max(depth, default=0)
 
-def plate_nesting(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor) -> int:
+
+def plate_nesting(
+    model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor
+) -> int:
     """How many plates deep the model and guide go (Pyro's ``max_plate_nesting``), from one traced run."""
     return trace_nesting(*traces(model, guide, *args))
+
 
 def traces(
     model: Callable[..., object],
@@ -122,7 +157,9 @@ def traces(
             return model_tr, guide_tr
         depth = plate_nesting(model, guide, *args) if nesting is None else nesting
         if not _sequential(model, guide):
-            state = streams.get_state() if streams is not None else None  # a failed attempt's draws are not the draws' own
+            state = (
+                streams.get_state() if streams is not None else None
+            )  # a failed attempt's draws are not the draws' own
             try:
                 with draws, pyro.plate(SAMPLES, num_samples, dim=-(depth + 1)):
                     guide_tr = poutine.trace(guide).get_trace(*args)
@@ -135,19 +172,36 @@ def traces(
                 failed = exc
             if streams is not None:
                 streams.set_state(state)  # type: ignore[arg-type]
-            one = traces(model, guide, *args, streams=streams)  # fails as the code fails, if it fails without the draws' plate too
+            one = traces(
+                model, guide, *args, streams=streams
+            )  # fails as the code fails, if it fails without the draws' plate too
             _SEQUENTIAL.setdefault(_unwrapped(model), weakref.WeakSet()).add(_unwrapped(guide))
-            first = str(failed).strip().splitlines()[0][:160] if str(failed).strip() else type(failed).__name__
-            warnings.warn(f"the model or guide cannot run {num_samples} draws at once ({type(failed).__name__}: {first}): they run one at a "
-                          f"time, about {num_samples} times the time of vectorised draws", SequentialWarning, stacklevel=2)
+            first = (
+                str(failed).strip().splitlines()[0][:160]
+                if str(failed).strip()
+                else type(failed).__name__
+            )
+            warnings.warn(
+                f"the model or guide cannot run {num_samples} draws at once ({type(failed).__name__}: {first}): they run one at a "
+                f"time, about {num_samples} times the time of vectorised draws",
+                SequentialWarning,
+                stacklevel=2,
+            )
         else:
             one = traces(model, guide, *args, streams=streams)
-        runs = [one] + [traces(model, guide, *args, streams=streams) for _ in range(num_samples - 1)]
+        runs = [one] + [
+            traces(model, guide, *args, streams=streams) for _ in range(num_samples - 1)
+        ]
     frame = CondIndepStackFrame(SAMPLES, -(depth + 1), num_samples, 0, num_samples)
     return _stack([m for m, _ in runs], frame), _stack([g for _, g in runs], frame)
 
 
-def vectorises(model: Callable[..., object], guide: Callable[..., object], *args: torch.Tensor, num_samples: int = 2) -> str | None:
+def vectorises(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *args: torch.Tensor,
+    num_samples: int = 2,
+) -> str | None:
     """None if ``model`` and ``guide`` run ``num_samples`` draws at once (in a plate left of theirs); else why not, in one line."""
     depth = plate_nesting(model, guide, *args)
     try:
@@ -165,7 +219,9 @@ def vectorises(model: Callable[..., object], guide: Callable[..., object], *args
 
 
 #: the (model, guide) pairs whose code failed under vectorised draws: they run their draws one at a time (:func:`traces`)
-_SEQUENTIAL: weakref.WeakKeyDictionary[Callable[..., object], weakref.WeakSet[Callable[..., object]]] = weakref.WeakKeyDictionary()
+_SEQUENTIAL: weakref.WeakKeyDictionary[
+    Callable[..., object], weakref.WeakSet[Callable[..., object]]
+] = weakref.WeakKeyDictionary()
 
 
 def _sequential(model: Callable[..., object], guide: Callable[..., object]) -> bool:
@@ -197,7 +253,9 @@ class _Stacked(TorchDistribution):
         first = self.fns[0]
         batch = torch.broadcast_shapes(*(fn.batch_shape for fn in self.fns))
         batch = torch.Size((1,) * (depth - len(batch)) + tuple(batch))
-        super().__init__(torch.Size((len(self.fns), *batch)), first.event_shape, validate_args=False)
+        super().__init__(
+            torch.Size((len(self.fns), *batch)), first.event_shape, validate_args=False
+        )
 
     @property
     def support(self) -> Any:
@@ -208,8 +266,12 @@ class _Stacked(TorchDistribution):
         return self.fns[0].has_rsample
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        values = [value] * len(self.fns) if self.observed else value.unbind(0)  # an observed value is every run's
-        return torch.stack([fn.log_prob(v).expand(self.batch_shape[1:]) for fn, v in zip(self.fns, values)])
+        values = (
+            [value] * len(self.fns) if self.observed else value.unbind(0)
+        )  # an observed value is every run's
+        return torch.stack(
+            [fn.log_prob(v).expand(self.batch_shape[1:]) for fn, v in zip(self.fns, values)]
+        )
 
 
 def _stack(trs: Sequence[Trace], frame: CondIndepStackFrame) -> Trace:
@@ -223,18 +285,29 @@ def _stack(trs: Sequence[Trace], frame: CondIndepStackFrame) -> Trace:
         sites = [tr.nodes[name] for tr in trs]
         event = site["fn"].event_dim
 
-        def padded(v: torch.Tensor) -> torch.Tensor:
-            return v.reshape((1,) * (depth + event - v.dim()) + tuple(v.shape)) if v.dim() < depth + event else v
+        def padded(v: torch.Tensor, event: int = event) -> torch.Tensor:
+            return (
+                v.reshape((1,) * (depth + event - v.dim()) + tuple(v.shape))
+                if v.dim() < depth + event
+                else v
+            )
 
         stacked = dict(site)
         stacked["fn"] = _Stacked([s["fn"] for s in sites], depth, observed=site["is_observed"])
-        stacked["value"] = torch.stack([padded(s["value"]) for s in sites]) if not site["is_observed"] else site["value"]
+        stacked["value"] = (
+            torch.stack([padded(s["value"]) for s in sites])
+            if not site["is_observed"]
+            else site["value"]
+        )
         masks = [s.get("mask") for s in sites]
         if all(isinstance(m, torch.Tensor) for m in masks):
-            stacked["mask"] = torch.stack([m.reshape((1,) * (depth - m.dim()) + tuple(m.shape)) for m in masks])  # type: ignore[union-attr]
+            stacked["mask"] = torch.stack(
+                [m.reshape((1,) * (depth - m.dim()) + tuple(m.shape)) for m in masks]
+            )  # type: ignore[union-attr]
         stacked["cond_indep_stack"] = (frame, *site["cond_indep_stack"])
         out.add_node(name, **stacked)
     return out
+
 
 def log_weights(
     model: Callable[..., object],
@@ -250,24 +323,39 @@ def log_weights(
     Returns shape ``[N]`` (one draw each), or ``[S, N]`` with ``num_samples=S``
     vectorised draws; their mean over draws is the ELBO. ``streams``: see :func:`traces`.
     """
-    model_tr, guide_tr = traces(model, guide, *args, num_samples=num_samples, nesting=nesting, streams=streams)
+    model_tr, guide_tr = traces(
+        model, guide, *args, num_samples=num_samples, nesting=nesting, streams=streams
+    )
     total = log_weights_of(model_tr, guide_tr, plate)
     if num_samples is not None and total.dim() == 1:  # nothing depended on the draws
         total = total.expand(num_samples, -1)
     return total
 
+
 def check_pairs(model_tr: Trace, guide_tr: Trace, what: str = "the ELBO") -> None:
     """Refuse a guide that lacks a latent site of the model (it would be drawn from the prior) or samples one the model lacks."""
-    guide_sites = {n for n, s in guide_tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+    guide_sites = {
+        n for n, s in guide_tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)
+    }
     for name, site in model_tr.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site) and not site["is_observed"] and name not in guide_sites:
-            raise ConfigError(f"{what}: the guide has no site {name!r}, a latent site of the model (it would be drawn from the prior)")
+        if (
+            site["type"] == "sample"
+            and not site_is_subsample(site)
+            and not site["is_observed"]
+            and name not in guide_sites
+        ):
+            raise ConfigError(
+                f"{what}: the guide has no site {name!r}, a latent site of the model (it would be drawn from the prior)"
+            )
     model_sites = {n for n, s in model_tr.nodes.items() if s["type"] == "sample"}
     for name in guide_sites:
         if name not in model_sites and not guide_tr.nodes[name]["infer"].get("is_auxiliary"):
             raise ConfigError(f"{what}: guide site {name!r} is not a latent site of the model")
 
-def log_weights_of(model_tr: Trace, guide_tr: Trace, plate: str = "data", *, spread: int | None = None) -> torch.Tensor:
+
+def log_weights_of(
+    model_tr: Trace, guide_tr: Trace, plate: str = "data", *, spread: int | None = None
+) -> torch.Tensor:
     """``log p(x, z) - log q(z | x)`` per datapoint (and draw) from a guide trace and the model replayed on it (``spread``: :func:`per_datapoint`)."""
     check_pairs(model_tr, guide_tr, "the importance weights")
     total: torch.Tensor | int = 0
@@ -279,7 +367,10 @@ def log_weights_of(model_tr: Trace, guide_tr: Trace, plate: str = "data", *, spr
         raise ConfigError("the model has no sample sites")
     return total
 
-def first_nonfinite_site(model_tr: Trace, guide_tr: Trace, plate: str = "data") -> tuple[str | None, str]:
+
+def first_nonfinite_site(
+    model_tr: Trace, guide_tr: Trace, plate: str = "data"
+) -> tuple[str | None, str]:
     """``(name, description)`` of the first guide or model site whose value or per-datapoint log-density is not finite, or
     whose distribution has a parameter outside its constraint (in the traces themselves)."""
     for role, tr in (("guide", guide_tr), ("model", model_tr)):
@@ -291,7 +382,10 @@ def first_nonfinite_site(model_tr: Trace, guide_tr: Trace, plate: str = "data") 
                     return name, f"{role} site {name!r} has a non-finite log-density"
                 bad = _invalid_parameter(site["fn"])
                 if bad is not None:
-                    return name, f"{role} site {name!r} has its parameter {bad} outside its constraint"
+                    return (
+                        name,
+                        f"{role} site {name!r} has its parameter {bad} outside its constraint",
+                    )
     return None, "no single site (the sum overflowed)"
 
 
@@ -299,8 +393,12 @@ def _invalid_parameter(fn: Any) -> str | None:
     """The name of a parameter of ``fn`` (or of a distribution it wraps) outside its ``arg_constraints``, as torch's validation checks them."""
     while fn is not None:
         for name, constraint in getattr(fn, "arg_constraints", {}).items():
-            value = fn.__dict__.get(name)  # a lazily computed parameter (probs of a logits-built Bernoulli) is not checked
-            if isinstance(value, torch.Tensor) and not torch.distributions.constraints.is_dependent(constraint):
+            value = fn.__dict__.get(
+                name
+            )  # a lazily computed parameter (probs of a logits-built Bernoulli) is not checked
+            if isinstance(value, torch.Tensor) and not torch.distributions.constraints.is_dependent(
+                constraint
+            ):
                 try:
                     inside = constraint.check(value)
                 except (RuntimeError, ValueError, TypeError):
@@ -322,7 +420,9 @@ class ObservedSupport(Messenger):
     A site masked off as a whole (``mask`` False) is not checked, as Pyro does not validate it either.
     """
 
-    def __init__(self, *, eager: bool = False, rows: torch.Tensor | None = None, plate: str = "data") -> None:
+    def __init__(
+        self, *, eager: bool = False, rows: torch.Tensor | None = None, plate: str = "data"
+    ) -> None:
         super().__init__()
         self.eager, self.rows, self.plate = eager, rows, plate
         self.active = True  # off: nothing is checked (rows already checked, in a loop that reads the same tensors again)
@@ -334,10 +434,18 @@ class ObservedSupport(Messenger):
         return super().__enter__()
 
     def _postprocess_message(self, msg: dict[str, Any]) -> None:
-        if not self.active or msg["type"] != "sample" or not msg["is_observed"] or site_is_subsample(msg) or msg.get("mask") is False:
+        if (
+            not self.active
+            or msg["type"] != "sample"
+            or not msg["is_observed"]
+            or site_is_subsample(msg)
+            or msg.get("mask") is False
+        ):
             return
         fn = msg["fn"]
-        if fn.support is torch.distributions.constraints.real or not isinstance(msg["value"], torch.Tensor):
+        if fn.support is torch.distributions.constraints.real or not isinstance(
+            msg["value"], torch.Tensor
+        ):
             return
         inside = fn.support.check(msg["value"])
         self.checks.append((msg, inside))
@@ -350,7 +458,9 @@ class ObservedSupport(Messenger):
         for msg, inside in self.checks:
             if bool(inside.all()):
                 continue
-            where = (~inside).nonzero()[0] if inside.dim() else inside.new_zeros(0, dtype=torch.long)
+            where = (
+                (~inside).nonzero()[0] if inside.dim() else inside.new_zeros(0, dtype=torch.long)
+            )
             frames = [f.dim for f in msg["cond_indep_stack"] if f.name == self.plate]
             dim = inside.dim() + frames[0] if frames else -1
             row = int(where[dim]) if 0 <= dim < where.numel() else None
@@ -381,8 +491,13 @@ def _base(fn: Any) -> Any:
 def sample_sites(tr: poutine.Trace) -> dict[str, dict]:
     return {n: s for n, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
 
+
 def latent_nodes(tr: poutine.Trace) -> dict[str, dict]:
-    return {n: s for n, s in sample_sites(tr).items() if not s["is_observed"] and not s["infer"].get("is_auxiliary")}
+    return {
+        n: s
+        for n, s in sample_sites(tr).items()
+        if not s["is_observed"] and not s["infer"].get("is_auxiliary")
+    }
 
 
 def data_like(args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> torch.Tensor | None:
@@ -408,7 +523,9 @@ class PlaceFlat(Messenger):
         if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
             return
         fn = msg["fn"]
-        if not isinstance(fn, pyro.distributions.ImproperUniform) and not isinstance(getattr(fn, "base_dist", None), pyro.distributions.ImproperUniform):
+        if not isinstance(fn, pyro.distributions.ImproperUniform) and not isinstance(
+            getattr(fn, "base_dist", None), pyro.distributions.ImproperUniform
+        ):
             return
         t = biject_to(fn.support)
         shape = t.inverse_shape(fn.batch_shape + fn.event_shape)
@@ -416,15 +533,24 @@ class PlaceFlat(Messenger):
         msg["value"] = t(torch.zeros(shape, **kw))
 
 
-def model_latent_sites(model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
+def model_latent_sites(
+    model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, list[str]]:
     with poutine.block(), torch.no_grad(), PlaceFlat(data_like(args, kwargs)):
         tr = poutine.trace(model).get_trace(*args, **kwargs)
-    latent = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+    latent = [
+        n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
     if not latent:
         raise ConfigError("the model has no latent sample sites: nothing to sample")
     return tr, latent
 
-def vectorized(fn: Callable[..., object], size: int, dim: int, name: str = "_vectorized") -> Callable[..., object]:
+
+def vectorized(
+    fn: Callable[..., object], size: int, dim: int, name: str = "_vectorized"
+) -> Callable[..., object]:
     """``fn`` run inside a plate of ``size`` at ``dim`` (left of its own plates): ``size`` independent copies in one batch."""
 
     def run(*args: Any, **kwargs: Any) -> object:
@@ -439,27 +565,51 @@ def sum_but_first(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.expand(n) if t.dim() == 0 else t.reshape(n, -1).sum(1)
 
 
-def prior_predictive(model: Callable[..., object], *args: torch.Tensor, seed: int | None = None, what: str = "sample") -> dict[str, torch.Tensor]:
+def prior_predictive(
+    model: Callable[..., object], *args: torch.Tensor, seed: int | None = None, what: str = "sample"
+) -> dict[str, torch.Tensor]:
     """One run of ``model`` on ``args`` with its observed sites unconditioned: a draw of every sample site, in order.
 
     A model with a ``pyro.factor``, a scaled or masked site (an auxiliary term) or a latent outside
     the ``"data"`` plate is refused by the site's name: running it forward is not a draw from its
     prior predictive.
     """
-    with seeded(seed), torch.no_grad(), poutine.block(), PlaceFlat(data_like(args)):  # a flat site gets a value here, then is refused below
+    with (
+        seeded(seed),
+        torch.no_grad(),
+        poutine.block(),
+        PlaceFlat(data_like(args)),
+    ):  # a flat site gets a value here, then is refused below
         tr = poutine.trace(poutine.uncondition(model)).get_trace(*args)
-    sites = {name: s for name, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+    sites = {
+        name: s
+        for name, s in tr.nodes.items()
+        if s["type"] == "sample" and not site_is_subsample(s)
+    }
     n = args[0].shape[0] if args else 0
     for name, s in sites.items():
-        if isinstance(s["fn"], pyro.distributions.ImproperUniform) or isinstance(getattr(s["fn"], "base_dist", None), pyro.distributions.ImproperUniform):
-            raise ConfigError(f"{what}: site {name!r} has a flat improper prior (an autoencoder's code): the model has no prior predictive to draw from")
+        if isinstance(s["fn"], pyro.distributions.ImproperUniform) or isinstance(
+            getattr(s["fn"], "base_dist", None), pyro.distributions.ImproperUniform
+        ):
+            raise ConfigError(
+                f"{what}: site {name!r} has a flat improper prior (an autoencoder's code): the model has no prior predictive to draw from"
+            )
         if type(s["fn"]).__name__ == "Unit":
-            raise ConfigError(f"{what}: site {name!r} is a pyro.factor, which reweights the model: running it forward does not draw from it")
-        if not (isinstance(s["scale"], (int, float)) and s["scale"] == 1.0) or s["mask"] is not None:
-            raise ConfigError(f"{what}: site {name!r} is scaled or masked (an auxiliary term such as M2's classifier), not part of p(z) p(x | z); "
-                              "pass the model's arguments that leave it out (for M2: x without labels)")
+            raise ConfigError(
+                f"{what}: site {name!r} is a pyro.factor, which reweights the model: running it forward does not draw from it"
+            )
+        if (
+            not (isinstance(s["scale"], (int, float)) and s["scale"] == 1.0)
+            or s["mask"] is not None
+        ):
+            raise ConfigError(
+                f"{what}: site {name!r} is scaled or masked (an auxiliary term such as M2's classifier), not part of p(z) p(x | z); "
+                "pass the model's arguments that leave it out (for M2: x without labels)"
+            )
         if not any(f.name == "data" for f in s["cond_indep_stack"]):
-            raise ConfigError(f"{what}: site {name!r} is outside the 'data' plate (a global latent): its draw would be shared by all {n} rows")
+            raise ConfigError(
+                f"{what}: site {name!r} is outside the 'data' plate (a global latent): its draw would be shared by all {n} rows"
+            )
     return {name: s["value"] for name, s in sites.items()}
 
 
@@ -485,24 +635,43 @@ def analysed(
     ``fit`` trained: run it inside ``result.scope()``); with ``local``, a latent site outside the data
     plate (a global latent: the analysis is per datapoint).
     """
-    if not data or not isinstance(data[0], torch.Tensor) or data[0].dim() < 1 or data[0].shape[0] < 1:
+    if (
+        not data
+        or not isinstance(data[0], torch.Tensor)
+        or data[0].dim() < 1
+        or data[0].shape[0] < 1
+    ):
         raise ConfigError(f"{analysis} needs at least one datapoint (a tensor with rows)")
     head = tuple(t[:2] for t in data)
-    first = restrict(guide, slice(0, head[0].shape[0])) if guide is not None else _no_guide  # a per-datapoint guide, cut to the probe's rows
-    with torch.no_grad(), poutine.block(), pyro.get_param_store().scope(pyro.get_param_store().get_state()):
+    first = (
+        restrict(guide, slice(0, head[0].shape[0])) if guide is not None else _no_guide
+    )  # a per-datapoint guide, cut to the probe's rows
+    with (
+        torch.no_grad(),
+        poutine.block(),
+        pyro.get_param_store().scope(pyro.get_param_store().get_state()),
+    ):
         modules = _modules_called(model, first, head)
     with _evaluation(modules):
         found = find_data_plate(model, first, head, plate=plate, what=analysis, data=data)
     if found.subsampled:
-        raise ConfigError(f"{analysis}: plate {found.name!r} subsamples the data itself (subsample_size={found.subsample_size}), so the model "
-                          f"does not score the rows it is given; write it over them, pyro.plate({found.name!r}, x.shape[0])")
+        raise ConfigError(
+            f"{analysis}: plate {found.name!r} subsamples the data itself (subsample_size={found.subsample_size}), so the model "
+            f"does not score the rows it is given; write it over them, pyro.plate({found.name!r}, x.shape[0])"
+        )
     if found.fresh:
-        raise ConfigError(f"{analysis}: pyro.param {found.fresh[0]!r} is not in Pyro's parameter store, so the analysis would use its initial "
-                          "value; a fit keeps its parameters in its result: run the analysis inside `with result.scope():`")
+        raise ConfigError(
+            f"{analysis}: pyro.param {found.fresh[0]!r} is not in Pyro's parameter store, so the analysis would use its initial "
+            "value; a fit keeps its parameters in its result: run the analysis inside `with result.scope():`"
+        )
     if local and found.shared:
-        raise ConfigError(f"{analysis} is per datapoint; site {found.shared[0]!r} is outside the data plate {found.name!r} "
-                          "(a latent shared by all datapoints)")
-    return _evaluating(on_data_plate(model, found), modules), (_evaluating(on_data_plate(guide, found), modules) if guide is not None else None)
+        raise ConfigError(
+            f"{analysis} is per datapoint; site {found.shared[0]!r} is outside the data plate {found.name!r} "
+            "(a latent shared by all datapoints)"
+        )
+    return _evaluating(on_data_plate(model, found), modules), (
+        _evaluating(on_data_plate(guide, found), modules) if guide is not None else None
+    )
 
 
 @contextlib.contextmanager
@@ -518,7 +687,9 @@ def _evaluation(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
             m.train(mode)
 
 
-def _modules_called(model: Callable[..., object], guide: Callable[..., object], args: tuple[torch.Tensor, ...]) -> list[torch.nn.Module]:
+def _modules_called(
+    model: Callable[..., object], guide: Callable[..., object], args: tuple[torch.Tensor, ...]
+) -> list[torch.nn.Module]:
     """The modules with a training mode that matters (batch norm, dropout) that one run of ``guide`` and ``model`` calls.
 
     Each is put in evaluation mode as it is first called (so that a batch norm in training mode runs on a
@@ -546,12 +717,26 @@ def _modules_called(model: Callable[..., object], guide: Callable[..., object], 
 
 
 #: the layers whose training mode changes what they compute
-_MODED = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm, torch.nn.InstanceNorm1d,
-          torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
-          torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+_MODED = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
 
 
-def _evaluating(program: Callable[..., object], modules: Sequence[torch.nn.Module]) -> Callable[..., object]:
+def _evaluating(
+    program: Callable[..., object], modules: Sequence[torch.nn.Module]
+) -> Callable[..., object]:
     """``program`` with ``modules`` in evaluation mode while it runs (:func:`_evaluation`): a datapoint's result does not
     depend on its batch (batch norm's running statistics, not the batch's) and draws no dropout noise."""
     if not modules:

@@ -25,8 +25,13 @@ __all__ = ["retry_unvalidated"]
 T = TypeVar("T")
 
 
-def retry_unvalidated(run: Callable[[], T], unvalidated: Callable[[], T] | None = None, *, validating: bool | None = None,
-                      device: torch.device | str = "cpu") -> tuple[T, str]:
+def retry_unvalidated(
+    run: Callable[[], T],
+    unvalidated: Callable[[], T] | None = None,
+    *,
+    validating: bool | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[T, str]:
     """``(run(), "")``; where validation meets an invalid parameter, ``(unvalidated(), what it met)`` with the same draws.
 
     ``unvalidated`` runs the computation with validation off (default: ``run`` under

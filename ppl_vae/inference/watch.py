@@ -14,7 +14,6 @@ from pyro.poutine.util import site_is_subsample
 from .traces import traces
 
 
-
 class DivergenceWatch:
     r"""Stops training on an ELBO estimate that is impossible or that jumped by orders of magnitude.
 
@@ -45,11 +44,19 @@ class DivergenceWatch:
         return None
 
 
-def inspect_sites(model: Callable[..., object], guide: Callable[..., object], example: tuple[torch.Tensor, ...]) -> tuple[bool, list[str]]:
+def inspect_sites(
+    model: Callable[..., object], guide: Callable[..., object], example: tuple[torch.Tensor, ...]
+) -> tuple[bool, list[str]]:
     """Whether every observed site is discrete (then log p(x) <= 0 per datapoint), and the model's enumerated sites the guide lacks."""
     with torch.no_grad(), pyro.validation_enabled(False):
         model_tr, guide_tr = traces(model, guide, *example)
-    sites = [s for s in model_tr.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    sites = [
+        s for s in model_tr.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)
+    ]
     observed = [s for s in sites if s["is_observed"]]
-    enumerated = [s["name"] for s in sites if not s["is_observed"] and s["infer"].get("enumerate") and s["name"] not in guide_tr.nodes]
+    enumerated = [
+        s["name"]
+        for s in sites
+        if not s["is_observed"] and s["infer"].get("enumerate") and s["name"] not in guide_tr.nodes
+    ]
     return bool(observed) and all(s["fn"].support.is_discrete for s in observed), enumerated

@@ -7,7 +7,12 @@ the likelihood is a distribution the decoder output is turned into
 :mod:`ppl_vae.inference`.
 """
 
-from .autoencoders import contractive_autoencoder, jacobian_norm, principal_angles_to_pca, sparse_autoencoder
+from .autoencoders import (
+    contractive_autoencoder,
+    jacobian_norm,
+    principal_angles_to_pca,
+    sparse_autoencoder,
+)
 from .classic import eight_schools_noncentered, linear_regression
 from .cvae_so import baseline_model, so_cvae, so_cvae_guide
 from .discrete import DISCRETE_MODELS, GaussianMixturePrior, bernoulli_vae, categorical_vae, gmm_vae

@@ -45,13 +45,21 @@ from torch import nn
 
 from ..errors import ConfigError, check_int
 
-__all__ = ["sparse_autoencoder", "contractive_autoencoder", "jacobian_norm", "JACOBIAN_METHODS", "principal_angles_to_pca"]
+__all__ = [
+    "sparse_autoencoder",
+    "contractive_autoencoder",
+    "jacobian_norm",
+    "JACOBIAN_METHODS",
+    "principal_angles_to_pca",
+]
 
 #: how :func:`jacobian_norm` computes the penalty
 JACOBIAN_METHODS = ("exact", "hutchinson")
 
 
-def sparse_autoencoder(decoder: nn.Module, likelihood: nn.Module, latent_dim: int, *, l1: float) -> Callable[..., None]:
+def sparse_autoencoder(
+    decoder: nn.Module, likelihood: nn.Module, latent_dim: int, *, l1: float
+) -> Callable[..., None]:
     r"""Autoencoder model with an L1 penalty of weight ``l1`` on the code ``z``.
 
     Pair with :func:`ppl_vae.guides.delta_guide`. The objective is the
@@ -73,11 +81,19 @@ def sparse_autoencoder(decoder: nn.Module, likelihood: nn.Module, latent_dim: in
 
 def _check_method(method: str, probes: int) -> None:
     if method not in JACOBIAN_METHODS:
-        raise ConfigError(f"unknown Jacobian method {method!r}; choose {' or '.join(JACOBIAN_METHODS)}")
+        raise ConfigError(
+            f"unknown Jacobian method {method!r}; choose {' or '.join(JACOBIAN_METHODS)}"
+        )
     check_int(probes, "the number of Hutchinson probes")
 
 
-def jacobian_norm(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, method: str = "exact", probes: int = 1) -> torch.Tensor:
+def jacobian_norm(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    method: str = "exact",
+    probes: int = 1,
+) -> torch.Tensor:
     r"""The squared Frobenius norm of the encoder's Jacobian, :math:`\|\partial e(x_n) / \partial x_n\|_F^2`, per row of ``x`` (``[N]``).
 
     ``encoder`` maps ``[N, D]`` to codes ``[N, d]`` (or ``[N, *shape]``), each row
@@ -102,17 +118,33 @@ def jacobian_norm(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
         flat = code.reshape(code.shape[0], -1)
         if method == "exact":
             rows = range(flat.shape[1])
-            grads = (torch.autograd.grad(flat[:, k].sum(), inp, create_graph=train, retain_graph=True)[0] for k in rows)
+            grads = (
+                torch.autograd.grad(flat[:, k].sum(), inp, create_graph=train, retain_graph=True)[0]
+                for k in rows
+            )
         else:
-            signs = (torch.randint(0, 2, (probes, *flat.shape), device=flat.device) * 2 - 1).to(flat.dtype)
-            grads = (torch.autograd.grad((flat * v).sum(), inp, create_graph=train, retain_graph=True)[0] for v in signs)
+            signs = (torch.randint(0, 2, (probes, *flat.shape), device=flat.device) * 2 - 1).to(
+                flat.dtype
+            )
+            grads = (
+                torch.autograd.grad((flat * v).sum(), inp, create_graph=train, retain_graph=True)[0]
+                for v in signs
+            )
         total = sum(g.reshape(g.shape[0], -1).pow(2).sum(-1) for g in grads)
     assert isinstance(total, torch.Tensor)
     return total if method == "exact" else total / probes
 
 
-def contractive_autoencoder(decoder: nn.Module, likelihood: nn.Module, encoder: nn.Module, latent_dim: int, *, weight: float,
-                            method: str = "exact", probes: int = 1) -> Callable[..., None]:
+def contractive_autoencoder(
+    decoder: nn.Module,
+    likelihood: nn.Module,
+    encoder: nn.Module,
+    latent_dim: int,
+    *,
+    weight: float,
+    method: str = "exact",
+    probes: int = 1,
+) -> Callable[..., None]:
     r"""Autoencoder model with the contractive penalty :math:`\lambda \|\partial e(x) / \partial x\|_F^2` (:func:`jacobian_norm`).
 
     Pair with ``delta_guide(encoder)``: the guide puts ``z`` at ``encoder(x)``;
@@ -130,7 +162,9 @@ def contractive_autoencoder(decoder: nn.Module, likelihood: nn.Module, encoder: 
     def model(x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.ImproperUniform(constraints.real, (), (latent_dim,)))
-            pyro.factor("contractive", -weight * jacobian_norm(encoder, x, method=method, probes=probes))
+            pyro.factor(
+                "contractive", -weight * jacobian_norm(encoder, x, method=method, probes=probes)
+            )
             pyro.sample("x", likelihood(decoder(z)), obs=x)
 
     return model

@@ -46,9 +46,9 @@ def eight_schools_noncentered(sigma: torch.Tensor, y: torch.Tensor | None = None
 
 def linear_regression(X: torch.Tensor, y: torch.Tensor | None = None) -> None:
     """Bayesian linear regression: ``beta`` (``[D]``) and ``sigma``; ``y ~ N(X beta, sigma)``."""
-    beta = pyro.sample("beta", dist.Normal(torch.zeros(X.shape[-1], dtype=X.dtype), 10.0).to_event(1))
+    beta = pyro.sample(
+        "beta", dist.Normal(torch.zeros(X.shape[-1], dtype=X.dtype), 10.0).to_event(1)
+    )
     sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(10.0, dtype=X.dtype)))
     with pyro.plate("rows", X.shape[-2]):
         pyro.sample("y", dist.Normal((X * beta).sum(-1), sigma), obs=y)
-
-

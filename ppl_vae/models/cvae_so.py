@@ -42,7 +42,15 @@ from torch import nn
 from ..distributions import gaussian_from_params
 from ..errors import ConfigError
 
-__all__ = ["HIDDEN", "visible_mask", "mask_quadrants", "baseline_model", "empty_guide", "so_cvae", "so_cvae_guide"]
+__all__ = [
+    "HIDDEN",
+    "visible_mask",
+    "mask_quadrants",
+    "baseline_model",
+    "empty_guide",
+    "so_cvae",
+    "so_cvae_guide",
+]
 
 HIDDEN = -1.0
 
@@ -95,7 +103,9 @@ def _prior_input(x_in: torch.Tensor, baseline: nn.Module | None) -> torch.Tensor
     return torch.where(x_in == HIDDEN, guess, x_in)
 
 
-def so_cvae(prior_net: nn.Module, generation_net: nn.Module, *, baseline: nn.Module | None = None) -> Callable[..., None]:
+def so_cvae(
+    prior_net: nn.Module, generation_net: nn.Module, *, baseline: nn.Module | None = None
+) -> Callable[..., None]:
     r"""CVAE :math:`p_\theta(z \mid x)\,p_\theta(y_{\text{hidden}} \mid z)`.
 
     Parameters
@@ -132,5 +142,3 @@ def so_cvae_guide(recognition_net: nn.Module) -> Callable[..., None]:
             pyro.sample("z", gaussian_from_params(recognition_net(y)))
 
     return guide
-
-

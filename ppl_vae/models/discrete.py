@@ -34,7 +34,14 @@ from torch import nn
 from ..distributions import gaussian_mixture
 from ..errors import ConfigError
 
-__all__ = ["bernoulli_vae", "categorical_vae", "gmm_vae", "GaussianMixturePrior", "DISCRETE_MODELS", "Model"]
+__all__ = [
+    "bernoulli_vae",
+    "categorical_vae",
+    "gmm_vae",
+    "GaussianMixturePrior",
+    "DISCRETE_MODELS",
+    "Model",
+]
 
 Model = Callable[..., None]
 DISCRETE_MODELS = ("bernoulli-vae", "categorical-vae")
@@ -45,7 +52,9 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def bernoulli_vae(decoder: nn.Module, likelihood: nn.Module, latent_dim: int, prior_prob: float = 0.5) -> Model:
+def bernoulli_vae(
+    decoder: nn.Module, likelihood: nn.Module, latent_dim: int, prior_prob: float = 0.5
+) -> Model:
     r"""A VAE with ``latent_dim`` independent Bernoulli latents: :math:`z_l \sim \mathrm{Bernoulli}(\pi)`.
 
     ``decoder`` maps ``z`` (float 0/1, ``[..., latent_dim]``) to the
@@ -63,7 +72,9 @@ def bernoulli_vae(decoder: nn.Module, likelihood: nn.Module, latent_dim: int, pr
     return model
 
 
-def categorical_vae(decoder: nn.Module, likelihood: nn.Module, num_latents: int, num_classes: int) -> Model:
+def categorical_vae(
+    decoder: nn.Module, likelihood: nn.Module, num_latents: int, num_classes: int
+) -> Model:
     r"""A VAE with ``num_latents`` one-hot categorical latents of ``num_classes`` classes, uniform prior.
 
     ``z`` has shape ``[..., num_latents, num_classes]``; the decoder receives
@@ -105,7 +116,13 @@ class GaussianMixturePrior(nn.Module):
         return gaussian_mixture(logits, dist.Normal(locs, scales).to_event(1))
 
 
-def gmm_vae(decoder: nn.Module, likelihood: nn.Module, prior: GaussianMixturePrior, *, enumerate: bool = True) -> Model:
+def gmm_vae(
+    decoder: nn.Module,
+    likelihood: nn.Module,
+    prior: GaussianMixturePrior,
+    *,
+    enumerate: bool = True,
+) -> Model:
     r"""A VAE with a Gaussian-mixture prior; the component ``c`` is summed out.
 
     .. math::
@@ -126,12 +143,12 @@ def gmm_vae(decoder: nn.Module, likelihood: nn.Module, prior: GaussianMixturePri
         with pyro.plate("data", x.shape[0]):
             if enumerate:
                 logits, locs, scales = prior()
-                c = pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
+                c = pyro.sample(
+                    "c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
+                )
                 z = pyro.sample("z", dist.Normal(locs[c], scales[c]).to_event(1))
             else:
                 z = pyro.sample("z", prior.marginal())
             pyro.sample("x", likelihood(decoder(z)), obs=x)
 
     return model
-
-

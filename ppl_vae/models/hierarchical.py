@@ -29,7 +29,9 @@ from ..errors import ConfigError
 __all__ = ["hierarchical_vae", "hierarchical_guide", "TopEncoder", "TopDecoder"]
 
 
-def hierarchical_vae(decoder: nn.Module, top_decoder: nn.Module, likelihood: nn.Module, top_dim: int) -> Callable[..., None]:
+def hierarchical_vae(
+    decoder: nn.Module, top_decoder: nn.Module, likelihood: nn.Module, top_dim: int
+) -> Callable[..., None]:
     r"""Model :math:`p(z_2)\,p(z_1 \mid z_2)\,p(x \mid z_1)`.
 
     Parameters

@@ -43,14 +43,23 @@ from ..distributions import gaussian_from_params
 from ..errors import ConfigError
 from ..nn import MLP, GaussianEncoder
 
-__all__ = ["ladder_vae", "ladder_guide", "precision_weighted", "LadderNetworks", "ladder_networks", "ancestral_means"]
+__all__ = [
+    "ladder_vae",
+    "ladder_guide",
+    "precision_weighted",
+    "LadderNetworks",
+    "ladder_networks",
+    "ancestral_means",
+]
 
 
 def _sites(num_layers: int) -> list[str]:
-    return [f"z{l}" for l in range(1, num_layers + 1)]
+    return [f"z{layer}" for layer in range(1, num_layers + 1)]
 
 
-def ladder_vae(decoder: nn.Module, priors: Sequence[nn.Module], likelihood: nn.Module, top_dim: int) -> Callable[..., None]:
+def ladder_vae(
+    decoder: nn.Module, priors: Sequence[nn.Module], likelihood: nn.Module, top_dim: int
+) -> Callable[..., None]:
     r"""Model :math:`p(z_L) \prod_l p(z_l \mid z_{l+1})\, p(x \mid z_1)` with ``L = len(priors) + 1`` stochastic layers.
 
     ``priors[l - 1]`` maps :math:`z_{l+1}` to ``(loc, scale)`` of :math:`p(z_l \mid z_{l+1})`;
@@ -70,7 +79,9 @@ def ladder_vae(decoder: nn.Module, priors: Sequence[nn.Module], likelihood: nn.M
     return model
 
 
-def precision_weighted(term: tuple[torch.Tensor, torch.Tensor], prior: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def precision_weighted(
+    term: tuple[torch.Tensor, torch.Tensor], prior: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loc, scale)`` of the product of two diagonal Gaussians (normalised): the ladder's combination of its bottom-up term and the prior."""
     (m1, s1), (m2, s2) = term, prior
     p1, p2 = s1.pow(-2), s2.pow(-2)
@@ -78,14 +89,18 @@ def precision_weighted(term: tuple[torch.Tensor, torch.Tensor], prior: tuple[tor
     return var * (m1 * p1 + m2 * p2), var.sqrt()
 
 
-def ladder_guide(bottom_up: Sequence[nn.Module], heads: Sequence[nn.Module], priors: Sequence[nn.Module]) -> Callable[..., None]:
+def ladder_guide(
+    bottom_up: Sequence[nn.Module], heads: Sequence[nn.Module], priors: Sequence[nn.Module]
+) -> Callable[..., None]:
     r"""Top-down guide :math:`q(z_L \mid x) \prod_l q(z_l \mid z_{l+1}, x)` sharing ``priors`` with :func:`ladder_vae`.
 
     ``bottom_up[l]`` maps :math:`h_l` to :math:`h_{l+1}` (:math:`h_0 = x`); ``heads[l]`` maps
     :math:`h_{l+1}` to the ``(loc, scale)`` of layer :math:`l + 1`'s bottom-up term.
     """
     if not (len(bottom_up) == len(heads) == len(priors) + 1):
-        raise ConfigError(f"a ladder of L layers needs L bottom-up networks and heads and L - 1 priors, got {len(bottom_up)}, {len(heads)}, {len(priors)}")
+        raise ConfigError(
+            f"a ladder of L layers needs L bottom-up networks and heads and L - 1 priors, got {len(bottom_up)}, {len(heads)}, {len(priors)}"
+        )
     names = _sites(len(heads))
 
     def guide(x: torch.Tensor) -> None:
@@ -143,31 +158,67 @@ class _TopDown(nn.Module):
         return self.decoder(z)
 
 
-def ladder_networks(data_dim: int, dims: Sequence[int], hidden: int, likelihood: nn.Module) -> LadderNetworks:
+def ladder_networks(
+    data_dim: int, dims: Sequence[int], hidden: int, likelihood: nn.Module
+) -> LadderNetworks:
     """MLP networks for a ladder VAE with stochastic layers of widths ``dims`` (bottom ``z1`` first, top last), ``hidden`` units per layer."""
     dims = list(dims)
     if len(dims) < 2 or any(not isinstance(d, int) or d <= 0 for d in dims):
-        raise ConfigError(f"a ladder VAE needs at least 2 stochastic layers of positive width, got {dims}")
-    bottom_up = nn.ModuleList([nn.Sequential(nn.Linear(data_dim if i == 0 else hidden, hidden), nn.ELU()) for i in range(len(dims))])
+        raise ConfigError(
+            f"a ladder VAE needs at least 2 stochastic layers of positive width, got {dims}"
+        )
+    bottom_up = nn.ModuleList(
+        [
+            nn.Sequential(nn.Linear(data_dim if i == 0 else hidden, hidden), nn.ELU())
+            for i in range(len(dims))
+        ]
+    )
     heads = nn.ModuleList([GaussianEncoder(nn.Identity(), hidden, d) for d in dims])
-    priors = nn.ModuleList([GaussianEncoder(nn.Sequential(nn.Linear(dims[i + 1], hidden), nn.ELU()), hidden, dims[i]) for i in range(len(dims) - 1)])
+    priors = nn.ModuleList(
+        [
+            GaussianEncoder(
+                nn.Sequential(nn.Linear(dims[i + 1], hidden), nn.ELU()), hidden, dims[i]
+            )
+            for i in range(len(dims) - 1)
+        ]
+    )
     decoder = MLP(dims[0], [hidden], data_dim)
     model = ladder_vae(decoder, list(priors), likelihood, dims[-1])
     guide = ladder_guide(list(bottom_up), list(heads), list(priors))
-    return LadderNetworks(model, guide, decoder, priors, bottom_up, heads, _Top(bottom_up, heads), _TopDown(decoder, priors))
+    return LadderNetworks(
+        model,
+        guide,
+        decoder,
+        priors,
+        bottom_up,
+        heads,
+        _Top(bottom_up, heads),
+        _TopDown(decoder, priors),
+    )
 
 
 @torch.no_grad()
-def ancestral_means(decoder: nn.Module, priors: Sequence[nn.Module], likelihood: nn.Module, top_dim: int, num_samples: int, *,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def ancestral_means(
+    decoder: nn.Module,
+    priors: Sequence[nn.Module],
+    likelihood: nn.Module,
+    top_dim: int,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     r"""Means of :math:`p(x \mid z_1)` for ancestral draws :math:`z_L \sim N(0, I)`, :math:`z_l \sim p(z_l \mid z_{l+1})` (``priors[l - 1]``).
 
     Every layer is drawn, not set to its conditional mean: a hierarchy whose top layers
     collapsed to their priors keeps its variety in the lower ones.
     """
     first = next(iter(decoder.parameters()))
-    z = torch.randn(num_samples, top_dim, generator=generator, device=first.device, dtype=first.dtype)
+    z = torch.randn(
+        num_samples, top_dim, generator=generator, device=first.device, dtype=first.dtype
+    )
     for prior in reversed(list(priors)):
         loc, scale = prior(z)
-        z = loc + scale * torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+        z = loc + scale * torch.randn(
+            loc.shape, generator=generator, device=loc.device, dtype=loc.dtype
+        )
     return likelihood.mean(decoder(z))

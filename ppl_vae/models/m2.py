@@ -96,8 +96,12 @@ def m2(
         labels, mask = _split(y)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(latent_dim), 1.0).to_event(1))
-            y_all = pyro.sample("y", dist.Categorical(logits=uniform.to(x)), obs=labels, obs_mask=mask)
-            pyro.sample("x", likelihood(decoder(concat_broadcast(z, _one_hot(y_all, num_classes)))), obs=x)
+            y_all = pyro.sample(
+                "y", dist.Categorical(logits=uniform.to(x)), obs=labels, obs_mask=mask
+            )
+            pyro.sample(
+                "x", likelihood(decoder(concat_broadcast(z, _one_hot(y_all, num_classes)))), obs=x
+            )
             if labels is not None and alpha > 0:
                 with poutine.scale(scale=alpha), poutine.mask(mask=True if mask is None else mask):
                     pyro.sample("y_aux", dist.Categorical(logits=classifier(x)), obs=labels)
@@ -123,7 +127,10 @@ def m2_guide(encoder: nn.Module, classifier: nn.Module, num_classes: int) -> Cal
                 with poutine.mask(mask=~mask):
                     y_draw = pyro.sample("y_unobserved", q_y, infer={"enumerate": "parallel"})
                 y_all = torch.where(mask, labels, y_draw)
-            pyro.sample("z", gaussian_from_params(encoder(concat_broadcast(x, _one_hot(y_all, num_classes)))))
+            pyro.sample(
+                "z",
+                gaussian_from_params(encoder(concat_broadcast(x, _one_hot(y_all, num_classes)))),
+            )
 
     return guide
 
@@ -131,4 +138,6 @@ def m2_guide(encoder: nn.Module, classifier: nn.Module, num_classes: int) -> Cal
 @torch.no_grad()
 def classify(classifier: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
     """Most probable class under :math:`q(y \\mid x)`, per row."""
-    return torch.cat([classifier(x[i : i + batch_size]).argmax(-1) for i in range(0, x.shape[0], batch_size)])
+    return torch.cat(
+        [classifier(x[i : i + batch_size]).argmax(-1) for i in range(0, x.shape[0], batch_size)]
+    )

@@ -69,7 +69,9 @@ class PPCA(nn.Module):
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact ``log p(x)`` per row of ``x``: shape ``[N]``."""
-        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.data_dim, dtype=x.dtype, device=x.device)
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(
+            self.data_dim, dtype=x.dtype, device=x.device
+        )
         return dist.MultivariateNormal(self.mu, covariance_matrix=cov).log_prob(x)
 
     def exact_guide(self, x: torch.Tensor) -> None:
@@ -80,6 +82,18 @@ class PPCA(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``x`` from the model: ``[num_samples, D]``."""
-        z = torch.randn(num_samples, self.latent_dim, generator=generator, dtype=self.W.dtype, device=self.W.device)
-        noise = torch.randn(num_samples, self.data_dim, generator=generator, dtype=self.W.dtype, device=self.W.device)
+        z = torch.randn(
+            num_samples,
+            self.latent_dim,
+            generator=generator,
+            dtype=self.W.dtype,
+            device=self.W.device,
+        )
+        noise = torch.randn(
+            num_samples,
+            self.data_dim,
+            generator=generator,
+            dtype=self.W.dtype,
+            device=self.W.device,
+        )
         return z @ self.W.T + self.mu + self.sigma * noise

@@ -59,17 +59,23 @@ class VampPrior(nn.Module):
     def __init__(self, encoder: nn.Module, pseudo_inputs: torch.Tensor) -> None:
         super().__init__()
         if pseudo_inputs.dim() != 2:
-            raise ConfigError(f"pseudo-inputs must be a [K, D] tensor, got shape {tuple(pseudo_inputs.shape)}")
+            raise ConfigError(
+                f"pseudo-inputs must be a [K, D] tensor, got shape {tuple(pseudo_inputs.shape)}"
+            )
         _check_components(pseudo_inputs.shape[0])
         self.encoder = encoder
         self.pseudo_inputs = nn.Parameter(pseudo_inputs.detach().clone())
 
     def forward(self) -> dist.TorchDistribution:
         components = gaussian_from_params(self.encoder(self.pseudo_inputs))
-        return gaussian_mixture(self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]), components)
+        return gaussian_mixture(
+            self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]), components
+        )
 
 
-def vae_with_prior(decoder: nn.Module, likelihood: nn.Module, prior: Callable[[], dist.TorchDistribution]) -> Callable[..., None]:
+def vae_with_prior(
+    decoder: nn.Module, likelihood: nn.Module, prior: Callable[[], dist.TorchDistribution]
+) -> Callable[..., None]:
     r"""A VAE :math:`p_\lambda(z)\,p_\theta(x \mid z)` with a learned prior ``prior()``.
 
     Pair it with :func:`ppl_vae.guides.amortized_guide`. Draw from the

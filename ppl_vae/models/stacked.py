@@ -51,18 +51,32 @@ class StackedAutoencoder:
     model: Callable[..., None]
 
 
-def stacked_autoencoder(data_dim: int, widths: Sequence[int], likelihood: nn.Module) -> StackedAutoencoder:
+def stacked_autoencoder(
+    data_dim: int, widths: Sequence[int], likelihood: nn.Module
+) -> StackedAutoencoder:
     """Layers ``data_dim -> widths[0] -> ... -> widths[-1]`` (the code); ``likelihood`` of the data given the first decoder's output."""
     widths = tuple(widths)
     if len(widths) < 1 or any(not isinstance(w, int) or w <= 0 for w in widths):
         raise ConfigError(f"a stacked autoencoder needs positive layer widths, got {widths}")
     sizes = (data_dim, *widths)
     encoders = nn.ModuleList(
-        [nn.Sequential(nn.Linear(a, b), nn.Sigmoid()) for a, b in zip(sizes[:-2], sizes[1:-1])] + [nn.Sequential(nn.Linear(sizes[-2], sizes[-1]))]
+        [nn.Sequential(nn.Linear(a, b), nn.Sigmoid()) for a, b in zip(sizes[:-2], sizes[1:-1])]
+        + [nn.Sequential(nn.Linear(sizes[-2], sizes[-1]))]
     )
-    decoders = nn.ModuleList([nn.Sequential(nn.Linear(sizes[1], sizes[0]))] + [nn.Sequential(nn.Linear(b, a), nn.Sigmoid()) for a, b in zip(sizes[1:-1], sizes[2:])])
+    decoders = nn.ModuleList(
+        [nn.Sequential(nn.Linear(sizes[1], sizes[0]))]
+        + [nn.Sequential(nn.Linear(b, a), nn.Sigmoid()) for a, b in zip(sizes[1:-1], sizes[2:])]
+    )
     encoder, decoder = nn.Sequential(*encoders), nn.Sequential(*reversed(decoders))
-    return StackedAutoencoder(encoders, decoders, encoder, decoder, likelihood, widths, autoencoder(decoder, likelihood, widths[-1]))
+    return StackedAutoencoder(
+        encoders,
+        decoders,
+        encoder,
+        decoder,
+        likelihood,
+        widths,
+        autoencoder(decoder, likelihood, widths[-1]),
+    )
 
 
 def layer_model(stack: StackedAutoencoder, layer: int) -> Callable[..., None]:

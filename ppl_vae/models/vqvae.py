@@ -43,7 +43,19 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["Codebook", "CodePrior", "vqvae", "perplexity", "QuantizedDecoder", "AutoregressiveCodePrior", "vqvae2", "vqvae2_guide", "vqvae2_sample", "VQ2Encoder", "VQ2Decoder"]
+__all__ = [
+    "Codebook",
+    "CodePrior",
+    "vqvae",
+    "perplexity",
+    "QuantizedDecoder",
+    "AutoregressiveCodePrior",
+    "vqvae2",
+    "vqvae2_guide",
+    "vqvae2_sample",
+    "VQ2Encoder",
+    "VQ2Decoder",
+]
 
 
 class Codebook(nn.Module):
@@ -52,7 +64,9 @@ class Codebook(nn.Module):
     def __init__(self, num_codes: int, code_dim: int, *, seed: int = 0) -> None:
         super().__init__()
         if num_codes < 2 or code_dim < 1:
-            raise ConfigError(f"a codebook needs >= 2 codes of width >= 1, got {num_codes} x {code_dim}")
+            raise ConfigError(
+                f"a codebook needs >= 2 codes of width >= 1, got {num_codes} x {code_dim}"
+            )
         gen = torch.Generator().manual_seed(seed)
         self.num_codes, self.code_dim = num_codes, code_dim
         self.embedding = nn.Parameter(torch.randn(num_codes, code_dim, generator=gen))
@@ -74,7 +88,9 @@ class CodePrior(nn.Module):
         return dist.Categorical(logits=self.logits).to_event(1)
 
     @torch.no_grad()
-    def sample_codes(self, num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_codes(
+        self, num_samples: int, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``[num_samples, num_latents]`` codes drawn from the prior."""
         probs = torch.softmax(self.logits, -1)
         draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
@@ -149,33 +165,51 @@ class AutoregressiveCodePrior(nn.Module):
     draws them position by position.
     """
 
-    def __init__(self, num_latents: int, num_codes: int, *, hidden: int = 64, context_dim: int = 0) -> None:
+    def __init__(
+        self, num_latents: int, num_codes: int, *, hidden: int = 64, context_dim: int = 0
+    ) -> None:
         super().__init__()
         if num_latents < 1 or num_codes < 2 or hidden < 1:
-            raise ConfigError(f"an autoregressive code prior needs >= 1 position, >= 2 codes and >= 1 hidden unit, got {num_latents}, {num_codes}, {hidden}")
+            raise ConfigError(
+                f"an autoregressive code prior needs >= 1 position, >= 2 codes and >= 1 hidden unit, got {num_latents}, {num_codes}, {hidden}"
+            )
         m, k = num_latents, num_codes
         self.num_latents, self.num_codes = m, k
         self.inp = nn.Linear(m * k, hidden)
         self.out = nn.Linear(hidden, m * k)
         self.context = nn.Linear(context_dim, hidden) if context_dim else None
-        degree_in = torch.arange(1, m + 1).repeat_interleave(k)  # position j's one-hot block has degree j
+        degree_in = torch.arange(1, m + 1).repeat_interleave(
+            k
+        )  # position j's one-hot block has degree j
         degree_hidden = torch.arange(hidden) % max(m - 1, 1) + 1  # 1..m-1
         degree_out = torch.arange(1, m + 1).repeat_interleave(k)
-        self.register_buffer("mask_in", (degree_hidden[:, None] >= degree_in[None, :]).float(), persistent=False)
-        self.register_buffer("mask_out", (degree_out[:, None] > degree_hidden[None, :]).float(), persistent=False)
+        self.register_buffer(
+            "mask_in", (degree_hidden[:, None] >= degree_in[None, :]).float(), persistent=False
+        )
+        self.register_buffer(
+            "mask_out", (degree_out[:, None] > degree_hidden[None, :]).float(), persistent=False
+        )
 
     def logits(self, codes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., m, K]`` logits of each position given the codes before it (and ``context``)."""
-        onehot = torch.nn.functional.one_hot(codes.long(), self.num_codes).to(self.inp.weight.dtype).flatten(-2)
+        onehot = (
+            torch.nn.functional.one_hot(codes.long(), self.num_codes)
+            .to(self.inp.weight.dtype)
+            .flatten(-2)
+        )
         h = torch.nn.functional.linear(onehot, self.inp.weight * self.mask_in, self.inp.bias)
         if self.context is not None:
             if context is None:
                 raise ConfigError("this code prior is conditional: give its context")
             h = h + self.context(context)
-        out = torch.nn.functional.linear(torch.relu(h), self.out.weight * self.mask_out, self.out.bias)
+        out = torch.nn.functional.linear(
+            torch.relu(h), self.out.weight * self.mask_out, self.out.bias
+        )
         return out.reshape(*codes.shape, self.num_codes)
 
-    def forward(self, codes: torch.Tensor, context: torch.Tensor | None = None) -> dist.TorchDistribution:
+    def forward(
+        self, codes: torch.Tensor, context: torch.Tensor | None = None
+    ) -> dist.TorchDistribution:
         """The prior as a distribution to score the observed ``codes`` with (their log-probability is the autoregressive one).
 
         Called as the module (``prior(codes)``), so that ``fit`` finds its parameters.
@@ -183,7 +217,13 @@ class AutoregressiveCodePrior(nn.Module):
         return dist.Categorical(logits=self.logits(codes, context)).to_event(1)
 
     @torch.no_grad()
-    def sample_codes(self, num_samples: int, *, context: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_codes(
+        self,
+        num_samples: int,
+        *,
+        context: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """``[num_samples, m]`` codes drawn position by position (``context``: ``[num_samples, context_dim]``)."""
         device = self.inp.weight.device
         codes = torch.zeros(num_samples, self.num_latents, dtype=torch.long, device=device)
@@ -193,11 +233,18 @@ class AutoregressiveCodePrior(nn.Module):
         return codes
 
 
-def _quantise(codebook: Codebook, z: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantise(
+    codebook: Codebook, z: torch.Tensor, positions: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codes, straight-through z_q [..., m * d], codebook loss, commitment loss)`` of a flat encoder output ``z``."""
     z_e = z.reshape(*z.shape[:-1], positions, codebook.code_dim)
     codes, e = codebook(z_e)
-    return codes, (z_e + (e - z_e).detach()).flatten(-2), (z_e.detach() - e).pow(2).sum((-2, -1)), (z_e - e.detach()).pow(2).sum((-2, -1))
+    return (
+        codes,
+        (z_e + (e - z_e).detach()).flatten(-2),
+        (z_e.detach() - e).pow(2).sum((-2, -1)),
+        (z_e - e.detach()).pow(2).sum((-2, -1)),
+    )
 
 
 def vqvae2(
@@ -217,14 +264,23 @@ def vqvae2(
     codes; ``decoder`` maps the quantised bottom and top codes (concatenated) to the
     likelihood. The VQ terms of both levels are one ``pyro.factor``.
     """
-    (top_book, bottom_book), (top_prior, bottom_prior), (m_top, m_bottom) = codebooks, priors, positions
+    (top_book, bottom_book), (top_prior, bottom_prior), (m_top, m_bottom) = (
+        codebooks,
+        priors,
+        positions,
+    )
     if commitment < 0:
         raise ConfigError(f"commitment weight must be >= 0, got {commitment}")
 
     def model(x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
-            zt = pyro.sample("z_top", dist.ImproperUniform(constraints.real, (), (m_top * top_book.code_dim,)))
-            zb = pyro.sample("z_bottom", dist.ImproperUniform(constraints.real, (), (m_bottom * bottom_book.code_dim,)))
+            zt = pyro.sample(
+                "z_top", dist.ImproperUniform(constraints.real, (), (m_top * top_book.code_dim,))
+            )
+            zb = pyro.sample(
+                "z_bottom",
+                dist.ImproperUniform(constraints.real, (), (m_bottom * bottom_book.code_dim,)),
+            )
             ct, qt, book_t, commit_t = _quantise(top_book, zt, m_top)
             cb, qb, book_b, commit_b = _quantise(bottom_book, zb, m_bottom)
             pyro.sample("codes_top", top_prior(ct), obs=ct)
@@ -236,7 +292,13 @@ def vqvae2(
     return model
 
 
-def vqvae2_guide(encoder: nn.Module, top_encoder: nn.Module, bottom_head: nn.Module, top_codebook: Codebook, top_positions: int) -> Callable[..., None]:
+def vqvae2_guide(
+    encoder: nn.Module,
+    top_encoder: nn.Module,
+    bottom_head: nn.Module,
+    top_codebook: Codebook,
+    top_positions: int,
+) -> Callable[..., None]:
     """Point masses at the encoders' outputs: ``h = encoder(x)``; top ``top_encoder(h)``; bottom ``bottom_head([h, quantised top])``.
 
     The bottom code sees the quantised top code (straight-through), as VQ-VAE-2's bottom
@@ -255,12 +317,21 @@ def vqvae2_guide(encoder: nn.Module, top_encoder: nn.Module, bottom_head: nn.Mod
 
 
 @torch.no_grad()
-def vqvae2_sample(decoder: nn.Module, likelihood: nn.Module, codebooks: tuple[Codebook, Codebook], priors: tuple[AutoregressiveCodePrior, AutoregressiveCodePrior],
-                  num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def vqvae2_sample(
+    decoder: nn.Module,
+    likelihood: nn.Module,
+    codebooks: tuple[Codebook, Codebook],
+    priors: tuple[AutoregressiveCodePrior, AutoregressiveCodePrior],
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Means of ``p(x | codes)`` for codes drawn from the priors: top codes first, then bottom codes given them."""
     (top_book, bottom_book), (top_prior, bottom_prior) = codebooks, priors
     ct = top_prior.sample_codes(num_samples, generator=generator)
-    context = torch.nn.functional.one_hot(ct, top_book.num_codes).to(top_book.embedding.dtype).flatten(-2)
+    context = (
+        torch.nn.functional.one_hot(ct, top_book.num_codes).to(top_book.embedding.dtype).flatten(-2)
+    )
     cb = bottom_prior.sample_codes(num_samples, context=context, generator=generator)
     z = torch.cat([bottom_book.embedding[cb].flatten(-2), top_book.embedding[ct].flatten(-2)], -1)
     return likelihood.mean(decoder(z))
@@ -269,9 +340,22 @@ def vqvae2_sample(decoder: nn.Module, likelihood: nn.Module, codebooks: tuple[Co
 class VQ2Encoder(nn.Module):
     """``x -> [z_bottom, z_top]``: both encoder outputs of a VQ-VAE-2, concatenated (the guide's point masses), for pictures."""
 
-    def __init__(self, encoder: nn.Module, top_encoder: nn.Module, bottom_head: nn.Module, top_codebook: Codebook, top_positions: int) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        top_encoder: nn.Module,
+        bottom_head: nn.Module,
+        top_codebook: Codebook,
+        top_positions: int,
+    ) -> None:
         super().__init__()
-        self.encoder, self.top_encoder, self.bottom_head, self.top_codebook, self.top_positions = encoder, top_encoder, bottom_head, top_codebook, top_positions
+        self.encoder, self.top_encoder, self.bottom_head, self.top_codebook, self.top_positions = (
+            encoder,
+            top_encoder,
+            bottom_head,
+            top_codebook,
+            top_positions,
+        )
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_bottom, z_top)``: the bottom code sees the encoder's features and the quantised top code (straight-through)."""
@@ -287,7 +371,9 @@ class VQ2Encoder(nn.Module):
 class VQ2Decoder(nn.Module):
     """``[z_bottom, z_top] -> `` decoder output at both quantised codes: how the VQ-VAE-2 decodes, for pictures."""
 
-    def __init__(self, decoder: nn.Module, codebooks: tuple[Codebook, Codebook], positions: tuple[int, int]) -> None:
+    def __init__(
+        self, decoder: nn.Module, codebooks: tuple[Codebook, Codebook], positions: tuple[int, int]
+    ) -> None:
         super().__init__()
         self.decoder, self.top_codebook, self.bottom_codebook = decoder, codebooks[0], codebooks[1]
         self.positions = positions

@@ -31,8 +31,6 @@ RUN_FILES = ("metrics.json", "history.csv", "checkpoint.pt", "config.json", *PNG
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-
-
 pytestmark = pytest.mark.usefixtures("empty_data_home")
 
 
@@ -86,7 +84,9 @@ def assert_complete_run(run: Path, epochs: int) -> dict:
     rows = history_of(run)
     assert len(rows) == epochs
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
-    assert all(math.isfinite(float(r["train_elbo"])) and math.isfinite(float(r["val_elbo"])) for r in rows)
+    assert all(
+        math.isfinite(float(r["train_elbo"])) and math.isfinite(float(r["val_elbo"])) for r in rows
+    )
     # config.json is a complete, loadable Config, equal to what metrics.json records
     cfg = Config.from_dict(json.loads((run / "config.json").read_text())).validate()
     assert cfg.to_dict() == m["options"]
@@ -109,7 +109,12 @@ def test_fit_smoke_writes_a_complete_run(tmp_path, capsys):
     assert m["num_train"] == 60 and m["num_test"] == 60
     assert m["steps"] == 2 * math.ceil(60 / 32)
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["model"] == "vae" and cfg["hidden"] == [16] and cfg["latent_dim"] == 2 and cfg["binarize"] == "threshold"
+    assert (
+        cfg["model"] == "vae"
+        and cfg["hidden"] == [16]
+        and cfg["latent_dim"] == 2
+        and cfg["binarize"] == "threshold"
+    )
     assert f"{m['test_elbo']:.2f}" in out.out
     # the checkpoint holds the trained parameters of the final epoch
     ckpt = io.load_torch(run / "checkpoint.pt")
@@ -118,12 +123,21 @@ def test_fit_smoke_writes_a_complete_run(tmp_path, capsys):
 
 
 def test_console_script_subprocess(tmp_path):
-    script = shutil.which("ppl-vae", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    script = shutil.which(
+        "ppl-vae",
+        path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
     cmd = [script] if script else [sys.executable, "-m", "ppl_vae.cli"]
     run = tmp_path / "sub"
     env = {**os.environ, "PPL_VAE_DATA": str(tmp_path / "data-home"), "MPLBACKEND": "Agg"}
     env.pop("PPL_VAE_DEBUG", None)
-    done = subprocess.run([*cmd, "fit", "--out", str(run), *BINARY, "--epochs", "1"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [*cmd, "fit", "--out", str(run), *BINARY, "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert "Traceback" not in done.stdout and str(run) in done.stdout
@@ -230,7 +244,9 @@ def test_seeded_runs_are_reproducible(tmp_path, capsys):
     p0, p0b, p1 = (params_of(tmp_path / d) for d in ("s0", "s0-again", "s1"))
     assert all(torch.equal(x, y) for x, y in zip(p0, p0b, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(p0, p1, strict=True))
-    assert metrics_of(tmp_path / "s0")["test_elbo"] == metrics_of(tmp_path / "s0-again")["test_elbo"]
+    assert (
+        metrics_of(tmp_path / "s0")["test_elbo"] == metrics_of(tmp_path / "s0-again")["test_elbo"]
+    )
 
 
 # --------------------------------------------------------------------------- bad input
@@ -239,12 +255,22 @@ def test_seeded_runs_are_reproducible(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("options", "fragments"),
     [
-        pytest.param(["--model", "transformer"], ["unknown model", "transformer"], id="unknown-model"),
-        pytest.param(["--dataset", "imagenet"], ["unknown dataset", "imagenet"], id="unknown-dataset"),
+        pytest.param(
+            ["--model", "transformer"], ["unknown model", "transformer"], id="unknown-model"
+        ),
+        pytest.param(
+            ["--dataset", "imagenet"], ["unknown dataset", "imagenet"], id="unknown-dataset"
+        ),
         pytest.param(["--latent-dim", "0"], ["latent dimension"], id="latent-dim-0"),
         pytest.param(["--latent-dim", "-3"], ["latent dimension", "-3"], id="latent-dim-negative"),
-        pytest.param(["--estimator", "magic"], ["unknown estimator", "magic"], id="unknown-estimator"),
-        pytest.param(["--binarize", "threshold", "--model", "ae", "--estimator", "score"], ["ae", "reparam"], id="ae-score"),
+        pytest.param(
+            ["--estimator", "magic"], ["unknown estimator", "magic"], id="unknown-estimator"
+        ),
+        pytest.param(
+            ["--binarize", "threshold", "--model", "ae", "--estimator", "score"],
+            ["ae", "reparam"],
+            id="ae-score",
+        ),
         pytest.param(["--likelihood", "poisson"], ["unknown likelihood"], id="unknown-likelihood"),
         pytest.param(["--guide", "flow"], ["unknown guide"], id="unknown-guide"),
         pytest.param(["--model", "beta-vae", "--beta", "1"], ["beta"], id="beta-vae-beta-1"),
@@ -279,7 +305,20 @@ def test_data_dir_without_files(tmp_path, capsys):
 def test_cvae_needs_labels(tmp_path, capsys, binarized_mnist):
     data, out = binarized_mnist(tmp_path / "bm"), tmp_path / "run"
     before = snapshot(data / "binarized_mnist")
-    assert fit(out, "--model", "cvae", "--dataset", "binarized-mnist", "--data-dir", str(data), "--binarize", "threshold") == 2
+    assert (
+        fit(
+            out,
+            "--model",
+            "cvae",
+            "--dataset",
+            "binarized-mnist",
+            "--data-dir",
+            str(data),
+            "--binarize",
+            "threshold",
+        )
+        == 2
+    )
     assert_one_line_error(capsys, "cvae", "labels")
     assert not out.exists()
     assert snapshot(data / "binarized_mnist") == before
@@ -349,8 +388,23 @@ def _torchrun(*command: str, timeout: int = 300) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "--no-python", "--"]
-    return subprocess.run([*launcher, sys.executable, "-m", "ppl_vae.cli", *command], capture_output=True, text=True, timeout=timeout)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "--no-python",
+        "--",
+    ]
+    return subprocess.run(
+        [*launcher, sys.executable, "-m", "ppl_vae.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -360,38 +414,78 @@ def test_under_torchrun_every_process_trains_and_only_rank_zero_writes_and_print
     done = _torchrun("fit", "--out", str(out), *BINARY, *launch)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("wrote ") == 1, done.stdout  # the other process prints nothing
-    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, MARKER])  # the marker: a run of fit, so --force may replace it
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*RUN_FILES, MARKER]
+    )  # the marker: a run of fit, so --force may replace it
     assert io.load_checkpoint(out / "checkpoint.pt")["rng"]["world_size"] == 2
     resumed = _torchrun("fit", "--out", str(out), "--resume", "--epochs", "3", *launch)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 3
     # an analysis under torchrun: each process takes a block of datapoints, rank 0 writes the table of one process
     fast = ["--num-points", "4", "--K", "30", "--elbo-samples", "10", "--local-steps", "50"]
-    spread = _torchrun("gaps", "--run", str(out), "--out", str(tmp_path / "gaps2"), *fast, "--accelerator", "cpu", "--devices", "2")
+    spread = _torchrun(
+        "gaps",
+        "--run",
+        str(out),
+        "--out",
+        str(tmp_path / "gaps2"),
+        *fast,
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+    )
     assert spread.returncode == 0, spread.stderr[-2000:]
     assert main(["gaps", "--run", str(out), "--out", str(tmp_path / "gaps1"), *fast]) == 0
-    rows = [list(csv.DictReader(io_.StringIO((tmp_path / f"gaps{n}" / "gaps.csv").read_text()))) for n in (1, 2)]
+    rows = [
+        list(csv.DictReader(io_.StringIO((tmp_path / f"gaps{n}" / "gaps.csv").read_text())))
+        for n in (1, 2)
+    ]
     assert [r["index"] for r in rows[0]] == [r["index"] for r in rows[1]]
+
     def close(k: str, x: str, y: str) -> bool:
-        if math.isnan(float(x)) or math.isnan(float(y)):  # NaN: a q* stopped before its first check has no last change
+        if math.isnan(float(x)) or math.isnan(
+            float(y)
+        ):  # NaN: a q* stopped before its first check has no last change
             return math.isnan(float(x)) and math.isnan(float(y))
         # k-hat is a Pareto fit to the largest 7 of K = 30 log-weights: it turns their float32 differences (about 1e-7 relative)
         # into about 1e-4 (measured 1.4e-4); the other columns are sums and means of them
-        return math.isclose(float(x), float(y), rel_tol=1e-5, abs_tol=1e-3 if k.endswith("khat") else 1e-5)
+        return math.isclose(
+            float(x), float(y), rel_tol=1e-5, abs_tol=1e-3 if k.endswith("khat") else 1e-5
+        )
 
-    for a, b in zip(*rows):  # float32 networks in blocks of 2 rows instead of 4: ~100 float32 ulps (measured below 1e-6)
-        flags = [k for k in a if a[k] in ("True", "False")]  # the per-datapoint flags (k-hat, convergence) agree exactly
-        assert flags and all(a[k] == b[k] for k in flags), {k: (a[k], b[k]) for k in flags if a[k] != b[k]}
-        assert all(close(k, a[k], b[k]) for k in a if k not in ("run", *flags)), [(k, a[k], b[k]) for k in a if k not in ("run", *flags) and not close(k, a[k], b[k])]
+    for a, b in zip(
+        *rows
+    ):  # float32 networks in blocks of 2 rows instead of 4: ~100 float32 ulps (measured below 1e-6)
+        flags = [
+            k for k in a if a[k] in ("True", "False")
+        ]  # the per-datapoint flags (k-hat, convergence) agree exactly
+        assert flags and all(a[k] == b[k] for k in flags), {
+            k: (a[k], b[k]) for k in flags if a[k] != b[k]
+        }
+        assert all(close(k, a[k], b[k]) for k in a if k not in ("run", *flags)), [
+            (k, a[k], b[k]) for k in a if k not in ("run", *flags) and not close(k, a[k], b[k])
+        ]
 
 
-def test_every_subcommand_has_a_description_an_example_and_every_option_its_meaning_and_default(capsys):
+def test_every_subcommand_has_a_description_an_example_and_every_option_its_meaning_and_default(
+    capsys,
+):
     from ppl_vae.app import commands
     from ppl_vae.cli import build_parser
 
     parser = build_parser(commands)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) >= {"fit", "demo", "gaps", "compare", "plot", "grad-variance", "m2", "cvae-quadrants"}
+    assert set(sub.choices) >= {
+        "fit",
+        "demo",
+        "gaps",
+        "compare",
+        "plot",
+        "grad-variance",
+        "m2",
+        "cvae-quadrants",
+    }
     for name, p in sub.choices.items():
         assert p.description and len(p.description.split()) > 20, name  # a paragraph, not a title
         assert p.epilog and p.epilog.startswith("example:\n  ppl-vae " + name), name
@@ -403,7 +497,9 @@ def test_every_subcommand_has_a_description_an_example_and_every_option_its_mean
             flag = action.nargs == 0  # store_true: off unless given
             if not (flag or action.required):
                 shown = p.formatter_class(prog=p.prog)._get_help_string(action)
-                assert "default" in shown, f"{name} {action.option_strings}: no default shown ({shown!r})"
+                assert "default" in shown, (
+                    f"{name} {action.option_strings}: no default shown ({shown!r})"
+                )
         assert "example:" in text
 
 

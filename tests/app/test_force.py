@@ -27,10 +27,30 @@ from ppl_vae.errors import RunDirectoryError
 pytestmark = pytest.mark.usefixtures("empty_data_home")
 
 ANALYSIS = {  # each command that reads a run, with options small enough for a test
-    "gaps": ["--num-points", "2", "--K", "10", "--elbo-samples", "10", "--local-steps", "5", "--no-progress"],
+    "gaps": [
+        "--num-points",
+        "2",
+        "--K",
+        "10",
+        "--elbo-samples",
+        "10",
+        "--local-steps",
+        "5",
+        "--no-progress",
+    ],
     "nll": ["--K", "10", "--limit", "4", "--no-progress"],
     "calibrate": ["--num-datasets", "20", "--draws", "9", "--bins", "10"],
-    "compare": ["--num-points", "1", "--draws", "20", "--chains", "2", "--warmup", "20", "--no-progress"],
+    "compare": [
+        "--num-points",
+        "1",
+        "--draws",
+        "20",
+        "--chains",
+        "2",
+        "--warmup",
+        "20",
+        "--no-progress",
+    ],
     "grad-variance": ["--repeats", "2", "--batch-size", "8"],
 }
 
@@ -53,17 +73,25 @@ def refused(capsys, *fragments: str) -> str:
 
 
 @pytest.mark.parametrize("command", ["fit", "nll"])
-def test_an_empty_out_is_refused_and_the_current_directory_kept(finished, tmp_path, capsys, monkeypatch, command):
+def test_an_empty_out_is_refused_and_the_current_directory_kept(
+    finished, tmp_path, capsys, monkeypatch, command
+):
     cwd = tmp_path / "work"
     before = decoys(cwd)
     monkeypatch.chdir(cwd)
-    argv = ["fit", "--out", "", *TINY, "--force"] if command == "fit" else ["nll", "--run", str(finished), "--out", "", "--force", *ANALYSIS["nll"]]
+    argv = (
+        ["fit", "--out", "", *TINY, "--force"]
+        if command == "fit"
+        else ["nll", "--run", str(finished), "--out", "", "--force", *ANALYSIS["nll"]]
+    )
     assert main(argv) == 2
     refused(capsys, "--out is empty", "current directory")
     assert snapshot(cwd) == before
 
 
-def test_force_never_replaces_the_current_directory_even_a_run(finished, tmp_path, capsys, monkeypatch):
+def test_force_never_replaces_the_current_directory_even_a_run(
+    finished, tmp_path, capsys, monkeypatch
+):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     (run / "notes.md").write_text("what I tried")
@@ -74,7 +102,9 @@ def test_force_never_replaces_the_current_directory_even_a_run(finished, tmp_pat
     inner = run / "sub"
     inner.mkdir()
     monkeypatch.chdir(inner)
-    assert main(["fit", "--out", str(run), *TINY, "--force"]) == 2  # a folder holding the current directory
+    assert (
+        main(["fit", "--out", str(run), *TINY, "--force"]) == 2
+    )  # a folder holding the current directory
     refused(capsys, "holding the current directory")
     inner.rmdir()
     assert snapshot(run) == before
@@ -98,7 +128,12 @@ def test_force_never_replaces_home_or_root(finished, tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("command", sorted(ANALYSIS))
 def test_an_analysis_never_writes_over_its_input_run(run_copy, capsys, command):
     before = snapshot(run_copy)
-    assert main([command, "--run", str(run_copy), "--out", str(run_copy), "--force", *ANALYSIS[command]]) == 2
+    assert (
+        main(
+            [command, "--run", str(run_copy), "--out", str(run_copy), "--force", *ANALYSIS[command]]
+        )
+        == 2
+    )
     refused(capsys, f"--out {run_copy} is the input {run_copy}")
     assert snapshot(run_copy) == before
 
@@ -107,11 +142,26 @@ def test_an_analysis_never_writes_over_its_input_run(run_copy, capsys, command):
 def test_an_analysis_never_replaces_a_folder_holding_its_input(finished, tmp_path, capsys, command):
     parent = tmp_path / "project"
     parent.mkdir()
-    io.write_json(parent / MARKER, {"command": command})  # even a folder that this command made before
+    io.write_json(
+        parent / MARKER, {"command": command}
+    )  # even a folder that this command made before
     shutil.copytree(finished, parent / "run")
     (parent / "notes.txt").write_text("keep me")
     before = snapshot(parent)
-    assert main([command, "--run", str(parent / "run"), "--out", str(parent), "--force", *ANALYSIS[command]]) == 2
+    assert (
+        main(
+            [
+                command,
+                "--run",
+                str(parent / "run"),
+                "--out",
+                str(parent),
+                "--force",
+                *ANALYSIS[command],
+            ]
+        )
+        == 2
+    )
     refused(capsys, f"--out {parent} holds the input")
     assert snapshot(parent) == before
 
@@ -142,20 +192,41 @@ def test_force_refuses_the_output_of_another_command(finished, tmp_path, capsys)
     assert main(["gaps", "--run", str(finished), "--out", str(gaps), *ANALYSIS["gaps"]]) == 0
     capsys.readouterr()
     before = snapshot(gaps)
-    assert main(["nll", "--run", str(finished), "--out", str(gaps), "--force", *ANALYSIS["nll"]]) == 2
+    assert (
+        main(["nll", "--run", str(finished), "--out", str(gaps), "--force", *ANALYSIS["nll"]]) == 2
+    )
     refused(capsys, "is the output of ppl-vae gaps, not of nll")
     assert main(["fit", "--out", str(gaps), *TINY, "--force"]) == 2
     refused(capsys, "is the output of ppl-vae gaps, not of fit")
     assert snapshot(gaps) == before
     # and the same command replaces its own folder as a whole
-    assert main(["gaps", "--run", str(finished), "--out", str(gaps), "--force", *ANALYSIS["gaps"], "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "gaps",
+                "--run",
+                str(finished),
+                "--out",
+                str(gaps),
+                "--force",
+                *ANALYSIS["gaps"],
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert (gaps / "gaps.json").is_file() and snapshot(gaps) != before
 
 
 @pytest.mark.parametrize("command", ["fit", *sorted(ANALYSIS)])
 def test_every_output_folder_is_marked_with_its_command(finished, tmp_path, command):
     out = tmp_path / "out"
-    argv = ["fit", "--out", str(out), *TINY] if command == "fit" else [command, "--run", str(finished), "--out", str(out), *ANALYSIS[command]]
+    argv = (
+        ["fit", "--out", str(out), *TINY]
+        if command == "fit"
+        else [command, "--run", str(finished), "--out", str(out), *ANALYSIS[command]]
+    )
     assert main(argv) == 0
     assert json.loads((out / MARKER).read_text()) == {"command": command}
 
@@ -163,7 +234,9 @@ def test_every_output_folder_is_marked_with_its_command(finished, tmp_path, comm
 def test_a_folder_holding_only_a_marker_counts_as_empty(tmp_path):
     out = tmp_path / "left"
     out.mkdir()
-    io.write_json(out / MARKER, {"command": "gaps"})  # what a command that failed after taking its folder leaves
+    io.write_json(
+        out / MARKER, {"command": "gaps"}
+    )  # what a command that failed after taking its folder leaves
     assert runs.check_run_dir(out, command="fit") == out
 
 
@@ -187,13 +260,18 @@ def test_fit_result_save_refuses_a_directory_and_a_file_it_did_not_write(finishe
     saved = result.save(tmp_path / "model.pt")
     first = saved.read_bytes()
     assert result.save(saved, force=True) == saved  # a file it wrote is replaced
-    assert FitResult.load(saved, result.model, result.guide).train_elbo == result.train_elbo and first
+    assert (
+        FitResult.load(saved, result.model, result.guide).train_elbo == result.train_elbo and first
+    )
 
 
 def test_plot_force_replaces_a_picture_only(finished, tmp_path, capsys):
     fake = tmp_path / "manifold.png"
     fake.write_text("not a picture")
-    assert main(["plot", "--run", str(finished), "--kind", "manifold", "--out", str(fake), "--force"]) == 2
+    assert (
+        main(["plot", "--run", str(finished), "--kind", "manifold", "--out", str(fake), "--force"])
+        == 2
+    )
     refused(capsys, "is not a PNG image")
     assert fake.read_text() == "not a picture"
 
@@ -241,7 +319,12 @@ def test_a_full_disk_in_the_middle_of_a_checkpoint_is_one_line(tmp_path, capsys,
     monkeypatch.setattr(io.os, "fdopen", fdopen)
     assert main(["fit", "--out", str(out), *TINY, "--epochs", "3"]) == 2
     monkeypatch.undo()
-    refused(capsys, "checkpoint of epoch 2", "No space left on device", "previous checkpoint (epoch 1) is intact")
+    refused(
+        capsys,
+        "checkpoint of epoch 2",
+        "No space left on device",
+        "previous checkpoint (epoch 1) is intact",
+    )
     assert io.load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
 
@@ -249,14 +332,23 @@ def test_a_full_disk_in_the_middle_of_a_checkpoint_is_one_line(tmp_path, capsys,
 def test_a_real_full_file_system_keeps_the_previous_file(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     try:
         path = disk / "checkpoint.pt"
-        io.save_torch(path, {"params": [torch.zeros(10000)]})  # 40 kB: fits once, not twice (the new file is written beside the old)
+        io.save_torch(
+            path, {"params": [torch.zeros(10000)]}
+        )  # 40 kB: fits once, not twice (the new file is written beside the old)
         with pytest.raises(OSError) as caught:
             io.save_torch(path, {"params": [torch.ones(10000)]})
         assert caught.value.errno == errno.ENOSPC
-        assert torch.equal(io.load_torch(path)["params"][0], torch.zeros(10000)) and sorted(p.name for p in disk.iterdir()) == ["checkpoint.pt"]
+        assert torch.equal(io.load_torch(path)["params"][0], torch.zeros(10000)) and sorted(
+            p.name for p in disk.iterdir()
+        ) == ["checkpoint.pt"]
     finally:
         subprocess.run(["umount", str(disk)], check=True)

@@ -13,14 +13,31 @@ import pytest
 from ppl_vae.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = ["--dataset", "digits", "--binarize", "threshold", "--limit", "60", "--hidden", "16", "--batch-size", "32", "--epochs", "3", "--no-progress"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--binarize",
+    "threshold",
+    "--limit",
+    "60",
+    "--hidden",
+    "16",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "3",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    specs = {"vae2": ["--model", "vae", "--latent-dim", "2"], "ae2": ["--model", "ae", "--latent-dim", "2"],
-             "beta3": ["--model", "beta-vae", "--beta", "4", "--latent-dim", "3"]}
+    specs = {
+        "vae2": ["--model", "vae", "--latent-dim", "2"],
+        "ae2": ["--model", "ae", "--latent-dim", "2"],
+        "beta3": ["--model", "beta-vae", "--beta", "4", "--latent-dim", "3"],
+    }
     for name, opts in specs.items():
         assert main(["fit", "--out", str(root / name), *TINY, *opts]) == 0
     return root
@@ -33,8 +50,14 @@ def one_error_line(capsys, fragment):
 
 @pytest.mark.parametrize(
     ("kind", "names"),
-    [("manifold", ["vae2"]), ("interpolation", ["beta3"]), ("tsne", ["beta3"]), ("traversal", ["beta3"]),
-     ("ae-vs-vae", ["ae2", "vae2"]), ("latent-sweep", ["vae2", "beta3"])],
+    [
+        ("manifold", ["vae2"]),
+        ("interpolation", ["beta3"]),
+        ("tsne", ["beta3"]),
+        ("traversal", ["beta3"]),
+        ("ae-vs-vae", ["ae2", "vae2"]),
+        ("latent-sweep", ["vae2", "beta3"]),
+    ],
 )
 def test_every_kind_writes_a_png(runs, tmp_path, kind, names):
     out = tmp_path / f"{kind}.png"
@@ -54,7 +77,9 @@ def test_default_output_goes_into_the_run_and_is_not_overwritten(runs, capsys):
     assert main(["plot", "--run", str(run), "--kind", "interpolation", "--seed", "3"]) == 2
     one_error_line(capsys, "--force")
     assert (run / "interpolation.png").read_bytes() == before
-    assert main(["plot", "--run", str(run), "--kind", "interpolation", "--seed", "3", "--force"]) == 0
+    assert (
+        main(["plot", "--run", str(run), "--kind", "interpolation", "--seed", "3", "--force"]) == 0
+    )
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,15 @@ DIGITS = load("digits", "train", binarize="threshold", limit=8)
 
 def built(name: str):
     spec = MODEL_SPECS[name]
-    cfg = Config(model=name, dataset="digits", binarize="threshold", latent_dim=2, hidden=(8,), beta=2.0 if spec.needs_beta else 1.0,
-                 estimator="score" if spec.latents == "discrete" else "reparam")
+    cfg = Config(
+        model=name,
+        dataset="digits",
+        binarize="threshold",
+        latent_dim=2,
+        hidden=(8,),
+        beta=2.0 if spec.needs_beta else 1.0,
+        estimator="score" if spec.latents == "discrete" else "reparam",
+    )
     return build(cfg.validate(), DIGITS.x.shape[1], DIGITS.image_shape, 10)
 
 
@@ -41,35 +48,56 @@ def data(name: str) -> tuple[torch.Tensor, ...]:
 def test_declared_properties_match_the_built_model(name):
     spec, b = MODEL_SPECS[name], built(name)
     args = data(name)
-    required = [p for p in inspect.signature(b.model).parameters.values() if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
-    assert (len(required) == 2) == spec.labels, f"{name}: labels={spec.labels} but the model takes {len(required)} arguments"
+    required = [
+        p
+        for p in inspect.signature(b.model).parameters.values()
+        if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    assert (len(required) == 2) == spec.labels, (
+        f"{name}: labels={spec.labels} but the model takes {len(required)} arguments"
+    )
     with torch.no_grad(), poutine.block():
         guide_tr = poutine.trace(b.guide).get_trace(*args)
         model_tr = poutine.trace(poutine.replay(b.model, trace=guide_tr)).get_trace(*args)
-    latent = [s for s in model_tr.nodes.values() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+    latent = [
+        s
+        for s in model_tr.nodes.values()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
     discrete = any(s["fn"].support.is_discrete for s in latent)
-    point = any(type(s["fn"]).__name__ == "Delta" or type(getattr(s["fn"], "base_dist", None)).__name__ == "Delta"
-                for s in guide_tr.nodes.values() if s["type"] == "sample")
+    point = any(
+        type(s["fn"]).__name__ == "Delta"
+        or type(getattr(s["fn"], "base_dist", None)).__name__ == "Delta"
+        for s in guide_tr.nodes.values()
+        if s["type"] == "sample"
+    )
     kind = "discrete" if discrete else "point" if point else "continuous"
     assert kind == spec.latents, f"{name}: declared {spec.latents}, built {kind}"
     if spec.latents == "continuous":
         lat = latent_of(b.model, *args, guide=b.guide)
         q, why = guide_in_latent_space(b.guide, lat, *args)
         depends = "depends on another site" in why
-        assert depends == (not spec.mean_field), f"{name}: mean_field={spec.mean_field}, guide: {why or 'in a family'}"
+        assert depends == (not spec.mean_field), (
+            f"{name}: mean_field={spec.mean_field}, guide: {why or 'in a family'}"
+        )
         top = next(s for s in latent if not any(f.name != "data" for f in s["cond_indep_stack"]))
         prior = top["fn"]
-        standard = isinstance(getattr(prior, "base_dist", prior), pyro.distributions.Normal) and bool(
-            (prior.mean == 0).all() and (prior.stddev == 1).all()
-        )
+        standard = isinstance(
+            getattr(prior, "base_dist", prior), pyro.distributions.Normal
+        ) and bool((prior.mean == 0).all() and (prior.stddev == 1).all())
         if name != "hvae":  # its top latent z2 is sampled first; the others have one latent site
-            assert standard == spec.standard_prior, f"{name}: standard_prior={spec.standard_prior}, prior {prior}"
+            assert standard == spec.standard_prior, (
+                f"{name}: standard_prior={spec.standard_prior}, prior {prior}"
+            )
 
 
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
-        ({"model": "bernoulli-vae", "arch": "conv", "estimator": "score"}, "--arch conv is not available for bernoulli-vae"),
+        (
+            {"model": "bernoulli-vae", "arch": "conv", "estimator": "score"},
+            "--arch conv is not available for bernoulli-vae",
+        ),
         ({"model": "hvae", "estimator": "analytic-kl"}, "hvae's guide is not mean-field"),
         ({"model": "ae", "guide": "full"}, "--guide full is available for"),
         ({"model": "cvae", "guide": "iaf"}, "--guide iaf is available for vae, beta-vae, not cvae"),

@@ -45,10 +45,10 @@ def fit(out: Path, *options: str) -> int:
     return main(["fit", "--out", str(out), *TINY, *options])
 
 
-
-
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def history(run_dir: Path) -> list[dict[str, str]]:
@@ -95,10 +95,55 @@ def readers(run_dir: Path, out: Path) -> dict[str, list[str]]:
     """Every command that reads a run directory, with options that keep it tiny."""
     return {
         "fit-resume": ["fit", "--out", str(run_dir), "--resume", "--epochs", "3", "--no-progress"],
-        "gaps": ["gaps", "--run", str(run_dir), "--out", str(out), "--num-points", "2", "--K", "10", "--elbo-samples", "10", "--local-steps", "5"],
-        "compare": ["compare", "--run", str(run_dir), "--out", str(out), "--num-points", "1", "--draws", "10", "--chains", "1", "--no-progress"],
-        "plot": ["plot", "--run", str(run_dir), "--kind", "tsne", "--out", str(out.with_suffix(".png"))],
-        "grad-variance": ["grad-variance", "--run", str(run_dir), "--out", str(out), "--repeats", "2", "--batch-size", "8"],
+        "gaps": [
+            "gaps",
+            "--run",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--num-points",
+            "2",
+            "--K",
+            "10",
+            "--elbo-samples",
+            "10",
+            "--local-steps",
+            "5",
+        ],
+        "compare": [
+            "compare",
+            "--run",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--num-points",
+            "1",
+            "--draws",
+            "10",
+            "--chains",
+            "1",
+            "--no-progress",
+        ],
+        "plot": [
+            "plot",
+            "--run",
+            str(run_dir),
+            "--kind",
+            "tsne",
+            "--out",
+            str(out.with_suffix(".png")),
+        ],
+        "grad-variance": [
+            "grad-variance",
+            "--run",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--repeats",
+            "2",
+            "--batch-size",
+            "8",
+        ],
     }
 
 
@@ -127,7 +172,13 @@ def test_a_pickle_payload_checkpoint_is_refused_and_never_runs(run_copy, tmp_pat
 
     before, out = snapshot(run_copy), tmp_path / "out"
     assert main(readers(run_copy, out)[command]) == 2
-    one_line(capsys, "checkpoint.pt", "objects other than tensors", "not loaded", "nothing in it was executed")
+    one_line(
+        capsys,
+        "checkpoint.pt",
+        "objects other than tensors",
+        "not loaded",
+        "nothing in it was executed",
+    )
     assert not marker.exists()
     assert snapshot(run_copy) == before
     assert not out.exists() and not out.with_suffix(".png").exists()
@@ -147,9 +198,17 @@ def test_a_pickle_payload_is_refused_by_the_console_script(run_copy, tmp_path, c
     poison(run_copy, marker)
     env = {**os.environ, **SUBPROCESS_ENV, "PPL_VAE_DATA": str(tmp_path / "data-home")}
     argv = readers(run_copy, tmp_path / "out")[command]
-    done = subprocess.run([sys.executable, "-m", "ppl_vae.cli", *argv], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "ppl_vae.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
-    assert len(done.stderr.splitlines()) == 1 and "objects other than tensors" in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "objects other than tensors" in done.stderr, (
+        done.stderr
+    )
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -168,7 +227,9 @@ def test_a_checkpoint_loads_with_weights_only(finished):
     ckpt = torch.load(finished / "checkpoint.pt", weights_only=True)
     # one torch RNG state per training process (the shuffling is a function of seed and epoch)
     assert set(ckpt["rng"]) == {"torch", "world_size"} and ckpt["rng"]["world_size"] == 1
-    assert len(ckpt["rng"]["torch"]) == 1 and all(isinstance(t, torch.Tensor) for t in ckpt["rng"]["torch"])
+    assert len(ckpt["rng"]["torch"]) == 1 and all(
+        isinstance(t, torch.Tensor) for t in ckpt["rng"]["torch"]
+    )
     assert ckpt["epoch"] == 2 and all(torch.isfinite(p).all() for p in ckpt["params"])
 
 
@@ -196,7 +257,11 @@ def _same_runs(a: Path, b: Path) -> None:
         pytest.param(["--estimator", "score+nvil"], "extend", id="score+nvil-extend"),
         pytest.param(["--estimator", "score+nvil"], "interrupt", id="score+nvil-interrupt"),
         pytest.param(["--lr-schedule", "cosine"], "interrupt", id="cosine-interrupt"),
-        pytest.param(["--lr-schedule", "exponential", "--estimator", "score+average"], "interrupt", id="exponential-average-interrupt"),
+        pytest.param(
+            ["--lr-schedule", "exponential", "--estimator", "score+average"],
+            "interrupt",
+            id="exponential-average-interrupt",
+        ),
     ],
 )
 def test_two_plus_two_epochs_equal_four_bit_for_bit(tmp_path, capsys, monkeypatch, options, how):
@@ -214,7 +279,9 @@ def test_two_plus_two_epochs_equal_four_bit_for_bit(tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err == ""
     _same_runs(a, b)
     if "score+" in " ".join(options):  # the baseline's statistics were checkpointed, not re-warmed
-        assert io.load_checkpoint(a / "checkpoint.pt")["estimator"][0]["steps"] == 4 * 2  # one record per training process
+        assert (
+            io.load_checkpoint(a / "checkpoint.pt")["estimator"][0]["steps"] == 4 * 2
+        )  # one record per training process
     config, metrics = strict_json(a / CONFIG), strict_json(a / "metrics.json")
     assert config["epochs"] == metrics["epochs"] == metrics["options"]["epochs"] == 4
     assert config == metrics["options"]
@@ -226,29 +293,89 @@ def test_two_plus_two_epochs_equal_four_bit_for_bit(tmp_path, capsys, monkeypatc
 def test_extending_a_cosine_schedule_replans_it_and_records_the_change(tmp_path, capsys):
     a = tmp_path / "a"
     assert fit(a, "--lr-schedule", "cosine", "--lr", "0.01") == 0
-    assert main(["fit", "--out", str(a), "--resume", "--epochs", "4", "--patience", "5", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--out",
+                str(a),
+                "--resume",
+                "--epochs",
+                "4",
+                "--patience",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().err == ""
     lrs = [float(r["lr"]) for r in history(a)]
     assert lrs[:2] == [0.01 * svi.lr_factor("cosine", e, 2) for e in (1, 2)]
-    assert lrs[2:] == [0.01 * svi.lr_factor("cosine", e, 4) for e in (3, 4)]  # re-planned for 4 epochs from epoch 2 on
+    assert lrs[2:] == [
+        0.01 * svi.lr_factor("cosine", e, 4) for e in (3, 4)
+    ]  # re-planned for 4 epochs from epoch 2 on
     config = strict_json(a / CONFIG)
-    assert config["resumed"] == [{"at_epoch": 2, "changed": {"epochs": [2, 4], "patience": [None, 5]}}]
+    assert config["resumed"] == [
+        {"at_epoch": 2, "changed": {"epochs": [2, 4], "patience": [None, 5]}}
+    ]
     cfg = read_config(a / CONFIG)  # the record round-trips
-    assert cfg.resumed == ({"at_epoch": 2, "changed": {"epochs": [2, 4], "patience": [None, 5]}},) and cfg.epochs == 4
+    assert (
+        cfg.resumed == ({"at_epoch": 2, "changed": {"epochs": [2, 4], "patience": [None, 5]}},)
+        and cfg.epochs == 4
+    )
     assert strict_json(a / "metrics.json")["epochs"] == 4
 
 
 def test_resume_refuses_options_that_contradict_the_run(run_copy, capsys):
     before = snapshot(run_copy)
-    assert main(["fit", "--out", str(run_copy), "--resume", "--lr", "5", "--latent-dim", "7", "--model", "ae", "--no-progress"]) == 2
-    one_line(capsys, "--resume cannot change", "--lr (0.001 -> 5.0)", "--latent-dim (2 -> 7)", "--model ('vae' -> 'ae')")
+    assert (
+        main(
+            [
+                "fit",
+                "--out",
+                str(run_copy),
+                "--resume",
+                "--lr",
+                "5",
+                "--latent-dim",
+                "7",
+                "--model",
+                "ae",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    one_line(
+        capsys,
+        "--resume cannot change",
+        "--lr (0.001 -> 5.0)",
+        "--latent-dim (2 -> 7)",
+        "--model ('vae' -> 'ae')",
+    )
     assert main(["fit", "--out", str(run_copy), "--resume", "--epochs", "1", "--no-progress"]) == 2
     one_line(capsys, "--epochs 1", "2 epochs")
     assert main(["fit", "--out", str(run_copy), "--resume", "--force", "--no-progress"]) == 2
     one_line(capsys, "--force", "--resume")
     # the same values as the run's are no contradiction
     assert snapshot(run_copy) == before
-    assert main(["fit", "--out", str(run_copy), "--resume", "--lr", "0.001", "--hidden", "16", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--out",
+                str(run_copy),
+                "--resume",
+                "--lr",
+                "0.001",
+                "--hidden",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_an_early_stopped_run_is_its_best_epoch(tmp_path, monkeypatch):
@@ -305,12 +432,24 @@ def test_force_replaces_the_folder_as_a_whole(run_copy, capsys, monkeypatch):
     (run_copy / "stale.txt").write_text("old")
     assert fit(run_copy, "--force", "--seed", "1") == 0
     assert sorted(p.name for p in run_copy.iterdir()) == sorted(
-        [runs.MARKER, "config.json", "checkpoint.pt", "history.csv", "metrics.json", "reconstructions.png", "prior_samples.png", "elbo.png", "latent.png"]
+        [
+            runs.MARKER,
+            "config.json",
+            "checkpoint.pt",
+            "history.csv",
+            "metrics.json",
+            "reconstructions.png",
+            "prior_samples.png",
+            "elbo.png",
+            "latent.png",
+        ]
     )
     assert strict_json(run_copy / CONFIG)["seed"] == 1
 
 
-def test_a_new_run_interrupted_before_its_first_checkpoint_removes_its_folder(tmp_path, capsys, monkeypatch):
+def test_a_new_run_interrupted_before_its_first_checkpoint_removes_its_folder(
+    tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "new"
     interrupt_at_validation(monkeypatch, call=1)
     assert fit(out) == 130
@@ -326,9 +465,13 @@ def test_a_second_process_cannot_write_a_run_in_use(run_copy, tmp_path, capsys):
         before = snapshot(run_copy)
         assert fit(run_copy, "--force") == 2
         one_line(capsys, str(run_copy), "in use by process", str(holder.pid))
-        assert main(["fit", "--out", str(run_copy), "--resume", "--epochs", "3", "--no-progress"]) == 2
+        assert (
+            main(["fit", "--out", str(run_copy), "--resume", "--epochs", "3", "--no-progress"]) == 2
+        )
         one_line(capsys, "in use by process", str(holder.pid))
-        assert {k: v for k, v in snapshot(run_copy).items() if k != runs.LOCK} == {k: v for k, v in before.items() if k != runs.LOCK}
+        assert {k: v for k, v in snapshot(run_copy).items() if k != runs.LOCK} == {
+            k: v for k, v in before.items() if k != runs.LOCK
+        }
     finally:
         holder.kill()
         holder.wait()
@@ -347,8 +490,32 @@ def test_every_output_command_locks_its_folder(finished, tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "locked"
         for argv in (
-            ["gaps", "--run", str(finished), "--out", str(out), "--num-points", "2", "--K", "10", "--elbo-samples", "10", "--local-steps", "5"],
-            ["grad-variance", "--run", str(finished), "--out", str(out), "--repeats", "2", "--batch-size", "8"],
+            [
+                "gaps",
+                "--run",
+                str(finished),
+                "--out",
+                str(out),
+                "--num-points",
+                "2",
+                "--K",
+                "10",
+                "--elbo-samples",
+                "10",
+                "--local-steps",
+                "5",
+            ],
+            [
+                "grad-variance",
+                "--run",
+                str(finished),
+                "--out",
+                str(out),
+                "--repeats",
+                "2",
+                "--batch-size",
+                "8",
+            ],
             ["fit", "--out", str(out), *TINY],
         ):
             assert main(argv) == 2, argv
@@ -376,8 +543,21 @@ def test_without_fcntl_folders_are_used_unlocked(tmp_path, monkeypatch):
 
 
 def test_json_files_hold_only_valid_json(tmp_path, finished):
-    io.write_json(tmp_path / "x.json", {"nan": float("nan"), "inf": [float("inf"), -float("inf"), 1.5], "np": np.float32("nan"), "t": torch.tensor(2.0)})
-    assert strict_json(tmp_path / "x.json") == {"nan": None, "inf": [None, None, 1.5], "np": None, "t": 2.0}
+    io.write_json(
+        tmp_path / "x.json",
+        {
+            "nan": float("nan"),
+            "inf": [float("inf"), -float("inf"), 1.5],
+            "np": np.float32("nan"),
+            "t": torch.tensor(2.0),
+        },
+    )
+    assert strict_json(tmp_path / "x.json") == {
+        "nan": None,
+        "inf": [None, None, 1.5],
+        "np": None,
+        "t": 2.0,
+    }
     for name in ("config.json", "metrics.json"):
         strict_json(finished / name)
 
@@ -397,8 +577,16 @@ def test_json_files_hold_only_valid_json(tmp_path, finished):
         pytest.param(["--patience", "0"], ["patience", ">= 1"], id="patience-0"),
         pytest.param(["--beta", "nan"], ["beta"], id="beta-nan"),
         pytest.param(["--model", "dae", "--noise", "nan"], ["noise"], id="noise-nan"),
-        pytest.param(["--latent-dim", str(10**12)], ["memory", f"--latent-dim {10**12}"], id="latent-dim-huge"),
-        pytest.param(["--num-particles", str(10**9)], ["memory", f"--num-particles {10**9}"], id="num-particles-huge"),
+        pytest.param(
+            ["--latent-dim", str(10**12)],
+            ["memory", f"--latent-dim {10**12}"],
+            id="latent-dim-huge",
+        ),
+        pytest.param(
+            ["--num-particles", str(10**9)],
+            ["memory", f"--num-particles {10**9}"],
+            id="num-particles-huge",
+        ),
         pytest.param(["--hidden", str(10**13)], ["memory", f"--hidden {10**13}"], id="hidden-huge"),
     ],
 )
@@ -455,7 +643,23 @@ def test_an_unreadable_data_file(tmp_path, capsys, monkeypatch, binarized_mnist)
         monkeypatch.setattr(Path, "read_text", refusing)
     out = tmp_path / "run"
     try:
-        assert main(["fit", "--out", str(out), "--dataset", "binarized-mnist", "--data-dir", str(data), "--hidden", "16", "--no-progress"]) == 2
+        assert (
+            main(
+                [
+                    "fit",
+                    "--out",
+                    str(out),
+                    "--dataset",
+                    "binarized-mnist",
+                    "--data-dir",
+                    str(data),
+                    "--hidden",
+                    "16",
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )
     finally:
         target.chmod(0o644)
     one_line(capsys, "cannot read", str(target), "Permission denied")
@@ -475,11 +679,18 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(io, "save_torch", full_disk)
         assert fit(out, "--epochs", "3") == 2
-    one_line(capsys, "checkpoint of epoch 2", "No space left on device", "previous checkpoint (epoch 1) is intact")
+    one_line(
+        capsys,
+        "checkpoint of epoch 2",
+        "No space left on device",
+        "previous checkpoint (epoch 1) is intact",
+    )
     assert io.load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     assert len(history(out)) == 1 and not (out / "metrics.json").exists()
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
-    assert main(["fit", "--out", str(out), "--resume", "--no-progress"]) == 0  # and the run goes on from there
+    assert (
+        main(["fit", "--out", str(out), "--resume", "--no-progress"]) == 0
+    )  # and the run goes on from there
     assert strict_json(out / "metrics.json")["epochs"] == 3
 
 
@@ -487,7 +698,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch
     ("edit", "fragments"),
     [
         pytest.param({"lr": "0.1"}, ["lr must be a number", "'0.1' (str)"], id="lr-string"),
-        pytest.param({"latent_dim": "2"}, ["latent_dim must be an integer"], id="latent-dim-string"),
+        pytest.param(
+            {"latent_dim": "2"}, ["latent_dim must be an integer"], id="latent-dim-string"
+        ),
         pytest.param({"hidden": []}, ["hidden must list at least one"], id="hidden-empty"),
         pytest.param({"hidden": ["a"]}, ["hidden must be a list of integers"], id="hidden-strings"),
         pytest.param({"seed": -1}, ["seed"], id="seed-negative"),
@@ -519,7 +732,27 @@ def test_plot_errors_before_any_work(finished, tmp_path, capsys, monkeypatch, bi
     one_line(capsys, "is a directory")
     other = tmp_path / "mnist-run"
     data = binarized_mnist(tmp_path / "bm")
-    assert main(["fit", "--out", str(other), "--dataset", "binarized-mnist", "--data-dir", str(data), "--hidden", "16", "--epochs", "1", "--batch-size", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--out",
+                str(other),
+                "--dataset",
+                "binarized-mnist",
+                "--data-dir",
+                str(data),
+                "--hidden",
+                "16",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
     def no_work(*args, **kwargs):
@@ -527,14 +760,34 @@ def test_plot_errors_before_any_work(finished, tmp_path, capsys, monkeypatch, bi
 
     monkeypatch.setattr("ppl_vae.app.commands.plot.open_run", no_work)
     png = tmp_path / "sweep.png"
-    assert main(["plot", "--kind", "latent-sweep", "--run", str(finished), "--run", str(other), "--out", str(png)]) == 2
+    assert (
+        main(
+            [
+                "plot",
+                "--kind",
+                "latent-sweep",
+                "--run",
+                str(finished),
+                "--run",
+                str(other),
+                "--out",
+                str(png),
+            ]
+        )
+        == 2
+    )
     one_line(capsys, "same dataset", "digits", "binarized-mnist")
     assert not png.exists()
 
 
 def test_compare_needs_a_few_draws(finished, tmp_path, capsys):
     out = tmp_path / "c"
-    assert main(["compare", "--run", str(finished), "--out", str(out), "--chains", "1", "--draws", "1"]) == 2
+    assert (
+        main(
+            ["compare", "--run", str(finished), "--out", str(out), "--chains", "1", "--draws", "1"]
+        )
+        == 2
+    )
     one_line(capsys, "--draws", ">= 4")
     assert not out.exists()
 
@@ -554,13 +807,34 @@ def test_ctrl_c_while_the_command_line_starts(tmp_path, capsys, monkeypatch):
 def test_ctrl_c_while_torch_imports_in_the_console_script(tmp_path):
     fake = tmp_path / "fake"
     (fake / "torch").mkdir(parents=True)
-    (fake / "torch" / "__init__.py").write_text("raise KeyboardInterrupt  # Ctrl-C while torch loads\n")
-    env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
+    (fake / "torch" / "__init__.py").write_text(
+        "raise KeyboardInterrupt  # Ctrl-C while torch loads\n"
+    )
+    env = {
+        **os.environ,
+        **SUBPROCESS_ENV,
+        "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]),
+    }
     # the package and its command line import nothing heavy at import time
-    done = subprocess.run([sys.executable, "-c", "import ppl_vae, ppl_vae.cli, ppl_vae.errors, sys; assert 'torch' not in sys.modules"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ppl_vae, ppl_vae.cli, ppl_vae.errors, sys; assert 'torch' not in sys.modules",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([sys.executable, "-m", "ppl_vae.cli", "fit", "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "ppl_vae.cli", "fit", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.returncode == 130 and done.stderr == "ppl-vae: interrupted\n", done.stderr
     assert not (tmp_path / "x").exists()
 
@@ -570,8 +844,13 @@ def test_ctrl_c_during_fit_names_the_last_checkpoint(tmp_path, capsys, monkeypat
     with monkeypatch.context() as m:
         interrupt_at_validation(m, call=2)
         assert fit(out, "--epochs", "3") == 130
-    assert one_line(capsys, prefix="ppl-vae: interrupted; ") == f"ppl-vae: interrupted; the last checkpoint is epoch 1 (in {out})"
-    assert io.load_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and not (out / runs.LOCK).exists()
+    assert (
+        one_line(capsys, prefix="ppl-vae: interrupted; ")
+        == f"ppl-vae: interrupted; the last checkpoint is epoch 1 (in {out})"
+    )
+    assert (
+        io.load_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and not (out / runs.LOCK).exists()
+    )
     assert main(["fit", "--out", str(out), "--resume", "--no-progress"]) == 0
 
 
@@ -579,9 +858,17 @@ def test_ctrl_c_after_training_keeps_the_finished_checkpoint(tmp_path, capsys, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ppl_vae.app.commands.fit.elbo_per_datapoint", interrupted)  # the test-split evaluation after fit
+    monkeypatch.setattr(
+        "ppl_vae.app.commands.fit.elbo_per_datapoint", interrupted
+    )  # the test-split evaluation after fit
     out = tmp_path / "run"
     assert fit(out) == 130
     line = one_line(capsys, prefix="ppl-vae: interrupted; ")
-    assert line == f"ppl-vae: interrupted; the last checkpoint is epoch 2 (in {out}); metrics.json was not written"
-    assert io.load_checkpoint(out / "checkpoint.pt")["epoch"] == 2 and not (out / "metrics.json").exists()
+    assert (
+        line
+        == f"ppl-vae: interrupted; the last checkpoint is epoch 2 (in {out}); metrics.json was not written"
+    )
+    assert (
+        io.load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+        and not (out / "metrics.json").exists()
+    )

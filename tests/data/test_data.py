@@ -114,7 +114,9 @@ def test_mat_without_x_variable(tmp_path):
 
 
 def test_amat_wrong_shape(tmp_path):
-    path = _write_amat(tmp_path / "binarized_mnist" / "binarized_mnist_train.amat", _binary_rows(3, d=783))
+    path = _write_amat(
+        tmp_path / "binarized_mnist" / "binarized_mnist_train.amat", _binary_rows(3, d=783)
+    )
     with pytest.raises(DataError, match="784") as info:
         load("binarized-mnist", "train", data_dir=tmp_path)
     assert str(path) in str(info.value)
@@ -218,7 +220,9 @@ def test_mnist_label_count_mismatch(tmp_path):
     raw.mkdir(parents=True)
     images = np.zeros((3, 28, 28), dtype=np.uint8)
     (raw / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_images(images)))
-    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_labels(np.zeros(2, dtype=np.uint8))))
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(_idx_labels(np.zeros(2, dtype=np.uint8)))
+    )
     with pytest.raises(DataError, match="3 images but 2 labels"):
         load("mnist", "test", data_dir=tmp_path)
 
@@ -227,7 +231,9 @@ def test_mnist_corrupted_idx(tmp_path):
     raw = tmp_path / "mnist" / "raw"
     raw.mkdir(parents=True)
     (raw / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"garbage" * 20))
-    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_labels(np.zeros(3, dtype=np.uint8))))
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(_idx_labels(np.zeros(3, dtype=np.uint8)))
+    )
     with pytest.raises(DataError, match="unreadable"):
         load("mnist", "test", data_dir=tmp_path)
 
@@ -248,7 +254,9 @@ def test_digits_splits_partition_the_dataset():
         assert s.y is not None and s.y.shape == (len(s),) and s.num_classes == 10
     # As multisets of (pixels, label) rows, the three splits together are exactly the dataset:
     # every row is used once, so the splits are disjoint and cover all 1797 rows.
-    got = np.concatenate([np.concatenate([s.x.double().numpy() * 16, s.y.numpy()[:, None]], 1) for s in splits])
+    got = np.concatenate(
+        [np.concatenate([s.x.double().numpy() * 16, s.y.numpy()[:, None]], 1) for s in splits]
+    )
     want = np.concatenate([full.data, full.target[:, None]], 1).astype(np.float64)
     got_sorted = got[np.lexsort(got.T[::-1])]
     want_sorted = want[np.lexsort(want.T[::-1])]
@@ -346,7 +354,10 @@ def test_import_does_not_touch_network(no_network, monkeypatch):
     fresh = importlib.import_module("ppl_vae.data")
     assert fresh is not original
     assert "digits" in fresh.DATASETS
-    assert fresh.load("digits", "test", limit=3).x.shape == (3, 64)  # embedded data: no network either
+    assert fresh.load("digits", "test", limit=3).x.shape == (
+        3,
+        64,
+    )  # embedded data: no network either
 
 
 # --------------------------------------------------------------------------- ppl_vae.io
@@ -360,7 +371,10 @@ def test_prepare_run_dir(tmp_path):
     with pytest.raises(ConfigError, match="--force"):
         runs.prepare_run_dir(new, command="fit")
     assert (new / "keep.txt").read_text() == "old"
-    assert runs.prepare_run_dir(new, command="fit", force=True) == new and not (new / "keep.txt").exists()  # the folder fit made
+    assert (
+        runs.prepare_run_dir(new, command="fit", force=True) == new
+        and not (new / "keep.txt").exists()
+    )  # the folder fit made
     assert runs.prepare_run_dir(new, command="fit", resume=True) == new
     with pytest.raises(CheckpointError):
         runs.prepare_run_dir(tmp_path / "missing", command="fit", resume=True)
@@ -433,7 +447,11 @@ def test_match_rows_recovers_which_grey_image_each_binarised_one_was_drawn_from(
     g = torch.Generator().manual_seed(0)
     grey = torch.rand(200, 784, generator=g) ** 3  # mostly dark pixels, like digits
     order = torch.randperm(200, generator=g)
-    binary = torch.bernoulli(grey[order], generator=g)  # shuffled Bernoulli draws, as binarised MNIST's test set
+    binary = torch.bernoulli(
+        grey[order], generator=g
+    )  # shuffled Bernoulli draws, as binarised MNIST's test set
     index, margin = match_rows(binary, grey, batch_size=64)
     assert torch.equal(index, order)
-    assert (margin > 0).all() and margin.median() > 20  # a true match is far more probable than the next best
+    assert (
+        margin > 0
+    ).all() and margin.median() > 20  # a true match is far more probable than the next best

@@ -48,16 +48,35 @@ def _assert_improves(before: torch.Tensor, after: torch.Tensor) -> None:
     assert diff > max(1.0, 4 * se), (before.mean(), after.mean(), se)
 
 
-@pytest.mark.parametrize(("kind", "estimator", "k"), [
-    ("bernoulli-vae", "score", 1), ("bernoulli-vae", "score+nvil", 1), ("bernoulli-vae", "relaxed", 1),
-    ("categorical-vae", "score+loo", 2), ("categorical-vae", "relaxed:0.5", 1), ("bernoulli-vae", "iwae", 2),
-])
+@pytest.mark.parametrize(
+    ("kind", "estimator", "k"),
+    [
+        ("bernoulli-vae", "score", 1),
+        ("bernoulli-vae", "score+nvil", 1),
+        ("bernoulli-vae", "relaxed", 1),
+        ("categorical-vae", "score+loo", 2),
+        ("categorical-vae", "relaxed:0.5", 1),
+        ("bernoulli-vae", "iwae", 2),
+    ],
+)
 def test_discrete_vae_trains(kind, estimator, k):
     x = _binary_data()
     torch.manual_seed(0)
-    model, guide, _, _ = discrete_vae(kind, 16, 4 if kind == "bernoulli-vae" else 2, (), Bernoulli(), num_classes=4)
+    model, guide, _, _ = discrete_vae(
+        kind, 16, 4 if kind == "bernoulli-vae" else 2, (), Bernoulli(), num_classes=4
+    )
     before = _elbo(model, guide, x)
-    result = fit(model, guide, x, estimator=estimator, num_particles=k, epochs=15, batch_size=50, lr=2e-2, progress=False)
+    result = fit(
+        model,
+        guide,
+        x,
+        estimator=estimator,
+        num_particles=k,
+        epochs=15,
+        batch_size=50,
+        lr=2e-2,
+        progress=False,
+    )
     assert result.estimator == get_estimator(estimator).name
     _assert_improves(before, _elbo(model, guide, x))
 
@@ -95,7 +114,9 @@ def test_relaxed_samples_are_exact_and_its_value_is_the_discrete_elbo():
     exact = (log_q.exp() * dist.Normal(zs.sum(-1), 1.0).log_prob(x[0, 0])).sum() - kl
     assert abs(-values.mean() - exact) <= 4 * values.std() / math.sqrt(len(values))
     loss(x).backward()  # straight-through: the guide's logits get a pathwise gradient
-    assert logits.grad is not None and torch.isfinite(logits.grad).all() and (logits.grad != 0).all()
+    assert (
+        logits.grad is not None and torch.isfinite(logits.grad).all() and (logits.grad != 0).all()
+    )
 
 
 def _gmm(enumerate: bool):
@@ -103,7 +124,11 @@ def _gmm(enumerate: bool):
     prior = GaussianMixturePrior(3, 2)
     decoder = MLP(2, [8], 6)
     encoder = GaussianEncoder(MLP(6, [], 8), 8, 2)
-    return gmm_vae(decoder, Gaussian(0.5), prior, enumerate=enumerate), amortized_guide(encoder), (prior, decoder, encoder)
+    return (
+        gmm_vae(decoder, Gaussian(0.5), prior, enumerate=enumerate),
+        amortized_guide(encoder),
+        (prior, decoder, encoder),
+    )
 
 
 def test_enumeration_sums_out_the_mixture_component():
@@ -123,7 +148,9 @@ def test_enumeration_sums_out_the_mixture_component():
 
 def test_gmm_vae_trains_with_enumeration():
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(100, 6, generator=g) * 0.3 + 2, torch.randn(100, 6, generator=g) * 0.3 - 2])
+    x = torch.cat(
+        [torch.randn(100, 6, generator=g) * 0.3 + 2, torch.randn(100, 6, generator=g) * 0.3 - 2]
+    )
     model, guide, nets = _gmm(True)
     marginal = gmm_vae(nets[1], Gaussian(0.5), nets[0], enumerate=False)
     before = _elbo(marginal, guide, x)
@@ -131,25 +158,55 @@ def test_gmm_vae_trains_with_enumeration():
     _assert_improves(before, _elbo(marginal, guide, x))
 
 
-TINY = ["--dataset", "digits", "--binarize", "threshold", "--limit", "60", "--batch-size", "30", "--no-progress"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--binarize",
+    "threshold",
+    "--limit",
+    "60",
+    "--batch-size",
+    "30",
+    "--no-progress",
+]
 
 
-@pytest.mark.parametrize(("estimator", "fragment"), [
-    ("nope", "unknown estimator 'nope'"),
-    ("reparam+average", "applies to the score-function estimator only"),
-    ("relaxed:0", "temperature must be positive"),
-    ("relaxed:-2", "temperature must be positive"),
-    ("score+loo", "needs --num-particles >= 2"),
-    ("reparam", "bernoulli-vae has discrete latents"),
-])
+@pytest.mark.parametrize(
+    ("estimator", "fragment"),
+    [
+        ("nope", "unknown estimator 'nope'"),
+        ("reparam+average", "applies to the score-function estimator only"),
+        ("relaxed:0", "temperature must be positive"),
+        ("relaxed:-2", "temperature must be positive"),
+        ("score+loo", "needs --num-particles >= 2"),
+        ("reparam", "bernoulli-vae has discrete latents"),
+    ],
+)
 def test_cli_bad_estimators(tmp_path, capsys, estimator, fragment):
     out = tmp_path / "run"
-    code = main(["fit", "--model", "bernoulli-vae", "--estimator", estimator, *TINY, "--out", str(out)])
+    code = main(
+        ["fit", "--model", "bernoulli-vae", "--estimator", estimator, *TINY, "--out", str(out)]
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and fragment in err[0] and err[0].startswith("ppl-vae: error:")
+    assert (
+        code == 2 and len(err) == 1 and fragment in err[0] and err[0].startswith("ppl-vae: error:")
+    )
     assert not out.exists()
     gv = tmp_path / "gv"
-    assert main(["grad-variance", "--run", str(tmp_path), "--estimators", f"score,{estimator}", "--out", str(gv)]) == 2
+    assert (
+        main(
+            [
+                "grad-variance",
+                "--run",
+                str(tmp_path),
+                "--estimators",
+                f"score,{estimator}",
+                "--out",
+                str(gv),
+            ]
+        )
+        == 2
+    )
     if estimator != "reparam":  # the estimator is refused before the run is read
         assert fragment in capsys.readouterr().err
     assert not gv.exists()
@@ -158,16 +215,36 @@ def test_cli_bad_estimators(tmp_path, capsys, estimator, fragment):
 def test_cli_grad_variance_on_an_nvil_run(tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--model", "bernoulli-vae", "--latent-dim", "8", "--hidden", "", *TINY]
-    assert main(["fit", *common, "--estimator", "score+nvil", "--epochs", "2", "--out", str(run)]) == 0
+    assert (
+        main(["fit", *common, "--estimator", "score+nvil", "--epochs", "2", "--out", str(run)]) == 0
+    )
     out = tmp_path / "gv"
-    args = ["grad-variance", "--run", str(run), "--estimators", "score,score+average,score+nvil,relaxed",
-            "--repeats", "30", "--batch-size", "30", "--track-epochs", "0,2", "--out", str(out)]
+    args = [
+        "grad-variance",
+        "--run",
+        str(run),
+        "--estimators",
+        "score,score+average,score+nvil,relaxed",
+        "--repeats",
+        "30",
+        "--batch-size",
+        "30",
+        "--track-epochs",
+        "0,2",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     rows = list(csv.DictReader((out / "grad_variance.csv").read_text().splitlines()))
     assert {(r["epoch"], r["estimator"], r["group"]) for r in rows} == {
-        (e, est, g) for e in ("0", "2") for est in ("score", "score+average", "score+nvil", "relaxed") for g in ("encoder", "decoder")
+        (e, est, g)
+        for e in ("0", "2")
+        for est in ("score", "score+average", "score+nvil", "relaxed")
+        for g in ("encoder", "decoder")
     }
-    enc = {(r["epoch"], r["estimator"]): float(r["variance"]) for r in rows if r["group"] == "encoder"}
+    enc = {
+        (r["epoch"], r["estimator"]): float(r["variance"]) for r in rows if r["group"] == "encoder"
+    }
     assert all(enc[(e, "score+average")] < enc[(e, "score")] for e in ("0", "2"))
     assert (out / "grad_variance.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()

@@ -27,10 +27,14 @@ def test_the_exact_guide_is_calibrated_and_a_narrow_one_is_under_dispersed(tmp_p
     table = exact.table()
     assert (table["verdict"] == "calibrated").all(), table
     assert "calibrated." in exact.verdict()
-    narrow = calibrate(m, inflated_guide(m, 0.5), template, num_datasets=1000, num_draws=99, seed=0).table()
+    narrow = calibrate(
+        m, inflated_guide(m, 0.5), template, num_datasets=1000, num_draws=99, seed=0
+    ).table()
     assert narrow["verdict"].str.startswith("under-dispersed").all(), narrow
     assert (narrow["tail_share"] > 0.2 + 4 * narrow["tail_share_se"]).all()
-    wide = calibrate(m, inflated_guide(m, 2.0), template, num_datasets=1000, num_draws=99, seed=0).table()
+    wide = calibrate(
+        m, inflated_guide(m, 2.0), template, num_datasets=1000, num_draws=99, seed=0
+    ).table()
     assert wide["verdict"].str.startswith("over-dispersed").all(), wide
     rank_histograms(exact, tmp_path / "ranks.png")
     assert (tmp_path / "ranks.png").stat().st_size > 1000
@@ -40,15 +44,21 @@ def test_the_figure_of_a_many_dimensional_latent_shows_the_least_calibrated_coor
     # 20 coordinates, uniform ranks except z[3] (ranks pushed to the ends: under-dispersed) and z[17] (ranks high: q too low)
     rng = np.random.default_rng(0)
     ranks = rng.integers(0, 100, size=(1000, 20))
-    ranks[:, 3] = np.where(rng.random(1000) < 0.5, rng.integers(0, 10, 1000), rng.integers(90, 100, 1000))
+    ranks[:, 3] = np.where(
+        rng.random(1000) < 0.5, rng.integers(0, 10, 1000), rng.integers(90, 100, 1000)
+    )
     ranks[:, 17] = rng.integers(40, 100, 1000)
     cal = Calibration(ranks, tuple(f"z[{j}]" for j in range(20)), num_draws=99, bins=10, alpha=0.01)
     fig = rank_histograms(cal, tmp_path / "ranks.png", max_panels=4)
     titles = [ax.get_title() for ax in fig.axes]
     hist = [t.split(":")[0] for t in titles if t.startswith("z[")]
     assert len(hist) == 4 and "z[3]" in hist and "z[17]" in hist, titles
-    assert any(t.startswith("z[3]: under-dispersed") for t in titles) and any(t.startswith("z[17]: biased: q too low") for t in titles)
-    assert any("tail share" in t for t in titles) and any("bias" in t for t in titles)  # the all-coordinates summary panels
+    assert any(t.startswith("z[3]: under-dispersed") for t in titles) and any(
+        t.startswith("z[17]: biased: q too low") for t in titles
+    )
+    assert any("tail share" in t for t in titles) and any(
+        "bias" in t for t in titles
+    )  # the all-coordinates summary panels
     assert (tmp_path / "ranks.png").stat().st_size > 1000
 
 
@@ -58,9 +68,17 @@ def test_a_shifted_guide_is_biased_in_the_right_direction():
     def low(x):  # the exact posterior moved down by one posterior sd
         post = m.posterior(x)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.MultivariateNormal(post.mean - post.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt(), post.covariance_matrix))
+            pyro.sample(
+                "z",
+                dist.MultivariateNormal(
+                    post.mean - post.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt(),
+                    post.covariance_matrix,
+                ),
+            )
 
-    t = calibrate(m, low, torch.zeros(1, 6, dtype=torch.float64), num_datasets=500, num_draws=49, seed=1).table()
+    t = calibrate(
+        m, low, torch.zeros(1, 6, dtype=torch.float64), num_datasets=500, num_draws=49, seed=1
+    ).table()
     assert t["verdict"].str.contains("biased: q too low").all(), t
     assert (t["bias"] > 4 * t["bias_se"]).all()
 
@@ -75,7 +93,9 @@ def test_calibration_refuses_what_it_cannot_simulate_or_rank():
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
             pyro.factor("penalty", -z.pow(2).sum(-1))
-            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True).expand(-1, 6), 1.0).to_event(1), obs=x)
+            pyro.sample(
+                "x", dist.Normal(z.sum(-1, keepdim=True).expand(-1, 6), 1.0).to_event(1), obs=x
+            )
 
     def guide(x):
         with pyro.plate("data", x.shape[0]):

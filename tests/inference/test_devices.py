@@ -57,20 +57,40 @@ def registry_model(model: str, dtype: torch.dtype, **options):
 
 
 def data(dtype: torch.dtype) -> torch.Tensor:
-    return torch.bernoulli(torch.full((24, 6), 0.5, dtype=dtype), generator=torch.Generator().manual_seed(1))
+    return torch.bernoulli(
+        torch.full((24, 6), 0.5, dtype=dtype), generator=torch.Generator().manual_seed(1)
+    )
 
 
 def _fit(estimator: str, **kw):
-    return lambda m, g, x: fit(m, g, x, epochs=1, batch_size=12, progress=False, estimator=estimator, validation=x[:6], **kw).train_elbo
+    return lambda m, g, x: (
+        fit(
+            m,
+            g,
+            x,
+            epochs=1,
+            batch_size=12,
+            progress=False,
+            estimator=estimator,
+            validation=x[:6],
+            **kw,
+        ).train_elbo
+    )
 
 
 def _decompose(**kw):
-    return lambda m, g, x: decompose(m, g, x[:3], num_samples=20, elbo_samples=10, local_options={"max_steps": 20}, **kw).log_px
+    return lambda m, g, x: (
+        decompose(
+            m, g, x[:3], num_samples=20, elbo_samples=10, local_options={"max_steps": 20}, **kw
+        ).log_px
+    )
 
 
 def _compare(m, g, x):
     vi = vi_draws_amortized(m, g, x[:2], num_samples=20)
-    return compare(vi, hmc_latent(m, x[:2], num_samples=10, warmup_steps=10, num_chains=2, init_steps=5)).per_point
+    return compare(
+        vi, hmc_latent(m, x[:2], num_samples=10, warmup_steps=10, num_chains=2, init_steps=5)
+    ).per_point
 
 
 PATHS = {
@@ -80,16 +100,26 @@ PATHS = {
     "fit iwae": _fit("iwae", num_particles=2),
     "fit analytic-kl": _fit("analytic-kl"),
     "evaluate_elbo": lambda m, g, x: evaluate_elbo(m, g, (x,)).value,
-    "importance_bounds": lambda m, g, x: importance_bounds(m, g, x[:4], num_samples=20, seed=0).iwae,
-    "optimize_local full": lambda m, g, x: optimize_local(m, x[:3], init=g, family="full", max_steps=20).final_elbo,
-    "optimize_local flow": lambda m, g, x: optimize_local(m, x[:3], init=g, family="flow", max_steps=20).final_elbo,
+    "importance_bounds": lambda m, g, x: (
+        importance_bounds(m, g, x[:4], num_samples=20, seed=0).iwae
+    ),
+    "optimize_local full": lambda m, g, x: (
+        optimize_local(m, x[:3], init=g, family="full", max_steps=20).final_elbo
+    ),
+    "optimize_local flow": lambda m, g, x: (
+        optimize_local(m, x[:3], init=g, family="flow", max_steps=20).final_elbo
+    ),
     "decompose": _decompose(families=("diagonal", "full")),
     "decompose ais": _decompose(logpx="ais", ais_options={"num_steps": 5, "num_chains": 4}),
     "ais": lambda m, g, x: ais(m, x[:3], init=g, num_steps=5, num_chains=2).log_px,
     "bdmc": lambda m, g, x: bdmc(m, x[:2], num_steps=5, num_chains=2).lower,
-    "hmc_latent": lambda m, g, x: hmc_latent(m, x[:3], num_samples=10, warmup_steps=10, num_chains=2, init_steps=5).samples,
+    "hmc_latent": lambda m, g, x: (
+        hmc_latent(m, x[:3], num_samples=10, warmup_steps=10, num_chains=2, init_steps=5).samples
+    ),
     "compare": _compare,
-    "gradient_stats": lambda m, g, x: gradient_stats(m, g, (x[:8],), estimators=("reparam", "score"), repeats=3, warmup=2),
+    "gradient_stats": lambda m, g, x: gradient_stats(
+        m, g, (x[:8],), estimators=("reparam", "score"), repeats=3, warmup=2
+    ),
 }
 
 MODELS = {

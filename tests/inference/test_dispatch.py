@@ -11,8 +11,15 @@ def test_it_counts_each_kind_of_host_synchronisation_and_nothing_else_as_one():
         y = (x * 2).exp().cumsum(0)
         torch.where(y > 1, y, -y).sum()
     assert free.syncs == 0 and free.ops >= 5
-    reads = [lambda: float(x.sum()), lambda: bool((x > 0).any()), lambda: x.max().item(), lambda: x[x > 0],
-             lambda: torch.nonzero(x), lambda: x.masked_select(x > 0), lambda: torch.unique(x)]
+    reads = [
+        lambda: float(x.sum()),
+        lambda: bool((x > 0).any()),
+        lambda: x.max().item(),
+        lambda: x[x > 0],
+        lambda: torch.nonzero(x),
+        lambda: x.masked_select(x > 0),
+        lambda: torch.unique(x),
+    ]
     for read in reads:
         with Dispatches() as d:
             read()

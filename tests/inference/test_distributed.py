@@ -39,7 +39,9 @@ TWO = {"accelerator": "cpu", "devices": 2, "strategy": "ddp_fork"}
 
 
 def data(rows: int = 60) -> torch.Tensor:
-    return torch.bernoulli(torch.full((rows, 6), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(3))
+    return torch.bernoulli(
+        torch.full((rows, 6), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(3)
+    )
 
 
 def ae():
@@ -63,16 +65,22 @@ def test_two_processes_take_the_same_steps_as_one_on_a_deterministic_loss():
     runs = {}
     for name, options in (("one", {}), ("two", TWO)):
         model, guide, nets = ae()
-        result = fit(model, guide, x, epochs=2, batch_size=20, lr=1e-2, progress=False, seed=4, **options)
+        result = fit(
+            model, guide, x, epochs=2, batch_size=20, lr=1e-2, progress=False, seed=4, **options
+        )
         runs[name] = (params(nets), result)
     (one, r1), (two, r2) = runs["one"], runs["two"]
     assert r1.steps == r2.steps == 6
     assert [a.shape for a in one] == [b.shape for b in two]
     moved = max((a - b).abs().max().item() for a, b in zip(one, params(ae()[2])))
-    assert moved > 1e-3  # training changed the parameters (so agreeing is not agreeing at the start)
+    assert (
+        moved > 1e-3
+    )  # training changed the parameters (so agreeing is not agreeing at the start)
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert r2.train_elbo == pytest.approx(r1.train_elbo, rel=1e-9)  # the evaluation is sharded and summed, deterministically
+    assert r2.train_elbo == pytest.approx(
+        r1.train_elbo, rel=1e-9
+    )  # the evaluation is sharded and summed, deterministically
 
 
 def test_a_vae_trained_on_two_processes_reaches_the_same_elbo_within_its_monte_carlo_error():
@@ -87,18 +95,51 @@ def test_a_vae_trained_on_two_processes_reaches_the_same_elbo_within_its_monte_c
     # two fits differ by their draws (each process has its own stream); their per-point ELBOs are paired
     diff = scores[0] - scores[1]
     se = diff.std().item() / math.sqrt(len(diff))
-    assert abs(diff.mean().item()) < Z * se + 0.05 * abs(scores[0].mean().item()) / math.sqrt(len(diff)), (diff.mean().item(), se)
+    assert abs(diff.mean().item()) < Z * se + 0.05 * abs(scores[0].mean().item()) / math.sqrt(
+        len(diff)
+    ), (diff.mean().item(), se)
 
 
 def test_two_process_resume_continues_as_an_uninterrupted_two_process_run(tmp_path):
     x = data()
     model, guide, nets = ae()
-    fit(model, guide, x, epochs=4, batch_size=20, lr=1e-2, progress=False, out=tmp_path / "straight", **TWO)
+    fit(
+        model,
+        guide,
+        x,
+        epochs=4,
+        batch_size=20,
+        lr=1e-2,
+        progress=False,
+        out=tmp_path / "straight",
+        **TWO,
+    )
     straight = params(nets)
     model, guide, nets = ae()
-    fit(model, guide, x, epochs=2, batch_size=20, lr=1e-2, progress=False, out=tmp_path / "resumed", **TWO)
+    fit(
+        model,
+        guide,
+        x,
+        epochs=2,
+        batch_size=20,
+        lr=1e-2,
+        progress=False,
+        out=tmp_path / "resumed",
+        **TWO,
+    )
     model, guide, nets = ae()  # fresh networks: everything comes from the checkpoint
-    result = fit(model, guide, x, epochs=4, batch_size=20, lr=1e-2, progress=False, out=tmp_path / "resumed", resume=True, **TWO)
+    result = fit(
+        model,
+        guide,
+        x,
+        epochs=4,
+        batch_size=20,
+        lr=1e-2,
+        progress=False,
+        out=tmp_path / "resumed",
+        resume=True,
+        **TWO,
+    )
     assert result.epochs == 4
     for a, b in zip(straight, params(nets)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -111,8 +152,20 @@ def test_resuming_on_another_number_of_processes_is_refused_before_any_work(tmp_
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     model, guide, nets = ae()
     start = params(nets)
-    with pytest.raises(ConfigError, match=r"trained by 2 process\(es\); resume it on the same number \(this run has 1\)"):
-        fit(model, guide, x, epochs=2, batch_size=20, progress=False, out=tmp_path / "run", resume=True)
+    with pytest.raises(
+        ConfigError,
+        match=r"trained by 2 process\(es\); resume it on the same number \(this run has 1\)",
+    ):
+        fit(
+            model,
+            guide,
+            x,
+            epochs=2,
+            batch_size=20,
+            progress=False,
+            out=tmp_path / "run",
+            resume=True,
+        )
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
     assert all(torch.equal(a, b) for a, b in zip(start, params(nets)))
 
@@ -123,9 +176,17 @@ def test_resuming_on_another_number_of_processes_is_refused_before_any_work(tmp_
         ({"devices": 0}, "devices must be a positive number"),
         ({"accelerator": "tpu"}, "unknown accelerator 'tpu'"),
         ({"accelerator": "cpu", "devices": (os.cpu_count() or 1) + 1}, "more than this machine's"),
-        ({"accelerator": "cuda"} if not torch.cuda.is_available() else {"accelerator": "cpu", "devices": 10**6}, "cannot run on accelerator"),
+        (
+            {"accelerator": "cuda"}
+            if not torch.cuda.is_available()
+            else {"accelerator": "cpu", "devices": 10**6},
+            "cannot run on accelerator",
+        ),
         ({"strategy": "warp-drive"}, "cannot run on .*strategy='warp-drive'"),
-        ({"devices": 2, "strategy": "ddp_fork", "accelerator": "cpu", "batch_size": 21}, "multiple of the number of processes"),
+        (
+            {"devices": 2, "strategy": "ddp_fork", "accelerator": "cpu", "batch_size": 21},
+            "multiple of the number of processes",
+        ),
     ],
 )
 def test_bad_device_options_are_refused_by_name(options, message):
@@ -137,7 +198,9 @@ def test_bad_device_options_are_refused_by_name(options, message):
     assert all(torch.equal(a, b) for a, b in zip(start, params(nets)))
 
 
-def test_a_crash_of_one_process_ends_the_run_with_one_line_naming_it_and_keeps_the_last_checkpoint(tmp_path):
+def test_a_crash_of_one_process_ends_the_run_with_one_line_naming_it_and_keeps_the_last_checkpoint(
+    tmp_path,
+):
     x = data()
     model, guide, _ = ae()
     calls: dict[int, int] = {}
@@ -150,15 +213,21 @@ def test_a_crash_of_one_process_ends_the_run_with_one_line_naming_it_and_keeps_t
         return model(batch)
 
     with pytest.raises(RuntimeError) as failed:
-        fit(crashing, guide, x, epochs=3, batch_size=20, progress=False, out=tmp_path / "run", **TWO)
+        fit(
+            crashing, guide, x, epochs=3, batch_size=20, progress=False, out=tmp_path / "run", **TWO
+        )
     message = str(failed.value)
-    assert len(message.splitlines()) == 1 and message.startswith("training process 1 failed: ValueError: boom in the decoder"), message
+    assert len(message.splitlines()) == 1 and message.startswith(
+        "training process 1 failed: ValueError: boom in the decoder"
+    ), message
     assert io.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
 
 
 def test_a_ppl_vae_error_in_a_process_keeps_its_type(tmp_path):
     x = data()
-    x[41, 2] = float("nan")  # read by one process only: a DataError there (exit 2 on the command line)
+    x[41, 2] = float(
+        "nan"
+    )  # read by one process only: a DataError there (exit 2 on the command line)
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -168,7 +237,10 @@ def test_a_ppl_vae_error_in_a_process_keeps_its_type(tmp_path):
             return x[i]
 
     model, guide, _ = ae()
-    with pytest.raises(DataError, match=r"data row 41 contains NaN or infinite values \(step \d+, epoch 1 on rank [01]\)"):
+    with pytest.raises(
+        DataError,
+        match=r"data row 41 contains NaN or infinite values \(step \d+, epoch 1 on rank [01]\)",
+    ):
         fit(model, guide, Rows(), epochs=1, batch_size=20, progress=False, **TWO)
 
 
@@ -180,25 +252,55 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def test_bounds_and_ais_spread_over_two_processes_equal_one_process_per_datapoint():
-    m = frozen_ppca(rowwise=True)  # each row rounded alike in any batch: AIS's chaotic chains would grow a matmul's last-bit difference
+    m = frozen_ppca(
+        rowwise=True
+    )  # each row rounded alike in any batch: AIS's chaotic chains would grow a matmul's last-bit difference
     x = m.sample(5)  # 3 + 2 rows: blocks of unequal size
     at = torch.tensor([11, 3, 7, 0, 5])
     one = importance_bounds(m, inflated_guide(m), x, num_samples=300, seed=1, index=at)
-    two = importance_bounds(m, inflated_guide(m), x, num_samples=300, seed=1, index=at, spread=SPREAD)
-    assert all(close(getattr(one, k), getattr(two, k)) for k in ("elbo", "elbo_se", "iwae", "iwae_se"))
+    two = importance_bounds(
+        m, inflated_guide(m), x, num_samples=300, seed=1, index=at, spread=SPREAD
+    )
+    assert all(
+        close(getattr(one, k), getattr(two, k)) for k in ("elbo", "elbo_se", "iwae", "iwae_se")
+    )
     one = ais(m, x, num_steps=40, num_chains=4, seed=2, index=at)
     two = ais(m, x, num_steps=40, num_chains=4, seed=2, index=at, spread=SPREAD)
-    assert all(close(getattr(one, k), getattr(two, k)) for k in ("log_px", "log_px_se", "accept_rate", "step_size"))
-    assert not close(one.log_px, ais(m, x, num_steps=40, num_chains=4, seed=3, index=at).log_px), "another seed, other chains"
+    assert all(
+        close(getattr(one, k), getattr(two, k))
+        for k in ("log_px", "log_px_se", "accept_rate", "step_size")
+    )
+    assert not close(one.log_px, ais(m, x, num_steps=40, num_chains=4, seed=3, index=at).log_px), (
+        "another seed, other chains"
+    )
 
 
 def test_hmc_spread_over_two_processes_gives_each_datapoint_its_own_chains():
     import numpy as np
 
-    m = frozen_ppca(rowwise=True)  # as for AIS: HMC's chains would grow a matmul's last-bit difference between block sizes
+    m = frozen_ppca(
+        rowwise=True
+    )  # as for AIS: HMC's chains would grow a matmul's last-bit difference between block sizes
     x = m.sample(4)
-    one = hmc_latent(m, x, num_samples=15, warmup_steps=15, num_chains=2, seed=4, index=torch.tensor([8, 6, 4, 2]))
-    two = hmc_latent(m, x, num_samples=15, warmup_steps=15, num_chains=2, seed=4, index=torch.tensor([8, 6, 4, 2]), spread=SPREAD)
+    one = hmc_latent(
+        m,
+        x,
+        num_samples=15,
+        warmup_steps=15,
+        num_chains=2,
+        seed=4,
+        index=torch.tensor([8, 6, 4, 2]),
+    )
+    two = hmc_latent(
+        m,
+        x,
+        num_samples=15,
+        warmup_steps=15,
+        num_chains=2,
+        seed=4,
+        index=torch.tensor([8, 6, 4, 2]),
+        spread=SPREAD,
+    )
     assert list(two.coords["point"]) == [8, 6, 4, 2]
     assert np.allclose(one.samples["z"], two.samples["z"], rtol=1e-9, atol=1e-9)
     for k in one.sample_stats:
@@ -209,7 +311,13 @@ def test_decompose_spread_over_two_processes_equals_one_process_with_choices_ove
     m = frozen_ppca()
     x = m.sample(5)
     # two families: the IWAE proposal is the one with the best mean over all datapoints, summed across processes
-    kw = dict(num_samples=200, elbo_samples=50, families=("diagonal", "full"), local_options={"max_steps": 60, "check_every": 20}, seed=6)
+    kw = dict(
+        num_samples=200,
+        elbo_samples=50,
+        families=("diagonal", "full"),
+        local_options={"max_steps": 60, "check_every": 20},
+        seed=6,
+    )
     one = decompose(m, inflated_guide(m), x, **kw)
     two = decompose(m, inflated_guide(m), x, **kw, spread=SPREAD)
     assert one.logpx_estimator == two.logpx_estimator and one.family == two.family
@@ -226,13 +334,28 @@ def test_spreading_more_processes_than_datapoints_is_refused_before_any_work():
     with pytest.raises(ConfigError, match="1 datapoint.* cannot be spread over 2 processes"):
         importance_bounds(m, inflated_guide(m), m.sample(1), num_samples=10, spread=SPREAD)
     with pytest.raises(ConfigError, match="devices must be a positive number"):
-        importance_bounds(m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 0))
-    with pytest.raises(ConfigError, match="unknown strategy 'ddp_spawn' for spreading"):  # a spawned process would need the model pickled
-        importance_bounds(m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 2, "ddp_spawn"))
+        importance_bounds(
+            m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 0)
+        )
+    with pytest.raises(
+        ConfigError, match="unknown strategy 'ddp_spawn' for spreading"
+    ):  # a spawned process would need the model pickled
+        importance_bounds(
+            m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 2, "ddp_spawn")
+        )
     with pytest.raises(ConfigError, match="num_nodes=2: .* torchrun or srun"):
-        importance_bounds(m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 1, "ddp", 2))
+        importance_bounds(
+            m, inflated_guide(m), m.sample(3), num_samples=10, spread=Spread("cpu", 1, "ddp", 2)
+        )
     with pytest.raises(ConfigError, match="non-negative integer dataset indices"):
-        importance_bounds(m, inflated_guide(m), m.sample(3), num_samples=10, index=torch.tensor([0, -1, 2]), spread=SPREAD)
+        importance_bounds(
+            m,
+            inflated_guide(m),
+            m.sample(3),
+            num_samples=10,
+            index=torch.tensor([0, -1, 2]),
+            spread=SPREAD,
+        )
 
 
 def test_a_failed_analysis_process_is_one_line_naming_it():
@@ -243,10 +366,16 @@ def test_a_failed_analysis_process_is_one_line_naming_it():
             raise ValueError("boom in the model")
         return m(x)
 
-    with pytest.raises(DataError) as failed:  # the bounds' own probe names the failure; the process is named before it
+    with pytest.raises(
+        DataError
+    ) as failed:  # the bounds' own probe names the failure; the process is named before it
         importance_bounds(failing, inflated_guide(m), m.sample(4), num_samples=10, spread=SPREAD)
     message = str(failed.value)
-    assert len(message.splitlines()) == 1 and message.startswith("analysis process 1 failed: ") and message.endswith("(boom in the model)"), message
+    assert (
+        len(message.splitlines()) == 1
+        and message.startswith("analysis process 1 failed: ")
+        and message.endswith("(boom in the model)")
+    ), message
 
 
 def test_a_result_crosses_processes_as_plain_tensors_and_only_known_types_come_back(tmp_path):
@@ -254,18 +383,31 @@ def test_a_result_crosses_processes_as_plain_tensors_and_only_known_types_come_b
 
     from ppl_vae.inference.mcmc.draws import Draws
 
-    draws = Draws({"z": np.arange(12.0).reshape(1, 3, 2, 2)}, {"diverging": np.zeros((1, 3, 2), bool)}, {"z": ["point", "z_dim_0"], "diverging": ["point"]},
-                  {"point": [4, 9], "z_dim_0": [0, 1]}, "batched-hmc", 1.5)
+    draws = Draws(
+        {"z": np.arange(12.0).reshape(1, 3, 2, 2)},
+        {"diverging": np.zeros((1, 3, 2), bool)},
+        {"z": ["point", "z_dim_0"], "diverging": ["point"]},
+        {"point": [4, 9], "z_dim_0": [0, 1]},
+        "batched-hmc",
+        1.5,
+    )
     io.save_torch(tmp_path / "r.pt", io.to_plain({"draws": draws, "pair": (1, "a")}))
-    back = io.from_plain(io.load_torch(tmp_path / "r.pt"), (Draws,))  # weights_only: plain tensors and containers
-    assert np.array_equal(back["draws"].samples["z"], draws.samples["z"]) and back["draws"].sample_stats["diverging"].dtype == bool
+    back = io.from_plain(
+        io.load_torch(tmp_path / "r.pt"), (Draws,)
+    )  # weights_only: plain tensors and containers
+    assert (
+        np.array_equal(back["draws"].samples["z"], draws.samples["z"])
+        and back["draws"].sample_stats["diverging"].dtype == bool
+    )
     assert back["draws"].coords == draws.coords and back["pair"] == (1, "a")
     import enum
 
     class Level(enum.IntEnum):
         HIGH = 2
 
-    assert type(io.to_plain(Level.HIGH)) is int  # a subclass would be pickled as its class, which weights_only refuses
+    assert (
+        type(io.to_plain(Level.HIGH)) is int
+    )  # a subclass would be pickled as its class, which weights_only refuses
     with pytest.raises(TypeError, match="NumPy array of <U1"):
         io.to_plain(np.array(["a"]))
     with pytest.raises(CheckpointError, match="unexpected type .Draws."):

@@ -50,7 +50,11 @@ def test_single_particle_score_function_gradient_matches_hand_derivation():
     z = guide.draws[-1].item()
     m, s, x = guide.m.item(), guide.log_s.exp().item(), X.item()
     log_q = dist.Normal(m, s).log_prob(torch.tensor(z))
-    f = (dist.Normal(0.0, 1.0).log_prob(torch.tensor(z)) + dist.Normal(z, 1.0).log_prob(torch.tensor(x)) - log_q).item()
+    f = (
+        dist.Normal(0.0, 1.0).log_prob(torch.tensor(z))
+        + dist.Normal(z, 1.0).log_prob(torch.tensor(x))
+        - log_q
+    ).item()
     # Pyro's surrogate for a non-reparameterised site is log p + log q * stop_grad(f)
     # with z detached (no entropy term): the gradient is f * d log q(z)
     dlogq = torch.tensor([(z - m) / s**2, -1 + (z - m) ** 2 / s**2])
@@ -124,20 +128,30 @@ def test_estimator_modes_wrap_the_site_distribution_and_generate_no_classes(esti
 
     def guide(x):
         with pyro.plate("data", x.shape[0]):
-            d = dist.Bernoulli(logits=x.new_zeros(x.shape[0], 3)).to_event(1) if discrete else dist.Normal(x.new_zeros(x.shape[0], 1), 1.0).to_event(1)
+            d = (
+                dist.Bernoulli(logits=x.new_zeros(x.shape[0], 3)).to_event(1)
+                if discrete
+                else dist.Normal(x.new_zeros(x.shape[0], 1), 1.0).to_event(1)
+            )
             pyro.sample("z", d)
 
     handled = get_estimator(estimator).handled(guide)
-    with pyro.plate("particles", 2, dim=-2):  # vectorised particles: the wrapper survives the plates' expand
+    with pyro.plate(
+        "particles", 2, dim=-2
+    ):  # vectorised particles: the wrapper survives the plates' expand
         tr = pyro.poutine.trace(handled).get_trace(X)
     fn = tr.nodes["z"]["fn"]
     assert fn.has_rsample is discrete and fn.batch_shape == (2, 1)
     leaf = fn
     while hasattr(leaf, "base") or hasattr(leaf, "base_dist"):
         leaf = getattr(leaf, "base", None) or leaf.base_dist
-    assert type(leaf) is (dist.Bernoulli if discrete else dist.Normal)  # not a subclass generated at run time
+    assert type(leaf) is (
+        dist.Bernoulli if discrete else dist.Normal
+    )  # not a subclass generated at run time
     assert leaf.has_rsample is (not discrete)
-    loss = get_estimator(estimator).loss(model if not discrete else _bernoulli_model, guide, num_particles=2)
+    loss = get_estimator(estimator).loss(
+        model if not discrete else _bernoulli_model, guide, num_particles=2
+    )
     assert torch.isfinite(loss(X)) and loss.parameters(X) == [] and loss.state_dict() == {}
 
 
@@ -149,11 +163,16 @@ def _bernoulli_model(x):
 
 def test_analytic_kl_refuses_a_structured_guide_by_name_before_any_update():
     """q(z1 | x) q(z2 | z1) is not mean-field: Pyro only warns, and its closed-form KL would be wrong."""
-    built = build(Config(model="hvae", dataset="digits", latent_dim=2, hidden=(8,)), 6, (1, 2, 3), None)
+    built = build(
+        Config(model="hvae", dataset="digits", latent_dim=2, hidden=(8,)), 6, (1, 2, 3), None
+    )
     x = torch.bernoulli(torch.full((24, 6), 0.5), generator=torch.Generator().manual_seed(0))
     params = discover(built.model, built.guide, (x[:2],)).params
     before = [p.detach().clone() for p in params]
-    with pytest.raises(ConfigError, match=r"analytic-kl .* mean-field guide .*model sites z2, z1; guide sites z1, z2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"analytic-kl .* mean-field guide .*model sites z2, z1; guide sites z1, z2",
+    ):
         fit(built.model, built.guide, x, estimator="analytic-kl", epochs=1, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, params))
 
@@ -175,7 +194,9 @@ def test_what_an_estimator_declares_of_discrete_latents_is_what_it_does(name):
             pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1))
 
     k = 2 if name in ("iwae", "score+loo") else 1
-    options = dict(estimator=name, num_particles=k, epochs=1, batch_size=20, progress=False, modules=[dec])
+    options = dict(
+        estimator=name, num_particles=k, epochs=1, batch_size=20, progress=False, modules=[dec]
+    )
     if get_estimator(name).pathwise_only:
         with pytest.raises(NotReparameterizableError, match="guide site 'z'"):
             fit(model, guide, x, **options)

@@ -107,13 +107,30 @@ def sabotaged(wrapper: nn.Module):
 
 
 def test_non_finite_loss_stops_with_step_and_site_and_keeps_last_checkpoint(tmp_path, X):
-    model, guide = sabotaged(Saboteur(after=7))  # 60 rows / batch 20 = 3 steps an epoch: fails in epoch 3
+    model, guide = sabotaged(
+        Saboteur(after=7)
+    )  # 60 rows / batch 20 = 3 steps an epoch: fails in epoch 3
     with pytest.raises(TrainingDiverged) as info:
-        fit(model, guide, X, epochs=5, batch_size=20, out=tmp_path, progress=False, validate_every_step=True)
+        fit(
+            model,
+            guide,
+            X,
+            epochs=5,
+            batch_size=20,
+            out=tmp_path,
+            progress=False,
+            validate_every_step=True,
+        )
     assert info.value.step == 7
-    assert info.value.site == "x"  # found from the failing step itself (replayed with its own draws), not a fresh run
-    assert "step 7" in str(info.value) and "model site 'x' has a non-finite log-density" in str(info.value)
-    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)  # a checkpoint holds tensors and plain containers only
+    assert (
+        info.value.site == "x"
+    )  # found from the failing step itself (replayed with its own draws), not a fresh run
+    assert "step 7" in str(info.value) and "model site 'x' has a non-finite log-density" in str(
+        info.value
+    )
+    ckpt = torch.load(
+        tmp_path / CHECKPOINT, weights_only=True
+    )  # a checkpoint holds tensors and plain containers only
     assert ckpt["epoch"] == 2
     assert all(torch.isfinite(p).all() for p in ckpt["params"])
 
@@ -161,15 +178,21 @@ class EvalSaboteur(nn.Module):
 
 def test_a_non_finite_validation_elbo_is_reported_like_a_training_one(X):
     model, guide = sabotaged(EvalSaboteur())
-    with pytest.raises(TrainingDiverged, match="validation ELBO after epoch 1 is not finite") as info:
+    with pytest.raises(
+        TrainingDiverged, match="validation ELBO after epoch 1 is not finite"
+    ) as info:
         fit(model, guide, X, validation=data(20, seed=3), epochs=3, batch_size=20, progress=False)
-    assert info.value.site == "x" and "model site 'x' has a non-finite log-density" in str(info.value)
+    assert info.value.site == "x" and "model site 'x' has a non-finite log-density" in str(
+        info.value
+    )
 
 
 def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
     model, guide = tiny()
     x, val = data(40, seed=1), data(40, seed=2)
-    after_epoch: dict[int, list[torch.Tensor]] = {}  # the parameters each epoch ended with, as checkpointed
+    after_epoch: dict[
+        int, list[torch.Tensor]
+    ] = {}  # the parameters each epoch ended with, as checkpointed
     save = ppl_io.save_torch
 
     def recording_save(path, state):
@@ -178,11 +201,24 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ppl_io, "save_torch", recording_save)
     patience = 3
-    result = fit(model, guide, x, validation=val, epochs=200, batch_size=40, lr=0.05, patience=patience, out=tmp_path, progress=False)
+    result = fit(
+        model,
+        guide,
+        x,
+        validation=val,
+        epochs=200,
+        batch_size=40,
+        lr=0.05,
+        patience=patience,
+        out=tmp_path,
+        progress=False,
+    )
     vals = [h["val_elbo"] for h in result.history]
     assert result.stopped_early and result.epochs < 200
     assert result.best_epoch == 1 + vals.index(max(vals))
-    assert result.epochs == result.best_epoch + patience  # stopped exactly `patience` epochs after the best one
+    assert (
+        result.epochs == result.best_epoch + patience
+    )  # stopped exactly `patience` epochs after the best one
     assert sorted(after_epoch) == list(range(1, result.epochs + 1))
     # the parameters fit leaves in the networks are the best epoch's, not the last epoch's
     found = ppl_io.load_checkpoint(tmp_path / CHECKPOINT)
@@ -191,7 +227,9 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(restored, after_epoch[result.best_epoch]))
     assert not all(torch.equal(a, b) for a, b in zip(restored, after_epoch[result.epochs]))
     # the checkpoint says so, and keeps the last epoch's state for a resumption
-    assert found["stopped_early"] and all(torch.equal(a, b) for a, b in zip(found["params"], after_epoch[result.epochs]))
+    assert found["stopped_early"] and all(
+        torch.equal(a, b) for a, b in zip(found["params"], after_epoch[result.epochs])
+    )
 
 
 def _params(model, guide, x):
@@ -213,12 +251,36 @@ def test_resume_extends_a_schedule_to_the_new_total(tmp_path, X):
     model, guide = tiny()
     fit(model, guide, X, epochs=2, lr=0.01, lr_schedule="exponential", out=tmp_path, progress=False)
     model, guide = tiny()
-    result = fit(model, guide, X, epochs=5, lr=0.01, lr_schedule="exponential", out=tmp_path, resume=True, progress=False)
+    result = fit(
+        model,
+        guide,
+        X,
+        epochs=5,
+        lr=0.01,
+        lr_schedule="exponential",
+        out=tmp_path,
+        resume=True,
+        progress=False,
+    )
     lrs = [h["lr"] for h in result.history]
-    assert lrs[:2] == [0.01 * lr_factor("exponential", e, 2) for e in (1, 2)]  # the first plan, as it ran
-    assert lrs[2:] == [0.01 * lr_factor("exponential", e, 5) for e in (3, 4, 5)]  # re-planned for 5 epochs
+    assert lrs[:2] == [
+        0.01 * lr_factor("exponential", e, 2) for e in (1, 2)
+    ]  # the first plan, as it ran
+    assert lrs[2:] == [
+        0.01 * lr_factor("exponential", e, 5) for e in (3, 4, 5)
+    ]  # re-planned for 5 epochs
     with pytest.raises(ConfigError, match="fewer than the 5 epochs"):
-        fit(model, guide, X, epochs=4, lr=0.01, lr_schedule="exponential", out=tmp_path, resume=True, progress=False)
+        fit(
+            model,
+            guide,
+            X,
+            epochs=4,
+            lr=0.01,
+            lr_schedule="exponential",
+            out=tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_seeded_runs_are_bitwise_identical(X):
@@ -227,10 +289,24 @@ def test_seeded_runs_are_bitwise_identical(X):
         torch.manual_seed(0)
         dec, enc = MLP(2, [8], 6), GaussianEncoder(MLP(6, [], 8), 8, 2)
         model, guide = vae(dec, get_likelihood("gaussian"), 2), amortized_guide(enc)
-        results.append(fit(model, guide, X, epochs=2, batch_size=16, estimator="score", num_particles=3, seed=5, progress=False))
+        results.append(
+            fit(
+                model,
+                guide,
+                X,
+                epochs=2,
+                batch_size=16,
+                estimator="score",
+                num_particles=3,
+                seed=5,
+                progress=False,
+            )
+        )
         params.append([p.detach().clone() for p in (*dec.parameters(), *enc.parameters())])
     assert all(torch.equal(a, b) for a, b in zip(*params))
-    assert [h["train_elbo"] for h in results[0].history] == [h["train_elbo"] for h in results[1].history]
+    assert [h["train_elbo"] for h in results[0].history] == [
+        h["train_elbo"] for h in results[1].history
+    ]
 
 
 def test_fit_leaves_the_callers_random_stream_alone_and_its_seed_decides_the_draws(X):
@@ -241,7 +317,11 @@ def test_fit_leaves_the_callers_random_stream_alone_and_its_seed_decides_the_dra
         model, guide = tiny()
         torch.manual_seed(outer)
         expected = torch.get_rng_state()
-        runs.append(fit(model, guide, X, epochs=1, batch_size=16, estimator="score", seed=5, progress=False).train_elbo)
+        runs.append(
+            fit(
+                model, guide, X, epochs=1, batch_size=16, estimator="score", seed=5, progress=False
+            ).train_elbo
+        )
         assert torch.equal(torch.get_rng_state(), expected)
     assert runs[0] == runs[1]
 
@@ -252,15 +332,22 @@ def test_run_reload_round_trip(tmp_path):
     from ppl_vae.app.runs import open_run
     from ppl_vae.io import load_torch
 
-    cfg = Config(dataset="digits", binarize="threshold", hidden=(16,), latent_dim=2, epochs=3, limit=300)
+    cfg = Config(
+        dataset="digits", binarize="threshold", hidden=(16,), latent_dim=2, epochs=3, limit=300
+    )
     metrics = run(cfg, tmp_path / "run", progress=False, figures=False)
     built, splits = open_run(tmp_path / "run")
     saved = load_torch(tmp_path / "run" / CHECKPOINT)["params"]
     assert any(torch.equal(p, s) for p in built.decoder.parameters() for s in saved)
     test = splits["test"].x
-    elbo = torch.stack([evaluate_elbo(built.model, built.guide, (test,)).value for _ in range(8)]).mean(0)
+    elbo = torch.stack(
+        [evaluate_elbo(built.model, built.guide, (test,)).value for _ in range(8)]
+    ).mean(0)
     # metrics' test ELBO is a 1-draw estimate: compare within 4 standard errors of the difference
-    assert abs(elbo.mean().item() - metrics["test_elbo"]) < 4 * metrics["test_elbo_se"] * math.sqrt(1 + 1 / 8) + 0.05
+    assert (
+        abs(elbo.mean().item() - metrics["test_elbo"])
+        < 4 * metrics["test_elbo_se"] * math.sqrt(1 + 1 / 8) + 0.05
+    )
 
 
 class RowsOnDemand(Dataset):
@@ -283,14 +370,30 @@ def test_a_dataset_or_a_dataloader_trains_exactly_like_the_same_tensors(X):
     sources = {
         "tensor": (X, X[:20]),
         "dataset": (RowsOnDemand(X), RowsOnDemand(X[:20])),
-        "loader": (DataLoader(RowsOnDemand(X), batch_size=7, shuffle=True), DataLoader(RowsOnDemand(X[:20]))),
+        "loader": (
+            DataLoader(RowsOnDemand(X), batch_size=7, shuffle=True),
+            DataLoader(RowsOnDemand(X[:20])),
+        ),
     }
     for name, (train, valid) in sources.items():
         torch.manual_seed(0)
         dec, enc = MLP(2, [8], 6), GaussianEncoder(MLP(6, [], 8), 8, 2)
         model, guide = vae(dec, get_likelihood("gaussian"), 2), amortized_guide(enc)
-        result = fit(model, guide, train, validation=valid, epochs=2, batch_size=16, estimator="score", seed=5, progress=False)
-        runs[name] = ([p.detach().clone() for p in (*dec.parameters(), *enc.parameters())], result.history)
+        result = fit(
+            model,
+            guide,
+            train,
+            validation=valid,
+            epochs=2,
+            batch_size=16,
+            estimator="score",
+            seed=5,
+            progress=False,
+        )
+        runs[name] = (
+            [p.detach().clone() for p in (*dec.parameters(), *enc.parameters())],
+            result.history,
+        )
     for name in ("dataset", "loader"):
         assert all(torch.equal(a, b) for a, b in zip(runs["tensor"][0], runs[name][0])), name
         assert runs[name][1][-1]["train_elbo"] == runs["tensor"][1][-1]["train_elbo"]
@@ -313,9 +416,19 @@ def test_training_from_python_prints_nothing_of_pyro_s_plate_guess(capsys):
 
     ppca = PPCA(4, 2)
     with pytest.warns(UserWarning, match="no sample sites configured for enumeration"):
-        fit(ppca, ppca.exact_guide, torch.randn(20, 4), epochs=1, batch_size=10, progress=False, estimator="enum")
+        fit(
+            ppca,
+            ppca.exact_guide,
+            torch.randn(20, 4),
+            epochs=1,
+            batch_size=10,
+            progress=False,
+            estimator="enum",
+        )
     assert "Guessed max_plate_nesting" not in capsys.readouterr().err
     # the line is dropped while the package runs Pyro's ELBO only: the user's logging is left as it was, the line included
     logger = logging.getLogger("pyro.infer.elbo")
-    guess = logging.LogRecord("pyro.infer.elbo", logging.INFO, "", 0, "Guessed max_plate_nesting = 1", None, None)
+    guess = logging.LogRecord(
+        "pyro.infer.elbo", logging.INFO, "", 0, "Guessed max_plate_nesting = 1", None, None
+    )
     assert logger.filter(guess) and not logger.filters

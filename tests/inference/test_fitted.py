@@ -53,7 +53,9 @@ def test_a_saved_model_loads_into_fresh_networks_with_its_record(tmp_path, data)
     model, guide = bernoulli_vae(0)
     result = fit(model, guide, data, epochs=2, batch_size=20, lr=1e-2, progress=False)
     path = result.save(tmp_path / "model.pt")
-    assert isinstance(load_torch(path), dict)  # read back with weights_only=True: plain containers and tensors
+    assert isinstance(
+        load_torch(path), dict
+    )  # read back with weights_only=True: plain containers and tensors
     model2, guide2 = bernoulli_vae(1)  # other initial values
     before = [p.clone() for p in result.trained.found.params]
     back = FitResult.load(path, model2, guide2)
@@ -61,7 +63,10 @@ def test_a_saved_model_loads_into_fresh_networks_with_its_record(tmp_path, data)
     loaded = back.trained.found.params
     assert len(loaded) == len(before) and all(torch.equal(a, b) for a, b in zip(loaded, before))
     # the same draws through the loaded networks give the same bounds
-    assert torch.equal(back.elbo(data, num_particles=3, seed=5).value, result.elbo(data, num_particles=3, seed=5).value)
+    assert torch.equal(
+        back.elbo(data, num_particles=3, seed=5).value,
+        result.elbo(data, num_particles=3, seed=5).value,
+    )
 
 
 def test_save_and_load_refuse_what_would_lose_or_mismatch_work(tmp_path, data, monkeypatch):
@@ -85,9 +90,22 @@ def test_save_and_load_refuse_what_would_lose_or_mismatch_work(tmp_path, data, m
     fit(*bernoulli_vae(0), data, epochs=1, batch_size=20, progress=False, out=run_checkpoint)
     with pytest.raises(CheckpointError, match="not a saved ppl-vae model"):
         FitResult.load(run_checkpoint / "checkpoint.pt", *bernoulli_vae(0))
-    by_hand = FitResult(history=(), train_elbo=0.0, val_elbo=None, epochs=0, steps=0, wall_time=0.0, stopped_early=False,
-                        best_epoch=0, estimator="reparam")
-    for use in (lambda: by_hand.sample(3), lambda: by_hand.save(tmp_path / "x.pt"), lambda: by_hand.elbo(data)):
+    by_hand = FitResult(
+        history=(),
+        train_elbo=0.0,
+        val_elbo=None,
+        epochs=0,
+        steps=0,
+        wall_time=0.0,
+        stopped_early=False,
+        best_epoch=0,
+        estimator="reparam",
+    )
+    for use in (
+        lambda: by_hand.sample(3),
+        lambda: by_hand.save(tmp_path / "x.pt"),
+        lambda: by_hand.elbo(data),
+    ):
         with pytest.raises(ConfigError, match="holds none"):
             use()
 
@@ -115,7 +133,10 @@ def test_samples_are_draws_from_the_prior_predictive(fitted_ppca):
 def test_bernoulli_samples_are_binary_draws_not_the_zeros_they_ran_on(data):
     result = fit(*bernoulli_vae(0), data, epochs=1, batch_size=20, progress=False)
     x = result.sample(500, seed=0)["x"]
-    assert set(x.unique().tolist()) == {0.0, 1.0}  # drawn from the Bernoulli, not the all-zero arguments
+    assert set(x.unique().tolist()) == {
+        0.0,
+        1.0,
+    }  # drawn from the Bernoulli, not the all-zero arguments
     with pytest.raises(ConfigError, match="number of samples"):
         result.sample(0)
 
@@ -126,7 +147,9 @@ def test_bounds_of_an_exact_guide_equal_log_px(fitted_ppca):
         exact = ppca.log_marginal(x[:20])
     elbo = result.elbo(x[:20], num_particles=4)
     assert elbo.num_draws == 4 and elbo.se is not None
-    torch.testing.assert_close(elbo.value, exact, rtol=1e-9, atol=1e-9)  # an exact guide's log-weights are all log p(x)
+    torch.testing.assert_close(
+        elbo.value, exact, rtol=1e-9, atol=1e-9
+    )  # an exact guide's log-weights are all log p(x)
     iwae = result.iwae(x[:20], K=50)
     assert iwae.num_draws == 50
     torch.testing.assert_close(iwae.value, exact, rtol=1e-9, atol=1e-9)
@@ -143,7 +166,9 @@ def test_posterior_of_new_data_as_arviz(fitted_ppca):
     with torch.no_grad():
         exact = ppca.posterior(rows)
     sd = exact.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt().numpy()
-    assert (abs(z.mean((0, 1)) - exact.mean.numpy()) < Z * sd / math.sqrt(2000)).all()  # exact guide: draws of p(z|x)
+    assert (
+        abs(z.mean((0, 1)) - exact.mean.numpy()) < Z * sd / math.sqrt(2000)
+    ).all()  # exact guide: draws of p(z|x)
     mc = result.posterior(rows, method="hmc", num_samples=200, num_chains=2, seed=0)
     zm = azcompat.posterior_dataset(mc)["z"].values
     assert zm.shape == (2, 200, 3, 2)
@@ -167,7 +192,9 @@ def test_load_run_gives_the_cli_run_as_a_fitted_model(tmp_path):
             p.add_(1.0)  # moved away: only a working load brings them back
     back = FitResult.load(path, built.model, built.guide)
     assert back == result
-    assert all(torch.equal(a, b) for a, b in zip(back.trained.found.params, result.trained.found.params))
+    assert all(
+        torch.equal(a, b) for a, b in zip(back.trained.found.params, result.trained.found.params)
+    )
 
 
 def test_sample_refuses_what_is_not_a_prior_predictive_draw(data):
@@ -185,8 +212,19 @@ def test_sample_refuses_what_is_not_a_prior_predictive_draw(data):
         pyro.sample("shift", dist.Normal(0.0, 1.0))
         model(x)
 
-    for wrapped, fragment in ((with_factor, "'penalty' is a pyro.factor"), (with_global, "'shift' is outside the 'data' plate")):
-        other = attach(result, wrapped, guide, [((12,), torch.float32)], None, "test", found=result.trained.found)
+    for wrapped, fragment in (
+        (with_factor, "'penalty' is a pyro.factor"),
+        (with_global, "'shift' is outside the 'data' plate"),
+    ):
+        other = attach(
+            result,
+            wrapped,
+            guide,
+            [((12,), torch.float32)],
+            None,
+            "test",
+            found=result.trained.found,
+        )
         with pytest.raises(ConfigError, match=fragment):
             other.sample(4)
     with pytest.raises(ConfigError, match="num_chains are options of method='hmc'"):
@@ -203,7 +241,9 @@ def test_load_refuses_parameters_of_another_dtype(tmp_path, data):
     def model64(x):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=decoder64(z.double()).float()).to_event(1), obs=x)
+            pyro.sample(
+                "x", dist.Bernoulli(logits=decoder64(z.double()).float()).to_event(1), obs=x
+            )
 
     with pytest.raises(CheckpointError, match="as torch.float32, the model's is torch.float64"):
         FitResult.load(path, model64, guide)
@@ -214,19 +254,35 @@ def test_a_conditional_model_samples_and_infers_given_its_input():
     from ppl_vae.models.cvae_so import mask_quadrants, so_cvae, so_cvae_guide
 
     torch.manual_seed(0)
-    prior, recognition = GaussianEncoder(MLP(16, [], 8), 8, 2), GaussianEncoder(MLP(16, [], 8), 8, 2)
+    prior, recognition = (
+        GaussianEncoder(MLP(16, [], 8), 8, 2),
+        GaussianEncoder(MLP(16, [], 8), 8, 2),
+    )
     y = (torch.rand(60, 16) < 0.4).float()
     x_in = mask_quadrants(y, 2)
-    result = fit(so_cvae(prior, MLP(2, [8], 16)), so_cvae_guide(recognition), (x_in, y), epochs=1, batch_size=20, progress=False)
+    result = fit(
+        so_cvae(prior, MLP(2, [8], 16)),
+        so_cvae_guide(recognition),
+        (x_in, y),
+        epochs=1,
+        batch_size=20,
+        progress=False,
+    )
     n = 4000
-    given = x_in[:1].expand(n, 16)  # one input, n times: the draws of z are n draws of its conditional prior
+    given = x_in[:1].expand(
+        n, 16
+    )  # one input, n times: the draws of z are n draws of its conditional prior
     draws = result.sample(n, given, seed=0)
     assert list(draws) == ["z", "y"] and draws["y"].shape == (n, 16)
     with torch.no_grad():
         loc, scale = prior(x_in[:1])
     assert ((draws["z"].mean(0) - loc[0]).abs() < Z * scale[0] / math.sqrt(n)).all()
-    assert ((draws["z"].std(0) / scale[0] - 1).abs() < Z * math.sqrt(1 / (2 * (n - 1)))).all()  # an sd from n draws: relative SE 1/sqrt(2(n-1))
-    post = azcompat.posterior_dataset(result.posterior(x_in[:3], y[:3], num_samples=2000, seed=1))["z"].values
+    assert (
+        (draws["z"].std(0) / scale[0] - 1).abs() < Z * math.sqrt(1 / (2 * (n - 1)))
+    ).all()  # an sd from n draws: relative SE 1/sqrt(2(n-1))
+    post = azcompat.posterior_dataset(result.posterior(x_in[:3], y[:3], num_samples=2000, seed=1))[
+        "z"
+    ].values
     with torch.no_grad():
         q_loc, q_scale = recognition(y[:3])
     assert post.shape == (1, 2000, 3, 2)
@@ -245,16 +301,26 @@ def test_m2_samples_its_labels_from_the_prior_and_refuses_what_it_cannot_do():
     guide = m2_guide(GaussianEncoder(MLP(D + C, [], 8), 8, 2), clf, C)
     x = (torch.rand(40, D) < 0.5).float()
     labels = torch.randint(C, (40,)).masked_fill(torch.arange(40) % 2 == 0, UNLABELLED)
-    result = fit(model, guide, (x, labels), estimator="enum", epochs=1, batch_size=20, progress=False)
+    result = fit(
+        model, guide, (x, labels), estimator="enum", epochs=1, batch_size=20, progress=False
+    )
     n = 4000
-    draws = result.sample(n, x.new_zeros(n, D), seed=0)  # the model's x only: y is then a latent drawn from p(y)
+    draws = result.sample(
+        n, x.new_zeros(n, D), seed=0
+    )  # the model's x only: y is then a latent drawn from p(y)
     assert list(draws) == ["z", "y", "x"]
     freq = torch.bincount(draws["y"].long(), minlength=C).double() / n
-    assert ((freq - 1 / C).abs() < Z * math.sqrt((1 / C) * (1 - 1 / C) / n)).all(), freq  # binomial SE of each class's share
+    assert ((freq - 1 / C).abs() < Z * math.sqrt((1 / C) * (1 - 1 / C) / n)).all(), (
+        freq
+    )  # binomial SE of each class's share
     with pytest.raises(ConfigError, match="the model takes 2 arguments"):
-        result.sample(n)  # no arguments: zeros for the labels would be labels of class 0, not draws of y
+        result.sample(
+            n
+        )  # no arguments: zeros for the labels would be labels of class 0, not draws of y
     with pytest.raises(ConfigError, match="site 'y_aux' is scaled or masked"):
-        result.sample(n, x.new_zeros(n, D), torch.zeros(n, dtype=torch.long))  # labels given, so the auxiliary term runs
+        result.sample(
+            n, x.new_zeros(n, D), torch.zeros(n, dtype=torch.long)
+        )  # labels given, so the auxiliary term runs
     with pytest.raises(ConfigError, match="'y'"):
         result.posterior(x[:2], method="hmc", num_samples=10)  # HMC cannot move a discrete latent
 
@@ -267,7 +333,13 @@ def test_sample_refuses_a_flat_prior_instead_of_drawing_from_its_placeholder():
 
     torch.manual_seed(0)
     enc, dec = MLP(12, [], 2), MLP(2, [], 12)
-    result = fit(autoencoder(dec, get_likelihood("bernoulli"), 2), delta_guide(enc), (torch.rand(40, 12) < 0.5).float(), epochs=1, batch_size=20,
-                 progress=False)
+    result = fit(
+        autoencoder(dec, get_likelihood("bernoulli"), 2),
+        delta_guide(enc),
+        (torch.rand(40, 12) < 0.5).float(),
+        epochs=1,
+        batch_size=20,
+        progress=False,
+    )
     with pytest.raises(ConfigError, match="site 'z' has a flat improper prior"):
         result.sample(5)

@@ -73,7 +73,9 @@ def test_nvil_gradient_and_its_network():
     g1 = torch.cat([guide.m.grad, guide.log_s.grad])
     f1, d1 = _normal_terms(guide, guide.draws[-1].reshape(1))
     torch.testing.assert_close(g1, -(f1 * d1)[0])
-    assert loss.modules[0][-1].bias.grad.abs().item() > 0  # the network is trained by the same backward
+    assert (
+        loss.modules[0][-1].bias.grad.abs().item() > 0
+    )  # the network is trained by the same backward
     value = loss(X)  # the value is the negative ELBO draw, the network's loss adds nothing to it
     f2, _ = _normal_terms(guide, guide.draws[-1].reshape(1))
     torch.testing.assert_close(value, -f2[0])
@@ -99,11 +101,15 @@ def test_iwae_value_equals_pyro_renyi_alpha_zero_for_one_datapoint():
     ours = IWAE().loss(model, guide, 5)(X).item()
     pyro.set_rng_seed(7)
     with torch.no_grad():
-        theirs = pyro.infer.RenyiELBO(alpha=0.0, num_particles=5, vectorize_particles=True).loss(model, guide, X)
+        theirs = pyro.infer.RenyiELBO(alpha=0.0, num_particles=5, vectorize_particles=True).loss(
+            model, guide, X
+        )
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
-@pytest.mark.parametrize(("estimator", "k"), [("score+average", 1), ("score+nvil", 1), ("score+loo", 2), ("iwae", 1)])
+@pytest.mark.parametrize(
+    ("estimator", "k"), [("score+average", 1), ("score+nvil", 1), ("score+loo", 2), ("iwae", 1)]
+)
 def test_baselines_are_unbiased(estimator, k):
     guide = Guide()
     draws = grad_draws(estimator, guide, 1000, num_particles=k)
@@ -129,7 +135,11 @@ def _tiny_discrete():
 
     zs = torch.tensor([[a, b] for a in (0.0, 1.0) for b in (0.0, 1.0)])
     log_q = dist.Bernoulli(logits=logits).log_prob(zs).sum(-1)
-    f = dist.Bernoulli(0.3 * torch.ones(2)).log_prob(zs).sum(-1) + dist.Normal((zs * w).sum(-1), 1.0).log_prob(x[0, 0]) - log_q
+    f = (
+        dist.Bernoulli(0.3 * torch.ones(2)).log_prob(zs).sum(-1)
+        + dist.Normal((zs * w).sum(-1), 1.0).log_prob(x[0, 0])
+        - log_q
+    )
     return bmodel, bguide, x, (logits, w), f, log_q
 
 
@@ -159,7 +169,9 @@ def _variance_and_se(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("estimator", "k"), [("score+average", 1), ("score+nvil", 1), ("score+loo", 2)])
+@pytest.mark.parametrize(
+    ("estimator", "k"), [("score+average", 1), ("score+nvil", 1), ("score+loo", 2)]
+)
 def test_baselines_reduce_variance(estimator, k):
     guide = Guide()
     var_p, se_p = _variance_and_se(grad_draws("score", guide, 800, num_particles=k))
@@ -172,11 +184,20 @@ def test_baselines_reduce_variance(estimator, k):
 def test_gradient_stats_rank_the_estimators():
     guide = Guide()
     groups = {"loc": [guide.m], "scale": [guide.log_s]}
-    stats = gradient_stats(model, guide, X, estimators=["reparam", "score", "score+average"], repeats=600, groups=groups)
+    stats = gradient_stats(
+        model,
+        guide,
+        X,
+        estimators=["reparam", "score", "score+average"],
+        repeats=600,
+        groups=groups,
+    )
     df = stats.to_dataframe().set_index(["estimator", "group"])
     assert len(df) == 6 and set(df.columns) >= {"mean_norm", "variance", "snr", "num_params"}
     for group in groups:  # relative SE of a variance from 600 draws is ~6 %: factors of 2 are safe
-        assert df.loc[("score", group), "variance"] > 2 * df.loc[("score+average", group), "variance"]
+        assert (
+            df.loc[("score", group), "variance"] > 2 * df.loc[("score+average", group), "variance"]
+        )
         assert df.loc[("score", group), "snr"] < df.loc[("reparam", group), "snr"]
     # the mean gradient agrees with the exact one (per-datapoint mean, N = 1) within 4 SE
     exact = exact_loss_grad(guide)
@@ -197,4 +218,8 @@ def test_bad_estimator_options():
     with pytest.raises(ConfigError, match="repeats"):
         gradient_stats(model, Guide(), X, estimators=["score"], repeats=1)
     assert get_estimator("relaxed:0.5").temperature == 0.5
-    assert [get_estimator(n).name for n in ("score", "score+nvil", "iwae")] == ["score", "score+nvil", "iwae"]
+    assert [get_estimator(n).name for n in ("score", "score+nvil", "iwae")] == [
+        "score",
+        "score+nvil",
+        "iwae",
+    ]

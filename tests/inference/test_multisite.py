@@ -110,13 +110,22 @@ def chain_rule_guide(m: PPCA):
 def gaussian_kl_same_mean(cov_q: torch.Tensor, cov_p: torch.Tensor) -> torch.Tensor:
     """KL(N(m, cov_q) || N(m, cov_p)) per row."""
     k = cov_q.shape[-1]
-    return 0.5 * (torch.linalg.solve(cov_p, cov_q).diagonal(dim1=-2, dim2=-1).sum(-1) - k + torch.logdet(cov_p) - torch.logdet(cov_q))
+    return 0.5 * (
+        torch.linalg.solve(cov_p, cov_q).diagonal(dim1=-2, dim2=-1).sum(-1)
+        - k
+        + torch.logdet(cov_p)
+        - torch.logdet(cov_q)
+    )
 
 
 def test_latent_of_two_sites_and_the_guide_is_diagonal_over_them():
     model, x = split_ppca()
     latent = latent_of(model, x, guide=marginal_guide(model.m))
-    assert latent.names == ("z1", "z2") and latent.dim == 3 and latent.labels() == ["z1[0]", "z1[1]", "z2"]
+    assert (
+        latent.names == ("z1", "z2")
+        and latent.dim == 3
+        and latent.labels() == ["z1[0]", "z1[1]", "z2"]
+    )
     q, why = guide_in_latent_space(marginal_guide(model.m), latent, x)
     post = model.m.posterior(x)
     assert why == "" and torch.allclose(q.mean, post.mean)
@@ -131,10 +140,23 @@ def test_two_site_gaps_match_the_closed_forms():
     post = m.posterior(x)
     exact = m.log_marginal(x)
     lam = torch.linalg.inv(post.covariance_matrix)
-    kl_mf = 0.5 * (lam.diagonal(dim1=-2, dim2=-1).log().sum(-1) - torch.logdet(lam))  # KL of the best mean-field q*
-    kl_q = gaussian_kl_same_mean(torch.diag_embed(post.covariance_matrix.diagonal(dim1=-2, dim2=-1)), post.covariance_matrix)
+    kl_mf = 0.5 * (
+        lam.diagonal(dim1=-2, dim2=-1).log().sum(-1) - torch.logdet(lam)
+    )  # KL of the best mean-field q*
+    kl_q = gaussian_kl_same_mean(
+        torch.diag_embed(post.covariance_matrix.diagonal(dim1=-2, dim2=-1)), post.covariance_matrix
+    )
     assert kl_mf.mean() > 0.1  # the two sites are clearly correlated in the posterior
-    r = decompose(model, marginal_guide(m), x, families=("diagonal", "full"), num_samples=3000, elbo_samples=3000, local_options=LOCAL, seed=0)
+    r = decompose(
+        model,
+        marginal_guide(m),
+        x,
+        families=("diagonal", "full"),
+        num_samples=3000,
+        elbo_samples=3000,
+        local_options=LOCAL,
+        seed=0,
+    )
     assert r.family == "diagonal" and r.q_in_family
     # L[q] in closed form: log p(x) - KL(q || p)
     assert abs((r.elbo_q - (exact - kl_q)).mean().item()) < Z * se_of_mean(r.elbo_q_se)
@@ -142,13 +164,19 @@ def test_two_site_gaps_match_the_closed_forms():
     assert abs((r.log_px - exact).mean().item()) < Z * se_of_mean(r.log_px_se) + 1e-3
     # approximation gap of the diagonal family: the mean-field KL; of the full family: 0
     approx = (r.log_px - r.elbo_local["diagonal"]).mean().item()
-    assert abs(approx - kl_mf.mean().item()) < TOL_OPT + Z * se_of_mean(r.elbo_local_se["diagonal"]), (approx, kl_mf.mean())
-    assert abs((exact - r.elbo_local["full"]).mean().item()) < TOL_OPT + Z * se_of_mean(r.elbo_local_se["full"])
+    assert abs(approx - kl_mf.mean().item()) < TOL_OPT + Z * se_of_mean(
+        r.elbo_local_se["diagonal"]
+    ), (approx, kl_mf.mean())
+    assert abs((exact - r.elbo_local["full"]).mean().item()) < TOL_OPT + Z * se_of_mean(
+        r.elbo_local_se["full"]
+    )
     # amortisation gap: KL(q || p) - KL(q*_MF || p)
     amort = r.amortisation_gap.mean().item()
     expected = (kl_q - kl_mf).mean().item()
     assert expected > 0.05
-    assert abs(amort - expected) < TOL_OPT + Z * math.hypot(se_of_mean(r.elbo_q_se), se_of_mean(r.elbo_local_se["diagonal"])), (amort, expected)
+    assert abs(amort - expected) < TOL_OPT + Z * math.hypot(
+        se_of_mean(r.elbo_q_se), se_of_mean(r.elbo_local_se["diagonal"])
+    ), (amort, expected)
 
 
 def test_a_structured_guide_is_refused_by_default_and_compared_with_an_explicit_family():
@@ -156,12 +184,23 @@ def test_a_structured_guide_is_refused_by_default_and_compared_with_an_explicit_
     guide = chain_rule_guide(model.m)
     with pytest.raises(ConfigError, match="'z2' depends on another site.*pass families"):
         decompose(model, guide, x)
-    r = decompose(model, guide, x[:6], families=("full",), num_samples=500, elbo_samples=500, local_options=LOCAL, seed=0)
+    r = decompose(
+        model,
+        guide,
+        x[:6],
+        families=("full",),
+        num_samples=500,
+        elbo_samples=500,
+        local_options=LOCAL,
+        seed=0,
+    )
     exact = model.m.log_marginal(x[:6])
     assert not r.q_in_family and r.family == "full" and "not in this family" not in r.name
     # the chain-rule guide is the exact posterior: L[q] = log p(x) with zero variance, and q* (full) reaches it too
     assert torch.allclose(r.elbo_q, exact, atol=1e-8) and r.elbo_q_se.max() < 1e-6
-    assert abs(r.inference_gap.mean().item()) < Z * se_of_mean(r.log_px_se) + 1e-3  # log p-hat: IWAE, exact up to its MC error
+    assert (
+        abs(r.inference_gap.mean().item()) < Z * se_of_mean(r.log_px_se) + 1e-3
+    )  # log p-hat: IWAE, exact up to its MC error
     assert abs(r.amortisation_gap.mean().item()) < TOL_OPT + Z * se_of_mean(r.elbo_local_se["full"])
 
 
@@ -186,10 +225,15 @@ def test_hmc_and_vi_draws_cover_every_site():
     z = np.concatenate([draws.samples["z1"], draws.samples["z2"][..., None]], -1)
     mean = z.mean((0, 1))
     diag = draws.diagnostics()
-    mcse = np.concatenate([
-        diag.loc[[f"z1[{n}, {k}]" for n in range(4) for k in range(2)], "mcse_mean"].to_numpy().reshape(4, 2),
-        diag.loc[[f"z2[{n}]" for n in range(4)], "mcse_mean"].to_numpy().reshape(4, 1),
-    ], -1)
+    mcse = np.concatenate(
+        [
+            diag.loc[[f"z1[{n}, {k}]" for n in range(4) for k in range(2)], "mcse_mean"]
+            .to_numpy()
+            .reshape(4, 2),
+            diag.loc[[f"z2[{n}]" for n in range(4)], "mcse_mean"].to_numpy().reshape(4, 1),
+        ],
+        -1,
+    )
     np.testing.assert_array_less(np.abs(mean - post.mean.numpy()), Z * mcse)
     vi = vi_draws_amortized(model, marginal_guide(model.m), x, num_samples=2000, seed=1)
     assert vi.samples["z1"].shape == (1, 2000, 4, 2) and vi.samples["z2"].shape == (1, 2000, 4)
@@ -243,13 +287,25 @@ def gamma_poisson_data(n: int = 8, seed: int = 0) -> torch.Tensor:
 
 def exact_log_px(x: torch.Tensor) -> torch.Tensor:
     s = x.sum(-1)
-    return (torch.lgamma(A + s) - math.lgamma(A) + A * math.log(B) - (A + s) * torch.log(B + x.new_tensor(M)) - torch.lgamma(x + 1).sum(-1))
+    return (
+        torch.lgamma(A + s)
+        - math.lgamma(A)
+        + A * math.log(B)
+        - (A + s) * torch.log(B + x.new_tensor(M))
+        - torch.lgamma(x + 1).sum(-1)
+    )
 
 
 def lognormal_elbo(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Closed-form ELBO of q = LogNormal(mu, sigma): E[log z] = mu, E[z] = exp(mu + sigma^2 / 2)."""
     s = x.sum(-1)
-    e_log_joint = A * math.log(B) - math.lgamma(A) + (A - 1 + s) * mu - (B + M) * torch.exp(mu + sigma**2 / 2) - torch.lgamma(x + 1).sum(-1)
+    e_log_joint = (
+        A * math.log(B)
+        - math.lgamma(A)
+        + (A - 1 + s) * mu
+        - (B + M) * torch.exp(mu + sigma**2 / 2)
+        - torch.lgamma(x + 1).sum(-1)
+    )
     entropy = mu + 0.5 + torch.log(sigma) + 0.5 * math.log(2 * math.pi)
     return e_log_joint + entropy
 
@@ -272,7 +328,13 @@ def best_lognormal_elbo(x: torch.Tensor) -> torch.Tensor:
     a = A + x.sum(-1)
     mu = (torch.digamma(a) - math.log(B + M)).clone().requires_grad_(True)
     log_sigma = (0.5 * torch.polygamma(1, a).log()).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([mu, log_sigma], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [mu, log_sigma],
+        max_iter=200,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -297,12 +359,18 @@ def test_positive_latent_bounds_gaps_and_ais_against_closed_forms():
     x = gamma_poisson_data()
     exact = exact_log_px(x)
     guide = lognormal_guide(shrink=0.6)
-    r = decompose(gamma_poisson, guide, x, num_samples=4000, elbo_samples=4000, local_options=LOCAL, seed=0)
+    r = decompose(
+        gamma_poisson, guide, x, num_samples=4000, elbo_samples=4000, local_options=LOCAL, seed=0
+    )
     a = A + x.sum(-1)
-    elbo_q = lognormal_elbo(x, torch.digamma(a) - math.log(B + M), 0.6 * torch.polygamma(1, a).sqrt())
+    elbo_q = lognormal_elbo(
+        x, torch.digamma(a) - math.log(B + M), 0.6 * torch.polygamma(1, a).sqrt()
+    )
     assert abs((r.elbo_q - elbo_q).mean().item()) < Z * se_of_mean(r.elbo_q_se)
     best = best_lognormal_elbo(x)
-    assert abs((r.elbo_qstar - best).mean().item()) < TOL_OPT + Z * se_of_mean(r.elbo_local_se["diagonal"])
+    assert abs((r.elbo_qstar - best).mean().item()) < TOL_OPT + Z * se_of_mean(
+        r.elbo_local_se["diagonal"]
+    )
     assert abs((r.log_px - exact).mean().item()) < Z * se_of_mean(r.log_px_se) + 1e-3
     # the approximation gap is what a log-normal misses of a Gamma posterior: small and positive
     assert 0 < (exact - best).mean().item() < 0.05

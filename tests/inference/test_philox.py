@@ -16,9 +16,21 @@ MASK = 0xFFFFFFFF
 # (github.com/DEShawResearch/random123; the same lines are quoted by Boost.Random's philox KAT and other ports):
 # counter (4 words), key (2 words) -> output (4 words), word 0 first.
 KAT = [
-    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x00000000, 0x00000000, 0x00000000, 0x00000000),
+        (0x00000000, 0x00000000),
+        (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8),
+    ),
+    (
+        (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+        (0xFFFFFFFF, 0xFFFFFFFF),
+        (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD),
+    ),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -46,7 +58,11 @@ def test_known_answers_of_random123(counter, key, expected, wrap):
 def test_both_ways_of_forming_the_products_give_the_same_streams(monkeypatch):
     def draws():
         s = Streams(3, [0, 9, 2**33], "cpu", Tag.AIS)
-        return s.normal((3, 3, 41)), s.uniform((3, 5), dim=0, dtype=torch.float64), s.normal((3, 7), dim=0, dtype=torch.float64)
+        return (
+            s.normal((3, 3, 41)),
+            s.uniform((3, 5), dim=0, dtype=torch.float64),
+            s.normal((3, 7), dim=0, dtype=torch.float64),
+        )
 
     monkeypatch.setitem(philox._WRAP, "cpu", True)
     wrapping = draws()
@@ -87,7 +103,10 @@ def test_a_rows_stream_is_philox_at_its_position_and_dataset_index():
 def test_the_log_and_sine_series_are_accurate_to_a_few_units_in_the_last_place():
     g = torch.Generator().manual_seed(1)
     for dtype, eps in ((torch.float32, 2.0**-23), (torch.float64, 2.0**-52)):
-        edges = torch.tensor([2.0**-53, 2.0**-24, 0.5, math.sqrt(0.5), 1 - 2.0**-24, 1 - 2.0**-53], dtype=torch.float64)
+        edges = torch.tensor(
+            [2.0**-53, 2.0**-24, 0.5, math.sqrt(0.5), 1 - 2.0**-24, 1 - 2.0**-53],
+            dtype=torch.float64,
+        )
         u = torch.cat((torch.rand(200_000, generator=g, dtype=torch.float64), edges)).to(dtype)
         u = u[(u > 0) & (u < 1)]
         exact = torch.log(u.double())
@@ -96,15 +115,24 @@ def test_the_log_and_sine_series_are_accurate_to_a_few_units_in_the_last_place()
         r = (torch.rand(200_000, generator=g, dtype=torch.float64) - 0.5).to(dtype)
         r = r[r != 0]
         exact = torch.sin(math.pi / 2 * r.double())
-        err = (philox._horner(r * r, philox._SIN[dtype]).mul_(r).double() - exact).abs() / exact.abs()
+        err = (
+            philox._horner(r * r, philox._SIN[dtype]).mul_(r).double() - exact
+        ).abs() / exact.abs()
         assert err.max() <= 4 * eps, (dtype, err.max() / eps)
 
 
 def test_uniforms_are_odd_multiples_of_the_types_grid_and_never_0_or_1():
-    low, high = torch.zeros(2, 1, 2, dtype=torch.int64), torch.full((2, 1, 2), MASK)  # two blocks of the smallest, two of the largest words
+    low, high = (
+        torch.zeros(2, 1, 2, dtype=torch.int64),
+        torch.full((2, 1, 2), MASK),
+    )  # two blocks of the smallest, two of the largest words
     for dtype, bits in ((torch.float32, 23), (torch.float16, 10), (torch.bfloat16, 7)):
-        u = philox.uniform_from_blocks(low, high, 8, dtype)  # values: word 0 of both blocks (x), word 1 (y), ...
+        u = philox.uniform_from_blocks(
+            low, high, 8, dtype
+        )  # values: word 0 of both blocks (x), word 1 (y), ...
         assert u.dtype == dtype
         assert u[0, 0].item() == 2.0 ** -(bits + 1) and u[0, 2].item() == 1 - 2.0 ** -(bits + 1)
-    u = philox.uniform_from_blocks(low, high, 4, torch.float64)  # block 0's words refined by block 1's
+    u = philox.uniform_from_blocks(
+        low, high, 4, torch.float64
+    )  # block 0's words refined by block 1's
     assert u[0, 0].item() == 2.0**-53 and u[0, 1].item() == 1 - 2.0**-53

@@ -34,7 +34,9 @@ D, K = 4, 2
 
 def pyro_elbo(loss: pyro.infer.ELBO, model, guide, *args, draws: int = 400) -> tuple[float, float]:
     """Pyro's ELBO estimate of the whole data (minus its loss), mean and standard error over ``draws`` independent single-draw losses."""
-    values = torch.tensor([-loss.loss(model, guide, *args) for _ in range(draws)], dtype=torch.float64)
+    values = torch.tensor(
+        [-loss.loss(model, guide, *args) for _ in range(draws)], dtype=torch.float64
+    )
     return float(values.mean()), float(values.std() / math.sqrt(draws))
 
 
@@ -44,7 +46,10 @@ def ours(model, guide, data, draws: int = 400, **kwargs) -> tuple[float, float]:
     (Independent evaluations, not one with many particles: a global latent's draw is shared by the rows of a batch, so
     the rows' errors are correlated and their standard errors do not add in quadrature.)
     """
-    values = torch.tensor([float(evaluate_elbo(model, guide, data, **kwargs).value.sum()) for _ in range(draws)], dtype=torch.float64)
+    values = torch.tensor(
+        [float(evaluate_elbo(model, guide, data, **kwargs).value.sum()) for _ in range(draws)],
+        dtype=torch.float64,
+    )
     return float(values.mean()), float(values.std() / math.sqrt(draws))
 
 
@@ -71,7 +76,9 @@ def vae_with_module_and_param(seed: int = 0):
         pyro.module("encoder", enc)
         with pyro.plate("batch", x.shape[0]):
             h = enc(x)
-            pyro.sample("z", dist.Normal(h[..., :K], nn.functional.softplus(h[..., K:]) + 1e-3).to_event(1))
+            pyro.sample(
+                "z", dist.Normal(h[..., :K], nn.functional.softplus(h[..., K:]) + 1e-3).to_event(1)
+            )
 
     return model, guide
 
@@ -92,14 +99,25 @@ def test_fit_of_a_module_and_param_model_reaches_what_pyro_s_svi_reaches():
 
     def ppl_vae_run(seed: int) -> float:
         model, guide = vae_with_module_and_param(seed)
-        result = fit(model, guide, X, epochs=steps * batch // len(X), batch_size=batch, lr=0.02, seed=seed, progress=False)
+        result = fit(
+            model,
+            guide,
+            X,
+            epochs=steps * batch // len(X),
+            batch_size=batch,
+            lr=0.02,
+            seed=seed,
+            progress=False,
+        )
         return float(result.elbo(X, num_particles=200, seed=0).value.sum())
 
     def pyro_run(seed: int) -> float:
         model, guide = vae_with_module_and_param(seed)
         torch.manual_seed(seed)
 
-        def sub_model(x):  # Pyro's idiom: the whole data, a random minibatch per step, scaled by N / B
+        def sub_model(
+            x,
+        ):  # Pyro's idiom: the whole data, a random minibatch per step, scaled by N / B
             with poutine.scale(scale=len(X) / batch):
                 model(x)
 
@@ -126,11 +144,15 @@ def test_a_result_owns_its_parameters_whatever_is_fitted_or_cleared_later(tmp_pa
     other_model, other_guide = vae_with_module_and_param(5)  # the same param names, other networks
     second = fit(other_model, other_guide, X * 3, epochs=3, batch_size=16, seed=1, progress=False)
     pyro.clear_param_store()
-    pyro.param("x_scale", torch.tensor(50.0))  # the global store holds the same name, with another value
+    pyro.param(
+        "x_scale", torch.tensor(50.0)
+    )  # the global store holds the same name, with another value
     assert torch.equal(first.elbo(X, num_particles=20, seed=3).value, before)
     assert not torch.equal(second.elbo(X, num_particles=20, seed=3).value, before)
     saved = first.save(tmp_path / "first.pt")
-    loaded = FitResult.load(saved, *vae_with_module_and_param(0))  # loads although the global store holds x_scale
+    loaded = FitResult.load(
+        saved, *vae_with_module_and_param(0)
+    )  # loads although the global store holds x_scale
     assert torch.equal(loaded.elbo(X, num_particles=20, seed=3).value, before)
     assert float(pyro.param("x_scale").detach()) == 50.0  # and leaves it alone
     pyro.clear_param_store()
@@ -139,7 +161,9 @@ def test_a_result_owns_its_parameters_whatever_is_fitted_or_cleared_later(tmp_pa
 def test_an_analysis_of_a_bare_param_outside_its_result_is_refused_by_name():
     model, guide = vae_with_module_and_param(0)
     result = fit(model, guide, X, epochs=1, batch_size=16, progress=False)
-    with pytest.raises(ConfigError, match="pyro.param 'x_scale' is not in Pyro's parameter store.*result.scope"):
+    with pytest.raises(
+        ConfigError, match="pyro.param 'x_scale' is not in Pyro's parameter store.*result.scope"
+    ):
         importance_bounds(model, guide, X[:3], num_samples=10, seed=0)
     with result.scope():
         bounds = importance_bounds(model, guide, X[:3], num_samples=10, seed=0)
@@ -151,14 +175,19 @@ def test_an_analysis_of_a_bare_param_outside_its_result_is_refused_by_name():
 
 N, B, NOISE = 60, 20, 0.5
 XS = torch.randn(N, generator=torch.Generator().manual_seed(2)) * 1.5
-POST_LOC, POST_SD = XS / (1 + NOISE**2), math.sqrt(NOISE**2 / (1 + NOISE**2))  # z ~ N(0, 1), x | z ~ N(z, 0.5^2)
+POST_LOC, POST_SD = (
+    XS / (1 + NOISE**2),
+    math.sqrt(NOISE**2 / (1 + NOISE**2)),
+)  # z ~ N(0, 1), x | z ~ N(z, 0.5^2)
 
 
 def local_model(subsample: bool):
     """z_n ~ N(0, 1), x_n ~ N(z_n, 0.5^2); a guide with one (loc, scale) per datapoint, indexed by the plate's indices."""
 
     def plate(x):
-        return pyro.plate("data", len(x) if subsample else x.shape[0], subsample_size=B if subsample else None)
+        return pyro.plate(
+            "data", len(x) if subsample else x.shape[0], subsample_size=B if subsample else None
+        )
 
     def model(x):
         with plate(x) as ind:
@@ -180,8 +209,12 @@ def exact_kl(loc: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("subsample", [True, False], ids=["subsample_size", "indices-of-the-rows-given"])
-def test_per_datapoint_parameters_train_to_each_datapoint_s_exact_posterior_as_pyro_s_svi_does(subsample):
+@pytest.mark.parametrize(
+    "subsample", [True, False], ids=["subsample_size", "indices-of-the-rows-given"]
+)
+def test_per_datapoint_parameters_train_to_each_datapoint_s_exact_posterior_as_pyro_s_svi_does(
+    subsample,
+):
     """Each row meets its own parameters (the bug: another row's, a KL of several nats each). After 300 epochs the mean
     closed-form KL to the exact posteriors is what Pyro's SVI reaches on the same steps (3 seeds each, within their spread)."""
     model, guide = local_model(subsample)
@@ -189,7 +222,9 @@ def test_per_datapoint_parameters_train_to_each_datapoint_s_exact_posterior_as_p
     def ours_run(seed: int) -> float:
         result = fit(model, guide, XS, epochs=300, batch_size=B, lr=0.05, seed=seed, progress=False)
         with result.scope():
-            return float(exact_kl(pyro.param("q_loc").detach(), pyro.param("q_scale").detach()).mean())
+            return float(
+                exact_kl(pyro.param("q_loc").detach(), pyro.param("q_scale").detach()).mean()
+            )
 
     def pyro_run(seed: int) -> float:
         pyro_model, pyro_guide = local_model(True)  # Pyro's own subsampling draws the rows
@@ -198,12 +233,16 @@ def test_per_datapoint_parameters_train_to_each_datapoint_s_exact_posterior_as_p
             svi = SVI(pyro_model, pyro_guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
             for _ in range(300 * N // B):
                 svi.step(XS)
-            return float(exact_kl(pyro.param("q_loc").detach(), pyro.param("q_scale").detach()).mean())
+            return float(
+                exact_kl(pyro.param("q_loc").detach(), pyro.param("q_scale").detach()).mean()
+            )
 
     a = torch.tensor([ours_run(s) for s in range(3)], dtype=torch.float64)
     b = torch.tensor([pyro_run(s) for s in range(3)], dtype=torch.float64)
     assert abs(a.mean() - b.mean()) < Z * math.sqrt(a.var() / 3 + b.var() / 3), (a, b)
-    wrong_rows = float(exact_kl(POST_LOC.roll(1), torch.full((N,), POST_SD)).mean())  # each row with its neighbour's exact posterior
+    wrong_rows = float(
+        exact_kl(POST_LOC.roll(1), torch.full((N,), POST_SD)).mean()
+    )  # each row with its neighbour's exact posterior
     assert a.mean() < wrong_rows / 10, (a, wrong_rows)
 
 
@@ -212,7 +251,10 @@ def test_the_elbo_of_a_self_subsampling_model_equals_pyro_s():
     with pyro.get_param_store().scope():
         pyro.param("q_loc", POST_LOC + 0.3)
         pyro.param("q_scale", torch.full((N,), 0.7), constraint=constraints.positive)
-        agree(ours(model, guide, (XS,), draws=300, plate="data"), pyro_elbo(Trace_ELBO(), model, guide, XS, draws=2000))
+        agree(
+            ours(model, guide, (XS,), draws=300, plate="data"),
+            pyro_elbo(Trace_ELBO(), model, guide, XS, draws=2000),
+        )
 
 
 def test_a_self_subsampling_model_is_refused_where_it_cannot_be_driven():
@@ -220,10 +262,23 @@ def test_a_self_subsampling_model_is_refused_where_it_cannot_be_driven():
     with pytest.raises(ConfigError, match="give batch_size=20"):
         fit(model, guide, XS, epochs=1, batch_size=10, progress=False)
     with pytest.raises(ConfigError, match="one process"):
-        fit(model, guide, XS, epochs=1, batch_size=B, progress=False, accelerator="cpu", devices=2, strategy="ddp")
+        fit(
+            model,
+            guide,
+            XS,
+            epochs=1,
+            batch_size=B,
+            progress=False,
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+        )
     result = fit(model, guide, XS, epochs=1, batch_size=B, progress=False)
-    for what, call in (("iwae", lambda: result.iwae(XS[:3], K=10)), ("posterior", lambda: result.posterior(XS[:3], num_samples=5)),
-                       ("sample", lambda: result.sample(3))):
+    for what, call in (
+        ("iwae", lambda: result.iwae(XS[:3], K=10)),
+        ("posterior", lambda: result.posterior(XS[:3], num_samples=5)),
+        ("sample", lambda: result.sample(3)),
+    ):
         with pytest.raises(ConfigError, match=f"{what}: plate 'data' subsamples the data itself"):
             call()
 
@@ -252,7 +307,10 @@ def coin():
 def test_a_global_latent_s_elbo_equals_pyro_s_and_its_kl_is_counted_once():
     model, guide = coin()
     with pyro.get_param_store().scope():
-        agree(ours(model, guide, (FLIPS,), draws=1000, batch_size=30), pyro_elbo(Trace_ELBO(), model, guide, FLIPS, draws=2000))
+        agree(
+            ours(model, guide, (FLIPS,), draws=1000, batch_size=30),
+            pyro_elbo(Trace_ELBO(), model, guide, FLIPS, draws=2000),
+        )
 
 
 @pytest.mark.slow
@@ -267,7 +325,9 @@ def test_a_global_latent_trains_to_its_exact_conjugate_posterior_as_pyro_s_svi_d
     model, guide = coin()
 
     def ours_run(seed: int) -> tuple[float, float]:
-        result = fit(model, guide, FLIPS, epochs=300, batch_size=10, lr=0.05, seed=seed, progress=False)
+        result = fit(
+            model, guide, FLIPS, epochs=300, batch_size=10, lr=0.05, seed=seed, progress=False
+        )
         with result.scope():
             q = dist.Beta(pyro.param("alpha_q").detach(), pyro.param("beta_q").detach())
         assert math.isfinite(result.train_elbo)
@@ -290,9 +350,13 @@ def test_a_global_latent_trains_to_its_exact_conjugate_posterior_as_pyro_s_svi_d
     a = torch.tensor([ours_run(s) for s in range(3)], dtype=torch.float64)
     b = torch.tensor([pyro_run(s) for s in range(3)], dtype=torch.float64)
     for k in range(2):  # the mean, the sd
-        assert abs(a[:, k].mean() - b[:, k].mean()) < Z * math.sqrt(a[:, k].var() / 3 + b[:, k].var() / 3), (a, b)
+        assert abs(a[:, k].mean() - b[:, k].mean()) < Z * math.sqrt(
+            a[:, k].var() / 3 + b[:, k].var() / 3
+        ), (a, b)
     # Adam's last iterate jitters about the optimum, the exact posterior: the mean over seeds is within its standard error of it
-    assert abs(float(a[:, 0].mean()) - float(EXACT.mean)) < Z * float(a[:, 0].std()) / math.sqrt(3), (a, EXACT.mean)
+    assert abs(float(a[:, 0].mean()) - float(EXACT.mean)) < Z * float(a[:, 0].std()) / math.sqrt(
+        3
+    ), (a, EXACT.mean)
     assert abs(float(a[:, 1].mean()) / float(EXACT.stddev) - 1) < 0.2, (a, EXACT.stddev)
 
 
@@ -306,10 +370,15 @@ def test_the_per_datapoint_analyses_refuse_a_global_latent_by_name_after_a_probe
         return model(data)
 
     with result.scope():
-        for analysis in (lambda: importance_bounds(counted, guide, FLIPS[:4], num_samples=10), lambda: decompose(counted, guide, FLIPS[:4]),
-                         lambda: hmc_latent(counted, FLIPS[:4], num_samples=10)):
+        for analysis in (
+            lambda: importance_bounds(counted, guide, FLIPS[:4], num_samples=10),
+            lambda: decompose(counted, guide, FLIPS[:4]),
+            lambda: hmc_latent(counted, FLIPS[:4], num_samples=10),
+        ):
             calls["n"] = 0
-            with pytest.raises(ConfigError, match="site 'latent_fairness' is outside the data plate 'data'"):
+            with pytest.raises(
+                ConfigError, match="site 'latent_fairness' is outside the data plate 'data'"
+            ):
                 analysis()
             assert calls["n"] <= 2  # the probe's run, not the analysis's
 
@@ -334,7 +403,9 @@ def masked_cvae():
         pyro.module("recognition_net", enc)
         with pyro.plate("data", x.shape[0]):
             h = enc(x)
-            pyro.sample("z", dist.Normal(h[..., :K], nn.functional.softplus(h[..., K:]) + 1e-3).to_event(1))
+            pyro.sample(
+                "z", dist.Normal(h[..., :K], nn.functional.softplus(h[..., K:]) + 1e-3).to_event(1)
+            )
 
     return model, guide, enc
 
@@ -345,15 +416,32 @@ XB = (torch.rand(40, D, generator=torch.Generator().manual_seed(4)) < 0.5).float
 def test_code_that_cannot_be_vectorised_trains_and_is_analysed_one_draw_at_a_time():
     model, guide, enc = masked_cvae()
     with pytest.warns(SequentialWarning, match="cannot run its 4 particles at once.*IndexError"):
-        result = fit(model, guide, XB, estimator="score", num_particles=4, epochs=2, batch_size=20, progress=False)
-    assert not enc.training  # analyses see the encoder in evaluation mode: a datapoint's q does not depend on its batch
-    with pytest.warns(SequentialWarning, match="cannot run 30 draws at once"):  # said once, when first met
+        result = fit(
+            model,
+            guide,
+            XB,
+            estimator="score",
+            num_particles=4,
+            epochs=2,
+            batch_size=20,
+            progress=False,
+        )
+    assert (
+        not enc.training
+    )  # analyses see the encoder in evaluation mode: a datapoint's q does not depend on its batch
+    with pytest.warns(
+        SequentialWarning, match="cannot run 30 draws at once"
+    ):  # said once, when first met
         both = result.iwae(XB[:3], K=30, seed=1).value
     one = result.iwae(XB[:1], K=30, seed=1).value
-    assert torch.allclose(one, both[:1], rtol=1e-5)  # per-datapoint streams and BatchNorm's running statistics: batch-free
+    assert torch.allclose(
+        one, both[:1], rtol=1e-5
+    )  # per-datapoint streams and BatchNorm's running statistics: batch-free
     with result.scope(), warnings.catch_warnings():
         warnings.simplefilter("ignore", SequentialWarning)
-        draws = hmc_latent(model, XB[:2], num_samples=20, warmup_steps=20, num_chains=2)  # tiles the rows: no vectorised draws needed
+        draws = hmc_latent(
+            model, XB[:2], num_samples=20, warmup_steps=20, num_chains=2
+        )  # tiles the rows: no vectorised draws needed
     assert draws.samples["z"].shape[-2:] == (2, K)
 
 
@@ -368,14 +456,31 @@ def test_the_sequential_elbo_equals_pyro_s_non_vectorised_one():
 
 def test_an_estimator_that_compares_particles_side_by_side_refuses_code_that_cannot_run_them_so():
     model, guide, _ = masked_cvae()
-    with pytest.warns(SequentialWarning), pytest.raises(ConfigError, match="estimator iwae compares its 4 particles side by side"):
-        fit(model, guide, XB, estimator="iwae", num_particles=4, epochs=1, batch_size=20, progress=False)
+    with (
+        pytest.warns(SequentialWarning),
+        pytest.raises(ConfigError, match="estimator iwae compares its 4 particles side by side"),
+    ):
+        fit(
+            model,
+            guide,
+            XB,
+            estimator="iwae",
+            num_particles=4,
+            epochs=1,
+            batch_size=20,
+            progress=False,
+        )
 
 
 # --------------------------------------------------------------------------- an enumerated discrete latent (config_enumerate)
 
 LOCS = torch.tensor([-2.0, 2.0])
-XM = torch.cat([torch.randn(30, generator=torch.Generator().manual_seed(5)) - 2, torch.randn(30, generator=torch.Generator().manual_seed(6)) + 2])
+XM = torch.cat(
+    [
+        torch.randn(30, generator=torch.Generator().manual_seed(5)) - 2,
+        torch.randn(30, generator=torch.Generator().manual_seed(6)) + 2,
+    ]
+)
 
 
 def mixture():
@@ -395,13 +500,27 @@ def mixture():
 
 def test_an_enumerated_mixture_trains_to_the_exact_log_likelihood_and_matches_traceenum():
     model, guide = mixture()
-    result = fit(model, guide, XM, estimator="enum", epochs=60, batch_size=20, lr=0.05, seed=0, progress=False)
+    result = fit(
+        model,
+        guide,
+        XM,
+        estimator="enum",
+        epochs=60,
+        batch_size=20,
+        lr=0.05,
+        seed=0,
+        progress=False,
+    )
     with result.scope():
         w, locs = pyro.param("weights").detach(), pyro.param("locs").detach()
         pyro_loss = TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, XM)
-    exact = torch.logsumexp(dist.Normal(locs, 1.0).log_prob(XM[:, None]) + w.log(), -1).sum()  # the mixture's log p(x), summed out
+    exact = torch.logsumexp(
+        dist.Normal(locs, 1.0).log_prob(XM[:, None]) + w.log(), -1
+    ).sum()  # the mixture's log p(x), summed out
     assert math.isclose(-pyro_loss, float(exact), rel_tol=1e-6)
-    assert math.isclose(result.train_elbo * len(XM), float(exact), rel_tol=1e-5)  # enumeration: the ELBO is log p(x), no noise
+    assert math.isclose(
+        result.train_elbo * len(XM), float(exact), rel_tol=1e-5
+    )  # enumeration: the ELBO is log p(x), no noise
     with pytest.raises(ConfigError, match="'c'"):
         result.iwae(XM[:2], K=10)  # a discrete latent the guide does not draw: refused by name
 
@@ -419,12 +538,28 @@ def test_a_normaliser_leaves_the_history_and_the_final_elbo_the_same_quantity():
 
         return program
 
-    result = fit(normalised(model), normalised(guide), X, epochs=40, batch_size=48, lr=0.01, seed=0, progress=False)
-    last = result.history[-1]["train_elbo"]  # one batch of all 48 rows: the mean of one draw's ELBO per row
+    result = fit(
+        normalised(model),
+        normalised(guide),
+        X,
+        epochs=40,
+        batch_size=48,
+        lr=0.01,
+        seed=0,
+        progress=False,
+    )
+    last = result.history[-1][
+        "train_elbo"
+    ]  # one batch of all 48 rows: the mean of one draw's ELBO per row
     final = result.elbo(X, num_particles=200, seed=1)
     one_draw = final.se * math.sqrt(200)  # each row's single-draw standard deviation
-    noise = float(one_draw.pow(2).sum().sqrt()) / len(X)  # of the history's mean over the rows; the 200-draw mean's is 14x smaller
-    assert abs(last - float(final.value.mean())) < Z * math.sqrt(2) * noise, (last, float(final.value.mean()))
+    noise = float(one_draw.pow(2).sum().sqrt()) / len(
+        X
+    )  # of the history's mean over the rows; the 200-draw mean's is 14x smaller
+    assert abs(last - float(final.value.mean())) < Z * math.sqrt(2) * noise, (
+        last,
+        float(final.value.mean()),
+    )
 
 
 def test_a_batch_norm_encoder_in_training_mode_is_analysed_in_evaluation_mode_and_left_as_it_was():
@@ -434,7 +569,9 @@ def test_a_batch_norm_encoder_in_training_mode_is_analysed_in_evaluation_mode_an
         warnings.simplefilter("ignore", SequentialWarning)
         one = importance_bounds(model, guide, XB[:1], num_samples=20, seed=0).iwae
         three = importance_bounds(model, guide, XB[:3], num_samples=20, seed=0).iwae
-    assert torch.allclose(one, three[:1], rtol=1e-5)  # the running statistics, not the batch's: a row's bound is its own
+    assert torch.allclose(
+        one, three[:1], rtol=1e-5
+    )  # the running statistics, not the batch's: a row's bound is its own
     assert enc.training  # the user's module is back in its own mode
 
 
@@ -443,17 +580,47 @@ def test_a_batch_norm_encoder_in_training_mode_is_analysed_in_evaluation_mode_an
 
 def test_pyro_optimisers_without_an_lr_key_and_their_clipping_train():
     model, guide = vae_with_module_and_param(2)
-    result = fit(model, guide, X, epochs=3, batch_size=16, optimizer=pyro.optim.AdagradRMSProp({"eta": 0.1}), progress=False)
-    assert math.isfinite(result.train_elbo) and "lr" not in result.history[-1]  # AdagradRMSProp has an eta, not an lr
+    result = fit(
+        model,
+        guide,
+        X,
+        epochs=3,
+        batch_size=16,
+        optimizer=pyro.optim.AdagradRMSProp({"eta": 0.1}),
+        progress=False,
+    )
+    assert (
+        math.isfinite(result.train_elbo) and "lr" not in result.history[-1]
+    )  # AdagradRMSProp has an eta, not an lr
     seen = []
     model, guide = vae_with_module_and_param(2)
-    clipped = pyro.optim.ClippedAdam({"lr": 0.01, "clip_norm": 1e-9})  # gradients clipped to ~0: the parameters barely move
-    result = fit(model, guide, X, epochs=2, batch_size=16, optimizer=clipped, progress=False, callback=lambda info: seen.append(info.step))
+    clipped = pyro.optim.ClippedAdam(
+        {"lr": 0.01, "clip_norm": 1e-9}
+    )  # gradients clipped to ~0: the parameters barely move
+    result = fit(
+        model,
+        guide,
+        X,
+        epochs=2,
+        batch_size=16,
+        optimizer=clipped,
+        progress=False,
+        callback=lambda info: seen.append(info.step),
+    )
     with result.scope():
-        assert abs(float(pyro.param("x_scale").detach()) - 1.0) < 2 * 0.01 * 6  # Adam moves each by at most ~lr per step: 6 steps
+        assert (
+            abs(float(pyro.param("x_scale").detach()) - 1.0) < 2 * 0.01 * 6
+        )  # Adam moves each by at most ~lr per step: 6 steps
     assert seen == list(range(6))
     with pytest.raises(ConfigError, match="lr_schedule needs an optimiser with a learning rate"):
-        fit(*vae_with_module_and_param(2), X, epochs=1, optimizer=pyro.optim.AdagradRMSProp({"eta": 0.1}), lr_schedule="cosine", progress=False)
+        fit(
+            *vae_with_module_and_param(2),
+            X,
+            epochs=1,
+            optimizer=pyro.optim.AdagradRMSProp({"eta": 0.1}),
+            lr_schedule="cosine",
+            progress=False,
+        )
 
 
 def test_a_callback_can_project_the_parameters_after_every_step():
@@ -464,12 +631,14 @@ def test_a_callback_can_project_the_parameters_after_every_step():
             p.data.clamp_(-0.05, 0.05)
 
     result = fit(model, guide, X, epochs=2, batch_size=16, lr=0.1, callback=cap, progress=False)
-    assert all(bool(p.detach().abs().max() <= torch.tensor(0.05)) for p in result.trained.found.params)  # (0.05 in float32)
+    assert all(
+        bool(p.detach().abs().max() <= torch.tensor(0.05)) for p in result.trained.found.params
+    )  # (0.05 in float32)
 
 
 def test_an_invalid_parameter_is_named_not_reported_as_an_overflow():
-    from ppl_vae.inference import elbo_per_datapoint
     from ppl_vae.errors import NonFiniteError
+    from ppl_vae.inference import elbo_per_datapoint
 
     def model(x):
         with pyro.plate("data", x.shape[0]):
@@ -480,5 +649,8 @@ def test_an_invalid_parameter_is_named_not_reported_as_an_overflow():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(x.new_zeros(()), -x.new_ones(())))  # a negative scale
 
-    with pytest.raises(NonFiniteError, match=r"guide site 'z' has its parameter scale \(Normal\) outside its constraint|guide site 'z'"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"guide site 'z' has its parameter scale \(Normal\) outside its constraint|guide site 'z'",
+    ):
         elbo_per_datapoint(model, guide, torch.zeros(3))

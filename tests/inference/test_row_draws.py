@@ -28,7 +28,9 @@ FAMILIES = {
     "Normal": lambda x: dist.Normal(x, 0.5 + x.abs()).to_event(1),
     "LogNormal": lambda x: dist.LogNormal(x, 0.5).to_event(1),
     "MultivariateNormal": lambda x: dist.MultivariateNormal(x, scale_tril=L),
-    "LowRankMultivariateNormal": lambda x: dist.LowRankMultivariateNormal(x, W, torch.tensor([0.3, 0.5], dtype=x.dtype)),
+    "LowRankMultivariateNormal": lambda x: dist.LowRankMultivariateNormal(
+        x, W, torch.tensor([0.3, 0.5], dtype=x.dtype)
+    ),
     "IAF flow": lambda x: dist.TransformedDistribution(dist.Normal(x, 1.0).to_event(1), [IAF]),
     "Uniform": lambda x: dist.Uniform(x - 1, x + 2).to_event(1),
     "Exponential": lambda x: dist.Exponential(1 + x.abs()).to_event(1),
@@ -39,11 +41,27 @@ FAMILIES = {
     "Weibull": lambda x: dist.Weibull(1 + x.abs(), 1.5).to_event(1),
     "HalfCauchy": lambda x: dist.HalfCauchy(1 + x.abs()).to_event(1),
     "masked Normal": lambda x: dist.Normal(x, 1.0).to_event(1).mask(torch.tensor(True)),
-    "RelaxedBernoulli": lambda x: dist.RelaxedBernoulli(torch.tensor(TAU, dtype=x.dtype), logits=x).to_event(1),
-    "RelaxedOneHotCategorical": lambda x: dist.RelaxedOneHotCategorical(torch.tensor(TAU, dtype=x.dtype), logits=x),
+    "RelaxedBernoulli": lambda x: dist.RelaxedBernoulli(
+        torch.tensor(TAU, dtype=x.dtype), logits=x
+    ).to_event(1),
+    "RelaxedOneHotCategorical": lambda x: dist.RelaxedOneHotCategorical(
+        torch.tensor(TAU, dtype=x.dtype), logits=x
+    ),
 }
 #: families checked through their CDF: F(z) ~ U(0, 1) elementwise
-BY_CDF = ["Normal", "LogNormal", "Uniform", "Exponential", "Laplace", "Cauchy", "Gumbel", "Logistic", "Weibull", "HalfCauchy", "masked Normal"]
+BY_CDF = [
+    "Normal",
+    "LogNormal",
+    "Uniform",
+    "Exponential",
+    "Laplace",
+    "Cauchy",
+    "Gumbel",
+    "Logistic",
+    "Weibull",
+    "HalfCauchy",
+    "masked Normal",
+]
 X = torch.tensor([[0.3, -1.2], [1.5, 0.1], [-0.7, 0.9], [0.0, 2.0]], dtype=torch.float64)
 
 
@@ -51,7 +69,10 @@ def guide_of(family):
     def guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", FAMILIES[family](x))
-            pyro.sample("w", dist.Normal(x, 1.0).to_event(1))  # a second site: the streams move on between sites
+            pyro.sample(
+                "w", dist.Normal(x, 1.0).to_event(1)
+            )  # a second site: the streams move on between sites
+
     return guide
 
 
@@ -69,7 +90,9 @@ def test_a_rows_draws_are_its_draws_alone(family):
     for r in (2, 0):
         alone = draws(family, [r])
         for a, b in zip(together, alone):
-            assert a.dtype == torch.float64 and torch.allclose(a[:, r], b[:, 0], rtol=1e-12, atol=1e-12)
+            assert a.dtype == torch.float64 and torch.allclose(
+                a[:, r], b[:, 0], rtol=1e-12, atol=1e-12
+            )
     assert not torch.allclose(together[0][:, 0], together[0][:, 1])
 
 
@@ -84,7 +107,11 @@ def _pit_is_uniform(p, what):
 def test_univariate_draws_follow_the_family_by_their_cdf(family):
     z, _ = draws(family, [0, 1, 2, 3], num=S)
     fn = FAMILIES[family](X)
-    while not hasattr(fn, "cdf") or isinstance(fn, torch.distributions.Independent) or type(fn).__name__ == "MaskedDistribution":
+    while (
+        not hasattr(fn, "cdf")
+        or isinstance(fn, torch.distributions.Independent)
+        or type(fn).__name__ == "MaskedDistribution"
+    ):
         fn = fn.base_dist
     _pit_is_uniform(fn.cdf(z), family)
 
@@ -98,7 +125,9 @@ def test_gaussian_draws_have_the_mean_and_covariance(family):
     mean_se = (cov.diagonal() / centred.shape[0]).sqrt()
     assert (centred.mean(0).abs() <= Z * mean_se).all()
     emp = torch.einsum("sni,snj->nij", centred, centred) / S  # per row
-    se = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / S).sqrt()  # SE of a Gaussian sample covariance
+    se = (
+        (cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / S
+    ).sqrt()  # SE of a Gaussian sample covariance
     assert ((emp - cov).abs() <= Z * se).all()
 
 
@@ -108,7 +137,9 @@ def test_flow_draws_match_the_flows_own_rsample():
         ref = FAMILIES["IAF flow"](X).rsample((S,))
     se = (z.var(0) / S + ref.var(0) / S).sqrt()
     assert ((z.mean(0) - ref.mean(0)).abs() <= Z * se).all()
-    se_var = (2 * z.var(0) ** 2 / S + 2 * ref.var(0) ** 2 / S).sqrt()  # near-Gaussian: Var(s^2) ~ 2 sigma^4 / n
+    se_var = (
+        2 * z.var(0) ** 2 / S + 2 * ref.var(0) ** 2 / S
+    ).sqrt()  # near-Gaussian: Var(s^2) ~ 2 sigma^4 / n
     assert ((z.var(0) - ref.var(0)).abs() <= 2 * Z * se_var).all()
 
 
@@ -149,7 +180,9 @@ FALLBACK = {
     "Dirichlet": lambda n: dist.Dirichlet(torch.ones(n, 3)),
     "StudentT": lambda n: dist.StudentT(3.0, torch.zeros(n)),
     "Poisson": lambda n: dist.Poisson(torch.ones(n)),
-    "straight-through RelaxedBernoulli": lambda n: dist.RelaxedBernoulliStraightThrough(torch.tensor(TAU), logits=torch.zeros(n)),
+    "straight-through RelaxedBernoulli": lambda n: dist.RelaxedBernoulliStraightThrough(
+        torch.tensor(TAU), logits=torch.zeros(n)
+    ),
 }
 
 
@@ -163,9 +196,15 @@ def test_families_without_a_draw_from_fixed_noise_run_one_row_at_a_time(family):
             pyro.sample("g", FALLBACK[family](x.shape[0]))
 
     assert not draws_in_batches(guide, X[:1])
-    with pytest.raises(ConfigError, match="'g'.*one datapoint at a time"), RowDraws(Streams(0, range(4), "cpu")):
+    with (
+        pytest.raises(ConfigError, match="'g'.*one datapoint at a time"),
+        RowDraws(Streams(0, range(4), "cpu")),
+    ):
         guide(X)
-    one = [poutine.trace(RowDraws(Streams(0, [3], "cpu"))(guide)).get_trace(X[:1]).nodes["g"]["value"] for _ in range(2)]
+    one = [
+        poutine.trace(RowDraws(Streams(0, [3], "cpu"))(guide)).get_trace(X[:1]).nodes["g"]["value"]
+        for _ in range(2)
+    ]
     assert torch.equal(one[0], one[1])  # the row's stream seeds it
 
 
@@ -175,7 +214,9 @@ def test_a_mixture_is_drawn_for_all_rows_at_once_with_its_weights_and_components
     n, m = 4, 20_000
     loc = torch.tensor([-3.0, 3.0], dtype=torch.float64)
     weights = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
-    components = [dist.Normal(torch.full((n, 1), float(c), dtype=torch.float64), 0.5).to_event(1) for c in loc]
+    components = [
+        dist.Normal(torch.full((n, 1), float(c), dtype=torch.float64), 0.5).to_event(1) for c in loc
+    ]
 
     def program(x):
         with pyro.plate("data", n):
@@ -185,7 +226,9 @@ def test_a_mixture_is_drawn_for_all_rows_at_once_with_its_weights_and_components
     with RowDraws(Streams(0, range(n), "cpu", 7)), pyro.plate("draws", m, dim=-2):
         u = poutine.trace(program).get_trace(torch.zeros(n)).nodes["u"]["value"]
     assert u.shape == (m, n, 1)
-    right = (u[..., 0] > 0).double().mean(0)  # the second component's share (the two do not overlap: 6 sd apart)
+    right = (
+        (u[..., 0] > 0).double().mean(0)
+    )  # the second component's share (the two do not overlap: 6 sd apart)
     se = (weights[:, 1] * (1 - weights[:, 1]) / m).sqrt()
     assert ((right - weights[:, 1]).abs() <= Z * se + 1e-12).all(), right
     mean = (weights * loc).sum(-1)

@@ -71,15 +71,21 @@ def test_a_loop_of_svi_steps_is_fit_bit_for_bit(make):
     """
     seed, epochs, batch = 3, 2, 20
     model, guide = make()
-    result = fit(model, guide, X, epochs=epochs, batch_size=batch, lr=0.01, seed=seed, progress=False)
+    result = fit(
+        model, guide, X, epochs=epochs, batch_size=batch, lr=0.01, seed=seed, progress=False
+    )
     with result.scope():
         fitted = [p.detach().clone() for p in result.trained.found.params]
-        in_store = {name: pyro.param(name).detach().clone() for name in pyro.get_param_store().keys()}
+        in_store = {
+            name: pyro.param(name).detach().clone() for name in pyro.get_param_store().keys()
+        }
 
     model, guide = make()
     svi = SVI(model, guide, lr=0.01, num_data=N)
     with seeded(seed):
-        svi.setup(*X[:batch].split(batch), index=torch.arange(batch))  # fit builds the step on its first batch, in its seeded block
+        svi.setup(
+            *X[:batch].split(batch), index=torch.arange(batch)
+        )  # fit builds the step on its first batch, in its seeded block
         start = [p.detach().clone() for p in svi.params]
     with seeded(seed):
         for epoch in range(epochs):
@@ -88,16 +94,22 @@ def test_a_loop_of_svi_steps_is_fit_bit_for_bit(make):
             for rows in torch.tensor(list(sampler)).split(batch):
                 svi.step(X[rows], index=rows)
     assert all(torch.equal(a, b) for a, b in zip(svi.params, fitted))
-    assert not any(torch.equal(a, b) for a, b in zip(svi.params, start))  # both trained: not two copies of the start
+    assert not any(
+        torch.equal(a, b) for a, b in zip(svi.params, start)
+    )  # both trained: not two copies of the start
     with svi.scope():
-        assert all(torch.equal(pyro.param(name).detach(), value) for name, value in in_store.items())
+        assert all(
+            torch.equal(pyro.param(name).detach(), value) for name, value in in_store.items()
+        )
 
 
 def test_a_step_reads_nothing_back_and_fit_reads_one_value_per_step():
     for estimator in ("reparam", "score", "analytic-kl"):
         model, guide = build()
         svi = SVI(model, guide, estimator=estimator, num_data=N)
-        svi.step(X[:20], index=torch.arange(20))  # the first step validates its arguments (Pyro's and torch's checks read)
+        svi.step(
+            X[:20], index=torch.arange(20)
+        )  # the first step validates its arguments (Pyro's and torch's checks read)
         with Reads() as counted:
             for rows in torch.arange(20, 60).split(20):
                 svi.step(X[rows], index=rows)
@@ -117,7 +129,9 @@ def test_a_step_reads_nothing_back_and_fit_reads_one_value_per_step():
         fit(*build(), X, epochs=2, batch_size=20, progress=False)
     finally:
         loop.Trainer.step = real
-    assert counts[1:] == [1] * (len(counts) - 1), counts  # the loss and the data check, in one read; the first step validates
+    assert counts[1:] == [1] * (len(counts) - 1), (
+        counts
+    )  # the loss and the data check, in one read; the first step validates
 
 
 def test_an_svi_state_saved_and_loaded_continues_as_if_uninterrupted():
@@ -132,9 +146,13 @@ def test_an_svi_state_saved_and_loaded_continues_as_if_uninterrupted():
     first = SVI(*build(), lr=0.02, num_data=N)
     steps(first, range(2))
     saved = first.state_dict()
-    second = SVI(*build(seed=9), lr=0.02, num_data=N).setup(X[:20])  # other initial values, overwritten by the state
+    second = SVI(*build(seed=9), lr=0.02, num_data=N).setup(
+        X[:20]
+    )  # other initial values, overwritten by the state
     second.load_state_dict(saved)
-    second.objective.validate = False  # the first step was taken: validation is off after it, as in the uninterrupted run
+    second.objective.validate = (
+        False  # the first step was taken: validation is off after it, as in the uninterrupted run
+    )
     steps(second, range(2, 4))
     assert all(torch.equal(a, b) for a, b in zip(second.params, whole.params))
 
@@ -151,10 +169,13 @@ def test_svi_refuses_on_its_first_batch_what_it_cannot_train():
             pyro.sample("z", dist.Bernoulli(p))
 
     svi = SVI(model, guide, estimator="reparam", num_data=N)
-    with pytest.raises(Exception, match="'z'"):  # no pathwise sampler for a Bernoulli: named, on the first batch
+    with pytest.raises(
+        Exception, match="'z'"
+    ):  # no pathwise sampler for a Bernoulli: named, on the first batch
         svi.step(X[:20])
     assert "p" not in pyro.get_param_store()  # the step's own store
     with pytest.raises(ConfigError, match="give batch_size=10"):
+
         def sub_model(x):
             with pyro.plate("data", len(x), subsample_size=10) as ind:
                 pyro.sample("x", dist.Normal(0.0, 1.0).expand([10, D]).to_event(1), obs=x[ind])
@@ -189,9 +210,22 @@ def test_fit_with_a_traced_step_takes_the_eager_steps_and_refuses_what_it_cannot
     eager = fit(model, guide, X, epochs=2, batch_size=20, seed=1, progress=False)
     model, guide = build()
     traced = fit(model, guide, X, epochs=2, batch_size=20, seed=1, progress=False, compile="eager")
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(traced.trained.found.params, eager.trained.found.params))
-    with pytest.raises(ConfigError, match="compile: estimator score\\+average keeps its moving-average baseline"):
-        fit(*build(), X, epochs=1, batch_size=20, estimator="score+average", progress=False, compile="eager")
+    assert all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        for a, b in zip(traced.trained.found.params, eager.trained.found.params)
+    )
+    with pytest.raises(
+        ConfigError, match="compile: estimator score\\+average keeps its moving-average baseline"
+    ):
+        fit(
+            *build(),
+            X,
+            epochs=1,
+            batch_size=20,
+            estimator="score+average",
+            progress=False,
+            compile="eager",
+        )
 
     def branching(x):  # a branch on the data: a value read back to the host
         scale = 1.0 if float(x.mean()) > 0.5 else 2.0
@@ -202,8 +236,19 @@ def test_fit_with_a_traced_step_takes_the_eager_steps_and_refuses_what_it_cannot
         with pyro.plate("data", x.shape[0]):
             pass
 
-    with pytest.raises(ConfigError, match="compile: the step reads a value back to the host at test_step.py"):
-        fit(branching, empty, X, epochs=1, batch_size=20, progress=False, compile="eager", modules=[torch.nn.Linear(1, 1)])
+    with pytest.raises(
+        ConfigError, match="compile: the step reads a value back to the host at test_step.py"
+    ):
+        fit(
+            branching,
+            empty,
+            X,
+            epochs=1,
+            batch_size=20,
+            progress=False,
+            compile="eager",
+            modules=[torch.nn.Linear(1, 1)],
+        )
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
@@ -213,16 +258,26 @@ def test_every_estimator_either_traces_to_its_eager_steps_or_refuses_by_name(nam
     (The score-function estimator draws with ``torch.normal(loc, scale)``: its noise is fed to the graph as standard draws.)
     """
     estimator, particles = get_estimator(name), 2 if name in ("iwae", "score+loo") else 1
-    options = dict(epochs=2, batch_size=20, seed=1, progress=False, estimator=name, num_particles=particles)
+    options = dict(
+        epochs=2, batch_size=20, seed=1, progress=False, estimator=name, num_particles=particles
+    )
     if not estimator.compiles:
-        with pytest.raises(ConfigError, match=f"compile: estimator {re.escape(name)} {re.escape(estimator.compiles_not)}"):
+        with pytest.raises(
+            ConfigError,
+            match=f"compile: estimator {re.escape(name)} {re.escape(estimator.compiles_not)}",
+        ):
             fit(*build(), X, compile="eager", **options)
         return
     eager = fit(*build(), X, **options)
     traced = fit(*build(), X, compile="eager", **options)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(traced.trained.found.params, eager.trained.found.params))
+    assert all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        for a, b in zip(traced.trained.found.params, eager.trained.found.params)
+    )
     start = SVI(*build(), num_data=N).setup(X[:20]).params
-    assert not any(torch.equal(a, b) for a, b in zip(traced.trained.found.params, start))  # trained, not two copies of the start
+    assert not any(
+        torch.equal(a, b) for a, b in zip(traced.trained.found.params, start)
+    )  # trained, not two copies of the start
 
 
 @pytest.mark.slow
@@ -231,11 +286,35 @@ def test_fit_compiled_by_inductor_takes_the_eager_steps_to_float_tolerance():
     eager = fit(model, guide, X, epochs=2, batch_size=20, seed=1, progress=False)
     model, guide = build()
     compiled = fit(model, guide, X, epochs=2, batch_size=20, seed=1, progress=False, compile=True)
-    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(compiled.trained.found.params, eager.trained.found.params))
+    assert all(
+        torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+        for a, b in zip(compiled.trained.found.params, eager.trained.found.params)
+    )
 
 
 def test_a_compiled_run_resumes_bit_for_bit(tmp_path):
     whole = fit(*build(), X, epochs=3, batch_size=20, seed=2, progress=False, compile="eager")
-    fit(*build(), X, epochs=1, batch_size=20, seed=2, progress=False, compile="eager", out=tmp_path / "run")
-    resumed = fit(*build(), X, epochs=3, batch_size=20, seed=2, progress=False, compile="eager", out=tmp_path / "run", resume=True)
-    assert all(torch.equal(a, b) for a, b in zip(resumed.trained.found.params, whole.trained.found.params))
+    fit(
+        *build(),
+        X,
+        epochs=1,
+        batch_size=20,
+        seed=2,
+        progress=False,
+        compile="eager",
+        out=tmp_path / "run",
+    )
+    resumed = fit(
+        *build(),
+        X,
+        epochs=3,
+        batch_size=20,
+        seed=2,
+        progress=False,
+        compile="eager",
+        out=tmp_path / "run",
+        resume=True,
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(resumed.trained.found.params, whole.trained.found.params)
+    )

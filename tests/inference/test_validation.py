@@ -12,7 +12,9 @@ def draws_with_a_negative_scale(calls: list[int]):
     def run() -> torch.Tensor:
         calls.append(1)
         eps = torch.randn(3)
-        torch.distributions.Normal(eps.new_zeros(()), -eps.new_ones(()))  # validated: a ValueError before any value
+        torch.distributions.Normal(
+            eps.new_zeros(()), -eps.new_ones(())
+        )  # validated: a ValueError before any value
         return eps
 
     return run

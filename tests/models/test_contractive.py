@@ -29,7 +29,9 @@ from ppl_vae.nn import MLP
 
 def small_encoder(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 9), nn.Softplus(), nn.Linear(9, 3)).double()
+    return nn.Sequential(
+        nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 9), nn.Softplus(), nn.Linear(9, 3)
+    ).double()
 
 
 def reference(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -49,11 +51,15 @@ def test_exact_penalty_and_its_gradient_equal_the_autograd_jacobians():
     got, want = jacobian_norm(enc, x), reference(enc, x)
     assert torch.allclose(got, want, rtol=1e-12, atol=0), (got, want)
     params = list(enc.parameters())
-    grads = torch.autograd.grad(got.sum(), params, allow_unused=True)  # the last bias does not move the Jacobian
+    grads = torch.autograd.grad(
+        got.sum(), params, allow_unused=True
+    )  # the last bias does not move the Jacobian
     ref_grads = torch.autograd.grad(want.sum(), params, allow_unused=True)
     assert sum(g is not None for g in grads) == len(params) - 1
     for g, r in zip(grads, ref_grads):
-        assert (g is None) == (r is None) and (g is None or torch.allclose(g, r, rtol=1e-10, atol=1e-14))
+        assert (g is None) == (r is None) and (
+            g is None or torch.allclose(g, r, rtol=1e-10, atol=1e-14)
+        )
     # Rifai et al.'s closed form for one sigmoid layer h = s(Wx + b): sum_j (h_j (1 - h_j))^2 ||W_j||^2
     layer = nn.Linear(6, 4).double()
     sig = nn.Sequential(layer, nn.Sigmoid())
@@ -70,7 +76,9 @@ def test_hutchinson_estimate_is_unbiased():
     exact = jacobian_norm(enc, x).detach()
     torch.manual_seed(0)
     P = 400
-    draws = torch.stack([jacobian_norm(enc, x, method="hutchinson").detach() for _ in range(P)])  # one probe each
+    draws = torch.stack(
+        [jacobian_norm(enc, x, method="hutchinson").detach() for _ in range(P)]
+    )  # one probe each
     se = draws.std(0) / math.sqrt(P)
     assert ((draws.mean(0) - exact).abs() < Z * se).all(), (draws.mean(0), exact, se)
     assert (draws.std(0) > 0).all()  # a real estimate, not the exact value in disguise
@@ -98,13 +106,17 @@ def test_a_trained_cae_contracts_more_than_a_plain_autoencoder_at_nearly_the_sam
         out[weight] = (jacobian_norm(enc, test).detach(), rec)
     (j_ae, rec_ae), (j_cae, rec_cae) = out[0.0], out[0.01]
     assert j_cae.mean() < j_ae.mean() / 3, (j_cae.mean(), j_ae.mean())
-    assert (j_cae.mean() + Z * j_cae.std() / math.sqrt(len(j_cae))) < (j_ae.mean() - Z * j_ae.std() / math.sqrt(len(j_ae)))
+    assert (j_cae.mean() + Z * j_cae.std() / math.sqrt(len(j_cae))) < (
+        j_ae.mean() - Z * j_ae.std() / math.sqrt(len(j_ae))
+    )
     diff = rec_ae - rec_cae  # paired over the test images
     assert diff.mean() < 1.0 + Z * diff.std() / math.sqrt(len(diff)), (diff.mean(), diff.std())
 
 
 def _example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", Path(__file__).resolve().parents[2] / "examples" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"example_{name}", Path(__file__).resolve().parents[2] / "examples" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -113,7 +125,10 @@ def _example(name: str):
 def test_analyses_of_the_guide_refuse_its_point_mass_by_name():
     torch.manual_seed(0)
     enc, dec = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), MLP(2, [4], 8)
-    model, guide = contractive_autoencoder(dec, get_likelihood("bernoulli"), enc, 2, weight=0.1), delta_guide(enc)
+    model, guide = (
+        contractive_autoencoder(dec, get_likelihood("bernoulli"), enc, 2, weight=0.1),
+        delta_guide(enc),
+    )
     x = (torch.rand(6, 8) < 0.5).float()
     with pytest.raises(ConfigError, match="'z'"):
         decompose(model, guide, x)
@@ -123,7 +138,26 @@ def test_analyses_of_the_guide_refuse_its_point_mass_by_name():
 
 def test_cli_refuses_a_negative_contractive_weight(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["fit", "--model", "cae", "--contractive", "-1", "--dataset", "digits", "--limit", "60", "--binarize", "threshold", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "--model",
+                "cae",
+                "--contractive",
+                "-1",
+                "--dataset",
+                "digits",
+                "--limit",
+                "60",
+                "--binarize",
+                "threshold",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "contractive weight must be a finite number >= 0" in err[0], err
     assert not out.exists()

@@ -35,17 +35,30 @@ def nets(seed: int = 0, dims=(8, 6, 4, 2)):
 
 @pytest.fixture(scope="module")
 def digits():
-    return load("digits", binarize="threshold").x, load("digits", split="test", binarize="threshold").x
+    return load("digits", binarize="threshold").x, load(
+        "digits", split="test", binarize="threshold"
+    ).x
 
 
 def test_precision_weighting_is_the_normalised_product_of_two_gaussians():
     g = torch.Generator().manual_seed(0)
-    m1, m2 = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
-    s1, s2 = torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.1, torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.1
+    m1, m2 = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+    )
+    s1, s2 = (
+        torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.1,
+        torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.1,
+    )
     m, s = precision_weighted((m1, s1), (m2, s2))
     normal = torch.distributions.Normal
-    gaps = [normal(m1, s1).log_prob(z) + normal(m2, s2).log_prob(z) - normal(m, s).log_prob(z) for z in torch.randn(5, 3, 4, generator=g, dtype=torch.float64)]
-    for gap in gaps[1:]:  # log N1 + log N2 - log N is the same for every z: N is their product, normalised
+    gaps = [
+        normal(m1, s1).log_prob(z) + normal(m2, s2).log_prob(z) - normal(m, s).log_prob(z)
+        for z in torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    ]
+    for gap in gaps[
+        1:
+    ]:  # log N1 + log N2 - log N is the same for every z: N is their product, normalised
         assert torch.allclose(gap, gaps[0], atol=1e-12)
     assert (s < torch.minimum(s1, s2)).all()  # combining evidence narrows
 
@@ -64,7 +77,9 @@ def test_kl_terms_and_reconstruction_add_up_to_the_elbo(digits):
     torch.manual_seed(2)
     elbo = elbo_per_datapoint(n.model, n.guide, x, num_particles=S)
     total_kl = sum(k.value for k in kls.values())
-    kl_se = sum(k.se for k in kls.values())  # the terms share draws: the SE of their sum is at most the sum of SEs
+    kl_se = sum(
+        k.se for k in kls.values()
+    )  # the terms share draws: the SE of their sum is at most the sum of SEs
     err = rec - total_kl - elbo.value
     assert (err.abs() < Z * (rec_se**2 + kl_se**2 + elbo.se**2).sqrt()).all(), err
     assert all((k.value > -Z * k.se).all() for k in kls.values())  # a KL is not negative
@@ -76,7 +91,9 @@ def test_the_guide_shares_the_generative_path_and_fit_trains_each_network_once(d
     torch.manual_seed(0)
     _, before = traces(n.model, n.guide, x)
     with torch.no_grad():
-        n.priors[0].loc.bias.add_(1.0)  # p(z1 | z2)'s mean moves: so does q(z1 | z2, x), the ladder's combination
+        n.priors[0].loc.bias.add_(
+            1.0
+        )  # p(z1 | z2)'s mean moves: so does q(z1 | z2, x), the ladder's combination
     torch.manual_seed(0)
     _, after = traces(n.model, n.guide, x)
     assert torch.equal(before.nodes["z2"]["value"], after.nodes["z2"]["value"])
@@ -91,11 +108,26 @@ def test_the_analyses_cover_every_layer(digits):
     n = nets(3)
     x = digits[1][:3]
     with pytest.raises(ConfigError, match="'z1'.*depends on|depends on"):
-        decompose(n.model, n.guide, x)  # the ladder guide is in no family: refused, naming the dependence
-    report = decompose(n.model, n.guide, x, families=("full",), num_samples=50, elbo_samples=20, local_options={"max_steps": 20})
+        decompose(
+            n.model, n.guide, x
+        )  # the ladder guide is in no family: refused, naming the dependence
+    report = decompose(
+        n.model,
+        n.guide,
+        x,
+        families=("full",),
+        num_samples=50,
+        elbo_samples=20,
+        local_options={"max_steps": 20},
+    )
     assert not report.q_in_family and torch.isfinite(report.inference_gap).all()
     draws = hmc_latent(n.model, x, num_samples=10, warmup_steps=10, num_chains=2, seed=0)
-    assert {k: tuple(v.shape[-1:]) for k, v in draws.samples.items()} == {"z1": (8,), "z2": (6,), "z3": (4,), "z4": (2,)}
+    assert {k: tuple(v.shape[-1:]) for k, v in draws.samples.items()} == {
+        "z1": (8,),
+        "z2": (6,),
+        "z3": (4,),
+        "z4": (2,),
+    }
 
 
 def test_the_warm_up_ramps_the_kl_weight_step_by_step():
@@ -104,7 +136,9 @@ def test_the_warm_up_ramps_the_kl_weight_step_by_step():
     for step in range(12):
         obj.anneal(step, 5)  # 5 steps per epoch: the ramp spans 10 steps
         weights.append(obj.scale_latents.beta)
-    assert weights[:10] == pytest.approx([0.5 * (s + 1) / 10 for s in range(10)]) and weights[10:] == [0.5, 0.5]
+    assert weights[:10] == pytest.approx([0.5 * (s + 1) / 10 for s in range(10)]) and weights[
+        10:
+    ] == [0.5, 0.5]
 
 
 @pytest.mark.slow
@@ -116,10 +150,25 @@ def test_warm_up_keeps_a_four_layer_ladder_from_collapsing(digits):
     out = {}
     for warmup in (0, 20):
         n = nets(0, dims=(16, 8, 4, 2))
-        fit(n.model, n.guide, train, epochs=60, batch_size=64, lr=3e-3, kl_warmup=warmup, seed=0, progress=False)
+        fit(
+            n.model,
+            n.guide,
+            train,
+            epochs=60,
+            batch_size=64,
+            lr=3e-3,
+            kl_warmup=warmup,
+            seed=0,
+            progress=False,
+        )
         torch.manual_seed(0)
-        out[warmup] = (elbo_per_datapoint(n.model, n.guide, test, num_particles=10).value,
-                       {k: v.value.mean().item() for k, v in kl_per_site(n.model, n.guide, test, num_samples=10).items()})
+        out[warmup] = (
+            elbo_per_datapoint(n.model, n.guide, test, num_particles=10).value,
+            {
+                k: v.value.mean().item()
+                for k, v in kl_per_site(n.model, n.guide, test, num_samples=10).items()
+            },
+        )
     (e0, k0), (e1, k1) = out[0], out[20]
     diff = e1 - e0
     assert diff.mean() > Z * diff.std() / math.sqrt(len(diff)), (diff.mean(), k0, k1)
@@ -127,16 +176,46 @@ def test_warm_up_keeps_a_four_layer_ladder_from_collapsing(digits):
 
 
 def test_cli_layers_are_checked_in_one_line(tmp_path, capsys):
-    base = ["fit", "--dataset", "digits", "--limit", "60", "--binarize", "threshold", "--epochs", "1", "--no-progress"]
-    for extra, fragment in ((["--model", "vae", "--layers", "8,2"], "--layers applies to lvae"),
-                            (["--model", "lvae", "--layers", "8"], "at least 2 positive widths"),
-                            (["--model", "lvae", "--layers", "8,4", "--latent-dim", "2"], "must equal --latent-dim")):
+    base = [
+        "fit",
+        "--dataset",
+        "digits",
+        "--limit",
+        "60",
+        "--binarize",
+        "threshold",
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
+    for extra, fragment in (
+        (["--model", "vae", "--layers", "8,2"], "--layers applies to lvae"),
+        (["--model", "lvae", "--layers", "8"], "at least 2 positive widths"),
+        (["--model", "lvae", "--layers", "8,4", "--latent-dim", "2"], "must equal --latent-dim"),
+    ):
         out = tmp_path / "run"
         assert main([*base, "--out", str(out), *extra]) == 2
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and fragment in err[0], err
         assert not out.exists()
-    assert main([*base, "--out", str(tmp_path / "ok"), "--model", "lvae", "--layers", "8,4,2", "--hidden", "16", "--kl-warmup", "1"]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--out",
+                str(tmp_path / "ok"),
+                "--model",
+                "lvae",
+                "--layers",
+                "8,4,2",
+                "--hidden",
+                "16",
+                "--kl-warmup",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "KL per latent site (test, nats/datapoint): z3" in printed
 
@@ -149,6 +228,10 @@ def test_prior_samples_draw_every_layer_so_a_collapsed_top_still_gives_varied_im
         for prior in n.priors:  # every conditional ignores the layer above: the top latent carries nothing, as after a collapse
             prior.body[0].weight.zero_()
     g = torch.Generator().manual_seed(0)
-    means = ancestral_means(n.decoder, list(n.priors), get_likelihood("bernoulli"), 2, 50, generator=g)
-    top_only = torch.sigmoid(n.top_decoder(torch.randn(50, 2, generator=g)))  # each lower layer at its conditional mean
+    means = ancestral_means(
+        n.decoder, list(n.priors), get_likelihood("bernoulli"), 2, 50, generator=g
+    )
+    top_only = torch.sigmoid(
+        n.top_decoder(torch.randn(50, 2, generator=g))
+    )  # each lower layer at its conditional mean
     assert means.std(0).max() > 0.05 and top_only.std(0).max() < 1e-6

@@ -30,7 +30,11 @@ def parts(latent_dim=4, hidden=64, alpha=10.0):
     clf = MLP(D, [hidden], C)
     enc = GaussianEncoder(MLP(D + C, [], hidden), hidden, latent_dim)
     dec = MLP(latent_dim + C, [hidden], D)
-    return m2(dec, get_likelihood("bernoulli"), clf, latent_dim, C, alpha=alpha), m2_guide(enc, clf, C), clf
+    return (
+        m2(dec, get_likelihood("bernoulli"), clf, latent_dim, C, alpha=alpha),
+        m2_guide(enc, clf, C),
+        clf,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,10 @@ def test_enumerated_loss_is_the_classifier_weighted_sum_of_labelled_bounds(digit
     enum_loss = get_estimator("enum").loss(model, guide, 200)(x, torch.full((4,), -1)).detach()
     with torch.no_grad():
         log_q = torch.log_softmax(clf(x), -1)
-        bounds = [elbo_per_datapoint(model, guide, x, torch.full((4,), c), num_particles=200) for c in range(C)]
+        bounds = [
+            elbo_per_datapoint(model, guide, x, torch.full((4,), c), num_particles=200)
+            for c in range(C)
+        ]
     elbo = torch.stack([b.value for b in bounds], -1)
     se = torch.stack([b.se for b in bounds], -1)
     expected = -(log_q.exp() * (elbo - log_q)).sum()
@@ -64,9 +71,13 @@ def test_labelled_loss_is_the_supervised_elbo_plus_alpha_times_classifier_log_li
     x, y = digits[0][:8], digits[1][:8]
     model, guide, clf = parts(alpha=3.0)
     pyro.set_rng_seed(1)
-    with_aux = pyro.infer.Trace_ELBO().differentiable_loss(model, guide, x, y)  # nothing to enumerate
+    with_aux = pyro.infer.Trace_ELBO().differentiable_loss(
+        model, guide, x, y
+    )  # nothing to enumerate
     pyro.set_rng_seed(1)
-    no_aux = pyro.infer.Trace_ELBO().differentiable_loss(poutine.block(model, hide=["y_aux"]), guide, x, y)
+    no_aux = pyro.infer.Trace_ELBO().differentiable_loss(
+        poutine.block(model, hide=["y_aux"]), guide, x, y
+    )
     aux = torch.distributions.Categorical(logits=clf(x)).log_prob(y).sum()
     assert torch.allclose(with_aux, no_aux - 3.0 * aux, atol=1e-3)
 
@@ -85,7 +96,9 @@ def test_mixed_batch_equals_its_labelled_and_unlabelled_parts(digits):
     for rep in range(5):
         pyro.set_rng_seed(rep)
         mixed.append(enum.loss(model, guide, 400)(x, y).item())
-        part = pyro.infer.Trace_ELBO(num_particles=400, vectorize_particles=True).differentiable_loss(model, guide, x[labelled], y[labelled])
+        part = pyro.infer.Trace_ELBO(
+            num_particles=400, vectorize_particles=True
+        ).differentiable_loss(model, guide, x[labelled], y[labelled])
         split.append((part + enum.loss(model, guide, 400)(x[~labelled], y[~labelled])).item())
     a, b = torch.tensor(mixed), torch.tensor(split)
     se = (a.var() / 5 + b.var() / 5).sqrt()
@@ -103,11 +116,26 @@ def test_mixed_batch_has_a_finite_per_datapoint_bound(digits):
 def test_classifier_beats_chance_with_ten_labels_per_class(digits):
     x, y, xt, yt = digits
     gen = torch.Generator().manual_seed(0)
-    lab = torch.cat([(y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=gen)[:10]] for c in range(C)])
+    lab = torch.cat(
+        [
+            (y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=gen)[:10]]
+            for c in range(C)
+        ]
+    )
     y_semi = torch.full_like(y, -1)
     y_semi[lab] = y[lab]
     model, guide, clf = parts()
-    result = fit(model, guide, (x, y_semi), estimator="enum", epochs=10, batch_size=100, lr=3e-3, seed=0, progress=False)
+    result = fit(
+        model,
+        guide,
+        (x, y_semi),
+        estimator="enum",
+        epochs=10,
+        batch_size=100,
+        lr=3e-3,
+        seed=0,
+        progress=False,
+    )
     assert math.isfinite(result.train_elbo)
     acc = (classify(clf, xt) == yt).double().mean().item()
     # chance is 0.1; its binomial SE over 360 rows is 0.016, so 0.5 is > 20 SE above it
@@ -125,36 +153,87 @@ def test_cli_bad_label_budget_is_one_line_and_creates_nothing(tmp_path, capsys):
 def test_m2_table_adds_the_binarised_training_images_as_unlabelled_rows(tmp_path, capsys):
     data = tmp_path / "data"
     n = write_fake_mnist(data, per_class=8)  # 80 labelled test images, 200 binarised training rows
-    kw = dict(labels=[10], draws=1, data_dir=data, num_test=20, latent_dim=4, hidden=16, epochs=1, batch_size=50)
+    kw = dict(
+        labels=[10],
+        draws=1,
+        data_dir=data,
+        num_test=20,
+        latent_dim=4,
+        hidden=16,
+        epochs=1,
+        batch_size=50,
+    )
     plain = m2_semisupervised(tmp_path / "plain", **kw).rows[0]
     more = m2_semisupervised(tmp_path / "more", unlabelled="binarized-mnist", **kw).rows[0]
     assert plain["num_unlabelled"] == n - 20 - 10 and more["num_unlabelled"] == n - 20 - 10 + 200
     assert more["unlabelled_extra"] == "binarized-mnist" and plain["unlabelled_extra"] == "none"
     # the labelled rows keep their share of an epoch: repeated in proportion to the larger pool
-    assert more["labelled_repeats"] == round(0.1 * (n - 20 + 200) / 10) and plain["labelled_repeats"] == max(1, round(0.1 * (n - 20) / 10))
+    assert more["labelled_repeats"] == round(0.1 * (n - 20 + 200) / 10) and plain[
+        "labelled_repeats"
+    ] == max(1, round(0.1 * (n - 20) / 10))
     assert "| 10 | 1 |" in (tmp_path / "more" / "table.md").read_text()
-    assert main(["m2", "--labels", "10", "--unlabelled", "omniglot", "--data-dir", str(data), "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "m2",
+                "--labels",
+                "10",
+                "--unlabelled",
+                "omniglot",
+                "--data-dir",
+                str(data),
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "unknown unlabelled data 'omniglot'" in err[0], err
     assert not (tmp_path / "bad").exists()
 
 
 def test_m2_table_quotes_the_published_accuracy_of_each_label_budget_it_shows():
-    row = dict(m2_accuracy=0.9, m2_error_pct=10.0, supervised_only_accuracy=0.85, num_unlabelled=100, num_test=20)
+    row = dict(
+        m2_accuracy=0.9,
+        m2_error_pct=10.0,
+        supervised_only_accuracy=0.85,
+        num_unlabelled=100,
+        num_test=20,
+    )
     table = m2_table([{**row, "labels": n, "draw": d} for n in (100, 1000) for d in (0, 1)])
     refs = [line for line in table.splitlines() if line.startswith("Reference")]
-    assert [line.split(",")[0] for line in refs] == ["Reference at 100 labels"] * 2 + ["Reference at 1000 labels"]
+    assert [line.split(",")[0] for line in refs] == ["Reference at 100 labels"] * 2 + [
+        "Reference at 1000 labels"
+    ]
     assert "0.9640" in refs[-1] and "0.8803" in refs[0]
-    assert not [line for line in m2_table([{**row, "labels": 10, "draw": 0}]).splitlines() if line.startswith("Reference")]
+    assert not [
+        line
+        for line in m2_table([{**row, "labels": 10, "draw": 0}]).splitlines()
+        if line.startswith("Reference")
+    ]
 
 
 def test_the_m2_table_depends_on_its_seed_alone(tmp_path):
     """The same seed twice, the global random state moved in between: the same accuracies (the supervised baseline's included)."""
     data = tmp_path / "data"
     write_fake_mnist(data, per_class=8)
-    kw = dict(labels=[10], draws=1, data_dir=data, num_test=20, latent_dim=4, hidden=16, epochs=1, batch_size=50, seed=3)
+    kw = dict(
+        labels=[10],
+        draws=1,
+        data_dir=data,
+        num_test=20,
+        latent_dim=4,
+        hidden=16,
+        epochs=1,
+        batch_size=50,
+        seed=3,
+    )
     torch.manual_seed(1)
     first = m2_semisupervised(tmp_path / "a", **kw).rows[0]
     torch.manual_seed(2)
     second = m2_semisupervised(tmp_path / "b", **kw).rows[0]
-    assert (first["m2_accuracy"], first["supervised_only_accuracy"]) == (second["m2_accuracy"], second["supervised_only_accuracy"])
+    assert (first["m2_accuracy"], first["supervised_only_accuracy"]) == (
+        second["m2_accuracy"],
+        second["supervised_only_accuracy"],
+    )

@@ -42,7 +42,9 @@ D, H = 64, 32
 
 @pytest.fixture(scope="module")
 def digits():
-    return load("digits", "train", binarize="threshold").x, load("digits", "test", binarize="threshold").x
+    return load("digits", "train", binarize="threshold").x, load(
+        "digits", "test", binarize="threshold"
+    ).x
 
 
 def held_out_elbo(model, guide, x, particles=4):
@@ -53,17 +55,23 @@ def held_out_elbo(model, guide, x, particles=4):
 def build_hvae():
     enc, top_enc = GaussianEncoder(MLP(D, [], H), H, 8), GaussianEncoder(MLP(8, [], 16), 16, 2)
     dec, top_dec = MLP(8, [H], D), GaussianEncoder(MLP(2, [], 16), 16, 8)
-    return hierarchical_vae(dec, top_dec, get_likelihood("bernoulli"), 2), hierarchical_guide(enc, top_enc)
+    return hierarchical_vae(dec, top_dec, get_likelihood("bernoulli"), 2), hierarchical_guide(
+        enc, top_enc
+    )
 
 
 def build_mog():
     enc = GaussianEncoder(MLP(D, [], H), H, 2)
-    return vae_with_prior(MLP(2, [H], D), get_likelihood("bernoulli"), GaussianMixturePrior(5, 2).marginal), amortized_guide(enc)
+    return vae_with_prior(
+        MLP(2, [H], D), get_likelihood("bernoulli"), GaussianMixturePrior(5, 2).marginal
+    ), amortized_guide(enc)
 
 
 def build_vamp(train):
     enc = GaussianEncoder(MLP(D, [], H), H, 2)
-    prior = VampPrior(enc, train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:10]])
+    prior = VampPrior(
+        enc, train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:10]]
+    )
     return vae_with_prior(MLP(2, [H], D), get_likelihood("bernoulli"), prior), amortized_guide(enc)
 
 
@@ -77,15 +85,22 @@ def build_vq(num_latents=4, code_dim=2, num_codes=16):
 
 def build_sparse(l1):
     enc = MLP(D, [H], 8)
-    return sparse_autoencoder(MLP(8, [H], D), get_likelihood("bernoulli"), 8, l1=l1), delta_guide(enc), enc
+    return (
+        sparse_autoencoder(MLP(8, [H], D), get_likelihood("bernoulli"), 8, l1=l1),
+        delta_guide(enc),
+        enc,
+    )
 
 
 @pytest.mark.parametrize("name", ["hvae", "mog", "vamp", "vqvae", "sparse"])
 def test_model_trains_and_improves_held_out_objective(name, digits):
     train, test = digits
     model, guide = {
-        "hvae": build_hvae, "mog": build_mog, "vamp": lambda: build_vamp(train),
-        "vqvae": lambda: build_vq()[:2], "sparse": lambda: build_sparse(0.1)[:2],
+        "hvae": build_hvae,
+        "mog": build_mog,
+        "vamp": lambda: build_vamp(train),
+        "vqvae": lambda: build_vq()[:2],
+        "sparse": lambda: build_sparse(0.1)[:2],
     }[name]()
     before, se0 = held_out_elbo(model, guide, test)
     result = fit(model, guide, train, epochs=8, batch_size=64, lr=3e-3, seed=0, progress=False)
@@ -100,7 +115,9 @@ def test_vamp_prior_components_are_the_guide_at_pseudo_inputs():
     p = VampPrior(enc, u)()
     loc, scale = enc(u)
     z = torch.randn(5, 3)
-    expected = torch.logsumexp(torch.distributions.Normal(loc, scale).log_prob(z[:, None]).sum(-1), -1) - math.log(4)
+    expected = torch.logsumexp(
+        torch.distributions.Normal(loc, scale).log_prob(z[:, None]).sum(-1), -1
+    ) - math.log(4)
     assert torch.allclose(p.log_prob(z), expected, atol=1e-5)
 
 
@@ -117,8 +134,12 @@ def test_gaussian_mixture_log_density_is_mixture_same_familys_in_value_and_gradi
     scale = (0.05 + torch.rand(k, d, generator=g, dtype=torch.float64)).requires_grad_()
     logits = torch.randn(k, generator=g, dtype=torch.float64).requires_grad_()
     fast = gaussian_mixture(logits, dist.Normal(loc, scale).to_event(1)).expand([3])
-    slow = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)).expand([3])
-    z = slow.sample((4,)) + 0.01 * torch.randn(4, 3, d, generator=g, dtype=torch.float64)  # near components and between them
+    slow = dist.MixtureSameFamily(
+        dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)
+    ).expand([3])
+    z = slow.sample((4,)) + 0.01 * torch.randn(
+        4, 3, d, generator=g, dtype=torch.float64
+    )  # near components and between them
     a, b = fast.log_prob(z), slow.log_prob(z)
     assert a.shape == b.shape == (4, 3)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
@@ -182,12 +203,34 @@ def test_linear_autoencoder_spans_the_pca_subspace():
     assert random_angles.max() > 0.3
 
 
-@pytest.mark.parametrize("model", ["hvae", "lvae", "mog-vae", "vampprior", "vqvae", "vqvae2", "sparse-ae", "cae", "sdae"])
+@pytest.mark.parametrize(
+    "model", ["hvae", "lvae", "mog-vae", "vampprior", "vqvae", "vqvae2", "sparse-ae", "cae", "sdae"]
+)
 def test_cli_fit_and_reload(model, tmp_path):
     """``ppl-vae fit --model ...`` trains, writes its figures (prior samples from the model's own prior) and reloads."""
     out = tmp_path / model
-    argv = ["fit", "--model", model, "--dataset", "digits", "--binarize", "threshold", "--limit", "60",
-            "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--no-progress", "--out", str(out)]
+    argv = [
+        "fit",
+        "--model",
+        model,
+        "--dataset",
+        "digits",
+        "--binarize",
+        "threshold",
+        "--limit",
+        "60",
+        "--hidden",
+        "16",
+        "--latent-dim",
+        "2",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert (out / "prior_samples.png").stat().st_size > 1000
     built, splits = open_run(out)
@@ -200,8 +243,25 @@ def test_cli_fit_and_reload(model, tmp_path):
 def test_components_sets_the_size_of_the_mixture_prior(model, tmp_path):
     """``--components K``: the prior of the reloaded run is a mixture of K components (Gaussians, or the guide at K pseudo-inputs)."""
     out = tmp_path / model
-    argv = ["fit", "--model", model, "--components", "7", *BINARY, "--limit", "60", "--hidden", "16", "--latent-dim", "2",
-            "--epochs", "1", "--no-progress", "--out", str(out)]
+    argv = [
+        "fit",
+        "--model",
+        model,
+        "--components",
+        "7",
+        *BINARY,
+        "--limit",
+        "60",
+        "--hidden",
+        "16",
+        "--latent-dim",
+        "2",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     built, splits = open_run(out)
     z = poutine.trace(built.model).get_trace(splits["test"].x[:5]).nodes["z"]["fn"]
@@ -209,9 +269,28 @@ def test_components_sets_the_size_of_the_mixture_prior(model, tmp_path):
 
 
 def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
-    for extra, fragment in ((["--model", "hvae", "--arch", "conv"], "--arch conv"), (["--model", "vqvae", "--estimator", "score"], "point-estimate")):
+    for extra, fragment in (
+        (["--model", "hvae", "--arch", "conv"], "--arch conv"),
+        (["--model", "vqvae", "--estimator", "score"], "point-estimate"),
+    ):
         out = tmp_path / "x"
-        assert main(["fit", "--dataset", "digits", "--limit", "60", "--binarize", "threshold", "--out", str(out), *extra]) == 2
+        assert (
+            main(
+                [
+                    "fit",
+                    "--dataset",
+                    "digits",
+                    "--limit",
+                    "60",
+                    "--binarize",
+                    "threshold",
+                    "--out",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and fragment in err[0], err
         assert not out.exists()
@@ -221,12 +300,17 @@ def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
     "options, message",
     [
         (["--model", "hvae", "--estimator", "analytic-kl"], "not mean-field"),
-        (["--model", "vae", "--estimator", "iwae", "--num-particles", "2", "--beta", "2"], "iwae is not defined"),
+        (
+            ["--model", "vae", "--estimator", "iwae", "--num-particles", "2", "--beta", "2"],
+            "iwae is not defined",
+        ),
         (["--model", "vae", "--components", "5"], "--components applies to mog-vae, vampprior"),
         (["--model", "vampprior", "--components", "0"], "components must be >= 1"),
     ],
 )
-def test_wrong_objective_combinations_are_refused_before_anything_is_written(tmp_path, capsys, options, message):
+def test_wrong_objective_combinations_are_refused_before_anything_is_written(
+    tmp_path, capsys, options, message
+):
     out = tmp_path / "run"
     assert main(["fit", "--out", str(out), *BINARY, *options]) == 2
     err = capsys.readouterr().err

@@ -31,7 +31,12 @@ def digits():
 def small_vae(data_dim=64, latent_dim=2, hidden=32, likelihood="bernoulli"):
     decoder = MLP(latent_dim, [hidden], data_dim)
     encoder = GaussianEncoder(MLP(data_dim, [], hidden), hidden, latent_dim)
-    return vae(decoder, get_likelihood(likelihood, dim=data_dim), latent_dim), amortized_guide(encoder), decoder, encoder
+    return (
+        vae(decoder, get_likelihood(likelihood, dim=data_dim), latent_dim),
+        amortized_guide(encoder),
+        decoder,
+        encoder,
+    )
 
 
 # --- networks -----------------------------------------------------------------
@@ -61,7 +66,9 @@ def test_latent_dim_must_be_positive():
             vae(MLP(2, [], 4), get_likelihood("bernoulli"), bad)
 
 
-@pytest.mark.parametrize("name", ["bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli", "beta"])
+@pytest.mark.parametrize(
+    "name", ["bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli", "beta"]
+)
 def test_likelihoods_have_one_event_dimension_and_finite_log_prob(name):
     lik = get_likelihood(name, dim=5)
     x = torch.rand(3, 5).clamp(0.05, 0.95)
@@ -185,7 +192,9 @@ def _kl(model, guide, x):
     """Monte Carlo KL(q || p(z)) per datapoint: E_q[log q(z|x) - log p(z)]."""
     with torch.no_grad():
         m, g = traces(model, guide, x)
-        return g.nodes["z"]["fn"].log_prob(g.nodes["z"]["value"]) - m.nodes["z"]["fn"].log_prob(m.nodes["z"]["value"])
+        return g.nodes["z"]["fn"].log_prob(g.nodes["z"]["value"]) - m.nodes["z"]["fn"].log_prob(
+            m.nodes["z"]["value"]
+        )
 
 
 def test_beta_scales_exactly_the_kl_term(digits):
@@ -214,7 +223,9 @@ def test_larger_beta_gives_smaller_kl(digits):
         fit(model, guide, x, epochs=15, batch_size=50, lr=1e-2, beta=beta, progress=False)
         kls[beta] = torch.stack([_kl(model, guide, x) for _ in range(4)]).mean(0)
     diff = kls[1.0] - kls[8.0]
-    assert diff.mean() > 4 * diff.std() / math.sqrt(len(diff)), {b: k.mean() for b, k in kls.items()}
+    assert diff.mean() > 4 * diff.std() / math.sqrt(len(diff)), {
+        b: k.mean() for b, k in kls.items()
+    }
 
 
 def test_cvae_generates_the_requested_class():
@@ -229,7 +240,14 @@ def test_cvae_generates_the_requested_class():
     fit(model, guide, (train.x, train.y), epochs=40, batch_size=100, lr=3e-3, progress=False)
     clf = LogisticRegression(max_iter=2000).fit(train.x.numpy(), train.y.numpy())
     labels = torch.arange(c).repeat_interleave(30)
-    images = decode_prior(decoder, get_likelihood("bernoulli"), d, len(labels), cond=one_hot(labels, c), generator=torch.Generator().manual_seed(0))
+    images = decode_prior(
+        decoder,
+        get_likelihood("bernoulli"),
+        d,
+        len(labels),
+        cond=one_hot(labels, c),
+        generator=torch.Generator().manual_seed(0),
+    )
     acc = (clf.predict((images > 0.5).float().numpy()) == labels.numpy()).mean()
     # chance is 0.1 with binomial SE 0.017 for 300 draws; 0.5 is > 20 SE above chance
     assert acc > 0.5, acc

@@ -30,7 +30,9 @@ from ppl_vae.nn import MLP, GaussianEncoder
 
 @pytest.fixture(scope="module")
 def digits():
-    return load("digits", "train", binarize="threshold").x, load("digits", "test", binarize="threshold").x
+    return load("digits", "train", binarize="threshold").x, load(
+        "digits", "test", binarize="threshold"
+    ).x
 
 
 def test_visible_quadrants_follow_the_tutorial():
@@ -58,7 +60,9 @@ def test_baseline_nll_is_the_cross_entropy_of_the_hidden_pixels(digits):
     with torch.no_grad():
         bce = F.binary_cross_entropy_with_logits(net(x_in), test, reduction="none")
     expected = (bce * (x_in == -1)).sum(-1)
-    assert torch.allclose(nll.float(), expected, atol=1e-4) and torch.allclose(nelbo.float(), expected, atol=1e-4)
+    assert torch.allclose(nll.float(), expected, atol=1e-4) and torch.allclose(
+        nelbo.float(), expected, atol=1e-4
+    )
 
 
 def cvae_parts(latent_dim=4, hidden=32, baseline=None):
@@ -84,15 +88,30 @@ def test_cvae_beats_the_baseline_on_a_small_run(digits):
     train, test = digits
     x_in, xt_in = mask_quadrants(train, 1), mask_quadrants(test, 1)
     net = MLP(64, [32], 64)
-    fit(baseline_model(net), empty_guide, (x_in, train), epochs=30, batch_size=64, lr=3e-3, seed=0, progress=False)
+    fit(
+        baseline_model(net),
+        empty_guide,
+        (x_in, train),
+        epochs=30,
+        batch_size=64,
+        lr=3e-3,
+        seed=0,
+        progress=False,
+    )
     net.requires_grad_(False)
     model, guide = cvae_parts(baseline=net)
     fit(model, guide, (x_in, train), epochs=30, batch_size=64, lr=3e-3, seed=0, progress=False)
-    base = -importance_bounds(baseline_model(net), empty_guide, xt_in, test, num_samples=1, seed=0).iwae
+    base = -importance_bounds(
+        baseline_model(net), empty_guide, xt_in, test, num_samples=1, seed=0
+    ).iwae
     cvae = -importance_bounds(model, guide, xt_in, test, num_samples=50, seed=0).iwae
     diff = base - cvae
     se = diff.std() / math.sqrt(len(diff))  # paired differences over the 180 test rows
-    assert diff.mean() > 3 * se and diff.mean() > 0.5, (base.mean().item(), cvae.mean().item(), se.item())
+    assert diff.mean() > 3 * se and diff.mean() > 0.5, (
+        base.mean().item(),
+        cvae.mean().item(),
+        se.item(),
+    )
     completed = predict(model, xt_in[:5], num_samples=2)
     visible = xt_in[:5] != -1
     assert completed.shape == (2, 5, 64)
@@ -102,11 +121,18 @@ def test_cvae_beats_the_baseline_on_a_small_run(digits):
 
 @pytest.mark.parametrize(
     ("args", "fragment"),
-    [(["--quadrants", "4"], "1, 2 or 3"), (["--epochs", "0"], "epochs must be"), ([], "binarised MNIST split")],
+    [
+        (["--quadrants", "4"], "1, 2 or 3"),
+        (["--epochs", "0"], "epochs must be"),
+        ([], "binarised MNIST split"),
+    ],
 )
 def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, args, fragment):
     out = tmp_path / "q"
-    assert main(["cvae-quadrants", "--data-dir", str(tmp_path / "empty"), "--out", str(out), *args]) == 2
+    assert (
+        main(["cvae-quadrants", "--data-dir", str(tmp_path / "empty"), "--out", str(out), *args])
+        == 2
+    )
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("ppl-vae: error:") and fragment in err[0], err
     assert not out.exists()

@@ -22,11 +22,32 @@ from ..runs import holding
 from . import calibrate, compare, demo, fit, gaps, grad_variance, nll, plot, tables
 from .demo import DEMO_DIR
 
-__all__ = ["COMMANDS", "Config", "DATASETS", "DEMO_DIR", "ESTIMATORS", "LIKELIHOODS", "MIXTURE_COMPONENTS", "MODELS", "PSEUDO_INPUTS", "RESUMABLE", "run"]
+__all__ = [
+    "COMMANDS",
+    "Config",
+    "DATASETS",
+    "DEMO_DIR",
+    "ESTIMATORS",
+    "LIKELIHOODS",
+    "MIXTURE_COMPONENTS",
+    "MODELS",
+    "PSEUDO_INPUTS",
+    "RESUMABLE",
+    "run",
+]
 
 COMMANDS = {
-    "fit": fit.command, "demo": demo.command, "plot": plot.command, "cvae-quadrants": tables.command, "m2": tables.command, "sdae-codes": tables.command,
-    "grad-variance": grad_variance.command, "gaps": gaps.command, "nll": nll.command, "compare": compare.command, "calibrate": calibrate.command,
+    "fit": fit.command,
+    "demo": demo.command,
+    "plot": plot.command,
+    "cvae-quadrants": tables.command,
+    "m2": tables.command,
+    "sdae-codes": tables.command,
+    "grad-variance": grad_variance.command,
+    "gaps": gaps.command,
+    "nll": nll.command,
+    "compare": compare.command,
+    "calibrate": calibrate.command,
 }
 
 
@@ -40,5 +61,7 @@ def run(args: argparse.Namespace) -> int:
     with holding(), contextlib.ExitStack() as stack:
         if rank not in (None, 0):
             stack.enter_context(io.follower())
-            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            stack.enter_context(
+                contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w")))
+            )
         return COMMANDS[args.command](args)

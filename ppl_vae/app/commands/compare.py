@@ -40,14 +40,18 @@ GUIDES = ("amortized", "local")
 SUMMARY = "compare.json"
 
 
-def pick_points(n: int, *, num_points: int | None = None, indices: list[int] | None = None, seed: int = 0) -> list[int]:
+def pick_points(
+    n: int, *, num_points: int | None = None, indices: list[int] | None = None, seed: int = 0
+) -> list[int]:
     """Datapoint indices: ``indices`` (checked against ``n``) or a seeded random subset of ``num_points``."""
     if indices is not None:
         if not indices:
             raise ConfigError("no datapoint indices given")
         bad = [i for i in indices if not 0 <= i < n]
         if bad:
-            raise ConfigError(f"datapoint index {bad[0]} is out of range: the split has {n} rows (0..{n - 1})")
+            raise ConfigError(
+                f"datapoint index {bad[0]} is out of range: the split has {n} rows (0..{n - 1})"
+            )
         return list(indices)
     check_int(num_points, "number of points")
     if num_points > n:
@@ -55,12 +59,23 @@ def pick_points(n: int, *, num_points: int | None = None, indices: list[int] | N
     return pick(n, num_points, seed=seed, sorted=True).tolist()
 
 
-def _check(guide: str, draws: int, chains: int, warmup: int | None, vi_draws: int | None) -> tuple[int, int]:
+def _check(
+    guide: str, draws: int, chains: int, warmup: int | None, vi_draws: int | None
+) -> tuple[int, int]:
     """Validate the options; return ``(warmup, vi_draws)`` with their defaults filled in."""
     warmup = draws if warmup is None else warmup
-    vi_draws = chains * draws if vi_draws is None and isinstance(chains, int) and isinstance(draws, int) else vi_draws
+    vi_draws = (
+        chains * draws
+        if vi_draws is None and isinstance(chains, int) and isinstance(draws, int)
+        else vi_draws
+    )
     # R-hat and ESS split each chain in halves and need a few draws per half: at least 4 draws per chain
-    for name, value, low in (("draws", draws, 4), ("chains", chains, 1), ("warmup", warmup, 0), ("vi-draws", vi_draws, 1)):
+    for name, value, low in (
+        ("draws", draws, 4),
+        ("chains", chains, 1),
+        ("warmup", warmup, 0),
+        ("vi-draws", vi_draws, 1),
+    ):
         check_int(value, f"--{name}", low=low)
     if guide not in GUIDES:
         raise ConfigError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDES)}")
@@ -91,24 +106,57 @@ def compare_points(
     """
     warmup, vi_draws = _check(guide, draws, chains, warmup, vi_draws)
     idx = torch.as_tensor(index) if index is not None else None
-    mcmc = hmc_latent(built.model, *args, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed, progress=progress, index=idx, spread=spread,
-                      kernel=kernel, mass=mass, max_tree_depth=max_tree_depth)
+    mcmc = hmc_latent(
+        built.model,
+        *args,
+        num_samples=draws,
+        warmup_steps=warmup,
+        num_chains=chains,
+        seed=seed,
+        progress=progress,
+        index=idx,
+        spread=spread,
+        kernel=kernel,
+        mass=mass,
+        max_tree_depth=max_tree_depth,
+    )
     if guide == "amortized":
-        vi = vi_draws_amortized(built.model, built.guide, *args, num_samples=vi_draws, seed=seed, index=idx)
+        vi = vi_draws_amortized(
+            built.model, built.guide, *args, num_samples=vi_draws, seed=seed, index=idx
+        )
     else:  # q* of the guide's own family (full covariance where the guide is in none), started at the guide
-        q0, _ = guide_in_latent_space(built.guide, latent_of(built.model, *args, guide=built.guide, analysis="compare"), *args)
+        q0, _ = guide_in_latent_space(
+            built.guide, latent_of(built.model, *args, guide=built.guide, analysis="compare"), *args
+        )
         family = (family_of(q0) if q0 is not None else None) or "full"
-        fit = optimize_local(built.model, *args, family=family, init=q0 if q0 is not None else built.guide, seed=seed, index=idx, progress=progress)
-        vi = guide_draws(built.model, fit.posterior, *args, num_samples=vi_draws, seed=seed, method="vi-local", index=idx)
+        fit = optimize_local(
+            built.model,
+            *args,
+            family=family,
+            init=q0 if q0 is not None else built.guide,
+            seed=seed,
+            index=idx,
+            progress=progress,
+        )
+        vi = guide_draws(
+            built.model,
+            fit.posterior,
+            *args,
+            num_samples=vi_draws,
+            seed=seed,
+            method="vi-local",
+            index=idx,
+        )
     return mcmc, vi, compare(mcmc, vi, seed=seed, progress=progress)
 
 
-def _write(out: Path, mcmc: Draws, vi: Draws, comparison: Comparison, info: dict[str, Any], figures: bool) -> list[Path]:
+def _write(
+    out: Path, mcmc: Draws, vi: Draws, comparison: Comparison, info: dict[str, Any], figures: bool
+) -> list[Path]:
     paths = comparison.save(out)
     table = mcmc.diagnostics().reset_index(names="element")
     paths.append(io.write_csv(out / "mcmc_diagnostics.csv", table.to_dict(orient="records")))
     if figures:
-
         paths += comparison_figures(mcmc, vi, comparison, out)
     paths.append(io.write_json(out / SUMMARY, info))
     return paths
@@ -144,10 +192,14 @@ def compare_run(
     divergences and :meth:`Comparison.summary`).
     """
     if indices is not None and num_points is not None:
-        raise ConfigError("give either --indices or --num-points, not both (the indices name the datapoints)")
+        raise ConfigError(
+            "give either --indices or --num-points, not both (the indices name the datapoints)"
+        )
     check_kernel(kernel, 10 if max_tree_depth is None else max_tree_depth, mass)
     if max_tree_depth is not None and kernel != "nuts":
-        raise ConfigError(f"--max-tree-depth applies to --kernel nuts; --kernel {kernel} takes a fixed number of leapfrog steps")
+        raise ConfigError(
+            f"--max-tree-depth applies to --kernel nuts; --kernel {kernel} takes a fixed number of leapfrog steps"
+        )
     num_points = 10 if indices is None and num_points is None else num_points
     max_tree_depth = 10 if max_tree_depth is None else max_tree_depth
     check_seed(seed, "--seed")
@@ -160,7 +212,12 @@ def compare_run(
     tensors = data.tensors(with_labels=built.conditional)
     picked = pick_points(len(data), num_points=num_points, indices=indices, seed=seed)
     try:  # refuse what VI-vs-MCMC cannot handle (a discrete site, a point-mass guide), naming the site, before any work
-        latent_of(built.model, *(t[picked[:2]] for t in tensors), guide=built.guide, analysis="VI-vs-MCMC comparison")
+        latent_of(
+            built.model,
+            *(t[picked[:2]] for t in tensors),
+            guide=built.guide,
+            analysis="VI-vs-MCMC comparison",
+        )
     except ConfigError as exc:
         raise ConfigError(f"{run_dir} ({built.config.model}): {exc}") from None
     if spread is not None:
@@ -168,12 +225,40 @@ def compare_run(
     out = prepare_run_dir(out, command="compare", force=force, inputs=[run_dir])
     args = tuple(t[picked] for t in tensors)
     t0 = time.perf_counter()
-    mcmc, vi, comparison = compare_points(built, args, guide=guide, draws=draws, chains=chains, warmup=warmup, vi_draws=vi_draws, seed=seed, progress=progress,
-                                              index=picked, spread=spread, kernel=kernel, mass=mass, max_tree_depth=max_tree_depth)
+    mcmc, vi, comparison = compare_points(
+        built,
+        args,
+        guide=guide,
+        draws=draws,
+        chains=chains,
+        warmup=warmup,
+        vi_draws=vi_draws,
+        seed=seed,
+        progress=progress,
+        index=picked,
+        spread=spread,
+        kernel=kernel,
+        mass=mass,
+        max_tree_depth=max_tree_depth,
+    )
     info = {
-        "run": str(run_dir), "split": split, "indices": picked, "guide": guide, "draws": draws, "chains": chains,
-        "warmup": warmup, "vi_draws": vi_draws, "seed": seed, "kernel": kernel, "mass": mass, "max_tree_depth": max_tree_depth, "mcmc_method": mcmc.method, "mcmc_wall_time_s": mcmc.wall_time,
-        "divergences": mcmc.num_divergences, "wall_time_s": time.perf_counter() - t0, "summary": comparison.summary(),
+        "run": str(run_dir),
+        "split": split,
+        "indices": picked,
+        "guide": guide,
+        "draws": draws,
+        "chains": chains,
+        "warmup": warmup,
+        "vi_draws": vi_draws,
+        "seed": seed,
+        "kernel": kernel,
+        "mass": mass,
+        "max_tree_depth": max_tree_depth,
+        "mcmc_method": mcmc.method,
+        "mcmc_wall_time_s": mcmc.wall_time,
+        "divergences": mcmc.num_divergences,
+        "wall_time_s": time.perf_counter() - t0,
+        "summary": comparison.summary(),
         "verdict": comparison.verdict(),
     }
     _write(out, mcmc, vi, comparison, info, figures)
@@ -181,7 +266,15 @@ def compare_run(
 
 
 @releasing
-def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: int = 0, *, num_points: int = 4, progress: bool = False) -> dict[str, Any]:
+def demo_comparison(
+    built: Any,
+    splits: dict[str, Any],
+    out: str | Path,
+    seed: int = 0,
+    *,
+    num_points: int = 4,
+    progress: bool = False,
+) -> dict[str, Any]:
     """VI vs batched HMC on ``num_points`` test datapoints of the demo run, written to ``out/compare/``.
 
     4 chains x 1000 draws after 500 warmup: seconds on the 2-d digits demo model, and enough draws for
@@ -193,13 +286,32 @@ def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: i
     picked = pick_points(len(data), num_points=min(num_points, len(data)), seed=seed)
     args = tuple(t[picked] for t in data.tensors(with_labels=built.conditional))
     target = Path(out) / "compare"
-    prepare_run_dir(target, command="compare", force=True)  # the demo owns its run directory: its compare folder is replaced
+    prepare_run_dir(
+        target, command="compare", force=True
+    )  # the demo owns its run directory: its compare folder is replaced
     t0 = time.perf_counter()
-    mcmc, vi, comparison = compare_points(built, args, draws=draws, warmup=warmup, chains=chains, seed=seed, index=picked, progress=progress)
+    mcmc, vi, comparison = compare_points(
+        built,
+        args,
+        draws=draws,
+        warmup=warmup,
+        chains=chains,
+        seed=seed,
+        index=picked,
+        progress=progress,
+    )
     info = {
-        "split": "test", "indices": picked, "guide": "amortized", "draws": draws, "chains": chains, "warmup": warmup,
-        "mcmc_method": mcmc.method, "divergences": mcmc.num_divergences, "wall_time_s": time.perf_counter() - t0,
-        "summary": comparison.summary(), "verdict": comparison.verdict(),
+        "split": "test",
+        "indices": picked,
+        "guide": "amortized",
+        "draws": draws,
+        "chains": chains,
+        "warmup": warmup,
+        "mcmc_method": mcmc.method,
+        "divergences": mcmc.num_divergences,
+        "wall_time_s": time.perf_counter() - t0,
+        "summary": comparison.summary(),
+        "verdict": comparison.verdict(),
     }
     _write(target, mcmc, vi, comparison, info, figures=True)
     return info
@@ -208,10 +320,23 @@ def demo_comparison(built: Any, splits: dict[str, Any], out: str | Path, seed: i
 def command(args: argparse.Namespace) -> int:
 
     info = compare_run(
-        args.run, args.out, num_points=args.num_points, indices=list(args.indices) if args.indices is not None else None,
-        split=args.split, guide=args.guide, draws=args.draws, chains=args.chains, warmup=args.warmup, vi_draws=args.vi_draws,
-        seed=args.seed, force=args.force, progress=not args.no_progress, spread=Spread.given(args.accelerator, args.devices, args.strategy, args.num_nodes),
-        kernel=args.kernel, mass=args.mass, max_tree_depth=args.max_tree_depth,
+        args.run,
+        args.out,
+        num_points=args.num_points,
+        indices=list(args.indices) if args.indices is not None else None,
+        split=args.split,
+        guide=args.guide,
+        draws=args.draws,
+        chains=args.chains,
+        warmup=args.warmup,
+        vi_draws=args.vi_draws,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.no_progress,
+        spread=Spread.given(args.accelerator, args.devices, args.strategy, args.num_nodes),
+        kernel=args.kernel,
+        mass=args.mass,
+        max_tree_depth=args.max_tree_depth,
     )
     s = info["summary"]
     print(
@@ -219,5 +344,7 @@ def command(args: argparse.Namespace) -> int:
         f"max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, {info['divergences']} divergent transitions"
     )
     print(info["verdict"])
-    print(f"wrote {args.out}/: comparison.csv comparison.json mcmc_diagnostics.csv compare.json vi_mcmc_pairs.png vi_mcmc_marginals.png vi_mcmc_errors.png")
+    print(
+        f"wrote {args.out}/: comparison.csv comparison.json mcmc_diagnostics.csv compare.json vi_mcmc_pairs.png vi_mcmc_marginals.png vi_mcmc_errors.png"
+    )
     return 0

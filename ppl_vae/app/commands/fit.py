@@ -70,7 +70,9 @@ def _resumed(cfg: Config, out: Path) -> tuple[Config, dict[str, list[Any]]]:
         raise CheckpointError(f"cannot resume: no {CONFIG} in {out}")
     saved = read_config(out / CONFIG)
     # where and how the run trained: the saved options unless others are given (a change is refused below)
-    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in LAUNCH if getattr(cfg, k) is None})
+    cfg = dataclasses.replace(
+        cfg, **{k: getattr(saved, k) for k in LAUNCH if getattr(cfg, k) is None}
+    )
     changed = {
         f.name: [getattr(saved, f.name), getattr(cfg, f.name)]
         for f in dataclasses.fields(Config)
@@ -78,9 +80,15 @@ def _resumed(cfg: Config, out: Path) -> tuple[Config, dict[str, list[Any]]]:
     }
     # a run saved before its launch options were recorded (None) takes the ones given now: the checkpoint's
     # number of processes is checked against them
-    fixed = {k: v for k, v in changed.items() if k not in RESUMABLE and not (k in LAUNCH and v[0] is None)}
+    fixed = {
+        k: v
+        for k, v in changed.items()
+        if k not in RESUMABLE and not (k in LAUNCH and v[0] is None)
+    }
     if fixed:
-        listed = ", ".join(f"{option_flag(k)} ({old!r} -> {new!r})" for k, (old, new) in fixed.items())
+        listed = ", ".join(
+            f"{option_flag(k)} ({old!r} -> {new!r})" for k, (old, new) in fixed.items()
+        )
         raise ConfigError(
             f"--resume cannot change {listed}: they define the run in {out}; only "
             f"{', '.join(map(option_flag, RESUMABLE))} may change (start a new run with --force or another --out)"
@@ -108,8 +116,17 @@ def _discard(out: Path, created: bool) -> None:
             pass
 
 
-def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False, progress: bool = True, figures: bool = True,
-        launch: Mapping[str, Any] | None = None, command: str = "fit") -> dict[str, Any]:
+def run(
+    cfg: Config,
+    out: str | Path,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    figures: bool = True,
+    launch: Mapping[str, Any] | None = None,
+    command: str = "fit",
+) -> dict[str, Any]:
     """Train ``cfg`` into run directory ``out``; write metrics, history, checkpoint, figures.
 
     With ``resume`` the run in ``out`` continues to ``cfg.epochs`` (the new
@@ -138,7 +155,9 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     """
     out = output_path(out)
     if force and resume:
-        raise ConfigError("give either --force (start the run afresh) or --resume (continue it), not both")
+        raise ConfigError(
+            "give either --force (start the run afresh) or --resume (continue it), not both"
+        )
     changed: dict[str, list[Any]] = {}
     cfg = dataclasses.replace(cfg, **(launch or {}))
     if resume:  # contradictions first: they explain more than a failed check of the combination
@@ -148,50 +167,118 @@ def run(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = Fal
     world = _world_size(cfg, launch)
     with holding():
         try:
-            return _run(cfg, out, changed, force=force, resume=resume, progress=progress, figures=figures, launch=launch, world=world, command=command)
+            return _run(
+                cfg,
+                out,
+                changed,
+                force=force,
+                resume=resume,
+                progress=progress,
+                figures=figures,
+                launch=launch,
+                world=world,
+                command=command,
+            )
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
                 raise
-            where = f"the run in {out} is unchanged" if resume else "there is no checkpoint (nothing was written)"
+            where = (
+                f"the run in {out} is unchanged"
+                if resume
+                else "there is no checkpoint (nothing was written)"
+            )
             raise Interrupted(f"interrupted before training; {where}") from None
 
 
 def _world_size(cfg: Config, launch: dict[str, Any]) -> int:
     """The number of training processes ``launch`` asks for; a :class:`ConfigError` for options Fabric refuses."""
-    fabric = make_fabric(launch.get("accelerator"), launch.get("devices", 1), launch.get("strategy", "auto"), launch.get("precision"),
-                         launch.get("num_nodes", 1), like=torch.empty(0, device="cpu"))
+    fabric = make_fabric(
+        launch.get("accelerator"),
+        launch.get("devices", 1),
+        launch.get("strategy", "auto"),
+        launch.get("precision"),
+        launch.get("num_nodes", 1),
+        like=torch.empty(0, device="cpu"),
+    )
     if cfg.batch_size % fabric.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({fabric.world_size})")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({fabric.world_size})"
+        )
     if cfg.compile and fabric.world_size > 1:
-        raise ConfigError(f"--compile trains in one process; --devices asks for {fabric.world_size}")
+        raise ConfigError(
+            f"--compile trains in one process; --devices asks for {fabric.world_size}"
+        )
     return fabric.world_size
 
 
-def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, resume: bool, progress: bool, figures: bool,
-         launch: dict[str, Any], world: int, command: str) -> dict[str, Any]:
+def _run(
+    cfg: Config,
+    out: Path,
+    changed: dict[str, list[Any]],
+    *,
+    force: bool,
+    resume: bool,
+    progress: bool,
+    figures: bool,
+    launch: dict[str, Any],
+    world: int,
+    command: str,
+) -> dict[str, Any]:
     splits = load_splits(cfg)  # every input check happens before anything is written
     train = splits["train"]
     built = build_checked(cfg, splits)
     done: int | None = None
     if resume:  # read the checkpoint before anything is written
-        ckpt = read_checkpoint(out / CHECKPOINT, options=cfg.fit_options())  # every field checked, and against config.json
+        ckpt = read_checkpoint(
+            out / CHECKPOINT, options=cfg.fit_options()
+        )  # every field checked, and against config.json
         done = ckpt["epoch"]
         check_resume(ckpt, cfg.epochs, cfg.patience, out, prefix="--", world_size=world)
-        cfg = dataclasses.replace(cfg, resumed=(*cfg.resumed, {"at_epoch": done, "changed": changed}))
+        cfg = dataclasses.replace(
+            cfg, resumed=(*cfg.resumed, {"at_epoch": done, "changed": changed})
+        )
     created = not out.exists()
-    prepare_run_dir(out, command=command, force=force, resume=resume, inputs=[cfg.data_dir] if cfg.data_dir else [])
+    prepare_run_dir(
+        out,
+        command=command,
+        force=force,
+        resume=resume,
+        inputs=[cfg.data_dir] if cfg.data_dir else [],
+    )
     try:
         io.write_json(out / CONFIG, cfg.to_dict())
-        if resume and not io.is_follower():  # it describes the run before this resume; rewritten when this one finishes
+        if (
+            resume and not io.is_follower()
+        ):  # it describes the run before this resume; rewritten when this one finishes
             (out / METRICS).unlink(missing_ok=True)
         t0 = time.perf_counter()
-        if "pretrain" in built.extra and not resume:  # greedy layer-wise pretraining (sdae), then fit fine-tunes the whole stack
-            io.write_csv(out / PRETRAIN, built.extra["pretrain"](split_tensors(cfg, train)[0], progress=progress))
+        if (
+            "pretrain" in built.extra and not resume
+        ):  # greedy layer-wise pretraining (sdae), then fit fine-tunes the whole stack
+            io.write_csv(
+                out / PRETRAIN,
+                built.extra["pretrain"](split_tensors(cfg, train)[0], progress=progress),
+            )
         result = fit(
-            built.model, built.guide, split_tensors(cfg, train), validation=split_tensors(cfg, splits["valid"]),
-            estimator=cfg.estimator, num_particles=cfg.num_particles, epochs=cfg.epochs, batch_size=cfg.batch_size,
-            lr=cfg.lr, lr_schedule=cfg.lr_schedule, patience=cfg.patience, beta=cfg.beta, kl_warmup=cfg.kl_warmup, seed=cfg.seed,
-            out=out, resume=resume, progress=progress, compile=cfg.compile, **launch,
+            built.model,
+            built.guide,
+            split_tensors(cfg, train),
+            validation=split_tensors(cfg, splits["valid"]),
+            estimator=cfg.estimator,
+            num_particles=cfg.num_particles,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            lr_schedule=cfg.lr_schedule,
+            patience=cfg.patience,
+            beta=cfg.beta,
+            kl_warmup=cfg.kl_warmup,
+            seed=cfg.seed,
+            out=out,
+            resume=resume,
+            progress=progress,
+            compile=cfg.compile,
+            **launch,
         )
         done = result.epochs
         test = split_tensors(cfg, splits["test"])
@@ -216,10 +303,11 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         }
         if built.exact is not None:
             metrics["test_log_px_exact"] = built.exact.log_marginal(test[0]).mean().item()
-        if cfg.spec.latents != "point":  # the ELBO's KL term of each latent site (per layer of a hierarchy), nats per datapoint
+        if (
+            cfg.spec.latents != "point"
+        ):  # the ELBO's KL term of each latent site (per layer of a hierarchy), nats per datapoint
             metrics["test_kl_per_site"] = mean_kl_per_site(built, test, seed=cfg.seed)
         if figures:
-
             run_figures(built, splits, result.to_dataframe(), out)
         io.write_json(out / METRICS, metrics)
         return metrics
@@ -228,21 +316,45 @@ def _run(cfg: Config, out: Path, changed: dict[str, list[Any]], *, force: bool, 
         if discarded:
             _discard(out, created)
         if isinstance(exc, Interrupted):
-            raise Interrupted(str(exc) + (f" (the unfinished new run in {out} was removed)" if discarded else ""), epoch=exc.epoch) from None
+            raise Interrupted(
+                str(exc) + (f" (the unfinished new run in {out} was removed)" if discarded else ""),
+                epoch=exc.epoch,
+            ) from None
         if isinstance(exc, KeyboardInterrupt):
-            where = f"the last checkpoint is epoch {done} (in {out}); {METRICS} was not written" if done else "there is no checkpoint"
+            where = (
+                f"the last checkpoint is epoch {done} (in {out}); {METRICS} was not written"
+                if done
+                else "there is no checkpoint"
+            )
             raise Interrupted(f"interrupted; {where}", epoch=done) from None
         if isinstance(exc, TrainingDiverged) and discarded:
-            raise TrainingDiverged(f"{exc} (no epoch finished: the new run in {out} was removed)", step=exc.step, site=exc.site) from None
+            raise TrainingDiverged(
+                f"{exc} (no epoch finished: the new run in {out} was removed)",
+                step=exc.step,
+                site=exc.site,
+            ) from None
         raise
 
 
-def mean_kl_per_site(built: Any, test: tuple[torch.Tensor, ...], *, seed: int, num_samples: int = 10, batch_size: int = 1000) -> dict[str, float]:
+def mean_kl_per_site(
+    built: Any,
+    test: tuple[torch.Tensor, ...],
+    *,
+    seed: int,
+    num_samples: int = 10,
+    batch_size: int = 1000,
+) -> dict[str, float]:
     """The mean over the test rows of each latent site's KL term (:func:`~ppl_vae.inference.elbo.kl_per_site`), in batches."""
     sums: dict[str, float] = {}
     n = test[0].shape[0]
     for i in range(0, n, batch_size):
-        part = kl_per_site(built.model, built.guide, *(t[i : i + batch_size] for t in test), num_samples=num_samples, seed=seed + i)
+        part = kl_per_site(
+            built.model,
+            built.guide,
+            *(t[i : i + batch_size] for t in test),
+            num_samples=num_samples,
+            seed=seed + i,
+        )
         for name, est in part.items():
             sums[name] = sums.get(name, 0.0) + float(est.value.sum())
     return {name: total / n for name, total in sums.items()}
@@ -250,22 +362,32 @@ def mean_kl_per_site(built: Any, test: tuple[torch.Tensor, ...], *, seed: int, n
 
 def command(args: argparse.Namespace) -> int:
 
-
-    given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None}
+    given = {
+        k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None
+    }
     if given.get("layers") and "latent_dim" not in given:  # the last layer is the code
         given["latent_dim"] = given["layers"][-1]
-    if args.resume:  # where and how the run trained (--devices, --strategy, ...) come from its config.json too
+    if (
+        args.resume
+    ):  # where and how the run trained (--devices, --strategy, ...) come from its config.json too
         if args.force:
-            raise ConfigError("give either --force (start the run afresh) or --resume (continue it), not both")
+            raise ConfigError(
+                "give either --force (start the run afresh) or --resume (continue it), not both"
+            )
         path = Path(args.out) / CONFIG
         if not path.is_file():
             raise ConfigError(f"cannot resume: no {CONFIG} in {args.out}")
-        cfg = dataclasses.replace(read_config(path), **given)  # run() refuses what contradicts the run
+        cfg = dataclasses.replace(
+            read_config(path), **given
+        )  # run() refuses what contradicts the run
     else:
         cfg = Config(**given)
-    metrics = run(cfg, args.out, force=args.force, resume=args.resume, progress=not args.no_progress)
+    metrics = run(
+        cfg, args.out, force=args.force, resume=args.resume, progress=not args.no_progress
+    )
     report(metrics, args.out)
     return 0
+
 
 def report(metrics: dict, out: str) -> None:
     print(
@@ -276,5 +398,10 @@ def report(metrics: dict, out: str) -> None:
     if "test_log_px_exact" in metrics:
         print(f"exact test log p(x): {metrics['test_log_px_exact']:.2f}")
     if len(metrics.get("test_kl_per_site", {})) > 1:
-        print("KL per latent site (test, nats/datapoint): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["test_kl_per_site"].items()))
-    print(f"wrote {out}/: metrics.json history.csv checkpoint.pt reconstructions.png prior_samples.png elbo.png latent.png")
+        print(
+            "KL per latent site (test, nats/datapoint): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in metrics["test_kl_per_site"].items())
+        )
+    print(
+        f"wrote {out}/: metrics.json history.csv checkpoint.pt reconstructions.png prior_samples.png elbo.png latent.png"
+    )

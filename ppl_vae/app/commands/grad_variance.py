@@ -44,7 +44,6 @@ def grad_variance_report(
     """
     import pandas as pd
 
-
     out = check_run_dir(out, command="grad-variance", force=force, inputs=[run_dir])
     check_seed(seed)
     check_int(batch_size, "batch size")
@@ -57,12 +56,31 @@ def grad_variance_report(
     if track_epochs:
         built = build(cfg, train.x.shape[1], train.image_shape, train.num_classes)
     named = {"encoder": built.encoder, "decoder": built.decoder, "likelihood": built.likelihood}
-    groups = {k: [p for p in m.parameters() if p.requires_grad] for k, m in named.items() if isinstance(m, nn.Module)}
+    groups = {
+        k: [p for p in m.parameters() if p.requires_grad]
+        for k, m in named.items()
+        if isinstance(m, nn.Module)
+    }
     groups = {k: v for k, v in groups.items() if v} or None
-    common = dict(estimators=list(estimators), repeats=repeats, groups=groups, num_particles=num_particles, seed=seed)
+    common = dict(
+        estimators=list(estimators),
+        repeats=repeats,
+        groups=groups,
+        num_particles=num_particles,
+        seed=seed,
+    )
     if track_epochs:
-        stats = gradient_course(built.model, built.guide, tensors, train_estimator=cfg.estimator, epochs=track_epochs,
-                                probe=probe, batch_size=cfg.batch_size, lr=cfg.lr, **common)
+        stats = gradient_course(
+            built.model,
+            built.guide,
+            tensors,
+            train_estimator=cfg.estimator,
+            epochs=track_epochs,
+            probe=probe,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            **common,
+        )
     else:
         history = Path(run_dir) / "history.csv"
         epoch = len(pd.read_csv(history)) if history.is_file() else cfg.epochs
@@ -81,8 +99,15 @@ def command(args: argparse.Namespace) -> int:
 
     names = [e.strip() for e in args.estimators.split(",") if e.strip()]
     stats, out = grad_variance_report(
-        args.run, args.out, estimators=names, repeats=args.repeats, batch_size=args.batch_size,
-        num_particles=args.num_particles, track_epochs=args.track_epochs, seed=args.seed, force=args.force,
+        args.run,
+        args.out,
+        estimators=names,
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        num_particles=args.num_particles,
+        track_epochs=args.track_epochs,
+        seed=args.seed,
+        force=args.force,
     )
     print(stats.to_dataframe().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {out}/: grad_variance.csv grad_variance.png")

@@ -43,11 +43,15 @@ def _check_progress(saved: dict[str, Any], n: int, path: Path) -> dict[str, torc
     point number (infinite or NaN where too few draws fit no tail).
     """
     saved = dict(saved)
-    if "khat" not in saved and isinstance(saved.get("iwae"), torch.Tensor):  # a computation begun before k-hat was kept
+    if "khat" not in saved and isinstance(
+        saved.get("iwae"), torch.Tensor
+    ):  # a computation begun before k-hat was kept
         saved["khat"] = torch.full_like(saved["iwae"], math.nan)
 
     def damaged(what: str) -> CheckpointError:
-        return CheckpointError(f"{path} is damaged ({what}); remove it and start again with --force")
+        return CheckpointError(
+            f"{path} is damaged ({what}); remove it and start again with --force"
+        )
 
     for key in COLUMNS:
         t = saved.get(key)
@@ -55,10 +59,14 @@ def _check_progress(saved: dict[str, Any], n: int, path: Path) -> dict[str, torc
             raise damaged(f"no column {key} of one value per image")
     length = saved["index"].numel()
     if any(saved[k].numel() != length for k in COLUMNS):
-        raise damaged(f"its columns have different lengths ({', '.join(f'{k} {saved[k].numel()}' for k in COLUMNS)})")
+        raise damaged(
+            f"its columns have different lengths ({', '.join(f'{k} {saved[k].numel()}' for k in COLUMNS)})"
+        )
     if length > n:
         raise damaged(f"{length} rows done of {n} images")
-    if saved["index"].is_floating_point() or not torch.equal(saved["index"].cpu(), torch.arange(length)):
+    if saved["index"].is_floating_point() or not torch.equal(
+        saved["index"].cpu(), torch.arange(length)
+    ):
         raise damaged(f"its indices are not the images 0..{length - 1} in order")
     for key in ("iwae", "elbo", "iwae_se"):
         if not saved[key].is_floating_point() or not bool(torch.isfinite(saved[key]).all()):
@@ -78,8 +86,20 @@ def _names(K: int) -> tuple[str, str, str]:
 
 
 @releasing
-def nll_run(run: str | Path, out: str | Path, *, K: int = 5000, split: str = "test", limit: int | None = None, block: int = 500,
-            batch_size: int = 100, seed: int = 0, resume: bool = False, force: bool = False, progress: bool = False) -> dict[str, Any]:
+def nll_run(
+    run: str | Path,
+    out: str | Path,
+    *,
+    K: int = 5000,
+    split: str = "test",
+    limit: int | None = None,
+    block: int = 500,
+    batch_size: int = 100,
+    seed: int = 0,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
     """-log p̂(x) of the first ``limit`` rows (default all) of ``split`` for the run in ``run``; results written into ``out``.
 
     Refuses, before any work, a model without a density to estimate (a point-mass encoder: an autoencoder's
@@ -96,7 +116,9 @@ def nll_run(run: str | Path, out: str | Path, *, K: int = 5000, split: str = "te
     built, splits = open_run(run)
     spec = built.config.spec
     if spec.latents == "point":
-        raise ConfigError(f"{run} ({built.config.model}) has a point-mass encoder: its objective is not a likelihood, so there is no NLL to estimate")
+        raise ConfigError(
+            f"{run} ({built.config.model}) has a point-mass encoder: its objective is not a likelihood, so there is no NLL to estimate"
+        )
     data = splits[split].tensors(with_labels=built.conditional)
     n = data[0].shape[0] if limit is None else min(check_int(limit, "--limit"), data[0].shape[0])
     csv_name, json_name, partial_name = _names(K)
@@ -109,52 +131,115 @@ def nll_run(run: str | Path, out: str | Path, *, K: int = 5000, split: str = "te
             raise CheckpointError(f"cannot resume: no {partial_name} in {out}")
         saved = io.load_torch(partial_path)  # weights_only: tensors and plain containers only
         if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
-            raise CheckpointError(f"{partial_path} is damaged (not the progress of an NLL computation)")
+            raise CheckpointError(
+                f"{partial_path} is damaged (not the progress of an NLL computation)"
+            )
         if saved["options"] != options:
-            raise ConfigError(f"--resume must repeat the options of the unfinished computation in {out}: {saved.get('options')}")
+            raise ConfigError(
+                f"--resume must repeat the options of the unfinished computation in {out}: {saved.get('options')}"
+            )
         done = _check_progress(saved, n, partial_path)
         out = prepare_run_dir(out, command="nll", resume=True, inputs=[run])
     else:
         out = prepare_run_dir(out, command="nll", force=force, inputs=[run])
     t0 = time.perf_counter()
     start = int(done["index"].numel()) if done else 0
-    parts = {k: [v] for k, v in done.items()} if done else {k: [] for k in ("index", "iwae", "iwae_se", "elbo", "khat")}
+    parts = (
+        {k: [v] for k, v in done.items()}
+        if done
+        else {k: [] for k in ("index", "iwae", "iwae_se", "elbo", "khat")}
+    )
     with bar(total=n, desc=f"NLL K={K}", unit="image", enabled=progress) as shown:
         shown.update(start)
         for i in range(start, n, block):
             rows = torch.arange(i, min(i + block, n))
-            b = importance_bounds(built.model, built.guide, *(t[rows] for t in data), num_samples=K, batch_size=batch_size, seed=seed, index=rows)
-            for k, v in (("index", rows), ("iwae", b.iwae), ("iwae_se", b.iwae_se), ("elbo", b.elbo), ("khat", b.khat)):
+            b = importance_bounds(
+                built.model,
+                built.guide,
+                *(t[rows] for t in data),
+                num_samples=K,
+                batch_size=batch_size,
+                seed=seed,
+                index=rows,
+            )
+            for k, v in (
+                ("index", rows),
+                ("iwae", b.iwae),
+                ("iwae_se", b.iwae_se),
+                ("elbo", b.elbo),
+                ("khat", b.khat),
+            ):
                 parts[k].append(v.detach().cpu())
-            io.save_torch(partial_path, {"options": options, **{k: torch.cat(v) for k, v in parts.items()}})
+            io.save_torch(
+                partial_path, {"options": options, **{k: torch.cat(v) for k, v in parts.items()}}
+            )
             shown.update(len(rows))
     result = {k: torch.cat(v) for k, v in parts.items()}
     nll = -result["iwae"].double()
     reliable = result["khat"] <= khat_threshold(K)
     summary = {
-        **options, "units": "nats per datapoint",
-        "nll": float(nll.mean()), "nll_se": float(nll.std() / math.sqrt(n)) if n > 1 else None,
+        **options,
+        "units": "nats per datapoint",
+        "nll": float(nll.mean()),
+        "nll_se": float(nll.std() / math.sqrt(n)) if n > 1 else None,
         "mean_iwae_se": float(result["iwae_se"].mean()),
         "neg_elbo": float(-result["elbo"].double().mean()),
-        "khat_threshold": khat_threshold(K), "unreliable": int((~reliable).sum()), "khat_above_0.7": int((result["khat"] > 0.7).sum()),
+        "khat_threshold": khat_threshold(K),
+        "unreliable": int((~reliable).sum()),
+        "khat_above_0.7": int((result["khat"] > 0.7).sum()),
         "khat_median": float(result["khat"].nanmedian()),
-        "model": built.config.model, "wall_time_s": time.perf_counter() - t0,
+        "model": built.config.model,
+        "wall_time_s": time.perf_counter() - t0,
     }
-    io.write_csv(out / csv_name, [{"index": int(j), "iwae": float(a), "iwae_se": float(s), "elbo": float(e), "khat": float(k), "reliable": bool(r)}
-                                  for j, a, s, e, k, r in zip(result["index"], result["iwae"], result["iwae_se"], result["elbo"], result["khat"], reliable)])
+    io.write_csv(
+        out / csv_name,
+        [
+            {
+                "index": int(j),
+                "iwae": float(a),
+                "iwae_se": float(s),
+                "elbo": float(e),
+                "khat": float(k),
+                "reliable": bool(r),
+            }
+            for j, a, s, e, k, r in zip(
+                result["index"],
+                result["iwae"],
+                result["iwae_se"],
+                result["elbo"],
+                result["khat"],
+                reliable,
+            )
+        ],
+    )
     io.write_json(out / json_name, summary)
     partial_path.unlink(missing_ok=True)
     return summary
 
 
 def command(args: argparse.Namespace) -> int:
-    s = nll_run(args.run, args.out, K=args.K, split=args.split, limit=args.limit, block=args.block, batch_size=args.batch_size, seed=args.seed,
-                resume=args.resume, force=args.force, progress=not args.no_progress)
+    s = nll_run(
+        args.run,
+        args.out,
+        K=args.K,
+        split=args.split,
+        limit=args.limit,
+        block=args.block,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        resume=args.resume,
+        force=args.force,
+        progress=not args.no_progress,
+    )
     se = f" ± {s['nll_se']:.2f}" if s["nll_se"] is not None else ""
-    print(f"{s['model']}: -log p(x) = {s['nll']:.2f}{se} nats per image (IWAE K={s['K']}, {s['num_points']} {s['split']} images; "
-          f"mean per-image delta-method SE {s['mean_iwae_se']:.3f}); -ELBO {s['neg_elbo']:.2f}")
+    print(
+        f"{s['model']}: -log p(x) = {s['nll']:.2f}{se} nats per image (IWAE K={s['K']}, {s['num_points']} {s['split']} images; "
+        f"mean per-image delta-method SE {s['mean_iwae_se']:.3f}); -ELBO {s['neg_elbo']:.2f}"
+    )
     if s["unreliable"]:
-        print(f"{s['unreliable']} of {s['num_points']} images have importance weights with a Pareto k-hat above {s['khat_threshold']:.2f} "
-              f"(median {s['khat_median']:.2f}): their log p(x) estimate is unreliable and likely too low, the NLL too high (the khat column says which)")
+        print(
+            f"{s['unreliable']} of {s['num_points']} images have importance weights with a Pareto k-hat above {s['khat_threshold']:.2f} "
+            f"(median {s['khat_median']:.2f}): their log p(x) estimate is unreliable and likely too low, the NLL too high (the khat column says which)"
+        )
     print(f"wrote {args.out}/: {', '.join(_names(s['K'])[:2])}")
     return 0

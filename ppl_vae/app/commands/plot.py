@@ -34,7 +34,14 @@ def _is_png(path: Path) -> bool:
         return False
 
 
-def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None = None, seed: int = 0, force: bool = False) -> Path:
+def plot_runs(
+    runs: Sequence[str | Path],
+    kind: str,
+    *,
+    out: str | Path | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
     """Draw picture ``kind`` of the run directories ``runs``; write a PNG (``RUN/<kind>.png`` by default).
 
     ``ae-vs-vae`` takes two runs (an ``ae``/``dae``/``sparse-ae`` and a VAE), ``latent-sweep`` two or more,
@@ -52,7 +59,11 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
         raise ConfigError(f"unknown plot kind {kind!r}; choose one of {', '.join(KINDS)}")
     want = {"ae-vs-vae": "exactly 2", "latent-sweep": "at least 2"}.get(kind, "exactly 1")
     n = len(runs)
-    if (want == "exactly 2" and n != 2) or (want == "at least 2" and n < 2) or (want == "exactly 1" and n != 1):
+    if (
+        (want == "exactly 2" and n != 2)
+        or (want == "at least 2" and n < 2)
+        or (want == "exactly 1" and n != 1)
+    ):
         raise ConfigError(f"plot --kind {kind} takes {want} --run, got {n}")
     check_seed(seed, "--seed")
     path = output_path(out) if out is not None else Path(runs[0]) / f"{kind}.png"
@@ -62,9 +73,15 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
         raise ConfigError(f"output {path} must be a .png file")
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists; pass --force to overwrite it")
-    if path.exists() and not _is_png(path):  # --force replaces a picture, never a file of another kind named .png
-        raise ConfigError(f"{path} is not a PNG image; --force replaces only a picture, so it was kept: choose another --out")
-    if n > 1:  # the same test images go through every run: refuse runs of different data before any work
+    if path.exists() and not _is_png(
+        path
+    ):  # --force replaces a picture, never a file of another kind named .png
+        raise ConfigError(
+            f"{path} is not a PNG image; --force replaces only a picture, so it was kept: choose another --out"
+        )
+    if (
+        n > 1
+    ):  # the same test images go through every run: refuse runs of different data before any work
         data = {}
         for r in runs:
             if (Path(r) / CONFIG).is_file():
@@ -75,7 +92,9 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
             raise ConfigError(f"plot --kind {kind} needs runs on the same dataset, got {listed}")
     loaded = [open_run(r) for r in runs]
     if any(b.conditional for b, _ in loaded):
-        raise ConfigError("latent-space pictures need unconditional runs; a cvae's encoder needs labels")
+        raise ConfigError(
+            "latent-space pictures need unconditional runs; a cvae's encoder needs labels"
+        )
     built, splits = loaded[0]
     test = splits["test"]
     order = pick(len(test), seed=seed)
@@ -93,7 +112,9 @@ def plot_runs(runs: Sequence[str | Path], kind: str, *, out: str | Path | None =
     elif kind == "ae-vs-vae":
         kinds = [b.config.spec.latents == "point" for b, _ in loaded]
         if sum(kinds) != 1 or not all(b.config.spec.standard_prior for b, _ in loaded):
-            raise ConfigError("ae-vs-vae needs one autoencoder run (a point-mass encoder with an N(0, I) prior: ae, dae) and one VAE run")
+            raise ConfigError(
+                "ae-vs-vae needs one autoencoder run (a point-mass encoder with an N(0, I) prior: ae, dae) and one VAE run"
+            )
         ae, vae = (loaded[0][0], loaded[1][0]) if kinds[0] else (loaded[1][0], loaded[0][0])
         fig = ae_vs_vae(ae, vae, x[:m], y[:m] if y is not None else None, shape, seed=seed)
     else:

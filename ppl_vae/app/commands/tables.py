@@ -49,7 +49,17 @@ from ...nn import MLP, GaussianEncoder
 from ..figures.run import image_grid
 from ..runs import prepare_run_dir, releasing
 
-__all__ = ["TUTORIAL_NLL", "M2_REFERENCES", "TableResult", "cvae_quadrants", "m2_semisupervised", "quadrant_table", "m2_table", "sdae_codes", "codes_table"]
+__all__ = [
+    "TUTORIAL_NLL",
+    "M2_REFERENCES",
+    "TableResult",
+    "cvae_quadrants",
+    "m2_semisupervised",
+    "quadrant_table",
+    "m2_table",
+    "sdae_codes",
+    "codes_table",
+]
 
 
 #: Pyro's CVAE tutorial, test negative ELBO per image: {visible quadrants: (baseline, CVAE)}.
@@ -125,10 +135,18 @@ def cvae_quadrants(
         visible_mask(q)
     _positive(epochs=epochs, num_samples=num_samples, batch_size=batch_size, latent_dim=latent_dim)
     check_seed(seed)
-    _positive(**{k: v for k, v in (("train_limit", train_limit), ("test_limit", test_limit)) if v is not None})
+    _positive(
+        **{
+            k: v
+            for k, v in (("train_limit", train_limit), ("test_limit", test_limit))
+            if v is not None
+        }
+    )
     train_all = load("binarized-mnist", "train", data_dir=data_dir)
     test_all = load("binarized-mnist", "test", data_dir=data_dir)
-    out = prepare_run_dir(out, command="cvae-quadrants", force=force, inputs=[data_dir] if data_dir else [])
+    out = prepare_run_dir(
+        out, command="cvae-quadrants", force=force, inputs=[data_dir] if data_dir else []
+    )
     xtr = train_all.x[pick(len(train_all), train_limit, seed=seed)]
     xte = test_all.x[pick(len(test_all), test_limit, seed=seed + 1)]
     d, h1, h2 = xtr.shape[1], *hidden
@@ -148,21 +166,40 @@ def cvae_quadrants(
         model, guide = so_cvae(prior_net, generation, baseline=base), so_cvae_guide(recognition)
         fit(model, guide, (xin, xtr), **opts)
         train_s = time.perf_counter() - t0
-        b_nll = -importance_bounds(baseline_model(base), empty_guide, xin_te, xte, num_samples=1, batch_size=500, seed=seed).iwae
-        c = importance_bounds(model, guide, xin_te, xte, num_samples=num_samples, batch_size=500, seed=seed)
+        b_nll = -importance_bounds(
+            baseline_model(base), empty_guide, xin_te, xte, num_samples=1, batch_size=500, seed=seed
+        ).iwae
+        c = importance_bounds(
+            model, guide, xin_te, xte, num_samples=num_samples, batch_size=500, seed=seed
+        )
         c_nll, c_nelbo = -c.iwae, -c.elbo
         se = lambda v: (v.std() / math.sqrt(len(v))).item()  # noqa: E731
-        rows.append({
-            "visible_quadrants": q, "baseline_nll": b_nll.mean().item(), "baseline_nll_se": se(b_nll),
-            "cvae_nll_is": c_nll.mean().item(), "cvae_nll_is_se": se(c_nll), "cvae_neg_elbo": c_nelbo.mean().item(),
-            "tutorial_baseline": TUTORIAL_NLL[q][0], "tutorial_cvae": TUTORIAL_NLL[q][1],
-            "num_train": len(xtr), "num_test": len(xte), "epochs": epochs, "is_samples": num_samples, "train_s": train_s,
-        })
+        rows.append(
+            {
+                "visible_quadrants": q,
+                "baseline_nll": b_nll.mean().item(),
+                "baseline_nll_se": se(b_nll),
+                "cvae_nll_is": c_nll.mean().item(),
+                "cvae_nll_is_se": se(c_nll),
+                "cvae_neg_elbo": c_nelbo.mean().item(),
+                "tutorial_baseline": TUTORIAL_NLL[q][0],
+                "tutorial_cvae": TUTORIAL_NLL[q][1],
+                "num_train": len(xtr),
+                "num_test": len(xte),
+                "epochs": epochs,
+                "is_samples": num_samples,
+                "train_s": train_s,
+            }
+        )
         n = 8
-        shown = torch.cat([
-            xin_te[:n].clamp(min=0) + 0.5 * (xin_te[:n] == -1), xte[:n], predict(baseline_model(base), xin_te[:n])[0],
-            predict(model, xin_te[:n], num_samples=3, seed=seed).reshape(-1, d),
-        ])
+        shown = torch.cat(
+            [
+                xin_te[:n].clamp(min=0) + 0.5 * (xin_te[:n] == -1),
+                xte[:n],
+                predict(baseline_model(base), xin_te[:n])[0],
+                predict(model, xin_te[:n], num_samples=3, seed=seed).reshape(-1, d),
+            ]
+        )
         fig = image_grid(shown, (1, 28, 28), n, f"{q} visible: input|truth|baseline|3 CVAE")
         _save(fig, out / f"completions_q{q}.png")
     io.write_csv(out / "results.csv", rows)
@@ -189,13 +226,17 @@ def quadrant_table(rows: Sequence[dict[str, Any]]) -> str:
 # --- M2 ------------------------------------------------------------------------
 
 
-def _balanced_labels(y: torch.Tensor, num_labels: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+def _balanced_labels(
+    y: torch.Tensor, num_labels: int, num_classes: int, gen: torch.Generator
+) -> torch.Tensor:
     per_class = num_labels // num_classes
     picks = []
     for c in range(num_classes):
         idx = (y == c).nonzero().flatten()
         if len(idx) < per_class:
-            raise DataError(f"class {c} has only {len(idx)} rows; cannot draw {per_class} labels per class")
+            raise DataError(
+                f"class {c} has only {len(idx)} rows; cannot draw {per_class} labels per class"
+            )
         picks.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
     return torch.cat(picks)
 
@@ -237,20 +278,28 @@ def m2_semisupervised(
     """
 
     if any(n < 10 or n % 10 for n in labels):
-        raise ConfigError(f"label budgets must be positive multiples of 10 (equal labels per class), got {list(labels)}")
+        raise ConfigError(
+            f"label budgets must be positive multiples of 10 (equal labels per class), got {list(labels)}"
+        )
     _positive(draws=draws, epochs=epochs, batch_size=batch_size, latent_dim=latent_dim)
     check_seed(seed)
     if not alpha >= 0:
         raise ConfigError(f"alpha must be >= 0, got {alpha}")
     if unlabelled not in UNLABELLED:
-        raise ConfigError(f"unknown unlabelled data {unlabelled!r}; choose {' or '.join(k for k in UNLABELLED if k)} (or none)")
+        raise ConfigError(
+            f"unknown unlabelled data {unlabelled!r}; choose {' or '.join(k for k in UNLABELLED if k)} (or none)"
+        )
     ds = load("mnist", "test", data_dir=data_dir, binarize="sample", seed=seed)
     assert ds.y is not None
     if not 0 < num_test < len(ds) - max(labels):
         raise ConfigError(f"num_test must leave room for the labels (have {len(ds)} rows)")
-    extra = load(unlabelled, "train", data_dir=data_dir).x.to(ds.x.dtype) if unlabelled else ds.x[:0]
+    extra = (
+        load(unlabelled, "train", data_dir=data_dir).x.to(ds.x.dtype) if unlabelled else ds.x[:0]
+    )
     if extra.shape[1:] != ds.x.shape[1:]:
-        raise DataError(f"the {unlabelled} images have shape {tuple(extra.shape[1:])}, the MNIST test images {tuple(ds.x.shape[1:])}")
+        raise DataError(
+            f"the {unlabelled} images have shape {tuple(extra.shape[1:])}, the MNIST test images {tuple(ds.x.shape[1:])}"
+        )
     out = prepare_run_dir(out, command="m2", force=force, inputs=[data_dir] if data_dir else [])
     perm = pick(len(ds), None, seed=seed)
     test_idx, train_idx = perm[:num_test], perm[num_test:]
@@ -266,34 +315,70 @@ def m2_semisupervised(
             pool = len(xtr) + len(extra)
             repeats = max(1, round(labelled_share * pool / n_lab))
             x_fit = torch.cat([xtr[y_semi < 0], extra, xtr[lab].repeat(repeats, 1)])
-            y_fit = torch.cat([y_semi[y_semi < 0], y_semi.new_full((len(extra),), -1), ytr[lab].repeat(repeats)])
+            y_fit = torch.cat(
+                [y_semi[y_semi < 0], y_semi.new_full((len(extra),), -1), ytr[lab].repeat(repeats)]
+            )
             with seeded(seed + draw):  # network initialisation; the caller's RNG is left as it was
                 clf = MLP(d, [hidden], c)
                 enc = GaussianEncoder(MLP(d + c, [], hidden), hidden, latent_dim)
                 dec = MLP(latent_dim + c, [hidden], d)
-            model, guide = m2(dec, get_likelihood("bernoulli"), clf, latent_dim, c, alpha=alpha), m2_guide(enc, clf, c)
+            model, guide = (
+                m2(dec, get_likelihood("bernoulli"), clf, latent_dim, c, alpha=alpha),
+                m2_guide(enc, clf, c),
+            )
             t0 = time.perf_counter()
-            fit(model, guide, (x_fit, y_fit), estimator="enum", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + draw, progress=progress)
+            fit(
+                model,
+                guide,
+                (x_fit, y_fit),
+                estimator="enum",
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed + draw,
+                progress=progress,
+            )
             m2_s = time.perf_counter() - t0
             acc = (classify(clf, xte) == yte).double().mean().item()
             with seeded(seed + draw):  # the classifier alone starts where M2's classifier started
                 sup = MLP(d, [hidden], c)
-            fit(_supervised(sup), empty_guide, (xtr[lab].repeat(repeats, 1), ytr[lab].repeat(repeats)),
-                epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + draw, progress=False)
+            fit(
+                _supervised(sup),
+                empty_guide,
+                (xtr[lab].repeat(repeats, 1), ytr[lab].repeat(repeats)),
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed + draw,
+                progress=False,
+            )
             sup_acc = (classify(sup, xte) == yte).double().mean().item()
-            rows.append({
-                "labels": n_lab, "draw": draw, "m2_accuracy": acc, "m2_error_pct": 100 * (1 - acc),
-                "supervised_only_accuracy": sup_acc, "num_train": len(xtr), "num_test": len(xte),
-                "num_unlabelled": pool - n_lab, "unlabelled_extra": unlabelled or "none",
-                "epochs": epochs, "alpha": alpha, "labelled_repeats": repeats, "m2_train_s": m2_s,
-            })
+            rows.append(
+                {
+                    "labels": n_lab,
+                    "draw": draw,
+                    "m2_accuracy": acc,
+                    "m2_error_pct": 100 * (1 - acc),
+                    "supervised_only_accuracy": sup_acc,
+                    "num_train": len(xtr),
+                    "num_test": len(xte),
+                    "num_unlabelled": pool - n_lab,
+                    "unlabelled_extra": unlabelled or "none",
+                    "epochs": epochs,
+                    "alpha": alpha,
+                    "labelled_repeats": repeats,
+                    "m2_train_s": m2_s,
+                }
+            )
     io.write_csv(out / "results.csv", rows)
     io.write_json(out / "results.json", rows)
     io.write_text(out / "table.md", m2_table(rows))
     return TableResult(tuple(rows), str(out))
 
 
-def _cv_accuracy(features: torch.Tensor, y: torch.Tensor, folds: int, seed: int) -> tuple[float, float]:
+def _cv_accuracy(
+    features: torch.Tensor, y: torch.Tensor, folds: int, seed: int
+) -> tuple[float, float]:
     """Logistic regression (standardised features) by stratified ``folds``-fold cross-validation: mean accuracy and its SE over folds."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -301,7 +386,12 @@ def _cv_accuracy(features: torch.Tensor, y: torch.Tensor, folds: int, seed: int)
     from sklearn.preprocessing import StandardScaler
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    scores = cross_val_score(clf, features.double().numpy(), y.numpy(), cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    scores = cross_val_score(
+        clf,
+        features.double().numpy(),
+        y.numpy(),
+        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+    )
     return float(scores.mean()), float(scores.std(ddof=1) / math.sqrt(folds))
 
 
@@ -335,55 +425,122 @@ def sdae_codes(
     Writes ``results.json`` and ``table.md``.
     """
     widths = tuple(layers)
-    _positive(epochs=epochs, batch_size=batch_size, folds=folds, **{f"layer_{i}": w for i, w in enumerate(widths)})
+    _positive(
+        epochs=epochs,
+        batch_size=batch_size,
+        folds=folds,
+        **{f"layer_{i}": w for i, w in enumerate(widths)},
+    )
     check_seed(seed)
     train = load("binarized-mnist", "train", data_dir=data_dir, limit=None)
     test = load("binarized-mnist", "test", data_dir=data_dir)
     labelled = load("mnist", "test", data_dir=data_dir)
     assert labelled.y is not None
     if len(test) != len(labelled):
-        raise DataError(f"binarised test set has {len(test)} rows, the MNIST test set {len(labelled)}")
+        raise DataError(
+            f"binarised test set has {len(test)} rows, the MNIST test set {len(labelled)}"
+        )
     # the binarised test rows are MNIST's test images sorted by class: each is matched to the grey image it is most probable under
     match, margin = match_rows(test.x, labelled.x)
     labels = labelled.y[match]
-    x = train.x if train_limit is None else train.x[pick(len(train), check_int(train_limit, "--train-limit"), seed=seed)]
-    out = prepare_run_dir(out, command="sdae-codes", force=force, inputs=[data_dir] if data_dir else [])
+    x = (
+        train.x
+        if train_limit is None
+        else train.x[pick(len(train), check_int(train_limit, "--train-limit"), seed=seed)]
+    )
+    out = prepare_run_dir(
+        out, command="sdae-codes", force=force, inputs=[data_dir] if data_dir else []
+    )
     bern = get_likelihood("bernoulli")
     rows: list[dict[str, Any]] = []
     acc, se = _cv_accuracy(test.x, labels, folds, seed)
-    rows.append({"features": "raw pixels", "dim": test.x.shape[1], "accuracy": acc, "accuracy_se": se, "train_s": 0.0, "reconstruction": None})
+    rows.append(
+        {
+            "features": "raw pixels",
+            "dim": test.x.shape[1],
+            "accuracy": acc,
+            "accuracy_se": se,
+            "train_s": 0.0,
+            "reconstruction": None,
+        }
+    )
     for name, pretrain in (("stacked denoising AE", True), ("plain AE (same shape)", False)):
         with seeded(seed):
             stack = stacked_autoencoder(x.shape[1], widths, bern)
         t0 = time.perf_counter()
         if pretrain:
-            pretrain_layerwise(stack, x, epochs=pretrain_epochs, noise=noise, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+            pretrain_layerwise(
+                stack,
+                x,
+                epochs=pretrain_epochs,
+                noise=noise,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                progress=progress,
+            )
         total = epochs if pretrain else epochs + len(widths) * pretrain_epochs
-        result = fit(stack.model, stacked_guide(stack, noise if pretrain else 0.0), x, epochs=total, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+        result = fit(
+            stack.model,
+            stacked_guide(stack, noise if pretrain else 0.0),
+            x,
+            epochs=total,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            progress=progress,
+        )
         took = time.perf_counter() - t0
         stack.encoder.train(False)
         with torch.no_grad():
-            codes = torch.cat([stack.encoder(test.x[i : i + 1000]) for i in range(0, len(test), 1000)])
+            codes = torch.cat(
+                [stack.encoder(test.x[i : i + 1000]) for i in range(0, len(test), 1000)]
+            )
         acc, se = _cv_accuracy(codes, labels, folds, seed)
-        rows.append({"features": f"{name} codes", "dim": widths[-1], "accuracy": acc, "accuracy_se": se, "train_s": took,
-                     "reconstruction": result.train_elbo})
-    meta = {"layers": list(widths), "num_train": len(x), "pretrain_epochs": pretrain_epochs, "epochs": epochs, "noise": noise, "folds": folds,
-            "seed": seed, "distinct_matches": int(match.unique().numel()), "median_match_margin_nats": float(margin.median()),
-            "min_match_margin_nats": float(margin.min())}
+        rows.append(
+            {
+                "features": f"{name} codes",
+                "dim": widths[-1],
+                "accuracy": acc,
+                "accuracy_se": se,
+                "train_s": took,
+                "reconstruction": result.train_elbo,
+            }
+        )
+    meta = {
+        "layers": list(widths),
+        "num_train": len(x),
+        "pretrain_epochs": pretrain_epochs,
+        "epochs": epochs,
+        "noise": noise,
+        "folds": folds,
+        "seed": seed,
+        "distinct_matches": int(match.unique().numel()),
+        "median_match_margin_nats": float(margin.median()),
+        "min_match_margin_nats": float(margin.min()),
+    }
     io.write_json(out / "results.json", {"rows": rows, **meta})
     io.write_text(out / "table.md", codes_table(rows, meta))
     return TableResult(tuple(rows), str(out))
 
 
 def codes_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = ["| features | dim | test accuracy (logistic regression, CV) | training (s) | train reconstruction (nats/image) |", "|---|---|---|---|---|"]
+    lines = [
+        "| features | dim | test accuracy (logistic regression, CV) | training (s) | train reconstruction (nats/image) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         rec = f"{r['reconstruction']:.2f}" if r["reconstruction"] is not None else ""
-        lines.append(f"| {r['features']} | {r['dim']} | {100 * r['accuracy']:.2f} ± {100 * r['accuracy_se']:.2f} % | {r['train_s']:.0f} | {rec} |")
-    lines += ["", f"Encoders 784-{'-'.join(map(str, meta['layers']))} trained on {meta['num_train']} binarised-MNIST training images; "
-              f"{meta['folds']}-fold cross-validated logistic regression on the codes of the 10,000 test images (± SE over folds). "
-              f"Labels: each binarised test image matched to the MNIST test image it is most probable under ({meta['distinct_matches']} distinct "
-              f"matches of 10,000; median log-likelihood margin to the runner-up {meta['median_match_margin_nats']:.0f} nats)."]
+        lines.append(
+            f"| {r['features']} | {r['dim']} | {100 * r['accuracy']:.2f} ± {100 * r['accuracy_se']:.2f} % | {r['train_s']:.0f} | {rec} |"
+        )
+    lines += [
+        "",
+        f"Encoders 784-{'-'.join(map(str, meta['layers']))} trained on {meta['num_train']} binarised-MNIST training images; "
+        f"{meta['folds']}-fold cross-validated logistic regression on the codes of the 10,000 test images (± SE over folds). "
+        f"Labels: each binarised test image matched to the MNIST test image it is most probable under ({meta['distinct_matches']} distinct "
+        f"matches of 10,000; median log-likelihood margin to the runner-up {meta['median_match_margin_nats']:.0f} nats).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -414,7 +571,11 @@ def m2_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{g.num_unlabelled.iloc[0]} | {g.num_test.iloc[0]} |"
         )
     lines.append("")
-    lines += [f"Reference at {n} labels, {k}: accuracy {v:.4f}" for n in sorted(set(df["labels"])) for k, v in M2_REFERENCES.get(int(n), {}).items()]
+    lines += [
+        f"Reference at {n} labels, {k}: accuracy {v:.4f}"
+        for n in sorted(set(df["labels"]))
+        for k, v in M2_REFERENCES.get(int(n), {}).items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -423,20 +584,50 @@ def m2_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def command(args: argparse.Namespace) -> int:
 
-    common = dict(data_dir=args.data_dir, epochs=args.epochs, seed=args.seed, force=args.force, progress=not args.no_progress)
+    common = dict(
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.no_progress,
+    )
     if args.command == "m2":
-        result = m2_semisupervised(args.out, labels=args.labels, draws=args.draws, alpha=args.alpha, unlabelled=args.unlabelled, lr=args.lr, **common)
+        result = m2_semisupervised(
+            args.out,
+            labels=args.labels,
+            draws=args.draws,
+            alpha=args.alpha,
+            unlabelled=args.unlabelled,
+            lr=args.lr,
+            **common,
+        )
     elif args.command == "sdae-codes":
-        result = sdae_codes(args.out, layers=args.layers, train_limit=args.train_limit, pretrain_epochs=args.pretrain_epochs, noise=args.noise, **common)
+        result = sdae_codes(
+            args.out,
+            layers=args.layers,
+            train_limit=args.train_limit,
+            pretrain_epochs=args.pretrain_epochs,
+            noise=args.noise,
+            **common,
+        )
     else:
-        result = cvae_quadrants(args.out, quadrants=args.quadrants, train_limit=args.train_limit, test_limit=args.test_limit, num_samples=args.samples, **common)
+        result = cvae_quadrants(
+            args.out,
+            quadrants=args.quadrants,
+            train_limit=args.train_limit,
+            test_limit=args.test_limit,
+            num_samples=args.samples,
+            **common,
+        )
     print((Path(result.out) / "table.md").read_text(), end="")
     print(f"wrote {result.out}/")
     return 0
 
 
 @torch.no_grad()
-def predict(model: Callable[..., None], x_in: torch.Tensor, *, num_samples: int = 1, seed: int = 0) -> torch.Tensor:
+def predict(
+    model: Callable[..., None], x_in: torch.Tensor, *, num_samples: int = 1, seed: int = 0
+) -> torch.Tensor:
     """Completed images ``[num_samples, N, D]``: visible pixels kept, hidden ones drawn from the model (prior for ``z``)."""
     hidden = x_in == HIDDEN
     out = []

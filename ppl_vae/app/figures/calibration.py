@@ -26,7 +26,11 @@ def rank_histograms(cal: Calibration, path: str | Path | None = None, max_panels
     plt = load_pyplot()
     table = cal.table()
     n = len(cal.labels)
-    shown = sorted(np.argsort(table["p_value"].to_numpy(), kind="stable")[:max_panels]) if n > max_panels else list(range(n))
+    shown = (
+        sorted(np.argsort(table["p_value"].to_numpy(), kind="stable")[:max_panels])
+        if n > max_panels
+        else list(range(n))
+    )
     k = len(shown)
     cols = min(k, 4)
     rows = math.ceil(k / cols)
@@ -38,7 +42,9 @@ def rank_histograms(cal: Calibration, path: str | Path | None = None, max_panels
     for i, j in enumerate(shown):
         ax = fig.add_subplot(grid[i // cols, i % cols])
         ax.hist(u[:, j], bins=np.linspace(0, 1, cal.bins + 1), color="C0", alpha=0.8, label="ranks")
-        ax.axhspan(expect - band, expect + band, color="grey", alpha=0.25, label="uniform, 99% band")
+        ax.axhspan(
+            expect - band, expect + band, color="grey", alpha=0.25, label="uniform, 99% band"
+        )
         ax.axhline(expect, color="black", lw=1)
         ax.set_title(f"{cal.labels[j]}: {table['verdict'][j]}", fontsize=8)
         ax.set(xlabel="rank / (L + 1)", ylabel="datasets" if i % cols == 0 else None)
@@ -47,11 +53,15 @@ def rank_histograms(cal: Calibration, path: str | Path | None = None, max_panels
     half = max(cols // 2, 1)
     pos = np.arange(n)
     bad = (table["verdict"] != "calibrated").to_numpy()
-    for sl, key, ref, what in ((slice(0, half), "tail_share", 0.2, "tail share (ranks in the outer fifth)"),
-                               (slice(half, cols), "bias", 0.0, "bias of the normalised rank")):
+    for sl, key, ref, what in (
+        (slice(0, half), "tail_share", 0.2, "tail share (ranks in the outer fifth)"),
+        (slice(half, cols), "bias", 0.0, "bias of the normalised rank"),
+    ):
         ax = fig.add_subplot(grid[rows, sl])
         se = float(table[f"{key}_se"].iloc[0])
-        ax.axhspan(ref - Z * se, ref + Z * se, color="grey", alpha=0.25, label=f"calibrated, ±{Z:g} SE")
+        ax.axhspan(
+            ref - Z * se, ref + Z * se, color="grey", alpha=0.25, label=f"calibrated, ±{Z:g} SE"
+        )
         ax.axhline(ref, color="black", lw=1)
         ax.scatter(pos[~bad], table[key].to_numpy()[~bad], s=10, color="C0", label="calibrated")
         ax.scatter(pos[bad], table[key].to_numpy()[bad], s=10, color="C3", label="miscalibrated")
@@ -59,7 +69,10 @@ def rank_histograms(cal: Calibration, path: str | Path | None = None, max_panels
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
     which = f"the {k} least calibrated of {n} coordinates" if n > k else f"{n} coordinates"
-    fig.suptitle(f"ranks of the simulated z among q's {cal.num_draws} draws ({cal.num_datasets} datasets; histograms: {which})", fontsize=9)
+    fig.suptitle(
+        f"ranks of the simulated z among q's {cal.num_draws} draws ({cal.num_datasets} datasets; histograms: {which})",
+        fontsize=9,
+    )
     fig.tight_layout()
     if path is not None:
         io.save_figure(fig, path, dpi=110)

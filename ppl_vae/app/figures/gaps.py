@@ -23,13 +23,30 @@ def gap_figure(reports: Any) -> Figure:
     approx = [r.summary() for r in reports]
     a = [s["approximation_gap"] for s in approx]
     m = [s["amortisation_gap"] for s in approx]
-    ax.bar(names, a, yerr=[s["approximation_gap_se"] for s in approx], label="approximation", color="tab:blue", capsize=4)
-    ax.bar(names, m, bottom=a, yerr=[s["amortisation_gap_se"] for s in approx], label="amortisation", color="tab:orange", capsize=4)
+    ax.bar(
+        names,
+        a,
+        yerr=[s["approximation_gap_se"] for s in approx],
+        label="approximation",
+        color="tab:blue",
+        capsize=4,
+    )
+    ax.bar(
+        names,
+        m,
+        bottom=a,
+        yerr=[s["amortisation_gap_se"] for s in approx],
+        label="amortisation",
+        color="tab:orange",
+        capsize=4,
+    )
     ax.set_ylabel("nats per datapoint")
     ax.set_title("inference gap = approximation + amortisation")
     ax.legend()
     df = pd.concat([r.to_dataframe().assign(model=r.name) for r in reports])
-    sns.scatterplot(data=df, x="approximation_gap", y="amortisation_gap", hue="model", ax=ax2, s=12, alpha=0.6)
+    sns.scatterplot(
+        data=df, x="approximation_gap", y="amortisation_gap", hue="model", ax=ax2, s=12, alpha=0.6
+    )
     ax2.axhline(0, color="grey", lw=0.5)
     ax2.axvline(0, color="grey", lw=0.5)
     ax2.set_xlabel("approximation gap (nats)")

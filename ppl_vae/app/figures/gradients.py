@@ -20,9 +20,14 @@ def plot_gradient_stats(stats: GradientStats) -> Any:
     df = stats.to_dataframe()
     over_time = "epoch" in df and df["epoch"].nunique() > 1
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, column, title in ((axes[0], "variance", "gradient variance (trace)"), (axes[1], "snr", "mean per-parameter SNR")):
+    for ax, column, title in (
+        (axes[0], "variance", "gradient variance (trace)"),
+        (axes[1], "snr", "mean per-parameter SNR"),
+    ):
         if over_time:
-            sns.lineplot(data=df, x="epoch", y=column, hue="estimator", style="group", marker="o", ax=ax)
+            sns.lineplot(
+                data=df, x="epoch", y=column, hue="estimator", style="group", marker="o", ax=ax
+            )
         else:
             sns.barplot(data=df, x="group", y=column, hue="estimator", ax=ax)
         ax.set_yscale("log")

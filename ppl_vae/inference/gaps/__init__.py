@@ -10,4 +10,15 @@ from .bounds import Bounds, importance_bounds
 from .decompose import GapReport, decompose
 from .local import LocalFit, optimize_local
 
-__all__ = ["AISResult", "BDMCResult", "Bounds", "GapReport", "LocalFit", "ais", "bdmc", "decompose", "importance_bounds", "optimize_local"]
+__all__ = [
+    "AISResult",
+    "BDMCResult",
+    "Bounds",
+    "GapReport",
+    "LocalFit",
+    "ais",
+    "bdmc",
+    "decompose",
+    "importance_bounds",
+    "optimize_local",
+]

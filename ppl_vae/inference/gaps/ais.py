@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from scipy.stats import norm as normal
 from scipy.stats import t as student_t
-from pyro.poutine.util import site_is_subsample
 
 from ...errors import ConfigError
 from ...guides.latent import Latent
@@ -55,7 +55,16 @@ from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import analysed
 from .bounds import cat_optional, log_mean_exp
 
-__all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "check_options", "sigmoid_schedule", "chains_log_mean_exp", "MIN_CHAINS_SE"]
+__all__ = [
+    "AISResult",
+    "BDMCResult",
+    "ais",
+    "bdmc",
+    "check_options",
+    "sigmoid_schedule",
+    "chains_log_mean_exp",
+    "MIN_CHAINS_SE",
+]
 
 
 #: chains of the pilot run that adapts the step sizes; the estimate's chains then run with them fixed
@@ -64,9 +73,14 @@ PILOT_CHAINS = 2
 MIN_CHAINS_SE = 4
 
 
-def sigmoid_schedule(num_steps: int, delta: float = 4.0, *, device: torch.device | str | None = "cpu") -> torch.Tensor:
+def sigmoid_schedule(
+    num_steps: int, delta: float = 4.0, *, device: torch.device | str | None = "cpu"
+) -> torch.Tensor:
     """``num_steps + 1`` inverse temperatures from 0 to 1, dense at both ends (Grosse et al. 2015)."""
-    t = torch.sigmoid(delta * (2 * torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps - 1))
+    t = torch.sigmoid(
+        delta
+        * (2 * torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps - 1)
+    )
     return (t - t[0]) / (t[-1] - t[0])
 
 
@@ -87,14 +101,27 @@ class AISResult:
         return f"AIS from the {self.init}, {self.num_steps} HMC steps x {self.num_chains} chains"
 
     def to_dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame({k: v.cpu().numpy() for k in ("log_px", "log_px_se", "accept_rate", "step_size") if (v := getattr(self, k)) is not None})
+        return pd.DataFrame(
+            {
+                k: v.cpu().numpy()
+                for k in ("log_px", "log_px_se", "accept_rate", "step_size")
+                if (v := getattr(self, k)) is not None
+            }
+        )
 
     @classmethod
     def concat(cls, parts: list[AISResult]) -> AISResult:
         """The estimates of consecutive blocks of datapoints, as one."""
         first = parts[0]
-        return cls(**{k: cat_optional([getattr(p, k) for p in parts]) for k in ("log_px", "log_px_se", "accept_rate", "step_size")},
-                   num_steps=first.num_steps, num_chains=first.num_chains, init=first.init)
+        return cls(
+            **{
+                k: cat_optional([getattr(p, k) for p in parts])
+                for k in ("log_px", "log_px_se", "accept_rate", "step_size")
+            },
+            num_steps=first.num_steps,
+            num_chains=first.num_chains,
+            init=first.init,
+        )
 
 
 @dataclass(frozen=True)
@@ -114,23 +141,52 @@ class BDMCResult:
         return self.upper - self.lower
 
     def to_dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame({"lower": self.lower.cpu().numpy(), "upper": self.upper.cpu().numpy(), "width": self.width.cpu().numpy()})
+        return pd.DataFrame(
+            {
+                "lower": self.lower.cpu().numpy(),
+                "upper": self.upper.cpu().numpy(),
+                "width": self.width.cpu().numpy(),
+            }
+        )
 
 
 def _is_sample(s: dict) -> bool:
     return s["type"] == "sample" and not site_is_subsample(s)
 
 
-def _start(model: Callable[..., object], init: object, latent: Latent, data: tuple[torch.Tensor, ...], C: int, streams: Streams):
+def _start(
+    model: Callable[..., object],
+    init: object,
+    latent: Latent,
+    data: tuple[torch.Tensor, ...],
+    C: int,
+    streams: Streams,
+):
     """Initial draws of the joint latent ``u`` ``[C, N, K]`` and ``log p0(u)`` (``None``: the prior)."""
     if init == "prior":
         return latent_draws(model, latent, *data, num_samples=C, streams=streams), None
     if not callable(init):
         raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
-    return latent_draws(model, latent, *data, guide=init, num_samples=C, streams=streams), guide_log_density(init, latent, *data)
+    return latent_draws(
+        model, latent, *data, guide=init, num_samples=C, streams=streams
+    ), guide_log_density(init, latent, *data)
 
 
-def _run(dens, z, log_q, betas, noise, *, leapfrog_steps, step_size, target_accept, adapt, eps_schedule=None, reverse=False, shown=None):
+def _run(
+    dens,
+    z,
+    log_q,
+    betas,
+    noise,
+    *,
+    leapfrog_steps,
+    step_size,
+    target_accept,
+    adapt,
+    eps_schedule=None,
+    reverse=False,
+    shown=None,
+):
     """Anneal ``z`` through ``betas`` (forward) or backwards; return log-weights ``[C, N]``, eps record, acceptance.
 
     Each transition is :func:`~ppl_vae.inference.mcmc.kernel.transition` with ``leapfrog_steps``
@@ -200,8 +256,19 @@ def chains_log_mean_exp(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
     return est, se * (student_t.ppf(0.975, C - 1) / normal.ppf(0.975))
 
 
-def _check(num_steps: int, num_chains: int, leapfrog_steps: int, step_size: float, target_accept: float = 0.65, batch_size: int | None = None) -> None:
-    for name, v in (("num_steps", num_steps), ("num_chains", num_chains), ("leapfrog_steps", leapfrog_steps)):
+def _check(
+    num_steps: int,
+    num_chains: int,
+    leapfrog_steps: int,
+    step_size: float,
+    target_accept: float = 0.65,
+    batch_size: int | None = None,
+) -> None:
+    for name, v in (
+        ("num_steps", num_steps),
+        ("num_chains", num_chains),
+        ("leapfrog_steps", leapfrog_steps),
+    ):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
@@ -214,11 +281,25 @@ def _check(num_steps: int, num_chains: int, leapfrog_steps: int, step_size: floa
 
 def check_options(**options: object) -> None:
     """Validate keyword options of :func:`ais` before any work (unknown names, bad values)."""
-    known = ("num_steps", "num_chains", "leapfrog_steps", "step_size", "target_accept", "batch_size")
+    known = (
+        "num_steps",
+        "num_chains",
+        "leapfrog_steps",
+        "step_size",
+        "target_accept",
+        "batch_size",
+    )
     unknown = [k for k in options if k not in known]
     if unknown:
         raise ConfigError(f"unknown AIS option {unknown[0]!r}; known: {', '.join(known)}")
-    defaults = {"num_steps": 1000, "num_chains": 16, "leapfrog_steps": 10, "step_size": 0.05, "target_accept": 0.65, "batch_size": None}
+    defaults = {
+        "num_steps": 1000,
+        "num_chains": 16,
+        "leapfrog_steps": 10,
+        "step_size": 0.05,
+        "target_accept": 0.65,
+        "batch_size": None,
+    }
     _check(**{**defaults, **options})  # type: ignore[arg-type]
 
 
@@ -286,13 +367,36 @@ def ais(
     if spread is not None:
         with seeded(seed):
             base = base_seed(seed)  # one seed for every process
-        return spread_rows(lambda rows, idx, coll: ais(model, *rows, init=init, num_steps=num_steps, num_chains=num_chains, leapfrog_steps=leapfrog_steps,
-                                                       step_size=step_size, target_accept=target_accept, batch_size=batch_size, seed=base, index=idx,
-                                                       progress=progress and coll.rank == 0),
-                           data, index, spread, programs=(model, guide) if guide is not None else (model,), combine=AISResult.concat, types=(AISResult,))
+        return spread_rows(
+            lambda rows, idx, coll: ais(
+                model,
+                *rows,
+                init=init,
+                num_steps=num_steps,
+                num_chains=num_chains,
+                leapfrog_steps=leapfrog_steps,
+                step_size=step_size,
+                target_accept=target_accept,
+                batch_size=batch_size,
+                seed=base,
+                index=idx,
+                progress=progress and coll.rank == 0,
+            ),
+            data,
+            index,
+            spread,
+            programs=(model, guide) if guide is not None else (model,),
+            combine=AISResult.concat,
+            types=(AISResult,),
+        )
     betas = sigmoid_schedule(num_steps, device=data[0].device)
     parts = {"log_px": [], "log_px_se": [], "accept_rate": [], "step_size": []}
-    with bar(total=2 * num_steps * math.ceil(n / (batch_size or n)), desc=f"AIS {num_steps} steps", unit="step", enabled=progress) as shown:
+    with bar(
+        total=2 * num_steps * math.ceil(n / (batch_size or n)),
+        desc=f"AIS {num_steps} steps",
+        unit="step",
+        enabled=progress,
+    ) as shown:
         with seeded(seed):
             base = base_seed(seed)
             for i in range(0, n, batch_size or n):
@@ -301,14 +405,33 @@ def ais(
                 dens = log_joint(model, latent, *args, split=True)
                 gen = Streams(base, index[i : i + (batch_size or n)], data[0].device, Tag.AIS)
                 z, log_q = _start(model, init, latent, args, num_chains + PILOT_CHAINS, gen)
-                kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept, shown=shown)
-                _, record, _ = _run(dens, z[num_chains:], log_q, betas, gen, adapt=True, **kw)  # pilot: adapts step sizes
-                lw, _, acc = _run(dens, z[:num_chains], log_q, betas, gen, adapt=False, eps_schedule=record, **kw)
+                kw = dict(
+                    leapfrog_steps=leapfrog_steps,
+                    step_size=step_size,
+                    target_accept=target_accept,
+                    shown=shown,
+                )
+                _, record, _ = _run(
+                    dens, z[num_chains:], log_q, betas, gen, adapt=True, **kw
+                )  # pilot: adapts step sizes
+                lw, _, acc = _run(
+                    dens, z[:num_chains], log_q, betas, gen, adapt=False, eps_schedule=record, **kw
+                )
                 est, se = chains_log_mean_exp(lw)
-                for k, v in (("log_px", est), ("log_px_se", se), ("accept_rate", acc), ("step_size", record[-1].double())):
+                for k, v in (
+                    ("log_px", est),
+                    ("log_px_se", se),
+                    ("accept_rate", acc),
+                    ("step_size", record[-1].double()),
+                ):
                     parts[k].append(v)
     out = {k: cat_optional(v) for k, v in parts.items()}
-    return AISResult(**out, num_steps=num_steps, num_chains=num_chains, init="prior" if init == "prior" else "guide")
+    return AISResult(
+        **out,
+        num_steps=num_steps,
+        num_chains=num_chains,
+        init="prior" if init == "prior" else "guide",
+    )
 
 
 def bdmc(
@@ -332,25 +455,51 @@ def bdmc(
     """
     _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept)
     model, _ = analysed(model, None, template, "BDMC")
-    with seeded(seed), bar(total=3 * num_steps, desc=f"BDMC {num_steps} steps", unit="step", enabled=progress) as shown:
+    with (
+        seeded(seed),
+        bar(
+            total=3 * num_steps, desc=f"BDMC {num_steps} steps", unit="step", enabled=progress
+        ) as shown,
+    ):
         with poutine.block(), torch.no_grad():
             tr = poutine.trace(poutine.uncondition(model)).get_trace(*template)
         latent = latent_of(model, *template, analysis="BDMC")
         observed = [s for n, s in tr.nodes.items() if _is_sample(s) and n not in latent.names]
         if len(observed) != 1:
-            raise ConfigError(f"BDMC simulates a model with one observed site; this one has {len(observed)}")
+            raise ConfigError(
+                f"BDMC simulates a model with one observed site; this one has {len(observed)}"
+            )
         x = observed[0]["value"].detach()
         u_true = latent.unconstrain({n: tr.nodes[n]["value"].detach() for n in latent.names})
         data = (x, *template[1:])
         betas = sigmoid_schedule(num_steps, device=x.device)
         dens = log_joint(model, latent, *data, split=True)
-        gen = Streams(None, range(x.shape[0]), x.device, Tag.SIMULATED)  # the simulated points' own streams
+        gen = Streams(
+            None, range(x.shape[0]), x.device, Tag.SIMULATED
+        )  # the simulated points' own streams
         z0, _ = _start(model, "prior", latent, data, num_chains + PILOT_CHAINS, gen)
-        kw = dict(leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept, shown=shown)
+        kw = dict(
+            leapfrog_steps=leapfrog_steps,
+            step_size=step_size,
+            target_accept=target_accept,
+            shown=shown,
+        )
         _, record, _ = _run(dens, z0[num_chains:], None, betas, gen, adapt=True, **kw)
-        lw_f, _, _ = _run(dens, z0[:num_chains], None, betas, gen, adapt=False, eps_schedule=record, **kw)
+        lw_f, _, _ = _run(
+            dens, z0[:num_chains], None, betas, gen, adapt=False, eps_schedule=record, **kw
+        )
         zT = u_true.expand(num_chains, *u_true.shape).clone()
-        lw_r, _, _ = _run(dens, zT, None, betas, gen, adapt=False, eps_schedule=record, reverse=True, **kw)
+        lw_r, _, _ = _run(
+            dens, zT, None, betas, gen, adapt=False, eps_schedule=record, reverse=True, **kw
+        )
     lower, lower_se = chains_log_mean_exp(lw_f)
     inv, upper_se = chains_log_mean_exp(lw_r)
-    return BDMCResult(x=x, lower=lower, upper=-inv, num_steps=num_steps, num_chains=num_chains, lower_se=lower_se, upper_se=upper_se)
+    return BDMCResult(
+        x=x,
+        lower=lower,
+        upper=-inv,
+        num_steps=num_steps,
+        num_chains=num_chains,
+        lower_se=lower_se,
+        upper_se=upper_se,
+    )

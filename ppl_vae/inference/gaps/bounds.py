@@ -65,7 +65,17 @@ from ..traces import (
     restrict,
 )
 
-__all__ = ["MAX_SAMPLES", "Bounds", "importance_bounds", "chunks", "log_mean_exp", "cat_optional", "khat_threshold", "tail_size", "khat_of_tail"]
+__all__ = [
+    "MAX_SAMPLES",
+    "Bounds",
+    "importance_bounds",
+    "chunks",
+    "log_mean_exp",
+    "cat_optional",
+    "khat_threshold",
+    "tail_size",
+    "khat_of_tail",
+]
 
 #: how many decoder outputs (samples x rows x data width) one chunk may hold
 MAX_ELEMENTS = 20_000_000
@@ -100,7 +110,11 @@ class Bounds:
         return None if self.khat is None else self.khat <= khat_threshold(self.num_samples)
 
     def to_dataframe(self) -> pd.DataFrame:
-        cols = {k: v.cpu().numpy() for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat") if (v := getattr(self, k)) is not None}
+        cols = {
+            k: v.cpu().numpy()
+            for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat")
+            if (v := getattr(self, k)) is not None
+        }
         if self.khat is not None:
             cols["reliable"] = self.reliable.cpu().numpy()  # type: ignore[union-attr]
         return pd.DataFrame(cols)
@@ -108,7 +122,13 @@ class Bounds:
     @classmethod
     def concat(cls, parts: list[Bounds]) -> Bounds:
         """The bounds of consecutive blocks of datapoints, as one."""
-        return cls(**{k: cat_optional([getattr(p, k) for p in parts]) for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat")}, num_samples=parts[0].num_samples)
+        return cls(
+            **{
+                k: cat_optional([getattr(p, k) for p in parts])
+                for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat")
+            },
+            num_samples=parts[0].num_samples,
+        )
 
 
 def khat_threshold(K: int) -> float:
@@ -139,7 +159,9 @@ def khat_of_tail(top: torch.Tensor, low: torch.Tensor, K: int) -> torch.Tensor:
     top_np, low_np = top.double().cpu().numpy(), low.double().cpu().numpy()
     out = np.empty(top_np.shape[1])
     for i in range(top_np.shape[1]):
-        out[i] = pareto_khat(np.concatenate([top_np[:, i], np.full(K - top_np.shape[0], low_np[i])]))
+        out[i] = pareto_khat(
+            np.concatenate([top_np[:, i], np.full(K - top_np.shape[0], low_np[i])])
+        )
     return torch.from_numpy(out).to(top.device)
 
 
@@ -148,7 +170,9 @@ def cat_optional(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if parts[0] is None else torch.cat(parts)  # type: ignore[arg-type]
 
 
-def log_mean_exp(lse1: torch.Tensor, lse2: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def log_mean_exp(
+    lse1: torch.Tensor, lse2: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log mean w`` and its delta-method SE from ``logsumexp(log w)`` and ``logsumexp(2 log w)`` over ``K`` weights (SE ``None`` for ``K == 1``)."""
     est = lse1 - math.log(K)
     if K == 1:
@@ -167,15 +191,30 @@ def _check_data(data: tuple[torch.Tensor, ...]) -> int:
         raise ConfigError("bounds need the model's data as tensors")
     n = data[0].shape[0]
     if n == 0 or any(t.shape[0] != n for t in data):
-        raise ConfigError(f"data tensors must share a non-zero first dimension, got {[tuple(t.shape) for t in data]}")
+        raise ConfigError(
+            f"data tensors must share a non-zero first dimension, got {[tuple(t.shape) for t in data]}"
+        )
     return n
 
 
-def _raise_outside(model: Callable[..., object], guide: Callable[..., object], data: tuple[torch.Tensor, ...], index: list[int], size: int, nesting: int) -> None:
+def _raise_outside(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    data: tuple[torch.Tensor, ...],
+    index: list[int],
+    size: int,
+    nesting: int,
+) -> None:
     """The :class:`~ppl_vae.errors.DataError` naming the first data row with an observed value outside its support (chunks of ``size`` rows, one draw each)."""
     for rows in chunks(len(index), size):
         support = ObservedSupport(eager=True, rows=torch.tensor(index[rows]))
-        log_weights(_checked(model, support), restrict(guide, rows), *(t[rows] for t in data), num_samples=1, nesting=nesting)
+        log_weights(
+            _checked(model, support),
+            restrict(guide, rows),
+            *(t[rows] for t in data),
+            num_samples=1,
+            nesting=nesting,
+        )
 
 
 def _checked(model: Callable[..., object], support: ObservedSupport) -> Callable[..., object]:
@@ -247,13 +286,38 @@ def importance_bounds(
     if spread is not None:
         with seeded(seed), torch.no_grad():
             base = base_seed(seed)  # one seed for every process
-            probe("importance bounds", lambda: plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data)), data)  # its errors here, before any process starts
-        return spread_rows(lambda rows, idx, coll: importance_bounds(model, guide, *rows, num_samples=num_samples, batch_size=batch_size, sample_batch=sample_batch,
-                                                                     seed=base, index=idx, progress=progress and coll.rank == 0, diagnose=diagnose), data, index, spread, programs=(model, guide), combine=Bounds.concat, types=(Bounds,))
+            probe(
+                "importance bounds",
+                lambda: plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data)),
+                data,
+            )  # its errors here, before any process starts
+        return spread_rows(
+            lambda rows, idx, coll: importance_bounds(
+                model,
+                guide,
+                *rows,
+                num_samples=num_samples,
+                batch_size=batch_size,
+                sample_batch=sample_batch,
+                seed=base,
+                index=idx,
+                progress=progress and coll.rank == 0,
+                diagnose=diagnose,
+            ),
+            data,
+            index,
+            spread,
+            programs=(model, guide),
+            combine=Bounds.concat,
+            types=(Bounds,),
+        )
     width = max(1, math.prod(data[0].shape[1:]))
     K = num_samples
     k_chunk = sample_batch or max(1, min(K, MAX_ELEMENTS // width))
-    out = {k: torch.empty(n, dtype=torch.float64, device=data[0].device) for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat")}
+    out = {
+        k: torch.empty(n, dtype=torch.float64, device=data[0].device)
+        for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat")
+    }
     m = tail_size(K)
     tops, lows = [], []
     ok: torch.Tensor | bool = True
@@ -262,12 +326,21 @@ def importance_bounds(
         first, head = restrict(guide, slice(0, 1)), tuple(t[:1] for t in data)
         nesting = probe("importance bounds", lambda: plate_nesting(model, first, *head), data)
         batched = draws_in_batches(first, *head)
-        rows_per_chunk = min(batch_size, max(1, MAX_ELEMENTS // (k_chunk * width))) if batched else 1
+        rows_per_chunk = (
+            min(batch_size, max(1, MAX_ELEMENTS // (k_chunk * width))) if batched else 1
+        )
         at = index.tolist()  # the streams' dataset indices, on the host once
         # no distribution checks a value per chunk (each check would read it back): the observed values are checked as tensors,
         # read with the result, and a bad parameter shows as a non-finite weight
-        with bar(total=math.ceil(n / rows_per_chunk) * math.ceil(K / k_chunk), desc=f"bounds K={K}", unit="chunk", enabled=progress) as shown, \
-                pyro.validation_enabled(False):
+        with (
+            bar(
+                total=math.ceil(n / rows_per_chunk) * math.ceil(K / k_chunk),
+                desc=f"bounds K={K}",
+                unit="chunk",
+                enabled=progress,
+            ) as shown,
+            pyro.validation_enabled(False),
+        ):
             for rows in chunks(n, rows_per_chunk):
                 args = tuple(t[rows] for t in data)
                 g = restrict(guide, rows)
@@ -275,8 +348,14 @@ def importance_bounds(
                 for j, ks in enumerate(chunks(K, k_chunk)):
                     streams = Streams(base, at[rows], data[0].device, Tag.BOUNDS, j)
                     support = ObservedSupport()
-                    lw = log_weights(_checked(model, support) if j == 0 else model, g, *args, num_samples=ks.stop - ks.start, nesting=nesting,
-                                     streams=streams).double()
+                    lw = log_weights(
+                        _checked(model, support) if j == 0 else model,
+                        g,
+                        *args,
+                        num_samples=ks.stop - ks.start,
+                        nesting=nesting,
+                        streams=streams,
+                    ).double()
                     if j == 0:
                         ok = support.ok if ok is True else ok & support.ok
                         shift = lw.mean(0)
@@ -301,18 +380,29 @@ def importance_bounds(
                 var = (s2 / K - mean_c**2).clamp_min(0) * K / max(K - 1, 1)
                 out["elbo_se"][rows] = (var / K).sqrt()
                 out["iwae"][rows], iwae_se = log_mean_exp(lse1, lse2, K)
-                out["iwae_se"][rows] = iwae_se if iwae_se is not None else math.nan  # dropped below for K == 1
+                out["iwae_se"][rows] = (
+                    iwae_se if iwae_se is not None else math.nan
+                )  # dropped below for K == 1
                 tops.append(top)
                 lows.append(low)
-        finite, inside = host(torch.stack((torch.isfinite(out["elbo"]).all(), torch.as_tensor(ok, device=out["elbo"].device))))  # the one read
+        finite, inside = host(
+            torch.stack(
+                (torch.isfinite(out["elbo"]).all(), torch.as_tensor(ok, device=out["elbo"].device))
+            )
+        )  # the one read
         if not inside:
             _raise_outside(model, guide, data, at, rows_per_chunk, nesting)
     if not finite:
-        raise ConfigError("some log-weights are not finite: the guide puts mass where the model has none")
-    out["khat"] = khat_of_tail(torch.cat(tops, 1), torch.cat(lows), K) if diagnose else out["khat"].fill_(math.nan)
+        raise ConfigError(
+            "some log-weights are not finite: the guide puts mass where the model has none"
+        )
+    out["khat"] = (
+        khat_of_tail(torch.cat(tops, 1), torch.cat(lows), K)
+        if diagnose
+        else out["khat"].fill_(math.nan)
+    )
     if K == 1:
         out["elbo_se"] = out["iwae_se"] = None
     if not diagnose:
         out["khat"] = None
     return Bounds(num_samples=K, **out)
-

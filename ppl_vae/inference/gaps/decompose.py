@@ -62,8 +62,16 @@ from .bounds import importance_bounds, khat_threshold
 from .local import LocalFit, optimize_local, start_distribution
 from .local import check_options as check_local_options
 
-__all__ = ["GapReport", "decompose", "check_decomposable", "defensive_proposal", "check_defensive", "GAPS_CSV", "GAPS_JSON",
-           "WIDEN"]
+__all__ = [
+    "GapReport",
+    "decompose",
+    "check_decomposable",
+    "defensive_proposal",
+    "check_defensive",
+    "GAPS_CSV",
+    "GAPS_JSON",
+    "WIDEN",
+]
 
 GAPS_CSV, GAPS_JSON = "gaps.csv", "gaps.json"
 #: how much wider than q* the widened component of the defensive proposal is (its scale; the covariance WIDEN**2)
@@ -92,17 +100,37 @@ class GapReport:
     local_steps: dict[str, float] = field(default_factory=dict)
     name: str = "model"
     q_in_family: bool = True
-    log_px_khat: torch.Tensor | None = None  # [N] PSIS k-hat of the IWAE weights (None: log p(x) by AIS)
-    log_px_unreliable: torch.Tensor | None = None  # [N] bool: an IWAE estimate whose k-hat is above khat_threshold(K)
+    log_px_khat: torch.Tensor | None = (
+        None  # [N] PSIS k-hat of the IWAE weights (None: log p(x) by AIS)
+    )
+    log_px_unreliable: torch.Tensor | None = (
+        None  # [N] bool: an IWAE estimate whose k-hat is above khat_threshold(K)
+    )
     log_px_ais: torch.Tensor | None = None  # [N] bool: re-estimated by AIS (unreliable="ais")
     qstar_converged: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] bool
-    qstar_change: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] nats, the last check window's change
-    qstar_change_se: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] nats: the SE the change was judged against
-    qstar_optima: dict[str, torch.Tensor] = field(default_factory=dict)  # family -> [N] int: distinct optima its starts ended at
+    qstar_change: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # family -> [N] nats, the last check window's change
+    qstar_change_se: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # family -> [N] nats: the SE the change was judged against
+    qstar_optima: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # family -> [N] int: distinct optima its starts ended at
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "index", self.index.cpu())  # dataset indices live on the CPU, wherever the numbers were computed
-        for name in ("elbo_local", "elbo_local_se", "local_steps", "qstar_converged", "qstar_change", "qstar_change_se", "qstar_optima"):
+        object.__setattr__(
+            self, "index", self.index.cpu()
+        )  # dataset indices live on the CPU, wherever the numbers were computed
+        for name in (
+            "elbo_local",
+            "elbo_local_se",
+            "local_steps",
+            "qstar_converged",
+            "qstar_change",
+            "qstar_change_se",
+            "qstar_optima",
+        ):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     def flags(self) -> dict[str, int]:
@@ -113,7 +141,9 @@ class GapReport:
         if self.log_px_ais is not None:
             out["log_px_by_ais"] = int(self.log_px_ais.sum())
         out |= {f"qstar_{f}_unconverged": int((~c).sum()) for f, c in self.qstar_converged.items()}
-        out |= {f"qstar_{f}_several_optima": int((o > 1).sum()) for f, o in self.qstar_optima.items()}
+        out |= {
+            f"qstar_{f}_several_optima": int((o > 1).sum()) for f, o in self.qstar_optima.items()
+        }
         return out
 
     def warnings(self) -> list[str]:
@@ -123,18 +153,24 @@ class GapReport:
         bad = int(self.log_px_unreliable.sum()) if self.log_px_unreliable is not None else 0
         if bad:
             worst = float(self.log_px_khat.max()) if self.log_px_khat is not None else math.nan
-            out.append(f"log p̂(x) is unreliable for {bad} of {n} datapoints (importance weights' Pareto k̂ above its bound, worst {worst:.2f}): "
-                       "their approximation gap may be understated; re-estimate them with AIS (unreliable='ais', CLI --unreliable ais)")
+            out.append(
+                f"log p̂(x) is unreliable for {bad} of {n} datapoints (importance weights' Pareto k̂ above its bound, worst {worst:.2f}): "
+                "their approximation gap may be understated; re-estimate them with AIS (unreliable='ais', CLI --unreliable ais)"
+            )
         for fam, conv in self.qstar_converged.items():
             stuck = int((~conv).sum())
             if stuck:
-                out.append(f"q* ({fam}) did not converge for {stuck} of {n} datapoints: their approximation gap is overstated and amortisation gap "
-                           "understated; raise the local max_steps (CLI --local-steps)")
+                out.append(
+                    f"q* ({fam}) did not converge for {stuck} of {n} datapoints: their approximation gap is overstated and amortisation gap "
+                    "understated; raise the local max_steps (CLI --local-steps)"
+                )
         for fam, optima in self.qstar_optima.items():
             several = int((optima > 1).sum())
             if several:
-                out.append(f"q* ({fam}): the starts of {several} of {n} datapoints ended at different optima (a saddle, a posterior with several "
-                           "modes, or a start that stopped short on a flat ridge): the best start is kept, and log p̂'s proposal holds all of them")
+                out.append(
+                    f"q* ({fam}): the starts of {several} of {n} datapoints ended at different optima (a saddle, a posterior with several "
+                    "modes, or a start that stopped short on a flat ridge): the best start is kept, and log p̂'s proposal holds all of them"
+                )
         return out
 
     @property
@@ -169,7 +205,13 @@ class GapReport:
         return torch.hypot(self.log_px_se, self.elbo_q_se)
 
     def to_dataframe(self) -> pd.DataFrame:
-        cols: dict[str, Any] = {"index": self.index.cpu().numpy(), "log_px": self.log_px, "log_px_se": self.log_px_se, "elbo_q": self.elbo_q, "elbo_q_se": self.elbo_q_se}
+        cols: dict[str, Any] = {
+            "index": self.index.cpu().numpy(),
+            "log_px": self.log_px,
+            "log_px_se": self.log_px_se,
+            "elbo_q": self.elbo_q,
+            "elbo_q_se": self.elbo_q_se,
+        }
         for fam in self.elbo_local:
             cols[f"elbo_qstar_{fam}"] = self.elbo_local[fam]
             cols[f"elbo_qstar_{fam}_se"] = self.elbo_local_se[fam]
@@ -185,15 +227,37 @@ class GapReport:
                 cols[f"qstar_{fam}_change_se"] = self.qstar_change_se[fam]
             if fam in self.qstar_optima:
                 cols[f"qstar_{fam}_optima"] = self.qstar_optima[fam]
-        return pd.DataFrame({k: (v.cpu().numpy() if v.dtype in (torch.bool, torch.long) else v.double().cpu().numpy()) if isinstance(v, torch.Tensor) else v
-                             for k, v in cols.items()})
+        return pd.DataFrame(
+            {
+                k: (
+                    v.cpu().numpy()
+                    if v.dtype in (torch.bool, torch.long)
+                    else v.double().cpu().numpy()
+                )
+                if isinstance(v, torch.Tensor)
+                else v
+                for k, v in cols.items()
+            }
+        )
 
     def summary(self) -> dict[str, Any]:
         """Means over datapoints with standard errors (of the mean over datapoints)."""
         rows = {"log_px": self.log_px, "elbo_q": self.elbo_q}
         rows |= {f"elbo_qstar_{fam}": v for fam, v in self.elbo_local.items()}
-        rows |= {"approximation_gap": self.approximation_gap, "amortisation_gap": self.amortisation_gap, "inference_gap": self.inference_gap}
-        out: dict[str, Any] = {"name": self.name, "num_points": len(self.index), "qstar_family": self.family, "q_in_family": self.q_in_family, "logpx_estimator": self.logpx_estimator, "num_samples": self.num_samples, "local_steps_mean": self.local_steps}
+        rows |= {
+            "approximation_gap": self.approximation_gap,
+            "amortisation_gap": self.amortisation_gap,
+            "inference_gap": self.inference_gap,
+        }
+        out: dict[str, Any] = {
+            "name": self.name,
+            "num_points": len(self.index),
+            "qstar_family": self.family,
+            "q_in_family": self.q_in_family,
+            "logpx_estimator": self.logpx_estimator,
+            "num_samples": self.num_samples,
+            "local_steps_mean": self.local_steps,
+        }
         for k, v in rows.items():
             m, se = _mean_se(v)
             out[k], out[f"{k}_se"] = m, se
@@ -208,10 +272,16 @@ class GapReport:
         gap, approx, amort = s["inference_gap"], s["approximation_gap"], s["amortisation_gap"]
 
         def part(key: str) -> str:
-            share = f", {s[key] / gap:.0%}" if gap > 2 * s["inference_gap_se"] and approx >= 0 and amort >= 0 else ""
+            share = (
+                f", {s[key] / gap:.0%}"
+                if gap > 2 * s["inference_gap_se"] and approx >= 0 and amort >= 0
+                else ""
+            )
             return f"{s[key]:.2f} ± {s[key + '_se']:.2f} nats{share}"
 
-        diff = (self.approximation_gap - self.amortisation_gap).double()  # per datapoint: the two gaps share L[q*] (with opposite signs)
+        diff = (
+            self.approximation_gap - self.amortisation_gap
+        ).double()  # per datapoint: the two gaps share L[q*] (with opposite signs)
         se_diff = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else math.inf
         if abs(approx - amort) < 2 * se_diff:
             which = "neither gap dominates (they differ by less than 2 standard errors)"
@@ -219,17 +289,27 @@ class GapReport:
             which = f"the approximation gap dominates: a better encoder would close little of it, a family richer than {self.family} would"
         else:
             which = "the amortisation gap dominates: the encoder, not the family, is what falls short (a bigger encoder or more training)"
-        family = "" if self.q_in_family else " (q is not in this family: the amortisation gap includes the change of family)"
+        family = (
+            ""
+            if self.q_in_family
+            else " (q is not in this family: the amortisation gap includes the change of family)"
+        )
         flagged = "".join(f" Warning: {w}." for w in self.warnings())
-        return (f"{self.name}: inference gap {gap:.2f} ± {s['inference_gap_se']:.2f} nats per datapoint = approximation "
-                f"{part('approximation_gap')} + amortisation {part('amortisation_gap')} (q* {self.family}{family}, {len(self.index)} datapoints); {which}.{flagged}")
+        return (
+            f"{self.name}: inference gap {gap:.2f} ± {s['inference_gap_se']:.2f} nats per datapoint = approximation "
+            f"{part('approximation_gap')} + amortisation {part('amortisation_gap')} (q* {self.family}{family}, {len(self.index)} datapoints); {which}.{flagged}"
+        )
 
     @classmethod
     def concat(cls, parts: list[GapReport]) -> GapReport:
         """The reports of consecutive blocks of datapoints (one decomposition spread over processes), as one."""
         first = parts[0]
-        if any(p.family != first.family or p.logpx_estimator != first.logpx_estimator for p in parts):  # chosen from the means over all processes
-            raise ValueError("reports of one decomposition disagree on the family or the log p(x) estimator")
+        if any(
+            p.family != first.family or p.logpx_estimator != first.logpx_estimator for p in parts
+        ):  # chosen from the means over all processes
+            raise ValueError(
+                "reports of one decomposition disagree on the family or the log p(x) estimator"
+            )
 
         def cat(get: Callable[[GapReport], torch.Tensor]) -> torch.Tensor:
             return torch.cat([get(p) for p in parts])
@@ -238,15 +318,30 @@ class GapReport:
             return None if getattr(first, key) is None else cat(lambda p: getattr(p, key))
 
         return cls(
-            index=cat(lambda p: p.index), log_px=cat(lambda p: p.log_px), log_px_se=cat(lambda p: p.log_px_se), elbo_q=cat(lambda p: p.elbo_q),
-            elbo_q_se=cat(lambda p: p.elbo_q_se), elbo_local={f: cat(lambda p: p.elbo_local[f]) for f in first.elbo_local},
-            elbo_local_se={f: cat(lambda p: p.elbo_local_se[f]) for f in first.elbo_local_se}, family=first.family, logpx_estimator=first.logpx_estimator,
-            num_samples=first.num_samples, local_steps=first.local_steps, name=first.name, q_in_family=first.q_in_family,
-            log_px_khat=cat_opt("log_px_khat"), log_px_unreliable=cat_opt("log_px_unreliable"), log_px_ais=cat_opt("log_px_ais"),
-            qstar_converged={f: cat(lambda p: p.qstar_converged[f]) for f in first.qstar_converged},
-            qstar_change={f: cat(lambda p: p.qstar_change[f]) for f in first.qstar_change},
-            qstar_change_se={f: cat(lambda p: p.qstar_change_se[f]) for f in first.qstar_change_se},
-            qstar_optima={f: cat(lambda p: p.qstar_optima[f]) for f in first.qstar_optima},
+            index=cat(lambda p: p.index),
+            log_px=cat(lambda p: p.log_px),
+            log_px_se=cat(lambda p: p.log_px_se),
+            elbo_q=cat(lambda p: p.elbo_q),
+            elbo_q_se=cat(lambda p: p.elbo_q_se),
+            elbo_local={f: cat(lambda p, f=f: p.elbo_local[f]) for f in first.elbo_local},
+            elbo_local_se={f: cat(lambda p, f=f: p.elbo_local_se[f]) for f in first.elbo_local_se},
+            family=first.family,
+            logpx_estimator=first.logpx_estimator,
+            num_samples=first.num_samples,
+            local_steps=first.local_steps,
+            name=first.name,
+            q_in_family=first.q_in_family,
+            log_px_khat=cat_opt("log_px_khat"),
+            log_px_unreliable=cat_opt("log_px_unreliable"),
+            log_px_ais=cat_opt("log_px_ais"),
+            qstar_converged={
+                f: cat(lambda p, f=f: p.qstar_converged[f]) for f in first.qstar_converged
+            },
+            qstar_change={f: cat(lambda p, f=f: p.qstar_change[f]) for f in first.qstar_change},
+            qstar_change_se={
+                f: cat(lambda p, f=f: p.qstar_change_se[f]) for f in first.qstar_change_se
+            },
+            qstar_optima={f: cat(lambda p, f=f: p.qstar_optima[f]) for f in first.qstar_optima},
         )
 
     def save(self, out: str | Path) -> None:
@@ -256,7 +351,12 @@ class GapReport:
         io.write_json(out / GAPS_JSON, self.summary())
 
 
-def _families(model: Callable[..., object], guide: Callable[..., object], data: tuple[torch.Tensor, ...], families: tuple[str, ...] | None):
+def _families(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    data: tuple[torch.Tensor, ...],
+    families: tuple[str, ...] | None,
+):
     """The guide as a distribution over the joint latent (or None), its family (or None), and the families of q* to fit."""
     latent = latent_of(model, *data, guide=guide, analysis="the gap decomposition")
     q, why = guide_in_latent_space(guide, latent, *data)
@@ -279,13 +379,19 @@ def check_defensive(defensive: object) -> tuple[float, float]:
     try:
         wide, prior = (float(w) for w in defensive)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise ConfigError(f"defensive must be two weights (widened q*, prior), got {defensive!r}") from None
+        raise ConfigError(
+            f"defensive must be two weights (widened q*, prior), got {defensive!r}"
+        ) from None
     if not (0 <= wide < 1 and 0 <= prior < 1 and wide + prior < 1):
-        raise ConfigError(f"defensive weights must be in [0, 1) and sum below 1 (q* keeps the rest), got {defensive!r}")
+        raise ConfigError(
+            f"defensive weights must be in [0, 1) and sum below 1 (q* keeps the rest), got {defensive!r}"
+        )
     return wide, prior
 
 
-def defensive_proposal(fit: LocalFit, prior: LocalPosterior | None, defensive: tuple[float, float]) -> LocalPosterior | LocalMixture:
+def defensive_proposal(
+    fit: LocalFit, prior: LocalPosterior | None, defensive: tuple[float, float]
+) -> LocalPosterior | LocalMixture:
     r"""The importance-sampling proposal for :math:`\log p(x)` built from a fitted :math:`q^*`: a defensive mixture (Hesterberg 1995).
 
     .. math::
@@ -317,17 +423,29 @@ def defensive_proposal(fit: LocalFit, prior: LocalPosterior | None, defensive: t
     rows = torch.arange(n, device=modes.device)
     share = ((1 - wide - weight_prior) / modes.sum(0).double()).log()
     components, logits = [], []
-    for s in range(S):  # every start, weight 0 where it is not a distinct optimum: the components do not depend on the other rows
+    for s in range(
+        S
+    ):  # every start, weight 0 where it is not a distinct optimum: the components do not depend on the other rows
         components.append(fit.candidates.take(s * n + rows))
         logits.append(torch.where(modes[s], share, -math.inf))
-    for weight, component in ((wide, fit.posterior.widened(WIDEN) if wide > 0 else None), (weight_prior, prior)):
+    for weight, component in (
+        (wide, fit.posterior.widened(WIDEN) if wide > 0 else None),
+        (weight_prior, prior),
+    ):
         if weight > 0 and component is not None:
             components.append(component)
             logits.append(share.new_full((n,), math.log(weight)))
-    return LocalMixture(fit.posterior.latent, components, torch.stack(logits, -1).to(fit.posterior.loc.dtype))
+    return LocalMixture(
+        fit.posterior.latent, components, torch.stack(logits, -1).to(fit.posterior.loc.dtype)
+    )
 
 
-def check_decomposable(model: Callable[..., object], guide: Callable[..., object], *data: torch.Tensor, families: tuple[str, ...] | None = None) -> str | None:
+def check_decomposable(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *data: torch.Tensor,
+    families: tuple[str, ...] | None = None,
+) -> str | None:
     """Refuse (``ConfigError``, by site and reason) a model and guide :func:`decompose` cannot handle; return the guide's family (None: none)."""
     return _families(model, guide, data, families)[1]
 
@@ -423,8 +541,13 @@ def decompose(
         raise ConfigError(f"unknown log p(x) estimator {logpx!r}; choose iwae or ais")
     defensive = check_defensive(defensive)
     if unreliable not in ("flag", "ais"):
-        raise ConfigError(f"unknown treatment of unreliable log p(x) estimates {unreliable!r}; choose flag or ais")
-    for label, k in (("importance samples K", num_samples), ("ELBO samples", elbo_samples)):  # every number in the report carries a standard error
+        raise ConfigError(
+            f"unknown treatment of unreliable log p(x) estimates {unreliable!r}; choose flag or ais"
+        )
+    for label, k in (
+        ("importance samples K", num_samples),
+        ("ELBO samples", elbo_samples),
+    ):  # every number in the report carries a standard error
         check_int(k, f"the number of {label} (at least 2 for a standard error)", low=2)
     if local_options:
         check_local_options(**local_options)
@@ -432,78 +555,199 @@ def decompose(
         check_ais_options(**ais_options)
         if logpx == "ais" or unreliable == "ais":
             chains = ais_options.get("num_chains", MIN_CHAINS_SE)
-            check_int(chains, f"the number of AIS chains (at least {MIN_CHAINS_SE} for a standard error)", low=MIN_CHAINS_SE)
+            check_int(
+                chains,
+                f"the number of AIS chains (at least {MIN_CHAINS_SE} for a standard error)",
+                low=MIN_CHAINS_SE,
+            )
     model, guide = analysed(model, guide, data, "the gap decomposition")  # type: ignore[assignment]
     q, own, families = _families(model, guide, data, families)
     extra = ("full",) if proposals is None else tuple(proposals)
     if any(f not in FAMILIES for f in extra):
-        raise ConfigError(f"unknown proposal family {next(f for f in extra if f not in FAMILIES)!r}; choose from {', '.join(FAMILIES)}")
+        raise ConfigError(
+            f"unknown proposal family {next(f for f in extra if f not in FAMILIES)!r}; choose from {', '.join(FAMILIES)}"
+        )
     fitted = tuple(dict.fromkeys(families + (extra if logpx == "iwae" else ())))
     idx = dataset_index(index, data[0].shape[0])
 
     def rows(part: tuple[torch.Tensor, ...], at: torch.Tensor, coll: Collectives) -> GapReport:
-        return _decompose(model, guide, part, at, coll, q=q if spread is None else None, own=own, families=families, fitted=fitted, logpx=logpx,
-                          num_samples=num_samples, elbo_samples=elbo_samples, defensive=defensive, unreliable=unreliable, local_options=local_options,
-                          ais_options=ais_options, name=name, batch_size=batch_size, seed=seed, progress=progress and coll.rank == 0)
+        return _decompose(
+            model,
+            guide,
+            part,
+            at,
+            coll,
+            q=q if spread is None else None,
+            own=own,
+            families=families,
+            fitted=fitted,
+            logpx=logpx,
+            num_samples=num_samples,
+            elbo_samples=elbo_samples,
+            defensive=defensive,
+            unreliable=unreliable,
+            local_options=local_options,
+            ais_options=ais_options,
+            name=name,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress and coll.rank == 0,
+        )
 
-    report = spread_rows(rows, data, idx, spread, programs=(model, guide), combine=GapReport.concat, types=(GapReport,))
+    report = spread_rows(
+        rows,
+        data,
+        idx,
+        spread,
+        programs=(model, guide),
+        combine=GapReport.concat,
+        types=(GapReport,),
+    )
     for line in report.warnings() if warn else ():
         warnings.warn(f"{name}: {line}", ReliabilityWarning, stacklevel=2)
     return report
 
 
-def _decompose(model: Callable[..., object], guide: Callable[..., object], data: tuple[torch.Tensor, ...], idx: torch.Tensor, coll: Collectives, *,
-               q: torch.distributions.Distribution | None, own: str | None, families: tuple[str, ...], fitted: tuple[str, ...], logpx: str, num_samples: int,
-               elbo_samples: int, defensive: tuple[float, float], unreliable: str, local_options: dict[str, Any] | None, ais_options: dict[str, Any] | None, name: str, batch_size: int,
-               seed: int, progress: bool = False) -> GapReport:
+def _decompose(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    data: tuple[torch.Tensor, ...],
+    idx: torch.Tensor,
+    coll: Collectives,
+    *,
+    q: torch.distributions.Distribution | None,
+    own: str | None,
+    families: tuple[str, ...],
+    fitted: tuple[str, ...],
+    logpx: str,
+    num_samples: int,
+    elbo_samples: int,
+    defensive: tuple[float, float],
+    unreliable: str,
+    local_options: dict[str, Any] | None,
+    ais_options: dict[str, Any] | None,
+    name: str,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> GapReport:
     """:func:`decompose` of the rows ``data`` (dataset indices ``idx``); a choice over all datapoints takes its means over every process."""
-    if q is None and own is not None:  # the guide's q over the joint latent of these rows (in this process, on its device)
-        q, _ = guide_in_latent_space(guide, latent_of(model, *data, guide=guide, analysis="the gap decomposition"), *data)
+    if (
+        q is None and own is not None
+    ):  # the guide's q over the joint latent of these rows (in this process, on its device)
+        q, _ = guide_in_latent_space(
+            guide, latent_of(model, *data, guide=guide, analysis="the gap decomposition"), *data
+        )
     n = data[0].shape[0]
     total = coll.sum(float(n))
 
     def mean(v: torch.Tensor) -> float:  # over the datapoints of every process
         return coll.sum(v.double().sum().item()) / total
 
-    on_q = importance_bounds(model, guide, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed, index=idx, progress=progress, diagnose=False)
-    local, local_se, steps, fits, converged, change, change_se, optima = {}, {}, {}, {}, {}, {}, {}, {}
+    on_q = importance_bounds(
+        model,
+        guide,
+        *data,
+        num_samples=elbo_samples,
+        batch_size=batch_size,
+        seed=seed,
+        index=idx,
+        progress=progress,
+        diagnose=False,
+    )
+    local, local_se, steps, fits, converged, change, change_se, optima = (
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+    )
     for i, fam in enumerate(fitted):
-        fit = optimize_local(model, *data, family=fam, init=q if q is not None else guide, seed=seed + 1 + i, index=idx, progress=progress,
-                             **(local_options or {}))
-        b = importance_bounds(model, fit.posterior, *data, num_samples=elbo_samples, batch_size=batch_size, seed=seed + 101 + i, index=idx, progress=progress,
-                              diagnose=False)
+        fit = optimize_local(
+            model,
+            *data,
+            family=fam,
+            init=q if q is not None else guide,
+            seed=seed + 1 + i,
+            index=idx,
+            progress=progress,
+            **(local_options or {}),
+        )
+        b = importance_bounds(
+            model,
+            fit.posterior,
+            *data,
+            num_samples=elbo_samples,
+            batch_size=batch_size,
+            seed=seed + 101 + i,
+            index=idx,
+            progress=progress,
+            diagnose=False,
+        )
         local[fam], local_se[fam] = b.elbo, b.elbo_se
         steps[fam] = mean(fit.steps)
         fits[fam] = fit
-        converged[fam], change[fam], change_se[fam], optima[fam] = fit.converged, fit.final_change, fit.final_change_se, fit.optima
+        converged[fam], change[fam], change_se[fam], optima[fam] = (
+            fit.converged,
+            fit.final_change,
+            fit.final_change_se,
+            fit.optima,
+        )
     khat = bad = by_ais = None
     if logpx == "iwae":
         means = {f: mean(local[f]) for f in fits}
         best = max(fits, key=lambda f: means[f])
         fit = fits[best]
         prior = None
-        if defensive[1] > 0:  # the prior's Gaussian over the joint latent (where not exact, moments of each datapoint's own prior draws)
+        if (
+            defensive[1] > 0
+        ):  # the prior's Gaussian over the joint latent (where not exact, moments of each datapoint's own prior draws)
             latent = fit.posterior.latent
             draws = Streams(seed + 998, idx, data[0].device, Tag.LOCAL, 6)
             prior_q = start_distribution(model, latent, *data, init="prior", streams=draws)
             prior = LocalPosterior.initial("full", prior_q, latent)
         proposal = defensive_proposal(fit, prior, defensive)
-        b = importance_bounds(model, proposal, *data, num_samples=num_samples, batch_size=batch_size, seed=seed + 999, index=idx,
-                              progress=progress)
+        b = importance_bounds(
+            model,
+            proposal,
+            *data,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            seed=seed + 999,
+            index=idx,
+            progress=progress,
+        )
         log_px, log_px_se = b.iwae.clone(), b.iwae_se.clone()
         if proposal is fit.posterior:
-            local[best], local_se[best] = b.elbo, b.elbo_se  # the same family's ELBO, now from K draws
+            local[best], local_se[best] = (
+                b.elbo,
+                b.elbo_se,
+            )  # the same family's ELBO, now from K draws
         khat, bad = b.khat, ~b.reliable
         if isinstance(proposal, LocalMixture):
-            what = (f"a defensive mixture of the local {best} q* (its starts' distinct optima, {1 - sum(defensive):.0%}), "
-                    f"q* widened x{WIDEN:g} ({defensive[0]:.0%}) and the prior ({defensive[1]:.0%})")
+            what = (
+                f"a defensive mixture of the local {best} q* (its starts' distinct optima, {1 - sum(defensive):.0%}), "
+                f"q* widened x{WIDEN:g} ({defensive[0]:.0%}) and the prior ({defensive[1]:.0%})"
+            )
         else:
             what = f"the local {best} q*"
         estimator = f"IWAE K={num_samples} with {what} as proposal (reliable where Pareto k̂ <= {khat_threshold(num_samples):.2f})"
-        if unreliable == "ais":  # AIS of this process's flagged rows (each datapoint's draws are its own: no other process is involved)
+        if (
+            unreliable == "ais"
+        ):  # AIS of this process's flagged rows (each datapoint's draws are its own: no other process is involved)
             by_ais, rows = bad.clone(), bad.nonzero().squeeze(-1)
             if len(rows):
-                r = ais(model, *(t[rows] for t in data), seed=seed + 1000, index=idx[rows], progress=progress, **(ais_options or {}))
+                r = ais(
+                    model,
+                    *(t[rows] for t in data),
+                    seed=seed + 1000,
+                    index=idx[rows],
+                    progress=progress,
+                    **(ais_options or {}),
+                )
                 log_px[rows], log_px_se[rows] = r.log_px.double(), r.log_px_se.double()
             given = ", ".join(f"{k}={v}" for k, v in sorted((ais_options or {}).items()))
             estimator += f"; AIS ({given or 'default options'}) for the datapoints above it"
@@ -514,8 +758,24 @@ def _decompose(model: Callable[..., object], guide: Callable[..., object], data:
     means = {f: mean(local[f]) for f in families}
     family = own if own is not None else max(families, key=lambda f: means[f])
     return GapReport(
-        index=idx, log_px=log_px, log_px_se=log_px_se, elbo_q=on_q.elbo, elbo_q_se=on_q.elbo_se, elbo_local=local,
-        elbo_local_se=local_se, family=family, logpx_estimator=estimator, num_samples=elbo_samples, local_steps=steps,
-        name=name, q_in_family=own is not None, log_px_khat=khat, log_px_unreliable=bad, log_px_ais=by_ais,
-        qstar_converged=converged, qstar_change=change, qstar_change_se=change_se, qstar_optima=optima,
+        index=idx,
+        log_px=log_px,
+        log_px_se=log_px_se,
+        elbo_q=on_q.elbo,
+        elbo_q_se=on_q.elbo_se,
+        elbo_local=local,
+        elbo_local_se=local_se,
+        family=family,
+        logpx_estimator=estimator,
+        num_samples=elbo_samples,
+        local_steps=steps,
+        name=name,
+        q_in_family=own is not None,
+        log_px_khat=khat,
+        log_px_unreliable=bad,
+        log_px_ais=by_ais,
+        qstar_converged=converged,
+        qstar_change=change,
+        qstar_change_se=change_se,
+        qstar_optima=optima,
     )

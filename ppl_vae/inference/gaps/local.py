@@ -98,9 +98,24 @@ from ..traces import analysed, log_weights_of, plate_nesting, traces
 from .bounds import MAX_ELEMENTS, chunks
 
 __all__ = [
-    "LocalFit", "optimize_local", "check_options", "start_distribution", "check_log_weights", "resampled_shifts", "window_change",
-    "judge_window", "keep_best", "same_optimum", "distinct_optima", "Z_CHECK", "FINAL_FACTOR",
-    "LocalState", "local_objective", "local_step", "adam_update", "check_window",
+    "LocalFit",
+    "optimize_local",
+    "check_options",
+    "start_distribution",
+    "check_log_weights",
+    "resampled_shifts",
+    "window_change",
+    "judge_window",
+    "keep_best",
+    "same_optimum",
+    "distinct_optima",
+    "Z_CHECK",
+    "FINAL_FACTOR",
+    "LocalState",
+    "local_objective",
+    "local_step",
+    "adam_update",
+    "check_window",
 ]
 
 #: standard errors by which a check window's change must fall below ``tol`` to count as no improvement
@@ -118,32 +133,61 @@ class LocalFit:
     them, the same at every check and for every start: common random numbers).
     """
 
-    posterior: LocalPosterior  # the kept start of each datapoint (the one with the highest final ELBO)
+    posterior: (
+        LocalPosterior  # the kept start of each datapoint (the one with the highest final ELBO)
+    )
     steps: torch.Tensor  # Adam steps the kept start took
-    converged: torch.Tensor  # bool: the kept start's last window showed no improvement at its smallest step size
+    converged: (
+        torch.Tensor
+    )  # bool: the kept start's last window showed no improvement at its smallest step size
     initial_elbo: torch.Tensor  # ELBO of the first start (the init)
     final_elbo: torch.Tensor  # ELBO of the kept parameters
     final_elbo_se: torch.Tensor  # its Monte Carlo standard error
-    final_change: torch.Tensor  # nats: the kept start's gain since its last halving, at its last check (judge_window)
+    final_change: (
+        torch.Tensor
+    )  # nats: the kept start's gain since its last halving, at its last check (judge_window)
     final_change_se: torch.Tensor  # the standard error that gain was judged against
     lr_scale: torch.Tensor  # the kept start's final step size, as a fraction of lr
     start_elbo: torch.Tensor  # [S, N] each start's final ELBO
     start_converged: torch.Tensor  # [S, N] bool
-    optima: torch.Tensor  # how many distinct optima the converged starts (and the kept one) ended at (1: they agree)
+    optima: (
+        torch.Tensor
+    )  # how many distinct optima the converged starts (and the kept one) ended at (1: they agree)
     modes: torch.Tensor  # [S, N] bool: the best start of each distinct optimum
-    candidates: LocalPosterior  # every start's final parameters, S * N rows, start-major (row s * N + n)
+    candidates: (
+        LocalPosterior  # every start's final parameters, S * N rows, start-major (row s * N + n)
+    )
     options: dict = field(default_factory=dict)
 
 
 def check_options(
-    *, family: str = "diagonal", num_samples: int = 10, lr: float = 1e-2, max_steps: int = 4000, check_every: int = 100, tol: float = 0.01,
-    lr_decays: int = 8, check_samples: int = 100, starts: int = 2, start_spread: float = 1.0, start_scale: float = 0.5,
-    path_derivative: bool = True, num_flows: int = 2, flow_hidden: int | None = None, compile: bool = False,
+    *,
+    family: str = "diagonal",
+    num_samples: int = 10,
+    lr: float = 1e-2,
+    max_steps: int = 4000,
+    check_every: int = 100,
+    tol: float = 0.01,
+    lr_decays: int = 8,
+    check_samples: int = 100,
+    starts: int = 2,
+    start_spread: float = 1.0,
+    start_scale: float = 0.5,
+    path_derivative: bool = True,
+    num_flows: int = 2,
+    flow_hidden: int | None = None,
+    compile: bool = False,
 ) -> None:
     """Validate the options of :func:`optimize_local` before any work (``ConfigError`` naming the option)."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    counts = (("num_samples", num_samples), ("max_steps", max_steps), ("check_every", check_every), ("num_flows", num_flows), ("starts", starts))
+    counts = (
+        ("num_samples", num_samples),
+        ("max_steps", max_steps),
+        ("check_every", check_every),
+        ("num_flows", num_flows),
+        ("starts", starts),
+    )
     for name, value in counts:
         check_int(value, name.replace("_", "-"))
     check_int(check_samples, "check-samples (at least 2 for a standard error)", low=2)
@@ -161,7 +205,11 @@ def check_options(
 
 
 def start_distribution(
-    model: Callable[..., object], latent: Latent, *data: torch.Tensor, init: Callable[..., object] | torch.distributions.Distribution | str = "prior", draws: int = 2000,
+    model: Callable[..., object],
+    latent: Latent,
+    *data: torch.Tensor,
+    init: Callable[..., object] | torch.distributions.Distribution | str = "prior",
+    draws: int = 2000,
     streams: Streams | None = None,
 ) -> torch.distributions.Distribution:
     """A batch of distributions over the joint latent ``u`` (batch ``[N]``, event ``[K]``) to start ``q*`` from.
@@ -180,16 +228,32 @@ def start_distribution(
                 fn = poutine.trace(model).get_trace(*data).nodes[latent.names[0]]["fn"]
             if family_of(fn) in ("diagonal", "full"):
                 return fn
-        return moment_matched(latent_draws(model, latent, *data, num_samples=draws, streams=streams))
+        return moment_matched(
+            latent_draws(model, latent, *data, num_samples=draws, streams=streams)
+        )
     q, _ = guide_in_latent_space(init, latent, *data)  # type: ignore[arg-type]
-    return q if q is not None else moment_matched(latent_draws(model, latent, *data, guide=init, num_samples=draws, streams=streams))  # type: ignore[arg-type]
+    return (
+        q
+        if q is not None
+        else moment_matched(
+            latent_draws(model, latent, *data, guide=init, num_samples=draws, streams=streams)
+        )
+    )  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ the convergence test
 
 
-def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, data: tuple[torch.Tensor, ...], rows: torch.Tensor | Sequence[int],
-                      streams: Streams, *, num_samples: int, nesting: int) -> torch.Tensor:
+def check_log_weights(
+    model: Callable[..., object],
+    posterior: LocalPosterior,
+    data: tuple[torch.Tensor, ...],
+    rows: torch.Tensor | Sequence[int],
+    streams: Streams,
+    *,
+    num_samples: int,
+    nesting: int,
+) -> torch.Tensor:
     """Log-weights ``[M, R]`` (float64) of the rows ``rows`` of ``posterior`` and ``data``, from their fixed check draws.
 
     The draws come from ``streams`` (one per row) and are put back after
@@ -209,13 +273,28 @@ def check_log_weights(model: Callable[..., object], posterior: LocalPosterior, d
             r = torch.tensor(rows[part], device=posterior.loc.device)
             with picked.replaying():
                 args = tuple(t[r] for t in data)
-                model_tr, guide_tr = traces(model, posterior.select(r), *args, num_samples=num_samples, nesting=nesting, streams=picked)
+                model_tr, guide_tr = traces(
+                    model,
+                    posterior.select(r),
+                    *args,
+                    num_samples=num_samples,
+                    nesting=nesting,
+                    streams=picked,
+                )
             out.append(log_weights_of(model_tr, guide_tr).double())
     return torch.cat(out, 1)
 
 
-def resampled_shifts(model: Callable[..., object], q: LocalPosterior, data: tuple[torch.Tensor, ...], streams: Streams, *,
-                     num: int, draws: int, site: str) -> torch.Tensor:
+def resampled_shifts(
+    model: Callable[..., object],
+    q: LocalPosterior,
+    data: tuple[torch.Tensor, ...],
+    streams: Streams,
+    *,
+    num: int,
+    draws: int,
+    site: str,
+) -> torch.Tensor:
     r"""``[num, N, K]``: per datapoint, ``num`` draws of ``q`` resampled by importance weight, minus the mean of the draws.
 
     Sampling importance resampling (Rubin 1988): of ``draws`` draws :math:`u_k \sim q`, one is
@@ -234,13 +313,17 @@ def resampled_shifts(model: Callable[..., object], q: LocalPosterior, data: tupl
             rows = torch.arange(part.start, part.stop, device=q.loc.device)
             picked = streams.select(rows.tolist())
             args = tuple(t[rows] for t in data)
-            model_tr, guide_tr = traces(model, q.select(rows), *args, num_samples=draws, nesting=nesting, streams=picked)
+            model_tr, guide_tr = traces(
+                model, q.select(rows), *args, num_samples=draws, nesting=nesting, streams=picked
+            )
             lw = log_weights_of(model_tr, guide_tr).double()  # [draws, R]
             u = guide_tr.nodes[site]["value"].reshape(draws, len(rows), -1)
             cdf = torch.softmax(lw, 0).cumsum(0).T.contiguous()  # [R, draws]
             uniform = picked.uniform((len(rows), num), dim=0, dtype=torch.float64)
             at = torch.searchsorted(cdf, uniform).clamp_max(draws - 1)  # [R, num]
-            chosen = u.permute(1, 0, 2).gather(1, at.unsqueeze(-1).expand(-1, -1, u.shape[-1]))  # [R, num, K]
+            chosen = u.permute(1, 0, 2).gather(
+                1, at.unsqueeze(-1).expand(-1, -1, u.shape[-1])
+            )  # [R, num, K]
             out.append((chosen - u.mean(0).unsqueeze(1)).transpose(0, 1))
     return torch.cat(out, 1)
 
@@ -261,8 +344,15 @@ def window_change(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor
     return d.mean(0), d.std(0) / math.sqrt(d.shape[0])
 
 
-def judge_window(change: torch.Tensor, se: torch.Tensor, gain: torch.Tensor, gain_se: torch.Tensor, decays: torch.Tensor,
-                 lr_decays: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def judge_window(
+    change: torch.Tensor,
+    se: torch.Tensor,
+    gain: torch.Tensor,
+    gain_se: torch.Tensor,
+    decays: torch.Tensor,
+    lr_decays: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(slower, done)``: rows whose step size is halved, rows that have converged.
 
     ``change`` is the last window's change of ELBO, ``gain`` the change since
@@ -294,7 +384,9 @@ class LocalState(NamedTuple):
     :func:`check_window` judges a window; neither reads a value back to the host.
     """
 
-    params: tuple[torch.Tensor, ...]  # the rows' parameters (a LocalPosterior's, in its order), leaves that require grad
+    params: tuple[
+        torch.Tensor, ...
+    ]  # the rows' parameters (a LocalPosterior's, in its order), leaves that require grad
     exp_avg: tuple[torch.Tensor, ...]  # Adam's first moment of each parameter
     exp_avg_sq: tuple[torch.Tensor, ...]  # Adam's second moment
     step: int  # Adam's steps so far, the same for every row (its bias correction)
@@ -304,7 +396,9 @@ class LocalState(NamedTuple):
     last_lw: torch.Tensor  # [M, R] float64: the check log-weights of the last check
     before_lw: torch.Tensor  # [M, R]: of the check before it
     anchor_lw: torch.Tensor  # [M, R]: of the row's last halving
-    change: torch.Tensor  # float64: the gain judged at the last check (judge_window), NaN before the first
+    change: (
+        torch.Tensor
+    )  # float64: the gain judged at the last check (judge_window), NaN before the first
     change_se: torch.Tensor  # its standard error
 
     @classmethod
@@ -314,20 +408,51 @@ class LocalState(NamedTuple):
         r = posterior.num_points
         nan = start_lw.new_full((r,), math.nan)
         decays = torch.zeros(r, dtype=torch.long, device=start_lw.device)
-        return cls(params, tuple(torch.zeros_like(p) for p in params), tuple(torch.zeros_like(p) for p in params), 0, start_lw.new_ones(r), decays,
-                   decays.clone(), start_lw, start_lw, start_lw, nan, nan.clone())
+        return cls(
+            params,
+            tuple(torch.zeros_like(p) for p in params),
+            tuple(torch.zeros_like(p) for p in params),
+            0,
+            start_lw.new_ones(r),
+            decays,
+            decays.clone(),
+            start_lw,
+            start_lw,
+            start_lw,
+            nan,
+            nan.clone(),
+        )
 
     def take(self, keep: torch.Tensor, posterior: LocalPosterior) -> LocalState:
         """The state of the rows ``keep`` (an index tensor) only, whose parameters are now ``posterior``'s."""
         rows = [t[keep] for t in (self.scale, self.decays, self.bad, self.change, self.change_se)]
         lws = [t[:, keep] for t in (self.last_lw, self.before_lw, self.anchor_lw)]
         scale, decays, bad, change, change_se = rows
-        return LocalState(tuple(posterior.parameters()), tuple(m[keep] for m in self.exp_avg), tuple(v[keep] for v in self.exp_avg_sq), self.step,
-                          scale, decays, bad, *lws, change, change_se)
+        return LocalState(
+            tuple(posterior.parameters()),
+            tuple(m[keep] for m in self.exp_avg),
+            tuple(v[keep] for v in self.exp_avg_sq),
+            self.step,
+            scale,
+            decays,
+            bad,
+            *lws,
+            change,
+            change_se,
+        )
 
 
-def local_objective(model: Callable[..., object], posterior: LocalPosterior, data: tuple[torch.Tensor, ...], streams: Streams, *, num_samples: int,
-                    nesting: int, site: str, stl: bool) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+def local_objective(
+    model: Callable[..., object],
+    posterior: LocalPosterior,
+    data: tuple[torch.Tensor, ...],
+    streams: Streams,
+    *,
+    num_samples: int,
+    nesting: int,
+    site: str,
+    stl: bool,
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     r"""``objective()``: the log-weights ``[num_samples, R]`` of every row of ``posterior`` on ``data`` from the next draws of ``streams``, and the surrogate whose gradient is the step's.
 
     With ``stl`` the surrogate has the log-weights' value and the path-derivative gradient:
@@ -336,18 +461,31 @@ def local_objective(model: Callable[..., object], posterior: LocalPosterior, dat
     guide = posterior.select(slice(None))
 
     def objective() -> tuple[torch.Tensor, torch.Tensor]:
-        model_tr, guide_tr = traces(model, guide, *data, num_samples=num_samples, nesting=nesting, streams=streams)
+        model_tr, guide_tr = traces(
+            model, guide, *data, num_samples=num_samples, nesting=nesting, streams=streams
+        )
         lw = log_weights_of(model_tr, guide_tr)
         if not stl:
             return lw, lw
         u = guide_tr.nodes[site]["value"]
-        return lw, lw + guide_tr.nodes[site]["fn"].log_prob(u) - posterior.distribution(detach=True).log_prob(u)
+        return lw, lw + guide_tr.nodes[site]["fn"].log_prob(u) - posterior.distribution(
+            detach=True
+        ).log_prob(u)
 
     return objective
 
 
-def adam_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg: Sequence[torch.Tensor], exp_avg_sq: Sequence[torch.Tensor],
-                rate: torch.Tensor, correction: torch.Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+def adam_update(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avg: Sequence[torch.Tensor],
+    exp_avg_sq: Sequence[torch.Tensor],
+    rate: torch.Tensor,
+    correction: torch.Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+) -> None:
     r"""Adam's update in place, row ``r`` of every parameter moved by step size ``rate[r]`` (float64, bias-corrected: ``lr / (1 - beta1^t)``).
 
     ``correction`` is the 0-d :math:`1 / \sqrt{1 - \beta_2^t}`. Elementwise, as ``torch.optim.Adam``:
@@ -370,8 +508,13 @@ def compiled_adam() -> Callable[..., None]:
     return _COMPILED[0]
 
 
-def local_step(state: LocalState, objective: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, lr: float,
-               update: Callable[..., None] = adam_update) -> LocalState:
+def local_step(
+    state: LocalState,
+    objective: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float,
+    update: Callable[..., None] = adam_update,
+) -> LocalState:
     """One Adam step of every row: ``objective()`` (:func:`local_objective`) differentiated with respect to ``state.params``, moved by ``update``.
 
     A row whose log-weights are not all finite has the step's number recorded in ``bad`` (its
@@ -382,13 +525,24 @@ def local_step(state: LocalState, objective: Callable[[], tuple[torch.Tensor, to
     grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(state.params, grads))
     step = state.step + 1
     bad = torch.where((state.bad == 0) & ~torch.isfinite(lw).all(0), step, state.bad)
-    correction = torch.full((), 1 / math.sqrt(1 - 0.999**step), dtype=torch.float64, device=state.scale.device)
+    correction = torch.full(
+        (), 1 / math.sqrt(1 - 0.999**step), dtype=torch.float64, device=state.scale.device
+    )
     with torch.no_grad():
-        update(state.params, grads, state.exp_avg, state.exp_avg_sq, state.scale * (lr / (1 - 0.9**step)), correction)
+        update(
+            state.params,
+            grads,
+            state.exp_avg,
+            state.exp_avg_sq,
+            state.scale * (lr / (1 - 0.9**step)),
+            correction,
+        )
     return state._replace(step=step, bad=bad)
 
 
-def check_window(state: LocalState, now: torch.Tensor, *, lr_decays: int, tol: float) -> tuple[LocalState, torch.Tensor]:
+def check_window(
+    state: LocalState, now: torch.Tensor, *, lr_decays: int, tol: float
+) -> tuple[LocalState, torch.Tensor]:
     """Judge the window that just ended from every row's check log-weights ``now`` ``[M, R]``: the new state, and ``done`` ``[R]`` (bool), the rows that converged.
 
     Progress over the last two windows (progress adds up, jitter does not) and the gain since
@@ -401,8 +555,15 @@ def check_window(state: LocalState, now: torch.Tensor, *, lr_decays: int, tol: f
     first_halving = state.decays == 0
     g, g_se = torch.where(first_halving, d, g), torch.where(first_halving, d_se, g_se)
     slower, done = judge_window(d, d_se, g, g_se, state.decays, lr_decays, tol)
-    return state._replace(scale=torch.where(slower, state.scale / 2, state.scale), decays=state.decays + slower.long(), before_lw=state.last_lw,
-                          last_lw=now, anchor_lw=torch.where(slower, now, state.anchor_lw), change=g, change_se=g_se), done
+    return state._replace(
+        scale=torch.where(slower, state.scale / 2, state.scale),
+        decays=state.decays + slower.long(),
+        before_lw=state.last_lw,
+        last_lw=now,
+        anchor_lw=torch.where(slower, now, state.anchor_lw),
+        change=g,
+        change_se=g_se,
+    ), done
 
 
 def keep_best(lw: torch.Tensor, converged: torch.Tensor | None = None) -> torch.Tensor:
@@ -417,7 +578,9 @@ def keep_best(lw: torch.Tensor, converged: torch.Tensor | None = None) -> torch.
     n = lw.shape[2]
     cols = torch.arange(n, device=lw.device)
     top = lw.mean(0).argmax(0)
-    gap, se = window_change(lw[:, top, cols].unsqueeze(1), lw)  # [S, N]: how far each start is below the top one
+    gap, se = window_change(
+        lw[:, top, cols].unsqueeze(1), lw
+    )  # [S, N]: how far each start is below the top one
     spread = lw.var(0).masked_fill(gap - Z_CHECK * se > 0, math.inf)
     if converged is not None:  # a converged candidate, where there is one
         some = torch.isfinite(spread.masked_fill(~converged, math.inf)).any(0)
@@ -425,7 +588,9 @@ def keep_best(lw: torch.Tensor, converged: torch.Tensor | None = None) -> torch.
     return spread.argmin(0)
 
 
-def same_optimum(lw_a: torch.Tensor, lw_b: torch.Tensor, lw_mid: torch.Tensor, tol: float) -> torch.Tensor:
+def same_optimum(
+    lw_a: torch.Tensor, lw_b: torch.Tensor, lw_mid: torch.Tensor, tol: float
+) -> torch.Tensor:
     """``[N]`` bool: start b ended at the optimum start a did (a the better one).
 
     ``lw_a``, ``lw_b`` and ``lw_mid`` ``[M, N]``: log-weights from the same noise of the two starts'
@@ -439,8 +604,13 @@ def same_optimum(lw_a: torch.Tensor, lw_b: torch.Tensor, lw_mid: torch.Tensor, t
     return (gap - Z_CHECK * gap_se <= tol) & (dip - Z_CHECK * dip_se <= tol)
 
 
-def distinct_optima(lw: torch.Tensor, midpoint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eligible: torch.Tensor,
-                    tol: float, first: torch.Tensor) -> torch.Tensor:
+def distinct_optima(
+    lw: torch.Tensor,
+    midpoint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    eligible: torch.Tensor,
+    tol: float,
+    first: torch.Tensor,
+) -> torch.Tensor:
     """``[S, N]`` bool: one start of each distinct optimum among the ``eligible`` starts (``[S, N]``).
 
     ``lw`` ``[M, S, N]``: every start's final log-weights (the same noise for every start);
@@ -570,12 +740,28 @@ def optimize_local(
     :func:`check_window` and one read of the rows that converged and of any
     non-finite ELBO; converged rows then leave the batch.
     """
-    check_options(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol, lr_decays=lr_decays,
-                  check_samples=check_samples, starts=starts, start_spread=start_spread, start_scale=start_scale, path_derivative=path_derivative,
-                  num_flows=num_flows, flow_hidden=flow_hidden, compile=compile)
+    check_options(
+        family=family,
+        num_samples=num_samples,
+        lr=lr,
+        max_steps=max_steps,
+        check_every=check_every,
+        tol=tol,
+        lr_decays=lr_decays,
+        check_samples=check_samples,
+        starts=starts,
+        start_spread=start_spread,
+        start_scale=start_scale,
+        path_derivative=path_derivative,
+        num_flows=num_flows,
+        flow_hidden=flow_hidden,
+        compile=compile,
+    )
     if isinstance(init, str) and init != "prior":
         raise ConfigError(f"init must be a guide, a distribution or 'prior', got {init!r}")
-    guide = init if callable(init) and not isinstance(init, torch.distributions.Distribution) else None
+    guide = (
+        init if callable(init) and not isinstance(init, torch.distributions.Distribution) else None
+    )
     model, guide = analysed(model, guide, data, "the local optimisation (q*)")  # type: ignore[assignment]
     init = guide if guide is not None else init
     latent = latent_of(model, *data, guide=guide, analysis="the local optimisation (q*)")
@@ -584,17 +770,40 @@ def optimize_local(
     device = data[0].device
     with seeded(seed):
         base = base_seed(seed)
-        q0 = start_distribution(model, latent, *data, init=init, streams=Streams(base, idx, device, Tag.LOCAL, 0))  # the start
+        q0 = start_distribution(
+            model, latent, *data, init=init, streams=Streams(base, idx, device, Tag.LOCAL, 0)
+        )  # the start
         if tuple(q0.batch_shape) != (n,) or tuple(q0.event_shape) != (latent.dim,):
-            raise ConfigError(f"the initial distribution must have batch shape ({n},) and event shape ({latent.dim},), got {tuple(q0.batch_shape)} and {tuple(q0.event_shape)}")
-        first = LocalPosterior.initial(family, q0, latent, num_flows=num_flows, flow_hidden=flow_hidden, normal=Streams(base, idx, device, Tag.LOCAL, 1).normal,
-                                       generator=torch.Generator(device="cpu").manual_seed(base))
-        point = torch.arange(n, device=first.loc.device).repeat(S)  # row r is start r // n of datapoint r % n
+            raise ConfigError(
+                f"the initial distribution must have batch shape ({n},) and event shape ({latent.dim},), got {tuple(q0.batch_shape)} and {tuple(q0.event_shape)}"
+            )
+        first = LocalPosterior.initial(
+            family,
+            q0,
+            latent,
+            num_flows=num_flows,
+            flow_hidden=flow_hidden,
+            normal=Streams(base, idx, device, Tag.LOCAL, 1).normal,
+            generator=torch.Generator(device="cpu").manual_seed(base),
+        )
+        point = torch.arange(n, device=first.loc.device).repeat(
+            S
+        )  # row r is start r // n of datapoint r % n
         posterior = first.take(point)
         site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
-        if S > 1:  # the other starts: narrowed copies of the init, centred at posterior draws resampled from the (widened) init
+        if (
+            S > 1
+        ):  # the other starts: narrowed copies of the init, centred at posterior draws resampled from the (widened) init
             resample = Streams(base, idx, device, Tag.LOCAL, 4)
-            shift = resampled_shifts(model, first.widened(start_spread), data, resample, num=S - 1, draws=check_samples, site=site)
+            shift = resampled_shifts(
+                model,
+                first.widened(start_spread),
+                data,
+                resample,
+                num=S - 1,
+                draws=check_samples,
+                site=site,
+            )
             narrow = dict(first.widened(start_scale).take(point[n:]).named_parameters())
             with torch.no_grad():
                 for name, p in posterior.named_parameters():
@@ -604,46 +813,76 @@ def optimize_local(
             p.requires_grad_(False)
         data = tuple(t[point.to(t.device)] for t in data)
         # the steps: each start its own streams; the checks: the same draws for every start of a datapoint
-        streams = Streams(base, [int(i) * S + s for s in range(S) for i in idx], device, Tag.LOCAL, 2, S)
+        streams = Streams(
+            base, [int(i) * S + s for s in range(S) for i in idx], device, Tag.LOCAL, 2, S
+        )
         check = Streams(base, idx.repeat(S), device, Tag.LOCAL, 3)
         nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))
 
         def evaluate(rows: torch.Tensor) -> torch.Tensor:
-            return check_log_weights(model, posterior, data, rows, check, num_samples=check_samples, nesting=nesting)
+            return check_log_weights(
+                model, posterior, data, rows, check, num_samples=check_samples, nesting=nesting
+            )
 
         rows_all = torch.arange(n * S, device=first.loc.device)
         start_lw = evaluate(rows_all)
         start = [p.detach().clone() for p in posterior.parameters()]
         like = posterior.loc
         stl = path_derivative and family != "flow"
-        moving = list(range(n * S))  # the (datapoint, start) rows still optimised, on the host: they change only at a check
+        moving = list(
+            range(n * S)
+        )  # the (datapoint, start) rows still optimised, on the host: they change only at a check
         work = posterior.take(rows_all)  # their parameters, row i of it is row moving[i]
         state = LocalState.initial(work, start_lw)
         steps = [0] * (n * S)
-        scale = like.new_ones(n * S, dtype=torch.float64)  # each row's final step size, as a fraction of lr
+        scale = like.new_ones(
+            n * S, dtype=torch.float64
+        )  # each row's final step size, as a fraction of lr
         change = like.new_full((n * S,), math.nan, dtype=torch.float64)
         change_se = like.new_full((n * S,), math.nan, dtype=torch.float64)
         update = compiled_adam() if compile else adam_update
         step = 0
         # no distribution checks a value per step (each would read it back): a bad value shows as a non-finite ELBO, read once a window
-        with bar(total=max_steps, desc=f"q* {family}", unit="step", enabled=progress) as shown, pyro.validation_enabled(False):
+        with (
+            bar(total=max_steps, desc=f"q* {family}", unit="step", enabled=progress) as shown,
+            pyro.validation_enabled(False),
+        ):
             while moving and step < max_steps:
                 window = min(check_every, max_steps - step)
                 where = torch.tensor(moving, device=like.device)
                 args = tuple(t[where.to(t.device)] for t in data)
-                objective = local_objective(model, work, args, streams.select(moving), num_samples=num_samples, nesting=nesting, site=site, stl=stl)
+                objective = local_objective(
+                    model,
+                    work,
+                    args,
+                    streams.select(moving),
+                    num_samples=num_samples,
+                    nesting=nesting,
+                    site=site,
+                    stl=stl,
+                )
                 for _ in range(window):
                     state = local_step(state, objective, lr=lr, update=update)
                     shown.update()
                 step += window
                 if step % check_every == 0:
-                    now = check_log_weights(model, work, args, range(len(moving)), check.select(moving), num_samples=check_samples, nesting=nesting)
+                    now = check_log_weights(
+                        model,
+                        work,
+                        args,
+                        range(len(moving)),
+                        check.select(moving),
+                        num_samples=check_samples,
+                        nesting=nesting,
+                    )
                     state, done = check_window(state, now, lr_decays=lr_decays, tol=tol)
                 else:  # max_steps ended the window before its check
                     done = torch.zeros(len(moving), dtype=torch.bool, device=like.device)
                 stopped, bad = host(torch.stack((done.long(), state.bad)))  # the window's one read
                 if any(bad):
-                    raise ConfigError(f"local optimisation of the {family} family hit a non-finite ELBO at step {min(b for b in bad if b)}; lower lr")
+                    raise ConfigError(
+                        f"local optimisation of the {family} family hit a non-finite ELBO at step {min(b for b in bad if b)}; lower lr"
+                    )
                 with torch.no_grad():
                     for p, q in zip(posterior.parameters(), work.parameters()):
                         p.index_copy_(0, where, q.detach())
@@ -653,27 +892,38 @@ def optimize_local(
                 for r in moving:
                     steps[r] += window
                 keep = [i for i, s in enumerate(stopped) if not s]
-                if len(keep) < len(moving):  # converged rows leave the batch, their parameters kept in posterior
+                if len(keep) < len(
+                    moving
+                ):  # converged rows leave the batch, their parameters kept in posterior
                     moving = [moving[i] for i in keep]
                     if moving:
                         kept = torch.tensor(keep, device=like.device)
                         work = work.take(kept)
                         state = state.take(kept, work)
-                    shown.set_postfix_str(f"{len(moving)} of {n * S} (datapoint, start) pairs still moving", refresh=False)
+                    shown.set_postfix_str(
+                        f"{len(moving)} of {n * S} (datapoint, start) pairs still moving",
+                        refresh=False,
+                    )
         active = torch.zeros(n * S, dtype=torch.bool, device=like.device)
         active[moving] = True
         steps = torch.tensor(steps, device=like.device)
         params = list(posterior.parameters())
         with torch.no_grad():
-            final_lw = evaluate(rows_all)  # where each row stopped, from the same draws as every check
+            final_lw = evaluate(
+                rows_all
+            )  # where each row stopped, from the same draws as every check
             gain, gain_se = window_change(final_lw, start_lw)
-            back = gain + Z_CHECK * gain_se < 0  # clearly worse than where it started: back to the start
+            back = (
+                gain + Z_CHECK * gain_se < 0
+            )  # clearly worse than where it started: back to the start
             for p, b in zip(params, start):
                 p.copy_(torch.where(back.view(-1, *([1] * (p.dim() - 1))), b, p))
             # the starts compared on FINAL_FACTOR times as many draws (the same for every start of a datapoint)
             final_streams = Streams(base, idx.repeat(S), device, Tag.LOCAL, 5)
             M = FINAL_FACTOR * check_samples
-            final_lw = check_log_weights(model, posterior, data, rows_all, final_streams, num_samples=M, nesting=nesting)
+            final_lw = check_log_weights(
+                model, posterior, data, rows_all, final_streams, num_samples=M, nesting=nesting
+            )
 
             def midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                 """Log-weights of the parameters halfway between starts ``a`` and ``b`` ``[N]`` of each datapoint."""
@@ -681,7 +931,10 @@ def optimize_local(
                 mid = posterior.take(a * n + cols)
                 for p, q in zip(mid.parameters(), posterior.take(b * n + cols).parameters()):
                     p.add_(q).div_(2)
-                return check_log_weights(model, mid, data, cols, final_streams, num_samples=M, nesting=nesting)
+                return check_log_weights(
+                    model, mid, data, cols, final_streams, num_samples=M, nesting=nesting
+                )
+
         for p in params:
             p.grad = None
             p.requires_grad_(False)
@@ -690,18 +943,41 @@ def optimize_local(
     best = keep_best(by_start, converged.view(S, n))
     keep = best * n + torch.arange(n, device=best.device)
     eligible = converged.view(S, n).clone()
-    eligible[best, torch.arange(n, device=best.device)] = True  # the kept start counts even where it did not converge
+    eligible[best, torch.arange(n, device=best.device)] = (
+        True  # the kept start counts even where it did not converge
+    )
     with torch.no_grad():
         modes = distinct_optima(by_start, midpoint, eligible, tol, best)
-    options = dict(family=family, num_samples=num_samples, lr=lr, max_steps=max_steps, check_every=check_every, tol=tol,
-                   lr_decays=lr_decays, check_samples=check_samples, starts=starts, start_spread=start_spread, start_scale=start_scale,
-                   path_derivative=path_derivative)
+    options = dict(
+        family=family,
+        num_samples=num_samples,
+        lr=lr,
+        max_steps=max_steps,
+        check_every=check_every,
+        tol=tol,
+        lr_decays=lr_decays,
+        check_samples=check_samples,
+        starts=starts,
+        start_spread=start_spread,
+        start_scale=start_scale,
+        path_derivative=path_derivative,
+    )
     dtype = like.dtype
     final = final_lw[:, keep]
     return LocalFit(
-        posterior=posterior.take(keep), steps=steps[keep], converged=converged[keep], initial_elbo=start_lw[:, :n].mean(0).to(dtype),
-        final_elbo=final.mean(0).to(dtype), final_elbo_se=(final.std(0) / math.sqrt(M)).to(dtype),
-        final_change=change[keep].to(dtype), final_change_se=change_se[keep].to(dtype), lr_scale=scale[keep].to(dtype),
-        start_elbo=by_start.mean(0).to(dtype), start_converged=converged.view(S, n), optima=modes.sum(0), modes=modes,
-        candidates=posterior, options=options,
+        posterior=posterior.take(keep),
+        steps=steps[keep],
+        converged=converged[keep],
+        initial_elbo=start_lw[:, :n].mean(0).to(dtype),
+        final_elbo=final.mean(0).to(dtype),
+        final_elbo_se=(final.std(0) / math.sqrt(M)).to(dtype),
+        final_change=change[keep].to(dtype),
+        final_change_se=change_se[keep].to(dtype),
+        lr_scale=scale[keep].to(dtype),
+        start_elbo=by_start.mean(0).to(dtype),
+        start_converged=converged.view(S, n),
+        optima=modes.sum(0),
+        modes=modes,
+        candidates=posterior,
+        options=options,
     )

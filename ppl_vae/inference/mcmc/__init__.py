@@ -12,6 +12,15 @@ from .nuts import nuts, nuts_latent
 from .vi import vi_draws, vi_draws_amortized, vi_draws_autoguide, vi_draws_latent
 
 __all__ = [
-    "Comparison", "Draws", "compare", "hmc", "hmc_latent", "nuts", "nuts_latent", "vi_draws", "vi_draws_amortized",
-    "vi_draws_autoguide", "vi_draws_latent",
+    "Comparison",
+    "Draws",
+    "compare",
+    "hmc",
+    "hmc_latent",
+    "nuts",
+    "nuts_latent",
+    "vi_draws",
+    "vi_draws_amortized",
+    "vi_draws_autoguide",
+    "vi_draws_latent",
 ]

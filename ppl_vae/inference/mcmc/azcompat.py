@@ -28,7 +28,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["arviz_version", "diagnostics", "ess", "mcse", "pareto_khat", "posterior_dataset", "rhat", "to_inference_data"]
+__all__ = [
+    "arviz_version",
+    "diagnostics",
+    "ess",
+    "mcse",
+    "pareto_khat",
+    "posterior_dataset",
+    "rhat",
+    "to_inference_data",
+]
 
 #: ArviZ 0.23's import-time notice about the 1.0 refactor (``FutureWarning``; the
 #: message starts with a newline).
@@ -86,7 +95,9 @@ def _attr_value(value: Any) -> Any:
         return value
     if isinstance(value, (list, tuple, np.ndarray)):
         items = [_attr_value(v) for v in np.asarray(value, dtype=object).ravel()]
-        if all(isinstance(v, (int, float)) for v in items) or all(isinstance(v, str) for v in items):
+        if all(isinstance(v, (int, float)) for v in items) or all(
+            isinstance(v, str) for v in items
+        ):
             return items
     return str(value)
 
@@ -133,7 +144,12 @@ def to_inference_data(
     if _major() == 0:
         group_attrs = {f"{g}_attrs": dict(clean) for g in groups}
         return az.from_dict(**groups, dims=dims, coords=coords, attrs=dict(clean), **group_attrs)
-    return az.from_dict(groups, dims=dims, coords=coords, attrs={"/": dict(clean), **{g: dict(clean) for g in groups}})
+    return az.from_dict(
+        groups,
+        dims=dims,
+        coords=coords,
+        attrs={"/": dict(clean), **{g: dict(clean) for g in groups}},
+    )
 
 
 def posterior_dataset(data: Any, group: str = "posterior") -> Any:
@@ -253,14 +269,19 @@ def mcse(draws: Any, method: Literal["mean", "sd"] = "mean") -> np.ndarray:
     return _per_element(x, "mcse", method=method)
 
 
-def _labels(name: str, shape: tuple[int, ...], var_dims: Sequence[str], coords: Mapping[str, Sequence[Any]]) -> list[str]:
+def _labels(
+    name: str, shape: tuple[int, ...], var_dims: Sequence[str], coords: Mapping[str, Sequence[Any]]
+) -> list[str]:
     if not shape:
         return [name]
     values = []
     for i, size in enumerate(shape):
         dim = var_dims[i] if i < len(var_dims) else None
         values.append(list(coords[dim]) if dim in coords else list(range(size)))
-    return [f"{name}[{', '.join(str(values[i][j]) for i, j in enumerate(idx))}]" for idx in np.ndindex(*shape)]
+    return [
+        f"{name}[{', '.join(str(values[i][j]) for i, j in enumerate(idx))}]"
+        for idx in np.ndindex(*shape)
+    ]
 
 
 def diagnostics(

@@ -63,7 +63,12 @@ __all__ = ["Comparison", "compare", "FLAG_THRESHOLDS"]
 
 
 #: a dimension (datapoint) is flagged when any of these is exceeded
-FLAG_THRESHOLDS = {"abs_std_mean_error": 0.3, "abs_log_sd_ratio": math.log(1.25), "coverage_90_below": 0.8, "pareto_k": 0.7}
+FLAG_THRESHOLDS = {
+    "abs_std_mean_error": 0.3,
+    "abs_log_sd_ratio": math.log(1.25),
+    "coverage_90_below": 0.8,
+    "pareto_k": 0.7,
+}
 #: the least bulk ESS of a sound MCMC reference: 100 per chain for the default 4 chains (Vehtari et al. 2021)
 MIN_ESS = 400
 
@@ -82,7 +87,9 @@ def draws_matrix(draws: Draws, names: Sequence[str]) -> tuple[np.ndarray, list[s
     """``[chain, draw, P, K]``: per-datapoint latents (all variables with a ``point`` dim, concatenated) or all variables as P = 1."""
     per_point = [n for n in names if "point" in draws.dims.get(n, [])]
     if per_point and len(per_point) != len(names):
-        raise ConfigError(f"cannot compare per-datapoint variables ({', '.join(per_point)}) together with global ones")
+        raise ConfigError(
+            f"cannot compare per-datapoint variables ({', '.join(per_point)}) together with global ones"
+        )
     if per_point:
         cols, labels = [], []
         for name in names:
@@ -101,8 +108,13 @@ def draws_matrix(draws: Draws, names: Sequence[str]) -> tuple[np.ndarray, list[s
 
 
 def _energy_distance(x: np.ndarray, y: np.ndarray) -> float:
-    tx, ty = (torch.as_tensor(v, dtype=torch.float64, device="cpu") for v in (x, y))  # draws are host arrays
-    n, m = len(tx), len(ty)  # within-sample terms as U-statistics (the zero diagonal excluded): unbiased
+    tx, ty = (
+        torch.as_tensor(v, dtype=torch.float64, device="cpu") for v in (x, y)
+    )  # draws are host arrays
+    n, m = (
+        len(tx),
+        len(ty),
+    )  # within-sample terms as U-statistics (the zero diagonal excluded): unbiased
 
     def within(t: torch.Tensor, k: int) -> torch.Tensor:
         return torch.cdist(t, t).sum() / (k * (k - 1))
@@ -165,11 +177,13 @@ class Comparison:
         if level != "dim":
             raise ConfigError(f"level must be 'dim' or 'point', got {level!r}")
         p, k = len(self.points), len(self.dims)
-        rows = pd.DataFrame({
-            "point": np.repeat(list(self.points), k),
-            "dim": np.tile(list(self.dims), p),
-            **{name: v.reshape(-1) for name, v in self.per_dim.items()},
-        })
+        rows = pd.DataFrame(
+            {
+                "point": np.repeat(list(self.points), k),
+                "dim": np.tile(list(self.dims), p),
+                **{name: v.reshape(-1) for name, v in self.per_dim.items()},
+            }
+        )
         return rows.merge(points, on="point")
 
     def flagged(self, thresholds: dict[str, float] | None = None) -> Any:
@@ -227,47 +241,93 @@ class Comparison:
         s, d = self.summary(), self.to_dataframe()
         n, k = len(self.points), len(self.dims)
         bad = self.flagged(thresholds)
-        lines = [f"VI ({self.vi_method}) against MCMC ({self.mcmc_method}) on {n} datapoint(s) x {k} latent dimension(s):"]
+        lines = [
+            f"VI ({self.vi_method}) against MCMC ({self.mcmc_method}) on {n} datapoint(s) x {k} latent dimension(s):"
+        ]
         p = self.per_point
-        missing = int(sum((~np.isfinite(np.asarray(p[k], dtype=float))).sum() for k in ("mcmc_max_rhat", "mcmc_min_ess_bulk")))
-        sound = (missing == 0 and s["mcmc_max_rhat"] < 1.01 and s["mcmc_divergences"] == 0 and s["mcmc_min_ess_bulk"] >= MIN_ESS)
-        lines.append(f"- MCMC reference: max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, "
-                     f"{s['mcmc_divergences']:.0f} divergences" + (f", {missing} diagnostics not computable" if missing else "") + ": "
-                     + (f"sound (R-hat < 1.01, bulk ESS >= {MIN_ESS}, no divergences)." if sound
-                        else "NOT sound: run longer chains (more draws and warm-up) before trusting the rows below."))
+        missing = int(
+            sum(
+                (~np.isfinite(np.asarray(p[k], dtype=float))).sum()
+                for k in ("mcmc_max_rhat", "mcmc_min_ess_bulk")
+            )
+        )
+        sound = (
+            missing == 0
+            and s["mcmc_max_rhat"] < 1.01
+            and s["mcmc_divergences"] == 0
+            and s["mcmc_min_ess_bulk"] >= MIN_ESS
+        )
+        lines.append(
+            f"- MCMC reference: max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, "
+            f"{s['mcmc_divergences']:.0f} divergences"
+            + (f", {missing} diagnostics not computable" if missing else "")
+            + ": "
+            + (
+                f"sound (R-hat < 1.01, bulk ESS >= {MIN_ESS}, no divergences)."
+                if sound
+                else "NOT sound: run longer chains (more draws and warm-up) before trusting the rows below."
+            )
+        )
         err = d["std_mean_error"].abs()
         worst = d.loc[err.idxmax()] if err.notna().any() else None
         where = f" (datapoint {worst['point']}, {worst['dim']})" if worst is not None else ""
-        lines.append(f"- Means: worst error {s['max_abs_std_mean_error']:.2f} posterior sds{where}; "
-                     f"{int((err > t['abs_std_mean_error']).sum())} of {n * k} dimensions off by more than {t['abs_std_mean_error']:g} sd.")
+        lines.append(
+            f"- Means: worst error {s['max_abs_std_mean_error']:.2f} posterior sds{where}; "
+            f"{int((err > t['abs_std_mean_error']).sum())} of {n * k} dimensions off by more than {t['abs_std_mean_error']:g} sd."
+        )
         ratio = d["sd_ratio"]
-        spread = ("VI is too narrow (overconfident) in " + str(int((ratio < 1 / math.exp(t["abs_log_sd_ratio"])).sum())) + " and too wide in "
-                  + str(int((ratio > math.exp(t["abs_log_sd_ratio"])).sum())) + f" of {n * k} dimensions")
-        lines.append(f"- Spread: VI sd / MCMC sd from {s['min_sd_ratio']:.2f} to {s['max_sd_ratio']:.2f}; {spread}.")
-        lines.append(f"- Coverage: VI's 90% intervals hold the MCMC draws {s['mean_coverage_90']:.0%} of the time on average (90% if calibrated).")
+        spread = (
+            "VI is too narrow (overconfident) in "
+            + str(int((ratio < 1 / math.exp(t["abs_log_sd_ratio"])).sum()))
+            + " and too wide in "
+            + str(int((ratio > math.exp(t["abs_log_sd_ratio"])).sum()))
+            + f" of {n * k} dimensions"
+        )
+        lines.append(
+            f"- Spread: VI sd / MCMC sd from {s['min_sd_ratio']:.2f} to {s['max_sd_ratio']:.2f}; {spread}."
+        )
+        lines.append(
+            f"- Coverage: VI's 90% intervals hold the MCMC draws {s['mean_coverage_90']:.0%} of the time on average (90% if calibrated)."
+        )
         khat = s["max_pareto_k"]
         if math.isnan(khat):
             lines.append("- Pareto k-hat: none (the VI draws carry no importance log-weights).")
         elif khat == -math.inf:
-            lines.append("- Pareto k-hat: -inf at every datapoint: the importance log-weights are constant, so q is an exact proposal "
-                         "(its draws are the posterior's, up to round-off).")
+            lines.append(
+                "- Pareto k-hat: -inf at every datapoint: the importance log-weights are constant, so q is an exact proposal "
+                "(its draws are the posterior's, up to round-off)."
+            )
         elif khat > t["pareto_k"]:
             high = len(self.flagged_points(thresholds))
-            lines.append(f"- Pareto k-hat of the importance weights (joint, one per datapoint): max {khat:.2f}; {high} of {n} datapoint(s) above "
-                         f"{t['pareto_k']:g}: there importance sampling cannot repair VI's draws (flagged_points() lists them).")
+            lines.append(
+                f"- Pareto k-hat of the importance weights (joint, one per datapoint): max {khat:.2f}; {high} of {n} datapoint(s) above "
+                f"{t['pareto_k']:g}: there importance sampling cannot repair VI's draws (flagged_points() lists them)."
+            )
         else:
-            lines.append(f"- Pareto k-hat of the importance weights: max {khat:.2f} (<= {t['pareto_k']:g}: importance sampling "
-                         "can repair VI's draws where needed).")
+            lines.append(
+                f"- Pareto k-hat of the importance weights: max {khat:.2f} (<= {t['pareto_k']:g}: importance sampling "
+                "can repair VI's draws where needed)."
+            )
         wrong_points = sorted(set(bad["point"].tolist()))
         caveat = "" if sound else " (against an MCMC reference that is not sound)"
         if bad.empty:
-            lines.append(f"Verdict: VI agrees with MCMC on every datapoint and dimension within the thresholds {t}{caveat}"
-                         + (" (dimension by dimension; see the joint k-hat above)." if khat > t["pareto_k"] else "."))
+            lines.append(
+                f"Verdict: VI agrees with MCMC on every datapoint and dimension within the thresholds {t}{caveat}"
+                + (
+                    " (dimension by dimension; see the joint k-hat above)."
+                    if khat > t["pareto_k"]
+                    else "."
+                )
+            )
         else:
-            nan = int(bad[["std_mean_error", "log_sd_ratio", "coverage_90"]].isna().any(axis=1).sum())
+            nan = int(
+                bad[["std_mean_error", "log_sd_ratio", "coverage_90"]].isna().any(axis=1).sum()
+            )
             why = f", {nan} of them for a metric that could not be computed (NaN)" if nan else ""
-            lines.append(f"Verdict: VI gets {len(wrong_points)} of {n} datapoint(s) wrong{caveat} ({len(bad)} of {n * k} dimensions flagged{why}: "
-                         f"points {', '.join(map(str, wrong_points[:10]))}{', ...' if len(wrong_points) > 10 else ''}); flagged() lists them.")
+            lines.append(
+                f"Verdict: VI gets {len(wrong_points)} of {n} datapoint(s) wrong{caveat} ({len(bad)} of {n * k} dimensions flagged{why}: "
+                f"points {', '.join(map(str, wrong_points[:10]))}{', ...' if len(wrong_points) > 10 else ''}); flagged() lists them."
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,7 +343,10 @@ class Comparison:
         """Write ``PREFIX.csv`` (per point and dim) and ``PREFIX.json`` (summary, points, dims) atomically."""
         out = Path(out)
         df = self.to_dataframe()
-        return [io.write_csv(out / f"{prefix}.csv", df.to_dict(orient="records")), io.write_json(out / f"{prefix}.json", self.to_dict())]
+        return [
+            io.write_csv(out / f"{prefix}.csv", df.to_dict(orient="records")),
+            io.write_json(out / f"{prefix}.json", self.to_dict()),
+        ]
 
 
 def _max_khat(khat: np.ndarray) -> float:
@@ -292,7 +355,9 @@ def _max_khat(khat: np.ndarray) -> float:
     finite = k[np.isfinite(k)]
     if finite.size:
         return float(finite.max())
-    return -math.inf if (k == -math.inf).any() else math.nan  # +inf: too few draws to fit a tail, as NaN: no k-hat to report
+    return (
+        -math.inf if (k == -math.inf).any() else math.nan
+    )  # +inf: too few draws to fit a tail, as NaN: no k-hat to report
 
 
 def compare(
@@ -321,21 +386,30 @@ def compare(
     progress : bool
         A progress bar over the datapoints (their Wasserstein and energy distances, the slow part).
     """
-    names = list(var_names) if var_names is not None else [n for n in mcmc.samples if n in vi.samples]
+    names = (
+        list(var_names) if var_names is not None else [n for n in mcmc.samples if n in vi.samples]
+    )
     missing = [n for n in names if n not in mcmc.samples or n not in vi.samples]
     if not names or missing:
-        raise ConfigError(f"no common variables to compare (MCMC: {', '.join(mcmc.samples)}; VI: {', '.join(vi.samples)})")
+        raise ConfigError(
+            f"no common variables to compare (MCMC: {', '.join(mcmc.samples)}; VI: {', '.join(vi.samples)})"
+        )
     xm, labels, latent = draws_matrix(mcmc, names)
     xv, _, _ = draws_matrix(vi, names)
     if xm.shape[2:] != xv.shape[2:]:
-        raise ConfigError(f"MCMC and VI draws have different shapes: {xm.shape[2:]} vs {xv.shape[2:]}")
+        raise ConfigError(
+            f"MCMC and VI draws have different shapes: {xm.shape[2:]} vs {xv.shape[2:]}"
+        )
     p_count = xm.shape[2]
     pm, pv = xm.reshape(-1, *xm.shape[2:]), xv.reshape(-1, *xv.shape[2:])  # [S, P, K]
     m_mean, m_sd = pm.mean(0), pm.std(0, ddof=1)
     v_mean, v_sd = pv.mean(0), pv.std(0, ddof=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         per_dim: dict[str, np.ndarray] = {
-            "mcmc_mean": m_mean, "mcmc_sd": m_sd, "vi_mean": v_mean, "vi_sd": v_sd,
+            "mcmc_mean": m_mean,
+            "mcmc_sd": m_sd,
+            "vi_mean": v_mean,
+            "vi_sd": v_sd,
             "std_mean_error": (v_mean - m_mean) / m_sd,
             "sd_ratio": v_sd / m_sd,
             "log_sd_ratio": np.log(v_sd / m_sd),
@@ -346,7 +420,9 @@ def compare(
     energy, kl, w1 = np.zeros(p_count), np.zeros(p_count), np.zeros((p_count, pm.shape[2]))
     for i in bar(range(p_count), desc="compare", unit="datapoint", enabled=progress):
         w1[i] = [wasserstein_distance(pm[:, i, j], pv[:, i, j]) for j in range(pm.shape[2])]
-        rng = np.random.default_rng([seed, int(points[i])])  # each datapoint's own subset, whatever else is compared with it
+        rng = np.random.default_rng(
+            [seed, int(points[i])]
+        )  # each datapoint's own subset, whatever else is compared with it
         a = pm[rng.permutation(len(pm))[:max_energy_draws], i] / m_sd[i]
         b = pv[rng.permutation(len(pv))[:max_energy_draws], i] / m_sd[i]
         energy[i] = _energy_distance(a, b)
@@ -363,11 +439,17 @@ def compare(
 
     lw = vi.sample_stats.get("log_weight")
     if lw is not None:
-        khat = np.atleast_1d(azcompat.pareto_khat(np.asarray(lw).reshape(-1, p_count).T))  # [P, S] -> [P]
+        khat = np.atleast_1d(
+            azcompat.pareto_khat(np.asarray(lw).reshape(-1, p_count).T)
+        )  # [P, S] -> [P]
     else:
         khat = np.full(p_count, np.nan)
     div = mcmc.sample_stats.get("diverging")
-    divs = np.asarray(div).reshape(*np.asarray(div).shape[:2], -1).sum((0, 1)) if div is not None else np.zeros(p_count)
+    divs = (
+        np.asarray(div).reshape(*np.asarray(div).shape[:2], -1).sum((0, 1))
+        if div is not None
+        else np.zeros(p_count)
+    )
     if divs.shape[0] != p_count:
         divs = np.full(p_count, divs.sum())
     per_point = {
@@ -379,4 +461,11 @@ def compare(
         "mcmc_min_ess_tail": per_dim["mcmc_ess_tail"].min(1),
         "mcmc_divergences": divs.astype(int),
     }
-    return Comparison(points=points, dims=tuple(labels), per_dim=per_dim, per_point=per_point, mcmc_method=mcmc.method, vi_method=vi.method)
+    return Comparison(
+        points=points,
+        dims=tuple(labels),
+        per_dim=per_dim,
+        per_point=per_point,
+        mcmc_method=mcmc.method,
+        vi_method=vi.method,
+    )

@@ -76,15 +76,24 @@ from ..latent import latent_draws, latent_of, log_joint
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import (
     PlaceFlat,
+    analysed,
     data_like,
     model_latent_sites,
     sum_but_first,
     trace_nesting,
     vectorized,
-    analysed,
 )
 from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
-from .kernel import State, adapt_final, adapt_init, adapt_restart, adapt_update, nuts_transition, transition, window_schedule
+from .kernel import (
+    State,
+    adapt_final,
+    adapt_init,
+    adapt_restart,
+    adapt_update,
+    nuts_transition,
+    transition,
+    window_schedule,
+)
 
 __all__ = ["hmc_latent", "hmc", "check_kernel", "KERNELS", "MASSES"]
 
@@ -105,7 +114,11 @@ class _Target:
 
 
 def _latent_target(
-    model: Callable[..., object], args: tuple[torch.Tensor, ...], num_chains: int, init: Any, noise: Streams
+    model: Callable[..., object],
+    args: tuple[torch.Tensor, ...],
+    num_chains: int,
+    init: Any,
+    noise: Streams,
 ) -> _Target:
     latent = latent_of(model, *args, analysis="latent-posterior MCMC")
     n, k = latent.num_points, latent.dim
@@ -123,27 +136,41 @@ def _latent_target(
             if tuple(v.shape) == (n, *s.shape):
                 v = v.expand(num_chains, *v.shape)
             if tuple(v.shape) != (num_chains, n, *s.shape):
-                raise ConfigError(f"init for site {s.name!r} must have shape [{n}, ...] or [{num_chains}, {n}, ...], got {tuple(init[s.name].shape)}")
+                raise ConfigError(
+                    f"init for site {s.name!r} must have shape [{n}, ...] or [{num_chains}, {n}, ...], got {tuple(init[s.name].shape)}"
+                )
             values[s.name] = v
         u0 = latent.unconstrain(values).clone()
     elif callable(init):  # a guide: one draw per chain
         latent_of(model, *args, guide=init, analysis="latent-posterior MCMC")
         u0 = latent_draws(model, latent, *args, guide=init, num_samples=num_chains, streams=noise)
-    elif isinstance(init, str) and init == "uniform":  # as Pyro's init_to_uniform: U(-2, 2) in unconstrained space
+    elif (
+        isinstance(init, str) and init == "uniform"
+    ):  # as Pyro's init_to_uniform: U(-2, 2) in unconstrained space
         u0 = noise.uniform((num_chains, n, k), dim=1, dtype=like.dtype) * 4 - 2
     else:
-        raise ConfigError(f"init must be 'uniform', a guide, a tensor (one latent site) or a dict of site values, got {type(init).__name__}")
+        raise ConfigError(
+            f"init must be 'uniform', a guide, a tensor (one latent site) or a dict of site values, got {type(init).__name__}"
+        )
 
     def to_samples(u: torch.Tensor) -> dict[str, np.ndarray]:  # [C, S, N, K]
         values, _ = latent.constrain(u)
         return {name: v.detach().cpu().numpy() for name, v in values.items()}
 
-    dims, coords = point_layout(latent, ("diverging", "acceptance_rate", "n_steps", "step_size", "tree_depth"), index=noise.index)
+    dims, coords = point_layout(
+        latent,
+        ("diverging", "acceptance_rate", "n_steps", "step_size", "tree_depth"),
+        index=noise.index,
+    )
     return _Target(log_density, u0, to_samples, dims=dims, coords=coords, group_dim="point")
 
 
 def _model_target(
-    model: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any], num_chains: int, seed: int
+    model: Callable[..., object],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_chains: int,
+    seed: int,
 ) -> tuple[_Target, Streams]:
     plain, latent = model_latent_sites(model, args, kwargs)
     dim = -(trace_nesting(plain) + 1)
@@ -159,11 +186,15 @@ def _model_target(
     vshapes = {name: tuple(proto.nodes[name]["value"].shape) for name in latent}
     for name in latent:
         if vshapes[name][0] != c or math.prod(vshapes[name]) != c * math.prod(shapes[name]):
-            raise ConfigError(f"site {name!r} does not broadcast over chains; is max_plate_nesting respected?")
+            raise ConfigError(
+                f"site {name!r} does not broadcast over chains; is max_plate_nesting respected?"
+            )
     transforms = {name: biject_to(plain.nodes[name]["fn"].support) for name in latent}
     sizes = [math.prod(shapes[name]) for name in latent]
 
-    def unpack(u: torch.Tensor) -> dict[str, torch.Tensor]:  # [B, K] -> constrained values [B, *vshape[1:]]
+    def unpack(
+        u: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:  # [B, K] -> constrained values [B, *vshape[1:]]
         out = {}
         for name, chunk in zip(latent, u.split(sizes, dim=-1)):
             out[name] = chunk.reshape(u.shape[0], *vshapes[name][1:])
@@ -173,41 +204,66 @@ def _model_target(
         n = u.shape[0]
         raw = unpack(u[:, 0])
         values = {name: transforms[name](v) for name, v in raw.items()}
-        total = sum(sum_but_first(transforms[k].log_abs_det_jacobian(raw[k], values[k]), n) for k in latent)
+        total = sum(
+            sum_but_first(transforms[k].log_abs_det_jacobian(raw[k], values[k]), n) for k in latent
+        )
         with poutine.block(), pyro.validation_enabled(False):
             tr = poutine.trace(poutine.condition(chains(n), data=values)).get_trace(*args, **kwargs)
             tr.compute_log_prob(site_filter=lambda name, s: not site_is_subsample(s))
             for s in tr.nodes.values():
                 if s["type"] == "sample" and "log_prob" in s:
                     if s["log_prob"].dim() > -dim:  # a batch dimension left of the chains plate
-                        raise ConfigError(f"site {s['name']!r} has batch shape {tuple(s['log_prob'].shape)}: the model does not broadcast over a leading chains plate; use nuts()")
+                        raise ConfigError(
+                            f"site {s['name']!r} has batch shape {tuple(s['log_prob'].shape)}: the model does not broadcast over a leading chains plate; use nuts()"
+                        )
                     total = total + sum_but_first(s["log_prob"], n)
         return total.unsqueeze(1)
 
-    site = proto.nodes[latent[0]]["value"]  # the chains live on the data's device, in its dtype (a float64 model runs in float64)
+    site = proto.nodes[latent[0]][
+        "value"
+    ]  # the chains live on the data's device, in its dtype (a float64 model runs in float64)
     like = data if data is not None else site
     noise = Streams(seed, [0], like.device, Tag.HMC)  # one group: the model's whole posterior
-    u0 = noise.uniform((c, 1, sum(sizes)), dim=1, dtype=like.dtype if like.is_floating_point() else torch.get_default_dtype()) * 4 - 2
+    u0 = (
+        noise.uniform(
+            (c, 1, sum(sizes)),
+            dim=1,
+            dtype=like.dtype if like.is_floating_point() else torch.get_default_dtype(),
+        )
+        * 4
+        - 2
+    )
     with torch.no_grad():
         together, alone = log_density(u0), torch.cat([log_density(u0[i : i + 1]) for i in range(c)])
     if not torch.allclose(together, alone, rtol=1e-4, atol=1e-3):
-        raise ConfigError("the model's log density changes when chains are batched: it does not broadcast over a leading chains plate; use nuts()")
+        raise ConfigError(
+            "the model's log density changes when chains are batched: it does not broadcast over a leading chains plate; use nuts()"
+        )
 
     def to_samples(u: torch.Tensor) -> dict[str, np.ndarray]:  # [C, S, 1, K]
         cc, s = u.shape[:2]
         flat = u.reshape(cc * s, -1)
         out = {}
         for name, chunk in zip(latent, flat.split(sizes, dim=-1)):
-            out[name] = transforms[name](chunk.reshape(cc * s, *shapes[name])).reshape(cc, s, *shapes[name]).cpu().numpy()
+            out[name] = (
+                transforms[name](chunk.reshape(cc * s, *shapes[name]))
+                .reshape(cc, s, *shapes[name])
+                .cpu()
+                .numpy()
+            )
         return out
 
-    return _Target(log_density, u0, to_samples, dims=site_dims(shapes), coords={}, group_dim=None), noise
+    return _Target(
+        log_density, u0, to_samples, dims=site_dims(shapes), coords={}, group_dim=None
+    ), noise
 
 
 # --------------------------------------------------------------------------- batched HMC
 
 
-def _optimize_init(f: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, steps: int, lr: float = 0.1) -> torch.Tensor:
+def _optimize_init(
+    f: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, steps: int, lr: float = 0.1
+) -> torch.Tensor:
     """Move each chain's initial point uphill: ``steps`` Adam steps at ``lr``, then ``steps`` more decaying 100-fold.
 
     Far from the posterior mass the energies are so large that float32 round-off
@@ -246,7 +302,9 @@ def _optimize_init(f: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, 
 
 _EARLY_CAP = 16  # HMC: leapfrog steps per transition before the first mass-matrix estimate
 _EARLY_DEPTH = 6  # NUTS: tree depth before the first mass-matrix estimate
-_CHECK_EVERY = 25  # HMC: transitions between two reads of the step limits (and at every window's end)
+_CHECK_EVERY = (
+    25  # HMC: transitions between two reads of the step limits (and at every window's end)
+)
 _WARMUP_SLACK = 1.25  # HMC warmup: a group's step limit is this many times its longest trajectory at the step size of the window's start
 KERNELS = ("hmc", "nuts")
 MASSES = ("diag", "dense")
@@ -255,8 +313,16 @@ MASSES = ("diag", "dense")
 class _Sampler:
     """State, step sizes and mass matrices of batched HMC over ``[C, G, K]`` unconstrained values."""
 
-    def __init__(self, target: _Target, *, target_accept: float, trajectory_length: float, max_leapfrog: int,
-                 max_energy_error: float, noise: Streams) -> None:
+    def __init__(
+        self,
+        target: _Target,
+        *,
+        target_accept: float,
+        trajectory_length: float,
+        max_leapfrog: int,
+        max_energy_error: float,
+        noise: Streams,
+    ) -> None:
         self.f = target.log_density
         self.target_accept = target_accept
         self.T = trajectory_length
@@ -269,8 +335,12 @@ class _Sampler:
         self.eps = target.init.new_ones(self.G)
         # before the first mass-matrix estimate the units of T are unknown: short trajectories
         self.cap = min(max_leapfrog, _EARLY_CAP)
-        self.limit = torch.full((self.G,), self.cap, dtype=torch.long, device=target.init.device)  # most leapfrog steps per group
-        self.bound = self.cap  # the most of them, on the host: the leapfrog steps every transition runs
+        self.limit = torch.full(
+            (self.G,), self.cap, dtype=torch.long, device=target.init.device
+        )  # most leapfrog steps per group
+        self.bound = (
+            self.cap
+        )  # the most of them, on the host: the leapfrog steps every transition runs
 
     def plan(self, slack: float) -> None:
         """Fix each group's most leapfrog steps until the next plan, ``ceil(slack * 2T / eps)`` (at most the cap), and read their maximum: one read.
@@ -282,10 +352,20 @@ class _Sampler:
         self.limit = torch.ceil(slack * 2 * self.T / self.eps).clamp(1, self.cap).long()
         self.bound = int(self.limit.max())
 
-    def transition(self, eps: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transition(
+        self, eps: torch.Tensor, steps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One HMC transition with ``steps[c, g]`` leapfrog steps (at most :attr:`bound`); returns (accept_prob, diverging)."""
-        self.state, info = transition(self.f, self.state, eps, steps, self.noise, inv_mass=self.inv_mass,
-                                      max_energy_error=self.max_energy_error, max_steps=self.bound)
+        self.state, info = transition(
+            self.f,
+            self.state,
+            eps,
+            steps,
+            self.noise,
+            inv_mass=self.inv_mass,
+            max_energy_error=self.max_energy_error,
+            max_steps=self.bound,
+        )
         return info.accept_prob, info.diverging
 
     def steps(self, eps: torch.Tensor) -> torch.Tensor:
@@ -303,9 +383,19 @@ class _Sampler:
         state = self.state
 
         def accept_rate(e: torch.Tensor) -> torch.Tensor:
-            with self.noise.replaying():  # a probe: the state is not moved, and every probe uses the same momenta, so a
+            with (
+                self.noise.replaying()
+            ):  # a probe: the state is not moved, and every probe uses the same momenta, so a
                 # group's stream does not depend on how many probes the other groups of its batch needed
-                _, info = transition(self.f, state, e, 1, self.noise, inv_mass=self.inv_mass, max_energy_error=self.max_energy_error)
+                _, info = transition(
+                    self.f,
+                    state,
+                    e,
+                    1,
+                    self.noise,
+                    inv_mass=self.inv_mass,
+                    max_energy_error=self.max_energy_error,
+                )
             return info.accept_prob.mean(0)
 
         direction = torch.where(accept_rate(eps) > self.target_accept, 1.0, -1.0).to(eps.dtype)
@@ -313,7 +403,9 @@ class _Sampler:
         for probe in range(40):
             new = eps * 2.0**direction
             rate = accept_rate(new)
-            crossed = (direction > 0) & (rate < self.target_accept) | (direction < 0) & (rate > self.target_accept)
+            crossed = (direction > 0) & (rate < self.target_accept) | (direction < 0) & (
+                rate > self.target_accept
+            )
             eps = torch.where(active, new, eps)
             active = active & ~crossed
             if probe % 10 == 9 and not active.any():
@@ -346,8 +438,14 @@ def _run_batched(
     """
     t0 = time.perf_counter()
     target.init = _optimize_init(target.log_density, target.init, init_steps)
-    s = _Sampler(target, target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
-                 max_energy_error=max_energy_error, noise=noise)
+    s = _Sampler(
+        target,
+        target_accept=target_accept,
+        trajectory_length=trajectory_length,
+        max_leapfrog=max_leapfrog,
+        max_energy_error=max_energy_error,
+        noise=noise,
+    )
     if not torch.isfinite(s.state.lp).all():
         raise ConfigError("the log density is not finite at the initial point of some chains")
     s.reasonable_step_size()
@@ -358,15 +456,33 @@ def _run_batched(
         s.cap = s.max_leapfrog
         depth_cap = max_tree_depth
     replan = True
-    with bar(range(warmup_steps + num_samples), desc=f"{method} warm-up" if warmup_steps else f"{method} sampling", unit="step", enabled=progress) as it:
+    with bar(
+        range(warmup_steps + num_samples),
+        desc=f"{method} warm-up" if warmup_steps else f"{method} sampling",
+        unit="step",
+        enabled=progress,
+    ) as it:
         keep_u, keep_acc, keep_div, keep_steps, keep_depth = [], [], [], [], []
         for t in it:
             warm = t < warmup_steps
             if progress and t == warmup_steps and warmup_steps:
                 it.set_description_str(f"{method} sampling", refresh=False)
             if kernel == "nuts":
-                s.state, info = nuts_transition(s.f, s.state, s.eps, s.noise, inv_mass=s.inv_mass, max_tree_depth=depth_cap, max_energy_error=max_energy_error)
-                acc, div, steps, depth = info.accept_prob, info.diverging, info.n_steps, info.tree_depth
+                s.state, info = nuts_transition(
+                    s.f,
+                    s.state,
+                    s.eps,
+                    s.noise,
+                    inv_mass=s.inv_mass,
+                    max_tree_depth=depth_cap,
+                    max_energy_error=max_energy_error,
+                )
+                acc, div, steps, depth = (
+                    info.accept_prob,
+                    info.diverging,
+                    info.n_steps,
+                    info.tree_depth,
+                )
             else:
                 if replan or (warm and t % _CHECK_EVERY == 0):
                     s.plan(_WARMUP_SLACK if warm else 1.0)
@@ -385,7 +501,9 @@ def _run_batched(
                     adapt = adapt_restart(adapt, s.eps)
                 if t == warmup_steps - 1:
                     s.eps, s.inv_mass = adapt_final(adapt)
-                    s.cap = s.max_leapfrog  # short warmups have no mass-matrix window to lift the early cap
+                    s.cap = (
+                        s.max_leapfrog
+                    )  # short warmups have no mass-matrix window to lift the early cap
                     depth_cap = max_tree_depth
                 replan = window.end or t == warmup_steps - 1
             else:
@@ -416,15 +534,32 @@ def check_kernel(kernel: str, max_tree_depth: int, mass: str = "diag") -> None:
         raise ConfigError(f"unknown mass matrix {mass!r}; choose one of {', '.join(MASSES)}")
     if kernel not in KERNELS:
         raise ConfigError(f"unknown MCMC kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-    if isinstance(max_tree_depth, bool) or not isinstance(max_tree_depth, int) or not 1 <= max_tree_depth <= 20:
+    if (
+        isinstance(max_tree_depth, bool)
+        or not isinstance(max_tree_depth, int)
+        or not 1 <= max_tree_depth <= 20
+    ):
         raise ConfigError(f"max tree depth must be an integer from 1 to 20, got {max_tree_depth!r}")
 
 
-def _batched(make_target: Callable[[], tuple[_Target, Streams]], freeze: contextlib.AbstractContextManager[None],
-             num_samples: int, warmup_steps: int, seed: int, tuning: dict[str, Any]) -> Draws:
+def _batched(
+    make_target: Callable[[], tuple[_Target, Streams]],
+    freeze: contextlib.AbstractContextManager[None],
+    num_samples: int,
+    warmup_steps: int,
+    seed: int,
+    tuning: dict[str, Any],
+) -> Draws:
     with freeze, seeded(seed):
         target, noise = make_target()
-        return _run_batched(target, num_samples=num_samples, warmup_steps=warmup_steps, noise=noise, method=f"batched-{tuning.get('kernel', 'hmc')}", **tuning)
+        return _run_batched(
+            target,
+            num_samples=num_samples,
+            warmup_steps=warmup_steps,
+            noise=noise,
+            method=f"batched-{tuning.get('kernel', 'hmc')}",
+            **tuning,
+        )
 
 
 _HMC_DOC_PARAMS = """
@@ -526,23 +661,57 @@ def hmc_latent(
     """
     check_counts(num_samples, warmup_steps, num_chains)
     check_kernel(kernel, max_tree_depth, mass)
-    tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
-                  max_energy_error=max_energy_error, init_steps=init_steps, progress=progress, kernel=kernel, max_tree_depth=max_tree_depth, mass=mass)
-    model, guide = analysed(model, init if callable(init) else None, args, "latent-posterior MCMC")  # refuse before any work
+    tuning = dict(
+        target_accept=target_accept,
+        trajectory_length=trajectory_length,
+        max_leapfrog=max_leapfrog,
+        max_energy_error=max_energy_error,
+        init_steps=init_steps,
+        progress=progress,
+        kernel=kernel,
+        max_tree_depth=max_tree_depth,
+        mass=mass,
+    )
+    model, guide = analysed(
+        model, init if callable(init) else None, args, "latent-posterior MCMC"
+    )  # refuse before any work
     init = guide if guide is not None else init
     n = latent_of(model, *args, analysis="latent-posterior MCMC").num_points
     index = dataset_index(index, n)
     if spread is not None:
         if not (isinstance(init, str) or callable(init)):
-            raise ConfigError("hmc_latent: initial values given per datapoint cannot be spread over processes; use init='uniform' or a guide")
+            raise ConfigError(
+                "hmc_latent: initial values given per datapoint cannot be spread over processes; use init='uniform' or a guide"
+            )
         with seeded(seed):
             base = base_seed(seed)  # one seed for every process
         return spread_rows(
-            lambda rows, idx, coll: hmc_latent(model, *rows, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains, seed=base, init=init,
-                                               target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
-                                               max_energy_error=max_energy_error, init_steps=init_steps, progress=progress and coll.rank == 0, index=idx,
-                                               kernel=kernel, max_tree_depth=max_tree_depth, mass=mass),
-            args, index, spread, programs=(model, init) if callable(init) else (model,), combine=Draws.concat, types=(Draws,))
+            lambda rows, idx, coll: hmc_latent(
+                model,
+                *rows,
+                num_samples=num_samples,
+                warmup_steps=warmup_steps,
+                num_chains=num_chains,
+                seed=base,
+                init=init,
+                target_accept=target_accept,
+                trajectory_length=trajectory_length,
+                max_leapfrog=max_leapfrog,
+                max_energy_error=max_energy_error,
+                init_steps=init_steps,
+                progress=progress and coll.rank == 0,
+                index=idx,
+                kernel=kernel,
+                max_tree_depth=max_tree_depth,
+                mass=mass,
+            ),
+            args,
+            index,
+            spread,
+            programs=(model, init) if callable(init) else (model,),
+            combine=Draws.concat,
+            types=(Draws,),
+        )
 
     def target() -> tuple[_Target, Streams]:
         noise = Streams(seed, index, args[0].device, Tag.HMC)
@@ -590,7 +759,23 @@ def hmc(
     """
     check_counts(num_samples, warmup_steps, num_chains)
     check_kernel(kernel, max_tree_depth, mass)
-    tuning = dict(target_accept=target_accept, trajectory_length=trajectory_length, max_leapfrog=max_leapfrog,
-                  max_energy_error=max_energy_error, init_steps=init_steps, progress=progress, kernel=kernel, max_tree_depth=max_tree_depth, mass=mass)
+    tuning = dict(
+        target_accept=target_accept,
+        trajectory_length=trajectory_length,
+        max_leapfrog=max_leapfrog,
+        max_energy_error=max_energy_error,
+        init_steps=init_steps,
+        progress=progress,
+        kernel=kernel,
+        max_tree_depth=max_tree_depth,
+        mass=mass,
+    )
     freeze = freeze_model(lambda *a, **k: model(*args, **kwargs), ())
-    return _batched(lambda: _model_target(model, args, kwargs, num_chains, seed), freeze, num_samples, warmup_steps, seed, tuning)
+    return _batched(
+        lambda: _model_target(model, args, kwargs, num_chains, seed),
+        freeze,
+        num_samples,
+        warmup_steps,
+        seed,
+        tuning,
+    )

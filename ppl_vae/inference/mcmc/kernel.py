@@ -51,9 +51,29 @@ from ...errors import ConfigError
 from ..random import Streams
 
 __all__ = [
-    "Adaptation", "DualAverage", "HMCInfo", "NUTSInfo", "State", "Welford", "Window", "adapt_final", "adapt_init",
-    "adapt_restart", "adapt_update", "da_final", "da_init", "da_update", "momentum", "nuts_transition", "transition",
-    "value_and_grad", "velocity", "welford_final", "welford_init", "welford_update", "window_schedule",
+    "Adaptation",
+    "DualAverage",
+    "HMCInfo",
+    "NUTSInfo",
+    "State",
+    "Welford",
+    "Window",
+    "adapt_final",
+    "adapt_init",
+    "adapt_restart",
+    "adapt_update",
+    "da_final",
+    "da_init",
+    "da_update",
+    "momentum",
+    "nuts_transition",
+    "transition",
+    "value_and_grad",
+    "velocity",
+    "welford_final",
+    "welford_init",
+    "welford_update",
+    "window_schedule",
 ]
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
@@ -68,7 +88,9 @@ def momentum(m: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Momenta ``r ~ N(0, M)`` from standard-normal ``eps`` ``[C, G, K]`` (``M = m^-1``; dense: ``L^-T eps`` with ``m = L L^T``)."""
     if m.dim() == 3:
         tril = torch.linalg.cholesky(m)
-        return torch.linalg.solve_triangular(tril.mT, eps.permute(1, 2, 0), upper=True).permute(2, 0, 1)
+        return torch.linalg.solve_triangular(tril.mT, eps.permute(1, 2, 0), upper=True).permute(
+            2, 0, 1
+        )
     return eps / m.sqrt()
 
 
@@ -98,7 +120,9 @@ class HMCInfo(NamedTuple):
     """Per-chain statistics of one HMC transition (each ``[C, G]``)."""
 
     accept_prob: torch.Tensor  #: min(1, exp(H0 - H)) of the proposal (0 for a divergent one)
-    diverging: torch.Tensor  #: the trajectory hit an energy error above max_energy_error (or a non-finite one)
+    diverging: (
+        torch.Tensor
+    )  #: the trajectory hit an energy error above max_energy_error (or a non-finite one)
     n_steps: torch.Tensor  #: leapfrog steps (gradient evaluations) this chain used
 
 
@@ -126,13 +150,17 @@ def transition(
     C, G = lp0.shape
     if isinstance(steps, torch.Tensor):
         if max_steps is None:
-            raise ConfigError("transition: steps given per chain need max_steps, the most leapfrog steps any chain takes (a Python int)")
+            raise ConfigError(
+                "transition: steps given per chain need max_steps, the most leapfrog steps any chain takes (a Python int)"
+            )
         steps_t = steps
     else:
         max_steps = steps if max_steps is None else max_steps
         steps_t = torch.full((C, G), steps, dtype=torch.long, device=u0.device)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-        raise ConfigError(f"transition: max_steps must be a whole number of leapfrog steps, got {max_steps!r}")
+        raise ConfigError(
+            f"transition: max_steps must be a whole number of leapfrog steps, got {max_steps!r}"
+        )
     e = (eps if eps.dim() == 2 else eps.expand(C, G))[..., None]
     m = inv_mass if inv_mass is not None else u0.new_ones(())
     r = momentum(m, noise.normal(u0.shape, dim=1, dtype=u0.dtype))
@@ -161,7 +189,11 @@ def transition(
     delta = torch.where(torch.isfinite(delta) & ~diverging, delta, torch.full_like(delta, math.inf))
     accept_prob = torch.exp(-delta.clamp(min=0))
     accept = noise.uniform(accept_prob.shape, dim=1, dtype=accept_prob.dtype) < accept_prob
-    new = State(torch.where(accept[..., None], z, u0), torch.where(accept, lp, lp0), torch.where(accept[..., None], g, g0))
+    new = State(
+        torch.where(accept[..., None], z, u0),
+        torch.where(accept, lp, lp0),
+        torch.where(accept[..., None], g, g0),
+    )
     return new, HMCInfo(accept_prob, diverging, steps_t.clamp(max=max_steps))
 
 
@@ -175,7 +207,9 @@ class DualAverage(NamedTuple):
     """Dual averaging of ``log eps`` toward ``target_accept``, one scheme per group (each tensor ``[G]``)."""
 
     x: torch.Tensor  #: the current iterate, the log step size to use next
-    x_avg: torch.Tensor  #: the averaged iterate, the log step size to sample with once adaptation ends
+    x_avg: (
+        torch.Tensor
+    )  #: the averaged iterate, the log step size to sample with once adaptation ends
     g_avg: torch.Tensor  #: the running mean of ``target_accept - accept_prob``
     prox_center: torch.Tensor  #: ``log(10 eps0)``, where the scheme is centred (as Stan and Pyro)
     t: int  #: updates so far
@@ -185,7 +219,9 @@ class DualAverage(NamedTuple):
 def da_init(eps: torch.Tensor, target_accept: float) -> DualAverage:
     """A scheme per group that starts from step sizes ``eps`` ``[G]``."""
     log_eps = torch.log(eps)
-    return DualAverage(log_eps, log_eps, torch.zeros_like(eps), torch.log(10 * eps), 0, target_accept)
+    return DualAverage(
+        log_eps, log_eps, torch.zeros_like(eps), torch.log(10 * eps), 0, target_accept
+    )
 
 
 def da_update(da: DualAverage, accept_prob: torch.Tensor) -> DualAverage:
@@ -194,7 +230,9 @@ def da_update(da: DualAverage, accept_prob: torch.Tensor) -> DualAverage:
     g_avg = (1 - 1 / (t + _DA_T0)) * da.g_avg + (da.target_accept - accept_prob) / (t + _DA_T0)
     x = da.prox_center - (t**0.5) / _DA_GAMMA * g_avg
     weight = t ** (-_DA_KAPPA)
-    return DualAverage(x, (1 - weight) * da.x_avg + weight * x, g_avg, da.prox_center, t, da.target_accept)
+    return DualAverage(
+        x, (1 - weight) * da.x_avg + weight * x, g_avg, da.prox_center, t, da.target_accept
+    )
 
 
 def da_final(da: DualAverage) -> torch.Tensor:
@@ -213,7 +251,12 @@ class Welford(NamedTuple):
 
 def welford_init(like: torch.Tensor, dense: bool = False) -> Welford:
     """No draws yet, for groups shaped like ``like`` ``[G, K]``."""
-    return Welford(0, torch.zeros_like(like), like.new_zeros((*like.shape, like.shape[-1])) if dense else torch.zeros_like(like), dense)
+    return Welford(
+        0,
+        torch.zeros_like(like),
+        like.new_zeros((*like.shape, like.shape[-1])) if dense else torch.zeros_like(like),
+        dense,
+    )
 
 
 def welford_update(w: Welford, u: torch.Tensor) -> Welford:
@@ -247,7 +290,9 @@ class Window(NamedTuple):
     end: bool  #: a slow window ends after it: the mass matrix is re-estimated and the step size restarts
 
 
-def _slow_windows(warmup: int, start: int = 75, end: int = 50, init_window: int = 25) -> list[tuple[int, int]]:
+def _slow_windows(
+    warmup: int, start: int = 75, end: int = 50, init_window: int = 25
+) -> list[tuple[int, int]]:
     """Stan's slow-adaptation windows (first and last transition, inclusive) for the mass matrix."""
     if warmup < 20:
         return []
@@ -267,7 +312,10 @@ def _slow_windows(warmup: int, start: int = 75, end: int = 50, init_window: int 
 def window_schedule(warmup: int) -> list[Window]:
     """One :class:`Window` per warmup transition, in Stan's schedule: a fast window, slow windows doubling in length, a fast window."""
     windows = _slow_windows(warmup)
-    return [Window(any(a <= t <= b for a, b in windows), any(t == b for _, b in windows)) for t in range(warmup)]
+    return [
+        Window(any(a <= t <= b for a, b in windows), any(t == b for _, b in windows))
+        for t in range(warmup)
+    ]
 
 
 class Adaptation(NamedTuple):
@@ -279,13 +327,17 @@ class Adaptation(NamedTuple):
     welford: Welford
 
 
-def adapt_init(eps: torch.Tensor, inv_mass: torch.Tensor, target_accept: float, dense: bool = False) -> Adaptation:
+def adapt_init(
+    eps: torch.Tensor, inv_mass: torch.Tensor, target_accept: float, dense: bool = False
+) -> Adaptation:
     """Adaptation from step sizes ``eps`` ``[G]`` and an inverse mass ``[G, K]``; ``dense`` estimates full covariances."""
     like = inv_mass if inv_mass.dim() == 2 else inv_mass.diagonal(dim1=-2, dim2=-1)
     return Adaptation(eps, da_init(eps, target_accept), inv_mass, welford_init(like, dense))
 
 
-def adapt_update(a: Adaptation, window: Window, u: torch.Tensor, accept_prob: torch.Tensor) -> Adaptation:
+def adapt_update(
+    a: Adaptation, window: Window, u: torch.Tensor, accept_prob: torch.Tensor
+) -> Adaptation:
     """After one warmup transition to ``u`` ``[C, G, K]`` with acceptance ``accept_prob`` ``[C, G]``: the next step sizes, the draws, at a window's end the new mass.
 
     At a window's end the step-size scheme is not restarted here: the caller finds a step size
@@ -316,8 +368,12 @@ def adapt_final(a: Adaptation) -> tuple[torch.Tensor, torch.Tensor]:
 class NUTSInfo(NamedTuple):
     """Per-chain statistics of one NUTS transition (each ``[C, G]``)."""
 
-    accept_prob: torch.Tensor  #: mean over the new points of min(1, exp(H0 - H)): what the step size adapts on
-    diverging: torch.Tensor  #: the trajectory hit an energy error above max_energy_error (or a non-finite one)
+    accept_prob: (
+        torch.Tensor
+    )  #: mean over the new points of min(1, exp(H0 - H)): what the step size adapts on
+    diverging: (
+        torch.Tensor
+    )  #: the trajectory hit an energy error above max_energy_error (or a non-finite one)
     n_steps: torch.Tensor  #: leapfrog steps (gradient evaluations) this chain used
     tree_depth: torch.Tensor  #: doublings of the trajectory
 
@@ -327,7 +383,9 @@ def _dot(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * velocity(m, b)).sum(-1)
 
 
-def _turning(m: torch.Tensor, r_left: torch.Tensor, r_right: torch.Tensor, r_sum: torch.Tensor) -> torch.Tensor:
+def _turning(
+    m: torch.Tensor, r_left: torch.Tensor, r_right: torch.Tensor, r_sum: torch.Tensor
+) -> torch.Tensor:
     """The generalised U-turn criterion (Betancourt 2017, A.4.2) of a trajectory with end momenta ``r_left``, ``r_right`` and momentum sum ``r_sum``."""
     rho = r_sum - 0.5 * (r_left + r_right)
     return (_dot(m, r_left, rho) <= 0) | (_dot(m, r_right, rho) <= 0)
@@ -378,7 +436,9 @@ def nuts_transition(
     m = inv_mass if inv_mass is not None else u0.new_ones(())
     r0 = momentum(m, noise.normal(u0.shape, dim=1, dtype=dt))
     leaves = 2**max_tree_depth
-    uniforms = noise.uniform((C, G, leaves + 2 * max_tree_depth), dim=1, dtype=dt)  # leaf draws, then directions, then merges
+    uniforms = noise.uniform(
+        (C, G, leaves + 2 * max_tree_depth), dim=1, dtype=dt
+    )  # leaf draws, then directions, then merges
     h0 = -lp0 + 0.5 * _dot(m, r0, r0)
 
     def where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -387,7 +447,9 @@ def nuts_transition(
     left = [u0, r0, lp0, g0]  # the trajectory's ends: position, momentum, log density, gradient
     right = [u0, r0, lp0, g0]
     prop = [u0, lp0, g0]
-    log_w = torch.zeros(C, G, dtype=dt, device=dev)  # log of the trajectory's summed weights exp(H0 - H)
+    log_w = torch.zeros(
+        C, G, dtype=dt, device=dev
+    )  # log of the trajectory's summed weights exp(H0 - H)
     r_sum = r0.clone()
     active = torch.ones(C, G, dtype=torch.bool, device=dev)
     diverging = torch.zeros(C, G, dtype=torch.bool, device=dev)
@@ -395,7 +457,9 @@ def nuts_transition(
     depth = torch.zeros(C, G, dtype=torch.long, device=dev)
     accept_sum = torch.zeros(C, G, dtype=dt, device=dev)
     for j in range(max_tree_depth):
-        if j > 0 and not active.any():  # the transition's one read per doubling: whether any chain still grows
+        if (
+            j > 0 and not active.any()
+        ):  # the transition's one read per doubling: whether any chain still grows
             break
         forward = uniforms[..., leaves + j] < 0.5  # [C, G]: extend to the right
         v = torch.where(forward, 1.0, -1.0).to(dt)[..., None]
@@ -406,7 +470,9 @@ def nuts_transition(
         ckpt_r = r0.new_zeros((max(j, 1), C, G, K))
         ckpt_sum = r0.new_zeros((max(j, 1), C, G, K))
         ok = active.clone()
-        for i in range(2**j):  # a chain that stopped inside the subtree is masked: no read per leapfrog step
+        for i in range(
+            2**j
+        ):  # a chain that stopped inside the subtree is masked: no read per leapfrog step
             r_half = r + 0.5 * v * e * g
             z_new = z + v * e * velocity(m, r_half)
             lp_new, g_new = value_and_grad(f, z_new)
@@ -416,10 +482,17 @@ def nuts_transition(
             delta = h - h0
             finite = torch.isfinite(delta)
             bad = ok & (~finite | (delta > max_energy_error))
-            accept_sum += torch.where(ok & finite, torch.exp(-delta.clamp(min=0)), torch.zeros_like(delta))
+            accept_sum += torch.where(
+                ok & finite, torch.exp(-delta.clamp(min=0)), torch.zeros_like(delta)
+            )
             diverging |= bad
             ok = ok & ~bad
-            z, r, lp, g = where(ok, z_new, z), where(ok, r_new, r), torch.where(ok, lp_new, lp), where(ok, g_new, g)
+            z, r, lp, g = (
+                where(ok, z_new, z),
+                where(ok, r_new, r),
+                torch.where(ok, lp_new, lp),
+                where(ok, g_new, g),
+            )
             w = torch.where(ok, -delta, torch.full_like(delta, -math.inf))
             new_w = torch.logaddexp(sub_w, w)
             take = ok & (uniforms[..., 2**j - 1 + i] < torch.exp(w - new_w))
@@ -436,7 +509,9 @@ def nuts_transition(
                 for k in range(lo, hi + 1):
                     turn |= _turning(m, ckpt_r[k], r, sub_sum - ckpt_sum[k] + ckpt_r[k])
                 ok = ok & ~turn
-        valid = active & ok  # the subtree was built to the end without a U-turn or a divergence inside it
+        valid = (
+            active & ok
+        )  # the subtree was built to the end without a U-turn or a divergence inside it
         take = valid & (uniforms[..., leaves + max_tree_depth + j] < torch.exp(sub_w - log_w))
         prop = [where(take, a, b) for a, b in zip(sub_prop, prop)]
         new_end = [z, r, lp, g]

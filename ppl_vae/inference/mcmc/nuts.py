@@ -57,8 +57,19 @@ def nuts(
     with freeze_model(lambda *a, **k: model(*args, **kwargs), ()):
         for c in range(num_chains):
             with seeded(seed + c):
-                kernel = NUTS(model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, jit_compile=False)
-                mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1, disable_progbar=not progress)
+                kernel = NUTS(
+                    model,
+                    target_accept_prob=target_accept,
+                    max_tree_depth=max_tree_depth,
+                    jit_compile=False,
+                )
+                mcmc = MCMC(
+                    kernel,
+                    num_samples=num_samples,
+                    warmup_steps=warmup_steps,
+                    num_chains=1,
+                    disable_progbar=not progress,
+                )
                 mcmc.run(*args, **kwargs)
             chains.append(mcmc.get_samples())
             idx = [i for i in mcmc.diagnostics()["divergences"]["chain 0"] if 0 <= i < num_samples]
@@ -67,7 +78,15 @@ def nuts(
     wall = time.perf_counter() - t0
     samples = {name: torch.stack([ch[name] for ch in chains]).cpu().numpy() for name in latent}
     shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
-    return Draws(samples, {"diverging": diverging, "step_size": step_size}, site_dims(shapes), {}, "pyro-nuts", wall)
+    return Draws(
+        samples,
+        {"diverging": diverging, "step_size": step_size},
+        site_dims(shapes),
+        {},
+        "pyro-nuts",
+        wall,
+    )
+
 
 def nuts_latent(
     model: Callable[..., object],
@@ -90,11 +109,24 @@ def nuts_latent(
     check_counts(num_samples, warmup_steps, num_chains)
     latent = latent_of(model, *args, analysis="latent-posterior MCMC")
     runs = [
-        nuts(model, *(a[i : i + 1] for a in args), num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
-             seed=seed + 1000 * i, target_accept=target_accept, max_tree_depth=max_tree_depth, progress=progress)
+        nuts(
+            model,
+            *(a[i : i + 1] for a in args),
+            num_samples=num_samples,
+            warmup_steps=warmup_steps,
+            num_chains=num_chains,
+            seed=seed + 1000 * i,
+            target_accept=target_accept,
+            max_tree_depth=max_tree_depth,
+            progress=progress,
+        )
         for i in range(latent.num_points)
     ]
-    samples = {s.name: np.concatenate([r.samples[s.name] for r in runs], axis=2) for s in latent.sites}  # [C, S, 1, ...] -> [C, S, N, ...]
-    stats = {k: np.stack([r.sample_stats[k] for r in runs], axis=-1) for k in ("diverging", "step_size")}
+    samples = {
+        s.name: np.concatenate([r.samples[s.name] for r in runs], axis=2) for s in latent.sites
+    }  # [C, S, 1, ...] -> [C, S, N, ...]
+    stats = {
+        k: np.stack([r.sample_stats[k] for r in runs], axis=-1) for k in ("diverging", "step_size")
+    }
     dims, coords = point_layout(latent, ("diverging", "step_size"))
     return Draws(samples, stats, dims, coords, "pyro-nuts", sum(r.wall_time for r in runs))

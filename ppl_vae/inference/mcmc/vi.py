@@ -25,6 +25,7 @@ from ...errors import ConfigError, check_int
 from ..latent import latent_of, log_joint
 from ..random import Streams, Tag, dataset_index, draws_in_batches, seeded
 from ..traces import (
+    analysed,
     log_weights_of,
     model_latent_sites,
     restrict,
@@ -32,7 +33,6 @@ from ..traces import (
     trace_nesting,
     traces,
     vectorized,
-    analysed,
 )
 from .draws import Draws, point_layout, site_dims
 
@@ -41,6 +41,7 @@ __all__ = ["vi_draws", "vi_draws_latent", "vi_draws_amortized", "vi_draws_autogu
 
 #: autoguide family name -> class name in ``pyro.infer.autoguide``
 AUTOGUIDES = {"normal": "AutoNormal", "mvn": "AutoMultivariateNormal", "iaf": "AutoIAFNormal"}
+
 
 def vi_draws(
     model: Callable[..., object],
@@ -71,19 +72,31 @@ def vi_draws(
     idx = dataset_index(index, n)
     values: dict[str, list[torch.Tensor]] = {s.name: [] for s in latent.sites}
     weights = []
-    with torch.no_grad(), seeded(seed):  # the probe run and a seed=None leave the caller's random stream as it was
+    with (
+        torch.no_grad(),
+        seeded(seed),
+    ):  # the probe run and a seed=None leave the caller's random stream as it was
         streams = Streams(seed, idx, args[0].device, Tag.VI)
         batched = draws_in_batches(restrict(guide, slice(0, 1)), *(t[:1] for t in args))
         for rows in [slice(None)] if batched else [slice(i, i + 1) for i in range(n)]:
             part = tuple(t[rows] for t in args)
-            model_tr, guide_tr = traces(model, restrict(guide, rows), *part, num_samples=num_samples, streams=streams.select(rows))
+            model_tr, guide_tr = traces(
+                model,
+                restrict(guide, rows),
+                *part,
+                num_samples=num_samples,
+                streams=streams.select(rows),
+            )
             weights.append(log_weights_of(model_tr, guide_tr))
             for s in latent.sites:
-                values[s.name].append(model_tr.nodes[s.name]["value"].reshape(num_samples, part[0].shape[0], *s.shape))
+                values[s.name].append(
+                    model_tr.nodes[s.name]["value"].reshape(num_samples, part[0].shape[0], *s.shape)
+                )
     lw = torch.cat(weights, 1)
     samples = {name: torch.cat(v, 1)[None].cpu().numpy() for name, v in values.items()}
     dims, coords = point_layout(latent, ("log_weight",), idx.tolist())
     return Draws(samples, {"log_weight": lw[None].cpu().numpy()}, dims, coords, method)
+
 
 def vi_draws_latent(
     model: Callable[..., object],
@@ -115,7 +128,10 @@ def vi_draws_latent(
     with torch.no_grad(), seeded(seed):
         if base is not None:
             streams = Streams(seed, idx, args[0].device, Tag.VI)
-            u = gaussian_draw(q.expand((num_samples, *q.batch_shape)), lambda shape: streams.normal(tuple(shape), 1, base.loc.dtype))
+            u = gaussian_draw(
+                q.expand((num_samples, *q.batch_shape)),
+                lambda shape: streams.normal(tuple(shape), 1, base.loc.dtype),
+            )
         else:
             u = q.sample((num_samples,))  # [S, N, K]
         lw = log_joint(model, latent, *args)(u) - q.log_prob(u)
@@ -123,6 +139,7 @@ def vi_draws_latent(
     samples = {name: v[None].cpu().numpy() for name, v in values.items()}
     dims, coords = point_layout(latent, ("log_weight",), idx.tolist())
     return Draws(samples, {"log_weight": lw[None].cpu().numpy()}, dims, coords, method)
+
 
 def vi_draws_amortized(
     model: Callable[..., object],
@@ -133,13 +150,19 @@ def vi_draws_amortized(
     index: torch.Tensor | None = None,
 ) -> Draws:
     r"""Draws of the amortised guide's :math:`q(z \mid x_n)` for every row of ``args`` (see :func:`vi_draws`)."""
-    return vi_draws(model, guide, *args, num_samples=num_samples, seed=seed, method="vi-amortized", index=index)
+    return vi_draws(
+        model, guide, *args, num_samples=num_samples, seed=seed, method="vi-amortized", index=index
+    )
+
 
 def _autoguide(model: Callable[..., object], family: str, options: dict[str, Any]) -> Any:
 
     if family not in AUTOGUIDES:
-        raise ConfigError(f"unknown autoguide family {family!r}; choose one of {', '.join(AUTOGUIDES)}")
+        raise ConfigError(
+            f"unknown autoguide family {family!r}; choose one of {', '.join(AUTOGUIDES)}"
+        )
     return getattr(autoguide, AUTOGUIDES[family])(model, **options)
+
 
 def vi_draws_autoguide(
     model: Callable[..., object],
@@ -179,8 +202,14 @@ def vi_draws_autoguide(
         guide = _autoguide(model, family, dict(guide_options or {}))
         guide(*args, **kwargs)  # creates the parameters
         opt = torch.optim.Adam(guide.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay ** (1 / max(num_steps, 1)))
-        elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=-dim - 1)
+        sched = torch.optim.lr_scheduler.ExponentialLR(
+            opt, gamma=lr_decay ** (1 / max(num_steps, 1))
+        )
+        elbo = Trace_ELBO(
+            num_particles=num_particles,
+            vectorize_particles=num_particles > 1,
+            max_plate_nesting=-dim - 1,
+        )
         for _ in range(num_steps):
             opt.zero_grad()
             loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
@@ -190,7 +219,9 @@ def vi_draws_autoguide(
 
         with torch.no_grad(), poutine.block():
             guide_tr = poutine.trace(vectorized(guide, num_samples, dim)).get_trace(*args, **kwargs)
-            model_tr = poutine.trace(poutine.replay(vectorized(model, num_samples, dim), trace=guide_tr)).get_trace(*args, **kwargs)
+            model_tr = poutine.trace(
+                poutine.replay(vectorized(model, num_samples, dim), trace=guide_tr)
+            ).get_trace(*args, **kwargs)
             lw: torch.Tensor | float = 0.0  # on the draws' device
             for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
                 tr.compute_log_prob(site_filter=lambda name, s: not site_is_subsample(s))
@@ -198,5 +229,14 @@ def vi_draws_autoguide(
                     if s["type"] == "sample" and "log_prob" in s:
                         lw = lw + sign * sum_but_first(s["log_prob"], num_samples)
     shapes = {name: tuple(plain.nodes[name]["value"].shape) for name in latent}
-    samples = {name: model_tr.nodes[name]["value"].reshape(1, num_samples, *shape).cpu().numpy() for name, shape in shapes.items()}
-    return Draws(samples, {"log_weight": lw[None].cpu().numpy()}, site_dims(shapes), {}, f"vi-{AUTOGUIDES[family]}")
+    samples = {
+        name: model_tr.nodes[name]["value"].reshape(1, num_samples, *shape).cpu().numpy()
+        for name, shape in shapes.items()
+    }
+    return Draws(
+        samples,
+        {"log_weight": lw[None].cpu().numpy()},
+        site_dims(shapes),
+        {},
+        f"vi-{AUTOGUIDES[family]}",
+    )

@@ -31,7 +31,12 @@ def kl_of_guide(m: PPCA, x: torch.Tensor, factor: float) -> torch.Tensor:
     cov_p = m.posterior(x).covariance_matrix
     cov_q = torch.diag_embed(cov_p.diagonal(dim1=-2, dim2=-1)) * factor**2
     k = cov_p.shape[-1]
-    return 0.5 * (torch.linalg.solve(cov_p, cov_q).diagonal(dim1=-2, dim2=-1).sum(-1) - k + torch.logdet(cov_p) - torch.logdet(cov_q))
+    return 0.5 * (
+        torch.linalg.solve(cov_p, cov_q).diagonal(dim1=-2, dim2=-1).sum(-1)
+        - k
+        + torch.logdet(cov_p)
+        - torch.logdet(cov_q)
+    )
 
 
 def test_exact_guide_gives_exact_bounds_with_zero_variance():
@@ -50,7 +55,9 @@ def test_streamed_bounds_equal_the_direct_formulas_on_the_same_draws():
     guide = inflated_guide(m)
     K = 64
     b = importance_bounds(m, guide, x, num_samples=K, sample_batch=K, batch_size=5, seed=3)
-    lw = log_weights(m, guide, x, num_samples=K, streams=Streams(3, torch.arange(5), x.device, Tag.BOUNDS, 0))  # datapoint n's stream, sample chunk 0
+    lw = log_weights(
+        m, guide, x, num_samples=K, streams=Streams(3, torch.arange(5), x.device, Tag.BOUNDS, 0)
+    )  # datapoint n's stream, sample chunk 0
     assert torch.allclose(b.elbo, lw.mean(0), atol=1e-9)
     assert torch.allclose(b.elbo_se, lw.std(0) / math.sqrt(K), atol=1e-9)
     assert torch.allclose(b.iwae, torch.logsumexp(lw, 0) - math.log(K), atol=1e-9)
@@ -66,7 +73,10 @@ def test_each_datapoint_gets_the_same_bounds_whatever_its_batch_and_neighbours()
     for batch in (1, 4):
         again = importance_bounds(m, guide, x, num_samples=200, batch_size=batch, seed=5)
         for k in ("elbo", "elbo_se", "iwae", "iwae_se"):
-            assert torch.allclose(getattr(again, k), getattr(whole, k), rtol=1e-12, atol=1e-12), (batch, k)
+            assert torch.allclose(getattr(again, k), getattr(whole, k), rtol=1e-12, atol=1e-12), (
+                batch,
+                k,
+            )
     rows = torch.tensor([7, 2, 5])
     part = importance_bounds(m, guide, x[rows], num_samples=200, batch_size=2, seed=5, index=rows)
     assert torch.allclose(part.iwae, whole.iwae[rows], rtol=1e-12, atol=1e-12)
@@ -80,15 +90,27 @@ def test_a_guide_that_is_not_gaussian_runs_row_by_row_with_the_same_streams():
 
     def gamma_guide(x):  # a positive latent: drawn one datapoint at a time
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Gamma(x.new_full((x.shape[0], m.latent_dim), 2.0), 2.0).to_event(1))
+            pyro.sample(
+                "z", dist.Gamma(x.new_full((x.shape[0], m.latent_dim), 2.0), 2.0).to_event(1)
+            )
 
     def model(x):
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Gamma(x.new_full((x.shape[0], m.latent_dim), 2.0), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True).expand(*z.shape[:-1], x.shape[-1]), 1.0).to_event(1), obs=x)
+            z = pyro.sample(
+                "z", dist.Gamma(x.new_full((x.shape[0], m.latent_dim), 2.0), 1.0).to_event(1)
+            )
+            pyro.sample(
+                "x",
+                dist.Normal(
+                    z.sum(-1, keepdim=True).expand(*z.shape[:-1], x.shape[-1]), 1.0
+                ).to_event(1),
+                obs=x,
+            )
 
     a = importance_bounds(model, gamma_guide, x, num_samples=50, batch_size=4, seed=1)
-    b = importance_bounds(model, gamma_guide, x[2:], num_samples=50, batch_size=1, seed=1, index=torch.tensor([2, 3]))
+    b = importance_bounds(
+        model, gamma_guide, x[2:], num_samples=50, batch_size=1, seed=1, index=torch.tensor([2, 3])
+    )
     assert torch.allclose(a.elbo[2:], b.elbo, rtol=1e-12)
     assert torch.isfinite(a.iwae).all()
 
@@ -103,9 +125,17 @@ def test_iwae_rises_toward_exact_log_px_and_reaches_it_at_large_K():
         last = importance_bounds(m, guide, x, num_samples=K, seed=10 + i)
         means.append(last.iwae.mean().item())
         # SE of the mean from the datapoints' own draws (K = 1 has none: the spread of its errors over datapoints)
-        ses.append((last.iwae_se.pow(2).sum().sqrt() / len(x)).item() if K > 1 else ((exact - last.iwae).std() / math.sqrt(len(x))).item())
-    for i in range(3):  # E[IWAE_K] rises with K: each mean is above the last, within Z combined standard errors
-        assert means[i + 1] > means[i] - Z * math.hypot(ses[i], ses[i + 1]), f"IWAE means should rise with K: {means} (SE {ses})"
+        ses.append(
+            (last.iwae_se.pow(2).sum().sqrt() / len(x)).item()
+            if K > 1
+            else ((exact - last.iwae).std() / math.sqrt(len(x))).item()
+        )
+    for i in range(
+        3
+    ):  # E[IWAE_K] rises with K: each mean is above the last, within Z combined standard errors
+        assert means[i + 1] > means[i] - Z * math.hypot(ses[i], ses[i + 1]), (
+            f"IWAE means should rise with K: {means} (SE {ses})"
+        )
     # K = 1 is one ELBO draw per point: its mean is log p(x) - KL(q || p) (closed form); SE: the sd of the draws / sqrt(N)
     k1 = importance_bounds(m, guide, x, num_samples=1, seed=10)
     kl = kl_of_guide(m, x, 1.6)
@@ -123,7 +153,9 @@ def test_one_draw_gives_no_standard_error_rather_than_a_nan():
     x = m.sample(4)
     one = importance_bounds(m, inflated_guide(m), x, num_samples=1, seed=0)
     assert one.elbo_se is None and one.iwae_se is None
-    assert torch.isfinite(one.elbo).all() and torch.equal(one.elbo, one.iwae)  # K = 1: the IWAE bound is the one draw's ELBO
+    assert torch.isfinite(one.elbo).all() and torch.equal(
+        one.elbo, one.iwae
+    )  # K = 1: the IWAE bound is the one draw's ELBO
     assert list(one.to_dataframe().columns) == ["elbo", "iwae", "khat", "reliable"]
     assert not one.reliable.any()  # one draw: no tail to check either
     assert Bounds.concat([one, one]).elbo_se is None
@@ -189,7 +221,9 @@ def test_bad_inputs_are_clear_errors():
 
     def other_guide(x):
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("w", dist.Normal(torch.zeros(x.shape[0], 2, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample(
+                "w", dist.Normal(torch.zeros(x.shape[0], 2, dtype=x.dtype), 1.0).to_event(1)
+            )
 
     with pytest.raises(ConfigError, match="the guide has no site 'z', a latent site of the model"):
         decompose(m, other_guide, x)
@@ -222,7 +256,9 @@ def test_iwae_standard_error_matches_the_spread_across_seeds_where_it_is_reporte
 
     def spread(factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         b = importance_bounds(m, inflated_guide(m, factor), rep, num_samples=K, seed=0)
-        return b.iwae.view(R, 5).std(0) / b.iwae_se.view(R, 5).pow(2).mean(0).sqrt(), b.reliable.view(R, 5).double().mean(0)
+        return b.iwae.view(R, 5).std(0) / b.iwae_se.view(R, 5).pow(2).mean(
+            0
+        ).sqrt(), b.reliable.view(R, 5).double().mean(0)
 
     # a proposal wider than the posterior: bounded weights (k = 1 - 1.6^2 < 0), every datapoint reliable, its SE right
     ratio, reliable = spread(1.6)
@@ -241,11 +277,19 @@ def test_khat_from_the_kept_tail_is_psis_khat_of_all_weights_and_too_few_draws_a
 
     g = torch.Generator().manual_seed(0)
     for K in (30, 1000, 5000):
-        lw = torch.randn(K, 5, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+        lw = torch.randn(K, 5, generator=g, dtype=torch.float64) * torch.tensor(
+            [0.1, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64
+        )
         kept = khat_of_tail(lw.topk(tail_size(K), 0).values, lw.min(0).values, K)
         assert torch.allclose(kept, torch.from_numpy(pareto_khat(lw.T.numpy())), rtol=0, atol=1e-12)
-    assert khat_threshold(24) == -math.inf and khat_threshold(100) == pytest.approx(0.5) and khat_threshold(5000) == 0.7
+    assert (
+        khat_threshold(24) == -math.inf
+        and khat_threshold(100) == pytest.approx(0.5)
+        and khat_threshold(5000) == 0.7
+    )
     m = frozen_ppca()
     b = importance_bounds(m, m.exact_guide, m.sample(3), num_samples=10, seed=0)
-    assert torch.isinf(b.khat).all() and not b.reliable.any()  # ten draws: no tail to check, so no SE to trust
+    assert (
+        torch.isinf(b.khat).all() and not b.reliable.any()
+    )  # ten draws: no tail to check, so no SE to trust
     assert {"khat", "reliable"} <= set(b.to_dataframe().columns)

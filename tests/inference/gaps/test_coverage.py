@@ -88,7 +88,12 @@ def test_gap_standard_errors_cover_the_truth():
     elbo_q = gaussian_elbo(m, x, post.mean, torch.diag_embed(1.69 * opt_var))
     elbo_star = gaussian_elbo(m, x, post.mean, torch.diag_embed(opt_var))
     assert r.qstar_converged["diagonal"].all()
-    for est, se, truth in ((r.log_px, r.log_px_se, log_px), (r.elbo_q, r.elbo_q_se, elbo_q), (r.elbo_qstar, r.elbo_local_se["diagonal"], elbo_star),
-                           (r.approximation_gap, r.approximation_gap_se, log_px - elbo_star), (r.amortisation_gap, r.amortisation_gap_se, elbo_star - elbo_q),
-                           (r.inference_gap, r.inference_gap_se, log_px - elbo_q)):
+    for est, se, truth in (
+        (r.log_px, r.log_px_se, log_px),
+        (r.elbo_q, r.elbo_q_se, elbo_q),
+        (r.elbo_qstar, r.elbo_local_se["diagonal"], elbo_star),
+        (r.approximation_gap, r.approximation_gap_se, log_px - elbo_star),
+        (r.amortisation_gap, r.amortisation_gap_se, elbo_star - elbo_q),
+        (r.inference_gap, r.inference_gap_se, log_px - elbo_q),
+    ):
         assert LOW <= coverage(est, se, truth) <= HIGH, coverage(est, se, truth)

@@ -53,7 +53,18 @@ def mean_field_kl(m: PPCA, x: torch.Tensor) -> float:
 def test_local_qstar_gap_matches_closed_form(family):
     m = frozen_ppca(D=6, d=3, sigma=0.5)
     x = m.sample(10)
-    fit_ = optimize_local(m, x, family=family, init="prior", lr=0.01, num_samples=30, tol=0.002, max_steps=3000, check_every=50, seed=0)
+    fit_ = optimize_local(
+        m,
+        x,
+        family=family,
+        init="prior",
+        lr=0.01,
+        num_samples=30,
+        tol=0.002,
+        max_steps=3000,
+        check_every=50,
+        seed=0,
+    )
     assert fit_.converged.all()
     b = importance_bounds(m, fit_.posterior, x, num_samples=2000, seed=1)
     gap = (m.log_marginal(x) - b.elbo).mean().item()
@@ -61,16 +72,26 @@ def test_local_qstar_gap_matches_closed_form(family):
     if family == "diagonal":
         assert expected > 0.1  # a clearly correlated posterior
     assert abs(gap - expected) < TOL_OPT + Z * se_of_mean(b.elbo_se), (gap, expected)
-    if family == "diagonal":  # and the optimum itself (exact means, variances 1/Lambda_ii), in closed form, without draws:
+    if (
+        family == "diagonal"
+    ):  # and the optimum itself (exact means, variances 1/Lambda_ii), in closed form, without draws:
         post = m.posterior(x)
         q = fit_.posterior.distribution()
         lam = torch.linalg.inv(post.covariance_matrix[0])
-        q_mvn = torch.distributions.MultivariateNormal(q.mean.double(), torch.diag_embed(q.variance.double()))
-        best = torch.distributions.MultivariateNormal(post.mean, torch.diag_embed(lam.diagonal().reciprocal().expand_as(post.mean)))
-        excess = torch.distributions.kl_divergence(q_mvn, post) - torch.distributions.kl_divergence(best, post)
+        q_mvn = torch.distributions.MultivariateNormal(
+            q.mean.double(), torch.diag_embed(q.variance.double())
+        )
+        best = torch.distributions.MultivariateNormal(
+            post.mean, torch.diag_embed(lam.diagonal().reciprocal().expand_as(post.mean))
+        )
+        excess = torch.distributions.kl_divergence(q_mvn, post) - torch.distributions.kl_divergence(
+            best, post
+        )
         # Adam at a constant lr stops jittering around the optimum: each datapoint's KL excess is a few TOL_OPT at
         # most (measured over seeds 0-2: mean 0.011-0.016 nats, largest 0.037), and never negative
-        assert (excess > -1e-9).all() and excess.mean() < 2 * TOL_OPT and excess.max() < 5 * TOL_OPT, excess
+        assert (
+            (excess > -1e-9).all() and excess.mean() < 2 * TOL_OPT and excess.max() < 5 * TOL_OPT
+        ), excess
 
 
 def test_local_flow_copied_from_an_amortised_iaf_is_that_distribution():
@@ -95,7 +116,9 @@ def test_local_flow_copied_from_an_amortised_iaf_is_that_distribution():
         lqs = qs.log_prob(z_star)
     assert torch.allclose(z, z_star, atol=1e-5)
     assert torch.allclose(lq, lqs, atol=1e-4)
-    assert not torch.allclose(z, q.base_dist.sample((4,)), atol=1e-2)  # the flow does move the draws
+    assert not torch.allclose(
+        z, q.base_dist.sample((4,)), atol=1e-2
+    )  # the flow does move the draws
 
 
 @pytest.mark.parametrize("family", ["diagonal", "full", "flow"])
@@ -104,22 +127,47 @@ def test_batched_local_optimisation_equals_one_datapoint_at_a_time(family):
     # and its objective and Adam's update involve its own parameters only: alone it gets the same q*
     m = frozen_ppca(D=6, d=3, sigma=0.5)
     x = m.sample(6)
-    kw = dict(family=family, init="prior", lr=0.05, num_samples=10, tol=0.2, max_steps=200, check_every=20, seed=3)
+    kw = dict(
+        family=family,
+        init="prior",
+        lr=0.05,
+        num_samples=10,
+        tol=0.2,
+        max_steps=200,
+        check_every=20,
+        seed=3,
+    )
     batched = optimize_local(m, x, **kw)
-    assert batched.steps.unique().numel() > 1, "datapoints stop at different steps: the batch shrinks while the others go on"
+    assert batched.steps.unique().numel() > 1, (
+        "datapoints stop at different steps: the batch shrinks while the others go on"
+    )
     for i in (0, 3):
         alone = optimize_local(m, x[i : i + 1], index=torch.tensor([i]), **kw)
         assert torch.equal(alone.steps, batched.steps[i : i + 1])
         for p, q in zip(alone.posterior.parameters(), batched.posterior.parameters()):
             assert torch.allclose(p[0], q[i], rtol=1e-9, atol=1e-9)
     shifted = optimize_local(m, x[:1], index=torch.tensor([5]), **kw)
-    assert not torch.allclose(shifted.posterior.loc, batched.posterior.loc[:1]), "another dataset index, other draws"
+    assert not torch.allclose(shifted.posterior.loc, batched.posterior.loc[:1]), (
+        "another dataset index, other draws"
+    )
 
 
-def _encoder_fit(m: PPCA, x: torch.Tensor, body: nn.Module, width: int, epochs: int) -> amortized_guide:
+def _encoder_fit(
+    m: PPCA, x: torch.Tensor, body: nn.Module, width: int, epochs: int
+) -> amortized_guide:
     enc = GaussianEncoder(body, width, m.latent_dim).double()
     guide = amortized_guide(enc)
-    fit(m, guide, (x,), epochs=epochs, batch_size=100, lr=0.02, lr_schedule="cosine", seed=0, progress=False)
+    fit(
+        m,
+        guide,
+        (x,),
+        epochs=epochs,
+        batch_size=100,
+        lr=0.02,
+        lr_schedule="cosine",
+        seed=0,
+        progress=False,
+    )
     return guide
 
 
@@ -129,10 +177,16 @@ def test_amortisation_gap_is_zero_for_a_linear_encoder_and_positive_for_a_bottle
     x = m.sample(400)
     test = m.sample(20)
     local = {"lr": 0.01, "num_samples": 30, "tol": 0.002, "max_steps": 3000, "check_every": 50}
-    linear = _encoder_fit(m, x, nn.Identity(), 6, epochs=150)  # the optimal mean-field q is linear in x
+    linear = _encoder_fit(
+        m, x, nn.Identity(), 6, epochs=150
+    )  # the optimal mean-field q is linear in x
     crippled = _encoder_fit(m, x, nn.Linear(6, 1), 1, epochs=150)  # its means lie on a line
-    reports = {name: decompose(m, g, test, num_samples=2000, elbo_samples=2000, local_options=local, seed=0)
-               for name, g in (("linear", linear), ("bottleneck", crippled))}
+    reports = {
+        name: decompose(
+            m, g, test, num_samples=2000, elbo_samples=2000, local_options=local, seed=0
+        )
+        for name, g in (("linear", linear), ("bottleneck", crippled))
+    }
     kl = mean_field_kl(m, test)
     lin, bot = reports["linear"], reports["bottleneck"]
     assert lin.family == "diagonal" and "IWAE K=2000" in lin.logpx_estimator
@@ -145,16 +199,22 @@ def test_amortisation_gap_is_zero_for_a_linear_encoder_and_positive_for_a_bottle
 
     # the linear encoder was trained 150 epochs toward the mean-field optimum, which it can represent exactly:
     # what is left is its own optimisation error, bounded like the local one's
-    assert abs(lin.amortisation_gap.mean().item()) < 3 * TOL_OPT + Z * se_of_mean(se_amort(lin)), lin.summary()
+    assert abs(lin.amortisation_gap.mean().item()) < 3 * TOL_OPT + Z * se_of_mean(se_amort(lin)), (
+        lin.summary()
+    )
     # a one-unit bottleneck puts every mean on a line: a clear gap, many SE above zero
-    assert bot.amortisation_gap.mean().item() > Z * se_of_mean(se_amort(bot)) + 3 * TOL_OPT, bot.summary()
+    assert bot.amortisation_gap.mean().item() > Z * se_of_mean(se_amort(bot)) + 3 * TOL_OPT, (
+        bot.summary()
+    )
     for r in reports.values():  # the approximation gap is the mean-field KL whatever the encoder
         assert abs(r.approximation_gap.mean().item() - kl) < TOL_OPT + Z * se_of_mean(se_approx(r))
         # never negative beyond its standard errors (and the stopping tolerance), per datapoint
         assert (r.amortisation_gap >= -Z * se_amort(r) - TOL_OPT).all()
         assert (r.approximation_gap >= -Z * se_approx(r) - TOL_OPT).all()
     df = bot.to_dataframe()
-    assert len(df) == 20 and {"log_px", "elbo_q", "elbo_qstar_diagonal", "amortisation_gap"} <= set(df.columns)
+    assert len(df) == 20 and {"log_px", "elbo_q", "elbo_qstar_diagonal", "amortisation_gap"} <= set(
+        df.columns
+    )
 
 
 def test_iaf_guide_trains_and_beats_its_gaussian_start():
@@ -183,12 +243,28 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
-GAPS_FAST = ["--num-points", "6", "--K", "50", "--elbo-samples", "20", "--local-steps", "200", "--families", "full"]
+GAPS_FAST = [
+    "--num-points",
+    "6",
+    "--K",
+    "50",
+    "--elbo-samples",
+    "20",
+    "--local-steps",
+    "200",
+    "--families",
+    "full",
+]
 
 
 def test_gaps_command_writes_table_csv_json_and_figure(tiny_run, tmp_path, capsys):
     out = tmp_path / "gaps"
-    assert main(["gaps", "--run", str(tiny_run), "--run", str(tiny_run), "--out", str(out), *GAPS_FAST]) == 0
+    assert (
+        main(
+            ["gaps", "--run", str(tiny_run), "--run", str(tiny_run), "--out", str(out), *GAPS_FAST]
+        )
+        == 0
+    )
     assert "amortisation gap" in capsys.readouterr().out
     summary = json.loads((out / "gaps.json").read_text())
     assert len(summary["summaries"]) == 2 and summary["options"]["K"] == 50
@@ -201,8 +277,13 @@ def test_gaps_command_writes_table_csv_json_and_figure(tiny_run, tmp_path, capsy
     # merging gaps folders (e.g. runs analysed in parallel) rebuilds the same table
     merged = tmp_path / "merged"
     assert main(["gaps", "--merge", str(out), "--out", str(merged)]) == 0
-    assert (merged / "table.md").read_text().splitlines()[:9] == (out / "table.md").read_text().splitlines()[:9]
-    assert main(["gaps", "--merge", str(out), "--run", str(tiny_run), "--out", str(tmp_path / "m2")]) == 2
+    assert (merged / "table.md").read_text().splitlines()[:9] == (
+        out / "table.md"
+    ).read_text().splitlines()[:9]
+    assert (
+        main(["gaps", "--merge", str(out), "--run", str(tiny_run), "--out", str(tmp_path / "m2")])
+        == 2
+    )
 
 
 @pytest.mark.parametrize(
@@ -214,7 +295,9 @@ def test_gaps_command_writes_table_csv_json_and_figure(tiny_run, tmp_path, capsy
         (["--split", "nope"], "unknown split"),
     ],
 )
-def test_gaps_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path, capsys, args, message):
+def test_gaps_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tiny_run, tmp_path, capsys, args, message
+):
     out = tmp_path / "gaps"
     assert main(["gaps", "--run", str(tiny_run), "--out", str(out), *GAPS_FAST, *args]) == 2
     err = capsys.readouterr().err
@@ -242,7 +325,12 @@ def test_gaps_refuses_to_overwrite_without_force(tiny_run, tmp_path, capsys):
 
 def test_score_function_refuses_a_caching_flow_guide(tmp_path, capsys):
     """Pyro's IAF caches its gradient-free inverse, so log q(z) would give the score function no signal."""
-    assert main(["fit", "--out", str(tmp_path / "r"), *BINARY, "--guide", "iaf", "--estimator", "score"]) == 2
+    assert (
+        main(
+            ["fit", "--out", str(tmp_path / "r"), *BINARY, "--guide", "iaf", "--estimator", "score"]
+        )
+        == 2
+    )
     assert "--guide iaf needs a pathwise estimator" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -253,22 +341,44 @@ def test_gaps_on_two_processes_write_the_table_of_one(tiny_run, tmp_path, capsys
     tables = {}
     for devices in ("1", "2"):
         out = tmp_path / f"gaps{devices}"
-        assert main(["gaps", "--run", str(tiny_run), "--out", str(out), *GAPS_FAST, "--accelerator", "cpu", "--devices", devices]) == 0
+        assert (
+            main(
+                [
+                    "gaps",
+                    "--run",
+                    str(tiny_run),
+                    "--out",
+                    str(out),
+                    *GAPS_FAST,
+                    "--accelerator",
+                    "cpu",
+                    "--devices",
+                    devices,
+                ]
+            )
+            == 0
+        )
         tables[devices] = pd.read_csv(out / "gaps.csv")
     one, two = tables["1"], tables["2"]
     assert list(one.columns) == list(two.columns) and one["index"].tolist() == two["index"].tolist()
     numbers = [c for c in one.select_dtypes("number").columns if c != "log_px_khat"]
     # float32 networks: a datapoint's arithmetic in a block of 3 rows instead of 6 rounds differently;
     # 1e-5 relative is ~100 float32 ulps (measured: 4e-7 nats on values of ~44)
-    assert np.allclose(one[numbers], two[numbers], rtol=1e-5, atol=1e-5), (one[numbers] - two[numbers]).abs().max().to_dict()
+    assert np.allclose(one[numbers], two[numbers], rtol=1e-5, atol=1e-5), (
+        (one[numbers] - two[numbers]).abs().max().to_dict()
+    )
     # k-hat is a generalised Pareto shape fitted to the largest 3 sqrt(K) weights: it moves ~100x more than they do (5e-5 measured)
     assert np.allclose(one["log_px_khat"], two["log_px_khat"], rtol=0, atol=1e-3)
 
 
 def test_gaps_refuse_bad_device_options_with_one_line_and_write_nothing(tiny_run, tmp_path, capsys):
-    for options, message in ((["--devices", "0"], "devices must be a positive number"), (["--accelerator", "cuda"], "cannot run on accelerator='cuda'"),
-                             (["--strategy", "warp", "--devices", "2"], "unknown strategy 'warp'"), (["--devices", "2", "--num-points", "1"], "1 datapoint(s) cannot be spread over 2"),
-                             (["--devices", str((os.cpu_count() or 1) + 1)], "more than this machine's")):
+    for options, message in (
+        (["--devices", "0"], "devices must be a positive number"),
+        (["--accelerator", "cuda"], "cannot run on accelerator='cuda'"),
+        (["--strategy", "warp", "--devices", "2"], "unknown strategy 'warp'"),
+        (["--devices", "2", "--num-points", "1"], "1 datapoint(s) cannot be spread over 2"),
+        (["--devices", str((os.cpu_count() or 1) + 1)], "more than this machine's"),
+    ):
         if options[:2] == ["--accelerator", "cuda"] and torch.cuda.is_available():
             continue
         out = tmp_path / "gaps"
@@ -278,21 +388,35 @@ def test_gaps_refuse_bad_device_options_with_one_line_and_write_nothing(tiny_run
         assert not out.exists()
 
 
-@pytest.mark.parametrize("approx, amort, says", [
-    (1.0, 0.1, "the approximation gap dominates"),
-    (0.1, 1.0, "the amortisation gap dominates"),
-    (0.5, 0.5, "neither gap dominates"),
-])
+@pytest.mark.parametrize(
+    "approx, amort, says",
+    [
+        (1.0, 0.1, "the approximation gap dominates"),
+        (0.1, 1.0, "the amortisation gap dominates"),
+        (0.5, 0.5, "neither gap dominates"),
+    ],
+)
 def test_the_verdict_names_the_gap_that_dominates(approx, amort, says):
     g = torch.Generator().manual_seed(0)
     n = 50
     log_px = -90 + torch.randn(n, generator=g, dtype=torch.float64)
     noise = 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
     local = log_px - approx + noise
-    report = GapReport(index=torch.arange(n), log_px=log_px, log_px_se=torch.full((n,), 0.01, dtype=torch.float64),
-                       elbo_q=local - amort + noise.flip(0), elbo_q_se=torch.full((n,), 0.01, dtype=torch.float64),
-                       elbo_local={"diagonal": local}, elbo_local_se={"diagonal": torch.full((n,), 0.01, dtype=torch.float64)},
-                       family="diagonal", logpx_estimator="IWAE", num_samples=100, local_steps={"diagonal": 10.0}, name="m", q_in_family=True)
+    report = GapReport(
+        index=torch.arange(n),
+        log_px=log_px,
+        log_px_se=torch.full((n,), 0.01, dtype=torch.float64),
+        elbo_q=local - amort + noise.flip(0),
+        elbo_q_se=torch.full((n,), 0.01, dtype=torch.float64),
+        elbo_local={"diagonal": local},
+        elbo_local_se={"diagonal": torch.full((n,), 0.01, dtype=torch.float64)},
+        family="diagonal",
+        logpx_estimator="IWAE",
+        num_samples=100,
+        local_steps={"diagonal": 10.0},
+        name="m",
+        q_in_family=True,
+    )
     words = report.verdict()
     assert says in words
     s = report.summary()
@@ -314,17 +438,28 @@ def test_local_qstar_from_a_crippled_encoder_reaches_the_optimum_of_each_family(
     m = frozen_ppca(D=10, d=5, sigma=0.5, seed=1)
     test = m.sample(20)
     guide = _one_unit_encoder(m, m.sample(400))
-    r = decompose(m, guide, test, families=("diagonal", "full"), num_samples=2000, elbo_samples=2000, seed=0)
+    r = decompose(
+        m, guide, test, families=("diagonal", "full"), num_samples=2000, elbo_samples=2000, seed=0
+    )
     exact = m.log_marginal(test)
     for fam, expected in (("full", 0.0), ("diagonal", mean_field_kl(m, test))):
         assert r.qstar_converged[fam].all()
         gap = (exact - r.elbo_local[fam]).mean().item()
-        assert abs(gap - expected) < 2 * se_of_mean(r.elbo_local_se[fam]), (fam, gap, expected, se_of_mean(r.elbo_local_se[fam]))
+        assert abs(gap - expected) < 2 * se_of_mean(r.elbo_local_se[fam]), (
+            fam,
+            gap,
+            expected,
+            se_of_mean(r.elbo_local_se[fam]),
+        )
     # what the convergence test replaced, for contrast: one step size, the ordinary gradient, stop at a 0.05-nat change
     q, _ = guide_in_latent_space(guide, latent_of(m, test, guide=guide), test)
-    early = optimize_local(m, test, family="full", init=q, lr_decays=0, path_derivative=False, tol=0.05, seed=1)
+    early = optimize_local(
+        m, test, family="full", init=q, lr_decays=0, path_derivative=False, tol=0.05, seed=1
+    )
     b = importance_bounds(m, early.posterior, test, num_samples=2000, seed=2)
-    assert (exact - b.elbo).mean().item() > 10 * se_of_mean(b.elbo_se)  # stopped short of the optimum by many SE
+    assert (exact - b.elbo).mean().item() > 10 * se_of_mean(
+        b.elbo_se
+    )  # stopped short of the optimum by many SE
 
 
 def collinear_ppca() -> PPCA:
@@ -353,7 +488,16 @@ def test_gaps_on_a_strongly_correlated_posterior_from_a_crippled_encoder():
     train, test = m.sample(400), m.sample(12)
     guide = amortized_guide(GaussianEncoder(nn.Linear(8, 1), 1, 3).double())
     fit(m, guide, (train,), epochs=20, batch_size=100, lr=0.02, seed=0, progress=False)
-    r = decompose(m, guide, test, families=("diagonal", "full"), num_samples=2000, elbo_samples=2000, seed=1, local_options={"num_samples": 50})
+    r = decompose(
+        m,
+        guide,
+        test,
+        families=("diagonal", "full"),
+        num_samples=2000,
+        elbo_samples=2000,
+        seed=1,
+        local_options={"num_samples": 50},
+    )
     for fam, expected in (("full", 0.0), ("diagonal", mean_field_kl(m, test))):
         assert r.qstar_converged[fam].all()
         gap = (r.log_px - r.elbo_local[fam]).mean().item()
@@ -364,9 +508,19 @@ def test_gaps_on_a_strongly_correlated_posterior_from_a_crippled_encoder():
 def test_a_qstar_that_did_not_converge_is_flagged_with_a_warning():
     m = frozen_ppca(D=6, d=3, sigma=0.5)
     x = m.sample(5)
-    with pytest.warns(UserWarning, match=r"q\* \(diagonal\) did not converge for 5 of 5 datapoints"):
-        r = decompose(m, inflated_guide(m), x, proposals=(), num_samples=1000, elbo_samples=100,
-                      local_options={"max_steps": 40, "check_every": 20, "tol": 0.0}, seed=0)
+    with pytest.warns(
+        UserWarning, match=r"q\* \(diagonal\) did not converge for 5 of 5 datapoints"
+    ):
+        r = decompose(
+            m,
+            inflated_guide(m),
+            x,
+            proposals=(),
+            num_samples=1000,
+            elbo_samples=100,
+            local_options={"max_steps": 40, "check_every": 20, "tol": 0.0},
+            seed=0,
+        )
     assert not r.qstar_converged["diagonal"].any() and r.flags()["qstar_diagonal_unconverged"] == 5
     df = r.to_dataframe()
     assert not df["qstar_diagonal_converged"].any() and df["qstar_diagonal_change"].notna().all()
@@ -377,7 +531,9 @@ def correlated_linear_gaussian() -> PPCA:
     """Two nearly collinear loadings and little noise: a Gaussian posterior with correlation -0.995."""
     m = PPCA(4, 2, sigma=0.1).double()
     with torch.no_grad():
-        m.W.copy_(torch.tensor([[1.0, 1.02], [0.8, 0.84], [0.5, 0.5], [0.2, 0.22]], dtype=torch.float64))
+        m.W.copy_(
+            torch.tensor([[1.0, 1.02], [0.8, 0.84], [0.5, 0.5], [0.2, 0.22]], dtype=torch.float64)
+        )
     for p in m.parameters():
         p.requires_grad_(False)
     return m
@@ -400,18 +556,39 @@ def test_default_log_px_is_right_on_a_correlated_posterior_where_a_mean_field_pr
     r = decompose(m, mean_field, x, num_samples=2000, elbo_samples=1000, seed=0)  # default options
     assert "mixture of the local full q*" in r.logpx_estimator and not r.log_px_unreliable.any()
     err = r.log_px - exact
-    assert abs(err.mean().item()) < 3 * se_of_mean(r.log_px_se) + log_mean_exp_bias(r.log_px_se), err
+    assert abs(err.mean().item()) < 3 * se_of_mean(r.log_px_se) + log_mean_exp_bias(r.log_px_se), (
+        err
+    )
     # with the mean-field q* as the only proposal (no defensive components) its weights have infinite variance
     # (2 Lambda - diag Lambda is not positive definite): far too low, by many of its own SEs; the k-hat flags say so
     # (AIS is offered for those rows)
     with pytest.warns(UserWarning, match="log p̂\\(x\\) is unreliable"):
-        mf = decompose(m, mean_field, x, num_samples=2000, elbo_samples=1000, seed=0, proposals=(), defensive=(0, 0))
+        mf = decompose(
+            m,
+            mean_field,
+            x,
+            num_samples=2000,
+            elbo_samples=1000,
+            seed=0,
+            proposals=(),
+            defensive=(0, 0),
+        )
     lam = torch.linalg.inv(cov)
     assert torch.linalg.eigvalsh(2 * lam - torch.diag(lam.diagonal())).min() < 0
     assert (exact - mf.log_px).mean().item() > 10 * se_of_mean(mf.log_px_se)
     assert mf.log_px_unreliable.sum() >= 3 and (mf.log_px_khat[mf.log_px_unreliable] > 0.7).all()
     # re-estimated by AIS (a short one here: which rows, not how well), they are no longer flagged
-    redo = decompose(m, mean_field, x, num_samples=2000, elbo_samples=1000, seed=0, proposals=(), defensive=(0, 0), unreliable="ais",
-                     ais_options={"num_steps": 20, "num_chains": 4})
+    redo = decompose(
+        m,
+        mean_field,
+        x,
+        num_samples=2000,
+        elbo_samples=1000,
+        seed=0,
+        proposals=(),
+        defensive=(0, 0),
+        unreliable="ais",
+        ais_options={"num_steps": 20, "num_chains": 4},
+    )
     assert torch.equal(redo.log_px_ais, mf.log_px_unreliable) and not redo.log_px_unreliable.any()
     assert "AIS" in redo.logpx_estimator

@@ -55,9 +55,17 @@ def gaussian_elbo(x: float, mean: np.ndarray, cov: np.ndarray) -> float:
         m, v = float(mean[0]), float(cov[0, 0])
         eu, var_u, sq, tr, logdet = m * m + v, 2 * v * v + 4 * m * m * v, m * m, v, math.log(v)
     else:
-        m0, m1, v0, v1, c01 = float(mean[0]), float(mean[1]), float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
+        m0, m1, v0, v1, c01 = (
+            float(mean[0]),
+            float(mean[1]),
+            float(cov[0, 0]),
+            float(cov[1, 1]),
+            float(cov[0, 1]),
+        )
         eu = m1 + m0 * m0 + v0
-        var_u = v1 + 2 * v0 * v0 + 4 * m0 * m0 * v0 + 4 * m0 * c01  # Var z1 + Var z0² + 2 Cov(z1, z0²), Cov(z1, z0²) = 2 m0 c01
+        var_u = (
+            v1 + 2 * v0 * v0 + 4 * m0 * m0 * v0 + 4 * m0 * c01
+        )  # Var z1 + Var z0² + 2 Cov(z1, z0²), Cov(z1, z0²) = 2 m0 c01
         sq, tr, logdet = m0 * m0 + m1 * m1, v0 + v1, math.log(v0 * v1 - c01 * c01)
     d = len(mean)
     prior = -0.5 * d * math.log(2 * math.pi) - 0.5 * (sq + tr)
@@ -65,12 +73,13 @@ def gaussian_elbo(x: float, mean: np.ndarray, cov: np.ndarray) -> float:
     return prior + lik + 0.5 * (d * math.log(2 * math.pi * math.e) + logdet)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def best_gaussian(x: float, d: int, family: str) -> float:
     """The largest Gaussian ELBO of the family: Nelder-Mead over (mean, log sd[, atanh correlation]) from a grid of starts.
 
     Narrow starts matter: from a wide one a local optimiser can slide to the saddle between the modes.
     """
+
     def unpack(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mean, sd = p[:d], np.exp(p[d : 2 * d])
         rho = np.tanh(p[2 * d]) if family == "full" and d == 2 else 0.0
@@ -82,7 +91,7 @@ def best_gaussian(x: float, d: int, family: str) -> float:
     size = 2 * d + (1 if family == "full" and d == 2 else 0)
     best = -math.inf
     for m0 in (-1.5, 0.0, 1.5):
-        for m1 in ((-1.0, 1.0) if d == 2 else (0.0,)):
+        for m1 in (-1.0, 1.0) if d == 2 else (0.0,):
             for log_sd in (0.0, -1.5):
                 start = np.full(size, log_sd)
                 start[0] = m0
@@ -90,7 +99,12 @@ def best_gaussian(x: float, d: int, family: str) -> float:
                     start[1] = m1
                 if size > 2 * d:
                     start[-1] = 0.0
-                r = minimize(lambda p: -gaussian_elbo(x, *unpack(p)), start, method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 20000, "maxfev": 20000})
+                r = minimize(
+                    lambda p: -gaussian_elbo(x, *unpack(p)),
+                    start,
+                    method="Nelder-Mead",
+                    options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 20000, "maxfev": 20000},
+                )
                 best = max(best, -r.fun)
     return best
 
@@ -99,12 +113,22 @@ def log_px_grid(x: float, d: int) -> float:
     """log p(x) by the trapezoid rule on a fine grid (the integrand is smooth and negligible beyond |z| = 8)."""
     if d == 1:
         z = np.linspace(-8, 8, 40001)
-        lj = -0.5 * np.log(2 * np.pi) - z**2 / 2 - 0.5 * np.log(2 * np.pi * SD**2) - (x - z**2) ** 2 / (2 * SD**2)
+        lj = (
+            -0.5 * np.log(2 * np.pi)
+            - z**2 / 2
+            - 0.5 * np.log(2 * np.pi * SD**2)
+            - (x - z**2) ** 2 / (2 * SD**2)
+        )
         step = z[1] - z[0]
     else:
         g = np.linspace(-8, 8, 1601)
         z0, z1 = np.meshgrid(g, g, indexing="ij")
-        lj = -np.log(2 * np.pi) - (z0**2 + z1**2) / 2 - 0.5 * np.log(2 * np.pi * SD**2) - (x - z1 - z0**2) ** 2 / (2 * SD**2)
+        lj = (
+            -np.log(2 * np.pi)
+            - (z0**2 + z1**2) / 2
+            - 0.5 * np.log(2 * np.pi * SD**2)
+            - (x - z1 - z0**2) ** 2 / (2 * SD**2)
+        )
         step = (g[1] - g[0]) ** 2
     top = lj.max()
     return float(top + np.log(np.exp(lj - top).sum() * step))
@@ -113,7 +137,12 @@ def log_px_grid(x: float, d: int) -> float:
 def exact_elbos(fit_posterior: LocalPosterior, xs: list[float]) -> np.ndarray:
     q = fit_posterior.distribution()
     mean = q.mean.detach().double().numpy()
-    cov = (q.covariance_matrix if hasattr(q, "covariance_matrix") else torch.diag_embed(q.variance)).detach().double().numpy()
+    cov = (
+        (q.covariance_matrix if hasattr(q, "covariance_matrix") else torch.diag_embed(q.variance))
+        .detach()
+        .double()
+        .numpy()
+    )
     return np.array([gaussian_elbo(x, mean[i], cov[i]) for i, x in enumerate(xs)])
 
 
@@ -123,9 +152,13 @@ def exact_elbos(fit_posterior: LocalPosterior, xs: list[float]) -> np.ndarray:
 def test_paired_change_has_the_paired_standard_error_and_only_evidence_of_no_gain_converges():
     g = torch.Generator().manual_seed(11)
     before = torch.randn(64, 3, generator=g, dtype=torch.float64) * 3.0
-    now = before + 0.02 + 0.01 * torch.randn(64, 3, generator=g, dtype=torch.float64)  # common noise: only the small part differs
+    now = (
+        before + 0.02 + 0.01 * torch.randn(64, 3, generator=g, dtype=torch.float64)
+    )  # common noise: only the small part differs
     change, se = window_change(now, before)
-    assert torch.allclose(change, (now - before).mean(0)) and torch.allclose(se, (now - before).std(0) / 8)
+    assert torch.allclose(change, (now - before).mean(0)) and torch.allclose(
+        se, (now - before).std(0) / 8
+    )
     assert (se < before.std(0) / 8 / 10).all()  # far below the SE of two independent means
     tol = 0.01
     zero = torch.zeros(4, dtype=torch.float64)
@@ -134,7 +167,12 @@ def test_paired_change_has_the_paired_standard_error_and_only_evidence_of_no_gai
     gain = torch.tensor([0.001, 0.001, 0.05, 0.001], dtype=torch.float64)
     gain_se = torch.tensor([0.001, 0.02, 0.001, 0.001], dtype=torch.float64)
     slower, done = judge_window(zero, zero + 0.003, gain, gain_se, decays, 8, tol)
-    assert done.tolist() == [True, False, False, False]  # noise larger than tol never converges; nor a row never halved
+    assert done.tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]  # noise larger than tol never converges; nor a row never halved
     assert slower.tolist() == [False, True, True, True]
     # a window with progress changes nothing; at the last halving a noisy row goes on, unconverged
     slower, done = judge_window(zero + 0.05, zero + 0.003, gain, gain_se, decays, 8, tol)
@@ -186,7 +224,16 @@ def wide(x: torch.Tensor) -> None:
 
 def test_default_log_px_is_not_confidently_low_by_a_missed_mode():
     x = torch.tensor([[XS[3]]], dtype=torch.float64)
-    r = decompose(square, wide, x, index=torch.tensor([3]), num_samples=2000, elbo_samples=1000, seed=13, warn=False)
+    r = decompose(
+        square,
+        wide,
+        x,
+        index=torch.tensor([3]),
+        num_samples=2000,
+        elbo_samples=1000,
+        seed=13,
+        warn=False,
+    )
     truth = log_px_grid(XS[3], 1)
     err = float(r.log_px[0]) - truth
     assert abs(err) < Z2 * float(r.log_px_se[0]), (err, r.log_px_se)
@@ -204,16 +251,36 @@ def test_default_decompose_on_the_bimodal_posterior_matches_quadrature_or_says_i
     # all of the datapoints at once within 95 % (Sidak: each at 1 - 0.95 ** (1 / 4), 2.49 standard errors)
     joint = NormalDist().inv_cdf(1 - (1 - 0.95 ** (1 / len(XS))) / 2)
     assert (np.abs(err) < joint * r.log_px_se.numpy()).all(), (err, r.log_px_se)
-    assert (np.abs(r.approximation_gap.numpy() - gap) < joint * r.approximation_gap_se.numpy()).all(), (r.approximation_gap, gap)
+    assert (
+        np.abs(r.approximation_gap.numpy() - gap) < joint * r.approximation_gap_se.numpy()
+    ).all(), (r.approximation_gap, gap)
     # never low by the mass of a mode (log 2 here) with a confident SE reported reliable
     assert not ((err < -0.5) & (r.log_px_se.numpy() < 0.1) & ~r.log_px_unreliable.numpy()).any()
     # without the defensive components and with one start, q* sits on one mode and its weights never see the other:
     # log p̂ comes out about log 2 low with a tiny SE, and Pareto k-hat cannot tell (what the default prevents)
-    one = decompose(square, wide, x[2:], index=torch.tensor([2, 3]), num_samples=5000, elbo_samples=2000, seed=5, defensive=(0, 0),
-                    local_options={"starts": 1}, warn=False)
+    one = decompose(
+        square,
+        wide,
+        x[2:],
+        index=torch.tensor([2, 3]),
+        num_samples=5000,
+        elbo_samples=2000,
+        seed=5,
+        defensive=(0, 0),
+        local_options={"starts": 1},
+        warn=False,
+    )
     low = truth[2:] - one.log_px.numpy()
-    on_a_mode = np.abs(np.array([float(v) for v in one.elbo_local["diagonal"]]) - np.array([best_gaussian(v, 1, "diagonal") for v in XS[2:]])) < 0.1
-    assert (np.abs(low[on_a_mode] - math.log(2)) < 0.15).all() and (one.log_px_se.numpy()[on_a_mode] < 0.05).all()
+    on_a_mode = (
+        np.abs(
+            np.array([float(v) for v in one.elbo_local["diagonal"]])
+            - np.array([best_gaussian(v, 1, "diagonal") for v in XS[2:]])
+        )
+        < 0.1
+    )
+    assert (np.abs(low[on_a_mode] - math.log(2)) < 0.15).all() and (
+        one.log_px_se.numpy()[on_a_mode] < 0.05
+    ).all()
 
 
 # ---------------------------------------------------------------- a two-dimensional banana
@@ -225,20 +292,38 @@ XB = [-1.1, 0.9, 2.3]
 @pytest.mark.parametrize("family", ["diagonal", "full"])
 def test_banana_qstar_and_gaps_match_the_grid(family):
     x = torch.tensor(XB, dtype=torch.float64).unsqueeze(-1)
-    init = dist.Normal(x.new_zeros(len(XB), 2), 1.7).to_event(1)  # symmetric in z0: a saddle where the banana is bimodal
+    init = dist.Normal(x.new_zeros(len(XB), 2), 1.7).to_event(
+        1
+    )  # symmetric in z0: a saddle where the banana is bimodal
     fit = optimize_local(banana, x, family=family, init=init, seed=6)
     best = np.array([best_gaussian(v, 2, family) for v in XB])
     short = best - exact_elbos(fit.posterior, XB)
     converged = fit.converged.numpy()
-    assert converged.sum() >= 2 and (short[converged] < TOL_BEST).all() and (short > -1e-6).all(), (fit.converged, short)
+    assert converged.sum() >= 2 and (short[converged] < TOL_BEST).all() and (short > -1e-6).all(), (
+        fit.converged,
+        short,
+    )
 
     def guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.7).to_event(1))
 
-    r = decompose(banana, guide, x, families=(family,), num_samples=5000, elbo_samples=2000, seed=7, warn=False)
+    r = decompose(
+        banana,
+        guide,
+        x,
+        families=(family,),
+        num_samples=5000,
+        elbo_samples=2000,
+        seed=7,
+        warn=False,
+    )
     truth = np.array([log_px_grid(v, 2) for v in XB])
-    assert (np.abs(r.log_px.numpy() - truth) < Z2 * r.log_px_se.numpy()).all(), (r.log_px, truth, r.log_px_se)
+    assert (np.abs(r.log_px.numpy() - truth) < Z2 * r.log_px_se.numpy()).all(), (
+        r.log_px,
+        truth,
+        r.log_px_se,
+    )
     gap_se = np.hypot(r.log_px_se.numpy(), r.elbo_local_se[family].numpy())
     gap = r.log_px.numpy() - r.elbo_local[family].numpy()
     assert (np.abs(gap - (truth - best)) < Z2 * gap_se + TOL_BEST).all(), (gap, truth - best)
@@ -250,24 +335,45 @@ def test_banana_qstar_and_gaps_match_the_grid(family):
 def test_defensive_mixture_density_and_per_datapoint_draws():
     x = torch.tensor([[0.2], [1.4], [3.1]], dtype=torch.float64)
     latent = latent_of(square, x)
-    a = LocalPosterior("diagonal", latent, torch.tensor([[-1.0], [0.5], [1.7]], dtype=torch.float64), torch.full((3, 1), 0.4, dtype=torch.float64))
+    a = LocalPosterior(
+        "diagonal",
+        latent,
+        torch.tensor([[-1.0], [0.5], [1.7]], dtype=torch.float64),
+        torch.full((3, 1), 0.4, dtype=torch.float64),
+    )
     b = a.widened(3.0)
     logits = torch.log(torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]], dtype=torch.float64))
     mix = LocalMixture(latent, [a, b], logits)
     u = torch.linspace(-3, 3, 7, dtype=torch.float64).view(7, 1, 1).expand(7, 3, 1)
-    by_hand = torch.logsumexp(torch.stack([a.distribution().log_prob(u), b.distribution().log_prob(u)], -1) + logits, -1)
+    by_hand = torch.logsumexp(
+        torch.stack([a.distribution().log_prob(u), b.distribution().log_prob(u)], -1) + logits, -1
+    )
     assert torch.allclose(mix.distribution().log_prob(u), by_hand)
     assert torch.allclose(b.distribution().stddev, 3 * a.distribution().stddev)
     assert isinstance(mix.distribution(), Mixture)
     # each datapoint's draws come from its own stream: its bounds do not depend on the rows beside it
     whole = importance_bounds(square, mix, x, num_samples=300, seed=8)
-    alone = importance_bounds(square, mix.select(torch.tensor([1])), x[1:2], num_samples=300, seed=8, index=torch.tensor([1]))
+    alone = importance_bounds(
+        square,
+        mix.select(torch.tensor([1])),
+        x[1:2],
+        num_samples=300,
+        seed=8,
+        index=torch.tensor([1]),
+    )
     assert torch.allclose(whole.iwae[1:2], alone.iwae, rtol=1e-12, atol=1e-12)
     # the defensive proposal of a fit: q*'s optima share 1 - 0.1 - 0.1, the widened q* and the prior 0.1 each
     fit = optimize_local(square, x, family="diagonal", init="prior", seed=9, max_steps=300)
-    prior = LocalPosterior("diagonal", fit.posterior.latent, torch.zeros(3, 1, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64))
+    prior = LocalPosterior(
+        "diagonal",
+        fit.posterior.latent,
+        torch.zeros(3, 1, dtype=torch.float64),
+        torch.ones(3, 1, dtype=torch.float64),
+    )
     proposal = defensive_proposal(fit, prior, (0.1, 0.1))
     weights = torch.softmax(proposal.logits, -1)
     assert torch.allclose(weights[:, -2:], torch.full((3, 2), 0.1, dtype=torch.float64))
     assert torch.allclose(weights[:, :-2].sum(-1), torch.full((3,), 0.8, dtype=torch.float64))
-    assert isinstance(defensive_proposal(fit, prior, (0.0, 0.0)), LocalMixture)  # two starts: a mixture of both, whatever the rows beside
+    assert isinstance(
+        defensive_proposal(fit, prior, (0.0, 0.0)), LocalMixture
+    )  # two starts: a mixture of both, whatever the rows beside

@@ -25,7 +25,9 @@ def major() -> int:
     return int(azcompat.arviz_version().split(".")[0])
 
 
-def _log_weights(rng: np.random.Generator, proposal: stats.rv_continuous, shape: tuple[int, ...]) -> np.ndarray:
+def _log_weights(
+    rng: np.random.Generator, proposal: stats.rv_continuous, shape: tuple[int, ...]
+) -> np.ndarray:
     """``log N(z; 0, 1) - log q(z)`` for ``z ~ q``: importance log-weights for a standard normal target."""
     z = proposal.rvs(size=shape, random_state=rng)
     return stats.norm.logpdf(z) - proposal.logpdf(z)
@@ -53,7 +55,13 @@ def test_import_notice_is_silenced_with_fresh_daily_stamp(tmp_path):
     )
 
     def run(code: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-W", "error", "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     plain = run("import arviz")  # first: it would write today's stamp if it got that far
     result = run(ours)
@@ -73,7 +81,9 @@ def test_khat_exact_proposal_is_good():
     rng = np.random.default_rng(0)
     lw = _log_weights(rng, stats.norm(0.0, 1.0), (6, 4000))
     assert np.ptp(lw, axis=-1).max() < 1e-9  # equal up to rounding
-    khat = azcompat.pareto_khat(lw + rng.normal(size=(6, 1)))  # an arbitrary constant per row changes nothing
+    khat = azcompat.pareto_khat(
+        lw + rng.normal(size=(6, 1))
+    )  # an arbitrary constant per row changes nothing
     assert khat.shape == (6,)
     assert np.all(khat < 0.5)
     assert np.all(khat == -np.inf)  # documented: constant weights are the k -> -inf limit
@@ -114,7 +124,10 @@ def test_khat_shapes_and_degenerate_rows():
     single = azcompat.pareto_khat(lw[0, 0])
     assert single.shape == () and single == azcompat.pareto_khat(lw[:1, :1])[0, 0]
     few = np.stack([rng.normal(size=24), np.zeros(24)])
-    assert azcompat.pareto_khat(few).tolist() == [np.inf, np.inf]  # too few draws to fit, even if constant
+    assert azcompat.pareto_khat(few).tolist() == [
+        np.inf,
+        np.inf,
+    ]  # too few draws to fit, even if constant
     assert azcompat.pareto_khat(np.zeros((2, 0))).tolist() == [np.inf, np.inf]
     bad = np.stack([np.full(100, np.nan), np.full(100, -np.inf), np.r_[np.inf, np.zeros(99)]])
     assert np.isnan(azcompat.pareto_khat(bad)).all()
@@ -148,7 +161,9 @@ def test_iid_chains_converge():
 
 def test_chains_with_different_means_have_large_rhat():
     rng = np.random.default_rng(5)
-    x = rng.normal(size=(4, 1000, 3)) + np.array([0.0, 0.0, 0.0, 3.0])[:, None, None]  # one chain stuck elsewhere
+    x = (
+        rng.normal(size=(4, 1000, 3)) + np.array([0.0, 0.0, 0.0, 3.0])[:, None, None]
+    )  # one chain stuck elsewhere
     assert np.all(azcompat.rhat(x) > 1.1)
     assert np.all(azcompat.ess(x) < 0.25 * 4000)
 
@@ -159,7 +174,13 @@ def test_rhat_nan_for_one_chain_or_few_draws():
     assert np.all(azcompat.ess(rng.normal(size=(1, 500, 2))) > 0)  # ESS is defined for one chain
     for draws in (1, 2, 3):
         x = rng.normal(size=(4, draws, 2))
-        for value in (azcompat.rhat(x), azcompat.ess(x), azcompat.ess(x, "tail"), azcompat.mcse(x), azcompat.mcse(x, "sd")):
+        for value in (
+            azcompat.rhat(x),
+            azcompat.ess(x),
+            azcompat.ess(x, "tail"),
+            azcompat.mcse(x),
+            azcompat.mcse(x, "sd"),
+        ):
             assert value.shape == (2,) and np.isnan(value).all()
     scalar = azcompat.rhat(rng.normal(size=(4, 2)))
     assert scalar.shape == () and np.isnan(scalar)
@@ -200,9 +221,20 @@ def _draws(seed: int = 8) -> tuple[dict, dict, dict, dict]:
 
 def test_to_inference_data_round_trip(tmp_path):
     posterior, sample_stats, dims, coords = _draws()
-    attrs = {"method": "nuts", "wall_time_s": float("nan"), "warm": True, "n": np.int64(3), "none": None, "opts": {"a": 1}}
-    data = azcompat.to_inference_data(posterior, sample_stats=sample_stats, dims=dims, coords=coords, attrs=attrs)
-    assert isinstance(data, xr.DataTree) == (major() >= 1)  # the installed version's native container
+    attrs = {
+        "method": "nuts",
+        "wall_time_s": float("nan"),
+        "warm": True,
+        "n": np.int64(3),
+        "none": None,
+        "opts": {"a": 1},
+    }
+    data = azcompat.to_inference_data(
+        posterior, sample_stats=sample_stats, dims=dims, coords=coords, attrs=attrs
+    )
+    assert isinstance(data, xr.DataTree) == (
+        major() >= 1
+    )  # the installed version's native container
 
     ds = azcompat.posterior_dataset(data)
     assert isinstance(ds, xr.Dataset) and set(ds.data_vars) == {"z", "sigma"}
@@ -233,7 +265,9 @@ def test_to_inference_data_round_trip(tmp_path):
 def test_to_inference_data_without_sample_stats():
     posterior, _, dims, coords = _draws()
     data = azcompat.to_inference_data(posterior, sample_stats={}, dims=dims, coords=coords)
-    np.testing.assert_array_equal(azcompat.posterior_dataset(data)["sigma"].values, posterior["sigma"])
+    np.testing.assert_array_equal(
+        azcompat.posterior_dataset(data)["sigma"].values, posterior["sigma"]
+    )
     groups = data.children if major() >= 1 else data.groups()
     assert "sample_stats" not in groups
 
@@ -245,8 +279,20 @@ def test_diagnostics_labels_and_columns():
     posterior, _, dims, coords = _draws()
     table = azcompat.diagnostics(posterior, dims, coords)
     assert list(table.columns) == ["mcse_mean", "mcse_sd", "ess_bulk", "ess_tail", "r_hat"]
-    assert list(table.index) == ["z[a, 0]", "z[a, 1]", "z[b, 0]", "z[b, 1]", "z[c, 0]", "z[c, 1]", "sigma"]
-    assert list(azcompat.diagnostics({"w": posterior["z"]}).index)[:3] == ["w[0, 0]", "w[0, 1]", "w[1, 0]"]
+    assert list(table.index) == [
+        "z[a, 0]",
+        "z[a, 1]",
+        "z[b, 0]",
+        "z[b, 1]",
+        "z[c, 0]",
+        "z[c, 1]",
+        "sigma",
+    ]
+    assert list(azcompat.diagnostics({"w": posterior["z"]}).index)[:3] == [
+        "w[0, 0]",
+        "w[0, 1]",
+        "w[1, 0]",
+    ]
     z = posterior["z"]
     np.testing.assert_array_equal(table["r_hat"].to_numpy()[:6], azcompat.rhat(z).ravel())
     np.testing.assert_array_equal(table["ess_bulk"].to_numpy()[:6], azcompat.ess(z).ravel())
@@ -265,10 +311,16 @@ def test_diagnostics_match_native_summary():
     posterior, _, dims, coords = _draws()
     ours = azcompat.diagnostics(posterior, dims, coords)
     az = azcompat._arviz()
-    native = az.summary(azcompat.to_inference_data(posterior, dims=dims, coords=coords), kind="diagnostics", round_to="none")
+    native = az.summary(
+        azcompat.to_inference_data(posterior, dims=dims, coords=coords),
+        kind="diagnostics",
+        round_to="none",
+    )
     assert list(native.index) == list(ours.index)
     same = [c for c in ours.columns if major() == 0 or c != "ess_tail"]
-    np.testing.assert_allclose(ours[same].to_numpy(), native[same].to_numpy(dtype=float), rtol=1e-12)
+    np.testing.assert_allclose(
+        ours[same].to_numpy(), native[same].to_numpy(dtype=float), rtol=1e-12
+    )
     if major() >= 1:
         from arviz_stats.base import array_stats
 

@@ -37,8 +37,32 @@ from ppl_vae.models.ppca import PPCA
 pytestmark = pytest.mark.arviz
 
 Z = 4.0  # standard errors: a check fails by chance with probability < 1e-4
-TINY = ["--dataset", "digits", "--limit", "60", "--hidden", "16", "--latent-dim", "2", "--batch-size", "32", "--epochs", "2", "--binarize", "threshold", "--no-progress"]
-FILES = ("comparison.csv", "comparison.json", "mcmc_diagnostics.csv", "compare.json", "vi_mcmc_pairs.png", "vi_mcmc_marginals.png", "vi_mcmc_errors.png")
+TINY = [
+    "--dataset",
+    "digits",
+    "--limit",
+    "60",
+    "--hidden",
+    "16",
+    "--latent-dim",
+    "2",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "2",
+    "--binarize",
+    "threshold",
+    "--no-progress",
+]
+FILES = (
+    "comparison.csv",
+    "comparison.json",
+    "mcmc_diagnostics.csv",
+    "compare.json",
+    "vi_mcmc_pairs.png",
+    "vi_mcmc_marginals.png",
+    "vi_mcmc_errors.png",
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +88,14 @@ def test_exact_vi_passes_and_narrow_vi_is_flagged(ppca_case):
     # exact q gives constant log-weights (up to float32 round-off): k-hat is not informative there
     assert exact.flagged({"pareto_k": math.inf}).empty
 
-    narrow_q = torch.distributions.MultivariateNormal(post.loc, covariance_matrix=0.25 * post.covariance_matrix)
+    narrow_q = torch.distributions.MultivariateNormal(
+        post.loc, covariance_matrix=0.25 * post.covariance_matrix
+    )
     narrow = compare(mcmc, vi_draws_latent(ppca, narrow_q, x, num_samples=2000, seed=1))
     assert np.all(np.abs(narrow.per_dim["sd_ratio"] - 0.5) < Z * 0.5 * sd_ratio_se)
-    assert np.all(narrow.per_dim["coverage_90"] < 0.7)  # N(0,1) mass inside N(0, 0.5^2)'s 90% interval: 0.59
+    assert np.all(
+        narrow.per_dim["coverage_90"] < 0.7
+    )  # N(0,1) mass inside N(0, 0.5^2)'s 90% interval: 0.59
     # q = N(m, s^2 S) against p = N(m, S): log p/q grows as (1 - s^2)/2 times a chi-square, so the weights' tail has
     # Pareto shape k = 1 - s^2 = 0.75 (infinite variance: k > 0.5). The GPD fit on the M = min(S/5, 3 sqrt(S)) largest
     # of S = 2000 weights has SE about (1 + k) / sqrt(M) per point; the mean over the points is within Z of those
@@ -84,21 +112,39 @@ def test_exact_vi_passes_and_narrow_vi_is_flagged(ppca_case):
     assert "above 0.7" in words and "(90% if calibrated)" in words
     fine = exact.verdict({"pareto_k": math.inf})
     assert "VI agrees with MCMC on every datapoint and dimension" in fine and "wrong" not in fine
-    assert "above 0.5:" in narrow.verdict({"pareto_k": 0.5})  # the threshold it was given, not a fixed 0.7
+    assert "above 0.5:" in narrow.verdict(
+        {"pareto_k": 0.5}
+    )  # the threshold it was given, not a fixed 0.7
     # a joint k-hat above the threshold is the datapoint's, not each dimension's: VI that is right dimension by dimension stays unflagged
-    high_k = dataclasses.replace(exact, per_point={**exact.per_point, "pareto_k": np.full(len(exact.points), 0.9)})
+    high_k = dataclasses.replace(
+        exact, per_point={**exact.per_point, "pareto_k": np.full(len(exact.points), 0.9)}
+    )
     assert high_k.flagged().empty and len(high_k.flagged_points()) == len(exact.points)
     assert f"{len(exact.points)} of {len(exact.points)} datapoint(s) above 0.7" in high_k.verdict()
     # a metric that could not be computed is not agreement, and a reference without diagnostics is not sound
-    nan_rhat = dataclasses.replace(exact, per_point={**exact.per_point, "mcmc_max_rhat": np.full(len(exact.points), np.nan)})
+    nan_rhat = dataclasses.replace(
+        exact, per_point={**exact.per_point, "mcmc_max_rhat": np.full(len(exact.points), np.nan)}
+    )
     words = nan_rhat.verdict({"pareto_k": math.inf})
-    assert "NOT sound" in words and "5 diagnostics not computable" in words and "not sound)" in words
+    assert (
+        "NOT sound" in words and "5 diagnostics not computable" in words and "not sound)" in words
+    )
     assert "not computable" not in exact.verdict() and "not computable" not in narrow.verdict()
-    nan_err = dataclasses.replace(exact, per_dim={**exact.per_dim, "std_mean_error": np.where(np.arange(10).reshape(5, 2) == 3, np.nan, exact.per_dim["std_mean_error"])})
+    nan_err = dataclasses.replace(
+        exact,
+        per_dim={
+            **exact.per_dim,
+            "std_mean_error": np.where(
+                np.arange(10).reshape(5, 2) == 3, np.nan, exact.per_dim["std_mean_error"]
+            ),
+        },
+    )
     flagged = nan_err.flagged({"pareto_k": math.inf})
     assert len(flagged) == 1 and flagged["point"].tolist() == [exact.points[1]]
     assert "VI gets 1 of 5 datapoint(s) wrong" in nan_err.verdict({"pareto_k": math.inf})
-    assert "1 of them for a metric that could not be computed (NaN)" in nan_err.verdict({"pareto_k": math.inf})
+    assert "1 of them for a metric that could not be computed (NaN)" in nan_err.verdict(
+        {"pareto_k": math.inf}
+    )
     assert "could not be computed" not in narrow.verdict()  # no NaN there: no mention of one
 
 
@@ -107,12 +153,22 @@ def test_constant_log_weights_are_an_exact_proposal_in_the_verdict_not_missing_o
     c = compare(mcmc, vi_draws_latent(ppca, ppca.posterior(x), x, num_samples=300, seed=2))
     # PSIS gives -inf for constant log-weights (an exact proposal) and NaN where there are none
     assert azcompat.pareto_khat(np.full(400, -3.25)) == -math.inf
-    exact = dataclasses.replace(c, per_point={**c.per_point, "pareto_k": np.full(len(c.points), -math.inf)})
+    exact = dataclasses.replace(
+        c, per_point={**c.per_point, "pareto_k": np.full(len(c.points), -math.inf)}
+    )
     words = exact.verdict()
     assert exact.summary()["max_pareto_k"] == -math.inf
-    assert "constant, so q is an exact proposal" in words and "carry no importance log-weights" not in words
-    none = dataclasses.replace(c, per_point={**c.per_point, "pareto_k": np.full(len(c.points), np.nan)})
-    assert "carry no importance log-weights" in none.verdict() and "exact proposal" not in none.verdict()
+    assert (
+        "constant, so q is an exact proposal" in words
+        and "carry no importance log-weights" not in words
+    )
+    none = dataclasses.replace(
+        c, per_point={**c.per_point, "pareto_k": np.full(len(c.points), np.nan)}
+    )
+    assert (
+        "carry no importance log-weights" in none.verdict()
+        and "exact proposal" not in none.verdict()
+    )
 
 
 def test_comparison_tables_and_files(ppca_case, tmp_path):
@@ -120,7 +176,15 @@ def test_comparison_tables_and_files(ppca_case, tmp_path):
     vi = vi_draws_latent(ppca, ppca.posterior(x), x, num_samples=300, seed=0)
     c = compare(mcmc, vi)
     df = c.to_dataframe()
-    assert len(df) == 5 * 2 and {"point", "dim", "std_mean_error", "sd_ratio", "wasserstein", "coverage_50", "pareto_k"} <= set(df.columns)
+    assert len(df) == 5 * 2 and {
+        "point",
+        "dim",
+        "std_mean_error",
+        "sd_ratio",
+        "wasserstein",
+        "coverage_50",
+        "pareto_k",
+    } <= set(df.columns)
     assert len(c.to_dataframe("point")) == 5
     paths = c.save(tmp_path)
     assert [p.name for p in paths] == ["comparison.csv", "comparison.json"]
@@ -128,15 +192,27 @@ def test_comparison_tables_and_files(ppca_case, tmp_path):
     assert saved["summary"]["num_flagged_dims"] == 0 and len(saved["dims"]) == 10
     posterior = azcompat.posterior_dataset(vi.to_inference_data())
     assert dict(posterior["z"].sizes) == {"chain": 1, "draw": 300, "point": 5, "z_dim_0": 2}
-    assert set(posterior["z"].dims) == set(azcompat.posterior_dataset(mcmc.to_inference_data())["z"].dims)
+    assert set(posterior["z"].dims) == set(
+        azcompat.posterior_dataset(mcmc.to_inference_data())["z"].dims
+    )
 
 
 @pytest.mark.slow
 def test_mean_field_vi_underdisperses_tau_on_eight_schools():
     data = load_posteriordb_data("eight_schools-eight_schools_noncentered")
     args = (data["sigma"], data["y"])
-    mcmc = hmc(eight_schools_noncentered, *args, num_samples=500, warmup_steps=300, num_chains=4, seed=0)
-    vi = vi_draws_autoguide(eight_schools_noncentered, *args, family="normal", num_steps=1500, lr=0.02, num_samples=2000, seed=0)
+    mcmc = hmc(
+        eight_schools_noncentered, *args, num_samples=500, warmup_steps=300, num_chains=4, seed=0
+    )
+    vi = vi_draws_autoguide(
+        eight_schools_noncentered,
+        *args,
+        family="normal",
+        num_steps=1500,
+        lr=0.02,
+        num_samples=2000,
+        seed=0,
+    )
     assert vi.method == "vi-AutoNormal"
     c = compare(mcmc, vi)
     row = c.to_dataframe().set_index("dim").loc["tau"]
@@ -174,8 +250,19 @@ def test_compare_refuses_mismatched_draws(ppca_case):
 def test_autoguide_training_leaves_no_global_params():
     data = load_posteriordb_data("eight_schools-eight_schools_noncentered")
     for family in ("mvn", "iaf"):
-        vi = vi_draws_autoguide(eight_schools_noncentered, data["sigma"], data["y"], family=family, num_steps=5, num_samples=10, seed=0)
-        assert vi.samples["theta_trans"].shape == (1, 10, 8) and np.isfinite(vi.sample_stats["log_weight"]).all()
+        vi = vi_draws_autoguide(
+            eight_schools_noncentered,
+            data["sigma"],
+            data["y"],
+            family=family,
+            num_steps=5,
+            num_samples=10,
+            seed=0,
+        )
+        assert (
+            vi.samples["theta_trans"].shape == (1, 10, 8)
+            and np.isfinite(vi.sample_stats["log_weight"]).all()
+        )
     with pytest.raises(ConfigError, match="unknown autoguide"):
         vi_draws_autoguide(eight_schools_noncentered, data["sigma"], data["y"], family="laplace")
 
@@ -198,28 +285,92 @@ def one_error_line(capsys, fragment):
 
 def test_compare_command_writes_results(tiny_run, tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--run", str(tiny_run), "--indices", "0,5", "--draws", "60", "--warmup", "40", "--chains", "2", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--run",
+                str(tiny_run),
+                "--indices",
+                "0,5",
+                "--draws",
+                "60",
+                "--warmup",
+                "40",
+                "--chains",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "divergent transitions" in capsys.readouterr().out
     for name in FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     info = json.loads((out / "compare.json").read_text())
     assert info["indices"] == [0, 5] and info["mcmc_method"] == "batched-hmc"
     table = json.loads((out / "comparison.json").read_text())
-    assert [p["point"] for p in table["points"]] == [0, 5] and len(table["dims"]) == 2 * 2  # the dataset indices
+    assert [p["point"] for p in table["points"]] == [0, 5] and len(
+        table["dims"]
+    ) == 2 * 2  # the dataset indices
     assert (out / "vi_mcmc_pairs.png").read_bytes()[:4] == b"\x89PNG"
     # an existing output directory is not reused without --force
-    assert main(["compare", "--run", str(tiny_run), "--indices", "0", "--draws", "5", "--chains", "1", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "compare",
+                "--run",
+                str(tiny_run),
+                "--indices",
+                "0",
+                "--draws",
+                "5",
+                "--chains",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     one_error_line(capsys, "already exists")
 
 
 def test_compare_command_with_the_local_guide(tiny_run, tmp_path, capsys):
     """--guide local: q* of the guide's own family per datapoint; it is at least as close to MCMC as the encoder."""
     out = tmp_path / "cmp-local"
-    assert main(["compare", "--run", str(tiny_run), "--indices", "0,5", "--draws", "60", "--warmup", "40", "--chains", "2",
-                 "--guide", "local", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--run",
+                str(tiny_run),
+                "--indices",
+                "0,5",
+                "--draws",
+                "60",
+                "--warmup",
+                "40",
+                "--chains",
+                "2",
+                "--guide",
+                "local",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "compare.json").read_text())
     table = json.loads((out / "comparison.json").read_text())
-    assert info["guide"] == "local" and table["vi_method"] == "vi-local" and len(table["dims"]) == 2 * 2
+    assert (
+        info["guide"] == "local"
+        and table["vi_method"] == "vi-local"
+        and len(table["dims"]) == 2 * 2
+    )
 
 
 def test_compare_on_two_processes_writes_the_tables_of_one(tiny_run, tmp_path, capsys):
@@ -228,9 +379,35 @@ def test_compare_on_two_processes_writes_the_tables_of_one(tiny_run, tmp_path, c
     tables = {}
     for devices in ("1", "2"):
         out = tmp_path / f"cmp{devices}"
-        assert main(["compare", "--run", str(tiny_run), "--indices", "0,5,7", "--draws", "12", "--warmup", "0", "--chains", "2", "--out", str(out),
-                     "--no-progress", "--accelerator", "cpu", "--devices", devices]) == 0
-        tables[devices] = (pd.read_csv(out / "comparison.csv"), pd.read_csv(out / "mcmc_diagnostics.csv"))
+        assert (
+            main(
+                [
+                    "compare",
+                    "--run",
+                    str(tiny_run),
+                    "--indices",
+                    "0,5,7",
+                    "--draws",
+                    "12",
+                    "--warmup",
+                    "0",
+                    "--chains",
+                    "2",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                    "--accelerator",
+                    "cpu",
+                    "--devices",
+                    devices,
+                ]
+            )
+            == 0
+        )
+        tables[devices] = (
+            pd.read_csv(out / "comparison.csv"),
+            pd.read_csv(out / "mcmc_diagnostics.csv"),
+        )
     for one, two in zip(tables["1"], tables["2"]):
         assert list(one.columns) == list(two.columns) and len(one) == len(two)
         numbers = one.select_dtypes("number").columns
@@ -238,7 +415,9 @@ def test_compare_on_two_processes_writes_the_tables_of_one(tiny_run, tmp_path, c
         # 1.2e-7). Without warmup that rounding stays put; step-size adaptation can turn it into another trajectory (a
         # leapfrog count rounds the other way), so a long adapted float32 chain is another chain of the same posterior
         # (docs/devices.md; float64 chains with warmup agree to 1e-9 in tests/inference/test_distributed.py)
-        assert np.allclose(one[numbers], two[numbers], rtol=1e-5, atol=1e-5, equal_nan=True), (one[numbers] - two[numbers]).abs().max().to_dict()
+        assert np.allclose(one[numbers], two[numbers], rtol=1e-5, atol=1e-5, equal_nan=True), (
+            (one[numbers] - two[numbers]).abs().max().to_dict()
+        )
 
 
 @pytest.mark.parametrize(
@@ -276,7 +455,9 @@ def test_demo_hook_and_amortized_draws(tiny_run, tmp_path):
     built, splits = open_run(tiny_run)
     x = splits["test"].x[:3]
     vi = vi_draws_amortized(built.model, built.guide, x, num_samples=50, seed=0)
-    assert vi.samples["z"].shape == (1, 50, 3, 2) and np.isfinite(vi.sample_stats["log_weight"]).all()
+    assert (
+        vi.samples["z"].shape == (1, 50, 3, 2) and np.isfinite(vi.sample_stats["log_weight"]).all()
+    )
     info = demo_comparison(built, splits, tmp_path, seed=0, num_points=2)
     assert len(info["indices"]) == 2 and math.isfinite(info["summary"]["max_abs_std_mean_error"])
     assert all((tmp_path / "compare" / name).is_file() for name in FILES)
@@ -289,9 +470,16 @@ def test_vi_draws_of_a_datapoint_do_not_depend_on_its_neighbours():
     whole = vi_draws_amortized(m, inflated_guide(m), x, num_samples=50, seed=2)
     part = vi_draws_amortized(m, inflated_guide(m), x[rows], num_samples=50, seed=2, index=rows)
     assert np.array_equal(part.samples["z"], whole.samples["z"][:, :, rows.numpy()])
-    assert np.allclose(part.sample_stats["log_weight"], whole.sample_stats["log_weight"][:, :, rows.numpy()], rtol=1e-12, atol=1e-12)
+    assert np.allclose(
+        part.sample_stats["log_weight"],
+        whole.sample_stats["log_weight"][:, :, rows.numpy()],
+        rtol=1e-12,
+        atol=1e-12,
+    )
     assert list(part.coords["point"]) == [3, 1]
     q = m.posterior(x)
     whole_q = vi_draws_latent(m, q, x, num_samples=50, seed=2)
     part_q = vi_draws_latent(m, m.posterior(x[rows]), x[rows], num_samples=50, seed=2, index=rows)
-    assert np.allclose(part_q.samples["z"], whole_q.samples["z"][:, :, rows.numpy()], rtol=1e-12, atol=1e-12)
+    assert np.allclose(
+        part_q.samples["z"], whole_q.samples["z"][:, :, rows.numpy()], rtol=1e-12, atol=1e-12
+    )

@@ -63,9 +63,13 @@ def test_batched_hmc_gives_each_datapoint_the_same_chains_whatever_else_is_in_it
     rows = torch.tensor([5, 2])
     part = hmc_latent(ppca, x[rows], index=rows, **kw)
     assert list(part.coords["point"]) == [5, 2]
-    np.testing.assert_allclose(part.samples["z"], whole.samples["z"][:, :, rows.numpy()], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        part.samples["z"], whole.samples["z"][:, :, rows.numpy()], rtol=1e-9, atol=1e-9
+    )
     for k in ("step_size", "n_steps"):
-        np.testing.assert_allclose(part.sample_stats[k], whole.sample_stats[k][:, :, rows.numpy()], rtol=1e-9)
+        np.testing.assert_allclose(
+            part.sample_stats[k], whole.sample_stats[k][:, :, rows.numpy()], rtol=1e-9
+        )
 
 
 @pytest.mark.slow
@@ -96,11 +100,15 @@ def test_batched_hmc_matches_exact_ppca_posterior():
 @pytest.mark.parametrize("kernel", ["hmc", "nuts"])
 def test_batched_sampler_agrees_with_pyro_nuts_on_vae_latents(kernel):
     model, x, decoder = small_vae()
-    batched = hmc_latent(model, x[:2], num_samples=400, warmup_steps=200, num_chains=4, seed=0, kernel=kernel)
+    batched = hmc_latent(
+        model, x[:2], num_samples=400, warmup_steps=200, num_chains=4, seed=0, kernel=kernel
+    )
     pyro_nuts = nuts_latent(model, x[:2], num_samples=200, warmup_steps=150, num_chains=2, seed=0)
     assert pyro_nuts.samples["z"].shape == (2, 200, 2, 2)
     assert pyro_nuts.method == "pyro-nuts" and batched.method == f"batched-{kernel}"
-    assert_moments_agree(batched.samples["z"], pyro_nuts.samples["z"], f"batched {kernel.upper()} vs Pyro NUTS")
+    assert_moments_agree(
+        batched.samples["z"], pyro_nuts.samples["z"], f"batched {kernel.upper()} vs Pyro NUTS"
+    )
     assert all(p.requires_grad for p in decoder.parameters())
 
 
@@ -108,7 +116,10 @@ def test_inference_data_has_chain_draw_and_diagnostics():
     model, x, _ = small_vae()
     draws = hmc_latent(model, x, num_samples=50, warmup_steps=30, num_chains=2, seed=0)
     idata = draws.to_inference_data()
-    posterior, stats = azcompat.posterior_dataset(idata), azcompat.posterior_dataset(idata, "sample_stats")
+    posterior, stats = (
+        azcompat.posterior_dataset(idata),
+        azcompat.posterior_dataset(idata, "sample_stats"),
+    )
     assert dict(posterior["z"].sizes) == {"chain": 2, "draw": 50, "point": 3, "z_dim_0": 2}
     assert dict(stats["diverging"].sizes) == {"chain": 2, "draw": 50, "point": 3}
     assert np.array_equal(posterior["z"].values, draws.samples["z"])
@@ -125,8 +136,17 @@ def test_divergences_are_reported():
             pyro.sample("z", dist.Normal(torch.zeros(1), 1e-3).to_event(1))
 
     init = torch.full((2, 1), 0.5)  # 500 sds out: the first leapfrog step's energy error is huge
-    draws = hmc_latent(narrow, torch.zeros(2, 1), num_samples=20, warmup_steps=0, num_chains=2, seed=0,
-                       max_energy_error=1e-6, init_steps=0, init=init)
+    draws = hmc_latent(
+        narrow,
+        torch.zeros(2, 1),
+        num_samples=20,
+        warmup_steps=0,
+        num_chains=2,
+        seed=0,
+        max_energy_error=1e-6,
+        init_steps=0,
+        init=init,
+    )
     # every transition of every chain and datapoint diverges, is rejected, and is counted
     assert draws.num_divergences == 2 * 20 * 2
     assert np.all(draws.samples["z"] == 0.5)
@@ -150,19 +170,32 @@ def test_batched_sampler_recovers_eight_schools_reference(kernel):
     args, ref = posteriordb("eight_schools-eight_schools_noncentered")
     # NUTS at Stan's usual remedy for this small funnel, target acceptance 0.9 (measured at 0.8: 1 divergent
     # transition in 2000 in float32, 2 in float64; at 0.9: none)
-    draws = hmc(eight_schools_noncentered, *args, num_samples=500, warmup_steps=300, num_chains=4, seed=0, kernel=kernel,
-                target_accept=0.9 if kernel == "nuts" else 0.8)
+    draws = hmc(
+        eight_schools_noncentered,
+        *args,
+        num_samples=500,
+        warmup_steps=300,
+        num_chains=4,
+        seed=0,
+        kernel=kernel,
+        target_accept=0.9 if kernel == "nuts" else 0.8,
+    )
     ours = with_theta(draws)
     for name in ("mu", "tau", "theta"):
         assert_moments_agree(ours[name], ref[name], f"eight schools {name} ({kernel})")
     if kernel == "nuts":
-        assert draws.num_divergences == 0 and max(float(azcompat.rhat(ours[k]).max()) for k in ("mu", "tau", "theta")) < 1.01
+        assert (
+            draws.num_divergences == 0
+            and max(float(azcompat.rhat(ours[k]).max()) for k in ("mu", "tau", "theta")) < 1.01
+        )
 
 
 @pytest.mark.slow
 def test_pyro_nuts_recovers_eight_schools_reference():
     args, ref = posteriordb("eight_schools-eight_schools_noncentered")
-    draws = nuts(eight_schools_noncentered, *args, num_samples=200, warmup_steps=200, num_chains=2, seed=0)
+    draws = nuts(
+        eight_schools_noncentered, *args, num_samples=200, warmup_steps=200, num_chains=2, seed=0
+    )
     assert draws.samples["tau"].shape == (2, 200)
     ours = with_theta(draws)
     for name in ("mu", "tau"):
@@ -174,11 +207,22 @@ def test_pyro_nuts_recovers_eight_schools_reference():
 def test_batched_sampler_recovers_linear_regression_reference(kernel):
     args, ref = posteriordb("sblrc-blr")
     # NUTS is held to R-hat < 1.01, which needs more draws than the moments do (250: 1.022, R-hat's own noise)
-    draws = hmc(linear_regression, *args, num_samples=250 if kernel == "hmc" else 1000, warmup_steps=250, num_chains=4, seed=0, kernel=kernel)
+    draws = hmc(
+        linear_regression,
+        *args,
+        num_samples=250 if kernel == "hmc" else 1000,
+        warmup_steps=250,
+        num_chains=4,
+        seed=0,
+        kernel=kernel,
+    )
     for name in ("beta", "sigma"):
         assert_moments_agree(draws.samples[name], ref[name], f"regression {name} ({kernel})")
     if kernel == "nuts":
-        assert draws.num_divergences == 0 and max(float(azcompat.rhat(draws.samples[k]).max()) for k in ("beta", "sigma")) < 1.01
+        assert (
+            draws.num_divergences == 0
+            and max(float(azcompat.rhat(draws.samples[k]).max()) for k in ("beta", "sigma")) < 1.01
+        )
         # a chain left far from the bulk inflates the MCSE enough to pass the moments; R-hat and divergences catch it
         assert float(azcompat.rhat(draws.samples[name]).max()) < 1.05, name
     assert draws.num_divergences == 0
@@ -230,12 +274,16 @@ def test_hmc_runs_a_float64_model_with_a_flat_prior_in_float64():
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.5 * torch.randn(40, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.5 * torch.randn(
+        40, generator=g, dtype=torch.float64
+    )
 
     def model(x, y):
         beta = pyro.sample("beta", dist.ImproperUniform(constraints.real, (), (3,)))
         with pyro.plate("obs", x.shape[0]):
-            pyro.sample("y", dist.Normal((x * beta).sum(-1), 0.5), obs=y)  # beta: [3], or [chains, 1, 3] under the chains plate
+            pyro.sample(
+                "y", dist.Normal((x * beta).sum(-1), 0.5), obs=y
+            )  # beta: [3], or [chains, 1, 3] under the chains plate
 
     draws = hmc(model, x, y, num_samples=600, warmup_steps=400, num_chains=4, seed=0)
     beta = draws.samples["beta"]  # [C, S, 3]
@@ -246,4 +294,6 @@ def test_hmc_runs_a_float64_model_with_a_flat_prior_in_float64():
     for k in range(3):
         err = beta[..., k].mean() - mean[k]
         assert abs(err) < Z * float(azcompat.mcse(beta[..., k])), (k, err)
-        assert abs(beta[..., k].std() / sd[k] - 1) < Z / np.sqrt(2 * float(azcompat.ess(beta[..., k]))), k  # an sd from ESS draws
+        assert abs(beta[..., k].std() / sd[k] - 1) < Z / np.sqrt(
+            2 * float(azcompat.ess(beta[..., k]))
+        ), k  # an sd from ESS draws

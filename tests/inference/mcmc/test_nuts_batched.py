@@ -43,7 +43,9 @@ def test_nuts_transition_leaves_an_anisotropic_gaussian_invariant_in_every_group
     # the mass matrix is the true variances, the step size per group the same fraction of a whitened unit
     torch.manual_seed(0)
     G, C, K = 3, 4, 6
-    scales = torch.stack([torch.linspace(0.3, 1.0, K), torch.linspace(1.0, 3.0, K), torch.full((K,), 0.5)]).double()
+    scales = torch.stack(
+        [torch.linspace(0.3, 1.0, K), torch.linspace(1.0, 3.0, K), torch.full((K,), 0.5)]
+    ).double()
     f = gaussian_target(scales)
     noise = Streams(0, range(G), "cpu", 4)
     state = State.at(f, torch.randn(C, G, K, dtype=torch.float64) * scales)
@@ -64,7 +66,9 @@ def test_nuts_transition_leaves_an_anisotropic_gaussian_invariant_in_every_group
     assert (n <= 2**d - 1).all() and (n >= 2 ** (d - 1)).all() and (d >= 1).all()
     # the same whitened geometry in every group: the same distribution of tree depths (within sampling error)
     shares = [(d[..., g] == 2).double().mean().item() for g in range(G)]
-    assert max(shares) - min(shares) < Z * np.sqrt(0.25 / (800 * C) * 2 * 10), shares  # 10: a generous effective-size discount
+    assert max(shares) - min(shares) < Z * np.sqrt(0.25 / (800 * C) * 2 * 10), (
+        shares
+    )  # 10: a generous effective-size discount
 
 
 @pytest.mark.slow
@@ -76,7 +80,9 @@ def test_nuts_transition_keeps_the_variance_of_a_strongly_correlated_gaussian():
     # of the whitened sds, whose MCSEs add in quadrature over independent groups, must be within Z of 0.
     torch.manual_seed(0)
     G, C, K, rho = 200, 4, 5, 0.95
-    cov = torch.full((K, K), rho, dtype=torch.float64) + (1 - rho) * torch.eye(K, dtype=torch.float64)
+    cov = torch.full((K, K), rho, dtype=torch.float64) + (1 - rho) * torch.eye(
+        K, dtype=torch.float64
+    )
     prec, chol = torch.linalg.inv(cov), torch.linalg.cholesky(cov)
     f = lambda u: -0.5 * torch.einsum("...k,kl,...l->...", u, prec, u)  # noqa: E731
     state = State.at(f, torch.randn(C, G, K, dtype=torch.float64) @ chol.T)
@@ -85,7 +91,9 @@ def test_nuts_transition_keeps_the_variance_of_a_strongly_correlated_gaussian():
     for _ in range(500):
         state, info = nuts_transition(f, state, eps, noise, max_tree_depth=8)
         us.append(state.u)
-    w = torch.einsum("kl,csgl->csgk", torch.linalg.inv(chol), torch.stack(us, 1)).numpy()  # whitened: N(0, I)
+    w = torch.einsum(
+        "kl,csgl->csgk", torch.linalg.inv(chol), torch.stack(us, 1)
+    ).numpy()  # whitened: N(0, I)
     err = w.std((0, 1), ddof=1) - 1
     se = np.sqrt((azcompat.mcse(w, "sd") ** 2).sum()) / err.size
     assert abs(err.mean()) < Z * se, (err.mean(), se)
@@ -97,8 +105,16 @@ def test_nuts_trees_stop_at_the_maximum_depth():
     scales = torch.ones(1, 3, dtype=torch.float64)
     f = gaussian_target(scales)
     state = State.at(f, torch.zeros(2, 1, 3, dtype=torch.float64) + 0.5)
-    _, info = nuts_transition(f, state, torch.tensor([1e-3], dtype=torch.float64), Streams(0, [0], "cpu", 4), max_tree_depth=4)
-    assert (info.tree_depth == 4).all() and (info.n_steps == 15).all()  # a tiny step never turns: 2^4 - 1 leapfrog steps
+    _, info = nuts_transition(
+        f,
+        state,
+        torch.tensor([1e-3], dtype=torch.float64),
+        Streams(0, [0], "cpu", 4),
+        max_tree_depth=4,
+    )
+    assert (info.tree_depth == 4).all() and (
+        info.n_steps == 15
+    ).all()  # a tiny step never turns: 2^4 - 1 leapfrog steps
 
 
 def test_batched_nuts_gives_each_datapoint_the_same_chains_whatever_else_is_in_its_batch():
@@ -109,9 +125,13 @@ def test_batched_nuts_gives_each_datapoint_the_same_chains_whatever_else_is_in_i
     whole = hmc_latent(ppca, x, **kw)
     rows = torch.tensor([5, 2])
     part = hmc_latent(ppca, x[rows], index=rows, **kw)
-    np.testing.assert_allclose(part.samples["z"], whole.samples["z"][:, :, rows.numpy()], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        part.samples["z"], whole.samples["z"][:, :, rows.numpy()], rtol=1e-9, atol=1e-9
+    )
     for k in ("step_size", "n_steps", "tree_depth"):
-        np.testing.assert_allclose(part.sample_stats[k], whole.sample_stats[k][:, :, rows.numpy()], rtol=1e-9)
+        np.testing.assert_allclose(
+            part.sample_stats[k], whole.sample_stats[k][:, :, rows.numpy()], rtol=1e-9
+        )
     assert whole.method == "batched-nuts"
 
 
@@ -122,7 +142,9 @@ def test_batched_nuts_matches_the_exact_ppca_posterior(mass):
     ppca = PPCA(8, 3, sigma=0.5).double()
     x = ppca.sample(10)
     # 1000 draws per chain: R-hat's own sampling error must sit well below the 0.01 asked of it
-    draws = hmc_latent(ppca, x, num_samples=1000, warmup_steps=400, num_chains=4, seed=0, kernel="nuts", mass=mass)
+    draws = hmc_latent(
+        ppca, x, num_samples=1000, warmup_steps=400, num_chains=4, seed=0, kernel="nuts", mass=mass
+    )
     z = draws.samples["z"]
     post = ppca.posterior(x)
     mean_z = (z.mean((0, 1)) - post.mean.detach().numpy()) / azcompat.mcse(z, "mean")
@@ -136,7 +158,18 @@ def condition_700() -> PPCA:
     """A linear-Gaussian model whose posterior has condition number ~700: 3 latent dims, two nearly collinear loadings."""
     m = PPCA(5, 3, sigma=0.06).double()
     with torch.no_grad():
-        m.W.copy_(torch.tensor([[1.0, 0.97, 0.0], [0.5, 0.52, 0.3], [0.2, 0.18, -0.4], [0.0, 0.02, 0.5], [0.3, 0.31, 0.1]], dtype=torch.float64))
+        m.W.copy_(
+            torch.tensor(
+                [
+                    [1.0, 0.97, 0.0],
+                    [0.5, 0.52, 0.3],
+                    [0.2, 0.18, -0.4],
+                    [0.0, 0.02, 0.5],
+                    [0.3, 0.31, 0.1],
+                ],
+                dtype=torch.float64,
+            )
+        )
     for p in m.parameters():
         p.requires_grad_(False)
     return m
@@ -157,7 +190,16 @@ def test_dense_mass_gives_standard_normal_z_scores_on_a_posterior_with_condition
     # are independent, and the chi-square test is valid.
     white = torch.linalg.inv(torch.linalg.cholesky(post.covariance_matrix)).numpy()  # [N, 3, 3]
     for kernel in ("nuts", "hmc"):
-        draws = hmc_latent(m, x, num_samples=800, warmup_steps=600, num_chains=4, seed=0, kernel=kernel, mass="dense")
+        draws = hmc_latent(
+            m,
+            x,
+            num_samples=800,
+            warmup_steps=600,
+            num_chains=4,
+            seed=0,
+            kernel=kernel,
+            mass="dense",
+        )
         z = draws.samples["z"]
         w = np.einsum("nkl,csnl->csnk", white, z - post.mean.numpy())
         zs = w.mean((0, 1)) / azcompat.mcse(w, "mean")
@@ -167,7 +209,11 @@ def test_dense_mass_gives_standard_normal_z_scores_on_a_posterior_with_condition
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"kernel": "slice"}, "unknown MCMC kernel 'slice'"), ({"kernel": "nuts", "max_tree_depth": 0}, "max tree depth"), ({"mass": "full"}, "unknown mass matrix")],
+    [
+        ({"kernel": "slice"}, "unknown MCMC kernel 'slice'"),
+        ({"kernel": "nuts", "max_tree_depth": 0}, "max tree depth"),
+        ({"mass": "full"}, "unknown mass matrix"),
+    ],
 )
 def test_bad_kernel_options_are_refused_by_name(kwargs, message):
     ppca = PPCA(4, 2).double()
@@ -176,7 +222,20 @@ def test_bad_kernel_options_are_refused_by_name(kwargs, message):
 
 
 def test_compare_refuses_an_unknown_kernel_in_one_line(tmp_path, capsys):
-    assert main(["compare", "--run", str(tmp_path / "none"), "--kernel", "slice", "--out", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "compare",
+                "--run",
+                str(tmp_path / "none"),
+                "--kernel",
+                "slice",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown MCMC kernel 'slice'" in err[0]
     assert not (tmp_path / "c").exists()
