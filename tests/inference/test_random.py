@@ -13,6 +13,7 @@ from conftest import Z
 from pyro import poutine
 
 from ppl_vae.errors import ConfigError
+from ppl_vae.inference.dispatch import Dispatches
 from ppl_vae.inference.random import (
     RowDraws,
     Streams,
@@ -336,18 +337,9 @@ def test_a_dtype_the_streams_cannot_fill_is_refused_and_draws_nothing(dtype):
 
 
 def _dispatched(fn):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
+    with Dispatches() as counted:
         fn()
-    return Count.calls
+    return counted.ops
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -8,7 +8,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DistributedSampler
 
 from ppl_vae import fit
@@ -16,6 +15,7 @@ from ppl_vae.distributions import get_likelihood
 from ppl_vae.errors import ConfigError
 from ppl_vae.guides import amortized_guide
 from ppl_vae.inference import SVI, loop
+from ppl_vae.inference.dispatch import Dispatches
 from ppl_vae.inference.estimators import ESTIMATORS, get_estimator
 from ppl_vae.inference.random import seeded
 from ppl_vae.models.vae import vae
@@ -29,19 +29,6 @@ def build(seed: int = 0):
     torch.manual_seed(seed)
     dec, enc = MLP(K, [16], D), GaussianEncoder(MLP(D, [], 16), 16, K)
     return vae(dec, get_likelihood("bernoulli"), K), amortized_guide(enc)
-
-
-class Reads(TorchDispatchMode):
-    """Counts the values read back to the host (``aten._local_scalar_dense``: ``.item()``, ``float()``, ``bool()`` of a tensor)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
 
 
 def local_params(seed: int = 0):
@@ -110,18 +97,18 @@ def test_a_step_reads_nothing_back_and_fit_reads_one_value_per_step():
         svi.step(
             X[:20], index=torch.arange(20)
         )  # the first step validates its arguments (Pyro's and torch's checks read)
-        with Reads() as counted:
+        with Dispatches() as counted:
             for rows in torch.arange(20, 60).split(20):
                 svi.step(X[rows], index=rows)
-        assert counted.reads == 0, (estimator, counted.reads)
+        assert counted.syncs == 0, (estimator, counted.syncs)
 
     counts: list[int] = []
     real = loop.Trainer.step
 
     def counted_step(self, *args, **kwargs):
-        with Reads() as c:
+        with Dispatches() as c:
             out = real(self, *args, **kwargs)
-        counts.append(c.reads)
+        counts.append(c.syncs)
         return out
 
     loop.Trainer.step = counted_step

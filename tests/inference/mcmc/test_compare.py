@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import frozen_ppca, inflated_guide
+from conftest import BINARY, Z, frozen_ppca, inflated_guide
 
 from ppl_vae.app.commands.compare import demo_comparison
 from ppl_vae.app.runs import open_run
@@ -36,24 +36,6 @@ from ppl_vae.models.ppca import PPCA
 
 pytestmark = pytest.mark.arviz
 
-Z = 4.0  # standard errors: a check fails by chance with probability < 1e-4
-TINY = [
-    "--dataset",
-    "digits",
-    "--limit",
-    "60",
-    "--hidden",
-    "16",
-    "--latent-dim",
-    "2",
-    "--batch-size",
-    "32",
-    "--epochs",
-    "2",
-    "--binarize",
-    "threshold",
-    "--no-progress",
-]
 FILES = (
     "comparison.csv",
     "comparison.json",
@@ -273,7 +255,7 @@ def test_autoguide_training_leaves_no_global_params():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "tiny"
-    assert main(["fit", "--out", str(run), *TINY]) == 0
+    assert main(["fit", "--out", str(run), *BINARY]) == 0
     return run
 
 
