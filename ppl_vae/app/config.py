@@ -297,18 +297,13 @@ class Config:
             raise ConfigError(
                 f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}"
             )
-        get_estimator(self.estimator).validate(
-            self.num_particles
-        )  # ConfigError for unknown names, bad options
-        if self.compile and not get_estimator(self.estimator).compiles:
+        est = get_estimator(self.estimator)  # ConfigError for an unknown name
+        est.validate(self.num_particles)  # and for bad options
+        if self.compile and not est.compiles:
             raise ConfigError(
-                f"--compile: estimator {self.estimator} {get_estimator(self.estimator).compiles_not}; train it without --compile"
+                f"--compile: estimator {self.estimator} {est.compiles_not}; train it without --compile"
             )
-        spec, estimator, est = (
-            self.spec,
-            self.estimator.split(":")[0],
-            get_estimator(self.estimator),
-        )
+        spec, estimator = self.spec, self.estimator.split(":")[0]
         if spec.latents == "discrete" and est.pathwise_only:
             able = ", ".join(name for name, make in ESTIMATORS.items() if not make().pathwise_only)
             raise ConfigError(
