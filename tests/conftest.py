@@ -6,10 +6,15 @@ Helpers (import them with ``from conftest import ...``; no test module imports a
   ``se_of_mean``, ``log_mean_exp_bias``;
 * exact answers: ``frozen_ppca`` (a float64 PPCA with frozen parameters; ``rowwise=True``: its mean
   computed row by row, ``RowwisePPCA``), ``inflated_guide``;
+* library-built models the tests share: ``two_level_vae`` (the hierarchical VAE ``ppl-vae fit --model hvae`` builds);
 * a conjugate scalar model with closed-form gradients: ``X``, ``model``, ``Guide``,
   ``exact_loss_grad``, ``grad_draws``;
 * the command line: ``TINY`` and ``BINARY`` option lists (a 60-row digits run of two epochs);
-* files: ``write_fake_mnist`` (small MNIST IDX and binarised-MNIST files of noisy prototypes).
+* files: ``write_fake_mnist`` (small MNIST IDX and binarised-MNIST files of noisy prototypes);
+* what a command did: ``snapshot`` (a folder's files) and ``one_line`` (its one line on stderr).
+
+This file imports nothing of the application layer (``ppl_vae.app``, ``ppl_vae.cli``): only the tests of
+``tests/app`` use it, and their fixtures that run it (``finished``, ``run_copy``) live in ``tests/app/conftest.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -28,8 +32,11 @@ import pytest
 import torch
 from torch import nn
 
+from ppl_vae.distributions import get_likelihood
 from ppl_vae.inference.estimators import get_estimator
+from ppl_vae.models.hierarchical import hierarchical_guide, hierarchical_vae
 from ppl_vae.models.ppca import PPCA
+from ppl_vae.nn import MLP, GaussianEncoder
 
 # the posteriordb reference posteriors the tests use ship with the tests (tests/fixtures/posteriordb)
 os.environ.setdefault(
@@ -95,6 +102,19 @@ def inflated_guide(m: PPCA, factor: float = 1.6):
             pyro.sample("z", dist.Normal(post.mean, factor * sd).to_event(1))
 
     return guide
+
+
+def two_level_vae(
+    data_dim: int = 6, hidden: int = 8, latent_dim: int = 2, likelihood: str = "bernoulli"
+):
+    """``(model, guide)`` of a two-site hierarchical VAE, ``z2 -> z1 (2 latent_dim) -> x``, with guide ``q(z1 | x) q(z2 | z1)``:
+    the networks ``ppl-vae fit --model hvae --hidden {hidden} --latent-dim {latent_dim}`` builds, made with the library."""
+    lik, d1 = get_likelihood(likelihood, dim=data_dim), 2 * latent_dim
+    enc1 = GaussianEncoder(MLP(data_dim, [], hidden), hidden, d1)
+    enc2 = GaussianEncoder(MLP(d1, [], hidden), hidden, latent_dim)
+    dec1 = MLP(d1, [hidden], data_dim)
+    dec2 = GaussianEncoder(MLP(latent_dim, [], hidden), hidden, d1)
+    return hierarchical_vae(dec1, dec2, lik, latent_dim), hierarchical_guide(enc1, enc2)
 
 
 X = torch.tensor([[0.7]])
@@ -224,25 +244,7 @@ def write_fake_mnist(root, n_classes=10, per_class=6, seed=0):
     return len(labels)
 
 
-# --------------------------------------------------------------------------- command-line runs (tests/app)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished 2-epoch ``ppl-vae fit`` run of :data:`BINARY`; tests copy it (:func:`run_copy`) before changing anything."""
-    from ppl_vae.cli import main
-
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["fit", "--out", str(out), *BINARY]) == 0
-    return out
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path) -> Path:
-    """A copy of :func:`finished` of this test's own."""
-    target = tmp_path / "run"
-    shutil.copytree(finished, target)
-    return target
+# --------------------------------------------------------------------------- command-line helpers (tests/app)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -20,13 +20,12 @@ import math
 
 import pytest
 import torch
-from conftest import frozen_ppca
+from conftest import frozen_ppca, two_level_vae
 
-from ppl_vae.app.config import Config
-from ppl_vae.app.registry import build
 from ppl_vae.distributions import get_likelihood
 from ppl_vae.errors import ConfigError
 from ppl_vae.guides.amortized import amortized_guide
+from ppl_vae.guides.flows import IAFEncoder
 from ppl_vae.inference.elbo import evaluate_elbo
 from ppl_vae.inference.gaps.ais import ais, bdmc
 from ppl_vae.inference.gaps.bounds import importance_bounds
@@ -48,12 +47,25 @@ def small_vae(dtype: torch.dtype):
     return vae(dec, get_likelihood("bernoulli"), 2), amortized_guide(enc)
 
 
-def registry_model(model: str, dtype: torch.dtype, **options):
-    cfg = Config(model=model, dataset="digits", latent_dim=2, hidden=(8,), **options)
-    built = build(cfg, 6, (1, 2, 3), None)
-    for net in discover(built.model, built.guide, (data(torch.float32)[:2],)).modules:
+def hvae(dtype: torch.dtype):
+    """The two-site hierarchical VAE of ``--model hvae --hidden 8 --latent-dim 2`` on 6 columns."""
+    torch.manual_seed(0)
+    return in_dtype(*two_level_vae(data_dim=6, hidden=8, latent_dim=2), dtype)
+
+
+def iaf_vae(dtype: torch.dtype):
+    """The VAE with a one-flow IAF guide of ``--guide iaf --flows 1 --hidden 8 --latent-dim 2`` on 6 columns."""
+    torch.manual_seed(0)
+    encoder = IAFEncoder(MLP(6, [], 8), 8, 2, num_flows=1)
+    model = vae(MLP(2, [8], 6), get_likelihood("bernoulli", dim=6), 2)
+    return in_dtype(model, amortized_guide(encoder), dtype)
+
+
+def in_dtype(model, guide, dtype: torch.dtype):
+    """``(model, guide)`` with every network they use (found by running them once) in ``dtype``."""
+    for net in discover(model, guide, (data(torch.float32)[:2],)).modules:
         net.to(dtype)
-    return built.model, built.guide
+    return model, guide
 
 
 def data(dtype: torch.dtype) -> torch.Tensor:
@@ -124,8 +136,8 @@ PATHS = {
 
 MODELS = {
     "vae": small_vae,
-    "hvae (two sites)": lambda dtype: registry_model("hvae", dtype),
-    "vae + iaf guide": lambda dtype: registry_model("vae", dtype, guide="iaf", flows=1),
+    "hvae (two sites)": hvae,
+    "vae + iaf guide": iaf_vae,
 }
 
 

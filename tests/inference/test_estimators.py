@@ -16,11 +16,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import Guide, X, exact_loss_grad, grad_draws, model
+from conftest import Guide, X, exact_loss_grad, grad_draws, model, two_level_vae
 from torch import nn
 
-from ppl_vae.app.config import Config
-from ppl_vae.app.registry import build
 from ppl_vae.errors import ConfigError, NotReparameterizableError
 from ppl_vae.inference.estimators import (
     ESTIMATORS,
@@ -163,17 +161,15 @@ def _bernoulli_model(x):
 
 def test_analytic_kl_refuses_a_structured_guide_by_name_before_any_update():
     """q(z1 | x) q(z2 | z1) is not mean-field: Pyro only warns, and its closed-form KL would be wrong."""
-    built = build(
-        Config(model="hvae", dataset="digits", latent_dim=2, hidden=(8,)), 6, (1, 2, 3), None
-    )
+    hvae, hguide = two_level_vae(data_dim=6, hidden=8, latent_dim=2)
     x = torch.bernoulli(torch.full((24, 6), 0.5), generator=torch.Generator().manual_seed(0))
-    params = discover(built.model, built.guide, (x[:2],)).params
+    params = discover(hvae, hguide, (x[:2],)).params
     before = [p.detach().clone() for p in params]
     with pytest.raises(
         ConfigError,
         match=r"analytic-kl .* mean-field guide .*model sites z2, z1; guide sites z1, z2",
     ):
-        fit(built.model, built.guide, x, estimator="analytic-kl", epochs=1, progress=False)
+        fit(hvae, hguide, x, estimator="analytic-kl", epochs=1, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 

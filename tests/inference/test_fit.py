@@ -1,4 +1,4 @@
-"""``fit``: argument checks, divergence handling, early stopping, schedules, run reload.
+"""``fit``: argument checks, divergence handling, early stopping, schedules (a command-line run's reload: tests/app).
 
 Data are drawn inside the tests from explicitly seeded generators, never at import time.
 """
@@ -18,7 +18,6 @@ from ppl_vae import io as ppl_io
 from ppl_vae.distributions import get_likelihood
 from ppl_vae.errors import ConfigError, DataError, TrainingDiverged
 from ppl_vae.guides.amortized import amortized_guide
-from ppl_vae.inference.elbo import evaluate_elbo
 from ppl_vae.inference.svi import CHECKPOINT, fit, lr_factor
 from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP, GaussianEncoder
@@ -324,30 +323,6 @@ def test_fit_leaves_the_callers_random_stream_alone_and_its_seed_decides_the_dra
         )
         assert torch.equal(torch.get_rng_state(), expected)
     assert runs[0] == runs[1]
-
-
-def test_run_reload_round_trip(tmp_path):
-    from ppl_vae.app.commands.fit import run
-    from ppl_vae.app.config import Config
-    from ppl_vae.app.runs import open_run
-    from ppl_vae.io import load_torch
-
-    cfg = Config(
-        dataset="digits", binarize="threshold", hidden=(16,), latent_dim=2, epochs=3, limit=300
-    )
-    metrics = run(cfg, tmp_path / "run", progress=False, figures=False)
-    built, splits = open_run(tmp_path / "run")
-    saved = load_torch(tmp_path / "run" / CHECKPOINT)["params"]
-    assert any(torch.equal(p, s) for p in built.decoder.parameters() for s in saved)
-    test = splits["test"].x
-    elbo = torch.stack(
-        [evaluate_elbo(built.model, built.guide, (test,)).value for _ in range(8)]
-    ).mean(0)
-    # metrics' test ELBO is a 1-draw estimate: compare within 4 standard errors of the difference
-    assert (
-        abs(elbo.mean().item() - metrics["test_elbo"])
-        < 4 * metrics["test_elbo_se"] * math.sqrt(1 + 1 / 8) + 0.05
-    )
 
 
 class RowsOnDemand(Dataset):

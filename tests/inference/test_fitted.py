@@ -8,11 +8,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import TINY, Z
+from conftest import Z
 
-from ppl_vae import FitResult, fit, load_run
-from ppl_vae.app.runs import open_run
-from ppl_vae.cli import main
+from ppl_vae import FitResult, fit
 from ppl_vae.errors import CheckpointError, ConfigError, RunDirectoryError
 from ppl_vae.guides import amortized_guide
 from ppl_vae.inference.fitted import attach
@@ -176,25 +174,6 @@ def test_posterior_of_new_data_as_arviz(fitted_ppca):
     assert abs(zm[:, :, 0, 0].mean() - exact.mean[0, 0].item()) < Z * float(mcse)
     with pytest.raises(ConfigError, match="'vi' or 'hmc'"):
         result.posterior(rows, method="nuts")
-
-
-def test_load_run_gives_the_cli_run_as_a_fitted_model(tmp_path):
-    out = tmp_path / "run"
-    assert main(["fit", *TINY, "--binarize", "threshold", "--out", str(out)]) == 0
-    result = load_run(out)
-    assert result.epochs == 2 and len(result.history) == 2 and result.estimator == "reparam"
-    draws = result.sample(7, seed=0)
-    assert draws["x"].shape == (7, 64) and set(draws["x"].unique().tolist()) <= {0.0, 1.0}
-    path = result.save(tmp_path / "model.pt")
-    built, _ = open_run(out)  # fresh networks of the run's config, with the run's parameters
-    with torch.no_grad():
-        for p in built.decoder.parameters():
-            p.add_(1.0)  # moved away: only a working load brings them back
-    back = FitResult.load(path, built.model, built.guide)
-    assert back == result
-    assert all(
-        torch.equal(a, b) for a, b in zip(back.trained.found.params, result.trained.found.params)
-    )
 
 
 def test_sample_refuses_what_is_not_a_prior_predictive_draw(data):

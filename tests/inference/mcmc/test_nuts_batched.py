@@ -13,7 +13,6 @@ import pytest
 import torch
 from scipy import stats
 
-from ppl_vae.cli import main
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference.mcmc import azcompat
 from ppl_vae.inference.mcmc.hmc import hmc_latent
@@ -219,23 +218,3 @@ def test_bad_kernel_options_are_refused_by_name(kwargs, message):
     ppca = PPCA(4, 2).double()
     with pytest.raises(ConfigError, match=message):
         hmc_latent(ppca, torch.zeros(2, 4, dtype=torch.float64), **kwargs)
-
-
-def test_compare_refuses_an_unknown_kernel_in_one_line(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "compare",
-                "--run",
-                str(tmp_path / "none"),
-                "--kernel",
-                "slice",
-                "--out",
-                str(tmp_path / "c"),
-            ]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown MCMC kernel 'slice'" in err[0]
-    assert not (tmp_path / "c").exists()
