@@ -13,8 +13,8 @@ Helpers (import them with ``from conftest import ...``; no test module imports a
 * files: ``write_fake_mnist`` (small MNIST IDX and binarised-MNIST files of noisy prototypes);
 * what a command did: ``snapshot`` (a folder's files) and ``one_line`` (its one line on stderr).
 
-This file imports nothing of the application layer (``ppl_vae.app``, ``ppl_vae.cli``): only the tests of
-``tests/app`` use it, and their fixtures that run it (``finished``, ``run_copy``) live in ``tests/app/conftest.py``.
+This file imports nothing of the application layer (the app and its command line): only the tests of ``tests/app``
+use it, and their fixtures that run it (``finished``, ``run_copy``) live in ``tests/app/conftest.py``.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ from ppl_vae.app.commands.fit import run
 from ppl_vae.app.config import Config
 from ppl_vae.app.runs import CONFIG, open_run, read_config
 from ppl_vae.cli import main
-from ppl_vae.errors import ConfigError
+from ppl_vae.data import load
+from ppl_vae.errors import CheckpointError, ConfigError
 from ppl_vae.inference.elbo import Estimate
 
 SUBPROCESS_ENV = {"MPLBACKEND": "Agg"}
@@ -408,8 +409,6 @@ def test_an_early_stopped_run_is_its_best_epoch(tmp_path, monkeypatch):
 
 
 def _first_rows(run_dir: Path) -> torch.Tensor:
-    from ppl_vae.data import load
-
     cfg = read_config(run_dir / CONFIG)
     return load(cfg.dataset, "train", binarize=cfg.binarize, limit=2).x
 
@@ -872,3 +871,24 @@ def test_ctrl_c_after_training_keeps_the_finished_checkpoint(tmp_path, capsys, m
         io.load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
         and not (out / "metrics.json").exists()
     )
+
+
+def test_prepare_run_dir(tmp_path):
+    new = tmp_path / "a" / "b"
+    assert runs.prepare_run_dir(new, command="fit") == new and new.is_dir()
+    assert runs.prepare_run_dir(new, command="fit") == new  # empty: reused without force
+    (new / "keep.txt").write_text("old")
+    with pytest.raises(ConfigError, match="--force"):
+        runs.prepare_run_dir(new, command="fit")
+    assert (new / "keep.txt").read_text() == "old"
+    assert (
+        runs.prepare_run_dir(new, command="fit", force=True) == new
+        and not (new / "keep.txt").exists()
+    )  # the folder fit made
+    assert runs.prepare_run_dir(new, command="fit", resume=True) == new
+    with pytest.raises(CheckpointError):
+        runs.prepare_run_dir(tmp_path / "missing", command="fit", resume=True)
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        runs.prepare_run_dir(tmp_path / "file", command="fit")

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from ppl_vae import io
-from ppl_vae.app import runs
 from ppl_vae.data import Dataset, load, resolve_data_dir
 from ppl_vae.errors import CheckpointError, ConfigError, DataError
 
@@ -361,27 +360,6 @@ def test_import_does_not_touch_network(no_network, monkeypatch):
 
 
 # --------------------------------------------------------------------------- ppl_vae.io
-
-
-def test_prepare_run_dir(tmp_path):
-    new = tmp_path / "a" / "b"
-    assert runs.prepare_run_dir(new, command="fit") == new and new.is_dir()
-    assert runs.prepare_run_dir(new, command="fit") == new  # empty: reused without force
-    (new / "keep.txt").write_text("old")
-    with pytest.raises(ConfigError, match="--force"):
-        runs.prepare_run_dir(new, command="fit")
-    assert (new / "keep.txt").read_text() == "old"
-    assert (
-        runs.prepare_run_dir(new, command="fit", force=True) == new
-        and not (new / "keep.txt").exists()
-    )  # the folder fit made
-    assert runs.prepare_run_dir(new, command="fit", resume=True) == new
-    with pytest.raises(CheckpointError):
-        runs.prepare_run_dir(tmp_path / "missing", command="fit", resume=True)
-    assert not (tmp_path / "missing").exists()
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="not a directory"):
-        runs.prepare_run_dir(tmp_path / "file", command="fit")
 
 
 def test_atomic_writes_roundtrip_without_temp_files(tmp_path):

@@ -1,4 +1,4 @@
-"""Discrete-latent models and guides, the relaxation, enumeration, and the estimators' command line.
+"""Discrete-latent models and guides, the relaxation, enumeration (the estimators' command line: tests/app).
 
 Training tests use 200 rows of 16 binary pixels drawn around 4 prototypes, so
 a model with a few latent bits can explain them; "improves" means the mean
@@ -8,7 +8,6 @@ difference of the two per-datapoint means.
 
 from __future__ import annotations
 
-import csv
 import math
 
 import pyro
@@ -17,14 +16,18 @@ import pytest
 import torch
 from torch import nn
 
-from ppl_vae.app.registry import discrete_vae
-from ppl_vae.cli import main
 from ppl_vae.distributions import Bernoulli, Gaussian
 from ppl_vae.guides.amortized import amortized_guide
+from ppl_vae.guides.discrete import bernoulli_guide, categorical_guide
 from ppl_vae.inference.elbo import elbo_per_datapoint
 from ppl_vae.inference.estimators import Relaxed, get_estimator
 from ppl_vae.inference.svi import fit
-from ppl_vae.models.discrete import GaussianMixturePrior, gmm_vae
+from ppl_vae.models.discrete import (
+    GaussianMixturePrior,
+    bernoulli_vae,
+    categorical_vae,
+    gmm_vae,
+)
 from ppl_vae.nn import MLP, GaussianEncoder
 
 
@@ -40,6 +43,19 @@ def _elbo(model, guide, x):
     pyro.set_rng_seed(123)
     values = elbo_per_datapoint(model, guide, x).value
     return values
+
+
+def linear_discrete_vae(kind: str, data_dim: int, latent_dim: int, num_classes: int):
+    """``(model, guide)`` of a Bernoulli or categorical VAE with linear maps (``ppl-vae fit --model {kind} --hidden ""``):
+    ``latent_dim`` bits, or ``latent_dim`` categoricals of ``num_classes`` classes; Bernoulli pixels."""
+    width = latent_dim if kind == "bernoulli-vae" else latent_dim * num_classes
+    encoder, decoder = MLP(data_dim, [], width), MLP(width, [], data_dim)
+    if kind == "bernoulli-vae":
+        return bernoulli_vae(decoder, Bernoulli(), latent_dim), bernoulli_guide(encoder)
+    return (
+        categorical_vae(decoder, Bernoulli(), latent_dim, num_classes),
+        categorical_guide(encoder, latent_dim, num_classes),
+    )
 
 
 def _assert_improves(before: torch.Tensor, after: torch.Tensor) -> None:
@@ -62,9 +78,7 @@ def _assert_improves(before: torch.Tensor, after: torch.Tensor) -> None:
 def test_discrete_vae_trains(kind, estimator, k):
     x = _binary_data()
     torch.manual_seed(0)
-    model, guide, _, _ = discrete_vae(
-        kind, 16, 4 if kind == "bernoulli-vae" else 2, (), Bernoulli(), num_classes=4
-    )
+    model, guide = linear_discrete_vae(kind, 16, 4 if kind == "bernoulli-vae" else 2, num_classes=4)
     before = _elbo(model, guide, x)
     result = fit(
         model,
@@ -156,97 +170,3 @@ def test_gmm_vae_trains_with_enumeration():
     before = _elbo(marginal, guide, x)
     fit(model, guide, x, estimator="enum", epochs=10, batch_size=50, lr=1e-2, progress=False)
     _assert_improves(before, _elbo(marginal, guide, x))
-
-
-TINY = [
-    "--dataset",
-    "digits",
-    "--binarize",
-    "threshold",
-    "--limit",
-    "60",
-    "--batch-size",
-    "30",
-    "--no-progress",
-]
-
-
-@pytest.mark.parametrize(
-    ("estimator", "fragment"),
-    [
-        ("nope", "unknown estimator 'nope'"),
-        ("reparam+average", "applies to the score-function estimator only"),
-        ("relaxed:0", "temperature must be positive"),
-        ("relaxed:-2", "temperature must be positive"),
-        ("score+loo", "needs --num-particles >= 2"),
-        ("reparam", "bernoulli-vae has discrete latents"),
-    ],
-)
-def test_cli_bad_estimators(tmp_path, capsys, estimator, fragment):
-    out = tmp_path / "run"
-    code = main(
-        ["fit", "--model", "bernoulli-vae", "--estimator", estimator, *TINY, "--out", str(out)]
-    )
-    err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        code == 2 and len(err) == 1 and fragment in err[0] and err[0].startswith("ppl-vae: error:")
-    )
-    assert not out.exists()
-    gv = tmp_path / "gv"
-    assert (
-        main(
-            [
-                "grad-variance",
-                "--run",
-                str(tmp_path),
-                "--estimators",
-                f"score,{estimator}",
-                "--out",
-                str(gv),
-            ]
-        )
-        == 2
-    )
-    if estimator != "reparam":  # the estimator is refused before the run is read
-        assert fragment in capsys.readouterr().err
-    assert not gv.exists()
-
-
-def test_cli_grad_variance_on_an_nvil_run(tmp_path, capsys):
-    run = tmp_path / "run"
-    common = ["--model", "bernoulli-vae", "--latent-dim", "8", "--hidden", "", *TINY]
-    assert (
-        main(["fit", *common, "--estimator", "score+nvil", "--epochs", "2", "--out", str(run)]) == 0
-    )
-    out = tmp_path / "gv"
-    args = [
-        "grad-variance",
-        "--run",
-        str(run),
-        "--estimators",
-        "score,score+average,score+nvil,relaxed",
-        "--repeats",
-        "30",
-        "--batch-size",
-        "30",
-        "--track-epochs",
-        "0,2",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
-    rows = list(csv.DictReader((out / "grad_variance.csv").read_text().splitlines()))
-    assert {(r["epoch"], r["estimator"], r["group"]) for r in rows} == {
-        (e, est, g)
-        for e in ("0", "2")
-        for est in ("score", "score+average", "score+nvil", "relaxed")
-        for g in ("encoder", "decoder")
-    }
-    enc = {
-        (r["epoch"], r["estimator"]): float(r["variance"]) for r in rows if r["group"] == "encoder"
-    }
-    assert all(enc[(e, "score+average")] < enc[(e, "score")] for e in ("0", "2"))
-    assert (out / "grad_variance.png").read_bytes()[:4] == b"\x89PNG"
-    capsys.readouterr()
-    assert main(args) == 2  # no overwrite without --force
-    assert "already exists" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 The exact guide must pass: every coordinate's ranks uniform (the Bonferroni-corrected chi-square test at alpha = 0.01
 fails by chance with probability below 0.01). A guide with the right means and half the posterior sds must fail, as
 under-dispersed, with the tail share (expected 0.2) far above its binomial SE; one with doubled sds as over-dispersed.
-(The figure of the ranks, :func:`ppl_vae.app.figures.calibration.rank_histograms`: tests/app/test_calibrate.py.)
+(The figure of the ranks, ``rank_histograms``: tests/app/test_calibrate.py.)
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ import torch
 from conftest import Z
 from torch import nn
 
-from ppl_vae.cli import main
 from ppl_vae.data import load
 from ppl_vae.distributions import get_likelihood
 from ppl_vae.errors import ConfigError
@@ -134,30 +133,3 @@ def test_analyses_of_the_guide_refuse_its_point_mass_by_name():
         decompose(model, guide, x)
     with pytest.raises(ConfigError, match="'z'"):
         vi_draws_amortized(model, guide, x, num_samples=5)
-
-
-def test_cli_refuses_a_negative_contractive_weight(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "fit",
-                "--model",
-                "cae",
-                "--contractive",
-                "-1",
-                "--dataset",
-                "digits",
-                "--limit",
-                "60",
-                "--binarize",
-                "threshold",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "contractive weight must be a finite number >= 0" in err[0], err
-    assert not out.exists()

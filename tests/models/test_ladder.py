@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import Z
 
-from ppl_vae.cli import main
 from ppl_vae.data import load
 from ppl_vae.distributions import get_likelihood
 from ppl_vae.errors import ConfigError
@@ -173,51 +172,6 @@ def test_warm_up_keeps_a_four_layer_ladder_from_collapsing(digits):
     diff = e1 - e0
     assert diff.mean() > Z * diff.std() / math.sqrt(len(diff)), (diff.mean(), k0, k1)
     assert sum(v > 0.5 for v in k0.values()) < sum(v > 0.5 for v in k1.values()), (k0, k1)
-
-
-def test_cli_layers_are_checked_in_one_line(tmp_path, capsys):
-    base = [
-        "fit",
-        "--dataset",
-        "digits",
-        "--limit",
-        "60",
-        "--binarize",
-        "threshold",
-        "--epochs",
-        "1",
-        "--no-progress",
-    ]
-    for extra, fragment in (
-        (["--model", "vae", "--layers", "8,2"], "--layers applies to lvae"),
-        (["--model", "lvae", "--layers", "8"], "at least 2 positive widths"),
-        (["--model", "lvae", "--layers", "8,4", "--latent-dim", "2"], "must equal --latent-dim"),
-    ):
-        out = tmp_path / "run"
-        assert main([*base, "--out", str(out), *extra]) == 2
-        err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and fragment in err[0], err
-        assert not out.exists()
-    assert (
-        main(
-            [
-                *base,
-                "--out",
-                str(tmp_path / "ok"),
-                "--model",
-                "lvae",
-                "--layers",
-                "8,4,2",
-                "--hidden",
-                "16",
-                "--kl-warmup",
-                "1",
-            ]
-        )
-        == 0
-    )
-    printed = capsys.readouterr().out
-    assert "KL per latent site (test, nats/datapoint): z3" in printed
 
 
 def test_prior_samples_draw_every_layer_so_a_collapsed_top_still_gives_varied_images():

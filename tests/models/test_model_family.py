@@ -1,4 +1,5 @@
-"""The model family: hierarchical VAE, mixture and VampPrior, VQ-VAE, sparse and linear autoencoders.
+"""The model family: hierarchical VAE, mixture and VampPrior, VQ-VAE, sparse and linear autoencoders (their
+``ppl-vae fit --model ...`` runs: tests/app).
 
 Each trains a few epochs on the embedded 8x8 digits (1437 rows) with ``fit`` and
 must improve its objective on held-out rows by far more than its Monte Carlo
@@ -13,11 +14,7 @@ import math
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import BINARY
-from pyro import poutine
 
-from ppl_vae.app.runs import open_run
-from ppl_vae.cli import main
 from ppl_vae.data import load
 from ppl_vae.distributions import gaussian_mixture, get_likelihood
 from ppl_vae.guides.amortized import amortized_guide, delta_guide
@@ -201,118 +198,3 @@ def test_linear_autoencoder_spans_the_pca_subspace():
     assert angles.max() < 0.05, angles  # radians; a random 2-plane in R^10 is at ~1 rad
     random_angles = principal_angles_to_pca(torch.randn(d_data, d, generator=gen), x)
     assert random_angles.max() > 0.3
-
-
-@pytest.mark.parametrize(
-    "model", ["hvae", "lvae", "mog-vae", "vampprior", "vqvae", "vqvae2", "sparse-ae", "cae", "sdae"]
-)
-def test_cli_fit_and_reload(model, tmp_path):
-    """``ppl-vae fit --model ...`` trains, writes its figures (prior samples from the model's own prior) and reloads."""
-    out = tmp_path / model
-    argv = [
-        "fit",
-        "--model",
-        model,
-        "--dataset",
-        "digits",
-        "--binarize",
-        "threshold",
-        "--limit",
-        "60",
-        "--hidden",
-        "16",
-        "--latent-dim",
-        "2",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
-    assert (out / "prior_samples.png").stat().st_size > 1000
-    built, splits = open_run(out)
-    x = splits["test"].x[:5]
-    assert built.reconstruct(x).shape == x.shape
-    assert built.latent_mean(x).shape[0] == 5
-
-
-@pytest.mark.parametrize("model", ["mog-vae", "vampprior"])
-def test_components_sets_the_size_of_the_mixture_prior(model, tmp_path):
-    """``--components K``: the prior of the reloaded run is a mixture of K components (Gaussians, or the guide at K pseudo-inputs)."""
-    out = tmp_path / model
-    argv = [
-        "fit",
-        "--model",
-        model,
-        "--components",
-        "7",
-        *BINARY,
-        "--limit",
-        "60",
-        "--hidden",
-        "16",
-        "--latent-dim",
-        "2",
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
-    built, splits = open_run(out)
-    z = poutine.trace(built.model).get_trace(splits["test"].x[:5]).nodes["z"]["fn"]
-    assert z.mixture_distribution.logits.shape[-1] == 7
-
-
-def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
-    for extra, fragment in (
-        (["--model", "hvae", "--arch", "conv"], "--arch conv"),
-        (["--model", "vqvae", "--estimator", "score"], "point-estimate"),
-    ):
-        out = tmp_path / "x"
-        assert (
-            main(
-                [
-                    "fit",
-                    "--dataset",
-                    "digits",
-                    "--limit",
-                    "60",
-                    "--binarize",
-                    "threshold",
-                    "--out",
-                    str(out),
-                    *extra,
-                ]
-            )
-            == 2
-        )
-        err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and fragment in err[0], err
-        assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        (["--model", "hvae", "--estimator", "analytic-kl"], "not mean-field"),
-        (
-            ["--model", "vae", "--estimator", "iwae", "--num-particles", "2", "--beta", "2"],
-            "iwae is not defined",
-        ),
-        (["--model", "vae", "--components", "5"], "--components applies to mog-vae, vampprior"),
-        (["--model", "vampprior", "--components", "0"], "components must be >= 1"),
-    ],
-)
-def test_wrong_objective_combinations_are_refused_before_anything_is_written(
-    tmp_path, capsys, options, message
-):
-    out = tmp_path / "run"
-    assert main(["fit", "--out", str(out), *BINARY, *options]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-    assert not out.exists()

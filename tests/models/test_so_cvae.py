@@ -1,6 +1,7 @@
 """Structured-output CVAE: quadrant masks, exact baseline likelihood, IS bound, and CVAE vs baseline on the 8x8 digits.
 
-The 8x8 digits (4x4 quadrants) stand in for MNIST so that the tests need no data files.
+The 8x8 digits (4x4 quadrants) stand in for MNIST so that the tests need no data files. (The ``cvae-quadrants`` command and
+its completions, ``predict``: tests/app.)
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ppl_vae.app.commands.tables import predict
-from ppl_vae.cli import main
 from ppl_vae.data import load
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference import importance_bounds
@@ -112,27 +111,3 @@ def test_cvae_beats_the_baseline_on_a_small_run(digits):
         cvae.mean().item(),
         se.item(),
     )
-    completed = predict(model, xt_in[:5], num_samples=2)
-    visible = xt_in[:5] != -1
-    assert completed.shape == (2, 5, 64)
-    assert torch.equal(completed[0][visible], xt_in[:5][visible])
-    assert bool(((completed >= 0) & (completed <= 1)).all())
-
-
-@pytest.mark.parametrize(
-    ("args", "fragment"),
-    [
-        (["--quadrants", "4"], "1, 2 or 3"),
-        (["--epochs", "0"], "epochs must be"),
-        ([], "binarised MNIST split"),
-    ],
-)
-def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, args, fragment):
-    out = tmp_path / "q"
-    assert (
-        main(["cvae-quadrants", "--data-dir", str(tmp_path / "empty"), "--out", str(out), *args])
-        == 2
-    )
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("ppl-vae: error:") and fragment in err[0], err
-    assert not out.exists()
