@@ -246,3 +246,43 @@ def test_the_top_level_holds_the_names_the_guide_uses_and_moved_names_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ppl_vae.fit is ppl_vae.inference.fit
+
+
+def test_library_tests_stay_below_the_application_layer():
+    """A test outside ``tests/app`` imports neither ``ppl_vae.app`` nor ``ppl_vae.cli`` (at module level, inside a function, or
+    by ``importlib.import_module``): a library test builds its model, guide and data with the library, so it holds when
+    the app changes; the tests of the app, the command line and run folders live in ``tests/app``, with their fixtures in
+    ``tests/app/conftest.py``. The scripts of ``benchmarks/`` are exempt: they are not tests but users of the whole
+    package, the command line's run folders included, as ``examples/`` are."""
+    app = ("ppl_vae.app", "ppl_vae.cli")
+
+    def in_app(name: str) -> bool:
+        return any(name == a or name.startswith(a + ".") for a in app)
+
+    def app_imports(path: Path) -> list[str]:
+        found = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found += [a.name for a in node.names if in_app(a.name)]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+                found += [n for n in [node.module, *names] if in_app(n)][:1]
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", None))
+                in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+                and in_app(node.args[0].value)
+            ):
+                found.append(node.args[0].value)
+        return [f"{path.relative_to(TESTS.parent)}:{n}" for n in found]
+
+    files = sorted(TESTS.rglob("*.py"))
+    library = [p for p in files if (TESTS / "app") not in p.parents]
+    folders = {p.relative_to(TESTS).parts[0] for p in library}
+    assert {"conftest.py", "data", "guides", "models", "inference"} <= folders, folders
+    assert [hit for p in library for hit in app_imports(p)] == []
+    # the check sees what it looks for: the tests of the app do import it
+    assert app_imports(TESTS / "app" / "conftest.py") == ["tests/app/conftest.py:ppl_vae.cli"]

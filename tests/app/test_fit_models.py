@@ -13,6 +13,9 @@ from pyro import poutine
 from ppl_vae.app.runs import open_run
 from ppl_vae.cli import main
 
+#: the data of the runs refused before any work: 60 binarised digits
+DIGITS = ["--dataset", "digits", "--limit", "60", "--binarize", "threshold"]
+
 
 def test_cli_refuses_a_negative_contractive_weight(tmp_path, capsys):
     out = tmp_path / "run"
@@ -24,12 +27,7 @@ def test_cli_refuses_a_negative_contractive_weight(tmp_path, capsys):
                 "cae",
                 "--contractive",
                 "-1",
-                "--dataset",
-                "digits",
-                "--limit",
-                "60",
-                "--binarize",
-                "threshold",
+                *DIGITS,
                 "--out",
                 str(out),
             ]
@@ -47,28 +45,7 @@ def test_cli_refuses_a_negative_contractive_weight(tmp_path, capsys):
 def test_cli_fit_and_reload(model, tmp_path):
     """``ppl-vae fit --model ...`` trains, writes its figures (prior samples from the model's own prior) and reloads."""
     out = tmp_path / model
-    argv = [
-        "fit",
-        "--model",
-        model,
-        "--dataset",
-        "digits",
-        "--binarize",
-        "threshold",
-        "--limit",
-        "60",
-        "--hidden",
-        "16",
-        "--latent-dim",
-        "2",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
+    argv = ["fit", "--model", model, *BINARY, "--out", str(out)]  # 60 binarised digits, 2 epochs
     assert main(argv) == 0
     assert (out / "prior_samples.png").stat().st_size > 1000
     built, splits = open_run(out)
@@ -116,12 +93,7 @@ def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
             main(
                 [
                     "fit",
-                    "--dataset",
-                    "digits",
-                    "--limit",
-                    "60",
-                    "--binarize",
-                    "threshold",
+                    *DIGITS,
                     "--out",
                     str(out),
                     *extra,
@@ -224,12 +196,7 @@ def test_sdae_options_are_checked(tmp_path, capsys):
 def test_cli_layers_are_checked_in_one_line(tmp_path, capsys):
     base = [
         "fit",
-        "--dataset",
-        "digits",
-        "--limit",
-        "60",
-        "--binarize",
-        "threshold",
+        *DIGITS,
         "--epochs",
         "1",
         "--no-progress",
