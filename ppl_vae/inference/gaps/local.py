@@ -747,23 +747,8 @@ def optimize_local(
     :func:`check_window` and one read of the rows that converged and of any
     non-finite ELBO; converged rows then leave the batch.
     """
-    options = dict(
-        family=family,
-        num_samples=num_samples,
-        lr=lr,
-        max_steps=max_steps,
-        check_every=check_every,
-        tol=tol,
-        lr_decays=lr_decays,
-        check_samples=check_samples,
-        starts=starts,
-        start_spread=start_spread,
-        start_scale=start_scale,
-        path_derivative=path_derivative,
-        num_flows=num_flows,
-        flow_hidden=flow_hidden,
-        compile=compile,
-    )
+    given = locals()  # the arguments only, so far
+    options = {k: given[k] for k in OPTIONS}
     check_options(**options)
     model, latent, init = _analysed_local(model, data, init)
     with seeded(seed):
