@@ -844,9 +844,8 @@ def _local_run(
         normal=Streams(base, idx, device, Tag.LOCAL, 1).normal,
         generator=torch.Generator(device="cpu").manual_seed(base),
     )
-    point = torch.arange(n, device=first.loc.device).repeat(
-        S
-    )  # row r is start r // n of datapoint r % n
+    # row r is start r // n of datapoint r % n
+    point = torch.arange(n, device=first.loc.device).repeat(S)
     posterior = first.take(point)
     site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
     if S > 1:

@@ -492,7 +492,7 @@ def _subtrees_turn(
 def _subtree(
     d: _Dynamics, tree: _Trajectory, j: int, forward: torch.Tensor, uniforms: torch.Tensor
 ) -> tuple[_Trajectory, _Subtree]:
-    """The ``2**j`` leaves beyond the trajectory's end in direction ``forward`` ``[C, G]``, drawn among with ``uniforms`` ``[C, G, 2**j]``.
+    """The ``2**j`` leaves beyond the trajectory's end in direction ``forward`` ``[C, G]``, its draw picked with ``uniforms`` ``[C, G, 2**j]`` (one a leaf).
 
     A chain that stopped inside the subtree is masked: no read per leapfrog step. Returns the
     trajectory with its counts updated, and the subtree.
@@ -504,12 +504,8 @@ def _subtree(
     sub_prop = (z, lp, g)
     sub_sum = torch.zeros_like(r)
     ckpt_r, ckpt_sum = r.new_zeros((max(j, 1), C, G, K)), r.new_zeros((max(j, 1), C, G, K))
-    ok, n_steps, diverging, accept_sum = (
-        tree.active.clone(),
-        tree.n_steps,
-        tree.diverging,
-        tree.accept_sum,
-    )
+    ok = tree.active.clone()
+    n_steps, diverging, accept_sum = tree.n_steps, tree.diverging, tree.accept_sum
     for i in range(2**j):
         z_new, r_new, lp_new, g_new, delta = _leapfrog(d, v, z, r, g)
         n_steps = n_steps + ok.long()
