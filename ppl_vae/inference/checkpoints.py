@@ -116,6 +116,7 @@ def check_checkpoint(
 
 
 def _check_checkpoint(ckpt: dict[str, Any], expected: dict[str, Any]) -> None:
+    """A :class:`CheckpointError` naming the first field of ``ckpt`` that is missing or wrong, the fields checked in a fixed order."""
     for key in (
         "params",
         "optimizer",
@@ -132,6 +133,13 @@ def _check_checkpoint(ckpt: dict[str, Any], expected: dict[str, Any]) -> None:
     ):
         if key not in ckpt:
             raise CheckpointError(f"no {key}")
+    _check_states(ckpt)
+    saved = _check_saved_options(ckpt["options"], expected)
+    _check_progress(ckpt, saved)
+
+
+def _check_states(ckpt: dict[str, Any]) -> None:
+    """The optimiser, schedule, random and estimator states are of their types."""
     if not (
         isinstance(ckpt["optimizer"], dict)
         and isinstance(ckpt["optimizer"].get("param_groups"), list)
@@ -156,7 +164,10 @@ def _check_checkpoint(ckpt: dict[str, Any], expected: dict[str, Any]) -> None:
         _bad(
             "estimator", "must be the estimator's state (a dict per process)", ckpt.get("estimator")
         )
-    saved = ckpt["options"]
+
+
+def _check_saved_options(saved: Any, expected: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``options`` (checked by :data:`_OPTION_CHECKS`), each of ``expected`` equal to the checkpoint's."""
     if not isinstance(saved, dict):
         _bad("options", "must be a dict of fit's options", saved)
     for key, check in _OPTION_CHECKS.items():
@@ -167,6 +178,11 @@ def _check_checkpoint(ckpt: dict[str, Any], expected: dict[str, Any]) -> None:
             raise CheckpointError(
                 f"options.{key} is {saved[key]!r}, but the run's config says {value!r}"
             )
+    return saved
+
+
+def _check_progress(ckpt: dict[str, Any], saved: dict[str, Any]) -> None:
+    """``history``, ``epoch``, ``step``, the best epoch and its score, ``bad_epochs``, ``wall_time``, ``stopped_early`` and ``best_params`` agree."""
     history = _check_history(ckpt["history"])
     epoch = check_int(ckpt["epoch"], "epoch", low=0, error=CheckpointError)
     if epoch != len(history):

@@ -78,6 +78,8 @@ Roeder, Wu & Duvenaud (2017), Sticking the Landing: Simple, Lower-Variance Gradi
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +103,7 @@ __all__ = [
     "LocalFit",
     "optimize_local",
     "check_options",
+    "OPTIONS",
     "start_distribution",
     "check_log_weights",
     "resampled_shifts",
@@ -160,48 +163,53 @@ class LocalFit:
     options: dict = field(default_factory=dict)
 
 
-def check_options(
-    *,
-    family: str = "diagonal",
-    num_samples: int = 10,
-    lr: float = 1e-2,
-    max_steps: int = 4000,
-    check_every: int = 100,
-    tol: float = 0.01,
-    lr_decays: int = 8,
-    check_samples: int = 100,
-    starts: int = 2,
-    start_spread: float = 1.0,
-    start_scale: float = 0.5,
-    path_derivative: bool = True,
-    num_flows: int = 2,
-    flow_hidden: int | None = None,
-    compile: bool = False,
-) -> None:
-    """Validate the options of :func:`optimize_local` before any work (``ConfigError`` naming the option)."""
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    counts = (
-        ("num_samples", num_samples),
-        ("max_steps", max_steps),
-        ("check_every", check_every),
-        ("num_flows", num_flows),
-        ("starts", starts),
-    )
-    for name, value in counts:
-        check_int(value, name.replace("_", "-"))
-    check_int(check_samples, "check-samples (at least 2 for a standard error)", low=2)
-    check_positive(lr, "the local learning rate")
+#: the options :func:`check_options` knows: :func:`optimize_local`'s, besides ``init``, ``seed``, ``index`` and ``progress``
+OPTIONS = (
+    "family",
+    "num_samples",
+    "lr",
+    "max_steps",
+    "check_every",
+    "tol",
+    "lr_decays",
+    "check_samples",
+    "starts",
+    "start_spread",
+    "start_scale",
+    "path_derivative",
+    "num_flows",
+    "flow_hidden",
+    "compile",
+)
+
+
+def check_options(**options: object) -> None:
+    """Validate keyword options of :func:`optimize_local` before any work (``ConfigError`` naming the option).
+
+    An option not given takes :func:`optimize_local`'s default; a name not in :data:`OPTIONS` is refused.
+    """
+    unknown = [k for k in options if k not in OPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown local option {unknown[0]!r}; known: {', '.join(OPTIONS)}")
+    defaults = inspect.signature(optimize_local).parameters
+    o = {k: options.get(k, defaults[k].default) for k in OPTIONS}
+    if o["family"] not in FAMILIES:
+        raise ConfigError(f"unknown family {o['family']!r}; choose one of {', '.join(FAMILIES)}")
+    for name in ("num_samples", "max_steps", "check_every", "num_flows", "starts"):
+        check_int(o[name], name.replace("_", "-"))
+    check_int(o["check_samples"], "check-samples (at least 2 for a standard error)", low=2)
+    check_positive(o["lr"], "the local learning rate")
+    tol = o["tol"]
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise ConfigError(f"tol must be a non-negative number, got {tol!r}")
-    check_positive(start_spread, "start_spread")
-    check_positive(start_scale, "start_scale")
-    check_int(lr_decays, "lr-decays", low=0)
-    for name, flag in (("path_derivative", path_derivative), ("compile", compile)):
-        if not isinstance(flag, bool):
-            raise ConfigError(f"{name} must be True or False, got {flag!r}")
-    if flow_hidden is not None:
-        check_int(flow_hidden, "flow-hidden")
+    check_positive(o["start_spread"], "start_spread")
+    check_positive(o["start_scale"], "start_scale")
+    check_int(o["lr_decays"], "lr-decays", low=0)
+    for name in ("path_derivative", "compile"):
+        if not isinstance(o[name], bool):
+            raise ConfigError(f"{name} must be True or False, got {o[name]!r}")
+    if o["flow_hidden"] is not None:
+        check_int(o["flow_hidden"], "flow-hidden")
 
 
 def start_distribution(
@@ -731,32 +739,35 @@ def optimize_local(
     compile : bool
         Run Adam's update (:func:`adam_update`) under ``torch.compile``: one
         fused kernel per parameter instead of about ten operations, which
-        matters where each operation is a kernel launch. Off by default: on a
-        CPU it gains nothing measurable (``benchmarks/local_steps.py``) and the
-        first call compiles for seconds.
+        matters where each operation is a kernel launch; the first call
+        compiles. Off by default (docs/gaps.md gives the measurement).
 
     The optimisation runs in windows of ``check_every`` steps: each step is
     :func:`local_step` (no value read back to the host), each window ends with
     :func:`check_window` and one read of the rows that converged and of any
     non-finite ELBO; converged rows then leave the batch.
     """
-    check_options(
-        family=family,
-        num_samples=num_samples,
-        lr=lr,
-        max_steps=max_steps,
-        check_every=check_every,
-        tol=tol,
-        lr_decays=lr_decays,
-        check_samples=check_samples,
-        starts=starts,
-        start_spread=start_spread,
-        start_scale=start_scale,
-        path_derivative=path_derivative,
-        num_flows=num_flows,
-        flow_hidden=flow_hidden,
-        compile=compile,
-    )
+    given = locals()  # the arguments only, so far
+    options = {k: given[k] for k in OPTIONS}
+    check_options(**options)
+    model, latent, init = _analysed_local(model, data, init)
+    with seeded(seed):
+        run = _local_run(model, latent, data, init, options, seed=seed, index=index)
+        start_lw = run.evaluate(run.rows)
+        start = [p.detach().clone() for p in run.posterior.parameters()]
+        moved = _optimise(run, start_lw, progress=progress)
+        final_lw = _settle(run, start_lw, start)
+    return _local_fit(run, start_lw, final_lw, moved, options)
+
+
+def _analysed_local(
+    model: Callable[..., object],
+    data: tuple[torch.Tensor, ...],
+    init: Callable[..., object] | torch.distributions.Distribution | str,
+) -> tuple[
+    Callable[..., object], Latent, Callable[..., object] | torch.distributions.Distribution | str
+]:
+    """The model and ``init`` as :func:`~ppl_vae.inference.traces.analysed` leaves them, and the model's joint latent; refuses an ``init`` string other than ``"prior"``."""
     if isinstance(init, str) and init != "prior":
         raise ConfigError(f"init must be a guide, a distribution or 'prior', got {init!r}")
     guide = (
@@ -765,180 +776,291 @@ def optimize_local(
     model, guide = analysed(model, guide, data, "the local optimisation (q*)")  # type: ignore[assignment]
     init = guide if guide is not None else init
     latent = latent_of(model, *data, guide=guide, analysis="the local optimisation (q*)")
-    n, S = latent.num_points, starts
+    return model, latent, init
+
+
+@dataclass(frozen=True)
+class _LocalRun:
+    """What :func:`optimize_local` optimises: every (datapoint, start) row, start-major (row ``s * N + n`` is start ``s`` of datapoint ``n``), its draws and its options."""
+
+    model: Callable[..., object]
+    data: tuple[torch.Tensor, ...]  # the data, a row per (datapoint, start)
+    posterior: LocalPosterior  # every row's parameters, where each row stopped
+    n: int  # datapoints
+    S: int  # starts per datapoint
+    site: str  # where the guide draws u from q*
+    streams: Streams  # the steps' draws: each start its own
+    check: Streams  # the checks' draws: the same for every start of a datapoint
+    final: Streams  # the final comparison's draws (FINAL_FACTOR times as many): the same for every start of a datapoint
+    nesting: int
+    options: dict  # optimize_local's options, checked
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Every row's index ``[S * N]``."""
+        return torch.arange(self.n * self.S, device=self.posterior.loc.device)
+
+    def evaluate(self, rows: torch.Tensor) -> torch.Tensor:
+        """The check log-weights ``[M, R]`` of ``rows`` (:func:`check_log_weights`, the same draws at every call)."""
+        return check_log_weights(
+            self.model,
+            self.posterior,
+            self.data,
+            rows,
+            self.check,
+            num_samples=self.options["check_samples"],
+            nesting=self.nesting,
+        )
+
+
+def _local_run(
+    model: Callable[..., object],
+    latent: Latent,
+    data: tuple[torch.Tensor, ...],
+    init: Callable[..., object] | torch.distributions.Distribution | str,
+    options: dict,
+    *,
+    seed: int | None,
+    index: torch.Tensor | None,
+) -> _LocalRun:
+    """Every datapoint's starts (:func:`start_distribution`, then :func:`_spread_starts`), frozen, with their data and streams."""
+    n, S = latent.num_points, options["starts"]
     idx = dataset_index(index, n)
     device = data[0].device
-    with seeded(seed):
-        base = base_seed(seed)
-        q0 = start_distribution(
-            model, latent, *data, init=init, streams=Streams(base, idx, device, Tag.LOCAL, 0)
-        )  # the start
-        if tuple(q0.batch_shape) != (n,) or tuple(q0.event_shape) != (latent.dim,):
-            raise ConfigError(
-                f"the initial distribution must have batch shape ({n},) and event shape ({latent.dim},), got {tuple(q0.batch_shape)} and {tuple(q0.event_shape)}"
-            )
-        first = LocalPosterior.initial(
-            family,
-            q0,
-            latent,
-            num_flows=num_flows,
-            flow_hidden=flow_hidden,
-            normal=Streams(base, idx, device, Tag.LOCAL, 1).normal,
-            generator=torch.Generator(device="cpu").manual_seed(base),
+    base = base_seed(seed)
+    q0 = start_distribution(
+        model, latent, *data, init=init, streams=Streams(base, idx, device, Tag.LOCAL, 0)
+    )  # the start
+    if tuple(q0.batch_shape) != (n,) or tuple(q0.event_shape) != (latent.dim,):
+        raise ConfigError(
+            f"the initial distribution must have batch shape ({n},) and event shape ({latent.dim},), got {tuple(q0.batch_shape)} and {tuple(q0.event_shape)}"
         )
-        point = torch.arange(n, device=first.loc.device).repeat(
-            S
-        )  # row r is start r // n of datapoint r % n
-        posterior = first.take(point)
-        site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
-        if (
-            S > 1
-        ):  # the other starts: narrowed copies of the init, centred at posterior draws resampled from the (widened) init
-            resample = Streams(base, idx, device, Tag.LOCAL, 4)
-            shift = resampled_shifts(
-                model,
-                first.widened(start_spread),
-                data,
-                resample,
-                num=S - 1,
-                draws=check_samples,
-                site=site,
-            )
-            narrow = dict(first.widened(start_scale).take(point[n:]).named_parameters())
-            with torch.no_grad():
-                for name, p in posterior.named_parameters():
-                    p[n:] = narrow[name]
-                posterior.loc[n:] += shift.reshape((S - 1) * n, -1).to(posterior.loc.dtype)
-        for p in posterior.parameters():
-            p.requires_grad_(False)
-        data = tuple(t[point.to(t.device)] for t in data)
-        # the steps: each start its own streams; the checks: the same draws for every start of a datapoint
-        streams = Streams(
+    first = LocalPosterior.initial(
+        options["family"],
+        q0,
+        latent,
+        num_flows=options["num_flows"],
+        flow_hidden=options["flow_hidden"],
+        normal=Streams(base, idx, device, Tag.LOCAL, 1).normal,
+        generator=torch.Generator(device="cpu").manual_seed(base),
+    )
+    # row r is start r // n of datapoint r % n
+    point = torch.arange(n, device=first.loc.device).repeat(S)
+    posterior = first.take(point)
+    site = latent.sites[0].name if latent.plain else AUX_SITE  # where the guide draws u from q*
+    if S > 1:
+        _spread_starts(
+            model, data, first, posterior, Streams(base, idx, device, Tag.LOCAL, 4), site, options
+        )
+    for p in posterior.parameters():
+        p.requires_grad_(False)
+    data = tuple(t[point.to(t.device)] for t in data)
+    return _LocalRun(
+        model=model,
+        data=data,
+        posterior=posterior,
+        n=n,
+        S=S,
+        site=site,
+        streams=Streams(
             base, [int(i) * S + s for s in range(S) for i in idx], device, Tag.LOCAL, 2, S
+        ),
+        check=Streams(base, idx.repeat(S), device, Tag.LOCAL, 3),
+        final=Streams(base, idx.repeat(S), device, Tag.LOCAL, 5),
+        nesting=plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data)),
+        options=options,
+    )
+
+
+def _spread_starts(
+    model: Callable[..., object],
+    data: tuple[torch.Tensor, ...],
+    first: LocalPosterior,
+    posterior: LocalPosterior,
+    resample: Streams,
+    site: str,
+    options: dict,
+) -> None:
+    """Make rows ``N..`` of ``posterior`` the other starts, in place: narrowed copies of the init, centred at posterior draws resampled from the (widened) init."""
+    n, S = first.num_points, options["starts"]
+    shift = resampled_shifts(
+        model,
+        first.widened(options["start_spread"]),
+        data,
+        resample,
+        num=S - 1,
+        draws=options["check_samples"],
+        site=site,
+    )
+    point = torch.arange(n, device=first.loc.device).repeat(S - 1)
+    narrow = dict(first.widened(options["start_scale"]).take(point).named_parameters())
+    with torch.no_grad():
+        for name, p in posterior.named_parameters():
+            p[n:] = narrow[name]
+        posterior.loc[n:] += shift.reshape((S - 1) * n, -1).to(posterior.loc.dtype)
+
+
+class _Moved(NamedTuple):
+    """How the optimisation of each row went (``[S * N]``)."""
+
+    active: torch.Tensor  # bool: still moving at max_steps (not converged)
+    steps: torch.Tensor  # Adam steps taken
+    scale: torch.Tensor  # float64: the final step size, as a fraction of lr
+    change: torch.Tensor  # float64: the gain judged at the last check
+    change_se: torch.Tensor  # its standard error
+
+
+def _optimise(run: _LocalRun, start_lw: torch.Tensor, *, progress: bool) -> _Moved:
+    """Move every row in windows of ``check_every`` steps (:func:`_window`) until it converges or ``max_steps``; converged rows leave the batch."""
+    o = run.options
+    like = run.posterior.loc
+    moving = list(
+        range(run.n * run.S)
+    )  # the rows still optimised, on the host: they change only at a check
+    work = run.posterior.take(run.rows)  # their parameters, row i of it is row moving[i]
+    state = LocalState.initial(work, start_lw)
+    steps = [0] * (run.n * run.S)
+    scale = like.new_ones(run.n * run.S, dtype=torch.float64)
+    change = like.new_full((run.n * run.S,), math.nan, dtype=torch.float64)
+    change_se = like.new_full((run.n * run.S,), math.nan, dtype=torch.float64)
+    update = compiled_adam() if o["compile"] else adam_update
+    step = 0
+    # no distribution checks a value per step (each would read it back): a bad value shows as a non-finite ELBO, read once a window
+    with (
+        bar(total=o["max_steps"], desc=f"q* {o['family']}", unit="step", enabled=progress) as shown,
+        pyro.validation_enabled(False),
+    ):
+        while moving and step < o["max_steps"]:
+            window = min(o["check_every"], o["max_steps"] - step)
+            where = torch.tensor(moving, device=like.device)
+            step += window
+            state, done = _window(
+                run, work, state, moving, where, window, step % o["check_every"] == 0, update, shown
+            )
+            stopped, bad = host(torch.stack((done.long(), state.bad)))  # the window's one read
+            if any(bad):
+                raise ConfigError(
+                    f"local optimisation of the {o['family']} family hit a non-finite ELBO at step {min(b for b in bad if b)}; lower lr"
+                )
+            with torch.no_grad():
+                for p, q in zip(run.posterior.parameters(), work.parameters()):
+                    p.index_copy_(0, where, q.detach())
+                for kept, now in zip(
+                    (scale, change, change_se), (state.scale, state.change, state.change_se)
+                ):
+                    kept.index_copy_(0, where, now)
+            for r in moving:
+                steps[r] += window
+            keep = [i for i, s in enumerate(stopped) if not s]
+            if len(keep) < len(
+                moving
+            ):  # converged rows leave the batch, their parameters kept in posterior
+                moving = [moving[i] for i in keep]
+                if moving:
+                    kept = torch.tensor(keep, device=like.device)
+                    work = work.take(kept)
+                    state = state.take(kept, work)
+                shown.set_postfix_str(
+                    f"{len(moving)} of {run.n * run.S} (datapoint, start) pairs still moving",
+                    refresh=False,
+                )
+    active = torch.zeros(run.n * run.S, dtype=torch.bool, device=like.device)
+    active[moving] = True
+    return _Moved(active, torch.tensor(steps, device=like.device), scale, change, change_se)
+
+
+def _window(
+    run: _LocalRun,
+    work: LocalPosterior,
+    state: LocalState,
+    moving: list[int],
+    where: torch.Tensor,
+    window: int,
+    checked: bool,
+    update: Callable[..., None],
+    shown: object,
+) -> tuple[LocalState, torch.Tensor]:
+    """``window`` steps (:func:`local_step`) of the rows ``moving`` (parameters ``work``), then, where ``checked``, :func:`check_window`: the new state and the rows that converged."""
+    o = run.options
+    args = tuple(t[where.to(t.device)] for t in run.data)
+    objective = local_objective(
+        run.model,
+        work,
+        args,
+        run.streams.select(moving),
+        num_samples=o["num_samples"],
+        nesting=run.nesting,
+        site=run.site,
+        stl=o["path_derivative"] and o["family"] != "flow",
+    )
+    for _ in range(window):
+        state = local_step(state, objective, lr=o["lr"], update=update)
+        shown.update()  # type: ignore[attr-defined]
+    if not checked:  # max_steps ended the window before its check
+        return state, torch.zeros(len(moving), dtype=torch.bool, device=where.device)
+    now = check_log_weights(
+        run.model,
+        work,
+        args,
+        range(len(moving)),
+        run.check.select(moving),
+        num_samples=o["check_samples"],
+        nesting=run.nesting,
+    )
+    return check_window(state, now, lr_decays=o["lr_decays"], tol=o["tol"])
+
+
+def _settle(run: _LocalRun, start_lw: torch.Tensor, start: list[torch.Tensor]) -> torch.Tensor:
+    """Send each row clearly worse than its start back to it; every row's final log-weights ``[FINAL_FACTOR * M, S * N]``, the same draws for every start of a datapoint."""
+    params = list(run.posterior.parameters())
+    with torch.no_grad():
+        final_lw = run.evaluate(
+            run.rows
+        )  # where each row stopped, from the same draws as every check
+        gain, gain_se = window_change(final_lw, start_lw)
+        back = (
+            gain + Z_CHECK * gain_se < 0
+        )  # clearly worse than where it started: back to the start
+        for p, b in zip(params, start):
+            p.copy_(torch.where(back.view(-1, *([1] * (p.dim() - 1))), b, p))
+        final_lw = check_log_weights(
+            run.model,
+            run.posterior,
+            run.data,
+            run.rows,
+            run.final,
+            num_samples=FINAL_FACTOR * run.options["check_samples"],
+            nesting=run.nesting,
         )
-        check = Streams(base, idx.repeat(S), device, Tag.LOCAL, 3)
-        nesting = plate_nesting(model, posterior.select(slice(0, 1)), *(t[:1] for t in data))
+    for p in params:
+        p.grad = None
+        p.requires_grad_(False)
+    return final_lw
 
-        def evaluate(rows: torch.Tensor) -> torch.Tensor:
-            return check_log_weights(
-                model, posterior, data, rows, check, num_samples=check_samples, nesting=nesting
-            )
 
-        rows_all = torch.arange(n * S, device=first.loc.device)
-        start_lw = evaluate(rows_all)
-        start = [p.detach().clone() for p in posterior.parameters()]
-        like = posterior.loc
-        stl = path_derivative and family != "flow"
-        moving = list(
-            range(n * S)
-        )  # the (datapoint, start) rows still optimised, on the host: they change only at a check
-        work = posterior.take(rows_all)  # their parameters, row i of it is row moving[i]
-        state = LocalState.initial(work, start_lw)
-        steps = [0] * (n * S)
-        scale = like.new_ones(
-            n * S, dtype=torch.float64
-        )  # each row's final step size, as a fraction of lr
-        change = like.new_full((n * S,), math.nan, dtype=torch.float64)
-        change_se = like.new_full((n * S,), math.nan, dtype=torch.float64)
-        update = compiled_adam() if compile else adam_update
-        step = 0
-        # no distribution checks a value per step (each would read it back): a bad value shows as a non-finite ELBO, read once a window
-        with (
-            bar(total=max_steps, desc=f"q* {family}", unit="step", enabled=progress) as shown,
-            pyro.validation_enabled(False),
-        ):
-            while moving and step < max_steps:
-                window = min(check_every, max_steps - step)
-                where = torch.tensor(moving, device=like.device)
-                args = tuple(t[where.to(t.device)] for t in data)
-                objective = local_objective(
-                    model,
-                    work,
-                    args,
-                    streams.select(moving),
-                    num_samples=num_samples,
-                    nesting=nesting,
-                    site=site,
-                    stl=stl,
-                )
-                for _ in range(window):
-                    state = local_step(state, objective, lr=lr, update=update)
-                    shown.update()
-                step += window
-                if step % check_every == 0:
-                    now = check_log_weights(
-                        model,
-                        work,
-                        args,
-                        range(len(moving)),
-                        check.select(moving),
-                        num_samples=check_samples,
-                        nesting=nesting,
-                    )
-                    state, done = check_window(state, now, lr_decays=lr_decays, tol=tol)
-                else:  # max_steps ended the window before its check
-                    done = torch.zeros(len(moving), dtype=torch.bool, device=like.device)
-                stopped, bad = host(torch.stack((done.long(), state.bad)))  # the window's one read
-                if any(bad):
-                    raise ConfigError(
-                        f"local optimisation of the {family} family hit a non-finite ELBO at step {min(b for b in bad if b)}; lower lr"
-                    )
-                with torch.no_grad():
-                    for p, q in zip(posterior.parameters(), work.parameters()):
-                        p.index_copy_(0, where, q.detach())
-                    scale.index_copy_(0, where, state.scale)
-                    change.index_copy_(0, where, state.change)
-                    change_se.index_copy_(0, where, state.change_se)
-                for r in moving:
-                    steps[r] += window
-                keep = [i for i, s in enumerate(stopped) if not s]
-                if len(keep) < len(
-                    moving
-                ):  # converged rows leave the batch, their parameters kept in posterior
-                    moving = [moving[i] for i in keep]
-                    if moving:
-                        kept = torch.tensor(keep, device=like.device)
-                        work = work.take(kept)
-                        state = state.take(kept, work)
-                    shown.set_postfix_str(
-                        f"{len(moving)} of {n * S} (datapoint, start) pairs still moving",
-                        refresh=False,
-                    )
-        active = torch.zeros(n * S, dtype=torch.bool, device=like.device)
-        active[moving] = True
-        steps = torch.tensor(steps, device=like.device)
-        params = list(posterior.parameters())
-        with torch.no_grad():
-            final_lw = evaluate(
-                rows_all
-            )  # where each row stopped, from the same draws as every check
-            gain, gain_se = window_change(final_lw, start_lw)
-            back = (
-                gain + Z_CHECK * gain_se < 0
-            )  # clearly worse than where it started: back to the start
-            for p, b in zip(params, start):
-                p.copy_(torch.where(back.view(-1, *([1] * (p.dim() - 1))), b, p))
-            # the starts compared on FINAL_FACTOR times as many draws (the same for every start of a datapoint)
-            final_streams = Streams(base, idx.repeat(S), device, Tag.LOCAL, 5)
-            M = FINAL_FACTOR * check_samples
-            final_lw = check_log_weights(
-                model, posterior, data, rows_all, final_streams, num_samples=M, nesting=nesting
-            )
+def _midpoint(run: _LocalRun, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Log-weights (the final draws) of the parameters halfway between starts ``a`` and ``b`` ``[N]`` of each datapoint."""
+    cols = torch.arange(run.n, device=a.device)
+    mid = run.posterior.take(a * run.n + cols)
+    for p, q in zip(mid.parameters(), run.posterior.take(b * run.n + cols).parameters()):
+        p.add_(q).div_(2)
+    return check_log_weights(
+        run.model,
+        mid,
+        run.data,
+        cols,
+        run.final,
+        num_samples=FINAL_FACTOR * run.options["check_samples"],
+        nesting=run.nesting,
+    )
 
-            def midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-                """Log-weights of the parameters halfway between starts ``a`` and ``b`` ``[N]`` of each datapoint."""
-                cols = torch.arange(n, device=a.device)
-                mid = posterior.take(a * n + cols)
-                for p, q in zip(mid.parameters(), posterior.take(b * n + cols).parameters()):
-                    p.add_(q).div_(2)
-                return check_log_weights(
-                    model, mid, data, cols, final_streams, num_samples=M, nesting=nesting
-                )
 
-        for p in params:
-            p.grad = None
-            p.requires_grad_(False)
-    converged = ~active
+def _local_fit(
+    run: _LocalRun, start_lw: torch.Tensor, final_lw: torch.Tensor, moved: _Moved, options: dict
+) -> LocalFit:
+    """The report: each datapoint keeps its best start (:func:`keep_best`), its distinct optima counted (:func:`distinct_optima`)."""
+    n, S, M = run.n, run.S, final_lw.shape[0]
+    converged = ~moved.active
     by_start = final_lw.view(M, S, n)
     best = keep_best(by_start, converged.view(S, n))
     keep = best * n + torch.arange(n, device=best.device)
@@ -947,37 +1069,27 @@ def optimize_local(
         True  # the kept start counts even where it did not converge
     )
     with torch.no_grad():
-        modes = distinct_optima(by_start, midpoint, eligible, tol, best)
-    options = dict(
-        family=family,
-        num_samples=num_samples,
-        lr=lr,
-        max_steps=max_steps,
-        check_every=check_every,
-        tol=tol,
-        lr_decays=lr_decays,
-        check_samples=check_samples,
-        starts=starts,
-        start_spread=start_spread,
-        start_scale=start_scale,
-        path_derivative=path_derivative,
-    )
-    dtype = like.dtype
+        modes = distinct_optima(
+            by_start, functools.partial(_midpoint, run), eligible, options["tol"], best
+        )
+    dtype = run.posterior.loc.dtype
     final = final_lw[:, keep]
     return LocalFit(
-        posterior=posterior.take(keep),
-        steps=steps[keep],
+        posterior=run.posterior.take(keep),
+        steps=moved.steps[keep],
         converged=converged[keep],
         initial_elbo=start_lw[:, :n].mean(0).to(dtype),
         final_elbo=final.mean(0).to(dtype),
         final_elbo_se=(final.std(0) / math.sqrt(M)).to(dtype),
-        final_change=change[keep].to(dtype),
-        final_change_se=change_se[keep].to(dtype),
-        lr_scale=scale[keep].to(dtype),
+        final_change=moved.change[keep].to(dtype),
+        final_change_se=moved.change_se[keep].to(dtype),
+        lr_scale=moved.scale[keep].to(dtype),
         start_elbo=by_start.mean(0).to(dtype),
         start_converged=converged.view(S, n),
         optima=modes.sum(0),
         modes=modes,
-        candidates=posterior,
-        options=options,
+        candidates=run.posterior,
+        options={
+            k: v for k, v in options.items() if k not in ("num_flows", "flow_hidden", "compile")
+        },
     )

@@ -240,95 +240,16 @@ class Comparison:
         t = {**FLAG_THRESHOLDS, **(thresholds or {})}
         s, d = self.summary(), self.to_dataframe()
         n, k = len(self.points), len(self.dims)
-        bad = self.flagged(thresholds)
-        lines = [
-            f"VI ({self.vi_method}) against MCMC ({self.mcmc_method}) on {n} datapoint(s) x {k} latent dimension(s):"
-        ]
-        p = self.per_point
-        missing = int(
-            sum(
-                (~np.isfinite(np.asarray(p[k], dtype=float))).sum()
-                for k in ("mcmc_max_rhat", "mcmc_min_ess_bulk")
-            )
+        sound, reference = _reference_line(s, self.per_point)
+        return "\n".join(
+            [
+                f"VI ({self.vi_method}) against MCMC ({self.mcmc_method}) on {n} datapoint(s) x {k} latent dimension(s):",
+                reference,
+                *_moment_lines(s, d, t, n * k),
+                _khat_line(s["max_pareto_k"], t, n, len(self.flagged_points(thresholds))),
+                _verdict_line(self.flagged(thresholds), t, n, n * k, sound, s["max_pareto_k"]),
+            ]
         )
-        sound = (
-            missing == 0
-            and s["mcmc_max_rhat"] < 1.01
-            and s["mcmc_divergences"] == 0
-            and s["mcmc_min_ess_bulk"] >= MIN_ESS
-        )
-        lines.append(
-            f"- MCMC reference: max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, "
-            f"{s['mcmc_divergences']:.0f} divergences"
-            + (f", {missing} diagnostics not computable" if missing else "")
-            + ": "
-            + (
-                f"sound (R-hat < 1.01, bulk ESS >= {MIN_ESS}, no divergences)."
-                if sound
-                else "NOT sound: run longer chains (more draws and warm-up) before trusting the rows below."
-            )
-        )
-        err = d["std_mean_error"].abs()
-        worst = d.loc[err.idxmax()] if err.notna().any() else None
-        where = f" (datapoint {worst['point']}, {worst['dim']})" if worst is not None else ""
-        lines.append(
-            f"- Means: worst error {s['max_abs_std_mean_error']:.2f} posterior sds{where}; "
-            f"{int((err > t['abs_std_mean_error']).sum())} of {n * k} dimensions off by more than {t['abs_std_mean_error']:g} sd."
-        )
-        ratio = d["sd_ratio"]
-        spread = (
-            "VI is too narrow (overconfident) in "
-            + str(int((ratio < 1 / math.exp(t["abs_log_sd_ratio"])).sum()))
-            + " and too wide in "
-            + str(int((ratio > math.exp(t["abs_log_sd_ratio"])).sum()))
-            + f" of {n * k} dimensions"
-        )
-        lines.append(
-            f"- Spread: VI sd / MCMC sd from {s['min_sd_ratio']:.2f} to {s['max_sd_ratio']:.2f}; {spread}."
-        )
-        lines.append(
-            f"- Coverage: VI's 90% intervals hold the MCMC draws {s['mean_coverage_90']:.0%} of the time on average (90% if calibrated)."
-        )
-        khat = s["max_pareto_k"]
-        if math.isnan(khat):
-            lines.append("- Pareto k-hat: none (the VI draws carry no importance log-weights).")
-        elif khat == -math.inf:
-            lines.append(
-                "- Pareto k-hat: -inf at every datapoint: the importance log-weights are constant, so q is an exact proposal "
-                "(its draws are the posterior's, up to round-off)."
-            )
-        elif khat > t["pareto_k"]:
-            high = len(self.flagged_points(thresholds))
-            lines.append(
-                f"- Pareto k-hat of the importance weights (joint, one per datapoint): max {khat:.2f}; {high} of {n} datapoint(s) above "
-                f"{t['pareto_k']:g}: there importance sampling cannot repair VI's draws (flagged_points() lists them)."
-            )
-        else:
-            lines.append(
-                f"- Pareto k-hat of the importance weights: max {khat:.2f} (<= {t['pareto_k']:g}: importance sampling "
-                "can repair VI's draws where needed)."
-            )
-        wrong_points = sorted(set(bad["point"].tolist()))
-        caveat = "" if sound else " (against an MCMC reference that is not sound)"
-        if bad.empty:
-            lines.append(
-                f"Verdict: VI agrees with MCMC on every datapoint and dimension within the thresholds {t}{caveat}"
-                + (
-                    " (dimension by dimension; see the joint k-hat above)."
-                    if khat > t["pareto_k"]
-                    else "."
-                )
-            )
-        else:
-            nan = int(
-                bad[["std_mean_error", "log_sd_ratio", "coverage_90"]].isna().any(axis=1).sum()
-            )
-            why = f", {nan} of them for a metric that could not be computed (NaN)" if nan else ""
-            lines.append(
-                f"Verdict: VI gets {len(wrong_points)} of {n} datapoint(s) wrong{caveat} ({len(bad)} of {n * k} dimensions flagged{why}: "
-                f"points {', '.join(map(str, wrong_points[:10]))}{', ...' if len(wrong_points) > 10 else ''}); flagged() lists them."
-            )
-        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -349,6 +270,97 @@ class Comparison:
         ]
 
 
+def _reference_line(s: dict[str, float], p: Mapping[str, np.ndarray]) -> tuple[bool, str]:
+    """Whether the MCMC reference is sound (every diagnostic computable, R-hat < 1.01, no divergence, bulk ESS >= :data:`MIN_ESS`), and the verdict's line saying so."""
+    missing = int(
+        sum(
+            (~np.isfinite(np.asarray(p[k], dtype=float))).sum()
+            for k in ("mcmc_max_rhat", "mcmc_min_ess_bulk")
+        )
+    )
+    sound = (
+        missing == 0
+        and s["mcmc_max_rhat"] < 1.01
+        and s["mcmc_divergences"] == 0
+        and s["mcmc_min_ess_bulk"] >= MIN_ESS
+    )
+    return sound, (
+        f"- MCMC reference: max R-hat {s['mcmc_max_rhat']:.3f}, min bulk ESS {s['mcmc_min_ess_bulk']:.0f}, "
+        f"{s['mcmc_divergences']:.0f} divergences"
+        + (f", {missing} diagnostics not computable" if missing else "")
+        + ": "
+        + (
+            f"sound (R-hat < 1.01, bulk ESS >= {MIN_ESS}, no divergences)."
+            if sound
+            else "NOT sound: run longer chains (more draws and warm-up) before trusting the rows below."
+        )
+    )
+
+
+def _moment_lines(s: dict[str, float], d: Any, t: dict[str, float], dims: int) -> list[str]:
+    """The verdict's lines on means, spreads and coverage, from the summary ``s`` and the per-dimension table ``d`` of ``dims`` rows."""
+    err = d["std_mean_error"].abs()
+    worst = d.loc[err.idxmax()] if err.notna().any() else None
+    where = f" (datapoint {worst['point']}, {worst['dim']})" if worst is not None else ""
+    ratio = d["sd_ratio"]
+    spread = (
+        "VI is too narrow (overconfident) in "
+        + str(int((ratio < 1 / math.exp(t["abs_log_sd_ratio"])).sum()))
+        + " and too wide in "
+        + str(int((ratio > math.exp(t["abs_log_sd_ratio"])).sum()))
+        + f" of {dims} dimensions"
+    )
+    return [
+        f"- Means: worst error {s['max_abs_std_mean_error']:.2f} posterior sds{where}; "
+        f"{int((err > t['abs_std_mean_error']).sum())} of {dims} dimensions off by more than {t['abs_std_mean_error']:g} sd.",
+        f"- Spread: VI sd / MCMC sd from {s['min_sd_ratio']:.2f} to {s['max_sd_ratio']:.2f}; {spread}.",
+        f"- Coverage: VI's 90% intervals hold the MCMC draws {s['mean_coverage_90']:.0%} of the time on average (90% if calibrated).",
+    ]
+
+
+def _khat_line(khat: float, t: dict[str, float], n: int, high: int) -> str:
+    """The verdict's line on the largest Pareto k-hat ``khat`` of ``n`` datapoints, ``high`` of them above the threshold."""
+    if math.isnan(khat):
+        return "- Pareto k-hat: none (the VI draws carry no importance log-weights)."
+    if khat == -math.inf:
+        return (
+            "- Pareto k-hat: -inf at every datapoint: the importance log-weights are constant, so q is an exact proposal "
+            "(its draws are the posterior's, up to round-off)."
+        )
+    if khat > t["pareto_k"]:
+        return (
+            f"- Pareto k-hat of the importance weights (joint, one per datapoint): max {khat:.2f}; {high} of {n} datapoint(s) above "
+            f"{t['pareto_k']:g}: there importance sampling cannot repair VI's draws (flagged_points() lists them)."
+        )
+    return (
+        f"- Pareto k-hat of the importance weights: max {khat:.2f} (<= {t['pareto_k']:g}: importance sampling "
+        "can repair VI's draws where needed)."
+    )
+
+
+def _verdict_line(
+    bad: Any, t: dict[str, float], n: int, dims: int, sound: bool, khat: float
+) -> str:
+    """The verdict's last line, from the flagged rows ``bad`` (:meth:`Comparison.flagged`) of ``n`` datapoints and ``dims`` dimensions."""
+    wrong_points = sorted(set(bad["point"].tolist()))
+    caveat = "" if sound else " (against an MCMC reference that is not sound)"
+    if bad.empty:
+        return (
+            f"Verdict: VI agrees with MCMC on every datapoint and dimension within the thresholds {t}{caveat}"
+            + (
+                " (dimension by dimension; see the joint k-hat above)."
+                if khat > t["pareto_k"]
+                else "."
+            )
+        )
+    nan = int(bad[["std_mean_error", "log_sd_ratio", "coverage_90"]].isna().any(axis=1).sum())
+    why = f", {nan} of them for a metric that could not be computed (NaN)" if nan else ""
+    return (
+        f"Verdict: VI gets {len(wrong_points)} of {n} datapoint(s) wrong{caveat} ({len(bad)} of {dims} dimensions flagged{why}: "
+        f"points {', '.join(map(str, wrong_points[:10]))}{', ...' if len(wrong_points) > 10 else ''}); flagged() lists them."
+    )
+
+
 def _max_khat(khat: np.ndarray) -> float:
     """The largest k-hat over datapoints: ``-inf`` where every datapoint's log-weights are constant (an exact proposal), NaN where none has any."""
     k = np.asarray(khat, dtype=float)
@@ -358,6 +370,52 @@ def _max_khat(khat: np.ndarray) -> float:
     return (
         -math.inf if (k == -math.inf).any() else math.nan
     )  # +inf: too few draws to fit a tail, as NaN: no k-hat to report
+
+
+def _distances(
+    pm: np.ndarray,
+    pv: np.ndarray,
+    m_sd: np.ndarray,
+    points: tuple[Any, ...],
+    seed: int,
+    max_energy_draws: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per datapoint, from the MCMC and VI draws ``[S, P, K]``: the energy distance (standardised by the MCMC sds ``m_sd``), the Gaussian-moment KL ``[P]`` and the Wasserstein distance of each marginal ``[P, K]``."""
+    from scipy.stats import wasserstein_distance
+
+    p_count = pm.shape[1]
+    energy, kl, w1 = np.zeros(p_count), np.zeros(p_count), np.zeros((p_count, pm.shape[2]))
+    for i in bar(range(p_count), desc="compare", unit="datapoint", enabled=progress):
+        w1[i] = [wasserstein_distance(pm[:, i, j], pv[:, i, j]) for j in range(pm.shape[2])]
+        rng = np.random.default_rng(
+            [seed, int(points[i])]
+        )  # each datapoint's own subset, whatever else is compared with it
+        a = pm[rng.permutation(len(pm))[:max_energy_draws], i] / m_sd[i]
+        b = pv[rng.permutation(len(pv))[:max_energy_draws], i] / m_sd[i]
+        energy[i] = _energy_distance(a, b)
+        kl[i] = _gaussian_kl(pv[:, i], pm[:, i])
+    return energy, kl, w1
+
+
+def _khat_and_divergences(mcmc: Draws, vi: Draws, p_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[P]``: the Pareto k-hat of each datapoint's VI log-weights (NaN without them) and its MCMC divergences (the total at every datapoint where they are not per datapoint)."""
+    lw = vi.sample_stats.get("log_weight")
+    if lw is not None:
+        khat = np.atleast_1d(
+            azcompat.pareto_khat(np.asarray(lw).reshape(-1, p_count).T)
+        )  # [P, S] -> [P]
+    else:
+        khat = np.full(p_count, np.nan)
+    div = mcmc.sample_stats.get("diverging")
+    divs = (
+        np.asarray(div).reshape(*np.asarray(div).shape[:2], -1).sum((0, 1))
+        if div is not None
+        else np.zeros(p_count)
+    )
+    if divs.shape[0] != p_count:
+        divs = np.full(p_count, divs.sum())
+    return khat, divs
 
 
 def compare(
@@ -414,19 +472,8 @@ def compare(
             "sd_ratio": v_sd / m_sd,
             "log_sd_ratio": np.log(v_sd / m_sd),
         }
-    from scipy.stats import wasserstein_distance
-
     points = tuple(mcmc.coords.get("point", range(p_count))) if latent else (0,)
-    energy, kl, w1 = np.zeros(p_count), np.zeros(p_count), np.zeros((p_count, pm.shape[2]))
-    for i in bar(range(p_count), desc="compare", unit="datapoint", enabled=progress):
-        w1[i] = [wasserstein_distance(pm[:, i, j], pv[:, i, j]) for j in range(pm.shape[2])]
-        rng = np.random.default_rng(
-            [seed, int(points[i])]
-        )  # each datapoint's own subset, whatever else is compared with it
-        a = pm[rng.permutation(len(pm))[:max_energy_draws], i] / m_sd[i]
-        b = pv[rng.permutation(len(pv))[:max_energy_draws], i] / m_sd[i]
-        energy[i] = _energy_distance(a, b)
-        kl[i] = _gaussian_kl(pv[:, i], pm[:, i])
+    energy, kl, w1 = _distances(pm, pv, m_sd, points, seed, max_energy_draws, progress)
     per_dim["wasserstein"] = w1
     with np.errstate(divide="ignore", invalid="ignore"):
         per_dim["wasserstein_std"] = w1 / m_sd
@@ -437,21 +484,7 @@ def compare(
     per_dim["mcmc_ess_tail"] = azcompat.ess(xm, "tail").reshape(p_count, -1)
     per_dim["mcmc_rhat"] = azcompat.rhat(xm).reshape(p_count, -1)
 
-    lw = vi.sample_stats.get("log_weight")
-    if lw is not None:
-        khat = np.atleast_1d(
-            azcompat.pareto_khat(np.asarray(lw).reshape(-1, p_count).T)
-        )  # [P, S] -> [P]
-    else:
-        khat = np.full(p_count, np.nan)
-    div = mcmc.sample_stats.get("diverging")
-    divs = (
-        np.asarray(div).reshape(*np.asarray(div).shape[:2], -1).sum((0, 1))
-        if div is not None
-        else np.zeros(p_count)
-    )
-    if divs.shape[0] != p_count:
-        divs = np.full(p_count, divs.sum())
+    khat, divs = _khat_and_divergences(mcmc, vi, p_count)
     per_point = {
         "energy_distance": energy,
         "kl_gaussian": kl,

@@ -398,6 +398,166 @@ def _checkpoints(n: int) -> tuple[int, int]:
     return idx_max - trailing_ones + 1, idx_max
 
 
+def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` where ``mask`` ``[C, G]`` holds, else ``b`` (``[C, G]`` or ``[C, G, K]``)."""
+    return torch.where(mask[..., None] if a.dim() == 3 else mask, a, b)
+
+
+class _Dynamics(NamedTuple):
+    """What every leapfrog step of a NUTS transition shares."""
+
+    f: LogDensity
+    m: torch.Tensor  #: the inverse mass (as in :func:`velocity`)
+    e: torch.Tensor  #: step sizes ``[C, G, 1]``
+    h0: torch.Tensor  #: the energy at the start ``[C, G]``
+    max_energy_error: float
+
+
+class _Trajectory(NamedTuple):
+    """A NUTS trajectory as it doubles (tensors ``[C, G]`` or ``[C, G, K]``)."""
+
+    left: tuple[torch.Tensor, ...]  #: its left end: position, momentum, log density, gradient
+    right: tuple[torch.Tensor, ...]  #: its right end
+    prop: tuple[torch.Tensor, ...]  #: the draw so far: position, log density, gradient
+    log_w: torch.Tensor  #: log of the trajectory's summed weights exp(H0 - H)
+    r_sum: torch.Tensor  #: the sum of its momenta
+    active: torch.Tensor  #: bool: the chain's tree still grows
+    diverging: torch.Tensor
+    n_steps: torch.Tensor
+    depth: torch.Tensor
+    accept_sum: torch.Tensor  #: the summed acceptance probabilities of the new points
+
+    @classmethod
+    def start(
+        cls, u0: torch.Tensor, r0: torch.Tensor, lp0: torch.Tensor, g0: torch.Tensor
+    ) -> _Trajectory:
+        """The one-point trajectory at the chains' state, with momenta ``r0``."""
+        C, G, _ = u0.shape
+        zeros = torch.zeros(C, G, dtype=torch.long, device=u0.device)
+        return cls(
+            (u0, r0, lp0, g0),
+            (u0, r0, lp0, g0),
+            (u0, lp0, g0),
+            torch.zeros(C, G, dtype=u0.dtype, device=u0.device),
+            r0.clone(),
+            torch.ones(C, G, dtype=torch.bool, device=u0.device),
+            torch.zeros(C, G, dtype=torch.bool, device=u0.device),
+            zeros,
+            zeros.clone(),
+            torch.zeros(C, G, dtype=u0.dtype, device=u0.device),
+        )
+
+
+class _Subtree(NamedTuple):
+    """A subtree built by one doubling (tensors ``[C, G]`` or ``[C, G, K]``)."""
+
+    end: tuple[torch.Tensor, ...]  #: its far end: position, momentum, log density, gradient
+    log_w: torch.Tensor  #: log of its summed weights
+    prop: tuple[torch.Tensor, ...]  #: its own draw: position, log density, gradient
+    r_sum: torch.Tensor  #: the sum of its momenta
+    ok: torch.Tensor  #: bool: built to the end without a U-turn or a divergence inside it
+
+
+def _leapfrog(
+    d: _Dynamics, v: torch.Tensor, z: torch.Tensor, r: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """One leapfrog step in direction ``v`` (``+-1`` ``[C, G, 1]``): the new position, momentum, log density, gradient and energy error ``H - H0``."""
+    r_half = r + 0.5 * v * d.e * g
+    z_new = z + v * d.e * velocity(d.m, r_half)
+    lp_new, g_new = value_and_grad(d.f, z_new)
+    r_new = r_half + 0.5 * v * d.e * g_new
+    h = -lp_new + 0.5 * _dot(d.m, r_new, r_new)
+    return z_new, r_new, lp_new, g_new, h - d.h0
+
+
+def _subtrees_turn(
+    m: torch.Tensor,
+    i: int,
+    r: torch.Tensor,
+    sub_sum: torch.Tensor,
+    ckpt_r: torch.Tensor,
+    ckpt_sum: torch.Tensor,
+) -> torch.Tensor | None:
+    """After leaf ``i`` of a subtree: store its checkpoint (even ``i``, None) or whether any binary subtree it closes turns (odd ``i``, ``[C, G]``)."""
+    lo, hi = _checkpoints(i)
+    if i % 2 == 0:
+        ckpt_r[hi], ckpt_sum[hi] = r, sub_sum
+        return None
+    turn = torch.zeros(r.shape[:-1], dtype=torch.bool, device=r.device)
+    for k in range(lo, hi + 1):
+        turn |= _turning(m, ckpt_r[k], r, sub_sum - ckpt_sum[k] + ckpt_r[k])
+    return turn
+
+
+def _subtree(
+    d: _Dynamics, tree: _Trajectory, j: int, forward: torch.Tensor, uniforms: torch.Tensor
+) -> tuple[_Trajectory, _Subtree]:
+    """The ``2**j`` leaves beyond the trajectory's end in direction ``forward`` ``[C, G]``, its draw picked with ``uniforms`` ``[C, G, 2**j]`` (one a leaf).
+
+    A chain that stopped inside the subtree is masked: no read per leapfrog step. Returns the
+    trajectory with its counts updated, and the subtree.
+    """
+    v = torch.where(forward, 1.0, -1.0).to(d.h0.dtype)[..., None]
+    z, r, lp, g = (_where(forward, a, b) for a, b in zip(tree.right, tree.left))
+    C, G, K = z.shape
+    sub_w = torch.full((C, G), -math.inf, dtype=d.h0.dtype, device=z.device)
+    sub_prop = (z, lp, g)
+    sub_sum = torch.zeros_like(r)
+    ckpt_r, ckpt_sum = r.new_zeros((max(j, 1), C, G, K)), r.new_zeros((max(j, 1), C, G, K))
+    ok = tree.active.clone()
+    n_steps, diverging, accept_sum = tree.n_steps, tree.diverging, tree.accept_sum
+    for i in range(2**j):
+        z_new, r_new, lp_new, g_new, delta = _leapfrog(d, v, z, r, g)
+        n_steps = n_steps + ok.long()
+        finite = torch.isfinite(delta)
+        bad = ok & (~finite | (delta > d.max_energy_error))
+        accept_sum = accept_sum + torch.where(
+            ok & finite, torch.exp(-delta.clamp(min=0)), torch.zeros_like(delta)
+        )
+        diverging = diverging | bad
+        ok = ok & ~bad
+        z, r, lp, g = (
+            _where(ok, a, b) for a, b in zip((z_new, r_new, lp_new, g_new), (z, r, lp, g))
+        )
+        w = torch.where(ok, -delta, torch.full_like(delta, -math.inf))
+        new_w = torch.logaddexp(sub_w, w)
+        take = ok & (uniforms[..., i] < torch.exp(w - new_w))
+        sub_prop = tuple(_where(take, a, b) for a, b in zip((z, lp, g), sub_prop))
+        sub_w = torch.where(ok, new_w, sub_w)
+        sub_sum = _where(ok, sub_sum + r, sub_sum)
+        turn = _subtrees_turn(d.m, i, r, sub_sum, ckpt_r, ckpt_sum) if j > 0 else None
+        if turn is not None:
+            ok = ok & ~turn
+    tree = tree._replace(diverging=diverging, n_steps=n_steps, accept_sum=accept_sum)
+    return tree, _Subtree((z, r, lp, g), sub_w, sub_prop, sub_sum, ok)
+
+
+def _merge(
+    m: torch.Tensor,
+    tree: _Trajectory,
+    sub: _Subtree,
+    forward: torch.Tensor,
+    j: int,
+    uniform: torch.Tensor,
+) -> _Trajectory:
+    """The trajectory doubled by ``sub`` where the subtree is valid, the draw moved into it with probability ``uniform`` ``[C, G]`` below its share of the weight (biased progressive sampling), the root checked for a U-turn."""
+    valid = tree.active & sub.ok
+    take = valid & (uniform < torch.exp(sub.log_w - tree.log_w))
+    right = tuple(_where(valid & forward, a, b) for a, b in zip(sub.end, tree.right))
+    left = tuple(_where(valid & ~forward, a, b) for a, b in zip(sub.end, tree.left))
+    r_sum = _where(valid, tree.r_sum + sub.r_sum, tree.r_sum)
+    return tree._replace(
+        left=left,
+        right=right,
+        prop=tuple(_where(take, a, b) for a, b in zip(sub.prop, tree.prop)),
+        log_w=torch.where(valid, torch.logaddexp(tree.log_w, sub.log_w), tree.log_w),
+        r_sum=r_sum,
+        depth=torch.where(tree.active, torch.full_like(tree.depth, j + 1), tree.depth),
+        # the whole trajectory: the root of the tree, checked as every other node is (once, plainly)
+        active=valid & ~_turning(m, left[1], right[1], r_sum),
+    )
+
+
 def nuts_transition(
     f: LogDensity,
     state: State,
@@ -415,10 +575,8 @@ def nuts_transition(
     between the ends of any of the binary subtrees it is built from (checked leaf by leaf from
     stored checkpoints, NumPyro's iterative scheme); a subtree that turns or diverges is discarded.
     Every node of the binary tree gets the same check, whichever leaf the trajectory started from:
-    that symmetry is what keeps the transition reversible. (Stan adds two checks across every merge;
-    applied only at the merges on the starting point's path to the root, as an earlier version of
-    this function did, they broke the symmetry and widened the posterior sds of a correlated
-    regression by about 1.3 MCSE on every coordinate, docs/compare.md.) The draw is multinomial over the
+    that symmetry is what keeps the transition reversible (Stan's two extra checks across every
+    merge are left out; docs/compare.md, *Validation*, says why). The draw is multinomial over the
     trajectory: uniform progressive sampling inside a subtree, biased progressive sampling
     toward the new subtree at each doubling (Betancourt 2017, A.3.2). Every chain does its
     leapfrog steps in lockstep with the others; a chain whose tree has stopped is masked. The
@@ -431,7 +589,7 @@ def nuts_transition(
     """
     u0, lp0, g0 = state.u, state.lp, state.grad
     C, G, K = u0.shape
-    dev, dt = u0.device, u0.dtype
+    dt = u0.dtype
     e = (eps if eps.dim() == 2 else eps.expand(C, G))[..., None].to(dt)
     m = inv_mass if inv_mass is not None else u0.new_ones(())
     r0 = momentum(m, noise.normal(u0.shape, dim=1, dtype=dt))
@@ -439,89 +597,16 @@ def nuts_transition(
     uniforms = noise.uniform(
         (C, G, leaves + 2 * max_tree_depth), dim=1, dtype=dt
     )  # leaf draws, then directions, then merges
-    h0 = -lp0 + 0.5 * _dot(m, r0, r0)
-
-    def where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask[..., None] if a.dim() == 3 else mask, a, b)
-
-    left = [u0, r0, lp0, g0]  # the trajectory's ends: position, momentum, log density, gradient
-    right = [u0, r0, lp0, g0]
-    prop = [u0, lp0, g0]
-    log_w = torch.zeros(
-        C, G, dtype=dt, device=dev
-    )  # log of the trajectory's summed weights exp(H0 - H)
-    r_sum = r0.clone()
-    active = torch.ones(C, G, dtype=torch.bool, device=dev)
-    diverging = torch.zeros(C, G, dtype=torch.bool, device=dev)
-    n_steps = torch.zeros(C, G, dtype=torch.long, device=dev)
-    depth = torch.zeros(C, G, dtype=torch.long, device=dev)
-    accept_sum = torch.zeros(C, G, dtype=dt, device=dev)
+    d = _Dynamics(f, m, e, -lp0 + 0.5 * _dot(m, r0, r0), max_energy_error)
+    tree = _Trajectory.start(u0, r0, lp0, g0)
     for j in range(max_tree_depth):
-        if (
-            j > 0 and not active.any()
-        ):  # the transition's one read per doubling: whether any chain still grows
+        if j > 0 and not tree.active.any():  # the transition's one read per doubling
             break
         forward = uniforms[..., leaves + j] < 0.5  # [C, G]: extend to the right
-        v = torch.where(forward, 1.0, -1.0).to(dt)[..., None]
-        z, r, lp, g = (where(forward, a, b) for a, b in zip(right, left))
-        sub_w = torch.full((C, G), -math.inf, dtype=dt, device=dev)
-        sub_prop = [z, lp, g]
-        sub_sum = torch.zeros_like(r0)
-        ckpt_r = r0.new_zeros((max(j, 1), C, G, K))
-        ckpt_sum = r0.new_zeros((max(j, 1), C, G, K))
-        ok = active.clone()
-        for i in range(
-            2**j
-        ):  # a chain that stopped inside the subtree is masked: no read per leapfrog step
-            r_half = r + 0.5 * v * e * g
-            z_new = z + v * e * velocity(m, r_half)
-            lp_new, g_new = value_and_grad(f, z_new)
-            r_new = r_half + 0.5 * v * e * g_new
-            n_steps += ok.long()
-            h = -lp_new + 0.5 * _dot(m, r_new, r_new)
-            delta = h - h0
-            finite = torch.isfinite(delta)
-            bad = ok & (~finite | (delta > max_energy_error))
-            accept_sum += torch.where(
-                ok & finite, torch.exp(-delta.clamp(min=0)), torch.zeros_like(delta)
-            )
-            diverging |= bad
-            ok = ok & ~bad
-            z, r, lp, g = (
-                where(ok, z_new, z),
-                where(ok, r_new, r),
-                torch.where(ok, lp_new, lp),
-                where(ok, g_new, g),
-            )
-            w = torch.where(ok, -delta, torch.full_like(delta, -math.inf))
-            new_w = torch.logaddexp(sub_w, w)
-            take = ok & (uniforms[..., 2**j - 1 + i] < torch.exp(w - new_w))
-            sub_prop = [where(take, a, b) for a, b in zip((z, lp, g), sub_prop)]
-            sub_w = torch.where(ok, new_w, sub_w)
-            sub_sum = where(ok, sub_sum + r, sub_sum)
-            if j == 0:
-                continue
-            lo, hi = _checkpoints(i)
-            if i % 2 == 0:
-                ckpt_r[hi], ckpt_sum[hi] = r, sub_sum
-            else:
-                turn = torch.zeros_like(ok)
-                for k in range(lo, hi + 1):
-                    turn |= _turning(m, ckpt_r[k], r, sub_sum - ckpt_sum[k] + ckpt_r[k])
-                ok = ok & ~turn
-        valid = (
-            active & ok
-        )  # the subtree was built to the end without a U-turn or a divergence inside it
-        take = valid & (uniforms[..., leaves + max_tree_depth + j] < torch.exp(sub_w - log_w))
-        prop = [where(take, a, b) for a, b in zip(sub_prop, prop)]
-        new_end = [z, r, lp, g]
-        right = [where(valid & forward, a, b) for a, b in zip(new_end, right)]
-        left = [where(valid & ~forward, a, b) for a, b in zip(new_end, left)]
-        r_sum = where(valid, r_sum + sub_sum, r_sum)
-        log_w = torch.where(valid, torch.logaddexp(log_w, sub_w), log_w)
-        depth = torch.where(active, torch.full_like(depth, j + 1), depth)
-        # the whole trajectory: the root of the tree, checked as every other node is (once, plainly)
-        active = valid & ~_turning(m, left[1], right[1], r_sum)
-    u, lp, g = prop
-    info = NUTSInfo(accept_sum / n_steps.clamp(min=1).to(dt), diverging, n_steps, depth)
+        tree, sub = _subtree(d, tree, j, forward, uniforms[..., 2**j - 1 : 2 ** (j + 1) - 1])
+        tree = _merge(m, tree, sub, forward, j, uniforms[..., leaves + max_tree_depth + j])
+    u, lp, g = tree.prop
+    info = NUTSInfo(
+        tree.accept_sum / tree.n_steps.clamp(min=1).to(dt), tree.diverging, tree.n_steps, tree.depth
+    )
     return State(u, lp, g), info

@@ -124,6 +124,16 @@ def test_an_optimisation_asked_to_compile_with_a_word_is_refused():
         local.optimize_local(model, pixels(2), compile="yes")
 
 
+def test_local_options_are_checked_by_name_with_the_optimisations_defaults():
+    local.check_options()  # every default passes
+    with pytest.raises(ConfigError, match="unknown local option 'seed'; known: family, "):
+        local.check_options(seed=1)  # decompose passes its own seed: not a local option
+    with pytest.raises(ConfigError, match="check-samples"):
+        local.check_options(check_samples=1)
+    with pytest.raises(ConfigError, match="tol must be a non-negative number"):
+        local.check_options(tol=-0.5, lr=0.1)
+
+
 def test_bounds_read_back_nothing_per_chunk_and_dispatch_as_much_per_chunk_for_8_datapoints_as_for_64():
     model, guide = small_vae()
     ops, syncs = {}, {}
