@@ -14,7 +14,7 @@ an amortised :math:`q(z \mid x)`, accumulating
 tensor; each transition is one HMC step (``leapfrog_steps`` leapfrogs, identity
 mass). Step sizes are adapted per datapoint and step by a pilot run of
 ``PILOT_CHAINS`` extra chains toward an acceptance rate of ``target_accept``
-(by the samplers' dual-averaging rule, :mod:`ppl_vae.inference.mcmc.kernel`,
+(by the samplers' dual-averaging rule, :mod:`ppl_vae.inference.kernel`,
 whose iterate follows the step size as the density anneals); the
 estimate's chains then run with that schedule fixed, so that each transition
 is a fixed kernel that leaves its :math:`f_t` invariant, as AIS requires.
@@ -50,7 +50,7 @@ from ...guides.latent import Latent
 from ...progress import bar
 from ..distributed import Spread, spread_rows
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
-from ..mcmc.kernel import State, da_init, da_update, transition
+from ..kernel import State, da_init, da_update, transition
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import analysed
 from .bounds import cat_optional, log_mean_exp
@@ -189,9 +189,9 @@ def _run(
 ):
     """Anneal ``z`` through ``betas`` (forward) or backwards; return log-weights ``[C, N]``, eps record, acceptance.
 
-    Each transition is :func:`~ppl_vae.inference.mcmc.kernel.transition` with ``leapfrog_steps``
+    Each transition is :func:`~ppl_vae.inference.kernel.transition` with ``leapfrog_steps``
     steps and the identity mass; with ``adapt`` the step size of each datapoint follows the
-    samplers' dual averaging (:func:`~ppl_vae.inference.mcmc.kernel.da_update`) from one annealing
+    samplers' dual averaging (:func:`~ppl_vae.inference.kernel.da_update`) from one annealing
     step to the next, otherwise the recorded ``eps_schedule``. The run reads one value back from
     the device, the temperatures, before it starts; its steps read none.
     """

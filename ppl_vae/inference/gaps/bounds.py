@@ -23,7 +23,7 @@ variance misses the rare large weights, the estimate sits below
 :math:`\log p(x)` by more than its SE says, and repeats scatter far more.
 Each datapoint's tail is therefore checked by the PSIS Pareto
 :math:`\hat k` of its weights (Vehtari et al. 2024; ArviZ through
-:func:`~ppl_vae.inference.mcmc.azcompat.pareto_khat`), from the largest
+:func:`~ppl_vae.inference.azcompat.pareto_khat`), from the largest
 :math:`\lceil\min(0.2K, 3\sqrt K)\rceil + 1` log-weights, kept as the
 chunks go by (the fit uses no others). The SE is reported reliable where
 :math:`\hat k \le` :func:`khat_threshold` (:math:`K`) :math:`=
@@ -54,7 +54,7 @@ from ...errors import ConfigError, check_int
 from ...progress import bar
 from ..dispatch import host
 from ..distributed import Spread, spread_rows
-from ..mcmc.azcompat import pareto_khat
+from ..azcompat import pareto_khat
 from ..random import Streams, Tag, base_seed, dataset_index, draws_in_batches, seeded
 from ..traces import (
     ObservedSupport,

@@ -22,7 +22,7 @@ from ppl_vae.app.runs import open_run
 from ppl_vae.cli import main
 from ppl_vae.data.posteriordb import load_posteriordb_data, load_posteriordb_draws
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference.mcmc import azcompat
+from ppl_vae.inference import azcompat
 from ppl_vae.inference.mcmc.compare import compare
 from ppl_vae.inference.mcmc.draws import Draws
 from ppl_vae.inference.mcmc.hmc import hmc, hmc_latent
