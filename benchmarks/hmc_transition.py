@@ -36,7 +36,6 @@ from side_by_side import timings
 
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.inference.dispatch import Dispatches
-from ppl_vae.inference.latent import latent_of, log_joint
 from ppl_vae.inference.kernel import (
     State,
     momentum,
@@ -44,6 +43,7 @@ from ppl_vae.inference.kernel import (
     value_and_grad,
     velocity,
 )
+from ppl_vae.inference.latent import latent_of, log_joint
 from ppl_vae.inference.random import Streams
 from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP

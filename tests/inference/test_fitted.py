@@ -15,8 +15,8 @@ from ppl_vae.app.runs import open_run
 from ppl_vae.cli import main
 from ppl_vae.errors import CheckpointError, ConfigError, RunDirectoryError
 from ppl_vae.guides import amortized_guide
-from ppl_vae.inference.fitted import attach
 from ppl_vae.inference import azcompat
+from ppl_vae.inference.fitted import attach
 from ppl_vae.io import load_torch
 from ppl_vae.models import PPCA
 from ppl_vae.nn import MLP, GaussianEncoder

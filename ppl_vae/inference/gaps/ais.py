@@ -49,8 +49,8 @@ from ...errors import ConfigError
 from ...guides.latent import Latent
 from ...progress import bar
 from ..distributed import Spread, spread_rows
-from ..latent import guide_log_density, latent_draws, latent_of, log_joint
 from ..kernel import State, da_init, da_update, transition
+from ..latent import guide_log_density, latent_draws, latent_of, log_joint
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import analysed
 from .bounds import cat_optional, log_mean_exp

@@ -52,9 +52,9 @@ import torch
 
 from ...errors import ConfigError, check_int
 from ...progress import bar
+from ..azcompat import pareto_khat
 from ..dispatch import host
 from ..distributed import Spread, spread_rows
-from ..azcompat import pareto_khat
 from ..random import Streams, Tag, base_seed, dataset_index, draws_in_batches, seeded
 from ..traces import (
     ObservedSupport,

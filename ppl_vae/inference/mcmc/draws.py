@@ -13,8 +13,8 @@ import torch
 
 from ...errors import ConfigError, check_int
 from ...guides.latent import Latent
-from ..params import discover
 from .. import azcompat
+from ..params import discover
 
 __all__ = ["Draws", "frozen_parameters", "point_layout", "site_dims"]
 

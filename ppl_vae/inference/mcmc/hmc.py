@@ -72,6 +72,16 @@ from pyro.poutine.util import site_is_subsample
 from ...errors import ConfigError
 from ...progress import bar
 from ..distributed import Spread, spread_rows
+from ..kernel import (
+    State,
+    adapt_final,
+    adapt_init,
+    adapt_restart,
+    adapt_update,
+    nuts_transition,
+    transition,
+    window_schedule,
+)
 from ..latent import latent_draws, latent_of, log_joint
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import (
@@ -84,16 +94,6 @@ from ..traces import (
     vectorized,
 )
 from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
-from ..kernel import (
-    State,
-    adapt_final,
-    adapt_init,
-    adapt_restart,
-    adapt_update,
-    nuts_transition,
-    transition,
-    window_schedule,
-)
 
 __all__ = ["hmc_latent", "hmc", "check_kernel", "KERNELS", "MASSES"]
 
