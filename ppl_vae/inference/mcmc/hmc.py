@@ -18,14 +18,14 @@ The output is :class:`Draws` (convertible to ArviZ), as for Pyro's NUTS (:mod:`.
   leapfrog steps per chain, all chains stepping in lockstep and each masked
   once its own trajectory is done (the jitter avoids the resonances of a fixed
   trajectory length, Neal 2011, section 5.4.2.3); and ``kernel="nuts"``, the
-  **No-U-Turn sampler** (:func:`..kernel.nuts_transition`: multinomial, the
+  **No-U-Turn sampler** (:func:`~ppl_vae.inference.kernel.nuts_transition`: multinomial, the
   generalised U-turn criterion, a maximum tree depth), each chain's tree
   growing on its own while all chains step in lockstep. A transition whose
   energy error exceeds ``max_energy_error`` (or is not finite) is
   *divergent*: it is rejected and recorded in ``sample_stats["diverging"]``.
 
 Pyro's NUTS (:mod:`.nuts`) is the baseline against which this sampler is checked and benchmarked;
-the transitions and the warmup adaptation are :mod:`..kernel`'s pure steps (the step-size rule
+the transitions and the warmup adaptation are :mod:`~ppl_vae.inference.kernel`'s pure steps (the step-size rule
 shared with AIS), and this module is the loop around them. A transition reads nothing back from
 the device (NUTS: one boolean per tree doubling); the loop reads each datapoint's leapfrog-step
 limit once per check window (every 25 warmup transitions, after each mass-matrix window, and once
@@ -430,7 +430,7 @@ def _run_batched(
     max_tree_depth: int = 10,
     mass: str = "diag",
 ) -> Draws:
-    """The loop around the kernels: warmup transitions driving :func:`..kernel.adapt_update` over :func:`..kernel.window_schedule`, then sampling.
+    """The loop around the kernels: warmup transitions driving :func:`~ppl_vae.inference.kernel.adapt_update` over :func:`~ppl_vae.inference.kernel.window_schedule`, then sampling.
 
     A transition reads nothing back (NUTS: one boolean per doubling). HMC reads its groups' step
     limits (:meth:`_Sampler.plan`) once per check window: every :data:`_CHECK_EVERY` transitions,
