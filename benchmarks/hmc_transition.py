@@ -9,7 +9,7 @@ weights; ``ppl_vae.inference.latent.log_joint``), for ``N`` in ``--rows``:
 * **before**: the transition as it was before issue 30 (a copy below, :func:`transition_before`):
   it runs ``max(steps)`` leapfrog steps, read from the device, and reads per leapfrog step
   whether any chain is still moving and whether any diverged;
-* **after**: :func:`ppl_vae.inference.mcmc.kernel.transition`, which runs a number of leapfrog
+* **after**: :func:`ppl_vae.inference.kernel.transition`, which runs a number of leapfrog
   steps given on the host (``max_steps``, which the sampler reads once per check window) and
   masks the chains that are done, reading nothing back.
 
@@ -36,14 +36,14 @@ from side_by_side import timings
 
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.inference.dispatch import Dispatches
-from ppl_vae.inference.latent import latent_of, log_joint
-from ppl_vae.inference.mcmc.kernel import (
+from ppl_vae.inference.kernel import (
     State,
     momentum,
     transition,
     value_and_grad,
     velocity,
 )
+from ppl_vae.inference.latent import latent_of, log_joint
 from ppl_vae.inference.random import Streams
 from ppl_vae.models.vae import vae
 from ppl_vae.nn import MLP

@@ -37,6 +37,29 @@ def _signature(obj: object) -> str:
         return "(...)"
 
 
+def _methods(cls: type) -> dict[str, object]:
+    """The public methods of ``cls``, with those it inherits from the package's classes that are not listed themselves.
+
+    (``ppl_vae.FitResult`` is the record ``FitRecord`` of ``ppl_vae.inference.fitted`` with the analyses
+    added: its entry lists both.)
+    """
+    listed = {
+        id(getattr(importlib.import_module(m), n, None))
+        for m in MODULES
+        for n in getattr(importlib.import_module(m), "__all__", [])
+    }
+    out: dict[str, object] = {}
+    for base in reversed(cls.__mro__):
+        if base is cls or (base.__module__.startswith("ppl_vae") and id(base) not in listed):
+            out |= {
+                meth: fn
+                for meth, fn in vars(base).items()
+                if not meth.startswith("_")
+                and (inspect.isfunction(fn) or isinstance(fn, (classmethod, staticmethod)))
+            }
+    return out
+
+
 def render() -> str:
     lines = [
         "# API reference",
@@ -61,11 +84,7 @@ def render() -> str:
                 + (f"<br>{_first_line(obj)}" if _first_line(obj) else "")
             )
             if inspect.isclass(obj):
-                for meth, fn in vars(obj).items():
-                    if meth.startswith("_") or not (
-                        inspect.isfunction(fn) or isinstance(fn, (classmethod, staticmethod))
-                    ):
-                        continue
+                for meth, fn in _methods(obj).items():
                     fn = fn.__func__ if isinstance(fn, (classmethod, staticmethod)) else fn
                     entries.append(
                         f"  - `{public}.{meth}{_signature(fn)}`"

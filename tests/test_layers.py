@@ -4,7 +4,12 @@ Layers, lowest first: ``errors`` -> ``io`` (files) -> ``nn``, ``distributions``
 and ``data`` -> ``models`` and ``guides`` -> ``inference`` -> ``app`` -> ``cli``.
 A module imports only from its own layer's package or from lower layers
 (``models`` and ``guides`` are siblings: neither imports the other), and the
-graph of module-level imports has no cycle. Inside functions, only optional
+graph of module-level imports has no cycle. Inside ``inference`` the same holds
+for its parts (``INFERENCE``): the shared pieces, the fitted record, then
+training, the gaps and MCMC (three parts that import nothing of each other), the
+fitted result with its analyses, and on top ``fit`` and what uses it; the package
+itself re-exports lazily, so training and the record load without the analyses.
+Inside functions, only optional
 heavy third-party packages may be imported (plotting, tables, ArviZ), and the
 command line's single deferred import of :mod:`ppl_vae.app.commands`, which
 loads torch inside its Ctrl-C handler.
@@ -13,7 +18,10 @@ loads torch inside its Ctrl-C handler.
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +41,38 @@ LAYERS = {
     "ppl_vae.app": 5,
     "ppl_vae.cli": 6,
     "ppl_vae": 7,  # the package __init__: lazy re-exports only
+}
+
+#: the parts of ``ppl_vae.inference`` (module -> (rank, part)), lowest first: a module imports only from its own part
+#: or a lower rank, so the parts of one rank (training, gaps, MCMC) import nothing of each other
+INFERENCE = {
+    **dict.fromkeys(
+        (
+            "plates",
+            "philox",
+            "random",
+            "dispatch",
+            "validation",
+            "traces",
+            "latent",
+            "params",
+            "batches",
+            "schedules",
+            "compiled",
+            "kernel",
+            "azcompat",
+            "distributed",
+            "elbo",
+        ),
+        (0, "shared"),
+    ),
+    "fitted": (1, "record"),
+    **dict.fromkeys(("estimators", "step", "loop", "checkpoints", "watch"), (2, "training")),
+    "gaps": (2, "gaps"),
+    "mcmc": (2, "mcmc"),
+    "result": (3, "result"),
+    **dict.fromkeys(("svi", "calibration", "gradients", "pretrain"), (4, "top")),
+    "": (5, "package"),  # ppl_vae/inference/__init__.py: lazy re-exports
 }
 
 #: third-party packages a function may import lazily (heavy, or optional for a code path)
@@ -134,6 +174,78 @@ def test_imports_flow_one_way(module):
         assert t_rank < rank or t_package == package, (
             f"{module} (layer {rank}) imports {target} (layer {t_rank})"
         )
+
+
+def _part(module: str) -> tuple[int, str]:
+    name = module.removeprefix("ppl_vae.inference").removeprefix(".")
+    for key in sorted(INFERENCE, key=len, reverse=True):
+        if name == key or (key and name.startswith(key + ".")):
+            return INFERENCE[key]
+    raise AssertionError(f"{module} is in no part of INFERENCE: add it to the table")
+
+
+INSIDE = sorted(m for m in MODULES if _layer(m)[1] == "ppl_vae.inference")
+INSIDE_SET = set(INSIDE)
+
+
+def _reached(module: str) -> set[str]:
+    """Every package module ``module`` imports at module level, directly or through others."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for t in GRAPH[todo.pop()][0]:
+            if t in MODULES and t not in seen:
+                seen.add(t)
+                todo.append(t)
+    return seen
+
+
+@pytest.mark.parametrize("module", INSIDE)
+def test_the_parts_of_inference_import_one_way(module):
+    rank, part = _part(module)
+    for target in sorted(t for t in GRAPH[module][0] if t in INSIDE):
+        t_rank, t_part = _part(target)
+        assert t_rank < rank or t_part == part, (
+            f"{module} ({part}, rank {rank}) imports {target} ({t_part}, rank {t_rank})"
+        )
+
+
+def test_the_parts_of_inference_are_the_ones_described():
+    """The shared pieces sit below the rest; the record below the analyses; gaps and MCMC know neither training nor each other."""
+    parts = {m: _part(m) for m in INSIDE}
+
+    def named(part: str) -> set[str]:
+        return {m for m, (_, p) in parts.items() if p == part}
+
+    assert {"ppl_vae.inference.kernel", "ppl_vae.inference.azcompat"} <= named("shared")
+    assert {"ppl_vae.inference.svi", "ppl_vae.inference.step"} <= named("top") | named("training")
+    for part, others in (
+        ("shared", ("record", "training", "gaps", "mcmc", "result", "top")),
+        ("record", ("training", "gaps", "mcmc", "result", "top")),
+        ("training", ("gaps", "mcmc", "result", "top")),
+        ("gaps", ("training", "mcmc", "result", "top")),
+        ("mcmc", ("training", "gaps", "result", "top")),
+    ):
+        for module in named(part):
+            reached = _reached(module) & INSIDE_SET
+            assert not {t for t in reached if parts[t][1] in others}, (module, part)
+
+
+def test_training_and_the_fitted_record_load_without_the_analyses():
+    """``import ppl_vae.inference.loop`` (the package's ``__init__`` runs first) loads no module of the gaps or of MCMC."""
+    code = (
+        "import sys, ppl_vae.inference.loop, ppl_vae.inference.fitted\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('ppl_vae.inference.gaps', 'ppl_vae.inference.mcmc'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PACKAGE.parent,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)},
+    )
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -286,3 +398,33 @@ def test_library_tests_stay_below_the_application_layer():
     assert [hit for p in library for hit in app_imports(p)] == []
     # the check sees what it looks for: the tests of the app do import it
     assert app_imports(TESTS / "app" / "conftest.py") == ["tests/app/conftest.py:ppl_vae.cli"]
+
+
+def test_inference_imports_each_name_on_first_use_and_moved_names_warn():
+    """Every name of ``ppl_vae.inference.__all__`` resolves (star import included); the ArviZ module and the record
+    keep their old paths for one release, with a DeprecationWarning naming where they live now."""
+    import ppl_vae.inference
+    from ppl_vae.inference import azcompat, fitted, result
+
+    namespace: dict[str, object] = {}
+    exec("from ppl_vae.inference import *", namespace)
+    assert set(ppl_vae.inference.__all__) <= set(namespace)
+    assert namespace["FitResult"] is result.FitResult and namespace["traces"].__module__.endswith(
+        "traces"
+    )
+    assert callable(namespace["traces"])  # the function, not its module
+    assert ppl_vae.FitResult is result.FitResult and issubclass(result.FitResult, fitted.FitRecord)
+    assert {"posterior", "elbo", "iwae"} <= set(vars(result.FitResult))
+    assert not {"posterior", "elbo", "iwae"} & set(dir(fitted.FitRecord))
+    with pytest.warns(
+        DeprecationWarning, match="fitted.FitResult moved: import it from ppl_vae.inference"
+    ):
+        assert fitted.FitResult is fitted.FitRecord
+    from ppl_vae.inference.mcmc import azcompat as old
+
+    with pytest.warns(
+        DeprecationWarning, match="import pareto_khat from ppl_vae.inference.azcompat"
+    ):
+        assert old.pareto_khat is azcompat.pareto_khat
+    with pytest.raises(AttributeError):
+        ppl_vae.inference.no_such_name  # noqa: B018

@@ -31,9 +31,10 @@ from ..errors import (
     RunDirectoryError,
 )
 from ..inference.elbo import evaluate_elbo
-from ..inference.fitted import FitResult, attach
+from ..inference.fitted import attach
 from ..inference.params import Discovered, discover, load_params
 from ..inference.random import seeded
+from ..inference.result import FitResult
 from ..inference.svi import CHECKPOINT, read_checkpoint
 from .config import Config
 from .registry import (

@@ -13,7 +13,11 @@ The per-datapoint analyses spread their datapoints the same way
 contiguous block of rows, the blocks are gathered in order and combined. The
 analyses draw from one random stream per datapoint
 (:class:`~ppl_vae.inference.random.Streams`), so a datapoint's result does not
-depend on how many processes computed the table.
+depend on how many processes computed the table. An analysis is written for
+the rows of one process; :func:`spread_over_rows` (a decorator, as BlackJAX
+leaves ``vmap`` and ``pmap`` to its caller) gives it its ``spread`` argument:
+the checks before any process starts, the split, the one base seed and the
+combination.
 
 Processes started by a fork or spawn hand rank 0's result back to the caller
 through a file in a temporary folder, written by :func:`ppl_vae.io.save_torch`
@@ -26,11 +30,13 @@ Lightning is imported here only, and lazily (it takes seconds to import).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,11 +48,12 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from .. import errors, io
 from ..errors import ConfigError, NonFiniteError, PplVaeError, ProcessFailed, TrainingDiverged
 from .params import discover
-from .random import seeded
+from .random import base_seed, seeded
 
 __all__ = [
     "ACCELERATORS",
     "DDP_STRATEGIES",
+    "Checked",
     "Collectives",
     "Spread",
     "launched_rank",
@@ -54,6 +61,7 @@ __all__ = [
     "rank_seed",
     "run_processes",
     "shared_cores",
+    "spread_over_rows",
     "spread_rows",
 ]
 
@@ -455,3 +463,87 @@ def spread_rows(
     return io.from_plain(
         io.to_plain(result), types, data[0].device
     )  # computed on another device: back where the data is
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A per-datapoint analysis's call once checked (before any work): what it runs on, in one process or in each of several.
+
+    ``args`` are the arguments before the rows (the model, the guide) as the analysis runs them
+    (with their data plate named), ``index`` the rows' dataset indices (on the CPU), ``programs``
+    those whose networks each process moves to its device, and ``options`` the keyword arguments
+    the checks replaced (``init``: the analysed guide).
+    """
+
+    args: tuple[Any, ...]
+    data: tuple[torch.Tensor, ...]
+    index: torch.Tensor
+    programs: tuple[Callable[..., object], ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _public(body: inspect.Signature, collectives: bool) -> inspect.Signature:
+    """The analysis's signature: the body's with ``spread`` (keyword only, before ``progress``) and, for ``collectives``, without ``coll``."""
+    params = [p for p in body.parameters.values() if not (collectives and p.name == "coll")]
+    spread = inspect.Parameter(
+        "spread", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Spread | None"
+    )
+    at = next((i for i, p in enumerate(params) if p.name == "progress"), len(params))
+    return body.replace(parameters=[*params[:at], spread, *params[at:]])
+
+
+def spread_over_rows(
+    result: type[Any], check: Callable[..., Checked], *, collectives: bool = False
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorate the body of a per-datapoint analysis, written for one process's rows, with ``spread``: its rows over Fabric's processes.
+
+    The decorated analysis takes the body's arguments and ``spread`` (a :class:`Spread`, keyword
+    only). Each call first runs ``check`` on them (the body's arguments with their defaults, and
+    ``spread``): its refusals and probes come before any work and before any process starts.
+    Without ``spread`` the body then runs here, on the checked arguments (:class:`Checked`). With it,
+    each process runs the body on its block of rows (:func:`spread_rows`) with their dataset
+    indices, the one base seed of ``seed`` for every process (:func:`~.random.base_seed`, drawn here
+    where ``seed`` is None) and a progress bar on rank 0 only; ``result.concat`` combines the blocks'
+    results (``result`` is also the one type that crosses from a process). With ``collectives`` the
+    body takes ``coll``, the processes' :class:`Collectives` (this process's alone without ``spread``),
+    for a choice over all the datapoints.
+    """
+
+    def decorate(body: Callable[..., T]) -> Callable[..., T]:
+        signature = inspect.signature(body)
+        bindable = signature.replace(
+            parameters=[p for p in signature.parameters.values() if p.name != "coll"]
+        )
+
+        @functools.wraps(body)
+        def analysis(*args: Any, spread: Spread | None = None, **kwargs: Any) -> T:
+            call = bindable.bind(*args, **kwargs)
+            call.apply_defaults()
+            checked = check(*call.args, spread=spread, **call.kwargs)
+            options = {**call.kwargs, **checked.options, "index": checked.index}
+            if spread is None:
+                alone = {"coll": Collectives.alone()} if collectives else {}
+                return body(*checked.args, *checked.data, **options, **alone)
+            with seeded(options["seed"]):
+                options["seed"] = base_seed(options["seed"])  # one seed for every process
+            progress = options.pop("progress")
+
+            def rows(part: tuple[torch.Tensor, ...], at: torch.Tensor, coll: Collectives) -> T:
+                shared = {"coll": coll} if collectives else {}
+                mine = {**options, "index": at, "progress": progress and coll.rank == 0}
+                return body(*checked.args, *part, **mine, **shared)
+
+            return spread_rows(
+                rows,
+                checked.data,
+                checked.index,
+                spread,
+                programs=checked.programs,
+                combine=result.concat,
+                types=(result,),
+            )
+
+        analysis.__signature__ = _public(signature, collectives)  # type: ignore[attr-defined]
+        return analysis
+
+    return decorate

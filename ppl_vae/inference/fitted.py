@@ -1,32 +1,35 @@
-r"""A fitted model: what :func:`~ppl_vae.inference.fit` returns, saved, loaded and used.
+r"""A fitted model's record: what training produced, the trained model with it, saved, loaded and sampled.
 
-:class:`FitResult` is the training record (history, final ELBOs, options) and,
-when it came from :func:`fit`, :meth:`FitResult.load` or
-:func:`ppl_vae.app.runs.load_run`, the trained model and guide with it:
+:class:`FitRecord` is the training record (history, final ELBOs, options) and,
+when it came from :func:`~ppl_vae.inference.fit`, :meth:`FitRecord.load` or
+:func:`ppl_vae.app.runs.load_run`, the trained model and guide with it. It knows
+no analysis: the training loop builds it, and :class:`~.result.FitResult` (what
+``fit`` returns) adds the analyses of the model to it (:meth:`~.result.FitResult.posterior`,
+:meth:`~.result.FitResult.elbo`, :meth:`~.result.FitResult.iwae`).
 
-* :meth:`~FitResult.save` / :meth:`~FitResult.load` -- the parameters the model
+* :meth:`~FitRecord.save` / :meth:`~FitRecord.load` -- the parameters the model
   and guide use (in the order :func:`~.params.discover` finds them), the
   shapes of the model's arguments and the record, in a file read back with
   ``torch.load(..., weights_only=True)`` (tensors and plain containers only:
   loading never runs code). The model and guide are code: ``load`` takes them
   from the caller, built as they were for ``fit``.
-* :meth:`~FitResult.sample` -- draws from the prior predictive
+* :meth:`~FitRecord.sample` -- draws from the prior predictive
   :math:`p(z)\,p(x \mid z)`: the model run with its observed sites
   unconditioned (``poutine.uncondition``), so ``x`` is a real draw from the
   likelihood (a model whose forward run is not that draw is refused by site).
-* :meth:`~FitResult.posterior` -- the guide's :math:`q(z \mid x)` or batched
-  HMC's :math:`p(z \mid x)` for new data, as an ArviZ object.
-* :meth:`~FitResult.elbo` / :meth:`~FitResult.iwae` -- per-datapoint bounds on
-  :math:`\log p(x)` as :class:`~.elbo.Estimate` (value, standard error, draws).
+
+``FitResult`` read from here is the record, with a ``DeprecationWarning``: the
+``FitResult`` with the analyses is :class:`ppl_vae.inference.FitResult`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import pyro
 import torch
@@ -35,16 +38,15 @@ from torch import nn
 
 from .. import io
 from ..errors import CheckpointError, ConfigError, RunDirectoryError, check_int
-from .elbo import Estimate, evaluate_elbo
-from .gaps.bounds import importance_bounds
-from .mcmc.hmc import hmc_latent
-from .mcmc.vi import vi_draws
 from .params import Discovered, discover, load_params, owner
 from .plates import DATA, DataPlate, find_data_plate, on_data_plate
 from .random import seeded
 from .traces import prior_predictive
 
-__all__ = ["FitResult", "FORMAT"]
+__all__ = ["FitRecord", "FORMAT", "attach"]
+
+#: the class of a record (a method returns one of its own class: a :class:`~.result.FitResult` gives one)
+Record = TypeVar("Record", bound="FitRecord")
 
 #: the ``kind`` a saved fitted model's file carries
 FORMAT = "ppl-vae fitted model"
@@ -84,7 +86,7 @@ class _Trained:
 
 
 def _saved_model(path: Path) -> bool:
-    """Whether ``path`` holds a model written by :meth:`FitResult.save` (read with ``weights_only``: nothing in it runs)."""
+    """Whether ``path`` holds a model written by :meth:`FitRecord.save` (read with ``weights_only``: nothing in it runs)."""
     try:
         saved = io.load_torch(path)
     except CheckpointError:
@@ -93,8 +95,8 @@ def _saved_model(path: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class FitResult:
-    """What a ``fit`` run produced, and (when it holds one) the trained model. ELBOs are in nats per datapoint."""
+class FitRecord:
+    """What a ``fit`` run produced, and (when it holds one) the trained model, without its analyses. ELBOs are in nats per datapoint."""
 
     history: tuple[dict[str, float], ...]
     train_elbo: float
@@ -195,13 +197,13 @@ class FitResult:
 
     @classmethod
     def load(
-        cls,
+        cls: type[Record],
         path: str | Path,
         model: Callable[..., object],
         guide: Callable[..., object],
         *,
         modules: Iterable[nn.Module] = (),
-    ) -> FitResult:
+    ) -> Record:
         """The fitted model saved at ``path``, its parameters copied into ``model``'s and ``guide``'s networks.
 
         ``model`` and ``guide`` must be built as they were for ``fit`` (the same
@@ -224,7 +226,7 @@ class FitResult:
             if not all(isinstance(d, torch.dtype) for _, d in args):
                 raise ValueError("an argument's dtype is not a torch dtype")
             record = io.from_plain(saved["record"])
-            result = FitResult(**{**record, "history": tuple(record["history"])})
+            result = cls(**{**record, "history": tuple(record["history"])})
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(
                 f"{path} is corrupted or incomplete ({type(exc).__name__}: {exc})"
@@ -260,86 +262,13 @@ class FitResult:
         with t.scope():
             return prior_predictive(model, *(args or self._blank(n)), seed=seed, what="sample")
 
-    def posterior(
-        self,
-        *data: torch.Tensor,
-        method: Literal["vi", "hmc"] = "vi",
-        num_samples: int = 1000,
-        seed: int = 0,
-        **hmc_options: Any,
-    ) -> Any:
-        r"""The posterior of every latent site given new rows ``data``, as an ArviZ object (``InferenceData``; ``DataTree`` under ArviZ 1.x).
-
-        ``method="vi"``: ``num_samples`` draws of the guide's :math:`q(z \mid x_n)`
-        per row, with their importance log-weights (:func:`~.mcmc.vi.vi_draws`).
-        ``method="hmc"``: batched HMC of :math:`p(z \mid x_n)` (:func:`~.mcmc.hmc.hmc_latent`:
-        ``num_samples`` draws after as many warm-up steps per chain, 4 chains
-        unless ``num_chains`` is given; other options pass through). A model
-        these cannot handle (a discrete or global latent) is refused by name.
-        """
-        t = self._model("posterior")
-        if method == "vi" and hmc_options:
-            raise ConfigError(
-                f"posterior: {', '.join(sorted(hmc_options))} are options of method='hmc', not of the guide's draws"
-            )
-        if method not in ("vi", "hmc"):
-            raise ConfigError(f"posterior: method must be 'vi' or 'hmc', got {method!r}")
-        model, guide = t.programs("posterior")
-        with t.scope():
-            if method == "vi":
-                draws = vi_draws(
-                    model, guide, *data, num_samples=num_samples, seed=seed, method="vi"
-                )
-            else:
-                hmc_options.setdefault("warmup_steps", num_samples)
-                draws = hmc_latent(model, *data, num_samples=num_samples, seed=seed, **hmc_options)
-        return draws.to_inference_data()
-
-    def elbo(
-        self,
-        *data: torch.Tensor,
-        num_particles: int = 10,
-        batch_size: int = 1000,
-        seed: int = 0,
-        index: torch.Tensor | None = None,
-    ) -> Estimate:
-        """The ELBO of each row of ``data`` (nats), averaged over ``num_particles`` guide draws, with its standard error.
-
-        ``index``: the rows' dataset indices (the data plate's indices inside the model and guide: a guide
-        with per-datapoint parameters scores each row with its own); default ``0..N-1``. For a model that
-        subsamples its data plate itself, ``data`` is the whole data and ``index`` the rows to score.
-        """
-        t = self._model("elbo")
-        with seeded(seed), t.scope():
-            return evaluate_elbo(
-                t.model,
-                t.guide,
-                data,
-                batch_size=batch_size,
-                num_particles=num_particles,
-                plate=t.plate,
-                index=index,
-            )
-
-    def iwae(
-        self, *data: torch.Tensor, K: int = 1000, batch_size: int = 100, seed: int = 0
-    ) -> Estimate:
-        """The importance-weighted bound (``K`` guide draws) on ``log p(x)`` of each row of ``data``, with its delta-method standard error."""
-        t = self._model("iwae")
-        model, guide = t.programs("iwae")
-        with t.scope():
-            bounds = importance_bounds(
-                model, guide, *data, num_samples=K, batch_size=batch_size, seed=seed
-            )
-        return Estimate(bounds.iwae, bounds.iwae_se, K)
-
 
 #: the fields of the training record (all but the model)
-_RECORD = tuple(k for k in FitResult.__dataclass_fields__ if k != "trained")
+_RECORD = tuple(k for k in FitRecord.__dataclass_fields__ if k != "trained")
 
 
 def attach(
-    result: FitResult,
+    result: Record,
     model: Callable[..., object],
     guide: Callable[..., object],
     args: Sequence[tuple[tuple[int, ...], torch.dtype]],
@@ -349,8 +278,8 @@ def attach(
     found: Discovered | None = None,
     plate: DataPlate | None = None,
     store: dict[str, Any] | None = None,
-) -> FitResult:
-    """``result`` holding ``model`` and ``guide``; with ``values``, their parameters (found by running them on zeros of ``args``) set to those.
+) -> Record:
+    """``result`` (of its own class) holding ``model`` and ``guide``; with ``values``, their parameters (found by running them on zeros of ``args``) set to those.
 
     ``plate`` and ``store`` are the data plate and the parameter-store state of the fit (:class:`_Trained`); found
     here where not given: the parameters are then found in a store of their own, whatever Pyro's global one holds.
@@ -392,4 +321,16 @@ def attach(
     trained = _Trained(
         model, guide, found, tuple((tuple(s), d) for s, d in args), plate or DataPlate(DATA), store
     )
-    return FitResult(**{k: getattr(result, k) for k in _RECORD}, trained=trained)
+    return type(result)(**{k: getattr(result, k) for k in _RECORD}, trained=trained)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FitResult":  # the record kept its old name here for one release
+        warnings.warn(
+            "ppl_vae.inference.fitted.FitResult moved: import it from ppl_vae.inference (with posterior, elbo and iwae); "
+            "ppl_vae.inference.fitted holds the record, FitRecord (the old name goes in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return FitRecord
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,7 @@ from .distributed import (
     shared_cores,
 )
 from .elbo import evaluate_elbo
-from .fitted import FitResult
+from .fitted import FitRecord
 from .params import load_params
 from .plates import DATA, DataPlate, DataRows
 from .random import seeded
@@ -493,7 +493,7 @@ def run_epochs(
             load_params(trainer.params, state.best_params, "best parameters")
         train_elbo = evaluate(tensors, "the final training ELBO")
         val_elbo = evaluate(val, "the final validation ELBO") if val is not None else None
-    result = FitResult(
+    result = FitRecord(
         history=tuple(state.history),
         train_elbo=train_elbo,
         val_elbo=val_elbo,

@@ -51,11 +51,12 @@ from .distributed import (
     run_processes,
 )
 from .estimators import Estimator, get_estimator
-from .fitted import FitResult, attach
+from .fitted import attach
 from .loop import Evaluator, Run, Trainer, train
 from .params import load_params
 from .plates import on_data_plate
 from .random import seeded
+from .result import FitResult
 from .schedules import SCHEDULES, lr_factor, make_schedule
 from .step import SVI, Objective, StepInfo, make_optimizer
 from .watch import DivergenceWatch, inspect_sites
@@ -247,7 +248,7 @@ def fit(
     FitResult
         The training record (``history``, ``train_elbo``, ...) and the trained
         model: ``save``, ``sample``, ``posterior``, ``elbo``, ``iwae``
-        (:mod:`.fitted`).
+        (:mod:`.result`).
 
     Raises
     ------

@@ -13,8 +13,10 @@ up to the float rounding of batched arithmetic over other batch sizes (float64 h
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -25,12 +27,13 @@ from ppl_vae import io
 from ppl_vae.distributions import get_likelihood
 from ppl_vae.errors import CheckpointError, ConfigError, DataError
 from ppl_vae.guides.amortized import amortized_guide, delta_guide
-from ppl_vae.inference.distributed import Spread
+from ppl_vae.inference.distributed import Checked, Spread, spread_over_rows
 from ppl_vae.inference.elbo import elbo_per_datapoint
 from ppl_vae.inference.gaps.ais import ais
 from ppl_vae.inference.gaps.bounds import importance_bounds
 from ppl_vae.inference.gaps.decompose import decompose
 from ppl_vae.inference.mcmc.hmc import hmc_latent
+from ppl_vae.inference.random import dataset_index
 from ppl_vae.inference.svi import fit
 from ppl_vae.models.vae import autoencoder, vae
 from ppl_vae.nn import MLP, GaussianEncoder
@@ -327,6 +330,66 @@ def test_decompose_spread_over_two_processes_equals_one_process_with_choices_ove
     for f in one.elbo_local:
         assert close(one.elbo_local[f], two.elbo_local[f]), f
         assert math.isclose(one.local_steps[f], two.local_steps[f], rel_tol=1e-12), f
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the body of a toy analysis saw, per row: its dataset index, seed, progress flag, the rows of every process, its option."""
+
+    index: torch.Tensor
+    seed: torch.Tensor
+    progress: torch.Tensor
+    total: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def concat(cls, parts: list[Seen]) -> Seen:
+        return cls(*(torch.cat([getattr(p, k) for p in parts]) for k in cls.__dataclass_fields__))
+
+
+def _check_seen(model, *data, scale, seed, index, progress, spread):
+    if scale <= 0:
+        raise ConfigError(f"scale must be positive, got {scale}")
+    checked = dataset_index(index, data[0].shape[0])
+    return Checked((model,), data, checked, (model,), {"scale": 2.0 * scale})
+
+
+def _no_model(x):
+    return None
+
+
+@spread_over_rows(Seen, _check_seen, collectives=True)
+def seen(model, *data, scale=1.0, seed=None, index=None, progress=False, coll):
+    """A toy analysis: what each row's process handed its body."""
+
+    def each(value: float) -> torch.Tensor:
+        return torch.full((data[0].shape[0],), float(value), dtype=torch.float64)
+
+    total = coll.sum(float(data[0].shape[0]))
+    return Seen(index.clone(), each(seed), each(progress), each(total), each(scale))
+
+
+def test_spread_over_rows_checks_first_and_gives_each_process_its_rows_one_seed_and_rank_zero_the_bar():
+    params = inspect.signature(
+        seen
+    ).parameters  # spread added before progress, coll the decorator's own
+    assert list(params)[-3:] == ["index", "spread", "progress"] and "coll" not in params
+    assert (
+        params["spread"].kind is inspect.Parameter.KEYWORD_ONLY and params["spread"].default is None
+    )
+    x, at = data(5), torch.tensor([11, 3, 7, 0, 5])
+    with pytest.raises(
+        ConfigError, match="scale must be positive"
+    ):  # the check, before any process
+        seen(_no_model, x, scale=0, spread=SPREAD)
+    one = seen(_no_model, x, scale=1.5, seed=9, index=at, progress=True)
+    assert torch.equal(one.index, at) and one.seed.eq(9).all() and one.progress.all()
+    assert one.total.eq(5).all() and one.scale.eq(3.0).all()  # the checked option
+    two = seen(_no_model, x, scale=1.5, index=at, progress=True, spread=SPREAD)
+    assert torch.equal(two.index, at)  # blocks of 3 and 2 rows, in order
+    assert two.total.eq(5).all() and two.scale.eq(3.0).all()  # the sum over both processes
+    assert two.seed.unique().numel() == 1  # seed=None: one base seed, drawn once, for every process
+    assert two.progress.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]  # the bar on rank 0 only
 
 
 def test_spreading_more_processes_than_datapoints_is_refused_before_any_work():

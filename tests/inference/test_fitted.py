@@ -13,8 +13,8 @@ from conftest import Z
 from ppl_vae import FitResult, fit
 from ppl_vae.errors import CheckpointError, ConfigError, RunDirectoryError
 from ppl_vae.guides import amortized_guide
+from ppl_vae.inference import azcompat
 from ppl_vae.inference.fitted import attach
-from ppl_vae.inference.mcmc import azcompat
 from ppl_vae.io import load_torch
 from ppl_vae.models import PPCA
 from ppl_vae.nn import MLP, GaussianEncoder

@@ -15,11 +15,9 @@ from scipy import stats
 
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.errors import ConfigError
+from ppl_vae.inference import azcompat
 from ppl_vae.inference.dispatch import Dispatches
-from ppl_vae.inference.latent import latent_of, log_joint
-from ppl_vae.inference.mcmc import azcompat
-from ppl_vae.inference.mcmc.hmc import hmc_latent
-from ppl_vae.inference.mcmc.kernel import (
+from ppl_vae.inference.kernel import (
     HMCInfo,
     NUTSInfo,
     State,
@@ -37,6 +35,8 @@ from ppl_vae.inference.mcmc.kernel import (
     welford_update,
     window_schedule,
 )
+from ppl_vae.inference.latent import latent_of, log_joint
+from ppl_vae.inference.mcmc.hmc import hmc_latent
 from ppl_vae.inference.random import Streams
 from ppl_vae.models.ppca import PPCA
 from ppl_vae.models.vae import vae

@@ -14,7 +14,7 @@ an amortised :math:`q(z \mid x)`, accumulating
 tensor; each transition is one HMC step (``leapfrog_steps`` leapfrogs, identity
 mass). Step sizes are adapted per datapoint and step by a pilot run of
 ``PILOT_CHAINS`` extra chains toward an acceptance rate of ``target_accept``
-(by the samplers' dual-averaging rule, :mod:`ppl_vae.inference.mcmc.kernel`,
+(by the samplers' dual-averaging rule, :mod:`ppl_vae.inference.kernel`,
 whose iterate follows the step size as the density anneals); the
 estimate's chains then run with that schedule fixed, so that each transition
 is a fixed kernel that leaves its :math:`f_t` invariant, as AIS requires.
@@ -48,9 +48,9 @@ from scipy.stats import t as student_t
 from ...errors import ConfigError
 from ...guides.latent import Latent
 from ...progress import bar
-from ..distributed import Spread, spread_rows
+from ..distributed import Checked, spread_over_rows
+from ..kernel import State, da_init, da_update, transition
 from ..latent import guide_log_density, latent_draws, latent_of, log_joint
-from ..mcmc.kernel import State, da_init, da_update, transition
 from ..random import Streams, Tag, base_seed, dataset_index, seeded
 from ..traces import analysed
 from .bounds import cat_optional, log_mean_exp
@@ -189,9 +189,9 @@ def _run(
 ):
     """Anneal ``z`` through ``betas`` (forward) or backwards; return log-weights ``[C, N]``, eps record, acceptance.
 
-    Each transition is :func:`~ppl_vae.inference.mcmc.kernel.transition` with ``leapfrog_steps``
+    Each transition is :func:`~ppl_vae.inference.kernel.transition` with ``leapfrog_steps``
     steps and the identity mass; with ``adapt`` the step size of each datapoint follows the
-    samplers' dual averaging (:func:`~ppl_vae.inference.mcmc.kernel.da_update`) from one annealing
+    samplers' dual averaging (:func:`~ppl_vae.inference.kernel.da_update`) from one annealing
     step to the next, otherwise the recorded ``eps_schedule``. The run reads one value back from
     the device, the temperatures, before it starts; its steps read none.
     """
@@ -303,6 +303,36 @@ def check_options(**options: object) -> None:
     _check(**{**defaults, **options})  # type: ignore[arg-type]
 
 
+def _check_ais(
+    model: Callable[..., object],
+    *data: torch.Tensor,
+    init: Callable[..., object] | str,
+    num_steps: int,
+    num_chains: int,
+    leapfrog_steps: int,
+    step_size: float,
+    target_accept: float,
+    batch_size: int | None,
+    index: torch.Tensor | None,
+    **_: object,
+) -> Checked:
+    """:func:`ais`'s refusals (options, the model's latent state), before any work."""
+    _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept, batch_size)
+    guide = init if callable(init) else None
+    if guide is None and init != "prior":
+        raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
+    model, guide = analysed(model, guide, data, "AIS")
+    n = latent_of(model, *data, guide=guide, analysis="AIS").num_points
+    return Checked(
+        (model,),
+        data,
+        dataset_index(index, n),
+        (model, guide) if guide is not None else (model,),
+        {"init": guide if guide is not None else init},
+    )
+
+
+@spread_over_rows(AISResult, _check_ais)
 def ais(
     model: Callable[..., object],
     *data: torch.Tensor,
@@ -315,7 +345,6 @@ def ais(
     batch_size: int | None = None,
     seed: int | None = 0,
     index: torch.Tensor | None = None,
-    spread: Spread | None = None,
     progress: bool = False,
 ) -> AISResult:
     """AIS estimate of ``log p(x)`` for every row of ``data``, all chains in one tensor program.
@@ -351,45 +380,14 @@ def ais(
         does not depend on ``batch_size`` or on the other rows.
     spread : Spread, optional
         Spread the datapoints over devices and processes
-        (:func:`~ppl_vae.inference.distributed.spread_rows`), with the same
+        (:func:`~ppl_vae.inference.distributed.spread_over_rows`), with the same
         per-datapoint estimates (to float rounding).
     progress : bool
         A progress bar over the annealing steps (pilot and estimate, every batch).
     """
-    _check(num_steps, num_chains, leapfrog_steps, step_size, target_accept, batch_size)
-    guide = init if callable(init) else None
-    if guide is None and init != "prior":
-        raise ConfigError(f"init must be 'prior' or a guide, got {init!r}")
-    model, guide = analysed(model, guide, data, "AIS")
-    init = guide if guide is not None else init
-    n = latent_of(model, *data, guide=guide, analysis="AIS").num_points
-    index = dataset_index(index, n)
-    if spread is not None:
-        with seeded(seed):
-            base = base_seed(seed)  # one seed for every process
-        return spread_rows(
-            lambda rows, idx, coll: ais(
-                model,
-                *rows,
-                init=init,
-                num_steps=num_steps,
-                num_chains=num_chains,
-                leapfrog_steps=leapfrog_steps,
-                step_size=step_size,
-                target_accept=target_accept,
-                batch_size=batch_size,
-                seed=base,
-                index=idx,
-                progress=progress and coll.rank == 0,
-            ),
-            data,
-            index,
-            spread,
-            programs=(model, guide) if guide is not None else (model,),
-            combine=AISResult.concat,
-            types=(AISResult,),
-        )
     betas = sigmoid_schedule(num_steps, device=data[0].device)
+    guide = init if callable(init) else None
+    n = len(index)
     parts = {"log_px": [], "log_px_se": [], "accept_rate": [], "step_size": []}
     with bar(
         total=2 * num_steps * math.ceil(n / (batch_size or n)),

@@ -23,7 +23,7 @@ variance misses the rare large weights, the estimate sits below
 :math:`\log p(x)` by more than its SE says, and repeats scatter far more.
 Each datapoint's tail is therefore checked by the PSIS Pareto
 :math:`\hat k` of its weights (Vehtari et al. 2024; ArviZ through
-:func:`~ppl_vae.inference.mcmc.azcompat.pareto_khat`), from the largest
+:func:`~ppl_vae.inference.azcompat.pareto_khat`), from the largest
 :math:`\lceil\min(0.2K, 3\sqrt K)\rceil + 1` log-weights, kept as the
 chunks go by (the fit uses no others). The SE is reported reliable where
 :math:`\hat k \le` :func:`khat_threshold` (:math:`K`) :math:`=
@@ -52,9 +52,9 @@ import torch
 
 from ...errors import ConfigError, check_int
 from ...progress import bar
+from ..azcompat import pareto_khat
 from ..dispatch import host
-from ..distributed import Spread, spread_rows
-from ..mcmc.azcompat import pareto_khat
+from ..distributed import Checked, Spread, spread_over_rows
 from ..random import Streams, Tag, base_seed, dataset_index, draws_in_batches, seeded
 from ..traces import (
     ObservedSupport,
@@ -228,6 +228,74 @@ def _checked(model: Callable[..., object], support: ObservedSupport) -> Callable
     return run
 
 
+class _Running:
+    r"""The running sums of one chunk of rows' log-weights ``[k, rows]`` over its sample chunks, in float64.
+
+    Sums of :math:`\ell` and :math:`\ell^2` about the first chunk's mean, the log-sum-exps of
+    :math:`\ell` and :math:`2\ell` and, for the Pareto fit, the ``tail`` largest and the smallest
+    (none kept with ``tail=0``).
+    """
+
+    def __init__(self, first: torch.Tensor, tail: int) -> None:
+        self.shift = first.mean(0)
+        self.s1, self.s2 = torch.zeros_like(self.shift), torch.zeros_like(self.shift)
+        self.lse1 = torch.full_like(self.shift, -math.inf)
+        self.lse2 = torch.full_like(self.shift, -math.inf)
+        self.top = first.new_zeros((0, *self.shift.shape))
+        self.low = torch.full_like(self.shift, math.inf)
+        self.tail = tail
+
+    def add(self, lw: torch.Tensor) -> None:
+        c = lw - self.shift
+        self.s1 += c.sum(0)
+        self.s2 += (c * c).sum(0)
+        self.lse1 = torch.logaddexp(self.lse1, torch.logsumexp(lw, 0))
+        self.lse2 = torch.logaddexp(self.lse2, torch.logsumexp(2 * lw, 0))
+        if self.tail:
+            both = torch.cat([self.top, lw])
+            self.top = both.topk(min(self.tail, both.shape[0]), dim=0).values
+            self.low = torch.minimum(self.low, lw.min(0).values)
+
+    def bounds(
+        self, K: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float]:
+        """ELBO, its SE, IWAE and its SE (NaN for ``K == 1``) of the chunk's rows after all ``K`` draws."""
+        mean_c = self.s1 / K
+        var = (self.s2 / K - mean_c**2).clamp_min(0) * K / max(K - 1, 1)
+        iwae, iwae_se = log_mean_exp(self.lse1, self.lse2, K)
+        return (
+            self.shift + mean_c,
+            (var / K).sqrt(),
+            iwae,
+            iwae_se if iwae_se is not None else math.nan,
+        )
+
+
+def _check_bounds(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *data: torch.Tensor,
+    num_samples: int,
+    batch_size: int,
+    seed: int | None,
+    index: torch.Tensor | None,
+    spread: Spread | None,
+    **_: object,
+) -> Checked:
+    """:func:`importance_bounds`'s refusals, before any work; spread over processes, the probe of one row too (its errors here, before any process starts)."""
+    check_int(num_samples, "the number of importance samples K", high=MAX_SAMPLES)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    index = dataset_index(index, _check_data(data))
+    model, guide = analysed(model, guide, data, "the importance bounds")  # type: ignore[assignment]
+    if spread is not None:
+        with seeded(seed), torch.no_grad():
+            first, head = restrict(guide, slice(0, 1)), tuple(t[:1] for t in data)
+            probe("importance bounds", lambda: plate_nesting(model, first, *head), data)
+    return Checked((model, guide), data, index, (model, guide))
+
+
+@spread_over_rows(Bounds, _check_bounds)
 def importance_bounds(
     model: Callable[..., object],
     guide: Callable[..., object],
@@ -237,7 +305,6 @@ def importance_bounds(
     sample_batch: int | None = None,
     seed: int | None = None,
     index: torch.Tensor | None = None,
-    spread: Spread | None = None,
     progress: bool = False,
     diagnose: bool = True,
 ) -> Bounds:
@@ -269,7 +336,7 @@ def importance_bounds(
         at a time.
     spread : Spread, optional
         Spread the datapoints over devices and processes
-        (:func:`~ppl_vae.inference.distributed.spread_rows`); each datapoint's
+        (:func:`~ppl_vae.inference.distributed.spread_over_rows`); each datapoint's
         bounds are the same as here (to float rounding).
     progress : bool
         A progress bar over the chunks of rows and samples (:func:`ppl_vae.progress.bar`).
@@ -277,49 +344,14 @@ def importance_bounds(
         Compute each datapoint's Pareto :math:`\hat k` (``Bounds.khat``; one
         ArviZ fit per datapoint). Off where only the ELBO is wanted.
     """
-    check_int(num_samples, "the number of importance samples K", high=MAX_SAMPLES)
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    n = _check_data(data)
-    index = dataset_index(index, n)
-    model, guide = analysed(model, guide, data, "the importance bounds")  # type: ignore[assignment]
-    if spread is not None:
-        with seeded(seed), torch.no_grad():
-            base = base_seed(seed)  # one seed for every process
-            probe(
-                "importance bounds",
-                lambda: plate_nesting(model, restrict(guide, slice(0, 1)), *(t[:1] for t in data)),
-                data,
-            )  # its errors here, before any process starts
-        return spread_rows(
-            lambda rows, idx, coll: importance_bounds(
-                model,
-                guide,
-                *rows,
-                num_samples=num_samples,
-                batch_size=batch_size,
-                sample_batch=sample_batch,
-                seed=base,
-                index=idx,
-                progress=progress and coll.rank == 0,
-                diagnose=diagnose,
-            ),
-            data,
-            index,
-            spread,
-            programs=(model, guide),
-            combine=Bounds.concat,
-            types=(Bounds,),
-        )
+    n, K, device = data[0].shape[0], num_samples, data[0].device
     width = max(1, math.prod(data[0].shape[1:]))
-    K = num_samples
     k_chunk = sample_batch or max(1, min(K, MAX_ELEMENTS // width))
     out = {
-        k: torch.empty(n, dtype=torch.float64, device=data[0].device)
-        for k in ("elbo", "elbo_se", "iwae", "iwae_se", "khat")
+        k: torch.empty(n, dtype=torch.float64, device=device)
+        for k in ("elbo", "elbo_se", "iwae", "iwae_se")
     }
-    m = tail_size(K)
-    tops, lows = [], []
+    tails: list[_Running] = []
     ok: torch.Tensor | bool = True
     with seeded(seed), torch.no_grad():
         base = base_seed(seed)
@@ -342,11 +374,8 @@ def importance_bounds(
             pyro.validation_enabled(False),
         ):
             for rows in chunks(n, rows_per_chunk):
-                args = tuple(t[rows] for t in data)
-                g = restrict(guide, rows)
-                shift = s1 = s2 = lse1 = lse2 = top = low = None
+                args, g = tuple(t[rows] for t in data), restrict(guide, rows)
                 for j, ks in enumerate(chunks(K, k_chunk)):
-                    streams = Streams(base, at[rows], data[0].device, Tag.BOUNDS, j)
                     support = ObservedSupport()
                     lw = log_weights(
                         _checked(model, support) if j == 0 else model,
@@ -354,41 +383,19 @@ def importance_bounds(
                         *args,
                         num_samples=ks.stop - ks.start,
                         nesting=nesting,
-                        streams=streams,
+                        streams=Streams(base, at[rows], device, Tag.BOUNDS, j),
                     ).double()
                     if j == 0:
                         ok = support.ok if ok is True else ok & support.ok
-                        shift = lw.mean(0)
-                        s1 = torch.zeros_like(shift)
-                        s2 = torch.zeros_like(shift)
-                        lse1 = torch.full_like(shift, -math.inf)
-                        lse2 = torch.full_like(shift, -math.inf)
-                        top = lw.new_zeros((0, *shift.shape))
-                        low = torch.full_like(shift, math.inf)
-                    c = lw - shift
-                    s1 += c.sum(0)
-                    s2 += (c * c).sum(0)
-                    lse1 = torch.logaddexp(lse1, torch.logsumexp(lw, 0))
-                    lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
-                    if diagnose:
-                        both = torch.cat([top, lw])
-                        top = both.topk(min(m, both.shape[0]), dim=0).values
-                        low = torch.minimum(low, lw.min(0).values)
+                        running = _Running(lw, tail_size(K) if diagnose else 0)
+                    running.add(lw)
                     shown.update()
-                mean_c = s1 / K
-                out["elbo"][rows] = shift + mean_c
-                var = (s2 / K - mean_c**2).clamp_min(0) * K / max(K - 1, 1)
-                out["elbo_se"][rows] = (var / K).sqrt()
-                out["iwae"][rows], iwae_se = log_mean_exp(lse1, lse2, K)
-                out["iwae_se"][rows] = (
-                    iwae_se if iwae_se is not None else math.nan
-                )  # dropped below for K == 1
-                tops.append(top)
-                lows.append(low)
+                out["elbo"][rows], out["elbo_se"][rows], out["iwae"][rows], out["iwae_se"][rows] = (
+                    running.bounds(K)
+                )
+                tails.append(running)
         finite, inside = host(
-            torch.stack(
-                (torch.isfinite(out["elbo"]).all(), torch.as_tensor(ok, device=out["elbo"].device))
-            )
+            torch.stack((torch.isfinite(out["elbo"]).all(), torch.as_tensor(ok, device=device)))
         )  # the one read
         if not inside:
             _raise_outside(model, guide, data, at, rows_per_chunk, nesting)
@@ -396,13 +403,11 @@ def importance_bounds(
         raise ConfigError(
             "some log-weights are not finite: the guide puts mass where the model has none"
         )
-    out["khat"] = (
-        khat_of_tail(torch.cat(tops, 1), torch.cat(lows), K)
+    khat = (
+        khat_of_tail(torch.cat([r.top for r in tails], 1), torch.cat([r.low for r in tails]), K)
         if diagnose
-        else out["khat"].fill_(math.nan)
+        else None
     )
     if K == 1:
         out["elbo_se"] = out["iwae_se"] = None
-    if not diagnose:
-        out["khat"] = None
-    return Bounds(num_samples=K, **out)
+    return Bounds(num_samples=K, khat=khat, **out)

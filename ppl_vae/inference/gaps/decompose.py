@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -52,13 +52,13 @@ import torch
 from ... import io
 from ...errors import ConfigError, ReliabilityWarning, check_int
 from ...guides.local import FAMILIES, LocalMixture, LocalPosterior, family_of
-from ..distributed import Collectives, Spread, spread_rows
+from ..distributed import Checked, Collectives, Spread, spread_over_rows
 from ..latent import guide_in_latent_space, latent_of
 from ..random import Streams, Tag, dataset_index
 from ..traces import analysed
 from .ais import MIN_CHAINS_SE, ais
 from .ais import check_options as check_ais_options
-from .bounds import importance_bounds, khat_threshold
+from .bounds import Bounds, importance_bounds, khat_threshold
 from .local import LocalFit, optimize_local, start_distribution
 from .local import check_options as check_local_options
 
@@ -526,7 +526,7 @@ def decompose(
         Seeds every step.
     spread : Spread, optional
         Spread the datapoints over devices and processes
-        (:func:`~ppl_vae.inference.distributed.spread_rows`). Every draw of a
+        (:func:`~ppl_vae.inference.distributed.spread_over_rows`). Every draw of a
         datapoint comes from its own streams and the two choices made over all
         datapoints (the IWAE proposal's family, the reported family when q is
         in none) use the means over all of them (summed across processes), so
@@ -537,6 +537,48 @@ def decompose(
         Issue a :class:`~ppl_vae.errors.ReliabilityWarning` (a ``UserWarning``) per kind of flagged datapoint
         (:meth:`GapReport.warnings`; the verdict says the same).
     """
+    report = _decompose(
+        model,
+        guide,
+        *data,
+        logpx=logpx,
+        num_samples=num_samples,
+        elbo_samples=elbo_samples,
+        families=families,
+        proposals=proposals,
+        defensive=defensive,
+        unreliable=unreliable,
+        local_options=local_options,
+        ais_options=ais_options,
+        index=index,
+        name=name,
+        batch_size=batch_size,
+        seed=seed,
+        spread=spread,
+        progress=progress,
+    )
+    for line in report.warnings() if warn else ():
+        warnings.warn(f"{name}: {line}", ReliabilityWarning, stacklevel=2)
+    return report
+
+
+def _check_decompose(
+    model: Callable[..., object],
+    guide: Callable[..., object],
+    *data: torch.Tensor,
+    logpx: str,
+    num_samples: int,
+    elbo_samples: int,
+    families: tuple[str, ...] | None,
+    proposals: tuple[str, ...] | None,
+    defensive: tuple[float, float],
+    unreliable: str,
+    local_options: dict[str, Any] | None,
+    ais_options: dict[str, Any] | None,
+    index: torch.Tensor | None,
+    **_: object,
+) -> Checked:
+    """:func:`decompose`'s refusals, before any work; ``families`` becomes the families reported, ``proposals`` every family of q* to fit."""
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown log p(x) estimator {logpx!r}; choose iwae or ais")
     defensive = check_defensive(defensive)
@@ -561,221 +603,220 @@ def decompose(
                 low=MIN_CHAINS_SE,
             )
     model, guide = analysed(model, guide, data, "the gap decomposition")  # type: ignore[assignment]
-    q, own, families = _families(model, guide, data, families)
+    _, _, families = _families(model, guide, data, families)
     extra = ("full",) if proposals is None else tuple(proposals)
     if any(f not in FAMILIES for f in extra):
         raise ConfigError(
             f"unknown proposal family {next(f for f in extra if f not in FAMILIES)!r}; choose from {', '.join(FAMILIES)}"
         )
     fitted = tuple(dict.fromkeys(families + (extra if logpx == "iwae" else ())))
-    idx = dataset_index(index, data[0].shape[0])
-
-    def rows(part: tuple[torch.Tensor, ...], at: torch.Tensor, coll: Collectives) -> GapReport:
-        return _decompose(
-            model,
-            guide,
-            part,
-            at,
-            coll,
-            q=q if spread is None else None,
-            own=own,
-            families=families,
-            fitted=fitted,
-            logpx=logpx,
-            num_samples=num_samples,
-            elbo_samples=elbo_samples,
-            defensive=defensive,
-            unreliable=unreliable,
-            local_options=local_options,
-            ais_options=ais_options,
-            name=name,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress and coll.rank == 0,
-        )
-
-    report = spread_rows(
-        rows,
-        data,
-        idx,
-        spread,
-        programs=(model, guide),
-        combine=GapReport.concat,
-        types=(GapReport,),
+    options = {"families": families, "proposals": fitted, "defensive": defensive}
+    return Checked(
+        (model, guide), data, dataset_index(index, data[0].shape[0]), (model, guide), options
     )
-    for line in report.warnings() if warn else ():
-        warnings.warn(f"{name}: {line}", ReliabilityWarning, stacklevel=2)
-    return report
 
 
+@spread_over_rows(GapReport, _check_decompose, collectives=True)
 def _decompose(
     model: Callable[..., object],
     guide: Callable[..., object],
-    data: tuple[torch.Tensor, ...],
-    idx: torch.Tensor,
-    coll: Collectives,
-    *,
-    q: torch.distributions.Distribution | None,
-    own: str | None,
-    families: tuple[str, ...],
-    fitted: tuple[str, ...],
+    *data: torch.Tensor,
     logpx: str,
     num_samples: int,
     elbo_samples: int,
+    families: tuple[str, ...],
+    proposals: tuple[str, ...],
     defensive: tuple[float, float],
     unreliable: str,
     local_options: dict[str, Any] | None,
     ais_options: dict[str, Any] | None,
+    index: torch.Tensor,
     name: str,
     batch_size: int,
     seed: int,
-    progress: bool = False,
+    progress: bool,
+    coll: Collectives,
 ) -> GapReport:
-    """:func:`decompose` of the rows ``data`` (dataset indices ``idx``); a choice over all datapoints takes its means over every process."""
-    if (
-        q is None and own is not None
-    ):  # the guide's q over the joint latent of these rows (in this process, on its device)
-        q, _ = guide_in_latent_space(
-            guide, latent_of(model, *data, guide=guide, analysis="the gap decomposition"), *data
-        )
-    n = data[0].shape[0]
-    total = coll.sum(float(n))
+    """:func:`decompose` of the rows ``data`` (dataset indices ``index``), checked (``proposals``: every family of q* to fit); a choice over all datapoints takes its means over every process."""
+    q, own, _ = _families(model, guide, data, families)  # the guide's q over these rows
+    total = coll.sum(float(data[0].shape[0]))
+    rows = {"index": index, "batch_size": batch_size, "progress": progress}
 
     def mean(v: torch.Tensor) -> float:  # over the datapoints of every process
         return coll.sum(v.double().sum().item()) / total
 
     on_q = importance_bounds(
-        model,
-        guide,
-        *data,
-        num_samples=elbo_samples,
-        batch_size=batch_size,
-        seed=seed,
-        index=idx,
-        progress=progress,
-        diagnose=False,
+        model, guide, *data, num_samples=elbo_samples, seed=seed, diagnose=False, **rows
     )
-    local, local_se, steps, fits, converged, change, change_se, optima = (
-        {},
-        {},
-        {},
-        {},
-        {},
-        {},
-        {},
-        {},
-    )
-    for i, fam in enumerate(fitted):
-        fit = optimize_local(
-            model,
-            *data,
-            family=fam,
-            init=q if q is not None else guide,
-            seed=seed + 1 + i,
-            index=idx,
-            progress=progress,
-            **(local_options or {}),
-        )
-        b = importance_bounds(
-            model,
-            fit.posterior,
-            *data,
-            num_samples=elbo_samples,
-            batch_size=batch_size,
-            seed=seed + 101 + i,
-            index=idx,
-            progress=progress,
-            diagnose=False,
-        )
-        local[fam], local_se[fam] = b.elbo, b.elbo_se
-        steps[fam] = mean(fit.steps)
-        fits[fam] = fit
-        converged[fam], change[fam], change_se[fam], optima[fam] = (
-            fit.converged,
-            fit.final_change,
-            fit.final_change_se,
-            fit.optima,
-        )
-    khat = bad = by_ais = None
+    init = q if q is not None else guide
+    options = {"elbo_samples": elbo_samples, "local_options": local_options or {}, **rows}
+    fits = {
+        fam: _fit_local(model, data, fam, init, seed=seed + 1 + i, **options)
+        for i, fam in enumerate(proposals)
+    }
+    local = {f: b.elbo for f, (_, b) in fits.items()}
+    local_se = {f: b.elbo_se for f, (_, b) in fits.items()}
+    steps = {f: mean(fit.steps) for f, (fit, _) in fits.items()}
     if logpx == "iwae":
         means = {f: mean(local[f]) for f in fits}
         best = max(fits, key=lambda f: means[f])
-        fit = fits[best]
-        prior = None
-        if (
-            defensive[1] > 0
-        ):  # the prior's Gaussian over the joint latent (where not exact, moments of each datapoint's own prior draws)
-            latent = fit.posterior.latent
-            draws = Streams(seed + 998, idx, data[0].device, Tag.LOCAL, 6)
-            prior_q = start_distribution(model, latent, *data, init="prior", streams=draws)
-            prior = LocalPosterior.initial("full", prior_q, latent)
-        proposal = defensive_proposal(fit, prior, defensive)
-        b = importance_bounds(
+        px = _logpx_iwae(
             model,
-            proposal,
-            *data,
+            data,
+            fits[best][0],
+            best,
+            local,
+            local_se,
             num_samples=num_samples,
-            batch_size=batch_size,
-            seed=seed + 999,
-            index=idx,
-            progress=progress,
+            defensive=defensive,
+            unreliable=unreliable,
+            ais_options=ais_options or {},
+            seed=seed,
+            **rows,
         )
-        log_px, log_px_se = b.iwae.clone(), b.iwae_se.clone()
-        if proposal is fit.posterior:
-            local[best], local_se[best] = (
-                b.elbo,
-                b.elbo_se,
-            )  # the same family's ELBO, now from K draws
-        khat, bad = b.khat, ~b.reliable
-        if isinstance(proposal, LocalMixture):
-            what = (
-                f"a defensive mixture of the local {best} q* (its starts' distinct optima, {1 - sum(defensive):.0%}), "
-                f"q* widened x{WIDEN:g} ({defensive[0]:.0%}) and the prior ({defensive[1]:.0%})"
-            )
-        else:
-            what = f"the local {best} q*"
-        estimator = f"IWAE K={num_samples} with {what} as proposal (reliable where Pareto k̂ <= {khat_threshold(num_samples):.2f})"
-        if (
-            unreliable == "ais"
-        ):  # AIS of this process's flagged rows (each datapoint's draws are its own: no other process is involved)
-            by_ais, rows = bad.clone(), bad.nonzero().squeeze(-1)
-            if len(rows):
-                r = ais(
-                    model,
-                    *(t[rows] for t in data),
-                    seed=seed + 1000,
-                    index=idx[rows],
-                    progress=progress,
-                    **(ais_options or {}),
-                )
-                log_px[rows], log_px_se[rows] = r.log_px.double(), r.log_px_se.double()
-            given = ", ".join(f"{k}={v}" for k, v in sorted((ais_options or {}).items()))
-            estimator += f"; AIS ({given or 'default options'}) for the datapoints above it"
-            bad = torch.zeros_like(bad)
     else:
-        r = ais(model, *data, seed=seed + 1000, index=idx, progress=progress, **(ais_options or {}))
-        log_px, log_px_se, estimator = r.log_px.double(), r.log_px_se.double(), r.description
+        r = ais(
+            model, *data, seed=seed + 1000, index=index, progress=progress, **(ais_options or {})
+        )
+        px = _LogPx(r.log_px.double(), r.log_px_se.double(), r.description)
     means = {f: mean(local[f]) for f in families}
-    family = own if own is not None else max(families, key=lambda f: means[f])
     return GapReport(
-        index=idx,
-        log_px=log_px,
-        log_px_se=log_px_se,
+        index=index,
+        log_px=px.log_px,
+        log_px_se=px.log_px_se,
         elbo_q=on_q.elbo,
         elbo_q_se=on_q.elbo_se,
         elbo_local=local,
         elbo_local_se=local_se,
-        family=family,
-        logpx_estimator=estimator,
+        family=own if own is not None else max(families, key=lambda f: means[f]),
+        logpx_estimator=px.estimator,
         num_samples=elbo_samples,
         local_steps=steps,
         name=name,
         q_in_family=own is not None,
-        log_px_khat=khat,
-        log_px_unreliable=bad,
-        log_px_ais=by_ais,
-        qstar_converged=converged,
-        qstar_change=change,
-        qstar_change_se=change_se,
-        qstar_optima=optima,
+        log_px_khat=px.khat,
+        log_px_unreliable=px.unreliable,
+        log_px_ais=px.by_ais,
+        qstar_converged={f: fit.converged for f, (fit, _) in fits.items()},
+        qstar_change={f: fit.final_change for f, (fit, _) in fits.items()},
+        qstar_change_se={f: fit.final_change_se for f, (fit, _) in fits.items()},
+        qstar_optima={f: fit.optima for f, (fit, _) in fits.items()},
     )
+
+
+def _fit_local(
+    model: Callable[..., object],
+    data: tuple[torch.Tensor, ...],
+    family: str,
+    init: Callable[..., object] | torch.distributions.Distribution,
+    *,
+    index: torch.Tensor,
+    seed: int,
+    elbo_samples: int,
+    batch_size: int,
+    progress: bool,
+    local_options: dict[str, Any],
+) -> tuple[LocalFit, Bounds]:
+    """The local q* of ``family`` (fitted with ``seed``) and its ELBO bounds (drawn with ``seed + 100``)."""
+    fit = optimize_local(
+        model,
+        *data,
+        family=family,
+        init=init,
+        seed=seed,
+        index=index,
+        progress=progress,
+        **local_options,
+    )
+    bounds = importance_bounds(
+        model,
+        fit.posterior,
+        *data,
+        num_samples=elbo_samples,
+        batch_size=batch_size,
+        seed=seed + 100,
+        index=index,
+        progress=progress,
+        diagnose=False,
+    )
+    return fit, bounds
+
+
+class _LogPx(NamedTuple):
+    """log p̂(x) of the rows with its SE, how it was estimated, and (IWAE) each row's k̂, unreliable flag and whether AIS re-estimated it."""
+
+    log_px: torch.Tensor
+    log_px_se: torch.Tensor
+    estimator: str
+    khat: torch.Tensor | None = None
+    unreliable: torch.Tensor | None = None
+    by_ais: torch.Tensor | None = None
+
+
+def _logpx_iwae(
+    model: Callable[..., object],
+    data: tuple[torch.Tensor, ...],
+    fit: LocalFit,
+    best: str,
+    local: dict[str, torch.Tensor],
+    local_se: dict[str, torch.Tensor],
+    *,
+    num_samples: int,
+    defensive: tuple[float, float],
+    unreliable: str,
+    ais_options: dict[str, Any],
+    index: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> _LogPx:
+    """IWAE's log p̂(x) with the defensive proposal around ``fit`` (the q* of family ``best``); where the proposal is that q*, its ELBO in ``local`` and ``local_se`` becomes the one of these ``num_samples`` draws."""
+    prior = None
+    if (
+        defensive[1] > 0
+    ):  # the prior's Gaussian over the joint latent (where not exact, moments of each datapoint's own prior draws)
+        draws = Streams(seed + 998, index, data[0].device, Tag.LOCAL, 6)
+        prior_q = start_distribution(
+            model, fit.posterior.latent, *data, init="prior", streams=draws
+        )
+        prior = LocalPosterior.initial("full", prior_q, fit.posterior.latent)
+    proposal = defensive_proposal(fit, prior, defensive)
+    b = importance_bounds(
+        model,
+        proposal,
+        *data,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed + 999,
+        index=index,
+        progress=progress,
+    )
+    log_px, log_px_se = b.iwae.clone(), b.iwae_se.clone()
+    if proposal is fit.posterior:  # the same family's ELBO, now from K draws
+        local[best], local_se[best] = b.elbo, b.elbo_se
+    if isinstance(proposal, LocalMixture):
+        what = (
+            f"a defensive mixture of the local {best} q* (its starts' distinct optima, {1 - sum(defensive):.0%}), "
+            f"q* widened x{WIDEN:g} ({defensive[0]:.0%}) and the prior ({defensive[1]:.0%})"
+        )
+    else:
+        what = f"the local {best} q*"
+    estimator = f"IWAE K={num_samples} with {what} as proposal (reliable where Pareto k̂ <= {khat_threshold(num_samples):.2f})"
+    bad = ~b.reliable
+    if unreliable != "ais":
+        return _LogPx(log_px, log_px_se, estimator, b.khat, bad)
+    # AIS of this process's flagged rows (each datapoint's draws are its own: no other process is involved)
+    rows = bad.nonzero().squeeze(-1)
+    if len(rows):
+        r = ais(
+            model,
+            *(t[rows] for t in data),
+            seed=seed + 1000,
+            index=index[rows],
+            progress=progress,
+            **ais_options,
+        )
+        log_px[rows], log_px_se[rows] = r.log_px.double(), r.log_px_se.double()
+    given = ", ".join(f"{k}={v}" for k, v in sorted(ais_options.items()))
+    estimator += f"; AIS ({given or 'default options'}) for the datapoints above it"
+    return _LogPx(log_px, log_px_se, estimator, b.khat, torch.zeros_like(bad), bad.clone())

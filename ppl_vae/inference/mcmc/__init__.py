@@ -1,7 +1,7 @@
 """MCMC as the reference for VI: batched HMC over many posteriors, Pyro's NUTS, VI draws, and their comparison.
 
 All samplers return :class:`Draws` (ArviZ's ``(chain, draw, ...)`` layout,
-converted through :mod:`.azcompat`, the only module that calls ArviZ);
+converted through :mod:`~ppl_vae.inference.azcompat`, the only module that calls ArviZ);
 :func:`compare` measures VI against MCMC.
 """
 

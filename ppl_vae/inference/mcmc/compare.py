@@ -2,7 +2,7 @@ r"""VI against MCMC: comparison metrics per datapoint and latent dimension.
 
 The VI draws (:mod:`.vi`) have the layout of the MCMC draws
 (:class:`~.draws.Draws`: the same variable names and dims); the MCMC
-diagnostics come from ArviZ through :mod:`.azcompat`, the only module that
+diagnostics come from ArviZ through :mod:`~ppl_vae.inference.azcompat`, the only module that
 calls ArviZ.
 
 :func:`compare` treats the MCMC draws as the truth and reports, per datapoint
@@ -27,7 +27,7 @@ and per datapoint:
   from the draws' means and covariances (exact when both are Gaussian; a
   moment summary otherwise);
 * the PSIS Pareto :math:`\hat k` of VI as an importance proposal for the
-  posterior (ArviZ's PSIS through :func:`.azcompat.pareto_khat` on :math:`\log p(x, z) - \log q(z)` of the VI
+  posterior (ArviZ's PSIS through :func:`~ppl_vae.inference.azcompat.pareto_khat` on :math:`\log p(x, z) - \log q(z)` of the VI
   draws): :math:`\hat k > 0.7` means the importance weights are unreliable,
   typically because q is narrower than the posterior;
 * MCMC diagnostics from ArviZ: the largest R-hat, the smallest bulk and
@@ -56,7 +56,7 @@ import torch
 from ... import io
 from ...errors import ConfigError
 from ...progress import bar
-from . import azcompat
+from .. import azcompat
 from .draws import Draws
 
 __all__ = ["Comparison", "compare", "FLAG_THRESHOLDS"]

@@ -13,8 +13,8 @@ import torch
 
 from ...errors import ConfigError, check_int
 from ...guides.latent import Latent
+from .. import azcompat
 from ..params import discover
-from . import azcompat
 
 __all__ = ["Draws", "frozen_parameters", "point_layout", "site_dims"]
 
@@ -77,7 +77,7 @@ class Draws:
         return 0 if div is None else int(np.asarray(div).sum())
 
     def to_inference_data(self) -> Any:
-        """The installed ArviZ's container (``InferenceData`` for 0.x, ``DataTree`` for 1.x), via :mod:`.azcompat`."""
+        """The installed ArviZ's container (``InferenceData`` for 0.x, ``DataTree`` for 1.x), via :mod:`~ppl_vae.inference.azcompat`."""
         return azcompat.to_inference_data(
             self.samples,
             sample_stats=self.sample_stats,

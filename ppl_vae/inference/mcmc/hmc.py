@@ -18,14 +18,14 @@ The output is :class:`Draws` (convertible to ArviZ), as for Pyro's NUTS (:mod:`.
   leapfrog steps per chain, all chains stepping in lockstep and each masked
   once its own trajectory is done (the jitter avoids the resonances of a fixed
   trajectory length, Neal 2011, section 5.4.2.3); and ``kernel="nuts"``, the
-  **No-U-Turn sampler** (:func:`.kernel.nuts_transition`: multinomial, the
+  **No-U-Turn sampler** (:func:`~ppl_vae.inference.kernel.nuts_transition`: multinomial, the
   generalised U-turn criterion, a maximum tree depth), each chain's tree
   growing on its own while all chains step in lockstep. A transition whose
   energy error exceeds ``max_energy_error`` (or is not finite) is
   *divergent*: it is rejected and recorded in ``sample_stats["diverging"]``.
 
 Pyro's NUTS (:mod:`.nuts`) is the baseline against which this sampler is checked and benchmarked;
-the transitions and the warmup adaptation are :mod:`.kernel`'s pure steps (the step-size rule
+the transitions and the warmup adaptation are :mod:`~ppl_vae.inference.kernel`'s pure steps (the step-size rule
 shared with AIS), and this module is the loop around them. A transition reads nothing back from
 the device (NUTS: one boolean per tree doubling); the loop reads each datapoint's leapfrog-step
 limit once per check window (every 25 warmup transitions, after each mass-matrix window, and once
@@ -71,9 +71,19 @@ from pyro.poutine.util import site_is_subsample
 
 from ...errors import ConfigError
 from ...progress import bar
-from ..distributed import Spread, spread_rows
+from ..distributed import Checked, Spread, spread_over_rows
+from ..kernel import (
+    State,
+    adapt_final,
+    adapt_init,
+    adapt_restart,
+    adapt_update,
+    nuts_transition,
+    transition,
+    window_schedule,
+)
 from ..latent import latent_draws, latent_of, log_joint
-from ..random import Streams, Tag, base_seed, dataset_index, seeded
+from ..random import Streams, Tag, dataset_index, seeded
 from ..traces import (
     PlaceFlat,
     analysed,
@@ -84,16 +94,6 @@ from ..traces import (
     vectorized,
 )
 from .draws import Draws, check_counts, freeze_model, point_layout, site_dims
-from .kernel import (
-    State,
-    adapt_final,
-    adapt_init,
-    adapt_restart,
-    adapt_update,
-    nuts_transition,
-    transition,
-    window_schedule,
-)
 
 __all__ = ["hmc_latent", "hmc", "check_kernel", "KERNELS", "MASSES"]
 
@@ -368,6 +368,28 @@ class _Sampler:
         )
         return info.accept_prob, info.diverging
 
+    def advance(
+        self, kernel: str, depth_cap: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One transition of ``kernel`` at the current step sizes: (accept_prob, diverging, leapfrog steps, NUTS's tree depth or None).
+
+        HMC runs its jittered number of steps (:meth:`steps`, at most the last :meth:`plan`'s);
+        NUTS doubles each chain's trajectory at most ``depth_cap`` times.
+        """
+        if kernel == "nuts":
+            self.state, info = nuts_transition(
+                self.f,
+                self.state,
+                self.eps,
+                self.noise,
+                inv_mass=self.inv_mass,
+                max_tree_depth=depth_cap,
+                max_energy_error=self.max_energy_error,
+            )
+            return info.accept_prob, info.diverging, info.n_steps, info.tree_depth
+        steps = self.steps(self.eps)
+        return *self.transition(self.eps, steps), steps, None
+
     def steps(self, eps: torch.Tensor) -> torch.Tensor:
         """Jittered number of leapfrog steps per chain: ``ceil(U(0, 2T) / eps)``, at most its group's limit."""
         t = 2 * self.T * self.noise.uniform((self.C, self.G), dim=1, dtype=eps.dtype)
@@ -430,7 +452,7 @@ def _run_batched(
     max_tree_depth: int = 10,
     mass: str = "diag",
 ) -> Draws:
-    """The loop around the kernels: warmup transitions driving :func:`.kernel.adapt_update` over :func:`.kernel.window_schedule`, then sampling.
+    """The loop around the kernels: warmup transitions driving :func:`~ppl_vae.inference.kernel.adapt_update` over :func:`~ppl_vae.inference.kernel.window_schedule`, then sampling.
 
     A transition reads nothing back (NUTS: one boolean per doubling). HMC reads its groups' step
     limits (:meth:`_Sampler.plan`) once per check window: every :data:`_CHECK_EVERY` transitions,
@@ -467,29 +489,10 @@ def _run_batched(
             warm = t < warmup_steps
             if progress and t == warmup_steps and warmup_steps:
                 it.set_description_str(f"{method} sampling", refresh=False)
-            if kernel == "nuts":
-                s.state, info = nuts_transition(
-                    s.f,
-                    s.state,
-                    s.eps,
-                    s.noise,
-                    inv_mass=s.inv_mass,
-                    max_tree_depth=depth_cap,
-                    max_energy_error=max_energy_error,
-                )
-                acc, div, steps, depth = (
-                    info.accept_prob,
-                    info.diverging,
-                    info.n_steps,
-                    info.tree_depth,
-                )
-            else:
-                if replan or (warm and t % _CHECK_EVERY == 0):
-                    s.plan(_WARMUP_SLACK if warm else 1.0)
-                    replan = False
-                steps = s.steps(s.eps)
-                acc, div = s.transition(s.eps, steps)
-                depth = None
+            if kernel != "nuts" and (replan or (warm and t % _CHECK_EVERY == 0)):
+                s.plan(_WARMUP_SLACK if warm else 1.0)
+                replan = False
+            acc, div, steps, depth = s.advance(kernel, depth_cap)
             if warm:
                 window = schedule[t]
                 adapt = adapt_update(adapt, window, s.state.u, acc)
@@ -581,7 +584,7 @@ _HMC_DOC_PARAMS = """
         constant rate, then decaying (0: none).
     kernel : {"hmc", "nuts"}
         ``"hmc"``: a jittered trajectory length (``trajectory_length``, ``max_leapfrog``).
-        ``"nuts"``: the No-U-Turn sampler (:func:`~ppl_vae.inference.mcmc.kernel.nuts_transition`),
+        ``"nuts"``: the No-U-Turn sampler (:func:`~ppl_vae.inference.kernel.nuts_transition`),
         each chain's trajectory doubling until it turns, at most ``max_tree_depth`` times
         (at most 6 before the first mass-matrix estimate); ``sample_stats`` gains ``tree_depth``.
     max_tree_depth : int
@@ -599,7 +602,38 @@ def _tuning_documented(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _check_latent(
+    model: Callable[..., object],
+    *args: torch.Tensor,
+    num_samples: int,
+    warmup_steps: int,
+    num_chains: int,
+    init: str | Callable[..., object] | torch.Tensor,
+    index: torch.Tensor | None,
+    spread: Spread | None,
+    kernel: str,
+    max_tree_depth: int,
+    mass: str,
+    **_: object,
+) -> Checked:
+    """:func:`hmc_latent`'s refusals (options, the model's latent state), before any work."""
+    check_counts(num_samples, warmup_steps, num_chains)
+    check_kernel(kernel, max_tree_depth, mass)
+    model, guide = analysed(
+        model, init if callable(init) else None, args, "latent-posterior MCMC"
+    )  # refuse before any work
+    init = guide if guide is not None else init
+    n = latent_of(model, *args, analysis="latent-posterior MCMC").num_points
+    if spread is not None and not (isinstance(init, str) or callable(init)):
+        raise ConfigError(
+            "hmc_latent: initial values given per datapoint cannot be spread over processes; use init='uniform' or a guide"
+        )
+    programs = (model, init) if callable(init) else (model,)
+    return Checked((model,), args, dataset_index(index, n), programs, {"init": init})
+
+
 @_tuning_documented
+@spread_over_rows(Draws, _check_latent)
 def hmc_latent(
     model: Callable[..., object],
     *args: torch.Tensor,
@@ -615,7 +649,6 @@ def hmc_latent(
     init_steps: int = 100,
     progress: bool = False,
     index: torch.Tensor | None = None,
-    spread: Spread | None = None,
     kernel: str = "hmc",
     max_tree_depth: int = 10,
     mass: str = "diag",
@@ -642,7 +675,7 @@ def hmc_latent(
         coordinates, and the seeds of each datapoint's own random stream.
     spread : Spread, optional
         Spread the datapoints over devices and processes
-        (:func:`~ppl_vae.inference.distributed.spread_rows`); a datapoint's
+        (:func:`~ppl_vae.inference.distributed.spread_over_rows`); a datapoint's
         chains are those it gets here, to float rounding (which grows along
         a chain: equal to ~1e-9 after a few dozen transitions, not after thousands).
     {tuning}
@@ -659,8 +692,6 @@ def hmc_latent(
     >>> draws = hmc_latent(built.model, x[:100], num_samples=500, num_chains=4)  # doctest: +SKIP
     >>> draws.diagnostics()  # doctest: +SKIP
     """
-    check_counts(num_samples, warmup_steps, num_chains)
-    check_kernel(kernel, max_tree_depth, mass)
     tuning = dict(
         target_accept=target_accept,
         trajectory_length=trajectory_length,
@@ -672,46 +703,6 @@ def hmc_latent(
         max_tree_depth=max_tree_depth,
         mass=mass,
     )
-    model, guide = analysed(
-        model, init if callable(init) else None, args, "latent-posterior MCMC"
-    )  # refuse before any work
-    init = guide if guide is not None else init
-    n = latent_of(model, *args, analysis="latent-posterior MCMC").num_points
-    index = dataset_index(index, n)
-    if spread is not None:
-        if not (isinstance(init, str) or callable(init)):
-            raise ConfigError(
-                "hmc_latent: initial values given per datapoint cannot be spread over processes; use init='uniform' or a guide"
-            )
-        with seeded(seed):
-            base = base_seed(seed)  # one seed for every process
-        return spread_rows(
-            lambda rows, idx, coll: hmc_latent(
-                model,
-                *rows,
-                num_samples=num_samples,
-                warmup_steps=warmup_steps,
-                num_chains=num_chains,
-                seed=base,
-                init=init,
-                target_accept=target_accept,
-                trajectory_length=trajectory_length,
-                max_leapfrog=max_leapfrog,
-                max_energy_error=max_energy_error,
-                init_steps=init_steps,
-                progress=progress and coll.rank == 0,
-                index=idx,
-                kernel=kernel,
-                max_tree_depth=max_tree_depth,
-                mass=mass,
-            ),
-            args,
-            index,
-            spread,
-            programs=(model, init) if callable(init) else (model,),
-            combine=Draws.concat,
-            types=(Draws,),
-        )
 
     def target() -> tuple[_Target, Streams]:
         noise = Streams(seed, index, args[0].device, Tag.HMC)

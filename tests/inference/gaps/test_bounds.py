@@ -272,8 +272,8 @@ def test_iwae_standard_error_matches_the_spread_across_seeds_where_it_is_reporte
 
 
 def test_khat_from_the_kept_tail_is_psis_khat_of_all_weights_and_too_few_draws_are_never_reliable():
+    from ppl_vae.inference.azcompat import pareto_khat
     from ppl_vae.inference.gaps.bounds import khat_of_tail, khat_threshold, tail_size
-    from ppl_vae.inference.mcmc.azcompat import pareto_khat
 
     g = torch.Generator().manual_seed(0)
     for K in (30, 1000, 5000):

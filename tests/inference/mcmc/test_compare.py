@@ -18,7 +18,7 @@ from conftest import Z, frozen_ppca, inflated_guide
 
 from ppl_vae.data.posteriordb import load_posteriordb_data, load_posteriordb_draws
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference.mcmc import azcompat
+from ppl_vae.inference import azcompat
 from ppl_vae.inference.mcmc.compare import compare
 from ppl_vae.inference.mcmc.draws import Draws
 from ppl_vae.inference.mcmc.hmc import hmc, hmc_latent

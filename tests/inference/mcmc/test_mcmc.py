@@ -17,7 +17,7 @@ import torch
 from ppl_vae.data.posteriordb import load_posteriordb_data, load_posteriordb_draws
 from ppl_vae.distributions import Gaussian
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference.mcmc import azcompat
+from ppl_vae.inference import azcompat
 from ppl_vae.inference.mcmc.draws import Draws
 from ppl_vae.inference.mcmc.hmc import hmc, hmc_latent
 from ppl_vae.inference.mcmc.nuts import nuts, nuts_latent

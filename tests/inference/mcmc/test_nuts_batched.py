@@ -14,9 +14,9 @@ import torch
 from scipy import stats
 
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference.mcmc import azcompat
+from ppl_vae.inference import azcompat
+from ppl_vae.inference.kernel import State, nuts_transition
 from ppl_vae.inference.mcmc.hmc import hmc_latent
-from ppl_vae.inference.mcmc.kernel import State, nuts_transition
 from ppl_vae.inference.random import Streams
 from ppl_vae.models.ppca import PPCA
 

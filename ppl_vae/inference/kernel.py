@@ -30,7 +30,7 @@ acceptance probability, one scheme per group (Hoffman & Gelman 2014, section
 Pyro's :class:`~pyro.ops.dual_averaging.DualAveraging` on tensors); the mass
 matrix is the Welford estimate of each group's draws in Stan's slow windows
 (:func:`welford_init`, :func:`welford_update`, :func:`welford_final`). None of
-them reads a value back; the loop that drives them (:mod:`.hmc`) reads once
+them reads a value back; the loop that drives them (:mod:`.mcmc.hmc`) reads once
 per window.
 
 References
@@ -47,8 +47,8 @@ from typing import NamedTuple
 
 import torch
 
-from ...errors import ConfigError
-from ..random import Streams
+from ..errors import ConfigError
+from .random import Streams
 
 __all__ = [
     "Adaptation",

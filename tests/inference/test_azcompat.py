@@ -1,4 +1,4 @@
-"""ppl_vae.inference.mcmc.azcompat under whichever ArviZ is installed (0.2x, or 1.x in CI's second pass).
+"""ppl_vae.inference.azcompat under whichever ArviZ is installed (0.2x, or 1.x in CI's second pass).
 
 Every test runs under pytest's ``filterwarnings = error`` (pyproject.toml), so
 any warning from ArviZ, xarray or NumPy fails it.
@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from ppl_vae.inference.mcmc import azcompat
+from ppl_vae.inference import azcompat
 
 pytestmark = pytest.mark.arviz
 
