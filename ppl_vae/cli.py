@@ -134,6 +134,18 @@ def _fit(sub: Any, app: Any) -> None:
         ),
         "ppl-vae fit --dataset digits --binarize threshold --epochs 20 --out runs/vae",
     )
+    for add in (_fit_data, _fit_networks, _fit_objective, _fit_schedule, _fit_launch):
+        add(f, c, app)
+    _output(f, what="run directory")
+    f.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the run in --out (its config.json is used; only {', '.join('--' + k.replace('_', '-') for k in app.RESUMABLE)} may change)",
+    )
+
+
+def _fit_data(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """``fit``'s model and data: ``--model``, ``--dataset`` and how the data are read."""
     f.add_argument(
         "--model", default=None, help=f"one of {', '.join(app.MODELS)} (default {c.model})"
     )
@@ -161,6 +173,10 @@ def _fit(sub: Any, app: Any) -> None:
         default=None,
         help="use only the first N rows of each split (default: all)",
     )
+
+
+def _fit_networks(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """``fit``'s networks and guide: the latent size, the layers, the likelihood, the guide, the prior's components."""
     f.add_argument(
         "--latent-dim",
         type=int,
@@ -207,6 +223,10 @@ def _fit(sub: Any, app: Any) -> None:
         default=None,
         help=f"mixture components of the prior: mog-vae's Gaussians (default {app.MIXTURE_COMPONENTS}), vampprior's pseudo-inputs (default {app.PSEUDO_INPUTS})",
     )
+
+
+def _fit_objective(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """``fit``'s objective: the estimator and its particles, the KL weight, the autoencoders' options."""
     f.add_argument(
         "--estimator",
         default=None,
@@ -245,6 +265,10 @@ def _fit(sub: Any, app: Any) -> None:
         default=None,
         help=f"weight of the contractive autoencoder's Jacobian penalty, --model cae (default {c.contractive:g})",
     )
+
+
+def _fit_schedule(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """``fit``'s training schedule: epochs, batches, learning rate, early stopping and the seed."""
     f.add_argument(
         "--epochs",
         type=int,
@@ -276,6 +300,10 @@ def _fit(sub: Any, app: Any) -> None:
         default=None,
         help=f"seeds the networks, draws and shuffling, in [0, 2**32 - 1] (default {c.seed})",
     )
+
+
+def _fit_launch(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """Where and how ``fit`` runs (Lightning Fabric's options) and ``--compile``."""
     f.add_argument(
         "--accelerator", default=None, help="cpu, cuda, mps or auto (Lightning Fabric; default cpu)"
     )
@@ -306,12 +334,6 @@ def _fit(sub: Any, app: Any) -> None:
         action="store_true",
         default=None,
         help="run the steps after the first as one traced graph under torch.compile (inductor; compiled before training; one process)",
-    )
-    _output(f, what="run directory")
-    f.add_argument(
-        "--resume",
-        action="store_true",
-        help=f"continue the run in --out (its config.json is used; only {', '.join('--' + k.replace('_', '-') for k in app.RESUMABLE)} may change)",
     )
 
 
@@ -367,6 +389,34 @@ def _plot(sub: Any, app: Any) -> None:
 
 
 def _tables(sub: Any, app: Any) -> None:
+    """The three MNIST tables: ``cvae-quadrants``, ``m2`` and ``sdae-codes``, with their shared options."""
+    cq, m2p, sd = _cvae_quadrants(sub), _m2(sub), _sdae_codes(sub)
+    for e in (cq, m2p, sd):
+        e.add_argument(
+            "--data-dir",
+            default=None,
+            help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)",
+        )
+        e.add_argument("--epochs", type=int, default=10, help="passes over the training data")
+        e.add_argument(
+            "--seed", type=int, default=0, help="seeds the networks, draws and data subsets"
+        )
+        _output(e)
+    _train_limit(cq)
+    cq.add_argument("--test-limit", type=int, default=None, help="test rows (default all 10,000)")
+    cq.add_argument("--samples", type=int, default=100, help="importance samples per test image")
+
+
+def _train_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="training rows, a seeded random subset (default all 50,000)",
+    )
+
+
+def _cvae_quadrants(sub: Any) -> argparse.ArgumentParser:
     cq = _command(
         sub,
         "cvae-quadrants",
@@ -380,6 +430,10 @@ def _tables(sub: Any, app: Any) -> None:
     cq.add_argument(
         "--quadrants", type=int, nargs="+", default=[1, 2, 3], help="numbers of visible quadrants"
     )
+    return cq
+
+
+def _m2(sub: Any) -> argparse.ArgumentParser:
     m2p = _command(
         sub,
         "m2",
@@ -404,6 +458,10 @@ def _tables(sub: Any, app: Any) -> None:
         help="extra unlabelled images: binarized-mnist (its 50,000 training images; default none)",
     )
     m2p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
+    return m2p
+
+
+def _sdae_codes(sub: Any) -> argparse.ArgumentParser:
     sd = _command(
         sub,
         "sdae-codes",
@@ -430,31 +488,8 @@ def _tables(sub: Any, app: Any) -> None:
         default=0.25,
         help="masking probability of the denoising autoencoders",
     )
-    sd.add_argument(
-        "--train-limit",
-        type=int,
-        default=None,
-        help="training rows, a seeded random subset (default all 50,000)",
-    )
-    for e in (cq, m2p, sd):
-        e.add_argument(
-            "--data-dir",
-            default=None,
-            help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)",
-        )
-        e.add_argument("--epochs", type=int, default=10, help="passes over the training data")
-        e.add_argument(
-            "--seed", type=int, default=0, help="seeds the networks, draws and data subsets"
-        )
-        _output(e)
-    cq.add_argument(
-        "--train-limit",
-        type=int,
-        default=None,
-        help="training rows, a seeded random subset (default all 50,000)",
-    )
-    cq.add_argument("--test-limit", type=int, default=None, help="test rows (default all 10,000)")
-    cq.add_argument("--samples", type=int, default=100, help="importance samples per test image")
+    _train_limit(sd)
+    return sd
 
 
 def _grad_variance(sub: Any, app: Any) -> None:
