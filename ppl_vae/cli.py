@@ -144,196 +144,154 @@ def _fit(sub: Any, app: Any) -> None:
     )
 
 
+def _given(p: argparse.ArgumentParser, flag: str, help: str, kind: Any = None, **kw: Any) -> None:
+    """An option of ``fit`` whose default is None ("not given"): :class:`Config`'s default, or a resumed run's own."""
+    if kind is not None:
+        kw["type"] = kind
+    p.add_argument(flag, default=None, help=help, **kw)
+
+
 def _fit_data(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
     """``fit``'s model and data: ``--model``, ``--dataset`` and how the data are read."""
-    f.add_argument(
-        "--model", default=None, help=f"one of {', '.join(app.MODELS)} (default {c.model})"
-    )
-    f.add_argument(
-        "--dataset", default=None, help=f"one of {', '.join(app.DATASETS)} (default {c.dataset})"
-    )
-    f.add_argument(
-        "--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)"
-    )
-    f.add_argument(
+    _given(f, "--model", f"one of {', '.join(app.MODELS)} (default {c.model})")
+    _given(f, "--dataset", f"one of {', '.join(app.DATASETS)} (default {c.dataset})")
+    _given(f, "--data-dir", "data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
+    _given(
+        f,
         "--download",
+        "download missing data files (needs a network; default: off)",
         action="store_true",
-        default=None,
-        help="download missing data files (needs a network; default: off)",
     )
-    f.add_argument(
+    _given(
+        f,
         "--binarize",
+        "binarise intensities once: at 0.5 (threshold) or by a seeded draw (sample) (default: none, for binarized-mnist: already binary)",
         choices=("threshold", "sample"),
-        default=None,
-        help="binarise intensities once: at 0.5 (threshold) or by a seeded draw (sample) (default: none, for binarized-mnist: already binary)",
     )
-    f.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="use only the first N rows of each split (default: all)",
-    )
+    _given(f, "--limit", "use only the first N rows of each split (default: all)", int)
 
 
 def _fit_networks(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
     """``fit``'s networks and guide: the latent size, the layers, the likelihood, the guide, the prior's components."""
-    f.add_argument(
-        "--latent-dim",
-        type=int,
-        default=None,
-        help=f"dimensions of the latent z (default {c.latent_dim})",
-    )
-    f.add_argument(
-        "--hidden",
-        type=_hidden,
-        default=None,
-        help=f"hidden widths (default {','.join(map(str, c.hidden))})",
-    )
-    f.add_argument(
+    _given(f, "--latent-dim", f"dimensions of the latent z (default {c.latent_dim})", int)
+    _given(f, "--hidden", f"hidden widths (default {','.join(map(str, c.hidden))})", _hidden)
+    _given(
+        f,
         "--layers",
-        type=_some,
-        default=None,
-        help="widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first, default 8d,4d,2d,d for --latent-dim d; sdae: its encoder's layers, default --hidden then d)",
+        "widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first, default 8d,4d,2d,d for --latent-dim d; sdae: its encoder's layers, default --hidden then d)",
+        _some,
     )
-    f.add_argument(
+    _given(
+        f,
         "--arch",
+        f"encoder and decoder networks: mlp or conv (default {c.arch})",
         choices=("mlp", "conv"),
-        default=None,
-        help=f"encoder and decoder networks: mlp or conv (default {c.arch})",
     )
-    f.add_argument(
-        "--likelihood",
-        default=None,
-        help=f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})",
-    )
-    f.add_argument(
+    _given(f, "--likelihood", f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})")
+    _given(
+        f,
         "--guide",
-        default=None,
-        help=f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}",
+        f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}",
     )
-    f.add_argument(
-        "--flows",
-        type=int,
-        default=None,
-        help=f"number of IAF steps with --guide iaf (default {c.flows})",
-    )
-    f.add_argument(
+    _given(f, "--flows", f"number of IAF steps with --guide iaf (default {c.flows})", int)
+    _given(
+        f,
         "--components",
-        type=int,
-        default=None,
-        help=f"mixture components of the prior: mog-vae's Gaussians (default {app.MIXTURE_COMPONENTS}), vampprior's pseudo-inputs (default {app.PSEUDO_INPUTS})",
+        f"mixture components of the prior: mog-vae's Gaussians (default {app.MIXTURE_COMPONENTS}), vampprior's pseudo-inputs (default {app.PSEUDO_INPUTS})",
+        int,
     )
 
 
 def _fit_objective(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
     """``fit``'s objective: the estimator and its particles, the KL weight, the autoencoders' options."""
-    f.add_argument(
-        "--estimator",
-        default=None,
-        help=f"one of {', '.join(app.ESTIMATORS)} (default {c.estimator})",
+    _given(f, "--estimator", f"one of {', '.join(app.ESTIMATORS)} (default {c.estimator})")
+    _given(
+        f, "--num-particles", f"draws of z per datapoint per step (default {c.num_particles})", int
     )
-    f.add_argument(
-        "--num-particles",
-        type=int,
-        default=None,
-        help=f"draws of z per datapoint per step (default {c.num_particles})",
-    )
-    f.add_argument(
-        "--beta", type=float, default=None, help=f"KL weight (beta-VAE; default {c.beta:g})"
-    )
-    f.add_argument(
+    _given(f, "--beta", f"KL weight (beta-VAE; default {c.beta:g})", float)
+    _given(
+        f,
         "--pretrain-epochs",
-        type=int,
-        default=None,
-        help=f"sdae: epochs of each layer's greedy pretraining, before --epochs of fine-tuning (default {c.pretrain_epochs})",
+        f"sdae: epochs of each layer's greedy pretraining, before --epochs of fine-tuning (default {c.pretrain_epochs})",
+        int,
     )
-    f.add_argument(
+    _given(
+        f,
         "--kl-warmup",
-        type=int,
-        default=None,
-        help=f"epochs over which the KL weight rises linearly from 0 to --beta (Sønderby et al. 2016; default {c.kl_warmup}: none)",
+        f"epochs over which the KL weight rises linearly from 0 to --beta (Sønderby et al. 2016; default {c.kl_warmup}: none)",
+        int,
     )
-    f.add_argument(
+    _given(
+        f,
         "--noise",
-        type=float,
-        default=None,
-        help=f"masking probability of the denoising autoencoder (default {c.noise:g})",
+        f"masking probability of the denoising autoencoder (default {c.noise:g})",
+        float,
     )
-    f.add_argument(
+    _given(
+        f,
         "--contractive",
-        type=float,
-        default=None,
-        help=f"weight of the contractive autoencoder's Jacobian penalty, --model cae (default {c.contractive:g})",
+        f"weight of the contractive autoencoder's Jacobian penalty, --model cae (default {c.contractive:g})",
+        float,
     )
 
 
 def _fit_schedule(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
     """``fit``'s training schedule: epochs, batches, learning rate, early stopping and the seed."""
-    f.add_argument(
+    _given(
+        f,
         "--epochs",
-        type=int,
-        default=None,
-        help=f"passes over the training data (default {c.epochs}; with --resume: the new total, at least the epochs done)",
+        f"passes over the training data (default {c.epochs}; with --resume: the new total, at least the epochs done)",
+        int,
     )
-    f.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=f"rows per step, over all devices (default {c.batch_size})",
-    )
-    f.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {c.lr:g})")
-    f.add_argument(
+    _given(f, "--batch-size", f"rows per step, over all devices (default {c.batch_size})", int)
+    _given(f, "--lr", f"Adam learning rate (default {c.lr:g})", float)
+    _given(
+        f,
         "--lr-schedule",
+        "learning-rate schedule, a function of (epoch, --epochs): an extended run re-plans it (default: constant)",
         choices=("cosine", "exponential"),
-        default=None,
-        help="learning-rate schedule, a function of (epoch, --epochs): an extended run re-plans it (default: constant)",
     )
-    f.add_argument(
+    _given(
+        f,
         "--patience",
-        type=int,
-        default=None,
-        help="stop after N epochs without a better validation ELBO, keeping the best epoch (default: never)",
+        "stop after N epochs without a better validation ELBO, keeping the best epoch (default: never)",
+        int,
     )
-    f.add_argument(
+    _given(
+        f,
         "--seed",
-        type=int,
-        default=None,
-        help=f"seeds the networks, draws and shuffling, in [0, 2**32 - 1] (default {c.seed})",
+        f"seeds the networks, draws and shuffling, in [0, 2**32 - 1] (default {c.seed})",
+        int,
     )
 
 
 def _fit_launch(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
     """Where and how ``fit`` runs (Lightning Fabric's options) and ``--compile``."""
-    f.add_argument(
-        "--accelerator", default=None, help="cpu, cuda, mps or auto (Lightning Fabric; default cpu)"
-    )
-    f.add_argument(
+    _given(f, "--accelerator", "cpu, cuda, mps or auto (Lightning Fabric; default cpu)")
+    _given(
+        f,
         "--devices",
-        type=int,
-        default=None,
-        help="devices (processes) per node; the batch is split across them (default 1)",
+        "devices (processes) per node; the batch is split across them (default 1)",
+        int,
     )
-    f.add_argument(
+    _given(
+        f,
         "--strategy",
-        default=None,
-        help="ddp (data parallel), ddp_spawn, ddp_fork, ... (Fabric's names; default auto)",
+        "ddp (data parallel), ddp_spawn, ddp_fork, ... (Fabric's names; default auto)",
     )
-    f.add_argument(
+    _given(
+        f,
         "--precision",
-        default=None,
-        help="64-true, 32-true, bf16-mixed, 16-mixed, ... (Fabric's names; default 32-true)",
+        "64-true, 32-true, bf16-mixed, 16-mixed, ... (Fabric's names; default 32-true)",
     )
-    f.add_argument(
-        "--num-nodes",
-        type=int,
-        default=None,
-        help="machines, for a run started by torchrun or srun on each (default 1)",
+    _given(
+        f, "--num-nodes", "machines, for a run started by torchrun or srun on each (default 1)", int
     )
-    f.add_argument(
+    _given(
+        f,
         "--compile",
+        "run the steps after the first as one traced graph under torch.compile (inductor; compiled before training; one process)",
         action="store_true",
-        default=None,
-        help="run the steps after the first as one traced graph under torch.compile (inductor; compiled before training; one process)",
     )
 
 
