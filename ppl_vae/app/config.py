@@ -1,8 +1,9 @@
 """Everything that defines a run, as the command line names it: :class:`Config` and its checks.
 
 Every compatibility rule between options lives in :meth:`Config.validate`,
-stated in terms of the properties of the named model and guide (its record,
-:class:`~ppl_vae.app.registry.NamedModel`, in :data:`MODEL_SPECS`), so ``fit``, ``gaps``, ``compare`` and
+stated in terms of the properties of the named model (its record,
+:class:`~ppl_vae.app.registry.NamedModel`, in :data:`MODEL_SPECS`, which
+also builds it) and guide, so ``fit``, ``gaps``, ``compare`` and
 ``grad-variance`` agree.
 """
 
@@ -252,8 +253,8 @@ class Config:
     def _check_model_options(self) -> None:
         """An option the model would ignore is refused, unless it is left at its default (:attr:`NamedModel.options`)."""
         spec = self.spec
-        for key in MODEL_OPTIONS:
-            if key not in spec.options and getattr(self, key) != _default(key):
+        for key in spec.ignores:
+            if getattr(self, key) != _default(key):
                 able = [m for m, s in MODEL_SPECS.items() if key in s.options]
                 others = [m for m in MODELS if m not in able]
                 where = (

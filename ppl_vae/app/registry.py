@@ -152,6 +152,11 @@ class NamedModel:
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
+    @property
+    def ignores(self) -> tuple[str, ...]:
+        """The options of :data:`MODEL_OPTIONS` it would ignore (refused away from their defaults)."""
+        return tuple(k for k in MODEL_OPTIONS if k not in self.options)
+
 
 #: the earlier name of :class:`NamedModel` (the properties alone, before the records held their builders)
 ModelSpec = NamedModel
@@ -426,11 +431,8 @@ def _autoencoder(cfg: RunConfig, data_dim: int, image_shape: Any, num_classes: i
 def _hvae(cfg: RunConfig, data_dim: int, image_shape: Any, num_classes: int | None) -> Built:
     """Two Gaussian latent layers: ``z1`` of ``2 d`` dimensions under ``z2`` of ``d``."""
     d, hidden = cfg.latent_dim, list(cfg.hidden)
-    likelihood, body, d1 = (
-        get_likelihood(cfg.likelihood, dim=data_dim),
-        _body(data_dim, hidden),
-        2 * d,
-    )
+    likelihood, d1 = get_likelihood(cfg.likelihood, dim=data_dim), 2 * d
+    body = _body(data_dim, hidden)
     enc1 = GaussianEncoder(body, hidden[-1], d1)
     enc2 = GaussianEncoder(MLP(d1, [], hidden[-1]), hidden[-1], d)
     dec1 = _mlp_decoder(d1, hidden, data_dim)
