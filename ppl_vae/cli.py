@@ -24,6 +24,12 @@ from .errors import Interrupted, PplVaeError
 
 __all__ = ["main", "build_parser"]
 
+#: help texts several commands share
+_DATA_DIR = "data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)"
+_NUM_NODES = "machines, for a run started by torchrun or srun on each (default 1)"
+_SPLIT = "train, valid or test (default test)"
+_RUN = "run directory from ppl-vae fit"
+
 
 def _hidden(text: str) -> tuple[int, ...]:
     try:
@@ -155,7 +161,7 @@ def _fit_data(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
     """``fit``'s model and data: ``--model``, ``--dataset`` and how the data are read."""
     _given(f, "--model", f"one of {', '.join(app.MODELS)} (default {c.model})")
     _given(f, "--dataset", f"one of {', '.join(app.DATASETS)} (default {c.dataset})")
-    _given(f, "--data-dir", "data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
+    _given(f, "--data-dir", _DATA_DIR)
     _given(
         f,
         "--download",
@@ -284,9 +290,7 @@ def _fit_launch(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
         "--precision",
         "64-true, 32-true, bf16-mixed, 16-mixed, ... (Fabric's names; default 32-true)",
     )
-    _given(
-        f, "--num-nodes", "machines, for a run started by torchrun or srun on each (default 1)", int
-    )
+    _given(f, "--num-nodes", _NUM_NODES, int)
     _given(
         f,
         "--compile",
@@ -353,7 +357,7 @@ def _tables(sub: Any, app: Any) -> None:
         e.add_argument(
             "--data-dir",
             default=None,
-            help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)",
+            help=_DATA_DIR,
         )
         e.add_argument("--epochs", type=int, default=10, help="passes over the training data")
         e.add_argument(
@@ -520,7 +524,7 @@ def _gaps(sub: Any, app: Any) -> None:
         default=[],
         help="instead of --run: merge earlier gaps folders into one table and figure (default: none)",
     )
-    g.add_argument("--split", default="test", help="train, valid or test (default test)")
+    g.add_argument("--split", default="test", help=_SPLIT)
     g.add_argument(
         "--num-points",
         type=int,
@@ -587,9 +591,9 @@ def _nll(sub: Any, app: Any) -> None:
         ),
         "ppl-vae nll --run runs/vae --K 5000 --out runs/vae-nll",
     )
-    n.add_argument("--run", required=True, help="run directory from ppl-vae fit")
+    n.add_argument("--run", required=True, help=_RUN)
     n.add_argument("--K", type=int, default=5000, help="importance samples per image")
-    n.add_argument("--split", default="test", help="train, valid or test (default test)")
+    n.add_argument("--split", default="test", help=_SPLIT)
     n.add_argument(
         "--limit",
         type=int,
@@ -620,7 +624,7 @@ def _calibrate(sub: Any, app: Any) -> None:
         ),
         "ppl-vae calibrate --run runs/vae --num-datasets 1000 --draws 99 --out runs/vae-calibration",
     )
-    c.add_argument("--run", required=True, help="run directory from ppl-vae fit")
+    c.add_argument("--run", required=True, help=_RUN)
     c.add_argument(
         "--num-datasets", type=int, default=1000, help="simulated datasets (one datapoint each)"
     )
@@ -654,8 +658,8 @@ def _compare(sub: Any, app: Any) -> None:
         ),
         "ppl-vae compare --run runs/vae --num-points 10 --out runs/vae-compare",
     )
-    cm.add_argument("--run", required=True, help="run directory from ppl-vae fit")
-    cm.add_argument("--split", default="test", help="train, valid or test (default test)")
+    cm.add_argument("--run", required=True, help=_RUN)
+    cm.add_argument("--split", default="test", help=_SPLIT)
     cm.add_argument(
         "--num-points",
         type=int,
@@ -732,7 +736,7 @@ def _spread(p: Any) -> None:
         "--num-nodes",
         type=int,
         default=None,
-        help="machines, for a run started by torchrun or srun on each (default 1)",
+        help=_NUM_NODES,
     )
 
 

@@ -642,7 +642,7 @@ def m2_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- ``ppl-vae fit --model`` builders ------------------------------------------------
+# --- the command line: ``ppl-vae cvae-quadrants``, ``m2`` and ``sdae-codes`` -----------
 
 
 def command(args: argparse.Namespace) -> int:
