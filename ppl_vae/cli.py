@@ -24,6 +24,12 @@ from .errors import Interrupted, PplVaeError
 
 __all__ = ["main", "build_parser"]
 
+#: help texts several commands share
+_DATA_DIR = "data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)"
+_NUM_NODES = "machines, for a run started by torchrun or srun on each (default 1)"
+_SPLIT = "train, valid or test (default test)"
+_RUN = "run directory from ppl-vae fit"
+
 
 def _hidden(text: str) -> tuple[int, ...]:
     try:
@@ -134,184 +140,162 @@ def _fit(sub: Any, app: Any) -> None:
         ),
         "ppl-vae fit --dataset digits --binarize threshold --epochs 20 --out runs/vae",
     )
-    f.add_argument(
-        "--model", default=None, help=f"one of {', '.join(app.MODELS)} (default {c.model})"
-    )
-    f.add_argument(
-        "--dataset", default=None, help=f"one of {', '.join(app.DATASETS)} (default {c.dataset})"
-    )
-    f.add_argument(
-        "--data-dir", default=None, help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)"
-    )
-    f.add_argument(
-        "--download",
-        action="store_true",
-        default=None,
-        help="download missing data files (needs a network; default: off)",
-    )
-    f.add_argument(
-        "--binarize",
-        choices=("threshold", "sample"),
-        default=None,
-        help="binarise intensities once: at 0.5 (threshold) or by a seeded draw (sample) (default: none, for binarized-mnist: already binary)",
-    )
-    f.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="use only the first N rows of each split (default: all)",
-    )
-    f.add_argument(
-        "--latent-dim",
-        type=int,
-        default=None,
-        help=f"dimensions of the latent z (default {c.latent_dim})",
-    )
-    f.add_argument(
-        "--hidden",
-        type=_hidden,
-        default=None,
-        help=f"hidden widths (default {','.join(map(str, c.hidden))})",
-    )
-    f.add_argument(
-        "--layers",
-        type=_some,
-        default=None,
-        help="widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first, default 8d,4d,2d,d for --latent-dim d; sdae: its encoder's layers, default --hidden then d)",
-    )
-    f.add_argument(
-        "--arch",
-        choices=("mlp", "conv"),
-        default=None,
-        help=f"encoder and decoder networks: mlp or conv (default {c.arch})",
-    )
-    f.add_argument(
-        "--likelihood",
-        default=None,
-        help=f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})",
-    )
-    f.add_argument(
-        "--guide",
-        default=None,
-        help=f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}",
-    )
-    f.add_argument(
-        "--flows",
-        type=int,
-        default=None,
-        help=f"number of IAF steps with --guide iaf (default {c.flows})",
-    )
-    f.add_argument(
-        "--components",
-        type=int,
-        default=None,
-        help=f"mixture components of the prior: mog-vae's Gaussians (default {app.MIXTURE_COMPONENTS}), vampprior's pseudo-inputs (default {app.PSEUDO_INPUTS})",
-    )
-    f.add_argument(
-        "--estimator",
-        default=None,
-        help=f"one of {', '.join(app.ESTIMATORS)} (default {c.estimator})",
-    )
-    f.add_argument(
-        "--num-particles",
-        type=int,
-        default=None,
-        help=f"draws of z per datapoint per step (default {c.num_particles})",
-    )
-    f.add_argument(
-        "--beta", type=float, default=None, help=f"KL weight (beta-VAE; default {c.beta:g})"
-    )
-    f.add_argument(
-        "--pretrain-epochs",
-        type=int,
-        default=None,
-        help=f"sdae: epochs of each layer's greedy pretraining, before --epochs of fine-tuning (default {c.pretrain_epochs})",
-    )
-    f.add_argument(
-        "--kl-warmup",
-        type=int,
-        default=None,
-        help=f"epochs over which the KL weight rises linearly from 0 to --beta (Sønderby et al. 2016; default {c.kl_warmup}: none)",
-    )
-    f.add_argument(
-        "--noise",
-        type=float,
-        default=None,
-        help=f"masking probability of the denoising autoencoder (default {c.noise:g})",
-    )
-    f.add_argument(
-        "--contractive",
-        type=float,
-        default=None,
-        help=f"weight of the contractive autoencoder's Jacobian penalty, --model cae (default {c.contractive:g})",
-    )
-    f.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"passes over the training data (default {c.epochs}; with --resume: the new total, at least the epochs done)",
-    )
-    f.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=f"rows per step, over all devices (default {c.batch_size})",
-    )
-    f.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {c.lr:g})")
-    f.add_argument(
-        "--lr-schedule",
-        choices=("cosine", "exponential"),
-        default=None,
-        help="learning-rate schedule, a function of (epoch, --epochs): an extended run re-plans it (default: constant)",
-    )
-    f.add_argument(
-        "--patience",
-        type=int,
-        default=None,
-        help="stop after N epochs without a better validation ELBO, keeping the best epoch (default: never)",
-    )
-    f.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help=f"seeds the networks, draws and shuffling, in [0, 2**32 - 1] (default {c.seed})",
-    )
-    f.add_argument(
-        "--accelerator", default=None, help="cpu, cuda, mps or auto (Lightning Fabric; default cpu)"
-    )
-    f.add_argument(
-        "--devices",
-        type=int,
-        default=None,
-        help="devices (processes) per node; the batch is split across them (default 1)",
-    )
-    f.add_argument(
-        "--strategy",
-        default=None,
-        help="ddp (data parallel), ddp_spawn, ddp_fork, ... (Fabric's names; default auto)",
-    )
-    f.add_argument(
-        "--precision",
-        default=None,
-        help="64-true, 32-true, bf16-mixed, 16-mixed, ... (Fabric's names; default 32-true)",
-    )
-    f.add_argument(
-        "--num-nodes",
-        type=int,
-        default=None,
-        help="machines, for a run started by torchrun or srun on each (default 1)",
-    )
-    f.add_argument(
-        "--compile",
-        action="store_true",
-        default=None,
-        help="run the steps after the first as one traced graph under torch.compile (inductor; compiled before training; one process)",
-    )
+    for add in (_fit_data, _fit_networks, _fit_objective, _fit_schedule, _fit_launch):
+        add(f, c, app)
     _output(f, what="run directory")
     f.add_argument(
         "--resume",
         action="store_true",
         help=f"continue the run in --out (its config.json is used; only {', '.join('--' + k.replace('_', '-') for k in app.RESUMABLE)} may change)",
+    )
+
+
+def _given(p: argparse.ArgumentParser, flag: str, help: str, kind: Any = None, **kw: Any) -> None:
+    """An option of ``fit`` whose default is None ("not given"): :class:`Config`'s default, or a resumed run's own."""
+    if kind is not None:
+        kw["type"] = kind
+    p.add_argument(flag, default=None, help=help, **kw)
+
+
+def _fit_data(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """``fit``'s model and data: ``--model``, ``--dataset`` and how the data are read."""
+    _given(f, "--model", f"one of {', '.join(app.MODELS)} (default {c.model})")
+    _given(f, "--dataset", f"one of {', '.join(app.DATASETS)} (default {c.dataset})")
+    _given(f, "--data-dir", _DATA_DIR)
+    _given(
+        f,
+        "--download",
+        "download missing data files (needs a network; default: off)",
+        action="store_true",
+    )
+    _given(
+        f,
+        "--binarize",
+        "binarise intensities once: at 0.5 (threshold) or by a seeded draw (sample) (default: none, for binarized-mnist: already binary)",
+        choices=("threshold", "sample"),
+    )
+    _given(f, "--limit", "use only the first N rows of each split (default: all)", int)
+
+
+def _fit_networks(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """``fit``'s networks and guide: the latent size, the layers, the likelihood, the guide, the prior's components."""
+    _given(f, "--latent-dim", f"dimensions of the latent z (default {c.latent_dim})", int)
+    _given(f, "--hidden", f"hidden widths (default {','.join(map(str, c.hidden))})", _hidden)
+    _given(
+        f,
+        "--layers",
+        "widths of a layered model's layers, the last one the code (lvae: its stochastic layers, bottom first, default 8d,4d,2d,d for --latent-dim d; sdae: its encoder's layers, default --hidden then d)",
+        _some,
+    )
+    _given(
+        f,
+        "--arch",
+        f"encoder and decoder networks: mlp or conv (default {c.arch})",
+        choices=("mlp", "conv"),
+    )
+    _given(f, "--likelihood", f"one of {', '.join(app.LIKELIHOODS)} (default {c.likelihood})")
+    _given(
+        f,
+        "--guide",
+        f"diagonal, full (Gaussian covariance) or iaf (inverse autoregressive flow); default {c.guide}",
+    )
+    _given(f, "--flows", f"number of IAF steps with --guide iaf (default {c.flows})", int)
+    _given(
+        f,
+        "--components",
+        f"mixture components of the prior: mog-vae's Gaussians (default {app.MIXTURE_COMPONENTS}), vampprior's pseudo-inputs (default {app.PSEUDO_INPUTS})",
+        int,
+    )
+
+
+def _fit_objective(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """``fit``'s objective: the estimator and its particles, the KL weight, the autoencoders' options."""
+    _given(f, "--estimator", f"one of {', '.join(app.ESTIMATORS)} (default {c.estimator})")
+    _given(
+        f, "--num-particles", f"draws of z per datapoint per step (default {c.num_particles})", int
+    )
+    _given(f, "--beta", f"KL weight (beta-VAE; default {c.beta:g})", float)
+    _given(
+        f,
+        "--pretrain-epochs",
+        f"sdae: epochs of each layer's greedy pretraining, before --epochs of fine-tuning (default {c.pretrain_epochs})",
+        int,
+    )
+    _given(
+        f,
+        "--kl-warmup",
+        f"epochs over which the KL weight rises linearly from 0 to --beta (Sønderby et al. 2016; default {c.kl_warmup}: none)",
+        int,
+    )
+    _given(
+        f,
+        "--noise",
+        f"masking probability of the denoising autoencoder (default {c.noise:g})",
+        float,
+    )
+    _given(
+        f,
+        "--contractive",
+        f"weight of the contractive autoencoder's Jacobian penalty, --model cae (default {c.contractive:g})",
+        float,
+    )
+
+
+def _fit_schedule(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """``fit``'s training schedule: epochs, batches, learning rate, early stopping and the seed."""
+    _given(
+        f,
+        "--epochs",
+        f"passes over the training data (default {c.epochs}; with --resume: the new total, at least the epochs done)",
+        int,
+    )
+    _given(f, "--batch-size", f"rows per step, over all devices (default {c.batch_size})", int)
+    _given(f, "--lr", f"Adam learning rate (default {c.lr:g})", float)
+    _given(
+        f,
+        "--lr-schedule",
+        "learning-rate schedule, a function of (epoch, --epochs): an extended run re-plans it (default: constant)",
+        choices=("cosine", "exponential"),
+    )
+    _given(
+        f,
+        "--patience",
+        "stop after N epochs without a better validation ELBO, keeping the best epoch (default: never)",
+        int,
+    )
+    _given(
+        f,
+        "--seed",
+        f"seeds the networks, draws and shuffling, in [0, 2**32 - 1] (default {c.seed})",
+        int,
+    )
+
+
+def _fit_launch(f: argparse.ArgumentParser, c: Any, app: Any) -> None:
+    """Where and how ``fit`` runs (Lightning Fabric's options) and ``--compile``."""
+    _given(f, "--accelerator", "cpu, cuda, mps or auto (Lightning Fabric; default cpu)")
+    _given(
+        f,
+        "--devices",
+        "devices (processes) per node; the batch is split across them (default 1)",
+        int,
+    )
+    _given(
+        f,
+        "--strategy",
+        "ddp (data parallel), ddp_spawn, ddp_fork, ... (Fabric's names; default auto)",
+    )
+    _given(
+        f,
+        "--precision",
+        "64-true, 32-true, bf16-mixed, 16-mixed, ... (Fabric's names; default 32-true)",
+    )
+    _given(f, "--num-nodes", _NUM_NODES, int)
+    _given(
+        f,
+        "--compile",
+        "run the steps after the first as one traced graph under torch.compile (inductor; compiled before training; one process)",
+        action="store_true",
     )
 
 
@@ -367,6 +351,34 @@ def _plot(sub: Any, app: Any) -> None:
 
 
 def _tables(sub: Any, app: Any) -> None:
+    """The three MNIST tables: ``cvae-quadrants``, ``m2`` and ``sdae-codes``, with their shared options."""
+    cq, m2p, sd = _cvae_quadrants(sub), _m2(sub), _sdae_codes(sub)
+    for e in (cq, m2p, sd):
+        e.add_argument(
+            "--data-dir",
+            default=None,
+            help=_DATA_DIR,
+        )
+        e.add_argument("--epochs", type=int, default=10, help="passes over the training data")
+        e.add_argument(
+            "--seed", type=int, default=0, help="seeds the networks, draws and data subsets"
+        )
+        _output(e)
+    _train_limit(cq)
+    cq.add_argument("--test-limit", type=int, default=None, help="test rows (default all 10,000)")
+    cq.add_argument("--samples", type=int, default=100, help="importance samples per test image")
+
+
+def _train_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="training rows, a seeded random subset (default all 50,000)",
+    )
+
+
+def _cvae_quadrants(sub: Any) -> argparse.ArgumentParser:
     cq = _command(
         sub,
         "cvae-quadrants",
@@ -380,6 +392,10 @@ def _tables(sub: Any, app: Any) -> None:
     cq.add_argument(
         "--quadrants", type=int, nargs="+", default=[1, 2, 3], help="numbers of visible quadrants"
     )
+    return cq
+
+
+def _m2(sub: Any) -> argparse.ArgumentParser:
     m2p = _command(
         sub,
         "m2",
@@ -404,6 +420,10 @@ def _tables(sub: Any, app: Any) -> None:
         help="extra unlabelled images: binarized-mnist (its 50,000 training images; default none)",
     )
     m2p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
+    return m2p
+
+
+def _sdae_codes(sub: Any) -> argparse.ArgumentParser:
     sd = _command(
         sub,
         "sdae-codes",
@@ -430,31 +450,8 @@ def _tables(sub: Any, app: Any) -> None:
         default=0.25,
         help="masking probability of the denoising autoencoders",
     )
-    sd.add_argument(
-        "--train-limit",
-        type=int,
-        default=None,
-        help="training rows, a seeded random subset (default all 50,000)",
-    )
-    for e in (cq, m2p, sd):
-        e.add_argument(
-            "--data-dir",
-            default=None,
-            help="data folder (default $PPL_VAE_DATA or ~/.cache/ppl-vae)",
-        )
-        e.add_argument("--epochs", type=int, default=10, help="passes over the training data")
-        e.add_argument(
-            "--seed", type=int, default=0, help="seeds the networks, draws and data subsets"
-        )
-        _output(e)
-    cq.add_argument(
-        "--train-limit",
-        type=int,
-        default=None,
-        help="training rows, a seeded random subset (default all 50,000)",
-    )
-    cq.add_argument("--test-limit", type=int, default=None, help="test rows (default all 10,000)")
-    cq.add_argument("--samples", type=int, default=100, help="importance samples per test image")
+    _train_limit(sd)
+    return sd
 
 
 def _grad_variance(sub: Any, app: Any) -> None:
@@ -527,7 +524,7 @@ def _gaps(sub: Any, app: Any) -> None:
         default=[],
         help="instead of --run: merge earlier gaps folders into one table and figure (default: none)",
     )
-    g.add_argument("--split", default="test", help="train, valid or test (default test)")
+    g.add_argument("--split", default="test", help=_SPLIT)
     g.add_argument(
         "--num-points",
         type=int,
@@ -594,9 +591,9 @@ def _nll(sub: Any, app: Any) -> None:
         ),
         "ppl-vae nll --run runs/vae --K 5000 --out runs/vae-nll",
     )
-    n.add_argument("--run", required=True, help="run directory from ppl-vae fit")
+    n.add_argument("--run", required=True, help=_RUN)
     n.add_argument("--K", type=int, default=5000, help="importance samples per image")
-    n.add_argument("--split", default="test", help="train, valid or test (default test)")
+    n.add_argument("--split", default="test", help=_SPLIT)
     n.add_argument(
         "--limit",
         type=int,
@@ -627,7 +624,7 @@ def _calibrate(sub: Any, app: Any) -> None:
         ),
         "ppl-vae calibrate --run runs/vae --num-datasets 1000 --draws 99 --out runs/vae-calibration",
     )
-    c.add_argument("--run", required=True, help="run directory from ppl-vae fit")
+    c.add_argument("--run", required=True, help=_RUN)
     c.add_argument(
         "--num-datasets", type=int, default=1000, help="simulated datasets (one datapoint each)"
     )
@@ -661,8 +658,8 @@ def _compare(sub: Any, app: Any) -> None:
         ),
         "ppl-vae compare --run runs/vae --num-points 10 --out runs/vae-compare",
     )
-    cm.add_argument("--run", required=True, help="run directory from ppl-vae fit")
-    cm.add_argument("--split", default="test", help="train, valid or test (default test)")
+    cm.add_argument("--run", required=True, help=_RUN)
+    cm.add_argument("--split", default="test", help=_SPLIT)
     cm.add_argument(
         "--num-points",
         type=int,
@@ -739,7 +736,7 @@ def _spread(p: Any) -> None:
         "--num-nodes",
         type=int,
         default=None,
-        help="machines, for a run started by torchrun or srun on each (default 1)",
+        help=_NUM_NODES,
     )
 
 

@@ -1,8 +1,9 @@
 """Everything that defines a run, as the command line names it: :class:`Config` and its checks.
 
 Every compatibility rule between options lives in :meth:`Config.validate`,
-stated in terms of the properties of the named model and guide
-(:mod:`ppl_vae.app.registry`), so ``fit``, ``gaps``, ``compare`` and
+stated in terms of the properties of the named model (its record,
+:class:`~ppl_vae.app.registry.NamedModel`, in :data:`MODEL_SPECS`, which
+also builds it) and guide, so ``fit``, ``gaps``, ``compare`` and
 ``grad-variance`` agree.
 """
 
@@ -12,7 +13,6 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from ..distributions import LIKELIHOODS
@@ -22,11 +22,12 @@ from ..errors import (
 )
 from ..inference.estimators import ESTIMATORS, get_estimator
 from ..inference.svi import SCHEDULES
-from ..models.discrete import DISCRETE_MODELS
+from .registry import GUIDES, MODEL_OPTIONS, MODEL_SPECS, MODELS, ModelSpec, NamedModel
 
 __all__ = [
     "Config",
     "ModelSpec",
+    "NamedModel",
     "MODEL_SPECS",
     "MODELS",
     "MODEL_OPTIONS",
@@ -35,115 +36,6 @@ __all__ = [
     "RESUMABLE",
 ]
 
-
-GUIDES = ("diagonal", "full", "iaf")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a named model is, for every rule that depends on it; declared once, in :data:`MODEL_SPECS`.
-
-    Attributes
-    ----------
-    latents : {"continuous", "discrete", "point"}
-        Its latent sites: continuous, discrete (no pathwise gradient), or a
-        point-mass encoder (an autoencoder: no density, no ELBO).
-    guides, archs : tuple of str
-        The ``--guide`` and ``--arch`` values it can be built with.
-    mean_field : bool
-        Its guide factorises over the latent sites (analytic KL applies).
-    labels : bool
-        It is conditioned on class labels (the data need them).
-    standard_prior : bool
-        Its (top) latent has the N(0, I) prior the latent pictures draw in.
-    hidden_optional : bool
-        ``--hidden ""`` builds linear maps.
-    needs_beta : bool
-        It needs ``--beta`` different from 1 (the beta-VAE).
-    options : tuple of str
-        The options of :data:`MODEL_OPTIONS` it uses (``layers``: its layer widths, the last one the code,
-        ``--latent-dim``); set away from its default, any other one is refused (the model would ignore it).
-    layers_replace_hidden : bool
-        ``--hidden`` is only the default of its ``--layers``: giving both is refused.
-    objective : str
-        What its training objective is, as reported.
-    """
-
-    latents: str = "continuous"
-    guides: tuple[str, ...] = ("diagonal", "full")
-    archs: tuple[str, ...] = ("mlp",)
-    mean_field: bool = True
-    labels: bool = False
-    standard_prior: bool = False
-    hidden_optional: bool = False
-    needs_beta: bool = False
-    options: tuple[str, ...] = ("likelihood",)
-    layers_replace_hidden: bool = False
-    objective: str = "ELBO"
-
-
-_AE = "reconstruction log-likelihood (not a bound)"
-_PENALISED = "reconstruction log-likelihood minus penalties (not a bound)"
-MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType(
-    {
-        "vae": ModelSpec(guides=GUIDES, archs=("mlp", "conv"), standard_prior=True),
-        "beta-vae": ModelSpec(
-            guides=GUIDES, archs=("mlp", "conv"), standard_prior=True, needs_beta=True
-        ),
-        "cvae": ModelSpec(labels=True, standard_prior=True),
-        "ae": ModelSpec(
-            latents="point",
-            guides=("diagonal",),
-            archs=("mlp", "conv"),
-            standard_prior=True,
-            objective=_AE,
-        ),
-        "dae": ModelSpec(
-            latents="point",
-            guides=("diagonal",),
-            archs=("mlp", "conv"),
-            standard_prior=True,
-            options=("likelihood", "noise"),
-            objective=_AE,
-        ),
-        "ppca": ModelSpec(
-            standard_prior=True, options=()
-        ),  # its likelihood is Gaussian, with a learnt variance
-        **{
-            m: ModelSpec(latents="discrete", guides=("diagonal",), hidden_optional=True)
-            for m in DISCRETE_MODELS
-        },
-        "hvae": ModelSpec(guides=("diagonal",), mean_field=False, standard_prior=True),
-        "lvae": ModelSpec(
-            guides=("diagonal",),
-            mean_field=False,
-            standard_prior=True,
-            options=("likelihood", "layers"),
-        ),
-        "mog-vae": ModelSpec(options=("likelihood", "components")),
-        "vampprior": ModelSpec(options=("likelihood", "components")),
-        "vqvae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
-        "vqvae2": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
-        "sparse-ae": ModelSpec(latents="point", guides=("diagonal",), objective=_PENALISED),
-        "cae": ModelSpec(
-            latents="point",
-            guides=("diagonal",),
-            options=("likelihood", "contractive"),
-            objective=_PENALISED,
-        ),
-        "sdae": ModelSpec(
-            latents="point",
-            guides=("diagonal",),
-            options=("likelihood", "layers", "noise", "pretrain_epochs"),
-            layers_replace_hidden=True,
-            objective=_AE,
-        ),
-    }
-)
-MODELS = tuple(MODEL_SPECS)
-#: the options only some models use (:attr:`ModelSpec.options`): ``--components`` sets the size of a mixture prior, ``--noise`` a
-#: denoising autoencoder's masking, ``--contractive`` the contractive one's penalty, ``--pretrain-epochs`` a stacked one's pretraining
-MODEL_OPTIONS = ("likelihood", "layers", "components", "noise", "contractive", "pretrain_epochs")
 
 #: the keys every ``config.json`` has held since the first release: a saved config without one is damaged. The options added
 #: since (``flows``, ``resumed``, ``kl_warmup``, ``layers``, ``pretrain_epochs``, ``contractive``, ``components``) may be absent
@@ -208,6 +100,11 @@ _KINDS: dict[str, tuple[str, tuple[type, ...], bool]] = {  # key -> (what, types
     "download": ("true or false", (bool,), False),
     "compile": ("true or false", (bool,), False),
 }
+
+
+def _default(key: str) -> Any:
+    """The default of :class:`Config`'s option ``key``."""
+    return Config.__dataclass_fields__[key].default
 
 
 def option_flag(key: str) -> str:
@@ -287,6 +184,16 @@ class Config:
     def validate(self) -> Config:
         """``self`` if every option is possible; else :class:`ConfigError`, one line naming the option."""
         self._check_types()
+        self._check_names()
+        est = self._check_estimator()
+        self._check_guide(est)
+        self._check_model_options()
+        self._check_networks()
+        self._check_numbers()
+        return self
+
+    def _check_names(self) -> None:
+        """The model and the likelihood are named ones; the latent dimension is positive."""
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if not isinstance(self.latent_dim, int) or self.latent_dim <= 0:
@@ -297,6 +204,9 @@ class Config:
             raise ConfigError(
                 f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}"
             )
+
+    def _check_estimator(self) -> Any:
+        """The estimator: its options, ``--compile``, and whether the model's latents allow it; returns it."""
         est = get_estimator(self.estimator)  # ConfigError for an unknown name
         est.validate(self.num_particles)  # and for bad options
         if self.compile and not est.compiles:
@@ -318,16 +228,20 @@ class Config:
             raise ConfigError(
                 f"{self.model}'s guide is not mean-field (its sites depend on each other): --estimator analytic-kl would optimise the wrong objective"
             )
+        return est
+
+    def _check_guide(self, est: Any) -> None:
+        """The guide: available for the model, and with the estimator ``est`` and ``--beta``."""
         if self.guide not in GUIDES:
             raise ConfigError(f"unknown guide {self.guide!r}; choose one of {', '.join(GUIDES)}")
-        if self.guide not in spec.guides:
+        if self.guide not in self.spec.guides:
             able = ", ".join(m for m, s in MODEL_SPECS.items() if self.guide in s.guides)
             raise ConfigError(f"--guide {self.guide} is available for {able}, not {self.model}")
         if self.guide == "iaf" and est.scores:
             raise ConfigError(
                 "--guide iaf needs a pathwise estimator (reparam or iwae): its cached flow log-density gives the score function no gradient"
             )
-        if estimator == "iwae" and self.beta != 1.0:
+        if self.estimator.split(":")[0] == "iwae" and self.beta != 1.0:
             raise ConfigError(
                 "--estimator iwae is not defined with --beta != 1 (the bound is not a sum of per-site terms)"
             )
@@ -335,13 +249,12 @@ class Config:
             raise ConfigError(
                 f"--guide iaf needs --flows >= 1 and --latent-dim >= 2, got {self.flows} and {self.latent_dim}"
             )
-        for key in (
-            MODEL_OPTIONS
-        ):  # an option the model would ignore is refused, unless it is left at its default
-            if (
-                key not in spec.options
-                and getattr(self, key) != Config.__dataclass_fields__[key].default
-            ):
+
+    def _check_model_options(self) -> None:
+        """An option the model would ignore is refused, unless it is left at its default (:attr:`NamedModel.options`)."""
+        spec = self.spec
+        for key in spec.ignores:
+            if getattr(self, key) != _default(key):
                 able = [m for m, s in MODEL_SPECS.items() if key in s.options]
                 others = [m for m in MODELS if m not in able]
                 where = (
@@ -352,18 +265,18 @@ class Config:
                 raise ConfigError(
                     f"{option_flag(key)} applies to {where}; {self.model} would ignore it"
                 )
-        if (
-            spec.layers_replace_hidden
-            and self.layers
-            and self.hidden != Config.__dataclass_fields__["hidden"].default
-        ):
+        if spec.layers_replace_hidden and self.layers and self.hidden != _default("hidden"):
             raise ConfigError(
                 f"{self.model}'s --hidden is only the default of its --layers: give one of them, not both"
             )
-        if self.flows != Config.__dataclass_fields__["flows"].default and self.guide != "iaf":
+        if self.flows != _default("flows") and self.guide != "iaf":
             raise ConfigError(f"--flows applies to --guide iaf, not --guide {self.guide}")
         if self.components is not None and self.components < 1:
             raise ConfigError(f"components must be >= 1, got {self.components}")
+
+    def _check_networks(self) -> None:
+        """``--arch``, ``--hidden`` and ``--layers``: available for the model, and positive widths."""
+        spec = self.spec
         if self.arch not in ("mlp", "conv"):
             raise ConfigError(f"unknown arch {self.arch!r}; choose mlp or conv")
         if self.arch not in spec.archs:
@@ -382,7 +295,10 @@ class Config:
             raise ConfigError(
                 f"the last of --layers is the code: it must equal --latent-dim ({self.layers[-1]} vs {self.latent_dim})"
             )
-        if spec.needs_beta and self.beta == 1.0:
+
+    def _check_numbers(self) -> None:
+        """The numeric options are in their ranges; ``--lr-schedule`` is a named one."""
+        if self.spec.needs_beta and self.beta == 1.0:
             raise ConfigError(f"{self.model} needs --beta different from 1 (beta=1 is the vae)")
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"beta must be positive, got {self.beta}")
@@ -403,9 +319,8 @@ class Config:
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
-        check_seed(
-            self.seed
-        )  # a 32-bit seed, as numpy's (unchanged from earlier versions, so old configs stay valid)
+        # a 32-bit seed, as numpy's (unchanged from earlier versions, so old configs stay valid)
+        check_seed(self.seed)
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience must be >= 1, got {self.patience}")
         if self.limit is not None and self.limit < 1:
@@ -414,11 +329,10 @@ class Config:
             raise ConfigError(
                 f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}"
             )
-        return self
 
     @property
-    def spec(self) -> ModelSpec:
-        """The properties of the named model (:data:`MODEL_SPECS`)."""
+    def spec(self) -> NamedModel:
+        """The named model's record (:data:`MODEL_SPECS`): its properties and its builder."""
         try:
             return MODEL_SPECS[self.model]
         except KeyError:

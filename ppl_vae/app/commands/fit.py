@@ -225,18 +225,10 @@ def _run(
     command: str,
 ) -> dict[str, Any]:
     splits = load_splits(cfg)  # every input check happens before anything is written
-    train = splits["train"]
     built = build_checked(cfg, splits)
     done: int | None = None
     if resume:  # read the checkpoint before anything is written
-        ckpt = read_checkpoint(
-            out / CHECKPOINT, options=cfg.fit_options()
-        )  # every field checked, and against config.json
-        done = ckpt["epoch"]
-        check_resume(ckpt, cfg.epochs, cfg.patience, out, prefix="--", world_size=world)
-        cfg = dataclasses.replace(
-            cfg, resumed=(*cfg.resumed, {"at_epoch": done, "changed": changed})
-        )
+        cfg, done = _checked_resume(cfg, out, changed, world)
     created = not out.exists()
     prepare_run_dir(
         out,
@@ -252,88 +244,129 @@ def _run(
         ):  # it describes the run before this resume; rewritten when this one finishes
             (out / METRICS).unlink(missing_ok=True)
         t0 = time.perf_counter()
-        if (
-            "pretrain" in built.extra and not resume
-        ):  # greedy layer-wise pretraining (sdae), then fit fine-tunes the whole stack
-            io.write_csv(
-                out / PRETRAIN,
-                built.extra["pretrain"](split_tensors(cfg, train)[0], progress=progress),
-            )
-        result = fit(
-            built.model,
-            built.guide,
-            split_tensors(cfg, train),
-            validation=split_tensors(cfg, splits["valid"]),
-            estimator=cfg.estimator,
-            num_particles=cfg.num_particles,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            lr_schedule=cfg.lr_schedule,
-            patience=cfg.patience,
-            beta=cfg.beta,
-            kl_warmup=cfg.kl_warmup,
-            seed=cfg.seed,
-            out=out,
-            resume=resume,
-            progress=progress,
-            compile=cfg.compile,
-            **launch,
-        )
+        result = _train(cfg, built, splits, out, resume=resume, progress=progress, launch=launch)
         done = result.epochs
-        test = split_tensors(cfg, splits["test"])
-        with seeded(cfg.seed):
-            test_elbo = elbo_per_datapoint(built.model, built.guide, *test).value
-        metrics: dict[str, Any] = {
-            "objective": objective_name(cfg),
-            "units": "nats per datapoint",
-            "train_elbo": result.train_elbo,
-            "val_elbo": result.val_elbo,
-            "test_elbo": test_elbo.mean().item(),
-            "test_elbo_se": (test_elbo.std() / math.sqrt(len(test_elbo))).item(),
-            "epochs": result.epochs,
-            "steps": result.steps,
-            "stopped_early": result.stopped_early,
-            "best_epoch": result.best_epoch,
-            "train_wall_time_s": result.wall_time,
-            "wall_time_s": time.perf_counter() - t0,
-            "num_train": len(train),
-            "num_test": len(splits["test"]),
-            "options": cfg.to_dict(),
-        }
-        if built.exact is not None:
-            metrics["test_log_px_exact"] = built.exact.log_marginal(test[0]).mean().item()
-        if (
-            cfg.spec.latents != "point"
-        ):  # the ELBO's KL term of each latent site (per layer of a hierarchy), nats per datapoint
-            metrics["test_kl_per_site"] = mean_kl_per_site(built, test, seed=cfg.seed)
+        metrics = _metrics(cfg, built, splits, result, t0)
         if figures:
             run_figures(built, splits, result.to_dataframe(), out)
         io.write_json(out / METRICS, metrics)
         return metrics
     except BaseException as exc:
-        discarded = not resume and not (out / CHECKPOINT).exists()
-        if discarded:
-            _discard(out, created)
-        if isinstance(exc, Interrupted):
-            raise Interrupted(
-                str(exc) + (f" (the unfinished new run in {out} was removed)" if discarded else ""),
-                epoch=exc.epoch,
-            ) from None
-        if isinstance(exc, KeyboardInterrupt):
-            where = (
-                f"the last checkpoint is epoch {done} (in {out}); {METRICS} was not written"
-                if done
-                else "there is no checkpoint"
-            )
-            raise Interrupted(f"interrupted; {where}", epoch=done) from None
-        if isinstance(exc, TrainingDiverged) and discarded:
-            raise TrainingDiverged(
-                f"{exc} (no epoch finished: the new run in {out} was removed)",
-                step=exc.step,
-                site=exc.site,
-            ) from None
+        replacement = _failure(exc, out, resume=resume, created=created, done=done)
+        if replacement is not None:
+            raise replacement from None
         raise
+
+
+def _checked_resume(
+    cfg: Config, out: Path, changed: dict[str, list[Any]], world: int
+) -> tuple[Config, int]:
+    """``cfg`` with this resume recorded, and the epochs done: the checkpoint read and checked against ``cfg``."""
+    ckpt = read_checkpoint(
+        out / CHECKPOINT, options=cfg.fit_options()
+    )  # every field checked, and against config.json
+    done = ckpt["epoch"]
+    check_resume(ckpt, cfg.epochs, cfg.patience, out, prefix="--", world_size=world)
+    cfg = dataclasses.replace(cfg, resumed=(*cfg.resumed, {"at_epoch": done, "changed": changed}))
+    return cfg, done
+
+
+def _train(
+    cfg: Config,
+    built: Any,
+    splits: dict[str, Any],
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    launch: dict[str, Any],
+) -> Any:
+    """The pretraining a model has (sdae: greedy layer-wise, written to pretrain.csv), then :func:`fit`."""
+    train = split_tensors(cfg, splits["train"])
+    if "pretrain" in built.extra and not resume:  # then fit fine-tunes the whole stack
+        io.write_csv(out / PRETRAIN, built.extra["pretrain"](train[0], progress=progress))
+    return fit(
+        built.model,
+        built.guide,
+        train,
+        validation=split_tensors(cfg, splits["valid"]),
+        estimator=cfg.estimator,
+        num_particles=cfg.num_particles,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        lr_schedule=cfg.lr_schedule,
+        patience=cfg.patience,
+        beta=cfg.beta,
+        kl_warmup=cfg.kl_warmup,
+        seed=cfg.seed,
+        out=out,
+        resume=resume,
+        progress=progress,
+        compile=cfg.compile,
+        **launch,
+    )
+
+
+def _metrics(
+    cfg: Config, built: Any, splits: dict[str, Any], result: Any, t0: float
+) -> dict[str, Any]:
+    """``metrics.json``: the bounds on every split, the training's course, and the model's own measures."""
+    test = split_tensors(cfg, splits["test"])
+    with seeded(cfg.seed):
+        test_elbo = elbo_per_datapoint(built.model, built.guide, *test).value
+    metrics: dict[str, Any] = {
+        "objective": objective_name(cfg),
+        "units": "nats per datapoint",
+        "train_elbo": result.train_elbo,
+        "val_elbo": result.val_elbo,
+        "test_elbo": test_elbo.mean().item(),
+        "test_elbo_se": (test_elbo.std() / math.sqrt(len(test_elbo))).item(),
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "best_epoch": result.best_epoch,
+        "train_wall_time_s": result.wall_time,
+        "wall_time_s": time.perf_counter() - t0,
+        "num_train": len(splits["train"]),
+        "num_test": len(splits["test"]),
+        "options": cfg.to_dict(),
+    }
+    if built.exact is not None:
+        metrics["test_log_px_exact"] = built.exact.log_marginal(test[0]).mean().item()
+    if (
+        cfg.spec.latents != "point"
+    ):  # the ELBO's KL term of each latent site (per layer of a hierarchy), nats per datapoint
+        metrics["test_kl_per_site"] = mean_kl_per_site(built, test, seed=cfg.seed)
+    return metrics
+
+
+def _failure(
+    exc: BaseException, out: Path, *, resume: bool, created: bool, done: int | None
+) -> BaseException | None:
+    """What a failed run raises instead of ``exc`` (None: ``exc`` itself); a new run with no checkpoint is removed first."""
+    discarded = not resume and not (out / CHECKPOINT).exists()
+    if discarded:
+        _discard(out, created)
+    if isinstance(exc, Interrupted):
+        return Interrupted(
+            str(exc) + (f" (the unfinished new run in {out} was removed)" if discarded else ""),
+            epoch=exc.epoch,
+        )
+    if isinstance(exc, KeyboardInterrupt):
+        where = (
+            f"the last checkpoint is epoch {done} (in {out}); {METRICS} was not written"
+            if done
+            else "there is no checkpoint"
+        )
+        return Interrupted(f"interrupted; {where}", epoch=done)
+    if isinstance(exc, TrainingDiverged) and discarded:
+        return TrainingDiverged(
+            f"{exc} (no epoch finished: the new run in {out} was removed)",
+            step=exc.step,
+            site=exc.site,
+        )
+    return None
 
 
 def mean_kl_per_site(

@@ -118,12 +118,7 @@ def gaps_run(
     ``spread`` spreads the datapoints over devices and processes (the table is the same, to float rounding).
     """
 
-    if split not in ("train", "valid", "test"):
-        raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
-    if logpx not in ("iwae", "ais"):
-        raise ConfigError(f"unknown --logpx {logpx!r}; choose iwae or ais")
-    if unreliable not in ("flag", "ais"):
-        raise ConfigError(f"unknown --unreliable {unreliable!r}; choose flag or ais")
+    _check_choices(split=split, logpx=logpx, unreliable=unreliable)
     defensive = check_defensive(defensive)
     check_int(num_samples, "--K", high=MAX_SAMPLES)
     check_seed(seed, "--seed")
@@ -137,14 +132,7 @@ def gaps_run(
         check_local_options(**local_options)
     if ais_options:
         check_ais_options(**ais_options)
-    for (built, splits), r in zip(
-        loaded, runs
-    ):  # refuse what decompose cannot handle, naming the site, before any work
-        probe = tuple(t[:2] for t in splits[split].tensors(with_labels=built.conditional))
-        try:
-            check_decomposable(built.model, built.guide, *probe, families=tuple(families or ()))
-        except ConfigError as exc:
-            raise ConfigError(f"{r} ({built.config.model}): {exc}") from None
+    _refuse_undecomposable(loaded, runs, split, tuple(families or ()))
     sizes = {len(s[split]) for _, s in loaded}
     idx = _points(min(sizes), num_points, seed)
     if spread is not None:
@@ -200,6 +188,30 @@ def gaps_run(
     if figures:
         _figure(reports, out)
     return reports
+
+
+def _check_choices(*, split: str, logpx: str, unreliable: str) -> None:
+    if split not in ("train", "valid", "test"):
+        raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
+    if logpx not in ("iwae", "ais"):
+        raise ConfigError(f"unknown --logpx {logpx!r}; choose iwae or ais")
+    if unreliable not in ("flag", "ais"):
+        raise ConfigError(f"unknown --unreliable {unreliable!r}; choose flag or ais")
+
+
+def _refuse_undecomposable(
+    loaded: Sequence[tuple[Any, Any]],
+    runs: Sequence[str | Path],
+    split: str,
+    families: tuple[str, ...],
+) -> None:
+    """Refuse what decompose cannot handle, naming the run and the site, before any work (on two datapoints)."""
+    for (built, splits), r in zip(loaded, runs):
+        probe = tuple(t[:2] for t in splits[split].tensors(with_labels=built.conditional))
+        try:
+            check_decomposable(built.model, built.guide, *probe, families=families)
+        except ConfigError as exc:
+            raise ConfigError(f"{r} ({built.config.model}): {exc}") from None
 
 
 def load_reports(folder: str | Path) -> list[GapReport]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,17 +106,11 @@ def nll_run(
     Refuses, before any work, a model without a density to estimate (a point-mass encoder: an autoencoder's
     objective is not a likelihood).
     """
-    check_int(K, "--K", low=2, high=MAX_SAMPLES)
-    check_seed(seed, "--seed")
-    check_int(block, "--block")
-    check_int(batch_size, "--batch-size")
-    if split not in ("train", "valid", "test"):
-        raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
+    _check_options(K=K, seed=seed, block=block, batch_size=batch_size, split=split)
     if resume and force:
         raise ConfigError("give either --force (start afresh) or --resume (continue), not both")
     built, splits = open_run(run)
-    spec = built.config.spec
-    if spec.latents == "point":
+    if built.config.spec.latents == "point":
         raise ConfigError(
             f"{run} ({built.config.model}) has a point-mass encoder: its objective is not a likelihood, so there is no NLL to estimate"
         )
@@ -127,57 +122,97 @@ def nll_run(
     options = {"run": str(run), "split": split, "K": K, "num_points": n, "seed": seed}
     done: dict[str, torch.Tensor] = {}
     if resume:
-        if not partial_path.is_file():
-            raise CheckpointError(f"cannot resume: no {partial_name} in {out}")
-        saved = io.load_torch(partial_path)  # weights_only: tensors and plain containers only
-        if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
-            raise CheckpointError(
-                f"{partial_path} is damaged (not the progress of an NLL computation)"
-            )
-        if saved["options"] != options:
-            raise ConfigError(
-                f"--resume must repeat the options of the unfinished computation in {out}: {saved.get('options')}"
-            )
-        done = _check_progress(saved, n, partial_path)
+        done = _resumed(partial_path, options, out)
         out = prepare_run_dir(out, command="nll", resume=True, inputs=[run])
     else:
         out = prepare_run_dir(out, command="nll", force=force, inputs=[run])
     t0 = time.perf_counter()
-    start = int(done["index"].numel()) if done else 0
-    parts = (
-        {k: [v] for k, v in done.items()}
-        if done
-        else {k: [] for k in ("index", "iwae", "iwae_se", "elbo", "khat")}
-    )
-    with bar(total=n, desc=f"NLL K={K}", unit="image", enabled=progress) as shown:
-        shown.update(start)
-        for i in range(start, n, block):
-            rows = torch.arange(i, min(i + block, n))
-            b = importance_bounds(
-                built.model,
-                built.guide,
-                *(t[rows] for t in data),
-                num_samples=K,
-                batch_size=batch_size,
-                seed=seed,
-                index=rows,
-            )
-            for k, v in (
-                ("index", rows),
-                ("iwae", b.iwae),
-                ("iwae_se", b.iwae_se),
-                ("elbo", b.elbo),
-                ("khat", b.khat),
-            ):
-                parts[k].append(v.detach().cpu())
-            io.save_torch(
-                partial_path, {"options": options, **{k: torch.cat(v) for k, v in parts.items()}}
-            )
-            shown.update(len(rows))
-    result = {k: torch.cat(v) for k, v in parts.items()}
-    nll = -result["iwae"].double()
+    blocks = _Blocks(built, data, options, partial_path)
+    result = blocks.estimate(done, block=block, batch_size=batch_size, progress=progress)
     reliable = result["khat"] <= khat_threshold(K)
-    summary = {
+    summary = _summary(options, result, reliable, built.config.model, time.perf_counter() - t0)
+    _write(out / csv_name, result, reliable)
+    io.write_json(out / json_name, summary)
+    partial_path.unlink(missing_ok=True)
+    return summary
+
+
+def _check_options(*, K: int, seed: int, block: int, batch_size: int, split: str) -> None:
+    check_int(K, "--K", low=2, high=MAX_SAMPLES)
+    check_seed(seed, "--seed")
+    check_int(block, "--block")
+    check_int(batch_size, "--batch-size")
+    if split not in ("train", "valid", "test"):
+        raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
+
+
+def _resumed(partial_path: Path, options: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
+    """The columns an unfinished computation of the same ``options`` saved in ``partial_path``, checked."""
+    if not partial_path.is_file():
+        raise CheckpointError(f"cannot resume: no {partial_path.name} in {out}")
+    saved = io.load_torch(partial_path)  # weights_only: tensors and plain containers only
+    if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
+        raise CheckpointError(f"{partial_path} is damaged (not the progress of an NLL computation)")
+    if saved["options"] != options:
+        raise ConfigError(
+            f"--resume must repeat the options of the unfinished computation in {out}: {saved.get('options')}"
+        )
+    return _check_progress(saved, options["num_points"], partial_path)
+
+
+@dataclass
+class _Blocks:
+    """The IWAE bounds of ``options["num_points"]`` images, block by block, each block saved to ``partial_path``."""
+
+    built: Any
+    data: tuple[torch.Tensor, ...]
+    options: dict[str, Any]
+    partial_path: Path
+
+    def estimate(
+        self, done: dict[str, torch.Tensor], *, block: int, batch_size: int, progress: bool
+    ) -> dict[str, torch.Tensor]:
+        """Every column, continuing after the rows of ``done``."""
+        n, K = self.options["num_points"], self.options["K"]
+        start = int(done["index"].numel()) if done else 0
+        parts = {k: [done[k]] if done else [] for k in COLUMNS}
+        with bar(total=n, desc=f"NLL K={K}", unit="image", enabled=progress) as shown:
+            shown.update(start)
+            for i in range(start, n, block):
+                rows = torch.arange(i, min(i + block, n))
+                for k, v in self._block(rows, batch_size).items():
+                    parts[k].append(v.detach().cpu())
+                io.save_torch(
+                    self.partial_path,
+                    {"options": self.options, **{k: torch.cat(v) for k, v in parts.items()}},
+                )
+                shown.update(len(rows))
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def _block(self, rows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+        b = importance_bounds(
+            self.built.model,
+            self.built.guide,
+            *(t[rows] for t in self.data),
+            num_samples=self.options["K"],
+            batch_size=batch_size,
+            seed=self.options["seed"],
+            index=rows,
+        )
+        return {"index": rows, "iwae": b.iwae, "iwae_se": b.iwae_se, "elbo": b.elbo, "khat": b.khat}
+
+
+def _summary(
+    options: dict[str, Any],
+    result: dict[str, torch.Tensor],
+    reliable: torch.Tensor,
+    model: str,
+    wall_time: float,
+) -> dict[str, Any]:
+    """``nll_K{K}.json``: the mean NLL over images with its standard error, the mean -ELBO, how many are unreliable."""
+    n, K = options["num_points"], options["K"]
+    nll = -result["iwae"].double()
+    return {
         **options,
         "units": "nats per datapoint",
         "nll": float(nll.mean()),
@@ -188,11 +223,15 @@ def nll_run(
         "unreliable": int((~reliable).sum()),
         "khat_above_0.7": int((result["khat"] > 0.7).sum()),
         "khat_median": float(result["khat"].nanmedian()),
-        "model": built.config.model,
-        "wall_time_s": time.perf_counter() - t0,
+        "model": model,
+        "wall_time_s": wall_time,
     }
+
+
+def _write(path: Path, result: dict[str, torch.Tensor], reliable: torch.Tensor) -> None:
+    """``nll_K{K}.csv``: one row per image, its bounds, k-hat and whether its estimate is reliable."""
     io.write_csv(
-        out / csv_name,
+        path,
         [
             {
                 "index": int(j),
@@ -212,9 +251,6 @@ def nll_run(
             )
         ],
     )
-    io.write_json(out / json_name, summary)
-    partial_path.unlink(missing_ok=True)
-    return summary
 
 
 def command(args: argparse.Namespace) -> int:

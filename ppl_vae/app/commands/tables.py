@@ -277,18 +277,7 @@ def m2_semisupervised(
     ``results.json``, ``table.md``.
     """
 
-    if any(n < 10 or n % 10 for n in labels):
-        raise ConfigError(
-            f"label budgets must be positive multiples of 10 (equal labels per class), got {list(labels)}"
-        )
-    _positive(draws=draws, epochs=epochs, batch_size=batch_size, latent_dim=latent_dim)
-    check_seed(seed)
-    if not alpha >= 0:
-        raise ConfigError(f"alpha must be >= 0, got {alpha}")
-    if unlabelled not in UNLABELLED:
-        raise ConfigError(
-            f"unknown unlabelled data {unlabelled!r}; choose {' or '.join(k for k in UNLABELLED if k)} (or none)"
-        )
+    _check_m2(labels, draws, epochs, batch_size, latent_dim, seed, alpha, unlabelled)
     ds = load("mnist", "test", data_dir=data_dir, binarize="sample", seed=seed)
     assert ds.y is not None
     if not 0 < num_test < len(ds) - max(labels):
@@ -303,77 +292,144 @@ def m2_semisupervised(
     out = prepare_run_dir(out, command="m2", force=force, inputs=[data_dir] if data_dir else [])
     perm = pick(len(ds), None, seed=seed)
     test_idx, train_idx = perm[:num_test], perm[num_test:]
-    xtr, ytr, xte, yte = ds.x[train_idx], ds.y[train_idx], ds.x[test_idx], ds.y[test_idx]
-    d, c = xtr.shape[1], 10
-    rows: list[dict[str, Any]] = []
-    for n_lab in labels:
-        for draw in range(draws):
-            gen = torch.Generator().manual_seed(1000 * seed + 17 * n_lab + draw)
-            lab = _balanced_labels(ytr, n_lab, c, gen)
-            y_semi = torch.full_like(ytr, -1)
-            y_semi[lab] = ytr[lab]
-            pool = len(xtr) + len(extra)
-            repeats = max(1, round(labelled_share * pool / n_lab))
-            x_fit = torch.cat([xtr[y_semi < 0], extra, xtr[lab].repeat(repeats, 1)])
-            y_fit = torch.cat(
-                [y_semi[y_semi < 0], y_semi.new_full((len(extra),), -1), ytr[lab].repeat(repeats)]
-            )
-            with seeded(seed + draw):  # network initialisation; the caller's RNG is left as it was
-                clf = MLP(d, [hidden], c)
-                enc = GaussianEncoder(MLP(d + c, [], hidden), hidden, latent_dim)
-                dec = MLP(latent_dim + c, [hidden], d)
-            model, guide = (
-                m2(dec, get_likelihood("bernoulli"), clf, latent_dim, c, alpha=alpha),
-                m2_guide(enc, clf, c),
-            )
-            t0 = time.perf_counter()
-            fit(
-                model,
-                guide,
-                (x_fit, y_fit),
-                estimator="enum",
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed + draw,
-                progress=progress,
-            )
-            m2_s = time.perf_counter() - t0
-            acc = (classify(clf, xte) == yte).double().mean().item()
-            with seeded(seed + draw):  # the classifier alone starts where M2's classifier started
-                sup = MLP(d, [hidden], c)
-            fit(
-                _supervised(sup),
-                empty_guide,
-                (xtr[lab].repeat(repeats, 1), ytr[lab].repeat(repeats)),
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed + draw,
-                progress=False,
-            )
-            sup_acc = (classify(sup, xte) == yte).double().mean().item()
-            rows.append(
-                {
-                    "labels": n_lab,
-                    "draw": draw,
-                    "m2_accuracy": acc,
-                    "m2_error_pct": 100 * (1 - acc),
-                    "supervised_only_accuracy": sup_acc,
-                    "num_train": len(xtr),
-                    "num_test": len(xte),
-                    "num_unlabelled": pool - n_lab,
-                    "unlabelled_extra": unlabelled or "none",
-                    "epochs": epochs,
-                    "alpha": alpha,
-                    "labelled_repeats": repeats,
-                    "m2_train_s": m2_s,
-                }
-            )
+    runs = _M2Draws(
+        ds.x[train_idx],
+        ds.y[train_idx],
+        ds.x[test_idx],
+        ds.y[test_idx],
+        extra,
+        unlabelled=unlabelled,
+        latent_dim=latent_dim,
+        hidden=hidden,
+        alpha=alpha,
+        labelled_share=labelled_share,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        progress=progress,
+    )
+    rows = [runs.row(n_lab, draw) for n_lab in labels for draw in range(draws)]
     io.write_csv(out / "results.csv", rows)
     io.write_json(out / "results.json", rows)
     io.write_text(out / "table.md", m2_table(rows))
     return TableResult(tuple(rows), str(out))
+
+
+def _check_m2(
+    labels: Sequence[int],
+    draws: int,
+    epochs: int,
+    batch_size: int,
+    latent_dim: int,
+    seed: int,
+    alpha: float,
+    unlabelled: str | None,
+) -> None:
+    if any(n < 10 or n % 10 for n in labels):
+        raise ConfigError(
+            f"label budgets must be positive multiples of 10 (equal labels per class), got {list(labels)}"
+        )
+    _positive(draws=draws, epochs=epochs, batch_size=batch_size, latent_dim=latent_dim)
+    check_seed(seed)
+    if not alpha >= 0:
+        raise ConfigError(f"alpha must be >= 0, got {alpha}")
+    if unlabelled not in UNLABELLED:
+        raise ConfigError(
+            f"unknown unlabelled data {unlabelled!r}; choose {' or '.join(k for k in UNLABELLED if k)} (or none)"
+        )
+
+
+@dataclass(frozen=True)
+class _M2Draws:
+    """M2 and its classifier alone, trained on ``(xtr, ytr)`` with a few labels kept, tested on ``(xte, yte)``."""
+
+    xtr: torch.Tensor
+    ytr: torch.Tensor
+    xte: torch.Tensor
+    yte: torch.Tensor
+    extra: torch.Tensor
+    unlabelled: str | None
+    latent_dim: int
+    hidden: int
+    alpha: float
+    labelled_share: float
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    progress: bool
+
+    def row(self, n_lab: int, draw: int) -> dict[str, Any]:
+        """The results of label budget ``n_lab``, draw ``draw``."""
+        xtr, ytr, extra = self.xtr, self.ytr, self.extra
+        gen = torch.Generator().manual_seed(1000 * self.seed + 17 * n_lab + draw)
+        lab = _balanced_labels(ytr, n_lab, 10, gen)
+        y_semi = torch.full_like(ytr, -1)
+        y_semi[lab] = ytr[lab]
+        pool = len(xtr) + len(extra)
+        repeats = max(1, round(self.labelled_share * pool / n_lab))
+        x_fit = torch.cat([xtr[y_semi < 0], extra, xtr[lab].repeat(repeats, 1)])
+        y_fit = torch.cat(
+            [y_semi[y_semi < 0], y_semi.new_full((len(extra),), -1), ytr[lab].repeat(repeats)]
+        )
+        acc, m2_s = self._m2(x_fit, y_fit, draw)
+        sup_acc = self._supervised(xtr[lab].repeat(repeats, 1), ytr[lab].repeat(repeats), draw)
+        return {
+            "labels": n_lab,
+            "draw": draw,
+            "m2_accuracy": acc,
+            "m2_error_pct": 100 * (1 - acc),
+            "supervised_only_accuracy": sup_acc,
+            "num_train": len(xtr),
+            "num_test": len(self.xte),
+            "num_unlabelled": pool - n_lab,
+            "unlabelled_extra": self.unlabelled or "none",
+            "epochs": self.epochs,
+            "alpha": self.alpha,
+            "labelled_repeats": repeats,
+            "m2_train_s": m2_s,
+        }
+
+    def _m2(self, x: torch.Tensor, y: torch.Tensor, draw: int) -> tuple[float, float]:
+        """M2's test accuracy after training on ``(x, y)`` (label -1: unlabelled), and the seconds it trained."""
+        d, c, seed = x.shape[1], 10, self.seed + draw
+        with seeded(seed):  # network initialisation; the caller's RNG is left as it was
+            clf = MLP(d, [self.hidden], c)
+            enc = GaussianEncoder(MLP(d + c, [], self.hidden), self.hidden, self.latent_dim)
+            dec = MLP(self.latent_dim + c, [self.hidden], d)
+        model = m2(dec, get_likelihood("bernoulli"), clf, self.latent_dim, c, alpha=self.alpha)
+        guide = m2_guide(enc, clf, c)
+        t0 = time.perf_counter()
+        fit(
+            model,
+            guide,
+            (x, y),
+            estimator="enum",
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=seed,
+            progress=self.progress,
+        )
+        took = time.perf_counter() - t0
+        return (classify(clf, self.xte) == self.yte).double().mean().item(), took
+
+    def _supervised(self, x: torch.Tensor, y: torch.Tensor, draw: int) -> float:
+        """The test accuracy of M2's classifier trained on the labelled rows alone."""
+        with seeded(self.seed + draw):  # the classifier alone starts where M2's classifier started
+            sup = MLP(x.shape[1], [self.hidden], 10)
+        fit(
+            _supervised(sup),
+            empty_guide,
+            (x, y),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed + draw,
+            progress=False,
+        )
+        return (classify(sup, self.xte) == self.yte).double().mean().item()
 
 
 def _cv_accuracy(
@@ -432,29 +488,12 @@ def sdae_codes(
         **{f"layer_{i}": w for i, w in enumerate(widths)},
     )
     check_seed(seed)
-    train = load("binarized-mnist", "train", data_dir=data_dir, limit=None)
-    test = load("binarized-mnist", "test", data_dir=data_dir)
-    labelled = load("mnist", "test", data_dir=data_dir)
-    assert labelled.y is not None
-    if len(test) != len(labelled):
-        raise DataError(
-            f"binarised test set has {len(test)} rows, the MNIST test set {len(labelled)}"
-        )
-    # the binarised test rows are MNIST's test images sorted by class: each is matched to the grey image it is most probable under
-    match, margin = match_rows(test.x, labelled.x)
-    labels = labelled.y[match]
-    x = (
-        train.x
-        if train_limit is None
-        else train.x[pick(len(train), check_int(train_limit, "--train-limit"), seed=seed)]
-    )
+    x, test, labels, (match, margin) = _sdae_data(data_dir, train_limit, seed)
     out = prepare_run_dir(
         out, command="sdae-codes", force=force, inputs=[data_dir] if data_dir else []
     )
-    bern = get_likelihood("bernoulli")
-    rows: list[dict[str, Any]] = []
     acc, se = _cv_accuracy(test.x, labels, folds, seed)
-    rows.append(
+    rows: list[dict[str, Any]] = [
         {
             "features": "raw pixels",
             "dim": test.x.shape[1],
@@ -463,10 +502,10 @@ def sdae_codes(
             "train_s": 0.0,
             "reconstruction": None,
         }
-    )
+    ]
     for name, pretrain in (("stacked denoising AE", True), ("plain AE (same shape)", False)):
         with seeded(seed):
-            stack = stacked_autoencoder(x.shape[1], widths, bern)
+            stack = stacked_autoencoder(x.shape[1], widths, get_likelihood("bernoulli"))
         t0 = time.perf_counter()
         if pretrain:
             pretrain_layerwise(
@@ -491,12 +530,7 @@ def sdae_codes(
             progress=progress,
         )
         took = time.perf_counter() - t0
-        stack.encoder.train(False)
-        with torch.no_grad():
-            codes = torch.cat(
-                [stack.encoder(test.x[i : i + 1000]) for i in range(0, len(test), 1000)]
-            )
-        acc, se = _cv_accuracy(codes, labels, folds, seed)
+        acc, se = _cv_accuracy(_codes(stack, test.x), labels, folds, seed)
         rows.append(
             {
                 "features": f"{name} codes",
@@ -522,6 +556,35 @@ def sdae_codes(
     io.write_json(out / "results.json", {"rows": rows, **meta})
     io.write_text(out / "table.md", codes_table(rows, meta))
     return TableResult(tuple(rows), str(out))
+
+
+def _sdae_data(
+    data_dir: str | Path | None, train_limit: int | None, seed: int
+) -> tuple[torch.Tensor, Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``(training images, binarised test set, its labels, (match, margin))``: the labels by :func:`~ppl_vae.data.match_rows`."""
+    train = load("binarized-mnist", "train", data_dir=data_dir, limit=None)
+    test = load("binarized-mnist", "test", data_dir=data_dir)
+    labelled = load("mnist", "test", data_dir=data_dir)
+    assert labelled.y is not None
+    if len(test) != len(labelled):
+        raise DataError(
+            f"binarised test set has {len(test)} rows, the MNIST test set {len(labelled)}"
+        )
+    # the binarised test rows are MNIST's test images sorted by class: each is matched to the grey image it is most probable under
+    match, margin = match_rows(test.x, labelled.x)
+    x = (
+        train.x
+        if train_limit is None
+        else train.x[pick(len(train), check_int(train_limit, "--train-limit"), seed=seed)]
+    )
+    return x, test, labelled.y[match], (match, margin)
+
+
+@torch.no_grad()
+def _codes(stack: Any, x: torch.Tensor) -> torch.Tensor:
+    """The stack's encoder's codes of ``x`` (in evaluation mode), 1000 rows at a time."""
+    stack.encoder.train(False)
+    return torch.cat([stack.encoder(x[i : i + 1000]) for i in range(0, len(x), 1000)])
 
 
 def codes_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -579,7 +642,7 @@ def m2_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- ``ppl-vae fit --model`` builders ------------------------------------------------
+# --- the command line: ``ppl-vae cvae-quadrants``, ``m2`` and ``sdae-codes`` -----------
 
 
 def command(args: argparse.Namespace) -> int:
