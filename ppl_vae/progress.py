@@ -63,20 +63,18 @@ def bar(
     """A tqdm bar over ``iterable`` (or to ``update`` by hand up to ``total``); a disabled one when not ``enabled``."""
     if not enabled:
         return _plain(iterable, total=total, disable=True)
+    shown = {"total": total, "desc": desc, "unit": unit}
     if _notebook():
-        return _auto(iterable, total=total, desc=desc, unit=unit, leave=leave)
+        return _auto(iterable, leave=leave, **shown)
     stream = sys.stderr
     if stream is None:  # pythonw, some daemons: nowhere to draw
         return _plain(iterable, total=total, disable=True)
     if getattr(stream, "isatty", lambda: False)():
-        return _plain(iterable, total=total, desc=desc, unit=unit, leave=leave, file=stream)
+        return _plain(iterable, leave=leave, file=stream, **shown)
     every = _interval()
     # maxinterval above mininterval: tqdm's monitor thread redraws only a stalled bar, not one that an update redraws at the same moment
     return _plain(
         iterable,
-        total=total,
-        desc=desc,
-        unit=unit,
         leave=True,
         file=_Lines(stream),
         mininterval=every,
@@ -84,4 +82,5 @@ def bar(
         ascii=True,
         dynamic_ncols=False,
         ncols=100,
+        **shown,
     )

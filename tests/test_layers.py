@@ -428,3 +428,15 @@ def test_inference_imports_each_name_on_first_use_and_moved_names_warn():
         assert old.pareto_khat is azcompat.pareto_khat
     with pytest.raises(AttributeError):
         ppl_vae.inference.no_such_name  # noqa: B018
+
+
+def test_inference_reexports_every_name_of_the_gaps_and_of_mcmc():
+    """The package's lazy table takes the names of :mod:`.gaps` and :mod:`.mcmc` from their ``__all__`` (read from source):
+    each is listed in the package's ``__all__`` and is the subpackage's object."""
+    import ppl_vae.inference
+    from ppl_vae.inference import gaps, mcmc
+
+    for sub in (gaps, mcmc):
+        assert sub.__all__ and set(sub.__all__) <= set(ppl_vae.inference.__all__), sub.__name__
+        for name in sub.__all__:
+            assert getattr(ppl_vae.inference, name) is getattr(sub, name), name

@@ -26,6 +26,7 @@ must be the same function of its inputs at every step.
 
 from __future__ import annotations
 
+import inspect
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,9 +34,9 @@ from typing import Any
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import ConfigError
+from .dispatch import OpMode
 
 __all__ = ["CompiledStep", "Noise"]
 
@@ -69,10 +70,15 @@ class _Draw:
 
 def _where() -> str:
     """The innermost frame outside torch of the current stack: where the model or estimator asked for what is refused."""
+    mode = inspect.unwrap(
+        OpMode.__torch_dispatch__
+    ).__code__  # the frame handing Noise.op its operation
     frames = [
         f
         for f in traceback.extract_stack()[:-2]
-        if "/torch/" not in f.filename and "compiled.py" not in f.filename
+        if "/torch/" not in f.filename
+        and "compiled.py" not in f.filename
+        and (f.filename, f.name) != (mode.co_filename, mode.co_name)
     ]
     f = frames[-1] if frames else None
     return (
@@ -82,7 +88,7 @@ def _where() -> str:
     )
 
 
-class Noise(TorchDispatchMode):
+class Noise(OpMode):
     """Record a step's random draws (``feed=None``), or replace them, in order, by the tensors of ``feed``; refuse a host read.
 
     With ``strict`` (tracing), reading a value back to the host, or a draw other than a Gaussian or
@@ -93,14 +99,8 @@ class Noise(TorchDispatchMode):
         super().__init__()
         self.feed, self.strict, self.draws, self.used = feed, strict, [], 0
 
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
+    def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Record, replace or refuse a draw; refuse a host read (``strict``); run any other operation."""
         kind = (
             "normal"
             if func in _NORMAL or func in _NORMAL_AT

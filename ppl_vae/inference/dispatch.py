@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import (
     _get_current_dispatch_mode_stack,
 )
 
-__all__ = ["Dispatches", "host"]
+__all__ = ["OpMode", "Dispatches", "host"]
 
 _aten = torch.ops.aten
 #: operations that read a value back to the host, or whose output's shape depends on the data (the host waits for both)
@@ -45,7 +45,24 @@ def _bool_index(args: tuple[Any, ...]) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
 
 
-class Dispatches(TorchDispatchMode):
+class OpMode(TorchDispatchMode):
+    """A dispatch mode that hands every tensor operation to :meth:`op` as ``(func, args, kwargs)``, with ``kwargs`` a dict."""
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        return self.op(func, args, kwargs or {})
+
+    def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the operation (a subclass records or replaces it)."""
+        return func(*args, **kwargs)
+
+
+class Dispatches(OpMode):
     """Within the block: ``ops`` (tensor operations dispatched, views included), ``syncs`` (host synchronisations) and ``by_op``.
 
     A synchronisation is a read of a value back to the host or an operation whose output shape
@@ -61,20 +78,15 @@ class Dispatches(TorchDispatchMode):
         self.by_op: Counter[str] = Counter()
         self.sync_ops: Counter[str] = Counter()
 
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
+    def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Count the operation (and a synchronisation), then run it."""
         self.ops += 1
         name = str(func.overloadpacket.__name__)
         self.by_op[name] += 1
         if func in _SYNCS or (func is _aten.index.Tensor and _bool_index(args)):
             self.syncs += 1
             self.sync_ops[name] += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def host(t: torch.Tensor) -> list:

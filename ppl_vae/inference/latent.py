@@ -44,6 +44,7 @@ from ..guides.latent import Latent, LatentSite
 from .random import RowDraws, Streams, draws_in_batches
 from .traces import (
     SAMPLES,
+    check_rows,
     latent_nodes,
     per_datapoint,
     plate_nesting,
@@ -123,13 +124,7 @@ def latent_of(
         latent site at all; with ``guide``: a model site the guide lacks, a
         guide site the model lacks, a point-mass guide site.
     """
-    if (
-        not data
-        or not isinstance(data[0], torch.Tensor)
-        or data[0].dim() < 1
-        or data[0].shape[0] < 1
-    ):
-        raise ConfigError(f"{analysis} needs at least one datapoint (a tensor with rows)")
+    check_rows(data, analysis)
     n = data[0].shape[0]
 
     def run() -> tuple[poutine.Trace, poutine.Trace | None]:

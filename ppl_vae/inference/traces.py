@@ -43,6 +43,7 @@ __all__ = [
     "log_weights_of",
     "first_nonfinite_site",
     "ObservedSupport",
+    "check_rows",
     "analysed",
     "vectorises",
     "sample_sites",
@@ -617,6 +618,17 @@ def _no_guide(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def check_rows(data: Sequence[torch.Tensor], analysis: str) -> None:
+    """Refuse ``data`` without a datapoint (no argument, or a first one that is not a tensor with rows): a ``ConfigError`` naming ``analysis``."""
+    if (
+        not data
+        or not isinstance(data[0], torch.Tensor)
+        or data[0].dim() < 1
+        or data[0].shape[0] < 1
+    ):
+        raise ConfigError(f"{analysis} needs at least one datapoint (a tensor with rows)")
+
+
 def analysed(
     model: Callable[..., object],
     guide: Callable[..., object] | None,
@@ -635,13 +647,7 @@ def analysed(
     ``fit`` trained: run it inside ``result.scope()``); with ``local``, a latent site outside the data
     plate (a global latent: the analysis is per datapoint).
     """
-    if (
-        not data
-        or not isinstance(data[0], torch.Tensor)
-        or data[0].dim() < 1
-        or data[0].shape[0] < 1
-    ):
-        raise ConfigError(f"{analysis} needs at least one datapoint (a tensor with rows)")
+    check_rows(data, analysis)
     head = tuple(t[:2] for t in data)
     first = (
         restrict(guide, slice(0, head[0].shape[0])) if guide is not None else _no_guide

@@ -82,18 +82,12 @@ class PPCA(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``x`` from the model: ``[num_samples, D]``."""
-        z = torch.randn(
-            num_samples,
-            self.latent_dim,
-            generator=generator,
-            dtype=self.W.dtype,
-            device=self.W.device,
-        )
-        noise = torch.randn(
-            num_samples,
-            self.data_dim,
-            generator=generator,
-            dtype=self.W.dtype,
-            device=self.W.device,
-        )
+
+        def normal(dim: int) -> torch.Tensor:  # [num_samples, dim] standard normal draws
+            return torch.randn(
+                num_samples, dim, generator=generator, dtype=self.W.dtype, device=self.W.device
+            )
+
+        z = normal(self.latent_dim)
+        noise = normal(self.data_dim)
         return z @ self.W.T + self.mu + self.sigma * noise

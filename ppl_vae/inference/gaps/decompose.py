@@ -649,7 +649,7 @@ def _decompose(
         model, guide, *data, num_samples=elbo_samples, seed=seed, diagnose=False, **rows
     )
     init = q if q is not None else guide
-    options = {"elbo_samples": elbo_samples, "local_options": local_options or {}, **rows}
+    options = {"elbo_samples": elbo_samples, "local_options": local_options or {}, "rows": rows}
     fits = {
         fam: _fit_local(model, data, fam, init, seed=seed + 1 + i, **options)
         for i, fam in enumerate(proposals)
@@ -710,22 +710,20 @@ def _fit_local(
     family: str,
     init: Callable[..., object] | torch.distributions.Distribution,
     *,
-    index: torch.Tensor,
     seed: int,
     elbo_samples: int,
-    batch_size: int,
-    progress: bool,
     local_options: dict[str, Any],
+    rows: dict[str, Any],
 ) -> tuple[LocalFit, Bounds]:
-    """The local q* of ``family`` (fitted with ``seed``) and its ELBO bounds (drawn with ``seed + 100``)."""
+    """The local q* of ``family`` (fitted with ``seed``) and its ELBO bounds (drawn with ``seed + 100``); ``rows``: ``index``, ``batch_size``, ``progress``."""
     fit = optimize_local(
         model,
         *data,
         family=family,
         init=init,
         seed=seed,
-        index=index,
-        progress=progress,
+        index=rows["index"],
+        progress=rows["progress"],
         **local_options,
     )
     bounds = importance_bounds(
@@ -733,11 +731,9 @@ def _fit_local(
         fit.posterior,
         *data,
         num_samples=elbo_samples,
-        batch_size=batch_size,
         seed=seed + 100,
-        index=index,
-        progress=progress,
         diagnose=False,
+        **rows,
     )
     return fit, bounds
 

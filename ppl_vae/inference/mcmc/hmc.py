@@ -545,6 +545,25 @@ def check_kernel(kernel: str, max_tree_depth: int, mass: str = "diag") -> None:
         raise ConfigError(f"max tree depth must be an integer from 1 to 20, got {max_tree_depth!r}")
 
 
+#: the tuning options of :func:`hmc` and :func:`hmc_latent`, which :func:`_run_batched` takes as they are
+_TUNING = (
+    "target_accept",
+    "trajectory_length",
+    "max_leapfrog",
+    "max_energy_error",
+    "init_steps",
+    "progress",
+    "kernel",
+    "max_tree_depth",
+    "mass",
+)
+
+
+def _tuning(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The tuning options (:data:`_TUNING`) among an entry point's ``arguments`` (its ``locals()``)."""
+    return {name: arguments[name] for name in _TUNING}
+
+
 def _batched(
     make_target: Callable[[], tuple[_Target, Streams]],
     freeze: contextlib.AbstractContextManager[None],
@@ -692,23 +711,13 @@ def hmc_latent(
     >>> draws = hmc_latent(built.model, x[:100], num_samples=500, num_chains=4)  # doctest: +SKIP
     >>> draws.diagnostics()  # doctest: +SKIP
     """
-    tuning = dict(
-        target_accept=target_accept,
-        trajectory_length=trajectory_length,
-        max_leapfrog=max_leapfrog,
-        max_energy_error=max_energy_error,
-        init_steps=init_steps,
-        progress=progress,
-        kernel=kernel,
-        max_tree_depth=max_tree_depth,
-        mass=mass,
-    )
 
     def target() -> tuple[_Target, Streams]:
         noise = Streams(seed, index, args[0].device, Tag.HMC)
         return _latent_target(model, args, num_chains, init, noise), noise
 
-    return _batched(target, freeze_model(model, args), num_samples, warmup_steps, seed, tuning)
+    freeze = freeze_model(model, args)
+    return _batched(target, freeze, num_samples, warmup_steps, seed, _tuning(locals()))
 
 
 @_tuning_documented
@@ -750,17 +759,6 @@ def hmc(
     """
     check_counts(num_samples, warmup_steps, num_chains)
     check_kernel(kernel, max_tree_depth, mass)
-    tuning = dict(
-        target_accept=target_accept,
-        trajectory_length=trajectory_length,
-        max_leapfrog=max_leapfrog,
-        max_energy_error=max_energy_error,
-        init_steps=init_steps,
-        progress=progress,
-        kernel=kernel,
-        max_tree_depth=max_tree_depth,
-        mass=mass,
-    )
     freeze = freeze_model(lambda *a, **k: model(*args, **kwargs), ())
     return _batched(
         lambda: _model_target(model, args, kwargs, num_chains, seed),
@@ -768,5 +766,5 @@ def hmc(
         num_samples,
         warmup_steps,
         seed,
-        tuning,
+        _tuning(locals()),
     )
