@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..data import Dataset, load
 from ..distributions import check_support, get_likelihood, one_hot
@@ -25,6 +24,7 @@ from ..errors import (
 from ..guides.amortized import amortized_guide, delta_guide, masking_noise
 from ..guides.discrete import bernoulli_guide, categorical_guide
 from ..guides.flows import IAFEncoder
+from ..inference.dispatch import OpMode
 from ..inference.estimators import get_estimator
 from ..inference.pretrain import pretrain_layerwise, stacked_guide
 from ..inference.random import seeded
@@ -275,7 +275,7 @@ def _physical_memory() -> float:
         return math.inf
 
 
-class _AllocationGuard(TorchDispatchMode):
+class _AllocationGuard(OpMode):
     """Refuse (``MemoryError``) a tensor creation that would take the running total of bytes created past ``limit``.
 
     Networks are built by creating their parameters (``torch.empty`` of the layer's shape, then an
@@ -288,14 +288,7 @@ class _AllocationGuard(TorchDispatchMode):
         super().__init__()
         self.limit, self.total = limit, 0
 
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
+    def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         schema = func._schema
         if (
             schema.arguments
