@@ -203,14 +203,20 @@ def blocks(
 def _words(
     position: torch.Tensor, lanes: torch.Tensor, count: int, consts: Constants
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`blocks` written for ``torch.compile`` (no ``out=`` and no buffers: one fused kernel), for devices whose products wrap."""
-    c = position.unsqueeze(1) + torch.arange(count, device=position.device)
-    x = torch.stack((c & MASK, lanes[0].unsqueeze(1).expand_as(c)))
-    y = torch.stack((c >> 32, lanes[1].unsqueeze(1).expand_as(c)))
-    for m, _, _, key in consts.rounds:
-        p = x * m
-        x, y = ((p >> 32) & MASK) ^ y.flip(0) ^ key, p & MASK
-    return x, y
+    """:func:`blocks` written for ``torch.compile`` (four words apart, no ``out=`` and no buffers: one fused loop), for devices whose products wrap."""
+    c0 = position.unsqueeze(1) + torch.arange(count, device=position.device)
+    c1, c2, c3 = c0 >> 32, lanes[0].unsqueeze(1).expand_as(c0), lanes[1].unsqueeze(1).expand_as(c0)
+    c0 = c0 & MASK
+    for r, (_, _, _, key) in enumerate(consts.rounds):
+        k = key.view(2, 1) if r % 2 == 0 else key.flip(0).view(2, 1)  # (k1, k0)
+        p0, p1 = c0 * M0, c2 * M1
+        c0, c1, c2, c3 = (
+            ((p1 >> 32) & MASK) ^ c1 ^ k[1],
+            p1 & MASK,
+            ((p0 >> 32) & MASK) ^ c3 ^ k[0],
+            p0 & MASK,
+        )
+    return torch.stack((c0, c2)), torch.stack((c1, c3))
 
 
 def _fraction_bits(dtype: torch.dtype) -> int:
@@ -401,12 +407,6 @@ def _combine(
 # -------------------------------------------------------------------------------- draws, eager or compiled
 
 
-def _normal_parts(
-    position: torch.Tensor, lanes: torch.Tensor, count: int, dtype: torch.dtype, consts: Constants
-) -> tuple[torch.Tensor, ...]:
-    return _polar(*_words(position, lanes, normal_blocks(count, dtype), consts), dtype)
-
-
 def _uniforms(
     position: torch.Tensor, lanes: torch.Tensor, count: int, dtype: torch.dtype, consts: Constants
 ) -> torch.Tensor:
@@ -416,7 +416,8 @@ def _uniforms(
 
 #: per kind and float type: the compiled pieces of a draw, or False where compiling failed or gave other bits than eager
 _COMPILED: dict[tuple[str, torch.dtype], tuple[Callable[..., Any], ...] | bool] = {}
-_PIECES = {"normal": _normal_parts, "combine": _combine, "uniform": _uniforms}
+#: the pieces compiled apart: one kernel of several outputs would compute the rounds again for each
+_PIECES = {"words": _words, "polar": _polar, "combine": _combine, "uniform": _uniforms}
 _KERNELS: dict[str, Callable[..., Any]] = {}
 
 
@@ -438,7 +439,8 @@ def _compiled_draw(
     """:func:`draw` by the ``torch.compile`` kernels: the words and every exact step fused, the square roots eager."""
     if kind == "uniform":
         return _kernel("uniform")(position, lanes, count, dtype, consts)
-    rho, sin, cos, odd, flip = _kernel("normal")(position, lanes, count, dtype, consts)
+    x, y = _kernel("words")(position, lanes, normal_blocks(count, dtype), consts)
+    rho, sin, cos, odd, flip = _kernel("polar")(x, y, dtype)
     return _kernel("combine")(rho.sqrt_(), sin, cos.sqrt_(), odd, flip, count, dtype)
 
 
