@@ -392,8 +392,9 @@ def _combine(
     flip: torch.Tensor,
     count: int,
     dtype: torch.dtype,
+    layout: tuple[tuple[int, ...], int] | None = None,
 ) -> torch.Tensor:
-    """The values of :func:`normal_from_blocks` from the radius :math:`\rho`, the quarter angle's sine and cosine and the quadrant (``odd``, ``flip``)."""
+    r"""The values of :func:`normal_from_blocks` from the radius :math:`\rho`, the quarter angle's sine and cosine and the quadrant (``odd``, ``flip``)."""
     # R^q (cos, sin) = (a cos - g sin, a sin + g cos), (a, g) = (1, 0), (0, 1), (-1, 0), (0, -1): with the radius folded in,
     # g = rho flip [q odd], a = rho flip - g; every product and sum below is exact but the last two
     radius = rho.mul_(flip)
@@ -401,21 +402,34 @@ def _combine(
     a = radius.sub_(g)
     zx, zy = (a * cos).sub_(g * sin), a.mul_(sin).add_(g.mul_(cos))
     z = _rows(zx, zy, count)
-    return z if z.dtype == dtype else z.to(dtype)
+    return _place(z if z.dtype == dtype else z.to(dtype), layout)
+
+
+def _place(values: torch.Tensor, layout: tuple[tuple[int, ...], int] | None) -> torch.Tensor:
+    """Values ``[n, count]`` laid out as ``layout = (rest, dim)`` says: shape ``rest`` with the rows inserted as dim ``dim`` (None: as they are)."""
+    if layout is None:
+        return values
+    rest, dim = layout
+    return values.view(values.shape[0], *rest).movedim(0, dim).contiguous()
 
 
 # -------------------------------------------------------------------------------- draws, eager or compiled
 
 
 def _uniforms(
-    position: torch.Tensor, lanes: torch.Tensor, count: int, dtype: torch.dtype, consts: Constants
+    position: torch.Tensor,
+    lanes: torch.Tensor,
+    layout: tuple[tuple[int, ...], int],
+    dtype: torch.dtype,
+    consts: Constants,
 ) -> torch.Tensor:
+    count = math.prod(layout[0])
     x, y = _words(position, lanes, uniform_blocks(count, dtype), consts)
-    return uniform_from_blocks(x, y, count, dtype)
+    return _place(uniform_from_blocks(x, y, count, dtype), layout)
 
 
-#: per kind and float type: the compiled pieces of a draw, or False where compiling failed or gave other bits than eager
-_COMPILED: dict[tuple[str, torch.dtype], tuple[Callable[..., Any], ...] | bool] = {}
+#: per kind and float type: whether the compiled draws work here (False: compiling failed, or gave other bits than eager)
+_COMPILED: dict[tuple[str, torch.dtype], bool] = {}
 #: the pieces compiled apart: one kernel of several outputs would compute the rounds again for each
 _PIECES = {"words": _words, "polar": _polar, "combine": _combine, "uniform": _uniforms}
 _KERNELS: dict[str, Callable[..., Any]] = {}
@@ -432,27 +446,29 @@ def _compiled_draw(
     kind: str,
     position: torch.Tensor,
     lanes: torch.Tensor,
-    count: int,
+    layout: tuple[tuple[int, ...], int],
     dtype: torch.dtype,
     consts: Constants,
 ) -> torch.Tensor:
-    """:func:`draw` by the ``torch.compile`` kernels: the words and every exact step fused, the square roots eager."""
+    """:func:`draw` by the ``torch.compile`` kernels: the words, the uniforms, the series and the products fused; the square roots eager."""
     if kind == "uniform":
-        return _kernel("uniform")(position, lanes, count, dtype, consts)
+        return _kernel("uniform")(position, lanes, layout, dtype, consts)
+    count = math.prod(layout[0])
     x, y = _kernel("words")(position, lanes, normal_blocks(count, dtype), consts)
     rho, sin, cos, odd, flip = _kernel("polar")(x, y, dtype)
-    return _kernel("combine")(rho.sqrt_(), sin, cos.sqrt_(), odd, flip, count, dtype)
+    return _kernel("combine")(rho.sqrt_(), sin, cos.sqrt_(), odd, flip, count, dtype, layout)
 
 
 def _compiles(kind: str, dtype: torch.dtype) -> bool:
-    """Whether the compiled draws of ``kind`` in ``dtype`` work here: compiled once per process and checked against eager on 37 values of 3 rows."""
+    """Whether the compiled draws of ``kind`` in ``dtype`` work here: compiled once per process and checked against eager on 74 values of 3 rows."""
     if (kind, dtype) not in _COMPILED:
         position = torch.tensor([0, 2**32 - 3, 2**62 + 5])
         lanes = torch.tensor([[0, MASK, 7], [MASK, 0, 2**31]])
         consts = constants((0x9E3779B9, MASK), "cpu", wrap=True)
+        layout = ((2, 37), 1)  # [2, 3, 37]: 74 values a row
         try:
-            got = _compiled_draw(kind, position, lanes, 37, dtype, consts)
-            ok = torch.equal(got, draw(kind, position, lanes, 37, dtype, consts))
+            got = _compiled_draw(kind, position, lanes, layout, dtype, consts)
+            ok = torch.equal(got, draw(kind, position, lanes, layout, dtype, consts))
             if not ok:
                 warnings.warn(
                     f"compiled {kind} draws in {dtype} differ from eager: eager", stacklevel=4
@@ -461,31 +477,37 @@ def _compiles(kind: str, dtype: torch.dtype) -> bool:
             warnings.warn(f"compiled streams fall back to eager: {exc}", stacklevel=4)
             ok = False
         _COMPILED[kind, dtype] = ok
-    return bool(_COMPILED[kind, dtype])
+    return _COMPILED[kind, dtype]
 
 
 def draw(
     kind: str,
     position: torch.Tensor,
     lanes: torch.Tensor,
-    count: int,
+    layout: tuple[tuple[int, ...], int],
     dtype: torch.dtype,
     consts: Constants,
     compiled: bool = False,
 ) -> torch.Tensor:
-    """``count`` values per row, ``[n, count]``, ``kind`` ``"normal"`` or ``"uniform"``, from the blocks at ``position`` (:func:`blocks`).
+    r"""Values of ``kind`` (``"normal"`` or ``"uniform"``) from the blocks at ``position`` (:func:`blocks`): ``layout = (rest, dim)``, shape ``rest`` with the rows inserted as dim ``dim``.
 
-    ``compiled``: on a CPU whose products wrap, make them with ``torch.compile`` kernels (the
-    words and every exact step fused; the two square roots of Box-Muller stay eager ops, whose
-    rounding the compiled ``sqrt`` does not share). The same bits: each kind and type is checked
-    against the eager ops once per process, and falls back to them where compiling fails or
-    the check does. The first draw of a kind, type and shape compiles (seconds); a new shape
-    may compile again (``dynamic=True`` keeps that to the first few).
+    Row ``i`` gets :math:`\prod` ``rest`` values (:func:`normal_from_blocks`, :func:`uniform_from_blocks`), in ``rest``'s order.
+
+    ``compiled``: on a CPU whose products wrap, make them with ``torch.compile`` kernels: the
+    words (the four words of a block apart, the rounds in one loop), the uniforms, the series
+    and the products fused, the same IEEE operations in the same order; the two square roots
+    of Box-Muller stay eager ops (torch's CPU ``sqrt`` is not always correctly rounded, the
+    compiled one is: about 0.7% of values would differ in the last bit). The same bits: each
+    kind and type is checked against the eager ops once per process, and falls back to them
+    where compiling fails or the check does. The first draw of a kind, type and shape compiles
+    (seconds); a new shape may compile again (``dynamic=True`` keeps that to the first few;
+    past torch's recompile limit a piece runs as eager ops, the same bits).
     """
     if compiled and position.device.type == "cpu" and consts.wrap and _compiles(kind, dtype):
-        return _compiled_draw(kind, position, lanes, count, dtype, consts)
+        return _compiled_draw(kind, position, lanes, layout, dtype, consts)
+    count = math.prod(layout[0])
     if kind == "normal":
         x, y = blocks(position, lanes, normal_blocks(count, dtype), consts)
-        return normal_from_blocks(x, y, count, dtype)
+        return _place(normal_from_blocks(x, y, count, dtype), layout)
     x, y = blocks(position, lanes, uniform_blocks(count, dtype), consts)
-    return uniform_from_blocks(x, y, count, dtype)
+    return _place(uniform_from_blocks(x, y, count, dtype), layout)

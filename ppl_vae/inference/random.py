@@ -339,9 +339,11 @@ class Streams:
             return torch.empty(shape, dtype=dtype, device=self.device)
         blocks = (philox.normal_blocks if kind == "normal" else philox.uniform_blocks)(count, dtype)
         position = self._position if self._rows is None else self._position[self._rows]
-        values = philox.draw(kind, position, self._lanes, count, dtype, self._consts, self.compiled)
+        values = philox.draw(
+            kind, position, self._lanes, (rest, dim), dtype, self._consts, self.compiled
+        )
         self._advance(position, blocks)
-        return values.view(len(self), *rest).movedim(0, dim).contiguous()
+        return values
 
     def normal(
         self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32
