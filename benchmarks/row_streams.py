@@ -16,15 +16,18 @@ on its batch. This measures:
     for one ``torch.Generator`` per datapoint with its draws stacked, the streams
     before issue 30 ("before", rebuilt here in a few lines);
   - the median time of each against ``torch.randn`` + ``torch.rand`` with one
-    generator (the baseline), the three run in turn ``--repeats`` times after a
+    generator (the baseline), all run in turn ``--repeats`` times after a
     warm-up; one torch thread unless ``--threads``;
+  - the same draws with ``Streams(..., compiled=True)`` (``torch.compile``
+    kernels, the same bits; their compiling is in the warm-up, not in the times),
+    in float32 and float64, unless ``--no-compiled``;
 
 * **importance weights**: ``log_weights(vae, guide, x, num_samples=K)`` on a
   batch of binarised-MNIST-shaped rows (VAE 784-200-200-50, Bernoulli
   likelihood), with ``streams=Streams(...)`` against the global stream
   (``streams=None``: Pyro's own draws).
 
-Usage: ``python benchmarks/row_streams.py [--rows 10 1000] [--K 1000] [--repeats 9]``
+Usage: ``python benchmarks/row_streams.py [--rows 10 1000] [--K 1000] [--repeats 9] [--no-compiled] [--skip-weights]``
 """
 
 from __future__ import annotations
@@ -73,22 +76,31 @@ def _ops(fn: Callable[[], object]) -> int:
 
 
 def _noise(
-    kind: type, n: int, chains: int, dtype: torch.dtype, device: str = "cpu"
+    kind: type,
+    n: int,
+    chains: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    compiled: bool = False,
 ) -> Callable[[], object]:
     """One HMC transition's noise for ``n`` datapoints: normal ``[chains, n, 50]`` + uniform ``[chains, n]`` from ``kind``'s streams."""
-    s = kind(0, range(n), device, 4)
     if kind is Streams:
+        s = Streams(0, range(n), device, 4, compiled=compiled)
         return lambda: (s.normal([chains, n, 50], dtype=dtype), s.uniform([chains, n], dtype=dtype))
-    return lambda: (s.normal([chains, n, 50]), s.uniform([chains, n]))
+    g = kind(0, range(n), device, 4)
+    return lambda: (g.normal([chains, n, 50]), g.uniform([chains, n]))
 
 
-def noise_table(rows: list[int], chains: int, repeats: int) -> None:
+def noise_table(rows: list[int], chains: int, repeats: int, compiled: bool = True) -> None:
     print(
-        f"HMC noise: normal [{chains}, N, 50] + uniform [{chains}, N], float32 (float64: the Philox streams' own draws in float64), "
-        f"{repeats} repeats, {torch.get_num_threads()} thread(s)"
+        f"HMC noise: normal [{chains}, N, 50] + uniform [{chains}, N], float32 (f64: the Philox streams' own draws in float64; "
+        f"compiled: Streams(..., compiled=True)), {repeats} repeats, {torch.get_num_threads()} thread(s); times as ratios to the baseline"
     )
+    names = ["before", "after", "after f64"] + (["compiled", "compiled f64"] if compiled else [])
     print(
-        f"{'N':>6} | {'ops before':>10} | {'ops after':>9} | {'before / baseline':>17} | {'after / baseline':>16} | {'after f64 / baseline':>20} | baseline ms"
+        f"{'N':>6} | {'ops before':>10} | {'ops after':>9} | "
+        + " | ".join(f"{name:>12}" for name in names)
+        + " | baseline ms"
     )
     for n in rows:
         gen = torch.Generator().manual_seed(0)
@@ -99,16 +111,23 @@ def noise_table(rows: list[int], chains: int, repeats: int) -> None:
                 torch.rand(chains, n, generator=gen),
             )
 
-        before, after, wide = (
+        draws = [
             _noise(PerRowGenerators, n, chains, torch.float32),
             _noise(Streams, n, chains, torch.float32),
             _noise(Streams, n, chains, torch.float64),
-        )
-        ops_before, ops_after = _ops(before), _ops(after)
-        tb, ta, tw, t0 = in_turn([before, after, wide, base], repeats)
-        ratio = [statistics.median(x / y for x, y in zip(t, t0)) for t in (tb, ta, tw)]
+        ]
+        if compiled:
+            draws += [
+                _noise(Streams, n, chains, dt, compiled=True)
+                for dt in (torch.float32, torch.float64)
+            ]
+        ops_before, ops_after = _ops(draws[0]), _ops(draws[1])
+        *times, t0 = in_turn([*draws, base], repeats)
+        ratio = [statistics.median(x / y for x, y in zip(t, t0)) for t in times]
         print(
-            f"{n:>6} | {ops_before:>10} | {ops_after:>9} | {ratio[0]:>17.3g} | {ratio[1]:>16.3g} | {ratio[2]:>20.3g} | {statistics.median(t0) * 1e3:.3f}"
+            f"{n:>6} | {ops_before:>10} | {ops_after:>9} | "
+            + " | ".join(f"{r:>11.3g}x" for r in ratio)
+            + f" | {statistics.median(t0) * 1e3:.3f}"
         )
 
 
@@ -120,10 +139,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-weights", action="store_true", help="only the HMC-noise table")
+    ap.add_argument(
+        "--no-compiled", action="store_true", help="leave out the compiled streams' columns"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     with torch.no_grad():
-        noise_table(a.rows, a.chains, a.repeats)
+        noise_table(a.rows, a.chains, a.repeats, not a.no_compiled)
         if a.skip_weights:
             return
         torch.manual_seed(0)

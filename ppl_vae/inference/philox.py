@@ -41,7 +41,10 @@ Ann. Math. Statist. 29 (1958) 610-611.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +62,7 @@ __all__ = [
     "uniform_from_blocks",
     "normal_blocks",
     "normal_from_blocks",
+    "draw",
 ]
 
 MASK = 0xFFFFFFFF
@@ -74,7 +78,7 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 class Constants:
     """A key's per-round constants on one device, and how that device forms the round's products (:func:`constants`)."""
 
-    #: per round, ``[2, 1]`` int64: the multipliers, their low and high 16 bits, and the round's key words, in the round's lane order
+    #: per round, ``[2, 1, 1]`` int64: the multipliers, their low and high 16 bits, and the round's key words, in the round's lane order
     rounds: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ...]
     #: whether the device's int64 products wrap modulo 2^64 (one multiply a round) or the product is built from 48-bit halves
     wrap: bool
@@ -116,7 +120,7 @@ def constants(
             (m[0] >> 16, m[1] >> 16),
             (b, a) if r % 2 == 0 else (a, b),
         ]
-    table = torch.tensor(rows, dtype=torch.int64, device=device).unsqueeze(-1)
+    table = torch.tensor(rows, dtype=torch.int64, device=device).view(-1, 2, 1, 1)
     return Constants(
         tuple(tuple(table[4 * r : 4 * r + 4]) for r in range(ROUNDS)),
         products_wrap(device) if wrap is None else wrap,
@@ -126,29 +130,33 @@ def constants(
 def _rounds(
     x: torch.Tensor, y: torch.Tensor, consts: Constants
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""The ten rounds on lanes ``x = (c0, c2)``, ``y = (c1, c3)`` (``[2, L]`` int64, overwritten); the outputs in the same lanes.
+    r"""The ten rounds on lanes ``x = (c0, c2)``, ``y = (c1, c3)`` (``[2, n, L]`` int64, overwritten); the outputs in the same lanes.
 
     A round maps :math:`(c_0, c_1, c_2, c_3)` to
     :math:`(\mathrm{hi}(M_1 c_2) \oplus c_1 \oplus k_0,\ \mathrm{lo}(M_1 c_2),\ \mathrm{hi}(M_0 c_0) \oplus c_3 \oplus k_1,\ \mathrm{lo}(M_0 c_0))`.
     Written on the pairs ``x`` and ``y`` it leaves the lanes of both swapped, ``(c2, c0)`` and
     ``(c3, c1)``, and the next round swaps them back: seven operations a round where products
-    wrap (twelve otherwise), none of them a copy.
+    wrap (twelve otherwise), none of them a copy. Every operation writes into one of three
+    buffers (``x``, ``y`` and one more), which rotate: a round allocates nothing.
     """
+    spare = torch.empty_like(x)
     for m, low16, high16, key in consts.rounds:
         if consts.wrap:
-            hi = x * m  # the product modulo 2^64
-            lo = hi & MASK
-            hi.bitwise_right_shift_(32).bitwise_and_(MASK)
+            torch.mul(x, m, out=spare)  # the product modulo 2^64
+            torch.bitwise_and(spare, MASK, out=x)  # lo: x is read
+            spare.bitwise_right_shift_(32)  # hi, sign-extended: masked below
         else:
-            hi = x * high16  # a M_h < 2^48
+            torch.mul(x, high16, out=spare)  # a M_h < 2^48
             x.mul_(low16)  # a M_l < 2^48
-            lo = hi & 0xFFFF
+            lo = spare & 0xFFFF
             lo.bitwise_left_shift_(16).add_(x).bitwise_and_(MASK)
-            hi.add_(x.bitwise_right_shift_(16)).bitwise_right_shift_(16)
-        (h0, h1), (y0, y1) = hi.unbind(), y.unbind()
+            spare.add_(x.bitwise_right_shift_(16)).bitwise_right_shift_(16)
+            x.copy_(lo)
+        (h0, h1), (y0, y1) = spare.unbind(), y.unbind()
         h0.bitwise_xor_(y1)
         h1.bitwise_xor_(y0)
-        x, y = hi.bitwise_xor_(key), lo
+        spare.bitwise_xor_(key).bitwise_and_(MASK)
+        x, y, spare = spare, x, y
     return x, y
 
 
@@ -163,7 +171,9 @@ def philox4x32(
     shape = counter.shape[1:]
     c = counter.reshape(4, -1)
     x, y = _rounds(
-        torch.stack((c[0], c[2])), torch.stack((c[1], c[3])), constants(key, counter.device, wrap)
+        torch.stack((c[0], c[2])).unsqueeze(-1),
+        torch.stack((c[1], c[3])).unsqueeze(-1),
+        constants(key, counter.device, wrap),
     )
     return torch.stack((x[0], y[0], x[1], y[1])).reshape(4, *shape)
 
@@ -179,11 +189,34 @@ def blocks(
     index).
     """
     n = position.shape[0]
-    c = position.unsqueeze(1) + torch.arange(count, device=position.device)  # [n, count]
-    x = torch.stack((c & MASK, lanes[0].unsqueeze(1).expand(n, count)))
-    y = torch.stack((c.bitwise_right_shift_(32), lanes[1].unsqueeze(1).expand(n, count)))
-    x, y = _rounds(x.view(2, -1), y.view(2, -1), consts)
-    return x.view(2, n, count), y.view(2, n, count)
+    x, y = (torch.empty(2, n, count, dtype=torch.int64, device=position.device) for _ in "xy")
+    c = torch.add(
+        position.unsqueeze(1), torch.arange(count, device=position.device), out=y[0]
+    )  # [n, count]
+    torch.bitwise_and(c, MASK, out=x[0])
+    c.bitwise_right_shift_(32)
+    x[1].copy_(lanes[0].unsqueeze(1))
+    y[1].copy_(lanes[1].unsqueeze(1))
+    return _rounds(x, y, consts)
+
+
+def _words(
+    position: torch.Tensor, lanes: torch.Tensor, count: int, consts: Constants
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`blocks` written for ``torch.compile`` (four words apart, no ``out=`` and no buffers: one fused loop), for devices whose products wrap."""
+    c0 = position.unsqueeze(1) + torch.arange(count, device=position.device)
+    c1, c2, c3 = c0 >> 32, lanes[0].unsqueeze(1).expand_as(c0), lanes[1].unsqueeze(1).expand_as(c0)
+    c0 = c0 & MASK
+    for r, (_, _, _, key) in enumerate(consts.rounds):
+        k = key.view(2, 1) if r % 2 == 0 else key.flip(0).view(2, 1)  # (k1, k0)
+        p0, p1 = c0 * M0, c2 * M1
+        c0, c1, c2, c3 = (
+            ((p1 >> 32) & MASK) ^ c1 ^ k[1],
+            p1 & MASK,
+            ((p0 >> 32) & MASK) ^ c3 ^ k[0],
+            p0 & MASK,
+        )
+    return torch.stack((c0, c2)), torch.stack((c1, c3))
 
 
 def _fraction_bits(dtype: torch.dtype) -> int:
@@ -313,6 +346,12 @@ def normal_from_blocks(
     :math:`\sin` is its series and :math:`\cos = \sqrt{1 - \sin^2}` (at least :math:`\sqrt{1/2}`
     here). Half types are float32 values rounded.
     """
+    rho, sin, cos, odd, flip = _polar(x, y, dtype)
+    return _combine(rho.sqrt_(), sin, cos.sqrt_(), odd, flip, count, dtype)
+
+
+def _polar(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    r"""Box-Muller's :math:`(-2 \log u,\ \sin,\ 1 - \sin^2,\ [q \text{ odd}],\ (-1)^{\lfloor q/2 \rfloor})` of :func:`normal_from_blocks` (the two square roots left out)."""
     ft = torch.float64 if dtype == torch.float64 else torch.float32
     if ft == torch.float64:
         b = x.shape[-1] // 2
@@ -342,12 +381,133 @@ def normal_from_blocks(
         half = quadrant.mul(0.5).floor_()
         odd, flip = quadrant.sub_(half * 2), half.mul_(-2).add_(1)
     sin = _horner(r * r, _SIN[ft]).mul_(r)
-    cos = torch.rsub(sin * sin, 1).sqrt_()
+    return _log(u).mul_(-2), sin, torch.rsub(sin * sin, 1), odd, flip
+
+
+def _combine(
+    rho: torch.Tensor,
+    sin: torch.Tensor,
+    cos: torch.Tensor,
+    odd: torch.Tensor,
+    flip: torch.Tensor,
+    count: int,
+    dtype: torch.dtype,
+    layout: tuple[tuple[int, ...], int] | None = None,
+) -> torch.Tensor:
+    r"""The values of :func:`normal_from_blocks` from the radius :math:`\rho`, the quarter angle's sine and cosine and the quadrant (``odd``, ``flip``)."""
     # R^q (cos, sin) = (a cos - g sin, a sin + g cos), (a, g) = (1, 0), (0, 1), (-1, 0), (0, -1): with the radius folded in,
     # g = rho flip [q odd], a = rho flip - g; every product and sum below is exact but the last two
-    radius = _log(u).mul_(-2).sqrt_().mul_(flip)
+    radius = rho.mul_(flip)
     g = odd.mul_(radius)
     a = radius.sub_(g)
     zx, zy = (a * cos).sub_(g * sin), a.mul_(sin).add_(g.mul_(cos))
     z = _rows(zx, zy, count)
-    return z if dtype == ft else z.to(dtype)
+    return _place(z if z.dtype == dtype else z.to(dtype), layout)
+
+
+def _place(values: torch.Tensor, layout: tuple[tuple[int, ...], int] | None) -> torch.Tensor:
+    """Values ``[n, count]`` laid out as ``layout = (rest, dim)`` says: shape ``rest`` with the rows inserted as dim ``dim`` (None: as they are)."""
+    if layout is None:
+        return values
+    rest, dim = layout
+    return values.view(values.shape[0], *rest).movedim(0, dim).contiguous()
+
+
+# -------------------------------------------------------------------------------- draws, eager or compiled
+
+
+def _uniforms(
+    position: torch.Tensor,
+    lanes: torch.Tensor,
+    layout: tuple[tuple[int, ...], int],
+    dtype: torch.dtype,
+    consts: Constants,
+) -> torch.Tensor:
+    count = math.prod(layout[0])
+    x, y = _words(position, lanes, uniform_blocks(count, dtype), consts)
+    return _place(uniform_from_blocks(x, y, count, dtype), layout)
+
+
+#: per kind and float type: whether the compiled draws work here (False: compiling failed, or gave other bits than eager)
+_COMPILED: dict[tuple[str, torch.dtype], bool] = {}
+#: the pieces compiled apart: one kernel of several outputs would compute the rounds again for each
+_PIECES = {"words": _words, "polar": _polar, "combine": _combine, "uniform": _uniforms}
+_KERNELS: dict[str, Callable[..., Any]] = {}
+
+
+def _kernel(name: str) -> Callable[..., Any]:
+    """The ``torch.compile`` of piece ``name`` of a draw (made on first use: compiling happens at its first call)."""
+    if name not in _KERNELS:
+        _KERNELS[name] = torch.compile(_PIECES[name], dynamic=True)
+    return _KERNELS[name]
+
+
+def _compiled_draw(
+    kind: str,
+    position: torch.Tensor,
+    lanes: torch.Tensor,
+    layout: tuple[tuple[int, ...], int],
+    dtype: torch.dtype,
+    consts: Constants,
+) -> torch.Tensor:
+    """:func:`draw` by the ``torch.compile`` kernels: the words, the uniforms, the series and the products fused; the square roots eager."""
+    if kind == "uniform":
+        return _kernel("uniform")(position, lanes, layout, dtype, consts)
+    count = math.prod(layout[0])
+    x, y = _kernel("words")(position, lanes, normal_blocks(count, dtype), consts)
+    rho, sin, cos, odd, flip = _kernel("polar")(x, y, dtype)
+    return _kernel("combine")(rho.sqrt_(), sin, cos.sqrt_(), odd, flip, count, dtype, layout)
+
+
+def _compiles(kind: str, dtype: torch.dtype) -> bool:
+    """Whether the compiled draws of ``kind`` in ``dtype`` work here: compiled once per process and checked against eager on 74 values of 3 rows."""
+    if (kind, dtype) not in _COMPILED:
+        position = torch.tensor([0, 2**32 - 3, 2**62 + 5])
+        lanes = torch.tensor([[0, MASK, 7], [MASK, 0, 2**31]])
+        consts = constants((0x9E3779B9, MASK), "cpu", wrap=True)
+        layout = ((2, 37), 1)  # [2, 3, 37]: 74 values a row
+        try:
+            got = _compiled_draw(kind, position, lanes, layout, dtype, consts)
+            ok = torch.equal(got, draw(kind, position, lanes, layout, dtype, consts))
+            if not ok:
+                warnings.warn(
+                    f"compiled {kind} draws in {dtype} differ from eager: eager", stacklevel=4
+                )
+        except Exception as exc:  # no C++ compiler, or an unsupported platform
+            warnings.warn(f"compiled streams fall back to eager: {exc}", stacklevel=4)
+            ok = False
+        _COMPILED[kind, dtype] = ok
+    return _COMPILED[kind, dtype]
+
+
+def draw(
+    kind: str,
+    position: torch.Tensor,
+    lanes: torch.Tensor,
+    layout: tuple[tuple[int, ...], int],
+    dtype: torch.dtype,
+    consts: Constants,
+    compiled: bool = False,
+) -> torch.Tensor:
+    r"""Values of ``kind`` (``"normal"`` or ``"uniform"``) from the blocks at ``position`` (:func:`blocks`): ``layout = (rest, dim)``, shape ``rest`` with the rows inserted as dim ``dim``.
+
+    Row ``i`` gets :math:`\prod` ``rest`` values (:func:`normal_from_blocks`, :func:`uniform_from_blocks`), in ``rest``'s order.
+
+    ``compiled``: on a CPU whose products wrap, make them with ``torch.compile`` kernels: the
+    words (the four words of a block apart, the rounds in one loop), the uniforms, the series
+    and the products fused, the same IEEE operations in the same order; the two square roots
+    of Box-Muller stay eager ops (torch's CPU ``sqrt`` is not always correctly rounded, the
+    compiled one is: about 0.7% of values would differ in the last bit). The same bits: each
+    kind and type is checked against the eager ops once per process, and falls back to them
+    where compiling fails or the check does. The first draw of a kind, type and shape compiles
+    (seconds); a new shape may compile again (``dynamic=True`` keeps that to the first few;
+    past torch's recompile limit a piece runs as eager ops, the same bits).
+    """
+    if compiled and position.device.type == "cpu" and consts.wrap and _compiles(kind, dtype):
+        return _compiled_draw(kind, position, lanes, layout, dtype, consts)
+    count = math.prod(layout[0])
+    if kind == "normal":
+        x, y = blocks(position, lanes, normal_blocks(count, dtype), consts)
+        return _place(normal_from_blocks(x, y, count, dtype), layout)
+    x, y = blocks(position, lanes, uniform_blocks(count, dtype), consts)
+    return _place(uniform_from_blocks(x, y, count, dtype), layout)

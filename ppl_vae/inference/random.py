@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -192,6 +193,11 @@ class Streams:
     :math:`[0, 2^{64})` or an index outside :math:`[0, 2^{63})`, or one that is not an integer, is
     refused by name.
 
+    ``compiled=True`` makes a CPU draw with ``torch.compile`` kernels
+    (:func:`~ppl_vae.inference.philox.draw`: the same bits, checked once per process; the first
+    draw of a shape compiles, seconds); the default is ``True`` where the environment variable
+    ``PPL_VAE_COMPILED_STREAMS`` is ``1``, else eager tensor operations.
+
     References
     ----------
     J. K. Salmon, M. A. Moraes, R. O. Dror and D. E. Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC '11 (2011).
@@ -203,11 +209,17 @@ class Streams:
         index: torch.Tensor | Sequence[int],
         device: torch.device | str,
         *tags: int,
+        compiled: bool | None = None,
     ) -> None:
         checked = None if seed is None else _whole(seed, "seed", 2**64)
         tags = tuple(_whole(t, f"stream tag {t!r}", 2**64) for t in tags)
         self.index = _indices(index)
         self.device = torch.device(device)
+        self.compiled = (
+            os.environ.get("PPL_VAE_COMPILED_STREAMS") == "1"
+            if compiled is None
+            else bool(compiled)
+        )
         self._consts = philox.constants(stream_key(base_seed(checked), *tags), self.device)
         idx = torch.tensor(self.index, dtype=torch.int64, device=self.device)
         self._lanes = torch.stack(
@@ -253,8 +265,9 @@ class Streams:
                     f"rows {picked} name a row twice: a stream cannot give one draw to two rows"
                 )
         out = object.__new__(Streams)
-        out.device, out._consts, out.index = (
+        out.device, out.compiled, out._consts, out.index = (
             self.device,
+            self.compiled,
             self._consts,
             [self.index[r] for r in picked],
         )
@@ -295,11 +308,15 @@ class Streams:
         """The next ``count`` blocks of every row's stream (:func:`~ppl_vae.inference.philox.blocks`); the rows move ``count`` blocks on."""
         position = self._position if self._rows is None else self._position[self._rows]
         x, y = philox.blocks(position, self._lanes, count, self._consts)
+        self._advance(position, count)
+        return x, y
+
+    def _advance(self, position: torch.Tensor, count: int) -> None:
+        """Move the rows ``count`` blocks on from ``position`` (the rows' positions as read before the draw)."""
         if self._rows is None:
             self._position.add_(count)
         else:
             self._position[self._rows] = position.add_(count)
-        return x, y
 
     def _draw(self, kind: str, shape: Sequence[int], dim: int, dtype: torch.dtype) -> torch.Tensor:
         if not isinstance(dtype, torch.dtype) or dtype not in philox.FLOAT_DTYPES:
@@ -320,15 +337,13 @@ class Streams:
         count = math.prod(rest)
         if count == 0 or len(self) == 0:
             return torch.empty(shape, dtype=dtype, device=self.device)
-        if kind == "normal":
-            values = philox.normal_from_blocks(
-                *self._blocks(philox.normal_blocks(count, dtype)), count, dtype
-            )
-        else:
-            values = philox.uniform_from_blocks(
-                *self._blocks(philox.uniform_blocks(count, dtype)), count, dtype
-            )
-        return values.view(len(self), *rest).movedim(0, dim).contiguous()
+        blocks = (philox.normal_blocks if kind == "normal" else philox.uniform_blocks)(count, dtype)
+        position = self._position if self._rows is None else self._position[self._rows]
+        values = philox.draw(
+            kind, position, self._lanes, (rest, dim), dtype, self._consts, self.compiled
+        )
+        self._advance(position, blocks)
+        return values
 
     def normal(
         self, shape: Sequence[int], dim: int = 1, dtype: torch.dtype = torch.float32

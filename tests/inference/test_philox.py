@@ -136,3 +136,56 @@ def test_uniforms_are_odd_multiples_of_the_types_grid_and_never_0_or_1():
         low, high, 4, torch.float64
     )  # block 0's words refined by block 1's
     assert u[0, 0].item() == 2.0**-53 and u[0, 1].item() == 1 - 2.0**-53
+
+
+def _draws(compiled):
+    s = Streams(5, [0, 3, 2**40 + 1, 17, 8], "cpu", Tag.HMC, compiled=compiled)
+    out = []
+    for dtype in (torch.float32, torch.float64):
+        out += [
+            s.uniform((5, 3), dim=0, dtype=dtype),  # leaves the rows mid-block
+            s.normal((2, 5, 41), dtype=dtype),
+            s.select(slice(1, 4)).uniform((3, 9), dim=0, dtype=dtype),
+            s.select([4, 0]).normal((2, 6), dim=0, dtype=dtype),
+        ]
+    return out, s.get_state()
+
+
+def test_the_compiled_switch_follows_the_environment_and_a_failed_check_draws_eagerly(
+    monkeypatch,
+):
+    monkeypatch.setenv("PPL_VAE_COMPILED_STREAMS", "1")
+    s = Streams(0, range(4), "cpu")
+    assert (
+        s.compiled
+        and s.select([1, 2]).compiled
+        and not Streams(0, [0], "cpu", compiled=False).compiled
+    )
+    monkeypatch.delenv("PPL_VAE_COMPILED_STREAMS")
+    assert not Streams(0, [0], "cpu").compiled
+    for kind in (
+        "normal",
+        "uniform",
+    ):  # as if the compiled kernels had failed their check: eager, no compiling
+        for dtype in (torch.float32, torch.float64):
+            monkeypatch.setitem(philox._COMPILED, (kind, dtype), False)
+    (eager, state), (fallback, state_fallback) = _draws(False), _draws(True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, fallback))
+    assert torch.equal(state, state_fallback)
+
+
+@pytest.mark.slow
+def test_compiled_draws_are_the_eager_draws_bit_for_bit():
+    """Streams(compiled=True): torch.compile kernels give the same values, float32 and float64, whole and mid-block."""
+    (eager, state), (compiled, state_compiled) = _draws(False), _draws(True)
+    if not all(
+        philox._COMPILED.get((k, d))
+        for k in ("normal", "uniform")
+        for d in (torch.float32, torch.float64)
+    ):
+        pytest.skip("torch.compile does not work here: the streams drew eagerly")
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and torch.equal(
+            a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)
+        )
+    assert torch.equal(state, state_compiled)
