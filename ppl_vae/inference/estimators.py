@@ -77,7 +77,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from ..errors import ConfigError, NotReparameterizableError
-from .traces import plate_nesting
+from .traces import per_datapoint, plate_nesting
 
 __all__ = [
     "Estimator",
@@ -671,19 +671,17 @@ class ParticleTerms:
 
 
 def _reduce(lp: Any, site: dict[str, Any], plate: str, zero: torch.Tensor) -> torch.Tensor:
-    """Sum a site's log-density over everything but the particle and ``plate`` dims: ``[K or 1, N]`` (on ``zero``'s device)."""
-    dims = {f.name: f.dim for f in site["cond_indep_stack"]}
-    if plate not in dims:
-        raise ConfigError(
-            f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint estimators need every site inside it"
-        )
-    lp = torch.as_tensor(lp, device=zero.device)
-    keep = [d for d in (dims.get(PARTICLES), dims[plate]) if d is not None]
-    ndim = max(lp.dim(), -min(keep))
-    lp = lp.reshape((1,) * (ndim - lp.dim()) + lp.shape)
-    other = [i for i in range(ndim) if i - ndim not in keep]
-    lp = lp.sum(other) if other else lp
-    return lp if PARTICLES in dims else lp.unsqueeze(0)
+    """Sum a site's (scaled, masked) log-density over everything but the particle and ``plate`` dims: ``[K or 1, N]`` (on ``zero``'s
+    device), by :func:`~.traces.per_datapoint`."""
+    lp = per_datapoint(
+        site,
+        plate,
+        torch.as_tensor(lp, device=zero.device),
+        draws=PARTICLES,
+        masked=True,
+        what="estimators",
+    )
+    return lp if any(f.name == PARTICLES for f in site["cond_indep_stack"]) else lp.unsqueeze(0)
 
 
 def _common_scale(sites: list[dict[str, Any]]) -> float | None:

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,7 @@ class Trainer:
         )
         self.svi.module = self.objective if plain else wrapped
         self.backward = self.svi.gradients if plain else fabric.backward
+        self.to_device = partial(_to, device=fabric.device) if plain else fabric.to_device
 
     def step(self, data: Rows, rows: torch.Tensor, step: int, epoch: int) -> float:
         """One optimisation step (:meth:`SVI.loss`, :meth:`SVI.update`) on the dataset rows ``rows`` of ``data``; the minibatch's ELBO per datapoint.
@@ -151,7 +153,7 @@ class Trainer:
         assert self.coll is not None
         failed = None
         try:
-            out = self.svi.loss(*data.args(rows, self.fabric.to_device), index=rows)
+            out = self.svi.loss(*data.args(rows, self.to_device), index=rows)
         except DataError as exc:  # a damaged row, or (with validation on) a value outside the support: found before any collective
             where = f" on rank {self.coll.rank}" if self.coll.world > 1 else ""
             first = str(exc).splitlines()[
@@ -351,6 +353,11 @@ class Trainer:
             ) from None
         self.saved_epoch = state.epoch
         return state
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, as Fabric's ``to_device`` moves a tensor (without blocking, but to the host)."""
+    return t.to(device, non_blocking=device.type not in ("cpu", "mps"))
 
 
 class Evaluator:

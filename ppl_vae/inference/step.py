@@ -15,6 +15,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pyro
@@ -35,7 +36,7 @@ from .compiled import CompiledStep, Noise
 from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .params import Discovered, discover, load_params
 from .plates import DATA, DataPlate, DataRows, find_data_plate, on_data_plate, subsampled_size
-from .traces import ObservedSupport, vectorises
+from .traces import ObservedSupport, nonfinite_at, vectorises
 from .validation import retry_unvalidated
 
 
@@ -64,9 +65,10 @@ class _StepRecord(Messenger):
         self.plate = plate
         self.sites: list[tuple[str, str, Any, torch.Tensor]] = []
         self.scales: set[float] = set()
+        self.names: set[str] = set()  # the names in sites
 
     def clear(self) -> None:
-        self.sites, self.scales = [], set()
+        self.sites, self.scales, self.names = [], set(), set()
 
     def _process_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "sample" and not site_is_subsample(msg):
@@ -93,9 +95,10 @@ class _StepRecord(Messenger):
 
     def _postprocess_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "sample" and not site_is_subsample(msg):
-            seen = any(n == msg["name"] for _, n, _, _ in self.sites)
-            role = "model" if msg["is_observed"] or seen else "guide"
-            self.sites.append((role, msg["name"], msg["fn"], msg["value"]))
+            name = msg["name"]
+            role = "model" if msg["is_observed"] or name in self.names else "guide"
+            self.sites.append((role, name, msg["fn"], msg["value"]))
+            self.names.add(name)
 
 
 def named_parameters(
@@ -120,18 +123,16 @@ def culprit(record: _StepRecord, named: list[tuple[str, torch.Tensor]]) -> tuple
     largest, where = -1.0, (None, f"no site recorded{params}")
     with torch.no_grad(), pyro.validation_enabled(False):
         for role, name, fn, value in record.sites:
-            if not bool(torch.isfinite(value).all()):
-                return name, f"{role} site {name!r} has a non-finite value{params}"
             try:
-                lp = fn.log_prob(value)
+                found, lp = nonfinite_at(role, name, value, partial(fn.log_prob, value))
             except Exception as exc:  # a distribution that cannot even score its own draw
                 return (
                     name,
                     f"{role} site {name!r} cannot evaluate its log-density ({str(exc).splitlines()[0][:100]}){params}",
                 )
-            if not bool(torch.isfinite(lp).all()):
-                return name, f"{role} site {name!r} has a non-finite log-density{params}"
-            size = lp.abs().max().item()
+            if found is not None:
+                return name, f"{found}{params}"
+            size = lp.abs().max().item()  # type: ignore[union-attr]
             if size > largest:
                 largest, where = (
                     size,
@@ -440,6 +441,7 @@ class SVI:
         )
         self._last: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
         self._one: torch.Tensor | None = None  # the flag of a step that checked nothing
+        self._cleared = False  # every gradient was set to None (torch's own zero_grad) before this step's backward
 
     # ------------------------------------------------------------------ building
 
@@ -619,7 +621,7 @@ class SVI:
         elbo: float | None = None,
     ) -> None:
         """Zero the gradients, ``backward`` (default ``loss.backward()``; fit's is Fabric's), clip (a ``pyro.optim``'s clip_args), step the optimiser."""
-        _zero_grad(self.optimizer)
+        self._cleared = _zero_grad(self.optimizer)
         if self._grads is not None:  # a compiled step computed them
             for p, g in zip(self.params, self._grads):
                 p.grad = g
@@ -643,14 +645,15 @@ class SVI:
         over the optimiser's parameters, each set as its ``.grad`` (None where the loss does not reach it).
 
         ``backward`` would store them through one accumulation node and one ``detach`` per parameter;
-        fit's one-process loop passes this as :meth:`update`'s ``backward``. Where a gradient is already
-        there (an optimiser whose ``zero_grad`` keeps them), it is ``loss.backward()``.
+        fit's one-process loop passes this as :meth:`update`'s ``backward``. Where a gradient may already
+        be there (an optimiser whose own ``zero_grad`` may keep them), it is ``loss.backward()``.
         """
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if not loss.requires_grad or any(p.grad is not None for p in params):
+        if not (self._cleared and loss.requires_grad):
             loss.backward()
             return
-        wanted = [p for p in params if p.requires_grad]
+        wanted = [
+            p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad
+        ]
         for p, g in zip(wanted, torch.autograd.grad(loss, wanted, allow_unused=True)):
             p.grad = g
 
@@ -697,16 +700,18 @@ class SVI:
         self.steps = int(state.get("steps", 0))
 
 
-def _zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.zero_grad(set_to_none=True)``; for torch's own (not overridden), its loop without its profiler bookkeeping."""
+def _zero_grad(optimizer: torch.optim.Optimizer) -> bool:
+    """``optimizer.zero_grad(set_to_none=True)``; for torch's own (not overridden), its loop without its profiler bookkeeping.
+    Whether every gradient is now None (torch's own ``zero_grad``)."""
     if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad or not hasattr(
         optimizer, "_zero_grad_profile_name"
     ):
         optimizer.zero_grad(set_to_none=True)
-        return
+        return False
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
+    return True
 
 
 def _data_plate(
