@@ -64,16 +64,20 @@ import pyro.distributions as dist
 import pyro.infer
 import torch
 from pyro import poutine
+from pyro.distributions.distribution import Distribution as _PyroDistribution
+from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.replay_messenger import ReplayMessenger
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match
 from torch import nn
 from torch.distributions import kl_divergence
 
 from ..errors import ConfigError, NotReparameterizableError
-from .traces import plate_nesting
+from .traces import per_datapoint, plate_nesting
 
 __all__ = [
     "Estimator",
@@ -94,6 +98,9 @@ __all__ = [
 
 PARTICLES = "num_particles_vectorized"  # the name of Pyro's vectorised-particle plate
 BASELINES = ("average", "nvil", "loo")
+_DEFAULT_SCORE_PARTS = (
+    _PyroDistribution.score_parts
+)  # Pyro's: the log-density, a score or an entropy term by has_rsample
 
 
 def _not_a_guess(record: logging.LogRecord) -> bool:
@@ -224,6 +231,9 @@ class EstimatorLoss:
     ``state_dict()`` / ``load_state_dict()`` save and restore the running
     statistics an estimator keeps between steps (a moving-average baseline),
     as plain numbers, so a resumed run continues bit for bit.
+    ``warns``: the loss may run Pyro code that warns of a NaN at any step (one of
+    Pyro's own ELBOs), a warning ``fit`` silences (it names the site itself); the
+    losses here warn only under validation, and say ``warns=False``.
     """
 
     def __init__(
@@ -231,8 +241,11 @@ class EstimatorLoss:
         fn: Callable[..., torch.Tensor],
         build: Callable[..., list[nn.Module]] | None = None,
         state: Any = None,
+        *,
+        warns: bool = True,
     ) -> None:
         self.fn, self._build, self.modules, self._state = fn, build, (), state
+        self.warns = warns
 
     def state_dict(self) -> dict[str, Any]:
         """The estimator's running statistics (``{}`` for a stateless estimator)."""
@@ -330,7 +343,8 @@ class Estimator:
             return EstimatorLoss(
                 lambda *args, **kwargs: trace_loss(
                     particles(model, handled_guide, args, kwargs), num_particles
-                )
+                ),
+                warns=False,
             )
 
         def mean_field_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -355,7 +369,7 @@ class Estimator:
                         f"{', '.join(guide_sites.split())}); use estimator='reparam'"
                     ) from None
 
-        return EstimatorLoss(mean_field_loss)
+        return EstimatorLoss(mean_field_loss, warns=False)  # Pyro's ELBO under validation only
 
 
 @dataclass(frozen=True)
@@ -371,9 +385,12 @@ class Reparameterized(Estimator):
 
 class Particles:
     """The ``(model_trace, guide_trace)`` pairs of one step's particles: one pair with the particles vectorised in a plate left of
-    the model's (Pyro's ``vectorize_particles``), else one per particle; log-densities and score parts computed.
+    the model's (Pyro's ``vectorize_particles``), else one per particle; log-densities and score parts computed where a loss
+    needs them (:func:`site_log_prob`, :func:`site_score_parts`), all of them under validation, by Pyro.
 
-    How many plates deep the model goes is found on the first call and kept.
+    How many plates deep the model goes is found on the first call and kept, and so are the handlers
+    that trace the guide and replay the model on its draws (Pyro's ``trace`` and ``replay``, built once
+    for a model and guide, not at every step).
     """
 
     def __init__(self, num_particles: int, vectorize: bool = True) -> None:
@@ -382,6 +399,9 @@ class Particles:
             vectorize and num_particles > 1,
             None,
         )
+        self._handlers: tuple[
+            Any, ...
+        ] = ()  # (model, guide, traced guide, replay, traced replayed model)
 
     def __call__(
         self, model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict
@@ -390,29 +410,116 @@ class Particles:
             return [self._run(model, guide, args, kwargs) for _ in range(self.num_particles)]
         if self.nesting is None:
             self.nesting = plate_nesting(model, guide, *args)
-        dim, k = -(self.nesting + 1), self.num_particles
+        return [self._run(model, guide, args, kwargs)]
 
-        def vectorized(fn: Callable[..., object]) -> Callable[..., object]:
-            def run(*a: Any, **kw: Any) -> object:
-                with pyro.plate(PARTICLES, k, dim=dim):
-                    return fn(*a, **kw)
+    def _vectorized(self, fn: Callable[..., object]) -> Callable[..., object]:
+        dim, k = -(self.nesting + 1), self.num_particles  # type: ignore[operator]
 
-            return run
+        def run(*a: Any, **kw: Any) -> object:
+            with pyro.plate(PARTICLES, k, dim=dim):
+                return fn(*a, **kw)
 
-        return [self._run(vectorized(model), vectorized(guide), args, kwargs)]
+        return run
 
-    @staticmethod
+    def _traced(
+        self, model: Callable[..., object], guide: Callable[..., object]
+    ) -> tuple[Any, ...]:
+        """The handlers of ``model`` and ``guide``: built on the first call, kept while they are the same."""
+        if not self._handlers or self._handlers[0] is not model or self._handlers[1] is not guide:
+            run_model, run_guide = (
+                (self._vectorized(model), self._vectorized(guide))
+                if self.vectorize
+                else (model, guide)
+            )
+            replay = ReplayMessenger(trace=Trace())
+            self._handlers = (
+                model,
+                guide,
+                poutine.trace(run_guide),
+                replay,
+                poutine.trace(replay(run_model)),
+            )
+        return self._handlers[2:]
+
     def _run(
-        model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict
+        self, model: Callable[..., object], guide: Callable[..., object], args: tuple, kwargs: dict
     ) -> tuple[Any, Any]:
-        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
-        if is_validation_enabled():
-            check_model_guide_match(model_tr, guide_tr)
+        traced_guide, replay, traced_model = self._traced(model, guide)
+        traced_guide(*args, **kwargs)
+        guide_tr = traced_guide.trace  # a new trace at each run: the handler keeps none
+        replay.trace = guide_tr
+        try:
+            traced_model(*args, **kwargs)
+        finally:
+            replay.trace = _EMPTY
+        model_tr = traced_model.trace
+        if (
+            not is_validation_enabled()
+        ):  # the log-densities are computed where a loss needs them (:func:`site_log_prob`)
+            return _pruned(model_tr), _pruned(guide_tr)
+        # validated (a first step): Pyro's own checks, its NaN and infinity warnings on every site
+        check_model_guide_match(model_tr, guide_tr)
         model_tr, guide_tr = prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
         model_tr.compute_log_prob()
         guide_tr.compute_score_parts()
         return model_tr, guide_tr
+
+
+_EMPTY = Trace()  # what the model replays between steps (the last guide trace is not kept)
+
+
+def _pruned(tr: Trace) -> Trace:
+    """``tr`` (a trace of this step's own) without its subsample sites, in place (Pyro's ``prune_subsample_sites`` copies it)."""
+    for name in [name for name, site in tr.nodes.items() if site_is_subsample(site)]:
+        tr.remove_node(name)
+    return tr
+
+
+def _named(what: str, tr: Trace, site: dict[str, Any], e: ValueError) -> ValueError:
+    """A ``ValueError`` met computing a site's ``what``, named as Pyro's ``Trace.compute_log_prob`` names it (the site, the trace's shapes)."""
+    shapes = tr.format_shapes(last_site=site["name"])
+    return ValueError(f"Error while computing {what} at site '{site['name']}':\n{e}\n{shapes}")
+
+
+def site_log_prob(tr: Trace, site: dict[str, Any]) -> torch.Tensor:
+    """A sample site's scaled, masked log-density (``site["log_prob"]``), computed on first use and kept in the site with its
+    ``log_prob_sum`` and ``unscaled_log_prob``, as Pyro's ``Trace.compute_log_prob`` keeps them: a loss computes only the
+    log-densities it uses (a mean-field loss skips those of the sites whose KL it takes in closed form)."""
+    if "log_prob" not in site:
+        try:
+            log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        except ValueError as e:
+            raise _named("log_prob", tr, site, e).with_traceback(e.__traceback__) from e
+        site["unscaled_log_prob"] = log_p
+        log_p = scale_and_mask(log_p, site["scale"], site["mask"])
+        site["log_prob"], site["log_prob_sum"] = log_p, log_p.sum()
+    return site["log_prob"]
+
+
+def site_score_parts(tr: Trace, site: dict[str, Any]) -> ScoreParts:
+    """A guide site's score parts (``site["score_parts"]``), as Pyro's ``Trace.compute_score_parts`` computes them, on first use.
+
+    For a distribution with Pyro's default ``score_parts`` (every one but a partially reparameterised
+    or masked one), the scaled log-density is computed once and stands for the entropy term too (Pyro
+    computes the same product twice), and a log-density already computed is used as it is.
+    """
+    if "score_parts" in site:
+        return site["score_parts"]
+    fn = site["fn"]
+    if type(fn).score_parts is _DEFAULT_SCORE_PARTS:
+        log_p = site_log_prob(tr, site)
+        unscaled = site["unscaled_log_prob"]
+        parts = ScoreParts(log_p, 0, log_p) if fn.has_rsample else ScoreParts(log_p, unscaled, 0)
+    else:
+        try:
+            raw = fn.score_parts(site["value"], *site["args"], **site["kwargs"])
+        except ValueError as e:
+            raise _named("score_parts", tr, site, e).with_traceback(e.__traceback__) from e
+        site["unscaled_log_prob"] = raw.log_prob
+        parts = raw.scale_and_mask(site["scale"], site["mask"])
+        site["log_prob"], site["log_prob_sum"] = parts.log_prob, parts.log_prob.sum()
+    site["score_parts"] = parts
+    return parts
 
 
 def _log_r(model_tr: Any, guide_tr: Any) -> MultiFrameTensor:
@@ -422,12 +529,56 @@ def _log_r(model_tr: Any, guide_tr: Any) -> MultiFrameTensor:
     for name, site in model_tr.nodes.items():
         if site["type"] == "sample":
             term = (
-                site["log_prob"]
+                site_log_prob(model_tr, site)
                 if site["is_observed"]
-                else site["log_prob"] - guide_tr.nodes[name]["log_prob"]
+                else site_log_prob(model_tr, site) - site_log_prob(guide_tr, guide_tr.nodes[name])
             )
             log_r.add((stacks[name], term.detach()))
     return log_r
+
+
+class _Sums:
+    """The ELBO and the surrogate of :func:`trace_loss`, summed term by term in Pyro's order; one sum while their terms are the
+    same tensors (every site pathwise: the surrogate's entropy term is the guide's log-density), two from the first that differs."""
+
+    def __init__(self) -> None:
+        self.elbo: torch.Tensor | float | None = None
+        self.surrogate: torch.Tensor | float | None = None  # None: the same as elbo
+        self.split = False
+
+    @staticmethod
+    def _add(total: Any, term: Any, sign: float) -> Any:
+        if total is None:
+            return term if sign > 0 else -term
+        return total + term if sign > 0 else total - term
+
+    def add(self, term: Any, sign: float = 1.0, surrogate: Any = ...) -> None:
+        """Add ``term`` to the ELBO and ``surrogate`` (default: ``term``) to the surrogate, times ``sign``."""
+        if surrogate is not ... and surrogate is not term and not self.split:
+            self.split, self.surrogate = True, self.elbo
+        self.elbo = self._add(self.elbo, term, sign)
+        if self.split:
+            if surrogate is ...:
+                surrogate = term
+            if surrogate is not None:
+                self.surrogate = self._add(self.surrogate, surrogate, sign)
+
+    def score(self, term: torch.Tensor) -> None:
+        """Add a score-function term to the surrogate only."""
+        if not self.split:
+            self.split, self.surrogate = True, self.elbo
+        self.surrogate = self._add(self.surrogate, term, 1.0)
+
+    def loss(self, num_particles: int) -> torch.Tensor:
+        """``-(elbo.detach() + surrogate - surrogate.detach()) / num_particles``: the ELBO's value, the surrogate's gradient."""
+        elbo, surrogate = (self.elbo, self.surrogate) if self.split else (self.elbo, self.elbo)
+        like = next(
+            t for t in (elbo, surrogate) if torch.is_tensor(t)
+        )  # (torch.as_tensor would take torch's default device)
+        elbo_t = elbo if torch.is_tensor(elbo) else like.new_tensor(elbo or 0.0)
+        surrogate_t = surrogate if torch.is_tensor(surrogate) else like.new_tensor(surrogate or 0.0)
+        loss = -(elbo_t.detach() + surrogate_t - surrogate_t.detach())
+        return loss / num_particles if num_particles != 1 else loss
 
 
 def trace_loss(
@@ -444,66 +595,55 @@ def trace_loss(
             + (\log p - \log q)_{\text{downstream}} \nabla \log q_{\text{score}}\big].
 
     With ``mean_field`` a latent site's KL term is taken in closed form where torch registers it
-    (``kl_divergence``), scaled and masked as the site is. Pyro's own implementations read each site's
-    value back to the host (``torch_item``, a NaN check); here everything stays a tensor, so one step
-    reads back only what its caller asks for.
+    (``kl_divergence``), scaled and masked as the site is; the log-densities of such a site are not
+    computed. Pyro's own implementations read each site's value back to the host (``torch_item``, a NaN
+    check); here everything stays a tensor, so one step reads back only what its caller asks for.
     """
-    elbo: torch.Tensor | float = 0.0
-    surrogate: torch.Tensor | float = 0.0
+    sums = _Sums()
     for model_tr, guide_tr in pairs:
-        log_r = None
+        log_r, closed = None, set()
         for name, site in model_tr.nodes.items():
             if site["type"] != "sample":
                 continue
-            if not mean_field or site["is_observed"]:
-                elbo, surrogate = elbo + site["log_prob_sum"], surrogate + site["log_prob_sum"]
-                continue
-            q_site = guide_tr.nodes[name]
-            try:
-                kl = scale_and_mask(
-                    kl_divergence(q_site["fn"], site["fn"]),
-                    scale=q_site["scale"],
-                    mask=q_site["mask"],
-                )
-            except NotImplementedError:
-                elbo, surrogate = elbo + site["log_prob_sum"], surrogate + site["log_prob_sum"]
-                continue
             kl_sum = (
-                kl.sum()
-                if torch.is_tensor(kl)
-                else kl * torch.Size(q_site["fn"].batch_shape).numel()
+                _kl_sum(guide_tr.nodes[name], site)
+                if mean_field and not site["is_observed"]
+                else None
             )
-            elbo, surrogate = elbo - kl_sum, surrogate - kl_sum
+            if kl_sum is None:
+                site_log_prob(model_tr, site)
+                sums.add(site["log_prob_sum"])
+            else:
+                closed.add(name)
+                sums.add(kl_sum, -1.0)
         for name, site in guide_tr.nodes.items():
-            if site["type"] != "sample" or (
-                mean_field
-                and name in model_tr.nodes
-                and not model_tr.nodes[name]["is_observed"]
-                and _has_kl(site, model_tr.nodes[name])
-            ):
+            if site["type"] != "sample" or name in closed:
                 continue
-            _, score, entropy = site["score_parts"]
-            elbo = elbo - site["log_prob_sum"]
-            if not is_identically_zero(entropy):
-                surrogate = surrogate - entropy.sum()
+            _, score, entropy = site_score_parts(guide_tr, site)
+            sums.add(
+                site["log_prob_sum"],
+                -1.0,
+                None
+                if is_identically_zero(entropy)
+                else site["log_prob_sum"]
+                if entropy is site["log_prob"]
+                else entropy.sum(),
+            )
             if not is_identically_zero(score):
                 log_r = _log_r(model_tr, guide_tr) if log_r is None else log_r
-                surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score).sum()
-    like = next(
-        t for t in (elbo, surrogate) if torch.is_tensor(t)
-    )  # (torch.as_tensor would take torch's default device)
-    elbo_t = elbo if torch.is_tensor(elbo) else like.new_tensor(elbo)
-    surrogate_t = surrogate if torch.is_tensor(surrogate) else like.new_tensor(surrogate)
-    return -(elbo_t.detach() + surrogate_t - surrogate_t.detach()) / num_particles
+                sums.score((log_r.sum_to(site["cond_indep_stack"]) * score).sum())
+    return sums.loss(num_particles)
 
 
-def _has_kl(q_site: dict[str, Any], p_site: dict[str, Any]) -> bool:
-    """Whether torch registers a closed-form KL between a guide site's and the model site's distributions."""
+def _kl_sum(q_site: dict[str, Any], p_site: dict[str, Any]) -> torch.Tensor | float | None:
+    """The closed-form KL of a guide site from its model site, summed, scaled and masked as the guide site is; None where torch registers none."""
     try:
-        kl_divergence(q_site["fn"], p_site["fn"])
+        kl = scale_and_mask(
+            kl_divergence(q_site["fn"], p_site["fn"]), scale=q_site["scale"], mask=q_site["mask"]
+        )
     except NotImplementedError:
-        return False
-    return True
+        return None
+    return kl.sum() if torch.is_tensor(kl) else kl * torch.Size(q_site["fn"].batch_shape).numel()
 
 
 # ---------------------------------------------------------------------------
@@ -531,19 +671,17 @@ class ParticleTerms:
 
 
 def _reduce(lp: Any, site: dict[str, Any], plate: str, zero: torch.Tensor) -> torch.Tensor:
-    """Sum a site's log-density over everything but the particle and ``plate`` dims: ``[K or 1, N]`` (on ``zero``'s device)."""
-    dims = {f.name: f.dim for f in site["cond_indep_stack"]}
-    if plate not in dims:
-        raise ConfigError(
-            f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint estimators need every site inside it"
-        )
-    lp = torch.as_tensor(lp, device=zero.device)
-    keep = [d for d in (dims.get(PARTICLES), dims[plate]) if d is not None]
-    ndim = max(lp.dim(), -min(keep))
-    lp = lp.reshape((1,) * (ndim - lp.dim()) + lp.shape)
-    other = [i for i in range(ndim) if i - ndim not in keep]
-    lp = lp.sum(other) if other else lp
-    return lp if PARTICLES in dims else lp.unsqueeze(0)
+    """Sum a site's (scaled, masked) log-density over everything but the particle and ``plate`` dims: ``[K or 1, N]`` (on ``zero``'s
+    device), by :func:`~.traces.per_datapoint`."""
+    lp = per_datapoint(
+        site,
+        plate,
+        torch.as_tensor(lp, device=zero.device),
+        draws=PARTICLES,
+        masked=True,
+        what="estimators",
+    )
+    return lp if any(f.name == PARTICLES for f in site["cond_indep_stack"]) else lp.unsqueeze(0)
 
 
 def _common_scale(sites: list[dict[str, Any]]) -> float | None:
@@ -575,12 +713,12 @@ def particle_terms(
     for site in model_tr.nodes.values():
         if site["type"] == "sample":
             sites.append(site)
-            log_p = log_p + _reduce(site["log_prob"], site, plate, zero)
+            log_p = log_p + _reduce(site_log_prob(model_tr, site), site, plate, zero)
     for site in guide_tr.nodes.values():
         if site["type"] == "sample":
             sites.append(site)
-            log_q = log_q + _reduce(site["log_prob"], site, plate, zero)
-            parts = site["score_parts"]
+            parts = site_score_parts(guide_tr, site)
+            log_q = log_q + _reduce(parts.log_prob, site, plate, zero)
             if not is_identically_zero(parts.entropy_term):
                 entropy = entropy + _reduce(parts.entropy_term, site, plate, zero)
             if not is_identically_zero(parts.score_function):
@@ -730,7 +868,10 @@ class _BaselineLoss(EstimatorLoss):
         self.running = _Running(est.decay)
         build = (lambda x, *rest: [_nvil_net(x, est.hidden)]) if est.baseline == "nvil" else None
         super().__init__(
-            self._loss, build=build, state=self.running if est.baseline != "loo" else None
+            self._loss,
+            build=build,
+            state=self.running if est.baseline != "loo" else None,
+            warns=False,
         )
 
     def _loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -835,7 +976,7 @@ class IWAE(Estimator):
                 objective = objective + (signal * (t.score - t.score.detach())).sum()
             return -t.scale * objective
 
-        return EstimatorLoss(fn)
+        return EstimatorLoss(fn, warns=False)
 
 
 # ---------------------------------------------------------------------------

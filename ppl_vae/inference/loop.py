@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..errors import (
 from ..progress import bar
 from .batches import Rows
 from .checkpoints import CHECKPOINT, HISTORY, check_resume, per_process, read_checkpoint
+from .dispatch import host
 from .distributed import (
     Collectives,
     rank_seed,
@@ -100,6 +102,9 @@ class Trainer:
         self.ckpt_path = Path(out) / CHECKPOINT if out is not None else None
         self.saved_epoch: int | None = None
         self.fabric: Any = None
+        self.backward: Callable[[torch.Tensor], None] = (
+            torch.Tensor.backward
+        )  # Fabric's, or torch's (:meth:`attach`)
         self.coll: Collectives | None = None
         self.checked = (
             False  # an epoch over the tensors was run: their observed values were checked
@@ -115,9 +120,26 @@ class Trainer:
             )
 
     def attach(self, fabric: Any, coll: Collectives) -> None:
-        """Hand the objective to Fabric in this process (DDP wraps it here); the steps run the wrapped one."""
+        """Hand the objective to Fabric in this process (DDP wraps it here); the steps run the wrapped one.
+
+        One process in full precision (Fabric's single-device strategy and its 32-bit ``Precision``) is
+        the exception: there Fabric's wrapper and its ``backward`` change nothing (no cast, no autocast,
+        no reduction) but cost Python at every step, so the steps run the objective itself and take
+        the gradients with :meth:`SVI.gradients`, after Fabric has put it on its device.
+        """
+        from lightning.fabric.plugins.precision import Precision
+        from lightning.fabric.strategies import SingleDeviceStrategy
+
         self.fabric, self.coll = fabric, coll
-        self.svi.module, _ = fabric.setup(self.objective, self.optim)
+        wrapped, _ = fabric.setup(self.objective, self.optim)
+        plain = (
+            coll.world == 1
+            and isinstance(fabric.strategy, SingleDeviceStrategy)
+            and type(fabric.strategy.precision) is Precision
+        )
+        self.svi.module = self.objective if plain else wrapped
+        self.backward = self.svi.gradients if plain else fabric.backward
+        self.to_device = partial(_to, device=fabric.device) if plain else fabric.to_device
 
     def step(self, data: Rows, rows: torch.Tensor, step: int, epoch: int) -> float:
         """One optimisation step (:meth:`SVI.loss`, :meth:`SVI.update`) on the dataset rows ``rows`` of ``data``; the minibatch's ELBO per datapoint.
@@ -131,7 +153,7 @@ class Trainer:
         assert self.coll is not None
         failed = None
         try:
-            out = self.svi.loss(*data.args(rows, self.fabric.to_device), index=rows)
+            out = self.svi.loss(*data.args(rows, self.to_device), index=rows)
         except DataError as exc:  # a damaged row, or (with validation on) a value outside the support: found before any collective
             where = f" on rank {self.coll.rank}" if self.coll.world > 1 else ""
             first = str(exc).splitlines()[
@@ -139,7 +161,7 @@ class Trainer:
             ]  # (Pyro's trace appends the sites' shapes to an error raised inside it)
             failed = ("data", f"{first} (step {step}, epoch {epoch + 1}{where})", None)
         if failed is None:
-            value, data_ok = out.flags.tolist()  # the step's one read back to the host
+            value, data_ok = host(out.flags)  # the step's one read back to the host
             elbo = self.svi.elbo(value)
             reason = (
                 "data"
@@ -159,7 +181,7 @@ class Trainer:
             if kind == "data":
                 raise DataError(message)
             raise TrainingDiverged(message, step=step, site=site)
-        self.svi.update(out.loss, backward=self.fabric.backward, epoch=epoch, elbo=elbo)
+        self.svi.update(out.loss, backward=self.backward, epoch=epoch, elbo=elbo)
         return elbo
 
     def _failure(
@@ -217,15 +239,21 @@ class Trainer:
         # tensors are the same rows afterwards (a Dataset's rows are read anew, and checked at every epoch)
         self.objective.support.active = not self.checked or data.tensors is None
         per_epoch = math.ceil(len(order) / local)
+        shown = not getattr(
+            bar, "disable", False
+        )  # a disabled bar's postfix is formatted for no one
         for start in range(0, len(order), local):
             self.objective.validate = state.step == 0 or validate_every_step
             self.objective.anneal(state.step, per_epoch)
             idx = order[start : start + local]
             total += self.step(data, idx, state.step, epoch) * len(idx)
             state.step += 1
-            bar.set_postfix(
-                epoch=epoch + 1, elbo=f"{total / min(len(order), start + local):.2f}", refresh=False
-            )
+            if shown:
+                bar.set_postfix(
+                    epoch=epoch + 1,
+                    elbo=f"{total / min(len(order), start + local):.2f}",
+                    refresh=False,
+                )
             bar.update(1)  # redraws at most every mininterval (a log file: every 10 s)
         self.checked = True
         if self.sched is not None:
@@ -325,6 +353,11 @@ class Trainer:
             ) from None
         self.saved_epoch = state.epoch
         return state
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, as Fabric's ``to_device`` moves a tensor (without blocking, but to the host)."""
+    return t.to(device, non_blocking=device.type not in ("cpu", "mps"))
 
 
 class Evaluator:

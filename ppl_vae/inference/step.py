@@ -14,8 +14,8 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pyro
@@ -36,7 +36,7 @@ from .compiled import CompiledStep, Noise
 from .estimators import Estimator, EstimatorLoss, get_estimator, is_latent
 from .params import Discovered, discover, load_params
 from .plates import DATA, DataPlate, DataRows, find_data_plate, on_data_plate, subsampled_size
-from .traces import ObservedSupport, vectorises
+from .traces import ObservedSupport, nonfinite_at, vectorises
 from .validation import retry_unvalidated
 
 
@@ -65,9 +65,10 @@ class _StepRecord(Messenger):
         self.plate = plate
         self.sites: list[tuple[str, str, Any, torch.Tensor]] = []
         self.scales: set[float] = set()
+        self.names: set[str] = set()  # the names in sites
 
     def clear(self) -> None:
-        self.sites, self.scales = [], set()
+        self.sites, self.scales, self.names = [], set(), set()
 
     def _process_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "sample" and not site_is_subsample(msg):
@@ -94,9 +95,10 @@ class _StepRecord(Messenger):
 
     def _postprocess_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "sample" and not site_is_subsample(msg):
-            seen = any(n == msg["name"] for _, n, _, _ in self.sites)
-            role = "model" if msg["is_observed"] or seen else "guide"
-            self.sites.append((role, msg["name"], msg["fn"], msg["value"]))
+            name = msg["name"]
+            role = "model" if msg["is_observed"] or name in self.names else "guide"
+            self.sites.append((role, name, msg["fn"], msg["value"]))
+            self.names.add(name)
 
 
 def named_parameters(
@@ -121,18 +123,16 @@ def culprit(record: _StepRecord, named: list[tuple[str, torch.Tensor]]) -> tuple
     largest, where = -1.0, (None, f"no site recorded{params}")
     with torch.no_grad(), pyro.validation_enabled(False):
         for role, name, fn, value in record.sites:
-            if not bool(torch.isfinite(value).all()):
-                return name, f"{role} site {name!r} has a non-finite value{params}"
             try:
-                lp = fn.log_prob(value)
+                found, lp = nonfinite_at(role, name, value, partial(fn.log_prob, value))
             except Exception as exc:  # a distribution that cannot even score its own draw
                 return (
                     name,
                     f"{role} site {name!r} cannot evaluate its log-density ({str(exc).splitlines()[0][:100]}){params}",
                 )
-            if not bool(torch.isfinite(lp).all()):
-                return name, f"{role} site {name!r} has a non-finite log-density{params}"
-            size = lp.abs().max().item()
+            if found is not None:
+                return name, f"{found}{params}"
+            size = lp.abs().max().item()  # type: ignore[union-attr]
             if size > largest:
                 largest, where = (
                     size,
@@ -269,21 +269,33 @@ class Objective(nn.Module):
 
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
         self.record.clear()
-        with ExitStack() as stack:
-            stack.enter_context(self.rows)
-            if self.scale_latents is not None:
-                stack.enter_context(self.scale_latents)
-            stack.enter_context(pyro.validation_enabled(self.validate))
-            stack.enter_context(self.record)
-            self.support.eager = (
+        support = self.support
+        if support.active:
+            support.eager = (
                 self.validate
             )  # with validation on, Pyro would raise first: say which row
-            stack.enter_context(self.support)
-            stack.enter_context(warnings.catch_warnings())
-            warnings.filterwarnings(
-                "ignore", message="Encountered NaN", category=UserWarning
-            )  # Pyro's; fit reports it, naming the site
+        else:  # nothing to check (rows already checked): the messenger stays out of the step, its result an empty check's
+            support.ok, support.checks = True, []
+        with (
+            self.rows,
+            self.scale_latents or _NOTHING,
+            pyro.validation_enabled(self.validate),
+            self.record,
+            support if support.active else _NOTHING,
+            _quiet() if self.validate or self.loss_fn.warns else _NOTHING,
+        ):
             return self.loss_fn(*batch)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Pyro's "Encountered NaN" warnings silenced (fit reports a non-finite loss itself, naming the site)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+        yield
+
+
+_NOTHING = contextlib.nullcontext()
 
 
 def probe_loss(objective: Objective, args: tuple[torch.Tensor, ...]) -> None:
@@ -428,6 +440,8 @@ class SVI:
             None  # a compiled step's gradients, for update
         )
         self._last: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
+        self._one: torch.Tensor | None = None  # the flag of a step that checked nothing
+        self._cleared = False  # every gradient was set to None (torch's own zero_grad) before this step's backward
 
     # ------------------------------------------------------------------ building
 
@@ -441,8 +455,7 @@ class SVI:
         if self.objective is not None:
             self.objective.set_beta(value)
 
-    @contextlib.contextmanager
-    def scope(self) -> Iterator[None]:
+    def scope(self) -> contextlib.AbstractContextManager[None]:
         """Pyro's parameter store as this SVI's own, inside the block (a bare ``pyro.param`` of the model lives here).
 
         Re-entrant: a step inside ``with svi.scope():`` (fit's loop) keeps the store it is in. Pyro's
@@ -450,8 +463,12 @@ class SVI:
         state of the last exit and create afresh a parameter made since, apart from the optimiser's.
         """
         if self.store is None or self._inside:
-            yield
-            return
+            return _NOTHING
+        return self._scope()
+
+    @contextlib.contextmanager
+    def _scope(self) -> Iterator[None]:
+        assert self.store is not None
         self._inside = True
         try:
             with pyro.get_param_store().scope(self.store):
@@ -586,7 +603,11 @@ class SVI:
                 validating=is_validation_enabled() and objective.validate,
                 device=batch[0].device,
             )
-        ok = torch.as_tensor(self.objective.support.ok, device=loss.device)
+        ok = self.objective.support.ok
+        if ok is True:  # nothing checked: a constant 1, made once per device
+            if self._one is None or self._one.device != loss.device:
+                self._one = torch.ones((), dtype=torch.float64, device=loss.device)
+            ok = self._one
         return StepLoss(
             loss, torch.stack([loss.detach().to(torch.float64), ok.to(torch.float64)]), invalid
         )
@@ -600,7 +621,7 @@ class SVI:
         elbo: float | None = None,
     ) -> None:
         """Zero the gradients, ``backward`` (default ``loss.backward()``; fit's is Fabric's), clip (a ``pyro.optim``'s clip_args), step the optimiser."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self._cleared = _zero_grad(self.optimizer)
         if self._grads is not None:  # a compiled step computed them
             for p, g in zip(self.params, self._grads):
                 p.grad = g
@@ -618,6 +639,23 @@ class SVI:
             )
         self.steps += 1
         self.objective.validate = False  # Pyro's and torch's argument validation: the first step's only (about 20 % per step)
+
+    def gradients(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` after :meth:`update` set every gradient to None: the same gradients, by ``torch.autograd.grad``
+        over the optimiser's parameters, each set as its ``.grad`` (None where the loss does not reach it).
+
+        ``backward`` would store them through one accumulation node and one ``detach`` per parameter;
+        fit's one-process loop passes this as :meth:`update`'s ``backward``. Where a gradient may already
+        be there (an optimiser whose own ``zero_grad`` may keep them), it is ``loss.backward()``.
+        """
+        if not (self._cleared and loss.requires_grad):
+            loss.backward()
+            return
+        wanted = [
+            p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad
+        ]
+        for p, g in zip(wanted, torch.autograd.grad(loss, wanted, allow_unused=True)):
+            p.grad = g
 
     def step(self, *batch: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """One optimisation step on ``batch`` (dataset indices ``index``); the loss, a tensor (read it when you want: ``float(loss)``)."""
@@ -660,6 +698,20 @@ class SVI:
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.loss_fn.load_state_dict(state["estimator"])
         self.steps = int(state.get("steps", 0))
+
+
+def _zero_grad(optimizer: torch.optim.Optimizer) -> bool:
+    """``optimizer.zero_grad(set_to_none=True)``; for torch's own (not overridden), its loop without its profiler bookkeeping.
+    Whether every gradient is now None (torch's own ``zero_grad``)."""
+    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad or not hasattr(
+        optimizer, "_zero_grad_profile_name"
+    ):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+    return True
 
 
 def _data_plate(

@@ -15,6 +15,7 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import pyro
@@ -42,6 +43,7 @@ __all__ = [
     "check_pairs",
     "log_weights_of",
     "first_nonfinite_site",
+    "nonfinite_at",
     "ObservedSupport",
     "check_rows",
     "analysed",
@@ -68,28 +70,44 @@ def _keep_dim(lp: torch.Tensor, site: dict, name: str) -> int | None:
 
 
 def per_datapoint(
-    site: dict, plate: str, values: torch.Tensor | None = None, *, spread: int | None = None
+    site: dict,
+    plate: str,
+    values: torch.Tensor | None = None,
+    *,
+    spread: int | None = None,
+    draws: str = SAMPLES,
+    masked: bool = False,
+    what: str = "bounds",
 ) -> torch.Tensor:
     """A site's log-density (or ``values`` of its batch shape, e.g. a KL) summed over everything but the data plate (and the draws plate, if any).
 
     A site outside the data plate (a global latent, shared by every datapoint) is refused, unless ``spread``
     (the dataset's number of rows) is given: its term is then divided evenly between the datapoints,
     ``1 / spread`` of it in each row, so that the rows of the whole dataset sum to the ELBO.
+
+    The one reducer of per-datapoint terms, for the bounds here and the estimators' particle terms:
+    ``draws`` names the plate of draws kept beside the data plate (the estimators' vectorised
+    particles); ``masked`` says ``values`` are already masked (a log-density Pyro scaled and masked);
+    ``what`` names the caller in a refusal. ``values`` with fewer dimensions than the plates reach are
+    taken as broadcast from the left; a data plate run sequentially (no dimension) is summed over.
     """
     lp = site["fn"].log_prob(site["value"]) if values is None else values
-    if site.get("mask") is not None:
+    if not masked and site.get("mask") is not None:
         lp = lp * site["mask"]
-    keep_data = _keep_dim(lp, site, plate)
-    if keep_data is None and spread is not None:
-        draws = _keep_dim(lp, site, SAMPLES)
-        total = lp.sum([d for d in range(lp.dim()) if d != draws]) if lp.dim() else lp
+    dims = {f.name: f.dim for f in site["cond_indep_stack"]}
+    if plate not in dims and spread is not None:
+        kept = _keep_dim(lp, site, draws)
+        total = lp.sum([d for d in range(lp.dim()) if d != kept]) if lp.dim() else lp
         return (total / spread).unsqueeze(-1)  # [S, 1] or [1]: broadcast over the rows
-    if keep_data is None:
+    if plate not in dims:
         raise ConfigError(
-            f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint bounds need every site inside it"
+            f"site {site['name']!r} is outside the {plate!r} plate; per-datapoint {what} need every site inside it"
         )
-    keep = [d for d in (_keep_dim(lp, site, SAMPLES), keep_data) if d is not None]
-    other = [d for d in range(lp.dim()) if d not in keep]
+    keep = [d for d in (dims.get(draws), dims[plate]) if d is not None]
+    ndim = max(lp.dim(), -min(keep, default=0))
+    if ndim > lp.dim():
+        lp = lp.reshape((1,) * (ndim - lp.dim()) + lp.shape)
+    other = [i for i in range(ndim) if i - ndim not in keep]
     return lp.sum(other) if other else lp
 
 
@@ -369,6 +387,23 @@ def log_weights_of(
     return total
 
 
+def nonfinite_at(
+    role: str, name: str, value: torch.Tensor, log_density: Callable[[], torch.Tensor]
+) -> tuple[str | None, torch.Tensor | None]:
+    """What went non-finite at one sample site, its value first, then its log-density (``log_density()``, computed only for a
+    finite value): ``(description, log-density)``, the description None where both are finite.
+
+    The one check of a site behind :func:`first_nonfinite_site` (on traces) and the training step's
+    diagnosis of a diverged step (on the sites it recorded).
+    """
+    if not bool(torch.isfinite(value).all()):
+        return f"{role} site {name!r} has a non-finite value", None
+    lp = log_density()
+    if not bool(torch.isfinite(lp).all()):
+        return f"{role} site {name!r} has a non-finite log-density", lp
+    return None, lp
+
+
 def first_nonfinite_site(
     model_tr: Trace, guide_tr: Trace, plate: str = "data"
 ) -> tuple[str | None, str]:
@@ -377,10 +412,11 @@ def first_nonfinite_site(
     for role, tr in (("guide", guide_tr), ("model", model_tr)):
         for name, site in tr.nodes.items():
             if site["type"] == "sample" and not site_is_subsample(site):
-                if not bool(torch.isfinite(site["value"]).all()):
-                    return name, f"{role} site {name!r} has a non-finite value"
-                if not bool(torch.isfinite(per_datapoint(site, plate, spread=1)).all()):
-                    return name, f"{role} site {name!r} has a non-finite log-density"
+                found, _ = nonfinite_at(
+                    role, name, site["value"], partial(per_datapoint, site, plate, spread=1)
+                )
+                if found is not None:
+                    return name, found
                 bad = _invalid_parameter(site["fn"])
                 if bad is not None:
                     return (

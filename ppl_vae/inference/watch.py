@@ -5,6 +5,7 @@ The checks run on the one value each step reads back to the host (:mod:`.step`),
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 
 import pyro
@@ -37,11 +38,18 @@ class DivergenceWatch:
         if self.limit is not None and elbo > self.limit:
             return f"the ELBO estimate {elbo:.3g} nats per datapoint is above what discrete data allow (log p(x) <= 0; > {self.limit:g} has probability < 1e-20)"
         if self.recent:
-            ref = max(float(torch.tensor(self.recent, device="cpu").abs().median()), 1.0)
+            ref = max(_median_magnitude(self.recent), 1.0)
             if abs(elbo) > self.GROWTH * ref:
                 return f"the ELBO estimate jumped to {elbo:.3g} nats per datapoint from a recent median magnitude of {ref:.3g}"
         self.recent = (self.recent + [elbo])[-self.WINDOW :]
         return None
+
+
+def _median_magnitude(values: list[float]) -> float:
+    """The lower median of ``|values|`` in single precision, on the host: ``float(torch.tensor(values).abs().median())``
+    without a tensor op (``array("f")`` rounds as ``torch.tensor`` does, an overflow to infinity)."""
+    magnitudes = sorted(map(abs, array("f", values)))
+    return magnitudes[(len(magnitudes) - 1) // 2]
 
 
 def inspect_sites(

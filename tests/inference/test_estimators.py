@@ -23,9 +23,11 @@ from ppl_vae.errors import ConfigError, NotReparameterizableError
 from ppl_vae.inference.estimators import (
     ESTIMATORS,
     AnalyticKL,
+    Particles,
     Reparameterized,
     ScoreFunction,
     get_estimator,
+    trace_loss,
 )
 from ppl_vae.inference.params import discover
 from ppl_vae.inference.svi import fit
@@ -198,3 +200,25 @@ def test_what_an_estimator_declares_of_discrete_latents_is_what_it_does(name):
             fit(model, guide, x, **options)
     else:
         assert math.isfinite(fit(model, guide, x, **options).train_elbo)
+
+
+def test_the_mean_field_loss_scores_only_the_sites_without_a_closed_form_kl():
+    """analytic-kl takes z's KL in closed form: z's log-densities (model and guide) are never computed, x's is; the value is
+    -(log p(x | z) - KL(q || p)) for the draw, by hand."""
+    guide = Guide()
+    particles = Particles(1)
+    with pyro.validation_enabled(False):
+        pairs = particles(model, guide, (X,), {})
+        loss = trace_loss(pairs, 1, mean_field=True)
+    model_tr, guide_tr = pairs[0]
+    assert "log_prob" not in model_tr.nodes["z"] and "log_prob" not in guide_tr.nodes["z"]
+    assert "log_prob" in model_tr.nodes["x"]
+    z, s = guide_tr.nodes["z"]["value"], guide.log_s.exp()
+    q = torch.distributions.Normal(guide.m, s)
+    by_hand = (
+        torch.distributions.Normal(z, 1.0).log_prob(X).sum()
+        - torch.distributions.kl_divergence(
+            q, torch.distributions.Normal(torch.zeros(1), 1.0)
+        ).sum()
+    )
+    torch.testing.assert_close(loss, -by_hand)

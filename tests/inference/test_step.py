@@ -90,6 +90,24 @@ def test_a_loop_of_svi_steps_is_fit_bit_for_bit(make):
         )
 
 
+@pytest.mark.parametrize("estimator", ["reparam", "score+nvil"])
+def test_svi_gradients_are_loss_backward_bit_for_bit(estimator):
+    """fit's one-process step takes the gradients with torch.autograd.grad (SVI.gradients): the same as loss.backward()."""
+    grads = []
+    for use in ("backward", "gradients"):
+        model, guide = build()
+        svi = SVI(model, guide, estimator=estimator, num_data=N)
+        with seeded(0):
+            svi.setup(X[:20], index=torch.arange(20))
+            svi.objective.validate = False
+            loss = svi.loss(X[:20], index=torch.arange(20)).loss
+        with svi.scope():
+            svi.update(loss, backward=svi.gradients if use == "gradients" else None)
+        grads.append([p.grad for p in svi.params])
+        assert all(g is not None for g in grads[-1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_a_step_reads_nothing_back_and_fit_reads_one_value_per_step():
     for estimator in ("reparam", "score", "analytic-kl"):
         model, guide = build()

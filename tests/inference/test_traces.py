@@ -12,6 +12,7 @@ from ppl_vae.errors import ConfigError
 from ppl_vae.inference.traces import (
     first_nonfinite_site,
     log_weights,
+    nonfinite_at,
     per_datapoint,
     plate_nesting,
     traces,
@@ -93,6 +94,67 @@ def test_the_first_non_finite_site_is_named():
     assert name == "z" and where.startswith("guide site 'z'")
     model_tr, guide_tr = traces(model, exact_guide, X)
     assert first_nonfinite_site(model_tr, guide_tr)[0] is None
+
+
+def test_per_datapoint_keeps_a_named_draws_plate_takes_masked_values_as_they_are_and_names_its_caller():
+    """The estimators' options: their particles' plate kept beside the rows, values already masked not masked again,
+    a sequential data plate summed over, the refusal naming the caller."""
+    k, mask = 4, torch.tensor([True, False, True])
+
+    def particles_model(x):
+        with (
+            pyro.plate("particles", k, dim=-2),
+            pyro.plate("data", x.shape[0]),
+            pyro.poutine.mask(mask=mask),
+        ):
+            pyro.sample("x", dist.Normal(x.new_zeros(2), 1.0).to_event(1), obs=x)
+
+    site = pyro.poutine.trace(particles_model).get_trace(X).nodes["x"]
+    lp = torch.where(mask, site["fn"].log_prob(site["value"]), 0.0)  # [K, N], masked as Pyro masks
+    kept = per_datapoint(site, "data", lp, draws="particles", masked=True)
+    assert kept.shape == (k, 3) and torch.equal(kept, lp)
+    remasked = per_datapoint(site, "data", torch.ones(k, 3, dtype=torch.float64), draws="particles")
+    assert torch.equal(
+        remasked, mask.double().expand(k, 3)
+    )  # values not yet masked are masked here
+    narrow = per_datapoint(
+        site, "data", lp[0], draws="particles", masked=True
+    )  # [N], broadcast over K
+    assert narrow.shape == (1, 3) and torch.equal(narrow[0], lp[0])
+
+    def sequential(x):
+        for i in pyro.plate("data", x.shape[0]):
+            pyro.sample(f"x_{i}", dist.Normal(0.0, 1.0), obs=x[i, 0])
+
+    tr = pyro.poutine.trace(sequential).get_trace(X)
+    assert torch.equal(
+        per_datapoint(tr.nodes["x_1"], "data"), tr.nodes["x_1"]["fn"].log_prob(X[1, 0])
+    )
+    outside = {
+        "name": "g",
+        "fn": dist.Normal(0.0, 1.0),
+        "value": torch.tensor(0.0),
+        "cond_indep_stack": (),
+    }
+    with pytest.raises(ConfigError, match="per-datapoint estimators need every site inside it"):
+        per_datapoint(outside, "data", what="estimators")
+
+
+def test_nonfinite_at_reads_the_value_before_the_log_density():
+    calls = []
+
+    def density():
+        calls.append(1)
+        return torch.tensor([0.0, -math.inf])
+
+    assert nonfinite_at("guide", "z", torch.tensor([math.nan]), density) == (
+        "guide site 'z' has a non-finite value",
+        None,
+    )
+    assert not calls  # a non-finite value is named without scoring it
+    found, lp = nonfinite_at("model", "x", torch.zeros(2), density)
+    assert found == "model site 'x' has a non-finite log-density" and calls == [1]
+    assert nonfinite_at("model", "x", torch.zeros(2), lambda: torch.zeros(2))[0] is None
 
 
 def test_plate_nesting_counts_the_plates_the_sites_sit_in():
