@@ -33,11 +33,6 @@ import torch
 
 from .errors import CheckpointError
 
-try:  # POSIX; elsewhere (Windows) directories are not locked
-    import fcntl
-except ImportError:  # pragma: no cover - exercised only where fcntl is missing
-    fcntl = None  # type: ignore[assignment]
-
 __all__ = [
     "write_bytes",
     "write_text",
