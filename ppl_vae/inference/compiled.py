@@ -194,6 +194,7 @@ class CompiledStep:
             objective.rows.index = index
             with Noise(noise, strict=True):
                 loss = torch.func.functional_call(objective, dict(zip(names, params)), args)
+                # not support.flag: its cached constant must not be made while tracing
                 ok = torch.as_tensor(objective.support.ok, device=loss.device).to(torch.float64)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             grads = tuple(

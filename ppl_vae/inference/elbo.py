@@ -86,11 +86,11 @@ def elbo_per_datapoint(
     if num_particles < 1:
         raise ConfigError(f"num_particles must be >= 1, got {num_particles}")
     draws = []
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), "cpu")
     with torch.no_grad():
         for _ in range(num_particles):
             (model_tr, guide_tr), invalid = retry_unvalidated(
-                lambda: traces(model, guide, *args),
-                device=next((a.device for a in args if isinstance(a, torch.Tensor)), "cpu"),
+                lambda: traces(model, guide, *args), device=device
             )
             lw = log_weights_of(model_tr, guide_tr, plate, spread=spread)
             if invalid or not bool(torch.isfinite(lw).all()):

@@ -101,10 +101,9 @@ class Trainer:
         self.sched, self.seed, self.watch, self.out = sched, seed, watch, out
         self.ckpt_path = Path(out) / CHECKPOINT if out is not None else None
         self.saved_epoch: int | None = None
-        self.fabric: Any = None
-        self.backward: Callable[[torch.Tensor], None] = (
-            torch.Tensor.backward
-        )  # Fabric's, or torch's (:meth:`attach`)
+        # set by :meth:`attach`: Fabric's backward and device move, or (one plain process) SVI's own
+        self.backward: Callable[[torch.Tensor], None]
+        self.to_device: Callable[..., Any]
         self.coll: Collectives | None = None
         self.checked = (
             False  # an epoch over the tensors was run: their observed values were checked
@@ -130,11 +129,10 @@ class Trainer:
         from lightning.fabric.plugins.precision import Precision
         from lightning.fabric.strategies import SingleDeviceStrategy
 
-        self.fabric, self.coll = fabric, coll
+        self.coll = coll
         wrapped, _ = fabric.setup(self.objective, self.optim)
         plain = (
-            coll.world == 1
-            and isinstance(fabric.strategy, SingleDeviceStrategy)
+            isinstance(fabric.strategy, SingleDeviceStrategy)
             and type(fabric.strategy.precision) is Precision
         )
         self.svi.module = self.objective if plain else wrapped
@@ -331,7 +329,7 @@ class Trainer:
             if self.sched is not None and ckpt.get("scheduler") is not None:
                 self.sched.load_state_dict(ckpt["scheduler"])
                 if isinstance(self.sched, torch.optim.lr_scheduler.LambdaLR):
-                    replan(self.sched, self.optim)  # this run's total of epochs
+                    replan(self.sched)  # this run's total of epochs
             torch.set_rng_state(per_process(ckpt["rng"]["torch"])[self.coll.rank])
             self.objective.loss_fn.load_state_dict(
                 per_process(ckpt.get("estimator") or {})[self.coll.rank]

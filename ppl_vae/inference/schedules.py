@@ -51,12 +51,11 @@ def make_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(lr_schedule, e, epochs))
 
 
-def replan(sched: Any, optimizer: torch.optim.Optimizer) -> None:
+def replan(sched: Any) -> None:
     """Set the learning rates a restored ``LambdaLR`` gives at its epoch (the same numbers, or a re-planned curve).
 
     Through the scheduler's public ``step``: taken back one epoch, stepped to it again, it computes
-    the rates of its own lambdas at that epoch and sets them in ``optimizer`` and ``get_last_lr()``.
+    the rates of its own lambdas at that epoch and sets them in its optimiser and ``get_last_lr()``.
     """
-    assert sched.optimizer is optimizer
     sched.last_epoch -= 1
     sched.step()

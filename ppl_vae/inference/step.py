@@ -270,18 +270,13 @@ class Objective(nn.Module):
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
         self.record.clear()
         support = self.support
-        if support.active:
-            support.eager = (
-                self.validate
-            )  # with validation on, Pyro would raise first: say which row
-        else:  # nothing to check (rows already checked): the messenger stays out of the step, its result an empty check's
-            support.ok, support.checks = True, []
+        support.eager = self.validate  # with validation on, Pyro would raise first: say which row
         with (
             self.rows,
             self.scale_latents or _NOTHING,
             pyro.validation_enabled(self.validate),
             self.record,
-            support if support.active else _NOTHING,
+            support.entered(),  # nothing where the rows were already checked
             _quiet() if self.validate or self.loss_fn.warns else _NOTHING,
         ):
             return self.loss_fn(*batch)
@@ -440,8 +435,6 @@ class SVI:
             None  # a compiled step's gradients, for update
         )
         self._last: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
-        self._one: torch.Tensor | None = None  # the flag of a step that checked nothing
-        self._cleared = False  # every gradient was set to None (torch's own zero_grad) before this step's backward
 
     # ------------------------------------------------------------------ building
 
@@ -603,14 +596,8 @@ class SVI:
                 validating=is_validation_enabled() and objective.validate,
                 device=batch[0].device,
             )
-        ok = self.objective.support.ok
-        if ok is True:  # nothing checked: a constant 1, made once per device
-            if self._one is None or self._one.device != loss.device:
-                self._one = torch.ones((), dtype=torch.float64, device=loss.device)
-            ok = self._one
-        return StepLoss(
-            loss, torch.stack([loss.detach().to(torch.float64), ok.to(torch.float64)]), invalid
-        )
+        ok = self.objective.support.flag(loss)
+        return StepLoss(loss, torch.stack([loss.detach().to(torch.float64), ok]), invalid)
 
     def update(
         self,
@@ -621,7 +608,7 @@ class SVI:
         elbo: float | None = None,
     ) -> None:
         """Zero the gradients, ``backward`` (default ``loss.backward()``; fit's is Fabric's), clip (a ``pyro.optim``'s clip_args), step the optimiser."""
-        self._cleared = _zero_grad(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
         if self._grads is not None:  # a compiled step computed them
             for p, g in zip(self.params, self._grads):
                 p.grad = g
@@ -645,15 +632,15 @@ class SVI:
         over the optimiser's parameters, each set as its ``.grad`` (None where the loss does not reach it).
 
         ``backward`` would store them through one accumulation node and one ``detach`` per parameter;
-        fit's one-process loop passes this as :meth:`update`'s ``backward``. Where a gradient may already
-        be there (an optimiser whose own ``zero_grad`` may keep them), it is ``loss.backward()``.
+        fit's one-process loop passes this as :meth:`update`'s ``backward``. Where a gradient is already
+        there (an optimiser whose own ``zero_grad`` keeps them), it is ``loss.backward()``, which adds to it.
         """
-        if not (self._cleared and loss.requires_grad):
-            loss.backward()
-            return
         wanted = [
             p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
+        if not loss.requires_grad or any(p.grad is not None for p in wanted):
+            loss.backward()
+            return
         for p, g in zip(wanted, torch.autograd.grad(loss, wanted, allow_unused=True)):
             p.grad = g
 
@@ -698,20 +685,6 @@ class SVI:
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.loss_fn.load_state_dict(state["estimator"])
         self.steps = int(state.get("steps", 0))
-
-
-def _zero_grad(optimizer: torch.optim.Optimizer) -> bool:
-    """``optimizer.zero_grad(set_to_none=True)``; for torch's own (not overridden), its loop without its profiler bookkeeping.
-    Whether every gradient is now None (torch's own ``zero_grad``)."""
-    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad or not hasattr(
-        optimizer, "_zero_grad_profile_name"
-    ):
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
-    return True
 
 
 def _data_plate(

@@ -465,15 +465,32 @@ class ObservedSupport(Messenger):
         self.active = True  # off: nothing is checked (rows already checked, in a loop that reads the same tensors again)
         self.ok: torch.Tensor | bool = True
         self.checks: list[tuple[dict[str, Any], torch.Tensor]] = []
+        self._one: torch.Tensor | None = (
+            None  # the flag of a pass that checked nothing, made once per device
+        )
 
     def __enter__(self) -> ObservedSupport:
         self.ok, self.checks = True, []
         return super().__enter__()
 
+    def entered(self) -> contextlib.AbstractContextManager[Any]:
+        """What a pass enters: this checker, or (inactive) nothing, its result an empty check's."""
+        if self.active:
+            return self
+        self.ok, self.checks = True, []
+        return contextlib.nullcontext()
+
+    def flag(self, like: torch.Tensor) -> torch.Tensor:
+        """The last pass's result as a float64 scalar on ``like``'s device: 1 where every value was inside its support."""
+        if self.ok is not True:
+            return self.ok.to(device=like.device, dtype=torch.float64)
+        if self._one is None or self._one.device != like.device:
+            self._one = torch.ones((), dtype=torch.float64, device=like.device)
+        return self._one
+
     def _postprocess_message(self, msg: dict[str, Any]) -> None:
         if (
-            not self.active
-            or msg["type"] != "sample"
+            msg["type"] != "sample"
             or not msg["is_observed"]
             or site_is_subsample(msg)
             or msg.get("mask") is False
