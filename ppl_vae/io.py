@@ -367,6 +367,3 @@ def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", **kwargs)
     return write_bytes(path, buf.getvalue())
-
-
-# --------------------------------------------------------------------------- locked output directories

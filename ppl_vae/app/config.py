@@ -22,11 +22,10 @@ from ..errors import (
 )
 from ..inference.estimators import ESTIMATORS, get_estimator
 from ..inference.svi import SCHEDULES
-from .registry import GUIDES, MODEL_OPTIONS, MODEL_SPECS, MODELS, ModelSpec, NamedModel
+from .registry import GUIDES, MODEL_OPTIONS, MODEL_SPECS, MODELS, NamedModel
 
 __all__ = [
     "Config",
-    "ModelSpec",
     "NamedModel",
     "MODEL_SPECS",
     "MODELS",

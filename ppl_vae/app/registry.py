@@ -67,11 +67,9 @@ __all__ = [
     "MODELS",
     "MODEL_OPTIONS",
     "MODEL_SPECS",
-    "ModelSpec",
     "NamedModel",
     "build",
     "build_checked",
-    "build_family",
     "objective_name",
 ]
 
@@ -156,10 +154,6 @@ class NamedModel:
     def ignores(self) -> tuple[str, ...]:
         """The options of :data:`MODEL_OPTIONS` it would ignore (refused away from their defaults)."""
         return tuple(k for k in MODEL_OPTIONS if k not in self.options)
-
-
-#: the earlier name of :class:`NamedModel` (the properties alone, before the records held their builders)
-ModelSpec = NamedModel
 
 
 @dataclass(frozen=True)
@@ -572,20 +566,6 @@ def _sdae(cfg: RunConfig, data_dim: int, image_shape: Any, num_classes: int | No
     }
     guide = stacked_guide(stack, cfg.noise)
     return Built(cfg, stack.model, guide, stack.decoder, stack.encoder, likelihood, extra=extra)
-
-
-def build_family(cfg: RunConfig, data_dim: int) -> Built:
-    """Networks, model and guide of a named model built on MLP networks from ``data_dim`` alone (no labels, no images).
-
-    ``Built.encoder`` / ``Built.decoder`` are the views the pictures use: the
-    top latent of the hierarchical VAE, the quantised decoder of the VQ-VAE.
-    ``Built.extra["sample_prior"](n, generator)`` draws decoded samples from
-    the model's own prior. The same as :func:`build` without its seeding.
-    """
-    named = MODEL_SPECS.get(cfg.model)
-    if named is None:
-        raise ConfigError(f"unknown model {cfg.model!r}")
-    return named.build(cfg, data_dim, None, None)
 
 
 def layer_widths(cfg: RunConfig) -> tuple[int, ...]:

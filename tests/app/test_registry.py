@@ -9,7 +9,6 @@ structure, the standard prior against the prior's parameters.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 
 import pyro
@@ -18,13 +17,12 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from ppl_vae.app.config import MODEL_SPECS, MODELS, Config, ModelSpec
-from ppl_vae.app.registry import NamedModel, build, build_family
+from ppl_vae.app.config import MODEL_SPECS, MODELS, Config
+from ppl_vae.app.registry import build
 from ppl_vae.data import load
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference.latent import guide_in_latent_space, latent_of
 from ppl_vae.inference.params import discover
-from ppl_vae.inference.random import seeded
 
 DIGITS = load("digits", "train", binarize="threshold", limit=8)
 
@@ -146,7 +144,6 @@ def seeded_params(name: str, seed: int) -> tuple[object, tuple[torch.Tensor, ...
 def test_every_named_model_has_one_record_and_its_expected_shapes():
     assert tuple(MODEL_SPECS) == MODELS == tuple(SHAPES)
     assert all(name == spec.name and spec.description for name, spec in MODEL_SPECS.items())
-    assert ModelSpec is NamedModel
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_SPECS))
@@ -159,47 +156,3 @@ def test_a_seeded_build_is_the_same_family_shapes_and_values(name):
     assert all(torch.equal(p, q) for p, q in zip(params, again, strict=True))
     _, other = seeded_params(name, 4)
     assert not all(torch.equal(p, q) for p, q in zip(params, other, strict=True))
-
-
-def test_build_family_builds_what_build_builds_unseeded():
-    cfg = Config(model="hvae", latent_dim=2, hidden=(8,), seed=5).validate()
-    with seeded(5):
-        family = build_family(cfg, DIGITS.x.shape[1])
-    built_ = build(cfg, DIGITS.x.shape[1], DIGITS.image_shape, None)
-    assert all(
-        torch.equal(p, q)
-        for p, q in zip(
-            family.encoder.state_dict().values(), built_.encoder.state_dict().values(), strict=True
-        )
-    )
-    with pytest.raises(ConfigError, match="unknown model 'nope'"):
-        build_family(dataclasses.replace(cfg, model="nope"), 64)
-
-
-#: a value away from its default for each option only some models take
-AWAY = {
-    "likelihood": "gaussian",
-    "layers": (4, 2),
-    "components": 3,
-    "noise": 0.5,
-    "contractive": 0.5,
-    "pretrain_epochs": 2,
-}
-
-
-@pytest.mark.parametrize("name", sorted(MODEL_SPECS))
-def test_an_option_a_record_does_not_take_is_refused_by_name(name):
-    spec = MODEL_SPECS[name]
-    assert sorted(spec.ignores + spec.options) == sorted(AWAY)
-    base = dict(
-        model=name,
-        latent_dim=2,
-        beta=2.0 if spec.needs_beta else 1.0,
-        estimator="score" if spec.latents == "discrete" else "reparam",
-    )
-    for key in spec.ignores:
-        flag = "--" + key.replace("_", "-")
-        with pytest.raises(ConfigError, match=f"^{flag} applies to .*; {name} would ignore it$"):
-            Config(**base, **{key: AWAY[key]}).validate()
-    for key in spec.options:  # and one it takes is not refused for being set
-        Config(**base, **{key: AWAY[key]}).validate()
