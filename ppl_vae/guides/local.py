@@ -435,10 +435,14 @@ class Mixture(dist.TorchDistribution):
                 [c.sample(sample_shape) for c in self.components], -1 - len(self.event_shape)
             )  # [*sample, *batch, C, *event]
             which = dist.Categorical(logits=self.logits).sample(sample_shape)  # [*sample, *batch]
-            at = which.reshape(*which.shape, 1, *([1] * len(self.event_shape))).expand(
-                *which.shape, 1, *self.event_shape
-            )
-            return draws.gather(len(which.shape), at).squeeze(len(which.shape))
+            return self._pick(draws, which)
+
+    def _pick(self, draws: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """From ``draws`` ``[*shape, C, *event]`` of every component, component ``which`` ``[*shape]``'s."""
+        at = which.reshape(*which.shape, 1, *([1] * len(self.event_shape))).expand(
+            *which.shape, 1, *self.event_shape
+        )
+        return draws.gather(len(which.shape), at).squeeze(len(which.shape))
 
     @property
     def drawn_from_noise(self) -> bool:
@@ -461,10 +465,7 @@ class Mixture(dist.TorchDistribution):
         which = (
             (u.unsqueeze(-1) * cdf[..., -1:] > cdf).sum(-1).clamp_max(len(self.components) - 1)
         )  # [*batch]; never a component of weight 0
-        at = which.reshape(*which.shape, 1, *([1] * len(self.event_shape))).expand(
-            *which.shape, 1, *self.event_shape
-        )
-        return draws.gather(len(which.shape), at).squeeze(len(which.shape)).detach()
+        return self._pick(draws, which).detach()
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         lp = torch.stack([c.log_prob(value) for c in self.components], -1)
