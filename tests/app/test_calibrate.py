@@ -7,16 +7,15 @@ import json
 
 import numpy as np
 import torch
-from conftest import BINARY, frozen_ppca
+from conftest import BINARY, frozen_ppca, one_line
 
 from ppl_vae.app.figures.calibration import rank_histograms
 from ppl_vae.cli import main
 from ppl_vae.inference.calibration import Calibration, calibrate
 
 
-def test_calibrate_a_run_and_refuse_what_it_cannot(tmp_path, capsys):
-    run, ae = tmp_path / "vae", tmp_path / "ae"
-    assert main(["fit", *BINARY, "--out", str(run)]) == 0
+def test_calibrate_a_run_and_refuse_what_it_cannot(finished, tmp_path, capsys):
+    run, ae = finished, tmp_path / "ae"
     out = tmp_path / "cal"
     assert (
         main(
@@ -49,8 +48,7 @@ def test_calibrate_a_run_and_refuse_what_it_cannot(tmp_path, capsys):
     ):
         target = out if fragment == "already exists" else tmp_path / "nothing"
         assert main(["calibrate", *extra, "--num-datasets", "50", "--out", str(target)]) == 2
-        err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and fragment in err[0], err
+        one_line(capsys, fragment)
     assert not (tmp_path / "nothing").exists()
 
 

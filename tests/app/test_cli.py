@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BINARY, TINY
+from conftest import BINARY, TINY, one_line
 
 from ppl_vae import io
 from ppl_vae.app.config import Config
@@ -54,19 +54,6 @@ def params_of(run: Path) -> list[torch.Tensor]:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def assert_one_line_error(capsys, *fragments: str) -> str:
-    captured = capsys.readouterr()
-    err = captured.err
-    assert "Traceback" not in err and "Traceback" not in captured.out
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith("ppl-vae: error:") and len(line) > len("ppl-vae: error: ")
-    for fragment in fragments:
-        assert fragment in line, line
-    return line
 
 
 def assert_complete_run(run: Path, epochs: int) -> dict:
@@ -197,7 +184,7 @@ def test_existing_run_dir_needs_force(tmp_path, capsys):
     capsys.readouterr()
     before = snapshot(run)
     assert fit(run, "--seed", "1") == 2
-    assert_one_line_error(capsys, str(run), "--force")
+    one_line(capsys, str(run), "--force")
     assert snapshot(run) == before  # byte-identical
     assert fit(run, "--seed", "1", "--force") == 0
     assert capsys.readouterr().err == ""
@@ -211,7 +198,7 @@ def test_non_empty_foreign_dir_is_refused(tmp_path, capsys):
     run.mkdir()
     (run / "notes.txt").write_text("precious")
     assert fit(run) == 2
-    assert_one_line_error(capsys, "not empty")
+    one_line(capsys, "not empty")
     assert snapshot(run) == {"notes.txt": b"precious"}
 
 
@@ -282,14 +269,14 @@ def test_seeded_runs_are_reproducible(tmp_path, capsys):
 def test_bad_options(tmp_path, capsys, options, fragments):
     out = tmp_path / "run"
     assert fit(out, *options, base=[*TINY, "--binarize", "threshold"]) == 2
-    assert_one_line_error(capsys, *fragments)
+    one_line(capsys, *fragments)
     assert not out.exists()
 
 
 def test_non_binary_data_under_bernoulli(tmp_path, capsys):
     out = tmp_path / "run"
     assert fit(out, base=TINY) == 2  # digits intensities, not binarised
-    assert_one_line_error(capsys, "not binary", "Bernoulli")
+    one_line(capsys, "not binary", "Bernoulli")
     assert not out.exists()
 
 
@@ -297,7 +284,7 @@ def test_data_dir_without_files(tmp_path, capsys):
     out, empty = tmp_path / "run", tmp_path / "empty"
     empty.mkdir()
     assert fit(out, "--dataset", "binarized-mnist", "--data-dir", str(empty)) == 2
-    assert_one_line_error(capsys, "binarized_mnist_train.amat", str(empty))
+    one_line(capsys, "binarized_mnist_train.amat", str(empty))
     assert not out.exists()
     assert list(empty.iterdir()) == []  # nothing downloaded, no folder made
 
@@ -319,7 +306,7 @@ def test_cvae_needs_labels(tmp_path, capsys, binarized_mnist):
         )
         == 2
     )
-    assert_one_line_error(capsys, "cvae", "labels")
+    one_line(capsys, "cvae", "labels")
     assert not out.exists()
     assert snapshot(data / "binarized_mnist") == before
 
@@ -327,12 +314,12 @@ def test_cvae_needs_labels(tmp_path, capsys, binarized_mnist):
 def test_resume_without_a_run(tmp_path, capsys):
     missing = tmp_path / "missing"
     assert main(["fit", "--out", str(missing), "--resume", "--no-progress"]) == 2
-    assert_one_line_error(capsys, "cannot resume")
+    one_line(capsys, "cannot resume")
     assert not missing.exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["fit", "--out", str(empty), "--resume", "--no-progress"]) == 2
-    assert_one_line_error(capsys, "cannot resume")
+    one_line(capsys, "cannot resume")
     assert list(empty.iterdir()) == []
 
 
@@ -343,7 +330,7 @@ def test_resume_without_checkpoint(tmp_path, capsys):
     io.write_json(run / "config.json", cfg.to_dict())  # as a run writes it
     before = snapshot(run)
     assert main(["fit", "--out", str(run), "--resume", "--no-progress"]) == 2
-    assert_one_line_error(capsys, "checkpoint.pt")
+    one_line(capsys, "checkpoint.pt")
     assert snapshot(run) == before
 
 
@@ -354,7 +341,7 @@ def test_resume_with_corrupted_checkpoint(tmp_path, capsys):
     (run / "checkpoint.pt").write_bytes(b"\x00this is not a checkpoint\xff" * 64)
     before = snapshot(run)
     assert main(["fit", "--out", str(run), "--resume", "--no-progress"]) == 2
-    assert_one_line_error(capsys, "corrupted", "checkpoint.pt")
+    one_line(capsys, "corrupted", "checkpoint.pt")
     assert snapshot(run) == before  # nothing rewritten
 
 
@@ -366,7 +353,7 @@ def test_resume_with_corrupted_checkpoint_and_new_epochs_writes_nothing(tmp_path
     (run / "checkpoint.pt").write_bytes(b"\x00garbage\xff" * 64)
     before = snapshot(run)
     assert main(["fit", "--out", str(run), "--resume", "--epochs", "4", "--no-progress"]) == 2
-    assert_one_line_error(capsys, "corrupted")
+    one_line(capsys, "corrupted")
     assert snapshot(run) == before
 
 
@@ -377,7 +364,7 @@ def test_resume_with_corrupted_config_is_a_user_error(tmp_path, capsys, text):
     (run / "config.json").write_text(text)
     before = snapshot(run)
     assert main(["fit", "--out", str(run), "--resume", "--no-progress"]) == 2
-    assert_one_line_error(capsys, "config.json")
+    one_line(capsys, "config.json")
     assert snapshot(run) == before
 
 

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import one_line
 
 from ppl_vae.app.commands.compare import demo_comparison
 from ppl_vae.app.runs import open_run
@@ -25,12 +26,6 @@ FILES = (
     "vi_mcmc_marginals.png",
     "vi_mcmc_errors.png",
 )
-
-
-def one_error_line(capsys, fragment):
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("ppl-vae: error:") and fragment in err[0], err
-    return err[0]
 
 
 def test_compare_command_writes_results(finished, tmp_path, capsys):
@@ -85,7 +80,7 @@ def test_compare_command_writes_results(finished, tmp_path, capsys):
         )
         == 2
     )
-    one_error_line(capsys, "already exists")
+    one_line(capsys, "already exists")
 
 
 def test_compare_command_with_the_local_guide(finished, tmp_path, capsys):
@@ -186,7 +181,7 @@ def test_compare_on_two_processes_writes_the_tables_of_one(finished, tmp_path, c
 def test_compare_bad_input(finished, tmp_path, capsys, options, fragment):
     out = tmp_path / "cmp"
     assert main(["compare", "--run", str(finished), "--out", str(out), *options]) == 2
-    one_error_line(capsys, fragment)
+    one_line(capsys, fragment)
     assert not out.exists()
 
 
@@ -196,7 +191,7 @@ def test_compare_run_without_checkpoint(finished, tmp_path, capsys):
     (broken / "config.json").write_bytes((finished / "config.json").read_bytes())
     out = tmp_path / "cmp"
     assert main(["compare", "--run", str(broken), "--out", str(out)]) == 2
-    one_error_line(capsys, "checkpoint")
+    one_line(capsys, "checkpoint")
     assert not out.exists()
 
 
@@ -228,6 +223,5 @@ def test_compare_refuses_an_unknown_kernel_in_one_line(tmp_path, capsys):
         )
         == 2
     )
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown MCMC kernel 'slice'" in err[0]
+    one_line(capsys, "unknown MCMC kernel 'slice'")
     assert not (tmp_path / "c").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import one_line
 
 from ppl_vae.app.commands.tables import predict
 from ppl_vae.cli import main
@@ -29,8 +30,7 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, args, f
         main(["cvae-quadrants", "--data-dir", str(tmp_path / "empty"), "--out", str(out), *args])
         == 2
     )
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("ppl-vae: error:") and fragment in err[0], err
+    one_line(capsys, fragment)
     assert not out.exists()
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import TINY
 
 from ppl_vae import FitResult, load_run
 from ppl_vae.app.commands.fit import run
 from ppl_vae.app.config import Config
 from ppl_vae.app.runs import open_run
-from ppl_vae.cli import main
 from ppl_vae.inference.elbo import evaluate_elbo
 from ppl_vae.inference.svi import CHECKPOINT
 from ppl_vae.io import load_torch
@@ -36,15 +34,13 @@ def test_run_reload_round_trip(tmp_path):
     )
 
 
-def test_load_run_gives_the_cli_run_as_a_fitted_model(tmp_path):
-    out = tmp_path / "run"
-    assert main(["fit", *TINY, "--binarize", "threshold", "--out", str(out)]) == 0
-    result = load_run(out)
+def test_load_run_gives_the_cli_run_as_a_fitted_model(finished, tmp_path):
+    result = load_run(finished)
     assert result.epochs == 2 and len(result.history) == 2 and result.estimator == "reparam"
     draws = result.sample(7, seed=0)
     assert draws["x"].shape == (7, 64) and set(draws["x"].unique().tolist()) <= {0.0, 1.0}
     path = result.save(tmp_path / "model.pt")
-    built, _ = open_run(out)  # fresh networks of the run's config, with the run's parameters
+    built, _ = open_run(finished)  # fresh networks of the run's config, with the run's parameters
     with torch.no_grad():
         for p in built.decoder.parameters():
             p.add_(1.0)  # moved away: only a working load brings them back

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import BINARY, Z
+from conftest import BINARY, Z, one_line
 from pyro import poutine
 
 from ppl_vae.app.runs import open_run
@@ -34,8 +34,7 @@ def test_cli_refuses_a_negative_contractive_weight(tmp_path, capsys):
         )
         == 2
     )
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "contractive weight must be a finite number >= 0" in err[0], err
+    one_line(capsys, "contractive weight must be a finite number >= 0")
     assert not out.exists()
 
 
@@ -101,8 +100,7 @@ def test_cli_rejects_conv_and_score_for_the_family(tmp_path, capsys):
             )
             == 2
         )
-        err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and fragment in err[0], err
+        one_line(capsys, fragment)
         assert not out.exists()
 
 
@@ -123,8 +121,7 @@ def test_wrong_objective_combinations_are_refused_before_anything_is_written(
 ):
     out = tmp_path / "run"
     assert main(["fit", "--out", str(out), *BINARY, *options]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    one_line(capsys, message)
     assert not out.exists()
 
 
@@ -208,8 +205,7 @@ def test_cli_layers_are_checked_in_one_line(tmp_path, capsys):
     ):
         out = tmp_path / "run"
         assert main([*base, "--out", str(out), *extra]) == 2
-        err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and fragment in err[0], err
+        one_line(capsys, fragment)
         assert not out.exists()
     assert (
         main(

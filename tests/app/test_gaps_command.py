@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import BINARY, Z
+from conftest import BINARY, Z, one_line
 
 from ppl_vae.cli import main
 
@@ -152,6 +152,5 @@ def test_gaps_refuse_bad_device_options_with_one_line_and_write_nothing(finished
             continue
         out = tmp_path / "gaps"
         assert main(["gaps", "--run", str(finished), "--out", str(out), *GAPS_FAST, *options]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and message in err[0], err
+        one_line(capsys, message)
         assert not out.exists()

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import BINARY, TINY, Z, log_mean_exp_bias
+from conftest import BINARY, TINY, Z, log_mean_exp_bias, one_line
 
 from ppl_vae.app.commands import nll as nll_command
 from ppl_vae.app.runs import open_run
@@ -157,6 +157,5 @@ def test_nll_refuses_an_autoencoder_and_bad_options_in_one_line(tmp_path, capsys
     ):
         out = tmp_path / "out"
         assert main(["nll", *extra, "--out", str(out)]) == 2
-        err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and fragment in err[0], err
+        one_line(capsys, fragment)
         assert not out.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import one_line
 
 from ppl_vae.cli import main
 
@@ -43,11 +44,6 @@ def runs(tmp_path_factory):
     return root
 
 
-def one_error_line(capsys, fragment):
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("ppl-vae: error:") and fragment in err[0], err
-
-
 @pytest.mark.parametrize(
     ("kind", "names"),
     [
@@ -75,7 +71,7 @@ def test_default_output_goes_into_the_run_and_is_not_overwritten(runs, capsys):
     before = (run / "interpolation.png").read_bytes()
     capsys.readouterr()
     assert main(["plot", "--run", str(run), "--kind", "interpolation", "--seed", "3"]) == 2
-    one_error_line(capsys, "--force")
+    one_line(capsys, "--force")
     assert (run / "interpolation.png").read_bytes() == before
     assert (
         main(["plot", "--run", str(run), "--kind", "interpolation", "--seed", "3", "--force"]) == 0
@@ -102,7 +98,7 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, argv, 
         argv = [a for a in argv if a != "--out-txt"] + ["--out", str(tmp_path / "x.txt")]
     capsys.readouterr()
     assert main(args + argv) == 2
-    one_error_line(capsys, fragment)
+    one_line(capsys, fragment)
     assert {p.name for p in (runs / "vae2").iterdir()} == before
     assert not (tmp_path / "x.txt").exists()
 
@@ -112,7 +108,7 @@ def test_run_dir_without_checkpoint(runs, tmp_path, capsys):
     broken.mkdir()
     shutil.copy(runs / "vae2" / "config.json", broken / "config.json")
     assert main(["plot", "--run", str(broken), "--kind", "tsne"]) == 2
-    one_error_line(capsys, "no checkpoint")
+    one_line(capsys, "no checkpoint")
     assert main(["plot", "--run", str(tmp_path / "missing"), "--kind", "tsne"]) == 2
-    one_error_line(capsys, "not a run directory")
+    one_line(capsys, "not a run directory")
     assert sorted(p.name for p in broken.iterdir()) == ["config.json"]

@@ -488,33 +488,10 @@ def test_every_output_command_locks_its_folder(finished, tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        commands = readers(finished, out)
         for argv in (
-            [
-                "gaps",
-                "--run",
-                str(finished),
-                "--out",
-                str(out),
-                "--num-points",
-                "2",
-                "--K",
-                "10",
-                "--elbo-samples",
-                "10",
-                "--local-steps",
-                "5",
-            ],
-            [
-                "grad-variance",
-                "--run",
-                str(finished),
-                "--out",
-                str(out),
-                "--repeats",
-                "2",
-                "--batch-size",
-                "8",
-            ],
+            commands["gaps"],
+            commands["grad-variance"],
             ["fit", "--out", str(out), *TINY],
         ):
             assert main(argv) == 2, argv
