@@ -56,11 +56,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from row_streams import _noise
-from side_by_side import in_turn
+from side_by_side import counts, in_turn, status_kib
 
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.guides.amortized import amortized_guide
-from ppl_vae.inference.dispatch import Dispatches
 from ppl_vae.inference.gaps.bounds import importance_bounds
 from ppl_vae.inference.gaps.local import optimize_local
 from ppl_vae.inference.mcmc.hmc import hmc_latent
@@ -212,12 +211,6 @@ def synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
     return fn
 
 
-def counts(fn: Callable[[], object]) -> tuple[int, int]:
-    with Dispatches() as d:
-        fn()
-    return d.ops, d.syncs
-
-
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -251,15 +244,6 @@ def peak_memory(what: str, n: int, K: int, device: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _status_kib(key: str) -> int:
-    """A ``/proc/self/status`` entry (``VmRSS``, ``VmHWM``) in KiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _memory_child(what: str, n: int, K: int, threads: int) -> None:
     torch.set_num_threads(threads)
     model, guide, decoder, encoder, x = build(n, "cpu")
@@ -271,11 +255,11 @@ def _memory_child(what: str, n: int, K: int, threads: int) -> None:
     try:  # "5": reset the peak resident set to the current one (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
     except OSError:
-        before = _status_kib("VmHWM")
+        before = status_kib("VmHWM")
     fn()
-    print((_status_kib("VmHWM") - before) / 1024)
+    print((status_kib("VmHWM") - before) / 1024)
 
 
 class Sizes:

@@ -32,10 +32,9 @@ import math
 import statistics
 
 import torch
-from side_by_side import timings
+from side_by_side import counts, timings
 
 from ppl_vae.distributions import Bernoulli
-from ppl_vae.inference.dispatch import Dispatches
 from ppl_vae.inference.kernel import (
     State,
     momentum,
@@ -108,12 +107,6 @@ def posterior(n: int, chains: int):  # type: ignore[no-untyped-def]
     x = (torch.rand(n, 784) < 0.3).float()
     f = log_joint(model, latent_of(model, x, analysis="benchmark"), x)
     return f, State.at(f, torch.randn(chains, n, 50))
-
-
-def counts(fn) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    with Dispatches() as d:
-        fn()
-    return d.ops, d.syncs
 
 
 def table(rows: list[int], chains: int, repeats: int) -> None:

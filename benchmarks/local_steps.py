@@ -53,7 +53,7 @@ from collections.abc import Callable
 import numpy as np
 import pyro
 import torch
-from side_by_side import timings
+from side_by_side import median_ratio, status_kib, timings
 
 from ppl_vae.distributions import Bernoulli
 from ppl_vae.guides.amortized import amortized_guide
@@ -350,20 +350,11 @@ def fixed_mmap_threshold() -> None:
 
 def peak_rss_above_start(fn: Callable[[], object]) -> float:
     """MiB: the process's peak resident set while ``fn`` runs, above its resident set at the start (Linux: VmHWM reset by /proc/self/clear_refs)."""
-
-    def status(key: str) -> float:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    start = status("VmRSS:")
+    start = status_kib("VmRSS")
     fn()
-    return status("VmHWM:") - start
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b))
+    return (status_kib("VmHWM") - start) / 1024
 
 
 def qstar_table(rows: int, steps: int, repeats: int, compile: bool) -> None:

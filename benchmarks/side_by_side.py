@@ -6,6 +6,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from ppl_vae.inference.dispatch import Dispatches
+
 
 def _time(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
@@ -31,7 +33,7 @@ def alternate(first: Callable[[], object], second: Callable[[], object], repeats
     ratios = [x / y for x, y in zip(ta, tb)]
     return (
         f"{statistics.median(ta) * 1e3:9.2f} ms vs {statistics.median(tb) * 1e3:9.2f} ms   "
-        f"ratio median {statistics.median(ratios):.3g} (min {min(ratios):.3g}, max {max(ratios):.3g})"
+        f"ratio median {median_ratio(ta, tb):.3g} (min {min(ratios):.3g}, max {max(ratios):.3g})"
     )
 
 
@@ -44,3 +46,24 @@ def in_turn(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:
         for f, t in zip(fns, times):
             t.append(_time(f))
     return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median of the pairwise ratios ``a[i] / b[i]`` (times taken in turn, so each pair shares the machine's load)."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def counts(fn: Callable[[], object]) -> tuple[int, int]:
+    """The tensor operations ``fn()`` dispatches and its host synchronisations (:class:`Dispatches`)."""
+    with Dispatches() as d:
+        fn()
+    return d.ops, d.syncs
+
+
+def status_kib(key: str) -> int:
+    """A ``/proc/self/status`` entry (``VmRSS``, ``VmHWM``) in KiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
