@@ -28,6 +28,7 @@ __all__ = [
     "match_rows",
     "DATASETS",
     "SPLITS",
+    "check_split",
     "BINARIZED_MNIST_URL",
 ]
 
@@ -205,6 +206,12 @@ def _torchvision_mnist(
     return x, y, (1, 28, 28)
 
 
+def check_split(split: str) -> None:
+    """Refuse (``ConfigError``, naming it) a ``split`` that is not one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
 def load(
     name: str,
     split: str = "train",
@@ -241,8 +248,7 @@ def load(
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     split = {"val": "valid", "validation": "valid"}.get(split, split)
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_split(split)
     root = resolve_data_dir(data_dir)
     if name == "digits":
         x, y, shape = _digits(split)

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from ... import io
+from ...data import check_split
 from ...errors import ConfigError, check_int, check_seed
 from ...inference.distributed import Spread
 from ...inference.gaps.ais import check_options as check_ais_options
@@ -191,8 +192,7 @@ def gaps_run(
 
 
 def _check_choices(*, split: str, logpx: str, unreliable: str) -> None:
-    if split not in ("train", "valid", "test"):
-        raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
+    check_split(split)
     if logpx not in ("iwae", "ais"):
         raise ConfigError(f"unknown --logpx {logpx!r}; choose iwae or ais")
     if unreliable not in ("flag", "ais"):

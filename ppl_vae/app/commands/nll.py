@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ... import io
+from ...data import check_split
 from ...errors import CheckpointError, ConfigError, check_int, check_seed
 from ...inference.gaps.bounds import MAX_SAMPLES, importance_bounds, khat_threshold
 from ...progress import bar
@@ -142,8 +143,7 @@ def _check_options(*, K: int, seed: int, block: int, batch_size: int, split: str
     check_seed(seed, "--seed")
     check_int(block, "--block")
     check_int(batch_size, "--batch-size")
-    if split not in ("train", "valid", "test"):
-        raise ConfigError(f"unknown split {split!r}; choose train, valid or test")
+    check_split(split)
 
 
 def _resumed(partial_path: Path, options: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
