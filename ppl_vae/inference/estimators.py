@@ -71,7 +71,7 @@ from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_en
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match
 from torch import nn
 from torch.distributions import kl_divergence
@@ -454,14 +454,14 @@ class Particles:
             replay.trace = _EMPTY
         model_tr = traced_model.trace
         if (
-            not is_validation_enabled()
-        ):  # the log-densities are computed where a loss needs them (:func:`site_log_prob`)
-            return _pruned(model_tr), _pruned(guide_tr)
-        # validated (a first step): Pyro's own checks, its NaN and infinity warnings on every site
-        check_model_guide_match(model_tr, guide_tr)
-        model_tr, guide_tr = prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
-        model_tr.compute_log_prob()
-        guide_tr.compute_score_parts()
+            is_validation_enabled()
+        ):  # a first step: Pyro's own checks, below its warnings on every site
+            check_model_guide_match(model_tr, guide_tr)
+        model_tr, guide_tr = _pruned(model_tr), _pruned(guide_tr)
+        if is_validation_enabled():
+            model_tr.compute_log_prob()
+            guide_tr.compute_score_parts()
+        # otherwise the log-densities are computed where a loss needs them (:func:`site_log_prob`)
         return model_tr, guide_tr
 
 
