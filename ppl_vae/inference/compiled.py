@@ -129,21 +129,20 @@ class Noise(OpMode):
         ]  # the draw itself is not made: the generator's stream is the caller's
         self.used += 1
         if func is torch.ops.aten.normal_.default:
-            mean, sd = (
-                list(args[1:]) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args) - 1 :]
-            )[:2]
+            mean, sd = _two(args[1:], kwargs, ("mean", 0.0), ("std", 1.0))
             return args[0].copy_(given * sd + mean if (mean, sd) != (0.0, 1.0) else given)
         if func in _NORMAL_AT:
-            mean, sd = (
-                list(args) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args) :]
-            )[:2]
+            mean, sd = _two(args, kwargs, ("mean", 0.0), ("std", 1.0))
             return given * sd + mean
         if func is torch.ops.aten.uniform_.default:
-            low, high = (
-                list(args[1:]) + [kwargs.get("from", 0.0), kwargs.get("to", 1.0)][len(args) - 1 :]
-            )[:2]
+            low, high = _two(args[1:], kwargs, ("from", 0.0), ("to", 1.0))
             return args[0].copy_(given * (high - low) + low if (low, high) != (0.0, 1.0) else given)
         return given.clone()
+
+
+def _two(given: Sequence[Any], kwargs: dict[str, Any], *named: tuple[str, float]) -> list[Any]:
+    """A draw's two parameters (mean and sd, or bounds): those given by position, then by name, then the defaults."""
+    return (list(given) + [kwargs.get(name, default) for name, default in named][len(given) :])[:2]
 
 
 def _put_back(module: torch.nn.Module, originals: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
