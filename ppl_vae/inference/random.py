@@ -304,9 +304,13 @@ class Streams:
         else:
             self._position[self._rows] = state.to(self.device)
 
+    def _positions(self) -> torch.Tensor:
+        """The rows' positions in their streams (a copy where these are a selection of the rows)."""
+        return self._position if self._rows is None else self._position[self._rows]
+
     def _blocks(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``count`` blocks of every row's stream (:func:`~ppl_vae.inference.philox.blocks`); the rows move ``count`` blocks on."""
-        position = self._position if self._rows is None else self._position[self._rows]
+        position = self._positions()
         x, y = philox.blocks(position, self._lanes, count, self._consts)
         self._advance(position, count)
         return x, y
@@ -338,7 +342,7 @@ class Streams:
         if count == 0 or len(self) == 0:
             return torch.empty(shape, dtype=dtype, device=self.device)
         blocks = (philox.normal_blocks if kind == "normal" else philox.uniform_blocks)(count, dtype)
-        position = self._position if self._rows is None else self._position[self._rows]
+        position = self._positions()
         values = philox.draw(
             kind, position, self._lanes, (rest, dim), dtype, self._consts, self.compiled
         )
