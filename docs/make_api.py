@@ -37,17 +37,21 @@ def _signature(obj: object) -> str:
         return "(...)"
 
 
-def _methods(cls: type) -> dict[str, object]:
+def _listed() -> set[int]:
+    """The ids of every name the listed modules export."""
+    return {
+        id(getattr(importlib.import_module(m), n, None))
+        for m in MODULES
+        for n in getattr(importlib.import_module(m), "__all__", [])
+    }
+
+
+def _methods(cls: type, listed: set[int]) -> dict[str, object]:
     """The public methods of ``cls``, with those it inherits from the package's classes that are not listed themselves.
 
     (``ppl_vae.FitResult`` is the record ``FitRecord`` of ``ppl_vae.inference.fitted`` with the analyses
     added: its entry lists both.)
     """
-    listed = {
-        id(getattr(importlib.import_module(m), n, None))
-        for m in MODULES
-        for n in getattr(importlib.import_module(m), "__all__", [])
-    }
     out: dict[str, object] = {}
     for base in reversed(cls.__mro__):
         if base is cls or (base.__module__.startswith("ppl_vae") and id(base) not in listed):
@@ -70,6 +74,7 @@ def render() -> str:
         "",
     ]
     seen: set[int] = set()
+    listed = _listed()
     for name in MODULES:
         module = importlib.import_module(name)
         entries = []
@@ -84,7 +89,7 @@ def render() -> str:
                 + (f"<br>{_first_line(obj)}" if _first_line(obj) else "")
             )
             if inspect.isclass(obj):
-                for meth, fn in _methods(obj).items():
+                for meth, fn in _methods(obj, listed).items():
                     fn = fn.__func__ if isinstance(fn, (classmethod, staticmethod)) else fn
                     entries.append(
                         f"  - `{public}.{meth}{_signature(fn)}`"
