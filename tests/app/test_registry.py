@@ -156,3 +156,32 @@ def test_a_seeded_build_is_the_same_family_shapes_and_values(name):
     assert all(torch.equal(p, q) for p, q in zip(params, again, strict=True))
     _, other = seeded_params(name, 4)
     assert not all(torch.equal(p, q) for p, q in zip(params, other, strict=True))
+
+
+#: a value away from its default for each option only some models take
+AWAY = {
+    "likelihood": "gaussian",
+    "layers": (4, 2),
+    "components": 3,
+    "noise": 0.5,
+    "contractive": 0.5,
+    "pretrain_epochs": 2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_SPECS))
+def test_an_option_a_record_does_not_take_is_refused_by_name(name):
+    spec = MODEL_SPECS[name]
+    assert sorted(spec.ignores + spec.options) == sorted(AWAY)
+    base = dict(
+        model=name,
+        latent_dim=2,
+        beta=2.0 if spec.needs_beta else 1.0,
+        estimator="score" if spec.latents == "discrete" else "reparam",
+    )
+    for key in spec.ignores:
+        flag = "--" + key.replace("_", "-")
+        with pytest.raises(ConfigError, match=f"^{flag} applies to .*; {name} would ignore it$"):
+            Config(**base, **{key: AWAY[key]}).validate()
+    for key in spec.options:  # and one it takes is not refused for being set
+        Config(**base, **{key: AWAY[key]}).validate()
